@@ -3,7 +3,7 @@
     RUN_DIR/checkpoints/round-000010/   pytorch_lora_weights.safetensors, deepspeed/, trainer_state.json
     RUN_DIR/checkpoints/latest          the name of the newest complete checkpoint
 
-A checkpoint folder is renamed into place only when complete (see ``DPOLearner.save_checkpoint``)
+A checkpoint folder is renamed into place only when complete (:func:`save_learner`)
 and ``latest`` is rewritten atomically after it, so a crash at any point leaves ``latest`` naming a
 complete checkpoint. Each checkpoint lists its files with sizes and sha256 in ``files.json``; a
 checkpoint whose files do not match (torn by a disk fault, edited, truncated) is skipped with a
@@ -12,7 +12,10 @@ warning and the previous one is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -83,3 +86,94 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             return path
         warnings.warn(f"skipping checkpoint {path.name}: {problem}; trying the previous one")
     return None
+
+
+# --------------------------------------------------------------------------------------------
+# The learner's checkpoint: every data-parallel rank calls these together
+# --------------------------------------------------------------------------------------------
+
+
+def _barrier(learner) -> None:
+    if learner.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def save_learner(learner, directory: Path, extra_state: dict) -> Path:
+    """Write ``directory`` atomically: LoRA (diffusers format) or the UNet folder, DeepSpeed engine
+    state (each rank writes its own ZeRO partition), EMA, trainer state, ``files.json``.
+
+    The folder is built under a temporary name by all ranks and renamed by rank 0 once every rank
+    is done, so a crash never leaves a checkpoint that looks complete. With several nodes the run
+    directory must be on a shared file system. ``load_lora_weights(directory)`` works on the result.
+    """
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    lead = learner.rank == 0
+    if lead:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(learner)
+    gather = learner._gather()
+    trainable = [p for p in learner.unet.parameters() if p.requires_grad]
+    lora = learner.ref_unet is None
+    with gather(trainable if lora else list(learner.unet.parameters())) if gather else contextlib.nullcontext():
+        if lead and lora:
+            from diffusers import StableDiffusionXLPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            StableDiffusionXLPipeline.save_lora_weights(
+                tmp, unet_lora_layers=convert_state_dict_to_diffusers(learner.lora_state_dict()))
+        elif lead:
+            learner.unet.save_pretrained(tmp / "unet")
+    learner.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+    _barrier(learner)
+    if lead:
+        if learner.ema is not None:
+            from safetensors.torch import save_file
+
+            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(learner.ema.shadow_params)},
+                      tmp / "ema.safetensors", metadata={"optimization_step": str(learner.ema.optimization_step),
+                                                          "decay": str(learner.ema.decay)})
+        state = {
+            "global_step": learner.global_step,
+            "policy_version": learner.policy_version,
+            "generator_state": learner.generator.get_state().tolist(),
+            "learner_ranks": learner.world_size,
+            **extra_state,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state))
+        write_file_manifest(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    _barrier(learner)
+    return directory
+
+
+def load_learner(learner, directory: Path) -> dict:
+    """Restore engine, optimizer, step counters and RNG from :func:`save_learner` output."""
+    import torch
+
+    state_file = directory / "trainer_state.json"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{directory}: not an rlfh checkpoint (no trainer_state.json)")
+    state = json.loads(state_file.read_text())
+    saved_ranks = state.get("learner_ranks", 1)
+    if saved_ranks != learner.world_size and learner.cfg.learner.zero_stage > 0:
+        raise RuntimeError(f"{directory} was written by {saved_ranks} learner ranks with ZeRO partitions; "
+                           f"resume with the same number of ranks (now {learner.world_size})")
+    load_path, _ = learner.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
+    if load_path is None:
+        raise RuntimeError(f"{directory}: DeepSpeed found no engine state to load")
+    if learner.ema is not None:
+        from safetensors import safe_open
+
+        with safe_open(str(directory / "ema.safetensors"), framework="pt") as f:
+            for i, p in enumerate(learner.ema.shadow_params):
+                p.data.copy_(f.get_tensor(str(i)))
+            learner.ema.optimization_step = int(f.metadata()["optimization_step"])
+    learner.global_step = state["global_step"]
+    learner.policy_version = state["policy_version"]
+    learner.generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
+    return state

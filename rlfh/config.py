@@ -139,7 +139,10 @@ class ResourcesConfig:
     ray_address: Optional[str] = None  # None/"auto": join a running cluster if any, else start one locally
     num_rollout_actors: int = 1
     gpus_per_rollout_actor: float = 0.0
-    num_learner_gpus: int = 0  # 0 = learner on CPU (one rank)
+    num_learner_gpus: int = 0  # learner GPUs, one data-parallel DeepSpeed rank each; 0 = learner on CPU
+    num_learner_ranks: Optional[int] = None  # data-parallel learner ranks; None = num_learner_gpus (or 1 on CPU)
+    colocate: bool = False  # one device for rollout and learner: the learner samples with its own UNet
+    sync_bucket_mb: float = 512.0  # full-weight sync goes to rollout actors in buckets of at most this size
     gpus_per_reward_actor: float = 0.0  # GPU share of the reward actor (FaceScore, ImageReward on GPU)
     num_cpus_per_actor: float = 1.0
     max_actor_restarts: int = 3  # a dead rollout/reward actor is restarted and its work re-issued this often
@@ -191,7 +194,8 @@ class Config:
 
     @property
     def learner_world_size(self) -> int:
-        return max(self.resources.num_learner_gpus, 1)
+        res = self.resources
+        return res.num_learner_ranks if res.num_learner_ranks is not None else max(res.num_learner_gpus, 1)
 
     @property
     def gradient_accumulation_steps(self) -> int:
@@ -215,6 +219,23 @@ def check_consistency(cfg: Config) -> list[str]:
     ]:
         if v < 1:
             p.append(f"{key}={v}: must be >= 1")
+    if res.num_learner_ranks is not None:
+        if res.num_learner_ranks < 1:
+            p.append(f"resources.num_learner_ranks={res.num_learner_ranks}: must be >= 1")
+        elif res.num_learner_gpus and res.num_learner_ranks != res.num_learner_gpus:
+            p.append(f"resources.num_learner_ranks={res.num_learner_ranks} with num_learner_gpus={res.num_learner_gpus}: "
+                     f"the learner runs one rank per GPU; leave num_learner_ranks unset")
+    if res.sync_bucket_mb <= 0:
+        p.append(f"resources.sync_bucket_mb={res.sync_bucket_mb}: must be > 0")
+    if res.colocate:
+        if res.num_rollout_actors != 1 or cfg.learner_world_size != 1:
+            p.append(f"resources.colocate=true runs rollout and learner in one process on one device: set "
+                     f"resources.num_rollout_actors=1 and one learner rank (got {res.num_rollout_actors} and "
+                     f"{cfg.learner_world_size})")
+        if r.max_staleness:
+            p.append("resources.colocate=true alternates sampling and training on one device: set rollout.max_staleness=0")
+        if res.placement != "none":
+            p.append("resources.colocate=true has no rollout fleet to place: set resources.placement=none")
     if r.rollouts_per_prompt < 2:
         p.append(f"rollout.rollouts_per_prompt={r.rollouts_per_prompt}: DPO pairs need >= 2 samples per prompt; set it to 2 or more")
     for key, v in [("rollout.height", r.height), ("rollout.width", r.width)]:

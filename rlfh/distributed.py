@@ -1,23 +1,35 @@
-"""torch.distributed set-up for DeepSpeed, on GPUs (nccl) or on CPU (gloo) in one process.
+"""torch.distributed set-up for DeepSpeed: nccl on GPUs, gloo on CPU.
 
 DeepSpeed falls back to MPI discovery when the rendezvous variables are missing, which fails on a
-plain machine; a single-process learner therefore sets them explicitly.
+plain machine, so they are always set explicitly: by :func:`init_distributed` for a single-process
+learner, by the learner ranks (``rlfh.learner_group``) for a data-parallel one.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def init_single_process() -> None:
-    """Initialise a world of size 1 (idempotent): gloo on CPU, nccl on CUDA."""
+def set_rendezvous(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
+    """The env:// rendezvous of one rank. Each Ray actor sees only its own GPU, hence LOCAL_RANK 0."""
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    if ipaddress.ip_address(master_addr).is_loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
+        # ranks on one machine: keep gloo's pairs on loopback rather than the host's first interface
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+
+
+def init_distributed() -> None:
+    """Join the process group (idempotent); a world of one on a fresh loopback port unless
+    :func:`set_rendezvous` named a larger one."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -27,6 +39,6 @@ def init_single_process() -> None:
     if os.environ.get("WORLD_SIZE", "1") == "1":
         # A fresh loopback port every time: a MASTER_PORT inherited from a parent process (a test
         # runner, another learner) may still be bound there.
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        set_rendezvous(0, 1, "127.0.0.1", free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)

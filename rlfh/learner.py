@@ -21,17 +21,13 @@ Metrics come back as a flat dict of floats with slash names (``loss/dpo``, ``mpd
 from __future__ import annotations
 
 import copy
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rlfh.checkpoints import write_file_manifest
 from rlfh.objectives import pairwise_objectives, weighted_objectives
 
 
@@ -93,6 +89,10 @@ def deepspeed_config(cfg) -> dict:
     per_item = ddpo_train_steps(cfg) if lc.loss == "ddpo" else 1
     gas = cfg.gradient_accumulation_steps * per_item
     zero: dict = {"stage": lc.zero_stage}
+    if lc.zero_stage == 3:
+        # ZeRO-3's memory-efficient linear computes x @ W^T + b in another order than torch's linear:
+        # the policy would differ from the rollout actors' copy in the last bits (sync check, DDPO ratios)
+        zero["memory_efficient_linear"] = False
     if lc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if lc.offload_params:
@@ -122,20 +122,32 @@ class DPOLearner:
     Args:
         cfg: the full :class:`rlfh.config.Config` (reads ``model``, ``learner``, ``seed``).
         device: torch device for the learner (``cuda`` when available, else ``cpu``).
+        keep_vae: keep the pipeline's VAE (colocated mode samples with this learner's pipeline).
+
+    With several ranks (``resources.num_learner_ranks`` / ``num_learner_gpus``; the process group is
+    set up by ``rlfh.learner_group``) every rank holds the full batch and trains on its share of
+    each optimizer step; DeepSpeed averages the gradients.
     """
 
-    def __init__(self, cfg, device: str | None = None):
+    def __init__(self, cfg, device: str | None = None, keep_vae: bool = False):
         import deepspeed
         from diffusers import DDPMScheduler
 
-        from rlfh.distributed import init_single_process
+        import torch.distributed as dist
+
+        from rlfh.distributed import init_distributed
         from rlfh.models import load_pipeline
 
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        init_single_process()
+        init_distributed()
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if self.world_size != cfg.learner_world_size:
+            raise RuntimeError(f"the process group has {self.world_size} ranks but the config asks for "
+                               f"{cfg.learner_world_size} learner ranks (resources.num_learner_ranks / num_learner_gpus)")
         pipe = load_pipeline(cfg.model, self.device)
-        pipe.vae = None  # the learner trains on latents; free the VAE
+        if not keep_vae:
+            pipe.vae = None  # the learner trains on latents; free the VAE
         self.pipe = pipe
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         if cfg.learner.loss == "ddpo":
@@ -144,6 +156,8 @@ class DPOLearner:
             self.ddim = ddim_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
             self.ddim.set_timesteps(cfg.rollout.num_inference_steps, device=self.device)
         self.vae_scale = 8
+        if keep_vae:
+            self.vae = pipe.vae
         unet = pipe.unet
         unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
@@ -203,31 +217,27 @@ class DPOLearner:
         raise ValueError(f"unsupported prediction_type {kind!r}")
 
     # ------------------------------------------------------------------ one micro-batch
-    def _noised(self, x0: torch.Tensor, prompts: list[str]):
-        """Shared t and eps per sample; returns (x_t, t, target, enc, added) in the UNet dtype."""
-        b = x0.shape[0]
+    def _draw_noise(self, count: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """t ~ U{0..T-1} and eps ~ N(0, I) for ``count`` items, from the learner's generator."""
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (count,), generator=self.generator)
+        return t, torch.randn((count, *shape), generator=self.generator)
+
+    def _noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, prompts: list[str]):
+        """x_t, the training target and the conditioning, in the UNet's dtype."""
         h, w = x0.shape[-2] * self.vae_scale, x0.shape[-1] * self.vae_scale
         enc, added = self._condition(prompts, h, w)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self.generator)
-        noise = torch.randn(x0.shape, generator=self.generator)
-        t, noise = t.to(self.device), noise.to(self.device)
-        x_t = self.noise_scheduler.add_noise(x0, noise, t)
+        t, eps = t.to(self.device), eps.to(self.device)
+        x_t = self.noise_scheduler.add_noise(x0, eps, t)
         dtype = self.unet.dtype
-        return x_t.to(dtype), t, self._target(x0, noise, t), enc.to(dtype), {k: v.to(dtype) for k, v in added.items()}
+        return x_t.to(dtype), t, self._target(x0, eps, t), enc.to(dtype), {k: v.to(dtype) for k, v in added.items()}
 
-    def _pair_step(self, lat_w, lat_l, prompts, masks_w, masks_l) -> dict[str, float]:
+    def _pair_step(self, lat_w, lat_l, prompts, masks_w, masks_l, t=None, eps=None) -> dict[str, float]:
         b = lat_w.shape[0]
+        if t is None:
+            t, eps = self._draw_noise(b, tuple(lat_w.shape[1:]))
         # w and l in one batch of 2B with the same t and eps for both halves
-        t_ = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=self.generator)
-        eps = torch.randn(lat_w.shape, generator=self.generator)
-        t2, eps2 = torch.cat([t_, t_]).to(self.device), torch.cat([eps, eps]).to(self.device)
-        x0 = torch.cat([lat_w, lat_l])
-        h, w = x0.shape[-2] * self.vae_scale, x0.shape[-1] * self.vae_scale
-        enc, added = self._condition(prompts + prompts, h, w)
-        dtype = self.unet.dtype
-        x_t = self.noise_scheduler.add_noise(x0, eps2, t2).to(dtype)
-        enc, added = enc.to(dtype), {k: v.to(dtype) for k, v in added.items()}
-        target = self._target(x0, eps2, t2)
+        x_t, t2, target, enc, added = self._noised(torch.cat([lat_w, lat_l]), torch.cat([t, t]), torch.cat([eps, eps]),
+                                                   prompts + prompts)
         pred = self._forward(x_t, t2, encoder_hidden_states=enc, added_cond_kwargs=added).sample
         with torch.no_grad():
             ref = self._reference(x_t, t2, enc, added)
@@ -238,8 +248,8 @@ class DPOLearner:
         )
         return self._combine_and_step(objectives, metrics, pred)
 
-    def _weighted_step(self, lat, prompts, weights, masks) -> dict[str, float]:
-        x_t, t, target, enc, added = self._noised(lat, prompts)
+    def _weighted_step(self, lat, prompts, weights, masks, t, eps) -> dict[str, float]:
+        x_t, t, target, enc, added = self._noised(lat, t, eps, prompts)
         pred = self._forward(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
         lc = self.cfg.learner
         objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions), lc.region_scale)
@@ -299,9 +309,16 @@ class DPOLearner:
     def _masks(self, masks: dict[str, np.ndarray], idx: list[int]) -> dict[str, torch.Tensor]:
         return {r: _tensor(m, idx, self.device) for r, m in masks.items()}
 
-    def _run(self, n: int, epochs: int, micro) -> dict[str, float]:
-        """``epochs`` shuffled passes over n items in optimizer steps; a remainder < one step is dropped."""
+    def _run(self, n: int, epochs: int, draw, micro) -> dict[str, float]:
+        """``epochs`` shuffled passes over n items in optimizer steps; a remainder < one step is dropped.
+
+        Every rank walks the same shuffled order and draws the same randomness for a whole optimizer
+        step (``draw(bs)``: noise per item, or DDPO's timesteps), then trains on its own share of the
+        step's items. W ranks with micro-batch m thus take the same update as one rank accumulating
+        W micro-batches of m, and the draws do not depend on the number of ranks.
+        """
         bs, mb = self.cfg.learner.train_batch_size, self.cfg.learner.micro_batch_size_per_gpu
+        share = bs // self.world_size
         n_use = (n // bs) * bs
         if n_use == 0:
             return {"learner/steps": float(self.global_step), "learner/items": float(n), "learner/skipped": 1.0}
@@ -309,9 +326,12 @@ class DPOLearner:
         history: list[dict[str, float]] = []
         for _ in range(epochs):
             order = torch.randperm(n, generator=self.generator)[:n_use].tolist()
-            for start in range(0, n_use, mb):
-                history.append(micro(order[start : start + mb]))
-                if self.ema is not None and (start + mb) % bs == 0:  # an optimizer step just happened
+            for step_start in range(0, n_use, bs):
+                draws = draw(bs)
+                lo = self.rank * share
+                for start in range(lo, lo + share, mb):
+                    history.append(micro(order[step_start + start : step_start + start + mb], draws, slice(start, start + mb)))
+                if self.ema is not None:  # an optimizer step just happened
                     self.ema.step([p for p in self.unet.parameters() if p.requires_grad])
             self.global_step += n_use // bs
         keys = sorted({k for h in history for k in h})
@@ -327,9 +347,10 @@ class DPOLearner:
         if not self.cfg.learner.loss.startswith("dpo"):
             raise ValueError(f"learner.loss={self.cfg.learner.loss} trains on weighted samples, not pairs")
         dev = self.device
-        return self._run(len(pairs), epochs, lambda idx: self._pair_step(
+        return self._run(len(pairs), epochs, lambda k: self._draw_noise(k, pairs.latents_w.shape[1:]),
+                         lambda idx, d, sl: self._pair_step(
             _tensor(pairs.latents_w, idx, dev), _tensor(pairs.latents_l, idx, dev), [pairs.prompts[i] for i in idx],
-            self._masks(pairs.masks_w, idx), self._masks(pairs.masks_l, idx)))
+            self._masks(pairs.masks_w, idx), self._masks(pairs.masks_l, idx), d[0][sl], d[1][sl]))
 
     def _ddpo_step(self, idx: list[int], tb: TrajectoryBatch, order: list[int], first: bool) -> dict[str, float]:
         """One micro-batch of trajectories: a DDPO clipped-ratio loss per trained timestep."""
@@ -373,29 +394,47 @@ class DPOLearner:
                              f"{self.cfg.rollout.num_inference_steps}")
         state = {"first": True}
 
-        def micro(idx):
-            order = torch.randperm(n_steps, generator=self.generator)[:k].tolist()
+        def micro(idx, order, _):
             out = self._ddpo_step(idx, tb, order, state["first"])
             state["first"] = False
             return out
 
-        return self._run(len(tb), epochs, micro)
+        # one timestep order per optimizer step, shared by its micro-batches (and ranks)
+        return self._run(len(tb), epochs, lambda _: torch.randperm(n_steps, generator=self.generator)[:k].tolist(), micro)
 
     def train_on_samples(self, samples: SampleBatch, epochs: int = 1) -> dict[str, float]:
         """RWR / filtered training on weighted samples; returns averaged metrics."""
         if self.cfg.learner.loss.startswith("dpo"):
             raise ValueError(f"learner.loss={self.cfg.learner.loss} trains on pairs, not weighted samples")
         dev = self.device
-        return self._run(len(samples), epochs, lambda idx: self._weighted_step(
+        return self._run(len(samples), epochs, lambda k: self._draw_noise(k, samples.latents.shape[1:]),
+                         lambda idx, d, sl: self._weighted_step(
             _tensor(samples.latents, idx, dev), [samples.prompts[i] for i in idx],
-            _tensor(samples.weights, idx, dev), self._masks(samples.masks, idx)))
+            _tensor(samples.weights, idx, dev), self._masks(samples.masks, idx), d[0][sl], d[1][sl]))
 
-    def policy_state_dict(self) -> dict[str, torch.Tensor]:
-        """What rollout actors need to sample from the current policy: the LoRA weights (small), or
-        every UNet weight for full fine-tuning."""
+    def _gather(self):
+        """ZeRO-3 keeps each rank's slice of a parameter only; gather whole ones to read them."""
+        if self.cfg.learner.zero_stage != 3:
+            return None
+        import deepspeed
+
+        return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+    def policy_weight_buckets(self, bucket_bytes: int):
+        """What rollout actors need to sample from the current policy, in buckets of at most
+        ``bucket_bytes`` (CPU tensors): the LoRA weights (usually one bucket), or every UNet weight
+        for full fine-tuning (``rlfh.weight_sync``). Under ZeRO-3 every rank must iterate it."""
+        from rlfh.weight_sync import iter_state_buckets
+
         if self.ref_unet is None:
-            return self.lora_state_dict()
-        return {k: v.detach().cpu().clone() for k, v in self.unet.state_dict().items()}
+            gather = self._gather()
+            if gather is None:
+                state = self.lora_state_dict()
+            else:
+                with gather([p for p in self.unet.parameters() if p.requires_grad]):
+                    state = self.lora_state_dict()
+            return iter_state_buckets(state, bucket_bytes)
+        return iter_state_buckets(self.unet.state_dict(keep_vars=True), bucket_bytes, self._gather())
 
     @torch.no_grad()
     def unet_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
@@ -415,63 +454,13 @@ class DPOLearner:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
-        """Write ``directory`` atomically: LoRA (diffusers format), DeepSpeed engine state, trainer state.
+        """Write ``directory`` atomically (every rank calls it); see :func:`rlfh.checkpoints.save_learner`."""
+        from rlfh.checkpoints import save_learner
 
-        The folder is built under a temporary name and renamed, so a crash never leaves a
-        checkpoint that looks complete. ``load_lora_weights(directory)`` works on the result.
-        """
-        directory = Path(directory)
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if self.ref_unet is None:
-            from diffusers import StableDiffusionXLPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft import get_peft_model_state_dict
-
-            StableDiffusionXLPipeline.save_lora_weights(
-                tmp, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-            )
-        else:
-            self.unet.save_pretrained(tmp / "unet")
-        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-        if self.ema is not None:
-            from safetensors.torch import save_file
-
-            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
-                      tmp / "ema.safetensors", metadata={"optimization_step": str(self.ema.optimization_step),
-                                                          "decay": str(self.ema.decay)})
-        state = {
-            "global_step": self.global_step,
-            "policy_version": self.policy_version,
-            "generator_state": self.generator.get_state().tolist(),
-            **(extra_state or {}),
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state))
-        write_file_manifest(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-        return directory
+        return save_learner(self, Path(directory), extra_state or {})
 
     def load_checkpoint(self, directory: str | Path) -> dict:
-        """Restore engine, optimizer, step counters and RNG from :meth:`save_checkpoint` output."""
-        directory = Path(directory)
-        state_file = directory / "trainer_state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{directory}: not an rlfh checkpoint (no trainer_state.json)")
-        load_path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
-        if load_path is None:
-            raise RuntimeError(f"{directory}: DeepSpeed found no engine state to load")
-        state = json.loads(state_file.read_text())
-        if self.ema is not None:
-            from safetensors import safe_open
+        """Restore engine, optimizer, step counters and RNG (every rank calls it)."""
+        from rlfh.checkpoints import load_learner
 
-            with safe_open(str(directory / "ema.safetensors"), framework="pt") as f:
-                for i, p in enumerate(self.ema.shadow_params):
-                    p.data.copy_(f.get_tensor(str(i)))
-                self.ema.optimization_step = int(f.metadata()["optimization_step"])
-        self.global_step = state["global_step"]
-        self.policy_version = state["policy_version"]
-        self.generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
-        return state
+        return load_learner(self, Path(directory))

@@ -1,4 +1,13 @@
-"""The learner actor: a :class:`rlfh.learner.DPOLearner` (DeepSpeed engine) behind a Ray handle."""
+"""One learner rank: a :class:`rlfh.learner.DPOLearner` (DeepSpeed engine) behind a Ray handle.
+
+Built in two calls, because the ranks of a data-parallel learner must meet: the actor starts empty,
+rank 0 names a rendezvous address (:meth:`LearnerActor.rendezvous`), then every rank runs
+:meth:`LearnerActor.setup` at the same time (``rlfh.learner_group`` drives this).
+
+In colocated mode (``resources.colocate``) the same actor is also the run's only rollout actor: it
+samples with the learner's own pipeline and UNet, so there is no second UNet and no weight
+transfer, and it hands the device over between the phases (``rlfh.colocate``).
+"""
 
 from __future__ import annotations
 
@@ -7,28 +16,59 @@ import ray
 
 @ray.remote
 class LearnerActor:
-    def __init__(self, cfg, num_threads: int = 1):
+    def __init__(self, num_threads: int = 1):
         from rlfh.env import apply_env_defaults
 
         apply_env_defaults()
         import torch
 
+        torch.set_num_threads(max(num_threads, 1))
+        self.learner = None
+        self.handover = None  # colocated mode only
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port on it, for the process group (called on rank 0)."""
+        from rlfh.distributed import free_port
+
+        ip = ray.util.get_node_ip_address()
+        return ip, free_port(ip)
+
+    def setup(self, cfg, rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None,
+              colocate: bool = False) -> int:
+        from rlfh.distributed import set_rendezvous
         from rlfh.learner import DPOLearner
 
-        torch.set_num_threads(max(num_threads, 1))
-        self.learner = DPOLearner(cfg)
+        if world_size > 1:
+            set_rendezvous(rank, world_size, *master)
+        self.learner = DPOLearner(cfg, keep_vae=colocate)
+        if colocate:
+            from rlfh.colocate import Handover
+            from rollouts.sampler import Sampler
+
+            self.sampler = Sampler(self.learner.pipe, model_id=cfg.model.path, scheduler=cfg.rollout.scheduler)
+            self.handover = Handover(self.learner)
+        return self.learner.num_trainable
 
     def train(self, batch, epochs: int) -> dict:
         from rlfh.learner import PairBatch, TrajectoryBatch
 
+        if self.handover is not None:
+            self.handover.to_training()
         if isinstance(batch, PairBatch):
             return self.learner.train_on_pairs(batch, epochs)
         if isinstance(batch, TrajectoryBatch):
             return self.learner.train_on_trajectories(batch, epochs)
         return self.learner.train_on_samples(batch, epochs)
 
-    def policy_state_dict(self):
-        return self.learner.policy_state_dict()
+    def weight_buckets(self, bucket_bytes: int) -> list:
+        """The policy weights as object-store refs, one per bucket (``rlfh.weight_sync``); every rank
+        takes part (ZeRO-3 gathers collectively), rank 0's refs are the ones to send."""
+        refs = []
+        for bucket in self.learner.policy_weight_buckets(bucket_bytes):
+            if self.learner.rank == 0:
+                refs.append(ray.put(bucket))
+            del bucket  # one bucket in this process's memory at a time
+        return refs
 
     def unet_output(self, x, t: int, prompt: str):
         return self.learner.unet_output(x, t, prompt)
@@ -45,3 +85,23 @@ class LearnerActor:
     def node_id(self) -> str:
         """The Ray node this actor runs on (placement checks, logs)."""
         return ray.get_runtime_context().get_node_id()
+
+    # ------------------------------------------------------------------ colocated mode: the rollout side
+    def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False):
+        from rollouts.actor import sample_in_batches
+
+        self.handover.to_sampling()
+        return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
+
+    def load_weights(self, buckets, policy_version: int, lora: bool = True) -> int:
+        """Nothing to copy: the sampler's UNet is the learner's. Only the version moves on."""
+        if buckets:
+            raise RuntimeError("a colocated learner samples with its own weights; it takes no weight buckets")
+        if policy_version != self.learner.policy_version:
+            raise RuntimeError(f"sync to policy version {policy_version}, but the learner is at {self.learner.policy_version}")
+        self.sampler.policy_version = policy_version
+        return policy_version
+
+    def shares_unet(self) -> bool:
+        """Whether sampler and learner hold one UNet (the point of colocated mode)."""
+        return self.sampler.pipe.unet is self.learner.unet

@@ -11,6 +11,16 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 _ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
 
 
+def sample_in_batches(sampler, prompts, seeds, settings, batch_size: int, record: bool = False):
+    """A share of a round through ``sampler`` in batches of ``batch_size``, as one RolloutBatch."""
+    from rollouts.types import RolloutBatch
+
+    return RolloutBatch.concat([
+        sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings, record=record)
+        for i in range(0, len(prompts), batch_size)
+    ])
+
+
 @ray.remote
 class RolloutActor:
     """Holds an SDXL pipeline with the policy's LoRA adapter and samples on request.
@@ -35,20 +45,19 @@ class RolloutActor:
             self.sampler.add_lora(lora_cfg.rank, lora_cfg.alpha, lora_cfg.target_modules)
 
     def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False):
-        from rollouts.types import RolloutBatch
+        return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
 
-        chunks = [
-            self.sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings, record=record)
-            for i in range(0, len(prompts), batch_size)
-        ]
-        return RolloutBatch.concat(chunks)
-
-    def load_weights(self, state_dict, policy_version: int, lora: bool = True) -> int:
-        """The learner's policy weights: LoRA (fast path) or the whole UNet."""
+    def load_weights(self, buckets: list, policy_version: int, lora: bool = True) -> int:
+        """The learner's policy weights as object-store refs, one per bucket (``rlfh.weight_sync``):
+        LoRA (fast path, merged and loaded at once) or the whole UNet, fetched and copied in place
+        one bucket at a time."""
         if lora:
-            self.sampler.load_lora(state_dict, policy_version)
+            state = {}
+            for ref in buckets:
+                state.update(ray.get(ref))
+            self.sampler.load_lora(state, policy_version)
         else:
-            self.sampler.load_full(state_dict, policy_version)
+            self.sampler.load_full((ray.get(ref) for ref in buckets), policy_version)
         return policy_version
 
     def unet_output(self, x, t: int, prompt: str):
@@ -77,13 +86,14 @@ class RolloutFleet:
     def __init__(self, actors: list, max_retries: int = 3):
         self.actors = actors
         self.max_retries = max_retries
-        self._weights = None  # (ObjectRef, version, lora): what a restarted actor must load
+        self._weights = None  # (bucket refs, version, lora): what a restarted actor must load
         self.restarts = 0
 
-    def sync(self, weights_ref, version: int, lora: bool) -> None:
-        """Queue the new weights on every actor (after any sampling already queued there)."""
-        self._weights = (weights_ref, version, lora)
-        refs = [a.load_weights.remote(weights_ref, version, lora) for a in self.actors]
+    def sync(self, buckets: list | None, version: int, lora: bool) -> None:
+        """Queue the new weights (object-store refs, one per bucket; None when colocated) on every
+        actor, after any sampling already queued there."""
+        self._weights = (buckets, version, lora)
+        refs = [a.load_weights.remote(buckets, version, lora) for a in self.actors]
         for i, ref in enumerate(refs):
             for attempt in range(self.max_retries + 1):
                 try:
@@ -95,7 +105,7 @@ class RolloutFleet:
                     self.restarts += 1
                     print(f"[rlfh] rollout actor {i} died during a weight sync ({type(e).__name__}); re-sending the weights")
                     time.sleep(1.0)  # let Ray restart it
-                    ref = self.actors[i].load_weights.remote(weights_ref, version, lora)
+                    ref = self.actors[i].load_weights.remote(buckets, version, lora)
 
     def _reissue(self, i: int, args: tuple, timeout_s: float = 300.0):
         """Send the current weights to actor i once it is back, then its share again; returns the ref."""

@@ -11,7 +11,7 @@ Notation: ``x_t`` latents (B, 4, h, w), ``eps`` noise prediction, ``w`` guidance
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -112,9 +112,28 @@ class Sampler:
             raise RuntimeError(f"LoRA weights do not match the rollout UNet: unexpected keys {unexpected[:5]}")
         self.policy_version = policy_version
 
-    def load_full(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> None:
-        """Copy every UNet weight from the learner (full fine-tuning)."""
-        self.pipe.unet.load_state_dict(state_dict, strict=True)
+    @torch.no_grad()
+    def load_full(self, buckets: Iterable[dict[str, torch.Tensor]], policy_version: int) -> None:
+        """Copy every UNet weight from the learner (full fine-tuning), bucket by bucket, in place.
+
+        Until the last bucket is in, the UNet is a mix of two policies: the version reads -1 then,
+        and the fleet refuses samples of a version older than the one it synced.
+        """
+        own = self.pipe.unet.state_dict()
+        self.policy_version = -1
+        seen: set[str] = set()
+        for bucket in buckets:
+            unknown = sorted(set(bucket) - set(own))
+            if unknown:
+                raise RuntimeError(f"UNet weights do not match the rollout UNet: unexpected keys {unknown[:5]}")
+            for k, v in bucket.items():
+                if v.shape != own[k].shape:
+                    raise RuntimeError(f"UNet weight {k}: shape {tuple(v.shape)} from the learner, {tuple(own[k].shape)} here")
+                own[k].copy_(v)
+            seen.update(bucket)
+        missing = sorted(set(own) - seen)
+        if missing:
+            raise RuntimeError(f"the learner's weights miss {len(missing)} UNet keys, e.g. {missing[:5]}")
         self.policy_version = policy_version
 
     @torch.no_grad()

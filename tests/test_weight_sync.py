@@ -1,5 +1,5 @@
 """Weight sync: after a sync the rollout actor's UNet output equals the learner's exactly (real Ray
-actors on CPU), for the LoRA fast path and for full-UNet weights."""
+actors on CPU), for the LoRA fast path and for full-UNet weights sent in many small buckets."""
 
 from __future__ import annotations
 
@@ -25,24 +25,29 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_synced_rollout_actor_matches_learner_exactly(ray_cluster, tiny_model_dir, lora):
+@pytest.mark.parametrize("lora,zero", [(True, 0), (False, 0), (True, 3), (False, 3)],
+                         ids=["lora", "full", "lora-zero3", "full-zero3"])
+def test_synced_rollout_actor_matches_learner_exactly(ray_cluster, tiny_model_dir, lora, zero):
     from rlfh.learner_actor import LearnerActor
     from rollouts.actor import RolloutActor
 
     ray = ray_cluster
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.lora.enabled={lora}",
-                                                       "learner.lr=1e-3"])
-    learner = LearnerActor.options(num_cpus=0.5).remote(cfg)
+                                                       "learner.lr=1e-3", f"learner.zero_stage={zero}"])
+    learner = LearnerActor.options(num_cpus=0.5).remote()
     actor = RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.learner.lora)
     try:
+        ray.get(learner.setup.remote(cfg))
         lat = np.random.default_rng(0).standard_normal((2, 2, 4, 8, 8)).astype(np.float32)
         ray.get(learner.train.remote(PairBatch(lat[0], lat[1], ["a", "b"]), 2))
         x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
         stale = ray.get(actor.unet_output.remote(x, 500, "a photo of a person"))
         want = ray.get(learner.unet_output.remote(x, 500, "a photo of a person"))
         assert (stale - want).abs().max() > 0  # training moved the learner away from the actor
-        ray.get(actor.load_weights.remote(learner.policy_state_dict.remote(), 1, lora))
+        # LoRA: one default-size bucket; full: 64 KiB buckets, dozens for the tiny UNet (a gather each under ZeRO-3)
+        buckets = ray.get(learner.weight_buckets.remote(512 * 2**20 if lora else 64 * 1024))
+        assert len(buckets) == 1 if lora else len(buckets) > 10
+        ray.get(actor.load_weights.remote(buckets, 1, lora))
         got = ray.get(actor.unet_output.remote(x, 500, "a photo of a person"))
         assert (got - want).abs().max().item() == 0.0
         assert ray.get(actor.policy_version.remote()) == 1

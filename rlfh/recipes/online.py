@@ -9,7 +9,8 @@ Each round:
   3. the samples, their rewards and regions go to the rollout log (RUN_DIR/rollouts);
   4. pairs are built per prompt (best vs worst; or weights for RWR), with region masks from the
      detections, and the learner steps on them (per-region losses, MPD fairness);
-  5. the new LoRA weights go to the rollout actors (policy_version + 1);
+  5. the new weights go to the rollout actors (policy_version + 1): the LoRA adapter, or the whole
+     UNet in buckets of ``resources.sync_bucket_mb`` (rlfh/weight_sync.py);
   6. metrics go to RUN_DIR/metrics.jsonl and wandb; every ``checkpoint_every`` rounds a checkpoint.
 
 With ``rollout.max_staleness: 1`` the rollouts of round k+1 are sampled while the learner trains on
@@ -17,6 +18,10 @@ round k (one policy version stale, recorded per round as ``rollout/staleness``);
 on-policy. A rollout or reward actor that dies is restarted and its work re-issued with the same
 seeds (rollouts/actor.py, rewards/actor.py); a killed driver resumes from its last checkpoint when
 the same command (or ``ray job submit``) runs again.
+
+The learner is ``resources.num_learner_gpus`` data-parallel DeepSpeed ranks (rlfh/learner_group.py).
+With ``resources.colocate`` one actor is both learner and rollout actor on one device, sampling with
+the learner's own UNet (rlfh/colocate.py).
 """
 
 from __future__ import annotations
@@ -46,6 +51,33 @@ def setup_ray(cfg: Config):
     return True
 
 
+def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
+    """``resources.num_rollout_actors`` rollout actors; with ``resources.placement`` their bundles
+    are reserved at once (gang scheduling) in a placement group, appended to ``pgs``."""
+    import ray
+
+    from rollouts.actor import RolloutActor
+
+    res = cfg.resources
+    opts = [dict(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_rollout_actor,
+                 resources=dict(res.rollout_actor_resources), max_restarts=res.max_actor_restarts)
+            for _ in range(res.num_rollout_actors)]
+    if res.placement != "none":
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = {"CPU": res.num_cpus_per_actor, **res.rollout_actor_resources}
+        if res.gpus_per_rollout_actor:
+            bundle["GPU"] = res.gpus_per_rollout_actor
+        pg = placement_group([dict(bundle) for _ in range(res.num_rollout_actors)], strategy=res.placement)
+        pgs.append(pg)
+        ray.get(pg.ready(), timeout=600)
+        print(f"[rlfh] {res.num_rollout_actors} rollout actors reserved in a {res.placement} placement group")
+        for i, o in enumerate(opts):
+            o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+    return [RolloutActor.options(**o).remote(cfg.model, cfg.learner.lora, threads, cfg.rollout.scheduler) for o in opts]
+
+
 def train(cfg: Config) -> Path:
     """Run online training; returns the run directory."""
     import dataclasses
@@ -57,12 +89,12 @@ def train(cfg: Config) -> Path:
 
     from rewards.actor import RewardActor, RewardScorer
     from rlfh.checkpoints import checkpoint_dir, latest_checkpoint, mark_latest
-    from rlfh.learner_actor import LearnerActor
+    from rlfh.learner_group import LearnerGroup
     from rlfh.metrics import MetricsLogger, rollback_metrics
     from rlfh.pairs import learner_batch
     from rlfh.prompts import PromptSchedule, load_prompts
     from rlfh.samples import write_grid
-    from rollouts.actor import RolloutActor, RolloutFleet
+    from rollouts.actor import RolloutFleet
     from rollouts.log import RolloutLog, make_records
     from rollouts.types import SamplerSettings
 
@@ -73,41 +105,28 @@ def train(cfg: Config) -> Path:
     started_ray = setup_ray(cfg)
     owned: list = []  # actors this run started: killed at the end, whatever happens
     pgs: list = []  # placement groups this run reserved
-    logger = bar = None
+    logger = bar = learner = None
     try:
         res, rc = cfg.resources, cfg.rollout
         threads = max(int(res.num_cpus_per_actor), 1)
         # an unreachable reward server fails the run here, before anything is sampled or trained
         scorer = RewardScorer(url=cfg.reward_server.remote_url, retries=res.max_actor_restarts) \
             if cfg.reward_server.remote_url else None
-        rollout_opts = [dict(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_rollout_actor,
-                             resources=dict(res.rollout_actor_resources), max_restarts=res.max_actor_restarts)
-                        for _ in range(res.num_rollout_actors)]
-        if res.placement != "none":
-            # reserve every rollout actor's bundle at once (gang scheduling), packed or spread over nodes
-            from ray.util.placement_group import placement_group
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            bundle = {"CPU": res.num_cpus_per_actor, **res.rollout_actor_resources}
-            if res.gpus_per_rollout_actor:
-                bundle["GPU"] = res.gpus_per_rollout_actor
-            pg = placement_group([dict(bundle) for _ in range(res.num_rollout_actors)], strategy=res.placement)
-            pgs.append(pg)
-            ray.get(pg.ready(), timeout=600)
-            print(f"[rlfh] {res.num_rollout_actors} rollout actors reserved in a {res.placement} placement group")
-            for i, o in enumerate(rollout_opts):
-                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-        actors = [RolloutActor.options(**o).remote(cfg.model, cfg.learner.lora, threads, rc.scheduler) for o in rollout_opts]
-        owned.extend(actors)
+        colocate = res.colocate
+        if colocate:  # the learner's one rank samples too: no rollout actors, no second UNet
+            learner = LearnerGroup(cfg, threads, colocate=True)
+            actors = [learner.lead]
+        else:
+            actors = start_rollout_actors(cfg, threads, pgs)
+            owned.extend(actors)
         if scorer is None:
             reward_actor = RewardActor.options(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_reward_actor,
                                                resources=dict(res.reward_resources),
                                                max_restarts=res.max_actor_restarts).remote(cfg.rewards, threads)
             owned.append(reward_actor)
             scorer = RewardScorer(actor=reward_actor, retries=res.max_actor_restarts)
-        learner = LearnerActor.options(num_cpus=res.num_cpus_per_actor, num_gpus=min(res.num_learner_gpus, 1),
-                                       resources=dict(res.learner_resources)).remote(cfg, threads)
-        owned.append(learner)
+        if learner is None:
+            learner = LearnerGroup(cfg, threads)
         gc = cfg.guards
         heldout_scorer = None
         if gc.every and gc.heldout_rewards:
@@ -135,7 +154,7 @@ def train(cfg: Config) -> Path:
         start_round = 0
         ckpt = latest_checkpoint(run_dir) if cfg.resume else None
         if ckpt is not None:
-            state = ray.get(learner.load_checkpoint.remote(str(ckpt)))
+            state = learner.load_checkpoint(str(ckpt))
             start_round = state["round"]
             dropped = log.rollback(start_round) if log.manifest_path.exists() else 0
             rollback_metrics(run_dir, start_round)
@@ -147,11 +166,16 @@ def train(cfg: Config) -> Path:
             if log.manifest_path.exists():
                 log.rollback(0)
             rollback_metrics(run_dir, 0)
-        version = ray.get(learner.policy_version.remote())
+        version = learner.policy_version()
         lora = cfg.learner.lora.enabled
+        bucket_bytes = int(res.sync_bucket_mb * 2**20)
 
-        fleet = RolloutFleet(actors, res.max_actor_restarts)
-        fleet.sync(learner.policy_state_dict.remote(), version, lora)  # one object in the store, read by every actor
+        def sync():
+            # refs to buckets in the object store, each read by every rollout actor; nothing to send when colocated
+            fleet.sync(None if colocate else learner.weight_buckets(bucket_bytes), version, lora)
+
+        fleet = RolloutFleet(actors, 0 if colocate else res.max_actor_restarts)
+        sync()
         logger = MetricsLogger(run_dir, cfg, to_dict(cfg))
 
         def submit(rnd: int):
@@ -188,10 +212,10 @@ def train(cfg: Config) -> Path:
                 train_batch, hg_stats = mix_real_winners(train_batch, real_source, frac, rnd, cfg.seed, losers_latents=losers)
                 batch_stats.update(hg_stats)
             t3 = time.perf_counter()
-            learner_metrics = ray.get(learner.train.remote(train_batch, cfg.learner.epochs_per_round))
+            learner_metrics = learner.train(train_batch, cfg.learner.epochs_per_round)
             t4 = time.perf_counter()
-            version = ray.get(learner.policy_version.remote())
-            fleet.sync(learner.policy_state_dict.remote(), version, lora)
+            version = learner.policy_version()
+            sync()
             t5 = time.perf_counter()
             metrics = {
                 "round": rnd,
@@ -212,7 +236,7 @@ def train(cfg: Config) -> Path:
             }
             if (rnd + 1) % cfg.logging.checkpoint_every == 0 or rnd + 1 == cfg.num_rounds:
                 path = checkpoint_dir(run_dir, rnd + 1)
-                ray.get(learner.save_checkpoint.remote(str(path), {"round": rnd + 1}))
+                learner.save_checkpoint(str(path), {"round": rnd + 1})
                 mark_latest(run_dir, path)
                 metrics["time/checkpoint_s"] = time.perf_counter() - t5
             stop = None
@@ -230,7 +254,7 @@ def train(cfg: Config) -> Path:
                 stop = f"policy-reference eps MSE {ref_mse:.4g} > guards.max_reference_mse={gc.max_reference_mse}"
             if stop is not None and "time/checkpoint_s" not in metrics:
                 path = checkpoint_dir(run_dir, rnd + 1)
-                ray.get(learner.save_checkpoint.remote(str(path), {"round": rnd + 1}))
+                learner.save_checkpoint(str(path), {"round": rnd + 1})
                 mark_latest(run_dir, path)
             metrics["guards/stopped"] = float(stop is not None)
             if cfg.logging.sample_grid_every and rnd % cfg.logging.sample_grid_every == 0:
@@ -252,6 +276,8 @@ def train(cfg: Config) -> Path:
             logger.close()
         for a in owned:
             ray.kill(a)
+        if learner is not None:
+            learner.shutdown()
         for pg in pgs:
             ray.util.remove_placement_group(pg)
         if started_ray:

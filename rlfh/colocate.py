@@ -1,0 +1,75 @@
+"""Colocated mode: rollout and learner take turns on one device (``resources.colocate``).
+
+One process holds one SDXL pipeline: the learner's. Sampling uses the learner's UNet itself (LoRA
+adapter on, or the fully trained weights), so the weight sync is a version bump and there is no
+second UNet. What differs between the phases is what else must sit on the device:
+
+    sampling: UNet, text encoders, VAE (decoding)        optimizer states not needed
+    training: UNet, text encoders, gradients, optimizer states   VAE not needed
+
+:class:`Handover` moves the VAE and the optimizer states across at each phase change and empties
+the CUDA cache, so the peak is the larger of the two phases, not their sum. The optimizer states go
+through DeepSpeed's ``offload_states`` / ``reload_states`` (ZeRO 1-3); with ZeRO-0 they are the
+wrapped torch optimizer's tensors, moved directly. With ``learner.offload_optimizer`` they live on
+the CPU anyway. On a CPU-only machine the handover has nothing to move.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def move_optimizer_state(optimizer: torch.optim.Optimizer, device) -> int:
+    """Move a torch optimizer's state tensors (Adam moments) to ``device``; returns bytes moved."""
+    moved = 0
+    for state in optimizer.state.values():
+        for k, v in state.items():
+            if torch.is_tensor(v) and v.device != torch.device(device):
+                state[k] = v.to(device, non_blocking=True)
+                moved += v.numel() * v.element_size()
+    return moved
+
+
+class Handover:
+    """Puts the learner's device in sampling or training shape (idempotent per phase)."""
+
+    def __init__(self, learner):
+        self.learner = learner
+        self.phase = "training"
+        self.device = learner.device
+        if self.device.type == "cuda":
+            learner.vae.to("cpu")  # the first phase after set-up may be either; start lean
+
+    def _optimizer_to(self, where: str) -> None:
+        lc, engine = self.learner.cfg.learner, self.learner.engine
+        if lc.offload_optimizer:
+            return  # ZeRO-Offload: the states never leave the CPU
+        if lc.zero_stage >= 1:
+            if where == "cpu":
+                engine.offload_states(pin_memory=True)
+            else:
+                engine.reload_states()
+        else:
+            inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+            move_optimizer_state(inner, "cpu" if where == "cpu" else self.device)
+
+    def to_sampling(self) -> None:
+        if self.phase == "sampling":
+            return
+        self.learner.unet.eval()
+        if self.device.type == "cuda":
+            self.learner.engine.optimizer.zero_grad(set_to_none=True)  # no gradients survive a step
+            self._optimizer_to("cpu")
+            torch.cuda.empty_cache()
+            self.learner.vae.to(self.device)
+        self.phase = "sampling"
+
+    def to_training(self) -> None:
+        if self.phase == "training":
+            return
+        if self.device.type == "cuda":
+            self.learner.vae.to("cpu")
+            torch.cuda.empty_cache()
+            self._optimizer_to(self.device.type)
+        self.learner.unet.train()
+        self.phase = "training"
