@@ -86,6 +86,16 @@ class LearnerActor:
         """The Ray node this actor runs on (placement checks, logs)."""
         return ray.get_runtime_context().get_node_id()
 
+    def weights_digest(self) -> str:
+        """sha256 of this rank's trainable weights: data-parallel ranks must agree exactly."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in self.learner.unet.parameters():
+            if p.requires_grad:
+                h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
     # ------------------------------------------------------------------ colocated mode: the rollout side
     def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False):
         from rollouts.actor import sample_in_batches

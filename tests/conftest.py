@@ -37,3 +37,15 @@ def tiny_cfg(tiny_model_dir, tmp_path):
         )
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance for one test module (4 logical CPUs: learner ranks, rollout and reward actors)."""
+    import ray
+
+    from rlfh.env import env_for_workers
+
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env_for_workers()})
+    yield ray
+    ray.shutdown()

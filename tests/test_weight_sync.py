@@ -14,24 +14,13 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from rlfh.env import env_for_workers
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_for_workers()})
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("lora,zero", [(True, 0), (False, 0), (True, 3), (False, 3)],
                          ids=["lora", "full", "lora-zero3", "full-zero3"])
-def test_synced_rollout_actor_matches_learner_exactly(ray_cluster, tiny_model_dir, lora, zero):
+def test_synced_rollout_actor_matches_learner_exactly(ray_local, tiny_model_dir, lora, zero):
     from rlfh.learner_actor import LearnerActor
     from rollouts.actor import RolloutActor
 
-    ray = ray_cluster
+    ray = ray_local
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.lora.enabled={lora}",
                                                        "learner.lr=1e-3", f"learner.zero_stage={zero}"])
     learner = LearnerActor.options(num_cpus=0.5).remote()
