@@ -103,3 +103,11 @@ def test_online_run_with_two_learner_ranks_checkpoints_and_resumes(ray_local, ti
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[-1]["policy_version"] == 3 and rows[-1]["learner/steps"] == 3 * rows[0]["learner/steps"]
     assert all(np.isfinite(r["loss/dpo"]) for r in rows)
+    # offline DPO from that run's rollout log, on two ranks as well
+    from rlfh.recipes.offline import train_offline
+
+    off = train_offline(tiny_cfg(*over[1:], "num_rounds=1", f"rollouts={run_dir / 'rollouts'}",
+                                 f"run_dir={run_dir.parent / 'offline'}"))
+    row = json.loads((off / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["policy_version"] == 1 and np.isfinite(row["loss/dpo"])
+    assert json.loads((off / "checkpoints" / "round-000001" / "trainer_state.json").read_text())["learner_ranks"] == 2

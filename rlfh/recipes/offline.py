@@ -1,6 +1,10 @@
-"""Offline Diffusion-DPO from a rollout log the engine wrote: no rollout actors, no Ray.
+"""Offline Diffusion-DPO from a rollout log the engine wrote: no rollout actors.
 
     rlfh offline-dpo configs/offline_dpo.yaml rollouts=runs/tiny/rollouts
+
+One learner rank trains in this process, without Ray. With ``resources.num_learner_gpus`` (or
+``num_learner_ranks``) > 1 the data-parallel ranks run as Ray actors (rlfh/learner_group.py), on the
+cluster ``ray job submit`` names or a local one.
 
 Pairs (or RWR / filtered sample weights) are rebuilt from the logged rewards with the weights of the config's ``rewards`` section
 (matched by name; a reward the log does not hold is an error), grouped by (round, prompt), so the
@@ -66,31 +70,44 @@ def train_offline(cfg: Config) -> Path:
     from tqdm import tqdm
 
     from rlfh.checkpoints import checkpoint_dir, latest_checkpoint, mark_latest
-    from rlfh.learner import DPOLearner, PairBatch
+    from rlfh.learner_group import LearnerGroup, LocalLearner
     from rlfh.metrics import MetricsLogger, rollback_metrics
+    from rlfh.recipes.online import setup_ray
 
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     batch, stats = batch_from_log(cfg)
-    learner = DPOLearner(cfg)
-    train = learner.train_on_pairs if isinstance(batch, PairBatch) else learner.train_on_samples
-    start = 0
-    ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-    if ckpt is not None:
-        start = learner.load_checkpoint(ckpt)["round"]
-        rollback_metrics(run_dir, start)
-    logger = MetricsLogger(run_dir, cfg, to_dict(cfg))
+    started_ray = False
+    if cfg.learner_world_size > 1:
+        started_ray = setup_ray(cfg)
+        learner = LearnerGroup(cfg, max(int(cfg.resources.num_cpus_per_actor), 1))
+    else:
+        learner = LocalLearner(cfg)
+    logger = None
     try:
+        start = 0
+        ckpt = latest_checkpoint(run_dir) if cfg.resume else None
+        if ckpt is not None:
+            start = learner.load_checkpoint(str(ckpt))["round"]
+            rollback_metrics(run_dir, start)
+        logger = MetricsLogger(run_dir, cfg, to_dict(cfg))
         for rnd in tqdm(range(start, cfg.num_rounds), desc="rlfh offline-dpo", unit="round", disable=not cfg.logging.progress):
             t0 = time.perf_counter()
-            metrics = train(batch, cfg.learner.epochs_per_round)
-            metrics.update({"round": rnd, "policy_version": learner.policy_version, **stats,
+            metrics = learner.train(batch, cfg.learner.epochs_per_round)
+            metrics.update({"round": rnd, "policy_version": learner.policy_version(), **stats,
                             "time/learner_s": time.perf_counter() - t0})
             if (rnd + 1) % cfg.logging.checkpoint_every == 0 or rnd + 1 == cfg.num_rounds:
-                path = learner.save_checkpoint(checkpoint_dir(run_dir, rnd + 1), {"round": rnd + 1})
+                path = checkpoint_dir(run_dir, rnd + 1)
+                learner.save_checkpoint(str(path), {"round": rnd + 1})
                 mark_latest(run_dir, path)
             logger.log(metrics, step=rnd)
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+        learner.shutdown()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
     return run_dir

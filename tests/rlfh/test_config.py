@@ -124,3 +124,18 @@ def test_cli_prints_effective_config():
     r = subprocess.run([sys.executable, "-m", "rlfh.cli", "config", str(REPO / "configs" / "tiny.yaml"), "run_dir=/tmp/r"],
                        capture_output=True, text=True, check=True)
     assert yaml.safe_load(r.stdout)["run_dir"] == "/tmp/r"
+
+
+def test_learner_ranks_colocation_and_sync_bucket_rules_name_their_keys():
+    (p,) = problems_of({"resources": {"num_learner_gpus": 4, "num_learner_ranks": 2}})
+    assert "resources.num_learner_ranks=2" in p and "one rank per GPU" in p
+    (p,) = problems_of({"resources": {"sync_bucket_mb": 0}})
+    assert "resources.sync_bucket_mb=0" in p
+    problems = problems_of({"resources": {"colocate": True, "num_rollout_actors": 2, "placement": "PACK"},
+                            "rollout": {"max_staleness": 1, "prompts_per_round": 2}})
+    assert any("resources.colocate=true" in q and "num_rollout_actors=1" in q for q in problems)
+    assert any("rollout.max_staleness=0" in q for q in problems)
+    assert any("resources.placement=none" in q for q in problems)
+    # learner ranks divide the optimizer step: 3 ranks cannot split a batch of 2
+    (p,) = problems_of({"resources": {"num_learner_ranks": 3}})
+    assert "learner ranks (3)" in p
