@@ -150,7 +150,7 @@ class ResourcesConfig:
     # Custom Ray resources each role asks for, to pin it to nodes started with e.g.
     # `ray start --resources='{"rollout": 8}'`; {} lets Ray place it on any node.
     rollout_actor_resources: dict[str, float] = field(default_factory=dict)  # per rollout actor
-    learner_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources of the learner
+    learner_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources of each learner rank
     reward_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources of the reward actor
 
 
