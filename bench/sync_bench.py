@@ -8,9 +8,12 @@ Two Ray actors on this machine: a *learner side* holding a seeded SDXL-architect
 turns its state dict into buckets with ``rlfh.weight_sync.iter_state_buckets`` and puts each in the
 object store (what ``LearnerActor.weight_buckets`` does), and a *rollout side* holding a UNet of the
 same architecture with other weights, which streams the buckets into it with ``Sampler.load_full``
-(what ``RolloutActor.load_weights`` does). Each side samples its own RSS every 2 ms; the figures are
-the peak above the RSS before the sync (what the sync itself costs in host memory) and the wall
-time of each side. ``bucket_mb = inf`` is one object with the whole state dict, the pre-bucketing
+(what ``RolloutActor.load_weights`` does). Each side samples its private resident memory every 2 ms
+(RSS minus shared pages: object-store pages a process writes or maps count as shared, they are one
+copy on the node whatever the number of readers); the figures are the peak above the value before
+the sync (what the sync itself costs each process) and the wall time of each side. The object
+store holds the whole state dict once while a sync runs, in both modes (``store_bytes``). Every measurement gets two fresh actors: memory a process freed stays in its
+allocator and would hide the next sync's peak. ``bucket_mb = inf`` is one object with the whole state dict, the pre-bucketing
 behaviour. After every sync the rollout side's weights must equal the learner side's (sha256).
 """
 
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +53,33 @@ def digest(unet) -> str:
     return h.hexdigest()
 
 
+def private_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        fields = f.read().split()
+    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakPrivate:
+    """Peak private resident memory of a block, sampled every 2 ms; ``delta`` above the entry value."""
+
+    def __enter__(self):
+        self.base = self.peak = private_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, private_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, private_bytes())
+        self.delta = self.peak - self.base
+
+
 @ray.remote(num_cpus=0.5)
 class LearnerSide:
     def __init__(self, width, dtype):
@@ -63,9 +95,9 @@ class LearnerSide:
         from rlfh.weight_sync import iter_state_buckets
 
         t0 = time.perf_counter()
-        with common.PeakMemory(torch.device("cpu")) as mem:
+        with PeakPrivate() as mem:
             refs = [ray.put(b) for b in iter_state_buckets(self.unet.state_dict(), bucket_bytes)]
-        return refs, time.perf_counter() - t0, mem.result()
+        return refs, time.perf_counter() - t0, mem.delta
 
 
 @ray.remote(num_cpus=0.5)
@@ -80,17 +112,17 @@ class RolloutSide:
 
     def load(self, refs, version):
         t0 = time.perf_counter()
-        with common.PeakMemory(torch.device("cpu")) as mem:
+        with PeakPrivate() as mem:
             self.sampler.load_full((ray.get(r) for r in refs), version)  # as RolloutActor.load_weights
-        return time.perf_counter() - t0, mem.result(), digest(self.sampler.pipe.unet)
+        return time.perf_counter() - t0, mem.delta, digest(self.sampler.pipe.unet)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=float, default=0.5, help="fraction of SDXL's channel widths (1.0 = the real UNet)")
     ap.add_argument("--dtype", default="bfloat16", choices=list(common.DTYPES))
-    ap.add_argument("--bucket-mb", type=float, nargs="+", default=[math.inf, 512, 128, 32])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--bucket-mb", type=float, nargs="+", default=[math.inf, 512, 128, 32, 8])
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
@@ -100,33 +132,39 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=int(6e9),
              runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "0"}})
     try:
-        learner, rollout = LearnerSide.remote(args.width, args.dtype), RolloutSide.remote(args.width, args.dtype)
-        info = ray.get(learner.info.remote())
-        print(f"[sync] UNet: {info['params'] / 1e6:.0f} M params, {info['bytes'] / 2**20:.0f} MiB ({args.dtype})")
+        info = None
         rows = []
         version = 0
         for rep in range(args.repeats):
             for mb in args.bucket_mb:  # alternate the sizes, so load drift falls on all of them
+                learner, rollout = LearnerSide.remote(args.width, args.dtype), RolloutSide.remote(args.width, args.dtype)
+                if info is None:
+                    info = ray.get(learner.info.remote())
+                    print(f"[sync] UNet: {info['params'] / 1e6:.0f} M params, {info['bytes'] / 2**20:.0f} MiB ({args.dtype})")
+                ray.get([learner.__ray_ready__.remote(), rollout.__ray_ready__.remote()])
                 version += 1
                 t0 = time.perf_counter()
                 refs, put_s, put_mem = ray.get(learner.buckets.remote(int(min(mb, 1e15) * 2**20)))
                 load_s, load_mem, sha = ray.get(rollout.load.remote(refs, version))
                 total = time.perf_counter() - t0
+                n_buckets = len(refs)
                 del refs
+                ray.kill(learner)
+                ray.kill(rollout)
                 if sha != info["sha256"]:
                     raise RuntimeError(f"bucket_mb={mb}: the rollout side's weights differ from the learner's")
-                rows.append({"bucket_mb": mb, "repeat": rep, "buckets": None, "total_s": total, "learner_s": put_s,
-                             "rollout_s": load_s, "learner_peak_delta_bytes": put_mem["peak_delta_bytes"],
-                             "rollout_peak_delta_bytes": load_mem["peak_delta_bytes"]})
-                print(f"[sync] bucket {mb} MB: {total:.2f} s, learner +{put_mem['peak_delta_bytes'] / 2**20:.0f} MiB, "
-                      f"rollout +{load_mem['peak_delta_bytes'] / 2**20:.0f} MiB")
+                rows.append({"bucket_mb": mb, "repeat": rep, "buckets": n_buckets, "total_s": total, "learner_s": put_s,
+                             "rollout_s": load_s, "learner_peak_delta_bytes": put_mem,
+                             "rollout_peak_delta_bytes": load_mem, "store_bytes": info["bytes"]})
+                print(f"[sync] bucket {mb} MB ({n_buckets} buckets): {total:.2f} s, learner +{put_mem / 2**20:.0f} MiB, "
+                      f"rollout +{load_mem / 2**20:.0f} MiB private")
         import statistics
 
         per_size = {}
         for mb in args.bucket_mb:
             rs = [r for r in rows if r["bucket_mb"] == mb]
             per_size[str(mb)] = {k: statistics.median(r[k] for r in rs) for k in
-                                 ("total_s", "learner_s", "rollout_s", "learner_peak_delta_bytes", "rollout_peak_delta_bytes")}
+                                 ("buckets", "total_s", "learner_s", "rollout_s", "learner_peak_delta_bytes", "rollout_peak_delta_bytes")}
         one = per_size[str(args.bucket_mb[0])]
         headline = {mb: {"time_ratio_vs_one_object": v["total_s"] / one["total_s"],
                          "rollout_peak_ratio_vs_one_object": v["rollout_peak_delta_bytes"] / max(one["rollout_peak_delta_bytes"], 1),
