@@ -11,7 +11,8 @@ second UNet. What differs between the phases is what else must sit on the device
 the CUDA cache, so the peak is the larger of the two phases, not their sum. The optimizer states go
 through DeepSpeed's ``offload_states`` / ``reload_states`` (ZeRO 1-3); with ZeRO-0 they are the
 wrapped torch optimizer's tensors, moved directly. With ``learner.offload_optimizer`` they live on
-the CPU anyway. On a CPU-only machine the handover has nothing to move.
+the CPU anyway. On a CPU-only machine the same calls run and move nothing (which is how the tests
+check that a handover leaves training exactly as it was).
 """
 
 from __future__ import annotations
@@ -40,36 +41,37 @@ class Handover:
         if self.device.type == "cuda":
             learner.vae.to("cpu")  # the first phase after set-up may be either; start lean
 
-    def _optimizer_to(self, where: str) -> None:
+    def _optimizer_states(self, offload: bool) -> None:
         lc, engine = self.learner.cfg.learner, self.learner.engine
         if lc.offload_optimizer:
             return  # ZeRO-Offload: the states never leave the CPU
         if lc.zero_stage >= 1:
-            if where == "cpu":
-                engine.offload_states(pin_memory=True)
+            if offload:
+                engine.offload_states(pin_memory=self.device.type == "cuda")
             else:
                 engine.reload_states()
         else:
             inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-            move_optimizer_state(inner, "cpu" if where == "cpu" else self.device)
+            move_optimizer_state(inner, "cpu" if offload else self.device)
+
+    def _empty_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def to_sampling(self) -> None:
         if self.phase == "sampling":
             return
         self.learner.unet.eval()
-        if self.device.type == "cuda":
-            self.learner.engine.optimizer.zero_grad(set_to_none=True)  # no gradients survive a step
-            self._optimizer_to("cpu")
-            torch.cuda.empty_cache()
-            self.learner.vae.to(self.device)
+        self._optimizer_states(offload=True)
+        self._empty_cache()
+        self.learner.vae.to(self.device)
         self.phase = "sampling"
 
     def to_training(self) -> None:
         if self.phase == "training":
             return
-        if self.device.type == "cuda":
-            self.learner.vae.to("cpu")
-            torch.cuda.empty_cache()
-            self._optimizer_to(self.device.type)
+        self.learner.vae.to("cpu")
+        self._empty_cache()
+        self._optimizer_states(offload=False)
         self.learner.unet.train()
         self.phase = "training"
