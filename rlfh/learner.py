@@ -352,55 +352,11 @@ class DPOLearner:
             _tensor(pairs.latents_w, idx, dev), _tensor(pairs.latents_l, idx, dev), [pairs.prompts[i] for i in idx],
             self._masks(pairs.masks_w, idx), self._masks(pairs.masks_l, idx), d[0][sl], d[1][sl]))
 
-    def _ddpo_step(self, idx: list[int], tb: TrajectoryBatch, order: list[int], first: bool) -> dict[str, float]:
-        """One micro-batch of trajectories: a DDPO clipped-ratio loss per trained timestep."""
-        from rlfh.losses.ddpo import ddpo_clipped_loss
-        from rollouts.ddim_logprob import scheduler_step_with_logprob
-        from rollouts.sampler import guided_eps, sdxl_conditioning
-
-        s = tb.settings
-        prompts = [tb.prompts[i] for i in idx]
-        pos, added = sdxl_conditioning(self.pipe, prompts, s.height, s.width, self.device,
-                                       s.negative_prompt if s.guidance_scale > 1.0 else None)
-        pooled, time_ids = added["text_embeds"], added["time_ids"]
-        dtype = self.unet.dtype
-        lat = _tensor(tb.latents, idx, self.device)  # (B, T+1, 4, h, w)
-        old = _tensor(tb.log_probs, idx, self.device)  # (B, T)
-        adv = _tensor(tb.advantages, idx, self.device)  # (B,)
-        metrics: list[dict[str, float]] = []
-        for j in order:
-            t = int(tb.timesteps[j])
-            eps = guided_eps(self._forward, self.ddim, lat[:, j].to(dtype), t, pos.to(dtype), pooled.to(dtype),
-                             time_ids.to(dtype), s.guidance_scale)
-            step = scheduler_step_with_logprob(self.ddim, eps.float(), t, lat[:, j], eta=s.eta, prev_sample=lat[:, j + 1])
-            out = ddpo_clipped_loss(step.log_prob, old[:, j], adv, self.cfg.learner.ddpo_clip_range)
-            m = {"loss/ddpo": float(out.loss.detach()), "ddpo/approx_kl": float(out.approx_kl),
-                 "ddpo/clipfrac": float(out.clipfrac), "ddpo/ratio": float(out.ratio_mean)}
-            if first:  # before any update of this round the policy is the sampler's: the ratio must be 1
-                m["ddpo/recorded_logprob_max_diff"] = float((step.log_prob.detach() - old[:, j]).abs().max())
-            self.engine.backward(out.loss)
-            self.engine.step()
-            metrics.append(m)
-        return {k: float(np.mean([m[k] for m in metrics if k in m])) for k in {k for m in metrics for k in m}}
-
     def train_on_trajectories(self, tb: TrajectoryBatch, epochs: int = 1) -> dict[str, float]:
-        """DDPO: clipped-ratio policy gradient over recorded trajectories (per-prompt advantages)."""
-        if self.cfg.learner.loss != "ddpo":
-            raise ValueError(f"learner.loss={self.cfg.learner.loss} does not train on trajectories")
-        k = ddpo_train_steps(self.cfg)
-        n_steps = tb.latents.shape[1] - 1
-        if n_steps != self.cfg.rollout.num_inference_steps:
-            raise ValueError(f"trajectories have {n_steps} steps, rollout.num_inference_steps is "
-                             f"{self.cfg.rollout.num_inference_steps}")
-        state = {"first": True}
+        """DDPO: clipped-ratio policy gradient over recorded trajectories (``rlfh.ddpo_step``)."""
+        from rlfh.ddpo_step import train_on_trajectories
 
-        def micro(idx, order, _):
-            out = self._ddpo_step(idx, tb, order, state["first"])
-            state["first"] = False
-            return out
-
-        # one timestep order per optimizer step, shared by its micro-batches (and ranks)
-        return self._run(len(tb), epochs, lambda _: torch.randperm(n_steps, generator=self.generator)[:k].tolist(), micro)
+        return train_on_trajectories(self, tb, epochs)
 
     def train_on_samples(self, samples: SampleBatch, epochs: int = 1) -> dict[str, float]:
         """RWR / filtered training on weighted samples; returns averaged metrics."""
