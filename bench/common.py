@@ -167,9 +167,13 @@ def summary(ts: list[float]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ memory
-def rss_bytes() -> int:
+def rss_bytes(private: bool = False) -> int:
+    """Resident memory of this process; ``private``: without shared pages (e.g. Ray object-store
+    pages the process wrote or mapped, one copy on the node however many processes read them)."""
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        fields = f.read().split()
+    pages = int(fields[1]) - (int(fields[2]) if private else 0)
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 class PeakMemory:
@@ -180,8 +184,8 @@ class PeakMemory:
     the RSS at entry (what the step itself allocates), ``peak_bytes`` the absolute peak.
     """
 
-    def __init__(self, device: torch.device):
-        self.device, self.peak, self.base = device, 0, 0
+    def __init__(self, device: torch.device, private: bool = False):
+        self.device, self.peak, self.base, self.private = device, 0, 0, private
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -189,7 +193,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            self.base = self.peak = rss_bytes()
+            self.base = self.peak = rss_bytes(self.private)
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -197,7 +201,7 @@ class PeakMemory:
 
     def _sample(self):
         while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, rss_bytes(self.private))
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
@@ -206,7 +210,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, rss_bytes(self.private))
 
     def result(self) -> dict[str, Any]:
         how = "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "sampled RSS (/proc/self/statm, 2 ms)"

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -53,33 +51,6 @@ def digest(unet) -> str:
     return h.hexdigest()
 
 
-def private_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        fields = f.read().split()
-    return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakPrivate:
-    """Peak private resident memory of a block, sampled every 2 ms; ``delta`` above the entry value."""
-
-    def __enter__(self):
-        self.base = self.peak = private_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, private_bytes())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, private_bytes())
-        self.delta = self.peak - self.base
-
-
 @ray.remote(num_cpus=0.5)
 class LearnerSide:
     def __init__(self, width, dtype):
@@ -95,9 +66,9 @@ class LearnerSide:
         from rlfh.weight_sync import iter_state_buckets
 
         t0 = time.perf_counter()
-        with PeakPrivate() as mem:
+        with common.PeakMemory(torch.device("cpu"), private=True) as mem:
             refs = [ray.put(b) for b in iter_state_buckets(self.unet.state_dict(), bucket_bytes)]
-        return refs, time.perf_counter() - t0, mem.delta
+        return refs, time.perf_counter() - t0, mem.result()["peak_delta_bytes"]
 
 
 @ray.remote(num_cpus=0.5)
@@ -112,9 +83,9 @@ class RolloutSide:
 
     def load(self, refs, version):
         t0 = time.perf_counter()
-        with PeakPrivate() as mem:
+        with common.PeakMemory(torch.device("cpu"), private=True) as mem:
             self.sampler.load_full((ray.get(r) for r in refs), version)  # as RolloutActor.load_weights
-        return time.perf_counter() - t0, mem.delta, digest(self.sampler.pipe.unet)
+        return time.perf_counter() - t0, mem.result()["peak_delta_bytes"], digest(self.sampler.pipe.unet)
 
 
 def main() -> None:

@@ -1,8 +1,9 @@
-"""One learner rank: a :class:`rlfh.learner.DPOLearner` (DeepSpeed engine) behind a Ray handle.
+"""One learner rank: a :class:`rlfh.learner.DPOLearner` (DeepSpeed engine), as a Ray actor
+(:data:`LearnerActor`) or in the calling process (offline DPO on one rank).
 
 Built in two calls, because the ranks of a data-parallel learner must meet: the actor starts empty,
-rank 0 names a rendezvous address (:meth:`LearnerActor.rendezvous`), then every rank runs
-:meth:`LearnerActor.setup` at the same time (``rlfh.learner_group`` drives this).
+rank 0 names a rendezvous address (:meth:`LearnerRank.rendezvous`), then every rank runs
+:meth:`LearnerRank.setup` at the same time (``rlfh.learner_group`` drives this).
 
 In colocated mode (``resources.colocate``) the same actor is also the run's only rollout actor: it
 samples with the learner's own pipeline and UNet, so there is no second UNet and no weight
@@ -14,15 +15,17 @@ from __future__ import annotations
 import ray
 
 
-@ray.remote
-class LearnerActor:
-    def __init__(self, num_threads: int = 1):
+class LearnerRank:
+    """Args: num_threads: torch threads of this process (None: leave as is)."""
+
+    def __init__(self, num_threads: int | None = 1):
         from rlfh.env import apply_env_defaults
 
         apply_env_defaults()
         import torch
 
-        torch.set_num_threads(max(num_threads, 1))
+        if num_threads is not None:
+            torch.set_num_threads(max(num_threads, 1))
         self.learner = None
         self.handover = None  # colocated mode only
 
@@ -115,3 +118,9 @@ class LearnerActor:
     def shares_unet(self) -> bool:
         """Whether sampler and learner hold one UNet (the point of colocated mode)."""
         return self.sampler.pipe.unet is self.learner.unet
+
+    def shutdown(self) -> None:
+        """Nothing to release in-process (the group's interface, for offline DPO on one rank)."""
+
+
+LearnerActor = ray.remote(LearnerRank)

@@ -83,32 +83,3 @@ class LearnerGroup:
         if self.placement_group is not None:
             ray.util.remove_placement_group(self.placement_group)
 
-
-class LocalLearner:
-    """A one-rank learner in this process, with :class:`LearnerGroup`'s interface (offline DPO
-    without Ray)."""
-
-    def __init__(self, cfg):
-        from rlfh.learner import DPOLearner
-
-        self.learner = DPOLearner(cfg)
-        self.world_size = 1
-
-    def train(self, batch, epochs: int) -> dict:
-        from rlfh.learner import PairBatch
-
-        if isinstance(batch, PairBatch):
-            return self.learner.train_on_pairs(batch, epochs)
-        return self.learner.train_on_samples(batch, epochs)
-
-    def policy_version(self) -> int:
-        return self.learner.policy_version
-
-    def save_checkpoint(self, path: str, extra_state: dict) -> str:
-        return str(self.learner.save_checkpoint(path, extra_state))
-
-    def load_checkpoint(self, path: str) -> dict:
-        return self.learner.load_checkpoint(path)
-
-    def shutdown(self) -> None:
-        pass

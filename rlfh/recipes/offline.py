@@ -70,7 +70,8 @@ def train_offline(cfg: Config) -> Path:
     from tqdm import tqdm
 
     from rlfh.checkpoints import checkpoint_dir, latest_checkpoint, mark_latest
-    from rlfh.learner_group import LearnerGroup, LocalLearner
+    from rlfh.learner_actor import LearnerRank
+    from rlfh.learner_group import LearnerGroup
     from rlfh.metrics import MetricsLogger, rollback_metrics
     from rlfh.recipes.online import setup_ray
 
@@ -83,7 +84,8 @@ def train_offline(cfg: Config) -> Path:
         started_ray = setup_ray(cfg)
         learner = LearnerGroup(cfg, max(int(cfg.resources.num_cpus_per_actor), 1))
     else:
-        learner = LocalLearner(cfg)
+        learner = LearnerRank(num_threads=None)
+        learner.setup(cfg)
     logger = None
     try:
         start = 0
