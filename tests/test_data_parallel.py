@@ -39,9 +39,11 @@ def lora_weights(group):
     return state
 
 
-@pytest.mark.parametrize("extra", [["learner.zero_stage=0"], ["learner.zero_stage=2"],
+# ZeRO-0 reduces gradients in the engine's backward, ZeRO-2 in per-parameter hooks (here under MPD's
+# per-region autograd passes); the online test below runs ZeRO-0 ranks end to end
+@pytest.mark.parametrize("extra", [["learner.zero_stage=0"],
                                    ["learner.zero_stage=2", "learner.regions=[global, face]", "learner.fairness.rule=mpd"]],
-                         ids=["zero0", "zero2", "zero2-mpd"])
+                         ids=["zero0", "zero2-mpd"])
 def test_two_ranks_update_like_one_rank_accumulating(ray_local, tiny_cfg, extra):
     from rlfh.learner_group import LearnerGroup
 
@@ -52,10 +54,11 @@ def test_two_ranks_update_like_one_rank_accumulating(ray_local, tiny_cfg, extra)
     two = LearnerGroup(tiny_cfg(*base, "resources.num_learner_ranks=2"))  # two ranks, one micro-batch each
     try:
         assert one.world_size == 1 and two.world_size == 2
+        w0 = lora_weights(one)  # the seeded LoRA init, the same in both
         m1, m2 = one.train(batch, 1), two.train(batch, 1)
         assert m1["learner/steps"] == m2["learner/steps"] == 2
         w1, w2 = lora_weights(one), lora_weights(two)
-        moved = max((w1[k] - w0).abs().max().item() for k, w0 in lora_weights_at_init(tiny_cfg(*base)).items())
+        moved = max((w1[k] - w0[k]).abs().max().item() for k in w0)
         assert moved > 1e-4  # the update is not trivially zero
         # the gradients match up to summation order (allreduce vs accumulation); Adam's first steps
         # divide by |g|, which turns that rounding into up to ~1e-6 of a weight where g is near 0:
@@ -70,23 +73,6 @@ def test_two_ranks_update_like_one_rank_accumulating(ray_local, tiny_cfg, extra)
     finally:
         one.shutdown()
         two.shutdown()
-
-
-_INIT = {}
-
-
-def lora_weights_at_init(cfg):
-    """The seeded LoRA init (before any step), the same on every rank and run."""
-    key = (cfg.seed, cfg.learner.lora.rank)
-    if key not in _INIT:
-        from rlfh.learner_group import LearnerGroup
-
-        g = LearnerGroup(cfg)
-        try:
-            _INIT[key] = lora_weights(g)
-        finally:
-            g.shutdown()
-    return _INIT[key]
 
 
 def test_online_run_with_two_learner_ranks_checkpoints_and_resumes(ray_local, tiny_cfg):
