@@ -34,7 +34,6 @@ import dataclasses
 import json
 import logging
 import types
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -43,7 +42,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from rewards.base import RewardError, check_images
-from rewards.wire import Limits, RequestError, ServerConfig, check_finite, check_reward_names, image_result, parse_score_request
+from rewards.wire import RequestError, ServerConfig, check_finite, check_reward_names, image_result, parse_score_request
 
 logger = logging.getLogger("rlfh.reward_server")
 

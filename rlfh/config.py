@@ -202,145 +202,6 @@ class Config:
         return self.learner.train_batch_size // (self.learner.micro_batch_size_per_gpu * self.learner_world_size)
 
 
-def check_consistency(cfg: Config) -> list[str]:
-    """Cross-field rules: batch sizes that must divide, counts that must be positive."""
-    p: list[str] = []
-    r, lr_, res = cfg.rollout, cfg.learner, cfg.resources
-    for key, v in [
-        ("num_rounds", cfg.num_rounds),
-        ("rollout.prompts_per_round", r.prompts_per_round),
-        ("rollout.sample_batch_size_per_actor", r.sample_batch_size_per_actor),
-        ("rollout.num_inference_steps", r.num_inference_steps),
-        ("learner.train_batch_size", lr_.train_batch_size),
-        ("learner.micro_batch_size_per_gpu", lr_.micro_batch_size_per_gpu),
-        ("learner.epochs_per_round", lr_.epochs_per_round),
-        ("learner.lora.rank", lr_.lora.rank),
-        ("resources.num_rollout_actors", res.num_rollout_actors),
-    ]:
-        if v < 1:
-            p.append(f"{key}={v}: must be >= 1")
-    if res.num_learner_ranks is not None:
-        if res.num_learner_ranks < 1:
-            p.append(f"resources.num_learner_ranks={res.num_learner_ranks}: must be >= 1")
-        elif res.num_learner_gpus and res.num_learner_ranks != res.num_learner_gpus:
-            p.append(f"resources.num_learner_ranks={res.num_learner_ranks} with num_learner_gpus={res.num_learner_gpus}: "
-                     f"the learner runs one rank per GPU; leave num_learner_ranks unset")
-    if res.sync_bucket_mb <= 0:
-        p.append(f"resources.sync_bucket_mb={res.sync_bucket_mb}: must be > 0")
-    if res.colocate:
-        if res.num_rollout_actors != 1 or cfg.learner_world_size != 1:
-            p.append(f"resources.colocate=true runs rollout and learner in one process on one device: set "
-                     f"resources.num_rollout_actors=1 and one learner rank (got {res.num_rollout_actors} and "
-                     f"{cfg.learner_world_size})")
-        if r.max_staleness:
-            p.append("resources.colocate=true alternates sampling and training on one device: set rollout.max_staleness=0")
-        if res.placement != "none":
-            p.append("resources.colocate=true has no rollout fleet to place: set resources.placement=none")
-    if r.rollouts_per_prompt < 2:
-        p.append(f"rollout.rollouts_per_prompt={r.rollouts_per_prompt}: DPO pairs need >= 2 samples per prompt; set it to 2 or more")
-    for key, v in [("rollout.height", r.height), ("rollout.width", r.width)]:
-        if v < 8 or v % 8:
-            p.append(f"{key}={v}: must be a positive multiple of 8 (the VAE downsamples by 8)")
-    if r.samples_per_round % max(res.num_rollout_actors, 1):
-        p.append(
-            f"rollout.prompts_per_round * rollout.rollouts_per_prompt = {r.samples_per_round} samples per round "
-            f"is not divisible by resources.num_rollout_actors={res.num_rollout_actors}; change one so each actor gets the same share"
-        )
-    else:
-        share = r.samples_per_round // max(res.num_rollout_actors, 1)
-        if share % max(r.sample_batch_size_per_actor, 1):
-            p.append(
-                f"rollout.sample_batch_size_per_actor={r.sample_batch_size_per_actor} does not divide each actor's "
-                f"{share} samples per round; use a divisor of {share}"
-            )
-    per_step = lr_.micro_batch_size_per_gpu * cfg.learner_world_size
-    if lr_.train_batch_size % max(per_step, 1):
-        p.append(
-            f"learner.train_batch_size={lr_.train_batch_size} must be a multiple of learner.micro_batch_size_per_gpu "
-            f"({lr_.micro_batch_size_per_gpu}) x learner ranks ({cfg.learner_world_size}) = {per_step}"
-        )
-    pairwise = lr_.loss.startswith("dpo")  # dpo, dpo_hinge, dpo_ipo (not ddpo)
-    if not pairwise and lr_.train_batch_size > r.samples_per_round:
-        p.append(f"learner.train_batch_size={lr_.train_batch_size} exceeds the {r.samples_per_round} samples a round yields")
-    if cfg.rollouts is None and pairwise and lr_.pair_strategy == "best_worst" and lr_.train_batch_size > r.prompts_per_round:
-        p.append(
-            f"learner.train_batch_size={lr_.train_batch_size} exceeds the {r.prompts_per_round} pairs a round yields "
-            f"(rollout.prompts_per_round with pair_strategy=best_worst); lower it or raise rollout.prompts_per_round"
-        )
-    for key in ("rollout_actor_resources", "learner_resources", "reward_resources"):
-        for name, amount in getattr(res, key).items():
-            if name in ("CPU", "GPU", "memory", "object_store_memory"):
-                p.append(f"resources.{key}.{name}: Ray sets this through num_cpus/num_gpus; use "
-                         f"resources.num_cpus_per_actor / gpus_per_rollout_actor / num_learner_gpus instead")
-            elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
-                p.append(f"resources.{key}.{name}={amount!r}: must be a number > 0 (the amount of the custom "
-                         f"resource `{name}` one actor takes, e.g. 1)")
-    if lr_.loss == "ddpo":
-        if r.scheduler != "ddim" or r.eta <= 0:
-            p.append(f"learner.loss=ddpo needs a stochastic DDIM sampler with log-probs: set rollout.scheduler=ddim and "
-                     f"rollout.eta > 0 (1.0 in DDPO); got scheduler={r.scheduler}, eta={r.eta}")
-        if cfg.rollouts is not None:
-            p.append("learner.loss=ddpo is on-policy: it cannot train from a logged rollout log (rollouts=...)")
-        if r.max_staleness:
-            p.append("learner.loss=ddpo is on-policy: set rollout.max_staleness=0")
-        if list(lr_.regions) != ["global"]:
-            p.append(f"learner.loss=ddpo trains the whole-image policy: learner.regions must be [global], got {lr_.regions}")
-        if not 0 < lr_.ddpo_timestep_fraction <= 1:
-            p.append(f"learner.ddpo_timestep_fraction={lr_.ddpo_timestep_fraction}: must be in (0, 1]")
-    hg = lr_.hgdpo
-    if hg.real_images is not None:
-        if not pairwise:
-            p.append(f"learner.hgdpo.real_images needs a DPO loss; learner.loss={lr_.loss}")
-        rounds = [st.until_round for st in hg.stages]
-        if not hg.stages or rounds != sorted(set(rounds)) or rounds[0] < 1:
-            p.append(f"learner.hgdpo.stages: until_round values {rounds} must be >= 1 and strictly increasing")
-        for i, st in enumerate(hg.stages):
-            if not 0.0 <= st.real_winner_fraction <= 1.0:
-                p.append(f"learner.hgdpo.stages[{i}].real_winner_fraction={st.real_winner_fraction}: must be in [0, 1]")
-    if lr_.offload_optimizer and lr_.zero_stage == 0:
-        p.append("learner.offload_optimizer=true needs learner.zero_stage >= 1 (ZeRO-Offload)")
-    if lr_.offload_params and lr_.zero_stage != 3:
-        p.append("learner.offload_params=true needs learner.zero_stage=3")
-    if lr_.ema_decay is not None and not 0 < lr_.ema_decay < 1:
-        p.append(f"learner.ema_decay={lr_.ema_decay}: must be in (0, 1)")
-    g = cfg.guards
-    if g.every < 0 or g.seeds_per_prompt < 1:
-        p.append(f"guards.every={g.every} must be >= 0 and guards.seeds_per_prompt={g.seeds_per_prompt} >= 1")
-    if g.every and not g.heldout_prompts:
-        p.append("guards.every > 0 needs guards.heldout_prompts (prompts the run never trains on)")
-    if g.max_heldout_drop is not None and not g.every:
-        p.append("guards.max_heldout_drop needs guards.every > 0 (held-out evaluations to compare)")
-    if lr_.beta <= 0:
-        p.append(f"learner.beta={lr_.beta}: must be > 0")
-    if not lr_.regions or len(set(lr_.regions)) != len(lr_.regions):
-        p.append(f"learner.regions={lr_.regions}: give distinct region names, e.g. [global, face, hand]")
-    if lr_.region_scale <= 0:
-        p.append(f"learner.region_scale={lr_.region_scale}: must be > 0")
-    if lr_.fairness.alpha <= 0:
-        p.append(f"learner.fairness.alpha={lr_.fairness.alpha}: must be > 0")
-    unknown = sorted(set(lr_.fairness.weights) - set(lr_.regions))
-    if unknown:
-        p.append(f"learner.fairness.weights: regions {unknown} are not in learner.regions={lr_.regions}")
-    if len(lr_.regions) > 1 and lr_.fairness.rule in ("mpd", "mgda") and lr_.zero_stage == 3:
-        p.append(
-            f"learner.fairness.rule={lr_.fairness.rule} needs whole per-region gradients, which ZeRO-3 partitions; "
-            f"use learner.zero_stage <= 2 or learner.fairness.rule=sum/equal"
-        )
-    if not 0 < lr_.filter_top_fraction <= 1:
-        p.append(f"learner.filter_top_fraction={lr_.filter_top_fraction}: must be in (0, 1]")
-    if not r.prompts and not r.prompt_file:
-        p.append("rollout.prompts is empty and rollout.prompt_file is not set: give at least one prompt")
-    if not cfg.rewards:
-        p.append("rewards: give at least one reward (e.g. `- target: jpeg_compressibility`)")
-    for i, e in enumerate([*cfg.rewards, *cfg.guards.heldout_rewards]):
-        if e.name is None and ":" in e.target:
-            p.append(f"rewards[{i}] target={e.target!r}: a module:callable reward needs `name:` (its key in metrics and logs)")
-    names = [e.name or e.target for e in cfg.rewards]
-    for n in sorted({n for n in names if names.count(n) > 1}):
-        p.append(f"rewards: name {n!r} is used twice; give each entry a distinct `name:`")
-    return p
-
-
 # --------------------------------------------------------------------------------------------
 # Loading: dict -> dataclasses with every problem collected
 # --------------------------------------------------------------------------------------------
@@ -488,6 +349,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         data = dict(data, guards=dict(guards, heldout_rewards=shorthand(guards["heldout_rewards"])))
     cfg = _build(Config, data, "", problems)
     if cfg is not None:
+        from rlfh.config_rules import check_consistency
+
         problems.extend(check_consistency(cfg))
     if problems:
         raise ConfigError(problems, source)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -55,10 +57,8 @@ def build_pairs(
     return pairs
 
 
-def region_mask_arrays(regions: Sequence[dict], names: Sequence[str], image_hw: tuple[int, int]) -> dict[str, "np.ndarray"]:
+def region_mask_arrays(regions: Sequence[dict], names: Sequence[str], image_hw: tuple[int, int]) -> dict[str, np.ndarray]:
     """Latent-size masks {region: (N, 1, h, w)} for the non-global regions in ``names``."""
-    import numpy as np
-
     local = [n for n in names if n != "global"]
     if not local:
         return {}
@@ -75,8 +75,6 @@ def sample_weights(scores: Sequence[float | None], loss: str, rwr_beta: float, t
     ``rwr``: softmax(beta r) over the scored samples, times their count (mean weight 1).
     ``filtered``: 1[r >= threshold], the threshold defaulting to the top ``top_fraction`` quantile.
     """
-    import numpy as np
-
     valid = np.array([s is not None for s in scores])
     r = np.array([s if s is not None else 0.0 for s in scores], dtype=np.float64)
     w = np.zeros(len(scores))
@@ -103,8 +101,6 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
     Returns:
         (batch, stats) with stats a flat dict of floats for metrics.
     """
-    import numpy as np
-
     from rlfh.learner import PairBatch, SampleBatch, TrajectoryBatch
 
     if learner_cfg.loss == "ddpo":

@@ -144,7 +144,8 @@ def train(cfg: Config) -> Path:
         record = cfg.learner.loss == "ddpo"  # policy-gradient losses need the trajectories
         hg, real_source = cfg.learner.hgdpo, None
         if hg.real_images:
-            from rlfh.hgdpo import Curriculum, RealImageSource, load_vae, mix_real_winners, prompts_for_losers
+            from rlfh.hgdpo import Curriculum, mix_real_winners, prompts_for_losers
+            from rlfh.real_images import RealImageSource, load_vae
 
             curriculum = Curriculum([dataclasses.asdict(s) for s in hg.stages], hg.interpolate)
             real_source = RealImageSource(hg.real_images, rc.height, rc.width, cache_dir=run_dir,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.hgdpo import (Curriculum, RealImageSource, mix_real_winners, prepare_image, prompts_for_losers,
-                        real_pair_count)
+from rlfh.hgdpo import Curriculum, mix_real_winners, prompts_for_losers, real_pair_count
+from rlfh.real_images import RealImageSource, prepare_image
 from rlfh.learner import PairBatch
 
 CAPTIONS = {"astronaut.jpg": "a portrait of a woman in a space suit",
@@ -35,7 +35,7 @@ def write_photos(root):
 @pytest.fixture(scope="module")
 def vae(tiny_model_dir):
     from rlfh.config import ModelConfig
-    from rlfh.hgdpo import load_vae
+    from rlfh.real_images import load_vae
     from rlfh.models import load_pipeline
 
     alone = load_vae(ModelConfig(path=tiny_model_dir))
