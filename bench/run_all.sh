@@ -4,7 +4,7 @@
 #   bash bench/run_all.sh            # GPU: SDXL-arch (random weights) 1024 px -> gpu_*.json
 #                                    # CPU: tiny model 64 px + the Ray round split -> cpu_tiny_*.json
 #   bash bench/run_all.sh --smoke    # seconds per script, every code path, results in a temp dir
-#   bash bench/run_all.sh --only rollout|compile|learner|round|summary   # one stage (the device tool's
+#   bash bench/run_all.sh --only rollout|compile|learner|round|colocate|summary   # one stage (the device tool's
 #                                    # 10-minute command limit: one stage per call on GPU, see NOTES.md)
 #   OUT_DIR=/some/dir PYTHON=python3 bash bench/run_all.sh   # elsewhere / another interpreter
 set -euo pipefail
@@ -32,5 +32,11 @@ want rollout && $PY bench/rollout_bench.py $SMOKE --profile --no-compile --out-d
 want learner && $PY bench/learner_bench.py $SMOKE --profile --out-dir "$OUT_DIR"
 # the Ray round split is a CPU/tiny measurement (a GPU loop needs a multi-GPU config and Ray there)
 [[ "$GPU" == "0" ]] && want round && $PY bench/round_bench.py $SMOKE --out-dir "$OUT_DIR"
+# one device for rollout and learner: colocated (one UNet + handover) vs separate (two UNets), no Ray
+if [[ "$GPU" == "1" ]]; then
+  want colocate && $PY bench/colocate_bench.py $SMOKE --model sdxl-arch --out-dir "$OUT_DIR"
+else
+  want colocate && $PY bench/colocate_bench.py $SMOKE --out-dir "$OUT_DIR"
+fi
 want summary && $PY bench/summarize.py --dir "$OUT_DIR" ${SMOKE:+--prefix smoke_}
 echo "[run_all] done"

@@ -32,10 +32,18 @@ def move_optimizer_state(optimizer: torch.optim.Optimizer, device) -> int:
 
 
 class Handover:
-    """Puts the learner's device in sampling or training shape (idempotent per phase)."""
+    """Puts the learner's device in sampling or training shape (idempotent per phase).
 
-    def __init__(self, learner):
+    Args:
+        offload_optimizer: move the optimizer states off the device while sampling. Default: for
+            full-UNet training only. A LoRA adapter's states are a few hundred MB on SDXL, and
+            DeepSpeed's ``offload_states`` runs three ``gc.collect()`` passes (0.8 s per handover
+            on the 2-core CI machine, bench/colocate_bench.py), more than moving them saves.
+    """
+
+    def __init__(self, learner, offload_optimizer: bool | None = None):
         self.learner = learner
+        self.offload_optimizer = learner.ref_unet is not None if offload_optimizer is None else offload_optimizer
         self.phase = "training"
         self.device = learner.device
         if self.device.type == "cuda":
@@ -43,8 +51,8 @@ class Handover:
 
     def _optimizer_states(self, offload: bool) -> None:
         lc, engine = self.learner.cfg.learner, self.learner.engine
-        if lc.offload_optimizer:
-            return  # ZeRO-Offload: the states never leave the CPU
+        if lc.offload_optimizer or not self.offload_optimizer:
+            return  # ZeRO-Offload: the states never leave the CPU; or not worth moving
         if lc.zero_stage >= 1:
             if offload:
                 engine.offload_states(pin_memory=self.device.type == "cuda")

@@ -21,7 +21,7 @@ def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.zero_stage={stage}",
                                                        "learner.lr=1e-3"])
     plain, handed = DPOLearner(cfg), DPOLearner(cfg, keep_vae=True)
-    handover = Handover(handed)
+    handover = Handover(handed, offload_optimizer=True)  # the full-UNet path, on a LoRA learner
     for rnd in range(2):
         plain.train_on_pairs(batch(rnd), 1)
         handover.to_training()
@@ -34,3 +34,11 @@ def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage):
     handed.train_on_pairs(batch(2), 1)  # Adam moments came back intact: same update as never moved
     a, b = plain.lora_state_dict(), handed.lora_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_optimizer_states_move_only_for_full_unet_training_by_default(tiny_model_dir):
+    from rlfh.colocate import Handover
+    from rlfh.config import load_config
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}"])
+    assert not Handover(DPOLearner(cfg, keep_vae=True)).offload_optimizer
