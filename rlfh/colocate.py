@@ -4,11 +4,13 @@ One process holds one SDXL pipeline: the learner's. Sampling uses the learner's 
 adapter on, or the fully trained weights), so the weight sync is a version bump and there is no
 second UNet. What differs between the phases is what else must sit on the device:
 
-    sampling: UNet, text encoders, VAE (decoding)        optimizer states not needed
-    training: UNet, text encoders, gradients, optimizer states   VAE not needed
+    sampling: UNet, text encoders, VAE (decoding)        optimizer states, reference UNet not needed
+    training: UNet, text encoders, gradients, optimizer states, reference UNet (full fine-tuning)
+              VAE not needed
 
-:class:`Handover` moves the VAE and the optimizer states across at each phase change and empties
-the CUDA cache, so the peak is the larger of the two phases, not their sum. The optimizer states go
+:class:`Handover` moves the VAE, the frozen reference UNet of full fine-tuning and the optimizer
+states across at each phase change and empties the CUDA cache, so the peak is the larger of the two
+phases, not their sum. The optimizer states go
 through DeepSpeed's ``offload_states`` / ``reload_states`` (ZeRO 1-3); with ZeRO-0 they are the
 wrapped torch optimizer's tensors, moved directly. With ``learner.offload_optimizer`` they live on
 the CPU anyway. On a CPU-only machine the same calls run and move nothing (which is how the tests
@@ -71,6 +73,8 @@ class Handover:
             return
         self.learner.unet.eval()
         self._optimizer_states(offload=True)
+        if self.learner.ref_unet is not None:
+            self.learner.ref_unet.to("cpu")
         self._empty_cache()
         self.learner.vae.to(self.device)
         self.phase = "sampling"
@@ -80,6 +84,8 @@ class Handover:
             return
         self.learner.vae.to("cpu")
         self._empty_cache()
+        if self.learner.ref_unet is not None:
+            self.learner.ref_unet.to(self.device)
         self._optimizer_states(offload=False)
         self.learner.unet.train()
         self.phase = "training"

@@ -13,13 +13,13 @@ def batch(seed):
     return PairBatch(lat[0], lat[1], ["a photo of a person"] * 4)
 
 
-@pytest.mark.parametrize("stage", [0, 2])
-def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage):
+@pytest.mark.parametrize("stage,lora", [(0, True), (2, True), (2, False)], ids=["zero0", "zero2", "zero2-full"])
+def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage, lora):
     from rlfh.colocate import Handover
     from rlfh.config import load_config
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.zero_stage={stage}",
-                                                       "learner.lr=1e-3"])
+                                                       "learner.lr=1e-3", f"learner.lora.enabled={lora}"])
     plain, handed = DPOLearner(cfg), DPOLearner(cfg, keep_vae=True)
     handover = Handover(handed, offload_optimizer=True)  # the full-UNet path, on a LoRA learner
     for rnd in range(2):
@@ -32,8 +32,8 @@ def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage):
     handover.to_training()
     plain.train_on_pairs(batch(2), 1)
     handed.train_on_pairs(batch(2), 1)  # Adam moments came back intact: same update as never moved
-    a, b = plain.lora_state_dict(), handed.lora_state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = ([p for p in lrn.unet.parameters() if p.requires_grad] for lrn in (plain, handed))
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_optimizer_states_move_only_for_full_unet_training_by_default(tiny_model_dir):
