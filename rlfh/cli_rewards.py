@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import sys
+import threading
 from typing import Any
 
 # ServerConfig field -> (flag, type, help); flags left unset keep the config's value.
@@ -54,14 +55,19 @@ def server_config(cfg: Any, args: argparse.Namespace) -> Any:
     return ServerConfig(**values)
 
 
+_STOP = threading.Event()
+
+
 def _interrupt(signum: int, frame: Any) -> None:
+    # Remember the request: a Ctrl-C that lands inside Ray Serve's start-up is swallowed there,
+    # and the server must still stop once start-up returns.
+    _STOP.set()
     raise KeyboardInterrupt
 
 
 def cmd_serve_rewards(args: argparse.Namespace) -> int:
     """Start the reward server and block until Ctrl-C (or SIGTERM)."""
     import signal
-    import time
 
     from rewards.base import RewardError
     from rlfh.config import load_config
@@ -77,15 +83,20 @@ def cmd_serve_rewards(args: argparse.Namespace) -> int:
     from rewards.server import start_reward_server
 
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+    _STOP.clear()
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         start_reward_server(cfg.rewards, scfg, name=args.name)
         # SIGTERM (kill, a job scheduler) stops the server as cleanly as Ctrl-C does. Set after
         # ray.init, which installs its own SIGTERM handler (stack dump, exit without cleanup).
         signal.signal(signal.SIGTERM, _interrupt)
+        if _STOP.is_set():
+            raise KeyboardInterrupt
         print(f"[rlfh] reward server {args.name!r} ready at {scfg.url} (GET /health, POST /score); Ctrl-C stops it",
               flush=True)
-        while True:
-            time.sleep(1.0)
+        while not _STOP.wait(1.0):
+            pass
+        raise KeyboardInterrupt
     except KeyboardInterrupt:
         print("[rlfh] stopping the reward server", flush=True)
     except (RewardError, RuntimeError) as e:  # e.g. a reward that cannot be built fails the deployment

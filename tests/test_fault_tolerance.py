@@ -1,6 +1,6 @@
-"""The online system under stress: async rollouts within their staleness bound, a rollout actor
-killed mid-run (restarted, its share re-issued, no rollout lost or duplicated), and an unreachable
-reward server (the run fails with a clear error and trains on nothing)."""
+"""The online system under stress: async rollouts within their staleness bound, a rollout actor and
+the reward actor killed mid-run (restarted, their work re-issued, no rollout lost or duplicated),
+and an unreachable reward server (the run fails with a clear error and trains on nothing)."""
 
 from __future__ import annotations
 
@@ -60,8 +60,11 @@ def test_unreachable_reward_server_fails_clearly(tiny_model_dir, tmp_path):
     assert metric_rows(run_dir) == [] and not (run_dir / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("victim", ["RolloutActor", "RewardActor"])
-def test_killed_actor_is_restarted_without_losing_rollouts(tiny_model_dir, tmp_path, victim):
+# one run, two crashes: the rollout actor after round 0, the reward actor after round 2
+KILLS = (("RolloutActor", 1), ("RewardActor", 3))
+
+
+def test_killed_actors_are_restarted_without_losing_rollouts(tiny_model_dir, tmp_path):
     ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable)) or shutil.which("ray")
     ray_tmp = tempfile.mkdtemp(prefix="rlfh-ray-", dir="/tmp")
     port, dash = free_port(), free_port()
@@ -80,21 +83,23 @@ def test_killed_actor_is_restarted_without_losing_rollouts(tiny_model_dir, tmp_p
             time.sleep(1)
         driver = subprocess.Popen(
             [sys.executable, "-m", "rlfh.cli", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
-             f"model.path={tiny_model_dir}", "num_rounds=4", f"resources.ray_address={address}", *SMALL],
+             f"model.path={tiny_model_dir}", "num_rounds=6", f"resources.ray_address={address}", *SMALL],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        while time.time() < deadline + 180 and len(metric_rows(run_dir)) < 1:
-            assert driver.poll() is None, driver.stdout.read()[-3000:]
-            time.sleep(0.2)
         from ray.util.state import list_actors
 
         state_api = f"http://127.0.0.1:{dash}"
-        alive = list_actors(address=state_api, filters=[("class_name", "=", victim), ("state", "=", "ALIVE")])
-        assert len(alive) == 1
-        os.kill(alive[0].pid, signal.SIGKILL)  # the worker process crashes mid-run
+        for victim, rounds_done in KILLS:
+            while time.time() < deadline + 180 and len(metric_rows(run_dir)) < rounds_done:
+                assert driver.poll() is None, driver.stdout.read()[-3000:]
+                time.sleep(0.2)
+            alive = list_actors(address=state_api, filters=[("class_name", "=", victim), ("state", "=", "ALIVE")])
+            assert len(alive) == 1 and driver.poll() is None
+            os.kill(alive[0].pid, signal.SIGKILL)  # the worker process crashes mid-run
         out, _ = driver.communicate(timeout=300)
         assert driver.returncode == 0, out[-3000:]
-        (after,) = list_actors(address=state_api, filters=[("class_name", "=", victim)], detail=True)
-        assert after.num_restarts >= 1  # Ray restarted it and the run went on
+        for victim, _ in KILLS:
+            (after,) = list_actors(address=state_api, filters=[("class_name", "=", victim)], detail=True)
+            assert after.num_restarts >= 1  # Ray restarted it and the run went on
     finally:
         if driver is not None and driver.poll() is None:
             driver.kill()
@@ -106,11 +111,11 @@ def test_killed_actor_is_restarted_without_losing_rollouts(tiny_model_dir, tmp_p
         subprocess.run(["pkill", "-9", "-f", ray_tmp], capture_output=True)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     rows = metric_rows(run_dir)
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    if victim == "RolloutActor":  # a kill while idle is caught by the policy-version check, mid-call by the error
-        assert rows[-1]["rollout/actor_restarts"] >= 1 and "[rlfh] rollout actor 0 " in out
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    # a rollout actor killed while idle is caught by the policy-version check, mid-call by the error
+    assert rows[-1]["rollout/actor_restarts"] >= 1 and "[rlfh] rollout actor 0 " in out
     assert all(np.isfinite(r["loss/dpo"]) for r in rows)
-    assert_log_complete(run_dir, 4, 16)
+    assert_log_complete(run_dir, 6, 16)
 
 
 def test_guards_log_heldout_reward_and_stop_early(tiny_model_dir, tmp_path):

@@ -154,6 +154,14 @@ def test_serve_rewards_serves_until_sigint(files):
         assert image_result(batch, 0) == _expected(
             [{"target": "jpeg_compressibility"}, {"target": "jpeg_incompressibility", "name": "big", "weight": 0.5}],
             images[0])
+        # the proxy answers as soon as the replica is up, while serve-rewards may still be inside its
+        # start-up call: Ctrl-C is the user's once the CLI says so
+        while True:
+            log.seek(0)
+            if "Ctrl-C stops it" in log.read():
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "serve-rewards never said it was ready"
+            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         log.seek(0)
