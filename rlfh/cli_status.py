@@ -35,12 +35,16 @@ def _config_lines(cfg: dict[str, Any]) -> list[str]:
     regions = cfg["regions"] or []
     region_text = ", ".join(regions) + (f" ({cfg['fairness']})" if len(regions) > 1 and cfg["fairness"] else "")
     rewards = ", ".join(f"{r['name']} x{_num(r['weight'], 3)}" for r in cfg["rewards"]) or "-"
-    learner = f"{cfg['num_learner_gpus']} learner GPU(s)" if cfg["num_learner_gpus"] else "learner on CPU"
+    gpus, ranks = cfg["num_learner_gpus"], cfg.get("num_learner_ranks")
+    learner = f"learner on {gpus} GPU(s)" if gpus else "learner on CPU"
+    if (ranks or max(gpus or 0, 1)) > 1:
+        learner += f", {ranks or gpus} data-parallel ranks"
+    where = ("one colocated actor (rollout and learner share a device)" if cfg.get("colocate")
+             else f"{cfg['num_rollout_actors']} rollout actor(s)")
     return [
         f"config     model {cfg['model']} | loss {loss} | {adapter} | regions {region_text}",
         f"           rewards {rewards}",
-        f"           {cfg['samples_per_round']} samples/round on {cfg['num_rollout_actors']} rollout actor(s); "
-        f"{learner}",
+        f"           {cfg['samples_per_round']} samples/round on {where}; {learner}",
     ]
 
 

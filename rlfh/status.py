@@ -141,6 +141,8 @@ def config_summary(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
         "samples_per_round": ppr * rpp if isinstance(ppr, int) and isinstance(rpp, int) else None,
         "num_rollout_actors": get("resources.num_rollout_actors"),
         "num_learner_gpus": get("resources.num_learner_gpus"),
+        "num_learner_ranks": get("resources.num_learner_ranks"),
+        "colocate": get("resources.colocate"),
     }, notes
 
 

@@ -209,3 +209,17 @@ def test_cli_errors(tmp_path, capsys):
     (tmp_path / "config.yaml").write_text("{}\n")
     assert cli(["status", str(tmp_path), "--last", "0"]) == 2
     assert "last_n=0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides,line", [
+    ([], "on 1 rollout actor(s); learner on CPU"),
+    (["resources.num_learner_ranks=2", "learner.micro_batch_size_per_gpu=1"],
+     "learner on CPU, 2 data-parallel ranks"),
+    (["resources.num_learner_gpus=4", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=1",
+      "rollout.prompts_per_round=4"], "learner on 4 GPU(s), 4 data-parallel ranks"),
+    (["resources.colocate=true"], "on one colocated actor (rollout and learner share a device); learner on CPU"),
+])
+def test_status_names_the_learner_layout(run, overrides, line):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={run}", f"num_rounds={NUM_ROUNDS}", *overrides])
+    save_config(cfg, run / "config.yaml")
+    assert line in format_status(status_at(run, 1.0))
