@@ -41,6 +41,7 @@ SCHEMA = pa.schema(
         ("rollout_id", pa.string()),
         ("round", pa.int64()),
         ("policy_version", pa.int64()),
+        ("staleness", pa.int64()),  # learner's policy version when logged - policy_version (null: not online)
         ("model_id", pa.string()),
         ("prompt", pa.string()),
         ("negative_prompt", pa.string()),
@@ -100,8 +101,9 @@ def decode_latent(record: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(record["latent"], dtype=np.float32).reshape(record["latent_shape"])
 
 
-def make_records(batch, scored, round_index: int) -> list[dict[str, Any]]:
-    """Rows for a :class:`rollouts.types.RolloutBatch` and its :class:`rewards.composite.ScoredBatch`."""
+def make_records(batch, scored, round_index: int, staleness: int | None = None) -> list[dict[str, Any]]:
+    """Rows for a :class:`rollouts.types.RolloutBatch` and its :class:`rewards.composite.ScoredBatch`;
+    ``staleness``: how many policy versions the learner is ahead of the samples' policy."""
     now = time.time()
     rows = []
     s = batch.settings
@@ -112,6 +114,7 @@ def make_records(batch, scored, round_index: int) -> list[dict[str, Any]]:
                 "rollout_id": batch.rollout_ids[i],
                 "round": round_index,
                 "policy_version": batch.policy_version,
+                "staleness": staleness,
                 "model_id": batch.model_id,
                 "prompt": batch.prompts[i],
                 "negative_prompt": s.negative_prompt,
@@ -253,11 +256,17 @@ class RolloutLog:
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
         """All verified shards as one Arrow table (schema :data:`SCHEMA`)."""
         tables = []
+        want = list(columns) if columns is not None else SCHEMA.names
         for entry, path in self.verified_shards():
             try:
-                t = pq.read_table(path, columns=columns)
+                have = set(pq.read_schema(path).names)
+                t = pq.read_table(path, columns=[c for c in want if c in have])
             except Exception as e:  # pyarrow raises several types for bad files
                 raise RolloutLogError(f"{path}: not a readable Parquet file: {e}") from e
+            for c in want:  # a column added to the format later (``staleness``): null in older shards
+                if c not in have and c in SCHEMA.names:
+                    t = t.append_column(SCHEMA.field(c), pa.nulls(t.num_rows, SCHEMA.field(c).type))
+            t = t.select([c for c in want if c in t.column_names])
             if t.num_rows != entry["num_records"]:
                 raise RolloutLogError(f"{path}: {t.num_rows} records, manifest says {entry['num_records']}")
             tables.append(t)

@@ -46,6 +46,10 @@ def test_async_rollouts_stay_within_staleness_and_log_grids(tiny_model_dir, tmp_
     assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]  # round k+1 sampled while round k trained
     assert [r["rollout/sampled_policy_version"] for r in rows] == [0, 0, 1]
     assert_log_complete(run_dir, 3, 16)
+    from rollouts.log import RolloutLog
+
+    recs = RolloutLog(run_dir / "rollouts").records(["round", "policy_version", "staleness"])
+    assert [r["staleness"] for r in recs] == [0] * 16 + [1] * 32  # per sample, as logged
     assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["round-000000.png", "round-000002.png"]
 
 

@@ -199,7 +199,7 @@ def train(cfg: Config) -> Path:
             t1 = time.perf_counter()
             scored = scorer.score(batch.images, batch.prompts)
             t2 = time.perf_counter()
-            log.append(make_records(batch, scored, rnd))
+            log.append(make_records(batch, scored, rnd, staleness))
             train_batch, batch_stats = learner_batch(
                 cfg.learner, batch.latents, batch.prompts, batch.prompts, scored.combined(),
                 [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width), batch.trajectory, settings,

@@ -163,3 +163,20 @@ def test_rollback_unlists_later_rounds_and_keeps_files(tmp_path):
     log.append(make_records(*fake_round(seed=9), round_index=1))  # the resumed round writes anew
     assert sorted(r["round"] for r in log.records(["round"])) == [0] * 4 + [1] * 4
     assert log.rollback(5) == 0
+
+
+def test_staleness_per_sample_and_logs_from_before_the_column(tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    import rollouts.log as log_module
+
+    log = RolloutLog(tmp_path / "rollouts")
+    old_schema = pa.schema([f for f in log_module.SCHEMA if f.name != "staleness"])
+    monkeypatch.setattr(log_module, "SCHEMA", old_schema)  # a shard written before the column existed
+    old_rows = [{k: v for k, v in r.items() if k != "staleness"} for r in make_records(*fake_round(), round_index=0)]
+    log.append(old_rows)
+    monkeypatch.undo()
+    log.append(make_records(*fake_round(seed=1), round_index=1, staleness=1))
+    recs = log.records(["round", "staleness"])
+    assert [r["staleness"] for r in recs] == [None] * 4 + [1] * 4
+    assert log.read_table().column_names == log_module.SCHEMA.names  # all columns, in the format's order
