@@ -16,6 +16,19 @@ import numpy as np
 import ray
 
 
+def get_all(refs: list, what: str) -> list:
+    """``ray.get`` of every rank's call, failing as soon as one rank fails: the other ranks may be
+    blocked in a collective waiting for it, and an in-order ``ray.get`` would wait forever."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done[0])
+        except Exception as e:
+            raise RuntimeError(f"learner rank {refs.index(done[0])} failed in {what}: {e}") from e
+    return ray.get(list(refs))
+
+
 def mean_metrics(per_rank: list[dict]) -> dict:
     """Average each metric over the ranks that report it (a region absent on one rank's share)."""
     keys = sorted({k for m in per_rank for k in m})
@@ -38,19 +51,24 @@ class LearnerGroup:
                 for _ in range(self.world_size)]
         self.placement_group = None
         if self.world_size > 1:
-            from ray.util.placement_group import placement_group
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+            from rlfh.placement import reserve
+
             bundle = {"CPU": res.num_cpus_per_actor, **({"GPU": gpus} if gpus else {}), **res.learner_resources}
-            self.placement_group = placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
-            ray.get(self.placement_group.ready(), timeout=600)
+            self.placement_group = reserve([dict(bundle) for _ in range(self.world_size)], "PACK", "the learner ranks")
             for i, o in enumerate(opts):
                 o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group,
                                                                             placement_group_bundle_index=i)
         self.ranks = [LearnerActor.options(**o).remote(num_threads) for o in opts]
         master = ray.get(self.ranks[0].rendezvous.remote()) if self.world_size > 1 else None
         # deepspeed.initialize is collective: every rank must be inside it at once
-        ray.get([a.setup.remote(cfg, i, self.world_size, master, colocate) for i, a in enumerate(self.ranks)])
+        try:
+            get_all([a.setup.remote(cfg, i, self.world_size, master, colocate) for i, a in enumerate(self.ranks)],
+                    "set-up")
+        except BaseException:
+            self.shutdown()  # the other ranks may wait in a collective for the failed one
+            raise
 
     @property
     def lead(self):
@@ -58,24 +76,24 @@ class LearnerGroup:
 
     def train(self, batch, epochs: int) -> dict:
         ref = ray.put(batch)
-        return mean_metrics(ray.get([a.train.remote(ref, epochs) for a in self.ranks]))
+        return mean_metrics(get_all([a.train.remote(ref, epochs) for a in self.ranks], "train"))
 
     def weight_buckets(self, bucket_bytes: int) -> list:
         """Object-store refs of the policy weights, one per bucket (rank 0's)."""
-        return ray.get([a.weight_buckets.remote(bucket_bytes) for a in self.ranks])[0]
+        return get_all([a.weight_buckets.remote(bucket_bytes) for a in self.ranks], "weight sync")[0]
 
     def policy_version(self) -> int:
         return ray.get(self.lead.policy_version.remote())
 
     def unet_output(self, x, t: int, prompt: str):
         # under ZeRO-3 a forward gathers parameters from every rank
-        return ray.get([a.unet_output.remote(x, t, prompt) for a in self.ranks])[0]
+        return get_all([a.unet_output.remote(x, t, prompt) for a in self.ranks], "unet_output")[0]
 
     def save_checkpoint(self, path: str, extra_state: dict) -> str:
-        return ray.get([a.save_checkpoint.remote(path, extra_state) for a in self.ranks])[0]
+        return get_all([a.save_checkpoint.remote(path, extra_state) for a in self.ranks], "save_checkpoint")[0]
 
     def load_checkpoint(self, path: str) -> dict:
-        return ray.get([a.load_checkpoint.remote(path) for a in self.ranks])[0]
+        return get_all([a.load_checkpoint.remote(path) for a in self.ranks], "load_checkpoint")[0]
 
     def shutdown(self) -> None:
         for a in self.ranks:

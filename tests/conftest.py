@@ -46,6 +46,8 @@ def ray_local():
 
     from rlfh.env import env_for_workers
 
-    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env_for_workers()})
+    # loopback only: the learner ranks' rendezvous uses the Ray node's address
+    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": env_for_workers()})
     yield ray
     ray.shutdown()

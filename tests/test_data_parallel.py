@@ -97,3 +97,29 @@ def test_online_run_with_two_learner_ranks_checkpoints_and_resumes(ray_local, ti
     row = json.loads((off / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["policy_version"] == 1 and np.isfinite(row["loss/dpo"])
     assert json.loads((off / "checkpoints" / "round-000001" / "trainer_state.json").read_text())["learner_ranks"] == 2
+
+
+def test_a_failing_rank_fails_the_call_at_once_and_unplaceable_ranks_say_why(ray_local):
+    import time
+
+    from rlfh.learner_group import get_all
+    from rlfh.placement import reserve
+
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def blocked():  # a rank waiting in a collective for the one that failed
+        time.sleep(600)
+
+    @ray.remote(num_cpus=0)
+    def failing():
+        raise ValueError("out of memory on rank 1")
+
+    refs = [blocked.remote(), failing.remote()]
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="(?s)learner rank 1 failed in train: .*out of memory on rank 1"):
+        get_all(refs, "train")
+    assert time.monotonic() - t0 < 60
+    ray.cancel(refs[0], force=True)
+    with pytest.raises(RuntimeError, match=r"could not reserve 2 x \{'CPU': 64\} \(PACK\) for the learner ranks"):
+        reserve([{"CPU": 64}] * 2, "PACK", "the learner ranks", timeout_s=2)

@@ -46,16 +46,14 @@ def setup_ray(cfg: Config):
     kwargs = dict(runtime_env={"env_vars": env_for_workers()}, log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(include_dashboard=False, **kwargs)
+    else:  # a private cluster for this run: on loopback, like everything rlfh serves by default
+        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     return True
 
 
 def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
     """``resources.num_rollout_actors`` rollout actors; with ``resources.placement`` their bundles
     are reserved at once (gang scheduling) in a placement group, appended to ``pgs``."""
-    import ray
-
     from rollouts.actor import RolloutActor
 
     res = cfg.resources
@@ -63,15 +61,15 @@ def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
                  resources=dict(res.rollout_actor_resources), max_restarts=res.max_actor_restarts)
             for _ in range(res.num_rollout_actors)]
     if res.placement != "none":
-        from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from rlfh.placement import reserve
 
         bundle = {"CPU": res.num_cpus_per_actor, **res.rollout_actor_resources}
         if res.gpus_per_rollout_actor:
             bundle["GPU"] = res.gpus_per_rollout_actor
-        pg = placement_group([dict(bundle) for _ in range(res.num_rollout_actors)], strategy=res.placement)
+        pg = reserve([dict(bundle) for _ in range(res.num_rollout_actors)], res.placement, "the rollout actors")
         pgs.append(pg)
-        ray.get(pg.ready(), timeout=600)
         print(f"[rlfh] {res.num_rollout_actors} rollout actors reserved in a {res.placement} placement group")
         for i, o in enumerate(opts):
             o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
