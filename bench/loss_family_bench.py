@@ -62,16 +62,6 @@ def make_batch(lrn, n: int, seed: int = 0):
     return batch
 
 
-def train(lrn, batch):
-    from rlfh.learner import PairBatch, TrajectoryBatch
-
-    if isinstance(batch, PairBatch):
-        return lrn.train_on_pairs(batch, 1)
-    if isinstance(batch, TrajectoryBatch):
-        return lrn.train_on_trajectories(batch, 1)
-    return lrn.train_on_samples(batch, 1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=5)
@@ -97,10 +87,10 @@ def main() -> None:
         lrn = DPOLearner(cfg)
         batch = make_batch(lrn, args.batch * (args.steps + 1) if cfg.learner.loss.startswith("dpo") else args.batch * (args.steps + 1) // 2)
         warm = make_batch(lrn, args.batch, seed=1)
-        train(lrn, warm)  # warm-up step
+        lrn.train(warm, 1)  # warm-up step
         with common.PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            metrics = train(lrn, batch)
+            metrics = lrn.train(batch, 1)
             common.sync(device)
             dt = time.perf_counter() - t0
         steps = int(metrics["learner/steps"]) - 1

@@ -52,7 +52,7 @@ def ray_rounds(config: Path, overrides: list[str], run_dir: Path) -> tuple[list[
 def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
     """The loop of rlfh.recipes.online.train with the Ray calls replaced by direct calls."""
     from rewards.composite import RewardSet
-    from rlfh.learner import DPOLearner, PairBatch
+    from rlfh.learner import DPOLearner
     from rlfh.models import load_pipeline
     from rlfh.pairs import learner_batch
     from rlfh.prompts import PromptSchedule, load_prompts
@@ -86,10 +86,7 @@ def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
         train_batch, _ = learner_batch(lc, batch.latents, batch.prompts, batch.prompts, scored.combined(),
                                        [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width))
         t.append(time.perf_counter())
-        if isinstance(train_batch, PairBatch):  # as LearnerActor.train dispatches
-            learner.train_on_pairs(train_batch, lc.epochs_per_round)
-        else:
-            learner.train_on_samples(train_batch, lc.epochs_per_round)
+        learner.train(train_batch, lc.epochs_per_round)
         t.append(time.perf_counter())
         if lc.lora.enabled:
             sampler.load_lora(learner.lora_state_dict(), learner.policy_version)

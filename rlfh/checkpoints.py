@@ -12,7 +12,6 @@ warning and the previous one is used.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -114,10 +113,9 @@ def save_learner(learner, directory: Path, extra_state: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier(learner)
-    gather = learner._gather()
     trainable = [p for p in learner.unet.parameters() if p.requires_grad]
     lora = learner.ref_unet is None
-    with gather(trainable if lora else list(learner.unet.parameters())) if gather else contextlib.nullcontext():
+    with learner._gathered(trainable if lora else list(learner.unet.parameters())):
         if lead and lora:
             from diffusers import StableDiffusionXLPipeline
             from diffusers.utils import convert_state_dict_to_diffusers

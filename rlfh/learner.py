@@ -20,6 +20,7 @@ Metrics come back as a flat dict of floats with slash names (``loss/dpo``, ``mpd
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass, field
@@ -231,10 +232,8 @@ class DPOLearner:
         dtype = self.unet.dtype
         return x_t.to(dtype), t, self._target(x0, eps, t), enc.to(dtype), {k: v.to(dtype) for k, v in added.items()}
 
-    def _pair_step(self, lat_w, lat_l, prompts, masks_w, masks_l, t=None, eps=None) -> dict[str, float]:
+    def _pair_step(self, lat_w, lat_l, prompts, masks_w, masks_l, t, eps) -> dict[str, float]:
         b = lat_w.shape[0]
-        if t is None:
-            t, eps = self._draw_noise(b, tuple(lat_w.shape[1:]))
         # w and l in one batch of 2B with the same t and eps for both halves
         x_t, t2, target, enc, added = self._noised(torch.cat([lat_w, lat_l]), torch.cat([t, t]), torch.cat([eps, eps]),
                                                    prompts + prompts)
@@ -342,6 +341,15 @@ class DPOLearner:
         self.policy_version += 1
         return metrics
 
+    def train(self, batch, epochs: int = 1) -> dict[str, float]:
+        """One round's training on what ``rlfh.pairs.learner_batch`` built: pairs (DPO family),
+        trajectories (DDPO) or weighted samples (RWR / filtered)."""
+        if isinstance(batch, PairBatch):
+            return self.train_on_pairs(batch, epochs)
+        if isinstance(batch, TrajectoryBatch):
+            return self.train_on_trajectories(batch, epochs)
+        return self.train_on_samples(batch, epochs)
+
     def train_on_pairs(self, pairs: PairBatch, epochs: int = 1) -> dict[str, float]:
         """DPO-family training on preference pairs; returns averaged metrics."""
         if not self.cfg.learner.loss.startswith("dpo"):
@@ -368,13 +376,14 @@ class DPOLearner:
             _tensor(samples.latents, idx, dev), [samples.prompts[i] for i in idx],
             _tensor(samples.weights, idx, dev), self._masks(samples.masks, idx), d[0][sl], d[1][sl]))
 
-    def _gather(self):
-        """ZeRO-3 keeps each rank's slice of a parameter only; gather whole ones to read them."""
+    def _gathered(self, params):
+        """A context in which ``params`` hold their whole values: ZeRO-3 keeps only each rank's
+        slice and gathers them here (collective: every rank enters); other stages need nothing."""
         if self.cfg.learner.zero_stage != 3:
-            return None
+            return contextlib.nullcontext()
         import deepspeed
 
-        return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
     def policy_weight_buckets(self, bucket_bytes: int):
         """What rollout actors need to sample from the current policy, in buckets of at most
@@ -383,14 +392,10 @@ class DPOLearner:
         from rlfh.weight_sync import iter_state_buckets
 
         if self.ref_unet is None:
-            gather = self._gather()
-            if gather is None:
+            with self._gathered([p for p in self.unet.parameters() if p.requires_grad]):
                 state = self.lora_state_dict()
-            else:
-                with gather([p for p in self.unet.parameters() if p.requires_grad]):
-                    state = self.lora_state_dict()
             return iter_state_buckets(state, bucket_bytes)
-        return iter_state_buckets(self.unet.state_dict(keep_vars=True), bucket_bytes, self._gather())
+        return iter_state_buckets(self.unet.state_dict(keep_vars=True), bucket_bytes, self._gathered)
 
     @torch.no_grad()
     def unet_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:

@@ -53,15 +53,9 @@ class LearnerRank:
         return self.learner.num_trainable
 
     def train(self, batch, epochs: int) -> dict:
-        from rlfh.learner import PairBatch, TrajectoryBatch
-
         if self.handover is not None:
             self.handover.to_training()
-        if isinstance(batch, PairBatch):
-            return self.learner.train_on_pairs(batch, epochs)
-        if isinstance(batch, TrajectoryBatch):
-            return self.learner.train_on_trajectories(batch, epochs)
-        return self.learner.train_on_samples(batch, epochs)
+        return self.learner.train(batch, epochs)
 
     def weight_buckets(self, bucket_bytes: int) -> list:
         """The policy weights as object-store refs, one per bucket (``rlfh.weight_sync``); every rank

@@ -13,6 +13,7 @@ actor whose samples the fleet rejects (see ``Sampler.load_full``).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -50,9 +51,6 @@ def iter_state_buckets(state: dict[str, torch.Tensor], bucket_bytes: int, gather
     """
     for names in plan_buckets(((k, tensor_bytes(v)) for k, v in state.items()), bucket_bytes):
         tensors = [state[k] for k in names]
-        if gather is None:
-            yield {k: t.detach().cpu().clone() for k, t in zip(names, tensors)}
-        else:
-            with gather(tensors):
-                bucket = {k: t.detach().cpu().clone() for k, t in zip(names, tensors)}
-            yield bucket
+        with gather(tensors) if gather is not None else contextlib.nullcontext():
+            bucket = {k: t.detach().cpu().clone() for k, t in zip(names, tensors)}
+        yield bucket

@@ -27,7 +27,8 @@ def learner(tiny_model_dir):
 
 def test_first_step_is_log2_because_lora_starts_at_the_reference(learner):
     # peft's LoRA B matrices start at zero, so policy == reference and inside == 0 on the first micro-batch
-    m = learner._pair_step(torch.tensor(pairs(1).latents_w), torch.tensor(pairs(1).latents_l), ["a photo"], {}, {})
+    m = learner._pair_step(torch.tensor(pairs(1).latents_w), torch.tensor(pairs(1).latents_l), ["a photo"], {}, {},
+                           *learner._draw_noise(1, (4, 8, 8)))
     assert m["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)
     assert m["dpo/mse_theta_w"] == pytest.approx(m["dpo/mse_ref_w"], abs=1e-7)
 
