@@ -10,7 +10,7 @@ actors use:
   (what a rollout actor and a learner actor sharing one GPU would hold); after each round the LoRA
   weights go to the sampler as the rollout actors load them.
 * ``colocated``: ``resources.colocate`` as ``LearnerRank`` runs it: one ``DPOLearner`` (VAE kept),
-  a ``Sampler`` on the learner's own pipeline, and ``rlfh.colocate.Handover`` between the phases.
+  a ``Sampler`` on the learner's own pipeline, and ``rlfh.learner.colocate.Handover`` between the phases.
 
 A round: sample ``prompts x rollouts`` images, score them (JPEG compressibility, cheap and
 model-free), build DPO pairs, train one pass, sync. Reported per mode: median stage times over
@@ -54,11 +54,11 @@ def overrides(args, model_path: str) -> list[str]:
 def run_mode(mode: str, cfg, rounds: int) -> dict:
     """The loop, in this process, on the default device."""
     from rewards.composite import RewardSet
-    from rlfh.colocate import Handover
-    from rlfh.learner import DPOLearner
-    from rlfh.models import load_pipeline
-    from rlfh.pairs import learner_batch
-    from rlfh.prompts import PromptSchedule, load_prompts
+    from rlfh.learner.colocate import Handover
+    from rlfh.learner.engine import DPOLearner
+    from rollouts.models import load_pipeline
+    from rlfh.data.pairs import learner_batch
+    from rlfh.data.prompts import PromptSchedule, load_prompts
     from rollouts.actor import sample_in_batches
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
@@ -132,7 +132,7 @@ def main() -> None:
     if args.smoke:
         args.model, args.steps, args.rollouts, args.rounds = "tiny", 2, 2, 2
     args.size = args.size or (1024 if args.model == "sdxl-arch" else 64)
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
 
     if args.model == "sdxl-arch":
         if not (args.model_dir / "model_index.json").is_file():

@@ -10,7 +10,7 @@ w/l chunks, -logsigmoid(-beta/2 (model_diff - ref_diff)), clip, AdamW), in plain
 compile, but with the reference as a SECOND frozen UNet copy (the original DiffusionDPO training
 scripts' full fine-tuning set-up; the diffusers LoRA example itself disables the adapters instead).
 On GPU: weights bf16, trainable params fp32, autocast bf16, as that example does with accelerate.
-(b) ``rlfh``: rlfh.learner.DPOLearner.train_on_pairs (DeepSpeed engine, LoRA via peft, reference =
+(b) ``rlfh``: rlfh.learner.engine.DPOLearner.train_on_pairs (DeepSpeed engine, LoRA via peft, reference =
 adapters disabled; full mode keeps a frozen copy too). One call = one optimizer step on --pairs pairs.
 
 Modes: lora8, lora64 (LoRA rank 8 / 64 on to_q, to_k, to_v, to_out.0) and full (whole UNet).
@@ -100,17 +100,18 @@ class ReferenceLoop:
 
 
 class RlfhLearner:
-    """rlfh.learner.DPOLearner behind the same ``step`` signature."""
+    """rlfh.learner.engine.DPOLearner behind the same ``step`` signature."""
 
     def __init__(self, model: str, device, dtype, rank: int | None, beta: float, pairs: int, checkpointing: bool):
-        import rlfh.models
-        from rlfh.config import load_config
-        from rlfh.learner import DPOLearner, PairBatch
+        import rollouts.models
+        from rlfh.config.schema import load_config
+        from rlfh.learner.engine import DPOLearner
+        from rlfh.data.batches import PairBatch
 
         if model == "sdxl-arch-random":
-            # DPOLearner loads through rlfh.models.load_pipeline(cfg.model); build in memory instead of
+            # DPOLearner loads through rollouts.models.load_pipeline(cfg.model); build in memory instead of
             # writing ~10 GB of random weights to disk and reading them back. Nothing else changes.
-            rlfh.models.load_pipeline = lambda model_cfg, dev: common.build_sdxl_arch_random(
+            rollouts.models.load_pipeline = lambda model_cfg, dev: common.build_sdxl_arch_random(
                 torch.device(dev), common.DTYPES[model_cfg.dtype])
         name = {v: k for k, v in common.DTYPES.items()}[dtype]
         ov = [f"model.path={model}", f"model.dtype={name}", f"learner.beta={beta}", "learner.lr=1e-5",

@@ -40,7 +40,7 @@ VARIANTS = {
 
 def make_batch(lrn, n: int, seed: int = 0):
     from rewards.base import Detection
-    from rlfh.pairs import learner_batch
+    from rlfh.data.pairs import learner_batch
     from rollouts.types import SamplerSettings
 
     rng = np.random.default_rng(seed)
@@ -74,9 +74,9 @@ def main() -> None:
     common.quiet()
     device = common.pick_device("auto")
     common.set_threads(1, device)
-    from rlfh.config import load_config
-    from rlfh.learner import DPOLearner
-    from rlfh.models import resolve_model_path
+    from rlfh.config.schema import load_config
+    from rlfh.learner.engine import DPOLearner
+    from rollouts.models import resolve_model_path
 
     model = resolve_model_path("rlfh:tiny-sdxl")
     results = {}

@@ -39,7 +39,7 @@ STAGES = ["sample", "reward", "log", "learner", "sync"]
 
 def ray_rounds(config: Path, overrides: list[str], run_dir: Path) -> tuple[list[dict], float]:
     """Run `rlfh train` in a subprocess; returns its metrics.jsonl rows and the wall time."""
-    cmd = [sys.executable, "-m", "rlfh.cli", "train", str(config), f"run_dir={run_dir}", *overrides]
+    cmd = [sys.executable, "-m", "rlfh.cli.main", "train", str(config), f"run_dir={run_dir}", *overrides]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=common.REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -52,10 +52,10 @@ def ray_rounds(config: Path, overrides: list[str], run_dir: Path) -> tuple[list[
 def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
     """The loop of rlfh.recipes.online.train with the Ray calls replaced by direct calls."""
     from rewards.composite import RewardSet
-    from rlfh.learner import DPOLearner
-    from rlfh.models import load_pipeline
-    from rlfh.pairs import learner_batch
-    from rlfh.prompts import PromptSchedule, load_prompts
+    from rlfh.learner.engine import DPOLearner
+    from rollouts.models import load_pipeline
+    from rlfh.data.pairs import learner_batch
+    from rlfh.data.prompts import PromptSchedule, load_prompts
     from rollouts.log import RolloutLog, make_records
     from rollouts.sampler import Sampler
     from rollouts.types import RolloutBatch, SamplerSettings
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides for both sides")
     args = ap.parse_args(argv)
     common.quiet()
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
 
     rounds = args.rounds or (2 if args.smoke else 10)
     ov = [f"num_rounds={rounds}", "logging.wandb=false", "logging.progress=false", f"logging.checkpoint_every={10**6}"]

@@ -5,7 +5,7 @@
     python bench/sync_bench.py --smoke              # quarter width, two bucket sizes
 
 Two Ray actors on this machine: a *learner side* holding a seeded SDXL-architecture UNet, which
-turns its state dict into buckets with ``rlfh.weight_sync.iter_state_buckets`` and puts each in the
+turns its state dict into buckets with ``rlfh.learner.weight_sync.iter_state_buckets`` and puts each in the
 object store (what ``LearnerActor.weight_buckets`` does), and a *rollout side* holding a UNet of the
 same architecture with other weights, which streams the buckets into it with ``Sampler.load_full``
 (what ``RolloutActor.load_weights`` does). Each side samples its private resident memory every 2 ms
@@ -63,7 +63,7 @@ class LearnerSide:
                 "sha256": digest(self.unet)}
 
     def buckets(self, bucket_bytes):
-        from rlfh.weight_sync import iter_state_buckets
+        from rlfh.learner.weight_sync import iter_state_buckets
 
         t0 = time.perf_counter()
         with common.PeakMemory(torch.device("cpu"), private=True) as mem:

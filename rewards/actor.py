@@ -8,9 +8,7 @@ import ray
 @ray.remote
 class RewardActor:
     def __init__(self, reward_entries, num_threads: int = 1):
-        from rlfh.env import apply_env_defaults
-
-        apply_env_defaults()
+        # process-wide environment (offline hub, quiet libraries) comes with the job's runtime_env
         import torch
 
         from rewards.composite import RewardSet

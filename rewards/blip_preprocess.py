@@ -40,8 +40,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_SIZE = 224
 MAX_TEXT_LENGTH = 35  # both references: padding="max_length", truncation=True, max_length=35
 
-# bert-base-uncased vocab shipped with rlfh (Apache-2.0; see rlfh/assets/bert-base-uncased/README.md).
-VOCAB_PATH = Path(__file__).resolve().parent.parent / "rlfh" / "assets" / "bert-base-uncased" / "vocab.txt"
+# bert-base-uncased vocab shipped with rlfh (Apache-2.0; see rewards/assets/bert-base-uncased/README.md).
+VOCAB_PATH = Path(__file__).resolve().parent / "assets" / "bert-base-uncased" / "vocab.txt"
 VOCAB_SHA256 = "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
 BERT_VOCAB_SIZE = 30522
 # BLIP's init_tokenizer adds [DEC] as bos and [ENC] as an additional special token: 30522, 30523.

@@ -2,7 +2,7 @@
 
 * :func:`load_clip_tokenizer`: the CLIP byte-level BPE tokenizer (49408 tokens) as a
   ``transformers.CLIPTokenizer``, built from the ``bpe_simple_vocab_16e6.txt.gz`` merges file that
-  OpenAI CLIP and open_clip ship (a copy is in ``rlfh/assets/clip-bpe``), so that HPSv2 tokenizes
+  OpenAI CLIP and open_clip ship (a copy is in ``rewards/assets/clip-bpe``), so that HPSv2 tokenizes
   offline exactly like open_clip's ``SimpleTokenizer`` (see :data:`CHECK_ENCODINGS`).
 * :func:`check_clip_tokenizer`: rejects a missing or degenerate vocabulary (an offline
   ``from_pretrained`` can yield a 3-token tokenizer that maps every word to one id).
@@ -22,7 +22,7 @@ import torch
 
 from rewards.base import RewardError
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "rlfh" / "assets" / "clip-bpe"
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "clip-bpe"
 BPE_PATH = ASSET_DIR / "bpe_simple_vocab_16e6.txt.gz"
 BPE_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"
 CLIP_VOCAB_SIZE = 49408

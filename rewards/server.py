@@ -210,7 +210,8 @@ def build_app(entries: Sequence[Any], config: ServerConfig) -> Any:
     ).bind(entries_to_dicts(entries), dataclasses.asdict(config))
 
 
-def start_reward_server(entries: Sequence[Any], config: ServerConfig | None = None, name: str = "rewards") -> Any:
+def start_reward_server(entries: Sequence[Any], config: ServerConfig | None = None, name: str = "rewards",
+                        runtime_env: dict | None = None) -> Any:
     """Start (or update) the reward server app; returns its DeploymentHandle.
 
     Joins the running Ray cluster (``RAY_ADDRESS`` or one started by this process) or starts a local
@@ -223,9 +224,7 @@ def start_reward_server(entries: Sequence[Any], config: ServerConfig | None = No
     if not ray.is_initialized():
         import os
 
-        from rlfh.env import env_for_workers
-
-        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_for_workers()}, "log_to_driver": True}
+        kwargs: dict[str, Any] = {"runtime_env": runtime_env or {}, "log_to_driver": True}
         if not os.environ.get("RAY_ADDRESS"):
             kwargs["include_dashboard"] = False  # only valid when starting a local cluster
         ray.init(**kwargs)

@@ -30,12 +30,10 @@ class RolloutActor:
     """
 
     def __init__(self, model_cfg, lora_cfg, num_threads: int = 1, scheduler: str = "default"):
-        from rlfh.env import apply_env_defaults
-
-        apply_env_defaults()
+        # process-wide environment (offline hub, quiet libraries) comes with the job's runtime_env
         import torch
 
-        from rlfh.models import load_pipeline
+        from rollouts.models import load_pipeline
         from rollouts.sampler import Sampler
 
         torch.set_num_threads(max(num_threads, 1))
@@ -48,7 +46,7 @@ class RolloutActor:
         return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
 
     def load_weights(self, buckets: list, policy_version: int, lora: bool = True) -> int:
-        """The learner's policy weights as object-store refs, one per bucket (``rlfh.weight_sync``):
+        """The learner's policy weights as object-store refs, one per bucket (``rlfh.learner.weight_sync``):
         LoRA (fast path, merged and loaded at once) or the whole UNet, fetched and copied in place
         one bucket at a time."""
         if lora:

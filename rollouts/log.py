@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from rlfh.fileio import atomic_write_bytes, sha256_file
+from rollouts.fileio import atomic_write_bytes, sha256_file
 
 FORMAT = "rlfh-rollouts"
 VERSION = 1

@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     """The seeded tiny model, built once per cache directory (what `model.path: rlfh:tiny-sdxl` loads)."""
-    from rlfh.models import resolve_model_path
+    from rollouts.models import resolve_model_path
 
     return resolve_model_path("rlfh:tiny-sdxl")
 
@@ -27,7 +27,7 @@ def tiny_model_dir() -> str:
 @pytest.fixture()
 def tiny_cfg(tiny_model_dir, tmp_path):
     """configs/tiny.yaml shrunk for tests, with run_dir in tmp_path; extra overrides as arguments."""
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
 
     def make(*overrides: str):
         return load_config(
@@ -44,10 +44,10 @@ def ray_local():
     """A local Ray instance for one test module (4 logical CPUs: learner ranks, rollout and reward actors)."""
     import ray
 
-    from rlfh.env import env_for_workers
+    from rlfh.env import worker_runtime_env
 
     # loopback only: the learner ranks' rendezvous uses the Ray node's address
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env={"env_vars": env_for_workers()})
+             runtime_env=worker_runtime_env())
     yield ray
     ray.shutdown()

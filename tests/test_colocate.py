@@ -11,8 +11,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_colocated_actor_samples_with_the_learners_unet(ray_local, tiny_cfg):
-    from rlfh.learner_group import LearnerGroup
-    from rlfh.pairs import learner_batch
+    from rlfh.learner.group import LearnerGroup
+    from rlfh.data.pairs import learner_batch
     from rollouts.actor import RolloutActor, RolloutFleet
     from rollouts.types import SamplerSettings
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.learner import PairBatch
+from rlfh.data.batches import PairBatch
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def lora_weights(group):
                                    ["learner.zero_stage=2", "learner.regions=[global, face]", "learner.fairness.rule=mpd"]],
                          ids=["zero0", "zero2-mpd"])
 def test_two_ranks_update_like_one_rank_accumulating(ray_local, tiny_cfg, extra):
-    from rlfh.learner_group import LearnerGroup
+    from rlfh.learner.group import LearnerGroup
 
     base = ["learner.train_batch_size=2", "learner.micro_batch_size_per_gpu=1", "learner.lr=1e-3",
             "resources.num_cpus_per_actor=0.5", *extra]
@@ -102,8 +102,8 @@ def test_online_run_with_two_learner_ranks_checkpoints_and_resumes(ray_local, ti
 def test_a_failing_rank_fails_the_call_at_once_and_unplaceable_ranks_say_why(ray_local):
     import time
 
-    from rlfh.learner_group import get_all
-    from rlfh.placement import reserve
+    from rlfh.learner.group import get_all
+    from rlfh.learner.placement import reserve
 
     ray = ray_local
 

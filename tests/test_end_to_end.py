@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from rlfh.distributed import free_port
+from rlfh.learner.distributed import free_port
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def clean_env(**extra: str) -> dict:
 
 
 def rlfh(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli", *args], capture_output=True, text=True, timeout=timeout,
+    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", *args], capture_output=True, text=True, timeout=timeout,
                        cwd=REPO, env=clean_env(**(env or {})))
     if r.returncode != 0:
         raise AssertionError(f"rlfh {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
@@ -55,9 +55,9 @@ def online_run(tiny_model_dir, tmp_path_factory):
 def mean_reward(model_dir: str, lora_dir=None) -> float:
     """Mean JPEG compressibility of fresh samples at fixed seeds, with an optional LoRA loaded the stock way."""
     from rewards.jpeg import JpegCompressibility
-    from rlfh.config import load_config
-    from rlfh.models import load_pipeline
-    from rlfh.prompts import load_prompts
+    from rlfh.config.schema import load_config
+    from rollouts.models import load_pipeline
+    from rlfh.data.prompts import load_prompts
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 
@@ -74,8 +74,8 @@ def mean_reward(model_dir: str, lora_dir=None) -> float:
 
 
 def test_run_directory_contents(online_run):
-    from rlfh.config import load_config
-    from rlfh.metrics import read_metrics
+    from rlfh.config.schema import load_config
+    from rlfh.run.metrics import read_metrics
     from rollouts.log import RolloutLog
 
     cfg = load_config(online_run / "config.yaml")  # the effective config reloads as is
@@ -108,7 +108,7 @@ def test_offline_dpo_from_logged_rollouts(online_run, tiny_model_dir, tmp_path):
     r = rlfh("offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online_run / 'rollouts'}", f"run_dir={run_dir}",
              f"model.path={tiny_model_dir}", "num_rounds=2", "logging.progress=false")
     assert "offline DPO finished" in r.stdout
-    from rlfh.metrics import read_metrics
+    from rlfh.run.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     assert len(rows) == 2 and rows[0]["pairs/count"] >= 30 and np.isfinite(rows[-1]["loss/dpo"])
@@ -117,7 +117,7 @@ def test_offline_dpo_from_logged_rollouts(online_run, tiny_model_dir, tmp_path):
 
 def test_offline_dpo_rejects_unlogged_reward(online_run, tiny_model_dir, tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "rlfh.cli", "offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online_run / 'rollouts'}",
+        [sys.executable, "-m", "rlfh.cli.main", "offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online_run / 'rollouts'}",
          f"run_dir={tmp_path}", f"model.path={tiny_model_dir}", "rewards=[jpeg_incompressibility]"],
         capture_output=True, text=True, cwd=REPO, timeout=120, env=clean_env())
     assert r.returncode == 2 and "not in the rollout log" in r.stderr
@@ -139,7 +139,7 @@ def test_ray_job_submit(tiny_model_dir, tmp_path):
         t0 = time.time()
         r = subprocess.run(
             [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-             sys.executable, "-m", "rlfh.cli", "train", str(REPO / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
+             sys.executable, "-m", "rlfh.cli.main", "train", str(REPO / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
              f"model.path={tiny_model_dir}", "num_rounds=2", "logging.wandb=false", "logging.progress=false"],
             env=env, capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -164,7 +164,7 @@ def test_hgdpo_online_real_winners(tiny_model_dir, tmp_path):
          "rollout.prompts_per_round=2", "logging.wandb=false", "logging.progress=false",
          f"learner.hgdpo.real_images={photos}",
          "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, {until_round: 2, real_winner_fraction: 1.0}]")
-    from rlfh.metrics import read_metrics
+    from rlfh.run.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     assert [r["hgdpo/real_pairs"] for r in rows] == [0, 2]  # easy stage first, then real winners
@@ -179,7 +179,7 @@ def test_ddpo_online(tiny_model_dir, tmp_path):
          "rollout.prompts_per_round=2", "rollout.rollouts_per_prompt=4", "rollout.num_inference_steps=4",
          "rollout.scheduler=ddim", "rollout.eta=1.0", "learner.loss=ddpo", "learner.train_batch_size=4",
          "learner.micro_batch_size_per_gpu=4", "logging.wandb=false", "logging.progress=false")
-    from rlfh.metrics import read_metrics
+    from rlfh.run.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     assert len(rows) == 2 and all(np.isfinite(r["loss/ddpo"]) for r in rows)

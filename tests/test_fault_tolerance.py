@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from rlfh.distributed import free_port
+from rlfh.learner.distributed import free_port
 from tests.conftest import REPO
 from tests.test_end_to_end import clean_env, rlfh
 
@@ -56,7 +56,7 @@ def test_async_rollouts_stay_within_staleness_and_log_grids(tiny_model_dir, tmp_
 def test_unreachable_reward_server_fails_clearly(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
+    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
                         f"model.path={tiny_model_dir}", f"reward_server.remote_url={url}", *SMALL],
                        cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
@@ -86,7 +86,7 @@ def test_killed_actors_are_restarted_without_losing_rollouts(tiny_model_dir, tmp
                                                          capture_output=True).returncode != 0:
             time.sleep(1)
         driver = subprocess.Popen(
-            [sys.executable, "-m", "rlfh.cli", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
+            [sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
              f"model.path={tiny_model_dir}", "num_rounds=6", f"resources.ray_address={address}", *SMALL],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         from ray.util.state import list_actors

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_mpd_online_then_offline(tiny_model_dir, tmp_path):
-    from rlfh.metrics import read_metrics
+    from rlfh.run.metrics import read_metrics
 
     common = [f"model.path={tiny_model_dir}", "logging.wandb=false", "logging.progress=false",
               "learner.regions=[global, face]", "learner.fairness.rule=mpd",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from rlfh.distributed import free_port
+from rlfh.learner.distributed import free_port
 from tests.conftest import REPO
 from tests.test_end_to_end import clean_env
 
@@ -44,7 +44,7 @@ RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def missing_placement_fields() -> list[str]:
-    from rlfh.config import ResourcesConfig
+    from rlfh.config.schema import ResourcesConfig
 
     have = {f.name for f in dataclasses.fields(ResourcesConfig)}
     return [f for f in PLACEMENT_FIELDS if f not in have]
@@ -186,14 +186,14 @@ def actor_nodes(gcs_address: str, class_name: str) -> list[str]:
 
 
 @pytest.mark.skipif(bool(missing_placement_fields()),
-                    reason=f"rlfh.config.ResourcesConfig has no {missing_placement_fields()} yet: a run cannot ask "
+                    reason=f"rlfh.config.schema.ResourcesConfig has no {missing_placement_fields()} yet: a run cannot ask "
                            f"for node resources, so its actors cannot be placed on chosen nodes")
 def test_rollout_and_learner_on_different_nodes(two_nodes, tiny_model_dir, tmp_path):
     gcs, by_role = two_nodes
     run_dir = tmp_path / "run"
     t0 = time.time()
     r = subprocess.run(
-        [sys.executable, "-m", "rlfh.cli", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
+        [sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
          f"model.path={tiny_model_dir}", "num_rounds=2", "rollout.prompts_per_round=2",
          "rollout.rollouts_per_prompt=4", "rollout.sample_batch_size_per_actor=4", "learner.epochs_per_round=1",
          "logging.wandb=false", "logging.progress=false",

@@ -34,7 +34,7 @@ def test_kill_and_resume_reproduces_losses(tiny_model_dir, tmp_path):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     rlfh("train", "configs/tiny.yaml", f"run_dir={ref_dir}", f"model.path={tiny_model_dir}", *ARGS)
 
-    cmd = [sys.executable, "-m", "rlfh.cli", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
+    cmd = [sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
            f"model.path={tiny_model_dir}", *ARGS]
     proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)

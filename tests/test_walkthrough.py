@@ -39,7 +39,7 @@ def my_rewards(tmp_path, monkeypatch):
 
 def test_custom_reward_example_through_the_config(my_rewards):
     from rewards.composite import RewardSet
-    from rlfh.config import config_from_dict
+    from rlfh.config.schema import config_from_dict
 
     entries = yaml.safe_load(block("rewards.yaml"))["rewards"]
     assert any(e["target"] == "my_rewards:Colourfulness" for e in entries)
@@ -60,7 +60,7 @@ def test_custom_reward_example_through_the_config(my_rewards):
 
 
 def test_tiny_eval_compare_plot_block(tiny_model_dir, tmp_path, monkeypatch):
-    from rlfh.cli_eval import add_eval_commands
+    from rlfh.cli.eval import add_eval_commands
     from tests.rlfh.eval_helpers import make_lora
 
     # what `rlfh train` / `rlfh offline-dpo` leave behind: a checkpoint and metrics.jsonl

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.config import load_config
-from rlfh.learner import PairBatch
+from rlfh.config.schema import load_config
+from rlfh.data.batches import PairBatch
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("lora,zero", [(True, 0), (False, 0), (True, 3), (False, 3)],
                          ids=["lora", "full", "lora-zero3", "full-zero3"])
 def test_synced_rollout_actor_matches_learner_exactly(ray_local, tiny_model_dir, lora, zero):
-    from rlfh.learner_actor import LearnerActor
+    from rlfh.learner.actor import LearnerActor
     from rollouts.actor import RolloutActor
 
     ray = ray_local

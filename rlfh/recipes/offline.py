@@ -3,7 +3,7 @@
     rlfh offline-dpo configs/offline_dpo.yaml rollouts=runs/tiny/rollouts
 
 One learner rank trains in this process, without Ray. With ``resources.num_learner_gpus`` (or
-``num_learner_ranks``) > 1 the data-parallel ranks run as Ray actors (rlfh/learner_group.py), on the
+``num_learner_ranks``) > 1 the data-parallel ranks run as Ray actors (rlfh/learner/group.py), on the
 cluster ``ray job submit`` names or a local one.
 
 Pairs (or RWR / filtered sample weights) are rebuilt from the logged rewards with the weights of the config's ``rewards`` section
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from rlfh.config import Config, save_config, to_dict
+from rlfh.config.schema import Config, save_config, to_dict
 
 
 def batch_from_log(cfg: Config):
     """Rebuild the learner's batch (pairs, or weighted samples) from a rollout log with this config."""
     from rewards.base import Detection
-    from rlfh.pairs import learner_batch
+    from rlfh.data.pairs import learner_batch
     from rollouts.log import RolloutLog, decode_latent
 
     if cfg.rollouts is None:
@@ -69,11 +69,11 @@ def train_offline(cfg: Config) -> Path:
     """Train on the pairs of ``cfg.rollouts`` for ``cfg.num_rounds`` rounds; returns the run directory."""
     from tqdm import tqdm
 
-    from rlfh.checkpoints import checkpoint_dir, latest_checkpoint, mark_latest
-    from rlfh.learner_actor import LearnerRank
-    from rlfh.learner_group import LearnerGroup
-    from rlfh.metrics import MetricsLogger, rollback_metrics
-    from rlfh.recipes.online import setup_ray
+    from rlfh.run.checkpoints import checkpoint_dir, latest_checkpoint, mark_latest
+    from rlfh.learner.actor import LearnerRank
+    from rlfh.learner.group import LearnerGroup
+    from rlfh.run.metrics import MetricsLogger, rollback_metrics
+    from rlfh.recipes.cluster import setup_ray
 
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

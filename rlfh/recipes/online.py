@@ -10,7 +10,7 @@ Each round:
   4. pairs are built per prompt (best vs worst; or weights for RWR), with region masks from the
      detections, and the learner steps on them (per-region losses, MPD fairness);
   5. the new weights go to the rollout actors (policy_version + 1): the LoRA adapter, or the whole
-     UNet in buckets of ``resources.sync_bucket_mb`` (rlfh/weight_sync.py);
+     UNet in buckets of ``resources.sync_bucket_mb`` (rlfh/learner/weight_sync.py);
   6. metrics go to RUN_DIR/metrics.jsonl and wandb; every ``checkpoint_every`` rounds a checkpoint.
 
 With ``rollout.max_staleness: 1`` the rollouts of round k+1 are sampled while the learner trains on
@@ -19,61 +19,19 @@ on-policy. A rollout or reward actor that dies is restarted and its work re-issu
 seeds (rollouts/actor.py, rewards/actor.py); a killed driver resumes from its last checkpoint when
 the same command (or ``ray job submit``) runs again.
 
-The learner is ``resources.num_learner_gpus`` data-parallel DeepSpeed ranks (rlfh/learner_group.py).
+The learner is ``resources.num_learner_gpus`` data-parallel DeepSpeed ranks (rlfh/learner/group.py).
 With ``resources.colocate`` one actor is both learner and rollout actor on one device, sampling with
-the learner's own UNet (rlfh/colocate.py).
+the learner's own UNet (rlfh/learner/colocate.py).
 """
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from pathlib import Path
 
-from rlfh.config import Config, save_config, to_dict
-
-
-def setup_ray(cfg: Config):
-    """Join the cluster named by resources.ray_address / RAY_ADDRESS (ray job submit sets it), else start one."""
-    import ray
-
-    from rlfh.env import env_for_workers
-
-    if ray.is_initialized():
-        return False
-    address = cfg.resources.ray_address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(runtime_env={"env_vars": env_for_workers()}, log_to_driver=True)
-    if address:
-        ray.init(address=address, **kwargs)
-    else:  # a private cluster for this run: on loopback, like everything rlfh serves by default
-        ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
-    return True
-
-
-def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
-    """``resources.num_rollout_actors`` rollout actors; with ``resources.placement`` their bundles
-    are reserved at once (gang scheduling) in a placement group, appended to ``pgs``."""
-    from rollouts.actor import RolloutActor
-
-    res = cfg.resources
-    opts = [dict(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_rollout_actor,
-                 resources=dict(res.rollout_actor_resources), max_restarts=res.max_actor_restarts)
-            for _ in range(res.num_rollout_actors)]
-    if res.placement != "none":
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from rlfh.placement import reserve
-
-        bundle = {"CPU": res.num_cpus_per_actor, **res.rollout_actor_resources}
-        if res.gpus_per_rollout_actor:
-            bundle["GPU"] = res.gpus_per_rollout_actor
-        pg = reserve([dict(bundle) for _ in range(res.num_rollout_actors)], res.placement, "the rollout actors")
-        pgs.append(pg)
-        print(f"[rlfh] {res.num_rollout_actors} rollout actors reserved in a {res.placement} placement group")
-        for i, o in enumerate(opts):
-            o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-    return [RolloutActor.options(**o).remote(cfg.model, cfg.learner.lora, threads, cfg.rollout.scheduler) for o in opts]
+from rlfh.config.schema import Config, save_config, to_dict
+from rlfh.recipes.cluster import setup_ray, start_rollout_actors
 
 
 def train(cfg: Config) -> Path:
@@ -86,12 +44,12 @@ def train(cfg: Config) -> Path:
     from tqdm import tqdm
 
     from rewards.actor import RewardActor, RewardScorer
-    from rlfh.checkpoints import checkpoint_dir, latest_checkpoint, mark_latest
-    from rlfh.learner_group import LearnerGroup
-    from rlfh.metrics import MetricsLogger, rollback_metrics
-    from rlfh.pairs import learner_batch
-    from rlfh.prompts import PromptSchedule, load_prompts
-    from rlfh.samples import write_grid
+    from rlfh.run.checkpoints import checkpoint_dir, latest_checkpoint, mark_latest
+    from rlfh.learner.group import LearnerGroup
+    from rlfh.run.metrics import MetricsLogger, rollback_metrics
+    from rlfh.data.pairs import learner_batch
+    from rlfh.data.prompts import PromptSchedule, load_prompts
+    from rlfh.run.samples import write_grid
     from rollouts.actor import RolloutFleet
     from rollouts.log import RolloutLog, make_records
     from rollouts.types import SamplerSettings
@@ -142,8 +100,8 @@ def train(cfg: Config) -> Path:
         record = cfg.learner.loss == "ddpo"  # policy-gradient losses need the trajectories
         hg, real_source = cfg.learner.hgdpo, None
         if hg.real_images:
-            from rlfh.hgdpo import Curriculum, mix_real_winners, prompts_for_losers
-            from rlfh.real_images import RealImageSource, load_vae
+            from rlfh.data.hgdpo import Curriculum, mix_real_winners, prompts_for_losers
+            from rlfh.data.real_images import RealImageSource, load_vae
 
             curriculum = Curriculum([dataclasses.asdict(s) for s in hg.stages], hg.interpolate)
             real_source = RealImageSource(hg.real_images, rc.height, rc.width, cache_dir=run_dir,

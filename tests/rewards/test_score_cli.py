@@ -1,6 +1,6 @@
 """``rlfh score`` (in-process scoring of image files) and ``rlfh serve-rewards`` (real process, SIGINT).
 
-The commands are reached through a parser built with ``add_reward_commands``, as ``rlfh.cli`` does.
+The commands are reached through a parser built with ``add_reward_commands``, as ``rlfh.cli.main`` does.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image
 
 from rewards.composite import RewardSet
 from rewards.wire import image_result
-from rlfh.cli_rewards import add_reward_commands
+from rlfh.cli.rewards import add_reward_commands
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = """\
@@ -127,7 +127,7 @@ def test_serve_rewards_serves_until_sigint(files):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     code = ("import argparse, sys; from rlfh.env import apply_env_defaults; apply_env_defaults(); "
-            "from rlfh.cli_rewards import add_reward_commands; p = argparse.ArgumentParser(); "
+            "from rlfh.cli.rewards import add_reward_commands; p = argparse.ArgumentParser(); "
             "add_reward_commands(p.add_subparsers(required=True)); a = p.parse_args(sys.argv[1:]); sys.exit(a.fn(a))")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(Path(cfg).parent / "serve.log", "w+")  # a file, not a pipe: Ray's output can never block it

@@ -74,11 +74,11 @@ def server():
     ray = pytest.importorskip("ray")
     serve = pytest.importorskip("ray.serve")
     from rewards.server import ServerConfig, build_app
-    from rlfh.env import env_for_workers
+    from rlfh.env import worker_runtime_env
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env_for_workers()})
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env=worker_runtime_env())
     port = _free_port()
     small = ServerConfig(port=port, max_batch_size=8, max_request_bytes=300_000, max_images=4,
                          max_image_side=128, max_image_pixels=64 * 100, num_cpus_per_replica=0.5)

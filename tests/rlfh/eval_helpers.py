@@ -84,8 +84,8 @@ def eval_overrides(model_dir: str) -> list[str]:
 @functools.lru_cache(maxsize=None)
 def tiny_eval(model_dir: str) -> tuple[Path, dict]:
     """One tiny comparison (perturbed LoRA vs the base tiny model), computed once per session."""
-    from rlfh.config import load_config
-    from rlfh.evaluate import ModelSpec, evaluate
+    from rlfh.config.schema import load_config
+    from rlfh.eval.evaluate import ModelSpec, evaluate
     from tests.conftest import REPO
 
     import atexit

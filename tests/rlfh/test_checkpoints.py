@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from rlfh.checkpoints import latest_checkpoint, mark_latest, verify, write_file_manifest
-from rlfh.metrics import read_metrics, rollback_metrics
+from rlfh.run.checkpoints import latest_checkpoint, mark_latest, verify, write_file_manifest
+from rlfh.run.metrics import read_metrics, rollback_metrics
 
 
 def fake_checkpoint(root, name, payload=b"weights"):

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.learner import DPOLearner, PairBatch
+from rlfh.learner.engine import DPOLearner
+from rlfh.data.batches import PairBatch
 from tests.conftest import REPO
 
 
@@ -15,8 +16,8 @@ def batch(seed):
 
 @pytest.mark.parametrize("stage,lora", [(0, True), (2, True), (2, False)], ids=["zero0", "zero2", "zero2-full"])
 def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage, lora):
-    from rlfh.colocate import Handover
-    from rlfh.config import load_config
+    from rlfh.learner.colocate import Handover
+    from rlfh.config.schema import load_config
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.zero_stage={stage}",
                                                        "learner.lr=1e-3", f"learner.lora.enabled={lora}"])
@@ -37,8 +38,8 @@ def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage, lora):
 
 
 def test_optimizer_states_move_only_for_full_unet_training_by_default(tiny_model_dir):
-    from rlfh.colocate import Handover
-    from rlfh.config import load_config
+    from rlfh.learner.colocate import Handover
+    from rlfh.config.schema import load_config
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}"])
     assert not Handover(DPOLearner(cfg, keep_vae=True)).offload_optimizer

@@ -24,7 +24,7 @@ def write_run(path, rewards, losses, acc=None):
 
 
 def cli():
-    from rlfh.cli_eval import add_eval_commands
+    from rlfh.cli.eval import add_eval_commands
 
     p = argparse.ArgumentParser(prog="rlfh")
     add_eval_commands(p.add_subparsers(dest="command", required=True))
@@ -75,12 +75,12 @@ def test_clear_errors(tmp_path, capsys):
 
 
 def test_curves_reads_real_rows():
-    from rlfh.curves import curves, is_curve
+    from rlfh.eval.curves import curves, is_curve
 
     assert is_curve("reward/facescore/mean") and is_curve("loss/dpo") and not is_curve("reward/facescore/std")
     c = curves([{"step": 0, "loss/dpo": 1.0}, {"step": 1, "loss/dpo": float("nan")}, {"step": 2, "loss/dpo": 0.5}])
     assert c == {"loss/dpo": ([0.0, 2.0], [1.0, 0.5])}
     with pytest.raises(FileNotFoundError):
-        from rlfh.curves import load_run
+        from rlfh.eval.curves import load_run
 
         load_run("/nonexistent/run")

@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from rlfh.config import Config, ConfigError, config_from_dict, load_config, parse_overrides, save_config
+from rlfh.config.schema import Config, ConfigError, config_from_dict, load_config, parse_overrides, save_config
 from tests.conftest import REPO
 
 
@@ -114,14 +114,14 @@ def test_malformed_yaml(tmp_path):
 
 
 def test_cli_reports_config_error_with_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli", "config", str(REPO / "configs" / "tiny.yaml"), "learner.betaa=1"],
+    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "config", str(REPO / "configs" / "tiny.yaml"), "learner.betaa=1"],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert "learner.betaa: unknown key; did you mean learner.beta?" in r.stderr
 
 
 def test_cli_prints_effective_config():
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli", "config", str(REPO / "configs" / "tiny.yaml"), "run_dir=/tmp/r"],
+    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "config", str(REPO / "configs" / "tiny.yaml"), "run_dir=/tmp/r"],
                        capture_output=True, text=True, check=True)
     assert yaml.safe_load(r.stdout)["run_dir"] == "/tmp/r"
 

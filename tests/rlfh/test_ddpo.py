@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.config import load_config
-from rlfh.learner import DPOLearner, TrajectoryBatch
-from rlfh.models import load_pipeline
-from rlfh.pairs import learner_batch
+from rlfh.config.schema import load_config
+from rlfh.learner.engine import DPOLearner
+from rlfh.data.batches import TrajectoryBatch
+from rollouts.models import load_pipeline
+from rlfh.data.pairs import learner_batch
 from rollouts.sampler import Sampler
 from rollouts.types import SamplerSettings
 from tests.conftest import REPO
@@ -43,7 +44,7 @@ def test_recording_does_not_change_samples(cfg):
 
 
 def test_ddpo_config_rules(tiny_model_dir):
-    from rlfh.config import ConfigError
+    from rlfh.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="rollout.scheduler=ddim"):
         load_config(REPO / "configs" / "tiny.yaml", ["learner.loss=ddpo"])

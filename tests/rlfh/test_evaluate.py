@@ -11,7 +11,7 @@ from tests.rlfh.eval_helpers import MISSING_WORD, PROMPTS, SEEDS, tiny_eval
 
 
 def test_bootstrap_ci_and_value_stats():
-    from rlfh.evaluate import bootstrap_ci, value_stats
+    from rlfh.eval.evaluate import bootstrap_ci, value_stats
 
     x = np.random.default_rng(0).normal(2.0, 1.0, 400)
     lo, hi = bootstrap_ci(x)
@@ -25,7 +25,7 @@ def test_bootstrap_ci_and_value_stats():
 
 
 def test_win_rate_counts_ties_half_and_excludes_missing():
-    from rlfh.evaluate import win_rate
+    from rlfh.eval.evaluate import win_rate
 
     w = win_rate([2.0, 1.0, 1.0, None, 5.0, None], [1.0, 1.0, 3.0, 1.0, None, None])
     assert (w["wins"], w["ties"], w["losses"], w["n_compared"]) == (1, 1, 1, 3)
@@ -36,7 +36,7 @@ def test_win_rate_counts_ties_half_and_excludes_missing():
 
 
 def test_prompt_sets():
-    from rlfh.evaluate import load_prompt_set
+    from rlfh.eval.evaluate import load_prompt_set
 
     human, general = load_prompt_set("human"), load_prompt_set("general")
     assert len(human) >= 50 and len(general) >= 50 and not set(human) & set(general)
@@ -76,8 +76,8 @@ def test_tiny_eval_summary(tiny_model_dir):
 
 def test_same_seed_same_image_without_lora(tiny_model_dir, tmp_path):
     """Model == baseline: every pair ties, so each win rate is exactly 0.5 (the pairing is by seed)."""
-    from rlfh.config import load_config
-    from rlfh.evaluate import ModelSpec, evaluate
+    from rlfh.config.schema import load_config
+    from rlfh.eval.evaluate import ModelSpec, evaluate
     from tests.conftest import REPO
     from tests.rlfh.eval_helpers import eval_overrides
 
@@ -91,7 +91,7 @@ def test_same_seed_same_image_without_lora(tiny_model_dir, tmp_path):
 def test_eval_cli_errors(tiny_model_dir, tmp_path, capsys):
     import argparse
 
-    from rlfh.cli_eval import add_eval_commands
+    from rlfh.cli.eval import add_eval_commands
     from tests.conftest import REPO
 
     p = argparse.ArgumentParser(prog="rlfh")

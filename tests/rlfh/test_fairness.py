@@ -1,4 +1,4 @@
-"""Tests for rlfh/fairness.py: the MPD (FairGrad) rule of methods.md section 2 and its alternatives."""
+"""Tests for rlfh/losses/fairness.py: the MPD (FairGrad) rule of methods.md section 2 and its alternatives."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.fairness import (
+from rlfh.losses.fairness import (
     clip_update_norm_,
     combine_gradients_,
     combine_weights,

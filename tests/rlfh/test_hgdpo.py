@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.hgdpo import Curriculum, mix_real_winners, prompts_for_losers, real_pair_count
-from rlfh.real_images import RealImageSource, prepare_image
-from rlfh.learner import PairBatch
+from rlfh.data.hgdpo import Curriculum, mix_real_winners, prompts_for_losers, real_pair_count
+from rlfh.data.real_images import RealImageSource, prepare_image
+from rlfh.data.batches import PairBatch
 
 CAPTIONS = {"astronaut.jpg": "a portrait of a woman in a space suit",
             "coffee.png": "a cup of coffee on a saucer",
@@ -34,9 +34,9 @@ def write_photos(root):
 
 @pytest.fixture(scope="module")
 def vae(tiny_model_dir):
-    from rlfh.config import ModelConfig
-    from rlfh.real_images import load_vae
-    from rlfh.models import load_pipeline
+    from rlfh.config.schema import ModelConfig
+    from rlfh.data.real_images import load_vae
+    from rollouts.models import load_pipeline
 
     alone = load_vae(ModelConfig(path=tiny_model_dir))
     piped = load_pipeline(ModelConfig(path=tiny_model_dir)).vae
@@ -193,8 +193,8 @@ def test_fresh_losers_for_the_real_captions(photos, vae):
 
 
 def test_mixed_pairs_train_one_step(photos, vae, tiny_model_dir):
-    from rlfh.config import load_config
-    from rlfh.learner import DPOLearner
+    from rlfh.config.schema import load_config
+    from rlfh.learner.engine import DPOLearner
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=4",

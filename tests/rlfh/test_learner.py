@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.learner import DPOLearner, PairBatch
+from rlfh.learner.engine import DPOLearner
+from rlfh.data.batches import PairBatch
 
 
 def pairs(n=4, seed=0):
@@ -17,7 +18,7 @@ def pairs(n=4, seed=0):
 
 @pytest.fixture(scope="module")
 def learner(tiny_model_dir):
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=2",
@@ -100,7 +101,7 @@ def test_load_checkpoint_rejects_non_checkpoint(learner, tmp_path):
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero_stages_train(tiny_model_dir, stage):
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.zero_stage={stage}"])

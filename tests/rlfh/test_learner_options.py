@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.learner import DPOLearner, PairBatch, deepspeed_config
+from rlfh.learner.engine import DPOLearner, deepspeed_config
+from rlfh.data.batches import PairBatch
 from tests.conftest import REPO
 
 
 def make(tiny_model_dir, *overrides):
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
 
     return DPOLearner(load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *overrides]))
 
@@ -49,7 +50,7 @@ def test_ema_tracks_and_round_trips(tiny_model_dir, tmp_path):
 
 
 def test_offload_config(tiny_model_dir):
-    from rlfh.config import ConfigError, load_config
+    from rlfh.config.schema import ConfigError, load_config
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["learner.zero_stage=2", "learner.offload_optimizer=true"])
     ds = deepspeed_config(cfg)

@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from rewards.base import Detection
-from rlfh import fairness
-from rlfh.learner import DPOLearner, PairBatch, SampleBatch
-from rlfh.pairs import learner_batch, region_mask_arrays
+from rlfh.losses import fairness
+from rlfh.learner.engine import DPOLearner
+from rlfh.data.batches import PairBatch, SampleBatch
+from rlfh.data.pairs import learner_batch, region_mask_arrays
 from tests.conftest import REPO
 
 
 def make(tiny_model_dir, *overrides):
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
 
     return DPOLearner(load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *overrides]))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rlfh.losses.dpo import dpo_loss_from_mse
-from rlfh.objectives import pairwise_objectives, weighted_objectives
+from rlfh.losses.objectives import pairwise_objectives, weighted_objectives
 
 
 def tensors(b=4, seed=0):

@@ -35,7 +35,7 @@ def test_report_files_and_links(tiny_model_dir):
 def test_grid_draws_boxes_where_the_reward_found_them(tiny_model_dir):
     from PIL import Image
 
-    from rlfh.report import CELL, LABEL_W, REGION_COLORS
+    from rlfh.eval.report import CELL, LABEL_W, REGION_COLORS
 
     out, summary = tiny_eval(tiny_model_dir)
     grid = np.asarray(Image.open(out / "grids" / "grid-000.png").convert("RGB")).astype(int)
@@ -82,7 +82,7 @@ def test_index_html_renders_in_headless_chromium(tiny_model_dir, tmp_path):
 
 
 def test_report_needs_eval_json(tmp_path):
-    from rlfh.report import write_eval_report
+    from rlfh.eval.report import write_eval_report
 
     with pytest.raises(FileNotFoundError, match="eval.json"):
         write_eval_report(tmp_path)

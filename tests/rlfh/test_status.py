@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from rlfh.cli_status import add_status_commands, format_status
-from rlfh.config import load_config, save_config
-from rlfh.status import RunDirError, run_status, sparkline
+from rlfh.cli.status import add_status_commands, format_status
+from rlfh.config.schema import load_config, save_config
+from rlfh.run.status import RunDirError, run_status, sparkline
 from rollouts.log import RolloutLog, make_records
 from tests.conftest import REPO
 from tests.rollouts.test_log import fake_round

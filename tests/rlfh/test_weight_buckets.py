@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rlfh.weight_sync import iter_state_buckets, plan_buckets
+from rlfh.learner.weight_sync import iter_state_buckets, plan_buckets
 
 
 def test_buckets_keep_order_respect_the_limit_and_isolate_big_tensors():
@@ -27,8 +27,8 @@ def test_state_buckets_cover_every_tensor_once_as_cpu_copies():
 
 
 def test_full_load_rejects_unknown_missing_and_misshapen_weights(tiny_model_dir):
-    from rlfh.config import ModelConfig
-    from rlfh.models import load_pipeline
+    from rlfh.config.schema import ModelConfig
+    from rollouts.models import load_pipeline
     from rollouts.sampler import Sampler
 
     s = Sampler(load_pipeline(ModelConfig(path=str(tiny_model_dir)), "cpu"))

@@ -140,14 +140,14 @@ def test_empty_log_is_an_error(tmp_path):
 def test_inspect_cli(tmp_path):
     log = RolloutLog(tmp_path)
     log.append(make_records(*fake_round(), round_index=0))
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli", "rollouts", "inspect", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(tmp_path)],
                        capture_output=True, text=True, check=True)
     s = json.loads(r.stdout)
     assert s["records"] == 4 and s["rewards"]["facescore"]["missing"] == 2
     assert s["rewards"]["facescore"]["missing_reasons"] == {"no face": 2}
     assert s["rewards"]["jpeg"]["mean"] == pytest.approx(-1.5)
     (tmp_path / "shard-000000.parquet").write_bytes(b"x")
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli", "rollouts", "inspect", str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "truncated" in r.stderr
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.config import ModelConfig
-from rlfh.models import load_pipeline
+from rlfh.config.schema import ModelConfig
+from rollouts.models import load_pipeline
 from rollouts.sampler import Sampler, seeded_generators
 from rollouts.types import SamplerSettings
 

@@ -101,7 +101,7 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
     Returns:
         (batch, stats) with stats a flat dict of floats for metrics.
     """
-    from rlfh.learner import PairBatch, SampleBatch, TrajectoryBatch
+    from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch
 
     if learner_cfg.loss == "ddpo":
         import torch

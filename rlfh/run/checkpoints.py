@@ -18,7 +18,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from rlfh.fileio import atomic_write_bytes, sha256_file
+from rollouts.fileio import atomic_write_bytes, sha256_file
 
 MANIFEST = "files.json"
 

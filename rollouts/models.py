@@ -222,7 +222,7 @@ def load_pipeline(model_cfg, device: str | torch.device = "cpu"):
     """Load an SDXL pipeline from a folder, hub id, single file or ``rlfh:tiny-sdxl``.
 
     Args:
-        model_cfg: a :class:`rlfh.config.ModelConfig`.
+        model_cfg: a :class:`rlfh.config.schema.ModelConfig`.
         device: where to put the modules.
 
     Raises:

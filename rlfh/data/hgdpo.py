@@ -16,7 +16,7 @@ the stages onto rounds of online training as a per-round fraction of real-winner
 the easy stage (the engine's own best-vs-worst pairs), 1.0 the hard stage; fractions in between
 mix both kinds in one round. SDRecon winners (the normal stage) are not implemented here.
 
-The real images and their latents come from :class:`rlfh.real_images.RealImageSource`.
+The real images and their latents come from :class:`rlfh.data.real_images.RealImageSource`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from rlfh.learner import PairBatch
-from rlfh.real_images import RealImageSource
+from rlfh.data.batches import PairBatch
+from rlfh.data.real_images import RealImageSource
 
 
 # ---------------------------------------------------------------------------- curriculum

@@ -1,6 +1,6 @@
 """Cross-field rules of a run config: batch sizes that must divide, counts that must be positive,
 options that exclude each other. Each problem names its keys and says what to change;
-``rlfh.config.config_from_dict`` collects them all before refusing a config.
+``rlfh.config.schema.config_from_dict`` collects them all before refusing a config.
 """
 
 from __future__ import annotations

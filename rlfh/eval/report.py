@@ -1,6 +1,6 @@
 """The HTML report of an evaluation: what a user opens to see what training changed.
 
-``write_eval_report(out_dir)`` reads ``out_dir/eval.json`` (written by :func:`rlfh.evaluate.evaluate`)
+``write_eval_report(out_dir)`` reads ``out_dir/eval.json`` (written by :func:`rlfh.eval.evaluate.evaluate`)
 and the sample images next to it, and writes:
 
 * ``grids/grid-NNN.png``: one row per (prompt, seed), baseline and model side by side, with the

@@ -1,6 +1,6 @@
 """Training curves from run directories: ``rlfh plot RUN_DIR`` and ``rlfh compare RUN_A RUN_B``.
 
-Both read only ``RUN_DIR/metrics.jsonl`` (one JSON object per round, see :mod:`rlfh.metrics`) and
+Both read only ``RUN_DIR/metrics.jsonl`` (one JSON object per round, see :mod:`rlfh.run.metrics`) and
 plot every curve a user judges a run by: each ``reward/<name>/mean``, each ``loss/*`` and
 ``dpo/implicit_acc``. ``compare`` overlays two runs per plot and writes a summary (final and best
 value of each curve, side by side) as ``summary.md`` and ``index.html``.
@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rlfh.report import slug
+from rlfh.eval.report import slug
 
 CURVE_PATTERNS = (r"^reward/.+/mean$", r"^loss/.+$", r"^dpo/implicit_acc$")
 COLORS = ("#1f77b4", "#d62728")

@@ -1,7 +1,7 @@
 """The learner's data-parallel ranks on Ray, driven as one learner.
 
 ``resources.num_learner_gpus: N`` (or ``num_learner_ranks: N`` on CPU) starts N
-:class:`rlfh.learner_actor.LearnerActor` ranks, reserved together in a PACK placement group (one
+:class:`rlfh.learner.actor.LearnerActor` ranks, reserved together in a PACK placement group (one
 bundle per rank) so they land on as few nodes as possible; rank 0 names the rendezvous and every
 rank joins one torch.distributed group (nccl on GPUs, gloo on CPU) for one DeepSpeed engine.
 
@@ -42,7 +42,7 @@ class LearnerGroup:
     """
 
     def __init__(self, cfg, num_threads: int = 1, colocate: bool = False):
-        from rlfh.learner_actor import LearnerActor
+        from rlfh.learner.actor import LearnerActor
 
         res = cfg.resources
         self.world_size = cfg.learner_world_size
@@ -53,7 +53,7 @@ class LearnerGroup:
         if self.world_size > 1:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-            from rlfh.placement import reserve
+            from rlfh.learner.placement import reserve
 
             bundle = {"CPU": res.num_cpus_per_actor, **({"GPU": gpus} if gpus else {}), **res.learner_resources}
             self.placement_group = reserve([dict(bundle) for _ in range(self.world_size)], "PACK", "the learner ranks")

@@ -2,7 +2,7 @@
 
 DeepSpeed falls back to MPI discovery when the rendezvous variables are missing, which fails on a
 plain machine, so they are always set explicitly: by :func:`init_distributed` for a single-process
-learner, by the learner ranks (``rlfh.learner_group``) for a data-parallel one.
+learner, by the learner ranks (``rlfh.learner.group``) for a data-parallel one.
 """
 
 from __future__ import annotations

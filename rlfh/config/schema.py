@@ -349,7 +349,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         data = dict(data, guards=dict(guards, heldout_rewards=shorthand(guards["heldout_rewards"])))
     cfg = _build(Config, data, "", problems)
     if cfg is not None:
-        from rlfh.config_rules import check_consistency
+        from rlfh.config.rules import check_consistency
 
         problems.extend(check_consistency(cfg))
     if problems:

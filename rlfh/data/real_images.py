@@ -1,4 +1,4 @@
-"""Real images for HG-DPO winners (rlfh/hgdpo.py): read, resized, encoded once to latents, cached.
+"""Real images for HG-DPO winners (rlfh/data/hgdpo.py): read, resized, encoded once to latents, cached.
 
 Real images are encoded once to UNet-space latents with the pipeline's VAE, as diffusers' SDXL
 img2img ``_encode_vae_image`` does (the inverse of the decode in ``rollouts/sampler.py``):
@@ -118,7 +118,7 @@ def load_vae(model_cfg, device: str | torch.device = "cpu"):
     """The run's VAE alone (``model.vae_path`` when set), in ``model.dtype``, as the pipeline holds it."""
     from diffusers import AutoencoderKL
 
-    from rlfh.models import DTYPES, load_pipeline, resolve_model_path
+    from rollouts.models import DTYPES, load_pipeline, resolve_model_path
 
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.vae_path:
@@ -294,7 +294,7 @@ class RealImageSource:
 
     def region_masks(self, indices: Sequence[int], names: Sequence[str]) -> dict[str, np.ndarray]:
         """{name: (k, 1, h, w)} masks from the metadata's boxes, mapped through resize and crop; zeros without boxes."""
-        from rlfh.pairs import region_mask_arrays
+        from rlfh.data.pairs import region_mask_arrays
 
         names = [n for n in names if n != "global"]
         if not names:

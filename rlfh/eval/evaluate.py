@@ -13,7 +13,7 @@ has no value are excluded from the rate and counted by cause. Rewards are "highe
 learner maximises them), so a win is a strictly higher value.
 
 Outputs in ``out_dir``: ``eval.json`` (the summary, including every sample's scores and regions),
-``images/<side>/NNNN.png`` and, unless disabled, the HTML report of :mod:`rlfh.report`.
+``images/<side>/NNNN.png`` and, unless disabled, the HTML report of :mod:`rlfh.eval.report`.
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def sample_images(cfg, spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[
     import torch
     from tqdm import tqdm
 
-    from rlfh.models import load_pipeline
+    from rollouts.models import load_pipeline
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 
@@ -252,7 +252,7 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
     """Sample, score, summarise and write ``eval.json`` (+ images and the HTML report).
 
     Args:
-        cfg: a :class:`rlfh.config.Config`; ``model`` (dtype, vae), ``rollout`` (sampling settings)
+        cfg: a :class:`rlfh.config.schema.Config`; ``model`` (dtype, vae), ``rollout`` (sampling settings)
             and ``rewards`` are used.
         model: the model under evaluation.
         prompts: the prompt set; every prompt is sampled at every seed.
@@ -263,7 +263,7 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
         batch_size: images per sampling/scoring batch (default ``rollout.sample_batch_size_per_actor``).
         device: torch device for the pipelines.
         progress: show progress bars.
-        report: also write the HTML report (:func:`rlfh.report.write_eval_report`).
+        report: also write the HTML report (:func:`rlfh.eval.report.write_eval_report`).
 
     Returns:
         The summary written to ``eval.json``.
@@ -325,7 +325,7 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     if report:
-        from rlfh.report import write_eval_report
+        from rlfh.eval.report import write_eval_report
 
         write_eval_report(out)
     return summary

@@ -1,4 +1,4 @@
-"""Evaluation commands of the ``rlfh`` CLI (wired in by ``rlfh.cli.build_parser``).
+"""Evaluation commands of the ``rlfh`` CLI (wired in by ``rlfh.cli.main.build_parser``).
 
     rlfh eval CONFIG --model PATH_OR_ID [--lora DIR] [--baseline-model PATH_OR_ID] [--baseline-lora DIR]
               [--prompts human|general|FILE] [--seeds N] [--seed-start S] [--max-prompts K]
@@ -47,8 +47,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rewards.base import RewardError
-    from rlfh.config import ConfigError, load_config
-    from rlfh.evaluate import ModelSpec, evaluate, format_summary, load_prompt_set
+    from rlfh.config.schema import ConfigError, load_config
+    from rlfh.eval.evaluate import ModelSpec, evaluate, format_summary, load_prompt_set
 
     try:
         if args.seeds < 1:
@@ -82,7 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from rlfh.curves import compare_runs
+    from rlfh.eval.curves import compare_runs
 
     out = args.out or f"compare-{Path(args.run_a).resolve().name}-vs-{Path(args.run_b).resolve().name}"
     try:
@@ -94,7 +94,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from rlfh.curves import plot_run
+    from rlfh.eval.curves import plot_run
 
     try:
         index = plot_run(args.run_dir, args.out)
@@ -138,7 +138,7 @@ def add_eval_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the evaluation commands alone (``python -m rlfh.cli_eval eval ...``), as ``rlfh`` does."""
+    """Run the evaluation commands alone (``python -m rlfh.cli.eval eval ...``), as ``rlfh`` does."""
     from rlfh.env import apply_env_defaults
 
     apply_env_defaults()

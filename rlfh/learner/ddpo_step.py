@@ -16,7 +16,7 @@ import torch
 
 def ddpo_step(learner, idx: list[int], tb, order: list[int], first: bool) -> dict[str, float]:
     """One micro-batch of trajectories: a DDPO clipped-ratio loss per trained timestep."""
-    from rlfh.learner import _tensor
+    from rlfh.learner.engine import _tensor
     from rlfh.losses.ddpo import ddpo_clipped_loss
     from rollouts.ddim_logprob import scheduler_step_with_logprob
     from rollouts.sampler import guided_eps, sdxl_conditioning
@@ -49,7 +49,7 @@ def ddpo_step(learner, idx: list[int], tb, order: list[int], first: bool) -> dic
 
 def train_on_trajectories(learner, tb, epochs: int = 1) -> dict[str, float]:
     """DDPO over a TrajectoryBatch (per-prompt advantages) in the learner's optimizer steps."""
-    from rlfh.learner import ddpo_train_steps
+    from rlfh.learner.engine import ddpo_train_steps
 
     cfg = learner.cfg
     if cfg.learner.loss != "ddpo":

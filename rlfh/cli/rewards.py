@@ -1,4 +1,4 @@
-"""Reward commands of the ``rlfh`` CLI (wired in by ``rlfh.cli.build_parser``).
+"""Reward commands of the ``rlfh`` CLI (wired in by ``rlfh.cli.main.build_parser``).
 
     rlfh serve-rewards CONFIG [key=value ...] [--host 127.0.0.1] [--port 8000] [...]
         serve the config's ``rewards:`` over HTTP and by handle (Ray Serve) until Ctrl-C
@@ -70,7 +70,7 @@ def cmd_serve_rewards(args: argparse.Namespace) -> int:
     import signal
 
     from rewards.base import RewardError
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -81,12 +81,13 @@ def cmd_serve_rewards(args: argparse.Namespace) -> int:
     from ray import serve
 
     from rewards.server import start_reward_server
+    from rlfh.env import worker_runtime_env
 
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     _STOP.clear()
     signal.signal(signal.SIGINT, _interrupt)
     try:
-        start_reward_server(cfg.rewards, scfg, name=args.name)
+        start_reward_server(cfg.rewards, scfg, name=args.name, runtime_env=worker_runtime_env())
         # SIGTERM (kill, a job scheduler) stops the server as cleanly as Ctrl-C does. Set after
         # ray.init, which installs its own SIGTERM handler (stack dump, exit without cleanup).
         signal.signal(signal.SIGTERM, _interrupt)
@@ -150,7 +151,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from rewards.base import RewardError
     from rewards.composite import RewardSet
     from rewards.wire import check_finite, check_reward_names
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
 
     overrides = [x for x in args.items if "=" in x and not os.path.exists(x)]
     paths = [x for x in args.items if x not in overrides]

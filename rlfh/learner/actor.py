@@ -1,13 +1,13 @@
-"""One learner rank: a :class:`rlfh.learner.DPOLearner` (DeepSpeed engine), as a Ray actor
+"""One learner rank: a :class:`rlfh.learner.engine.DPOLearner` (DeepSpeed engine), as a Ray actor
 (:data:`LearnerActor`) or in the calling process (offline DPO on one rank).
 
 Built in two calls, because the ranks of a data-parallel learner must meet: the actor starts empty,
 rank 0 names a rendezvous address (:meth:`LearnerRank.rendezvous`), then every rank runs
-:meth:`LearnerRank.setup` at the same time (``rlfh.learner_group`` drives this).
+:meth:`LearnerRank.setup` at the same time (``rlfh.learner.group`` drives this).
 
 In colocated mode (``resources.colocate``) the same actor is also the run's only rollout actor: it
 samples with the learner's own pipeline and UNet, so there is no second UNet and no weight
-transfer, and it hands the device over between the phases (``rlfh.colocate``).
+transfer, and it hands the device over between the phases (``rlfh.learner.colocate``).
 """
 
 from __future__ import annotations
@@ -31,21 +31,21 @@ class LearnerRank:
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port on it, for the process group (called on rank 0)."""
-        from rlfh.distributed import free_port
+        from rlfh.learner.distributed import free_port
 
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
 
     def setup(self, cfg, rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None,
               colocate: bool = False) -> int:
-        from rlfh.distributed import set_rendezvous
-        from rlfh.learner import DPOLearner
+        from rlfh.learner.distributed import set_rendezvous
+        from rlfh.learner.engine import DPOLearner
 
         if world_size > 1:
             set_rendezvous(rank, world_size, *master)
         self.learner = DPOLearner(cfg, keep_vae=colocate)
         if colocate:
-            from rlfh.colocate import Handover
+            from rlfh.learner.colocate import Handover
             from rollouts.sampler import Sampler
 
             self.sampler = Sampler(self.learner.pipe, model_id=cfg.model.path, scheduler=cfg.rollout.scheduler)
@@ -58,7 +58,7 @@ class LearnerRank:
         return self.learner.train(batch, epochs)
 
     def weight_buckets(self, bucket_bytes: int) -> list:
-        """The policy weights as object-store refs, one per bucket (``rlfh.weight_sync``); every rank
+        """The policy weights as object-store refs, one per bucket (``rlfh.learner.weight_sync``); every rank
         takes part (ZeRO-3 gathers collectively), rank 0's refs are the ones to send."""
         refs = []
         for bucket in self.learner.policy_weight_buckets(bucket_bytes):

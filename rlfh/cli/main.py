@@ -20,7 +20,7 @@ import sys
 
 
 def _load(args):
-    from rlfh.config import load_config
+    from rlfh.config.schema import load_config
 
     return load_config(args.config, args.overrides)
 
@@ -44,14 +44,14 @@ def cmd_offline(args) -> int:
 def cmd_config(args) -> int:
     import yaml
 
-    from rlfh.config import to_dict
+    from rlfh.config.schema import to_dict
 
     print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
     return 0
 
 
 def cmd_make_tiny(args) -> int:
-    from rlfh.models import make_tiny_model
+    from rollouts.models import make_tiny_model
 
     path = make_tiny_model(args.dir, seed=args.seed)
     print(f"[rlfh] tiny SDXL-architecture pipeline written to {path}")
@@ -79,9 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("train", cmd_train, "online preference training on Ray")
     with_config("offline-dpo", cmd_offline, "Diffusion-DPO from a logged rollout log (rollouts=DIR)")
     with_config("config", cmd_config, "print the effective, validated config")
-    from rlfh.cli_eval import add_eval_commands
-    from rlfh.cli_rewards import add_reward_commands
-    from rlfh.cli_status import add_status_commands
+    from rlfh.cli.eval import add_eval_commands
+    from rlfh.cli.rewards import add_reward_commands
+    from rlfh.cli.status import add_status_commands
 
     add_reward_commands(sub)
     add_status_commands(sub)
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from rewards.base import RewardError
-    from rlfh.config import ConfigError
+    from rlfh.config.schema import ConfigError
     from rlfh.env import apply_env_defaults
     from rollouts.log import RolloutLogError
 

@@ -1,6 +1,6 @@
-"""``rlfh status RUN_DIR [--json] [--last N]`` (wired in by ``rlfh.cli.build_parser``).
+"""``rlfh status RUN_DIR [--json] [--last N]`` (wired in by ``rlfh.cli.main.build_parser``).
 
-Summarises a live or finished run from its run directory alone (see :mod:`rlfh.status`): state,
+Summarises a live or finished run from its run directory alone (see :mod:`rlfh.run.status`): state,
 progress and ETA, config, latest checkpoint, rollout log, reward curves, DPO implicit accuracy, MPD
 weights and where the round's time goes. ``--json`` prints the same content as one JSON object.
 """
@@ -49,7 +49,7 @@ def _config_lines(cfg: dict[str, Any]) -> list[str]:
 
 
 def format_status(st: dict[str, Any]) -> str:
-    """The human-readable ``rlfh status`` report of a :func:`rlfh.status.run_status` dict."""
+    """The human-readable ``rlfh status`` report of a :func:`rlfh.run.status.run_status` dict."""
     lines = [f"run        {st['run_dir']}", f"state      {st['state']}: {st['state_reason']}"]
     lines += _config_lines(st["config"])
     done, total = st["rounds_done"], st["num_rounds"]
@@ -102,7 +102,7 @@ def format_status(st: dict[str, Any]) -> str:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the status of ``args.run_dir``; exit 2 with a one-line error for a non-run directory."""
-    from rlfh.status import run_status
+    from rlfh.run.status import run_status
     from rollouts.log import RolloutLogError
 
     try:

@@ -103,7 +103,7 @@ def config_summary(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """The fields a reader judges a run by, from ``config.yaml``; an outdated schema still summarises."""
     import yaml
 
-    from rlfh.config import ConfigError, config_from_dict, to_dict
+    from rlfh.config.schema import ConfigError, config_from_dict, to_dict
 
     path = run_dir / "config.yaml"
     try:
@@ -152,7 +152,7 @@ def checkpoint_summary(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]
     ``checkpoints/latest`` names it; if that one is not complete, the newest complete one is shown.
     Files are not re-hashed (a full-UNet checkpoint is many GB); resuming verifies them.
     """
-    from rlfh.checkpoints import checkpoints_root, is_complete
+    from rlfh.run.checkpoints import checkpoints_root, is_complete
 
     root = checkpoints_root(run_dir)
     complete = sorted(p for p in root.glob("round-*") if p.is_dir() and is_complete(p)) if root.is_dir() else []

@@ -8,8 +8,8 @@ One call of :meth:`DPOLearner.train_on_pairs` (DPO family) or :meth:`DPOLearner.
     t ~ U{0..T-1}, eps ~ N(0, I)       shared by w and l
     x_t^* = sqrt(abar_t) x_0^* + sqrt(1 - abar_t) eps
     eps_theta, eps_ref = UNet(x_t^*, t, c) with / without the LoRA adapter
-    L_r = DPO loss on region r's errors, for r in learner.regions   (rlfh/objectives.py)
-    d   = sum_r c_r grad L_r, c from the fairness rule               (rlfh/fairness.py; MPD by default)
+    L_r = DPO loss on region r's errors, for r in learner.regions   (rlfh/losses/objectives.py)
+    d   = sum_r c_r grad L_r, c from the fairness rule               (rlfh/losses/fairness.py; MPD by default)
 
 The combined update is taken by back-propagating sum_r c_r L_r through the engine, so ZeRO
 partitioning, accumulation and clipping stay DeepSpeed's. MPD and MGDA need the per-region
@@ -29,50 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlfh.objectives import pairwise_objectives, weighted_objectives
-
-
-@dataclass
-class PairBatch:
-    """Winner / loser latents (N, 4, h, w) float32, the prompt of each pair, region masks (N, 1, h, w)."""
-
-    latents_w: np.ndarray
-    latents_l: np.ndarray
-    prompts: list[str]
-    masks_w: dict[str, np.ndarray] = field(default_factory=dict)
-    masks_l: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-@dataclass
-class SampleBatch:
-    """Samples for weighted losses: latents (N, 4, h, w), prompts, weights (N,), region masks (N, 1, h, w)."""
-
-    latents: np.ndarray
-    prompts: list[str]
-    weights: np.ndarray
-    masks: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-@dataclass
-class TrajectoryBatch:
-    """DDPO samples: trajectories x_T..x_0 (N, T+1, 4, h, w), their sampling log-probs (N, T),
-    the timesteps (T,), per-prompt advantages (N,), prompts, and the sampler settings (CFG, eta)."""
-
-    latents: np.ndarray
-    log_probs: np.ndarray
-    timesteps: np.ndarray
-    advantages: np.ndarray
-    prompts: list[str]
-    settings: object  # rollouts.types.SamplerSettings
-
-    def __len__(self) -> int:
-        return len(self.prompts)
+from rlfh.losses.objectives import pairwise_objectives, weighted_objectives
 
 
 def _tensor(a: np.ndarray, idx: list[int], device) -> torch.Tensor:
@@ -121,12 +78,12 @@ class DPOLearner:
     """Diffusion-DPO on an SDXL UNet, LoRA via peft, optimised inside a DeepSpeed engine.
 
     Args:
-        cfg: the full :class:`rlfh.config.Config` (reads ``model``, ``learner``, ``seed``).
+        cfg: the full :class:`rlfh.config.schema.Config` (reads ``model``, ``learner``, ``seed``).
         device: torch device for the learner (``cuda`` when available, else ``cpu``).
         keep_vae: keep the pipeline's VAE (colocated mode samples with this learner's pipeline).
 
     With several ranks (``resources.num_learner_ranks`` / ``num_learner_gpus``; the process group is
-    set up by ``rlfh.learner_group``) every rank holds the full batch and trains on its share of
+    set up by ``rlfh.learner.group``) every rank holds the full batch and trains on its share of
     each optimizer step; DeepSpeed averages the gradients.
     """
 
@@ -136,8 +93,8 @@ class DPOLearner:
 
         import torch.distributed as dist
 
-        from rlfh.distributed import init_distributed
-        from rlfh.models import load_pipeline
+        from rlfh.learner.distributed import init_distributed
+        from rollouts.models import load_pipeline
 
         self.cfg = cfg
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -263,7 +220,7 @@ class DPOLearner:
 
     def _combine_and_step(self, objectives: dict[str, torch.Tensor], metrics: dict[str, float], pred) -> dict[str, float]:
         """Back-propagate sum_r c_r L_r through the engine; c from the fairness rule."""
-        from rlfh import fairness
+        from rlfh.losses import fairness
 
         lc = self.cfg.learner
         names = list(objectives)
@@ -342,7 +299,7 @@ class DPOLearner:
         return metrics
 
     def train(self, batch, epochs: int = 1) -> dict[str, float]:
-        """One round's training on what ``rlfh.pairs.learner_batch`` built: pairs (DPO family),
+        """One round's training on what ``rlfh.data.pairs.learner_batch`` built: pairs (DPO family),
         trajectories (DDPO) or weighted samples (RWR / filtered)."""
         if isinstance(batch, PairBatch):
             return self.train_on_pairs(batch, epochs)
@@ -361,8 +318,8 @@ class DPOLearner:
             self._masks(pairs.masks_w, idx), self._masks(pairs.masks_l, idx), d[0][sl], d[1][sl]))
 
     def train_on_trajectories(self, tb: TrajectoryBatch, epochs: int = 1) -> dict[str, float]:
-        """DDPO: clipped-ratio policy gradient over recorded trajectories (``rlfh.ddpo_step``)."""
-        from rlfh.ddpo_step import train_on_trajectories
+        """DDPO: clipped-ratio policy gradient over recorded trajectories (``rlfh.learner.ddpo_step``)."""
+        from rlfh.learner.ddpo_step import train_on_trajectories
 
         return train_on_trajectories(self, tb, epochs)
 
@@ -388,8 +345,8 @@ class DPOLearner:
     def policy_weight_buckets(self, bucket_bytes: int):
         """What rollout actors need to sample from the current policy, in buckets of at most
         ``bucket_bytes`` (CPU tensors): the LoRA weights (usually one bucket), or every UNet weight
-        for full fine-tuning (``rlfh.weight_sync``). Under ZeRO-3 every rank must iterate it."""
-        from rlfh.weight_sync import iter_state_buckets
+        for full fine-tuning (``rlfh.learner.weight_sync``). Under ZeRO-3 every rank must iterate it."""
+        from rlfh.learner.weight_sync import iter_state_buckets
 
         if self.ref_unet is None:
             with self._gathered([p for p in self.unet.parameters() if p.requires_grad]):
@@ -415,13 +372,13 @@ class DPOLearner:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
-        """Write ``directory`` atomically (every rank calls it); see :func:`rlfh.checkpoints.save_learner`."""
-        from rlfh.checkpoints import save_learner
+        """Write ``directory`` atomically (every rank calls it); see :func:`rlfh.run.checkpoints.save_learner`."""
+        from rlfh.run.checkpoints import save_learner
 
         return save_learner(self, Path(directory), extra_state or {})
 
     def load_checkpoint(self, directory: str | Path) -> dict:
         """Restore engine, optimizer, step counters and RNG (every rank calls it)."""
-        from rlfh.checkpoints import load_learner
+        from rlfh.run.checkpoints import load_learner
 
         return load_learner(self, Path(directory))

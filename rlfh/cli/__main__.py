@@ -1,0 +1,3 @@
+from rlfh.cli.main import main
+
+main()

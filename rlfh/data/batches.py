@@ -1,0 +1,60 @@
+"""The batch types of the data -> learner seam: what one round trains on.
+
+Built by :func:`rlfh.data.pairs.learner_batch` from a round's scored samples (or a rollout log), read
+by the steps in :mod:`rlfh.learner.steps`. Arrays are numpy so that Ray ships them zero-copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PairBatch:
+    """Winner / loser latents (N, 4, h, w) float32, the prompt of each pair, region masks (N, 1, h, w)."""
+
+    latents_w: np.ndarray
+    latents_l: np.ndarray
+    prompts: list[str]
+    masks_w: dict[str, np.ndarray] = field(default_factory=dict)
+    masks_l: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class SampleBatch:
+    """Samples for weighted losses: latents (N, 4, h, w), prompts, weights (N,), region masks (N, 1, h, w)."""
+
+    latents: np.ndarray
+    prompts: list[str]
+    weights: np.ndarray
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class TrajectoryBatch:
+    """DDPO samples: trajectories x_T..x_0 (N, T+1, 4, h, w), their sampling log-probs (N, T),
+    the timesteps (T,), per-prompt advantages (N,), prompts, and the sampler settings (CFG, eta)."""
+
+    latents: np.ndarray
+    log_probs: np.ndarray
+    timesteps: np.ndarray
+    advantages: np.ndarray
+    prompts: list[str]
+    settings: object  # rollouts.types.SamplerSettings
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def rows(a: np.ndarray, idx: list[int], device) -> torch.Tensor:
+    """Rows ``idx`` of a batch array as a float32 tensor on ``device`` (a copy: Ray hands out read-only arrays)."""
+    return torch.from_numpy(np.array(a[idx], dtype=np.float32)).to(device)
