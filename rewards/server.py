@@ -16,7 +16,15 @@ Two ways in, one batching queue (requests from both are batched together):
   not a PNG, wrong shape, count mismatch, empty), 404 unknown path, 405 wrong method, 413 too large
   (body, image count, image side or pixels), 415 Content-Type not JSON, 422 the rewards could not
   score a well-formed request (a reward raised RewardError, or produced NaN/inf: never a made-up
-  number; deterministic, so do not retry), 500 an unexpected server fault.
+  number; deterministic, so do not retry), 500 an unexpected server fault, 408 the body did not
+  arrive within ``body_timeout_s``, 503 too many bodies being read at once (per client or in
+  all; retry later, ``Retry-After`` says when).
+
+Slow clients: Serve hands a request to the replica before its body has arrived, so a body trickling
+in holds one of the replica's ``max_ongoing_requests`` slots. Bodies are read under a deadline
+(408 after it), and at most ``max_body_reads_per_client`` per client address and half the replica's
+slots in all are read at once (503 beyond), so ``/health`` and well-behaved clients keep a slot
+however many slow connections are open.
 
 Batching: requests queue in ``@serve.batch``; a batch holds up to ``max_batch_size`` *images*
 (counted by ``batch_size_fn``) and waits at most ``batch_wait_timeout_s`` to fill. Same-size
@@ -46,6 +54,13 @@ from rewards.wire import RequestError, ServerConfig, check_finite, check_reward_
 
 logger = logging.getLogger("rlfh.reward_server")
 
+# A 64 MB body (the default max_request_bytes) takes ~6 s at 10 MB/s: 30 s only cuts off stalled
+# or deliberately slow senders.
+BODY_TIMEOUT_S = 30.0
+# Legitimate bodies arrive in milliseconds, so a client reading more than a few at once is
+# either stalled or hostile; 8 leaves room for a host running several rollout actors.
+MAX_BODY_READS_PER_CLIENT = 8
+
 
 def entries_to_dicts(entries: Sequence[Any]) -> list[dict[str, Any]]:
     """Config reward entries (objects or dicts) -> plain dicts, the form shipped to the replicas."""
@@ -61,8 +76,9 @@ def _images_in(items: list[tuple[np.ndarray, list[str]]]) -> int:
     return sum(len(images) for images, _ in items)
 
 
-def _json(status: int, payload: dict[str, Any]) -> Response:
-    return Response(json.dumps(payload, allow_nan=False), status_code=status, media_type="application/json")
+def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(payload, allow_nan=False), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def _concat(parts: list[Any]) -> Any:
@@ -77,10 +93,17 @@ def _concat(parts: list[Any]) -> Any:
 class RewardServer:
     """One replica: the RewardSet, a batching queue in front of it, and the HTTP routes."""
 
-    def __init__(self, entries: list[dict[str, Any]], config: dict[str, Any]):
+    def __init__(self, entries: list[dict[str, Any]], config: dict[str, Any], body_timeout_s: float = BODY_TIMEOUT_S,
+                 max_body_reads_per_client: int = MAX_BODY_READS_PER_CLIENT, max_body_reads: int = 16):
         from rewards.composite import RewardSet
 
         self.cfg = ServerConfig(**config)
+        self.body_timeout_s = body_timeout_s
+        self.max_body_reads_per_client = max_body_reads_per_client
+        self.max_body_reads = max_body_reads
+        # Bodies being read now, per client host. Plain counters: every request of this replica
+        # runs on one event loop.
+        self._reading: dict[str, int] = {}
         self.rewards = RewardSet.from_config([types.SimpleNamespace(**e) for e in entries])
         check_reward_names(self.rewards.names)
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
@@ -167,16 +190,41 @@ class RewardServer:
                 return _json(405, {"error": f"{request.method} {path} is not allowed; use {routes[path]} {path}"})
             if path == "/health":
                 return _json(200, self.health())
-            images, prompts = parse_score_request(await self._read_body(request), self.cfg.limits)
+            images, prompts = parse_score_request(await self._read_body_bounded(request), self.cfg.limits)
             batch = await self.score(images, prompts)
             return _json(200, {"results": [image_result(batch, i) for i in range(len(images))]})
         except RequestError as e:
-            return _json(e.status, {"error": str(e)})
+            headers = {"Retry-After": "1"} if e.status == 503 else None
+            return _json(e.status, {"error": str(e)}, headers)
         except RewardError as e:
             return _json(422, {"error": f"reward failed: {e}"})
         except Exception as e:  # the server must answer, not crash, whatever a reward or a request does
             logger.exception("unexpected error while serving %s", request.url.path)
             return _json(500, {"error": f"internal error: {type(e).__name__}: {e}"})
+
+    async def _read_body_bounded(self, request: Request) -> bytes:
+        """The body, read under the per-client and total caps and the body deadline."""
+        client = request.client.host if request.client else "?"
+        mine = self._reading.get(client, 0)
+        if mine >= self.max_body_reads_per_client:
+            raise RequestError(f"client {client} already has {mine} request bodies being read "
+                               f"(max_body_reads_per_client={self.max_body_reads_per_client}); retry later", 503)
+        total = sum(self._reading.values())
+        if total >= self.max_body_reads:
+            raise RequestError(f"{total} request bodies are being read (max_body_reads={self.max_body_reads}); "
+                               f"retry later", 503)
+        self._reading[client] = mine + 1
+        try:
+            return await asyncio.wait_for(self._read_body(request), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(f"request body not received within body_timeout_s={self.body_timeout_s:g}; "
+                               f"send it faster or in smaller requests", 408) from None
+        finally:
+            left = self._reading[client] - 1
+            if left:
+                self._reading[client] = left
+            else:
+                del self._reading[client]
 
     async def _read_body(self, request: Request) -> bytes:
         ctype = request.headers.get("content-type")
@@ -198,16 +246,28 @@ class RewardServer:
         return b"".join(chunks)
 
 
-def build_app(entries: Sequence[Any], config: ServerConfig) -> Any:
-    """The Serve application for these reward entries (not yet running)."""
+def build_app(entries: Sequence[Any], config: ServerConfig, body_timeout_s: float = BODY_TIMEOUT_S,
+              max_body_reads_per_client: int = MAX_BODY_READS_PER_CLIENT) -> Any:
+    """The Serve application for these reward entries (not yet running).
+
+    ``body_timeout_s``: longest a request body may take to arrive (408 after it);
+    ``max_body_reads_per_client``: most bodies read at once for one client address (503 beyond).
+    """
     named = [e["name"] for e in entries_to_dicts(entries) if e["name"]]
     check_reward_names(named)
+    if not body_timeout_s > 0 or max_body_reads_per_client < 1:
+        raise ValueError(f"body_timeout_s={body_timeout_s!r} must be > 0 and "
+                         f"max_body_reads_per_client={max_body_reads_per_client!r} >= 1")
+    # Enough in flight per replica for a full batch to queue while the previous one runs.
+    max_ongoing = max(2 * config.max_batch_size, 8)
     return RewardServer.options(
         num_replicas=config.num_replicas,
-        # Enough in flight per replica for a full batch to queue while the previous one runs.
-        max_ongoing_requests=max(2 * config.max_batch_size, 8),
+        max_ongoing_requests=max_ongoing,
         ray_actor_options={"num_cpus": config.num_cpus_per_replica},
-    ).bind(entries_to_dicts(entries), dataclasses.asdict(config))
+    ).bind(entries_to_dicts(entries), dataclasses.asdict(config), body_timeout_s, max_body_reads_per_client,
+           # Bodies in flight take at most half the slots: the rest stay free for /health and for
+           # requests whose body has arrived, whoever holds connections open.
+           max(max_ongoing // 2, 1))
 
 
 def start_reward_server(entries: Sequence[Any], config: ServerConfig | None = None, name: str = "rewards",
