@@ -9,6 +9,7 @@ arguments and must return a :class:`rewards.base.Reward` (or any callable obeyin
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any, Callable
 
 from rewards.base import Reward, RewardError
@@ -43,6 +44,33 @@ def resolve(target: str) -> Callable[..., Any]:
         return getattr(module, attr)
     except AttributeError:
         raise RewardError(f"reward {target!r}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def check_target(target: str) -> str | None:
+    """What is wrong with a reward ``target``, found without building the reward; None when it resolves.
+
+    Config validation calls this so that a typo stops the run before Ray, models and actors start
+    (building the reward happens later, on the reward actor). A registry name is checked against
+    the registry and its module located, not imported: the built-in modules import torch and
+    model code, seconds per name. A ``module:callable`` is imported and the attribute looked up,
+    exactly as :func:`resolve` will do on the actor.
+    """
+    if not isinstance(target, str) or not target:
+        return f"reward target {target!r}: give a registry name or a 'module:callable' path"
+    if target in BUILTIN:
+        module_name = BUILTIN[target].split(":", 1)[0]
+        if importlib.util.find_spec(module_name) is None:
+            return f"reward {target!r}: its module {module_name!r} is not installed"
+        return None
+    try:
+        factory = resolve(target)
+    except RewardError as e:
+        return str(e)
+    except Exception as e:  # the user's module raised while importing (SyntaxError, missing dependency, ...)
+        return f"reward {target!r}: importing {target.split(':', 1)[0]!r} failed: {type(e).__name__}: {e}"
+    if not callable(factory):
+        return f"reward {target!r}: {type(factory).__name__} object is not callable; name a class or a factory function"
+    return None
 
 
 def build_reward(target: str, options: dict[str, Any] | None = None, name: str | None = None) -> Reward:

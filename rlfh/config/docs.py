@@ -75,8 +75,11 @@ HEADER = """# Config reference
      do not edit by hand (tests/rlfh/test_config_docs.py fails when this file is out of date). -->
 
 Every key can be set in the YAML file or on the command line as `key.path=value`
-(`rlfh train configs/tiny.yaml learner.lr=1e-4`). Unknown keys are errors. Types: `X | None`
-keys may be `null`; `one of` keys accept only the listed values.
+(`rlfh train configs/tiny.yaml learner.lr=1e-4`); an existing list entry by its index
+(`rewards.0.weight=0.5`; to add an entry, set the whole list: `rewards=[{target: facescore}]`).
+Unknown keys, a key given twice in one mapping, an empty file, `nan`/`inf` in any number and a
+reward `target` that does not resolve are errors, all reported before anything starts. Types:
+`X | None` keys may be `null`; `one of` keys accept only the listed values.
 """
 
 

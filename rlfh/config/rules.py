@@ -5,6 +5,10 @@ options that exclude each other. Each problem names its keys and says what to ch
 
 from __future__ import annotations
 
+# Larger than any SDXL bucket (1024-2048) with room to spare; 100000 x 100000 would try to allocate
+# a 6 GB latent per sample and fail minutes in, inside a rollout actor.
+MAX_IMAGE_SIDE = 4096
+
 
 def check_consistency(cfg) -> list[str]:
     """Cross-field rules: batch sizes that must divide, counts that must be positive."""
@@ -45,6 +49,8 @@ def check_consistency(cfg) -> list[str]:
     for key, v in [("rollout.height", r.height), ("rollout.width", r.width)]:
         if v < 8 or v % 8:
             p.append(f"{key}={v}: must be a positive multiple of 8 (the VAE downsamples by 8)")
+        elif v > MAX_IMAGE_SIDE:
+            p.append(f"{key}={v}: must be at most {MAX_IMAGE_SIDE} pixels (SDXL is trained at 1024)")
     if r.samples_per_round % max(res.num_rollout_actors, 1):
         p.append(
             f"rollout.prompts_per_round * rollout.rollouts_per_prompt = {r.samples_per_round} samples per round "
@@ -116,6 +122,8 @@ def check_consistency(cfg) -> list[str]:
         p.append("guards.max_heldout_drop needs guards.every > 0 (held-out evaluations to compare)")
     if lr_.beta <= 0:
         p.append(f"learner.beta={lr_.beta}: must be > 0")
+    p.extend(_optimizer_rules(lr_))
+    p.extend(_range_rules(cfg))
     if not lr_.regions or len(set(lr_.regions)) != len(lr_.regions):
         p.append(f"learner.regions={lr_.regions}: give distinct region names, e.g. [global, face, hand]")
     if lr_.region_scale <= 0:
@@ -139,7 +147,65 @@ def check_consistency(cfg) -> list[str]:
     for i, e in enumerate([*cfg.rewards, *cfg.guards.heldout_rewards]):
         if e.name is None and ":" in e.target:
             p.append(f"rewards[{i}] target={e.target!r}: a module:callable reward needs `name:` (its key in metrics and logs)")
+    p.extend(_reward_entry_rules(cfg))
     names = [e.name or e.target for e in cfg.rewards]
     for n in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"rewards: name {n!r} is used twice; give each entry a distinct `name:`")
+    return p
+
+
+def _optimizer_rules(lr_) -> list[str]:
+    p: list[str] = []
+    if lr_.lr <= 0:
+        p.append(f"learner.lr={lr_.lr}: must be > 0 (e.g. 1e-5)")
+    if lr_.weight_decay < 0:
+        p.append(f"learner.weight_decay={lr_.weight_decay}: must be >= 0")
+    betas = lr_.adam_betas
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        p.append(f"learner.adam_betas={betas}: give two values in [0, 1), e.g. [0.9, 0.999]")
+    if lr_.max_grad_norm < 0:
+        p.append(f"learner.max_grad_norm={lr_.max_grad_norm}: must be >= 0 (0 turns clipping off)")
+    if lr_.lora.alpha <= 0:
+        p.append(f"learner.lora.alpha={lr_.lora.alpha}: must be > 0")
+    if lr_.ddpo_clip_range <= 0:
+        p.append(f"learner.ddpo_clip_range={lr_.ddpo_clip_range}: must be > 0")
+    return p
+
+
+def _range_rules(cfg) -> list[str]:
+    """Counts and amounts whose wrong sign only shows up rounds into a run (or never, as a silent no-op)."""
+    p: list[str] = []
+    lg, res, r = cfg.logging, cfg.resources, cfg.rollout
+    if lg.checkpoint_every < 1:
+        # `round % 0` fails after the first round, before any checkpoint exists
+        p.append(f"logging.checkpoint_every={lg.checkpoint_every}: must be >= 1 (rounds between checkpoints; "
+                 f"the last round always checkpoints, so a large value saves only at the end)")
+    if lg.sample_grid_every < 0:
+        p.append(f"logging.sample_grid_every={lg.sample_grid_every}: must be >= 0 (0 = never)")
+    for key, v in [("resources.gpus_per_rollout_actor", res.gpus_per_rollout_actor),
+                   ("resources.gpus_per_reward_actor", res.gpus_per_reward_actor),
+                   ("resources.num_cpus_per_actor", res.num_cpus_per_actor),
+                   ("resources.num_learner_gpus", res.num_learner_gpus),
+                   ("resources.max_actor_restarts", res.max_actor_restarts),
+                   ("rollout.eta", r.eta)]:
+        if v < 0:
+            p.append(f"{key}={v}: must be >= 0")
+    return p
+
+
+def _reward_entry_rules(cfg) -> list[str]:
+    """Each reward's target resolves (without building the model) and its weight's sign is intended."""
+    from rewards.registry import check_target
+
+    p: list[str] = []
+    for section, entries in (("rewards", cfg.rewards), ("guards.heldout_rewards", cfg.guards.heldout_rewards)):
+        for i, e in enumerate(entries):
+            key = f"{section}[{i}]"
+            problem = check_target(e.target)
+            if problem is not None:
+                p.append(f"{key}.target={e.target!r}: {problem.removeprefix(f'reward {e.target!r}: ')}")
+            if e.weight < 0 and not e.allow_negative_weight:
+                p.append(f"{key}.weight={e.weight}: a negative weight trains the model to lower this reward; "
+                         f"if that is intended set {key}.allow_negative_weight=true (on the command line: "
+                         f"{section}.{i}.allow_negative_weight=true)")
     return p

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +73,7 @@ class RewardEntry:
     name: Optional[str] = None
     weight: float = 1.0
     options: dict[str, Any] = field(default_factory=dict)
+    allow_negative_weight: bool = False  # a negative weight trains AWAY from this reward; refused unless set, so a sign typo cannot invert the objective
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,46 @@ class Config:
 # --------------------------------------------------------------------------------------------
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping gives the same key twice; ``key``, ``first_line`` and ``line`` (1-based) say where."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        self.key, self.first_line, self.line = key, first_line, line
+        super().__init__(f"key {key!r} is given twice (lines {first_line} and {line}); YAML would silently keep "
+                         f"only the last one: remove one of them")
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping key given twice.
+
+    Plain YAML loaders keep the last value, so an edited config that still holds the old line
+    trains with whichever comes second, without a word.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overriding a key is intended
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in seen:
+                        raise DuplicateKeyError(key, seen[key] + 1, key_node.start_mark.line + 1)
+                    seen[key] = key_node.start_mark.line
+                except TypeError:  # an unhashable key; the base constructor reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                             lambda loader, node: loader.construct_mapping(node))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=StrictLoader)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -232,14 +274,25 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
             return tp() if _all_defaults(tp) else None
         return _build(tp, value, key + ".", problems)
     if origin is list:
+        if isinstance(value, dict) and value and all(_is_index(k) for k in value):
+            # `rewards.0.weight=2` with no list underneath to index (the defaults, or the file sets none)
+            problems.append(f"{key}: the config has no list here whose entries `{key}.N.key=value` could override; "
+                            f"set the whole list, e.g. {key}=[...]")
+            return None
         if not isinstance(value, list):
             problems.append(f"{key}={value!r}: must be a list")
             return []
-        return [_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        items = [_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
+        # an entry that failed to convert was reported; a list holding None would reach the rules
+        return None if any(v is None for v in items) and not _optional(args[0]) else items
     if origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{key}={value!r}: must be a mapping")
             return {}
+        if args and args[1] is float:
+            for k, v in value.items():
+                if isinstance(v, float) and not math.isfinite(v):
+                    problems.append(f"{key}.{k}={v!r}: must be a finite number")
         return dict(value)
     if tp is Any:
         return value
@@ -254,13 +307,21 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         if isinstance(value, str) and value.lstrip("-").isdigit():
             return int(value)
     elif tp is float:
+        number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # NaN passes every `<= 0` rule (all comparisons are false) and then trains to NaN weights,
+            # so every float key refuses it here, once, whatever its own range rule says
+            if not math.isfinite(number):
+                problems.append(f"{key}={value!r}: must be a finite number")
+                return None
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -316,7 +377,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key or any(not part for part in key.split(".")):
             raise ConfigError([f"override {item!r}: empty key"], "command line")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml_load(raw) if raw != "" else ""
+        except DuplicateKeyError as e:
+            raise ConfigError([f"override {item!r}: {e}"], "command line") from None
         except yaml.YAMLError:
             value = raw
         node = out
@@ -329,24 +392,52 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def _is_index(key: Any) -> bool:
+    return (isinstance(key, int) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit())
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``update`` over ``base``; ``{"rewards": {"0": {...}}}`` (from ``rewards.0.key=value``) edits that list entry."""
     merged = dict(base)
     for k, v in update.items():
-        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+        current = merged.get(k)
+        if isinstance(v, dict) and isinstance(current, dict):
+            merged[k] = _merge(current, v, f"{prefix}{k}.")
+        elif isinstance(v, dict) and isinstance(current, list) and v and all(_is_index(i) for i in v):
+            merged[k] = _merge_list(current, v, f"{prefix}{k}")
+        else:
+            merged[k] = v
     return merged
+
+
+def _merge_list(items: list[Any], update: dict[str, Any], key: str) -> list[Any]:
+    out = list(items)
+    for i, v in update.items():
+        n = int(i)
+        if n >= len(out):
+            raise ConfigError([f"{key}.{i}: the list has {len(out)} entries (indices 0..{len(out) - 1}); to add an "
+                               f"entry, set the whole list, e.g. {key}=[...]"], "command line")
+        out[n] = _merge(out[n], v, f"{key}.{i}.") if isinstance(v, dict) and isinstance(out[n], dict) else v
+    return out
+
+
+def _expand_shorthand(data: dict[str, Any]) -> dict[str, Any]:
+    """``- jpeg_compressibility`` is shorthand for ``- target: jpeg_compressibility`` (rewards, held-out rewards)."""
+    def expand(entries):
+        return [{"target": e} if isinstance(e, str) else e for e in entries] if isinstance(entries, list) else entries
+
+    data = dict(data, rewards=expand(data["rewards"])) if "rewards" in data else data
+    guards = data.get("guards")
+    if isinstance(guards, dict) and "heldout_rewards" in guards:
+        data = dict(data, guards=dict(guards, heldout_rewards=expand(guards["heldout_rewards"])))
+    return data
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     problems: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], source)
-    def shorthand(entries):  # `- jpeg_compressibility` is shorthand for `- target: jpeg_compressibility`
-        return [{"target": e} if isinstance(e, str) else e for e in entries] if isinstance(entries, list) else entries
-
-    data = dict(data, rewards=shorthand(data["rewards"])) if "rewards" in data else data
-    guards = data.get("guards")
-    if isinstance(guards, dict) and "heldout_rewards" in guards:
-        data = dict(data, guards=dict(guards, heldout_rewards=shorthand(guards["heldout_rewards"])))
+    data = _expand_shorthand(data)
     cfg = _build(Config, data, "", problems)
     if cfg is not None:
         from rlfh.config.rules import check_consistency
@@ -367,11 +458,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError([f"config file {path} does not exist"], source)
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml_load(path.read_text())
+        except DuplicateKeyError as e:
+            raise ConfigError([f"{path}:{e.line}: {e}"], source) from None
         except yaml.YAMLError as e:
             raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if data is None:  # an empty file (or only comments) is a mistake, not a request for the defaults
+            raise ConfigError([f"config file {path} is empty (or only comments): give at least one key, "
+                               f"e.g. copy configs/tiny.yaml"], source)
         if not isinstance(data, dict):
             raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], source)
+        data = _expand_shorthand(data)
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source += " + overrides"
