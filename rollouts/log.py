@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import warnings
@@ -28,6 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -83,6 +85,12 @@ SCHEMA = pa.schema(
 )
 
 
+# Columns added to the format after logs were written: older shards lack them and read as null.
+# Any other missing column is a damaged or foreign shard.
+LATER_COLUMNS = frozenset({"staleness"})
+NON_FINITE = "non-finite value"  # the missing reason :meth:`RolloutLog.summary` gives a NaN/inf reward
+
+
 class RolloutLogError(RuntimeError):
     """The rollout log is missing, corrupted or not an rlfh rollout log."""
 
@@ -98,7 +106,23 @@ def decode_png(data: bytes) -> np.ndarray:
 
 
 def decode_latent(record: dict[str, Any]) -> np.ndarray:
+    latent = record.get("latent")
+    problem = _latent_problem(None if latent is None else len(latent), record.get("latent_shape"))
+    if problem is not None:
+        raise RolloutLogError(f"rollout {record.get('rollout_id', '?')}: {problem}")
     return np.frombuffer(record["latent"], dtype=np.float32).reshape(record["latent_shape"])
+
+
+def _latent_problem(nbytes: int | None, shape: list[int] | None) -> str | None:
+    """Why a latent of ``nbytes`` bytes cannot be read as float32 of ``shape``, or None."""
+    if nbytes is None:
+        return "latent is null"
+    if not shape or any(d is None or d < 1 for d in shape):
+        return f"latent_shape {shape!r} is not a shape"
+    expected = int(np.prod(shape)) * 4
+    if nbytes != expected:
+        return f"latent holds {nbytes} bytes but latent_shape {shape} needs {expected} (float32)"
+    return None
 
 
 def make_records(batch, scored, round_index: int, staleness: int | None = None) -> list[dict[str, Any]]:
@@ -235,7 +259,19 @@ class RolloutLog:
         stray = sorted(p.name for p in self.dir.glob("shard-*.parquet") if p.name not in listed)
         if stray:
             warnings.warn(f"{self.dir}: ignoring shards not in the manifest (from an interrupted write): {stray}")
+        seen: dict[str, str] = {}
         for entry in manifest["shards"]:
+            # a shard listed twice (or a copy under another name) would feed every sample in it twice
+            for key in (entry["name"], entry.get("sha256")):
+                if key in seen:
+                    raise RolloutLogError(
+                        f"{self.manifest_path}: shard {entry['name']} repeats {seen[key]} (same "
+                        f"{'name' if key == entry['name'] else 'sha256'}); its samples would be read twice. "
+                        f"Remove the duplicate entry from manifest.json"
+                    )
+            seen[entry["name"]] = entry["name"]
+            if entry.get("sha256"):
+                seen[entry["sha256"]] = entry["name"]
             path = self.dir / entry["name"]
             if not path.is_file():
                 raise RolloutLogError(f"{path}: listed in the manifest but missing")
@@ -254,42 +290,85 @@ class RolloutLog:
             yield entry, path
 
     def read_table(self, columns: list[str] | None = None) -> pa.Table:
-        """All verified shards as one Arrow table (schema :data:`SCHEMA`)."""
+        """All verified shards as one Arrow table (schema :data:`SCHEMA`).
+
+        Raises :class:`RolloutLogError`, naming the shard (and row), for a missing column, a latent
+        whose bytes do not fit its ``latent_shape``, or a rollout id found twice in the log.
+        """
         tables = []
         want = list(columns) if columns is not None else SCHEMA.names
+        unknown = [c for c in want if c not in SCHEMA.names]
+        if unknown:
+            raise RolloutLogError(f"{self.dir}: no columns {unknown} in the rollout log format (columns: {SCHEMA.names})")
+        # ids are always read: they are how duplicated samples are found
+        read = want if "rollout_id" in want else ["rollout_id", *want]
+        first_shard_of: dict[str, str] = {}
         for entry, path in self.verified_shards():
             try:
                 have = set(pq.read_schema(path).names)
-                t = pq.read_table(path, columns=[c for c in want if c in have])
+                t = pq.read_table(path, columns=[c for c in read if c in have])
             except Exception as e:  # pyarrow raises several types for bad files
                 raise RolloutLogError(f"{path}: not a readable Parquet file: {e}") from e
-            for c in want:  # a column added to the format later (``staleness``): null in older shards
-                if c not in have and c in SCHEMA.names:
+            lacking = [c for c in read if c not in have and c not in LATER_COLUMNS]
+            if lacking:
+                raise RolloutLogError(f"{path}: the shard has no column(s) {lacking}; it is damaged or was not "
+                                      f"written by rlfh. Restore it or remove its entry from manifest.json")
+            for c in read:
+                if c not in have:
                     t = t.append_column(SCHEMA.field(c), pa.nulls(t.num_rows, SCHEMA.field(c).type))
-            t = t.select([c for c in want if c in t.column_names])
             if t.num_rows != entry["num_records"]:
                 raise RolloutLogError(f"{path}: {t.num_rows} records, manifest says {entry['num_records']}")
-            tables.append(t)
+            for row, rid in enumerate(t.column("rollout_id").to_pylist()):
+                other = first_shard_of.get(rid)
+                first_shard_of[rid] = entry["name"]
+                if other is not None:
+                    raise RolloutLogError(
+                        f"{path} row {row}: rollout id {rid!r} is already in {other}; the log holds the same "
+                        f"sample twice (a copied shard?). Remove the duplicate shard's entry from manifest.json"
+                    )
+            if "latent" in want and "latent_shape" in want:
+                self._check_latents(t, path)
+            tables.append(t.select(want))
         if not tables:
             raise RolloutLogError(f"{self.dir}: the rollout log holds no shards")
         return pa.concat_tables(tables)
+
+    @staticmethod
+    def _check_latents(t: pa.Table, path: Path) -> None:
+        # a reshape error deep in training names neither the shard nor the sample; check here
+        ids = t.column("rollout_id").to_pylist()
+        shapes = t.column("latent_shape").to_pylist()
+        sizes = pc.binary_length(t.column("latent")).to_pylist()  # without copying the latents into Python
+        for row, nbytes in enumerate(sizes):
+            problem = _latent_problem(nbytes, shapes[row])
+            if problem is not None:
+                raise RolloutLogError(f"{path} row {row} (rollout {ids[row]}): {problem}")
 
     def records(self, columns: list[str] | None = None) -> list[dict[str, Any]]:
         return self.read_table(columns).to_pylist()
 
     def summary(self) -> dict[str, Any]:
-        """Counts and per-reward statistics, as ``rlfh rollouts inspect`` prints them."""
+        """Counts and per-reward statistics, as ``rlfh rollouts inspect`` prints them.
+
+        A NaN or infinite reward value counts as missing (reason ``"non-finite value"``) and also
+        in the reward's ``non_finite``, so means and counts cover only usable values.
+        """
         t = self.read_table(["rollout_id", "policy_version", "prompt", "rewards", "regions", "latent_shape", "sampler"])
         rows = t.to_pylist()
         rewards: dict[str, dict[str, Any]] = {}
         for r in rows:
             for rw in r["rewards"]:
-                d = rewards.setdefault(rw["name"], {"values": [], "missing": 0, "reasons": {}})
-                if rw["value"] is None:
+                d = rewards.setdefault(rw["name"], {"values": [], "missing": 0, "non_finite": 0, "reasons": {}})
+                value = rw["value"]
+                if value is None or not math.isfinite(value):
+                    # a NaN/inf value made the mean NaN and counted as present; it is as unusable as a
+                    # missing one, and its count says a reward misbehaves, so it is kept apart
+                    reason = rw["reason"] if value is None else NON_FINITE
                     d["missing"] += 1
-                    d["reasons"][rw["reason"]] = d["reasons"].get(rw["reason"], 0) + 1
+                    d["non_finite"] += value is not None
+                    d["reasons"][reason] = d["reasons"].get(reason, 0) + 1
                 else:
-                    d["values"].append(rw["value"])
+                    d["values"].append(value)
         versions = [r["policy_version"] for r in rows]
         region_counts: dict[str, int] = {}
         for r in rows:
@@ -311,6 +390,7 @@ class RolloutLog:
                     "std": float(np.std(d["values"])) if d["values"] else None,
                     "count": len(d["values"]),
                     "missing": d["missing"],
+                    "non_finite": d["non_finite"],
                     "missing_reasons": d["reasons"],
                 }
                 for n, d in rewards.items()

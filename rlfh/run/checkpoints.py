@@ -79,11 +79,22 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if pointer.is_file() and (root / pointer.read_text().strip()).is_dir():
         named = root / pointer.read_text().strip()
         candidates = [named] + [p for p in candidates if p != named and p.name < named.name]
+    rejected: list[str] = []
     for path in candidates:
         problem = verify(path) if is_complete(path) else f"{path}: incomplete"
         if problem is None:
             return path
+        rejected.append(f"{path.name} ({problem})")
         warnings.warn(f"skipping checkpoint {path.name}: {problem}; trying the previous one")
+    if rejected:
+        # the caller starts over from round 0 and sets the earlier rounds aside: never without a word
+        warnings.warn(
+            f"NO INTACT CHECKPOINT in {root}: every one was rejected: {'; '.join(rejected)}. The run starts again "
+            f"from round 0 (earlier rollouts and metrics are set aside, not deleted); to keep the old progress, "
+            f"stop it and restore a checkpoint",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return None
 
 

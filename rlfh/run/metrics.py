@@ -4,14 +4,61 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any
+
+
+class MetricsFileError(ValueError):
+    """``metrics.jsonl`` has a damaged line that is not the last (a crash tears only the last one)."""
+
+
+def _read_lines(path: Path) -> tuple[list[str], str | None]:
+    """The good lines of a metrics file and its torn last line (None when there is none).
+
+    A crash in the middle of :meth:`MetricsLogger.log` leaves a partial LAST line: that line is
+    dropped with a warning naming the file. A bad line anywhere else is corruption, and an error
+    naming the file and line, since silently skipping rows there would hide lost rounds.
+    """
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
+    good: list[str] = []
+    torn = None
+    for i, ln in enumerate(lines, 1):
+        if not ln.strip():
+            continue
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as e:
+            if i == len(lines):
+                torn = ln
+                continue
+            raise MetricsFileError(f"{path}:{i}: not a JSON object ({e}); the metrics file is corrupted "
+                                   f"(only its last line can be torn by a crash). Fix or delete that line") from None
+        good.append(ln)
+    if torn is not None:
+        warnings.warn(f"{path}: dropping the torn last line {torn[:60]!r}{'...' if len(torn) > 60 else ''} "
+                      f"(a write interrupted by a crash); the rows before it are kept")
+    return good, torn
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text("".join(ln + "\n" for ln in lines))
+    os.replace(tmp, path)
 
 
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, cfg, config_dict: dict[str, Any] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_file():
+            good, torn = _read_lines(self.path)
+            if torn is not None:  # appending after a torn line would glue the next row onto it
+                _rewrite(self.path, good)
         self._file = open(self.path, "a")
         self._wandb = None
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
@@ -53,24 +100,22 @@ def rollback_metrics(run_dir: str | Path, from_round: int) -> int:
     A resumed run redoes those rounds; without this its metrics would hold them twice.
     Returns the number of rows moved.
     """
-    import os
-
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return 0
+    lines, torn = _read_lines(path)
     keep, drop = [], []
-    for ln in path.read_text().splitlines():
-        if ln.strip():
-            (drop if json.loads(ln).get("round", -1) >= from_round else keep).append(ln)
+    for ln in lines:
+        (drop if json.loads(ln).get("round", -1) >= from_round else keep).append(ln)
     if drop:
         with open(path.with_name("metrics.rolled_back.jsonl"), "a") as f:
             f.write("\n".join(drop) + "\n")
-        tmp = path.with_name(f".metrics.jsonl.tmp{os.getpid()}")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, path)
+    if drop or torn is not None:
+        _rewrite(path, keep)
     return len(drop)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """Rows of ``RUN_DIR/metrics.jsonl``; a torn last line is dropped with a warning (see :func:`_read_lines`)."""
+    lines, _ = _read_lines(Path(run_dir) / "metrics.jsonl")
+    return [json.loads(ln) for ln in lines]
