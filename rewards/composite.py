@@ -1,20 +1,60 @@
 """Several rewards scored together: the object the reward actor and the server hold.
 
 Each image gets every reward's :class:`RewardResult`. The learner's scalar objective for an image
-is the weighted sum of the rewards that have a value for it; an image where a reward with non-zero
-weight has no value gets no combined score (it is logged, never trained on as if it scored 0).
-Per-region scores (``global``, ``face``, ``hand``, ...) sum only the rewards of that region.
+is the weighted sum of the rewards that have a value for it (:func:`combined_scores`); an image
+where a reward with non-zero weight has no value, or a non-finite one, gets no combined score (it is
+logged, never trained on as if it scored 0). Per-region scores (``global``, ``face``, ``hand``, ...)
+sum only the rewards of that region.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from rewards.base import Detection, Reward, RewardResult
 from rewards.registry import build_reward
+
+
+def _finite(v: float | None) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def combined_scores(values: Mapping[str, Sequence[float | None]], weights: Mapping[str, float]) -> list[float | None]:
+    """Per image, sum_n weights[n] * values[n][i] over the rewards in ``values``.
+
+    A value that is None, NaN or inf counts as missing: the image gets None when a reward with
+    non-zero weight is missing (or the sum itself overflows), and a zero-weight reward is skipped.
+    No rewards at all gives None for every image.
+
+    Args:
+        values: {reward name: one value per image}, every list the same length.
+        weights: {reward name: weight}, covering every name of ``values``.
+    """
+    lengths = {len(v) for v in values.values()}
+    if len(lengths) > 1:
+        raise ValueError(f"rewards hold different numbers of values: { {n: len(v) for n, v in values.items()} }")
+    out: list[float | None] = []
+    for i in range(lengths.pop() if lengths else 0):
+        total: float | None = 0.0
+        for n, vs in values.items():
+            if not _finite(vs[i]):
+                if weights[n] != 0.0:
+                    total = None
+                    break
+                continue
+            total += weights[n] * vs[i]
+        out.append(total if values and _finite(total) else None)
+    return out
+
+
+def nonfinite_counts(values: Mapping[str, Sequence[float | None]]) -> dict[str, float]:
+    """``reward/<name>/nonfinite``: how many of each reward's values are NaN or inf (counted as missing)."""
+    return {f"reward/{n}/nonfinite": float(sum(v is not None and not math.isfinite(v) for v in vs))
+            for n, vs in values.items()}
 
 
 @dataclass(frozen=True)
@@ -42,23 +82,15 @@ class ScoredBatch:
     def __len__(self) -> int:
         return len(next(iter(self.results.values()))) if self.results else 0
 
+    def values(self, region: str | None = None) -> dict[str, list[float | None]]:
+        """{reward name: value per image} for the rewards (of ``region`` if given)."""
+        return {n: [r.value for r in res] for n, res in self.results.items()
+                if region is None or self.regions_of[n] == region}
+
     def combined(self, region: str | None = None) -> list[float | None]:
-        """Weighted sum per image over the rewards (of ``region`` if given); None if incomplete."""
-        out: list[float | None] = []
-        names = [n for n in self.results if region is None or self.regions_of[n] == region]
-        for i in range(len(self)):
-            total = 0.0
-            for n in names:
-                w = self.weights[n]
-                v = self.results[n][i].value
-                if v is None:
-                    if w != 0.0:
-                        total = None
-                        break
-                    continue
-                total += w * v
-            out.append(total if names else None)
-        return out
+        """:func:`combined_scores` over the rewards (of ``region`` if given); None if incomplete."""
+        values = self.values(region)
+        return combined_scores(values, self.weights) if values else [None] * len(self)
 
     def regions(self, i: int) -> dict[str, list[Detection]]:
         """Union of what every reward detected in image i, by region name."""
@@ -70,10 +102,11 @@ class ScoredBatch:
         return merged
 
     def means(self) -> dict[str, float]:
-        """``reward/<name>/mean`` and ``reward/<name>/missing_frac`` for logging."""
-        metrics: dict[str, float] = {}
+        """``reward/<name>/mean``, ``/std``, ``/missing_frac`` (non-finite counts as missing) and
+        ``/nonfinite`` for logging."""
+        metrics: dict[str, float] = nonfinite_counts(self.values())
         for n, res in self.results.items():
-            vals = [r.value for r in res if r.value is not None]
+            vals = [r.value for r in res if _finite(r.value)]
             if vals:
                 metrics[f"reward/{n}/mean"] = float(np.mean(vals))
                 metrics[f"reward/{n}/std"] = float(np.std(vals))

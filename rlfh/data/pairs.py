@@ -2,16 +2,24 @@
 
 Samples of the same prompt (and the same round) form a group. ``best_worst`` takes one pair per
 group, the highest- vs the lowest-scoring sample (the FaceScore-DPO and Diffusion-DPO on-policy
-recipe); ``all`` takes every ordered pair with a strict preference. Samples without a combined
-score (a reward could not be computed) never enter a pair; groups whose scores all tie give none.
+recipe); ``all`` takes every ordered pair with a strict preference. Samples without a usable
+combined score (None: a reward could not be computed; or NaN / inf) never enter a pair nor get a
+weight; groups whose scores all tie give none.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import numpy as np
+
+
+def usable(score: float | None) -> bool:
+    """A score that can rank or weight a sample: present and finite (NaN compares false with
+    everything and inf beats every real score, so either would pick pairs by accident)."""
+    return score is not None and math.isfinite(score)
 
 
 @dataclass(frozen=True)
@@ -28,14 +36,14 @@ def build_pairs(
 
     Args:
         groups: group key per sample (prompt, or (round, prompt)).
-        scores: combined reward per sample; None = not computable.
+        scores: combined reward per sample; None (or non-finite) = not computable.
         strategy: ``best_worst`` or ``all``.
     """
     if len(groups) != len(scores):
         raise ValueError(f"{len(groups)} group keys for {len(scores)} scores")
     by_group: dict[Hashable, list[int]] = {}
     for i, g in enumerate(groups):
-        if scores[i] is not None:
+        if usable(scores[i]):
             by_group.setdefault(g, []).append(i)
     pairs: list[Pair] = []
     for members in by_group.values():
@@ -70,25 +78,23 @@ def region_mask_arrays(regions: Sequence[dict], names: Sequence[str], image_hw: 
 
 def sample_weights(scores: Sequence[float | None], loss: str, rwr_beta: float, threshold: float | None,
                    top_fraction: float) -> "np.ndarray":
-    """Per-sample weights for weighted losses; 0 for samples without a score.
+    """Per-sample weights for weighted losses over the round's usable scores; 0 for the others.
 
-    ``rwr``: softmax(beta r) over the scored samples, times their count (mean weight 1).
-    ``filtered``: 1[r >= threshold], the threshold defaulting to the top ``top_fraction`` quantile.
+    ``rwr``: :func:`rlfh.losses.rwr.rwr_weights` (N * softmax(beta r), mean weight 1).
+    ``filtered``: :func:`rlfh.losses.filtered.filter_weights` (1[r >= C], C defaulting to the top
+    ``top_fraction`` quantile).
     """
-    valid = np.array([s is not None for s in scores])
-    r = np.array([s if s is not None else 0.0 for s in scores], dtype=np.float64)
+    from rlfh.losses.filtered import filter_weights
+    from rlfh.losses.rwr import rwr_weights
+
+    valid = np.array([usable(s) for s in scores], dtype=bool)
     w = np.zeros(len(scores))
+    if loss not in ("rwr", "filtered"):
+        raise ValueError(f"sample weights are for rwr / filtered losses, not {loss!r}")
     if not valid.any():
         return w
-    if loss == "rwr":
-        z = rwr_beta * (r[valid] - r[valid].max())
-        e = np.exp(z)
-        w[valid] = e / e.sum() * valid.sum()
-    elif loss == "filtered":
-        c = threshold if threshold is not None else float(np.quantile(r[valid], 1.0 - top_fraction))
-        w[valid] = (r[valid] >= c).astype(np.float64)
-    else:
-        raise ValueError(f"sample weights are for rwr / filtered losses, not {loss!r}")
+    r = np.array([s for s in scores if usable(s)], dtype=np.float64)
+    w[valid] = rwr_weights(r, rwr_beta) if loss == "rwr" else filter_weights(r, threshold, top_fraction)
     return w
 
 
@@ -99,9 +105,12 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
     filtered) or a TrajectoryBatch (DDPO: per-prompt z-scored advantages, clipped to +-5).
 
     Returns:
-        (batch, stats) with stats a flat dict of floats for metrics.
+        (batch, stats) with stats a flat dict of floats for metrics; ``samples/unscored`` counts the
+        samples left out for want of a usable score.
     """
     from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch
+
+    unscored = {"samples/unscored": float(sum(not usable(s) for s in scores))}
 
     if learner_cfg.loss == "ddpo":
         import torch
@@ -110,12 +119,13 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
 
         if trajectory is None:
             raise ValueError("learner.loss=ddpo needs the sampling trajectories (the rollout actors record them)")
-        keep = [i for i, s in enumerate(scores) if s is not None]
+        keep = [i for i, s in enumerate(scores) if usable(s)]
         adv = per_prompt_advantages(torch.tensor([scores[i] for i in keep], dtype=torch.float64),
                                     [groups[i] for i in keep]).float().numpy()
         batch = TrajectoryBatch(trajectory["latents"][keep], trajectory["log_probs"][keep], trajectory["timesteps"],
                                 adv, [prompts[i] for i in keep], settings)
-        return batch, {"samples/kept": float(len(keep)), "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
+        return batch, {"samples/kept": float(len(keep)), **unscored,
+                       "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
 
     masks = region_mask_arrays(regions, learner_cfg.regions, image_hw)
     if learner_cfg.loss.startswith("dpo"):
@@ -123,11 +133,11 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
         w, l = [p.winner for p in pairs], [p.loser for p in pairs]
         batch = PairBatch(latents[w], latents[l], [prompts[i] for i in w],
                           {r: m[w] for r, m in masks.items()}, {r: m[l] for r, m in masks.items()})
-        return batch, {"pairs/count": float(len(pairs)),
+        return batch, {"pairs/count": float(len(pairs)), **unscored,
                        "pairs/mean_margin": float(np.mean([p.margin for p in pairs])) if pairs else 0.0}
     weights = sample_weights(scores, learner_cfg.loss, learner_cfg.rwr_beta, learner_cfg.filter_threshold,
                              learner_cfg.filter_top_fraction)
     keep = np.nonzero(weights > 0)[0]
     batch = SampleBatch(latents[keep], [prompts[i] for i in keep], weights[keep].astype(np.float32),
                         {r: m[keep] for r, m in masks.items()})
-    return batch, {"samples/kept": float(len(keep)), "samples/max_weight": float(weights.max()) if len(weights) else 0.0}
+    return batch, {"samples/kept": float(len(keep)), **unscored, "samples/max_weight": float(weights.max()) if len(weights) else 0.0}

@@ -1,5 +1,5 @@
 """Diffusion-DPO loss (Wallace et al., "Diffusion Model Alignment Using Direct Preference
-Optimization", arXiv 2311.12908, eq. 14; methods.md section 3).
+Optimization", arXiv 2311.12908, eq. 14; reference: SalesforceAIResearch/DiffusionDPO train.py).
 
 For a pair (x_w, x_l) noised with the SAME timestep t and the SAME noise eps::
 
@@ -7,39 +7,48 @@ For a pair (x_w, x_l) noised with the SAME timestep t and the SAME noise eps::
     mse_ref_*   = mean_{C,H,W} (eps_ref(x_t^*, t, c) - eps)^2
     model_diff  = mse_theta_w - mse_theta_l
     ref_diff    = mse_ref_w - mse_ref_l
-    inside      = -0.5 * beta * (model_diff - ref_diff)
+    logits      = -0.5 * (model_diff - ref_diff)       (the implicit log-ratio margin; trl's "logits")
+    inside      = beta * logits
     loss        = -log sigmoid(inside), averaged over pairs
-    implicit accuracy = fraction of pairs with inside > 0 (ties count 0.5)
+    implicit accuracy = fraction of pairs with inside > 0 (ties count 0.5, diffusers' convention)
 
-Code name -> paper symbol: ``model_pred_*`` = eps_theta(x_t^*, t), ``ref_pred_*`` = eps_ref,
-``target`` = eps (or the v-target for v-prediction models), ``beta`` = beta_DPO (5000 for SDXL).
-The reference model for LoRA training is the same UNet with adapters disabled.
+The per-sample errors come from rlfh/losses/region_mse.py (``per_sample_mse`` for the whole image,
+``per_sample_region_mse`` for a region); the hinge and IPO losses on the same ``logits`` are in
+rlfh/losses/dpo_variants.py.
+
+Code name -> paper symbol: ``mse_theta_*`` uses eps_theta(x_t^*, t), ``mse_ref_*`` eps_ref, the
+target is eps (or the v-target for v-prediction models), ``beta`` = beta_DPO (5000 for SDXL; the
+paper's T * omega(lambda_t) is folded into it). The reference model for LoRA training is the same
+UNet with adapters disabled.
+
+Shapes: every MSE input (B,), B = number of pairs.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 @dataclass
 class DPOOutput:
     """Loss and per-pair diagnostics; every tensor except ``loss`` is detached, shape (B,)."""
 
-    loss: torch.Tensor
-    inside: torch.Tensor
-    mse_theta_w: torch.Tensor
-    mse_theta_l: torch.Tensor
-    mse_ref_w: torch.Tensor
-    mse_ref_l: torch.Tensor
+    loss: Tensor
+    inside: Tensor
+    mse_theta_w: Tensor
+    mse_theta_l: Tensor
+    mse_ref_w: Tensor
+    mse_ref_l: Tensor
 
     def metrics(self, prefix: str = "dpo") -> dict[str, float]:
-        acc = (self.inside > 0).float() + 0.5 * (self.inside == 0).float()
         return {
             f"loss/{prefix}": float(self.loss.detach()),
-            f"{prefix}/implicit_acc": float(acc.mean()),
+            f"{prefix}/implicit_acc": float(implicit_accuracy(self.inside)),
             f"{prefix}/inside": float(self.inside.mean()),
             f"{prefix}/mse_theta_w": float(self.mse_theta_w.mean()),
             f"{prefix}/mse_theta_l": float(self.mse_theta_l.mean()),
@@ -48,26 +57,47 @@ class DPOOutput:
         }
 
 
-def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dims of (pred - target)^2: (B, C, H, W) -> (B,)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+def check_beta(beta: float) -> float:
+    """beta as a float; raises ValueError unless finite and > 0."""
+    beta = float(beta)
+    if not (beta > 0.0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite positive number, got {beta}")
+    return beta
+
+
+def dpo_logits(mse_theta_w: Tensor, mse_theta_l: Tensor, mse_ref_w: Tensor, mse_ref_l: Tensor) -> Tensor:
+    """Implicit log-ratio margin ``-0.5 * ((mse_theta_w - mse_theta_l) - (mse_ref_w - mse_ref_l))``, (B,).
+
+    Positive when the policy improved the winner relative to the loser more than the reference
+    did. The reference terms are detached.
+
+    Raises:
+        ValueError: if the inputs are not four 1-D tensors of the same non-zero length.
+    """
+    inputs = {"mse_theta_w": mse_theta_w, "mse_theta_l": mse_theta_l, "mse_ref_w": mse_ref_w, "mse_ref_l": mse_ref_l}
+    shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+    if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1 or shapes["mse_theta_w"][0] == 0:
+        raise ValueError(f"all four MSE inputs must be 1-D of the same length B > 0 (one value per pair), got {shapes}")
+    model_diff = mse_theta_w - mse_theta_l
+    ref_diff = (mse_ref_w - mse_ref_l).detach()  # the reference gets no gradient
+    return -0.5 * (model_diff - ref_diff)
+
+
+def implicit_accuracy(margin: Tensor) -> Tensor:
+    """Fraction of pairs with a positive margin (``inside`` or ``logits``), ties counted 0.5; detached scalar."""
+    margin = margin.detach()
+    return ((margin > 0).to(torch.float32) + 0.5 * (margin == 0).to(torch.float32)).mean()
 
 
 def dpo_loss_from_mse(
-    mse_theta_w: torch.Tensor,
-    mse_theta_l: torch.Tensor,
-    mse_ref_w: torch.Tensor,
-    mse_ref_l: torch.Tensor,
+    mse_theta_w: Tensor,
+    mse_theta_l: Tensor,
+    mse_ref_w: Tensor,
+    mse_ref_l: Tensor,
     beta: float,
 ) -> DPOOutput:
-    """The Diffusion-DPO sigmoid loss from per-pair errors, each (B,)."""
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    model_diff = mse_theta_w - mse_theta_l
-    ref_diff = (mse_ref_w - mse_ref_l).detach()
-    inside = -0.5 * beta * (model_diff - ref_diff)
+    """The Diffusion-DPO sigmoid loss ``mean(-log sigmoid(beta * logits))`` from per-pair errors, each (B,)."""
+    inside = check_beta(beta) * dpo_logits(mse_theta_w, mse_theta_l, mse_ref_w, mse_ref_l)
     loss = -F.logsigmoid(inside).mean()
     return DPOOutput(
         loss=loss,
@@ -76,32 +106,4 @@ def dpo_loss_from_mse(
         mse_theta_l=mse_theta_l.detach(),
         mse_ref_w=mse_ref_w.detach(),
         mse_ref_l=mse_ref_l.detach(),
-    )
-
-
-def diffusion_dpo_loss(
-    model_pred_w: torch.Tensor,
-    model_pred_l: torch.Tensor,
-    ref_pred_w: torch.Tensor,
-    ref_pred_l: torch.Tensor,
-    target: torch.Tensor,
-    beta: float,
-) -> DPOOutput:
-    """Diffusion-DPO loss from UNet predictions.
-
-    Args:
-        model_pred_w, model_pred_l: policy predictions for winner / loser, (B, C, H, W).
-        ref_pred_w, ref_pred_l: reference predictions, (B, C, H, W) (no gradient needed).
-        target: the shared noise eps (or v-target), (B, C, H, W).
-        beta: DPO temperature beta.
-
-    Returns:
-        :class:`DPOOutput` with the scalar loss.
-    """
-    return dpo_loss_from_mse(
-        per_sample_mse(model_pred_w, target),
-        per_sample_mse(model_pred_l, target),
-        per_sample_mse(ref_pred_w, target),
-        per_sample_mse(ref_pred_l, target),
-        beta,
     )

@@ -4,7 +4,7 @@ Papers: Diffusion-DPO, Wallace et al., "Diffusion Model Alignment Using Direct P
 Optimization", arXiv 2311.12908 (reference: SalesforceAIResearch/DiffusionDPO train.py);
 hinge (SLiC), Zhao et al., arXiv 2305.10425; IPO, Azar et al., "A General Theoretical Paradigm to
 Understand Learning from Human Preferences", arXiv 2310.12036. The loss definitions follow trl's
-DPOTrainer loss types "hinge" and "ipo". See docs/methods.md section 3.
+DPOTrainer loss types "hinge" and "ipo".
 
 Diffusion-DPO replaces the log-likelihood ratio log pi_theta(x)/pi_ref(x) by the Gaussian
 log-density of the noise prediction, log N(eps; eps_hat, I) = -0.5 * ||eps_hat - eps||^2 + const,
@@ -12,7 +12,7 @@ averaged over latent elements. With the same t and eps for winner and loser:
 
     model_diff = mse_theta_w - mse_theta_l
     ref_diff   = mse_ref_w   - mse_ref_l
-    logits     = -0.5 * (model_diff - ref_diff)             # trl's "logits" (log-ratio margin)
+    logits     = -0.5 * (model_diff - ref_diff)             # trl's "logits"; dpo.dpo_logits
     sigmoid:  -log sigma(beta * logits)                      # rlfh/losses/dpo.py; inside = beta * logits
     hinge:     relu(1 - beta * logits)   = relu(1 - inside)
     ipo:       (logits - 1 / (2 * beta))^2                  # beta plays IPO's tau
@@ -34,48 +34,16 @@ Shapes: every MSE input (B,), B = number of preference pairs; results are scalar
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dpo_logits", "dpo_hinge_loss", "dpo_ipo_loss", "dpo_variant_loss", "implicit_accuracy", "DPO_VARIANTS"]
+from rlfh.losses.dpo import check_beta, dpo_logits
+
+__all__ = ["dpo_hinge_loss", "dpo_ipo_loss", "dpo_variant_loss", "DPO_VARIANTS"]
 
 DPO_VARIANTS = ("hinge", "ipo")
-
-
-def _check_beta(beta: float) -> float:
-    beta = float(beta)
-    if not (beta > 0.0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be a finite positive number, got {beta}")
-    return beta
-
-
-def dpo_logits(mse_theta_w: Tensor, mse_theta_l: Tensor, mse_ref_w: Tensor, mse_ref_l: Tensor) -> Tensor:
-    """Implicit log-ratio margin of Diffusion-DPO, ``-0.5 * ((mse_theta_w - mse_theta_l) - (mse_ref_w - mse_ref_l))``.
-
-    Args:
-        mse_theta_w: policy MSE on the winners, shape (B,).
-        mse_theta_l: policy MSE on the losers, shape (B,).
-        mse_ref_w: reference MSE on the winners, shape (B,).
-        mse_ref_l: reference MSE on the losers, shape (B,).
-
-    Returns:
-        logits, shape (B,); the reference terms are detached. Positive when the policy improved the winner relative to the loser more
-        than the reference did.
-
-    Raises:
-        ValueError: if the inputs are not four 1-D tensors of the same non-zero length.
-    """
-    inputs = {"mse_theta_w": mse_theta_w, "mse_theta_l": mse_theta_l, "mse_ref_w": mse_ref_w, "mse_ref_l": mse_ref_l}
-    shapes = {name: tuple(t.shape) for name, t in inputs.items()}
-    if any(len(s) != 1 for s in shapes.values()) or len(set(shapes.values())) != 1 or shapes["mse_theta_w"][0] == 0:
-        raise ValueError(f"all four MSE inputs must be 1-D of the same length B > 0 (one value per pair), got {shapes}")
-    model_diff = mse_theta_w - mse_theta_l  # (B,)
-    ref_diff = (mse_ref_w - mse_ref_l).detach()  # (B,), the reference gets no gradient
-    return -0.5 * (model_diff - ref_diff)
 
 
 def dpo_hinge_loss(
@@ -96,7 +64,7 @@ def dpo_hinge_loss(
     Raises:
         ValueError: on bad shapes or a non-positive beta.
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     logits = dpo_logits(mse_theta_w, mse_theta_l, mse_ref_w, mse_ref_l)  # (B,)
     return F.relu(1.0 - beta * logits).mean()
 
@@ -119,7 +87,7 @@ def dpo_ipo_loss(
     Raises:
         ValueError: on bad shapes or a non-positive beta.
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     logits = dpo_logits(mse_theta_w, mse_theta_l, mse_ref_w, mse_ref_l)  # (B,)
     return (logits - 1.0 / (2.0 * beta)).pow(2).mean()
 
@@ -153,16 +121,3 @@ def dpo_variant_loss(
     if kind == "ipo":
         return dpo_ipo_loss(mse_theta_w, mse_theta_l, mse_ref_w, mse_ref_l, beta)
     raise ValueError(f"unknown DPO variant {kind!r}; expected one of {DPO_VARIANTS} (sigmoid is in rlfh.losses.dpo)")
-
-
-def implicit_accuracy(logits: Tensor) -> Tensor:
-    """Fraction of pairs with a positive implicit margin, ties counted 0.5 (diffusers' convention).
-
-    Args:
-        logits: output of :func:`dpo_logits`, shape (B,).
-
-    Returns:
-        Scalar tensor in [0, 1], detached.
-    """
-    logits = logits.detach()
-    return ((logits > 0).to(torch.float32) + 0.5 * (logits == 0).to(torch.float32)).mean()

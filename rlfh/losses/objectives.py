@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlfh.losses.dpo import dpo_loss_from_mse, per_sample_mse
+from rlfh.losses.dpo import dpo_loss_from_mse
 from rlfh.losses.dpo_variants import dpo_variant_loss
-from rlfh.losses.region_mse import per_sample_region_mse
+from rlfh.losses.region_mse import per_sample_mse, per_sample_region_mse
+from rlfh.losses.rwr import weighted_loss
 
 PAIRWISE = ("dpo", "dpo_hinge", "dpo_ipo")
 WEIGHTED = ("rwr", "filtered")
@@ -84,8 +85,9 @@ def weighted_objectives(
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Reward-weighted (RWR) or filtered (weights 0/1) diffusion loss per region.
 
-    ``weights`` (B,) are computed over the whole round by the caller (softmax(beta r) x N for RWR,
-    1[r >= C] for filtered), so a micro-batch's loss is sum_b w_b e_b / sum_b 1[b has the region].
+    ``weights`` (B,) are computed over the whole round by the caller (:func:`rlfh.losses.rwr.rwr_weights`,
+    :func:`rlfh.losses.filtered.filter_weights`); each region's loss is :func:`rlfh.losses.rwr.weighted_loss`
+    over the samples that have the region and a positive weight.
     """
     b = pred.shape[0]
     objectives: dict[str, Tensor] = {}
@@ -95,7 +97,7 @@ def weighted_objectives(
         if not bool(valid.any()):
             continue
         err = region_errors(pred, target, region, masks, scale)
-        value = (weights[valid] * err[valid]).sum() / valid.sum()
+        value = weighted_loss(err[valid], weights[valid])
         objectives[region] = value
         suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
         metrics[f"loss/{loss}{suffix}"] = float(value.detach())

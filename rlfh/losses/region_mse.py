@@ -2,17 +2,19 @@
 
 Paper: FairHuman, "Boosting Hand and Face Quality in Human Image Generation with Minimum Potential
 Delay Fairness in Diffusion Models", arXiv 2507.02714 (reference: PRIS-CV/FairHuman,
-examples/text_to_image/train_text_to_image_lora_sdxl_mpd_fair.py). See docs/methods.md section 2.
+examples/text_to_image/train_text_to_image_lora_sdxl_mpd_fair.py): three objectives per sample,
+global, face and hand, combined by the MPD rule of rlfh/losses/fairness.py.
 
-Formulas (mean over every latent element, C*H*W per sample, then over the batch):
+Formulas (mean over every latent element, C*H*W, of one sample; the batch reduction is the
+caller's, rlfh/losses/objectives.py):
 
-    L_global = mean( (eps_hat - eps)^2 )
-    L_r      = mean( (s * 1[M_r > 0] * (eps_hat - eps))^2 ),   r in {face, hand},  s = 5
+    l_global = mean( (eps_hat - eps)^2 )
+    l_r      = mean( (s * 1[M_r > 0] * (eps_hat - eps))^2 ),   r any local region (face, hand),  s = 5
 
 The region losses are NOT normalized by the mask area: the effective weight is s^2 times the mask
-fraction, and a sample without the region contributes exactly 0. The per-sample variants return one
-value per sample, shape (B,), so that Diffusion-DPO can be computed per region: feed the per-pair,
-per-region MSEs of winner/loser under the policy and the reference into the DPO loss.
+fraction, and a sample without the region contributes exactly 0. Both return one value per sample,
+shape (B,), so that Diffusion-DPO can be computed per region: the per-pair, per-region MSEs of
+winner/loser under the policy and the reference feed the DPO loss.
 
 Notation (code name -> paper symbol):
     pred    -> eps_hat = eps_theta(x_t, t, c), the UNet output (epsilon prediction)
@@ -21,35 +23,17 @@ Notation (code name -> paper symbol):
     scale   -> s (5 in the reference)
 
 Shapes: pred, target (B, C, H, W) (SDXL: (B, 4, H/8, W/8)); mask (B, 1, H, W) or (B, C, H, W),
-any dtype (only ``mask > 0`` is used); per-sample results (B,); reduced results ().
+any dtype (only ``mask > 0`` is used); results (B,).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
-__all__ = [
-    "FAIRHUMAN_REGION_SCALE",
-    "FairHumanLosses",
-    "per_sample_mse",
-    "per_sample_region_mse",
-    "global_mse",
-    "region_mse",
-    "fairhuman_losses",
-]
+__all__ = ["FAIRHUMAN_REGION_SCALE", "per_sample_mse", "per_sample_region_mse"]
 
 FAIRHUMAN_REGION_SCALE = 5.0
-
-
-class FairHumanLosses(NamedTuple):
-    """The three FairHuman objectives, each a scalar tensor attached to the graph of ``pred``."""
-
-    global_loss: Tensor
-    face_loss: Tensor
-    hand_loss: Tensor
 
 
 def _upcast(x: Tensor) -> Tensor:
@@ -125,58 +109,3 @@ def per_sample_region_mse(
     indicator = (mask > 0).to(diff.dtype)  # 1[M > 0], (B, 1 or C, H, W)
     diff = diff * indicator * scale  # (B, C, H, W)
     return diff.pow(2).flatten(1).mean(dim=1)
-
-
-def global_mse(pred: Tensor, target: Tensor) -> Tensor:
-    """L_global = mean over all elements of (eps_hat - eps)^2 (F.mse_loss with mean reduction).
-
-    Args:
-        pred: eps_hat, shape (B, C, H, W).
-        target: eps, same shape.
-
-    Returns:
-        Scalar tensor.
-    """
-    return per_sample_mse(pred, target).mean()
-
-
-def region_mse(pred: Tensor, target: Tensor, mask: Tensor, scale: float = FAIRHUMAN_REGION_SCALE) -> Tensor:
-    """L_r = mean over all elements of (s * 1[M_r > 0] * (eps_hat - eps))^2 (batch mean of the per-sample values).
-
-    Args:
-        pred: eps_hat, shape (B, C, H, W).
-        target: eps, shape (B, C, H, W).
-        mask: M_r, shape (B, 1, H, W) or (B, C, H, W).
-        scale: s (5.0 in FairHuman).
-
-    Returns:
-        Scalar tensor; exactly 0 when no sample contains the region.
-    """
-    return per_sample_region_mse(pred, target, mask, scale).mean()
-
-
-def fairhuman_losses(
-    pred: Tensor,
-    target: Tensor,
-    face_mask: Tensor,
-    hand_mask: Tensor,
-    scale: float = FAIRHUMAN_REGION_SCALE,
-) -> FairHumanLosses:
-    """The three FairHuman objectives (global, face, hand) on one batch.
-
-    Args:
-        pred: eps_hat, shape (B, C, H, W).
-        target: eps, shape (B, C, H, W).
-        face_mask: M_face, shape (B, 1, H, W) or (B, C, H, W).
-        hand_mask: M_hand, shape (B, 1, H, W) or (B, C, H, W).
-        scale: s (5.0 in FairHuman).
-
-    Returns:
-        FairHumanLosses(global_loss, face_loss, hand_loss), scalar tensors. A region absent from the
-        whole batch gives a loss of exactly 0 (its gradient is 0, so the MPD solver drops it).
-    """
-    return FairHumanLosses(
-        global_loss=global_mse(pred, target),
-        face_loss=region_mse(pred, target, face_mask, scale),
-        hand_loss=region_mse(pred, target, hand_mask, scale),
-    )

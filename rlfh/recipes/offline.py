@@ -6,10 +6,12 @@ One learner rank trains in this process, without Ray. With ``resources.num_learn
 ``num_learner_ranks``) > 1 the data-parallel ranks run as Ray actors (rlfh/learner/group.py), on the
 cluster ``ray job submit`` names or a local one.
 
-Pairs (or RWR / filtered sample weights) are rebuilt from the logged rewards with the weights of the config's ``rewards`` section
-(matched by name; a reward the log does not hold is an error), grouped by (round, prompt), so the
-logged samples of one prompt in one round compete as they did online. Each round is one
-``train_on_pairs`` call of ``learner.epochs_per_round`` passes over all pairs.
+Pairs (or RWR / filtered sample weights) are rebuilt from the logged rewards with the weights of the
+config's ``rewards`` section (matched by name; a reward the log does not hold is an error), combined
+as online (:func:`rewards.composite.combined_scores`: a missing, NaN or inf value leaves the sample
+unscored) and grouped by (round, prompt), so the logged samples of one prompt in one round compete as
+they did online. Each round is one ``learner.train(batch, learner.epochs_per_round)`` call: that many
+passes over all pairs (or kept samples).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rlfh.config.schema import Config, save_config, to_dict
 def batch_from_log(cfg: Config):
     """Rebuild the learner's batch (pairs, or weighted samples) from a rollout log with this config."""
     from rewards.base import Detection
+    from rewards.composite import combined_scores, nonfinite_counts
     from rlfh.data.pairs import learner_batch
     from rollouts.log import RolloutLog, decode_latent
 
@@ -42,14 +45,11 @@ def batch_from_log(cfg: Config):
     sizes = {(r["sampler"]["height"], r["sampler"]["width"]) for r in records}
     if len(sizes) != 1:
         raise ValueError(f"the rollout log mixes image sizes {sorted(sizes)}; train on one size at a time")
-    scores: list[float | None] = []
+    logged_values = [{rw["name"]: rw["value"] for rw in r["rewards"]} for r in records]
+    values = {n: [v.get(n) for v in logged_values] for n in weights}
+    scores = combined_scores(values, weights)
     regions: list[dict] = []
     for r in records:
-        values = {rw["name"]: rw["value"] for rw in r["rewards"]}
-        if any(values.get(n) is None and w != 0 for n, w in weights.items()):
-            scores.append(None)
-        else:
-            scores.append(sum(w * values[n] for n, w in weights.items() if w != 0))
         dets: dict[str, list] = {}
         for g in r["regions"]:
             dets.setdefault(g["region"], []).append(Detection((g["x1"], g["y1"], g["x2"], g["y2"]), g["confidence"], g["label"]))
@@ -57,10 +57,15 @@ def batch_from_log(cfg: Config):
     latents = np.stack([decode_latent(r) for r in records])
     batch, stats = learner_batch(cfg.learner, latents, [r["prompt"] for r in records],
                                  [(r["round"], r["prompt"]) for r in records], scores, regions, sizes.pop())
+    stats.update(nonfinite_counts(values))
     if len(batch) < cfg.learner.train_batch_size:
+        missing = {n: sum(v is None for v in vs) for n, vs in values.items() if weights[n] != 0}
+        nonfinite = {n.split("/")[1]: int(c) for n, c in nonfinite_counts(values).items() if c}
         raise ValueError(
             f"the rollout log {cfg.rollouts} yields {len(batch)} training items (pairs or kept samples), fewer than "
-            f"learner.train_batch_size={cfg.learner.train_batch_size}"
+            f"learner.train_batch_size={cfg.learner.train_batch_size}: {int(stats['samples/unscored'])} of "
+            f"{len(records)} records have no combined score (missing values by reward: {missing}; NaN/inf "
+            f"values by reward, counted as missing: {nonfinite})"
         )
     return batch, {**stats, "offline/records": float(len(records))}
 

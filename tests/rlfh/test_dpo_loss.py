@@ -3,11 +3,18 @@ import math
 import pytest
 import torch
 
-from rlfh.losses.dpo import diffusion_dpo_loss, dpo_loss_from_mse, per_sample_mse
+from rlfh.losses.dpo import dpo_loss_from_mse, implicit_accuracy
+from rlfh.losses.objectives import pairwise_objectives
+from rlfh.losses.region_mse import per_sample_mse
+
+
+def dpo_from_predictions(mw, ml, rw, rl, eps, beta):
+    """What the learner computes for the global region: per-sample MSEs into the sigmoid loss."""
+    return dpo_loss_from_mse(*(per_sample_mse(p, eps) for p in (mw, ml, rw, rl)), beta)
 
 
 def reference_formula(mw, ml, rw, rl, eps, beta):
-    """methods.md section 3, written out element by element in float64."""
+    """Diffusion-DPO (arXiv 2311.12908 eq. 14, as in the DiffusionDPO reference train.py), element by element in float64."""
     losses, inside_all = [], []
     for i in range(mw.shape[0]):
         mse = lambda a: float(((a[i].double() - eps[i].double()) ** 2).mean())
@@ -26,12 +33,16 @@ def test_matches_formula_on_random_tensors(beta):
     eps = torch.randn(shape, generator=g)
     mw, ml = eps + 0.3 * torch.randn(shape, generator=g), eps + 0.3 * torch.randn(shape, generator=g)
     rw, rl = eps + 0.3 * torch.randn(shape, generator=g), eps + 0.3 * torch.randn(shape, generator=g)
-    out = diffusion_dpo_loss(mw, ml, rw, rl, eps, beta)
+    out = dpo_from_predictions(mw, ml, rw, rl, eps, beta)
     ref_loss, ref_inside = reference_formula(mw, ml, rw, rl, eps, beta)
     assert float(out.loss) == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     assert out.inside.tolist() == pytest.approx(ref_inside, rel=1e-4, abs=1e-4)
     acc = sum(i > 0 for i in ref_inside) / len(ref_inside)
     assert out.metrics()["dpo/implicit_acc"] == pytest.approx(acc)
+    # the learner's path from predictions gives the same loss
+    objs, metrics = pairwise_objectives("dpo", beta, mw, ml, rw, rl, eps, {}, {}, ["global"], 5.0)
+    assert float(objs["global"]) == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+    assert metrics["dpo/implicit_acc"] == pytest.approx(acc)
 
 
 def test_worked_numbers():
@@ -42,10 +53,14 @@ def test_worked_numbers():
     assert float(out.loss) == pytest.approx(0.3132617, abs=1e-6)
 
 
+def test_implicit_accuracy_counts_ties_half():
+    assert float(implicit_accuracy(torch.tensor([1.0, -1.0, 0.0, 2.0]))) == pytest.approx(0.625)
+
+
 def test_policy_equal_to_reference_gives_log2_and_half_accuracy():
     x = torch.randn(3, 4, 4, 4)
     eps = torch.randn(3, 4, 4, 4)
-    out = diffusion_dpo_loss(x, x + 1, x, x + 1, eps, 5000.0)
+    out = dpo_from_predictions(x, x + 1, x, x + 1, eps, 5000.0)
     assert float(out.loss) == pytest.approx(math.log(2.0), abs=1e-6)
     assert out.metrics()["dpo/implicit_acc"] == 0.5  # ties count half
 
@@ -55,7 +70,7 @@ def test_gradient_lowers_winner_error():
     eps = torch.randn(2, 4, 4, 4, generator=g)
     mw = (eps + torch.randn(2, 4, 4, 4, generator=g)).requires_grad_()
     ml = (eps + torch.randn(2, 4, 4, 4, generator=g)).requires_grad_()
-    out = diffusion_dpo_loss(mw, ml, mw.detach(), ml.detach(), eps, 100.0)
+    out = dpo_from_predictions(mw, ml, mw.detach(), ml.detach(), eps, 100.0)
     out.loss.backward()
     with torch.no_grad():
         stepped_w, stepped_l = mw - 0.01 * mw.grad, ml - 0.01 * ml.grad

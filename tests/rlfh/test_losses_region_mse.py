@@ -1,23 +1,21 @@
-"""Tests for rlfh/losses/region_mse.py against methods.md section 2."""
+"""Tests for rlfh/losses/region_mse.py: FairHuman's global and region errors (arXiv 2507.02714)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from rlfh.losses.region_mse import (
-    fairhuman_losses,
-    global_mse,
-    per_sample_mse,
-    per_sample_region_mse,
-    region_mse,
-)
+from rlfh.losses.objectives import region_errors
+from rlfh.losses.region_mse import per_sample_mse, per_sample_region_mse
 
 
 def test_global_equals_mse_loss():
     gen = torch.Generator().manual_seed(0)
     pred, eps = torch.randn(3, 4, 8, 8, generator=gen), torch.randn(3, 4, 8, 8, generator=gen)
-    torch.testing.assert_close(global_mse(pred, eps), F.mse_loss(pred, eps))
     torch.testing.assert_close(per_sample_mse(pred, eps), ((pred - eps) ** 2).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(per_sample_mse(pred, eps).mean(), F.mse_loss(pred, eps))
+    # half precision is upcast, float64 kept
+    assert per_sample_mse(pred.bfloat16(), eps.bfloat16()).dtype == torch.float32
+    assert per_sample_mse(pred.double(), eps.double()).dtype == torch.float64
 
 
 def test_region_worked_numbers():
@@ -31,27 +29,26 @@ def test_region_worked_numbers():
     mask[0, 0, 0, 0] = 0.3  # any positive value counts (1[M > 0])
     # sample 0: (5 * 1)^2 over 2 of 8 elements -> 25 * 2 / 8 = 6.25 (NOT divided by the mask area).
     torch.testing.assert_close(per_sample_region_mse(pred, eps, mask, 5.0), torch.tensor([6.25, 0.0]))
-    torch.testing.assert_close(region_mse(pred, eps, mask), torch.tensor(3.125))
 
 
-def test_region_formula_random_and_channel_mask():
+def test_learner_region_errors_random_and_channel_mask():
     gen = torch.Generator().manual_seed(1)
     pred, eps = torch.randn(4, 4, 6, 6, generator=gen), torch.randn(4, 4, 6, 6, generator=gen)
     mask = (torch.rand(4, 1, 6, 6, generator=gen) > 0.6).float()
-    expected = ((5.0 * (mask > 0).float() * (pred - eps)) ** 2).mean()
-    torch.testing.assert_close(region_mse(pred, eps, mask, 5.0), expected)
-    torch.testing.assert_close(region_mse(pred, eps, mask.expand(4, 4, 6, 6), 5.0), expected)
-    out = fairhuman_losses(pred, eps, mask, torch.zeros_like(mask))
-    torch.testing.assert_close(out.face_loss, expected)
-    assert out.hand_loss == 0 and out.hand_loss.dtype == torch.float32
-    torch.testing.assert_close(out.global_loss, F.mse_loss(pred, eps))
+    expected = ((5.0 * (mask > 0).float() * (pred - eps)) ** 2).mean(dim=(1, 2, 3))
+    masks = {"face": mask, "hand": torch.zeros_like(mask)}
+    torch.testing.assert_close(region_errors(pred, eps, "face", masks, 5.0), expected)
+    torch.testing.assert_close(per_sample_region_mse(pred, eps, mask.expand(4, 4, 6, 6), 5.0), expected)
+    hand = region_errors(pred, eps, "hand", masks, 5.0)
+    assert (hand == 0).all() and hand.dtype == torch.float32
+    torch.testing.assert_close(region_errors(pred, eps, "global", masks, 5.0).mean(), F.mse_loss(pred, eps))
 
 
 def test_region_gradient_only_inside_mask():
     pred = torch.randn(1, 4, 4, 4, requires_grad=True)
     mask = torch.zeros(1, 1, 4, 4)
     mask[..., :2, :] = 1
-    region_mse(pred, torch.zeros(1, 4, 4, 4), mask).backward()
+    per_sample_region_mse(pred, torch.zeros(1, 4, 4, 4), mask).sum().backward()
     assert pred.grad[..., 2:, :].abs().sum() == 0 and pred.grad[..., :2, :].abs().sum() > 0
 
 
