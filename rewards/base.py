@@ -107,15 +107,23 @@ class Reward:
 
     name: str = "reward"
     region: str = "global"
+    # True for rewards whose score() takes ``sources``: per image None or the decoded file as a PIL
+    # image in its own mode (RGBA, LA, P; rewards.wire.DecodedImage.source), for preprocessing
+    # that, like the references, resizes in that mode before converting to RGB.
+    reads_sources: bool = False
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
         raise NotImplementedError
 
-    def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
+    def __call__(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> list[RewardResult]:
         images = check_images(images)
         if len(prompts) != len(images):
             raise RewardError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts")
-        results = self.score(images, list(prompts))
+        if sources is not None and not self.reads_sources:
+            raise RewardError(f"{self.name}: does not read source images (reads_sources is False)")
+        if sources is not None and len(sources) != len(images):
+            raise RewardError(f"{self.name}: got {len(images)} images but {len(sources)} sources")
+        results = self.score(images, list(prompts)) if sources is None else self.score(images, list(prompts), sources=sources)
         if len(results) != len(images):
             raise RewardError(f"{self.name}: returned {len(results)} results for {len(images)} images")
         return results

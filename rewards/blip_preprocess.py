@@ -7,14 +7,19 @@ is torchvision on a PIL image::
     CenterCrop(224)        # top = int(round((h - 224) / 2)), left likewise (Python round)
     ToTensor(), Normalize(CLIP mean, CLIP std)
 
-:func:`preprocess_pil` reproduces this with PIL directly (no torchvision). :func:`preprocess_tensor`
-is the differentiable twin on float tensors. PIL resizes a uint8 image in two 1-D passes
-(horizontal, then vertical), rounding to uint8 after each; its bicubic (a = -0.5, support scaled
-with the downsampling factor) is torch's ``F.interpolate(mode="bicubic", antialias=True)``. With
-``match_pil=True`` the tensor path does the same two passes and rounds with a straight-through
-estimator (forward: ``floor(x + 0.5)`` clipped to [0, 255]; backward: identity), so its forward
-equals PIL's up to rare 1/255 steps from PIL's fixed-point weights, while the gradient is that of
-the smooth resize. ``match_pil=False`` is one smooth 2-D resize clamped to [0, 1].
+:func:`preprocess_pil` reproduces this with PIL directly (no torchvision), also on a PIL image in
+its file's mode (RGBA, LA, P), which like the references it resizes in that mode and converts to
+RGB after the crop. :func:`preprocess_tensor` is the differentiable twin on float tensors. PIL
+resizes a uint8 image in two 1-D passes (horizontal, then vertical) with fixed-point weights
+(22 fractional bits), rounding to uint8 after each; its bicubic (a = -0.5, support scaled with the
+downsampling factor) is torch's ``F.interpolate(mode="bicubic", antialias=True)`` up to that
+fixed point. With ``match_pil=True`` the tensor path applies Pillow's own integer weights
+(:func:`pil_resize_weights`) in the same two passes, so its forward pass equals PIL's bit for bit
+on uint8-valued images (inputs are rounded to the uint8 grid first), and its backward pass is that
+of the same weights as real numbers (straight-through: the rounding is identity in the gradient).
+``match_pil=False`` is one smooth 2-D resize clamped to [0, 1]. Scores through the tensor path
+therefore equal those through :func:`preprocess_pil` up to float summation order (FaceScore: below
+1e-4, ``tests/rewards/test_facescore.py``).
 
 Face crops (FaceScore ``crop_face_image``): box (x1, y1, x2, y2) -> pixel slice
 ``[int(y1 - 1) : int(y2 + 1), int(x1 - 1) : int(x2 + 1)]`` with Python's ``int`` (truncation toward
@@ -25,6 +30,7 @@ clamp it to 0 instead, the only intended difference.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 from typing import Sequence
@@ -119,21 +125,85 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return (x - mean) / std
 
 
-def preprocess_pil(image: np.ndarray, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """CLIP preprocessing of one uint8 RGB image (H, W, 3) -> float32 (3, size, size)."""
+def preprocess_pil(image, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """CLIP preprocessing of one image -> float32 (3, size, size), in the references' order.
+
+    Args:
+        image: uint8 RGB array (H, W, 3), or a PIL image in mode RGB, RGBA, L, LA or P. A PIL image
+            is resized in its own mode and converted to RGB after the crop, as the references'
+            ``_transform`` does: Pillow resizes RGBA / LA with premultiplied alpha and a palette
+            image by nearest neighbour, so this differs from preprocessing its RGB conversion.
+    """
     from PIL import Image
 
-    h, w = image.shape[:2]
+    if isinstance(image, Image.Image):
+        if image.mode not in ("RGB", "RGBA", "L", "LA", "P"):
+            raise RewardError(f"cannot preprocess a PIL image of mode {image.mode!r}")
+        pil = image
+    else:
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            raise RewardError(f"cannot preprocess an empty image of shape {image.shape}")
+        pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="RGB")
+    w, h = pil.size
     if h == 0 or w == 0:
-        raise RewardError(f"cannot preprocess an empty image of shape {image.shape}")
-    pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), mode="RGB")
+        raise RewardError(f"cannot preprocess an empty image of size {h}x{w}")
     oh, ow = resized_size(h, w, size)
     if (oh, ow) != (h, w):
         pil = pil.resize((ow, oh), Image.BICUBIC)
     top, left = _center_offsets(oh, ow, size)
-    pil = pil.crop((left, top, left + size, top + size))
+    pil = pil.crop((left, top, left + size, top + size)).convert("RGB")
     x = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255)
     return _normalize(x)
+
+
+# Pillow's 8-bit resampling (libImaging/Resample.c): coefficients in double, rounded to signed
+# fixed point with 22 fractional bits, each output = clip8((2^21 + sum(pixel * coeff)) >> 22).
+_PIL_PRECISION_BITS = 22
+
+
+def _pil_bicubic(x: np.ndarray) -> np.ndarray:
+    a, x = -0.5, np.abs(x)
+    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+                    np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0))
+
+
+@functools.lru_cache(maxsize=64)
+def pil_resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """Pillow's fixed-point bicubic weights of a 1-D resize, as an integer-valued (out, in) matrix.
+
+    Reproduces ``precompute_coeffs`` + ``normalize_coeffs_8bpc`` of Pillow's Resample.c, so that
+    ``floor((2^21 + W @ x) / 2^22)`` clipped to [0, 255] is Pillow's output on uint8 x, bit for bit.
+    """
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)
+    support = 2.0 * filterscale  # bicubic support 2, widened when downsampling (antialias)
+    out = np.zeros((out_size, in_size), dtype=np.float64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        k = _pil_bicubic((np.arange(xmin, xmax) - center + 0.5) / filterscale)
+        total = k.sum()
+        if total != 0.0:
+            k = k / total
+        # C's (int) truncates toward zero after adding +-0.5: round half away from zero.
+        out[xx, xmin:xmax] = np.trunc(k * (1 << _PIL_PRECISION_BITS) + np.where(k < 0, -0.5, 0.5))
+    return out
+
+
+def _pil_resize_pass(x: torch.Tensor, dim: int, out_size: int) -> torch.Tensor:
+    """One 1-D Pillow bicubic pass along ``dim`` of uint8-valued x; straight-through gradient.
+
+    Forward: Pillow's fixed-point arithmetic exactly (float64 sums of integers < 2^53 are exact).
+    Backward: the same weights as real numbers (a smooth antialiased bicubic resize).
+    """
+    kint = torch.from_numpy(pil_resize_weights(x.shape[dim], out_size)).to(x.device)
+    xt = x.movedim(dim, -1)
+    smooth = xt @ (kint / (1 << _PIL_PRECISION_BITS)).to(x.dtype).T
+    with torch.no_grad():
+        fixed = xt.detach().double() @ kint.T + (1 << (_PIL_PRECISION_BITS - 1))
+        exact = torch.floor(fixed / (1 << _PIL_PRECISION_BITS)).clamp(0.0, 255.0).to(x.dtype)
+    return (smooth + (exact - smooth).detach()).movedim(-1, dim)
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -147,22 +217,24 @@ def preprocess_tensor(image: torch.Tensor, size: int = IMAGE_SIZE, match_pil: bo
     Args:
         image: (3, H, W) float RGB in [0, 1]; may require grad.
         size: output side.
-        match_pil: emulate PIL's uint8 two-pass resize with straight-through rounding (see the
-            module docstring); False: one smooth bicubic resize.
+        match_pil: Pillow's uint8 two-pass resize in the forward pass, bit for bit on uint8-valued
+            images, with a smooth gradient (see the module docstring); False: one smooth bicubic
+            resize.
     """
     h, w = image.shape[-2:]
     oh, ow = resized_size(h, w, size)
-    x = image[None] * 255.0  # (1, 3, H, W) on the uint8 scale
+    x = image * 255.0  # (3, H, W) on the uint8 scale
     if match_pil:
         x = _round_ste(x)  # the PIL path sees a uint8 image
         if ow != w:
-            x = _round_ste(F.interpolate(x, size=(h, ow), mode="bicubic", align_corners=False, antialias=True))
+            x = _pil_resize_pass(x, -1, ow)  # horizontal first, as Pillow
         if oh != h:
-            x = _round_ste(F.interpolate(x, size=(oh, ow), mode="bicubic", align_corners=False, antialias=True))
+            x = _pil_resize_pass(x, -2, oh)
     elif (oh, ow) != (h, w):
-        x = F.interpolate(x, size=(oh, ow), mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 255.0)
+        x = F.interpolate(x[None], size=(oh, ow), mode="bicubic", align_corners=False,
+                          antialias=True)[0].clamp(0.0, 255.0)
     top, left = _center_offsets(oh, ow, size)
-    return _normalize(x[0, :, top:top + size, left:left + size] / 255.0)
+    return _normalize(x[:, top:top + size, left:left + size] / 255.0)
 
 
 def crop_bounds(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int] | None:

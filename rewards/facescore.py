@@ -18,7 +18,8 @@ outside the image).
 
 :class:`DifferentiableFaceScore` is the tensor-native variant for reward back-propagation
 (ReFL / DRaFT / AlignProp): images as float tensors in [0, 1], crops by slicing (differentiable
-w.r.t. the pixels), the resize by ``F.interpolate`` (see ``rewards.blip_preprocess``).
+w.r.t. the pixels), the resize by Pillow's own bicubic weights applied as matrices (see
+``rewards.blip_preprocess``), equal to this reward's scores within 1e-5.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class FaceScore(Reward):
 
     name = "facescore"
     region = "face"
+    reads_sources = True
 
     def __init__(self, model: str = HUB_ID, detector: str | Detector = "retinaface",
                  detector_options: dict[str, Any] | None = None, aggregation: str = "mean",
@@ -114,8 +116,12 @@ class FaceScore(Reward):
         self.input_ids, self.attention_mask = tokenize(self.tokenizer, [FACE_PROMPT])  # (1, 35) each
 
     @torch.no_grad()
-    def score_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        """Raw FS of uint8 RGB face crops (h, w, 3), any sizes -> float64 (N,)."""
+    def score_crops(self, crops: Sequence[Any]) -> np.ndarray:
+        """Raw FS of face crops, any sizes -> float64 (N,).
+
+        A crop is a uint8 RGB array (h, w, 3) or a PIL image in its file's mode (RGBA, LA, P),
+        preprocessed in that mode like the reference (``rewards.blip_preprocess.preprocess_pil``).
+        """
         out = []
         p = next(self.model.parameters())
         for i in range(0, len(crops), self.batch_size):
@@ -128,8 +134,16 @@ class FaceScore(Reward):
             raise RewardError(f"{self.name}: the model returned non-finite scores {result.tolist()}")
         return result
 
-    def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
-        """Score a batch; ``prompts`` are unused (FaceScore always uses "A face.")."""
+    def score(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> list[RewardResult]:
+        """Score a batch; ``prompts`` are unused (FaceScore always uses "A face.").
+
+        ``sources``: per image None or the file's PIL image in its own mode (see
+        ``rewards.base.Reward.reads_sources``). The reference crops the file in its own mode
+        (``ToTensor`` keeps RGBA's and LA's channels) and resizes the crop in that mode, so an
+        image with alpha is cropped from its source here too. The reference cannot score a
+        palette or grayscale file at all (its 1-channel crop fails ``Image.fromarray`` and the face
+        is skipped); here a palette crop is resized in mode P, as the reference's transform would.
+        """
         detections = self.detector.detect(images)
         if len(detections) != len(images):
             raise RewardError(f"{self.name}: detector returned {len(detections)} lists for {len(images)} images")
@@ -140,7 +154,8 @@ class FaceScore(Reward):
                 bounds = crop_bounds(det.box, h, w) if det.confidence >= self.threshold else None
                 if bounds is not None:
                     y0, y1, x0, x1 = bounds
-                    crops.append(images[b, y0:y1, x0:x1])
+                    src = sources[b] if sources is not None else None
+                    crops.append(images[b, y0:y1, x0:x1] if src is None else src.crop((x0, y0, x1, y1)))
                     owner.append((b, j))
                     areas.append(float((y1 - y0) * (x1 - x0)))
         scores = self.score_crops(crops)
@@ -169,17 +184,20 @@ class FaceScore(Reward):
 class DifferentiableFaceScore(nn.Module):
     """FaceScore of given face boxes on float image tensors, differentiable w.r.t. the pixels.
 
-    Same crop rule, CLIP normalization, prompt and raw score as :class:`FaceScore`; the resize is
-    ``F.interpolate(bicubic, antialias=True)`` in PIL's two uint8 passes with straight-through
+    Same crop rule, CLIP normalization, prompt and raw score as :class:`FaceScore`; the resize
+    applies Pillow's fixed-point bicubic weights in its two uint8 passes with straight-through
     rounding (see ``rewards.blip_preprocess.preprocess_tensor``), so on uint8-valued images the
-    scores equal the PIL path's up to rare 1/255 pixel steps. The crop bounds are integers (as in
-    the reference), so gradients flow to the pixels, not to the box coordinates.
+    forward pass sees exactly the pixels of the PIL path and the scores equal :class:`FaceScore`'s
+    up to float summation order (measured 0 on the test model; the test bounds it at 1e-5). With
+    ``match_pil=False`` (one smooth resize) they differ by about 1e-3. The crop bounds are
+    integers (as in the reference), so gradients flow to the pixels, not to the box coordinates.
 
     Args:
         model: a loaded ``BlipRewardModel`` (frozen or not; gradients reach its parameters if
             they require grad).
         tokenizer: the validated BLIP tokenizer.
-        match_pil: emulate PIL's uint8 resize (default); False: one smooth bicubic resize.
+        match_pil: Pillow's uint8 resize in the forward pass (default); False: one smooth bicubic
+            resize (differs from the PIL path's scores by about 1e-3).
     """
 
     def __init__(self, model: nn.Module, tokenizer, match_pil: bool = True):

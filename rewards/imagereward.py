@@ -16,7 +16,7 @@ Reference: THUDM/ImageReward, ``ImageReward/ImageReward.py`` (``ImageReward.scor
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -48,6 +48,7 @@ class ImageReward(Reward):
 
     name = "imagereward"
     region = "global"
+    reads_sources = True  # RGBA / LA / palette files are resized in their own mode, as the reference does
 
     def __init__(self, model: str = HUB_ID, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
                  vision_heads: int | None = None, revision: str | None = None, cache_dir: str | None = None,
@@ -62,18 +63,22 @@ class ImageReward(Reward):
             tokenizer_dir=tokenizer_dir, device=device, dtype=dtype)
 
     @torch.no_grad()
-    def raw_scores(self, images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
-        """Unnormalized MLP outputs r for (B, H, W, 3) uint8 images -> float64 (B,)."""
+    def raw_scores(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> np.ndarray:
+        """Unnormalized MLP outputs r for (B, H, W, 3) uint8 images -> float64 (B,).
+
+        ``sources``: per image None or the file's PIL image in its own mode (preprocessed instead).
+        """
         p = next(self.model.parameters())
+        inputs = [im if sources is None or sources[k] is None else sources[k] for k, im in enumerate(images)]
         out = []
         for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([preprocess_pil(im) for im in images[i:i + self.batch_size]])
+            pixels = torch.stack([preprocess_pil(im) for im in inputs[i:i + self.batch_size]])
             ids, mask = tokenize(self.tokenizer, prompts[i:i + self.batch_size])
             out.append(self.model(pixels.to(p.device, p.dtype), ids.to(p.device), mask.to(p.device)).double().cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
-    def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
-        raw = self.raw_scores(images, prompts)
+    def score(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> list[RewardResult]:
+        raw = self.raw_scores(images, prompts, sources)
         if not np.all(np.isfinite(raw)):
             raise RewardError(f"{self.name}: the model returned non-finite scores {raw.tolist()}")
         return [RewardResult(float((r - IR_MEAN) / IR_STD), info={"raw": float(r)}) for r in raw]

@@ -10,9 +10,15 @@ Request body of ``POST /score`` (a JSON object, exactly one of ``images`` / ``ar
     {"arrays": [{"shape": [H, W, 3], "dtype": "uint8", "data": "<base64 of H*W*3 bytes, C order>"}, ...],
      "prompts": ["...", ...]}
 
-Standard base64 (RFC 4648 section 4, with padding). PNGs may be RGB, RGBA, L, LA or P (palette) and
-are converted to RGB; 16-bit and other modes are rejected. All images of one request must have the
-same height and width. ``prompts`` has one string per image.
+Standard base64 (RFC 4648 section 4, with padding). PNGs may be 8-bit RGB, RGBA, L, LA or P
+(palette) and are converted to RGB; 16-bit PNGs and other modes are rejected. All images of one
+request must have the same height and width. ``prompts`` has one string per image.
+
+Image decoding (:func:`open_image`) is the one path of the server and of ``rlfh score``, with the
+same limits: the size is read from the header before any pixel is decoded, and an image over
+``max_image_side`` / ``max_image_pixels`` -- including one so large that Pillow itself calls it a
+decompression bomb -- is a 413 "too large" error; an undecodable file or an unsupported mode or
+bit depth is a 400.
 
 Per-image result object (one per image, in request order)::
 
@@ -34,8 +40,9 @@ import binascii
 import io
 import json
 import math
+import struct
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
 import numpy as np
 
@@ -43,7 +50,11 @@ from rewards.base import RewardError, RewardResult
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RESERVED_NAMES = frozenset({"regions", "image"})
-_PNG_MODES = {"RGB", "RGBA", "L", "LA", "P"}
+IMAGE_MODES = ("RGB", "RGBA", "L", "LA", "P")
+# Modes whose reference preprocessing differs from resizing their RGB conversion: the references
+# resize the PIL image in its own mode (alpha premultiplied, a palette by nearest neighbour) and
+# convert to RGB after. L resizes exactly like its RGB conversion, so it needs no source.
+SOURCE_MODES = frozenset({"RGBA", "LA", "P"})
 
 
 class RequestError(ValueError):
@@ -88,25 +99,79 @@ def _check_size(h: int, w: int, what: str, limits: Limits) -> None:
         raise RequestError(f"{what}: {h}x{w} = {h * w} pixels exceeds max_image_pixels={limits.max_image_pixels}", 413)
 
 
-def decode_png(data: bytes, what: str, limits: Limits) -> np.ndarray:
-    """PNG bytes -> uint8 (H, W, 3) RGB; the size is checked from the header before decoding."""
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded image.
+
+    Attributes:
+        rgb: uint8 (H, W, 3) RGB pixels (what detectors and rewards see).
+        source: for RGBA, LA and P files, the loaded PIL image in its own mode, so that rewards
+            that preprocess like the references (resize in the file's mode, then convert to RGB)
+            can do so; None otherwise.
+    """
+
+    rgb: np.ndarray
+    source: Any = None
+
+
+def _png_ihdr(head: bytes, what: str) -> tuple[int, int, int]:
+    """(width, height, bit depth) from a PNG's first 26 bytes: IHDR is always the first chunk."""
+    if len(head) < 26 or head[12:16] != b"IHDR":
+        raise RequestError(f"{what}: not a PNG (no IHDR header)")
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height, head[24]
+
+
+def open_image(fp: IO[bytes], what: str, limits: Limits, formats: Sequence[str] | None = ("PNG",)) -> DecodedImage:
+    """Decode an image file object (PNG only by default; ``formats=None``: any Pillow format).
+
+    Raises:
+        RequestError: 413 when the image exceeds ``limits`` (checked from the header, before
+            decoding), 400 when it is not an image of ``formats``, cannot be decoded, is a 16-bit
+            PNG or has a mode other than :data:`IMAGE_MODES`.
+    """
     from PIL import Image
 
-    if not data.startswith(PNG_MAGIC):
+    head = fp.read(26)
+    fp.seek(0)
+    if head.startswith(PNG_MAGIC):
+        w, h, depth = _png_ihdr(head, what)
+        _check_size(h, w, what, limits)
+        if depth == 16:
+            # Pillow opens 16-bit RGB(A) as 8-bit "RGB(A)" (dropping the low bytes) but 16-bit gray
+            # as "I;16": the bit depth is checked here so both are rejected alike.
+            raise RequestError(f"{what}: 16-bit PNG is not supported (8 bits per channel only); convert it to 8-bit RGB")
+    elif formats is not None and tuple(formats) == ("PNG",):
         raise RequestError(f"{what}: not a PNG (bad signature)")
     try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
-            w, h = im.size
-            _check_size(h, w, what, limits)  # before load(): a small PNG can inflate to gigabytes
-            if im.mode not in _PNG_MODES:
-                raise RequestError(f"{what}: PNG mode {im.mode!r} is not supported; send 8-bit RGB")
-            im.load()
-            arr = np.asarray(im.convert("RGB"))
+        im = Image.open(fp, formats=None if formats is None else list(formats))
+    except Image.DecompressionBombError as e:
+        # Pillow refuses the header before our own size check could run: the same "too large" class.
+        raise RequestError(f"{what}: too large: {e}", 413) from None
+    except Exception as e:  # UnidentifiedImageError, or a corrupt header (SyntaxError, struct.error...)
+        raise RequestError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from None
+    try:
+        w, h = im.size
+        _check_size(h, w, what, limits)  # before load(): a small file can inflate to gigabytes
+        if im.mode not in IMAGE_MODES:
+            raise RequestError(f"{what}: image mode {im.mode!r} is not supported; use 8-bit {', '.join(IMAGE_MODES)}")
+        im.load()
+        rgb = np.asarray(im.convert("RGB"))
     except RequestError:
+        im.close()
         raise
     except Exception as e:  # PIL raises many types on corrupt data (OSError, SyntaxError, ValueError...)
-        raise RequestError(f"{what}: cannot decode PNG ({type(e).__name__}: {e})") from None
-    return arr
+        im.close()
+        raise RequestError(f"{what}: cannot decode image ({type(e).__name__}: {e})") from None
+    if im.mode in SOURCE_MODES:
+        return DecodedImage(rgb, im)
+    im.close()
+    return DecodedImage(rgb)
+
+
+def decode_png(data: bytes, what: str, limits: Limits) -> np.ndarray:
+    """PNG bytes -> uint8 (H, W, 3) RGB (:func:`open_image`)."""
+    return open_image(io.BytesIO(data), what, limits).rgb
 
 
 def encode_png(image: np.ndarray) -> str:
