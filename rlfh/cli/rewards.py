@@ -6,8 +6,13 @@
         score image files in-process; prints one JSON object per image (one per line)
 
 ``score`` prints, per image, the server's per-image result object (see ``rewards.wire``) plus
-``"image": PATH``, in the order the images were given. Among the positional arguments after CONFIG,
-one containing ``=`` that is not an existing file is a config override; the rest are images.
+``"image": PATH``, in the order the images were given; an image that cannot be scored prints
+``{"image": PATH, "error": REASON}`` in its place and the others are still scored. Images are read
+by the server's decoder with the server's limits (``reward_server.max_image_side`` /
+``max_image_pixels`` of the config, overridable like any key), in any format Pillow reads.
+Exit status: 0 when every image was scored, 1 when some image got an error line, 2 when nothing
+was scored (bad config, no image given). Among the positional arguments after CONFIG, one
+containing ``=`` that is not an existing file is a config override; the rest are images.
 """
 
 from __future__ import annotations
@@ -111,46 +116,97 @@ def cmd_serve_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_image(path: str) -> Any:
-    """An image file -> uint8 (H, W, 3) RGB array; ValueError naming the file if unreadable."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
+def load_image(path: str, limits: Any) -> Any:
+    """An image file -> :class:`rewards.wire.DecodedImage`, through the server's decoder and limits.
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"image {path!r} does not exist")
+    Raises:
+        rewards.wire.RequestError: naming the file and why (missing, unreadable, too large, ...).
+    """
+    from rewards.wire import RequestError, open_image
+
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"image {path!r} cannot be read: {e}") from None
+        with open(path, "rb") as f:
+            return open_image(f, f"image {path!r}", limits, formats=None)
+    except FileNotFoundError:
+        raise RequestError(f"image {path!r} does not exist") from None
+    except OSError as e:
+        raise RequestError(f"image {path!r} cannot be read: {e.strerror or e}") from None
 
 
-def score_files(rewards: Any, paths: list[str], batch_size: int) -> list[dict[str, Any]]:
-    """Score image files with a RewardSet; same-size images are batched together, order is kept."""
+def _score_chunk(rewards: Any, images: list[Any]) -> Any:
+    """Score decoded images of one size together; the per-image result objects."""
     import numpy as np
 
-    from rewards.wire import image_result
+    from rewards.composite import ScoredBatch
+    from rewards.wire import check_finite, image_result
 
-    images = [load_image(p) for p in paths]
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for k, im in enumerate(images):
-        by_shape.setdefault(im.shape, []).append(k)
+    pixels = np.stack([im.rgb for im in images])
+    prompts = [""] * len(images)  # prompts are not known for files: rewards that read prompts see ""
+    sources = [im.source for im in images]
+    results = {}
+    for r in rewards.rewards:
+        # A reward that preprocesses like the references reads RGBA / LA / palette files in their
+        # own mode (see rewards.wire.SOURCE_MODES); the others score the RGB pixels.
+        if any(s is not None for s in sources) and getattr(r.reward, "reads_sources", False):
+            results[r.name] = r.reward(pixels, prompts, sources=sources)
+        else:
+            results[r.name] = r.reward(pixels, prompts)
+    batch = ScoredBatch(results=results, weights={r.name: r.weight for r in rewards.rewards},
+                        regions_of={r.name: r.region for r in rewards.rewards})
+    objs = [image_result(batch, i) for i in range(len(images))]
+    for obj in objs:
+        check_finite(obj, "result")
+    return objs
+
+
+def score_files(rewards: Any, paths: list[str], batch_size: int, limits: Any) -> list[dict[str, Any]]:
+    """Score image files with a RewardSet; one result object or error object per path, in order.
+
+    Same-size images are batched together. An image that cannot be read gets
+    ``{"image": path, "error": reason}``; a batch whose scoring fails is retried image by image,
+    so one bad image never costs the others their results.
+    """
+    from rewards.wire import RequestError
+
     out: list[dict[str, Any] | None] = [None] * len(paths)
+    images: dict[int, Any] = {}
+    for k, p in enumerate(paths):
+        try:
+            images[k] = load_image(p, limits)
+        except RequestError as e:
+            out[k] = {"image": p, "error": str(e)}
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k, im in images.items():
+        by_shape.setdefault(im.rgb.shape, []).append(k)
     for members in by_shape.values():
         for start in range(0, len(members), batch_size):
             chunk = members[start:start + batch_size]
-            # Prompts are not known for files: rewards that read prompts see "".
-            batch = rewards(np.stack([images[k] for k in chunk]), [""] * len(chunk))
-            for i, k in enumerate(chunk):
-                out[k] = {"image": paths[k], **image_result(batch, i)}
+            _score_group(rewards, paths, images, chunk, out)
+            for k in chunk:
+                images[k] = None  # decoded pixels are not needed once scored
     return out  # type: ignore[return-value]
 
 
+def _score_group(rewards: Any, paths: list[str], images: dict[int, Any], group: list[int],
+                 out: list[dict[str, Any] | None]) -> None:
+    try:
+        objs = _score_chunk(rewards, [images[k] for k in group])
+    except (RuntimeError, ValueError) as e:  # RewardError is a RuntimeError, as are torch's failures
+        if len(group) == 1:
+            out[group[0]] = {"image": paths[group[0]], "error": f"cannot score: {e}"}
+        else:  # find the image that fails: the others keep their results
+            for k in group:
+                _score_group(rewards, paths, images, [k], out)
+        return
+    for k, obj in zip(group, objs):
+        out[k] = {"image": paths[k], **obj}
+
+
 def cmd_score(args: argparse.Namespace) -> int:
-    """Score image files in-process and print one JSON object per image."""
+    """Score image files in-process and print one JSON object per image (see the module docstring)."""
     from rewards.base import RewardError
     from rewards.composite import RewardSet
-    from rewards.wire import check_finite, check_reward_names
+    from rewards.wire import check_reward_names
     from rlfh.config.schema import load_config
 
     overrides = [x for x in args.items if "=" in x and not os.path.exists(x)]
@@ -161,13 +217,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         cfg = load_config(args.config, overrides)
+        limits = server_config(cfg, argparse.Namespace(**dict.fromkeys(_SERVER_FLAGS))).limits
         rewards = RewardSet.from_config(cfg.rewards)
         check_reward_names(rewards.names)
-        for obj in score_files(rewards, paths, args.batch_size):
-            check_finite(obj, obj["image"])
-            print(json.dumps(obj, allow_nan=False), flush=True)
     except (RewardError, ValueError, OSError) as e:
         return _fail(e)
+    failed = 0
+    for obj in score_files(rewards, paths, args.batch_size, limits):
+        failed += "error" in obj
+        print(json.dumps(obj, allow_nan=False), flush=True)
+    if failed:
+        print(f"rlfh: {failed} of {len(paths)} image(s) could not be scored (see their \"error\")", file=sys.stderr)
+        return 1
     return 0
 
 

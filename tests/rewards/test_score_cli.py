@@ -95,7 +95,23 @@ def test_score_with_the_committed_tiny_config(files, capsys):
 
 @pytest.mark.parametrize("case, message", [
     ("missing image", "does not exist"),
-    ("not an image", "cannot be read"),
+    ("not an image", "cannot decode image"),
+])
+def test_unreadable_images_get_an_error_line_and_exit_1(files, tmp_path, capsys, case, message):
+    cfg, paths, images = files
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image at all")
+    bad = {"missing image": str(tmp_path / "absent.png"), "not an image": str(junk)}[case]
+    assert rlfh(["score", cfg, paths[0], bad, paths[1]]) == 1
+    captured = capsys.readouterr()
+    objs = [json.loads(line) for line in captured.out.splitlines()]
+    assert [o["image"] for o in objs] == [paths[0], bad, paths[1]]
+    assert set(objs[1]) == {"image", "error"} and message in objs[1]["error"]
+    assert "error" not in objs[0] and "error" not in objs[2]  # the good files are still scored
+    assert "1 of 3 image(s) could not be scored" in captured.err
+
+
+@pytest.mark.parametrize("case, message", [
     ("unknown reward", "unknown reward 'nope'"),
     ("bad override", "rewards[0].wieght"),
     ("reserved name", "reserved"),
@@ -103,11 +119,7 @@ def test_score_with_the_committed_tiny_config(files, capsys):
 ])
 def test_score_errors_exit_2_with_a_reason(files, tmp_path, capsys, case, message):
     cfg, paths, _ = files
-    junk = tmp_path / "junk.png"
-    junk.write_bytes(b"not an image at all")
     argv = {
-        "missing image": [cfg, str(tmp_path / "absent.png")],
-        "not an image": [cfg, paths[0], str(junk)],
         "unknown reward": [cfg, paths[0], "rewards=[nope]"],
         "bad override": [cfg, paths[0], "rewards=[{target: jpeg_compressibility, wieght: 2}]"],
         "reserved name": [cfg, paths[0], "rewards=[{target: jpeg_compressibility, name: regions}]"],
