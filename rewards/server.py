@@ -89,6 +89,29 @@ def _concat(parts: list[Any]) -> Any:
                        dict(first.weights), dict(first.regions_of))
 
 
+def _keep_replica_grpc_on_loopback() -> None:
+    """On a loopback-only node, bind the replica's inter-deployment gRPC port to 127.0.0.1.
+
+    Ray Serve 2.60 starts it on ``[::]:0`` (every interface) whatever the node's address, right
+    after this constructor returns; on a node whose address is 127.0.0.1 nothing off-host can use
+    it, so only exposure is lost by binding it to loopback. Nodes of a real cluster are untouched.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    if ray.util.get_node_ip_address() != "127.0.0.1" or not hasattr(replica, "add_port_to_grpc_server"):
+        return
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "loopback_only", False):
+        return
+
+    def loopback_bind(server: Any, address: str) -> int:
+        return bind(server, "127.0.0.1:" + address[len("[::]:"):] if address.startswith("[::]:") else address)
+
+    loopback_bind.loopback_only = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = loopback_bind
+
+
 @serve.deployment
 class RewardServer:
     """One replica: the RewardSet, a batching queue in front of it, and the HTTP routes."""
@@ -97,6 +120,7 @@ class RewardServer:
                  max_body_reads_per_client: int = MAX_BODY_READS_PER_CLIENT, max_body_reads: int = 16):
         from rewards.composite import RewardSet
 
+        _keep_replica_grpc_on_loopback()
         self.cfg = ServerConfig(**config)
         self.body_timeout_s = body_timeout_s
         self.max_body_reads_per_client = max_body_reads_per_client

@@ -87,11 +87,14 @@ def cmd_serve_rewards(args: argparse.Namespace) -> int:
 
     from rewards.server import start_reward_server
     from rlfh.env import worker_runtime_env
+    from rlfh.recipes.cluster import start_private_ray
 
     started_ray = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
     _STOP.clear()
     signal.signal(signal.SIGINT, _interrupt)
     try:
+        if started_ray:  # on loopback like the HTTP port, and gone with this process
+            start_private_ray(runtime_env=worker_runtime_env(), log_to_driver=True)
         start_reward_server(cfg.rewards, scfg, name=args.name, runtime_env=worker_runtime_env())
         # SIGTERM (kill, a job scheduler) stops the server as cleanly as Ctrl-C does. Set after
         # ray.init, which installs its own SIGTERM handler (stack dump, exit without cleanup).

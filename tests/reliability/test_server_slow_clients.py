@@ -43,10 +43,11 @@ def port():
 
     from rewards.server import ServerConfig, build_app
     from rlfh.env import worker_runtime_env
+    from rlfh.recipes.cluster import start_private_ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=worker_runtime_env())
+        start_private_ray(num_cpus=2, runtime_env=worker_runtime_env())
     port = _free_port()
     # Defaults otherwise: max_batch_size 16 gives the replica 32 in-flight slots.
     cfg = ServerConfig(port=port, num_cpus_per_replica=0.5)

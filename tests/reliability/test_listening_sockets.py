@@ -1,0 +1,153 @@
+"""What a private Ray cluster and the reward server expose, and what is left of them after a SIGKILL.
+
+Each test runs the driver in a subprocess (its own Ray), lists the listening sockets of every
+process of that cluster with psutil, then SIGKILLs the driver and watches the cluster's processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+# A driver like `rlfh train`'s: setup_ray on a config without a cluster address, one actor.
+TRAIN_DRIVER = """
+import os, types, time, ray
+from rlfh.recipes.cluster import setup_ray
+assert setup_ray(types.SimpleNamespace(resources=types.SimpleNamespace(ray_address=None)))
+@ray.remote
+class Probe:
+    def pid(self):
+        return os.getpid()
+p = Probe.remote()
+ray.get(p.pid.remote())
+print("READY", flush=True)
+time.sleep(600)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if text in line:
+            return
+        if time.monotonic() > deadline:
+            break
+    raise AssertionError(f"the driver never printed {text!r} (exit code {proc.poll()})")
+
+
+def _cluster(proc: subprocess.Popen) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def _listening(procs: list[psutil.Process]) -> list[tuple[str, int, str]]:
+    names = {p.pid: p.name() for p in procs}
+    return [(c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections("inet")
+            if c.status == psutil.CONN_LISTEN and c.pid in names]
+
+
+def _sigkill_and_outlivers(proc: subprocess.Popen, procs: list[psutil.Process], within: float) -> list[str]:
+    """SIGKILL the driver; the cluster processes still running ``within`` seconds later."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, alive = psutil.wait_procs(procs, timeout=within)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    names = [f"{p.pid} {p.name()}" for p in alive]
+    for p in alive:  # leave nothing behind for the next test, whatever the verdict
+        p.kill()
+    return names
+
+
+def _run(proc_args: list[str], ready: str, check) -> None:
+    proc = subprocess.Popen(proc_args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    procs: list[psutil.Process] = []
+    try:
+        _wait_for(proc, ready)
+        time.sleep(2)  # the agents and workers started after the driver's first answer
+        procs = _cluster(proc)
+        check(procs)
+        outlivers = _sigkill_and_outlivers(proc, procs, within=6.0)
+        assert not outlivers, f"processes of the killed driver's cluster still running 6 s later: {outlivers}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for p in procs:
+            if p.is_running():
+                p.kill()
+
+
+def _assert_loopback_only(procs, expect_names):
+    socks = _listening(procs)
+    names = {n for _, _, n in socks}
+    assert expect_names <= names, f"expected listeners of {expect_names}, got {socks}"
+    exposed = [s for s in socks if s[0] not in LOOPBACK]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+def test_private_cluster_listens_on_loopback_only_and_dies_with_its_driver():
+    _run([sys.executable, "-c", TRAIN_DRIVER], "READY",
+         lambda procs: _assert_loopback_only(procs, {"gcs_server", "raylet", "ray::DashboardAgent",
+                                                     "ray::RuntimeEnvAgent", "ray::Probe"}))
+
+
+def test_serve_rewards_listens_on_loopback_only_and_dies_with_its_driver():
+    port = _free_port()
+
+    def check(procs):
+        _assert_loopback_only(procs, {"gcs_server", "raylet", "ray::ProxyActor"})
+        assert ("127.0.0.1", port, "ray::ProxyActor") in _listening(procs)
+
+    _run([os.path.join(os.path.dirname(sys.executable), "rlfh"), "serve-rewards", "configs/tiny.yaml",
+          "--port", str(port)], "ready at", check)
+
+
+def test_private_cluster_reruns_cleanly_after_a_sigkill():
+    """The run after a killed one starts its own cluster without meeting the old one's ports."""
+    first = subprocess.Popen([sys.executable, "-c", TRAIN_DRIVER], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    procs: list[psutil.Process] = []
+    try:
+        _wait_for(first, "READY")
+        procs = _cluster(first)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        code = TRAIN_DRIVER.replace("time.sleep(600)", "print('SESSION', ray._private.worker._global_node."
+                                                      "get_session_dir_path(), flush=True); ray.shutdown()")
+        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and "READY" in out.stdout, out.stdout + out.stderr
+        session = out.stdout.split("SESSION ")[1].split()[0]
+        # The old run's dashboard agent held its fixed HTTP port (52365) for a minute after the kill.
+        with open(os.path.join(session, "logs", "dashboard_agent.log")) as f:
+            log = f.read()
+        assert "address already in use" not in log, [ln for ln in log.splitlines() if "in use" in ln][:3]
+    finally:
+        for p in procs:
+            if p.is_running():
+                p.kill()
