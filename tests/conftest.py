@@ -45,9 +45,9 @@ def ray_local():
     import ray
 
     from rlfh.env import worker_runtime_env
+    from rlfh.recipes.cluster import start_private_ray
 
     # loopback only: the learner ranks' rendezvous uses the Ray node's address
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1",
-             runtime_env=worker_runtime_env())
+    start_private_ray(num_cpus=4, runtime_env=worker_runtime_env())
     yield ray
     ray.shutdown()

@@ -151,3 +151,50 @@ def test_private_cluster_reruns_cleanly_after_a_sigkill():
         for p in procs:
             if p.is_running():
                 p.kill()
+
+
+def _readme_ray_block() -> list[str]:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### On a Ray cluster (`ray job submit`)"):]
+    start = section.index("```bash\n") + len("```bash\n")
+    block = section[start:section.index("\n```", start)]
+    return [ln.split("   #")[0].strip() for ln in block.splitlines()]
+
+
+def test_readme_ray_job_submit_example_works_under_token_auth(tmp_path):
+    """The README's head + submit commands as written, in an isolated home (its own token) and Ray
+    temp dir, on free ports, with a short entrypoint: the submitted job joins the head (so token
+    auth passes) and the head listens on loopback only."""
+    export, token, start, submit = _readme_ray_block()
+    assert export.startswith("export ") and start.startswith("ray start --head") and submit.startswith("ray job submit")
+    assert token.startswith("ray get-auth-token --generate")
+    env = {**_env(), "HOME": str(tmp_path)}
+    env.update(kv.split("=", 1) for kv in export.split()[1:])
+    bin_dir = os.path.dirname(sys.executable)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    ray_tmp = f"/tmp/rlfh-readme-{os.getpid()}"  # Ray's socket paths must stay short
+    port, dash = _free_port(), _free_port()
+    start_args = start.split() + [f"--port={port}", f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}",
+                                  "--num-cpus=1", "--disable-usage-stats"]
+    head: list[psutil.Process] = []
+    try:
+        r = subprocess.run(token, shell=True, env=env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and (tmp_path / ".ray" / "auth_token").is_file(), r.stderr[-2000:]
+        r = subprocess.run(start_args, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        roots = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+        head = list({p.pid: p for r_ in roots for p in [r_, *r_.children(recursive=True)]}.values())
+        job = ("import ray; ray.init(); "
+               "print('JOB', ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()))")
+        cmd = submit.split(" -- ")[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dash}").split()
+        r = subprocess.run(cmd + ["--", sys.executable, "-c", job], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and "JOB 127.0.0.1" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        head = list({p.pid: p for r_ in roots if r_.is_running() for p in [r_, *r_.children(recursive=True)]}.values())
+        exposed = [s for s in _listening(head) if s[0] not in LOOPBACK]
+        assert not exposed, f"the README's loopback head listens beyond loopback: {exposed}"
+    finally:  # only this head's processes: `ray stop` would stop every Ray on the machine
+        for p in head:
+            if p.is_running():
+                p.kill()
+        subprocess.run(["rm", "-rf", ray_tmp])
