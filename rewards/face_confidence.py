@@ -1,4 +1,4 @@
-"""Face detection confidence reward: FairHuman's face metric (methods.md section 2).
+"""Face detection confidence reward: FairHuman's face metric (arXiv 2507.02714).
 
 FairHuman reports the mean MediaPipe face detection score (BlazeFace short range, default options;
 reference: PRIS-CV/FairHuman ``evaluate/face_confidence.py``) over every detected face. Per image we

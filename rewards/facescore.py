@@ -1,6 +1,6 @@
 """FaceScore: ImageReward fine-tuned on face crops (Liao et al. 2024, arXiv 2406.17100).
 
-Reference: OPPO-Mente-Lab/FaceScore, ``FaceScore.py`` (see docs/methods.md section 1). Per image:
+Reference: OPPO-Mente-Lab/FaceScore, ``FaceScore.py``. Per image:
 
 1. detect faces; keep those with confidence >= 0.9;
 2. crop each box widened by 1 px per side (``rewards.blip_preprocess.crop_bounds``);

@@ -1,4 +1,4 @@
-"""Hand confidence reward: FairHuman's hand metric (seed 000, arXiv 2507.02714; methods.md section 2).
+"""Hand confidence reward: FairHuman's hand metric (arXiv 2507.02714).
 
 FairHuman scores hands with MediaPipe Hands and reports the mean *handedness score* over every
 detected hand (reference: PRIS-CV/FairHuman ``evaluate/hand_confidence.py``). Per image we take,

@@ -1,4 +1,5 @@
-"""Detector boxes -> latent-size region masks, as FairHuman builds them (methods.md section 2).
+"""Detector boxes -> latent-size region masks, as FairHuman builds them (arXiv 2507.02714;
+reference PRIS-CV/FairHuman, train_text_to_image_lora_sdxl_mpd_fair.py).
 
 For one image and one region (``face``, ``hand``, ...):
 

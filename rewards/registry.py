@@ -79,7 +79,7 @@ def build_reward(target: str, options: dict[str, Any] | None = None, name: str |
     Args:
         target: registry name or ``module:callable``.
         options: keyword arguments for the factory.
-        name: metric/log name; defaults to the reward's own ``name`` (or ``target``).
+        name: metric/log name; defaults to ``target`` (a ``module:callable`` reward must give one).
     """
     factory = resolve(target)
     try:

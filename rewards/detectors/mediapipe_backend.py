@@ -1,4 +1,4 @@
-"""MediaPipe face and hand detectors (FairHuman's evaluation detectors, methods.md section 2).
+"""MediaPipe face and hand detectors (FairHuman's evaluation detectors, arXiv 2507.02714).
 
 Both run MediaPipe's Tasks API on CPU with the TFLite models that
 ``python -m rewards.detectors.get_models`` extracts from the mediapipe 0.10.21 wheel:

@@ -110,7 +110,7 @@ class HGDPOConfig:
 @dataclass(frozen=True)
 class LearnerConfig:
     loss: Literal["dpo", "dpo_hinge", "dpo_ipo", "rwr", "filtered", "ddpo"] = "dpo"
-    beta: float = 5000.0  # Diffusion-DPO beta; 5000 for SDXL (methods.md section 3)
+    beta: float = 5000.0  # Diffusion-DPO beta (arXiv 2311.12908); 5000 for SDXL, 2000 for SD1.5
     regions: list[str] = field(default_factory=lambda: ["global"])  # one objective per region
     region_scale: float = 5.0  # FairHuman's s for local (masked) regions
     fairness: FairnessConfig = field(default_factory=FairnessConfig)

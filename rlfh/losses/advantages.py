@@ -2,7 +2,7 @@
 
 Papers: DDPO, Black et al., "Training Diffusion Models with Reinforcement Learning", arXiv 2305.13301
 (reference: kvablack/ddpo-pytorch, ddpo_pytorch/stat_tracking.py and train.py); GRPO, Shao et al.,
-"DeepSeekMath", arXiv 2402.03300. See docs/methods.md section 4.
+"DeepSeekMath", arXiv 2402.03300.
 
 Formula, for sample b whose prompt belongs to group g(b) with n_g samples in the batch:
 

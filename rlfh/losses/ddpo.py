@@ -2,7 +2,7 @@
 
 Paper: Black et al., "Training Diffusion Models with Reinforcement Learning", arXiv 2305.13301
 (reference: kvablack/ddpo-pytorch, scripts/train.py); the clipped surrogate is PPO's (Schulman et
-al., arXiv 1707.06347). See docs/methods.md section 4.
+al., arXiv 1707.06347).
 
 Each denoising step of a stochastic DDIM sampler (eta = 1) is a Gaussian policy
 pi(x_{t-1} | x_t, c); its log-prob comes from rollouts/ddim_logprob.py. With the log-prob recorded

@@ -1,4 +1,4 @@
-"""Boxes -> latent masks (methods.md section 2): worked examples, then parity with the reference ops."""
+"""Boxes -> latent masks (FairHuman, arXiv 2507.02714): worked examples, then parity with the reference ops."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for rlfh/losses/fairness.py: the MPD (FairGrad) rule of methods.md section 2 and its alternatives."""
+"""Tests for rlfh/losses/fairness.py: FairHuman's MPD (FairGrad) rule (arXiv 2507.02714) and its alternatives."""
 
 import math
 

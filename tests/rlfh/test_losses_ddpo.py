@@ -1,4 +1,4 @@
-"""Tests for rlfh/losses/ddpo.py and rlfh/losses/advantages.py (methods.md section 4)."""
+"""Tests for rlfh/losses/ddpo.py and rlfh/losses/advantages.py (DDPO, arXiv 2305.13301)."""
 
 import pytest
 import torch
