@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from rewards.base import Detection, Reward, RewardResult
+from rewards.base import Detection, Reward, RewardError, RewardResult
 from rewards.registry import build_reward
 
 
@@ -117,6 +117,28 @@ class ScoredBatch:
         return metrics
 
 
+def _score_one(r: WeightedReward, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
+    """One reward on the batch; a RewardError is raised again naming the reward and the images that
+    fail when scored alone (the reward's own message, e.g. a NaN value refused by RewardResult,
+    knows neither its config name nor the image). Rescoring runs only on this failure path."""
+    try:
+        return r.reward(images, prompts)
+    except RewardError as e:
+        bad = []
+        for i in range(len(prompts)):
+            try:
+                r.reward(images[i : i + 1], list(prompts[i : i + 1]))
+            except RewardError:
+                bad.append(i)
+        n = len(prompts)
+        if not bad:
+            where = f"a batch of {n} images (no image fails alone)"
+        else:
+            listed = ", ".join(f"{i} (prompt {prompts[i]!r:.80})" for i in bad[:5])
+            where = f"image{'s' if len(bad) > 1 else ''} {listed}{' and more' if len(bad) > 5 else ''} of {n}"
+        raise RewardError(f"reward {r.name!r} failed on {where}: {e}") from e
+
+
 class RewardSet:
     """The configured rewards, scored together on each batch."""
 
@@ -142,7 +164,7 @@ class RewardSet:
 
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> ScoredBatch:
         return ScoredBatch(
-            results={r.name: r.reward(images, prompts) for r in self.rewards},
+            results={r.name: _score_one(r, images, prompts) for r in self.rewards},
             weights={r.name: r.weight for r in self.rewards},
             regions_of={r.name: r.region for r in self.rewards},
         )

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rewards.base import RewardResult
-from rewards.composite import ScoredBatch, combined_scores
+from rewards.base import Reward, RewardError, RewardResult
+from rewards.composite import RewardSet, ScoredBatch, WeightedReward, combined_scores
 from rlfh.config.schema import load_config
 from rlfh.data.pairs import Pair, build_pairs, learner_batch, sample_weights
 
@@ -120,3 +120,20 @@ def test_offline_error_says_why_nothing_is_left(fake_log):
     with pytest.raises(ValueError, match=r"(?s)3 of 4 records have no combined score.*'jpeg': 1.*"
                                          r"NaN/inf values by reward, counted as missing: \{'jpeg': 1, 'face': 1\}"):
         batch_from_log(config("rwr", train_batch_size=2))
+
+
+class NaNOnPrompt(Reward):
+    """Scores 1.0, except NaN for the prompt "bad" (RewardResult refuses it and raises)."""
+
+    def score(self, images, prompts):
+        return [RewardResult(NAN if p == "bad" else 1.0) for p in prompts]
+
+
+def test_reward_error_names_the_reward_and_the_image():
+    reward = NaNOnPrompt()
+    reward.name = "flaky"
+    rewards = RewardSet([WeightedReward(reward, 1.0)])
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    with pytest.raises(RewardError, match=r"reward 'flaky' failed on image 2 \(prompt 'bad'\) of 4: .*not finite"):
+        rewards(images, ["ok", "ok", "bad", "ok"])
+    assert rewards(images, ["ok"] * 4).combined() == [1.0] * 4
