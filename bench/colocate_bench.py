@@ -6,10 +6,10 @@
 Each mode runs in its own subprocess (so memory peaks do not mix), without Ray, with the classes the
 actors use:
 
-* ``separate``: a rollout ``Sampler`` on its own pipeline plus a ``DPOLearner``, both on the device
+* ``separate``: a rollout ``Sampler`` on its own pipeline plus a ``LearnerEngine``, both on the device
   (what a rollout actor and a learner actor sharing one GPU would hold); after each round the LoRA
   weights go to the sampler as the rollout actors load them.
-* ``colocated``: ``resources.colocate`` as ``LearnerRank`` runs it: one ``DPOLearner`` (VAE kept),
+* ``colocated``: ``resources.colocate`` as ``LearnerRank`` runs it: one ``LearnerEngine`` (VAE kept),
   a ``Sampler`` on the learner's own pipeline, and ``rlfh.learner.colocate.Handover`` between the phases.
 
 A round: sample ``prompts x rollouts`` images, score them (JPEG compressibility, cheap and
@@ -55,7 +55,8 @@ def run_mode(mode: str, cfg, rounds: int) -> dict:
     """The loop, in this process, on the default device."""
     from rewards.composite import RewardSet
     from rlfh.learner.colocate import Handover
-    from rlfh.learner.engine import DPOLearner
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
     from rollouts.models import load_pipeline
     from rlfh.data.pairs import learner_batch
     from rlfh.data.prompts import PromptSchedule, load_prompts
@@ -67,11 +68,11 @@ def run_mode(mode: str, cfg, rounds: int) -> dict:
     rc, lc = cfg.rollout, cfg.learner
     with common.PeakMemory(device) as mem:
         if mode == "colocated":
-            learner = DPOLearner(cfg, keep_vae=True)
+            learner = LearnerEngine(cfg, keep_vae=True)
             sampler = Sampler(learner.pipe, model_id=cfg.model.path)
             handover = Handover(learner)
         else:
-            learner = DPOLearner(cfg)
+            learner = LearnerEngine(cfg)
             sampler = Sampler(load_pipeline(cfg.model, device), model_id=cfg.model.path)
             sampler.add_lora(lc.lora.rank, lc.lora.alpha, lc.lora.target_modules)
             sampler.load_lora(learner.lora_state_dict(), 0)
@@ -99,7 +100,7 @@ def run_mode(mode: str, cfg, rounds: int) -> dict:
                                                             [scored.regions(i) for i in range(len(batch))],
                                                             (rc.height, rc.width)))
             stamp("to_training", handover.to_training if handover else (lambda: None))
-            stamp("learner", lambda: learner.train_on_pairs(pairs, lc.epochs_per_round))
+            stamp("learner", lambda: train(learner, pairs, lc.epochs_per_round))
             if handover:  # colocated: the sampler already holds the trained weights
                 stamp("sync", lambda: setattr(sampler, "policy_version", learner.policy_version))
             else:

@@ -1,4 +1,4 @@
-"""Diffusion-DPO learner throughput and memory: rlfh's DPOLearner against a plain reference loop.
+"""Diffusion-DPO learner throughput and memory: rlfh's LearnerEngine against a plain reference loop.
 
     python bench/learner_bench.py                       # auto: GPU -> SDXL-arch 1024 px, CPU -> tiny 64 px
     python bench/learner_bench.py --modes lora8,lora64,full --pairs 1 --size 1024
@@ -10,7 +10,7 @@ w/l chunks, -logsigmoid(-beta/2 (model_diff - ref_diff)), clip, AdamW), in plain
 compile, but with the reference as a SECOND frozen UNet copy (the original DiffusionDPO training
 scripts' full fine-tuning set-up; the diffusers LoRA example itself disables the adapters instead).
 On GPU: weights bf16, trainable params fp32, autocast bf16, as that example does with accelerate.
-(b) ``rlfh``: rlfh.learner.engine.DPOLearner.train_on_pairs (DeepSpeed engine, LoRA via peft, reference =
+(b) ``rlfh``: rlfh.learner.engine.LearnerEngine.train_on_pairs (DeepSpeed engine, LoRA via peft, reference =
 adapters disabled; full mode keeps a frozen copy too). One call = one optimizer step on --pairs pairs.
 
 Modes: lora8, lora64 (LoRA rank 8 / 64 on to_q, to_k, to_v, to_out.0) and full (whole UNet).
@@ -100,16 +100,17 @@ class ReferenceLoop:
 
 
 class RlfhLearner:
-    """rlfh.learner.engine.DPOLearner behind the same ``step`` signature."""
+    """rlfh.learner.engine.LearnerEngine behind the same ``step`` signature."""
 
     def __init__(self, model: str, device, dtype, rank: int | None, beta: float, pairs: int, checkpointing: bool):
         import rollouts.models
         from rlfh.config.schema import load_config
-        from rlfh.learner.engine import DPOLearner
+        from rlfh.learner.engine import LearnerEngine
+        from rlfh.learner.steps import train
         from rlfh.data.batches import PairBatch
 
         if model == "sdxl-arch-random":
-            # DPOLearner loads through rollouts.models.load_pipeline(cfg.model); build in memory instead of
+            # LearnerEngine loads through rollouts.models.load_pipeline(cfg.model); build in memory instead of
             # writing ~10 GB of random weights to disk and reading them back. Nothing else changes.
             rollouts.models.load_pipeline = lambda model_cfg, dev: common.build_sdxl_arch_random(
                 torch.device(dev), common.DTYPES[model_cfg.dtype])
@@ -119,11 +120,11 @@ class RlfhLearner:
               f"learner.gradient_checkpointing={str(checkpointing).lower()}"]
         ov += [f"learner.lora.rank={rank}", f"learner.lora.alpha={rank}"] if rank else ["learner.lora.enabled=false"]
         self.cfg = load_config(common.REPO / "configs" / "tiny.yaml", ov)
-        self.learner = DPOLearner(self.cfg, device=str(device))
+        self.learner = LearnerEngine(self.cfg, device=str(device))
         self.PairBatch = PairBatch
 
     def step(self, lat_w, lat_l, prompts) -> float:
-        return self.learner.train_on_pairs(self.PairBatch(lat_w, lat_l, prompts), epochs=1)["loss/dpo"]
+        return train(self.learner, self.PairBatch(lat_w, lat_l, prompts), epochs=1)["loss/dpo"]
 
     def modules(self):
         opt = self.learner.optimizer
@@ -240,7 +241,7 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
     out = {}
     with torch.no_grad():
         out["ref_forward_plain_copy_s"] = med(lambda: ref.ref_unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added))
-        out["ref_forward_rlfh_s"] = med(lambda: lrn._reference(x, t, enc, added))
+        out["ref_forward_rlfh_s"] = med(lambda: lrn.reference(x, t, enc, added))
         if lrn.ref_unet is None:
             out["adapter_toggle_s"] = med(lambda: (lrn.unet.disable_adapters(), lrn.unet.enable_adapters()))
 

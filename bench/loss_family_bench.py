@@ -1,9 +1,9 @@
-"""Learner throughput and peak memory per loss and per fairness rule (rlfh's DPOLearner).
+"""Learner throughput and peak memory per loss and per fairness rule (rlfh's LearnerEngine).
 
     python bench/loss_family_bench.py            # tiny model on CPU (or the device found)
     python bench/loss_family_bench.py --smoke    # seconds
 
-Each variant builds a DPOLearner from configs/tiny.yaml with the variant's overrides and times
+Each variant builds a LearnerEngine from configs/tiny.yaml with the variant's overrides and times
 ``--steps`` optimizer steps after one warm-up step, on random latents (64 px, 8x8 latents) with a
 "face" mask on half the items and a "hand" mask on a quarter, so per-region objectives and the
 fairness solve (K = 3 where all regions are present) do real work. Items/s counts pairs for the DPO
@@ -75,7 +75,8 @@ def main() -> None:
     device = common.pick_device("auto")
     common.set_threads(1, device)
     from rlfh.config.schema import load_config
-    from rlfh.learner.engine import DPOLearner
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
     from rollouts.models import resolve_model_path
 
     model = resolve_model_path("rlfh:tiny-sdxl")
@@ -84,13 +85,13 @@ def main() -> None:
         cfg = load_config(common.REPO / "configs" / "tiny.yaml",
                           [f"model.path={model}", f"learner.train_batch_size={args.batch}",
                            f"learner.micro_batch_size_per_gpu={args.batch}", *overrides])
-        lrn = DPOLearner(cfg)
+        lrn = LearnerEngine(cfg)
         batch = make_batch(lrn, args.batch * (args.steps + 1) if cfg.learner.loss.startswith("dpo") else args.batch * (args.steps + 1) // 2)
         warm = make_batch(lrn, args.batch, seed=1)
-        lrn.train(warm, 1)  # warm-up step
+        train(lrn, warm, 1)  # warm-up step
         with common.PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            metrics = lrn.train(batch, 1)
+            metrics = train(lrn, batch, 1)
             common.sync(device)
             dt = time.perf_counter() - t0
         steps = int(metrics["learner/steps"]) - 1

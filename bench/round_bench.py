@@ -11,7 +11,7 @@
    ``ray.get``; the in-actor compute is not in metrics.jsonl.
 2. So the same stages run again in THIS process with the same classes and calls (Sampler.sample in
    chunks of sample_batch_size_per_actor, RewardSet, RolloutLog.append, learner_batch,
-   DPOLearner.train_on_pairs / train_on_samples, lora_state_dict + Sampler.load_lora), with torch threads set as the
+   LearnerEngine.train_on_pairs / train_on_samples, lora_state_dict + Sampler.load_lora), with torch threads set as the
    actors set them, on the same prompts and seeds.
 Ray overhead per stage = median(driver time) - median(in-process time); the headline is the
 overhead's share of the median round. Round 0 (warm-up: lazy init, first allocations) is dropped.
@@ -52,7 +52,8 @@ def ray_rounds(config: Path, overrides: list[str], run_dir: Path) -> tuple[list[
 def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
     """The loop of rlfh.recipes.online.train with the Ray calls replaced by direct calls."""
     from rewards.composite import RewardSet
-    from rlfh.learner.engine import DPOLearner
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
     from rollouts.models import load_pipeline
     from rlfh.data.pairs import learner_batch
     from rlfh.data.prompts import PromptSchedule, load_prompts
@@ -67,7 +68,7 @@ def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
     if lc.lora.enabled:
         sampler.add_lora(lc.lora.rank, lc.lora.alpha, lc.lora.target_modules)
     rewards = RewardSet.from_config(cfg.rewards)
-    learner = DPOLearner(cfg, device="cpu")
+    learner = LearnerEngine(cfg, device="cpu")
     log = RolloutLog(run_dir / "rollouts")
     schedule = PromptSchedule(load_prompts(rc), rc.prompts_per_round, rc.rollouts_per_prompt, cfg.seed)
     settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta)
@@ -86,7 +87,7 @@ def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
         train_batch, _ = learner_batch(lc, batch.latents, batch.prompts, batch.prompts, scored.combined(),
                                        [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width))
         t.append(time.perf_counter())
-        learner.train(train_batch, lc.epochs_per_round)
+        train(learner, train_batch, lc.epochs_per_round)
         t.append(time.perf_counter())
         if lc.lora.enabled:
             sampler.load_lora(learner.lora_state_dict(), learner.policy_version)

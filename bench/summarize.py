@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
         "ray_overhead_share": rd.get("ray_overhead_share"),
         "compile": parts.get("rollout_compile", {}).get("compile"),
         "meaning": {"rollout_ratio": "rlfh Sampler images/s over stock diffusers pipeline images/s (>1: ours faster)",
-                    "learner_ratio": "rlfh DPOLearner pairs/s over the reference DPO loop pairs/s (>1: ours faster)",
+                    "learner_ratio": "rlfh LearnerEngine pairs/s over the reference DPO loop pairs/s (>1: ours faster)",
                     "*_mfu": "model FLOPs/s (FlopCounterMode) over this machine's measured dense matmul peak",
                     "ray_overhead_share": "(Ray round - in-process round) / Ray round, tiny config"},
         "settings": {k: v.get("settings") for k, v in parts.items()},

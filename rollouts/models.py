@@ -1,4 +1,5 @@
-"""Loading SDXL pipelines, and writing the seeded tiny SDXL-architecture model.
+"""SDXL pipelines: loading, conditioning (prompt embeddings + time ids), the policy's LoRA adapter,
+and writing the seeded tiny SDXL-architecture model.
 
 ``load_pipeline(model_cfg)`` accepts what users have:
   * a local diffusers folder (``model_index.json`` + ``unet/``, ``vae/``, ``text_encoder*/``,
@@ -14,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+from typing import Sequence
 
 import torch
 
@@ -96,8 +99,6 @@ def pretrain_tiny_unet(pipe, steps: int, seed: int = 0, batch_size: int = 32, lr
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     size = pipe.unet.config.sample_size
     h = size * 8
-    from rollouts.sampler import sdxl_conditioning
-
     enc, added = sdxl_conditioning(pipe, TINY_PROMPTS, h, h, "cpu")
     pooled, time_ids = added["text_embeds"], added["time_ids"][:1]
     unet = pipe.unet.train()
@@ -206,15 +207,25 @@ def resolve_model_path(path: str) -> str:
     if path != TINY_ID:
         return path
     target = cache_dir() / "tiny-sdxl"
-    if not (target / "model_index.json").is_file():
-        tmp = target.with_name(f"tiny-sdxl.tmp{os.getpid()}")
-        make_tiny_model(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process won the race; its copy is identical (same seed)
-            import shutil
+    if (target / "model_index.json").is_file():
+        return str(target)
+    import fcntl
 
-            shutil.rmtree(tmp, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One process builds, the others wait for it: several processes starting at once (the test
+    # process and its Ray actors, a run's rollout and learner actors) would otherwise each spend
+    # minutes of CPU pretraining the same model.
+    with open(target.with_name("tiny-sdxl.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (target / "model_index.json").is_file():
+            tmp = target.with_name(f"tiny-sdxl.tmp{os.getpid()}")
+            make_tiny_model(tmp)
+            try:
+                tmp.rename(target)
+            except OSError:  # a process without the lock (an older rlfh) won the race; same seed, same model
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 
@@ -258,3 +269,40 @@ def load_pipeline(model_cfg, device: str | torch.device = "cpu"):
         )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def add_lora(unet, rank: int, alpha: float, target_modules) -> None:
+    """Give ``unet`` the policy's LoRA adapter (peft; B starts at zero, so the policy starts at the base).
+
+    The one builder for the learner and the rollout actors: weight sync copies the learner's adapter
+    into the actors' by name, so both sides must build it alike. A (the gaussian init) is drawn from
+    torch's global RNG; the learner seeds it, an actor's is overwritten at the first sync.
+    """
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=list(target_modules)))
+
+
+@torch.no_grad()
+def sdxl_conditioning(pipe, prompts: Sequence[str], height: int, width: int, device,
+                      negative_prompt: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SDXL conditioning: (encoder_hidden_states, added_cond_kwargs) for B prompts at (height, width).
+
+    ``add_time_ids`` = (orig_h, orig_w, crop_top=0, crop_left=0, target_h, target_w) per sample.
+    With ``negative_prompt`` (classifier-free guidance) the result is 2B rows, unconditional first,
+    as diffusers stacks them; without it, B rows.
+    """
+    guided = negative_prompt is not None
+    b = len(prompts)
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+        negative_prompt=[negative_prompt] * b if guided else None,
+    )
+    time_ids = pipe._get_add_time_ids(
+        (height, width), (0, 0), (height, width), dtype=pos.dtype,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    ).to(device).repeat(b, 1)
+    if guided:
+        pos, pooled, time_ids = torch.cat([neg, pos]), torch.cat([neg_pooled, pooled]), torch.cat([time_ids, time_ids])
+    return pos, {"text_embeds": pooled, "time_ids": time_ids}

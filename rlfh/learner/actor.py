@@ -1,5 +1,6 @@
-"""One learner rank: a :class:`rlfh.learner.engine.DPOLearner` (DeepSpeed engine), as a Ray actor
-(:data:`LearnerActor`) or in the calling process (offline DPO on one rank).
+"""One learner rank: a :class:`rlfh.learner.engine.LearnerEngine` (DeepSpeed engine) and the round's
+training (:func:`rlfh.learner.steps.train`), as a Ray actor (:class:`LearnerActor`) or in the calling
+process (offline DPO on one rank).
 
 Built in two calls, because the ranks of a data-parallel learner must meet: the actor starts empty,
 rank 0 names a rendezvous address (:meth:`LearnerRank.rendezvous`), then every rank runs
@@ -19,9 +20,6 @@ class LearnerRank:
     """Args: num_threads: torch threads of this process (None: leave as is)."""
 
     def __init__(self, num_threads: int | None = 1):
-        from rlfh.env import apply_env_defaults
-
-        apply_env_defaults()
         import torch
 
         if num_threads is not None:
@@ -39,11 +37,11 @@ class LearnerRank:
     def setup(self, cfg, rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None,
               colocate: bool = False) -> int:
         from rlfh.learner.distributed import set_rendezvous
-        from rlfh.learner.engine import DPOLearner
+        from rlfh.learner.engine import LearnerEngine
 
         if world_size > 1:
             set_rendezvous(rank, world_size, *master)
-        self.learner = DPOLearner(cfg, keep_vae=colocate)
+        self.learner = LearnerEngine(cfg, keep_vae=colocate)
         if colocate:
             from rlfh.learner.colocate import Handover
             from rollouts.sampler import Sampler
@@ -53,9 +51,11 @@ class LearnerRank:
         return self.learner.num_trainable
 
     def train(self, batch, epochs: int) -> dict:
+        from rlfh.learner.steps import train
+
         if self.handover is not None:
             self.handover.to_training()
-        return self.learner.train(batch, epochs)
+        return train(self.learner, batch, epochs)
 
     def weight_buckets(self, bucket_bytes: int) -> list:
         """The policy weights as object-store refs, one per bucket (``rlfh.learner.weight_sync``); every rank
@@ -117,4 +117,6 @@ class LearnerRank:
         """Nothing to release in-process (the group's interface, for offline DPO on one rank)."""
 
 
-LearnerActor = ray.remote(LearnerRank)
+@ray.remote
+class LearnerActor(LearnerRank):
+    """A learner rank in its own Ray worker process (the runtime_env carries rlfh's environment)."""

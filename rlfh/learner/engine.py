@@ -1,39 +1,38 @@
-"""The learner: an SDXL UNet with a LoRA adapter (or fully trainable) inside a DeepSpeed engine.
+"""The learner's engine: the SDXL UNet being trained, its reference, and the DeepSpeed engine around it.
 
-One call of :meth:`DPOLearner.train_on_pairs` (DPO family) or :meth:`DPOLearner.train_on_samples`
-(RWR / filtered) runs ``epochs`` passes in optimizer steps of ``learner.train_batch_size`` items
-(micro-batches of ``micro_batch_size_per_gpu``; DeepSpeed accumulates and clips). A DPO micro-batch:
+:class:`LearnerEngine` holds the state and the model calls; the training loops that use it are
+plain functions in :mod:`rlfh.learner.steps`. What it owns:
 
-    x_0^w, x_0^l (B, 4, h, w)   final latents of winner / loser, UNet space
-    t ~ U{0..T-1}, eps ~ N(0, I)       shared by w and l
-    x_t^* = sqrt(abar_t) x_0^* + sqrt(1 - abar_t) eps
-    eps_theta, eps_ref = UNet(x_t^*, t, c) with / without the LoRA adapter
-    L_r = DPO loss on region r's errors, for r in learner.regions   (rlfh/losses/objectives.py)
-    d   = sum_r c_r grad L_r, c from the fairness rule               (rlfh/losses/fairness.py; MPD by default)
+* the pipeline (text encoders for conditioning, the UNet; the VAE only in colocated mode);
+* the policy: the UNet with a LoRA adapter (``learner.lora``), or the whole UNet trainable;
+* the reference: the same UNet with the adapter disabled, or a frozen copy for full training;
+* the DeepSpeed engine (ZeRO, accumulation, clipping, bf16), an optional EMA of the weights;
+* the step counters and the generator that draws every t, eps and shuffle (saved in checkpoints);
+* the policy's weights for the rollout actors, in buckets, and checkpoint save / load.
 
-The combined update is taken by back-propagating sum_r c_r L_r through the engine, so ZeRO
-partitioning, accumulation and clipping stay DeepSpeed's. MPD and MGDA need the per-region
-gradients first (one extra backward per region, ``torch.autograd.grad``); they are applied per
-micro-batch, so with gradient accumulation the step is the mean of per-micro-batch MPD updates.
-Metrics come back as a flat dict of floats with slash names (``loss/dpo``, ``mpd/weight/face``).
+With several ranks (``resources.num_learner_ranks`` / ``num_learner_gpus``; the process group is
+set up by :mod:`rlfh.learner.group`) every rank builds one engine; DeepSpeed averages gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
-from dataclasses import dataclass, field
+import os
+import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from rlfh.losses.objectives import pairwise_objectives, weighted_objectives
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss or weight: training stops before it reaches the weights or a checkpoint."""
 
 
-def _tensor(a: np.ndarray, idx: list[int], device) -> torch.Tensor:
-    return torch.from_numpy(np.array(a[idx], dtype=np.float32)).to(device)  # copies: Ray hands read-only arrays
+NONFINITE_CAUSES = ("a NaN/inf hyperparameter (learner.beta, learner.lr, ...), non-finite rewards or latents in "
+                    "the batch, or a diverging run (lower learner.lr, set learner.max_grad_norm)")
 
 
 def ddpo_train_steps(cfg) -> int:
@@ -74,29 +73,26 @@ def deepspeed_config(cfg) -> dict:
     return ds
 
 
-class DPOLearner:
-    """Diffusion-DPO on an SDXL UNet, LoRA via peft, optimised inside a DeepSpeed engine.
+class LearnerEngine:
+    """An SDXL UNet (LoRA via peft, or full) inside a DeepSpeed engine, with its reference.
 
     Args:
         cfg: the full :class:`rlfh.config.schema.Config` (reads ``model``, ``learner``, ``seed``).
-        device: torch device for the learner (``cuda`` when available, else ``cpu``).
-        keep_vae: keep the pipeline's VAE (colocated mode samples with this learner's pipeline).
-
-    With several ranks (``resources.num_learner_ranks`` / ``num_learner_gpus``; the process group is
-    set up by ``rlfh.learner.group``) every rank holds the full batch and trains on its share of
-    each optimizer step; DeepSpeed averages the gradients.
+        device: torch device (``cuda`` when available, else ``cpu``).
+        keep_vae: keep the pipeline's VAE (colocated mode samples with this engine's pipeline).
     """
 
     def __init__(self, cfg, device: str | None = None, keep_vae: bool = False):
         import deepspeed
+        import torch.distributed as dist
         from diffusers import DDPMScheduler
 
-        import torch.distributed as dist
-
         from rlfh.learner.distributed import init_distributed
-        from rollouts.models import load_pipeline
+        from rlfh.losses import fairness
+        from rollouts.models import add_lora, load_pipeline
 
         self.cfg = cfg
+        lc = cfg.learner
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -104,31 +100,26 @@ class DPOLearner:
             raise RuntimeError(f"the process group has {self.world_size} ranks but the config asks for "
                                f"{cfg.learner_world_size} learner ranks (resources.num_learner_ranks / num_learner_gpus)")
         pipe = load_pipeline(cfg.model, self.device)
+        self.vae = pipe.vae if keep_vae else None
         if not keep_vae:
-            pipe.vae = None  # the learner trains on latents; free the VAE
+            pipe.vae = None  # the learner trains on latents
         self.pipe = pipe
+        self.vae_scale = 8
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        if cfg.learner.loss == "ddpo":
+        self.ddim = None
+        if lc.loss == "ddpo":
             from rollouts.sampler import ddim_scheduler
 
             self.ddim = ddim_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
             self.ddim.set_timesteps(cfg.rollout.num_inference_steps, device=self.device)
-        self.vae_scale = 8
-        if keep_vae:
-            self.vae = pipe.vae
         unet = pipe.unet
         unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         pipe.text_encoder_2.requires_grad_(False)
-        lora = cfg.learner.lora
         self.ref_unet = None
-        if lora.enabled:
-            from peft import LoraConfig
-
-            torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn from the global RNG: make runs repeatable
-            unet.add_adapter(
-                LoraConfig(r=lora.rank, lora_alpha=lora.alpha, init_lora_weights="gaussian", target_modules=list(lora.target_modules))
-            )
+        if lc.lora.enabled:
+            torch.manual_seed(cfg.seed)  # LoRA A matrices come from the global RNG: make runs repeatable
+            add_lora(unet, lc.lora.rank, lc.lora.alpha, lc.lora.target_modules)
         else:
             # full fine-tuning: the reference is a frozen copy (LoRA avoids this second UNet)
             self.ref_unet = copy.deepcopy(unet).eval()
@@ -136,123 +127,70 @@ class DPOLearner:
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights in fp32; DeepSpeed bf16 keeps its own copy
-        if cfg.learner.gradient_checkpointing:
+        if lc.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         params = [p for p in unet.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError("no trainable parameters: check learner.lora.target_modules against the UNet's module names")
         self.num_trainable = sum(p.numel() for p in params)
         optimizer = None
-        if not cfg.learner.offload_optimizer:
-            optimizer = torch.optim.AdamW(
-                params, lr=cfg.learner.lr, betas=tuple(cfg.learner.adam_betas), weight_decay=cfg.learner.weight_decay
-            )
+        if not lc.offload_optimizer:
+            optimizer = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.adam_betas), weight_decay=lc.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=unet, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg)
-        )
+            model=unet, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg))
         self.ema = None
-        if cfg.learner.ema_decay is not None:
+        if lc.ema_decay is not None:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(params, decay=cfg.learner.ema_decay)
+            self.ema = EMAModel(params, decay=lc.ema_decay)
         self.unet = self.engine.module
+        # Per-region gradients (MPD, MGDA) take torch.autograd.grad, which the engine's forward refuses;
+        # the wrapped module keeps ZeRO <= 2's gradient hooks on the parameters.
+        per_region = fairness.needs_region_gradients(lc.fairness.rule, len(lc.regions))
+        self.policy_model = self.unet if per_region else self.engine
         self.global_step = 0  # optimizer steps
-        self.policy_version = 0
+        self.policy_version = 0  # rounds trained: what the rollout actors' samples are tagged with
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
 
-    # ------------------------------------------------------------------ conditioning
-    def _condition(self, prompts: list[str], h: int, w: int):
-        from rollouts.sampler import sdxl_conditioning
+    # ------------------------------------------------------------------ model calls
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
 
-        return sdxl_conditioning(self.pipe, prompts, h, w, self.device)
+    def condition(self, prompts: list[str], height: int, width: int, negative_prompt: str | None = None):
+        """SDXL conditioning (prompt embeddings, pooled embeddings and time ids) in the UNet's dtype;
+        with ``negative_prompt``, the negative rows come first (classifier-free guidance)."""
+        from rollouts.models import sdxl_conditioning
 
-    def _target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            return noise
-        if kind == "v_prediction":
-            return self.noise_scheduler.get_velocity(x0, noise, t)
-        raise ValueError(f"unsupported prediction_type {kind!r}")
+        enc, added = sdxl_conditioning(self.pipe, prompts, height, width, self.device, negative_prompt)
+        dtype = self.unet.dtype
+        return enc.to(dtype), {k: v.to(dtype) for k, v in added.items()}
 
-    # ------------------------------------------------------------------ one micro-batch
-    def _draw_noise(self, count: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """t ~ U{0..T-1} and eps ~ N(0, I) for ``count`` items, from the learner's generator."""
+    def draw_noise(self, count: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """t ~ U{0..T-1} and eps ~ N(0, I) for ``count`` items, from the engine's generator."""
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (count,), generator=self.generator)
         return t, torch.randn((count, *shape), generator=self.generator)
 
-    def _noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, prompts: list[str]):
-        """x_t, the training target and the conditioning, in the UNet's dtype."""
-        h, w = x0.shape[-2] * self.vae_scale, x0.shape[-1] * self.vae_scale
-        enc, added = self._condition(prompts, h, w)
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps in the UNet's dtype, t on the device, and the
+        training target (eps, or v for v-prediction models)."""
         t, eps = t.to(self.device), eps.to(self.device)
         x_t = self.noise_scheduler.add_noise(x0, eps, t)
-        dtype = self.unet.dtype
-        return x_t.to(dtype), t, self._target(x0, eps, t), enc.to(dtype), {k: v.to(dtype) for k, v in added.items()}
-
-    def _pair_step(self, lat_w, lat_l, prompts, masks_w, masks_l, t, eps) -> dict[str, float]:
-        b = lat_w.shape[0]
-        # w and l in one batch of 2B with the same t and eps for both halves
-        x_t, t2, target, enc, added = self._noised(torch.cat([lat_w, lat_l]), torch.cat([t, t]), torch.cat([eps, eps]),
-                                                   prompts + prompts)
-        pred = self._forward(x_t, t2, encoder_hidden_states=enc, added_cond_kwargs=added).sample
-        with torch.no_grad():
-            ref = self._reference(x_t, t2, enc, added)
-        lc = self.cfg.learner
-        objectives, metrics = pairwise_objectives(
-            lc.loss, lc.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b], masks_w, masks_l,
-            list(lc.regions), lc.region_scale,
-        )
-        return self._combine_and_step(objectives, metrics, pred)
-
-    def _weighted_step(self, lat, prompts, weights, masks, t, eps) -> dict[str, float]:
-        x_t, t, target, enc, added = self._noised(lat, t, eps, prompts)
-        pred = self._forward(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
-        lc = self.cfg.learner
-        objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions), lc.region_scale)
-        return self._combine_and_step(objectives, metrics, pred)
-
-    @property
-    def _forward(self):
-        # Per-region gradients (torch.autograd.grad) are refused on outputs of the engine's forward,
-        # so MPD / MGDA call the wrapped module; ZeRO <= 2 keeps its gradient hooks on the parameters.
-        lc = self.cfg.learner
-        return self.unet if len(lc.regions) > 1 and lc.fairness.rule in ("mpd", "mgda") else self.engine
-
-    def _combine_and_step(self, objectives: dict[str, torch.Tensor], metrics: dict[str, float], pred) -> dict[str, float]:
-        """Back-propagate sum_r c_r L_r through the engine; c from the fairness rule."""
-        from rlfh.losses import fairness
-
-        lc = self.cfg.learner
-        names = list(objectives)
-        if not names:
-            loss = pred.sum() * 0.0  # keeps DeepSpeed's micro-step bookkeeping when nothing applies
-            coefs = []
-        elif len(lc.regions) == 1:
-            loss, coefs = objectives[names[0]], [1.0]
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = eps
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(x0, eps, t)
         else:
-            rule = lc.fairness.rule
-            if rule == "sum":
-                coefs = [float(lc.fairness.weights.get(n, 1.0)) for n in names]
-            elif rule == "equal":
-                coefs = [1.0 / len(names)] * len(names)
-            else:
-                params = [p for p in self.unet.parameters() if p.requires_grad]
-                grads = fairness.objective_gradients([objectives[n] for n in names], params)
-                gram = fairness.gram_matrix(grads)
-                fw = fairness.combine_weights(gram, rule, alpha=lc.fairness.alpha)
-                coefs = [float(c) for c in fw.coefficients]
-                metrics.update({f"mpd/weight/{n}": float(w) for n, w in zip(names, fw.weights)})
-                metrics["mpd/ridge"] = float(fw.ridge)
-                metrics.update({f"mpd/grad_norm/{n}": math.sqrt(max(float(gram[i, i]), 0.0)) for i, n in enumerate(names)})
-            loss = sum(c * objectives[n] for c, n in zip(coefs, names))
-            metrics.update({f"mpd/coef/{n}": c for n, c in zip(names, coefs)})
-        for region in lc.regions:
-            metrics[f"regions/{region}/present"] = float(region in objectives)
-        self.engine.backward(loss)
-        self.engine.step()
-        return metrics
+            raise ValueError(f"unsupported prediction_type {kind!r}")
+        return x_t.to(self.unet.dtype), t, target
 
-    def _reference(self, x_t, t, enc, added) -> torch.Tensor:
+    def policy(self, x_t, t, enc, added) -> torch.Tensor:
+        """The trained UNet's prediction (with gradients)."""
+        return self.policy_model(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+
+    @torch.no_grad()
+    def reference(self, x_t, t, enc, added) -> torch.Tensor:
+        """The reference's prediction: the frozen copy, or the UNet with its adapter off."""
         if self.ref_unet is not None:
             return self.ref_unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
         self.unet.disable_adapters()
@@ -261,79 +199,34 @@ class DPOLearner:
         finally:
             self.unet.enable_adapters()
 
-    # ------------------------------------------------------------------ public API
-    def _masks(self, masks: dict[str, np.ndarray], idx: list[int]) -> dict[str, torch.Tensor]:
-        return {r: _tensor(m, idx, self.device) for r, m in masks.items()}
+    # ------------------------------------------------------------------ updates
+    def backward(self, loss: torch.Tensor) -> None:
+        """Back-propagate one micro-batch's loss and take DeepSpeed's micro-step (it steps the
+        optimizer at the accumulation boundary). A non-finite loss stops here, before any gradient."""
+        if not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteError(f"non-finite loss {float(loss.detach())} at optimizer step {self.global_step} "
+                                 f"(policy version {self.policy_version}); nothing was applied. Likely cause: "
+                                 f"{NONFINITE_CAUSES}")
+        self.engine.backward(loss)
+        self.engine.step()
 
-    def _run(self, n: int, epochs: int, draw, micro) -> dict[str, float]:
-        """``epochs`` shuffled passes over n items in optimizer steps; a remainder < one step is dropped.
+    def finish_optimizer_step(self) -> None:
+        """After the last micro-batch of an optimizer step: count it, check the weights, update the EMA."""
+        self.global_step += 1
+        if not self.weights_finite():
+            raise NonFiniteError(f"non-finite weights after optimizer step {self.global_step} (policy version "
+                                 f"{self.policy_version}): a gradient was NaN/inf. Likely cause: {NONFINITE_CAUSES}")
+        if self.ema is not None:
+            self.ema.step(self.trainable_parameters())
 
-        Every rank walks the same shuffled order and draws the same randomness for a whole optimizer
-        step (``draw(bs)``: noise per item, or DDPO's timesteps), then trains on its own share of the
-        step's items. W ranks with micro-batch m thus take the same update as one rank accumulating
-        W micro-batches of m, and the draws do not depend on the number of ranks.
-        """
-        bs, mb = self.cfg.learner.train_batch_size, self.cfg.learner.micro_batch_size_per_gpu
-        share = bs // self.world_size
-        n_use = (n // bs) * bs
-        if n_use == 0:
-            return {"learner/steps": float(self.global_step), "learner/items": float(n), "learner/skipped": 1.0}
-        self.engine.train()
-        history: list[dict[str, float]] = []
-        for _ in range(epochs):
-            order = torch.randperm(n, generator=self.generator)[:n_use].tolist()
-            for step_start in range(0, n_use, bs):
-                draws = draw(bs)
-                lo = self.rank * share
-                for start in range(lo, lo + share, mb):
-                    history.append(micro(order[step_start + start : step_start + start + mb], draws, slice(start, start + mb)))
-                if self.ema is not None:  # an optimizer step just happened
-                    self.ema.step([p for p in self.unet.parameters() if p.requires_grad])
-            self.global_step += n_use // bs
-        keys = sorted({k for h in history for k in h})
-        # region metrics average over the micro-batches where the region was present
-        metrics = {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
-        metrics.update({"learner/steps": float(self.global_step), "learner/items": float(n),
-                        "learner/lr": float(self.optimizer.param_groups[0]["lr"])})
-        self.policy_version += 1
-        return metrics
+    def weights_finite(self) -> bool:
+        """Whether this rank's trainable weights are all finite (under ZeRO-3, its partition)."""
+        local = [getattr(p, "ds_tensor", p).detach() for p in self.trainable_parameters()]
+        local = [v for v in local if v.numel()]
+        return not local or bool(torch.stack(torch._foreach_norm(local)).isfinite().all())
 
-    def train(self, batch, epochs: int = 1) -> dict[str, float]:
-        """One round's training on what ``rlfh.data.pairs.learner_batch`` built: pairs (DPO family),
-        trajectories (DDPO) or weighted samples (RWR / filtered)."""
-        if isinstance(batch, PairBatch):
-            return self.train_on_pairs(batch, epochs)
-        if isinstance(batch, TrajectoryBatch):
-            return self.train_on_trajectories(batch, epochs)
-        return self.train_on_samples(batch, epochs)
-
-    def train_on_pairs(self, pairs: PairBatch, epochs: int = 1) -> dict[str, float]:
-        """DPO-family training on preference pairs; returns averaged metrics."""
-        if not self.cfg.learner.loss.startswith("dpo"):
-            raise ValueError(f"learner.loss={self.cfg.learner.loss} trains on weighted samples, not pairs")
-        dev = self.device
-        return self._run(len(pairs), epochs, lambda k: self._draw_noise(k, pairs.latents_w.shape[1:]),
-                         lambda idx, d, sl: self._pair_step(
-            _tensor(pairs.latents_w, idx, dev), _tensor(pairs.latents_l, idx, dev), [pairs.prompts[i] for i in idx],
-            self._masks(pairs.masks_w, idx), self._masks(pairs.masks_l, idx), d[0][sl], d[1][sl]))
-
-    def train_on_trajectories(self, tb: TrajectoryBatch, epochs: int = 1) -> dict[str, float]:
-        """DDPO: clipped-ratio policy gradient over recorded trajectories (``rlfh.learner.ddpo_step``)."""
-        from rlfh.learner.ddpo_step import train_on_trajectories
-
-        return train_on_trajectories(self, tb, epochs)
-
-    def train_on_samples(self, samples: SampleBatch, epochs: int = 1) -> dict[str, float]:
-        """RWR / filtered training on weighted samples; returns averaged metrics."""
-        if self.cfg.learner.loss.startswith("dpo"):
-            raise ValueError(f"learner.loss={self.cfg.learner.loss} trains on pairs, not weighted samples")
-        dev = self.device
-        return self._run(len(samples), epochs, lambda k: self._draw_noise(k, samples.latents.shape[1:]),
-                         lambda idx, d, sl: self._weighted_step(
-            _tensor(samples.latents, idx, dev), [samples.prompts[i] for i in idx],
-            _tensor(samples.weights, idx, dev), self._masks(samples.masks, idx), d[0][sl], d[1][sl]))
-
-    def _gathered(self, params):
+    # ------------------------------------------------------------------ the policy's weights
+    def gathered(self, params):
         """A context in which ``params`` hold their whole values: ZeRO-3 keeps only each rank's
         slice and gathers them here (collective: every rank enters); other stages need nothing."""
         if self.cfg.learner.zero_stage != 3:
@@ -341,26 +234,6 @@ class DPOLearner:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-
-    def policy_weight_buckets(self, bucket_bytes: int):
-        """What rollout actors need to sample from the current policy, in buckets of at most
-        ``bucket_bytes`` (CPU tensors): the LoRA weights (usually one bucket), or every UNet weight
-        for full fine-tuning (``rlfh.learner.weight_sync``). Under ZeRO-3 every rank must iterate it."""
-        from rlfh.learner.weight_sync import iter_state_buckets
-
-        if self.ref_unet is None:
-            with self._gathered([p for p in self.unet.parameters() if p.requires_grad]):
-                state = self.lora_state_dict()
-            return iter_state_buckets(state, bucket_bytes)
-        return iter_state_buckets(self.unet.state_dict(keep_vars=True), bucket_bytes, self._gathered)
-
-    @torch.no_grad()
-    def unet_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
-        """The policy's eps prediction for one input (sync checks: the rollout actor must agree exactly)."""
-        h, w = x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale
-        enc, added = self._condition([prompt] * x.shape[0], h, w)
-        return self.unet(x.to(self.device, self.unet.dtype), t, encoder_hidden_states=enc,
-                         added_cond_kwargs=added).sample.float().cpu()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained LoRA weights as a peft state dict on CPU (what rollout actors load)."""
@@ -370,15 +243,108 @@ class DPOLearner:
             raise RuntimeError("full-UNet training has no LoRA state; sync full weights instead")
         return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
-        """Write ``directory`` atomically (every rank calls it); see :func:`rlfh.run.checkpoints.save_learner`."""
-        from rlfh.run.checkpoints import save_learner
+    def policy_weight_buckets(self, bucket_bytes: int):
+        """What rollout actors need to sample from the current policy, in buckets of at most
+        ``bucket_bytes`` (CPU tensors): the LoRA weights (usually one bucket), or every UNet weight
+        for full fine-tuning (``rlfh.learner.weight_sync``). Under ZeRO-3 every rank must iterate it."""
+        from rlfh.learner.weight_sync import iter_state_buckets
 
-        return save_learner(self, Path(directory), extra_state or {})
+        if self.ref_unet is None:
+            with self.gathered(self.trainable_parameters()):
+                state = self.lora_state_dict()
+            return iter_state_buckets(state, bucket_bytes)
+        return iter_state_buckets(self.unet.state_dict(keep_vars=True), bucket_bytes, self.gathered)
+
+    @torch.no_grad()
+    def unet_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
+        """The policy's eps prediction for one input (sync checks: the rollout actor must agree exactly)."""
+        enc, added = self.condition([prompt] * x.shape[0], x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale)
+        return self.unet(x.to(self.device, self.unet.dtype), t, encoder_hidden_states=enc,
+                         added_cond_kwargs=added).sample.float().cpu()
+
+    # ------------------------------------------------------------------ checkpoints (every rank calls these)
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
+        """Write ``directory`` atomically: LoRA (diffusers format) or the UNet folder, DeepSpeed engine
+        state (each rank writes its own ZeRO partition), EMA, trainer state, ``files.json``.
+
+        The folder is built under a temporary name by all ranks and renamed by rank 0 once every rank
+        is done, so a crash never leaves a checkpoint that looks complete. With several nodes the run
+        directory must be on a shared file system. ``load_lora_weights(directory)`` works on the result.
+        Non-finite weights are never written.
+        """
+        from rlfh.run.checkpoints import write_file_manifest
+
+        directory = Path(directory)
+        if not self.weights_finite():
+            raise NonFiniteError(f"refusing to write {directory}: the weights are not finite")
+        tmp = directory.with_name(f".{directory.name}.tmp")
+        lead = self.rank == 0
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        lora = self.ref_unet is None
+        with self.gathered(self.trainable_parameters() if lora else list(self.unet.parameters())):
+            if lead and lora:
+                from diffusers import StableDiffusionXLPipeline
+                from diffusers.utils import convert_state_dict_to_diffusers
+
+                StableDiffusionXLPipeline.save_lora_weights(
+                    tmp, unet_lora_layers=convert_state_dict_to_diffusers(self.lora_state_dict()))
+            elif lead:
+                self.unet.save_pretrained(tmp / "unet")
+        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
+        self._barrier()
+        if lead:
+            if self.ema is not None:
+                from safetensors.torch import save_file
+
+                save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
+                          tmp / "ema.safetensors", metadata={"optimization_step": str(self.ema.optimization_step),
+                                                              "decay": str(self.ema.decay)})
+            state = {
+                "global_step": self.global_step,
+                "policy_version": self.policy_version,
+                "generator_state": self.generator.get_state().tolist(),
+                "learner_ranks": self.world_size,
+                **(extra_state or {}),
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            write_file_manifest(tmp)
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        self._barrier()
+        return directory
 
     def load_checkpoint(self, directory: str | Path) -> dict:
-        """Restore engine, optimizer, step counters and RNG (every rank calls it)."""
-        from rlfh.run.checkpoints import load_learner
+        """Restore engine, optimizer, step counters and RNG from :meth:`save_checkpoint` output."""
+        directory = Path(directory)
+        state_file = directory / "trainer_state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{directory}: not an rlfh checkpoint (no trainer_state.json)")
+        state = json.loads(state_file.read_text())
+        saved_ranks = state.get("learner_ranks", 1)
+        if saved_ranks != self.world_size and self.cfg.learner.zero_stage > 0:
+            raise RuntimeError(f"{directory} was written by {saved_ranks} learner ranks with ZeRO partitions; "
+                               f"resume with the same number of ranks (now {self.world_size})")
+        load_path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
+        if load_path is None:
+            raise RuntimeError(f"{directory}: DeepSpeed found no engine state to load")
+        if self.ema is not None:
+            from safetensors import safe_open
 
-        return load_learner(self, Path(directory))
+            with safe_open(str(directory / "ema.safetensors"), framework="pt") as f:
+                for i, p in enumerate(self.ema.shadow_params):
+                    p.data.copy_(f.get_tensor(str(i)))
+                self.ema.optimization_step = int(f.metadata()["optimization_step"])
+        self.global_step = state["global_step"]
+        self.policy_version = state["policy_version"]
+        self.generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
+        return state

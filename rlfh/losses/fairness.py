@@ -3,7 +3,7 @@
 Papers: FairHuman, arXiv 2507.02714 (reference: PRIS-CV/FairHuman, class FairGrad in
 weighting_strategy/weight_methods.py, used by train_text_to_image_lora_sdxl_mpd_fair.py); FairGrad,
 Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024; MGDA, Sener & Koltun,
-"Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018. See docs/methods.md section 2.
+"Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018. Used by the learner through :func:`combine_objectives`.
 
 MPD / FairGrad. With g_i the flattened gradient of objective i and M = G^T G (M_ij = g_i . g_j),
 find w >= 0 with
@@ -11,7 +11,8 @@ find w >= 0 with
     (M w)_i = w_i^(-1/alpha)        for every active i           (alpha = 2: minimum potential delay)
     d = K * sum_i w_i g_i            (K = number of active objectives)
 
-then the learner clips ||d|| to 1.0 (:func:`clip_update_norm_`) and steps. The reference solves the
+then the update is clipped to norm ``learner.max_grad_norm`` (FairHuman: 1.0; DeepSpeed's
+``gradient_clipping`` does it) and the optimizer steps. The reference solves the
 equation with scipy.optimize.least_squares (bounds (0, inf), start 1/K). Here it is solved as the
 optimality condition of the strictly convex problem (alpha > 0, M PSD)
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -53,8 +54,8 @@ __all__ = [
     "combine_weights",
     "gram_matrix",
     "objective_gradients",
-    "combine_gradients_",
-    "clip_update_norm_",
+    "needs_region_gradients",
+    "combine_objectives",
 ]
 
 METHODS = ("mpd", "sum", "equal", "mgda")
@@ -307,14 +308,8 @@ def combine_weights(
         return solve_mpd_weights(gram, alpha=alpha, active=active, **solver_kwargs)
     m = _check_gram(gram)
     k = m.shape[0]
-    if method == "sum":
-        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-        if w.shape != (k,) or not bool(torch.isfinite(w).all()):
-            raise ValueError(f"weights must be {k} finite numbers for method 'sum', got {weights}")
-        return FairnessWeights(w.clone(), w, torch.ones(k, dtype=torch.bool), k)
-    if method == "equal":
-        w = torch.full((k,), 1.0 / k, dtype=torch.float64)
-        return FairnessWeights(w.clone(), w, torch.ones(k, dtype=torch.bool), k)
+    if method in ("sum", "equal"):
+        return fixed_weights(method, k, weights)
     if method == "mgda":
         act = _active_mask(m, active, solver_kwargs.get("zero_tol", 1e-12))
         idx = torch.nonzero(act).flatten()
@@ -397,48 +392,63 @@ def objective_gradients(losses: Sequence[Tensor], params: Sequence[Tensor]) -> L
     return out
 
 
-@torch.no_grad()
-def combine_gradients_(
-    params: Sequence[Tensor], grads: Sequence[Sequence[Optional[Tensor]]], coefficients: Tensor
-) -> None:
-    """Write d = sum_i c_i g_i into ``param.grad`` in place, parameter by parameter.
+def fixed_weights(method: str, k: int, weights: Optional[Sequence[float]] = None) -> FairnessWeights:
+    """The rules that need no gradients: "sum" (c = ``weights``, default all ones), "equal" (c = 1/K)."""
+    if method == "sum":
+        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (k,) or not bool(torch.isfinite(w).all()):
+            raise ValueError(f"weights must be {k} finite numbers for method 'sum', got {weights}")
+        return FairnessWeights(w.clone(), w, torch.ones(k, dtype=torch.bool), k)
+    if method == "equal":
+        w = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        return FairnessWeights(w.clone(), w, torch.ones(k, dtype=torch.bool), k)
+    raise ValueError(f"{method!r} needs the objectives' gradients; fixed rules are 'sum' and 'equal'")
+
+
+def needs_region_gradients(method: str, num_regions: int) -> bool:
+    """Whether the rule needs each objective's gradient (one extra backward per region)."""
+    return num_regions > 1 and method in ("mpd", "mgda")
+
+
+def combine_objectives(
+    objectives: dict[str, Tensor],
+    method: str,
+    num_regions: int,
+    params: Sequence[Tensor],
+    weights: Optional[dict[str, float]] = None,
+    alpha: float = 2.0,
+) -> tuple[Optional[Tensor], dict[str, float]]:
+    """The loss sum_r c_r L_r whose gradient is the combined update d = sum_r c_r g_r.
+
+    The learner back-propagates it through its engine, so ZeRO partitioning, accumulation and
+    clipping stay DeepSpeed's. c comes from the rule: fixed for "sum" / "equal", from the
+    objectives' gradients (``objective_gradients`` + ``gram_matrix``) for "mpd" / "mgda".
 
     Args:
-        params: the P trainable parameters.
-        grads: grads[i][p] as for :func:`gram_matrix` (None = zero).
-        coefficients: c, shape (K,).
-
-    Raises:
-        ValueError: on mismatched lengths.
-    """
-    params = list(params)
-    coeffs = [float(c) for c in torch.as_tensor(coefficients).flatten()]
-    if len(coeffs) != len(grads) or any(len(g) != len(params) for g in grads):
-        raise ValueError(
-            f"need {len(coeffs)} gradient lists of {len(params)} parameters each, got "
-            f"{[len(g) for g in grads]}"
-        )
-    for p, param in enumerate(params):
-        if param.grad is None:
-            param.grad = torch.zeros_like(param)
-        else:
-            param.grad.zero_()
-        for i, c in enumerate(coeffs):
-            g = grads[i][p]
-            if g is not None and c != 0.0:
-                param.grad.add_(g.to(param.grad.dtype), alpha=c)
-
-
-def clip_update_norm_(params: Iterable[Tensor], max_norm: float = 1.0) -> Tensor:
-    """Clip the global L2 norm of the combined update in ``param.grad`` to ``max_norm`` (FairHuman: 1.0).
-
-    Args:
-        params: parameters whose ``.grad`` holds d.
-        max_norm: > 0.
+        objectives: {region: scalar loss} of the regions present in the micro-batch.
+        method: the rule (``learner.fairness.rule``).
+        num_regions: how many regions the config trains (one: the loss as is, no rule).
+        params: the trainable parameters (gradients for "mpd" / "mgda").
+        weights: {region: weight} for "sum" (default 1 each).
+        alpha: the MPD exponent.
 
     Returns:
-        The norm before clipping (scalar tensor).
+        (loss, metrics); loss is None when no objective is present.
     """
-    if not max_norm > 0:
-        raise ValueError(f"max_norm must be > 0, got {max_norm}")
-    return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
+    names = list(objectives)
+    if not names:
+        return None, {}
+    if num_regions == 1:
+        return objectives[names[0]], {}
+    metrics: dict[str, float] = {}
+    if needs_region_gradients(method, num_regions):
+        gram = gram_matrix(objective_gradients([objectives[n] for n in names], params))
+        fw = combine_weights(gram, method, alpha=alpha)
+        metrics.update({f"mpd/weight/{n}": float(w) for n, w in zip(names, fw.weights)})
+        metrics["mpd/ridge"] = float(fw.ridge)
+        metrics.update({f"mpd/grad_norm/{n}": math.sqrt(max(float(gram[i, i]), 0.0)) for i, n in enumerate(names)})
+    else:
+        fw = fixed_weights(method, len(names), [float((weights or {}).get(n, 1.0)) for n in names])
+    coefs = [float(c) for c in fw.coefficients]
+    metrics.update({f"mpd/coef/{n}": c for n, c in zip(names, coefs)})
+    return sum(c * objectives[n] for c, n in zip(coefs, names)), metrics

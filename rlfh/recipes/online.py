@@ -36,207 +36,234 @@ from rlfh.recipes.cluster import setup_ray, start_rollout_actors
 
 def train(cfg: Config) -> Path:
     """Run online training; returns the run directory."""
-    import dataclasses
-
-    import numpy as np
-    import ray
-    import torch
     from tqdm import tqdm
 
-    from rewards.actor import RewardActor, RewardScorer
-    from rlfh.run.checkpoints import checkpoint_dir, latest_checkpoint, mark_latest
-    from rlfh.learner.group import LearnerGroup
-    from rlfh.run.metrics import MetricsLogger, rollback_metrics
     from rlfh.data.pairs import learner_batch
-    from rlfh.data.prompts import PromptSchedule, load_prompts
     from rlfh.run.samples import write_grid
-    from rollouts.actor import RolloutFleet
-    from rollouts.log import RolloutLog, make_records
-    from rollouts.types import SamplerSettings
+    from rollouts.log import make_records
 
-    # ---------------------------------------------------------------- setup
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     started_ray = setup_ray(cfg)
-    owned: list = []  # actors this run started: killed at the end, whatever happens
-    pgs: list = []  # placement groups this run reserved
-    logger = bar = learner = None
+    run = Run(cfg, run_dir)
     try:
-        res, rc = cfg.resources, cfg.rollout
-        threads = max(int(res.num_cpus_per_actor), 1)
-        # an unreachable reward server fails the run here, before anything is sampled or trained
-        scorer = RewardScorer(url=cfg.reward_server.remote_url, retries=res.max_actor_restarts) \
-            if cfg.reward_server.remote_url else None
-        colocate = res.colocate
-        if colocate:  # the learner's one rank samples too: no rollout actors, no second UNet
-            learner = LearnerGroup(cfg, threads, colocate=True)
-            actors = [learner.lead]
-        else:
-            actors = start_rollout_actors(cfg, threads, pgs)
-            owned.extend(actors)
-        if scorer is None:
-            reward_actor = RewardActor.options(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_reward_actor,
-                                               resources=dict(res.reward_resources),
-                                               max_restarts=res.max_actor_restarts).remote(cfg.rewards, threads)
-            owned.append(reward_actor)
-            scorer = RewardScorer(actor=reward_actor, retries=res.max_actor_restarts)
-        if learner is None:
-            learner = LearnerGroup(cfg, threads)
-        gc = cfg.guards
-        heldout_scorer = None
-        if gc.every and gc.heldout_rewards:
-            heldout_actor = RewardActor.options(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_reward_actor,
-                                                resources=dict(res.reward_resources),
-                                                max_restarts=res.max_actor_restarts).remote(gc.heldout_rewards, threads)
-            owned.append(heldout_actor)
-            heldout_scorer = RewardScorer(actor=heldout_actor, retries=res.max_actor_restarts)
-        heldout_prompts = [p for p in gc.heldout_prompts for _ in range(gc.seeds_per_prompt)]
-        heldout_seeds = list(range(10**9, 10**9 + len(heldout_prompts)))  # the same seeds at every evaluation
-        heldout_first = None
-        schedule = PromptSchedule(load_prompts(rc), rc.prompts_per_round, rc.rollouts_per_prompt, cfg.seed)
-        settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta,
-                                   rc.scheduler)
-        record = cfg.learner.loss == "ddpo"  # policy-gradient losses need the trajectories
-        hg, real_source = cfg.learner.hgdpo, None
-        if hg.real_images:
-            from rlfh.data.hgdpo import Curriculum, mix_real_winners, prompts_for_losers
-            from rlfh.data.real_images import RealImageSource, load_vae
-
-            curriculum = Curriculum([dataclasses.asdict(s) for s in hg.stages], hg.interpolate)
-            real_source = RealImageSource(hg.real_images, rc.height, rc.width, cache_dir=run_dir,
-                                          encode_batch_size=hg.encode_batch_size, latent_mode=hg.latent_mode, seed=cfg.seed)
-            real_source.encode(load_vae(cfg.model, "cuda" if torch.cuda.is_available() else "cpu"))  # cached across resumes
-        log = RolloutLog(run_dir / "rollouts")
-        start_round = 0
-        ckpt = latest_checkpoint(run_dir) if cfg.resume else None
-        if ckpt is not None:
-            state = learner.load_checkpoint(str(ckpt))
-            start_round = state["round"]
-            dropped = log.rollback(start_round) if log.manifest_path.exists() else 0
-            rollback_metrics(run_dir, start_round)
-            print(f"[rlfh] resuming from {ckpt} (round {start_round}, policy version {state['policy_version']}); "
-                  f"{dropped} logged rollouts of later rounds moved to rollouts/rolled_back/")
-        else:
-            # a fresh start in a used run_dir (killed before its first checkpoint, or resume=false):
-            # set the earlier rounds aside, keep them on disk
-            if log.manifest_path.exists():
-                log.rollback(0)
-            rollback_metrics(run_dir, 0)
-        version = learner.policy_version()
-        lora = cfg.learner.lora.enabled
-        bucket_bytes = int(res.sync_bucket_mb * 2**20)
-
-        def sync():
-            # refs to buckets in the object store, each read by every rollout actor; nothing to send when colocated
-            fleet.sync(None if colocate else learner.weight_buckets(bucket_bytes), version, lora)
-
-        fleet = RolloutFleet(actors, 0 if colocate else res.max_actor_restarts)
-        sync()
-        logger = MetricsLogger(run_dir, cfg, to_dict(cfg))
-
-        def submit(rnd: int):
-            prompts, seeds = schedule.round(rnd)
-            return fleet.submit(prompts, seeds, settings, rc.sample_batch_size_per_actor, record)
-
+        run.start()
+        rc, lc = cfg.rollout, cfg.learner
         jobs = None
-
-        # ---------------------------------------------------------------- loop
-        bar = tqdm(range(start_round, cfg.num_rounds), desc="rlfh train", unit="round", disable=not cfg.logging.progress)
+        bar = run.bar = tqdm(range(run.start_round, cfg.num_rounds), desc="rlfh train", unit="round",
+                             disable=not cfg.logging.progress)
         for rnd in bar:
             t0 = time.perf_counter()
-            batch = fleet.collect(jobs if jobs is not None else submit(rnd))
-            # async: the next round samples with the current weights while this one scores and trains
-            jobs = submit(rnd + 1) if rc.max_staleness > 0 and rnd + 1 < cfg.num_rounds else None
+            # 1. sample (async: the next round samples with the current weights while this one trains)
+            batch = run.fleet.collect(jobs if jobs is not None else run.submit(rnd))
+            jobs = run.submit(rnd + 1) if rc.max_staleness > 0 and rnd + 1 < cfg.num_rounds else None
             batch.rollout_ids = [uuid.uuid4().hex for _ in range(len(batch))]
-            staleness = version - batch.policy_version
+            staleness = run.version - batch.policy_version
             if staleness > rc.max_staleness:
                 raise RuntimeError(f"round {rnd}: samples are {staleness} policy versions stale (> {rc.max_staleness})")
             t1 = time.perf_counter()
-            scored = scorer.score(batch.images, batch.prompts)
+            # 2. score (every reward, and the face / hand regions found)
+            scored = run.scorer.score(batch.images, batch.prompts)
             t2 = time.perf_counter()
-            log.append(make_records(batch, scored, rnd, staleness))
-            train_batch, batch_stats = learner_batch(
-                cfg.learner, batch.latents, batch.prompts, batch.prompts, scored.combined(),
-                [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width), batch.trajectory, settings,
-            )
-            if real_source is not None:  # HG-DPO: real images replace winners on the curriculum
-                frac, losers = curriculum.fraction(rnd), None
-                caps = prompts_for_losers(real_source, frac, len(train_batch), rnd, cfg.seed) if hg.fresh_losers else []
-                if caps:
-                    loser_seeds = np.random.default_rng([cfg.seed, rnd, 0x4C]).integers(0, 2**31 - 1, len(caps)).tolist()
-                    losers = fleet.collect(fleet.submit(caps, loser_seeds, settings, rc.sample_batch_size_per_actor)).latents
-                train_batch, hg_stats = mix_real_winners(train_batch, real_source, frac, rnd, cfg.seed, losers_latents=losers)
-                batch_stats.update(hg_stats)
+            # 3. log the samples, rewards and regions
+            run.log.append(make_records(batch, scored, rnd, staleness))
             t3 = time.perf_counter()
-            learner_metrics = learner.train(train_batch, cfg.learner.epochs_per_round)
+            # 4. pairs (or weights, or trajectories) with region masks; HG-DPO's real winners; train
+            train_batch, batch_stats = learner_batch(
+                lc, batch.latents, batch.prompts, batch.prompts, scored.combined(),
+                [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width), batch.trajectory, run.settings)
+            if run.real_winners is not None:
+                train_batch, hg_stats = run.real_winners.mix(train_batch, rnd)
+                batch_stats.update(hg_stats)
             t4 = time.perf_counter()
-            version = learner.policy_version()
-            sync()
+            try:
+                learner_metrics = run.learner.train(train_batch, lc.epochs_per_round)
+            except Exception as e:
+                raise RuntimeError(f"round {rnd}: training failed: {e}") from e
             t5 = time.perf_counter()
+            # 5. the new weights to the rollout actors
+            run.sync()
+            t6 = time.perf_counter()
+            # 6. metrics, checkpoint, guards
             metrics = {
-                "round": rnd,
-                "policy_version": version,
-                "rollout/samples": len(batch),
-                "rollout/sampled_policy_version": batch.policy_version,
-                "rollout/staleness": staleness,
-                "rollout/actor_restarts": fleet.restarts,
-                **scored.means(),
-                **batch_stats,
-                **learner_metrics,
-                "time/sample_s": t1 - t0,
-                "time/reward_s": t2 - t1,
-                "time/log_s": t3 - t2,
-                "time/learner_s": t4 - t3,
-                "time/sync_s": t5 - t4,
-                "time/round_s": t5 - t0,
+                "round": rnd, "policy_version": run.version, "rollout/samples": len(batch),
+                "rollout/sampled_policy_version": batch.policy_version, "rollout/staleness": staleness,
+                "rollout/actor_restarts": run.fleet.restarts, **scored.means(), **batch_stats, **learner_metrics,
+                "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/log_s": t3 - t2, "time/pairs_s": t4 - t3,
+                "time/learner_s": t5 - t4, "time/sync_s": t6 - t5, "time/round_s": t6 - t0,
             }
             if (rnd + 1) % cfg.logging.checkpoint_every == 0 or rnd + 1 == cfg.num_rounds:
-                path = checkpoint_dir(run_dir, rnd + 1)
-                learner.save_checkpoint(str(path), {"round": rnd + 1})
-                mark_latest(run_dir, path)
-                metrics["time/checkpoint_s"] = time.perf_counter() - t5
-            stop = None
-            if gc.every and (rnd + 1) % gc.every == 0:  # held-out prompts, fixed seeds, current policy
-                hb = fleet.collect(fleet.submit(heldout_prompts, heldout_seeds, settings, rc.sample_batch_size_per_actor))
-                hs = (heldout_scorer or scorer).score(hb.images, hb.prompts)
-                metrics.update({f"heldout/{k.removeprefix('reward/')}": v for k, v in hs.means().items()})
-                value = metrics.get("heldout/combined/mean")
-                if value is not None:
-                    heldout_first = value if heldout_first is None else heldout_first
-                    if gc.max_heldout_drop is not None and heldout_first - value > gc.max_heldout_drop:
-                        stop = f"held-out reward fell from {heldout_first:.4g} to {value:.4g} (> guards.max_heldout_drop)"
-            ref_mse = learner_metrics.get("ref/eps_mse")
-            if gc.max_reference_mse is not None and ref_mse is not None and ref_mse > gc.max_reference_mse:
-                stop = f"policy-reference eps MSE {ref_mse:.4g} > guards.max_reference_mse={gc.max_reference_mse}"
+                run.checkpoint(rnd + 1)
+                metrics["time/checkpoint_s"] = time.perf_counter() - t6
+            stop = run.guards.check(rnd, metrics)
             if stop is not None and "time/checkpoint_s" not in metrics:
-                path = checkpoint_dir(run_dir, rnd + 1)
-                learner.save_checkpoint(str(path), {"round": rnd + 1})
-                mark_latest(run_dir, path)
+                run.checkpoint(rnd + 1)
             metrics["guards/stopped"] = float(stop is not None)
             if cfg.logging.sample_grid_every and rnd % cfg.logging.sample_grid_every == 0:
-                combined = scored.combined()
                 grid = write_grid(run_dir / "samples" / f"round-{rnd:06d}.png", batch.images,
-                                  ["-" if v is None else f"{v:.3g}" for v in combined])
-                logger.log_image("samples", grid, step=rnd)
-            logger.log(metrics, step=rnd)
+                                  ["-" if v is None else f"{v:.3g}" for v in scored.combined()])
+                run.logger.log_image("samples", grid, step=rnd)
+            run.logger.log(metrics, step=rnd)
             bar.set_postfix(reward=f"{metrics.get('reward/combined/mean', float('nan')):.4g}",
                             acc=f"{learner_metrics.get('dpo/implicit_acc', float('nan')):.2f}")
             if stop is not None:
                 print(f"[rlfh] early stop after round {rnd}: {stop}")
                 break
-    # ---------------------------------------------------------------- cleanup
     finally:
-        if bar is not None:
-            bar.close()
-        if logger is not None:
-            logger.close()
-        for a in owned:
+        run.close(started_ray)
+    return run_dir
+
+
+class Run:
+    """What an online run holds between rounds: the actors and scorers, the learner, the prompt
+    schedule, the rollout log, the metrics logger; started by :meth:`start`, released by :meth:`close`."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.owned: list = []  # actors this run started: killed at the end, whatever happens
+        self.pgs: list = []  # placement groups this run reserved
+        self.logger = self.bar = self.learner = None
+        self.real_winners = None
+        self.start_round = 0
+
+    def start(self) -> None:
+        from rewards.actor import RewardScorer
+        from rlfh.data.prompts import PromptSchedule, load_prompts
+        from rlfh.learner.group import LearnerGroup
+        from rlfh.run.guards import Guards
+        from rlfh.run.metrics import MetricsLogger
+        from rollouts.actor import RolloutFleet
+        from rollouts.log import RolloutLog
+        from rollouts.types import SamplerSettings
+
+        cfg, res, rc = self.cfg, self.cfg.resources, self.cfg.rollout
+        threads = max(int(res.num_cpus_per_actor), 1)
+        # an unreachable reward server fails the run here, before anything is sampled or trained
+        scorer = RewardScorer(url=cfg.reward_server.remote_url, retries=res.max_actor_restarts) \
+            if cfg.reward_server.remote_url else None
+        self.colocate = res.colocate
+        if self.colocate:  # the learner's one rank samples too: no rollout actors, no second UNet
+            self.learner = LearnerGroup(cfg, threads, colocate=True)
+            actors = [self.learner.lead]
+        else:
+            actors = start_rollout_actors(cfg, threads, self.pgs)
+            self.owned.extend(actors)
+        self.scorer = scorer or RewardScorer(actor=self._reward_actor(cfg.rewards, threads), retries=res.max_actor_restarts)
+        if self.learner is None:
+            self.learner = LearnerGroup(cfg, threads)
+        heldout = None
+        if cfg.guards.every and cfg.guards.heldout_rewards:
+            heldout = RewardScorer(actor=self._reward_actor(cfg.guards.heldout_rewards, threads),
+                                   retries=res.max_actor_restarts)
+        self.schedule = PromptSchedule(load_prompts(rc), rc.prompts_per_round, rc.rollouts_per_prompt, cfg.seed)
+        self.settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height,
+                                        rc.width, rc.eta, rc.scheduler)
+        self.record = cfg.learner.loss == "ddpo"  # policy-gradient losses need the trajectories
+        self.fleet = RolloutFleet(actors, 0 if self.colocate else res.max_actor_restarts)
+        if cfg.learner.hgdpo.real_images:
+            self.real_winners = RealWinners(cfg, self.run_dir, self.fleet, self.settings)
+        self.log = RolloutLog(self.run_dir / "rollouts")
+        self.start_round = self._resume()
+        self.version = self.learner.policy_version()
+        self.sync()
+        self.guards = Guards(cfg, self.fleet, self.settings, self.scorer, heldout)
+        self.logger = MetricsLogger(self.run_dir, cfg, to_dict(cfg))
+
+    def _reward_actor(self, entries, threads: int):
+        from rewards.actor import RewardActor
+
+        res = self.cfg.resources
+        actor = RewardActor.options(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_reward_actor,
+                                    resources=dict(res.reward_resources),
+                                    max_restarts=res.max_actor_restarts).remote(entries, threads)
+        self.owned.append(actor)
+        return actor
+
+    def _resume(self) -> int:
+        """The round to start from: the latest checkpoint's (rolling back the log and metrics of
+        later rounds), or 0 (setting aside what a run killed before its first checkpoint left)."""
+        from rlfh.run.checkpoints import latest_checkpoint
+        from rlfh.run.metrics import rollback_metrics
+
+        ckpt = latest_checkpoint(self.run_dir) if self.cfg.resume else None
+        if ckpt is None:
+            if self.log.manifest_path.exists():
+                self.log.rollback(0)
+            rollback_metrics(self.run_dir, 0)
+            return 0
+        state = self.learner.load_checkpoint(str(ckpt))
+        start_round = state["round"]
+        dropped = self.log.rollback(start_round) if self.log.manifest_path.exists() else 0
+        rollback_metrics(self.run_dir, start_round)
+        print(f"[rlfh] resuming from {ckpt} (round {start_round}, policy version {state['policy_version']}); "
+              f"{dropped} logged rollouts of later rounds moved to rollouts/rolled_back/")
+        return start_round
+
+    def submit(self, rnd: int):
+        prompts, seeds = self.schedule.round(rnd)
+        return self.fleet.submit(prompts, seeds, self.settings, self.cfg.rollout.sample_batch_size_per_actor, self.record)
+
+    def sync(self) -> None:
+        """The learner's policy to the rollout actors: object-store refs to weight buckets, each read
+        by every actor (rlfh/learner/weight_sync.py); nothing to send when colocated."""
+        self.version = self.learner.policy_version()
+        buckets = None if self.colocate else self.learner.weight_buckets(int(self.cfg.resources.sync_bucket_mb * 2**20))
+        self.fleet.sync(buckets, self.version, self.cfg.learner.lora.enabled)
+
+    def checkpoint(self, rounds_done: int) -> None:
+        from rlfh.run.checkpoints import checkpoint_dir, mark_latest
+
+        path = checkpoint_dir(self.run_dir, rounds_done)
+        self.learner.save_checkpoint(str(path), {"round": rounds_done})
+        mark_latest(self.run_dir, path)
+
+    def close(self, started_ray: bool) -> None:
+        import ray
+
+        if self.bar is not None:
+            self.bar.close()
+        if self.logger is not None:
+            self.logger.close()
+        for a in self.owned:
             ray.kill(a)
-        if learner is not None:
-            learner.shutdown()
-        for pg in pgs:
+        if self.learner is not None:
+            self.learner.shutdown()
+        for pg in self.pgs:
             ray.util.remove_placement_group(pg)
         if started_ray:
             ray.shutdown()
-    return run_dir
+
+
+class RealWinners:
+    """HG-DPO: real images replace the winners of a share of the pairs, on the curriculum
+    (``learner.hgdpo``); with ``fresh_losers`` the losers are sampled anew from the real images' captions."""
+
+    def __init__(self, cfg: Config, run_dir: Path, fleet, settings):
+        import dataclasses
+
+        import torch
+
+        from rlfh.data.hgdpo import Curriculum
+        from rlfh.data.real_images import RealImageSource, load_vae
+
+        hg, rc = cfg.learner.hgdpo, cfg.rollout
+        self.cfg, self.fleet, self.settings = cfg, fleet, settings
+        self.curriculum = Curriculum([dataclasses.asdict(s) for s in hg.stages], hg.interpolate)
+        self.source = RealImageSource(hg.real_images, rc.height, rc.width, cache_dir=run_dir,
+                                      encode_batch_size=hg.encode_batch_size, latent_mode=hg.latent_mode, seed=cfg.seed)
+        self.source.encode(load_vae(cfg.model, "cuda" if torch.cuda.is_available() else "cpu"))  # cached across resumes
+
+    def mix(self, train_batch, rnd: int):
+        import numpy as np
+
+        from rlfh.data.hgdpo import mix_real_winners, prompts_for_losers
+
+        cfg = self.cfg
+        frac, losers = self.curriculum.fraction(rnd), None
+        caps = prompts_for_losers(self.source, frac, len(train_batch), rnd, cfg.seed) if cfg.learner.hgdpo.fresh_losers else []
+        if caps:
+            loser_seeds = np.random.default_rng([cfg.seed, rnd, 0x4C]).integers(0, 2**31 - 1, len(caps)).tolist()
+            losers = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings,
+                                                          cfg.rollout.sample_batch_size_per_actor)).latents
+        return mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers)

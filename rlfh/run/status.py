@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-STAGES = ("sample", "reward", "log", "learner", "sync")
+STAGES = ("sample", "reward", "log", "pairs", "learner", "sync")
 STALE_FACTOR = 3.0  # a round this many times slower than the last one means the run stopped
 MIN_STALE_S = 60.0  # ... but never call a run stopped sooner (checkpoints, eval, a slow filesystem)
 STARTUP_GRACE_S = 600.0  # before the first round: Ray start, model loads, DeepSpeed init

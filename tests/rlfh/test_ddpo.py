@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from rlfh.config.schema import load_config
-from rlfh.learner.engine import DPOLearner
+from rlfh.learner.engine import LearnerEngine
+from rlfh.learner.steps import train
 from rlfh.data.batches import TrajectoryBatch
 from rollouts.models import load_pipeline
 from rlfh.data.pairs import learner_batch
@@ -51,7 +52,7 @@ def test_ddpo_config_rules(tiny_model_dir):
 
 
 def test_learner_recomputes_recorded_logprobs_then_learns(cfg):
-    lrn = DPOLearner(cfg)
+    lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     lc = cfg.learner.lora
     s.add_lora(lc.rank, lc.alpha, lc.target_modules)
@@ -64,7 +65,7 @@ def test_learner_recomputes_recorded_logprobs_then_learns(cfg):
     assert isinstance(batch, TrajectoryBatch)
     np.testing.assert_allclose(batch.advantages, [1, -1, -1, 1], atol=1e-4)  # per-prompt z-scores
     before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
-    m = lrn.train_on_trajectories(batch, epochs=1)
+    m = train(lrn, batch, epochs=1)
     # before any update the learner's policy is the sampler's: recomputed log-probs equal the recorded ones
     assert m["ddpo/recorded_logprob_max_diff"] < 1e-5
     assert np.isfinite(m["loss/ddpo"]) and lrn.global_step == 1

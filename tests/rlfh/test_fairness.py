@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from rlfh.losses.fairness import (
-    clip_update_norm_,
-    combine_gradients_,
+    combine_objectives,
     combine_weights,
     gram_matrix,
     objective_gradients,
@@ -122,29 +121,45 @@ def test_gram_and_combine_per_parameter():
     ).double()
     torch.testing.assert_close(gram_matrix(grads), flat @ flat.T)
 
-    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
-    params[0].grad = torch.full(shapes[0], 7.0)  # stale gradient must be overwritten
+    # the loss training back-propagates, sum_i c_i L_i, has gradient K * sum_i w_i g_i
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    probes = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(k)]
+    objectives = {f"r{i}": sum((p * q).sum() for p, q in zip(params, probes[i])) for i in range(k)}  # grad = probes[i]
+    loss, metrics = combine_objectives(objectives, "mpd", k, params)
+    grads = objective_gradients(list(objectives.values()), params)
     res = combine_weights(gram_matrix(grads), "mpd", alpha=2.0)
-    combine_gradients_(params, grads, res.coefficients)
-    d = torch.cat([p.grad.reshape(-1) for p in params]).double()
-    expected = (3 * res.weights[:, None] * flat).sum(0)  # K * sum_i w_i g_i
-    torch.testing.assert_close(d, expected, rtol=1e-6, atol=1e-6)
+    d = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double()
+    flat = torch.stack([torch.cat([g.reshape(-1) for g in gi]) for gi in probes]).double()
+    torch.testing.assert_close(d, (k * res.weights[:, None] * flat).sum(0), rtol=1e-6, atol=1e-6)
+    assert [metrics[f"mpd/weight/r{i}"] for i in range(k)] == pytest.approx(res.weights.tolist())
+    norms = flat.norm(dim=1).tolist()
+    assert [metrics[f"mpd/grad_norm/r{i}"] for i in range(k)] == pytest.approx(norms)
 
 
-def test_end_to_end_on_tiny_model_and_clip():
+def test_combine_objectives_drops_a_region_without_gradient():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    x = torch.randn(8, 4)
-    out = model(x)
-    losses = [out[:, 0].pow(2).mean() * 100, out[:, 1].abs().mean(), (out[:, 2] * 0).sum().detach()]
-    grads = objective_gradients(losses, list(model.parameters()))
-    assert all(g is None for g in grads[2])
-    res = combine_weights(gram_matrix(grads), "mpd")
-    assert res.num_active == 2 and res.weights[2] == 0
-    combine_gradients_(model.parameters(), grads, res.coefficients)
-    norm_before = clip_update_norm_(model.parameters(), 1.0)
-    norm_after = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
-    assert float(norm_after) <= 1.0 + 1e-6 and float(norm_before) > 0
+    out = model(torch.randn(8, 4))
+    objectives = {"global": out[:, 0].pow(2).mean() * 100, "face": out[:, 1].abs().mean(),
+                  "hand": (out[:, 2] * 0).sum().detach()}
+    loss, metrics = combine_objectives(objectives, "mpd", 3, list(model.parameters()))
+    assert metrics["mpd/weight/hand"] == 0 and metrics["mpd/coef/hand"] == 0
+    assert metrics["mpd/weight/global"] > 0 and metrics["mpd/weight/face"] > 0
+    # the larger gradient gets the smaller weight (orthogonal closed form: w_i ~ ||g_i||^(-4/3))
+    assert metrics["mpd/grad_norm/global"] > metrics["mpd/grad_norm/face"]
+    assert metrics["mpd/weight/global"] < metrics["mpd/weight/face"]
+    loss.backward()  # one backward of the combined loss: what the engine runs
+
+
+def test_combine_objectives_fixed_rules_and_one_region():
+    a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
+    loss, m = combine_objectives({"global": a, "face": b}, "sum", 2, [a, b], weights={"face": 0.25})
+    assert float(loss) == 2.0 + 0.75 and m == {"mpd/coef/global": 1.0, "mpd/coef/face": 0.25}
+    loss, m = combine_objectives({"global": a, "face": b}, "equal", 3, [a, b])
+    assert float(loss) == 2.5 and m["mpd/coef/face"] == 0.5
+    loss, m = combine_objectives({"global": a}, "mpd", 1, [a])  # one configured region: the loss as is
+    assert loss is a and m == {}
+    assert combine_objectives({}, "mpd", 2, [a]) == (None, {})
 
 
 def test_other_methods():

@@ -1,17 +1,22 @@
 """HG-DPO pieces on the tiny model: real-image source, curriculum, mixing, one DPO step."""
 
+import dataclasses
 import json
 import math
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from rlfh.config.schema import ConfigError, HGDPOStage, load_config
 from rlfh.data.hgdpo import Curriculum, mix_real_winners, prompts_for_losers, real_pair_count
 from rlfh.data.real_images import RealImageSource, prepare_image
 from rlfh.data.batches import PairBatch
 
+REPO = Path(__file__).resolve().parents[2]
 CAPTIONS = {"astronaut.jpg": "a portrait of a woman in a space suit",
             "coffee.png": "a cup of coffee on a saucer",
             "chelsea.jpg": "a photo of a cat"}
@@ -127,17 +132,30 @@ def test_sampling_is_deterministic_and_distinct(photos):
 
 
 def test_curriculum_values_at_stage_edges():
-    stages = [{"until_round": 10, "real_winner_fraction": 0.0}, {"until_round": 20, "real_winner_fraction": 0.5},
-              {"until_round": 30, "real_winner_fraction": 1.0}]
+    stages = [HGDPOStage(10, 0.0), HGDPOStage(20, 0.5), HGDPOStage(30, 1.0)]
     steps = Curriculum(stages)
     assert [steps.fraction(r) for r in (0, 9, 10, 19, 20, 29, 30, 1000)] == [0.0, 0.0, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0]
     ramp = Curriculum(stages, interpolate=True)
     assert [ramp.fraction(r) for r in (0, 9, 10, 15, 20, 25, 30, 99)] == [0.0, 0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-    with pytest.raises(ValueError, match=r"(?s)stages\[1\].until_round=5.*stages\[1\].real_winner_fraction=1.5.*unknown"):
-        Curriculum([{"until_round": 10, "real_winner_fraction": 0.0}, {"until_round": 5, "real_winner_fraction": 1.5},
-                    {"until_round": 40, "real_winner_fraction": 1.0, "fraction": 1}])
+    as_dicts = Curriculum([dataclasses.asdict(s) for s in stages], interpolate=True)
+    assert [as_dicts.fraction(r) for r in (0, 15, 99)] == [0.0, 0.25, 1.0]
+
+
+def test_curriculum_and_config_share_one_validation():
+    bad = ["learner.hgdpo.stages=[{until_round: 10, real_winner_fraction: 0.0}, {until_round: 5, real_winner_fraction: 1.5}]",
+           "learner.hgdpo.real_images=/photos"]
+    with pytest.raises(ConfigError) as cfg_err:
+        load_config(REPO / "configs" / "tiny.yaml", bad)
+    expected = [r"learner.hgdpo.stages\[1\].until_round=5: must be greater than the previous stage's 10",
+                r"learner.hgdpo.stages\[1\].real_winner_fraction=1.5: must be in \[0, 1\]"]
+    for pattern in expected:
+        assert re.search(pattern, str(cfg_err.value))
+    with pytest.raises(ValueError, match="(?s)" + ".*".join(expected)):
+        Curriculum([HGDPOStage(10, 0.0), HGDPOStage(5, 1.5)])
     with pytest.raises(ValueError, match="no stages"):
         Curriculum([])
+    with pytest.raises(ValueError, match=r"stages\[0\].*until_round and real_winner_fraction"):
+        Curriculum([{"until_round": 40, "real_winner_fraction": 1.0, "fraction": 1}])
 
 
 def generated_pairs(n=4, with_masks=True):
@@ -194,7 +212,8 @@ def test_fresh_losers_for_the_real_captions(photos, vae):
 
 def test_mixed_pairs_train_one_step(photos, vae, tiny_model_dir):
     from rlfh.config.schema import load_config
-    from rlfh.learner.engine import DPOLearner
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=4",
@@ -202,7 +221,7 @@ def test_mixed_pairs_train_one_step(photos, vae, tiny_model_dir):
     src = RealImageSource(photos, cfg.rollout.height, cfg.rollout.width)
     src.encode(vae)
     mixed, _ = mix_real_winners(generated_pairs(with_masks=False), src, 1.0, 0, cfg.seed)
-    metrics = DPOLearner(cfg).train_on_pairs(mixed, epochs=1)
+    metrics = train(LearnerEngine(cfg), mixed, epochs=1)
     assert metrics["learner/steps"] == 1.0 and math.isfinite(metrics["loss/dpo"])
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.learner.engine import DPOLearner, deepspeed_config
+from rlfh.learner.engine import LearnerEngine, deepspeed_config
+from rlfh.learner.steps import train
 from rlfh.data.batches import PairBatch
 from tests.conftest import REPO
 
@@ -12,7 +13,7 @@ from tests.conftest import REPO
 def make(tiny_model_dir, *overrides):
     from rlfh.config.schema import load_config
 
-    return DPOLearner(load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *overrides]))
+    return LearnerEngine(load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *overrides]))
 
 
 def pairs(n=2, seed=0):
@@ -26,7 +27,7 @@ def test_full_unet_trains_and_exports_in_diffusers_format(tiny_model_dir, tmp_pa
     lrn = make(tiny_model_dir, "learner.lora.enabled=false", "learner.lr=1e-4")
     assert lrn.ref_unet is not None and lrn.num_trainable > 1_000_000  # every UNet weight trains
     before = lrn.unet.conv_in.weight.detach().clone()
-    lrn.train_on_pairs(pairs(), epochs=1)
+    train(lrn, pairs(), epochs=1)
     assert not torch.equal(before, lrn.unet.conv_in.weight)
     assert torch.equal(before, lrn.ref_unet.conv_in.weight)  # the reference stays frozen
     ckpt = lrn.save_checkpoint(tmp_path / "round-000001", {"round": 1})
@@ -38,12 +39,12 @@ def test_full_unet_trains_and_exports_in_diffusers_format(tiny_model_dir, tmp_pa
 def test_ema_tracks_and_round_trips(tiny_model_dir, tmp_path):
     lrn = make(tiny_model_dir, "learner.ema_decay=0.5")
     params = [p for p in lrn.unet.parameters() if p.requires_grad]
-    lrn.train_on_pairs(pairs(), epochs=2)  # 2 optimizer steps
+    train(lrn, pairs(), epochs=2)  # 2 optimizer steps
     assert lrn.ema.optimization_step == 2
     shadow = [s.clone() for s in lrn.ema.shadow_params]
     assert any(not torch.equal(s, p) for s, p in zip(shadow, params))
     ckpt = lrn.save_checkpoint(tmp_path / "round-000001", {"round": 1})
-    lrn.train_on_pairs(pairs(seed=1), epochs=1)
+    train(lrn, pairs(seed=1), epochs=1)
     lrn.load_checkpoint(ckpt)
     assert lrn.ema.optimization_step == 2
     assert all(torch.equal(a, b) for a, b in zip(lrn.ema.shadow_params, shadow))
@@ -65,6 +66,6 @@ def test_zero_offload_trains(tiny_model_dir):
     lrn = make(tiny_model_dir, "learner.zero_stage=2", "learner.offload_optimizer=true")
     assert "CPUAdam" in type(lrn.engine.basic_optimizer).__name__
     before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
-    m = lrn.train_on_pairs(pairs(), epochs=1)
+    m = train(lrn, pairs(), epochs=1)
     assert np.isfinite(m["loss/dpo"]) and lrn.global_step == 1
     assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())

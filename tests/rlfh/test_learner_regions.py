@@ -6,7 +6,8 @@ import torch
 
 from rewards.base import Detection
 from rlfh.losses import fairness
-from rlfh.learner.engine import DPOLearner
+from rlfh.learner.engine import LearnerEngine
+from rlfh.learner.steps import train
 from rlfh.data.batches import PairBatch, SampleBatch
 from rlfh.data.pairs import learner_batch, region_mask_arrays
 from tests.conftest import REPO
@@ -15,7 +16,7 @@ from tests.conftest import REPO
 def make(tiny_model_dir, *overrides):
     from rlfh.config.schema import load_config
 
-    return DPOLearner(load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *overrides]))
+    return LearnerEngine(load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *overrides]))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_regions_from_detections_train_end_to_end(mpd_learner):
     batch, stats = learner_batch(mpd_learner.cfg.learner, latents, prompts, prompts, scores, regions, (64, 64))
     assert isinstance(batch, PairBatch) and stats["pairs/count"] == 4
     assert batch.masks_w["face"].shape == (4, 1, 8, 8) and batch.masks_w["hand"].max() == 0
-    m = mpd_learner.train_on_pairs(batch, epochs=1)
+    m = train(mpd_learner, batch, epochs=1)
     assert np.isfinite(m["loss/dpo/global"]) and np.isfinite(m["loss/dpo/face"])
     assert m["regions/hand/present"] == 0.0 and 0.0 < m["regions/face/present"] <= 1.0
     assert "mpd/weight/face" in m and "mpd/weight/hand" not in m
@@ -84,11 +85,11 @@ def test_weighted_losses_train(tiny_model_dir, loss):
         assert batch.weights.mean() == pytest.approx(1.0)
         assert np.argmax(batch.weights) == int(np.argmax(scores))
     before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
-    m = lrn.train_on_samples(batch, epochs=1)
+    m = train(lrn, batch, epochs=1)
     assert np.isfinite(m[f"loss/{loss}"]) and lrn.global_step >= 1
     assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())
     with pytest.raises(ValueError, match="trains on weighted samples"):
-        lrn.train_on_pairs(PairBatch(latents[:2], latents[2:4], ["p", "p"]))
+        train(lrn, PairBatch(latents[:2], latents[2:4], ["p", "p"]))
 
 
 def test_mpd_under_zero2(tiny_model_dir):
@@ -98,6 +99,6 @@ def test_mpd_under_zero2(tiny_model_dir):
     lat = rng.standard_normal((2, 2, 4, 8, 8)).astype(np.float32)
     face = region_mask_arrays([{"face": [Detection((0.0, 0.0, 20.0, 20.0), 0.99)]}] * 2, ["face"], (64, 64))["face"]
     before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
-    m = lrn.train_on_pairs(PairBatch(lat[0], lat[1], ["p", "q"], {"face": face}, {"face": face}), epochs=1)
+    m = train(lrn, PairBatch(lat[0], lat[1], ["p", "q"], {"face": face}, {"face": face}), epochs=1)
     assert np.isfinite(m["loss/dpo/face"]) and m["mpd/weight/face"] > 0 and m["mpd/weight/global"] > 0
     assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())

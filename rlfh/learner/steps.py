@@ -1,0 +1,206 @@
+"""One round of training, written out: preference pairs, weighted samples, or DDPO trajectories.
+
+Each ``train_*`` function is an ordinary loop a reader follows top to bottom:
+
+    for each optimizer step (epochs x shuffled order, a remainder < one step dropped):
+        draw the step's randomness (t, eps per item; or DDPO's timestep order)
+        for each micro-batch of this rank's share of the step:
+            predict with the policy (and the reference), compute the loss per region,
+            combine the regions by the fairness rule, back-propagate through the engine
+        finish the optimizer step (count it, check the weights are finite, update the EMA)
+
+A DPO micro-batch, with regions r in ``learner.regions``:
+
+    x_0^w, x_0^l (B, 4, h, w)   final latents of winner / loser, UNet space
+    t ~ U{0..T-1}, eps ~ N(0, I)       shared by w and l
+    x_t^* = sqrt(abar_t) x_0^* + sqrt(1 - abar_t) eps
+    eps_theta, eps_ref = UNet(x_t^*, t, c) with / without the LoRA adapter
+    L_r = DPO loss on region r's errors                        (rlfh/losses/objectives.py)
+    loss = sum_r c_r L_r, c from the fairness rule              (rlfh/losses/fairness.py; MPD by default)
+
+Every rank walks the same shuffled order and draws the same randomness for a whole optimizer step,
+then trains on its own share of the step's items. W ranks with micro-batch m thus take the same
+update as one rank accumulating W micro-batches of m, and the draws do not depend on W. MPD and
+MGDA weights are computed per micro-batch, so with accumulation the step is the mean of
+per-micro-batch MPD updates. Metrics come back as a flat dict of floats with slash names
+(``loss/dpo``, ``mpd/weight/face``), averaged over the micro-batches where each was present.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch, rows
+from rlfh.learner.engine import LearnerEngine, ddpo_train_steps
+from rlfh.losses import fairness
+from rlfh.losses.ddpo import ddpo_clipped_loss
+from rlfh.losses.objectives import PAIRWISE, WEIGHTED, pairwise_objectives, weighted_objectives
+from rollouts.ddim_logprob import scheduler_step_with_logprob
+from rollouts.sampler import guided_eps
+
+
+def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
+    """One round's training on what :func:`rlfh.data.pairs.learner_batch` built."""
+    if isinstance(batch, PairBatch):
+        return train_pairs(lrn, batch, epochs)
+    if isinstance(batch, TrajectoryBatch):
+        return train_trajectories(lrn, batch, epochs)
+    if isinstance(batch, SampleBatch):
+        return train_samples(lrn, batch, epochs)
+    raise TypeError(f"cannot train on {type(batch).__name__}")
+
+
+# ---------------------------------------------------------------------------------------- DPO family
+def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[str, float]:
+    """Diffusion-DPO (or a variant) on preference pairs, per region."""
+    lc = lrn.cfg.learner
+    if lc.loss not in PAIRWISE:
+        raise ValueError(f"learner.loss={lc.loss} does not train on pairs")
+    h, w = pairs.latents_w.shape[-2] * lrn.vae_scale, pairs.latents_w.shape[-1] * lrn.vae_scale
+    history = []
+    for step in optimizer_steps(lrn, len(pairs), epochs):
+        t_all, eps_all = lrn.draw_noise(len(step), pairs.latents_w.shape[1:])
+        for idx, sl in micro_batches(lrn, step):
+            b = len(idx)
+            prompts = [pairs.prompts[i] for i in idx]
+            # winner and loser in one batch of 2B, with the same t and eps for both halves
+            x0 = torch.cat([rows(pairs.latents_w, idx, lrn.device), rows(pairs.latents_l, idx, lrn.device)])
+            t, eps = torch.cat([t_all[sl], t_all[sl]]), torch.cat([eps_all[sl], eps_all[sl]])
+            x_t, t, target = lrn.noised(x0, t, eps)
+            enc, added = lrn.condition(prompts + prompts, h, w)
+            pred = lrn.policy(x_t, t, enc, added)
+            ref = lrn.reference(x_t, t, enc, added)
+            objectives, metrics = pairwise_objectives(
+                lc.loss, lc.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b],
+                masks_at(pairs.masks_w, idx, lrn.device), masks_at(pairs.masks_l, idx, lrn.device),
+                list(lc.regions), lc.region_scale)
+            history.append(update(lrn, objectives, metrics, pred))
+    return summary(lrn, history, len(pairs))
+
+
+# ---------------------------------------------------------------------------------------- RWR, filtered
+def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> dict[str, float]:
+    """Reward-weighted (RWR) or filtered diffusion loss on weighted samples, per region."""
+    lc = lrn.cfg.learner
+    if lc.loss not in WEIGHTED:
+        raise ValueError(f"learner.loss={lc.loss} does not train on weighted samples")
+    h, w = samples.latents.shape[-2] * lrn.vae_scale, samples.latents.shape[-1] * lrn.vae_scale
+    history = []
+    for step in optimizer_steps(lrn, len(samples), epochs):
+        t_all, eps_all = lrn.draw_noise(len(step), samples.latents.shape[1:])
+        for idx, sl in micro_batches(lrn, step):
+            x_t, t, target = lrn.noised(rows(samples.latents, idx, lrn.device), t_all[sl], eps_all[sl])
+            enc, added = lrn.condition([samples.prompts[i] for i in idx], h, w)
+            pred = lrn.policy(x_t, t, enc, added)
+            objectives, metrics = weighted_objectives(
+                lc.loss, pred, target, rows(samples.weights, idx, lrn.device),
+                masks_at(samples.masks, idx, lrn.device), list(lc.regions), lc.region_scale)
+            history.append(update(lrn, objectives, metrics, pred))
+    return summary(lrn, history, len(samples))
+
+
+# ---------------------------------------------------------------------------------------- DDPO
+def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1) -> dict[str, float]:
+    """DDPO: a clipped-ratio policy gradient over the rollout actors' recorded DDIM trajectories.
+
+    For each trained timestep j of a trajectory (x_T .. x_0 with log p_old(x_{j+1} | x_j) recorded
+    at sampling), the policy's log-probability of the same transition is recomputed with the guided
+    eps of the trained UNet, and ``ddpo_clipped_loss`` is back-propagated: one backward and one
+    DeepSpeed micro-step per timestep (``deepspeed_config`` multiplies the accumulation steps).
+    ``learner.ddpo_timestep_fraction`` of the steps are trained, in one random order per optimizer step.
+    """
+    lc = lrn.cfg.learner
+    if lc.loss != "ddpo":
+        raise ValueError(f"learner.loss={lc.loss} does not train on trajectories")
+    n_steps = tb.latents.shape[1] - 1
+    if n_steps != lrn.cfg.rollout.num_inference_steps:
+        raise ValueError(f"trajectories have {n_steps} steps, rollout.num_inference_steps is "
+                         f"{lrn.cfg.rollout.num_inference_steps}")
+    k = ddpo_train_steps(lrn.cfg)
+    s = tb.settings
+    history = []
+    first = True  # before any update of this round the policy is the sampler's: the ratio must be 1
+    for step in optimizer_steps(lrn, len(tb), epochs):
+        order = torch.randperm(n_steps, generator=lrn.generator)[:k].tolist()  # shared by the step's micro-batches
+        for idx, _ in micro_batches(lrn, step):
+            enc, added = lrn.condition([tb.prompts[i] for i in idx], s.height, s.width,
+                                       s.negative_prompt if s.guidance_scale > 1.0 else None)
+            lat = rows(tb.latents, idx, lrn.device)  # (B, T+1, 4, h, w)
+            old = rows(tb.log_probs, idx, lrn.device)  # (B, T)
+            adv = rows(tb.advantages, idx, lrn.device)  # (B,)
+            per_step = []
+            for j in order:
+                t = int(tb.timesteps[j])
+                eps = guided_eps(lrn.policy_model, lrn.ddim, lat[:, j].to(lrn.unet.dtype), t, enc,
+                                 added["text_embeds"], added["time_ids"], s.guidance_scale)
+                out = scheduler_step_with_logprob(lrn.ddim, eps.float(), t, lat[:, j], eta=s.eta,
+                                                  prev_sample=lat[:, j + 1])
+                loss = ddpo_clipped_loss(out.log_prob, old[:, j], adv, lc.ddpo_clip_range)
+                m = {"loss/ddpo": float(loss.loss.detach()), "ddpo/approx_kl": float(loss.approx_kl),
+                     "ddpo/clipfrac": float(loss.clipfrac), "ddpo/ratio": float(loss.ratio_mean)}
+                if first:
+                    m["ddpo/recorded_logprob_max_diff"] = float((out.log_prob.detach() - old[:, j]).abs().max())
+                lrn.backward(loss.loss)
+                per_step.append(m)
+            history.append({key: float(np.mean([m[key] for m in per_step if key in m])) for key in per_step[0]})
+            first = False
+    return summary(lrn, history, len(tb))
+
+
+# ---------------------------------------------------------------------------------------- the shared loop parts
+def optimizer_steps(lrn: LearnerEngine, n: int, epochs: int) -> Iterator[list[int]]:
+    """The items of each optimizer step: ``epochs`` shuffled passes over n items in steps of
+    ``learner.train_batch_size``, the same on every rank; a remainder < one step is dropped.
+    After the caller has trained on a step, the step is finished on the engine."""
+    bs = lrn.cfg.learner.train_batch_size
+    n_use = (n // bs) * bs
+    if n_use == 0:
+        return
+    lrn.engine.train()
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=lrn.generator)[:n_use].tolist()
+        for start in range(0, n_use, bs):
+            yield order[start:start + bs]
+            lrn.finish_optimizer_step()
+
+
+def micro_batches(lrn: LearnerEngine, step: list[int]) -> Iterator[tuple[list[int], slice]]:
+    """This rank's micro-batches of a step: the items, and their positions in the step's draws."""
+    share = len(step) // lrn.world_size
+    mb = lrn.cfg.learner.micro_batch_size_per_gpu
+    lo = lrn.rank * share
+    for start in range(lo, lo + share, mb):
+        yield step[start:start + mb], slice(start, start + mb)
+
+
+def masks_at(masks: dict[str, np.ndarray], idx: list[int], device) -> dict[str, torch.Tensor]:
+    return {r: rows(m, idx, device) for r, m in masks.items()}
+
+
+def update(lrn: LearnerEngine, objectives: dict[str, torch.Tensor], metrics: dict[str, float], pred) -> dict[str, float]:
+    """Combine the regions' losses by the fairness rule and back-propagate through the engine."""
+    lc = lrn.cfg.learner
+    loss, fair_metrics = fairness.combine_objectives(objectives, lc.fairness.rule, len(lc.regions),
+                                                     lrn.trainable_parameters(), lc.fairness.weights, lc.fairness.alpha)
+    if loss is None:
+        loss = pred.sum() * 0.0  # no region present: keeps DeepSpeed's micro-step bookkeeping
+    metrics.update(fair_metrics)
+    for region in lc.regions:
+        metrics[f"regions/{region}/present"] = float(region in objectives)
+    lrn.backward(loss)
+    return metrics
+
+
+def summary(lrn: LearnerEngine, history: list[dict[str, float]], n: int) -> dict[str, float]:
+    """The round's metrics: each averaged over the micro-batches where it was present."""
+    if not history:
+        return {"learner/steps": float(lrn.global_step), "learner/items": float(n), "learner/skipped": 1.0}
+    keys = sorted({k for h in history for k in h})
+    metrics = {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
+    metrics.update({"learner/steps": float(lrn.global_step), "learner/items": float(n),
+                    "learner/lr": float(lrn.optimizer.param_groups[0]["lr"])})
+    lrn.policy_version += 1
+    return metrics

@@ -1,0 +1,135 @@
+"""The layers hold: rewards/ and rollouts/ never import rlfh; no import cycles; the learner never
+imports the recipes; nothing reaches into another module's private names.
+
+Imports are read from the source (ast), including those inside functions: a lazy import that
+closes a cycle is still a cycle for a reader.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("rlfh", "rewards", "rollouts")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def sources(*roots: str) -> dict[str, ast.Module]:
+    out = {}
+    for root in roots:
+        for path in sorted((REPO / root).rglob("*.py")):
+            out[module_name(path)] = ast.parse(path.read_text(), str(path))
+    return out
+
+
+def resolve(name: str, known: set[str]) -> str | None:
+    """The longest known module that ``name`` (a module or module.attribute) names."""
+    while name:
+        if name in known:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = sources(*PACKAGES)
+    known = set(mods)
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, tree in mods.items():
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            for n in names:
+                target = resolve(n, known)
+                if target and target != mod and not mod.startswith(target + "."):  # a package's own __init__
+                    graph[mod].add(target)
+    return graph
+
+
+def test_rewards_and_rollouts_never_import_rlfh():
+    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.split(".")[0] in ("rewards", "rollouts")
+                 for t in ts if t.split(".")[0] == "rlfh")
+    assert not bad, bad
+
+
+def test_rewards_and_rollouts_are_independent():
+    graph = import_graph()
+    bad = sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts
+                 if {m.split(".")[0], t.split(".")[0]} == {"rewards", "rollouts"})
+    assert not bad, bad
+
+
+def test_learner_never_imports_recipes():
+    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.startswith("rlfh.learner")
+                 for t in ts if t.startswith("rlfh.recipes"))
+    assert not bad, bad
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    index, low, on_stack, stack, cycles = {}, {}, set(), [], []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    assert not cycles, cycles
+
+
+def private_names() -> set[str]:
+    """Private functions, classes and attributes defined in the packages."""
+    names = set()
+    for tree in sources(*PACKAGES).values():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+@pytest.mark.parametrize("root", ["rlfh", "rewards", "rollouts", "bench", "tests"])
+def test_no_cross_module_private_names(root):
+    ours = private_names()
+    bad = []
+    for mod, tree in sources(root).items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
+                bad += [f"{mod}: from {node.module} import {a.name}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+            elif (isinstance(node, ast.Attribute) and node.attr in ours and isinstance(node.value, ast.Name)
+                  and node.value.id not in ("self", "cls")):
+                bad.append(f"{mod}:{node.lineno}: {node.value.id}.{node.attr}")
+    assert not bad, bad
