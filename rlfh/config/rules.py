@@ -10,6 +10,25 @@ from __future__ import annotations
 MAX_IMAGE_SIDE = 4096
 
 
+def hgdpo_stage_problems(stages) -> list[str]:
+    """Every problem of an HG-DPO curriculum (``HGDPOStage`` objects); the config check and
+    :class:`rlfh.data.hgdpo.Curriculum` both use this one."""
+    if not stages:
+        return ["learner.hgdpo.stages: no stages; give at least one {until_round, real_winner_fraction}"]
+    p: list[str] = []
+    last = None
+    for i, st in enumerate(stages):
+        key = f"learner.hgdpo.stages[{i}]"
+        if st.until_round < 1:
+            p.append(f"{key}.until_round={st.until_round}: must be >= 1")
+        elif last is not None and st.until_round <= last:
+            p.append(f"{key}.until_round={st.until_round}: must be greater than the previous stage's {last}")
+        last = st.until_round if last is None else max(last, st.until_round)
+        if not 0.0 <= st.real_winner_fraction <= 1.0:
+            p.append(f"{key}.real_winner_fraction={st.real_winner_fraction}: must be in [0, 1]")
+    return p
+
+
 def check_consistency(cfg) -> list[str]:
     """Cross-field rules: batch sizes that must divide, counts that must be positive."""
     p: list[str] = []
@@ -97,16 +116,18 @@ def check_consistency(cfg) -> list[str]:
             p.append(f"learner.loss=ddpo trains the whole-image policy: learner.regions must be [global], got {lr_.regions}")
         if not 0 < lr_.ddpo_timestep_fraction <= 1:
             p.append(f"learner.ddpo_timestep_fraction={lr_.ddpo_timestep_fraction}: must be in (0, 1]")
+        win, first = lr_.ddpo_window, lr_.ddpo_window_max_start
+        if win is not None and not 1 <= win <= r.num_inference_steps:
+            p.append(f"learner.ddpo_window={win}: must be in 1..rollout.num_inference_steps ({r.num_inference_steps}) "
+                     f"or null (every step stochastic)")
+        elif first is not None and (win is None or not 0 <= first <= r.num_inference_steps - win):
+            p.append(f"learner.ddpo_window_max_start={first}: needs learner.ddpo_window and must be in "
+                     f"0..rollout.num_inference_steps - ddpo_window ({r.num_inference_steps - (win or 0)}) so the window fits")
     hg = lr_.hgdpo
     if hg.real_images is not None:
         if not pairwise:
             p.append(f"learner.hgdpo.real_images needs a DPO loss; learner.loss={lr_.loss}")
-        rounds = [st.until_round for st in hg.stages]
-        if not hg.stages or rounds != sorted(set(rounds)) or rounds[0] < 1:
-            p.append(f"learner.hgdpo.stages: until_round values {rounds} must be >= 1 and strictly increasing")
-        for i, st in enumerate(hg.stages):
-            if not 0.0 <= st.real_winner_fraction <= 1.0:
-                p.append(f"learner.hgdpo.stages[{i}].real_winner_fraction={st.real_winner_fraction}: must be in [0, 1]")
+        p.extend(hgdpo_stage_problems(hg.stages))
     if lr_.offload_optimizer and lr_.zero_stage == 0:
         p.append("learner.offload_optimizer=true needs learner.zero_stage >= 1 (ZeRO-Offload)")
     if lr_.offload_params and lr_.zero_stage != 3:

@@ -22,22 +22,17 @@ The real images and their latents come from :class:`rlfh.data.real_images.RealIm
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from rlfh.config.rules import hgdpo_stage_problems
+from rlfh.config.schema import HGDPOStage
 from rlfh.data.batches import PairBatch
 from rlfh.data.real_images import RealImageSource
 
 
 # ---------------------------------------------------------------------------- curriculum
-@dataclass(frozen=True)
-class Stage:
-    until_round: int  # the stage covers rounds [previous until_round, until_round)
-    real_winner_fraction: float
-
-
 class Curriculum:
     """Fraction of a round's pairs whose winner is a real image, by round.
 
@@ -47,37 +42,27 @@ class Curriculum:
     value to stage i's, reached at ``until_round[i]`` (the first stage stays constant).
 
     Args:
-        stages: ``[{until_round: int, real_winner_fraction: float}, ...]`` or :class:`Stage` objects.
+        stages: the config's ``learner.hgdpo.stages`` (:class:`rlfh.config.schema.HGDPOStage`), or
+            mappings with the same two keys.
         interpolate: linear ramps instead of steps.
 
     Raises:
-        ValueError: every problem at once: no stages, unknown keys, non-increasing rounds,
-            fractions outside [0, 1].
+        ValueError: every problem at once (:func:`rlfh.config.rules.hgdpo_stage_problems`).
     """
 
-    def __init__(self, stages: Sequence[Mapping[str, Any] | Stage], interpolate: bool = False):
-        problems, parsed, last = [], [], None
-        if not stages:
-            problems.append("no stages: give at least one {until_round, real_winner_fraction}")
+    def __init__(self, stages: Sequence[HGDPOStage | Mapping[str, Any]], interpolate: bool = False):
+        parsed = []
         for i, s in enumerate(stages):
-            d = {"until_round": s.until_round, "real_winner_fraction": s.real_winner_fraction} if isinstance(s, Stage) else dict(s)
-            unknown = sorted(set(d) - {"until_round", "real_winner_fraction"})
-            if unknown:
-                problems.append(f"stages[{i}]: unknown key(s) {unknown}; a stage has until_round and real_winner_fraction")
-            r, f = d.get("until_round"), d.get("real_winner_fraction")
-            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-                problems.append(f"stages[{i}].until_round={r!r}: must be an integer >= 1")
-            else:
-                if last is not None and r <= last:
-                    problems.append(f"stages[{i}].until_round={r}: must be greater than the previous stage's {last}")
-                last = r
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
-                problems.append(f"stages[{i}].real_winner_fraction={f!r}: must be a number in [0, 1]")
-            if not problems:
-                parsed.append(Stage(r, float(f)))
+            try:  # mappings: callers that pass dataclasses.asdict() of the config's stages
+                parsed.append(s if isinstance(s, HGDPOStage) else HGDPOStage(**s))
+            except TypeError as e:
+                raise ValueError(f"bad HG-DPO curriculum: stages[{i}]={dict(s)!r}: a stage has exactly "
+                                 f"until_round and real_winner_fraction ({e})") from None
+        parsed = tuple(parsed)
+        problems = hgdpo_stage_problems(parsed)
         if problems:
             raise ValueError("bad HG-DPO curriculum:\n  - " + "\n  - ".join(problems))
-        self.stages, self.interpolate = tuple(parsed), bool(interpolate)
+        self.stages, self.interpolate = parsed, bool(interpolate)
 
     def fraction(self, round: int) -> float:
         prev_end, prev_f = 0, self.stages[0].real_winner_fraction
