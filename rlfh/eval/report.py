@@ -188,6 +188,7 @@ def write_win_rate_plot(out_dir: Path, summary: dict[str, Any]) -> str | None:
     ax.barh(ys, rates, xerr=err, color=SIDE_COLORS["model"], alpha=0.75, capsize=3)
     ax.axvline(0.5, color="black", linewidth=1)
     ax.set_yticks(ys, [n for n, _ in rows])
+    ax.invert_yaxis()  # bars top-down in the Rewards table's order (barh stacks the first at the bottom)
     ax.set_xlim(0, 1)
     ax.set_xlabel("win rate of model over baseline (ties = 0.5)")
     fig.tight_layout()
@@ -241,18 +242,23 @@ def render_html(summary: dict[str, Any], grids: list[str], dists: dict[str, str]
             w = r["win_rate"]
             row += f"<td>{_ci(w)}</td><td>{w['n_compared']} / {w['excluded']}</td>"
         out.append(row + "</tr>")
-    out.append("</table><h2>Detections</h2><table><tr><th>side</th><th>region</th><th>images checked</th>"
-               "<th>none found</th></tr>")
-    for s in sides:
-        for region, rr in summary["regions"][s].items():
-            out.append(f"<tr><td>{s}</td><td>{e(region)}</td><td>{rr['checked']}</td>"
-                       f"<td>{rr['no_detection']} ({rr['no_detection_rate']:.0%})</td></tr>")
-    out.append("</table><h2>Distributions</h2><div class=plots>")
+    out.append("</table><h2>Detections</h2>")
+    detected = [(s, region, rr) for s in sides for region, rr in summary["regions"][s].items()]
+    if detected:
+        out.append("<table><tr><th>side</th><th>region</th><th>images checked</th><th>none found</th></tr>")
+        out += [f"<tr><td>{s}</td><td>{e(region)}</td><td>{rr['checked']}</td>"
+                f"<td>{rr['no_detection']} ({rr['no_detection_rate']:.0%})</td></tr>" for s, region, rr in detected]
+        out.append("</table>")
+    else:
+        out.append("<p>No detector ran: no reward of this evaluation reports face, hand or other regions.</p>")
+    # Plots in the Rewards table's order, each kind under its own heading.
+    out.append("<h2>Distributions</h2><div class=plots>")
+    out += [f"<img src='{dists[n]}' alt='{e(n)} distribution'>" for n in summary["rewards"] if n in dists]
+    out.append("</div>")
     if win_plot:
-        out.append(f"<img src='{win_plot}' alt='win rates'>")
-    out += [f"<img src='{p}' alt='{e(n)} distribution'>" for n, p in dists.items()]
+        out.append(f"<h2>Win rates</h2><div class=plots><img src='{win_plot}' alt='win rates'></div>")
     shown = min(max_samples, len(summary["samples"]))
-    out.append(f"</div><h2>Samples</h2><p class=small>{shown} of {len(summary['samples'])} samples; boxes: "
+    out.append(f"<h2>Samples</h2><p class=small>{shown} of {len(summary['samples'])} samples; boxes: "
                "<span style='color:#28c83c'>face</span>, <span style='color:#ff8c00'>hand</span>, "
                "<span style='color:#3c78ff'>other</span>. Full-size images are in images/.</p><div class=grids>")
     out += [f"<a href='{g}'><img src='{g}' alt='sample grid {i}'></a><br>" for i, g in enumerate(grids)]

@@ -86,3 +86,36 @@ def test_report_needs_eval_json(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="eval.json"):
         write_eval_report(tmp_path)
+
+
+def test_plots_follow_the_rewards_table_order(tiny_model_dir, tmp_path):
+    from PIL import Image
+
+    from rlfh.eval.report import write_win_rate_plot
+
+    out, summary = tiny_eval(tiny_model_dir)
+    page = (out / "index.html").read_text()
+    srcs = re.findall(r"src='(plots/[^']+)'", page)
+    dists = [s for s in srcs if s.startswith("plots/dist-")]
+    assert dists == [f"plots/dist-{n}.png" for n in summary["rewards"] if f"plots/dist-{n}.png" in dists]
+    assert srcs[-1] == "plots/win_rates.png"  # under its own heading, after the distributions
+    assert page.index("<h2>Distributions</h2>") < page.index("<h2>Win rates</h2>") < page.index("<h2>Samples</h2>")
+
+    # The win-rate bars read top-down in the table's order: first reward (0.9) above the second (0.1).
+    rows = {"first": 0.9, "second": 0.1}
+    fake = {"rewards": {n: {"win_rate": {"win_rate": w, "ci_low": w, "ci_high": w}} for n, w in rows.items()}}
+    im = np.asarray(Image.open(tmp_path / write_win_rate_plot(tmp_path, fake)).convert("RGB")).astype(int)
+    red = (im[..., 0] > 180) & (im[..., 1] < 150) & (im[..., 2] < 150)  # the model colour, alpha 0.75
+    bar_rows = np.flatnonzero(red.any(axis=1))
+    top, bottom = bar_rows[bar_rows < bar_rows.mean()], bar_rows[bar_rows > bar_rows.mean()]
+    assert red[top].sum(axis=1).max() > 3 * red[bottom].sum(axis=1).max()
+
+
+def test_no_detector_says_so_instead_of_an_empty_table(tiny_model_dir):
+    from rlfh.eval.report import render_html
+
+    _, summary = tiny_eval(tiny_model_dir)
+    assert "<th>images checked</th>" in render_html(summary, [], {}, None, 10)
+    none = {**summary, "regions": {side: {} for side in summary["regions"]}}
+    page = render_html(none, [], {}, None, 10)
+    assert "No detector ran" in page and "<th>images checked</th>" not in page
