@@ -11,7 +11,7 @@
    ``ray.get``; the in-actor compute is not in metrics.jsonl.
 2. So the same stages run again in THIS process with the same classes and calls (Sampler.sample in
    chunks of sample_batch_size_per_actor, RewardSet, RolloutLog.append, learner_batch,
-   LearnerEngine.train_on_pairs / train_on_samples, lora_state_dict + Sampler.load_lora), with torch threads set as the
+   rlfh.learner.steps.train, lora_state_dict + Sampler.load_lora), with torch threads set as the
    actors set them, on the same prompts and seeds.
 Ray overhead per stage = median(driver time) - median(in-process time); the headline is the
 overhead's share of the median round. Round 0 (warm-up: lazy init, first allocations) is dropped.

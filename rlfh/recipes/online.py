@@ -240,8 +240,6 @@ class RealWinners:
     (``learner.hgdpo``); with ``fresh_losers`` the losers are sampled anew from the real images' captions."""
 
     def __init__(self, cfg: Config, run_dir: Path, fleet, settings):
-        import dataclasses
-
         import torch
 
         from rlfh.data.hgdpo import Curriculum
@@ -249,7 +247,7 @@ class RealWinners:
 
         hg, rc = cfg.learner.hgdpo, cfg.rollout
         self.cfg, self.fleet, self.settings = cfg, fleet, settings
-        self.curriculum = Curriculum([dataclasses.asdict(s) for s in hg.stages], hg.interpolate)
+        self.curriculum = Curriculum(hg.stages, hg.interpolate)
         self.source = RealImageSource(hg.real_images, rc.height, rc.width, cache_dir=run_dir,
                                       encode_batch_size=hg.encode_batch_size, latent_mode=hg.latent_mode, seed=cfg.seed)
         self.source.encode(load_vae(cfg.model, "cuda" if torch.cuda.is_available() else "cpu"))  # cached across resumes

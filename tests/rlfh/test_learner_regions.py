@@ -65,7 +65,7 @@ def test_regions_from_detections_train_end_to_end(mpd_learner):
     assert "mpd/weight/face" in m and "mpd/weight/hand" not in m
 
 
-def test_region_masks_follow_methods_md(tiny_model_dir):
+def test_region_masks_follow_fairhuman(tiny_model_dir):
     m = region_mask_arrays([{"face": [Detection((8.0, 8.0, 16.0, 16.0), 0.9)]}, {}], ["global", "face"], (64, 64))
     assert set(m) == {"face"} and m["face"].shape == (2, 1, 8, 8)
     assert m["face"][1].max() == 0 and m["face"][0].sum() > 1  # dilated 16x16 before the resize
