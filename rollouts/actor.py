@@ -23,13 +23,16 @@ def sample_in_batches(sampler, prompts, seeds, settings, batch_size: int, record
 
 @ray.remote
 class RolloutActor:
-    """Holds an SDXL pipeline with the policy's LoRA adapter and samples on request.
+    """Holds an SDXL pipeline with the policy's LoRA merged into its UNet and samples on request.
 
     Args:
         model_cfg: ``cfg.model``. lora_cfg: ``cfg.learner.lora`` (the adapter the learner trains).
+        compile: ``cfg.rollout.compile`` (``Sampler.compile``). merge_lora: ``cfg.rollout.merge_lora``
+            (False: an unmerged peft adapter, as the learner holds it).
     """
 
-    def __init__(self, model_cfg, lora_cfg, num_threads: int = 1, scheduler: str = "default"):
+    def __init__(self, model_cfg, lora_cfg, num_threads: int = 1, scheduler: str = "default",
+                 compile: bool = False, merge_lora: bool = True):
         # process-wide environment (offline hub, quiet libraries) comes with the job's runtime_env
         import torch
 
@@ -40,7 +43,9 @@ class RolloutActor:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.sampler = Sampler(load_pipeline(model_cfg, device), model_id=model_cfg.path, scheduler=scheduler)
         if lora_cfg.enabled:
-            self.sampler.add_lora(lora_cfg.rank, lora_cfg.alpha, lora_cfg.target_modules)
+            self.sampler.add_lora(lora_cfg.rank, lora_cfg.alpha, lora_cfg.target_modules, merge=merge_lora)
+        if compile:  # after add_lora, so an unmerged adapter is compiled with the UNet
+            self.sampler.compile()
 
     def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False):
         return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)

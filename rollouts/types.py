@@ -43,6 +43,11 @@ class RolloutBatch:
     rollout_ids: list[str] = field(default_factory=list)
     # DDPO only: {"latents": (B, T+1, 4, h, w) x_T..x_0, "log_probs": (B, T), "timesteps": (T,)}
     trajectory: dict[str, np.ndarray] | None = None
+    # {prompt: (prompt_embeds (77, D) float32, pooled (P,) float32)} for the batch's distinct prompts,
+    # as the sampler conditioned on them (positive only: no negative prompt, no CFG stacking), so the
+    # learner can take them instead of running the frozen text encoders again. Arrays are read-only:
+    # the sampler's prompt cache shares them.
+    conditioning: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -66,4 +71,6 @@ class RolloutBatch:
                 "log_probs": np.concatenate([b.trajectory["log_probs"] for b in batches]),
                 "timesteps": first.trajectory["timesteps"],
             },
+            conditioning=None if any(b.conditioning is None for b in batches) else {
+                p: c for b in batches for p, c in b.conditioning.items()},
         )

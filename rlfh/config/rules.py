@@ -63,6 +63,9 @@ def check_consistency(cfg) -> list[str]:
             p.append("resources.colocate=true alternates sampling and training on one device: set rollout.max_staleness=0")
         if res.placement != "none":
             p.append("resources.colocate=true has no rollout fleet to place: set resources.placement=none")
+        if r.compile:  # the colocated sampler is the learner's UNet, which the rollout side does not compile
+            p.append("resources.colocate=true samples with the learner's own UNet, which rollout.compile does not "
+                     "compile: set rollout.compile=false")
     if r.rollouts_per_prompt < 2:
         p.append(f"rollout.rollouts_per_prompt={r.rollouts_per_prompt}: DPO pairs need >= 2 samples per prompt; set it to 2 or more")
     for key, v in [("rollout.height", r.height), ("rollout.width", r.width)]:

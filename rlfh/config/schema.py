@@ -61,6 +61,8 @@ class RolloutConfig:
     eta: float = 0.0  # DDIM eta; 1.0 makes the sampler stochastic (DDPO)
     scheduler: Literal["default", "ddim"] = "default"  # ddim: DDIMScheduler with the model's schedule (DDPO)
     max_staleness: Literal[0, 1] = 0  # 1: sample round k+1 while the learner trains on round k (async)
+    compile: bool = False  # torch.compile the rollout UNet and VAE decoder (CUDA: reduce-overhead, i.e. CUDA graphs); first batches pay the compile
+    merge_lora: bool = True  # sample with the policy's LoRA merged into the UNet weights (rebuilt from a base copy each sync); false: unmerged peft adapter
 
     @property
     def samples_per_round(self) -> int:

@@ -40,12 +40,13 @@ def test_seeds_are_per_sample(pipe):
 
 def test_lora_weights_change_samples_and_version(pipe, tiny_model_dir):
     s = Sampler(load_pipeline(ModelConfig(path=tiny_model_dir)))
-    s.add_lora(4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    s.add_lora(4, 4, ["to_q", "to_k", "to_v", "to_out.0"])  # merged into the weights (the default)
     settings = SamplerSettings(4, 1.0, "", 64, 64)
     base = s.sample(["p"], [0], settings)
-    from peft import get_peft_model_state_dict
-
-    sd = {k: torch.full_like(v, 0.05) for k, v in get_peft_model_state_dict(s.pipe.unet).items()}
+    sd = {}
+    for name, m in s.lora.modules.items():  # peft's shapes: A (r, in), B (out, r)
+        sd[f"{name}.lora_A.weight"] = torch.full((4, m.weight.shape[1]), 0.05)
+        sd[f"{name}.lora_B.weight"] = torch.full((m.weight.shape[0], 4), 0.05)
     s.load_lora(sd, policy_version=3)
     moved = s.sample(["p"], [0], settings)
     assert moved.policy_version == 3 and base.policy_version == 0
