@@ -1,0 +1,172 @@
+"""DiffusionNFT: negative-aware fine-tuning on the forward process, in epsilon (or v) parameterization.
+
+Paper: Zheng et al., "DiffusionNFT: Online Diffusion Reinforcement with Forward Process", arXiv
+2509.16117 (reference: NVlabs/DiffusionNFT, scripts/train_nft_sd3.py, written for SD3's rectified
+flow). The derivations for SDXL are written out in docs/online_rl.md.
+
+The paper's objective (rectified flow, x_t = (1 - t) x_0 + t eps, target velocity v = eps - x_0;
+v_old the sampling ("old") policy's prediction, a constant; v_theta the trained one):
+
+    v_+ = (1 - beta) v_old + beta v_theta          implicit positive policy
+    v_- = (1 + beta) v_old - beta v_theta          implicit negative policy
+    L   = E_{c, x_0 ~ pi_old, t, eps} [ r ||v_+ - v||^2 + (1 - r) ||v_- - v||^2 ]
+
+with r in [0, 1] the "optimality probability" of the sample. The reference implementation maps the
+clipped group advantage to it, r = clip(0.5 + 0.5 * clip(A, -c, c) / c, 0, 1) (:func:`nft_reward_weight`),
+and divides the loss by beta so that its gradient does not shrink with beta.
+
+Epsilon parameterization (SDXL; the same holds for v-prediction). For any Gaussian forward process
+x_t = a_t x_0 + s_t eps, at a fixed (x_t, t) every prediction target is an affine function of any other:
+for the flow above eps_hat = x_t + (1 - t) v_hat, and for VP (a_t = sqrt(abar_t), s_t = sqrt(1 - abar_t))
+eps_hat = sqrt(abar_t) v_hat + s_t x_t with SDXL's v. An affine map f(u) = P x_t + Q u commutes with
+the combinations above because their coefficients sum to 1 ((1 - beta) + beta = (1 + beta) - beta = 1):
+f(v_+) = (1 - beta) f(v_old) + beta f(v_theta). So the implicit policies are the same policies in eps
+space,
+
+    eps_+ = (1 - beta) eps_old + beta eps_theta,   eps_- = (1 + beta) eps_old - beta eps_theta,
+
+and v_+ - v = Q^{-1}(eps_+ - eps) makes the velocity loss the eps loss times the time weight Q_t^{-2}
+(1 / (1 - t)^2 for the flow). The paper's result (the optimum's positive policy is the reward-tilted
+one) holds for every positive time weighting, so we keep SDXL's own weighting, the plain eps-MSE of
+its pre-training (L_simple), as Diffusion-DPO and RWR here do:
+
+    l_+ = mean over C,H,W of (eps_+ - eps)^2,   l_- = mean over C,H,W of (eps_- - eps)^2
+    L   = sum_b [ r_b l_+,b + (1 - r_b) l_-,b ] / (beta B)                          (:func:`nft_loss`)
+
+(for a region: the FairHuman masked error of rlfh/losses/region_mse.py of eps_+ and eps_-). The
+reference's adaptive x_0-space weighting, ||x0_+ - x0||^2 / sg(mean |x0_+ - x0|), is available as
+``adaptive=True`` with ``x0_scale = s_t / a_t`` (x0_hat - x0 = -(s_t / a_t)(eps_hat - eps)).
+
+What the gradient does: at eps_theta = eps_old (the first step after sampling),
+dL/d eps_theta = 2 (2 r - 1) (eps_old - eps) / (C H W B), i.e. the denoising-loss gradient weighted
+by 2r - 1 = clip(A, -c, c) / c: samples above their group's mean are pulled towards, those below
+pushed away, as advantage-weighted matching (rlfh/losses/awm.py) does. Away from eps_old the negative
+branch is a convex loss too, so unlike a negative-weighted MSE the objective stays bounded below.
+
+Notation (code name -> paper symbol):
+    pred      -> eps_theta (v_theta in the paper), carries the gradient
+    old_pred  -> eps_old, the sampling policy's prediction on the same x_t (detached here)
+    target    -> eps (v = eps - x_0 in the paper)
+    r         -> r, the optimality probability in [0, 1]
+    beta      -> beta, the guidance strength of the implicit policies (0.1 - 1 in the paper)
+
+Shapes: pred, old_pred, target (B, C, H, W); r (B,); per-sample errors (B,); the loss ().
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rlfh.losses.region_mse import per_sample_mse
+
+__all__ = ["NFTLossOutput", "implicit_predictions", "nft_loss", "nft_loss_from_errors", "nft_reward_weight"]
+
+
+class NFTLossOutput(NamedTuple):
+    """Result of :func:`nft_loss` / :func:`nft_loss_from_errors`.
+
+    Attributes:
+        loss: scalar L.
+        positive: mean of r * l_+ / beta, detached.
+        negative: mean of (1 - r) * l_- / beta, detached.
+    """
+
+    loss: Tensor
+    positive: Tensor
+    negative: Tensor
+
+
+def _check_beta(beta: float) -> float:
+    beta = float(beta)
+    if not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"nft beta must be finite and > 0, got {beta}")
+    return beta
+
+
+def nft_reward_weight(advantages: Tensor, clip: float = 5.0) -> Tensor:
+    """r = clip(0.5 + 0.5 * clip(A, -c, c) / c, 0, 1), detached; the reference's normalization.
+
+    A = 0 gives r = 1/2 (no push either way), A >= c gives 1 (positive only), A <= -c gives 0.
+
+    Raises:
+        ValueError: if ``clip`` is not finite and > 0 or the advantages are not finite.
+    """
+    clip = float(clip)
+    if not (clip > 0 and math.isfinite(clip)):
+        raise ValueError(f"advantage clip must be finite and > 0, got {clip}")
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError(f"advantages must be finite, got {advantages.tolist()}")
+    a = advantages.detach().clamp(-clip, clip)
+    return (0.5 + 0.5 * a / clip).clamp(0.0, 1.0)
+
+
+def implicit_predictions(pred: Tensor, old_pred: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(eps_+, eps_-) = ((1 - beta) eps_old + beta eps_theta, (1 + beta) eps_old - beta eps_theta).
+
+    ``old_pred`` is detached: the old (sampling) policy is a constant of the loss.
+    """
+    beta = _check_beta(beta)
+    if pred.shape != old_pred.shape:
+        raise ValueError(f"pred and old_pred must have the same shape, got {tuple(pred.shape)} and {tuple(old_pred.shape)}")
+    old = old_pred.detach().to(pred.dtype)
+    return (1.0 - beta) * old + beta * pred, (1.0 + beta) * old - beta * pred
+
+
+def nft_loss_from_errors(err_pos: Tensor, err_neg: Tensor, r: Tensor, beta: float) -> NFTLossOutput:
+    """sum_b [ r_b l_+,b + (1 - r_b) l_-,b ] / (beta B) from the per-sample errors of eps_+ and eps_- (B,).
+
+    Raises:
+        ValueError: on mismatched or empty shapes, r outside [0, 1], or a bad beta.
+    """
+    beta = _check_beta(beta)
+    if err_pos.ndim != 1 or err_pos.shape != err_neg.shape or err_pos.shape != r.shape or err_pos.shape[0] == 0:
+        raise ValueError(f"err_pos, err_neg and r must all be (B,) with B > 0, got {tuple(err_pos.shape)}, "
+                         f"{tuple(err_neg.shape)} and {tuple(r.shape)}")
+    r = r.detach().to(err_pos.dtype)
+    if bool(((r < 0) | (r > 1) | ~torch.isfinite(r)).any()):
+        raise ValueError(f"r must lie in [0, 1] (nft_reward_weight), got {r.tolist()}")
+    pos, neg = r * err_pos / beta, (1.0 - r) * err_neg / beta
+    return NFTLossOutput(loss=(pos + neg).mean(), positive=pos.detach().mean(), negative=neg.detach().mean())
+
+
+def nft_loss(
+    pred: Tensor,
+    old_pred: Tensor,
+    target: Tensor,
+    r: Tensor,
+    beta: float,
+    adaptive: bool = False,
+    x0_scale: Tensor | None = None,
+) -> NFTLossOutput:
+    """The DiffusionNFT loss on whole samples (eps-MSE, or the reference's adaptive x_0 weighting).
+
+    Args:
+        pred: eps_theta (B, C, H, W), with gradient.
+        old_pred: eps_old on the same x_t, t, c (B, C, H, W); treated as a constant.
+        target: eps (or v for v-prediction models), (B, C, H, W).
+        r: optimality probabilities in [0, 1], (B,).
+        beta: > 0.
+        adaptive: weight each sample's error as the reference does in x_0 space,
+            ||x0_+ - x0||^2 / sg(mean |x0_+ - x0|) with x0_hat - x0 = -x0_scale (eps_hat - eps).
+        x0_scale: s_t / a_t per sample (B,), needed with ``adaptive``.
+
+    Returns:
+        NFTLossOutput(loss, positive, negative).
+    """
+    pos, neg = implicit_predictions(pred, old_pred, beta)
+    if not adaptive:
+        return nft_loss_from_errors(per_sample_mse(pos, target), per_sample_mse(neg, target), r, beta)
+    if x0_scale is None or x0_scale.shape != pred.shape[:1]:
+        raise ValueError(f"adaptive weighting needs x0_scale = s_t / a_t of shape ({pred.shape[0]},)")
+    scale = x0_scale.detach().to(pred.dtype).reshape(-1, *([1] * (pred.ndim - 1)))
+    errs = []
+    for p in (pos, neg):
+        d = scale * (p - target)  # x0_hat - x0 up to sign
+        dims = tuple(range(1, d.ndim))
+        w = d.detach().abs().mean(dim=dims).clamp(min=1e-5)  # the reference's weight, no gradient
+        errs.append(d.pow(2).mean(dim=dims) / w)
+    return nft_loss_from_errors(errs[0], errs[1], r, beta)

@@ -1,0 +1,90 @@
+"""Tests for rlfh/losses/nft.py (DiffusionNFT, arXiv 2509.16117; NVlabs/DiffusionNFT)."""
+
+import pytest
+import torch
+
+from rlfh.losses.nft import implicit_predictions, nft_loss, nft_loss_from_errors, nft_reward_weight
+
+
+def col(*v):
+    return torch.tensor(v, dtype=torch.float64).reshape(-1, 1, 1, 1)
+
+
+def test_worked_numbers():
+    # beta = 0.5; sample 0: eps_old 1, eps_theta 3, eps 0, r 1; sample 1: eps_old 0, eps_theta 2, eps 1, r 1/4
+    # sample 0: eps_+ = 0.5*1 + 0.5*3 = 2, eps_- = 1.5*1 - 0.5*3 = 0; r l_+ / beta = 4 / 0.5 = 8
+    # sample 1: eps_+ = 1, eps_- = -1; (1/4 * 0 + 3/4 * (-1 - 1)^2) / 0.5 = 6;  L = (8 + 6) / 2 = 7
+    pos, neg = implicit_predictions(col(3.0, 2.0), col(1.0, 0.0), 0.5)
+    torch.testing.assert_close(pos, col(2.0, 1.0))
+    torch.testing.assert_close(neg, col(0.0, -1.0))
+    out = nft_loss(col(3.0, 2.0), col(1.0, 0.0), col(0.0, 1.0), torch.tensor([1.0, 0.25], dtype=torch.float64), 0.5)
+    torch.testing.assert_close(out.loss, torch.tensor(7.0, dtype=torch.float64))
+    torch.testing.assert_close(out.positive, torch.tensor(4.0, dtype=torch.float64))  # (8 + 0) / 2
+    torch.testing.assert_close(out.negative, torch.tensor(3.0, dtype=torch.float64))  # (0 + 6) / 2
+
+
+def test_reward_weight_is_the_references_normalization():
+    # r = clip(A / c / 2 + 0.5, 0, 1), c = 5 (train_nft_sd3.py: adv_clip_max)
+    r = nft_reward_weight(torch.tensor([-7.0, -5.0, 0.0, 2.5, 10.0]), clip=5.0)
+    torch.testing.assert_close(r, torch.tensor([0.0, 0.0, 0.5, 0.75, 1.0]))
+
+
+def test_gradient_at_the_old_policy_is_advantage_weighted_denoising():
+    # at eps_theta = eps_old: dL/d eps_theta = 2 (2r - 1)(eps_old - eps) / (D B)
+    g = torch.Generator().manual_seed(0)
+    old, eps = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64)
+    r = torch.tensor([0.0, 0.5, 0.9], dtype=torch.float64)
+    pred = old.clone().requires_grad_(True)
+    nft_loss(pred, old, eps, r, beta=0.3).loss.backward()
+    expected = 2 * (2 * r - 1).reshape(-1, 1, 1, 1) * (old - eps) / (16 * 3)
+    torch.testing.assert_close(pred.grad, expected)
+    assert float(pred.grad[1].abs().max()) < 1e-15  # r = 1/2 (A = 0): no push (up to rounding)
+
+
+def test_eps_form_equals_the_papers_velocity_form_up_to_the_time_weight():
+    """Rectified flow x_t = (1-t) x0 + t eps, v = eps - x0 (the paper); eps_hat = x_t + (1-t) v_hat.
+
+    The velocity-space loss of the paper (and of the reference's non-adaptive variant) is the eps-space
+    loss times 1 / (1 - t)^2 per sample; the reference's adaptive x0-space loss equals ours with
+    x0_scale = t / (1 - t) exactly."""
+    g = torch.Generator().manual_seed(1)
+    b, beta = 4, 0.7
+    x0, eps = torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64).reshape(-1, 1, 1, 1)
+    xt = (1 - t) * x0 + t * eps
+    v_old, v_theta = torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64)
+    r = torch.tensor([0.1, 0.5, 0.8, 1.0], dtype=torch.float64)
+    to_eps = lambda v: xt + (1 - t) * v  # noqa: E731
+    # velocity form, per sample, as in the paper
+    v_pos, v_neg = beta * v_theta + (1 - beta) * v_old, (1 + beta) * v_old - beta * v_theta
+    v = eps - x0
+    lv_pos, lv_neg = (v_pos - v).pow(2).flatten(1).mean(1), (v_neg - v).pow(2).flatten(1).mean(1)
+    e_pos, e_neg = implicit_predictions(to_eps(v_theta), to_eps(v_old), beta)
+    torch.testing.assert_close(e_pos, to_eps(v_pos))  # the implicit policies are the same policies
+    torch.testing.assert_close(e_neg, to_eps(v_neg))
+    w = (1 - t.flatten()) ** 2
+    ours = nft_loss_from_errors(lv_pos * w, lv_neg * w, r, beta).loss
+    torch.testing.assert_close(ours, nft_loss(to_eps(v_theta), to_eps(v_old), eps, r, beta).loss)
+    # the reference's adaptive weighting (train_nft_sd3.py), in x0 space
+    ref_terms = []
+    for vp in (v_pos, v_neg):
+        x0p = xt - t * vp
+        wf = (x0p - x0).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=1e-5)
+        ref_terms.append(((x0p - x0) ** 2 / wf).mean(dim=(1, 2, 3)))
+    ref = (r * ref_terms[0] / beta + (1 - r) * ref_terms[1] / beta).mean()
+    ours = nft_loss(to_eps(v_theta), to_eps(v_old), eps, r, beta, adaptive=True, x0_scale=(t / (1 - t)).flatten())
+    torch.testing.assert_close(ours.loss, ref)
+
+
+def test_old_prediction_gets_no_gradient_and_bad_inputs_raise():
+    pred, old = torch.ones(2, 1, 2, 2, requires_grad=True), torch.zeros(2, 1, 2, 2, requires_grad=True)
+    nft_loss(pred, old, torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 0.0]), 1.0).loss.backward()
+    assert old.grad is None and pred.grad is not None
+    with pytest.raises(ValueError, match="beta"):
+        implicit_predictions(pred, old, 0.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        nft_loss_from_errors(torch.ones(2), torch.ones(2), torch.tensor([1.5, 0.0]), 1.0)
+    with pytest.raises(ValueError, match="x0_scale"):
+        nft_loss(pred, old, torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 0.0]), 1.0, adaptive=True)
+    with pytest.raises(ValueError, match="finite"):
+        nft_reward_weight(torch.tensor([float("nan")]))
