@@ -52,7 +52,6 @@ import math
 import torch
 from torch import Tensor
 
-
 __all__ = ["ddim_transition_coefficients", "eps_kl", "per_sample_eps_kl", "transition_kl_weight"]
 
 
