@@ -14,13 +14,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlfh.losses.awm import awm_loss
 from rlfh.losses.dpo import dpo_loss_from_mse
 from rlfh.losses.dpo_variants import dpo_variant_loss
 from rlfh.losses.region_mse import per_sample_mse, per_sample_region_mse
+from rlfh.losses.nft import implicit_predictions, nft_loss_from_errors
 from rlfh.losses.rwr import weighted_loss
 
 PAIRWISE = ("dpo", "dpo_hinge", "dpo_ipo")
 WEIGHTED = ("rwr", "filtered")
+ADVANTAGE = ("nft", "awm")  # samples with a signed per-sample signal, against the sampling ("old") policy
 
 
 def region_errors(pred: Tensor, target: Tensor, region: str, masks: dict[str, Tensor], scale: float) -> Tensor:
@@ -101,4 +104,53 @@ def weighted_objectives(
         objectives[region] = value
         suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
         metrics[f"loss/{loss}{suffix}"] = float(value.detach())
+    return objectives, metrics
+
+
+def advantage_objectives(
+    loss: str,
+    pred: Tensor,
+    old_pred: Tensor | None,
+    target: Tensor,
+    signal: Tensor,
+    masks: dict[str, Tensor],
+    regions: list[str],
+    scale: float,
+    nft_beta: float = 1.0,
+    clip_range: float = 0.2,
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """DiffusionNFT or AWM per region, on re-noised samples of the sampling policy.
+
+    ``nft``: ``signal`` is r in [0, 1] (:func:`rlfh.losses.nft.nft_reward_weight`) and ``old_pred``
+    the sampling policy's prediction on the same x_t; each region's loss is
+    :func:`rlfh.losses.nft.nft_loss_from_errors` on the region errors of eps_+ and eps_-.
+    ``awm``: ``signal`` is the advantage A; each region's loss is :func:`rlfh.losses.awm.awm_loss` on
+    the region errors of the policy and of ``old_pred`` (None: on-policy, ratio 1).
+    """
+    if loss not in ADVANTAGE:
+        raise ValueError(f"advantage objectives are {ADVANTAGE}, not {loss!r}")
+    if loss == "nft" and old_pred is None:
+        raise ValueError("nft needs the sampling policy's prediction (old_pred)")
+    b = pred.shape[0]
+    objectives: dict[str, Tensor] = {}
+    metrics: dict[str, float] = {}
+    if loss == "nft":
+        pos, neg = implicit_predictions(pred, old_pred, nft_beta)
+    for region in regions:
+        valid = has_region(masks, region, b, pred.device)
+        if not bool(valid.any()):
+            continue
+        suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
+        if loss == "nft":
+            out = nft_loss_from_errors(region_errors(pos, target, region, masks, scale)[valid],
+                                       region_errors(neg, target, region, masks, scale)[valid], signal[valid], nft_beta)
+            metrics.update({f"nft/positive{suffix}": float(out.positive), f"nft/negative{suffix}": float(out.negative)})
+        else:
+            old_err = None if old_pred is None else region_errors(old_pred.detach(), target, region, masks, scale)[valid]
+            out = awm_loss(region_errors(pred, target, region, masks, scale)[valid], signal[valid], old_err, clip_range)
+            metrics.update({f"awm/clipfrac{suffix}": float(out.clipfrac), f"awm/ratio{suffix}": float(out.ratio_mean)})
+        objectives[region] = out.loss
+        metrics[f"loss/{loss}{suffix}"] = float(out.loss.detach())
+    if old_pred is not None:  # how far training has moved the policy from the one that sampled
+        metrics[f"{loss}/old_eps_mse"] = float((pred.detach().float() - old_pred.detach().float()).pow(2).mean())
     return objectives, metrics

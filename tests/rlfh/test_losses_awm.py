@@ -39,3 +39,18 @@ def test_bad_inputs_raise():
         awm_loss(torch.zeros(2), torch.zeros(2), clip_range=0.0)
     with pytest.raises(ValueError, match="finite"):
         awm_loss(torch.zeros(1), torch.tensor([math.inf]))
+
+
+def test_per_region_objectives_match_the_loss():
+    from rlfh.losses.objectives import advantage_objectives
+    from rlfh.losses.region_mse import per_sample_mse
+
+    g = torch.Generator().manual_seed(4)
+    pred, old, eps = (torch.randn(4, 4, 4, 4, generator=g) for _ in range(3))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    objs, m = advantage_objectives("awm", pred, old, eps, adv, {}, ["global"], 5.0, clip_range=0.2)
+    expected = awm_loss(per_sample_mse(pred, eps), adv, per_sample_mse(old, eps), 0.2)
+    torch.testing.assert_close(objs["global"], expected.loss)
+    assert m["awm/clipfrac"] == pytest.approx(float(expected.clipfrac))
+    on_policy, _ = advantage_objectives("awm", pred, None, eps, adv, {}, ["global"], 5.0)
+    torch.testing.assert_close(on_policy["global"], -adv.mean())

@@ -88,3 +88,22 @@ def test_old_prediction_gets_no_gradient_and_bad_inputs_raise():
         nft_loss(pred, old, torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 0.0]), 1.0, adaptive=True)
     with pytest.raises(ValueError, match="finite"):
         nft_reward_weight(torch.tensor([float("nan")]))
+
+
+def test_per_region_objectives():
+    """objectives.advantage_objectives: global = nft_loss; a region = the masked errors of eps_+ / eps_-
+    over the samples that have it (FairHuman's s = 5)."""
+    from rlfh.losses.objectives import advantage_objectives
+    from rlfh.losses.region_mse import per_sample_region_mse
+
+    g = torch.Generator().manual_seed(3)
+    pred, old, eps = (torch.randn(3, 4, 4, 4, generator=g) for _ in range(3))
+    r = torch.tensor([0.2, 0.5, 1.0])
+    face = torch.zeros(3, 1, 4, 4)
+    face[0, :, :2, :2] = 1  # only sample 0 has a face
+    objs, m = advantage_objectives("nft", pred, old, eps, r, {"face": face}, ["global", "face"], 5.0, nft_beta=0.5)
+    torch.testing.assert_close(objs["global"], nft_loss(pred, old, eps, r, 0.5).loss)
+    pos, neg = implicit_predictions(pred, old, 0.5)
+    e = lambda p: per_sample_region_mse(p[:1], eps[:1], face[:1], 5.0)  # noqa: E731
+    torch.testing.assert_close(objs["face"], (0.2 * e(pos) + 0.8 * e(neg)).mean() / 0.5)
+    assert m["loss/nft/face"] == pytest.approx(float(objs["face"])) and "nft/old_eps_mse" in m
