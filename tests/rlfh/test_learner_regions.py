@@ -7,7 +7,7 @@ import torch
 from rewards.base import Detection
 from rlfh.losses import fairness
 from rlfh.learner.engine import LearnerEngine
-from rlfh.learner.steps import train
+from rlfh.learner.steps import train, update
 from rlfh.data.batches import PairBatch, SampleBatch
 from rlfh.data.pairs import learner_batch, region_mask_arrays
 from tests.conftest import REPO
@@ -35,7 +35,7 @@ def test_engine_gradient_is_the_mpd_combination(mpd_learner):
     gram = fairness.gram_matrix(grads)
     expected_w = fairness.combine_weights(gram, "mpd", alpha=2.0)
     lrn.engine.zero_grad()
-    metrics = lrn._combine_and_step(dict(objectives), {}, pred=None)  # first micro-step: no optimizer step yet
+    metrics = update(lrn, dict(objectives), {}, pred=None)  # first micro-step: no optimizer step yet
     c = expected_w.coefficients
     assert metrics["mpd/coef/global"] == pytest.approx(float(c[0])) and "mpd/coef/hand" not in metrics
     gas = lrn.cfg.gradient_accumulation_steps  # DeepSpeed scales each micro-batch's loss by 1/GAS
@@ -45,7 +45,7 @@ def test_engine_gradient_is_the_mpd_combination(mpd_learner):
     # the weights solve the MPD equation (G^T G w)_i = w_i^(-1/2)
     w = expected_w.weights
     torch.testing.assert_close(gram @ w, w.pow(-0.5), rtol=1e-6, atol=0)
-    lrn._combine_and_step(dict((n, o.detach().requires_grad_()) for n, o in objectives.items()), {}, pred=None)
+    update(lrn, dict((n, o.detach().requires_grad_()) for n, o in objectives.items()), {}, pred=None)
 
 
 def test_regions_from_detections_train_end_to_end(mpd_learner):
