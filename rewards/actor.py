@@ -19,6 +19,10 @@ class RewardActor:
     def score(self, images, prompts):
         return self.rewards(images, prompts)
 
+    def face_embeddings(self, images, faces=None):
+        """``RewardSet.face_embeddings``: faces embedded by a reward model this actor already holds."""
+        return self.rewards.face_embeddings(images, faces)
+
     def names(self) -> list[str]:
         return self.rewards.names
 
@@ -47,13 +51,24 @@ class RewardScorer:
     def score(self, images, prompts):
         if self.client is not None:
             return self.client.score(images, prompts)
+        return self._call("score", images, prompts)
+
+    def face_embeddings(self, images, faces=None):
+        """Face embeddings by the reward actor's models (``RewardSet.face_embeddings``); the reward
+        server answers scores only, so through it the embeddings are None with that reason."""
+        if self.client is not None:
+            return {"embeddings": None, "owners": [], "source": None,
+                    "reason": "rewards are scored by a reward server (reward_server.remote_url), which serves no embeddings"}
+        return self._call("face_embeddings", images, faces)
+
+    def _call(self, method: str, *args):
         import time
 
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         for attempt in range(self.retries + 1):
             try:
-                return ray.get(self.actor.score.remote(images, prompts))
+                return ray.get(getattr(self.actor, method).remote(*args))
             except (RayActorError, ActorUnavailableError) as e:
                 if attempt == self.retries:
                     raise RuntimeError(f"the reward actor died {attempt + 1} times; last error: {e}") from e

@@ -162,6 +162,35 @@ class RewardSet:
     def names(self) -> list[str]:
         return [r.name for r in self.rewards]
 
+    def face_embeddings(self, images: np.ndarray, faces: Sequence[Sequence[Detection]] | None = None) -> dict[str, Any]:
+        """Embeddings of the faces in ``images`` from a configured reward's model, for the face
+        identity similarity (``rlfh.eval.diversity``; which model: ``rewards.embeddings.find_embedder``).
+
+        Args:
+            images: uint8 (B, H, W, 3).
+            faces: per image its face detections (``ScoredBatch.regions(i)["face"]``); None runs the
+                detector of the configured face reward.
+
+        Returns:
+            ``{"embeddings": (N, D), "owners": image index per face, "source": model}``, or
+            ``{"embeddings": None, "reason": why not}``.
+        """
+        from rewards.embeddings import find_embedder
+
+        if not hasattr(self, "_embedder"):  # found once: the reward models do not change
+            self._embedder = find_embedder([r.reward for r in self.rewards])
+        embedder, reason = self._embedder
+        if embedder is None:
+            return {"embeddings": None, "owners": [], "source": None, "reason": reason}
+        if faces is None:
+            detector = next((getattr(r.reward, "detector", None) for r in self.rewards
+                             if r.region == "face" and getattr(r.reward, "detector", None) is not None), None)
+            if detector is None:
+                return {"embeddings": None, "owners": [], "source": embedder.source,
+                        "reason": "no face regions were given and no configured face reward has a detector"}
+            faces = detector.detect(images)
+        return {**embedder.faces(images, faces), "reason": None}
+
     def __call__(self, images: np.ndarray, prompts: Sequence[str]) -> ScoredBatch:
         return ScoredBatch(
             results={r.name: _score_one(r, images, prompts) for r in self.rewards},

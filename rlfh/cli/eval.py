@@ -2,9 +2,11 @@
 
     rlfh eval CONFIG --model PATH_OR_ID [--lora DIR] [--baseline-model PATH_OR_ID] [--baseline-lora DIR]
               [--prompts human|general|FILE] [--seeds N] [--seed-start S] [--max-prompts K]
-              [--batch-size B] [--device cpu|cuda] [--out DIR] [--no-report] [--no-progress] [key=value ...]
+              [--batch-size B] [--device cpu|cuda] [--out DIR] [--train-prompts K] [--no-report] [--no-progress]
+              [key=value ...]
         sample the prompt set at seeds S..S+N-1 with CONFIG's rollout settings, score with its
-        rewards, write OUT/eval.json and OUT/index.html (default OUT: RUN_DIR/eval, RUN_DIR from CONFIG)
+        rewards, write OUT/eval.json and OUT/index.html (default OUT: RUN_DIR/eval, RUN_DIR from CONFIG);
+        --train-prompts K also samples the first K of CONFIG's training prompts for the held-out reward gap
     rlfh compare RUN_A RUN_B [--out DIR]     overlay two runs' curves; summary.md + index.html
     rlfh plot RUN_DIR [--out DIR]            one run's curves (default RUN_DIR/curves)
 
@@ -60,6 +62,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise ValueError(f"--max-prompts {args.max_prompts}: need at least 1 prompt")
             prompts = prompts[: args.max_prompts]
         seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+        train_prompts: list[str] = []
+        if args.train_prompts:
+            from rlfh.data.prompts import load_prompts
+
+            if args.train_prompts < 0:
+                raise ValueError(f"--train-prompts {args.train_prompts}: a number of prompts >= 0")
+            train_prompts = load_prompts(cfg.rollout)[: args.train_prompts]
         baseline = None
         if args.baseline_model or args.baseline_lora:
             baseline = ModelSpec(args.baseline_model or args.model, args.baseline_lora)
@@ -71,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         summary = evaluate(cfg, ModelSpec(args.model, args.lora), prompts, seeds, out, baseline=baseline,
                            prompt_set=args.prompts, batch_size=args.batch_size, device=device,
-                           progress=not args.no_progress, report=not args.no_report)
+                           progress=not args.no_progress, report=not args.no_report, train_prompts=train_prompts)
     except (ConfigError, RewardError, FileNotFoundError, ValueError) as e:
         return _fail(e)
     print(format_summary(summary))
@@ -121,6 +130,8 @@ def add_eval_commands(subparsers) -> None:
     s.add_argument("--batch-size", type=int, help="images per batch (default rollout.sample_batch_size_per_actor)")
     s.add_argument("--device", help="torch device for the pipelines (default cuda when available)")
     s.add_argument("--out", help="output folder (default RUN_DIR/eval)")
+    s.add_argument("--train-prompts", type=int, default=0,
+                   help="sample the first K training prompts of CONFIG too, for the held-out reward gap (default 0: not measured)")
     s.add_argument("--no-report", action="store_true", help="write eval.json only, no grids/plots/index.html")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_eval)

@@ -176,6 +176,7 @@ class GuardsConfig:
     seeds_per_prompt: int = 2  # fixed seeds per held-out prompt, the same every evaluation
     max_heldout_drop: Optional[float] = None  # stop when the held-out combined reward falls this far below its first value
     max_reference_mse: Optional[float] = None  # stop when mean (eps_theta - eps_ref)^2 on training pairs exceeds this
+    max_face_identity_sim: Optional[float] = None  # stop when the held-out faces' mean pairwise embedding cosine (collapse/face_identity_sim) exceeds this
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardEntry] = field(default_factory=lambda: [RewardEntry("jpeg_compressibility")])
+    rewards_normalization: Literal["weighted_sum", "gdpo"] = "weighted_sum"  # how rewards combine into the score trained on: weighted_sum of raw values, or gdpo (each reward z-scored per prompt group, weighted, summed, normalized over the round)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -98,11 +98,48 @@ def sample_weights(scores: Sequence[float | None], loss: str, rwr_beta: float, t
     return w
 
 
+NORMALIZATIONS = ("weighted_sum", "gdpo")
+
+
+def learner_scores(values: dict[str, Sequence[float | None]], weights: dict[str, float], groups: Sequence[Hashable],
+                   normalization: str = "weighted_sum") -> tuple[list[float | None], dict[str, float]]:
+    """The per-sample score every loss family trains on (``rewards_normalization``), and how many
+    prompt groups carry no learning signal.
+
+    ``weighted_sum``: sum_k w_k r_k (``rewards.composite.combined_scores``, the rewards as scored).
+    ``gdpo``: each reward z-scored within its prompt group, weighted, summed and normalized over the
+    round (``rlfh.losses.advantages.gdpo_advantages``, arXiv 2601.05242), so a reward on a wide
+    scale no longer decides the pairs alone. Either way a sample missing a weighted reward gets None.
+
+    Returns:
+        (scores, stats): ``pairs/no_spread_share`` is the share of prompt groups whose scores do not
+        spread (no pair, zero advantage; ``rlfh.losses.advantages.no_spread_share``), and
+        ``reward/<name>/no_spread_share`` the same for each reward's own values. A share that cannot be
+        computed (no groups) is left out.
+    """
+    from rewards.composite import combined_scores
+    from rlfh.losses.advantages import gdpo_advantages, no_spread_share
+
+    if normalization == "weighted_sum":
+        scores = combined_scores(values, weights)
+    elif normalization == "gdpo":
+        scores = gdpo_advantages(values, weights, groups)
+    else:
+        raise ValueError(f"unknown rewards_normalization {normalization!r}; use one of {NORMALIZATIONS}")
+    shares = {"pairs/no_spread_share": no_spread_share(scores, groups)}
+    shares.update({f"reward/{n}/no_spread_share": no_spread_share(v, groups) for n, v in values.items()})
+    return scores, {k: v for k, v in shares.items() if v is not None}
+
+
 def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence[Hashable],
                   scores: Sequence[float | None], regions: Sequence[dict], image_hw: tuple[int, int],
-                  trajectory: dict | None = None, settings=None):
+                  trajectory: dict | None = None, settings=None, normalization: str = "weighted_sum"):
     """What the learner trains on this round: a PairBatch (DPO family), a SampleBatch (RWR,
     filtered) or a TrajectoryBatch (DDPO: per-prompt z-scored advantages, clipped to +-5).
+
+    ``scores`` come from :func:`learner_scores` with ``normalization``; under ``gdpo`` they are
+    GDPO's advantages already, which DDPO takes as they are (clipped to +-5) instead of z-scoring them
+    per prompt a second time (GDPO's last normalization is over the batch).
 
     Returns:
         (batch, stats) with stats a flat dict of floats for metrics; ``samples/unscored`` counts the
@@ -115,13 +152,16 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
     if learner_cfg.loss == "ddpo":
         import torch
 
-        from rlfh.losses.advantages import per_prompt_advantages
+        from rlfh.losses.advantages import ADV_CLIP, per_prompt_advantages
 
         if trajectory is None:
             raise ValueError("learner.loss=ddpo needs the sampling trajectories (the rollout actors record them)")
         keep = [i for i, s in enumerate(scores) if usable(s)]
-        adv = per_prompt_advantages(torch.tensor([scores[i] for i in keep], dtype=torch.float64),
-                                    [groups[i] for i in keep]).float().numpy()
+        if normalization == "gdpo":
+            adv = np.clip(np.array([scores[i] for i in keep], dtype=np.float64), -ADV_CLIP, ADV_CLIP).astype(np.float32)
+        else:
+            adv = per_prompt_advantages(torch.tensor([scores[i] for i in keep], dtype=torch.float64),
+                                        [groups[i] for i in keep]).float().numpy()
         batch = TrajectoryBatch(trajectory["latents"][keep], trajectory["log_probs"][keep], trajectory["timesteps"],
                                 adv, [prompts[i] for i in keep], settings)
         return batch, {"samples/kept": float(len(keep)), **unscored,

@@ -12,6 +12,10 @@ model over the baseline on the same (prompt, seed): ties count half, and pairs w
 has no value are excluded from the rate and counted by cause. Rewards are "higher is better" (the
 learner maximises them), so a win is a strictly higher value.
 
+Collapse and hacking metrics per model (``collapse``, :mod:`rlfh.eval.diversity`): the face
+identity similarity across seeds and prompts, the image diversity within a prompt, and the
+held-out reward gap (training prompts minus the evaluated prompts, when ``train_prompts`` are given).
+
 Outputs in ``out_dir``: ``eval.json`` (the summary, including every sample's scores and regions),
 ``images/<side>/NNNN.png`` and, unless disabled, the HTML report of :mod:`rlfh.eval.report`.
 """
@@ -246,9 +250,26 @@ def _side_stats(scored) -> dict[str, Any]:
     return stats
 
 
+def collapse_stats(reward_set, images: np.ndarray, prompts: Sequence[str], scored,
+                   train_scored=None) -> dict[str, Any]:
+    """Collapse and hacking metrics of one model's images (:mod:`rlfh.eval.diversity`):
+    ``face_identity_sim`` (faces across seeds and prompts, embedded by a configured reward's model),
+    ``image_diversity`` (within a prompt, across seeds) and ``reward_gap`` (combined reward on the
+    training prompts ``train_scored`` minus on these prompts; None with the reason without them)."""
+    from rlfh.eval.diversity import face_lists, face_similarity_from, image_diversity, reward_gap
+
+    faces = face_lists([scored.regions(i) for i in range(len(scored))])
+    gap = (reward_gap(train_scored.combined(), scored.combined()) if train_scored is not None else
+           {"value": None, "reason": "no training prompts were sampled (rlfh eval --train-prompts K)"})
+    return {"face_identity_sim": face_similarity_from(reward_set.face_embeddings(images, faces)),
+            "image_diversity": image_diversity(images, prompts),
+            "reward_gap": gap}
+
+
 def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
              baseline: ModelSpec | None = None, prompt_set: str = "", batch_size: int | None = None,
-             device: str = "cpu", progress: bool = True, report: bool = True) -> dict[str, Any]:
+             device: str = "cpu", progress: bool = True, report: bool = True,
+             train_prompts: Sequence[str] = ()) -> dict[str, Any]:
     """Sample, score, summarise and write ``eval.json`` (+ images and the HTML report).
 
     Args:
@@ -264,6 +285,9 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
         device: torch device for the pipelines.
         progress: show progress bars.
         report: also write the HTML report (:func:`rlfh.eval.report.write_eval_report`).
+        train_prompts: prompts the model was trained on, sampled at the same seeds by each model for
+            the held-out reward gap (``collapse.<side>.reward_gap``: their combined reward minus that
+            of ``prompts``); empty: the gap is reported as not measured.
 
     Returns:
         The summary written to ``eval.json``.
@@ -281,13 +305,21 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
     bs = batch_size or cfg.rollout.sample_batch_size_per_actor
     reward_set = RewardSet.from_config(cfg.rewards)  # built once, shared by both sides
     sides = {"model": model, **({"baseline": baseline} if baseline is not None else {})}
-    scored_by_side = {}
+    scored_by_side, collapse = {}, {}
+    train_pairs = [(p, int(s)) for p in train_prompts for s in seeds]
     for side, spec in sides.items():
         images = sample_images(cfg, spec, all_prompts, all_seeds, bs, device, progress, desc=f"sampling {side}")
         (out / "images" / side).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             Image.fromarray(im).save(out / "images" / side / f"{i:04d}.png")
         scored_by_side[side] = score_images(reward_set, images, all_prompts, bs, progress, desc=f"scoring {side}")
+        train_scored = None
+        if train_pairs:  # the same seeds on the training prompts: the held-out reward gap
+            tp = [p for p, _ in train_pairs]
+            train_images = sample_images(cfg, spec, tp, [s for _, s in train_pairs], bs, device, progress,
+                                         desc=f"sampling {side} (training prompts)")
+            train_scored = score_images(reward_set, train_images, tp, bs, progress, desc=f"scoring {side} (training prompts)")
+        collapse[side] = collapse_stats(reward_set, images, all_prompts, scored_by_side[side], train_scored)
 
     first = scored_by_side["model"]
     rewards: dict[str, Any] = {}
@@ -321,6 +353,8 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
         "models": {side: {"path": spec.path, "lora": spec.lora, "label": spec.label} for side, spec in sides.items()},
         "rewards": rewards,
         "regions": {side: region_rates([sc.regions(i) for i in range(len(sc))]) for side, sc in scored_by_side.items()},
+        "collapse": collapse,
+        "train_prompts": list(train_prompts),
         "samples": samples,
     }
     (out / "eval.json").write_text(json.dumps(summary, indent=1, default=_json_default))
@@ -353,6 +387,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             w = e["win_rate"]
             parts.append(f"win rate {w['win_rate']:.1%} over {w['n_compared']} pairs ({w['excluded']} excluded)")
         lines.append(f"  {name}: " + "; ".join(parts))
+    for side in sides:
+        for key, m in summary.get("collapse", {}).get(side, {}).items():
+            lines.append(f"  {side}: {key} " + (f"{m['value']:.4g}" if m["value"] is not None else f"n/a ({m['reason']})"))
     for side in sides:
         for region, r in summary["regions"][side].items():
             if not math.isnan(r["no_detection_rate"]):

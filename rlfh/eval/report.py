@@ -7,7 +7,7 @@ and the sample images next to it, and writes:
   face / hand / other boxes the rewards found and every reward's value drawn on each image;
 * ``plots/dist-<reward>.png``: each reward's distribution per model (matplotlib, Agg backend);
 * ``plots/win_rates.png``: win rates with their 95% intervals, when there is a baseline;
-* ``index.html``: the tables and the pictures, with relative links and no external resources, so
+* ``index.html``: the tables (rewards, detections, collapse and hacking metrics per model) and the pictures, with relative links and no external resources, so
   the folder can be copied or served as is.
 """
 
@@ -217,6 +217,41 @@ def _missing(st: dict[str, Any]) -> str:
     return f"{st['not_computable_rate']:.0%}" + (f" <span class=small>({reasons})</span>" if reasons else "")
 
 
+COLLAPSE_ROWS = (
+    ("face_identity_sim", "face identity similarity",
+     "mean pairwise cosine similarity of face embeddings across seeds and prompts; 1 = one face everywhere"),
+    ("image_diversity", "image diversity within a prompt",
+     "mean pairwise RMS pixel distance (64x64, [0, 1]) between seeds of a prompt; 0 = the seed no longer matters"),
+    ("reward_gap", "held-out reward gap",
+     "combined reward on training prompts minus on these prompts; growing = reward won on training prompts only"),
+)
+
+
+def _collapse_table(summary: dict[str, Any], sides: list[str]) -> list[str]:
+    """The collapse and hacking metrics per model, each value or 'n/a' with its reason."""
+    e = html.escape
+    collapse = summary.get("collapse")
+    if not collapse:
+        return []
+    out = ["<h2>Collapse and reward hacking</h2><table><tr><th>metric</th>"]
+    out += [f"<th>{s}</th>" for s in sides]
+    out.append("<th>what it measures</th></tr>")
+    for key, label, what in COLLAPSE_ROWS:
+        cells = []
+        for s in sides:
+            m = collapse.get(s, {}).get(key)
+            if m is None:
+                cells.append("<td>n/a</td>")
+            elif m["value"] is None:
+                cells.append(f"<td>n/a <span class=small>({e(str(m['reason']))})</span></td>")
+            else:
+                src = f" <span class=small>({e(m['source'])})</span>" if m.get("source") else ""
+                cells.append(f"<td>{m['value']:.4g}{src}</td>")
+        out.append(f"<tr><td>{e(label)}</td>{''.join(cells)}<td class=small>{e(what)}</td></tr>")
+    out.append("</table>")
+    return out
+
+
 def render_html(summary: dict[str, Any], grids: list[str], dists: dict[str, str], win_plot: str | None,
                 max_samples: int) -> str:
     """The index page: models, settings, per-reward table, region rates, plots and grids."""
@@ -251,6 +286,7 @@ def render_html(summary: dict[str, Any], grids: list[str], dists: dict[str, str]
         out.append("</table>")
     else:
         out.append("<p>No detector ran: no reward of this evaluation reports face, hand or other regions.</p>")
+    out += _collapse_table(summary, sides)
     # Plots in the Rewards table's order, each kind under its own heading.
     out.append("<h2>Distributions</h2><div class=plots>")
     out += [f"<img src='{dists[n]}' alt='{e(n)} distribution'>" for n in summary["rewards"] if n in dists]

@@ -8,8 +8,8 @@ cluster ``ray job submit`` names or a local one.
 
 Pairs (or RWR / filtered sample weights) are rebuilt from the logged rewards with the weights of the
 config's ``rewards`` section (matched by name; a reward the log does not hold is an error), combined
-as online (:func:`rewards.composite.combined_scores`: a missing, NaN or inf value leaves the sample
-unscored) and grouped by (round, prompt), so the logged samples of one prompt in one round compete as
+as online (``rewards_normalization``, :func:`rlfh.data.pairs.learner_scores`: a missing, NaN or inf
+value leaves the sample unscored) and grouped by (round, prompt), so the logged samples of one prompt in one round compete as
 they did online. Each round is one ``learner.train(batch, learner.epochs_per_round)`` call: that many
 passes over all pairs (or kept samples).
 """
@@ -27,8 +27,8 @@ from rlfh.config.schema import Config, save_config, to_dict
 def batch_from_log(cfg: Config):
     """Rebuild the learner's batch (pairs, or weighted samples) from a rollout log with this config."""
     from rewards.base import Detection
-    from rewards.composite import combined_scores, nonfinite_counts
-    from rlfh.data.pairs import learner_batch
+    from rewards.composite import nonfinite_counts
+    from rlfh.data.pairs import learner_batch, learner_scores
     from rollouts.log import RolloutLog, decode_latent
 
     if cfg.rollouts is None:
@@ -47,7 +47,9 @@ def batch_from_log(cfg: Config):
         raise ValueError(f"the rollout log mixes image sizes {sorted(sizes)}; train on one size at a time")
     logged_values = [{rw["name"]: rw["value"] for rw in r["rewards"]} for r in records]
     values = {n: [v.get(n) for v in logged_values] for n in weights}
-    scores = combined_scores(values, weights)
+    groups = [(r["round"], r["prompt"]) for r in records]
+    # rewards_normalization as online; GDPO's last normalization then runs over the whole log
+    scores, score_stats = learner_scores(values, weights, groups, cfg.rewards_normalization)
     regions: list[dict] = []
     for r in records:
         dets: dict[str, list] = {}
@@ -55,9 +57,10 @@ def batch_from_log(cfg: Config):
             dets.setdefault(g["region"], []).append(Detection((g["x1"], g["y1"], g["x2"], g["y2"]), g["confidence"], g["label"]))
         regions.append(dets)
     latents = np.stack([decode_latent(r) for r in records])
-    batch, stats = learner_batch(cfg.learner, latents, [r["prompt"] for r in records],
-                                 [(r["round"], r["prompt"]) for r in records], scores, regions, sizes.pop())
+    batch, stats = learner_batch(cfg.learner, latents, [r["prompt"] for r in records], groups, scores, regions,
+                                 sizes.pop(), normalization=cfg.rewards_normalization)
     stats.update(nonfinite_counts(values))
+    stats.update(score_stats)
     if len(batch) < cfg.learner.train_batch_size:
         missing = {n: sum(v is None for v in vs) for n, vs in values.items() if weights[n] != 0}
         nonfinite = {n.split("/")[1]: int(c) for n, c in nonfinite_counts(values).items() if c}

@@ -38,7 +38,7 @@ def train(cfg: Config) -> Path:
     """Run online training; returns the run directory."""
     from tqdm import tqdm
 
-    from rlfh.data.pairs import learner_batch
+    from rlfh.data.pairs import learner_batch, learner_scores
     from rlfh.run.samples import write_grid
     from rollouts.log import make_records
 
@@ -70,9 +70,12 @@ def train(cfg: Config) -> Path:
             run.log.append(make_records(batch, scored, rnd, staleness))
             t3 = time.perf_counter()
             # 4. pairs (or weights, or trajectories) with region masks; HG-DPO's real winners; train
+            scores, score_stats = learner_scores(scored.values(), scored.weights, batch.prompts, cfg.rewards_normalization)
             train_batch, batch_stats = learner_batch(
-                lc, batch.latents, batch.prompts, batch.prompts, scored.combined(),
-                [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width), batch.trajectory, run.settings)
+                lc, batch.latents, batch.prompts, batch.prompts, scores,
+                [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width), batch.trajectory, run.settings,
+                normalization=cfg.rewards_normalization)
+            batch_stats.update(score_stats)
             if run.real_winners is not None:
                 train_batch, hg_stats = run.real_winners.mix(train_batch, rnd)
                 batch_stats.update(hg_stats)

@@ -15,6 +15,7 @@ from rewards.base import Detection, Reward, RewardResult
 # Tiny sizes: 3 prompts x 2 seeds, 64 px, 2 denoising steps (a few seconds per model on 2 cores).
 PROMPTS = ["a portrait of a woman", "a man waving his hand", "a mountain landscape"]
 SEEDS = [11, 12]
+TRAIN_PROMPTS = PROMPTS[:1]  # "trained on" for the held-out reward gap: the same images as eval samples 0, 1
 MISSING_WORD = "landscape"  # BrightestBox's "not computable" trigger: 1 prompt of 3 above
 
 
@@ -96,5 +97,5 @@ def tiny_eval(model_dir: str) -> tuple[Path, dict]:
     lora = make_lora(model_dir, root / "lora")
     cfg = load_config(REPO / "configs" / "tiny.yaml", eval_overrides(model_dir))
     summary = evaluate(cfg, ModelSpec(model_dir, str(lora)), PROMPTS, SEEDS, root / "eval",
-                       baseline=ModelSpec(model_dir), prompt_set="test", progress=False)
+                       baseline=ModelSpec(model_dir), prompt_set="test", progress=False, train_prompts=TRAIN_PROMPTS)
     return root / "eval", summary

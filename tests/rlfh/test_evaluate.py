@@ -74,6 +74,30 @@ def test_tiny_eval_summary(tiny_model_dir):
     assert 0 < np.abs(a - b).mean() < 40
 
 
+def test_tiny_eval_collapse_metrics(tiny_model_dir):
+    from PIL import Image
+
+    from rewards.embeddings import NO_EMBEDDER
+    from rlfh.eval.diversity import image_diversity
+
+    out, summary = tiny_eval(tiny_model_dir)
+    assert json.loads((out / "eval.json").read_text())["collapse"] == summary["collapse"]
+    prompts = [s["prompt"] for s in summary["samples"]]
+    for side in ("model", "baseline"):
+        c = summary["collapse"][side]
+        # no reward of this config has an embedding model: said, not invented
+        assert c["face_identity_sim"]["value"] is None and c["face_identity_sim"]["reason"] == NO_EMBEDDER
+        images = [np.asarray(Image.open(out / s[side]["image"])) for s in summary["samples"]]
+        assert c["image_diversity"]["value"] == pytest.approx(image_diversity(images, prompts)["value"])
+        assert c["image_diversity"]["value"] > 0 and c["image_diversity"]["n_prompts"] == len(PROMPTS)
+        # the training prompt at the same seeds gives eval samples 0 and 1 again: gap = their mean - all
+        comb = [s[side]["combined"] for s in summary["samples"]]
+        scored = [v for v in comb if v is not None]  # the landscape has no combined score
+        gap = c["reward_gap"]
+        assert gap["value"] == pytest.approx(np.mean(comb[:len(SEEDS)]) - np.mean(scored), abs=1e-6)
+        assert gap["n_train"] == len(SEEDS) and gap["n_heldout"] == len(scored) == len(comb) - len(SEEDS)
+
+
 def test_same_seed_same_image_without_lora(tiny_model_dir, tmp_path):
     """Model == baseline: every pair ties, so each win rate is exactly 0.5 (the pairing is by seed)."""
     from rlfh.config.schema import load_config

@@ -29,6 +29,10 @@ def test_report_files_and_links(tiny_model_dir):
         assert f"plots/dist-{name}.png" in srcs
     assert "plots/win_rates.png" in srcs and "grids/grid-000.png" in srcs
     assert "no face detected: 2" in page  # the not-computable reasons reach the page
+    # the collapse table: each model's image diversity as in eval.json, and why there is no face similarity
+    assert "Collapse and reward hacking" in page and "no configured reward exposes image embeddings" in page
+    for side in ("model", "baseline"):
+        assert f"{summary['collapse'][side]['image_diversity']['value']:.4g}" in page
     assert not re.search(r"https?://", page)
 
 
