@@ -10,7 +10,7 @@ w/l chunks, -logsigmoid(-beta/2 (model_diff - ref_diff)), clip, AdamW), in plain
 compile, but with the reference as a SECOND frozen UNet copy (the original DiffusionDPO training
 scripts' full fine-tuning set-up; the diffusers LoRA example itself disables the adapters instead).
 On GPU: weights bf16, trainable params fp32, autocast bf16, as that example does with accelerate.
-(b) ``rlfh``: rlfh.learner.engine.LearnerEngine.train_on_pairs (DeepSpeed engine, LoRA via peft, reference =
+(b) ``rlfh``: rlfh.learner.steps.train_pairs (DeepSpeed engine, LoRA via peft, reference =
 adapters disabled; full mode keeps a frozen copy too). One call = one optimizer step on --pairs pairs.
 
 Modes: lora8, lora64 (LoRA rank 8 / 64 on to_q, to_k, to_v, to_out.0) and full (whole UNet).
@@ -121,10 +121,16 @@ class RlfhLearner:
         ov += [f"learner.lora.rank={rank}", f"learner.lora.alpha={rank}"] if rank else ["learner.lora.enabled=false"]
         self.cfg = load_config(common.REPO / "configs" / "tiny.yaml", ov)
         self.learner = LearnerEngine(self.cfg, device=str(device))
-        self.PairBatch = PairBatch
+        self.PairBatch, self.train = PairBatch, train
+        # what the rollout actors send with their samples (RolloutBatch.conditioning): the prompts
+        # encoded once, in one call, as a sampler batch does; the learner then runs no text encoder
+        enc, added = rollouts.models.sdxl_conditioning(self.learner.pipe, PROMPTS, 64, 64, device)
+        self.conditioning = {p: (enc[i].float().cpu().numpy(), added["text_embeds"][i].float().cpu().numpy())
+                             for i, p in enumerate(PROMPTS)}
 
     def step(self, lat_w, lat_l, prompts) -> float:
-        return train(self.learner, self.PairBatch(lat_w, lat_l, prompts), epochs=1)["loss/dpo"]
+        batch = self.PairBatch(lat_w, lat_l, prompts, conditioning=self.conditioning)
+        return self.train(self.learner, batch, epochs=1)["loss/dpo"]
 
     def modules(self):
         opt = self.learner.optimizer
@@ -215,7 +221,7 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
             out["profile_reference_step_top_ops"] = profile_step(lambda: rf.step(lat_w, lat_l, prompts))
     if "reference_loop" in variants:  # both resident (alternating mode): time the pieces that differ
         out["breakdown"] = breakdown(variants["reference_loop"], rl, args.pairs, args.size, device, dtype,
-                                     n=3 if args.smoke else 10)
+                                     n=3 if args.smoke or args.size >= 256 else 10)
         print(f"[learner] {mode:>6} breakdown: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["breakdown"].items()))
     print(f"[learner] {mode:>6}: reference {out['reference_loop']['pairs_per_s']:.3f} pairs/s, rlfh "
           f"{out['rlfh']['pairs_per_s']:.3f} pairs/s, ratio {out['ratio_rlfh_over_reference']:.3f}, "
@@ -243,7 +249,10 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
         out["ref_forward_plain_copy_s"] = med(lambda: ref.ref_unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added))
         out["ref_forward_rlfh_s"] = med(lambda: lrn.reference(x, t, enc, added))
         if lrn.ref_unet is None:
-            out["adapter_toggle_s"] = med(lambda: (lrn.unet.disable_adapters(), lrn.unet.enable_adapters()))
+            def toggle():
+                with lrn.adapters_off():
+                    pass
+            out["adapter_toggle_s"] = med(toggle)
 
     def plain():
         loss = ref.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample.float().square().mean()
@@ -258,8 +267,7 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
     def engine():
         loss = lrn.engine(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample.float().square().mean()
         t0 = time.perf_counter()
-        lrn.engine.backward(loss)
-        lrn.engine.step()
+        lrn.backward(loss)  # DeepSpeed's backward and step, as rlfh takes them
         common.sync(device)
         return time.perf_counter() - t0
 
@@ -298,6 +306,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--large-size", type=int, default=None,
+                    help="also time lora8 at this image size (px), the compute-bound point: learner_ratio_large "
+                         "(CPU default 256: the tiny SDXL-architecture UNet on 32x32 latents, >= 1 s per step)")
+    ap.add_argument("--large-repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
@@ -318,6 +330,15 @@ def main(argv=None) -> dict:
     print(f"[learner] {record['device']}; model {args.model}, {args.size} px, {args.pairs} pair(s)/step, {dtype}")
     peak = common.matmul_peak(device, seconds=1.0 if args.smoke else 3.0)
     rows = [bench_mode(m, args, device, dtype, peak) for m in args.modes.split(",")]
+    if args.large_size is None:
+        args.large_size = 0 if (gpu or args.smoke) else 256
+    large = None
+    if args.large_size:
+        small = (args.size, args.repeats)
+        args.size, args.repeats = args.large_size, args.large_repeats
+        print(f"[learner] compute-bound point: {args.size} px")
+        large = bench_mode("lora8", args, device, dtype, peak)
+        args.size, args.repeats = small
     ok = [r for r in rows if "error" not in r]
     head = next((r for r in ok if r["mode"] == "lora8"), ok[0] if ok else None)
     result = {
@@ -333,10 +354,18 @@ def main(argv=None) -> dict:
         "matmul_peak": peak,
         "rows": rows,
     }
+    if large is not None:
+        result["settings"]["large_size"] = args.large_size
+        result["learner_ratio_large"] = large.get("ratio_rlfh_over_reference")
+        result["learner_mfu_large"] = large.get("learner_mfu")
+        result["row_large"] = large
     if head:
         print(f"[learner] headline ({head['mode']}): ratio {result['learner_ratio']:.3f}, mfu {result['learner_mfu']:.4f}")
     name = args.out or common.result_name("learner", device, args.model, default_model, args.smoke)
     common.write_result(name, result, args.out_dir)
+    if large is not None and not args.out:
+        common.write_result(name.replace("tiny", "large") if "tiny" in name else f"{name}_large",
+                            {k: v for k, v in result.items() if k not in ("rows",)}, args.out_dir)
     return result
 
 

@@ -135,6 +135,8 @@ class LearnerConfig:
     offload_params: bool = False  # ZeRO-3 parameter offload to CPU
     ema_decay: Optional[float] = None  # keep an EMA of the trainable weights (e.g. 0.999); saved in checkpoints
     gradient_checkpointing: bool = False
+    optimizer_impl: Literal["auto", "fused", "foreach", "for_loop"] = "auto"  # AdamW kernel; auto: fused where torch has it for the device, else foreach
+    compile: bool = False  # torch.compile the learner's UNet (policy and reference); first steps pay the compile
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 

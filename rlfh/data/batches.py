@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+# {prompt: (prompt_embeds (77, D) float32, pooled (P,) float32)}: what the rollout actors conditioned
+# on (rollouts.types.RolloutBatch.conditioning). The learner takes its prompt embeddings from here
+# instead of running the text encoders (LearnerEngine.take_conditioning); None: it encodes them.
+Conditioning = dict[str, tuple[np.ndarray, np.ndarray]]
+
 
 @dataclass
 class PairBatch:
@@ -21,6 +26,7 @@ class PairBatch:
     prompts: list[str]
     masks_w: dict[str, np.ndarray] = field(default_factory=dict)
     masks_l: dict[str, np.ndarray] = field(default_factory=dict)
+    conditioning: Conditioning | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -34,6 +40,7 @@ class SampleBatch:
     prompts: list[str]
     weights: np.ndarray
     masks: dict[str, np.ndarray] = field(default_factory=dict)
+    conditioning: Conditioning | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -50,6 +57,7 @@ class TrajectoryBatch:
     advantages: np.ndarray
     prompts: list[str]
     settings: object  # rollouts.types.SamplerSettings
+    conditioning: Conditioning | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

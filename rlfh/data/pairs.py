@@ -133,7 +133,8 @@ def learner_scores(values: dict[str, Sequence[float | None]], weights: dict[str,
 
 def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence[Hashable],
                   scores: Sequence[float | None], regions: Sequence[dict], image_hw: tuple[int, int],
-                  trajectory: dict | None = None, settings=None, normalization: str = "weighted_sum"):
+                  trajectory: dict | None = None, settings=None, conditioning: dict | None = None,
+                  normalization: str = "weighted_sum"):
     """What the learner trains on this round: a PairBatch (DPO family), a SampleBatch (RWR,
     filtered) or a TrajectoryBatch (DDPO: per-prompt z-scored advantages, clipped to +-5).
 
@@ -163,7 +164,7 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
             adv = per_prompt_advantages(torch.tensor([scores[i] for i in keep], dtype=torch.float64),
                                         [groups[i] for i in keep]).float().numpy()
         batch = TrajectoryBatch(trajectory["latents"][keep], trajectory["log_probs"][keep], trajectory["timesteps"],
-                                adv, [prompts[i] for i in keep], settings)
+                                adv, [prompts[i] for i in keep], settings, conditioning=conditioning)
         return batch, {"samples/kept": float(len(keep)), **unscored,
                        "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
 
@@ -172,12 +173,12 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
         pairs = build_pairs(groups, scores, learner_cfg.pair_strategy)
         w, l = [p.winner for p in pairs], [p.loser for p in pairs]
         batch = PairBatch(latents[w], latents[l], [prompts[i] for i in w],
-                          {r: m[w] for r, m in masks.items()}, {r: m[l] for r, m in masks.items()})
+                          {r: m[w] for r, m in masks.items()}, {r: m[l] for r, m in masks.items()}, conditioning)
         return batch, {"pairs/count": float(len(pairs)), **unscored,
                        "pairs/mean_margin": float(np.mean([p.margin for p in pairs])) if pairs else 0.0}
     weights = sample_weights(scores, learner_cfg.loss, learner_cfg.rwr_beta, learner_cfg.filter_threshold,
                              learner_cfg.filter_top_fraction)
     keep = np.nonzero(weights > 0)[0]
     batch = SampleBatch(latents[keep], [prompts[i] for i in keep], weights[keep].astype(np.float32),
-                        {r: m[keep] for r, m in masks.items()})
+                        {r: m[keep] for r, m in masks.items()}, conditioning)
     return batch, {"samples/kept": float(len(keep)), **unscored, "samples/max_weight": float(weights.max()) if len(weights) else 0.0}

@@ -3,7 +3,8 @@
 :class:`LearnerEngine` holds the state and the model calls; the training loops that use it are
 plain functions in :mod:`rlfh.learner.steps`. What it owns:
 
-* the pipeline (text encoders for conditioning, the UNet; the VAE only in colocated mode);
+* the pipeline (the UNet; the text encoders only until a round's batch brings the rollouts' prompt
+  embeddings, unless HG-DPO, DDPO or colocated sampling needs them; the VAE only in colocated mode);
 * the policy: the UNet with a LoRA adapter (``learner.lora``), or the whole UNet trainable;
 * the reference: the same UNet with the adapter disabled, or a frozen copy for full training;
 * the DeepSpeed engine (ZeRO, accumulation, clipping, bf16), an optional EMA of the weights;
@@ -24,6 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -38,6 +40,29 @@ NONFINITE_CAUSES = ("a NaN/inf hyperparameter (learner.beta, learner.lr, ...), n
 def ddpo_train_steps(cfg) -> int:
     """Denoising steps of each trajectory trained per epoch (DDPO's timestep fraction)."""
     return max(1, math.ceil(cfg.learner.ddpo_timestep_fraction * cfg.rollout.num_inference_steps))
+
+
+def needs_text_encoders(cfg) -> bool:
+    """Whether the learner must keep its text encoders when batches bring the rollouts' conditioning:
+    colocated sampling encodes with this pipeline, HG-DPO trains on real images' captions that no
+    rollout conditioned on, DDPO's guided eps needs the negative prompt (the rollouts send positive
+    embeddings only). Offline DPO keeps them because its batches (from the rollout log) carry none."""
+    return bool(cfg.resources.colocate or cfg.learner.hgdpo.real_images or cfg.learner.loss == "ddpo")
+
+
+def make_optimizer(params, lc, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``params`` with ``learner.optimizer_impl``: ``auto`` takes torch's fused kernel
+    where torch has one for the device (CUDA, and CPU since torch 2.4), else foreach: one kernel
+    (or one vectorized loop) over all tensors instead of ~10 small ops per tensor, which matters for
+    LoRA's hundreds of small matrices. Fused/foreach differ from the per-tensor loop by float
+    rounding only (tests/rlfh/test_learner_fast.py bounds it)."""
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    impl = lc.optimizer_impl
+    if impl == "auto":
+        impl = "fused" if device.type in _get_fused_kernels_supported_devices() else "foreach"
+    kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    return torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.adam_betas), weight_decay=lc.weight_decay, **kw)
 
 
 def deepspeed_config(cfg) -> dict:
@@ -116,6 +141,9 @@ class LearnerEngine:
         unet.requires_grad_(False)
         pipe.text_encoder.requires_grad_(False)
         pipe.text_encoder_2.requires_grad_(False)
+        # what time ids need once the encoders are gone (see take_conditioning)
+        self.projection_dim = pipe.text_encoder_2.config.projection_dim
+        self.keep_text_encoders = keep_vae or needs_text_encoders(cfg)
         self.ref_unet = None
         if lc.lora.enabled:
             torch.manual_seed(cfg.seed)  # LoRA A matrices come from the global RNG: make runs repeatable
@@ -135,15 +163,41 @@ class LearnerEngine:
         self.num_trainable = sum(p.numel() for p in params)
         optimizer = None
         if not lc.offload_optimizer:
-            optimizer = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.adam_betas), weight_decay=lc.weight_decay)
+            optimizer = make_optimizer(params, lc, self.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=unet, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg))
+        self._trainable = params  # fixed from here on; walking the UNet's parameters costs ms per call
         self.ema = None
         if lc.ema_decay is not None:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(params, decay=lc.ema_decay)
         self.unet = self.engine.module
+        # diffusers' ModelMixin.dtype walks every parameter on each access; the dtype never changes
+        self.dtype = self.unet.dtype
+        # The LoRA layers, collected once: the reference switches only them off. peft's
+        # disable_adapters()/enable_adapters() walk every module of the UNet (and flip requires_grad
+        # on every adapter weight) twice per step: 15 ms of a 100 ms step on the tiny model.
+        self.lora_layers = []
+        if self.ref_unet is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self.lora_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
+            if not all(hasattr(m, "_disable_adapters") for m in self.lora_layers):
+                self.lora_layers = None  # a peft without the flag: fall back to its own toggle
+        # One rank, ZeRO-0, fp32 optimizer: DeepSpeed's gradient all-reduce is a flatten, an all_reduce
+        # over one rank and a copy back of every gradient (and a /1): it changes no value, so skip it.
+        # Its one other effect, zero gradients for trainable weights that got none, backward() keeps.
+        # (bf16 keeps it: DeepSpeed's BF16 optimizer reduces its own fp32 gradient buffers there.)
+        self.skip_allreduce = (self.world_size == 1 and lc.zero_stage == 0
+                               and not hasattr(self.engine.optimizer, "get_grads_for_reduction"))
+        if self.skip_allreduce:
+            self.engine.enable_backward_allreduce = False
+        if lc.compile:
+            # in place: the engine's forward (policy) and direct calls (reference, sync checks) both
+            # run the compiled UNet; the adapter flag is a guard, so policy and reference get a graph each
+            self.unet.compile()
+        self.conditioning: dict | None = None  # the current batch's {prompt: (embeds, pooled)}
         # Per-region gradients (MPD, MGDA) take torch.autograd.grad, which the engine's forward refuses;
         # the wrapped module keeps ZeRO <= 2's gradient hooks on the parameters.
         per_region = fairness.needs_region_gradients(lc.fairness.rule, len(lc.regions))
@@ -154,16 +208,58 @@ class LearnerEngine:
 
     # ------------------------------------------------------------------ model calls
     def trainable_parameters(self) -> list[torch.Tensor]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        return self._trainable
+
+    @property
+    def has_text_encoders(self) -> bool:
+        return self.pipe.text_encoder is not None
+
+    def take_conditioning(self, table: dict | None, prompts) -> None:
+        """Use a batch's ``{prompt: (prompt_embeds (77, D), pooled (P,))}`` (what the rollout actors
+        conditioned on) for :meth:`condition` while training on it. When it covers every prompt of
+        the batch and nothing else in this run encodes (:func:`needs_text_encoders`), the text
+        encoders are dropped: the learner then holds none (on SDXL 0.8 B parameters, 1.6 GB in bf16)."""
+        self.conditioning = table or None
+        if (self.conditioning is not None and not self.keep_text_encoders and self.has_text_encoders
+                and all(p in self.conditioning for p in prompts)):
+            self.pipe.text_encoder = self.pipe.text_encoder_2 = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def condition(self, prompts: list[str], height: int, width: int, negative_prompt: str | None = None):
         """SDXL conditioning (prompt embeddings, pooled embeddings and time ids) in the UNet's dtype;
-        with ``negative_prompt``, the negative rows come first (classifier-free guidance)."""
+        with ``negative_prompt``, the negative rows come first (classifier-free guidance).
+
+        Prompt embeddings come from the batch's conditioning (:meth:`take_conditioning`) when it
+        holds every prompt, else from the text encoders. Equal either way: the rollout actors
+        encode with the same frozen encoders (tests/rlfh/test_learner_fast.py)."""
+        table = self.conditioning
+        wanted = list(prompts) + ([negative_prompt] if negative_prompt is not None else [])
+        if table is not None and all(p in table for p in wanted):
+            return self._condition_from_table(table, prompts, height, width, negative_prompt)
+        if not self.has_text_encoders:
+            missing = sorted({p for p in wanted if table is None or p not in table})
+            raise RuntimeError(f"the learner dropped its text encoders (the rollouts send the prompt embeddings) "
+                               f"but has none for {missing[:3]}: pass the batch's conditioning")
         from rollouts.models import sdxl_conditioning
 
         enc, added = sdxl_conditioning(self.pipe, prompts, height, width, self.device, negative_prompt)
-        dtype = self.unet.dtype
+        dtype = self.dtype
         return enc.to(dtype), {k: v.to(dtype) for k, v in added.items()}
+
+    def _condition_from_table(self, table: dict, prompts, height: int, width: int, negative_prompt: str | None):
+        # what sdxl_conditioning returns, with the encoder outputs looked up: embeddings stacked in
+        # prompt order, time ids computed in the encoders' dtype (the model's) as it does
+        from rollouts.models import DTYPES
+
+        rows = ([negative_prompt] * len(prompts) if negative_prompt is not None else []) + list(prompts)
+        enc = torch.from_numpy(np.stack([np.asarray(table[p][0]) for p in rows])).to(self.device)
+        pooled = torch.from_numpy(np.stack([np.asarray(table[p][1]) for p in rows])).to(self.device)
+        time_ids = self.pipe._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=DTYPES[self.cfg.model.dtype],
+            text_encoder_projection_dim=self.projection_dim).to(self.device).repeat(len(rows), 1)
+        dtype = self.dtype
+        return enc.to(dtype), {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
 
     def draw_noise(self, count: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """t ~ U{0..T-1} and eps ~ N(0, I) for ``count`` items, from the engine's generator."""
@@ -182,7 +278,7 @@ class LearnerEngine:
             target = self.noise_scheduler.get_velocity(x0, eps, t)
         else:
             raise ValueError(f"unsupported prediction_type {kind!r}")
-        return x_t.to(self.unet.dtype), t, target
+        return x_t.to(self.dtype), t, target
 
     def policy(self, x_t, t, enc, added) -> torch.Tensor:
         """The trained UNet's prediction (with gradients)."""
@@ -193,11 +289,28 @@ class LearnerEngine:
         """The reference's prediction: the frozen copy, or the UNet with its adapter off."""
         if self.ref_unet is not None:
             return self.ref_unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
-        self.unet.disable_adapters()
-        try:
+        with self.adapters_off():
             return self.unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+
+    @contextlib.contextmanager
+    def adapters_off(self):
+        """The UNet without its LoRA adapter: the flag peft's LoRA forward reads
+        (``layer.disable_adapters``), set on the collected LoRA layers only. Same forward as
+        ``unet.disable_adapters()``, which also walks every module and flips requires_grad."""
+        if self.lora_layers is None:
+            self.unet.disable_adapters()
+            try:
+                yield
+            finally:
+                self.unet.enable_adapters()
+            return
+        for m in self.lora_layers:
+            m._disable_adapters = True
+        try:
+            yield
         finally:
-            self.unet.enable_adapters()
+            for m in self.lora_layers:
+                m._disable_adapters = False
 
     # ------------------------------------------------------------------ updates
     def backward(self, loss: torch.Tensor) -> None:
@@ -208,6 +321,12 @@ class LearnerEngine:
                                  f"(policy version {self.policy_version}); nothing was applied. Likely cause: "
                                  f"{NONFINITE_CAUSES}")
         self.engine.backward(loss)
+        if self.skip_allreduce and self.engine.is_gradient_accumulation_boundary():
+            # what DeepSpeed's skipped reduction also did: a weight without a gradient gets a zero
+            # one, so AdamW still steps it (decays its moments) exactly as before
+            for p in self._trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         self.engine.step()
 
     def finish_optimizer_step(self) -> None:
@@ -259,7 +378,7 @@ class LearnerEngine:
     def unet_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
         """The policy's eps prediction for one input (sync checks: the rollout actor must agree exactly)."""
         enc, added = self.condition([prompt] * x.shape[0], x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale)
-        return self.unet(x.to(self.device, self.unet.dtype), t, encoder_hidden_states=enc,
+        return self.unet(x.to(self.device, self.dtype), t, encoder_hidden_states=enc,
                          added_cond_kwargs=added).sample.float().cpu()
 
     # ------------------------------------------------------------------ checkpoints (every rank calls these)

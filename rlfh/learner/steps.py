@@ -44,6 +44,8 @@ from rollouts.sampler import guided_eps
 
 def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
     """One round's training on what :func:`rlfh.data.pairs.learner_batch` built."""
+    # prompt embeddings from the rollouts when the batch brings them (no text encoder runs)
+    lrn.take_conditioning(batch.conditioning, batch.prompts)
     if isinstance(batch, PairBatch):
         return train_pairs(lrn, batch, epochs)
     if isinstance(batch, TrajectoryBatch):
