@@ -147,7 +147,9 @@ def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
         print(f"[rlfh] {res.num_rollout_actors} rollout actors reserved in a {res.placement} placement group")
         for i, o in enumerate(opts):
             o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-    return [RolloutActor.options(**o).remote(cfg.model, cfg.learner.lora, threads, cfg.rollout.scheduler) for o in opts]
+    rc = cfg.rollout
+    return [RolloutActor.options(**o).remote(cfg.model, cfg.learner.lora, threads, rc.scheduler, compile=rc.compile,
+                                             merge_lora=rc.merge_lora) for o in opts]
 
 
 if __name__ == "__main__":  # the watcher of a private cluster: OWNER_PID ROOT_PID...
