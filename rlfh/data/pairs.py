@@ -110,6 +110,8 @@ def learner_scores(values: dict[str, Sequence[float | None]], weights: dict[str,
     ``gdpo``: each reward z-scored within its prompt group, weighted, summed and normalized over the
     round (``rlfh.losses.advantages.gdpo_advantages``, arXiv 2601.05242), so a reward on a wide
     scale no longer decides the pairs alone. Either way a sample missing a weighted reward gets None.
+    Under ``gdpo`` the scores have unit std over the round, so ``learner.rwr_beta`` and
+    ``learner.filter_threshold`` act in those units, not in the rewards' own.
 
     Returns:
         (scores, stats): ``pairs/no_spread_share`` is the share of prompt groups whose scores do not
