@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from rollouts.models import sdxl_conditioning
-from rollouts.types import RolloutBatch, SamplerSettings
+from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow
 
 
 def ddim_scheduler(config):
@@ -268,12 +268,14 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
-               record: bool = False) -> RolloutBatch:
+               record: bool | SDEWindow = False) -> RolloutBatch:
         """Sample one image per (prompt, seed).
 
         Args:
             record: keep the trajectory (x_T..x_0, the per-step log-probs of a DDIM eta > 0 sampler,
-                the timesteps) for policy-gradient losses (DDPO).
+                the timesteps) for policy-gradient losses (DDPO). An :class:`SDEWindow` samples with
+                eta > 0 only inside the window and with eta = 0 (deterministic DDIM) elsewhere, and
+                keeps only the window: x_j..x_{j+W}, its W log-probs and timesteps, and j.
 
         Returns:
             A :class:`RolloutBatch` with images uint8 (B, H, W, 3) and latents float32 (B, 4, H/8, W/8).
@@ -296,26 +298,37 @@ class Sampler:
         step_kwargs = pipe.prepare_extra_step_kwargs(gens, settings.eta)
         if record and not (settings.eta > 0 and type(scheduler).__name__ == "DDIMScheduler"):
             raise ValueError("recording log-probs needs the DDIM scheduler with eta > 0 (rollout.scheduler=ddim)")
-        xs, log_probs = [x], []
-        for t in scheduler.timesteps:
+        n_steps = len(scheduler.timesteps)
+        window = record if isinstance(record, SDEWindow) else SDEWindow(0, n_steps)
+        if record:
+            window.check(n_steps)
+        xs, log_probs = [], []
+        for i, t in enumerate(scheduler.timesteps):
             eps = guided_eps(pipe.unet, scheduler, x, t, pos, pooled, time_ids, settings.guidance_scale)
-            if record:
+            if record and window.start <= i < window.start + window.size:
                 from rollouts.ddim_logprob import scheduler_step_with_logprob
 
+                if i == window.start:
+                    xs.append(x)  # x_j: where the window's first action starts
                 # the same per-sample noise draws as DDIMScheduler.step with these generators
                 z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype) for g in gens]).to(dev)
                 out = scheduler_step_with_logprob(scheduler, eps, t, x, eta=settings.eta, noise=z)
                 x = out.prev_sample
                 xs.append(x)
                 log_probs.append(out.log_prob)
+            elif record:
+                # outside the SDE window: deterministic DDIM (eta = 0), not a policy action, not recorded
+                x = scheduler.step(eps, t, x, eta=0.0, return_dict=False)[0]
             else:
                 x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
         trajectory = None
         if record:
             trajectory = {
-                "latents": torch.stack(xs, 1).float().cpu().numpy(),  # (B, T+1, 4, h, w)
-                "log_probs": torch.stack(log_probs, 1).float().cpu().numpy(),  # (B, T)
-                "timesteps": scheduler.timesteps.cpu().numpy().astype(np.int64),  # (T,)
+                "latents": torch.stack(xs, 1).float().cpu().numpy(),  # (B, W+1, 4, h, w)
+                "log_probs": torch.stack(log_probs, 1).float().cpu().numpy(),  # (B, W)
+                "timesteps": scheduler.timesteps[window.start:window.start + window.size]
+                .cpu().numpy().astype(np.int64),  # (W,)
+                "window_start": np.int64(window.start),
             }
         return RolloutBatch(
             images=self.decode(x),

@@ -120,7 +120,9 @@ class LearnerConfig:
     filter_threshold: Optional[float] = None  # filtered: keep r >= threshold; None keeps the top fraction
     filter_top_fraction: float = 0.5
     ddpo_clip_range: float = 1e-4  # DDPO: ratio clip epsilon
-    ddpo_timestep_fraction: float = 1.0  # DDPO: share of each trajectory's denoising steps trained per epoch
+    ddpo_timestep_fraction: float = 1.0  # DDPO: share of each trajectory's recorded steps (all, or the window's) trained per epoch
+    ddpo_window: Optional[int] = None  # DDPO: W consecutive steps sampled with eta > 0 and trained; eta = 0 elsewhere; null = all
+    ddpo_window_max_start: Optional[int] = None  # DDPO: window start drawn per round in 0..this; null = steps - W
     hgdpo: HGDPOConfig = field(default_factory=HGDPOConfig)  # real images as winners, on a curriculum
     lr: float = 1e-5
     weight_decay: float = 0.0

@@ -48,8 +48,10 @@ class SampleBatch:
 
 @dataclass
 class TrajectoryBatch:
-    """DDPO samples: trajectories x_T..x_0 (N, T+1, 4, h, w), their sampling log-probs (N, T),
-    the timesteps (T,), per-prompt advantages (N,), prompts, and the sampler settings (CFG, eta)."""
+    """DDPO samples: the recorded SDE window of each trajectory, x_j..x_{j+W} (N, W+1, 4, h, w) (the
+    whole x_T..x_0 with W = T, j = 0 without a window), its sampling log-probs (N, W), the window's
+    timesteps (W,) and start j (the same for the whole round), per-prompt advantages (N,), prompts,
+    and the sampler settings (CFG, eta)."""
 
     latents: np.ndarray
     log_probs: np.ndarray
@@ -57,6 +59,7 @@ class TrajectoryBatch:
     advantages: np.ndarray
     prompts: list[str]
     settings: object  # rollouts.types.SamplerSettings
+    window_start: int = 0  # j: the denoising step (0 = first) the recorded window starts at
     conditioning: Conditioning | None = None
 
     def __len__(self) -> int:

@@ -98,6 +98,30 @@ def sample_weights(scores: Sequence[float | None], loss: str, rwr_beta: float, t
     return w
 
 
+def ddpo_window(cfg, round: int):
+    """The SDE window the rollout actors record in round ``round`` of a DDPO run (``Sampler.sample``'s
+    ``record``): ``learner.ddpo_window`` = W consecutive stochastic steps starting at j, drawn
+    uniformly from 0..``learner.ddpo_window_max_start`` (default T - W: anywhere), deterministic DDIM
+    elsewhere; the whole trajectory (j = 0, W = T) when ``ddpo_window`` is null.
+
+    j is drawn once per round, seeded by (``seed``, round): every sample of the round, so every sample
+    of a prompt group, shares it (as Flow-GRPO-Fast, arXiv 2505.05470, draws one window per sampling
+    call): the group's advantages then compare trajectories whose randomness lies in the same steps,
+    and a learner micro-batch trains one timestep at a time, as without a window. The draw depends on
+    nothing but the seed and the round, so a resumed run and a re-issued share of a dead actor record
+    the same window. A small ``ddpo_window_max_start`` keeps it to the early, high-noise steps where
+    Flow-GRPO-Fast and MixGRPO (arXiv 2507.21802) find the exploration that moves the reward.
+    """
+    from rollouts.types import SDEWindow
+
+    n_steps, size = cfg.rollout.num_inference_steps, cfg.learner.ddpo_window
+    if size is None:
+        return SDEWindow(0, n_steps)
+    max_start = n_steps - size if cfg.learner.ddpo_window_max_start is None else cfg.learner.ddpo_window_max_start
+    start = int(np.random.default_rng([cfg.seed, round, 13]).integers(0, max_start + 1))
+    return SDEWindow(start, size)
+
+
 NORMALIZATIONS = ("weighted_sum", "gdpo")
 
 
@@ -144,6 +168,8 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
     GDPO's advantages already, which DDPO takes as they are (clipped to +-5) instead of z-scoring them
     per prompt a second time (GDPO's last normalization is over the batch).
 
+    ``conditioning`` (the rollout batch's {prompt: (embeds, pooled)}) goes with the batch unchanged.
+
     Returns:
         (batch, stats) with stats a flat dict of floats for metrics; ``samples/unscored`` counts the
         samples left out for want of a usable score.
@@ -165,9 +191,10 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
         else:
             adv = per_prompt_advantages(torch.tensor([scores[i] for i in keep], dtype=torch.float64),
                                         [groups[i] for i in keep]).float().numpy()
+        start = int(trajectory.get("window_start", 0))
         batch = TrajectoryBatch(trajectory["latents"][keep], trajectory["log_probs"][keep], trajectory["timesteps"],
-                                adv, [prompts[i] for i in keep], settings, conditioning=conditioning)
-        return batch, {"samples/kept": float(len(keep)), **unscored,
+                                adv, [prompts[i] for i in keep], settings, start, conditioning)
+        return batch, {"samples/kept": float(len(keep)), **unscored, "ddpo/window_start": float(start),
                        "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
 
     masks = region_mask_arrays(regions, learner_cfg.regions, image_hw)

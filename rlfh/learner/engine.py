@@ -38,8 +38,10 @@ NONFINITE_CAUSES = ("a NaN/inf hyperparameter (learner.beta, learner.lr, ...), n
 
 
 def ddpo_train_steps(cfg) -> int:
-    """Denoising steps of each trajectory trained per epoch (DDPO's timestep fraction)."""
-    return max(1, math.ceil(cfg.learner.ddpo_timestep_fraction * cfg.rollout.num_inference_steps))
+    """Denoising steps of each trajectory trained per epoch: DDPO's timestep fraction of the recorded
+    steps, which are the SDE window's ``learner.ddpo_window`` with one, all T without."""
+    recorded = cfg.learner.ddpo_window or cfg.rollout.num_inference_steps
+    return max(1, math.ceil(cfg.learner.ddpo_timestep_fraction * recorded))
 
 
 def needs_text_encoders(cfg) -> bool:

@@ -112,15 +112,19 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
     at sampling), the policy's log-probability of the same transition is recomputed with the guided
     eps of the trained UNet, and ``ddpo_clipped_loss`` is back-propagated: one backward and one
     DeepSpeed micro-step per timestep (``deepspeed_config`` multiplies the accumulation steps).
-    ``learner.ddpo_timestep_fraction`` of the steps are trained, in one random order per optimizer step.
+    ``learner.ddpo_timestep_fraction`` of the recorded steps are trained, in one random order per
+    optimizer step. With ``learner.ddpo_window`` = W only the round's SDE window was stochastic and
+    recorded (``rlfh.data.pairs.ddpo_window``): the W steps from x_j (j = ``tb.window_start``) are the
+    only actions, the deterministic steps around it are not trained, and the fraction is of W.
     """
     lc = lrn.cfg.learner
     if lc.loss != "ddpo":
         raise ValueError(f"learner.loss={lc.loss} does not train on trajectories")
-    n_steps = tb.latents.shape[1] - 1
-    if n_steps != lrn.cfg.rollout.num_inference_steps:
-        raise ValueError(f"trajectories have {n_steps} steps, rollout.num_inference_steps is "
-                         f"{lrn.cfg.rollout.num_inference_steps}")
+    n_steps = tb.latents.shape[1] - 1  # the recorded steps: W with an SDE window, else T
+    expected = lc.ddpo_window or lrn.cfg.rollout.num_inference_steps
+    if n_steps != expected or tb.log_probs.shape[1] != n_steps or len(tb.timesteps) != n_steps:
+        raise ValueError(f"trajectories record {n_steps} steps ({tb.log_probs.shape[1]} log-probs, {len(tb.timesteps)} "
+                         f"timesteps); learner.ddpo_window / rollout.num_inference_steps give {expected}")
     k = ddpo_train_steps(lrn.cfg)
     s = tb.settings
     history = []
@@ -130,8 +134,8 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
         for idx, _ in micro_batches(lrn, step):
             enc, added = lrn.condition([tb.prompts[i] for i in idx], s.height, s.width,
                                        s.negative_prompt if s.guidance_scale > 1.0 else None)
-            lat = rows(tb.latents, idx, lrn.device)  # (B, T+1, 4, h, w)
-            old = rows(tb.log_probs, idx, lrn.device)  # (B, T)
+            lat = rows(tb.latents, idx, lrn.device)  # (B, W+1, 4, h, w), W = T without a window
+            old = rows(tb.log_probs, idx, lrn.device)  # (B, W)
             adv = rows(tb.advantages, idx, lrn.device)  # (B,)
             per_step = []
             for j in order:

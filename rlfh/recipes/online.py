@@ -204,8 +204,12 @@ class Run:
         return start_round
 
     def submit(self, rnd: int):
+        from rlfh.data.pairs import ddpo_window
+
         prompts, seeds = self.schedule.round(rnd)
-        return self.fleet.submit(prompts, seeds, self.settings, self.cfg.rollout.sample_batch_size_per_actor, self.record)
+        # DDPO: the round's SDE window (learner.ddpo_window; all steps without one), shared by its samples
+        record = ddpo_window(self.cfg, rnd) if self.record else False
+        return self.fleet.submit(prompts, seeds, self.settings, self.cfg.rollout.sample_batch_size_per_actor, record)
 
     def sync(self) -> None:
         """The learner's policy to the rollout actors: object-store refs to weight buckets, each read
