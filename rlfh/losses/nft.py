@@ -13,7 +13,8 @@ v_old the sampling ("old") policy's prediction, a constant; v_theta the trained 
 
 with r in [0, 1] the "optimality probability" of the sample. The reference implementation maps the
 clipped group advantage to it, r = clip(0.5 + 0.5 * clip(A, -c, c) / c, 0, 1) (:func:`nft_reward_weight`),
-and divides the loss by beta so that its gradient does not shrink with beta.
+divides the loss by beta so that its gradient does not shrink with beta, and multiplies it by c
+(``scale`` here), which makes the gradient at the old policy the advantage-weighted one (below).
 
 Epsilon parameterization (SDXL; the same holds for v-prediction). For any Gaussian forward process
 x_t = a_t x_0 + s_t eps, at a fixed (x_t, t) every prediction target is an affine function of any other:
@@ -31,16 +32,17 @@ one) holds for every positive time weighting, so we keep SDXL's own weighting, t
 its pre-training (L_simple), as Diffusion-DPO and RWR here do:
 
     l_+ = mean over C,H,W of (eps_+ - eps)^2,   l_- = mean over C,H,W of (eps_- - eps)^2
-    L   = sum_b [ r_b l_+,b + (1 - r_b) l_-,b ] / (beta B)                          (:func:`nft_loss`)
+    L   = scale * sum_b [ r_b l_+,b + (1 - r_b) l_-,b ] / (beta B)    (:func:`nft_loss`; scale = c in the learner)
 
 (for a region: the FairHuman masked error of rlfh/losses/region_mse.py of eps_+ and eps_-). The
 reference's adaptive x_0-space weighting, ||x0_+ - x0||^2 / sg(mean |x0_+ - x0|), is available as
 ``adaptive=True`` with ``x0_scale = s_t / a_t`` (x0_hat - x0 = -(s_t / a_t)(eps_hat - eps)).
 
 What the gradient does: at eps_theta = eps_old (the first step after sampling),
-dL/d eps_theta = 2 (2 r - 1) (eps_old - eps) / (C H W B), i.e. the denoising-loss gradient weighted
-by 2r - 1 = clip(A, -c, c) / c: samples above their group's mean are pulled towards, those below
-pushed away, as advantage-weighted matching (rlfh/losses/awm.py) does. Away from eps_old the negative
+dL/d eps_theta = 2 scale (2 r - 1) (eps_old - eps) / (C H W B), i.e. the denoising-loss gradient
+weighted by 2r - 1 = clip(A, -c, c) / c (times c = clip(A, -c, c) with scale = c): samples above
+their group's mean are pulled towards, those below pushed away, exactly as advantage-weighted
+matching (rlfh/losses/awm.py) does at its ratio 1. Away from eps_old the negative
 branch is a convex loss too, so unlike a negative-weighted MSE the objective stays bounded below.
 
 Notation (code name -> paper symbol):
@@ -49,6 +51,7 @@ Notation (code name -> paper symbol):
     target    -> eps (v = eps - x_0 in the paper)
     r         -> r, the optimality probability in [0, 1]
     beta      -> beta, the guidance strength of the implicit policies (0.1 - 1 in the paper)
+    scale     -> adv_clip_max of the reference (c), a constant factor of the loss
 
 Shapes: pred, old_pred, target (B, C, H, W); r (B,); per-sample errors (B,); the loss ().
 """
@@ -71,8 +74,8 @@ class NFTLossOutput(NamedTuple):
 
     Attributes:
         loss: scalar L.
-        positive: mean of r * l_+ / beta, detached.
-        negative: mean of (1 - r) * l_- / beta, detached.
+        positive: mean of scale * r * l_+ / beta, detached.
+        negative: mean of scale * (1 - r) * l_- / beta, detached.
     """
 
     loss: Tensor
@@ -116,20 +119,24 @@ def implicit_predictions(pred: Tensor, old_pred: Tensor, beta: float) -> tuple[T
     return (1.0 - beta) * old + beta * pred, (1.0 + beta) * old - beta * pred
 
 
-def nft_loss_from_errors(err_pos: Tensor, err_neg: Tensor, r: Tensor, beta: float) -> NFTLossOutput:
-    """sum_b [ r_b l_+,b + (1 - r_b) l_-,b ] / (beta B) from the per-sample errors of eps_+ and eps_- (B,).
+def nft_loss_from_errors(err_pos: Tensor, err_neg: Tensor, r: Tensor, beta: float, scale: float = 1.0) -> NFTLossOutput:
+    """scale * sum_b [ r_b l_+,b + (1 - r_b) l_-,b ] / (beta B) from the per-sample errors of eps_+ and
+    eps_- (B,).
 
     Raises:
-        ValueError: on mismatched or empty shapes, r outside [0, 1], or a bad beta.
+        ValueError: on mismatched or empty shapes, r outside [0, 1], a bad beta or scale.
     """
     beta = _check_beta(beta)
+    scale = float(scale)
+    if not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"nft scale must be finite and > 0, got {scale}")
     if err_pos.ndim != 1 or err_pos.shape != err_neg.shape or err_pos.shape != r.shape or err_pos.shape[0] == 0:
         raise ValueError(f"err_pos, err_neg and r must all be (B,) with B > 0, got {tuple(err_pos.shape)}, "
                          f"{tuple(err_neg.shape)} and {tuple(r.shape)}")
     r = r.detach().to(err_pos.dtype)
     if bool(((r < 0) | (r > 1) | ~torch.isfinite(r)).any()):
         raise ValueError(f"r must lie in [0, 1] (nft_reward_weight), got {r.tolist()}")
-    pos, neg = r * err_pos / beta, (1.0 - r) * err_neg / beta
+    pos, neg = scale * r * err_pos / beta, scale * (1.0 - r) * err_neg / beta
     return NFTLossOutput(loss=(pos + neg).mean(), positive=pos.detach().mean(), negative=neg.detach().mean())
 
 
@@ -141,6 +148,7 @@ def nft_loss(
     beta: float,
     adaptive: bool = False,
     x0_scale: Tensor | None = None,
+    scale: float = 1.0,
 ) -> NFTLossOutput:
     """The DiffusionNFT loss on whole samples (eps-MSE, or the reference's adaptive x_0 weighting).
 
@@ -153,20 +161,21 @@ def nft_loss(
         adaptive: weight each sample's error as the reference does in x_0 space,
             ||x0_+ - x0||^2 / sg(mean |x0_+ - x0|) with x0_hat - x0 = -x0_scale (eps_hat - eps).
         x0_scale: s_t / a_t per sample (B,), needed with ``adaptive``.
+        scale: constant factor (the reference's c = adv_clip_max).
 
     Returns:
         NFTLossOutput(loss, positive, negative).
     """
     pos, neg = implicit_predictions(pred, old_pred, beta)
     if not adaptive:
-        return nft_loss_from_errors(per_sample_mse(pos, target), per_sample_mse(neg, target), r, beta)
+        return nft_loss_from_errors(per_sample_mse(pos, target), per_sample_mse(neg, target), r, beta, scale)
     if x0_scale is None or x0_scale.shape != pred.shape[:1]:
         raise ValueError(f"adaptive weighting needs x0_scale = s_t / a_t of shape ({pred.shape[0]},)")
-    scale = x0_scale.detach().to(pred.dtype).reshape(-1, *([1] * (pred.ndim - 1)))
+    to_x0 = x0_scale.detach().to(pred.dtype).reshape(-1, *([1] * (pred.ndim - 1)))
     errs = []
     for p in (pos, neg):
-        d = scale * (p - target)  # x0_hat - x0 up to sign
+        d = to_x0 * (p - target)  # x0_hat - x0 up to sign
         dims = tuple(range(1, d.ndim))
         w = d.detach().abs().mean(dim=dims).clamp(min=1e-5)  # the reference's weight, no gradient
         errs.append(d.pow(2).mean(dim=dims) / w)
-    return nft_loss_from_errors(errs[0], errs[1], r, beta)
+    return nft_loss_from_errors(errs[0], errs[1], r, beta, scale)

@@ -118,12 +118,14 @@ def advantage_objectives(
     scale: float,
     nft_beta: float = 1.0,
     clip_range: float = 0.2,
+    nft_scale: float = 1.0,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """DiffusionNFT or AWM per region, on re-noised samples of the sampling policy.
 
     ``nft``: ``signal`` is r in [0, 1] (:func:`rlfh.losses.nft.nft_reward_weight`) and ``old_pred``
     the sampling policy's prediction on the same x_t; each region's loss is
-    :func:`rlfh.losses.nft.nft_loss_from_errors` on the region errors of eps_+ and eps_-.
+    :func:`rlfh.losses.nft.nft_loss_from_errors` on the region errors of eps_+ and eps_-, times
+    ``nft_scale`` (the learner passes the advantage clip c, as the reference does).
     ``awm``: ``signal`` is the advantage A; each region's loss is :func:`rlfh.losses.awm.awm_loss` on
     the region errors of the policy and of ``old_pred`` (None: on-policy, ratio 1).
     """
@@ -143,7 +145,8 @@ def advantage_objectives(
         suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
         if loss == "nft":
             out = nft_loss_from_errors(region_errors(pos, target, region, masks, scale)[valid],
-                                       region_errors(neg, target, region, masks, scale)[valid], signal[valid], nft_beta)
+                                       region_errors(neg, target, region, masks, scale)[valid], signal[valid], nft_beta,
+                                       nft_scale)
             metrics.update({f"nft/positive{suffix}": float(out.positive), f"nft/negative{suffix}": float(out.negative)})
         else:
             old_err = None if old_pred is None else region_errors(old_pred.detach(), target, region, masks, scale)[valid]

@@ -107,3 +107,20 @@ def test_per_region_objectives():
     e = lambda p: per_sample_region_mse(p[:1], eps[:1], face[:1], 5.0)  # noqa: E731
     torch.testing.assert_close(objs["face"], (0.2 * e(pos) + 0.8 * e(neg)).mean() / 0.5)
     assert m["loss/nft/face"] == pytest.approx(float(objs["face"])) and "nft/old_eps_mse" in m
+
+
+def test_scale_c_makes_the_first_gradient_the_awm_one():
+    """With the reference's factor c the gradient at eps_old is 2 clip(A, -c, c)(eps_old - eps) / (D B):
+    AWM's at ratio 1 (rlfh/losses/awm.py), for any c."""
+    from rlfh.losses.awm import awm_loss
+    from rlfh.losses.region_mse import per_sample_mse
+
+    g = torch.Generator().manual_seed(5)
+    old, eps = torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64), torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64)
+    adv = torch.tensor([-7.0, -1.0, 0.5, 3.0], dtype=torch.float64)
+    c = 5.0
+    p1 = old.clone().requires_grad_(True)
+    nft_loss(p1, old, eps, nft_reward_weight(adv, c), beta=0.4, scale=c).loss.backward()
+    p2 = old.clone().requires_grad_(True)
+    awm_loss(per_sample_mse(p2, eps), adv.clamp(-c, c)).loss.backward()
+    torch.testing.assert_close(p1.grad, p2.grad)
