@@ -1,6 +1,8 @@
 """Merge the per-benchmark result files of one run into <prefix>summary.json and print the headlines.
 
     python bench/summarize.py [--dir bench/results] [--prefix cpu_tiny_|gpu_|smoke_]
+    python bench/summarize.py --cpu-sh DIR --out OUT_DIR/cpu_summary.json   # bench/cpu.sh's summary
+    python bench/summarize.py --gpu-sh DIR --out bench/results/gpu_summary.json   # bench/gpu.sh's summary
 
 The summary carries device, date, machine, versions, the four headlines (rollout_ratio, rollout_mfu,
 learner_ratio, learner_mfu), the Ray overhead share where measured, and the raw rows of each input,
@@ -18,11 +20,124 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
 
+def _load_first(d: Path, names: list[str]) -> tuple[str | None, dict]:
+    for n in names:
+        if (d / n).is_file():
+            return str(d / n), json.loads((d / n).read_text())
+    return None, {}
+
+
+def _stage_times(d: Path) -> dict:
+    out = {}
+    f = d / "stage_times.tsv"
+    if f.is_file():
+        for line in f.read_text().splitlines():
+            name, secs, rc = line.split("\t")
+            out[name] = {"wall_s": int(secs), "exit_code": int(rc)}
+    return out
+
+
+def cpu_sh_summary(d: Path, out: Path) -> dict:
+    """bench/cpu.sh's summary: the five CPU headlines of one run, with machine, date and raw rows."""
+    src = {
+        "rollout": _load_first(d, ["cpu_tiny_rollout.json", "smoke_rollout.json"]),
+        "learner": _load_first(d, ["cpu_tiny_learner.json", "smoke_learner.json"]),
+        "ddpo": _load_first(d, ["cpu_tiny_ddpo.json", "smoke_ddpo.json"]),
+        "reward": _load_first(d, ["cpu_reward_overhead.json", "smoke_reward_overhead.json"]),
+    }
+    ro, le, dd, rw = (src[k][1] for k in ("rollout", "learner", "ddpo", "reward"))
+    first = next((v for _, v in src.values() if v), {})
+    summary = {
+        "benchmark": "cpu.sh", "device": first.get("device"), "date": first.get("date"),
+        "machine": first.get("machine"), "versions": first.get("versions"),
+        "smoke": any(p and "smoke_" in p for p, _ in src.values()),
+        "rollout_lora_ratio": ro.get("rollout_lora_ratio"),
+        "rollout_lora_ratio_before": ro.get("rollout_lora_ratio_before"),
+        "rollout_ratio": ro.get("rollout_ratio"),
+        "learner_ratio": le.get("learner_ratio"),
+        "learner_ratio_large": le.get("learner_ratio_large"),
+        "ddpo_window_speedup": dd.get("ddpo_window_speedup"),
+        "reward_http_overhead_share": rw.get("reward_http_overhead_share"),
+        "reward_handle_overhead_share": rw.get("reward_handle_overhead_share"),
+        "meaning": {
+            "rollout_lora_ratio": "stock diffusers pipeline (no LoRA) seconds / rlfh Sampler with the merged LoRA seconds, "
+                                  "largest batch, median of paired calls (>1: rlfh faster); _before: unmerged, uncached",
+            "learner_ratio": "rlfh learner pairs/s over the reference DPO loop pairs/s, lora8, 64 px, median of paired steps",
+            "learner_ratio_large": "the same at the compute-bound size (settings.large_size px)",
+            "ddpo_window_speedup": "DDPO all-steps seconds / SDE-window seconds per round, median of pairs",
+            "reward_http_overhead_share": "(HTTP - in-process) / in-process seconds for one batch through the reward "
+                                          "server, FaceScore-size model, median of rounds (target < 0.10)"},
+        "settings": {k: v.get("settings") for k, (_, v) in src.items()},
+        "dates": {k: v.get("date") for k, (_, v) in src.items()},
+        "load_avg": {k: [(v.get("machine") or {}).get("load_avg_1_5_15_at_start"), v.get("machine_load_avg_at_end")]
+                     for k, (_, v) in src.items()},
+        "stage_times": _stage_times(d),
+        "sources": {k: p for k, (p, _) in src.items()},
+        "raw": {"rollout_rows": ro.get("rows"), "learner_rows": le.get("rows"), "learner_row_large": le.get("row_large"),
+                "ddpo_rows": dd.get("rows"), "ddpo_median_s_by_phase": dd.get("median_s_by_phase"),
+                "reward_rows": rw.get("rows"), "reward_setup_s": rw.get("setup_s"),
+                "reward_ms_per_request_median": rw.get("ms_per_request_median")},
+    }
+    for k in ("rollout_lora_ratio", "learner_ratio", "learner_ratio_large", "ddpo_window_speedup",
+              "reward_http_overhead_share"):
+        v = summary[k]
+        print(f"[summary] {k:>27}: {v:.4f}" if isinstance(v, float) else f"[summary] {k:>27}: {v}")
+    for k, v in summary["stage_times"].items():
+        print(f"[summary] {k:>27}: {v['wall_s']} s (exit {v['exit_code']})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"[summary] wrote {out}")
+    return summary
+
+
+def gpu_sh_summary(d: Path, out: Path) -> dict:
+    """bench/gpu.sh's summary: device, GPU name, date, rollout/learner ratios and MFU, and the raw rows."""
+    ro = _load_first(d, ["gpu_rollout.json"])[1]
+    co = _load_first(d, ["gpu_rollout_compile.json"])[1]
+    le = _load_first(d, ["gpu_learner.json"])[1]
+    first = ro or le or co
+    if not first:
+        raise SystemExit(f"no gpu_*.json results in {d}")
+    summary = {
+        "benchmark": "gpu.sh", "device": first.get("device"), "gpu": (first.get("gpu") or {}).get("name"),
+        "gpu_detail": first.get("gpu"), "date": first.get("date"), "machine": first.get("machine"),
+        "versions": first.get("versions"),
+        "rollout_ratio": ro.get("rollout_ratio"), "rollout_lora_ratio": ro.get("rollout_lora_ratio"),
+        "rollout_lora_ratio_before": ro.get("rollout_lora_ratio_before"), "rollout_mfu": ro.get("rollout_mfu"),
+        "merged_vs_unmerged": ro.get("merged_vs_unmerged"),
+        "compiled": co.get("compile") or ro.get("compile"),
+        "learner_ratio": le.get("learner_ratio"), "learner_ratio_mode": le.get("learner_ratio_mode"),
+        "learner_mfu": le.get("learner_mfu"),
+        "meaning": {"rollout_ratio": "stock diffusers seconds / rlfh Sampler seconds (eager), paired median (>1: rlfh faster)",
+                    "rollout_lora_ratio": "stock (no LoRA) / rlfh Sampler with the merged LoRA",
+                    "compiled": "rlfh Sampler compiled (merged LoRA) vs eager: compile time, speedup, images vs eager",
+                    "learner_ratio": "rlfh learner pairs/s over the reference DPO loop, paired median",
+                    "*_mfu": "FlopCounterMode FLOPs/s over the measured bf16 matmul peak"},
+        "settings": {"rollout": ro.get("settings"), "compile": co.get("settings"), "learner": le.get("settings")},
+        "stage_times": _stage_times(d),
+        "raw": {"rollout_rows": ro.get("rows"), "learner_rows": le.get("rows"), "matmul_peak": (ro or le).get("matmul_peak")},
+        "sources": [n for n in ("gpu_rollout.json", "gpu_rollout_compile.json", "gpu_learner.json") if (d / n).is_file()],
+    }
+    for k in ("gpu", "rollout_ratio", "rollout_lora_ratio", "rollout_mfu", "learner_ratio", "learner_mfu"):
+        print(f"[summary] {k:>20}: {summary[k]}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"[summary] wrote {out}")
+    return summary
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=str(common.RESULTS))
     ap.add_argument("--prefix", default=None, help="default: gpu_ if gpu_rollout.json exists, else cpu_tiny_")
+    ap.add_argument("--cpu-sh", default=None, metavar="DIR", help="bench/cpu.sh's per-bench results: write --out")
+    ap.add_argument("--gpu-sh", default=None, metavar="DIR", help="bench/gpu.sh's per-bench results: write --out")
+    ap.add_argument("--out", default=None, help="summary path for --cpu-sh / --gpu-sh")
     args = ap.parse_args(argv)
+    if args.cpu_sh:
+        return cpu_sh_summary(Path(args.cpu_sh), Path(args.out or Path(args.cpu_sh).parent / "cpu_summary.json"))
+    if args.gpu_sh:
+        return gpu_sh_summary(Path(args.gpu_sh), Path(args.out or common.RESULTS / "gpu_summary.json"))
     d = Path(args.dir)
     prefix = args.prefix or ("gpu_" if (d / "gpu_rollout.json").is_file() else "cpu_tiny_")
     parts = {k: json.loads((d / f"{prefix}{k}.json").read_text())

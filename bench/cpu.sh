@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The CPU benchmark in one command: every headline ratio of issue 13, each the median of paired
+# measurements taken in this run, in OUT_DIR/cpu_summary.json (machine, date, headlines, raw rows,
+# per-stage wall times, the per-bench JSON paths).
+#
+#   bash bench/cpu.sh OUT_DIR            # ~8 min on 2 quiet cores (budget 15); per-bench JSON in OUT_DIR/cpu_sh/
+#   bash bench/cpu.sh --smoke [OUT_DIR]  # ~3 min: every stage at tiny settings, default OUT_DIR a temp dir
+#   PYTHON=/path/to/python bash bench/cpu.sh OUT_DIR
+#
+# Headlines (>1 = rlfh faster, except the share): rollout_lora_ratio (stock pipeline without LoRA /
+# rlfh Sampler with the merged LoRA, batch 16), learner_ratio (tiny, 64 px) and learner_ratio_large
+# (256 px, compute-bound) (rlfh step / reference DPO loop, as pairs/s), ddpo_window_speedup (all 10
+# steps / a 2-step SDE window, items/s), reward_http_overhead_share ((HTTP - in-process) / in-process,
+# FaceScore-size model, batch 8). One torch thread everywhere (see bench/NOTES.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[[ -x "$PY" ]] || PY=python
+SMOKE="" OUT_DIR=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    -*) echo "unknown option $1" >&2; exit 2 ;;
+    *) OUT_DIR="$1" ;;
+  esac
+  shift
+done
+if [[ -n "$SMOKE" ]]; then
+  OUT_DIR=${OUT_DIR:-$(mktemp -d -t rlfh-cpu-smoke-XXXX)}
+elif [[ -z "$OUT_DIR" ]]; then
+  echo "usage: bash bench/cpu.sh OUT_DIR | --smoke [OUT_DIR]" >&2; exit 2
+fi
+SUB="$OUT_DIR/cpu_sh"
+mkdir -p "$SUB"
+: > "$SUB/stage_times.tsv"
+
+# Settings per stage, and the time each is budgeted on 2 quiet cores (from the committed results'
+# per-call timings, measured under load 6-26, scaled to a quiet machine; see bench/NOTES.md).
+if [[ -n "$SMOKE" ]]; then
+  ROLLOUT=(--smoke)
+  LEARNER=(--smoke --large-size 96 --large-repeats 2)
+  # not ddpo_bench's --smoke: its 4 items per round no longer divide tiny.yaml's sample_batch_size_per_actor 8
+  DDPO=(--steps 4 --window 1 --items 8 --repeats 1)
+  REWARD=(--smoke)
+else
+  # batch 16 only (the headline batch): 4 variants x (1 warm-up + 9) calls of 0.7-3 s
+  ROLLOUT=(--batch-sizes 16 --repeats 9)
+  # lora8 only: 2 x 17 tiny steps of 0.1-1 s, then 2 x 10 steps of 1.5-5 s at 256 px
+  LEARNER=(--modes lora8 --repeats 16 --large-size 256 --large-repeats 9)
+  # 10 pairs (full, window) of 4-11 s after a warm-up pair
+  DDPO=(--repeats 9)
+  # ViT-L build/save/load ~30 s, server start ~20 s, 3 x (1 + 3) calls of ~5-10 s
+  REWARD=(--quick)
+fi
+echo "[cpu.sh] out=$OUT_DIR smoke=${SMOKE:-no} python=$PY  $(date -u +%FT%TZ)  load: $(cut -d' ' -f1-3 /proc/loadavg)"
+cat <<EOF
+[cpu.sh] time budget (2 quiet cores; smoke: ~30-60 s each)
+  stage      budget   settings
+  rollout     3 min   ${ROLLOUT[*]}
+  learner     4 min   ${LEARNER[*]}
+  ddpo        3 min   ${DDPO[*]}
+  reward      3 min   ${REWARD[*]}
+  summary    <5 s
+  total      13 min   (limit 15)
+EOF
+
+stage() {  # stage NAME CMD...: run, log to $SUB/log_NAME.txt, record wall seconds
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "[cpu.sh] == $name: $*"
+  set +e  # a failing stage is recorded (exit code in stage_times.tsv, null headline) and the rest still run
+  "$@" 2>&1 | tee "$SUB/log_$name.txt" | grep --line-buffered -E '^\[(bench|rollout|learner|ddpo|summary)\]'
+  local rc=${PIPESTATUS[0]}
+  set -e
+  echo -e "$name\t$((SECONDS - t0))\t$rc" >> "$SUB/stage_times.tsv"
+  echo "[cpu.sh] == $name: $((SECONDS - t0)) s (exit $rc)"
+}
+stage rollout "$PY" bench/rollout_bench.py "${ROLLOUT[@]}" --no-compile --out-dir "$SUB"
+stage learner "$PY" bench/learner_bench.py "${LEARNER[@]}" --out-dir "$SUB"
+stage ddpo "$PY" bench/ddpo_bench.py "${DDPO[@]}" --out-dir "$SUB"
+stage reward "$PY" bench/reward_overhead_bench.py "${REWARD[@]}" --out-dir "$SUB"
+"$PY" bench/summarize.py --cpu-sh "$SUB" --out "$OUT_DIR/cpu_summary.json"
+echo "[cpu.sh] done in $SECONDS s: $OUT_DIR/cpu_summary.json"
+FAILED=$(awk -F'\t' '$3 != 0 {print $1}' "$SUB/stage_times.tsv" | tr '\n' ' ')
+if [[ -n "$FAILED" ]]; then echo "[cpu.sh] FAILED stages: $FAILED(logs: $SUB/log_<stage>.txt)" >&2; exit 1; fi

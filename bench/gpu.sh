@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one command, within 8 minutes on one H100/H200 (SDXL architecture, random
+# weights, 1024 px, bf16): OUT_DIR/gpu_rollout.json, OUT_DIR/gpu_learner.json and
+# OUT_DIR/gpu_summary.json (device, gpu, date, rollout_ratio, rollout_mfu, learner_ratio, learner_mfu,
+# the raw rows).
+#
+#   bash bench/gpu.sh [OUT_DIR]       # default OUT_DIR bench/results
+#   bash bench/gpu.sh --dry-run       # print the install and bench commands, run nothing (any machine)
+#
+# Installs the wheels it needs from .whl/ (built here by `bash bench/gpu_wheels.sh`: the GPU machine has
+# no network; Python 3.12 there) into /tmp/rlfh-site, unless they import already.
+#
+# Stages (times on an H100, estimated: not yet run on a GPU; each stage has its own timeout, so an
+# overrun loses that stage only):
+#   install   ~15 s
+#   rollout  <=280 s  stock diffusers (a) vs rlfh Sampler eager (b), + LoRA r8 unmerged (c) and merged
+#                     (d), batches 1 and 4, 20 steps, 2 rounds after a warm-up; then ONE compile
+#                     (channels_last + Sampler.compile, reduce-overhead) of the merged-LoRA sampler at
+#                     batch 4, its compile time, steady speed and images vs eager
+#   learner  <=170 s  reference-style Diffusion-DPO loop vs rlfh's learner, LoRA r8 and the full UNet,
+#                     1 pair/step, 3 steps after a warm-up, alternating
+#   summary    ~1 s
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DRY="" OUT_DIR=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n 2,24p "$0"; exit 0 ;;
+    -*) echo "unknown option $1" >&2; exit 2 ;;
+    *) OUT_DIR="$1" ;;
+  esac
+  shift
+done
+OUT_DIR=${OUT_DIR:-bench/results}
+PY=${PYTHON:-python3}
+ROLLOUT=("$PY" bench/rollout_bench.py --model sdxl-arch-random --dtype bfloat16 --size 1024 --steps 20
+         --batch-sizes 1,4 --repeats 2 --lora-rank 8 --compile --out gpu_rollout --out-dir "$OUT_DIR")
+LEARNER=("$PY" bench/learner_bench.py --model sdxl-arch-random --dtype bfloat16 --size 1024 --pairs 1
+         --modes lora8,full --repeats 3 --large-size 0 --out gpu_learner --out-dir "$OUT_DIR")
+SUMMARY=("$PY" bench/summarize.py --gpu-sh "$OUT_DIR" --out "$OUT_DIR/gpu_summary.json")
+INSTALL=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/rlfh-site)
+
+if [[ -n "$DRY" ]]; then
+  echo "[gpu.sh] dry run: out=$OUT_DIR"
+  echo "  ${INSTALL[*]} .whl/*.whl   # only if diffusers/deepspeed/pydantic do not import"
+  echo "  export PYTHONPATH=/tmp/rlfh-site:$PWD"
+  echo "  timeout 280 ${ROLLOUT[*]}"
+  echo "  timeout 170 ${LEARNER[*]}"
+  echo "  ${SUMMARY[*]}"
+  ls .whl/*.whl >/dev/null 2>&1 && echo "[gpu.sh] wheels: $(ls .whl/*.whl | wc -l) in .whl/" \
+    || echo "[gpu.sh] no .whl/ here: run bash bench/gpu_wheels.sh before carrying it to the GPU machine"
+  exit 0
+fi
+
+mkdir -p "$OUT_DIR"
+: > "$OUT_DIR/stage_times.tsv"
+t0=$SECONDS
+if ! "$PY" -c "import diffusers, deepspeed, pydantic" 2>/dev/null; then
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "[gpu.sh] missing packages and no .whl/: run bash bench/gpu_wheels.sh here and carry .whl" >&2; exit 1; }
+  "${INSTALL[@]}" .whl/*.whl
+fi
+export PYTHONPATH="/tmp/rlfh-site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+echo -e "install\t$((SECONDS - t0))\t0" >> "$OUT_DIR/stage_times.tsv"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print('[gpu.sh]', torch.cuda.get_device_name(0), torch.__version__)"
+
+stage() {  # stage NAME SECONDS CMD...: run under a timeout, log to OUT_DIR/log_NAME.txt, record wall time
+  local name=$1 limit=$2; shift 2
+  local s=$SECONDS
+  echo "[gpu.sh] == $name (limit $limit s): $*"
+  set +e
+  timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/log_$name.txt"
+  local rc=${PIPESTATUS[0]}
+  set -e
+  echo -e "$name\t$((SECONDS - s))\t$rc" >> "$OUT_DIR/stage_times.tsv"
+  echo "[gpu.sh] == $name: $((SECONDS - s)) s (exit $rc)"
+}
+stage rollout 280 "${ROLLOUT[@]}"
+stage learner 170 "${LEARNER[@]}"
+"${SUMMARY[@]}"
+echo "[gpu.sh] done in $SECONDS s: $OUT_DIR/gpu_summary.json"
