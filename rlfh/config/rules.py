@@ -5,6 +5,8 @@ options that exclude each other. Each problem names its keys and says what to ch
 
 from __future__ import annotations
 
+import math
+
 # Larger than any SDXL bucket (1024-2048) with room to spare; 100000 x 100000 would try to allocate
 # a 6 GB latent per sample and fail minutes in, inside a rollout actor.
 MAX_IMAGE_SIDE = 4096
@@ -126,6 +128,34 @@ def check_consistency(cfg) -> list[str]:
         elif first is not None and (win is None or not 0 <= first <= r.num_inference_steps - win):
             p.append(f"learner.ddpo_window_max_start={first}: needs learner.ddpo_window and must be in "
                      f"0..rollout.num_inference_steps - ddpo_window ({r.num_inference_steps - (win or 0)}) so the window fits")
+    if lr_.loss in ("nft", "awm"):
+        # both compare with the policy that sampled the round: the learner's weights at the round's start
+        if cfg.rollouts is not None:
+            p.append(f"learner.loss={lr_.loss} compares with the sampling policy: it cannot train from a logged rollout log (rollouts=...)")
+        if r.max_staleness:
+            p.append(f"learner.loss={lr_.loss} compares with the sampling policy (the weights at the round's start): set rollout.max_staleness=0")
+        if not (0 < lr_.nft_beta < math.inf):
+            p.append(f"learner.nft_beta={lr_.nft_beta}: must be finite and > 0")
+        if not (0 < lr_.nft_adv_clip < math.inf):
+            p.append(f"learner.nft_adv_clip={lr_.nft_adv_clip}: must be finite and > 0")
+        if not (0 < lr_.awm_clip_range < math.inf):
+            p.append(f"learner.awm_clip_range={lr_.awm_clip_range}: must be finite and > 0")
+    if not (0 <= lr_.kl_coef < math.inf):
+        p.append(f"learner.kl_coef={lr_.kl_coef}: must be finite and >= 0")
+    elif lr_.kl_coef > 0 and lr_.loss == "ddpo":
+        p.append("learner.kl_coef > 0 is not available with learner.loss=ddpo yet (its per-step KL is rlfh.losses.kl.transition_kl_weight)")
+    if lr_.trust_region != "clip" and lr_.loss != "ddpo":
+        p.append(f"learner.trust_region={lr_.trust_region} is for the per-step policy gradient: it needs learner.loss=ddpo")
+    if not (0 < lr_.trust_region_kl < math.inf):
+        p.append(f"learner.trust_region_kl={lr_.trust_region_kl}: must be finite and > 0")
+    if lr_.reference == "ema" and lr_.ema_decay is None:
+        p.append("learner.reference=ema needs learner.ema_decay (the EMA the reference is taken from)")
+    if lr_.reference_refresh_rounds < 1:
+        p.append(f"learner.reference_refresh_rounds={lr_.reference_refresh_rounds}: must be >= 1")
+    if lr_.zero_stage == 3 and (lr_.loss in ("nft", "awm") or lr_.reference == "ema" or lr_.trust_region != "clip"):
+        p.append("learner.loss=nft/awm, learner.reference=ema and learner.trust_region=dppo/guard predict with kept copies "
+                 "of the weights, which ZeRO-3 "
+                 "partitions: use learner.zero_stage <= 2")
     hg = lr_.hgdpo
     if hg.real_images is not None:
         if not pairwise:

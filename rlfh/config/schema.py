@@ -111,7 +111,7 @@ class HGDPOConfig:
 
 @dataclass(frozen=True)
 class LearnerConfig:
-    loss: Literal["dpo", "dpo_hinge", "dpo_ipo", "rwr", "filtered", "ddpo"] = "dpo"
+    loss: Literal["dpo", "dpo_hinge", "dpo_ipo", "rwr", "filtered", "ddpo", "nft", "awm"] = "dpo"
     beta: float = 5000.0  # Diffusion-DPO beta (arXiv 2311.12908); 5000 for SDXL, 2000 for SD1.5
     regions: list[str] = field(default_factory=lambda: ["global"])  # one objective per region
     region_scale: float = 5.0  # FairHuman's s for local (masked) regions
@@ -123,6 +123,14 @@ class LearnerConfig:
     ddpo_timestep_fraction: float = 1.0  # DDPO: share of each trajectory's recorded steps (all, or the window's) trained per epoch
     ddpo_window: Optional[int] = None  # DDPO: W consecutive steps sampled with eta > 0 and trained; eta = 0 elsewhere; null = all
     ddpo_window_max_start: Optional[int] = None  # DDPO: window start drawn per round in 0..this; null = steps - W
+    trust_region: Literal["clip", "dppo", "guard"] = "clip"  # DDPO: clip (PPO ratio clip), dppo (Flow-DPPO's KL mask), guard (GRPO-Guard's normalized ratio); docs/online_rl.md
+    trust_region_kl: float = 1e-5  # trust_region=dppo: mask steps whose KL to the sampling policy (per latent element) exceeds this
+    nft_beta: float = 1.0  # DiffusionNFT (arXiv 2509.16117): strength beta of the implicit positive / negative policies
+    nft_adv_clip: float = 5.0  # DiffusionNFT: r = 0.5 + 0.5 clip(A, -c, c) / c from the per-prompt advantage A
+    awm_clip_range: float = 0.2  # AWM (arXiv 2509.25050): PPO clip of the ratio exp(old error - error)
+    kl_coef: float = 0.0  # KL to learner.reference as a loss term, kl_coef * mean (eps_theta - eps_ref)^2 (docs/online_rl.md); not with ddpo
+    reference: Literal["base", "ema"] = "base"  # DPO's reference and the KL target: the base model, or the EMA of the policy (needs learner.ema_decay)
+    reference_refresh_rounds: int = 1  # reference=ema: the reference is the EMA as it was at the start of every this many rounds
     hgdpo: HGDPOConfig = field(default_factory=HGDPOConfig)  # real images as winners, on a curriculum
     lr: float = 1e-5
     weight_decay: float = 0.0

@@ -157,12 +157,38 @@ def learner_scores(values: dict[str, Sequence[float | None]], weights: dict[str,
     return scores, {k: v for k, v in shares.items() if v is not None}
 
 
+def advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, conditioning, unscored,
+                    normalization: str = "weighted_sum"):
+    """DiffusionNFT / AWM: every scored sample with its per-prompt advantage A (z-scores clipped to
+    +-5, rlfh.losses.advantages; under ``gdpo`` the scores are GDPO's advantages already and are only
+    clipped, as for DDPO), as NFT's r = 0.5 + 0.5 clip(A, -c, c) / c (rlfh.losses.nft) or as A itself
+    (AWM), in a SampleBatch's weights."""
+    import torch
+
+    from rlfh.data.batches import SampleBatch
+    from rlfh.losses.advantages import ADV_CLIP, per_prompt_advantages
+    from rlfh.losses.nft import nft_reward_weight
+
+    keep = np.array([i for i, s in enumerate(scores) if usable(s)], dtype=np.int64)
+    adv = torch.zeros(0, dtype=torch.float64)
+    if len(keep) and normalization == "gdpo":
+        adv = torch.tensor([scores[i] for i in keep], dtype=torch.float64).clamp(-ADV_CLIP, ADV_CLIP)
+    elif len(keep):
+        adv = per_prompt_advantages(torch.tensor([scores[i] for i in keep], dtype=torch.float64),
+                                    [groups[i] for i in keep])
+    signal = nft_reward_weight(adv, learner_cfg.nft_adv_clip) if learner_cfg.loss == "nft" else adv
+    batch = SampleBatch(latents[keep], [prompts[i] for i in keep], signal.float().numpy(),
+                        {r: m[keep] for r, m in masks.items()}, conditioning)
+    return batch, {"samples/kept": float(len(keep)), **unscored,
+                   "samples/advantage_abs_mean": float(adv.abs().mean()) if len(keep) else 0.0}
+
+
 def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence[Hashable],
                   scores: Sequence[float | None], regions: Sequence[dict], image_hw: tuple[int, int],
                   trajectory: dict | None = None, settings=None, conditioning: dict | None = None,
                   normalization: str = "weighted_sum"):
     """What the learner trains on this round: a PairBatch (DPO family), a SampleBatch (RWR,
-    filtered) or a TrajectoryBatch (DDPO: per-prompt z-scored advantages, clipped to +-5).
+    filtered; NFT, AWM: :func:`advantage_batch`) or a TrajectoryBatch (DDPO: per-prompt z-scored advantages, clipped to +-5).
 
     ``scores`` come from :func:`learner_scores` with ``normalization``; under ``gdpo`` they are
     GDPO's advantages already, which DDPO takes as they are (clipped to +-5) instead of z-scoring them
@@ -198,6 +224,9 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
                        "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
 
     masks = region_mask_arrays(regions, learner_cfg.regions, image_hw)
+    if learner_cfg.loss in ("nft", "awm"):
+        return advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, conditioning, unscored,
+                               normalization)
     if learner_cfg.loss.startswith("dpo"):
         pairs = build_pairs(groups, scores, learner_cfg.pair_strategy)
         w, l = [p.winner for p in pairs], [p.loser for p in pairs]

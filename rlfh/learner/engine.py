@@ -100,6 +100,19 @@ def deepspeed_config(cfg) -> dict:
     return ds
 
 
+class UNetWithWeights:
+    """Calls ``unet`` with some of its parameters replaced (``torch.func.functional_call``): the
+    module's own parameters are never written, so autograd graphs through them stay valid."""
+
+    def __init__(self, unet, weights: dict[str, torch.Tensor]):
+        self.unet, self.weights = unet, weights
+
+    def __call__(self, *args, **kwargs):
+        from torch.func import functional_call
+
+        return functional_call(self.unet, self.weights, args, kwargs)
+
+
 class LearnerEngine:
     """An SDXL UNet (LoRA via peft, or full) inside a DeepSpeed engine, with its reference.
 
@@ -174,6 +187,11 @@ class LearnerEngine:
             from diffusers.training_utils import EMAModel
 
             self.ema = EMAModel(params, decay=lc.ema_decay)
+        # Kept copies of the trainable weights the UNet can predict with (predict_with): the policy that
+        # sampled the round (nft, awm) and the EMA reference (learner.reference=ema); see begin_round.
+        self.old_weights: list[torch.Tensor] | None = None
+        self.reference_weights: list[torch.Tensor] | None = None
+        self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
         self.unet = self.engine.module
         # diffusers' ModelMixin.dtype walks every parameter on each access; the dtype never changes
         self.dtype = self.unet.dtype
@@ -288,7 +306,10 @@ class LearnerEngine:
 
     @torch.no_grad()
     def reference(self, x_t, t, enc, added) -> torch.Tensor:
-        """The reference's prediction: the frozen copy, or the UNet with its adapter off."""
+        """The reference's prediction: the frozen copy, or the UNet with its adapter off; with
+        ``learner.reference=ema`` the UNet with the EMA weights of :meth:`begin_round`."""
+        if self.reference_weights is not None:
+            return self.predict_with(self.reference_weights, x_t, t, enc, added)
         if self.ref_unet is not None:
             return self.ref_unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
         with self.adapters_off():
@@ -313,6 +334,36 @@ class LearnerEngine:
         finally:
             for m in self.lora_layers:
                 m._disable_adapters = False
+
+    @torch.no_grad()
+    def predict_with(self, weights: list[torch.Tensor], x_t, t, enc, added) -> torch.Tensor:
+        """The UNet's prediction with its trainable weights replaced by ``weights`` (same order) for this
+        call only. ``torch.func.functional_call`` leaves the parameters untouched, so a policy forward
+        already taken keeps its autograd graph (an in-place swap would invalidate it)."""
+        return self.unet_with(weights)(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+
+    def unet_with(self, weights: list[torch.Tensor]) -> "UNetWithWeights":
+        """The UNet as a callable whose trainable weights are ``weights`` (for guided_eps and the like)."""
+        return UNetWithWeights(self.unet, dict(zip(self.trainable_names, weights)))
+
+    def old_policy(self, x_t, t, enc, added) -> torch.Tensor:
+        """The prediction of the policy that sampled the round (nft, awm): the weights at its start."""
+        if self.old_weights is None:
+            raise RuntimeError("no sampling-policy weights: begin_round() snapshots them for learner.loss=nft/awm")
+        return self.predict_with(self.old_weights, x_t, t, enc, added)
+
+    def begin_round(self) -> None:
+        """Before a round's training: keep the weights the round was sampled with (nft, awm: the rollout
+        actors got them at the last sync; rollout.max_staleness=0), and with ``learner.reference=ema``
+        take the EMA as the reference every ``learner.reference_refresh_rounds`` rounds (and on the
+        first round of a process, e.g. after a resume)."""
+        lc = self.cfg.learner
+        if lc.loss in ("nft", "awm") or lc.trust_region != "clip":
+            self.old_weights = [p.detach().clone() for p in self.trainable_parameters()]
+        if lc.reference == "ema" and (self.reference_weights is None
+                                      or self.policy_version % lc.reference_refresh_rounds == 0):
+            self.reference_weights = [p.detach().clone().to(q.dtype) for p, q in
+                                      zip(self.ema.shadow_params, self.trainable_parameters())]
 
     # ------------------------------------------------------------------ updates
     def backward(self, loss: torch.Tensor) -> None:

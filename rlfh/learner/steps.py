@@ -37,7 +37,10 @@ from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch, rows
 from rlfh.learner.engine import LearnerEngine, ddpo_train_steps
 from rlfh.losses import fairness
 from rlfh.losses.ddpo import ddpo_clipped_loss
-from rlfh.losses.objectives import PAIRWISE, WEIGHTED, pairwise_objectives, weighted_objectives
+from rlfh.losses.kl import eps_kl
+from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
+from rlfh.losses.objectives import (ADVANTAGE, PAIRWISE, WEIGHTED, advantage_objectives, pairwise_objectives,
+                                    weighted_objectives)
 from rollouts.ddim_logprob import scheduler_step_with_logprob
 from rollouts.sampler import guided_eps
 
@@ -46,6 +49,7 @@ def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
     """One round's training on what :func:`rlfh.data.pairs.learner_batch` built."""
     # prompt embeddings from the rollouts when the batch brings them (no text encoder runs)
     lrn.take_conditioning(batch.conditioning, batch.prompts)
+    lrn.begin_round()  # the sampling policy's weights (nft, awm) and the EMA reference, if any
     if isinstance(batch, PairBatch):
         return train_pairs(lrn, batch, epochs)
     if isinstance(batch, TrajectoryBatch):
@@ -79,15 +83,17 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
                 lc.loss, lc.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b],
                 masks_at(pairs.masks_w, idx, lrn.device), masks_at(pairs.masks_l, idx, lrn.device),
                 list(lc.regions), lc.region_scale)
-            history.append(update(lrn, objectives, metrics, pred))
+            history.append(update(lrn, objectives, metrics, pred, kl_term(lrn, pred, ref, metrics)))
     return summary(lrn, history, len(pairs))
 
 
-# ---------------------------------------------------------------------------------------- RWR, filtered
+# ---------------------------------------------------------------------------------------- RWR, filtered, NFT, AWM
 def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> dict[str, float]:
-    """Reward-weighted (RWR) or filtered diffusion loss on weighted samples, per region."""
+    """Reward-weighted (RWR) or filtered diffusion loss on weighted samples, per region; or
+    DiffusionNFT / AWM, whose per-sample signal (r or A) comes in the weights and which compare the
+    policy with the round's sampling policy on the same x_t (``lrn.old_policy``)."""
     lc = lrn.cfg.learner
-    if lc.loss not in WEIGHTED:
+    if lc.loss not in WEIGHTED + ADVANTAGE:
         raise ValueError(f"learner.loss={lc.loss} does not train on weighted samples")
     h, w = samples.latents.shape[-2] * lrn.vae_scale, samples.latents.shape[-1] * lrn.vae_scale
     history = []
@@ -97,10 +103,16 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
             x_t, t, target = lrn.noised(rows(samples.latents, idx, lrn.device), t_all[sl], eps_all[sl])
             enc, added = lrn.condition([samples.prompts[i] for i in idx], h, w)
             pred = lrn.policy(x_t, t, enc, added)
-            objectives, metrics = weighted_objectives(
-                lc.loss, pred, target, rows(samples.weights, idx, lrn.device),
-                masks_at(samples.masks, idx, lrn.device), list(lc.regions), lc.region_scale)
-            history.append(update(lrn, objectives, metrics, pred))
+            weights, masks = rows(samples.weights, idx, lrn.device), masks_at(samples.masks, idx, lrn.device)
+            if lc.loss in ADVANTAGE:
+                objectives, metrics = advantage_objectives(
+                    lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target, weights, masks, list(lc.regions),
+                    lc.region_scale, lc.nft_beta, lc.awm_clip_range, lc.nft_adv_clip)
+            else:
+                objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions),
+                                                          lc.region_scale)
+            ref = lrn.reference(x_t, t, enc, added) if lc.kl_coef > 0 else None
+            history.append(update(lrn, objectives, metrics, pred, kl_term(lrn, pred, ref, metrics)))
     return summary(lrn, history, len(samples))
 
 
@@ -144,16 +156,45 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
                                  added["text_embeds"], added["time_ids"], s.guidance_scale)
                 out = scheduler_step_with_logprob(lrn.ddim, eps.float(), t, lat[:, j], eta=s.eta,
                                                   prev_sample=lat[:, j + 1])
-                loss = ddpo_clipped_loss(out.log_prob, old[:, j], adv, lc.ddpo_clip_range)
-                m = {"loss/ddpo": float(loss.loss.detach()), "ddpo/approx_kl": float(loss.approx_kl),
-                     "ddpo/clipfrac": float(loss.clipfrac), "ddpo/ratio": float(loss.ratio_mean)}
+                loss, m = trust_region_loss(lrn, out, old[:, j], adv, lat[:, j], lat[:, j + 1], t, enc, added, s, j)
                 if first:
                     m["ddpo/recorded_logprob_max_diff"] = float((out.log_prob.detach() - old[:, j]).abs().max())
                 lrn.backward(loss.loss)
                 per_step.append(m)
-            history.append({key: float(np.mean([m[key] for m in per_step if key in m])) for key in per_step[0]})
+            keys = {key for m in per_step for key in m}  # per-step drift keys differ between steps
+            history.append({key: float(np.mean([m[key] for m in per_step if key in m])) for key in keys})
             first = False
     return summary(lrn, history, len(tb))
+
+
+def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: int, enc, added, s, j: int):
+    """One DDIM step's policy-gradient loss under ``learner.trust_region`` (rlfh/losses/trust_region.py)
+    and its metrics: ``clip`` (DDPO's clipped ratio), ``dppo`` (Flow-DPPO's KL mask) or ``guard``
+    (GRPO-Guard's drift-free normalized ratio). The last two need the sampling policy's mean of the
+    step (``s``: the round's sampler settings, CFG and eta): recomputed here with the round's starting weights (``lrn.old_weights``), which are the
+    sampler's (DDPO is on-policy: rollout.max_staleness=0). ``ddpo/log_ratio_drift/step{j}`` is the
+    mean log-ratio of recorded step j (its expectation is -KL_j)."""
+    lc = lrn.cfg.learner
+    m = {f"ddpo/log_ratio_drift/step{j}": float((out.log_prob.detach() - old_log_prob).mean())}
+    if lc.trust_region == "clip":
+        loss = ddpo_clipped_loss(out.log_prob, old_log_prob, adv, lc.ddpo_clip_range)
+        m.update({"loss/ddpo": float(loss.loss.detach()), "ddpo/approx_kl": float(loss.approx_kl),
+                  "ddpo/clipfrac": float(loss.clipfrac), "ddpo/ratio": float(loss.ratio_mean)})
+        return loss, m
+    with torch.no_grad():
+        eps_old = guided_eps(lrn.unet_with(lrn.old_weights), lrn.ddim, x.to(lrn.unet.dtype), t, enc,
+                             added["text_embeds"], added["time_ids"], s.guidance_scale)
+        mean_old = scheduler_step_with_logprob(lrn.ddim, eps_old.float(), t, x, eta=s.eta, prev_sample=x_next).mean
+    kl = gaussian_mean_kl(out.mean, mean_old, out.std_dev)  # (B,), with the gradient (guard uses it)
+    if lc.trust_region == "dppo":
+        loss = dppo_loss(out.log_prob, old_log_prob, adv, kl, lc.trust_region_kl)
+        limited = "ddpo/maskedfrac"
+    else:
+        loss = guard_loss(out.log_prob, old_log_prob, adv, kl, out.std_dev, lc.ddpo_clip_range)
+        limited = "ddpo/clipfrac"
+    m.update({"loss/ddpo": float(loss.loss.detach()), "ddpo/kl": float(loss.kl_mean), limited: float(loss.limited_frac),
+              "ddpo/ratio": float(loss.ratio_mean)})
+    return loss, m
 
 
 # ---------------------------------------------------------------------------------------- the shared loop parts
@@ -186,13 +227,27 @@ def masks_at(masks: dict[str, np.ndarray], idx: list[int], device) -> dict[str, 
     return {r: rows(m, idx, device) for r, m in masks.items()}
 
 
-def update(lrn: LearnerEngine, objectives: dict[str, torch.Tensor], metrics: dict[str, float], pred) -> dict[str, float]:
-    """Combine the regions' losses by the fairness rule and back-propagate through the engine."""
+def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float]):
+    """``learner.kl_coef`` * mean (eps_theta - eps_ref)^2 (rlfh/losses/kl.py), or None when off."""
+    coef = lrn.cfg.learner.kl_coef
+    if coef <= 0 or ref is None:
+        return None
+    term = eps_kl(pred, ref, coef)
+    metrics["loss/kl"] = float(term.detach())
+    return term
+
+
+def update(lrn: LearnerEngine, objectives: dict[str, torch.Tensor], metrics: dict[str, float], pred,
+           extra: torch.Tensor | None = None) -> dict[str, float]:
+    """Combine the regions' losses by the fairness rule, add ``extra`` (the KL term: a whole-image
+    regularizer, outside the fairness rule) and back-propagate through the engine."""
     lc = lrn.cfg.learner
     loss, fair_metrics = fairness.combine_objectives(objectives, lc.fairness.rule, len(lc.regions),
                                                      lrn.trainable_parameters(), lc.fairness.weights, lc.fairness.alpha)
     if loss is None:
         loss = pred.sum() * 0.0  # no region present: keeps DeepSpeed's micro-step bookkeeping
+    if extra is not None:
+        loss = loss + extra
     metrics.update(fair_metrics)
     for region in lc.regions:
         metrics[f"regions/{region}/present"] = float(region in objectives)
