@@ -6,38 +6,53 @@
 #
 #   bash bench/gpu.sh [OUT_DIR]       # default OUT_DIR bench/results
 #   bash bench/gpu.sh --dry-run       # print the install and bench commands, run nothing (any machine)
+#   bash bench/gpu.sh --cpu-check [OUT_DIR]   # the same stages with the tiny model on CPU (plumbing only,
+#                                     # ~2 min; default OUT_DIR a temp dir; no install, no compile)
 #
 # Installs the wheels it needs from .whl/ (built here by `bash bench/gpu_wheels.sh`: the GPU machine has
 # no network; Python 3.12 there) into /tmp/rlfh-site, unless they import already.
 #
-# Stages (times on an H100, estimated: not yet run on a GPU; each stage has its own timeout, so an
-# overrun loses that stage only):
+# Stages (times on an H100, estimated: not yet run on a GPU). Each runs under its own timeout, so an
+# overrun loses that stage only; the compile, the least predictable, runs last with what is left of
+# the 8 minutes:
 #   install   ~15 s
-#   rollout  <=280 s  stock diffusers (a) vs rlfh Sampler eager (b), + LoRA r8 unmerged (c) and merged
-#                     (d), batches 1 and 4, 20 steps, 2 rounds after a warm-up; then ONE compile
-#                     (channels_last + Sampler.compile, reduce-overhead) of the merged-LoRA sampler at
-#                     batch 4, its compile time, steady speed and images vs eager
-#   learner  <=170 s  reference-style Diffusion-DPO loop vs rlfh's learner, LoRA r8 and the full UNet,
-#                     1 pair/step, 3 steps after a warm-up, alternating
-#   summary    ~1 s
+#   rollout  <=150 s  stock diffusers (a) vs rlfh Sampler eager (b), + LoRA r8 unmerged (c) and merged
+#                     (d), batches 1 and 4, 20 steps, 2 rounds after a warm-up, alternating -> gpu_rollout.json
+#   learner  <=150 s  reference-style Diffusion-DPO loop vs rlfh's learner, LoRA r8 and the full UNet,
+#                     1 pair/step, 3 steps after a warm-up, alternating -> gpu_learner.json
+#   compile  the rest (~150 s): the one compile: channels_last + Sampler.compile (reduce-overhead: CUDA
+#                     graphs) of the merged-LoRA sampler at batch 4: compile time, steady speed against
+#                     its eager time, images vs eager (it re-times a-d once at batch 4 first, ~30 s)
+#                     -> gpu_rollout_compile.json
+#   summary    ~1 s   -> gpu_summary.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DRY="" OUT_DIR=""
+DRY="" CPU_CHECK="" OUT_DIR=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
+    --cpu-check) CPU_CHECK=1 ;;
     -h|--help) sed -n 2,24p "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) OUT_DIR="$1" ;;
   esac
   shift
 done
-OUT_DIR=${OUT_DIR:-bench/results}
+if [[ -n "$CPU_CHECK" ]]; then OUT_DIR=${OUT_DIR:-$(mktemp -d -t rlfh-gpu-check-XXXX)}; else OUT_DIR=${OUT_DIR:-bench/results}; fi
 PY=${PYTHON:-python3}
+[[ -n "$CPU_CHECK" && -z "${PYTHON:-}" && -x .venv/bin/python ]] && PY=.venv/bin/python
 ROLLOUT=("$PY" bench/rollout_bench.py --model sdxl-arch-random --dtype bfloat16 --size 1024 --steps 20
-         --batch-sizes 1,4 --repeats 2 --lora-rank 8 --compile --out gpu_rollout --out-dir "$OUT_DIR")
+         --batch-sizes 1,4 --repeats 2 --lora-rank 8 --no-compile --out gpu_rollout --out-dir "$OUT_DIR")
+COMPILE=("$PY" bench/rollout_bench.py --model sdxl-arch-random --dtype bfloat16 --size 1024 --steps 20
+         --batch-sizes 4 --repeats 1 --lora-rank 8 --compile --out gpu_rollout_compile --out-dir "$OUT_DIR")
 LEARNER=("$PY" bench/learner_bench.py --model sdxl-arch-random --dtype bfloat16 --size 1024 --pairs 1
          --modes lora8,full --repeats 3 --large-size 0 --out gpu_learner --out-dir "$OUT_DIR")
+TOTAL_S=${GPU_SH_TOTAL_S:-470}  # the whole script's budget (8 min less a margin)
+if [[ -n "$CPU_CHECK" ]]; then  # later options win: tiny model, CPU, no compile
+  CPU_ARGS=(--model rlfh:tiny-sdxl --dtype float32 --size 64 --device cpu)
+  ROLLOUT+=("${CPU_ARGS[@]}" --steps 2); COMPILE+=("${CPU_ARGS[@]}" --steps 2 --no-compile)
+  LEARNER+=("${CPU_ARGS[@]}" --modes lora8 --repeats 2)
+fi
 SUMMARY=("$PY" bench/summarize.py --gpu-sh "$OUT_DIR" --out "$OUT_DIR/gpu_summary.json")
 INSTALL=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/rlfh-site)
 
@@ -45,8 +60,9 @@ if [[ -n "$DRY" ]]; then
   echo "[gpu.sh] dry run: out=$OUT_DIR"
   echo "  ${INSTALL[*]} .whl/*.whl   # only if diffusers/deepspeed/pydantic do not import"
   echo "  export PYTHONPATH=/tmp/rlfh-site:$PWD"
-  echo "  timeout 280 ${ROLLOUT[*]}"
-  echo "  timeout 170 ${LEARNER[*]}"
+  echo "  timeout 150 ${ROLLOUT[*]}"
+  echo "  timeout 150 ${LEARNER[*]}"
+  echo "  timeout <rest of ${TOTAL_S} s> ${COMPILE[*]}"
   echo "  ${SUMMARY[*]}"
   ls .whl/*.whl >/dev/null 2>&1 && echo "[gpu.sh] wheels: $(ls .whl/*.whl | wc -l) in .whl/" \
     || echo "[gpu.sh] no .whl/ here: run bash bench/gpu_wheels.sh before carrying it to the GPU machine"
@@ -56,13 +72,14 @@ fi
 mkdir -p "$OUT_DIR"
 : > "$OUT_DIR/stage_times.tsv"
 t0=$SECONDS
-if ! "$PY" -c "import diffusers, deepspeed, pydantic" 2>/dev/null; then
+if [[ -n "$CPU_CHECK" ]]; then :
+elif ! "$PY" -c "import diffusers, deepspeed, pydantic" 2>/dev/null; then
   ls .whl/*.whl >/dev/null 2>&1 || { echo "[gpu.sh] missing packages and no .whl/: run bash bench/gpu_wheels.sh here and carry .whl" >&2; exit 1; }
   "${INSTALL[@]}" .whl/*.whl
 fi
 export PYTHONPATH="/tmp/rlfh-site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 echo -e "install\t$((SECONDS - t0))\t0" >> "$OUT_DIR/stage_times.tsv"
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print('[gpu.sh]', torch.cuda.get_device_name(0), torch.__version__)"
+[[ -n "$CPU_CHECK" ]] || "$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print('[gpu.sh]', torch.cuda.get_device_name(0), torch.__version__)"
 
 stage() {  # stage NAME SECONDS CMD...: run under a timeout, log to OUT_DIR/log_NAME.txt, record wall time
   local name=$1 limit=$2; shift 2
@@ -75,7 +92,12 @@ stage() {  # stage NAME SECONDS CMD...: run under a timeout, log to OUT_DIR/log_
   echo -e "$name\t$((SECONDS - s))\t$rc" >> "$OUT_DIR/stage_times.tsv"
   echo "[gpu.sh] == $name: $((SECONDS - s)) s (exit $rc)"
 }
-stage rollout 280 "${ROLLOUT[@]}"
-stage learner 170 "${LEARNER[@]}"
+stage rollout 150 "${ROLLOUT[@]}"
+stage learner 150 "${LEARNER[@]}"
+REST=$((TOTAL_S - SECONDS))
+if (( REST >= 90 )); then stage compile "$REST" "${COMPILE[@]}"
+else echo "[gpu.sh] compile skipped: $REST s left of $TOTAL_S"; echo -e "compile\t0\t-1" >> "$OUT_DIR/stage_times.tsv"; fi
 "${SUMMARY[@]}"
-echo "[gpu.sh] done in $SECONDS s: $OUT_DIR/gpu_summary.json"
+echo "[gpu.sh] done in $SECONDS s: $OUT_DIR/gpu_summary.json (copy OUT_DIR's gpu_*.json into bench/results/)"
+FAILED=$(awk -F'\t' '$3 != 0 {print $1}' "$OUT_DIR/stage_times.tsv" | tr '\n' ' ')
+if [[ -n "$FAILED" ]]; then echo "[gpu.sh] FAILED or skipped stages: $FAILED(logs: $OUT_DIR/log_<stage>.txt)" >&2; exit 1; fi
