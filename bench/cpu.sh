@@ -3,8 +3,8 @@
 # measurements taken in this run, in OUT_DIR/cpu_summary.json (machine, date, headlines, raw rows,
 # per-stage wall times, the per-bench JSON paths).
 #
-#   bash bench/cpu.sh OUT_DIR            # ~8 min on 2 quiet cores (budget 15); per-bench JSON in OUT_DIR/cpu_sh/
-#   bash bench/cpu.sh --smoke [OUT_DIR]  # ~3 min: every stage at tiny settings, default OUT_DIR a temp dir
+#   bash bench/cpu.sh OUT_DIR            # ~7 min on 2 quiet cores (budget 12, limit 15); per-bench JSON in OUT_DIR/cpu_sh/
+#   bash bench/cpu.sh --smoke [OUT_DIR]  # ~1.5 min: every stage at tiny settings, default OUT_DIR a temp dir
 #   PYTHON=/path/to/python bash bench/cpu.sh OUT_DIR
 #
 # Headlines (>1 = rlfh faster, except the share): rollout_lora_ratio (stock pipeline without LoRA /
@@ -50,19 +50,19 @@ else
   LEARNER=(--modes lora8 --repeats 16 --large-size 256 --large-repeats 9)
   # 10 pairs (full, window) of 4-11 s after a warm-up pair
   DDPO=(--repeats 9)
-  # ViT-L build/save/load ~30 s, server start ~20 s, 3 x (1 + 3) calls of ~5-10 s
+  # ViT-L build/save/load ~30 s, server start + replica load ~25 s, 3 paths x (1 + 5) calls of ~8 s
   REWARD=(--quick)
 fi
 echo "[cpu.sh] out=$OUT_DIR smoke=${SMOKE:-no} python=$PY  $(date -u +%FT%TZ)  load: $(cut -d' ' -f1-3 /proc/loadavg)"
 cat <<EOF
 [cpu.sh] time budget (2 quiet cores; smoke: ~30-60 s each)
   stage      budget   settings
-  rollout     3 min   ${ROLLOUT[*]}
-  learner     4 min   ${LEARNER[*]}
+  rollout     2 min   ${ROLLOUT[*]}
+  learner     3 min   ${LEARNER[*]}
   ddpo        3 min   ${DDPO[*]}
-  reward      3 min   ${REWARD[*]}
+  reward      4 min   ${REWARD[*]}
   summary    <5 s
-  total      13 min   (limit 15)
+  total      12 min   (limit 15; estimated ~7 min on 2 quiet cores)
 EOF
 
 stage() {  # stage NAME CMD...: run, log to $SUB/log_NAME.txt, record wall seconds

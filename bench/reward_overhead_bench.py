@@ -1,7 +1,7 @@
 """The reward server's overhead against a FaceScore-size model; writes OUT_DIR/cpu_reward_overhead.json.
 
-    python bench/reward_overhead_bench.py [--out-dir bench/results] [--batch 8] [--rounds 7]
-    python bench/reward_overhead_bench.py --quick     # 3 rounds (bench/cpu.sh)
+    python bench/reward_overhead_bench.py [--out-dir bench/results] [--batch 8] [--rounds 9]
+    python bench/reward_overhead_bench.py --quick     # 5 rounds (bench/cpu.sh)
     python bench/reward_overhead_bench.py --smoke     # tiny model, 2 rounds, temp dir: seconds
 
 The model: FaceScore's published architecture with random weights (seed 0, tests/rewards/tiny_blip.py's
@@ -74,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="result name (default cpu_reward_overhead, smoke_reward_overhead)")
     p.add_argument("--batch", type=int, default=8, help="images per request")
     p.add_argument("--size", type=int, default=512, help="image side in px (faces are cropped and resized to 224)")
-    p.add_argument("--rounds", type=int, default=7, help="timed rounds (a, b, c each) after the warm-up")
+    p.add_argument("--rounds", type=int, default=9, help="timed rounds (a, b, c each) after the warm-up")
     p.add_argument("--threads", type=int, default=1, help="torch threads in-process and in the replica")
     p.add_argument("--png", action="store_true", help="also time HTTP with PNG bodies")
-    p.add_argument("--quick", action="store_true", help="3 rounds (for bench/cpu.sh)")
+    p.add_argument("--quick", action="store_true", help="5 rounds (for bench/cpu.sh)")
     p.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds, results in a temp dir")
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds = min(args.rounds, 3)
+        args.rounds = min(args.rounds, 5)
     if args.smoke:
         args.rounds = 2
         if args.out_dir == str(REPO / "bench" / "results"):
