@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Every benchmark appropriate for the device found, results as JSON under bench/results/.
+# The issue-13 headlines in one command each: bash bench/cpu.sh OUT_DIR (CPU, <15 min) and
+# bash bench/gpu.sh OUT_DIR (one H100/H200, <8 min); see bench/NOTES.md "One command".
 #
 #   bash bench/run_all.sh            # GPU: SDXL-arch (random weights) 1024 px -> gpu_*.json
 #                                    # CPU: tiny model 64 px + the Ray round split -> cpu_tiny_*.json
 #   bash bench/run_all.sh --smoke    # seconds per script, every code path, results in a temp dir
-#   bash bench/run_all.sh --only rollout|compile|learner|round|colocate|summary   # one stage (the device tool's
+#   bash bench/run_all.sh --only rollout|compile|learner|round|colocate|reward|summary   # one stage (the device tool's
 #                                    # 10-minute command limit: one stage per call on GPU, see NOTES.md)
 #   OUT_DIR=/some/dir PYTHON=python3 bash bench/run_all.sh   # elsewhere / another interpreter
 set -euo pipefail
@@ -38,5 +40,7 @@ if [[ "$GPU" == "1" ]]; then
 else
   want colocate && $PY bench/colocate_bench.py $SMOKE --out-dir "$OUT_DIR"
 fi
+# the reward server's HTTP / handle overhead against a FaceScore-size model (CPU: the server is a CPU path here)
+[[ "$GPU" == "0" ]] && want reward && $PY bench/reward_overhead_bench.py $SMOKE --quick --out-dir "$OUT_DIR"
 want summary && $PY bench/summarize.py --dir "$OUT_DIR" ${SMOKE:+--prefix smoke_}
 echo "[run_all] done"
