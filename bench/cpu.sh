@@ -13,6 +13,7 @@
 # steps / a 2-step SDE window, items/s), reward_http_overhead_share ((HTTP - in-process) / in-process,
 # FaceScore-size model, batch 8). One torch thread everywhere (see bench/NOTES.md).
 set -euo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [[ -x "$PY" ]] || PY=python
@@ -22,7 +23,7 @@ while [[ $# -gt 0 ]]; do
     --smoke) SMOKE=1 ;;
     -h|--help) sed -n 2,15p "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
-    *) OUT_DIR="$1" ;;
+    *) OUT_DIR="$1"; [[ "$OUT_DIR" == /* ]] || OUT_DIR="$CALLER_DIR/$OUT_DIR" ;;
   esac
   shift
 done

@@ -7,7 +7,7 @@
 #   bash bench/gpu.sh [OUT_DIR]       # default OUT_DIR bench/results
 #   bash bench/gpu.sh --dry-run       # print the install and bench commands, run nothing (any machine)
 #   bash bench/gpu.sh --cpu-check [OUT_DIR]   # the same stages with the tiny model on CPU (plumbing only,
-#                                     # ~2 min; default OUT_DIR a temp dir; no install, no compile)
+#                                     # ~1 min; default OUT_DIR a temp dir; no install, no compile)
 #
 # Installs the wheels it needs from .whl/ (built here by `bash bench/gpu_wheels.sh`: the GPU machine has
 # no network; Python 3.12 there) into /tmp/rlfh-site, unless they import already.
@@ -26,15 +26,16 @@
 #                     -> gpu_rollout_compile.json
 #   summary    ~1 s   -> gpu_summary.json
 set -euo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
 DRY="" CPU_CHECK="" OUT_DIR=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --cpu-check) CPU_CHECK=1 ;;
-    -h|--help) sed -n 2,24p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,27p "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
-    *) OUT_DIR="$1" ;;
+    *) OUT_DIR="$1"; [[ "$OUT_DIR" == /* ]] || OUT_DIR="$CALLER_DIR/$OUT_DIR" ;;
   esac
   shift
 done
