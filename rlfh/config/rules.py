@@ -144,6 +144,16 @@ def check_consistency(cfg) -> list[str]:
         p.append(f"learner.kl_coef={lr_.kl_coef}: must be finite and >= 0")
     elif lr_.kl_coef > 0 and lr_.loss == "ddpo":
         p.append("learner.kl_coef > 0 is not available with learner.loss=ddpo yet (its per-step KL is rlfh.losses.kl.transition_kl_weight)")
+    if lr_.cfg_distill is not None:
+        if not (1 < lr_.cfg_distill < math.inf):
+            p.append(f"learner.cfg_distill={lr_.cfg_distill}: the teacher's guidance scale must be finite and > 1")
+        if cfg.rollout.guidance_scale != 1.0:
+            p.append(f"learner.cfg_distill trains a model that needs no CFG: sample at rollout.guidance_scale=1 "
+                     f"(now {cfg.rollout.guidance_scale})")
+        if lr_.loss == "ddpo":
+            p.append("learner.cfg_distill is not available with learner.loss=ddpo (its trajectories are scored per step)")
+    if not (0 <= lr_.cfg_distill_coef < math.inf):
+        p.append(f"learner.cfg_distill_coef={lr_.cfg_distill_coef}: must be finite and >= 0")
     if lr_.trust_region != "clip" and lr_.loss != "ddpo":
         p.append(f"learner.trust_region={lr_.trust_region} is for the per-step policy gradient: it needs learner.loss=ddpo")
     if not (0 < lr_.trust_region_kl < math.inf):

@@ -48,8 +48,10 @@ def needs_text_encoders(cfg) -> bool:
     """Whether the learner must keep its text encoders when batches bring the rollouts' conditioning:
     colocated sampling encodes with this pipeline, HG-DPO trains on real images' captions that no
     rollout conditioned on, DDPO's guided eps needs the negative prompt (the rollouts send positive
-    embeddings only). Offline DPO keeps them because its batches (from the rollout log) carry none."""
-    return bool(cfg.resources.colocate or cfg.learner.hgdpo.real_images or cfg.learner.loss == "ddpo")
+    embeddings only), and so does CFG distillation's teacher. Offline DPO keeps them because its batches
+    (from the rollout log) carry none."""
+    return bool(cfg.resources.colocate or cfg.learner.hgdpo.real_images or cfg.learner.loss == "ddpo"
+                or cfg.learner.cfg_distill is not None)
 
 
 def make_optimizer(params, lc, device: torch.device) -> torch.optim.Optimizer:

@@ -36,6 +36,7 @@ import torch
 from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch, rows
 from rlfh.learner.engine import LearnerEngine, ddpo_train_steps
 from rlfh.losses import fairness
+from rlfh.losses.cfg_distill import cfg_distill_loss, cfg_teacher
 from rlfh.losses.ddpo import ddpo_clipped_loss
 from rlfh.losses.kl import eps_kl
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
@@ -83,7 +84,8 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
                 lc.loss, lc.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b],
                 masks_at(pairs.masks_w, idx, lrn.device), masks_at(pairs.masks_l, idx, lrn.device),
                 list(lc.regions), lc.region_scale)
-            history.append(update(lrn, objectives, metrics, pred, kl_term(lrn, pred, ref, metrics)))
+            extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
+            history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(pairs))
 
 
@@ -111,8 +113,8 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
             else:
                 objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions),
                                                           lc.region_scale)
-            ref = lrn.reference(x_t, t, enc, added) if lc.kl_coef > 0 else None
-            history.append(update(lrn, objectives, metrics, pred, kl_term(lrn, pred, ref, metrics)))
+            ref = lrn.reference(x_t, t, enc, added) if lc.kl_coef > 0 or lc.cfg_distill is not None else None
+            history.append(update(lrn, objectives, metrics, pred, regularizers(lrn, pred, ref, x_t, t, h, w, metrics)))
     return summary(lrn, history, len(samples))
 
 
@@ -235,6 +237,27 @@ def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float]):
     term = eps_kl(pred, ref, coef)
     metrics["loss/kl"] = float(term.detach())
     return term
+
+
+def cfg_term(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int, metrics: dict[str, float]):
+    """CFG distillation (rlfh/losses/cfg_distill.py): the policy's conditional eps regressed onto the
+    reference's guided eps at ``learner.cfg_distill``; one extra no-grad reference forward on the
+    negative prompt's rows. None when off."""
+    lc = lrn.cfg.learner
+    if lc.cfg_distill is None:
+        return None
+    neg_enc, neg_added = lrn.condition([lrn.cfg.rollout.negative_prompt] * x_t.shape[0], height, width)
+    teacher = cfg_teacher(ref, lrn.reference(x_t, t, neg_enc, neg_added), lc.cfg_distill)
+    term = cfg_distill_loss(pred, teacher, lc.cfg_distill_coef)
+    metrics["loss/cfg_distill"] = float(term.detach()) / max(lc.cfg_distill_coef, 1e-30)  # the plain mean error
+    return term
+
+
+def regularizers(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int, metrics: dict[str, float]):
+    """The whole-image terms added after the fairness rule: KL to the reference, CFG distillation."""
+    terms = [term for term in (kl_term(lrn, pred, ref, metrics), cfg_term(lrn, pred, ref, x_t, t, height, width, metrics))
+             if term is not None]
+    return sum(terms) if terms else None
 
 
 def update(lrn: LearnerEngine, objectives: dict[str, torch.Tensor], metrics: dict[str, float], pred,
