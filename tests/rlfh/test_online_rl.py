@@ -102,16 +102,19 @@ def fixed_seed_reward(s, st):
 
 # The tiny learning test: a few online rounds (sample CFG-free, score, train, sync) raise a reward of
 # the final latents (the mean of channel 0) at fixed seeds, as tests/rlfh/test_ddpo.py does for DDPO.
-# Measured on CPU over 8 rounds (lr 1e-2, 2 epochs a round): nft 0.0431 -> 0.0524, awm 0.0431 -> 0.0584;
-# the margins are half of each gain. (DDPO moves this reward ~10x more in 12 rounds: its gradient
-# follows the sampled trajectories, while nft / awm see one fresh noise draw per sample and step.)
-LEARNING_MARGIN = {"nft": 0.0045, "awm": 0.0075}
+# Measured on CPU over 8 rounds: nft (lr 1e-2, 2 epochs a round) 0.0431 -> 0.0524; awm (lr 2e-2,
+# 4 epochs) 0.0431 -> 0.5033. The margins are half of each gain. nft moves little by design: per
+# sample its minimizer is eps_old + (2r - 1)(eps - eps_old) / beta (a bounded step from the sampling
+# policy, r = 0.5 + 0.5 A / c), where AWM's clipped ratio lets several epochs compound; a smaller
+# learner.nft_beta moves it further (the paper uses 0.1 - 1 over ~1k steps).
+LEARNING = {"nft": ("1e-2", 2, 0.0045), "awm": ("2e-2", 4, 0.23)}  # lr, epochs per round, margin
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", ["nft", "awm"])
 def test_online_rounds_raise_reward(tiny_model_dir, loss):
-    cfg = config(tiny_model_dir, f"learner.loss={loss}", "rollout.num_inference_steps=4", "learner.lr=1e-2")
+    lr, epochs, margin = LEARNING[loss]
+    cfg = config(tiny_model_dir, f"learner.loss={loss}", "rollout.num_inference_steps=4", f"learner.lr={lr}")
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model))
     lc = cfg.learner.lora
@@ -125,11 +128,11 @@ def test_online_rounds_raise_reward(tiny_model_dir, loss):
         b = s.sample(prompts, [rnd * 8 + i for i in range(8)], st)
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()
         batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64))
-        train(lrn, batch, epochs=2)
+        train(lrn, batch, epochs=epochs)
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     after = fixed_seed_reward(s, st)
     print(f"{loss}: channel-0 mean at fixed seeds {before:.4f} -> {after:.4f}")
-    assert after - before >= LEARNING_MARGIN[loss]
+    assert after - before >= margin
 
 
 @pytest.mark.parametrize("region", ["dppo", "guard"])
