@@ -160,6 +160,15 @@ def check_consistency(cfg) -> list[str]:
         p.append(f"learner.trust_region_kl={lr_.trust_region_kl}: must be finite and > 0")
     if lr_.reference == "ema" and lr_.ema_decay is None:
         p.append("learner.reference=ema needs learner.ema_decay (the EMA the reference is taken from)")
+    if lr_.sampling_policy == "ema":
+        if lr_.ema_decay is None:
+            p.append("learner.sampling_policy=ema needs learner.ema_decay (the EMA the rollout actors sample with)")
+        if not lr_.lora.enabled or lr_.zero_stage == 3:
+            p.append("learner.sampling_policy=ema sends the EMA of the LoRA weights: needs learner.lora.enabled and "
+                     "learner.zero_stage <= 2")
+        if res.colocate:
+            p.append("learner.sampling_policy=ema needs separate rollout actors (resources.colocate samples with "
+                     "the trained UNet itself)")
     if lr_.reference_refresh_rounds < 1:
         p.append(f"learner.reference_refresh_rounds={lr_.reference_refresh_rounds}: must be >= 1")
     if lr_.zero_stage == 3 and (lr_.loss in ("nft", "awm") or lr_.reference == "ema" or lr_.trust_region != "clip"):

@@ -131,6 +131,7 @@ class LearnerConfig:
     kl_coef: float = 0.0  # KL to learner.reference as a loss term, kl_coef * mean (eps_theta - eps_ref)^2 (docs/online_rl.md); not with ddpo
     reference: Literal["base", "ema"] = "base"  # DPO's reference and the KL target: the base model, or the EMA of the policy (needs learner.ema_decay)
     reference_refresh_rounds: int = 1  # reference=ema: the reference is the EMA as it was at the start of every this many rounds
+    sampling_policy: Literal["trained", "ema"] = "trained"  # what the rollout actors sample with: the trained weights, or their EMA (learner.ema_decay; DiffusionNFT's off-policy sampler; LoRA only)
     cfg_distill: Optional[float] = None  # CFG-free training: the guidance scale w of the reference's guided eps, the teacher of a term added to the loss (needs rollout.guidance_scale=1); null = off
     cfg_distill_coef: float = 1.0  # weight of the CFG-distillation term, coef * mean (eps_theta(x_t, c) - eps_teacher)^2
     hgdpo: HGDPOConfig = field(default_factory=HGDPOConfig)  # real images as winners, on a curriculum

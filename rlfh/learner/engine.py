@@ -361,7 +361,10 @@ class LearnerEngine:
         first round of a process, e.g. after a resume)."""
         lc = self.cfg.learner
         if lc.loss in ("nft", "awm") or lc.trust_region != "clip":
-            self.old_weights = [p.detach().clone() for p in self.trainable_parameters()]
+            # the EMA has not moved since the last sync (it steps with the optimizer), so either way these
+            # are the weights the round was sampled with
+            sampled = self.sampling_weights() or self.trainable_parameters()
+            self.old_weights = [p.detach().clone() for p in sampled]
         if lc.reference == "ema" and (self.reference_weights is None
                                       or self.policy_version % lc.reference_refresh_rounds == 0):
             self.reference_weights = [p.detach().clone().to(q.dtype) for p, q in
@@ -409,13 +412,26 @@ class LearnerEngine:
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained LoRA weights as a peft state dict on CPU (what rollout actors load)."""
+    def lora_state_dict(self, weights: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The LoRA weights as a peft state dict on CPU (what rollout actors load): the trained ones,
+        or ``weights`` in the order of the trainable parameters (e.g. their EMA)."""
         from peft import get_peft_model_state_dict
 
         if self.ref_unet is not None:
             raise RuntimeError("full-UNet training has no LoRA state; sync full weights instead")
-        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
+        state = None
+        if weights is not None:
+            state = dict(self.unet.state_dict())
+            state.update(zip(self.trainable_names, weights))
+        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.unet, state).items()}
+
+    def sampling_weights(self) -> list[torch.Tensor] | None:
+        """The trainable weights the rollout actors sample with, when they are not the trained ones:
+        with ``learner.sampling_policy=ema``, the EMA (DiffusionNFT samples with a slowly moving copy
+        of the policy, off-policy); else None."""
+        if self.cfg.learner.sampling_policy != "ema":
+            return None
+        return [s.detach().to(p.dtype) for s, p in zip(self.ema.shadow_params, self.trainable_parameters())]
 
     def policy_weight_buckets(self, bucket_bytes: int):
         """What rollout actors need to sample from the current policy, in buckets of at most
@@ -425,7 +441,7 @@ class LearnerEngine:
 
         if self.ref_unet is None:
             with self.gathered(self.trainable_parameters()):
-                state = self.lora_state_dict()
+                state = self.lora_state_dict(self.sampling_weights())
             return iter_state_buckets(state, bucket_bytes)
         return iter_state_buckets(self.unet.state_dict(keep_vars=True), bucket_bytes, self.gathered)
 
