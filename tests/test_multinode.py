@@ -210,7 +210,7 @@ def test_rollout_and_learner_on_different_nodes(two_nodes, tiny_model_dir, tmp_p
     assert (run_dir / "checkpoints" / "latest").read_text() == "round-000002"
 
     rollout_nodes = actor_nodes(gcs, "RolloutActor")
-    learner_nodes = actor_nodes(gcs, "LearnerRank")
+    learner_nodes = actor_nodes(gcs, "LearnerActor")
     reward_nodes = actor_nodes(gcs, "RewardActor")
     assert rollout_nodes and learner_nodes and reward_nodes, (rollout_nodes, learner_nodes, reward_nodes)
     assert set(rollout_nodes) == {by_role["rollout"]}, f"rollout actor on {rollout_nodes}, expected the worker node"

@@ -65,7 +65,7 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
     """Diffusion-DPO (or a variant) on preference pairs, per region."""
     lc = lrn.cfg.learner
     if lc.loss not in PAIRWISE:
-        raise ValueError(f"learner.loss={lc.loss} does not train on pairs")
+        raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not pairs")
     h, w = pairs.latents_w.shape[-2] * lrn.vae_scale, pairs.latents_w.shape[-1] * lrn.vae_scale
     history = []
     for step in optimizer_steps(lrn, len(pairs), epochs):
@@ -96,7 +96,7 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
     policy with the round's sampling policy on the same x_t (``lrn.old_policy``)."""
     lc = lrn.cfg.learner
     if lc.loss not in WEIGHTED + ADVANTAGE:
-        raise ValueError(f"learner.loss={lc.loss} does not train on weighted samples")
+        raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not weighted samples")
     h, w = samples.latents.shape[-2] * lrn.vae_scale, samples.latents.shape[-1] * lrn.vae_scale
     history = []
     for step in optimizer_steps(lrn, len(samples), epochs):
@@ -133,7 +133,7 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
     """
     lc = lrn.cfg.learner
     if lc.loss != "ddpo":
-        raise ValueError(f"learner.loss={lc.loss} does not train on trajectories")
+        raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not trajectories")
     n_steps = tb.latents.shape[1] - 1  # the recorded steps: W with an SDE window, else T
     expected = lc.ddpo_window or lrn.cfg.rollout.num_inference_steps
     if n_steps != expected or tb.log_probs.shape[1] != n_steps or len(tb.timesteps) != n_steps:
@@ -200,6 +200,11 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
 
 
 # ---------------------------------------------------------------------------------------- the shared loop parts
+def batch_kind(loss: str) -> str:
+    """What a loss trains on, for errors that name it."""
+    return "pairs" if loss in PAIRWISE else "trajectories" if loss == "ddpo" else "weighted samples"
+
+
 def optimizer_steps(lrn: LearnerEngine, n: int, epochs: int) -> Iterator[list[int]]:
     """The items of each optimizer step: ``epochs`` shuffled passes over n items in steps of
     ``learner.train_batch_size``, the same on every rank; a remainder < one step is dropped.

@@ -187,8 +187,12 @@ def test_readme_ray_job_submit_example_works_under_token_auth(tmp_path):
         job = ("import ray; ray.init(); "
                "print('JOB', ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()))")
         cmd = submit.split(" -- ")[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dash}").split()
-        r = subprocess.run(cmd + ["--", sys.executable, "-c", job], env=env, capture_output=True, text=True,
-                           timeout=120)
+        for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
+            r = subprocess.run(cmd + ["--", sys.executable, "-c", job], env=env, capture_output=True, text=True,
+                               timeout=120)
+            if "No available agent to submit job" not in r.stdout + r.stderr:
+                break
+            time.sleep(2)
         assert r.returncode == 0 and "JOB 127.0.0.1" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
         head = list({p.pid: p for r_ in roots if r_.is_running() for p in [r_, *r_.children(recursive=True)]}.values())
         exposed = [s for s in _listening(head) if s[0] not in LOOPBACK]
