@@ -14,8 +14,8 @@ class MetricsFileError(ValueError):
     """``metrics.jsonl`` has a damaged line that is not the last (a crash tears only the last one)."""
 
 
-def _read_lines(path: Path) -> tuple[list[str], str | None]:
-    """The good lines of a metrics file and its torn last line (None when there is none).
+def read_metrics_lines(path: Path, warn: bool = True) -> tuple[list[str], list[dict[str, Any]], str | None]:
+    """The good lines of a metrics file, their rows, and its torn last line (None when there is none).
 
     A crash in the middle of :meth:`MetricsLogger.log` leaves a partial LAST line: that line is
     dropped with a warning naming the file. A bad line anywhere else is corruption, and an error
@@ -24,6 +24,7 @@ def _read_lines(path: Path) -> tuple[list[str], str | None]:
     text = path.read_text(errors="replace")
     lines = text.splitlines()
     good: list[str] = []
+    rows: list[dict[str, Any]] = []
     torn = None
     for i, ln in enumerate(lines, 1):
         if not ln.strip():
@@ -39,10 +40,11 @@ def _read_lines(path: Path) -> tuple[list[str], str | None]:
             raise MetricsFileError(f"{path}:{i}: not a JSON object ({e}); the metrics file is corrupted "
                                    f"(only its last line can be torn by a crash). Fix or delete that line") from None
         good.append(ln)
-    if torn is not None:
+        rows.append(row)
+    if torn is not None and warn:  # an observer of a live run (rlfh status) sees a line being written
         warnings.warn(f"{path}: dropping the torn last line {torn[:60]!r}{'...' if len(torn) > 60 else ''} "
                       f"(a write interrupted by a crash); the rows before it are kept")
-    return good, torn
+    return good, rows, torn
 
 
 def _rewrite(path: Path, lines: list[str]) -> None:
@@ -56,7 +58,7 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.is_file():
-            good, torn = _read_lines(self.path)
+            good, _, torn = read_metrics_lines(self.path)
             if torn is not None:  # appending after a torn line would glue the next row onto it
                 _rewrite(self.path, good)
         self._file = open(self.path, "a")
@@ -103,10 +105,10 @@ def rollback_metrics(run_dir: str | Path, from_round: int) -> int:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return 0
-    lines, torn = _read_lines(path)
+    lines, rows, torn = read_metrics_lines(path)
     keep, drop = [], []
-    for ln in lines:
-        (drop if json.loads(ln).get("round", -1) >= from_round else keep).append(ln)
+    for ln, row in zip(lines, rows):
+        (drop if row.get("round", -1) >= from_round else keep).append(ln)
     if drop:
         with open(path.with_name("metrics.rolled_back.jsonl"), "a") as f:
             f.write("\n".join(drop) + "\n")
@@ -116,6 +118,5 @@ def rollback_metrics(run_dir: str | Path, from_round: int) -> int:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of ``RUN_DIR/metrics.jsonl``; a torn last line is dropped with a warning (see :func:`_read_lines`)."""
-    lines, _ = _read_lines(Path(run_dir) / "metrics.jsonl")
-    return [json.loads(ln) for ln in lines]
+    """Rows of ``RUN_DIR/metrics.jsonl``; a torn last line is dropped with a warning (see :func:`read_metrics_lines`)."""
+    return read_metrics_lines(Path(run_dir) / "metrics.jsonl")[1]

@@ -70,22 +70,13 @@ def read_metrics_rows(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     Raises:
         RunDirError: a line other than the last is not a JSON object.
     """
-    rows: list[dict[str, Any]] = []
-    notes: list[str] = []
-    lines = path.read_text(errors="replace").splitlines()
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict):
-                raise ValueError("not an object")
-        except ValueError as e:
-            if i == len(lines):
-                notes.append(f"{path.name}: last line is incomplete (being written?); skipped")
-                continue
-            raise RunDirError(f"{path}:{i}: not a JSON object ({e}); the metrics file is corrupted") from None
-        rows.append(row)
+    from rlfh.run.metrics import MetricsFileError, read_metrics_lines
+
+    try:
+        _, rows, torn = read_metrics_lines(path, warn=False)
+    except MetricsFileError as e:
+        raise RunDirError(str(e)) from None
+    notes = [f"{path.name}: last line is incomplete (being written?); skipped"] if torn is not None else []
     return rows, notes
 
 
