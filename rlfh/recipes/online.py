@@ -74,7 +74,7 @@ def train(cfg: Config) -> Path:
             train_batch, batch_stats = learner_batch(
                 lc, batch.latents, batch.prompts, batch.prompts, scores,
                 [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width), batch.trajectory, run.settings,
-                getattr(batch, "conditioning", None), normalization=cfg.rewards_normalization)
+                batch.conditioning, normalization=cfg.rewards_normalization)
             batch_stats.update(score_stats)
             if run.real_winners is not None:
                 train_batch, hg_stats = run.real_winners.mix(train_batch, rnd)
