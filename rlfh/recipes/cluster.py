@@ -26,19 +26,36 @@ _LOOPBACK_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 @contextlib.contextmanager
 def _loopback_node():
+    import ray._private.parameter as parameter
     import ray._private.ray_constants as ray_constants
 
     saved_env, saved_flag = os.environ.get(_LOOPBACK_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    saved_params = parameter.RayParams
     os.environ[_LOOPBACK_SWITCH] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; the env var only at import
+    parameter.RayParams = _dynamic_agent_port(saved_params)
     try:
         yield
     finally:
+        parameter.RayParams = saved_params
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         if saved_env is None:
             os.environ.pop(_LOOPBACK_SWITCH, None)
         else:
             os.environ[_LOOPBACK_SWITCH] = saved_env
+
+
+def _dynamic_agent_port(params_cls: type) -> type:
+    """RayParams whose dashboard agent listens on a port the OS picks. ray.init has no argument for
+    it and defaults to the fixed 52365: a run started right after a SIGKILLed one would meet the
+    dead run's agent there (it holds the port until the watcher ends it) and retry its bind."""
+
+    class PrivateParams(params_cls):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
+
+    return PrivateParams
 
 
 def start_private_ray(**init_kwargs: Any) -> None:
