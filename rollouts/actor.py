@@ -50,6 +50,10 @@ class RolloutActor:
     def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False):
         return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
 
+    def refine(self, latents, prompts, seeds, settings, strength: float, masks=None):
+        """``Sampler.refine``: SDEdit or, with masks, inpainting by the current policy."""
+        return self.sampler.refine(latents, prompts, seeds, settings, strength, masks)
+
     def load_weights(self, buckets: list, policy_version: int, lora: bool = True) -> int:
         """The learner's policy weights as object-store refs, one per bucket (``rlfh.learner.weight_sync``):
         LoRA (fast path, merged and loaded at once) or the whole UNet, fetched and copied in place

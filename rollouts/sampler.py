@@ -343,6 +343,76 @@ class Sampler:
         )
 
     @torch.no_grad()
+    def refine(self, latents, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
+               strength: float, masks=None) -> RolloutBatch:
+        """Re-noise final latents part-way and denoise them again with the policy (SDEdit, img2img);
+        with ``masks``, only inside the masks (inpainting).
+
+        ``strength`` s in (0, 1] picks where the schedule starts, as diffusers' img2img pipelines do:
+        of ``settings.num_inference_steps`` = n steps, the last int(n s) run, from
+        x_t0 = sqrt(abar_t0) x_0 + sqrt(1 - abar_t0) eps (``scheduler.add_noise``, eps from ``seeds``).
+        With ``masks`` (B, 1, h, w) in [0, 1] at latent resolution, after every step the latents
+        outside the mask are replaced by x_0 noised to the next step's t, and by x_0 itself after the
+        last, as diffusers' SDXL inpainting pipeline does for a 4-channel UNet: the result equals
+        x_0 wherever the mask is 0.
+
+        Args:
+            latents: (B, 4, h, w) UNet-space x_0 (a rollout's ``latents``, or an image's VAE latents
+                times the scaling factor).
+
+        Returns:
+            A :class:`RolloutBatch` of the refined images and latents (no trajectory).
+        """
+        if len(prompts) != len(seeds) or len(prompts) != len(latents):
+            raise ValueError(f"got {len(latents)} latents, {len(prompts)} prompts and {len(seeds)} seeds")
+        if not 0.0 < float(strength) <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        pipe, dev = self.pipe, self.device
+        n = settings.num_inference_steps
+        n_run = min(int(n * float(strength)), n)
+        if n_run < 1:
+            raise ValueError(f"strength {strength} of {n} denoising steps runs no step; raise the strength "
+                             f"or rollout.num_inference_steps")
+        cfg = settings.guidance_scale > 1.0
+        gens = seeded_generators(seeds)
+        pos, added, conditioning = self.conditioning(prompts, settings.height, settings.width,
+                                                     settings.negative_prompt if cfg else None)
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(n, device=dev)
+        start = (n - n_run) * scheduler.order
+        timesteps = scheduler.timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        x0 = torch.as_tensor(np.asarray(latents), dtype=pos.dtype).to(dev)
+        noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g, dtype=torch.float32) for g in gens])
+        noise = noise.to(dev, pos.dtype)
+        m = None if masks is None else torch.as_tensor(np.asarray(masks), dtype=pos.dtype).to(dev)
+        if m is not None and (m.ndim != 4 or m.shape[0] != x0.shape[0] or m.shape[1] != 1
+                              or m.shape[-2:] != x0.shape[-2:]):
+            raise ValueError(f"masks must be (B, 1, h, w) = ({x0.shape[0]}, 1, {x0.shape[-2]}, {x0.shape[-1]}), "
+                             f"got {tuple(m.shape)}")
+        x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(x0.shape[0]))
+        step_kwargs = pipe.prepare_extra_step_kwargs(gens, settings.eta)
+        for i, t in enumerate(timesteps):
+            eps = guided_eps(pipe.unet, scheduler, x, t, pos, added["text_embeds"], added["time_ids"],
+                             settings.guidance_scale)
+            x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
+            if m is not None:
+                known = x0 if i == len(timesteps) - 1 else scheduler.add_noise(
+                    x0, noise, timesteps[i + 1:i + 2].repeat(x0.shape[0]))
+                x = (1 - m) * known + m * x
+        return RolloutBatch(
+            images=self.decode(x),
+            latents=x.float().cpu().numpy(),
+            prompts=list(prompts),
+            seeds=[int(s) for s in seeds],
+            settings=settings,
+            policy_version=self.policy_version,
+            model_id=self.model_id,
+            conditioning=conditioning,
+        )
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """UNet-space latents (B, 4, h, w) -> uint8 images (B, H, W, 3)."""
         vae = self.pipe.vae
