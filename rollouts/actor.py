@@ -114,14 +114,14 @@ class RolloutFleet:
                     time.sleep(1.0)  # let Ray restart it
                     ref = self.actors[i].load_weights.remote(buckets, version, lora)
 
-    def _reissue(self, i: int, args: tuple, timeout_s: float = 300.0):
+    def _reissue(self, i: int, method: str, args: tuple, timeout_s: float = 300.0):
         """Send the current weights to actor i once it is back, then its share again; returns the ref."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 if self._weights is not None:
                     ray.get(self.actors[i].load_weights.remote(*self._weights))
-                return self.actors[i].sample.remote(*args)
+                return getattr(self.actors[i], method).remote(*args)
             except _ACTOR_ERRORS as e:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"rollout actor {i} did not come back within {timeout_s:.0f}s: {e}") from e
@@ -129,15 +129,25 @@ class RolloutFleet:
 
     def submit(self, prompts: list, seeds: list, settings, batch_size: int, record: bool = False) -> dict:
         """Start a round's sampling on every actor; returns a handle for :meth:`collect`."""
-        n, k = len(prompts), len(self.actors)
+        return self._start("sample", len(prompts), lambda lo, hi: (prompts[lo:hi], seeds[lo:hi], settings, batch_size, record))
+
+    def refine(self, latents, prompts: list, seeds: list, settings, strength: float, masks=None):
+        """``Sampler.refine`` (SDEdit, or inpainting inside ``masks``) of (B, 4, h, w) latents, split
+        over the actors as a round is, with the same recovery; returns one RolloutBatch."""
+        return self.collect(self._start("refine", len(prompts), lambda lo, hi: (
+            latents[lo:hi], prompts[lo:hi], seeds[lo:hi], settings, strength, None if masks is None else masks[lo:hi])))
+
+    def _start(self, method: str, n: int, share) -> dict:
+        """Call ``method`` on every actor with ``share(lo, hi)``, its contiguous part of n items."""
+        k = len(self.actors)
         version = self._weights[1] if self._weights is not None else 0  # what these samples must come from
         bounds = [n * i // k for i in range(k + 1)]  # contiguous, sizes differ by at most one
         jobs = {}
         for i, a in enumerate(self.actors):
             lo, hi = bounds[i], bounds[i + 1]
             if lo < hi:
-                args = (prompts[lo:hi], seeds[lo:hi], settings, batch_size, record)
-                jobs[i] = (args, a.sample.remote(*args), version)
+                args = share(lo, hi)
+                jobs[i] = (method, args, getattr(a, method).remote(*args), version)
         return jobs
 
     def collect(self, jobs: dict):
@@ -145,7 +155,7 @@ class RolloutFleet:
         from rollouts.types import RolloutBatch
 
         parts = {}
-        for i, (args, ref, version) in jobs.items():
+        for i, (method, args, ref, version) in jobs.items():
             for attempt in range(self.max_retries + 1):
                 try:
                     part = ray.get(ref)
@@ -160,5 +170,5 @@ class RolloutFleet:
                     raise RuntimeError(f"rollout actor {i} failed {attempt + 1} times in one round; last: {problem}")
                 self.restarts += 1
                 print(f"[rlfh] rollout actor {i} {problem}; re-sending the weights and re-issuing its share")
-                ref = self._reissue(i, args)
+                ref = self._reissue(i, method, args)
         return RolloutBatch.concat([parts[i] for i in sorted(parts)])

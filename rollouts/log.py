@@ -81,13 +81,28 @@ SCHEMA = pa.schema(
             ),
         ),
         ("created_at", pa.timestamp("us", tz="UTC")),
+        # null for a sample; for an image of a region pair made by inpainting (rlfh/data/region_pairs.py):
+        # role "inpainted" (source_id: the original's rollout_id) or "original" (an image that trains only
+        # in its region pairs), the region, the noise strength and the mask's dilation in pixels
+        (
+            "region_pair",
+            pa.struct(
+                [
+                    ("role", pa.string()),
+                    ("source_id", pa.string()),
+                    ("region", pa.string()),
+                    ("strength", pa.float64()),
+                    ("dilate", pa.int64()),
+                ]
+            ),
+        ),
     ]
 )
 
 
 # Columns added to the format after logs were written: older shards lack them and read as null.
 # Any other missing column is a damaged or foreign shard.
-LATER_COLUMNS = frozenset({"staleness"})
+LATER_COLUMNS = frozenset({"staleness", "region_pair"})
 NON_FINITE = "non-finite value"  # the missing reason :meth:`RolloutLog.summary` gives a NaN/inf reward
 
 
@@ -125,9 +140,11 @@ def _latent_problem(nbytes: int | None, shape: list[int] | None) -> str | None:
     return None
 
 
-def make_records(batch, scored, round_index: int, staleness: int | None = None) -> list[dict[str, Any]]:
+def make_records(batch, scored, round_index: int, staleness: int | None = None,
+                 region_pairs: list[dict] | None = None) -> list[dict[str, Any]]:
     """Rows for a :class:`rollouts.types.RolloutBatch` and its :class:`rewards.composite.ScoredBatch`;
-    ``staleness``: how many policy versions the learner is ahead of the samples' policy."""
+    ``staleness``: how many policy versions the learner is ahead of the samples' policy;
+    ``region_pairs``: per image, its ``region_pair`` value (None: plain samples)."""
     now = time.time()
     rows = []
     s = batch.settings
@@ -164,6 +181,7 @@ def make_records(batch, scored, round_index: int, staleness: int | None = None) 
                     for d in dets
                 ],
                 "created_at": now,
+                "region_pair": None if region_pairs is None else region_pairs[i],
             }
         )
     return rows
@@ -353,7 +371,8 @@ class RolloutLog:
         A NaN or infinite reward value counts as missing (reason ``"non-finite value"``) and also
         in the reward's ``non_finite``, so means and counts cover only usable values.
         """
-        t = self.read_table(["rollout_id", "policy_version", "prompt", "rewards", "regions", "latent_shape", "sampler"])
+        t = self.read_table(["rollout_id", "policy_version", "prompt", "rewards", "regions", "latent_shape", "sampler",
+                             "region_pair"])
         rows = t.to_pylist()
         rewards: dict[str, dict[str, Any]] = {}
         for r in rows:
@@ -374,6 +393,11 @@ class RolloutLog:
         for r in rows:
             for reg in r["regions"]:
                 region_counts[reg["region"]] = region_counts.get(reg["region"], 0) + 1
+        roles: dict[str, int] = {}
+        for r in rows:
+            if r["region_pair"] is not None:
+                key = f"{r['region_pair']['region']}/{r['region_pair']['role']}"
+                roles[key] = roles.get(key, 0) + 1
         return {
             "dir": str(self.dir),
             "shards": len(self.manifest()["shards"]),
@@ -384,6 +408,7 @@ class RolloutLog:
             "latent_shape": rows[0]["latent_shape"],
             "sampler": rows[0]["sampler"],
             "detections": region_counts,
+            "region_pairs": roles,  # records in inpainted region pairs, by region and role
             "rewards": {
                 n: {
                     "mean": float(np.mean(d["values"])) if d["values"] else None,

@@ -3,6 +3,7 @@
     rlfh train CONFIG [key=value ...]            online preference training (Ray)
     rlfh offline-dpo CONFIG rollouts=DIR [...]   DPO from a logged rollout log
     rlfh make-tiny-model DIR [--seed N]          write the seeded tiny SDXL-architecture model
+    rlfh make-region-pairs CONFIG IMAGE_DIR [...] inpainted face / hand pairs of a folder, as a rollout log
     rlfh rollouts inspect DIR                    verify and summarise a rollout log
     rlfh config CONFIG [key=value ...]           print the effective config (validated)
     rlfh score CONFIG IMAGE... [key=value ...]   score image files, one JSON object per image
@@ -38,6 +39,16 @@ def cmd_offline(args) -> int:
 
     run_dir = train_offline(_load(args))
     print(f"[rlfh] offline DPO finished: {run_dir}")
+    return 0
+
+
+def cmd_make_region_pairs(args) -> int:
+    from rlfh.recipes.region_pairs import make_region_pairs
+
+    log_dir, counts = make_region_pairs(_load(args), args.image_dir)
+    print(f"[rlfh] region pairs: {int(counts['with_region'])} of {int(counts['images'])} images had the region; "
+          f"the inpainted image won {int(counts['inpainted_won'])}, "
+          f"{int(counts['ties_or_unscored'])} ties or unscored; rollout log: {log_dir}")
     return 0
 
 
@@ -79,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("train", cmd_train, "online preference training on Ray")
     with_config("offline-dpo", cmd_offline, "Diffusion-DPO from a logged rollout log (rollouts=DIR)")
     with_config("config", cmd_config, "print the effective, validated config")
+    s = sub.add_parser("make-region-pairs", help="FaceScore's inpainted region pairs of an image folder, as a rollout log")
+    s.add_argument("config", help="YAML config; learner.region_pairs.region names the region")
+    s.add_argument("image_dir", help="metadata.jsonl + images (the HG-DPO real-image layout)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides")
+    s.set_defaults(fn=cmd_make_region_pairs)
     from rlfh.cli.eval import add_eval_commands
     from rlfh.cli.rewards import add_reward_commands
     from rlfh.cli.status import add_status_commands

@@ -31,6 +31,51 @@ def hgdpo_stage_problems(stages) -> list[str]:
     return p
 
 
+def region_pairs_problems(cfg) -> list[str]:
+    """Problems of ``learner.region_pairs`` (FaceScore's inpainted-region pairs)."""
+    rp, lr_ = cfg.learner.region_pairs, cfg.learner
+    key = "learner.region_pairs"
+    p: list[str] = []
+    if rp.region is not None:
+        if rp.region == "global" or rp.region not in lr_.regions:
+            p.append(f"{key}.region={rp.region!r}: must be a local region of learner.regions={lr_.regions} (the pairs "
+                     f"train with its mask), e.g. learner.regions=[global, {rp.region if rp.region != 'global' else 'face'}]")
+        if not lr_.loss.startswith("dpo"):
+            p.append(f"{key}.region needs a DPO loss; learner.loss={lr_.loss}")
+    if not 0.0 < rp.fraction <= 1.0:
+        p.append(f"{key}.fraction={rp.fraction}: must be in (0, 1]")
+    if rp.dilate < 0:
+        p.append(f"{key}.dilate={rp.dilate}: must be >= 0 (pixels; 0 or 1 = the boxes as they are)")
+    steps = rp.num_inference_steps if rp.num_inference_steps is not None else cfg.rollout.num_inference_steps
+    if rp.num_inference_steps is not None and rp.num_inference_steps < 1:
+        p.append(f"{key}.num_inference_steps={rp.num_inference_steps}: must be >= 1")
+    table = rp.strength_table
+    if rp.strength is not None:
+        strengths = [(f"{key}.strength", rp.strength)]
+    else:
+        strengths = []
+        bounds = []
+        for i, row in enumerate(table):
+            if len(row) != 2:
+                p.append(f"{key}.strength_table[{i}]={row}: give [max_area_ratio, strength]")
+                continue
+            bounds.append(row[0])
+            strengths.append((f"{key}.strength_table[{i}][1]", row[1]))
+        if not table:
+            p.append(f"{key}.strength_table is empty: give rows [max_area_ratio, strength] or a fixed {key}.strength")
+        elif any(b >= c for b, c in zip(bounds, bounds[1:])) or any(not 0 < b for b in bounds):
+            p.append(f"{key}.strength_table: max_area_ratio bounds {bounds} must be > 0 and increasing")
+        elif bounds and bounds[-1] < 1.0:
+            p.append(f"{key}.strength_table: the last max_area_ratio is {bounds[-1]}; make it 1.0 so every region has a strength")
+    for k, s in strengths:
+        if not 0.0 < s <= 1.0:
+            p.append(f"{k}={s}: a noise strength must be in (0, 1]")
+        elif steps >= 1 and int(steps * s) < 1:
+            p.append(f"{k}={s} of {steps} denoising steps runs no step: raise {key}.num_inference_steps to >= "
+                     f"{math.ceil(1 / s)}")
+    return p
+
+
 def check_consistency(cfg) -> list[str]:
     """Cross-field rules: batch sizes that must divide, counts that must be positive."""
     p: list[str] = []
@@ -180,6 +225,7 @@ def check_consistency(cfg) -> list[str]:
         if not pairwise:
             p.append(f"learner.hgdpo.real_images needs a DPO loss; learner.loss={lr_.loss}")
         p.extend(hgdpo_stage_problems(hg.stages))
+    p.extend(region_pairs_problems(cfg))
     if lr_.offload_optimizer and lr_.zero_stage == 0:
         p.append("learner.offload_optimizer=true needs learner.zero_stage >= 1 (ZeRO-Offload)")
     if lr_.offload_params and lr_.zero_stage != 3:

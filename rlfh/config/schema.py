@@ -109,6 +109,24 @@ class HGDPOConfig:
     fresh_losers: bool = True  # sample losers for the real captions (HG-DPO); false keeps generated losers
 
 
+# FaceScore (arXiv 2406.17100) maps the face's area ratio to the noise factor in its Table 4, whose
+# values we do not have: this default follows its rule (smaller regions, smaller strength) within
+# its fixed settings 0.1 and 0.4. Rows [max_area_ratio, strength]: the first row whose bound is
+# >= the region's share of the image gives the strength.
+DEFAULT_STRENGTH_TABLE = [[0.02, 0.1], [0.05, 0.2], [0.1, 0.3], [1.0, 0.4]]
+
+
+@dataclass(frozen=True)
+class RegionPairsConfig:
+    region: Optional[str] = None  # face / hand (in learner.regions): inpaint it to make (original, inpainted) DPO pairs trained with its mask; null = off
+    fraction: float = 1.0  # online: share of a round's samples with the region that get inpainted (seeded draw)
+    strength: Optional[float] = None  # inpainting noise strength; null = adaptive from the region's area ratio (strength_table); FaceScore's fixed settings: 0.1, 0.4
+    strength_table: list[list[float]] = field(default_factory=lambda: [list(r) for r in DEFAULT_STRENGTH_TABLE])  # adaptive: rows [max_area_ratio, strength], bounds increasing, the last 1.0
+    dilate: int = 16  # side in pixels of the square kernel the region's boxes are dilated with (FairHuman's 16)
+    num_inference_steps: Optional[int] = None  # steps of the full inpainting schedule (strength s runs int(steps * s)); null = rollout.num_inference_steps
+    pipeline: Optional[str] = None  # make-region-pairs: a diffusers inpainting pipeline (path or hub id) instead of the policy (model.path)
+
+
 @dataclass(frozen=True)
 class LearnerConfig:
     loss: Literal["dpo", "dpo_hinge", "dpo_ipo", "rwr", "filtered", "ddpo", "nft", "awm"] = "dpo"
@@ -135,6 +153,7 @@ class LearnerConfig:
     cfg_distill: Optional[float] = None  # CFG-free training: the guidance scale w of the reference's guided eps, the teacher of a term added to the loss (needs rollout.guidance_scale=1); null = off
     cfg_distill_coef: float = 1.0  # weight of the CFG-distillation term, coef * mean (eps_theta(x_t, c) - eps_teacher)^2
     hgdpo: HGDPOConfig = field(default_factory=HGDPOConfig)  # real images as winners, on a curriculum
+    region_pairs: RegionPairsConfig = field(default_factory=RegionPairsConfig)  # FaceScore's inpainted-region pairs (rlfh/data/region_pairs.py)
     lr: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

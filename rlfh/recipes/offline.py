@@ -33,7 +33,10 @@ def batch_from_log(cfg: Config):
 
     if cfg.rollouts is None:
         raise ValueError("offline-dpo needs the rollout log: pass rollouts=RUN_DIR/rollouts")
-    records = RolloutLog(cfg.rollouts).records(["round", "prompt", "rewards", "regions", "latent", "latent_shape", "sampler"])
+    from rlfh.data.region_pairs import concat_pairs, pairs_from_records
+
+    records = RolloutLog(cfg.rollouts).records(["rollout_id", "round", "prompt", "rewards", "regions", "latent",
+                                                "latent_shape", "sampler", "region_pair"])
     weights = {(e.name or e.target): e.weight for e in cfg.rewards}
     logged = {rw["name"] for r in records for rw in r["rewards"]}
     missing = sorted(set(weights) - logged)
@@ -45,20 +48,33 @@ def batch_from_log(cfg: Config):
     sizes = {(r["sampler"]["height"], r["sampler"]["width"]) for r in records}
     if len(sizes) != 1:
         raise ValueError(f"the rollout log mixes image sizes {sorted(sizes)}; train on one size at a time")
-    logged_values = [{rw["name"]: rw["value"] for rw in r["rewards"]} for r in records]
-    values = {n: [v.get(n) for v in logged_values] for n in weights}
-    groups = [(r["round"], r["prompt"]) for r in records]
-    # rewards_normalization as online; GDPO's last normalization then runs over the whole log
-    scores, score_stats = learner_scores(values, weights, groups, cfg.rewards_normalization)
+    image_hw = sizes.pop()
     regions: list[dict] = []
     for r in records:
         dets: dict[str, list] = {}
         for g in r["regions"]:
             dets.setdefault(g["region"], []).append(Detection((g["x1"], g["y1"], g["x2"], g["y2"]), g["confidence"], g["label"]))
         regions.append(dets)
-    latents = np.stack([decode_latent(r) for r in records])
+    all_latents = np.stack([decode_latent(r) for r in records])
+    # images of inpainted region pairs pair only with each other (rlfh/data/region_pairs.py), never by prompt
+    region_pairs, rp_stats = (pairs_from_records(records, all_latents, regions, weights, cfg.learner.regions, image_hw,
+                                                 cfg.rewards_normalization)
+                              if cfg.learner.loss.startswith("dpo") else (None, {}))
+    plain = [i for i, r in enumerate(records) if r["region_pair"] is None]
+    skipped = len(records) - len(plain) if region_pairs is None else 0
+    records, regions, latents = [records[i] for i in plain], [regions[i] for i in plain], all_latents[plain]
+    logged_values = [{rw["name"]: rw["value"] for rw in r["rewards"]} for r in records]
+    values = {n: [v.get(n) for v in logged_values] for n in weights}
+    groups = [(r["round"], r["prompt"]) for r in records]
+    # rewards_normalization as online; GDPO's last normalization then runs over the whole log
+    scores, score_stats = learner_scores(values, weights, groups, cfg.rewards_normalization)
     batch, stats = learner_batch(cfg.learner, latents, [r["prompt"] for r in records], groups, scores, regions,
-                                 sizes.pop(), normalization=cfg.rewards_normalization)
+                                 image_hw, normalization=cfg.rewards_normalization)
+    if region_pairs is not None:
+        batch = concat_pairs(batch, region_pairs)
+    stats.update(rp_stats)
+    if skipped:
+        stats["region_pairs/records_left_out"] = float(skipped)  # not a DPO loss: they make no pairs
     stats.update(nonfinite_counts(values))
     stats.update(score_stats)
     if len(batch) < cfg.learner.train_batch_size:
@@ -70,7 +86,7 @@ def batch_from_log(cfg: Config):
             f"{len(records)} records have no combined score (missing values by reward: {missing}; NaN/inf "
             f"values by reward, counted as missing: {nonfinite})"
         )
-    return batch, {**stats, "offline/records": float(len(records))}
+    return batch, {**stats, "offline/records": float(len(all_latents))}
 
 
 def train_offline(cfg: Config) -> Path:

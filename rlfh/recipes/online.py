@@ -8,7 +8,9 @@ Each round:
   2. the reward actor scores them (every configured reward, plus the regions it detected);
   3. the samples, their rewards and regions go to the rollout log (RUN_DIR/rollouts);
   4. pairs are built per prompt (best vs worst; or weights for RWR), with region masks from the
-     detections, and the learner steps on them (per-region losses, MPD fairness);
+     detections (plus, with ``learner.region_pairs``, FaceScore's pairs of a sample and its
+     face or hand inpainted by the policy: :class:`InpaintedRegions`), and the learner steps on
+     them (per-region losses, MPD fairness);
   5. the new weights go to the rollout actors (policy_version + 1): the LoRA adapter, or the whole
      UNet in buckets of ``resources.sync_bucket_mb`` (rlfh/learner/weight_sync.py);
   6. metrics go to RUN_DIR/metrics.jsonl and wandb; every ``checkpoint_every`` rounds a checkpoint.
@@ -79,6 +81,9 @@ def train(cfg: Config) -> Path:
             if run.real_winners is not None:
                 train_batch, hg_stats = run.real_winners.mix(train_batch, rnd)
                 batch_stats.update(hg_stats)
+            if run.region_pairs is not None:  # FaceScore's pairs: the policy inpaints a region of its samples
+                train_batch, rp_stats = run.region_pairs.add(train_batch, batch, scored, rnd, run.version)
+                batch_stats.update(rp_stats)
             t4 = time.perf_counter()
             try:
                 learner_metrics = run.learner.train(train_batch, lc.epochs_per_round)
@@ -127,7 +132,7 @@ class Run:
         self.owned: list = []  # actors this run started: killed at the end, whatever happens
         self.pgs: list = []  # placement groups this run reserved
         self.logger = self.bar = self.learner = None
-        self.real_winners = None
+        self.real_winners = self.region_pairs = None
         self.start_round = 0
 
     def start(self) -> None:
@@ -167,6 +172,8 @@ class Run:
         if cfg.learner.hgdpo.real_images:
             self.real_winners = RealWinners(cfg, self.run_dir, self.fleet, self.settings)
         self.log = RolloutLog(self.run_dir / "rollouts")
+        if cfg.learner.region_pairs.region is not None:
+            self.region_pairs = InpaintedRegions(cfg, self.fleet, self.scorer, self.log, self.settings)
         self.start_round = self._resume()
         self.version = self.learner.policy_version()
         self.sync()
@@ -272,3 +279,56 @@ class RealWinners:
             losers = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings,
                                                           cfg.rollout.sample_batch_size_per_actor)).latents
         return mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers)
+
+
+class InpaintedRegions:
+    """FaceScore's region pairs online (``learner.region_pairs``, rlfh/data/region_pairs.py): a seeded
+    ``fraction`` of the round's samples with the region detected get it inpainted by the current
+    policy (``RolloutFleet.refine``, one call per strength), are scored by the same scorer and logged
+    (``region_pair`` marks them), and each (sample, inpainted) pair the reward orders joins the round's
+    pairs with the region's mask."""
+
+    def __init__(self, cfg: Config, fleet, scorer, log, settings):
+        import dataclasses
+
+        rp = cfg.learner.region_pairs
+        self.cfg, self.fleet, self.scorer, self.log = cfg, fleet, scorer, log
+        self.settings = dataclasses.replace(settings, num_inference_steps=rp.num_inference_steps or settings.num_inference_steps)
+
+    def add(self, train_batch, batch, scored, rnd: int, version: int):
+        import numpy as np
+
+        from rlfh.data.region_pairs import concat_pairs, log_marks, plan_inpainting, region_pair_batch, strength_groups
+        from rollouts.log import make_records
+        from rollouts.types import RolloutBatch
+
+        cfg, rp, rc = self.cfg, self.cfg.learner.region_pairs, self.cfg.rollout
+        rng = np.random.default_rng([cfg.seed, rnd, 0x5250])  # 0x5250 "RP": a stream of its own
+        choose = rng.random(len(batch)) < rp.fraction
+        seeds = rng.integers(0, 2**31 - 1, len(batch))
+        plan = plan_inpainting([scored.regions(i) for i in range(len(batch))], rp, (rc.height, rc.width), choose)
+        stats = {"region_pairs/candidates": float(len(plan.indices))}
+        if not plan.indices:
+            return train_batch, {**stats, "region_pairs/count": 0.0}
+        parts, order = [], []
+        for strength, ks in strength_groups(plan.strengths).items():
+            idx = [plan.indices[k] for k in ks]
+            parts.append(self.fleet.refine(batch.latents[idx], [batch.prompts[i] for i in idx],
+                                           [int(seeds[i]) for i in idx], self.settings, strength, plan.masks[ks]))
+            order.extend(ks)
+        inp = RolloutBatch.concat(parts)
+        idx = [plan.indices[k] for k in order]
+        strengths = [plan.strengths[k] for k in order]
+        inp.rollout_ids = [uuid.uuid4().hex for _ in range(len(inp))]
+        scored_inp = self.scorer.score(inp.images, inp.prompts)
+        marks = log_marks("inpainted", [batch.rollout_ids[i] for i in idx], rp.region, strengths, rp.dilate)
+        self.log.append(make_records(inp, scored_inp, rnd, version - inp.policy_version, marks))
+        values = scored.values()
+        pairs, pair_stats = region_pair_batch(
+            batch.latents[idx], inp.latents, inp.prompts, {n: [v[i] for i in idx] for n, v in values.items()},
+            scored_inp.values(), scored.weights, plan.masks[order], rp.region, cfg.learner.regions,
+            cfg.rewards_normalization, inp.conditioning)
+        stats.update(pair_stats)
+        stats.update({"region_pairs/mean_strength": float(np.mean(strengths)),
+                      "region_pairs/mean_area_ratio": float(np.mean(plan.ratios))})
+        return concat_pairs(train_batch, pairs), stats

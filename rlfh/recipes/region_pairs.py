@@ -1,0 +1,140 @@
+"""FaceScore's dataset construction over a folder of images: a rollout log of region pairs.
+
+    rlfh make-region-pairs configs/tiny.yaml IMAGE_DIR learner.regions=[global,face] learner.region_pairs.region=face
+    rlfh rollouts inspect RUN_DIR/rollouts
+    rlfh offline-dpo CONFIG rollouts=RUN_DIR/rollouts ...
+
+Setup, loop and cleanup, in this process (no Ray):
+  1. the images of IMAGE_DIR (``metadata.jsonl`` + images, rlfh/data/real_images.py) are resized to
+     ``rollout.height`` x ``rollout.width`` and encoded with the model's VAE (posterior mean);
+  2. the decoded originals are scored by the config's rewards, which find the regions;
+  3. each image with ``learner.region_pairs.region`` gets it inpainted: by the policy (the
+     config's model, ``Sampler.refine``) or, with ``learner.region_pairs.pipeline``, by a diffusers
+     inpainting pipeline fed the same latents and mask; strength and mask by rlfh/data/region_pairs.py;
+  4. the inpainted images are scored the same way, and originals (role ``original``) and inpainted
+     images (role ``inpainted``) go to RUN_DIR/rollouts, which ``rlfh offline-dpo`` turns into pairs.
+Images without the region are left out (counted). Both images of a pair went through the VAE,
+so the reward compares the region, not the VAE's reconstruction.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from rlfh.config.schema import Config, save_config
+
+
+def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, float]]:
+    """Write the region pairs of ``image_dir`` to ``cfg.run_dir``/rollouts; returns (the log dir, counts)."""
+    import torch
+    from tqdm import tqdm
+
+    from rewards.composite import RewardSet, ScoredBatch
+    from rlfh.data.real_images import RealImageSource
+    from rlfh.data.region_pairs import log_marks, plan_inpainting, strength_groups
+    from rollouts.log import RolloutLog, make_records
+    from rollouts.models import load_pipeline
+    from rollouts.sampler import Sampler
+    from rollouts.types import RolloutBatch, SamplerSettings
+
+    rp, rc = cfg.learner.region_pairs, cfg.rollout
+    if rp.region is None:
+        raise ValueError("make-region-pairs needs learner.region_pairs.region (face or hand): the region to inpaint")
+    run_dir = Path(cfg.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sampler = Sampler(load_pipeline(cfg.model, device), model_id=cfg.model.path)
+    inpainter = DiffusersInpainter(rp.pipeline, device) if rp.pipeline else None
+    settings = SamplerSettings(rp.num_inference_steps or rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt,
+                               rc.height, rc.width, rc.eta, rc.scheduler)
+    source = RealImageSource(image_dir, rc.height, rc.width, encode_batch_size=rc.sample_batch_size_per_actor,
+                             latent_mode="mean", seed=cfg.seed)
+    rewards = RewardSet.from_config(cfg.rewards)
+    log = RolloutLog(run_dir / "rollouts")
+    rnd = 1 + max((s["rounds"][1] for s in log.manifest()["shards"]), default=-1)  # a later call appends
+    counts = {"images": 0.0, "with_region": 0.0, "inpainted_won": 0.0, "ties_or_unscored": 0.0}
+    bs = rc.sample_batch_size_per_actor
+    bar = tqdm(range(0, len(source), bs), desc="rlfh make-region-pairs", unit="batch", disable=not cfg.logging.progress)
+    for start in bar:
+        idx = list(range(start, min(start + bs, len(source))))
+        x = torch.from_numpy(np.stack([source.image(i) for i in idx]))
+        latents = source.encode_images(sampler.pipe.vae, x, idx).numpy()
+        prompts = [source.items[i].text for i in idx]
+        orig = RolloutBatch(sampler.decode(torch.from_numpy(latents).to(sampler.device)), latents, prompts,
+                            [cfg.seed * 1_000_003 + i for i in idx], settings, 0, f"images:{image_dir}")
+        scored = rewards(orig.images, prompts)
+        plan = plan_inpainting([scored.regions(j) for j in range(len(idx))], rp, (rc.height, rc.width))
+        counts["images"] += len(idx)
+        counts["with_region"] += len(plan.indices)
+        if not plan.indices:
+            continue
+        parts, order = [], []
+        for strength, ks in strength_groups(plan.strengths).items():
+            js = [plan.indices[k] for k in ks]
+            args = (latents[js], [prompts[j] for j in js], [orig.seeds[j] for j in js], settings, strength, plan.masks[ks])
+            parts.append(inpainter.refine(*args, sampler=sampler) if inpainter else sampler.refine(*args))
+            order.extend(ks)
+        inp = RolloutBatch.concat(parts)
+        js = [plan.indices[k] for k in order]
+        orig = RolloutBatch(orig.images[js], latents[js], [prompts[j] for j in js], [orig.seeds[j] for j in js],
+                            settings, 0, orig.model_id, [uuid.uuid4().hex for _ in js])
+        inp.rollout_ids = [uuid.uuid4().hex for _ in js]
+        scored_orig = ScoredBatch({n: [res[j] for j in js] for n, res in scored.results.items()}, scored.weights,
+                                  scored.regions_of)
+        scored_inp = rewards(inp.images, inp.prompts)
+        strengths = [plan.strengths[k] for k in order]
+        log.append(make_records(orig, scored_orig, rnd, None, log_marks("original", [None] * len(js), rp.region,
+                                                                         strengths, rp.dilate))
+                   + make_records(inp, scored_inp, rnd, None, log_marks("inpainted", orig.rollout_ids, rp.region,
+                                                                         strengths, rp.dilate)))
+        so, si = scored_orig.combined(), scored_inp.combined()
+        for a, b in zip(so, si):
+            if a is None or b is None or a == b:
+                counts["ties_or_unscored"] += 1
+            else:
+                counts["inpainted_won"] += b > a
+        rnd += 1
+        bar.set_postfix(pairs=int(counts["with_region"]))
+    bar.close()
+    return run_dir / "rollouts", counts
+
+
+class DiffusersInpainter:
+    """A diffusers inpainting pipeline (``AutoPipelineForInpainting``) in place of the policy: fed the
+    UNet-space latents themselves as its image (no second VAE encode) and the pixel mask of the same
+    region, it returns latents equal to the original outside the mask, decoded by the run's VAE."""
+
+    def __init__(self, path: str, device: str):
+        import torch
+        from diffusers import AutoPipelineForInpainting
+
+        self.pipe = AutoPipelineForInpainting.from_pretrained(path, torch_dtype=torch.float32).to(device)
+        self.pipe.set_progress_bar_config(disable=True)
+        if self.pipe.unet.config.in_channels != 4:
+            raise ValueError(f"learner.region_pairs.pipeline={path}: a {self.pipe.unet.config.in_channels}-channel "
+                             f"inpainting UNet conditions on a VAE-encoded masked image; give a 4-channel "
+                             f"(text-to-image) pipeline, which keeps the latents outside the mask")
+
+    def refine(self, latents, prompts, seeds, settings, strength: float, masks, sampler):
+        import torch
+        import torch.nn.functional as F
+
+        from rollouts.sampler import seeded_generators
+        from rollouts.types import RolloutBatch
+
+        dev = self.pipe.device
+        x0 = torch.as_tensor(np.asarray(latents), dtype=self.pipe.unet.dtype, device=dev)
+        # the latent mask at pixel size: the pipeline resizes it back (nearest) to the same latent mask
+        pixel = F.interpolate(torch.as_tensor(np.asarray(masks)), size=(settings.height, settings.width), mode="nearest")
+        out = self.pipe(prompt=list(prompts), image=x0, mask_image=pixel.to(dev), strength=float(strength),
+                        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                        negative_prompt=[settings.negative_prompt] * len(prompts) if settings.guidance_scale > 1 else None,
+                        height=settings.height, width=settings.width, generator=seeded_generators(seeds),
+                        output_type="latent").images
+        x = out.float()
+        return RolloutBatch(sampler.decode(x.to(sampler.device)), x.cpu().numpy(), list(prompts), [int(s) for s in seeds],
+                            settings, 0, str(self.pipe.config._name_or_path))
