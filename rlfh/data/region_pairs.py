@@ -184,10 +184,10 @@ def pairs_from_records(records: Sequence[dict], latents: np.ndarray, regions: Se
     Returns:
         (PairBatch or None when the log holds no inpainted record, stats)
     """
-    by_id = {r["rollout_id"]: i for i, r in enumerate(records)}
     inp = [i for i, r in enumerate(records) if (r.get("region_pair") or {}).get("role") == "inpainted"]
     if not inp:
         return None, {}
+    by_id = {r["rollout_id"]: i for i, r in enumerate(records)}
     problems: list[str] = []
     per_region: dict[str, list[tuple[int, int]]] = {}
     for i in inp:

@@ -60,7 +60,7 @@ def batch_from_log(cfg: Config):
     region_pairs, rp_stats = (pairs_from_records(records, all_latents, regions, weights, cfg.learner.regions, image_hw,
                                                  cfg.rewards_normalization)
                               if cfg.learner.loss.startswith("dpo") else (None, {}))
-    plain = [i for i, r in enumerate(records) if r["region_pair"] is None]
+    plain = [i for i, r in enumerate(records) if r.get("region_pair") is None]
     skipped = len(records) - len(plain) if region_pairs is None else 0
     records, regions, latents = [records[i] for i in plain], [regions[i] for i in plain], all_latents[plain]
     logged_values = [{rw["name"]: rw["value"] for rw in r["rewards"]} for r in records]
