@@ -47,7 +47,7 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sampler = Sampler(load_pipeline(cfg.model, device), model_id=cfg.model.path)
+    sampler = Sampler(load_pipeline(cfg.model, device), model_id=cfg.model.path, scheduler=rc.scheduler)
     inpainter = DiffusersInpainter(rp.pipeline, device) if rp.pipeline else None
     settings = SamplerSettings(rp.num_inference_steps or rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt,
                                rc.height, rc.width, rc.eta, rc.scheduler)
@@ -112,7 +112,7 @@ class DiffusersInpainter:
         import torch
         from diffusers import AutoPipelineForInpainting
 
-        self.pipe = AutoPipelineForInpainting.from_pretrained(path, torch_dtype=torch.float32).to(device)
+        self.pipe = AutoPipelineForInpainting.from_pretrained(path, dtype=torch.float32).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         if self.pipe.unet.config.in_channels != 4:
             raise ValueError(f"learner.region_pairs.pipeline={path}: a {self.pipe.unet.config.in_channels}-channel "
