@@ -54,6 +54,7 @@ def assert_inpainted_only_in_the_mask(pairs, decode_latent, strength):
         assert np.abs(a[:, m] - b[:, m]).mean() > 1e-3  # and changed inside
 
 
+@pytest.mark.slow
 def test_make_region_pairs_inspect_offline_dpo(images, tiny_model_dir, tmp_path, capsys):
     from rlfh.cli.main import main
     from rlfh.run.metrics import read_metrics
