@@ -110,6 +110,9 @@ def _wheel_from_cache(models: Path, path: Path, corrupt: bool = False) -> Path:
 def test_extract_assembles_task_and_checks_hashes(mediapipe_models, tmp_path):
     wheel = _wheel_from_cache(mediapipe_models, tmp_path / "mediapipe.whl")
     out = tmp_path / "models"
+    out.mkdir()
+    # the stand-in wheel holds the face and hand models only; the pose bundle comes from the cache
+    (out / get_models.POSE_TASK).write_bytes((mediapipe_models / get_models.POSE_TASK).read_bytes())
     assert get_models.main(["--dir", str(out), "--wheel", str(wheel)]) == 0
     assert get_models.missing_models(out) == []
     with build_detector("mediapipe_hand", models_dir=out) as det:  # the assembled bundle loads
