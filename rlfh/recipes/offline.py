@@ -16,6 +16,7 @@ passes over all pairs (or kept samples).
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def batch_from_log(cfg: Config):
 
     if cfg.rollouts is None:
         raise ValueError("offline-dpo needs the rollout log: pass rollouts=RUN_DIR/rollouts")
-    records = RolloutLog(cfg.rollouts).records(["round", "prompt", "rewards", "regions", "latent", "latent_shape", "sampler"])
+    hcp = cfg.learner.hcp.enabled and cfg.learner.hcp.prior == "samples"
+    records = RolloutLog(cfg.rollouts).records(["round", "prompt", "rewards", "regions", "latent", "latent_shape", "sampler"]
+                                               + (["image"] if hcp else []))
     weights = {(e.name or e.target): e.weight for e in cfg.rewards}
     logged = {rw["name"] for r in records for rw in r["rewards"]}
     missing = sorted(set(weights) - logged)
@@ -57,8 +60,16 @@ def batch_from_log(cfg: Config):
             dets.setdefault(g["region"], []).append(Detection((g["x1"], g["y1"], g["x2"], g["y2"]), g["confidence"], g["label"]))
         regions.append(dets)
     latents = np.stack([decode_latent(r) for r in records])
+    priors = None
+    if hcp:  # HcP: pose priors detected on the logged images
+        from PIL import Image
+
+        from rlfh.data.pose_prior import PosePriors
+
+        priors = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)(
+            np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in records]))
     batch, stats = learner_batch(cfg.learner, latents, [r["prompt"] for r in records], groups, scores, regions,
-                                 sizes.pop(), normalization=cfg.rewards_normalization)
+                                 sizes.pop(), normalization=cfg.rewards_normalization, priors=priors)
     stats.update(nonfinite_counts(values))
     stats.update(score_stats)
     if len(batch) < cfg.learner.train_batch_size:

@@ -74,7 +74,7 @@ def train(cfg: Config) -> Path:
             train_batch, batch_stats = learner_batch(
                 lc, batch.latents, batch.prompts, batch.prompts, scores,
                 [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width), batch.trajectory, run.settings,
-                batch.conditioning, normalization=cfg.rewards_normalization)
+                batch.conditioning, normalization=cfg.rewards_normalization, priors=run.hcp_priors(batch.images))
             batch_stats.update(score_stats)
             if run.real_winners is not None:
                 train_batch, hg_stats = run.real_winners.mix(train_batch, rnd)
@@ -128,6 +128,7 @@ class Run:
         self.pgs: list = []  # placement groups this run reserved
         self.logger = self.bar = self.learner = None
         self.real_winners = None
+        self.pose_priors = None  # learner.hcp: MediaPipe Pose heatmaps (rlfh/data/pose_prior.py)
         self.start_round = 0
 
     def start(self) -> None:
@@ -164,8 +165,13 @@ class Run:
                                         rc.width, rc.eta, rc.scheduler)
         self.record = cfg.learner.loss == "ddpo"  # policy-gradient losses need the trajectories
         self.fleet = RolloutFleet(actors, 0 if self.colocate else res.max_actor_restarts)
+        if cfg.learner.hcp.enabled:
+            from rlfh.data.pose_prior import PosePriors
+
+            self.pose_priors = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)
         if cfg.learner.hgdpo.real_images:
             self.real_winners = RealWinners(cfg, self.run_dir, self.fleet, self.settings)
+            self.real_winners.source.pose_priors = self.pose_priors
         self.log = RolloutLog(self.run_dir / "rollouts")
         self.start_round = self._resume()
         self.version = self.learner.policy_version()
@@ -182,6 +188,19 @@ class Run:
                                     max_restarts=res.max_actor_restarts).remote(entries, threads)
         self.owned.append(actor)
         return actor
+
+    def hcp_priors(self, images):
+        """The round's HcP pose priors (N, 1, h, w): detected on the samples (``learner.hcp.prior=samples``),
+        or zeros that HG-DPO's real winners fill with theirs (``prior=real``); None without HcP."""
+        import numpy as np
+
+        hc = self.cfg.learner.hcp
+        if not hc.enabled:
+            return None
+        if hc.prior == "samples":
+            return self.pose_priors(images)
+        n, h, w = images.shape[:3]
+        return np.zeros((n, 1, h // 8, w // 8), np.float32)
 
     def _resume(self) -> int:
         """The round to start from: the latest checkpoint's (rolling back the log and metrics of
