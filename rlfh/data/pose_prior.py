@@ -49,7 +49,7 @@ def pose_heatmap(people: np.ndarray, image_hw: tuple[int, int], sigma: float, mi
 
 
 class PosePriors:
-    """Images -> latent-size pose priors with MediaPipe Pose (rewards/detectors/mediapipe_pose.py).
+    """Images -> latent-size pose priors with MediaPipe Pose (rewards.detectors.mediapipe_backend.py).
 
     Args:
         sigma, min_visibility: see :func:`pose_heatmap`.
@@ -64,7 +64,7 @@ class PosePriors:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, 1, H/8, W/8) float32 priors."""
         if self._landmarker is None:
-            from rewards.detectors.mediapipe_pose import MediaPipePoseLandmarker
+            from rewards.detectors.mediapipe_backend import MediaPipePoseLandmarker
 
             self._landmarker = MediaPipePoseLandmarker().landmarks
         images = np.asarray(images)

@@ -292,7 +292,7 @@ def test_detection_boxes_are_json_roundtrippable(face_detector, astronaut):
 
 
 def test_mediapipe_pose_finds_the_people_of_the_group_photo(group_photo):
-    from rewards.detectors.mediapipe_pose import NUM_LANDMARKS, MediaPipePoseLandmarker
+    from rewards.detectors.mediapipe_backend import NUM_LANDMARKS, MediaPipePoseLandmarker
 
     try:
         models = get_models.ensure_models()
