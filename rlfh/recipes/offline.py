@@ -16,7 +16,6 @@ passes over all pairs (or kept samples).
 
 from __future__ import annotations
 
-import io
 import time
 from pathlib import Path
 
@@ -62,12 +61,11 @@ def batch_from_log(cfg: Config):
     latents = np.stack([decode_latent(r) for r in records])
     priors = None
     if hcp:  # HcP: pose priors detected on the logged images
-        from PIL import Image
-
         from rlfh.data.pose_prior import PosePriors
+        from rollouts.log import decode_png
 
         priors = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)(
-            np.stack([np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB")) for r in records]))
+            np.stack([decode_png(r["image"]) for r in records]))
     batch, stats = learner_batch(cfg.learner, latents, [r["prompt"] for r in records], groups, scores, regions,
                                  sizes.pop(), normalization=cfg.rewards_normalization, priors=priors)
     stats.update(nonfinite_counts(values))

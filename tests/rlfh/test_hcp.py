@@ -166,3 +166,17 @@ def test_hcp_config_rules(tiny_cfg):
                    "learner.hcp.prior=real", "needs learner.lora.enabled"):
         assert needle in text
     assert tiny_cfg("learner.hcp.enabled=true").learner.hcp.scale_weights == {"2": 0.5, "4": 1.0}
+
+
+def test_hcp_under_mpd_regions_and_gradient_checkpointing(tiny_model_dir):
+    """Per-region gradients (MPD solves over them; phi has none there) and recomputed checkpointed blocks
+    (which run the processor again in backward) leave the HcP term working."""
+    lrn = make(tiny_model_dir, *HCP, "learner.regions=[global, face]", "learner.gradient_checkpointing=true")
+    batch = posed_pairs()
+    face = np.zeros((4, 1, 8, 8), np.float32)
+    face[:, :, :4, :4] = 1.0
+    batch.masks_w["face"], batch.masks_l["face"] = face, face
+    phi = {k: v.clone() for k, v in lrn.hcp.state_dict().items()}
+    metrics = train(lrn, batch, epochs=2)
+    assert metrics["loss/hcp"] > 0 and "mpd/weight/face" in metrics
+    assert any(not torch.equal(v, lrn.hcp.state_dict()[k]) for k, v in phi.items())

@@ -66,3 +66,50 @@ def test_real_images_get_mediapipe_pose_priors_once(tmp_path, pose_models, vae):
     assert mixed.masks_l[HCP_PRIOR].min() == 1.0
     unset = RealImageSource(src.root, 256, 256)
     assert not unset.region_masks([0], [HCP_PRIOR])[HCP_PRIOR].any()  # no pose_priors: zeros
+
+
+def test_offline_batch_takes_priors_from_the_logged_images(tiny_cfg, tmp_path, pose_models):
+    from PIL import Image
+    from skimage import data
+
+    from rewards.base import RewardResult
+    from rewards.composite import ScoredBatch
+    from rlfh.recipes.offline import batch_from_log
+    from rollouts.log import RolloutLog, make_records
+    from rollouts.types import RolloutBatch, SamplerSettings
+
+    person = np.asarray(Image.fromarray(data.astronaut()[:400, 50:450]).resize((256, 256)))
+    cup = np.asarray(Image.fromarray(data.coffee()).resize((256, 256)))
+    n = 4
+    batch = RolloutBatch(images=np.stack([person, cup, cup, person]), latents=np.zeros((n, 4, 32, 32), np.float32),
+                         prompts=["a woman", "a woman", "a cup", "a cup"], seeds=list(range(n)),
+                         settings=SamplerSettings(10, 5.0, "", 256, 256), policy_version=0, model_id="tiny",
+                         rollout_ids=[f"r{i}" for i in range(n)])
+    scored = ScoredBatch(results={"jpeg_compressibility": [RewardResult(v) for v in (1.0, 0.0, 1.0, 0.0)]},
+                         weights={"jpeg_compressibility": 1.0}, regions_of={"jpeg_compressibility": "global"})
+    RolloutLog(tmp_path / "rollouts").append(make_records(batch, scored, round_index=0))
+    cfg = tiny_cfg("learner.hcp.enabled=true", f"rollouts={tmp_path / 'rollouts'}", "learner.train_batch_size=2")
+    pairs, _ = batch_from_log(cfg)
+    by_prompt = {p: i for i, p in enumerate(pairs.prompts)}
+    w, l = pairs.masks_w[HCP_PRIOR], pairs.masks_l[HCP_PRIOR]
+    assert w.shape == (2, 1, 32, 32)
+    assert w[by_prompt["a woman"]].max() > 0.2 and not l[by_prompt["a woman"]].any()  # winner: the astronaut
+    assert not w[by_prompt["a cup"]].any() and l[by_prompt["a cup"]].max() > 0.2  # loser: the astronaut
+
+
+def test_online_round_priors_by_mode(tiny_cfg, tmp_path, pose_models):
+    from PIL import Image
+    from skimage import data
+
+    from rlfh.recipes.online import Run
+
+    images = np.stack([np.asarray(Image.fromarray(data.astronaut()[:400, 50:450]).resize((256, 256))),
+                       np.zeros((256, 256, 3), np.uint8)])
+    assert Run(tiny_cfg(), tmp_path).hcp_priors(images) is None  # HcP off
+    run = Run(tiny_cfg("learner.hcp.enabled=true"), tmp_path)
+    run.pose_priors = PosePriors(0.03)
+    got = run.hcp_priors(images)  # prior=samples: detected on the round's images
+    assert got.shape == (2, 1, 32, 32) and got[0].max() > 0.2 and not got[1].any()
+    real = Run(tiny_cfg("learner.hcp.enabled=true", "learner.hcp.prior=real", f"learner.hgdpo.real_images={tmp_path}"),
+               tmp_path)
+    assert not real.hcp_priors(images).any()  # prior=real: zeros until HG-DPO's real winners fill theirs
