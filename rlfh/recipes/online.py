@@ -8,7 +8,8 @@ Each round:
   2. the reward actor scores them (every configured reward, plus the regions it detected);
   3. the samples, their rewards and regions go to the rollout log (RUN_DIR/rollouts);
   4. pairs are built per prompt (best vs worst; or weights for RWR), with region masks from the
-     detections, and the learner steps on them (per-region losses, MPD fairness);
+     detections (and, with ``learner.hcp``, MediaPipe Pose priors of the images), and the learner
+     steps on them (per-region losses, MPD fairness);
   5. the new weights go to the rollout actors (policy_version + 1): the LoRA adapter, or the whole
      UNet in buckets of ``resources.sync_bucket_mb`` (rlfh/learner/weight_sync.py);
   6. metrics go to RUN_DIR/metrics.jsonl and wandb; every ``checkpoint_every`` rounds a checkpoint.
@@ -284,10 +285,16 @@ class RealWinners:
         from rlfh.data.hgdpo import mix_real_winners, prompts_for_losers
 
         cfg = self.cfg
-        frac, losers = self.curriculum.fraction(rnd), None
+        frac, losers, losers_masks = self.curriculum.fraction(rnd), None, None
         caps = prompts_for_losers(self.source, frac, len(train_batch), rnd, cfg.seed) if cfg.learner.hgdpo.fresh_losers else []
         if caps:
             loser_seeds = np.random.default_rng([cfg.seed, rnd, 0x4C]).integers(0, 2**31 - 1, len(caps)).tolist()
-            losers = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings,
-                                                          cfg.rollout.sample_batch_size_per_actor)).latents
-        return mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers)
+            fresh = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings,
+                                                         cfg.rollout.sample_batch_size_per_actor))
+            losers = fresh.latents
+            if cfg.learner.hcp.enabled and cfg.learner.hcp.prior == "samples":  # the fresh losers are samples too
+                from rlfh.data.pose_prior import HCP_PRIOR
+
+                losers_masks = {HCP_PRIOR: self.source.pose_priors(fresh.images)}
+        return mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers,
+                                losers_masks=losers_masks)
