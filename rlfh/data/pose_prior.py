@@ -60,13 +60,21 @@ class PosePriors:
                  landmarker: Callable[[np.ndarray], list[np.ndarray]] | None = None):
         self.sigma, self.min_visibility = sigma, min_visibility
         self._landmarker = landmarker
+        self._detector = None  # the MediaPipe graph this object built, released by close()
+
+    def close(self) -> None:
+        """Release the MediaPipe graph (before interpreter exit: see rewards/detectors/mediapipe_backend.py)."""
+        if self._detector is not None:
+            self._detector.close()
+            self._detector = self._landmarker = None
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, 1, H/8, W/8) float32 priors."""
         if self._landmarker is None:
             from rewards.detectors.mediapipe_backend import MediaPipePoseLandmarker
 
-            self._landmarker = MediaPipePoseLandmarker().landmarks
+            self._detector = MediaPipePoseLandmarker()
+            self._landmarker = self._detector.landmarks
         images = np.asarray(images)
         found = self._landmarker(images)
         hw = images.shape[1:3]

@@ -64,8 +64,11 @@ def batch_from_log(cfg: Config):
         from rlfh.data.pose_prior import PosePriors
         from rollouts.log import decode_png
 
-        priors = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)(
-            np.stack([decode_png(r["image"]) for r in records]))
+        detect = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)
+        try:
+            priors = detect(np.stack([decode_png(r["image"]) for r in records]))
+        finally:
+            detect.close()
     batch, stats = learner_batch(cfg.learner, latents, [r["prompt"] for r in records], groups, scores, regions,
                                  sizes.pop(), normalization=cfg.rewards_normalization, priors=priors)
     stats.update(nonfinite_counts(values))

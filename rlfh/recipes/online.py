@@ -252,6 +252,8 @@ class Run:
             self.bar.close()
         if self.logger is not None:
             self.logger.close()
+        if self.pose_priors is not None:
+            self.pose_priors.close()
         for a in self.owned:
             ray.kill(a)
         if self.learner is not None:

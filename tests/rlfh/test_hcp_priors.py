@@ -66,6 +66,7 @@ def test_real_images_get_mediapipe_pose_priors_once(tmp_path, pose_models, vae):
     assert mixed.masks_l[HCP_PRIOR].min() == 1.0
     unset = RealImageSource(src.root, 256, 256)
     assert not unset.region_masks([0], [HCP_PRIOR])[HCP_PRIOR].any()  # no pose_priors: zeros
+    detect.close()
 
 
 def test_offline_batch_takes_priors_from_the_logged_images(tiny_cfg, tmp_path, pose_models):
@@ -109,6 +110,7 @@ def test_online_round_priors_by_mode(tiny_cfg, tmp_path, pose_models):
     run = Run(tiny_cfg("learner.hcp.enabled=true"), tmp_path)
     run.pose_priors = PosePriors(0.03)
     got = run.hcp_priors(images)  # prior=samples: detected on the round's images
+    run.pose_priors.close()
     assert got.shape == (2, 1, 32, 32) and got[0].max() > 0.2 and not got[1].any()
     real = Run(tiny_cfg("learner.hcp.enabled=true", "learner.hcp.prior=real", f"learner.hgdpo.real_images={tmp_path}"),
                tmp_path)
