@@ -180,3 +180,25 @@ def test_hcp_under_mpd_regions_and_gradient_checkpointing(tiny_model_dir):
     metrics = train(lrn, batch, epochs=2)
     assert metrics["loss/hcp"] > 0 and "mpd/weight/face" in metrics
     assert any(not torch.equal(v, lrn.hcp.state_dict()[k]) for k, v in phi.items())
+
+
+@pytest.mark.slow
+def test_hcp_on_weighted_samples(tiny_model_dir):
+    """train_samples (RWR here) adds the term too, each row with its own prior: unposed rows add nothing."""
+    from rlfh.data.batches import SampleBatch
+
+    lrn = make(tiny_model_dir, *HCP, "learner.loss=rwr")
+    lat = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32)
+    posed = prior(4)
+    posed[1::2] = 0.0  # rows 1 and 3: no person found
+    batch = SampleBatch(lat, [PROMPTS[i % 2] for i in range(4)], np.full(4, 0.25, np.float32), {HCP_PRIOR: posed})
+    phi = {k: v.clone() for k, v in lrn.hcp.state_dict().items()}
+    metrics = train(lrn, batch, epochs=1)
+    assert metrics["loss/hcp"] > 0 and metrics["hcp/posed_fraction"] == 0.5
+    assert any(not torch.equal(v, lrn.hcp.state_dict()[k]) for k, v in phi.items())
+    # without priors in the batch the layer records but adds nothing, and phi keeps its weights
+    lrn2 = make(tiny_model_dir, *HCP, "learner.loss=rwr")
+    phi2 = {k: v.clone() for k, v in lrn2.hcp.state_dict().items()}
+    assert "loss/hcp" not in train(lrn2, SampleBatch(lat, batch.prompts, batch.weights), epochs=1)
+    assert all(torch.equal(v, lrn2.hcp.state_dict()[k]) for k, v in phi2.items())
+    assert lrn2.hcp.take_maps() == []
