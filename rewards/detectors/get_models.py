@@ -8,10 +8,17 @@ files are platform independent), checks each file against the SHA-256 recorded b
     <models dir>/face_detection_short_range.tflite        BlazeFace, short range (MediaPipe's default)
     <models dir>/face_detection_full_range_sparse.tflite  BlazeFace, full range
     <models dir>/hand_landmarker.task                     palm detector + hand landmark model (full)
+    <models dir>/pose_landmarker.task                     BlazePose detector + 33-landmark model (full)
 
 A Tasks ``HandLandmarker`` wants a ``.task`` bundle: a zip holding ``hand_detector.tflite`` and
 ``hand_landmarks_detector.tflite``; it is assembled here from the wheel's palm detection and hand
 landmark models (the "full" variants, which MediaPipe Hands uses at its default model_complexity=1).
+
+The wheel's pose models (``pose_detection.tflite``, ``pose_landmark_full.tflite``: MediaPipe Pose's
+legacy graphs, its default model_complexity=1) carry no TFLite metadata, and a Tasks ``PoseLandmarker``
+needs the input normalization from it; :func:`with_image_metadata` writes that metadata (RGB image
+input, mean/std: the detector [-1, 1], the landmark model [0, 1], as the legacy graphs feed them)
+with MediaPipe's own flatbuffer schemas. The weights are the wheel's, byte for byte.
 
 The models dir is, in order: ``--dir``, the ``RLFH_MODELS_DIR`` environment variable,
 ``~/.cache/rlfh/mediapipe``. Re-running is cheap: files already present with the right hash are
@@ -64,6 +71,18 @@ HAND_TASK_MEMBERS: dict[str, tuple[str, str]] = {
     ),
 }
 HAND_TASK = "hand_landmarker.task"
+# member of pose_landmarker.task -> (path inside the wheel, sha256 of the wheel's file, input mean, std)
+POSE_TASK_MEMBERS: dict[str, tuple[str, str, float, float]] = {
+    "pose_detector.tflite": (
+        "mediapipe/modules/pose_detection/pose_detection.tflite",
+        "9ba9dd3d42efaaba86b4ff0122b06f29c4122e756b329d89dca1e297fd8f866c", 127.5, 127.5,
+    ),
+    "pose_landmarks_detector.tflite": (
+        "mediapipe/modules/pose_landmark/pose_landmark_full.tflite",
+        "e9a5c5cb17f736fafd4c2ec1da3b3d331d6edbe8a0d32395855aeb2cdfd64b9f", 0.0, 255.0,
+    ),
+}
+POSE_TASK = "pose_landmarker.task"
 FETCH_COMMAND = "python -m rewards.detectors.get_models"
 
 
@@ -99,12 +118,77 @@ def _hand_task_ok(path: Path) -> bool:
 
 
 def missing_models(directory: str | os.PathLike | None = None) -> list[Path]:
-    """Paths of the models that are absent or corrupt in the models dir (empty when complete)."""
+    """Paths of the face and hand models that are absent or corrupt in the models dir (empty when complete)."""
     d = models_dir(directory)
     missing = [d / name for name, (_, sha) in TFLITE_FILES.items() if not _file_ok(d / name, sha)]
     if not _hand_task_ok(d / HAND_TASK):
         missing.append(d / HAND_TASK)
     return missing
+
+
+def missing_pose_model(directory: str | os.PathLike | None = None) -> bool:
+    """Whether ``pose_landmarker.task`` is absent or unreadable in the models dir (its members carry
+    added metadata, so the check is that both are there and hold a TFLite model, not a hash)."""
+    path = models_dir(directory) / POSE_TASK
+    if not path.is_file():
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return not all(name in z.namelist() and z.read(name)[4:8] == b"TFL3" for name in POSE_TASK_MEMBERS)
+    except zipfile.BadZipFile:
+        return True
+
+
+def with_image_metadata(model: bytes, mean: float, std: float) -> bytes:
+    """``model`` (a TFLite flatbuffer) with TFLite metadata naming input 0 an RGB image normalized as
+    (x - mean) / std, which MediaPipe Tasks reads to preprocess; weights and graph are unchanged."""
+    import flatbuffers
+    from mediapipe.tasks.metadata import metadata_schema_py_generated as md
+    from mediapipe.tasks.metadata import schema_py_generated as tfl
+
+    graph = tfl.ModelT.InitFromObj(tfl.Model.GetRootAsModel(model, 0))
+    norm = md.NormalizationOptionsT()
+    norm.mean, norm.std = [float(mean)], [float(std)]
+    unit = md.ProcessUnitT()
+    unit.optionsType, unit.options = md.ProcessUnitOptions.NormalizationOptions, norm
+    props = md.ImagePropertiesT()
+    props.colorSpace = md.ColorSpaceType.RGB
+    content = md.ContentT()
+    content.contentPropertiesType, content.contentProperties = md.ContentProperties.ImageProperties, props
+    image = md.TensorMetadataT()
+    image.name, image.content, image.processUnits = "image", content, [unit]
+    outputs = []
+    for i in graph.subgraphs[0].outputs:
+        out = md.TensorMetadataT()
+        out.name = f"output_{i}"
+        outputs.append(out)
+    sub = md.SubGraphMetadataT()
+    sub.inputTensorMetadata, sub.outputTensorMetadata = [image], outputs
+    meta = md.ModelMetadataT()
+    meta.name, meta.subgraphMetadata, meta.minParserVersion = "pose", [sub], "1.0.0"
+    b = flatbuffers.Builder(0)
+    b.Finish(meta.Pack(b), b"M001")
+    buf = tfl.BufferT()
+    buf.data = list(b.Output())
+    graph.buffers.append(buf)
+    entry = tfl.MetadataT()
+    entry.name, entry.buffer = "TFLITE_METADATA", len(graph.buffers) - 1
+    graph.metadata = (graph.metadata or []) + [entry]
+    b = flatbuffers.Builder(0)
+    b.Finish(graph.Pack(b), b"TFL3")
+    return bytes(b.Output())
+
+
+def extract_pose_model(wheel_path: str | os.PathLike, directory: str | os.PathLike | None = None) -> Path:
+    """Assemble ``pose_landmarker.task`` from a mediapipe 0.10.21 wheel's checked pose models; returns the dir."""
+    d = models_dir(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(wheel_path) as wheel, zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as task:
+        for name, (member, sha, mean, std) in POSE_TASK_MEMBERS.items():
+            task.writestr(name, with_image_metadata(_read_checked(wheel, member, sha), mean, std))
+    _write_atomic(d / POSE_TASK, buf.getvalue())
+    return d
 
 
 def download_wheel(dest: Path) -> Path:
@@ -178,12 +262,16 @@ def ensure_models(directory: str | os.PathLike | None = None, wheel: str | os.Pa
         RewardError: the download failed or a file does not match its recorded hash.
     """
     d = models_dir(directory)
-    if not force and not missing_models(d):
+    hands, pose = force or bool(missing_models(d)), force or missing_pose_model(d)
+    if not (hands or pose):
         return d
-    if wheel is not None:
-        return extract_models(wheel, d)
     with tempfile.TemporaryDirectory(prefix="rlfh-mediapipe-") as tmp:
-        return extract_models(download_wheel(Path(tmp)), d)
+        path = wheel if wheel is not None else download_wheel(Path(tmp))
+        if hands:
+            extract_models(path, d)
+        if pose:
+            extract_pose_model(path, d)
+    return d
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,6 +220,7 @@ def check_consistency(cfg) -> list[str]:
         p.append("learner.loss=nft/awm, learner.reference=ema and learner.trust_region=dppo/guard predict with kept copies "
                  "of the weights, which ZeRO-3 "
                  "partitions: use learner.zero_stage <= 2")
+    p.extend(hcp_rules(cfg))
     hg = lr_.hgdpo
     if hg.real_images is not None:
         if not pairwise:
@@ -328,3 +329,50 @@ def _reward_entry_rules(cfg) -> list[str]:
                          f"if that is intended set {key}.allow_negative_weight=true (on the command line: "
                          f"{section}.{i}.allow_negative_weight=true)")
     return p
+
+
+def hcp_factor(key) -> int | None:
+    """A ``learner.hcp.scale_weights`` key as a downsampling factor (a power of two >= 1), or None."""
+    try:
+        f = int(str(key))
+    except ValueError:
+        return None
+    return f if f >= 1 and f & (f - 1) == 0 else None
+
+
+def hcp_rules(cfg) -> list[str]:
+    h, lr_ = cfg.learner.hcp, cfg.learner
+    if not h.enabled:
+        return []
+    p: list[str] = []
+    if not (0 <= h.coef < math.inf):
+        p.append(f"learner.hcp.coef={h.coef}: must be finite and >= 0")
+    if h.hidden < 1:
+        p.append(f"learner.hcp.hidden={h.hidden}: must be >= 1")
+    for k, v in h.scale_weights.items():
+        if hcp_factor(k) is None:
+            p.append(f"learner.hcp.scale_weights: key {k!r} must be a downsampling factor from the latent, a power of "
+                     f"two such as 2 or 4")
+        if not (isinstance(v, (int, float)) and 0 <= v < math.inf):
+            p.append(f"learner.hcp.scale_weights.{k}={v!r}: must be a finite number >= 0")
+    if not any(isinstance(v, (int, float)) and v > 0 for v in h.scale_weights.values()):
+        p.append("learner.hcp.scale_weights: give at least one factor a weight > 0, e.g. {4: 1.0}")
+    if len(h.timesteps) != 2 or not (0 <= h.timesteps[0] <= h.timesteps[1]):
+        p.append(f"learner.hcp.timesteps={h.timesteps}: must be [lo, hi] with 0 <= lo <= hi (training timesteps)")
+    if not (0 < h.sigma < math.inf):
+        p.append(f"learner.hcp.sigma={h.sigma}: must be finite and > 0 (a fraction of the image's shorter side)")
+    if not (0 <= h.min_visibility <= 1):
+        p.append(f"learner.hcp.min_visibility={h.min_visibility}: must be in [0, 1]")
+    if not lr_.lora.enabled:
+        p.append("learner.hcp.enabled needs learner.lora.enabled: the layer is saved beside the LoRA, and full "
+                 "fine-tuning would write it into the UNet's own weights")
+    if lr_.loss == "ddpo":
+        p.append("learner.hcp is not available with learner.loss=ddpo (it trains on noised latents of the samples)")
+    if h.prior == "real" and not lr_.hgdpo.real_images:
+        p.append("learner.hcp.prior=real takes the pose priors from HG-DPO's real images: set learner.hgdpo.real_images, "
+                 "or use prior=samples")
+    if lr_.region_pairs.region is not None:
+        p.append("learner.hcp.enabled with learner.region_pairs.region: inpainted region pairs carry no pose priors "
+                 "yet; turn one of them off")
+    return p
+

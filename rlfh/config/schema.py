@@ -93,6 +93,23 @@ class FairnessConfig:
     weights: dict[str, float] = field(default_factory=dict)  # rule=sum: region -> weight (default 1)
 
 
+HCP_WORDS = ["person", "people", "man", "men", "woman", "women", "boy", "girl", "child", "children", "kid", "baby",
+             "lady", "guy", "player", "dancer", "athlete", "face", "hand", "hands", "arm", "arms", "leg", "legs", "body"]
+
+
+@dataclass(frozen=True)
+class HcPConfig:
+    enabled: bool = False  # HcP layer (arXiv 2403.05239): a human-centric key on the UNet's cross-attention, aligned to pose priors; needs learner.lora; docs/walkthrough.md
+    coef: float = 1.0  # weight of the human-centric alignment term, coef * L_hca (rlfh/losses/hcp.py)
+    hidden: int = 64  # width of phi, the MLP from the text embeddings to the human-centric key K_h
+    scale_weights: dict[str, float] = field(default_factory=lambda: {"2": 0.5, "4": 1.0})  # scale-aware: cross-attention layers by downsampling factor from the latent (SDXL at 1024 px: 2 = 64x64 maps, 4 = 32x32) -> weight; only weighted factors get a layer
+    timesteps: list[int] = field(default_factory=lambda: [500, 999])  # step-wise: [lo, hi], the loss counts for items whose training t is in this range
+    prior: Literal["samples", "real"] = "samples"  # pose priors by MediaPipe Pose on the round's samples (and HG-DPO's real winners), or on HG-DPO's real images only
+    sigma: float = 0.03  # heatmap Gaussian width, as a fraction of the image's shorter side
+    min_visibility: float = 0.5  # landmarks with a lower MediaPipe visibility are not drawn
+    words: list[str] = field(default_factory=lambda: list(HCP_WORDS))  # human-centric tokens: the prompt's words in this list; a prompt with none uses all its words
+
+
 @dataclass(frozen=True)
 class HGDPOStage:
     until_round: int  # the stage covers rounds before this one
@@ -154,6 +171,7 @@ class LearnerConfig:
     cfg_distill_coef: float = 1.0  # weight of the CFG-distillation term, coef * mean (eps_theta(x_t, c) - eps_teacher)^2
     hgdpo: HGDPOConfig = field(default_factory=HGDPOConfig)  # real images as winners, on a curriculum
     region_pairs: RegionPairsConfig = field(default_factory=RegionPairsConfig)  # FaceScore's inpainted-region pairs (rlfh/data/region_pairs.py)
+    hcp: HcPConfig = field(default_factory=HcPConfig)  # the HcP layer's human-centric alignment loss
     lr: float = 1e-5
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -186,7 +186,7 @@ def advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, condit
 def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence[Hashable],
                   scores: Sequence[float | None], regions: Sequence[dict], image_hw: tuple[int, int],
                   trajectory: dict | None = None, settings=None, conditioning: dict | None = None,
-                  normalization: str = "weighted_sum"):
+                  normalization: str = "weighted_sum", priors: np.ndarray | None = None):
     """What the learner trains on this round: a PairBatch (DPO family), a SampleBatch (RWR,
     filtered; NFT, AWM: :func:`advantage_batch`) or a TrajectoryBatch (DDPO: per-prompt z-scored advantages, clipped to +-5).
 
@@ -195,6 +195,8 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
     per prompt a second time (GDPO's last normalization is over the batch).
 
     ``conditioning`` (the rollout batch's {prompt: (embeds, pooled)}) goes with the batch unchanged.
+    ``priors`` (N, 1, h, w), the HcP layer's pose priors of the samples (``learner.hcp``), go with the
+    region masks under ``rlfh.data.pose_prior.HCP_PRIOR`` and are selected with them.
 
     Returns:
         (batch, stats) with stats a flat dict of floats for metrics; ``samples/unscored`` counts the
@@ -224,6 +226,10 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
                        "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
 
     masks = region_mask_arrays(regions, learner_cfg.regions, image_hw)
+    if priors is not None:
+        from rlfh.data.pose_prior import HCP_PRIOR
+
+        masks[HCP_PRIOR] = priors
     if learner_cfg.loss in ("nft", "awm"):
         return advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, conditioning, unscored,
                                normalization)

@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -175,6 +175,10 @@ class RealImageSource:
             raise ValueError(f"real image source {self.root} is empty: no images listed")
         self._latents: np.ndarray | None = None
         self.loaded_from_cache = False
+        # HcP pose priors (rlfh/data/pose_prior.py): set by the recipe when learner.hcp is on; computed
+        # once per image and kept, like the latents
+        self.pose_priors: Callable[[np.ndarray], np.ndarray] | None = None
+        self._priors: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -292,13 +296,28 @@ class RealImageSource:
             order.extend(int(i) for i in rng.permutation(len(self)))
         return order[:k]
 
-    def region_masks(self, indices: Sequence[int], names: Sequence[str]) -> dict[str, np.ndarray]:
-        """{name: (k, 1, h, w)} masks from the metadata's boxes, mapped through resize and crop; zeros without boxes."""
-        from rlfh.data.pairs import region_mask_arrays
+    def prior(self, i: int) -> np.ndarray:
+        """Item i's HcP pose prior (1, H/8, W/8), from :attr:`pose_priors` on the prepared image; computed once."""
+        if i not in self._priors:
+            image = np.round((self.image(i).transpose(1, 2, 0) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+            self._priors[i] = self.pose_priors(image[None])[0]
+        return self._priors[i]
 
-        names = [n for n in names if n != "global"]
+    def region_masks(self, indices: Sequence[int], names: Sequence[str]) -> dict[str, np.ndarray]:
+        """{name: (k, 1, h, w)} masks from the metadata's boxes, mapped through resize and crop; zeros without
+        boxes. The name :data:`rlfh.data.pose_prior.HCP_PRIOR` gets the images' pose priors (zeros while
+        :attr:`pose_priors` is unset)."""
+        from rlfh.data.pairs import region_mask_arrays
+        from rlfh.data.pose_prior import HCP_PRIOR
+
+        out: dict[str, np.ndarray] = {}
+        if HCP_PRIOR in names:
+            shape = (len(indices), 1, self.height // 8, self.width // 8)
+            out[HCP_PRIOR] = (np.stack([self.prior(i) for i in indices]) if self.pose_priors is not None and len(indices)
+                              else np.zeros(shape, np.float32))
+        names = [n for n in names if n not in ("global", HCP_PRIOR)]
         if not names:
-            return {}
+            return out
         per_image = []
         for i in indices:
             it = self.items[i]
@@ -315,4 +334,4 @@ class RealImageSource:
             sx, sy = rw / w0, rh / h0
             per_image.append({r: [(x1 * sx - left, y1 * sy - top, x2 * sx - left, y2 * sy - top) for x1, y1, x2, y2 in boxes]
                               for r, boxes in it.regions.items()})
-        return region_mask_arrays(per_image, names, (self.height, self.width))
+        return {**region_mask_arrays(per_image, names, (self.height, self.width)), **out}

@@ -162,9 +162,14 @@ class LearnerEngine:
         self.projection_dim = pipe.text_encoder_2.config.projection_dim
         self.keep_text_encoders = keep_vae or needs_text_encoders(cfg)
         self.ref_unet = None
+        self.hcp = None
         if lc.lora.enabled:
             torch.manual_seed(cfg.seed)  # LoRA A matrices come from the global RNG: make runs repeatable
             add_lora(unet, lc.lora.rank, lc.lora.alpha, lc.lora.target_modules)
+            if lc.hcp.enabled:  # after the LoRA, so that phi gets no adapter; its init draws from the same seeded RNG
+                from rlfh.learner.hcp import HcP
+
+                self.hcp = HcP(unet, lc.hcp, pipe.tokenizer)
         else:
             # full fine-tuning: the reference is a frozen copy (LoRA avoids this second UNet)
             self.ref_unet = copy.deepcopy(unet).eval()
@@ -461,7 +466,8 @@ class LearnerEngine:
 
     def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
         """Write ``directory`` atomically: LoRA (diffusers format) or the UNet folder, DeepSpeed engine
-        state (each rank writes its own ZeRO partition), EMA, trainer state, ``files.json``.
+        state (each rank writes its own ZeRO partition), EMA, trainer state, ``files.json``; with
+        ``learner.hcp`` the HcP layer's weights in ``hcp.safetensors`` beside the LoRA.
 
         The folder is built under a temporary name by all ranks and renamed by rank 0 once every rank
         is done, so a crash never leaves a checkpoint that looks complete. With several nodes the run
@@ -487,6 +493,12 @@ class LearnerEngine:
 
                 StableDiffusionXLPipeline.save_lora_weights(
                     tmp, unet_lora_layers=convert_state_dict_to_diffusers(self.lora_state_dict()))
+                if self.hcp is not None:
+                    from safetensors.torch import save_file
+
+                    from rlfh.learner.hcp import HCP_FILE
+
+                    save_file(self.hcp.state_dict(), tmp / HCP_FILE)
             elif lead:
                 self.unet.save_pretrained(tmp / "unet")
         self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)

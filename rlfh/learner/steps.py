@@ -85,6 +85,7 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
                 masks_at(pairs.masks_w, idx, lrn.device), masks_at(pairs.masks_l, idx, lrn.device),
                 list(lc.regions), lc.region_scale)
             extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
+            extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.masks_w, pairs.masks_l), idx, metrics))
             history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(pairs))
 
@@ -114,7 +115,9 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
                 objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions),
                                                           lc.region_scale)
             ref = lrn.reference(x_t, t, enc, added) if lc.kl_coef > 0 or lc.cfg_distill is not None else None
-            history.append(update(lrn, objectives, metrics, pred, regularizers(lrn, pred, ref, x_t, t, h, w, metrics)))
+            extra = plus(regularizers(lrn, pred, ref, x_t, t, h, w, metrics),
+                         hcp_term(lrn, t, [samples.prompts[i] for i in idx], (samples.masks,), idx, metrics))
+            history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(samples))
 
 
@@ -263,6 +266,23 @@ def regularizers(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int,
     terms = [term for term in (kl_term(lrn, pred, ref, metrics), cfg_term(lrn, pred, ref, x_t, t, height, width, metrics))
              if term is not None]
     return sum(terms) if terms else None
+
+
+def hcp_term(lrn: LearnerEngine, t, prompts: list[str], mask_sets, idx: list[int], metrics: dict[str, float]):
+    """The HcP layer's alignment term (rlfh/learner/hcp.py, rlfh/losses/hcp.py) on the policy forward just
+    taken, whose rows are ``mask_sets``' rows ``idx`` one set after the other (pairs: winners, losers);
+    the pose priors ride in those masks dicts. None when ``learner.hcp`` is off or nothing counts."""
+    if lrn.hcp is None:
+        return None
+    from rlfh.data.pose_prior import HCP_PRIOR
+
+    prior = (torch.cat([rows(m[HCP_PRIOR], idx, lrn.device) for m in mask_sets])
+             if all(HCP_PRIOR in m for m in mask_sets) else None)
+    return lrn.hcp.term(t, prompts, prior, metrics)
+
+
+def plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return a if b is None else b if a is None else a + b
 
 
 def update(lrn: LearnerEngine, objectives: dict[str, torch.Tensor], metrics: dict[str, float], pred,

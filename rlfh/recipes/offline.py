@@ -35,8 +35,9 @@ def batch_from_log(cfg: Config):
         raise ValueError("offline-dpo needs the rollout log: pass rollouts=RUN_DIR/rollouts")
     from rlfh.data.region_pairs import concat_pairs, pairs_from_records
 
+    hcp = cfg.learner.hcp.enabled and cfg.learner.hcp.prior == "samples"
     records = RolloutLog(cfg.rollouts).records(["rollout_id", "round", "prompt", "rewards", "regions", "latent",
-                                                "latent_shape", "sampler", "region_pair"])
+                                                "latent_shape", "sampler", "region_pair"] + (["image"] if hcp else []))
     weights = {(e.name or e.target): e.weight for e in cfg.rewards}
     logged = {rw["name"] for r in records for rw in r["rewards"]}
     missing = sorted(set(weights) - logged)
@@ -63,13 +64,23 @@ def batch_from_log(cfg: Config):
     plain = [i for i, r in enumerate(records) if r.get("region_pair") is None]
     skipped = len(records) - len(plain) if region_pairs is None else 0
     records, regions, latents = [records[i] for i in plain], [regions[i] for i in plain], all_latents[plain]
+    priors = None
+    if hcp:  # HcP: pose priors detected on the logged images
+        from rlfh.data.pose_prior import PosePriors
+        from rollouts.log import decode_png
+
+        detect = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)
+        try:
+            priors = detect(np.stack([decode_png(r["image"]) for r in records]))
+        finally:
+            detect.close()
     logged_values = [{rw["name"]: rw["value"] for rw in r["rewards"]} for r in records]
     values = {n: [v.get(n) for v in logged_values] for n in weights}
     groups = [(r["round"], r["prompt"]) for r in records]
     # rewards_normalization as online; GDPO's last normalization then runs over the whole log
     scores, score_stats = learner_scores(values, weights, groups, cfg.rewards_normalization)
     batch, stats = learner_batch(cfg.learner, latents, [r["prompt"] for r in records], groups, scores, regions,
-                                 image_hw, normalization=cfg.rewards_normalization)
+                                 image_hw, normalization=cfg.rewards_normalization, priors=priors)
     if region_pairs is not None:
         batch = concat_pairs(batch, region_pairs)
     stats.update(rp_stats)

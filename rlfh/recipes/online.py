@@ -9,8 +9,9 @@ Each round:
   3. the samples, their rewards and regions go to the rollout log (RUN_DIR/rollouts);
   4. pairs are built per prompt (best vs worst; or weights for RWR), with region masks from the
      detections (plus, with ``learner.region_pairs``, FaceScore's pairs of a sample and its
-     face or hand inpainted by the policy: :class:`InpaintedRegions`), and the learner steps on
-     them (per-region losses, MPD fairness);
+     face or hand inpainted by the policy: :class:`InpaintedRegions`; with ``learner.hcp``,
+     MediaPipe Pose priors of the images), and the learner steps on them (per-region losses,
+     MPD fairness);
   5. the new weights go to the rollout actors (policy_version + 1): the LoRA adapter, or the whole
      UNet in buckets of ``resources.sync_bucket_mb`` (rlfh/learner/weight_sync.py);
   6. metrics go to RUN_DIR/metrics.jsonl and wandb; every ``checkpoint_every`` rounds a checkpoint.
@@ -76,7 +77,7 @@ def train(cfg: Config) -> Path:
             train_batch, batch_stats = learner_batch(
                 lc, batch.latents, batch.prompts, batch.prompts, scores,
                 [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width), batch.trajectory, run.settings,
-                batch.conditioning, normalization=cfg.rewards_normalization)
+                batch.conditioning, normalization=cfg.rewards_normalization, priors=run.hcp_priors(batch.images))
             batch_stats.update(score_stats)
             if run.real_winners is not None:
                 train_batch, hg_stats = run.real_winners.mix(train_batch, rnd)
@@ -133,6 +134,7 @@ class Run:
         self.pgs: list = []  # placement groups this run reserved
         self.logger = self.bar = self.learner = None
         self.real_winners = self.region_pairs = None
+        self.pose_priors = None  # learner.hcp: MediaPipe Pose heatmaps (rlfh/data/pose_prior.py)
         self.start_round = 0
 
     def start(self) -> None:
@@ -169,8 +171,13 @@ class Run:
                                         rc.width, rc.eta, rc.scheduler)
         self.record = cfg.learner.loss == "ddpo"  # policy-gradient losses need the trajectories
         self.fleet = RolloutFleet(actors, 0 if self.colocate else res.max_actor_restarts)
+        if cfg.learner.hcp.enabled:
+            from rlfh.data.pose_prior import PosePriors
+
+            self.pose_priors = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)
         if cfg.learner.hgdpo.real_images:
             self.real_winners = RealWinners(cfg, self.run_dir, self.fleet, self.settings)
+            self.real_winners.source.pose_priors = self.pose_priors
         self.log = RolloutLog(self.run_dir / "rollouts")
         if cfg.learner.region_pairs.region is not None:
             self.region_pairs = InpaintedRegions(cfg, self.fleet, self.scorer, self.log, self.settings)
@@ -189,6 +196,19 @@ class Run:
                                     max_restarts=res.max_actor_restarts).remote(entries, threads)
         self.owned.append(actor)
         return actor
+
+    def hcp_priors(self, images):
+        """The round's HcP pose priors (N, 1, h, w): detected on the samples (``learner.hcp.prior=samples``),
+        or zeros that HG-DPO's real winners fill with theirs (``prior=real``); None without HcP."""
+        import numpy as np
+
+        hc = self.cfg.learner.hcp
+        if not hc.enabled:
+            return None
+        if hc.prior == "samples":
+            return self.pose_priors(images)
+        n, h, w = images.shape[:3]
+        return np.zeros((n, 1, h // 8, w // 8), np.float32)
 
     def _resume(self) -> int:
         """The round to start from: the latest checkpoint's (rolling back the log and metrics of
@@ -239,6 +259,8 @@ class Run:
             self.bar.close()
         if self.logger is not None:
             self.logger.close()
+        if self.pose_priors is not None:
+            self.pose_priors.close()
         for a in self.owned:
             ray.kill(a)
         if self.learner is not None:
@@ -272,13 +294,19 @@ class RealWinners:
         from rlfh.data.hgdpo import mix_real_winners, prompts_for_losers
 
         cfg = self.cfg
-        frac, losers = self.curriculum.fraction(rnd), None
+        frac, losers, losers_masks = self.curriculum.fraction(rnd), None, None
         caps = prompts_for_losers(self.source, frac, len(train_batch), rnd, cfg.seed) if cfg.learner.hgdpo.fresh_losers else []
         if caps:
             loser_seeds = np.random.default_rng([cfg.seed, rnd, 0x4C]).integers(0, 2**31 - 1, len(caps)).tolist()
-            losers = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings,
-                                                          cfg.rollout.sample_batch_size_per_actor)).latents
-        return mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers)
+            fresh = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings,
+                                                         cfg.rollout.sample_batch_size_per_actor))
+            losers = fresh.latents
+            if cfg.learner.hcp.enabled and cfg.learner.hcp.prior == "samples":  # the fresh losers are samples too
+                from rlfh.data.pose_prior import HCP_PRIOR
+
+                losers_masks = {HCP_PRIOR: self.source.pose_priors(fresh.images)}
+        return mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers,
+                                losers_masks=losers_masks)
 
 
 class InpaintedRegions:

@@ -110,6 +110,9 @@ def _wheel_from_cache(models: Path, path: Path, corrupt: bool = False) -> Path:
 def test_extract_assembles_task_and_checks_hashes(mediapipe_models, tmp_path):
     wheel = _wheel_from_cache(mediapipe_models, tmp_path / "mediapipe.whl")
     out = tmp_path / "models"
+    out.mkdir()
+    # the stand-in wheel holds the face and hand models only; the pose bundle comes from the cache
+    (out / get_models.POSE_TASK).write_bytes((mediapipe_models / get_models.POSE_TASK).read_bytes())
     assert get_models.main(["--dir", str(out), "--wheel", str(wheel)]) == 0
     assert get_models.missing_models(out) == []
     with build_detector("mediapipe_hand", models_dir=out) as det:  # the assembled bundle loads
@@ -286,3 +289,20 @@ def test_insightface_threshold_and_model_path(insightface_root):
 def test_detection_boxes_are_json_roundtrippable(face_detector, astronaut):
     (faces,) = face_detector.detect(astronaut[None])
     assert [Detection.from_json(f.to_json()) for f in faces] == faces
+
+
+def test_mediapipe_pose_finds_the_people_of_the_group_photo(group_photo):
+    from rewards.detectors.mediapipe_backend import NUM_LANDMARKS, MediaPipePoseLandmarker
+
+    try:
+        models = get_models.ensure_models()
+    except RewardError as e:
+        pytest.skip(f"package registry unreachable, cannot fetch the MediaPipe pose model: {e}")
+    with MediaPipePoseLandmarker(models, num_poses=6) as det:
+        found = det.landmarks(group_photo[None])[0]
+        assert det.landmarks(np.zeros((1, 128, 128, 3), np.uint8))[0].shape == (0, NUM_LANDMARKS, 3)
+    h, w = group_photo.shape[:2]
+    assert found.shape[0] >= 2 and found.shape[1:] == (NUM_LANDMARKS, 3)
+    noses = found[:, 0]
+    assert (noses[:, 0] > 0).all() and (noses[:, 0] < w).all() and (noses[:, 1] > 0).all() and (noses[:, 1] < h / 2).all()
+    assert (noses[:, 2] > 0.5).all()  # faces in view

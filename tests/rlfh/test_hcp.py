@@ -1,0 +1,204 @@
+"""The HcP layer on the tiny model: the UNet's output unchanged, M_h as its formula, training lowers the
+alignment loss, checkpoint / resume / export, and the rollout sampler still loads the LoRA."""
+
+import numpy as np
+import pytest
+import torch
+
+from rlfh.data.batches import PairBatch
+from rlfh.data.pose_prior import HCP_PRIOR, pose_heatmap
+from rlfh.learner.engine import LearnerEngine
+from rlfh.learner.steps import train
+from tests.conftest import REPO
+
+PROMPTS = ["a photo of a person", "a man waving his hand"]
+HCP = ["learner.hcp.enabled=true", "learner.hcp.scale_weights={2: 1.0}", "learner.hcp.timesteps=[0, 999]",
+       "learner.hcp.sigma=0.08"]
+# test landmarks (x, y, visibility) on a 64x64 image: a standing figure in the left half. Drawn by
+# hand as the loss's input; no detector claims to have found them.
+FIGURE = np.array([[[16, 8, 1], [16, 20, 1], [8, 24, 1], [24, 24, 1], [16, 36, 1], [12, 52, 1], [20, 52, 1]]], np.float32)
+
+
+def make(tiny_model_dir, *overrides, seed=0):
+    from rlfh.config.schema import load_config
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"seed={seed}",
+                                                        "learner.train_batch_size=2", "learner.micro_batch_size_per_gpu=2",
+                                                        "learner.lr=1e-3", *overrides])
+    return LearnerEngine(cfg)
+
+
+def prior(n):
+    return np.repeat(pose_heatmap(FIGURE, (64, 64), 0.08)[None], n, axis=0)  # (n, 1, 8, 8)
+
+
+def posed_pairs(n=4, seed=0):
+    lat = np.random.default_rng(seed).standard_normal((2, n, 4, 8, 8)).astype(np.float32)
+    return PairBatch(lat[0], lat[1], [PROMPTS[i % 2] for i in range(n)], {HCP_PRIOR: prior(n)}, {HCP_PRIOR: prior(n)})
+
+
+def alignment(lrn, seed=123):
+    """L_hca of the current weights on fixed inputs (every item posed, t in the window)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([100, 300, 600, 900])
+    enc, added = lrn.condition([PROMPTS[i % 2] for i in range(4)], 64, 64)
+    with torch.enable_grad():
+        lrn.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
+    metrics = {}
+    lrn.hcp.term(t, [PROMPTS[i % 2] for i in range(4)], torch.from_numpy(prior(4)), metrics)
+    return metrics["loss/hcp"]  # without the coefficient
+
+
+def test_hcp_layer_leaves_the_unet_output_unchanged_and_records_m_h(tiny_model_dir):
+    plain, hcp = make(tiny_model_dir), make(tiny_model_dir, *HCP)
+    assert hcp.hcp.processors and all(".attn2" in n for n in hcp.hcp.processors)
+    assert any(".processor.phi." in n for n in hcp.trainable_names)  # trained with the LoRA
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
+    enc, added = plain.condition(PROMPTS, 64, 64)
+    want = plain.policy(x, t, enc, added)
+    got = hcp.policy(x, t, enc, added)
+    assert torch.equal(got, want)  # the same prediction, bit for bit
+    maps = hcp.hcp.take_maps()
+    assert len(maps) == len(hcp.hcp.processors)
+    for f, m in maps:  # factor 2 of the 8x8 latent: 4x4 positions, softmax over the 77 tokens
+        assert f == 2 and m.shape == (2, 16, 77) and m.requires_grad
+        torch.testing.assert_close(m.sum(-1), torch.ones(2, 16))
+    hcp.reference(x, t, enc, added)  # no gradients: nothing recorded
+    assert hcp.hcp.take_maps() == []
+
+
+def test_m_h_is_softmax_of_q_against_phi_of_the_text(tiny_model_dir):
+    lrn = make(tiny_model_dir, *HCP)
+    name, proc = next(iter(lrn.hcp.processors.items()))
+    attn = lrn.unet.get_submodule(name)
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(2, 16, attn.to_q.in_features, generator=g)
+    c = torch.randn(2, 77, lrn.unet.config.cross_attention_dim, generator=g)
+    got = proc.human_attention(attn, z, c)
+    q, k = attn.to_q(z), proc.phi(c)
+    heads, d = attn.heads, q.shape[-1] // attn.heads
+    want = torch.stack([torch.softmax(q[..., i * d:(i + 1) * d] @ k[..., i * d:(i + 1) * d].transpose(1, 2) / d ** 0.5, -1)
+                        for i in range(heads)]).mean(0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the human tokens: "man" (3 BPE pieces here) in the second prompt; all words in the first has none
+    mask = lrn.hcp.token_mask(["a man waving his hand", "a red car"])
+    assert 0 < int(mask[0].sum()) < int(lrn.hcp.token_mask(["a zzz waving his zzz"])[0].sum())
+    assert not mask[0, 0] and not mask[1, 0]  # never BOS
+    assert int(mask[1].sum()) == len(lrn.pipe.tokenizer("a red car").input_ids) - 2
+
+
+def test_hcp_steps_only_inside_the_timestep_window(tiny_model_dir):
+    lrn = make(tiny_model_dir, *HCP[:2], "learner.hcp.timesteps=[500, 999]")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    enc, added = lrn.condition(PROMPTS, 64, 64)
+    lrn.policy(x, torch.tensor([100, 200]), enc, added)
+    m = {}
+    assert lrn.hcp.term(torch.tensor([100, 200]), PROMPTS, torch.from_numpy(prior(2)), m) is None
+    assert m["hcp/kept_fraction"] == 0.0 and m["hcp/posed_fraction"] == 1.0
+    lrn.policy(x, torch.tensor([100, 800]), enc, added)
+    assert lrn.hcp.term(torch.tensor([100, 800]), PROMPTS, torch.from_numpy(prior(2)), m) is not None
+    assert m["hcp/kept_fraction"] == 0.5
+
+
+@pytest.mark.slow
+def test_training_with_hcp_lowers_the_alignment_loss(tiny_model_dir):
+    """The term's gradient moves M_h toward the prior: after the same DPO training, L_hca is lower with
+    the HcP term (coef 10) than without it (coef 0), by a margin, for two seeds."""
+    for seed in (0, 1):
+        after = {}
+        for coef in (0.0, 10.0):
+            lrn = make(tiny_model_dir, *HCP, f"learner.hcp.coef={coef}", "learner.lr=1e-2", seed=seed)
+            before = alignment(lrn)
+            metrics = train(lrn, posed_pairs(seed=seed), epochs=10)
+            after[coef] = alignment(lrn)
+            if coef:
+                assert metrics["loss/hcp"] > 0 and metrics["hcp/kept_fraction"] == 1.0
+        print(f"seed {seed}: L_hca {before:.4f} before, after training {after}")
+        assert after[10.0] < 0.7 * before, (seed, before, after)
+        assert after[10.0] < 0.7 * after[0.0], (seed, before, after)
+
+
+def test_hcp_weights_checkpoint_resume_and_the_sampler_loads_the_lora(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from rlfh.learner.hcp import HCP_FILE
+    from rollouts.models import load_pipeline
+    from rollouts.sampler import Sampler
+
+    lrn = make(tiny_model_dir, *HCP, "learner.hcp.coef=10")
+    train(lrn, posed_pairs(), epochs=2)
+    ckpt = lrn.save_checkpoint(tmp_path / "ckpt")
+    saved = load_file(str(ckpt / HCP_FILE))
+    assert saved and all(torch.equal(v, lrn.hcp.state_dict()[k]) for k, v in saved.items())
+    # resume: a fresh engine gets the trained phi back from the engine state
+    again = make(tiny_model_dir, *HCP, "learner.hcp.coef=10")
+    assert not all(torch.equal(v, again.hcp.state_dict()[k]) for k, v in saved.items())
+    again.load_checkpoint(ckpt)
+    assert all(torch.equal(v, again.hcp.state_dict()[k]) for k, v in saved.items())
+    again.hcp.load_state_dict(saved)  # the exported file loads as well
+    with pytest.raises(RuntimeError, match="do not match"):
+        again.hcp.load_state_dict({k: v for k, v in list(saved.items())[1:]})
+    # the rollout sampler (no HcP layer) loads the LoRA the learner syncs, and predicts what the learner does
+    sampler = Sampler(load_pipeline(lrn.cfg.model, "cpu"))
+    sampler.add_lora(lrn.cfg.learner.lora.rank, lrn.cfg.learner.lora.alpha, lrn.cfg.learner.lora.target_modules)
+    sampler.load_lora(lrn.lora_state_dict(), 1)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    want = lrn.unet_output(x, 500, PROMPTS[1])
+    base = Sampler(load_pipeline(lrn.cfg.model, "cpu")).unet_output(x, 500, PROMPTS[1])
+    got = sampler.unet_output(x, 500, PROMPTS[1])
+    assert (want - base).abs().max() > 1e-4  # the LoRA moved
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # and diffusers loads the exported LoRA file with no HcP key in it
+    pipe = load_pipeline(lrn.cfg.model, "cpu")
+    pipe.load_lora_weights(ckpt)
+    assert not any("processor" in k for k in pipe.unet.state_dict())
+
+
+def test_hcp_config_rules(tiny_cfg):
+    from rlfh.config.schema import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        tiny_cfg("learner.hcp.enabled=true", "learner.hcp.scale_weights={3: 1.0}", "learner.hcp.timesteps=[900, 100]",
+                 "learner.hcp.sigma=0", "learner.hcp.prior=real", "learner.lora.enabled=false")
+    text = str(e.value)
+    for needle in ("learner.hcp.scale_weights: key 3", "learner.hcp.timesteps=[900, 100]", "learner.hcp.sigma=0",
+                   "learner.hcp.prior=real", "needs learner.lora.enabled"):
+        assert needle in text
+    assert tiny_cfg("learner.hcp.enabled=true").learner.hcp.scale_weights == {"2": 0.5, "4": 1.0}
+
+
+def test_hcp_under_mpd_regions_and_gradient_checkpointing(tiny_model_dir):
+    """Per-region gradients (MPD solves over them; phi has none there) and recomputed checkpointed blocks
+    (which run the processor again in backward) leave the HcP term working."""
+    lrn = make(tiny_model_dir, *HCP, "learner.regions=[global, face]", "learner.gradient_checkpointing=true")
+    batch = posed_pairs()
+    face = np.zeros((4, 1, 8, 8), np.float32)
+    face[:, :, :4, :4] = 1.0
+    batch.masks_w["face"], batch.masks_l["face"] = face, face
+    phi = {k: v.clone() for k, v in lrn.hcp.state_dict().items()}
+    metrics = train(lrn, batch, epochs=2)
+    assert metrics["loss/hcp"] > 0 and "mpd/weight/face" in metrics
+    assert any(not torch.equal(v, lrn.hcp.state_dict()[k]) for k, v in phi.items())
+
+
+@pytest.mark.slow
+def test_hcp_on_weighted_samples(tiny_model_dir):
+    """train_samples (RWR here) adds the term too, each row with its own prior: unposed rows add nothing."""
+    from rlfh.data.batches import SampleBatch
+
+    lrn = make(tiny_model_dir, *HCP, "learner.loss=rwr")
+    lat = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32)
+    posed = prior(4)
+    posed[1::2] = 0.0  # rows 1 and 3: no person found
+    batch = SampleBatch(lat, [PROMPTS[i % 2] for i in range(4)], np.full(4, 0.25, np.float32), {HCP_PRIOR: posed})
+    phi = {k: v.clone() for k, v in lrn.hcp.state_dict().items()}
+    metrics = train(lrn, batch, epochs=1)
+    assert metrics["loss/hcp"] > 0 and metrics["hcp/posed_fraction"] == 0.5
+    assert any(not torch.equal(v, lrn.hcp.state_dict()[k]) for k, v in phi.items())
+    # without priors in the batch the layer records but adds nothing, and phi keeps its weights
+    lrn2 = make(tiny_model_dir, *HCP, "learner.loss=rwr")
+    phi2 = {k: v.clone() for k, v in lrn2.hcp.state_dict().items()}
+    assert "loss/hcp" not in train(lrn2, SampleBatch(lat, batch.prompts, batch.weights), epochs=1)
+    assert all(torch.equal(v, lrn2.hcp.state_dict()[k]) for k, v in phi2.items())
+    assert lrn2.hcp.take_maps() == []
