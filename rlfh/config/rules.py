@@ -154,6 +154,13 @@ def check_consistency(cfg) -> list[str]:
             p.append("learner.cfg_distill is not available with learner.loss=ddpo (its trajectories are scored per step)")
     if not (0 <= lr_.cfg_distill_coef < math.inf):
         p.append(f"learner.cfg_distill_coef={lr_.cfg_distill_coef}: must be finite and >= 0")
+    if not (0 <= lr_.guidance_coef < math.inf):
+        p.append(f"learner.guidance_coef={lr_.guidance_coef}: must be finite and >= 0 (0 turns the guidance term off)")
+    elif lr_.guidance_coef > 0 and not pairwise:
+        p.append(f"learner.guidance_coef > 0 trains on (winner, loser) pairs: it needs a DPO loss (dpo, dpo_hinge, "
+                 f"dpo_ipo), not learner.loss={lr_.loss}")
+    if not lr_.guidance_region.strip():
+        p.append("learner.guidance_region is empty: name a detected region (face, hand) or global")
     if lr_.trust_region != "clip" and lr_.loss != "ddpo":
         p.append(f"learner.trust_region={lr_.trust_region} is for the per-step policy gradient: it needs learner.loss=ddpo")
     if not (0 < lr_.trust_region_kl < math.inf):

@@ -134,6 +134,8 @@ class LearnerConfig:
     sampling_policy: Literal["trained", "ema"] = "trained"  # what the rollout actors sample with: the trained weights, or their EMA (learner.ema_decay; DiffusionNFT's off-policy sampler; LoRA only)
     cfg_distill: Optional[float] = None  # CFG-free training: the guidance scale w of the reference's guided eps, the teacher of a term added to the loss (needs rollout.guidance_scale=1); null = off
     cfg_distill_coef: float = 1.0  # weight of the CFG-distillation term, coef * mean (eps_theta(x_t, c) - eps_teacher)^2
+    guidance_coef: float = 0.0  # DPO losses: weight of the guidance term pushing the loser's denoising toward the winner inside learner.guidance_region (FaceScore, our reading: rlfh/losses/guidance.py); 0 = off
+    guidance_region: str = "face"  # the region mask m of the guidance term, taken from the loser's detections (face, hand, ...), or global (the whole latent)
     hgdpo: HGDPOConfig = field(default_factory=HGDPOConfig)  # real images as winners, on a curriculum
     lr: float = 1e-5
     weight_decay: float = 0.0
