@@ -114,14 +114,14 @@ class RolloutFleet:
                     time.sleep(1.0)  # let Ray restart it
                     ref = self.actors[i].load_weights.remote(buckets, version, lora)
 
-    def _reissue(self, i: int, args: tuple, timeout_s: float = 300.0):
+    def _reissue(self, i: int, args: tuple, timeout_s: float = 300.0, method: str = "sample"):
         """Send the current weights to actor i once it is back, then its share again; returns the ref."""
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 if self._weights is not None:
                     ray.get(self.actors[i].load_weights.remote(*self._weights))
-                return self.actors[i].sample.remote(*args)
+                return getattr(self.actors[i], method).remote(*args)
             except _ACTOR_ERRORS as e:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"rollout actor {i} did not come back within {timeout_s:.0f}s: {e}") from e
@@ -144,21 +144,49 @@ class RolloutFleet:
         """Wait for a round's samples, recovering from dead actors; returns one RolloutBatch."""
         from rollouts.types import RolloutBatch
 
-        parts = {}
-        for i, (args, ref, version) in jobs.items():
-            for attempt in range(self.max_retries + 1):
-                try:
-                    part = ray.get(ref)
-                    if part.policy_version >= version:
-                        parts[i] = part
-                        break
-                    # the actor died while idle and came back with the base weights: not this policy
-                    problem = f"restarted with policy version {part.policy_version} < {version}"
-                except _ACTOR_ERRORS as e:
-                    problem = f"died ({type(e).__name__})"
-                if attempt == self.max_retries:
-                    raise RuntimeError(f"rollout actor {i} failed {attempt + 1} times in one round; last: {problem}")
-                self.restarts += 1
-                print(f"[rlfh] rollout actor {i} {problem}; re-sending the weights and re-issuing its share")
-                ref = self._reissue(i, args)
+        parts = {i: self._result(i, args, ref, version) for i, (args, ref, version) in jobs.items()}
         return RolloutBatch.concat([parts[i] for i in sorted(parts)])
+
+    def _result(self, i: int, args: tuple, ref, version: int, method: str = "sample"):
+        """The RolloutBatch of one call on actor i, made by policy ``version`` or later; a dead actor
+        (or one back with older weights) gets the weights again and the same call, same seeds."""
+        for attempt in range(self.max_retries + 1):
+            try:
+                part = ray.get(ref)
+                if part.policy_version >= version:
+                    return part
+                # the actor died while idle and came back with the base weights: not this policy
+                problem = f"restarted with policy version {part.policy_version} < {version}"
+            except _ACTOR_ERRORS as e:
+                problem = f"died ({type(e).__name__})"
+            if attempt == self.max_retries:
+                raise RuntimeError(f"rollout actor {i} failed {attempt + 1} times in one round; last: {problem}")
+            self.restarts += 1
+            print(f"[rlfh] rollout actor {i} {problem}; re-sending the weights and re-issuing its share")
+            ref = self._reissue(i, args, method=method)
+
+    def refine(self, latents, prompts: list, seeds: list, settings, strength: float, masks=None, batch_size: int = 8):
+        """``Sampler.refine`` by the current policy on the fleet: SDEdit (img2img) of UNet-space
+        ``latents`` (N, 4, h, w) re-noised to ``strength``, or with ``masks`` (N, 1, h, w) inpainting.
+        Contiguous shares per actor, each in calls of at most ``batch_size``; recovery as :meth:`collect`.
+        Returns one RolloutBatch in input order."""
+        import numpy as np
+
+        from rollouts.types import RolloutBatch
+
+        n = len(prompts)
+        if len(latents) != n or len(seeds) != n or (masks is not None and len(masks) != n):
+            raise ValueError(f"got {len(latents)} latents, {n} prompts, {len(seeds)} seeds"
+                             + ("" if masks is None else f" and {len(masks)} masks"))
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        version = self._weights[1] if self._weights is not None else 0
+        bounds = [n * i // len(self.actors) for i in range(len(self.actors) + 1)]
+        jobs = []
+        for i, a in enumerate(self.actors):
+            for lo in range(bounds[i], bounds[i + 1], batch_size):
+                hi = min(lo + batch_size, bounds[i + 1])
+                args = (np.asarray(latents[lo:hi]), list(prompts[lo:hi]), list(seeds[lo:hi]), settings, float(strength),
+                        None if masks is None else np.asarray(masks[lo:hi]))
+                jobs.append((i, args, a.refine.remote(*args)))
+        return RolloutBatch.concat([self._result(i, args, ref, version, "refine") for i, args, ref in jobs])

@@ -28,7 +28,25 @@ def hgdpo_stage_problems(stages) -> list[str]:
         last = st.until_round if last is None else max(last, st.until_round)
         if not 0.0 <= st.real_winner_fraction <= 1.0:
             p.append(f"{key}.real_winner_fraction={st.real_winner_fraction}: must be in [0, 1]")
+        if not 0.0 <= st.sdrecon_winner_fraction <= 1.0:
+            p.append(f"{key}.sdrecon_winner_fraction={st.sdrecon_winner_fraction}: must be in [0, 1]")
+        elif 0.0 <= st.real_winner_fraction <= 1.0 and st.real_winner_fraction + st.sdrecon_winner_fraction > 1.0:
+            p.append(f"{key}: real_winner_fraction + sdrecon_winner_fraction = {st.real_winner_fraction} + "
+                     f"{st.sdrecon_winner_fraction} > 1; they are shares of the same round's pairs")
     return p
+
+
+def hgdpo_sdrecon_problems(hg, num_inference_steps: int) -> list[str]:
+    """The SDRecon strength, when a stage asks for SDRecon winners: it must run at least one step."""
+    if not any(st.sdrecon_winner_fraction > 0 for st in hg.stages):
+        return []
+    s = hg.sdrecon_strength
+    if not 0.0 < s <= 1.0:
+        return [f"learner.hgdpo.sdrecon_strength={s}: must be in (0, 1] (the share of the denoising steps re-run)"]
+    if int(num_inference_steps * s) < 1:
+        return [f"learner.hgdpo.sdrecon_strength={s} of rollout.num_inference_steps={num_inference_steps} runs no "
+                f"denoising step (int(steps * strength) = 0): raise the strength to >= {1 / num_inference_steps:.3g}"]
+    return []
 
 
 def check_consistency(cfg) -> list[str]:
@@ -187,6 +205,7 @@ def check_consistency(cfg) -> list[str]:
         if not pairwise:
             p.append(f"learner.hgdpo.real_images needs a DPO loss; learner.loss={lr_.loss}")
         p.extend(hgdpo_stage_problems(hg.stages))
+        p.extend(hgdpo_sdrecon_problems(hg, r.num_inference_steps))
     if lr_.offload_optimizer and lr_.zero_stage == 0:
         p.append("learner.offload_optimizer=true needs learner.zero_stage >= 1 (ZeRO-Offload)")
     if lr_.offload_params and lr_.zero_stage != 3:

@@ -96,7 +96,8 @@ class FairnessConfig:
 @dataclass(frozen=True)
 class HGDPOStage:
     until_round: int  # the stage covers rounds before this one
-    real_winner_fraction: float  # share of the round's pairs whose winner is a real image
+    real_winner_fraction: float  # share of the round's pairs whose winner is a real image (HG-DPO's hard stage)
+    sdrecon_winner_fraction: float = 0.0  # share whose winner is SDRecon, the real image re-noised and denoised by the current policy (the normal stage); real + sdrecon <= 1, the rest generated best vs worst (easy)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class HGDPOConfig:
     encode_batch_size: int = 8  # images per VAE encode batch
     latent_mode: Literal["sample", "mean"] = "sample"  # latent of a real image: a seeded draw or the mean
     fresh_losers: bool = True  # sample losers for the real captions (HG-DPO); false keeps generated losers
+    sdrecon_strength: float = 0.5  # SDRecon winners: img2img strength s, the real latent noised to the start of the last int(s * rollout.num_inference_steps) steps and denoised from there (0 < s <= 1; larger is further from the real image)
 
 
 @dataclass(frozen=True)

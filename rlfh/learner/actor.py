@@ -100,6 +100,11 @@ class LearnerRank:
         self.handover.to_sampling()
         return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
 
+    def refine(self, latents, prompts, seeds, settings, strength: float, masks=None):
+        """``Sampler.refine`` (SDEdit, or inpainting with masks) with the learner's own UNet."""
+        self.handover.to_sampling()
+        return self.sampler.refine(latents, prompts, seeds, settings, strength, masks)
+
     def load_weights(self, buckets, policy_version: int, lora: bool = True) -> int:
         """Nothing to copy: the sampler's UNet is the learner's. Only the version moves on."""
         if buckets:

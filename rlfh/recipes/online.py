@@ -243,8 +243,9 @@ class Run:
 
 
 class RealWinners:
-    """HG-DPO: real images replace the winners of a share of the pairs, on the curriculum
-    (``learner.hgdpo``); with ``fresh_losers`` the losers are sampled anew from the real images' captions."""
+    """HG-DPO: real images, or SDRecon images made from them by the current policy, replace the
+    winners of a share of the pairs on the curriculum (``learner.hgdpo``); with ``fresh_losers`` the
+    losers are sampled anew from the real images' captions."""
 
     def __init__(self, cfg: Config, run_dir: Path, fleet, settings):
         import torch
@@ -262,13 +263,24 @@ class RealWinners:
     def mix(self, train_batch, rnd: int):
         import numpy as np
 
-        from rlfh.data.hgdpo import mix_real_winners, prompts_for_losers
+        from rlfh.data.hgdpo import latent_rms, mix_real_winners, prompts_for_losers, sdrecon_inputs
 
-        cfg = self.cfg
-        frac, losers = self.curriculum.fraction(rnd), None
-        caps = prompts_for_losers(self.source, frac, len(train_batch), rnd, cfg.seed) if cfg.learner.hgdpo.fresh_losers else []
+        cfg, hg = self.cfg, self.cfg.learner.hgdpo
+        n, bs = len(train_batch), cfg.rollout.sample_batch_size_per_actor
+        frac, sd_frac, losers, sdrecon = self.curriculum.fraction(rnd), self.curriculum.sdrecon_fraction(rnd), None, None
+        stats = {"hgdpo/stage": float(self.curriculum.stage(rnd))}
+        caps = prompts_for_losers(self.source, frac, n, rnd, cfg.seed, sd_frac) if hg.fresh_losers else []
         if caps:
             loser_seeds = np.random.default_rng([cfg.seed, rnd, 0x4C]).integers(0, 2**31 - 1, len(caps)).tolist()
-            losers = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings,
-                                                          cfg.rollout.sample_batch_size_per_actor)).latents
-        return mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers)
+            losers = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings, bs)).latents
+        real, sd_caps = sdrecon_inputs(self.source, frac, n, rnd, cfg.seed, sd_frac)
+        if sd_caps:
+            # the normal stage's winners: the real latents re-noised part-way and denoised by the current policy
+            sd_seeds = np.random.default_rng([cfg.seed, rnd, 0x5344]).integers(0, 2**31 - 1, len(sd_caps)).tolist()
+            sdrecon = self.fleet.refine(real, sd_caps, sd_seeds, self.settings, hg.sdrecon_strength, batch_size=bs).latents
+            stats["hgdpo/sdrecon_real_rms"] = latent_rms(sdrecon, real)  # how far the intermediate domain is from the real
+            if losers is not None:  # and a fresh sample for the same caption, for scale
+                stats["hgdpo/loser_real_rms"] = latent_rms(losers[len(caps) - len(sd_caps):], real)
+        mixed, mix_stats = mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers,
+                                            sdrecon_fraction=sd_frac, sdrecon_latents=sdrecon)
+        return mixed, {**stats, **mix_stats}
