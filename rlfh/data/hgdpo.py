@@ -12,7 +12,7 @@ the abstract):
 
 The stages and the winners of easy and hard are the paper's. That the normal stage's winner lies in
 an "intermediate domain" between generated and real images is stated by public summaries of the
-paper; its exact construction (noise level, sampler, which model denoises) could not be checked from
+paper (e.g. papernotes.org's CVPR 2025 notes on it, deep-paper.org/en/paper/2405.20216); its exact construction (noise level, sampler, which model denoises) could not be checked from
 the sources at hand, so SDRecon here is OUR READING: SDEdit (img2img) of the real image's latent by
 the CURRENT policy, ``learner.hgdpo.sdrecon_strength`` s of the sampler's steps re-run
 (``Sampler.refine``, equal to diffusers' SDXL img2img), under the real image's caption, seeded from

@@ -154,16 +154,19 @@ def dpo_margins(lrn, pairs, seed=7):
 
 
 @pytest.mark.slow
-def test_dpo_on_sdrecon_pairs_learns_to_prefer_them(normal_stage):
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dpo_on_sdrecon_pairs_learns_to_prefer_them(normal_stage, seed):
+    import dataclasses
+
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
 
     cfg, rw = normal_stage
-    pairs, _ = rw.mix(generated_pairs(with_masks=False), 0)
-    lrn = LearnerEngine(cfg)
-    assert np.allclose(dpo_margins(lrn, pairs), 0.0, atol=1e-6)  # policy = reference: no preference yet
+    pairs, _ = rw.mix(generated_pairs(with_masks=False), seed)
+    lrn = LearnerEngine(dataclasses.replace(cfg, seed=seed))
+    assert np.allclose(dpo_margins(lrn, pairs, seed + 7), 0.0, atol=1e-6)  # policy = reference: no preference yet
     for _ in range(3):
         train(lrn, pairs, 4)
-    margins = dpo_margins(lrn, pairs)
+    margins = dpo_margins(lrn, pairs, seed + 7)
     print("implicit accuracy on the SDRecon pairs after training:", float((margins < 0).mean()))
     assert (margins < 0).mean() >= 0.75 and margins.mean() < 0
