@@ -21,6 +21,17 @@ def sample_in_batches(sampler, prompts, seeds, settings, batch_size: int, record
     ])
 
 
+def refine_in_batches(sampler, latents, prompts, seeds, settings, strength: float, masks=None, batch_size: int = 8):
+    """``Sampler.refine`` of a share in calls of at most ``batch_size``, as one RolloutBatch."""
+    from rollouts.types import RolloutBatch
+
+    return RolloutBatch.concat([
+        sampler.refine(latents[i : i + batch_size], prompts[i : i + batch_size], seeds[i : i + batch_size], settings,
+                       strength, None if masks is None else masks[i : i + batch_size])
+        for i in range(0, len(prompts), batch_size)
+    ])
+
+
 @ray.remote
 class RolloutActor:
     """Holds an SDXL pipeline with the policy's LoRA merged into its UNet and samples on request.
@@ -50,9 +61,9 @@ class RolloutActor:
     def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False):
         return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
 
-    def refine(self, latents, prompts, seeds, settings, strength: float, masks=None):
+    def refine(self, latents, prompts, seeds, settings, strength: float, masks=None, batch_size: int = 8):
         """``Sampler.refine``: SDEdit or, with masks, inpainting by the current policy."""
-        return self.sampler.refine(latents, prompts, seeds, settings, strength, masks)
+        return refine_in_batches(self.sampler, latents, prompts, seeds, settings, strength, masks, batch_size)
 
     def load_weights(self, buckets: list, policy_version: int, lora: bool = True) -> int:
         """The learner's policy weights as object-store refs, one per bucket (``rlfh.learner.weight_sync``):
@@ -131,11 +142,17 @@ class RolloutFleet:
         """Start a round's sampling on every actor; returns a handle for :meth:`collect`."""
         return self._start("sample", len(prompts), lambda lo, hi: (prompts[lo:hi], seeds[lo:hi], settings, batch_size, record))
 
-    def refine(self, latents, prompts: list, seeds: list, settings, strength: float, masks=None):
-        """``Sampler.refine`` (SDEdit, or inpainting inside ``masks``) of (B, 4, h, w) latents, split
-        over the actors as a round is, with the same recovery; returns one RolloutBatch."""
-        return self.collect(self._start("refine", len(prompts), lambda lo, hi: (
-            latents[lo:hi], prompts[lo:hi], seeds[lo:hi], settings, strength, None if masks is None else masks[lo:hi])))
+    def refine(self, latents, prompts: list, seeds: list, settings, strength: float, masks=None, batch_size: int = 8):
+        """``Sampler.refine`` (SDEdit, or inpainting inside ``masks``) of (N, 4, h, w) latents, split
+        over the actors as a round is (each share in calls of at most ``batch_size``), with the same
+        recovery; returns one RolloutBatch in input order."""
+        n = len(prompts)
+        if len(latents) != n or len(seeds) != n or (masks is not None and len(masks) != n):
+            raise ValueError(f"got {len(latents)} latents, {n} prompts, {len(seeds)} seeds"
+                             + ("" if masks is None else f" and {len(masks)} masks"))
+        return self.collect(self._start("refine", n, lambda lo, hi: (
+            latents[lo:hi], prompts[lo:hi], seeds[lo:hi], settings, strength,
+            None if masks is None else masks[lo:hi], batch_size)))
 
     def _start(self, method: str, n: int, share) -> dict:
         """Call ``method`` on every actor with ``share(lo, hi)``, its contiguous part of n items."""

@@ -45,6 +45,11 @@ def test_colocated_actor_samples_with_the_learners_unet(ray_local, tiny_cfg):
         assert after.policy_version == 1 and not np.array_equal(after.latents, before.latents)
         ref_fleet.sync(group.weight_buckets(2**30), version, True)
         assert np.array_equal(after.images, ref_fleet.collect(ref_fleet.submit(prompts, seeds, settings, 2)).images)
+        # SDEdit by the trained policy (HG-DPO's SDRecon winners) on the colocated actor, as on a separate one
+        refined = fleet.refine(before.latents, prompts, seeds, settings, 0.5, batch_size=2)
+        assert refined.policy_version == 1
+        assert np.array_equal(refined.latents, ref_fleet.refine(before.latents, prompts, seeds, settings, 0.5,
+                                                                     batch_size=2).latents)
     finally:
         group.shutdown()
         ray.kill(separate)

@@ -172,6 +172,27 @@ def test_hgdpo_online_real_winners(tiny_model_dir, tmp_path):
     assert list(run_dir.glob("hgdpo-real-*.safetensors"))  # encoded once, cached for resumes
 
 
+def test_hgdpo_online_normal_stage(tiny_model_dir, tmp_path):
+    """HG-DPO's normal stage through the real loop: the rollout actor re-denoises real photos with the
+    current policy (SDRecon winners), mixed with real winners in the next stage."""
+    from tests.rlfh.test_hgdpo import write_photos
+
+    run_dir = tmp_path / "run"
+    rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=2",
+         "rollout.prompts_per_round=2", "rollout.rollouts_per_prompt=2", "rollout.sample_batch_size_per_actor=4",
+         "rollout.num_inference_steps=4", "logging.wandb=false", "logging.progress=false",
+         f"learner.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "learner.hgdpo.sdrecon_strength=0.5",
+         "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, "
+         "{until_round: 2, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}]")
+    from rlfh.run.metrics import read_metrics
+
+    rows = read_metrics(run_dir)
+    assert [r["hgdpo/stage"] for r in rows] == [0, 1]
+    assert [(r["hgdpo/sdrecon_pairs"], r["hgdpo/real_pairs"], r["hgdpo/generated_pairs"]) for r in rows] == [(2, 0, 0), (1, 1, 0)]
+    assert all(0 < r["hgdpo/sdrecon_real_rms"] < r["hgdpo/loser_real_rms"] for r in rows)
+    assert all(np.isfinite(r["loss/dpo"]) and r["learner/steps"] > 0 for r in rows)
+
+
 def test_ddpo_online(tiny_model_dir, tmp_path):
     """DDPO through the real loop: rollout actors record trajectories, the learner recomputes their log-probs."""
     run_dir = tmp_path / "run"

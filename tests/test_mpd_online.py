@@ -46,3 +46,21 @@ def assert_mpd_equation(r, alpha=2.0):
     assert abs(c_from_1) <= n1 * n2 * (1 + 1e-6)
     assert r["mpd/coef/global"] == pytest.approx(2 * w1) and r["mpd/coef/face"] == pytest.approx(2 * w2)
 
+
+
+def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
+    """learner.guidance_coef through `rlfh train` and `rlfh offline-dpo`: the face masks reach the
+    learner for the guidance term although `face` is not one of learner.regions."""
+    from rlfh.run.metrics import read_metrics
+
+    common = [f"model.path={tiny_model_dir}", "logging.wandb=false", "logging.progress=false",
+              "learner.guidance_coef=0.5", "learner.guidance_region=face", "learner.epochs_per_round=1",
+              "rewards=[{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]"]
+    online = tmp_path / "online"
+    rlfh("train", "configs/tiny.yaml", f"run_dir={online}", "num_rounds=1", "rollout.prompts_per_round=2",
+         "rollout.rollouts_per_prompt=2", "rollout.sample_batch_size_per_actor=4", "rollout.num_inference_steps=4", *common)
+    offline = tmp_path / "offline"
+    rlfh("offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online / 'rollouts'}", f"run_dir={offline}",
+         "num_rounds=1", *common)
+    for (row,) in (read_metrics(online), read_metrics(offline)):
+        assert row["guidance/region_present"] == 1.0 and row["loss/guidance"] > 0 and np.isfinite(row["loss/dpo"])

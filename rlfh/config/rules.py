@@ -28,6 +28,11 @@ def hgdpo_stage_problems(stages) -> list[str]:
         last = st.until_round if last is None else max(last, st.until_round)
         if not 0.0 <= st.real_winner_fraction <= 1.0:
             p.append(f"{key}.real_winner_fraction={st.real_winner_fraction}: must be in [0, 1]")
+        if not 0.0 <= st.sdrecon_winner_fraction <= 1.0:
+            p.append(f"{key}.sdrecon_winner_fraction={st.sdrecon_winner_fraction}: must be in [0, 1]")
+        elif 0.0 <= st.real_winner_fraction <= 1.0 and st.real_winner_fraction + st.sdrecon_winner_fraction > 1.0:
+            p.append(f"{key}: real_winner_fraction + sdrecon_winner_fraction = {st.real_winner_fraction} + "
+                     f"{st.sdrecon_winner_fraction} > 1; they are shares of the same round's pairs")
     return p
 
 
@@ -70,10 +75,23 @@ def region_pairs_problems(cfg) -> list[str]:
     for k, s in strengths:
         if not 0.0 < s <= 1.0:
             p.append(f"{k}={s}: a noise strength must be in (0, 1]")
-        elif steps >= 1 and int(steps * s) < 1:
+        elif rp.region is not None and steps >= 1 and int(steps * s) < 1:  # off (no region): no schedule to check
             p.append(f"{k}={s} of {steps} denoising steps runs no step: raise {key}.num_inference_steps to >= "
                      f"{math.ceil(1 / s)}")
     return p
+
+
+def hgdpo_sdrecon_problems(hg, num_inference_steps: int) -> list[str]:
+    """The SDRecon strength, when a stage asks for SDRecon winners: it must run at least one step."""
+    if not any(st.sdrecon_winner_fraction > 0 for st in hg.stages):
+        return []
+    s = hg.sdrecon_strength
+    if not 0.0 < s <= 1.0:
+        return [f"learner.hgdpo.sdrecon_strength={s}: must be in (0, 1] (the share of the denoising steps re-run)"]
+    if int(num_inference_steps * s) < 1:
+        return [f"learner.hgdpo.sdrecon_strength={s} of rollout.num_inference_steps={num_inference_steps} runs no "
+                f"denoising step (int(steps * strength) = 0): raise the strength to >= {1 / num_inference_steps:.3g}"]
+    return []
 
 
 def check_consistency(cfg) -> list[str]:
@@ -199,6 +217,13 @@ def check_consistency(cfg) -> list[str]:
             p.append("learner.cfg_distill is not available with learner.loss=ddpo (its trajectories are scored per step)")
     if not (0 <= lr_.cfg_distill_coef < math.inf):
         p.append(f"learner.cfg_distill_coef={lr_.cfg_distill_coef}: must be finite and >= 0")
+    if not (0 <= lr_.guidance_coef < math.inf):
+        p.append(f"learner.guidance_coef={lr_.guidance_coef}: must be finite and >= 0 (0 turns the guidance term off)")
+    elif lr_.guidance_coef > 0 and not pairwise:
+        p.append(f"learner.guidance_coef > 0 trains on (winner, loser) pairs: it needs a DPO loss (dpo, dpo_hinge, "
+                 f"dpo_ipo), not learner.loss={lr_.loss}")
+    if not lr_.guidance_region.strip():
+        p.append("learner.guidance_region is empty: name a detected region (face, hand) or global")
     if lr_.trust_region != "clip" and lr_.loss != "ddpo":
         p.append(f"learner.trust_region={lr_.trust_region} is for the per-step policy gradient: it needs learner.loss=ddpo")
     if not (0 < lr_.trust_region_kl < math.inf):
@@ -226,6 +251,7 @@ def check_consistency(cfg) -> list[str]:
         if not pairwise:
             p.append(f"learner.hgdpo.real_images needs a DPO loss; learner.loss={lr_.loss}")
         p.extend(hgdpo_stage_problems(hg.stages))
+        p.extend(hgdpo_sdrecon_problems(hg, r.num_inference_steps))
     p.extend(region_pairs_problems(cfg))
     if lr_.offload_optimizer and lr_.zero_stage == 0:
         p.append("learner.offload_optimizer=true needs learner.zero_stage >= 1 (ZeRO-Offload)")

@@ -113,7 +113,8 @@ class HcPConfig:
 @dataclass(frozen=True)
 class HGDPOStage:
     until_round: int  # the stage covers rounds before this one
-    real_winner_fraction: float  # share of the round's pairs whose winner is a real image
+    real_winner_fraction: float  # share of the round's pairs whose winner is a real image (HG-DPO's hard stage)
+    sdrecon_winner_fraction: float = 0.0  # share whose winner is SDRecon, the real image re-noised and denoised by the current policy (the normal stage); real + sdrecon <= 1, the rest generated best vs worst (easy)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class HGDPOConfig:
     encode_batch_size: int = 8  # images per VAE encode batch
     latent_mode: Literal["sample", "mean"] = "sample"  # latent of a real image: a seeded draw or the mean
     fresh_losers: bool = True  # sample losers for the real captions (HG-DPO); false keeps generated losers
+    sdrecon_strength: float = 0.5  # SDRecon winners: img2img strength s, the real latent noised to the start of the last int(s * rollout.num_inference_steps) steps and denoised from there (0 < s <= 1; larger is further from the real image)
 
 
 # FaceScore (arXiv 2406.17100) maps the face's area ratio to the noise factor in its Table 4, whose
@@ -169,6 +171,8 @@ class LearnerConfig:
     sampling_policy: Literal["trained", "ema"] = "trained"  # what the rollout actors sample with: the trained weights, or their EMA (learner.ema_decay; DiffusionNFT's off-policy sampler; LoRA only)
     cfg_distill: Optional[float] = None  # CFG-free training: the guidance scale w of the reference's guided eps, the teacher of a term added to the loss (needs rollout.guidance_scale=1); null = off
     cfg_distill_coef: float = 1.0  # weight of the CFG-distillation term, coef * mean (eps_theta(x_t, c) - eps_teacher)^2
+    guidance_coef: float = 0.0  # DPO losses: weight of the guidance term pushing the loser's denoising toward the winner inside learner.guidance_region (FaceScore, our reading: rlfh/losses/guidance.py); 0 = off
+    guidance_region: str = "face"  # the region mask m of the guidance term, taken from the loser's detections (face, hand, ...), or global (the whole latent)
     hgdpo: HGDPOConfig = field(default_factory=HGDPOConfig)  # real images as winners, on a curriculum
     region_pairs: RegionPairsConfig = field(default_factory=RegionPairsConfig)  # FaceScore's inpainted-region pairs (rlfh/data/region_pairs.py)
     hcp: HcPConfig = field(default_factory=HcPConfig)  # the HcP layer's human-centric alignment loss

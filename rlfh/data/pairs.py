@@ -76,6 +76,15 @@ def region_mask_arrays(regions: Sequence[dict], names: Sequence[str], image_hw: 
     return {n: np.ascontiguousarray(m[:, i : i + 1]) for i, n in enumerate(local)}
 
 
+def mask_regions(learner_cfg) -> list[str]:
+    """The regions whose masks a round's batch carries: ``learner.regions``, and the guidance term's
+    region (``learner.guidance_region``) when the term is on, even if no objective is computed on it."""
+    names = list(learner_cfg.regions)
+    if learner_cfg.guidance_coef > 0 and learner_cfg.guidance_region not in names:
+        names.append(learner_cfg.guidance_region)
+    return names
+
+
 def sample_weights(scores: Sequence[float | None], loss: str, rwr_beta: float, threshold: float | None,
                    top_fraction: float) -> "np.ndarray":
     """Per-sample weights for weighted losses over the round's usable scores; 0 for the others.
@@ -225,7 +234,7 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
         return batch, {"samples/kept": float(len(keep)), **unscored, "ddpo/window_start": float(start),
                        "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
 
-    masks = region_mask_arrays(regions, learner_cfg.regions, image_hw)
+    masks = region_mask_arrays(regions, mask_regions(learner_cfg), image_hw)
     if priors is not None:
         from rlfh.data.pose_prior import HCP_PRIOR
 

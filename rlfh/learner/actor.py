@@ -100,10 +100,12 @@ class LearnerRank:
         self.handover.to_sampling()
         return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
 
-    def refine(self, latents, prompts, seeds, settings, strength: float, masks=None):
-        """``Sampler.refine`` with the learner's own UNet (region pairs when colocated)."""
+    def refine(self, latents, prompts, seeds, settings, strength: float, masks=None, batch_size: int = 8):
+        """``Sampler.refine`` (SDEdit, or inpainting with masks) with the learner's own UNet."""
+        from rollouts.actor import refine_in_batches
+
         self.handover.to_sampling()
-        return self.sampler.refine(latents, prompts, seeds, settings, strength, masks)
+        return refine_in_batches(self.sampler, latents, prompts, seeds, settings, strength, masks, batch_size)
 
     def load_weights(self, buckets, policy_version: int, lora: bool = True) -> int:
         """Nothing to copy: the sampler's UNet is the learner's. Only the version moves on."""

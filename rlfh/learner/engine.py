@@ -298,14 +298,21 @@ class LearnerEngine:
         training target (eps, or v for v-prediction models)."""
         t, eps = t.to(self.device), eps.to(self.device)
         x_t = self.noise_scheduler.add_noise(x0, eps, t)
+        return x_t.to(self.dtype), t, self.prediction_target(x0, t, eps)
+
+    def prediction_target(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """What the UNet should output at x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: eps, or
+        v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 for v-prediction models (the scheduler's ``prediction_type``)."""
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
-            target = eps
-        elif kind == "v_prediction":
-            target = self.noise_scheduler.get_velocity(x0, eps, t)
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r}")
-        return x_t.to(self.dtype), t, target
+            return eps
+        if kind == "v_prediction":
+            return self.noise_scheduler.get_velocity(x0, eps, t)
+        raise ValueError(f"unsupported prediction_type {kind!r}")
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """abar_t (float32, on the device) of the training noise schedule at timesteps ``t``."""
+        return self.noise_scheduler.alphas_cumprod.to(self.device)[t.to(self.device)].float()
 
     def policy(self, x_t, t, enc, added) -> torch.Tensor:
         """The trained UNet's prediction (with gradients)."""

@@ -17,6 +17,7 @@ A DPO micro-batch, with regions r in ``learner.regions``:
     eps_theta, eps_ref = UNet(x_t^*, t, c) with / without the LoRA adapter
     L_r = DPO loss on region r's errors                        (rlfh/losses/objectives.py)
     loss = sum_r c_r L_r, c from the fairness rule              (rlfh/losses/fairness.py; MPD by default)
+         + regularizers (KL, CFG distillation) + guidance_coef * L_guide on the loser half (rlfh/losses/guidance.py)
 
 Every rank walks the same shuffled order and draws the same randomness for a whole optimizer step,
 then trains on its own share of the step's items. W ranks with micro-batch m thus take the same
@@ -38,6 +39,7 @@ from rlfh.learner.engine import LearnerEngine, ddpo_train_steps
 from rlfh.losses import fairness
 from rlfh.losses.cfg_distill import cfg_distill_loss, cfg_teacher
 from rlfh.losses.ddpo import ddpo_clipped_loss
+from rlfh.losses.guidance import guidance_loss, winner_noise
 from rlfh.losses.kl import eps_kl
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
 from rlfh.losses.objectives import (ADVANTAGE, PAIRWISE, WEIGHTED, advantage_objectives, pairwise_objectives,
@@ -86,6 +88,8 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
                 list(lc.regions), lc.region_scale)
             extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
             extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.masks_w, pairs.masks_l), idx, metrics))
+            extra = plus(extra, guidance_term(lrn, pred[b:], x_t[b:], t[b:], x0[:b],
+                                              masks_at(pairs.masks_l, idx, lrn.device), metrics))
             history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(pairs))
 
@@ -258,6 +262,31 @@ def cfg_term(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int, met
     teacher = cfg_teacher(ref, lrn.reference(x_t, t, neg_enc, neg_added), lc.cfg_distill)
     term = cfg_distill_loss(pred, teacher, lc.cfg_distill_coef)
     metrics["loss/cfg_distill"] = float(term.detach()) / max(lc.cfg_distill_coef, 1e-30)  # the plain mean error
+    return term
+
+
+def guidance_term(lrn: LearnerEngine, pred_l, x_t_l, t, x0_w, masks_l: dict[str, torch.Tensor],
+                  metrics: dict[str, float]):
+    """The guidance term (rlfh/losses/guidance.py): ``learner.guidance_coef`` * the masked error of the
+    policy's prediction at the loser's x_t^l against the target that denoises x_t^l to the winner,
+    inside the loser's ``learner.guidance_region`` mask. None when off or when no pair has the region.
+    ``loss/guidance`` is the plain (unweighted) mean error of the pairs with the region."""
+    lc = lrn.cfg.learner
+    if lc.guidance_coef <= 0:
+        return None
+    region = lc.guidance_region
+    mask = None if region == "global" else masks_l.get(region)
+    if mask is None and region != "global":
+        raise ValueError(f"learner.guidance_region={region}: the batch has no {region!r} masks (it holds "
+                         f"{sorted(masks_l)}); the pairs must come from learner_batch with this config")
+    # x_t^l as the UNet saw it (in its dtype), so that eps* denoises exactly that input to x_0^w
+    target = lrn.prediction_target(x0_w, t, winner_noise(x_t_l, x0_w, lrn.alpha_bar(t)))
+    term, err = guidance_loss(pred_l, target, mask, lc.guidance_coef)
+    present = torch.ones_like(err, dtype=torch.bool) if mask is None else mask.flatten(1).amax(1) > 0
+    metrics["guidance/region_present"] = float(present.float().mean())
+    if term is None:
+        return None
+    metrics["loss/guidance"] = float(err.detach()[present].mean())
     return term
 
 

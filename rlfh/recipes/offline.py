@@ -28,7 +28,7 @@ def batch_from_log(cfg: Config):
     """Rebuild the learner's batch (pairs, or weighted samples) from a rollout log with this config."""
     from rewards.base import Detection
     from rewards.composite import nonfinite_counts
-    from rlfh.data.pairs import learner_batch, learner_scores
+    from rlfh.data.pairs import learner_batch, learner_scores, mask_regions
     from rollouts.log import RolloutLog, decode_latent
 
     if cfg.rollouts is None:
@@ -58,7 +58,7 @@ def batch_from_log(cfg: Config):
         regions.append(dets)
     all_latents = np.stack([decode_latent(r) for r in records])
     # images of inpainted region pairs pair only with each other (rlfh/data/region_pairs.py), never by prompt
-    region_pairs, rp_stats = (pairs_from_records(records, all_latents, regions, weights, cfg.learner.regions, image_hw,
+    region_pairs, rp_stats = (pairs_from_records(records, all_latents, regions, weights, mask_regions(cfg.learner), image_hw,
                                                  cfg.rewards_normalization)
                               if cfg.learner.loss.startswith("dpo") else (None, {}))
     plain = [i for i, r in enumerate(records) if r.get("region_pair") is None]

@@ -272,8 +272,9 @@ class Run:
 
 
 class RealWinners:
-    """HG-DPO: real images replace the winners of a share of the pairs, on the curriculum
-    (``learner.hgdpo``); with ``fresh_losers`` the losers are sampled anew from the real images' captions."""
+    """HG-DPO: real images, or SDRecon images made from them by the current policy, replace the
+    winners of a share of the pairs on the curriculum (``learner.hgdpo``); with ``fresh_losers`` the
+    losers are sampled anew from the real images' captions."""
 
     def __init__(self, cfg: Config, run_dir: Path, fleet, settings):
         import torch
@@ -291,23 +292,33 @@ class RealWinners:
     def mix(self, train_batch, rnd: int):
         import numpy as np
 
-        from rlfh.data.hgdpo import mix_real_winners, prompts_for_losers
+        from rlfh.data.hgdpo import latent_rms, mix_real_winners, prompts_for_losers, sdrecon_inputs
 
-        cfg = self.cfg
-        frac, losers, losers_masks = self.curriculum.fraction(rnd), None, None
-        caps = prompts_for_losers(self.source, frac, len(train_batch), rnd, cfg.seed) if cfg.learner.hgdpo.fresh_losers else []
+        cfg, hg = self.cfg, self.cfg.learner.hgdpo
+        n, bs = len(train_batch), cfg.rollout.sample_batch_size_per_actor
+        frac, sd_frac, losers, sdrecon = self.curriculum.fraction(rnd), self.curriculum.sdrecon_fraction(rnd), None, None
+        losers_masks = None
+        stats = {"hgdpo/stage": float(self.curriculum.stage(rnd))}
+        caps = prompts_for_losers(self.source, frac, n, rnd, cfg.seed, sd_frac) if hg.fresh_losers else []
         if caps:
             loser_seeds = np.random.default_rng([cfg.seed, rnd, 0x4C]).integers(0, 2**31 - 1, len(caps)).tolist()
-            fresh = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings,
-                                                         cfg.rollout.sample_batch_size_per_actor))
+            fresh = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings, bs))
             losers = fresh.latents
             if cfg.learner.hcp.enabled and cfg.learner.hcp.prior == "samples":  # the fresh losers are samples too
                 from rlfh.data.pose_prior import HCP_PRIOR
 
                 losers_masks = {HCP_PRIOR: self.source.pose_priors(fresh.images)}
-        return mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers,
-                                losers_masks=losers_masks)
-
+        real, sd_caps = sdrecon_inputs(self.source, frac, n, rnd, cfg.seed, sd_frac)
+        if sd_caps:
+            # the normal stage's winners: the real latents re-noised part-way and denoised by the current policy
+            sd_seeds = np.random.default_rng([cfg.seed, rnd, 0x5344]).integers(0, 2**31 - 1, len(sd_caps)).tolist()
+            sdrecon = self.fleet.refine(real, sd_caps, sd_seeds, self.settings, hg.sdrecon_strength, batch_size=bs).latents
+            stats["hgdpo/sdrecon_real_rms"] = latent_rms(sdrecon, real)  # how far the intermediate domain is from the real
+            if losers is not None:  # and a fresh sample for the same caption, for scale
+                stats["hgdpo/loser_real_rms"] = latent_rms(losers[len(caps) - len(sd_caps):], real)
+        mixed, mix_stats = mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers,
+                                            losers_masks=losers_masks, sdrecon_fraction=sd_frac, sdrecon_latents=sdrecon)
+        return mixed, {**stats, **mix_stats}
 
 class InpaintedRegions:
     """FaceScore's region pairs online (``learner.region_pairs``, rlfh/data/region_pairs.py): a seeded
@@ -326,6 +337,7 @@ class InpaintedRegions:
     def add(self, train_batch, batch, scored, rnd: int, version: int):
         import numpy as np
 
+        from rlfh.data.pairs import mask_regions
         from rlfh.data.region_pairs import concat_pairs, log_marks, plan_inpainting, region_pair_batch, strength_groups
         from rollouts.log import make_records
         from rollouts.types import RolloutBatch
@@ -354,7 +366,7 @@ class InpaintedRegions:
         values = scored.values()
         pairs, pair_stats = region_pair_batch(
             batch.latents[idx], inp.latents, inp.prompts, {n: [v[i] for i in idx] for n, v in values.items()},
-            scored_inp.values(), scored.weights, plan.masks[order], rp.region, cfg.learner.regions,
+            scored_inp.values(), scored.weights, plan.masks[order], rp.region, mask_regions(cfg.learner),
             cfg.rewards_normalization, inp.conditioning)
         stats.update(pair_stats)
         stats.update({"region_pairs/mean_strength": float(np.mean(strengths)),

@@ -172,7 +172,8 @@ def test_mixing_replaces_the_expected_winners_and_keeps_losers(photos, vae):
     pairs = generated_pairs()
     assert real_pair_count(0.5, 4) == 2 and real_pair_count(0.125, 4) == 1 and real_pair_count(0.1, 4) == 0
     mixed, stats = mix_real_winners(pairs, src, 0.5, round=3, seed=0)
-    assert stats == {"hgdpo/real_winner_fraction": 0.5, "hgdpo/real_pairs": 2.0}
+    assert stats == {"hgdpo/real_winner_fraction": 0.5, "hgdpo/real_pairs": 2.0, "hgdpo/sdrecon_winner_fraction": 0.0,
+                     "hgdpo/sdrecon_pairs": 0.0, "hgdpo/generated_pairs": 2.0}
     idx = src.sample(2, 3, 0)
     changed = [j for j in range(4) if not np.array_equal(mixed.latents_w[j], pairs.latents_w[j])]
     assert len(changed) == 2
