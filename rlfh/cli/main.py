@@ -2,6 +2,7 @@
 
     rlfh train CONFIG [key=value ...]            online preference training (Ray)
     rlfh offline-dpo CONFIG rollouts=DIR [...]   DPO from a logged rollout log
+    rlfh train-reward CONFIG pairs=DIR init=DIR  fine-tune a FaceScore-style region scorer on logged pairs
     rlfh make-tiny-model DIR [--seed N]          write the seeded tiny SDXL-architecture model
     rlfh rollouts inspect DIR                    verify and summarise a rollout log
     rlfh config CONFIG [key=value ...]           print the effective config (validated)
@@ -38,6 +39,20 @@ def cmd_offline(args) -> int:
 
     run_dir = train_offline(_load(args))
     print(f"[rlfh] offline DPO finished: {run_dir}")
+    return 0
+
+
+# `rlfh train-reward` shorthands for the keys of the reward_training section
+TRAIN_REWARD_SHORTHANDS = ("pairs", "init", "region")
+
+
+def cmd_train_reward(args) -> int:
+    from rlfh.config.schema import load_config
+    from rlfh.recipes.train_reward import train_reward
+
+    overrides = [f"reward_training.{o}" if o.split("=", 1)[0] in TRAIN_REWARD_SHORTHANDS else o for o in args.overrides]
+    run_dir = train_reward(load_config(args.config, overrides))
+    print(f"[rlfh] scorer written: {run_dir} (FS_model.pt + med_config.json; use it as options: {{model: {run_dir}}})")
     return 0
 
 
@@ -78,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("train", cmd_train, "online preference training on Ray")
     with_config("offline-dpo", cmd_offline, "Diffusion-DPO from a logged rollout log (rollouts=DIR)")
+    with_config("train-reward", cmd_train_reward,
+                "fine-tune a FaceScore-style region scorer on (win, loss) pairs of a rollout log "
+                "(pairs=DIR init=SCORER_DIR [region=face|hand])")
     with_config("config", cmd_config, "print the effective, validated config")
     from rlfh.cli.eval import add_eval_commands
     from rlfh.cli.rewards import add_reward_commands
