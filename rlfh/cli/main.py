@@ -46,12 +46,16 @@ def cmd_offline(args) -> int:
 TRAIN_REWARD_SHORTHANDS = ("pairs", "init", "region")
 
 
+def train_reward_overrides(overrides: list[str]) -> list[str]:
+    """``pairs=DIR`` -> ``reward_training.pairs=DIR`` (likewise ``init=``, ``region=``); others unchanged."""
+    return [f"reward_training.{o}" if o.split("=", 1)[0] in TRAIN_REWARD_SHORTHANDS else o for o in overrides]
+
+
 def cmd_train_reward(args) -> int:
     from rlfh.config.schema import load_config
     from rlfh.recipes.train_reward import train_reward
 
-    overrides = [f"reward_training.{o}" if o.split("=", 1)[0] in TRAIN_REWARD_SHORTHANDS else o for o in args.overrides]
-    run_dir = train_reward(load_config(args.config, overrides))
+    run_dir = train_reward(load_config(args.config, train_reward_overrides(args.overrides)))
     print(f"[rlfh] scorer written: {run_dir} (FS_model.pt + med_config.json; use it as options: {{model: {run_dir}}})")
     return 0
 

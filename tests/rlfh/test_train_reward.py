@@ -46,7 +46,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_heldout_ranking_accuracy_rises_from_chance(tmp_path, seed):
     """Seed 0 goes through the CLI (`rlfh train-reward CONFIG pairs= init=` shorthands); measured
     held-out accuracy (15 pairs): seed 0 0.60 -> 0.93, seed 2 0.47 -> 1.00."""
-    from rlfh.cli.main import main
+    from rlfh.cli.main import main, train_reward_overrides
 
     init = _init(tmp_path, seed)
     log = write_pair_log(tmp_path / "log", 60, seed)
@@ -58,7 +58,7 @@ def test_heldout_ranking_accuracy_rises_from_chance(tmp_path, seed):
         from rlfh.config.schema import load_config
         from rlfh.recipes.train_reward import train_reward
 
-        train_reward(load_config(REPO / "configs" / "tiny.yaml", args))
+        train_reward(load_config(REPO / "configs" / "tiny.yaml", train_reward_overrides(args)))
     rows = _metrics(tmp_path / "run")
     assert [r["epoch"] for r in rows] == [0, 1, 2, 3, 4]
     before, after = rows[0]["heldout/accuracy"], rows[-1]["heldout/accuracy"]
