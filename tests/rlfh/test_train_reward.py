@@ -226,3 +226,24 @@ def test_config_rules_name_the_key(tmp_path):
                 "reward_training.batch_size=0"):
         assert key in text, key
     assert _cfg(tmp_path, "reward_training.region=elbow", "reward_training.prompt=An elbow.").reward_training.prompt == "An elbow."
+
+
+def test_walkthrough_hand_score_entry_loads_the_trained_folder(trained):
+    """docs/walkthrough.md section 8: the handscore entry, its model pointed at a trained run directory."""
+    import yaml
+
+    from rewards.registry import build_reward
+    from rlfh.config.schema import config_from_dict
+    from tests.test_walkthrough import block
+
+    entries = yaml.safe_load(block("handscore.yaml"))["rewards"]
+    cfg = config_from_dict({"rewards": entries})  # the targets resolve and the keys are valid
+    (hand,) = [e for e in cfg.rewards if e.name == "handscore"]
+    assert hand.options == {"model": "runs/handscore", "region": "hand"}
+    # the detector and the tiny model's head count are what a test machine needs instead of MediaPipe and ViT-L
+    options = {**hand.options, "model": str(trained["run"]), "vision_heads": 2,
+               "detector": FixedBoxes([[Detection(BOX, 0.99)]], region="hand")}
+    reward = build_reward(hand.target, options, name=hand.name)
+    (res,) = reward(decode_png(RolloutLog(trained["log"]).records(["image"])[0]["image"])[None], ["x"])
+    assert reward.name == "handscore" and reward.region == "hand" and res.value is not None
+    assert res.regions == {"hand": [Detection(BOX, 0.99)]}
