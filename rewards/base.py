@@ -22,6 +22,11 @@ from typing import Any, Sequence
 import numpy as np
 
 
+# The fixed text a region scorer of the ImageReward architecture reads beside a region crop: FaceScore's
+# "A face." (arXiv 2406.17100), and the same form for a hand score trained the way FaceScore was.
+REGION_PROMPTS = {"face": "A face.", "hand": "A hand."}
+
+
 class RewardError(RuntimeError):
     """A reward could not run at all (weights missing, bad input, NaN output)."""
 

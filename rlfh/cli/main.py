@@ -2,6 +2,7 @@
 
     rlfh train CONFIG [key=value ...]            online preference training (Ray)
     rlfh offline-dpo CONFIG rollouts=DIR [...]   DPO from a logged rollout log
+    rlfh train-reward CONFIG pairs=DIR init=DIR  fine-tune a FaceScore-style region scorer on logged pairs
     rlfh make-tiny-model DIR [--seed N]          write the seeded tiny SDXL-architecture model
     rlfh make-region-pairs CONFIG IMAGE_DIR [...] inpainted face / hand pairs of a folder, as a rollout log
     rlfh rollouts inspect DIR                    verify and summarise a rollout log
@@ -52,6 +53,24 @@ def cmd_make_region_pairs(args) -> int:
     return 0
 
 
+# `rlfh train-reward` shorthands for the keys of the reward_training section
+TRAIN_REWARD_SHORTHANDS = ("pairs", "init", "region")
+
+
+def train_reward_overrides(overrides: list[str]) -> list[str]:
+    """``pairs=DIR`` -> ``reward_training.pairs=DIR`` (likewise ``init=``, ``region=``); others unchanged."""
+    return [f"reward_training.{o}" if o.split("=", 1)[0] in TRAIN_REWARD_SHORTHANDS else o for o in overrides]
+
+
+def cmd_train_reward(args) -> int:
+    from rlfh.config.schema import load_config
+    from rlfh.recipes.train_reward import train_reward
+
+    run_dir = train_reward(load_config(args.config, train_reward_overrides(args.overrides)))
+    print(f"[rlfh] scorer written: {run_dir} (FS_model.pt + med_config.json; use it as options: {{model: {run_dir}}})")
+    return 0
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -89,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("train", cmd_train, "online preference training on Ray")
     with_config("offline-dpo", cmd_offline, "Diffusion-DPO from a logged rollout log (rollouts=DIR)")
+    with_config("train-reward", cmd_train_reward,
+                "fine-tune a FaceScore-style region scorer on (win, loss) pairs of a rollout log "
+                "(pairs=DIR init=SCORER_DIR [region=face|hand])")
     with_config("config", cmd_config, "print the effective, validated config")
     s = sub.add_parser("make-region-pairs", help="FaceScore's inpainted region pairs of an image folder, as a rollout log")
     s.add_argument("config", help="YAML config; learner.region_pairs.region names the region")

@@ -294,6 +294,7 @@ def check_consistency(cfg) -> list[str]:
         if e.name is None and ":" in e.target:
             p.append(f"rewards[{i}] target={e.target!r}: a module:callable reward needs `name:` (its key in metrics and logs)")
     p.extend(_reward_entry_rules(cfg))
+    p.extend(_reward_training_rules(cfg.reward_training))
     names = [e.name or e.target for e in cfg.rewards]
     for n in sorted({n for n in names if names.count(n) > 1}):
         p.append(f"rewards: name {n!r} is used twice; give each entry a distinct `name:`")
@@ -402,3 +403,36 @@ def hcp_rules(cfg) -> list[str]:
                  "yet; turn one of them off")
     return p
 
+
+def _reward_training_rules(rt) -> list[str]:
+    """``reward_training`` (``rlfh train-reward``): ranges, and a prompt for every region."""
+    from rewards.base import REGION_PROMPTS
+
+    p: list[str] = []
+    key = "reward_training"
+    if not 0.0 <= rt.freeze_fraction <= 1.0:
+        p.append(f"{key}.freeze_fraction={rt.freeze_fraction}: must be in [0, 1] (the leading share of the "
+                 f"encoder layers kept frozen; FaceScore: 0.7)")
+    if rt.lr <= 0:
+        p.append(f"{key}.lr={rt.lr}: must be > 0 (FaceScore: 1e-5)")
+    if rt.weight_decay < 0:
+        p.append(f"{key}.weight_decay={rt.weight_decay}: must be >= 0")
+    if len(rt.adam_betas) != 2 or not all(0 <= b < 1 for b in rt.adam_betas):
+        p.append(f"{key}.adam_betas={rt.adam_betas}: give two values in [0, 1), e.g. [0.9, 0.999]")
+    for name in ("epochs", "batch_size"):
+        if getattr(rt, name) < 1:
+            p.append(f"{key}.{name}={getattr(rt, name)}: must be >= 1")
+    if not 0.0 <= rt.heldout_fraction < 1.0:
+        p.append(f"{key}.heldout_fraction={rt.heldout_fraction}: must be in [0, 1) (0: no held-out accuracy)")
+    if not rt.region or rt.region == "global":
+        p.append(f"{key}.region={rt.region!r}: name a logged region whose box is cropped, e.g. face or hand")
+    elif rt.prompt is None and rt.region not in REGION_PROMPTS:
+        p.append(f"{key}.region={rt.region!r} has no default prompt (known: {REGION_PROMPTS}); "
+                 f"set {key}.prompt, e.g. \"A {rt.region}.\"")
+    if rt.prompt is not None and not rt.prompt.strip():
+        p.append(f"{key}.prompt is empty: give the scorer's fixed text, e.g. \"A hand.\", or null for the region's default")
+    if not rt.score:
+        p.append(f"{key}.score is empty: use combined or the name of a logged reward")
+    if rt.vision_heads is not None and rt.vision_heads < 1:
+        p.append(f"{key}.vision_heads={rt.vision_heads}: must be >= 1 (or null: width / 64)")
+    return p

@@ -236,6 +236,28 @@ class GuardsConfig:
 
 
 @dataclass(frozen=True)
+class RewardTrainingConfig:
+    """``rlfh train-reward``: fine-tune an ImageReward-architecture scorer on region pairs (FaceScore)."""
+
+    pairs: Optional[str] = None  # rollout log whose groups hold the (win, loss) images (`rlfh train-reward CONFIG pairs=DIR`)
+    init: Optional[str] = None  # scorer to start from: a directory (or hub id) with FS_model.pt or ImageReward.pt + med_config.json (`init=DIR`)
+    init_weights_name: Optional[str] = None  # weights file in `init`; null: FS_model.pt if present, else ImageReward.pt
+    region: str = "face"  # the logged region whose box is cropped (`region=hand`)
+    prompt: Optional[str] = None  # the scorer's fixed text; null: "A face." / "A hand." for region face / hand
+    score: str = "combined"  # what picks each group's winner: combined (the `rewards:` weights, like offline-dpo) or a logged reward's name
+    freeze_fraction: float = 0.7  # leading share of the ViT blocks and of the text encoder layers kept frozen (FaceScore: 70%)
+    lr: float = 1e-5  # AdamW learning rate (FaceScore: 1e-5)
+    weight_decay: float = 0.0  # AdamW weight decay (0: Adam, as ImageReward trains)
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas [beta1, beta2]
+    epochs: int = 1  # passes over the training pairs
+    batch_size: int = 8  # pairs per optimizer step
+    heldout_fraction: float = 0.2  # share of the pairs held out to measure ranking accuracy before training and after each epoch
+    vision_heads: Optional[int] = None  # ViT attention heads of `init` (not stored in the weights); null: width / 64, 16 for ViT-L
+    tokenizer_dir: Optional[str] = None  # local bert-base-uncased tokenizer; null: the vocab shipped with rlfh
+    device: str = "auto"  # torch device; auto: cuda when available, else cpu
+
+
+@dataclass(frozen=True)
 class Config:
     """A run. ``reward_server`` is :class:`rewards.wire.ServerConfig` (``rlfh serve-rewards``)."""
 
@@ -253,6 +275,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reward_server: ServerConfig = field(default_factory=ServerConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)  # reward-hacking guards: held-out reward, reference distance
+    reward_training: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)  # rlfh train-reward: a region scorer from (win, loss) pairs
 
     @property
     def learner_world_size(self) -> int:

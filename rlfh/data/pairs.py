@@ -166,6 +166,60 @@ def learner_scores(values: dict[str, Sequence[float | None]], weights: dict[str,
     return scores, {k: v for k, v in shares.items() if v is not None}
 
 
+COMBINED = "combined"  # the score named by `reward_training.score` for learner_scores' combined score
+
+
+def logged_scores(records: Sequence[dict], rewards, normalization: str, source: str, score: str = COMBINED):
+    """Per-record scores of rollout-log records, grouped by (round, prompt) as the log's samples competed.
+
+    Args:
+        records: rollout-log rows with ``round``, ``prompt`` and ``rewards`` (``rollouts.log.SCHEMA``).
+        rewards: the config's reward entries; their weights make the combined score.
+        normalization: ``rewards_normalization`` for the combined score (:func:`learner_scores`).
+        source: the log's directory, for error messages.
+        score: ``combined`` (the weighted rewards, as online and offline-dpo train on) or the name
+            of one logged reward, whose raw values are the scores (a missing or non-finite value: None).
+
+    Returns:
+        (scores, values, weights, groups, stats): ``values`` {reward: per-record values} of the
+        rewards the score reads, ``weights`` their weights (1 for a named reward), ``stats`` as
+        :func:`learner_scores` gives them.
+
+    Raises:
+        ValueError: a reward the score needs is not in the log (naming what the log holds).
+    """
+    logged = {rw["name"] for r in records for rw in r["rewards"]}
+    logged_values = [{rw["name"]: rw["value"] for rw in r["rewards"]} for r in records]
+    groups = [(r["round"], r["prompt"]) for r in records]
+    if score == COMBINED:
+        weights = {(e.name or e.target): e.weight for e in rewards}
+        missing = sorted(set(weights) - logged) if records else []  # no records: nothing to score, nothing missing
+        if missing:
+            raise ValueError(f"rewards {missing} are not in the rollout log {source} (it holds {sorted(logged)}); "
+                             f"set `rewards:` to logged rewards")
+    elif score in logged:
+        weights, normalization = {score: 1.0}, "weighted_sum"  # one reward's own values, unscaled
+    else:
+        raise ValueError(f"reward_training.score={score!r} is not a reward in the rollout log {source} (it holds "
+                         f"{sorted(logged)}); name one of those, or `combined` for the `rewards:` weights")
+    values = {n: [v.get(n) for v in logged_values] for n in weights}
+    scores, stats = learner_scores(values, weights, groups, normalization)
+    return scores, values, weights, groups, stats
+
+
+def logged_regions(records: Sequence[dict]) -> list[dict[str, list]]:
+    """Per record, {region name: [Detection, ...]} from a rollout log's ``regions`` column."""
+    from rewards.base import Detection
+
+    out: list[dict[str, list]] = []
+    for r in records:
+        dets: dict[str, list] = {}
+        for g in r["regions"]:
+            dets.setdefault(g["region"], []).append(Detection((g["x1"], g["y1"], g["x2"], g["y2"]), g["confidence"], g["label"]))
+        out.append(dets)
+    return out
+
+
 def advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, conditioning, unscored,
                     normalization: str = "weighted_sum"):
     """DiffusionNFT / AWM: every scored sample with its per-prompt advantage A (z-scores clipped to

@@ -26,9 +26,8 @@ from rlfh.config.schema import Config, save_config, to_dict
 
 def batch_from_log(cfg: Config):
     """Rebuild the learner's batch (pairs, or weighted samples) from a rollout log with this config."""
-    from rewards.base import Detection
     from rewards.composite import nonfinite_counts
-    from rlfh.data.pairs import learner_batch, learner_scores, mask_regions
+    from rlfh.data.pairs import learner_batch, logged_regions, logged_scores, mask_regions
     from rollouts.log import RolloutLog, decode_latent
 
     if cfg.rollouts is None:
@@ -38,24 +37,13 @@ def batch_from_log(cfg: Config):
     hcp = cfg.learner.hcp.enabled and cfg.learner.hcp.prior == "samples"
     records = RolloutLog(cfg.rollouts).records(["rollout_id", "round", "prompt", "rewards", "regions", "latent",
                                                 "latent_shape", "sampler", "region_pair"] + (["image"] if hcp else []))
-    weights = {(e.name or e.target): e.weight for e in cfg.rewards}
-    logged = {rw["name"] for r in records for rw in r["rewards"]}
-    missing = sorted(set(weights) - logged)
-    if missing:
-        raise ValueError(
-            f"rewards {missing} are not in the rollout log {cfg.rollouts} (it holds {sorted(logged)}); "
-            f"set `rewards:` to logged rewards"
-        )
+    # the reward weights, checked against the whole log (it names a reward the log lacks)
+    _, _, weights, _, _ = logged_scores(records, cfg.rewards, cfg.rewards_normalization, cfg.rollouts)
     sizes = {(r["sampler"]["height"], r["sampler"]["width"]) for r in records}
     if len(sizes) != 1:
         raise ValueError(f"the rollout log mixes image sizes {sorted(sizes)}; train on one size at a time")
     image_hw = sizes.pop()
-    regions: list[dict] = []
-    for r in records:
-        dets: dict[str, list] = {}
-        for g in r["regions"]:
-            dets.setdefault(g["region"], []).append(Detection((g["x1"], g["y1"], g["x2"], g["y2"]), g["confidence"], g["label"]))
-        regions.append(dets)
+    regions = logged_regions(records)
     all_latents = np.stack([decode_latent(r) for r in records])
     # images of inpainted region pairs pair only with each other (rlfh/data/region_pairs.py), never by prompt
     region_pairs, rp_stats = (pairs_from_records(records, all_latents, regions, weights, mask_regions(cfg.learner), image_hw,
@@ -74,11 +62,9 @@ def batch_from_log(cfg: Config):
             priors = detect(np.stack([decode_png(r["image"]) for r in records]))
         finally:
             detect.close()
-    logged_values = [{rw["name"]: rw["value"] for rw in r["rewards"]} for r in records]
-    values = {n: [v.get(n) for v in logged_values] for n in weights}
-    groups = [(r["round"], r["prompt"]) for r in records]
     # rewards_normalization as online; GDPO's last normalization then runs over the whole log
-    scores, score_stats = learner_scores(values, weights, groups, cfg.rewards_normalization)
+    scores, values, weights, groups, score_stats = logged_scores(records, cfg.rewards, cfg.rewards_normalization,
+                                                                 cfg.rollouts)
     batch, stats = learner_batch(cfg.learner, latents, [r["prompt"] for r in records], groups, scores, regions,
                                  image_hw, normalization=cfg.rewards_normalization, priors=priors)
     if region_pairs is not None:

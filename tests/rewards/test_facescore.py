@@ -148,3 +148,31 @@ def test_registry_and_options(fs_dir, astronaut):
         FaceScore(str(fs_dir.parent), detector=FixedBoxes([[]]))
     with pytest.raises(RewardError, match="detector backend"):
         FaceScore(str(fs_dir), detector="no_such_backend")
+
+
+def test_hand_region_reads_a_hand_prompt_and_hand_boxes(fs_dir, astronaut):
+    """region=hand: the same scorer on hand boxes with the fixed text "A hand." (a hand score trained
+    by `rlfh train-reward region=hand`)."""
+    from rewards.blip_preprocess import tokenize
+
+    boxes = [[Detection(HAND, 0.95)]]
+    hand = build_reward("facescore", {"model": str(fs_dir), "vision_heads": 2, "region": "hand",
+                                      "detector": FixedBoxes(boxes, region="hand")}, name="handscore")
+    (res,) = hand(astronaut[None], ["x"])
+    assert hand.region == "hand" and hand.prompt == "A hand."
+    assert res.regions == {"hand": boxes[0]} and res.info["hand_scores"] == [pytest.approx(res.value)]
+    y0, y1, x0, x1 = crop_bounds(HAND, 512, 512)
+    pixels = preprocess_pil(astronaut[y0:y1, x0:x1])[None]
+    with torch.no_grad():
+        expected = [float(hand.model(pixels, *tokenize(hand.tokenizer, [p]))) for p in ("A hand.", "A face.")]
+    assert res.value == pytest.approx(expected[0], abs=1e-5)
+    assert abs(expected[0] - expected[1]) > 1e-4  # the text matters: it is not the face score of the same crop
+    (none,) = _with(hand, [[]])(astronaut[None], ["x"])
+    assert none.value is None and "no hand" in none.reason
+    with pytest.raises(RewardError, match="needs a hand detector"):
+        FaceScore(str(fs_dir), detector=FixedBoxes([[]]), region="hand", vision_heads=2)
+    with pytest.raises(RewardError, match="region='elbow' has no default prompt"):
+        FaceScore(str(fs_dir), detector=FixedBoxes([[]], region="elbow"), region="elbow", vision_heads=2)
+    elbow = FaceScore(str(fs_dir), detector=FixedBoxes([[]], region="elbow"), region="elbow", prompt="An elbow.",
+                      vision_heads=2)
+    assert elbow.prompt == "An elbow." and elbow.region == "elbow"
