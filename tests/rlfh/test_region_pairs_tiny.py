@@ -153,3 +153,24 @@ def test_training_on_region_pairs_moves_the_preference_inside_the_region(images,
     assert np.abs(before).max() < 1e-6
     # measured on CPU: mean 0.0124, 5 of 6 pairs > 3e-3, one at -9e-5
     assert after.mean() > 3e-3 and (after > 0).sum() >= 5
+
+
+def test_train_reward_pairs_each_image_with_its_own_inpainted_copy(images, tiny_model_dir, tmp_path):
+    """`rlfh make-region-pairs` -> `rlfh train-reward`'s pairs: three photos share each caption, so a
+    (round, prompt) group would mix photos; each logged region pair must stay a group of its own."""
+    from rlfh.config.schema import load_config
+    from rlfh.recipes.region_pairs import make_region_pairs
+    from rlfh.recipes.train_reward import region_pairs
+    from tests.conftest import REPO
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
+        tiny_model_dir, tmp_path / "run", f"learner.region_pairs.pipeline={tiny_model_dir}",
+        "learner.region_pairs.strength=0.4"))
+    log_dir, counts = make_region_pairs(cfg, str(images))
+    linked, _ = records_by_role(log_dir)
+    expected = {frozenset((src["rollout_id"], inp["rollout_id"])) for src, inp in linked}
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
+        tiny_model_dir, tmp_path / "run", f"reward_training.pairs={log_dir}", "reward_training.region=face"))
+    pairs, stats = region_pairs(cfg)
+    assert stats["pairs/groups"] == 6 and len(pairs) == 6 - counts["ties_or_unscored"]
+    assert {frozenset(p.rollout_ids) for p in pairs} <= expected
