@@ -115,6 +115,17 @@ class UNetWithWeights:
         return functional_call(self.unet, self.weights, args, kwargs)
 
 
+class UNetWithoutAdapter:
+    """Calls the engine's LoRA UNet with its adapter off (:meth:`LearnerEngine.adapters_off`)."""
+
+    def __init__(self, lrn: "LearnerEngine"):
+        self.lrn = lrn
+
+    def __call__(self, *args, **kwargs):
+        with self.lrn.adapters_off():
+            return self.lrn.unet(*args, **kwargs)
+
+
 class LearnerEngine:
     """An SDXL UNet (LoRA via peft, or full) inside a DeepSpeed engine, with its reference.
 
@@ -302,20 +313,33 @@ class LearnerEngine:
             raise ValueError(f"unsupported prediction_type {kind!r}")
         return x_t.to(self.dtype), t, target
 
+    def x0_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """k_t per sample (B,), float32: x0_hat - x0 = -k_t (pred - target), k_t = sqrt(1 - abar_t) / sqrt(abar_t)
+        for eps-prediction, sqrt(1 - abar_t) for v-prediction (DiffusionNFT's adaptive weighting)."""
+        abar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].double()
+        k = (1 - abar).sqrt()
+        if self.noise_scheduler.config.prediction_type == "epsilon":
+            k = k / abar.sqrt()
+        return k.float()
+
     def policy(self, x_t, t, enc, added) -> torch.Tensor:
         """The trained UNet's prediction (with gradients)."""
         return self.policy_model(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
 
     @torch.no_grad()
     def reference(self, x_t, t, enc, added) -> torch.Tensor:
-        """The reference's prediction: the frozen copy, or the UNet with its adapter off; with
-        ``learner.reference=ema`` the UNet with the EMA weights of :meth:`begin_round`."""
+        """The reference's prediction (:meth:`reference_unet`)."""
+        return self.reference_unet()(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+
+    def reference_unet(self):
+        """The reference as a UNet-like callable (for guided_eps too; call it without gradients): the
+        frozen copy, or the UNet with its adapter off; with ``learner.reference=ema`` the UNet with the
+        EMA weights of :meth:`begin_round`."""
         if self.reference_weights is not None:
-            return self.predict_with(self.reference_weights, x_t, t, enc, added)
+            return self.unet_with(self.reference_weights)
         if self.ref_unet is not None:
-            return self.ref_unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
-        with self.adapters_off():
-            return self.unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+            return self.ref_unet
+        return UNetWithoutAdapter(self)
 
     @contextlib.contextmanager
     def adapters_off(self):
