@@ -485,7 +485,7 @@ class LearnerEngine:
 
     def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
         """Write ``directory`` atomically: LoRA (diffusers format) or the UNet folder, DeepSpeed engine
-        state (each rank writes its own ZeRO partition), EMA, trainer state, ``files.json``.
+        state (each rank writes its own ZeRO partition), EMA, the EMA reference (learner.reference=ema), trainer state, ``files.json``.
 
         The folder is built under a temporary name by all ranks and renamed by rank 0 once every rank
         is done, so a crash never leaves a checkpoint that looks complete. With several nodes the run
@@ -522,6 +522,12 @@ class LearnerEngine:
                 save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
                           tmp / "ema.safetensors", metadata={"optimization_step": str(self.ema.optimization_step),
                                                               "decay": str(self.ema.decay)})
+            if self.reference_weights is not None:
+                # the EMA as it was at the last refresh (learner.reference_refresh_rounds): not today's EMA
+                from safetensors.torch import save_file
+
+                save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.reference_weights)},
+                          tmp / "reference.safetensors")
             state = {
                 "global_step": self.global_step,
                 "policy_version": self.policy_version,
@@ -538,7 +544,8 @@ class LearnerEngine:
         return directory
 
     def load_checkpoint(self, directory: str | Path) -> dict:
-        """Restore engine, optimizer, step counters and RNG from :meth:`save_checkpoint` output."""
+        """Restore engine, optimizer, step counters, RNG, the EMA and the EMA reference of the last refresh
+        from :meth:`save_checkpoint` output."""
         directory = Path(directory)
         state_file = directory / "trainer_state.json"
         if not state_file.is_file():
@@ -558,6 +565,11 @@ class LearnerEngine:
                 for i, p in enumerate(self.ema.shadow_params):
                     p.data.copy_(f.get_tensor(str(i)))
                 self.ema.optimization_step = int(f.metadata()["optimization_step"])
+        if (directory / "reference.safetensors").is_file() and self.cfg.learner.reference == "ema":
+            from safetensors.torch import load_file
+
+            saved = load_file(str(directory / "reference.safetensors"), device=str(self.device))
+            self.reference_weights = [saved[str(i)] for i in range(len(saved))]
         self.global_step = state["global_step"]
         self.policy_version = state["policy_version"]
         self.generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
