@@ -36,7 +36,7 @@ its pre-training (L_simple), as Diffusion-DPO and RWR here do:
 
 (for a region: the FairHuman masked error of rlfh/losses/region_mse.py of eps_+ and eps_-).
 
-Adaptive weighting (the reference's default, and the learner's: ``learner.nft_weighting: adaptive``).
+Adaptive weighting (the reference's default; in the learner ``learner.nft_weighting: adaptive``).
 The reference measures each implicit prediction's error in x_0 space and divides it by its own
 detached mean magnitude (train_nft_sd3.py, "adaptive weighting"):
 
@@ -52,7 +52,8 @@ that is the eps-MSE under the per-sample weight k_t / sg(mean |e|): noisy steps 
 from 0.03 to 14.6 over SDXL's schedule), and every sample's gradient has the same size however well
 the model already denoises it. At eps_theta = eps_old (e_+ = e_- = e) the gradient becomes
 2 clip(A, -c, c) k_t e / (mean |e| C H W B): AWM's first gradient, reweighted per sample by
-k_t / mean |e|.
+k_t / mean |e|. The learner's default is the plain eps-MSE: on the tiny default (t ~ U{0..999}) the
+adaptive weight, dominated by the noisiest steps, learned a third as much in 10 rounds (docs/online_rl.md).
 
 What the gradient does: at eps_theta = eps_old (the first step after sampling),
 dL/d eps_theta = 2 scale (2 r - 1) (eps_old - eps) / (C H W B), i.e. the denoising-loss gradient
