@@ -30,12 +30,21 @@ def rows(run_dir):
     return out
 
 
-def test_kill_and_resume_reproduces_losses(tiny_model_dir, tmp_path):
+# nft with DiffusionNFT's EMA sampler and an EMA reference refreshed every 3 rounds (so round 2 uses the
+# one saved in the round-2 checkpoint) and the KL term: the kept copies come back exactly too
+EMA_ARGS = ["learner.loss=nft", "learner.ema_decay=0.5", "learner.sampling_policy=ema", "learner.reference=ema",
+            "learner.reference_refresh_rounds=3", "learner.kl_coef=1"]
+VARIANTS = {"dpo": ([], ("loss/dpo", "dpo/implicit_acc")), "nft_ema": (EMA_ARGS, ("loss/nft", "loss/kl", "nft/old_eps_mse"))}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_kill_and_resume_reproduces_losses(tiny_model_dir, tmp_path, variant):
+    extra, keys = VARIANTS[variant]
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
-    rlfh("train", "configs/tiny.yaml", f"run_dir={ref_dir}", f"model.path={tiny_model_dir}", *ARGS)
+    rlfh("train", "configs/tiny.yaml", f"run_dir={ref_dir}", f"model.path={tiny_model_dir}", *ARGS, *extra)
 
     cmd = [sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
-           f"model.path={tiny_model_dir}", *ARGS]
+           f"model.path={tiny_model_dir}", *ARGS, *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
@@ -51,13 +60,13 @@ def test_kill_and_resume_reproduces_losses(tiny_model_dir, tmp_path):
         proc.wait(timeout=60)
     assert (run_dir / "checkpoints" / "latest").read_text() == "round-000002"
 
-    r = rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", *ARGS)
+    r = rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", *ARGS, *extra)
     assert "resuming from" in r.stdout and "round 2" in r.stdout
 
     ref, got = rows(ref_dir), rows(run_dir)
     assert sorted(got) == [0, 1, 2, 3]
     for k in (2, 3):
-        for key in ("loss/dpo", "dpo/implicit_acc", "reward/jpeg_compressibility/mean", "policy_version"):
+        for key in (*keys, "reward/jpeg_compressibility/mean", "policy_version"):
             assert got[k][key] == ref[k][key], (k, key, got[k][key], ref[k][key])
 
     from rollouts.log import RolloutLog

@@ -205,8 +205,6 @@ def check_consistency(cfg) -> list[str]:
             p.append(f"learner.awm_clip_range={lr_.awm_clip_range}: must be finite and > 0")
     if not (0 <= lr_.kl_coef < math.inf):
         p.append(f"learner.kl_coef={lr_.kl_coef}: must be finite and >= 0")
-    elif lr_.kl_coef > 0 and lr_.loss == "ddpo":
-        p.append("learner.kl_coef > 0 is not available with learner.loss=ddpo yet (its per-step KL is rlfh.losses.kl.transition_kl_weight)")
     if lr_.cfg_distill is not None:
         if not (1 < lr_.cfg_distill < math.inf):
             p.append(f"learner.cfg_distill={lr_.cfg_distill}: the teacher's guidance scale must be finite and > 1")

@@ -115,6 +115,17 @@ class UNetWithWeights:
         return functional_call(self.unet, self.weights, args, kwargs)
 
 
+class UNetWithoutAdapter:
+    """Calls the engine's LoRA UNet with its adapter off (:meth:`LearnerEngine.adapters_off`)."""
+
+    def __init__(self, lrn: "LearnerEngine"):
+        self.lrn = lrn
+
+    def __call__(self, *args, **kwargs):
+        with self.lrn.adapters_off():
+            return self.lrn.unet(*args, **kwargs)
+
+
 class LearnerEngine:
     """An SDXL UNet (LoRA via peft, or full) inside a DeepSpeed engine, with its reference.
 
@@ -314,20 +325,33 @@ class LearnerEngine:
         """abar_t (float32, on the device) of the training noise schedule at timesteps ``t``."""
         return self.noise_scheduler.alphas_cumprod.to(self.device)[t.to(self.device)].float()
 
+    def x0_scale(self, t: torch.Tensor) -> torch.Tensor:
+        """k_t per sample (B,), float32: x0_hat - x0 = -k_t (pred - target), k_t = sqrt(1 - abar_t) / sqrt(abar_t)
+        for eps-prediction, sqrt(1 - abar_t) for v-prediction (DiffusionNFT's adaptive weighting)."""
+        abar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].double()
+        k = (1 - abar).sqrt()
+        if self.noise_scheduler.config.prediction_type == "epsilon":
+            k = k / abar.sqrt()
+        return k.float()
+
     def policy(self, x_t, t, enc, added) -> torch.Tensor:
         """The trained UNet's prediction (with gradients)."""
         return self.policy_model(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
 
     @torch.no_grad()
     def reference(self, x_t, t, enc, added) -> torch.Tensor:
-        """The reference's prediction: the frozen copy, or the UNet with its adapter off; with
-        ``learner.reference=ema`` the UNet with the EMA weights of :meth:`begin_round`."""
+        """The reference's prediction (:meth:`reference_unet`)."""
+        return self.reference_unet()(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+
+    def reference_unet(self):
+        """The reference as a UNet-like callable (for guided_eps too; call it without gradients): the
+        frozen copy, or the UNet with its adapter off; with ``learner.reference=ema`` the UNet with the
+        EMA weights of :meth:`begin_round`."""
         if self.reference_weights is not None:
-            return self.predict_with(self.reference_weights, x_t, t, enc, added)
+            return self.unet_with(self.reference_weights)
         if self.ref_unet is not None:
-            return self.ref_unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
-        with self.adapters_off():
-            return self.unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+            return self.ref_unet
+        return UNetWithoutAdapter(self)
 
     @contextlib.contextmanager
     def adapters_off(self):
@@ -473,8 +497,9 @@ class LearnerEngine:
 
     def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
         """Write ``directory`` atomically: LoRA (diffusers format) or the UNet folder, DeepSpeed engine
-        state (each rank writes its own ZeRO partition), EMA, trainer state, ``files.json``; with
-        ``learner.hcp`` the HcP layer's weights in ``hcp.safetensors`` beside the LoRA.
+        state (each rank writes its own ZeRO partition), EMA, the EMA reference (learner.reference=ema),
+        trainer state, ``files.json``; with ``learner.hcp`` the HcP layer's weights in ``hcp.safetensors``
+        beside the LoRA.
 
         The folder is built under a temporary name by all ranks and renamed by rank 0 once every rank
         is done, so a crash never leaves a checkpoint that looks complete. With several nodes the run
@@ -517,6 +542,12 @@ class LearnerEngine:
                 save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
                           tmp / "ema.safetensors", metadata={"optimization_step": str(self.ema.optimization_step),
                                                               "decay": str(self.ema.decay)})
+            if self.reference_weights is not None:
+                # the EMA as it was at the last refresh (learner.reference_refresh_rounds): not today's EMA
+                from safetensors.torch import save_file
+
+                save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.reference_weights)},
+                          tmp / "reference.safetensors")
             state = {
                 "global_step": self.global_step,
                 "policy_version": self.policy_version,
@@ -533,7 +564,8 @@ class LearnerEngine:
         return directory
 
     def load_checkpoint(self, directory: str | Path) -> dict:
-        """Restore engine, optimizer, step counters and RNG from :meth:`save_checkpoint` output."""
+        """Restore engine, optimizer, step counters, RNG, the EMA and the EMA reference of the last refresh
+        from :meth:`save_checkpoint` output."""
         directory = Path(directory)
         state_file = directory / "trainer_state.json"
         if not state_file.is_file():
@@ -553,6 +585,11 @@ class LearnerEngine:
                 for i, p in enumerate(self.ema.shadow_params):
                     p.data.copy_(f.get_tensor(str(i)))
                 self.ema.optimization_step = int(f.metadata()["optimization_step"])
+        if (directory / "reference.safetensors").is_file() and self.cfg.learner.reference == "ema":
+            from safetensors.torch import load_file
+
+            saved = load_file(str(directory / "reference.safetensors"), device=str(self.device))
+            self.reference_weights = [saved[str(i)] for i in range(len(saved))]
         self.global_step = state["global_step"]
         self.policy_version = state["policy_version"]
         self.generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))

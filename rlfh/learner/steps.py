@@ -114,7 +114,8 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
             if lc.loss in ADVANTAGE:
                 objectives, metrics = advantage_objectives(
                     lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target, weights, masks, list(lc.regions),
-                    lc.region_scale, lc.nft_beta, lc.awm_clip_range, lc.nft_adv_clip)
+                    lc.region_scale, lc.nft_beta, lc.awm_clip_range, lc.nft_adv_clip,
+                    lrn.x0_scale(t) if lc.loss == "nft" and lc.nft_weighting == "adaptive" else None)
             else:
                 objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions),
                                                           lc.region_scale)
@@ -133,7 +134,8 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
     at sampling), the policy's log-probability of the same transition is recomputed with the guided
     eps of the trained UNet, and ``ddpo_clipped_loss`` is back-propagated: one backward and one
     DeepSpeed micro-step per timestep (``deepspeed_config`` multiplies the accumulation steps).
-    ``learner.ddpo_timestep_fraction`` of the recorded steps are trained, in one random order per
+    With ``learner.kl_coef`` each trained step adds kl_coef * mean (eps_theta(x_j) - eps_ref(x_j))^2 of the
+    guided predictions (:func:`kl_term`). ``learner.ddpo_timestep_fraction`` of the recorded steps are trained, in one random order per
     optimizer step. With ``learner.ddpo_window`` = W only the round's SDE window was stochastic and
     recorded (``rlfh.data.pairs.ddpo_window``): the W steps from x_j (j = ``tb.window_start``) are the
     only actions, the deterministic steps around it are not trained, and the fraction is of W.
@@ -168,12 +170,23 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
                 loss, m = trust_region_loss(lrn, out, old[:, j], adv, lat[:, j], lat[:, j + 1], t, enc, added, s, j)
                 if first:
                     m["ddpo/recorded_logprob_max_diff"] = float((out.log_prob.detach() - old[:, j]).abs().max())
-                lrn.backward(loss.loss)
+                kl = kl_term(lrn, eps, reference_eps(lrn, lat[:, j], t, enc, added, s), m)
+                lrn.backward(loss.loss if kl is None else loss.loss + kl)
                 per_step.append(m)
             keys = {key for m in per_step for key in m}  # per-step drift keys differ between steps
             history.append({key: float(np.mean([m[key] for m in per_step if key in m])) for key in keys})
             first = False
     return summary(lrn, history, len(tb))
+
+
+def reference_eps(lrn: LearnerEngine, x, t: int, enc, added, s):
+    """The reference's guided eps on a recorded step's input x_j (the KL term's target), or None
+    without ``learner.kl_coef``."""
+    if lrn.cfg.learner.kl_coef <= 0:
+        return None
+    with torch.no_grad():
+        return guided_eps(lrn.reference_unet(), lrn.ddim, x.to(lrn.unet.dtype), t, enc, added["text_embeds"],
+                          added["time_ids"], s.guidance_scale)
 
 
 def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: int, enc, added, s, j: int):

@@ -34,9 +34,26 @@ its pre-training (L_simple), as Diffusion-DPO and RWR here do:
     l_+ = mean over C,H,W of (eps_+ - eps)^2,   l_- = mean over C,H,W of (eps_- - eps)^2
     L   = scale * sum_b [ r_b l_+,b + (1 - r_b) l_-,b ] / (beta B)    (:func:`nft_loss`; scale = c in the learner)
 
-(for a region: the FairHuman masked error of rlfh/losses/region_mse.py of eps_+ and eps_-). The
-reference's adaptive x_0-space weighting, ||x0_+ - x0||^2 / sg(mean |x0_+ - x0|), is available as
-``adaptive=True`` with ``x0_scale = s_t / a_t`` (x0_hat - x0 = -(s_t / a_t)(eps_hat - eps)).
+(for a region: the FairHuman masked error of rlfh/losses/region_mse.py of eps_+ and eps_-).
+
+Adaptive weighting (the reference's default; in the learner ``learner.nft_weighting: adaptive``).
+The reference measures each implicit prediction's error in x_0 space and divides it by its own
+detached mean magnitude (train_nft_sd3.py, "adaptive weighting"):
+
+    l_+ = mean (x0_+ - x0)^2 / sg(max(mean |x0_+ - x0|, 1e-5)),  x0_+ = x_t - t v_+  (flow)
+
+In eps parameterization x0_hat = (x_t - s_t eps_hat) / a_t, so x0_hat - x0 = -k_t (eps_hat - eps) with
+k_t = s_t / a_t (v-prediction: x0 = a_t x_t - s_t v, k_t = s_t; the flow: k_t = t / (1 - t)). With
+e = eps_hat - eps (for a region, its masked difference s 1[M > 0] e):
+
+    l = k_t^2 mean e^2 / sg(max(k_t mean |e|, 1e-5))          (:func:`adaptive_errors`)
+
+that is the eps-MSE under the per-sample weight k_t / sg(mean |e|): noisy steps count more (k_t runs
+from 0.03 to 14.6 over SDXL's schedule), and every sample's gradient has the same size however well
+the model already denoises it. At eps_theta = eps_old (e_+ = e_- = e) the gradient becomes
+2 clip(A, -c, c) k_t e / (mean |e| C H W B): AWM's first gradient, reweighted per sample by
+k_t / mean |e|. The learner's default is the plain eps-MSE: on the tiny default (t ~ U{0..999}) the
+adaptive weight, dominated by the noisiest steps, learned a third as much in 10 rounds (docs/online_rl.md).
 
 What the gradient does: at eps_theta = eps_old (the first step after sampling),
 dL/d eps_theta = 2 scale (2 r - 1) (eps_old - eps) / (C H W B), i.e. the denoising-loss gradient
@@ -64,9 +81,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from rlfh.losses.kl import upcast
 from rlfh.losses.region_mse import per_sample_mse
 
-__all__ = ["NFTLossOutput", "implicit_predictions", "nft_loss", "nft_loss_from_errors", "nft_reward_weight"]
+__all__ = ["NFTLossOutput", "adaptive_errors", "implicit_predictions", "nft_loss", "nft_loss_from_errors", "nft_reward_weight"]
 
 
 class NFTLossOutput(NamedTuple):
@@ -171,11 +189,21 @@ def nft_loss(
         return nft_loss_from_errors(per_sample_mse(pos, target), per_sample_mse(neg, target), r, beta, scale)
     if x0_scale is None or x0_scale.shape != pred.shape[:1]:
         raise ValueError(f"adaptive weighting needs x0_scale = s_t / a_t of shape ({pred.shape[0]},)")
-    to_x0 = x0_scale.detach().to(pred.dtype).reshape(-1, *([1] * (pred.ndim - 1)))
-    errs = []
-    for p in (pos, neg):
-        d = to_x0 * (p - target)  # x0_hat - x0 up to sign
-        dims = tuple(range(1, d.ndim))
-        w = d.detach().abs().mean(dim=dims).clamp(min=1e-5)  # the reference's weight, no gradient
-        errs.append(d.pow(2).mean(dim=dims) / w)
-    return nft_loss_from_errors(errs[0], errs[1], r, beta, scale)
+    return nft_loss_from_errors(adaptive_errors(pos - target, x0_scale), adaptive_errors(neg - target, x0_scale), r,
+                                beta, scale)
+
+
+def adaptive_errors(diff: Tensor, x0_scale: Tensor) -> Tensor:
+    """The reference's adaptive x_0-space error per sample from an eps-space difference, (B,):
+    with d = k (eps_hat - eps) (= -(x0_hat - x0)), mean d^2 / sg(max(mean |d|, 1e-5)).
+
+    Args:
+        diff: eps_hat - eps (or a region's masked difference), (B, C, H, W), with gradient.
+        x0_scale: k = s_t / a_t per sample (s_t for v-prediction), (B,); a constant.
+    """
+    if x0_scale.shape != diff.shape[:1]:
+        raise ValueError(f"x0_scale must be ({diff.shape[0]},), got {tuple(x0_scale.shape)}")
+    diff = upcast(diff)
+    d = diff * x0_scale.detach().to(diff.dtype).reshape(-1, *([1] * (diff.ndim - 1)))
+    weight = d.detach().abs().flatten(1).mean(dim=1).clamp(min=1e-5)  # the reference's, no gradient
+    return d.pow(2).flatten(1).mean(dim=1) / weight

@@ -17,8 +17,8 @@ from torch import Tensor
 from rlfh.losses.awm import awm_loss
 from rlfh.losses.dpo import dpo_loss_from_mse
 from rlfh.losses.dpo_variants import dpo_variant_loss
-from rlfh.losses.region_mse import per_sample_mse, per_sample_region_mse
-from rlfh.losses.nft import implicit_predictions, nft_loss_from_errors
+from rlfh.losses.nft import adaptive_errors, implicit_predictions, nft_loss_from_errors
+from rlfh.losses.region_mse import per_sample_mse, per_sample_region_mse, region_difference
 from rlfh.losses.rwr import weighted_loss
 
 PAIRWISE = ("dpo", "dpo_hinge", "dpo_ipo")
@@ -31,6 +31,17 @@ def region_errors(pred: Tensor, target: Tensor, region: str, masks: dict[str, Te
     if region == "global":
         return per_sample_mse(pred, target)
     return per_sample_region_mse(pred, target, _mask(masks, region), scale)
+
+
+def nft_region_errors(pred: Tensor, target: Tensor, region: str, masks: dict[str, Tensor], scale: float,
+                      x0_scale: Tensor | None) -> Tensor:
+    """Per-sample error (B,) of an implicit NFT prediction in one region: the region's eps error, or
+    with ``x0_scale`` (k_t per sample) the reference's adaptive x_0-space error of the region's
+    (masked) difference (:func:`rlfh.losses.nft.adaptive_errors`)."""
+    if x0_scale is None:
+        return region_errors(pred, target, region, masks, scale)
+    diff = pred - target if region == "global" else region_difference(pred, target, _mask(masks, region), scale)
+    return adaptive_errors(diff, x0_scale)
 
 
 def _mask(masks: dict[str, Tensor], region: str) -> Tensor:
@@ -119,13 +130,16 @@ def advantage_objectives(
     nft_beta: float = 1.0,
     clip_range: float = 0.2,
     nft_scale: float = 1.0,
+    x0_scale: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """DiffusionNFT or AWM per region, on re-noised samples of the sampling policy.
 
     ``nft``: ``signal`` is r in [0, 1] (:func:`rlfh.losses.nft.nft_reward_weight`) and ``old_pred``
     the sampling policy's prediction on the same x_t; each region's loss is
     :func:`rlfh.losses.nft.nft_loss_from_errors` on the region errors of eps_+ and eps_-, times
-    ``nft_scale`` (the learner passes the advantage clip c, as the reference does).
+    ``nft_scale`` (the learner passes the advantage clip c, as the reference does); with ``x0_scale``
+    (k_t = s_t / a_t per sample, (B,)) the errors are the reference's adaptive x_0-space ones
+    (:func:`nft_region_errors`), else plain eps errors.
     ``awm``: ``signal`` is the advantage A; each region's loss is :func:`rlfh.losses.awm.awm_loss` on
     the region errors of the policy and of ``old_pred`` (None: on-policy, ratio 1).
     """
@@ -144,9 +158,9 @@ def advantage_objectives(
             continue
         suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
         if loss == "nft":
-            out = nft_loss_from_errors(region_errors(pos, target, region, masks, scale)[valid],
-                                       region_errors(neg, target, region, masks, scale)[valid], signal[valid], nft_beta,
-                                       nft_scale)
+            out = nft_loss_from_errors(nft_region_errors(pos, target, region, masks, scale, x0_scale)[valid],
+                                       nft_region_errors(neg, target, region, masks, scale, x0_scale)[valid],
+                                       signal[valid], nft_beta, nft_scale)
             metrics.update({f"nft/positive{suffix}": float(out.positive), f"nft/negative{suffix}": float(out.negative)})
         else:
             old_err = None if old_pred is None else region_errors(old_pred.detach(), target, region, masks, scale)[valid]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["FAIRHUMAN_REGION_SCALE", "per_sample_mse", "per_sample_region_mse"]
+__all__ = ["FAIRHUMAN_REGION_SCALE", "per_sample_mse", "per_sample_region_mse", "region_difference"]
 
 FAIRHUMAN_REGION_SCALE = 5.0
 
@@ -100,6 +100,16 @@ def per_sample_region_mse(
     Raises:
         ValueError: on mismatched shapes or a non-positive scale.
     """
+    return region_difference(pred, target, mask, scale).pow(2).flatten(1).mean(dim=1)
+
+
+def region_difference(pred: Tensor, target: Tensor, mask: Tensor, scale: float = FAIRHUMAN_REGION_SCALE) -> Tensor:
+    """s * 1[M > 0] * (eps_hat - eps), (B, C, H, W): the masked difference whose mean square is
+    :func:`per_sample_region_mse` (DiffusionNFT's adaptive weighting also takes its mean magnitude).
+
+    Raises:
+        ValueError: on mismatched shapes or a non-positive scale.
+    """
     _check_pred_target(pred, target)
     _check_mask(mask, pred)
     scale = float(scale)
@@ -107,5 +117,4 @@ def per_sample_region_mse(
         raise ValueError(f"scale must be a finite positive number, got {scale}")
     diff = _upcast(pred) - _upcast(target)  # (B, C, H, W)
     indicator = (mask > 0).to(diff.dtype)  # 1[M > 0], (B, 1 or C, H, W)
-    diff = diff * indicator * scale  # (B, C, H, W)
-    return diff.pow(2).flatten(1).mean(dim=1)
+    return diff * indicator * scale

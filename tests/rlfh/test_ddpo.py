@@ -182,3 +182,42 @@ def test_ddpo_raises_reward(tiny_model_dir, window):
     after = deterministic_reward(s, st)
     print(f"window {window}: channel-0 mean at fixed seeds {before:.4f} -> {after:.4f}")
     assert after - before >= DDPO_LEARNING_MARGIN
+
+
+# learner.trust_region=dppo / guard learn too: the same 12 rounds as above (all 4 steps trained, guidance
+# 1, PPO's clip 0.2 for guard). dppo's KL radius is 1e-3 per latent element: at lr 1e-2 a round's mean
+# step KL is 2e-3 - 1e-2, and the default 1e-5 masks nearly every step that moves with its advantage
+# (0.0437 -> 0.0442, masked fraction ~0.45; 1e-4: -> 0.0857). Measured on CPU: dppo 0.0437 -> 0.1151
+# (masked fraction 0.13 - 0.23), guard 0.0437 -> 0.3224. The margins are about half of each gain.
+TRUST_REGION_MARGIN = {"dppo": 0.035, "guard": 0.14}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("region", ["dppo", "guard"])
+def test_ddpo_trust_regions_raise_reward(tiny_model_dir, region):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [
+        f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
+        "rollout.num_inference_steps=4", "rollout.guidance_scale=1.0", "rollout.prompts_per_round=2",
+        "rollout.rollouts_per_prompt=4", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4",
+        "learner.lr=1e-2", "learner.ddpo_clip_range=0.2", f"learner.trust_region={region}", "learner.trust_region_kl=1e-3"])
+    lrn = LearnerEngine(cfg)
+    s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
+    lc = cfg.learner.lora
+    s.add_lora(lc.rank, lc.alpha, lc.target_modules)
+    s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
+    st = settings_of(cfg)
+    before = deterministic_reward(s, st)
+    prompts = ["a"] * 4 + ["b"] * 4
+    limited, kls = [], []
+    for rnd in range(12):
+        b = s.sample(prompts, [rnd * 8 + i for i in range(8)], st, record=ddpo_window(cfg, rnd))
+        rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()
+        batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64), b.trajectory, st)
+        m = train(lrn, batch, epochs=2)
+        limited.append(m["ddpo/maskedfrac" if region == "dppo" else "ddpo/clipfrac"])
+        kls.append(m["ddpo/kl"])
+        s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
+    after = deterministic_reward(s, st)
+    print(f"{region}: channel-0 mean at fixed seeds {before:.4f} -> {after:.4f}; limited fraction per round "
+          f"{np.round(limited, 3).tolist()}, KL {np.array(kls).round(7).tolist()}")
+    assert after - before >= TRUST_REGION_MARGIN[region]

@@ -124,3 +124,57 @@ def test_scale_c_makes_the_first_gradient_the_awm_one():
     p2 = old.clone().requires_grad_(True)
     awm_loss(per_sample_mse(p2, eps), adv.clamp(-c, c)).loss.backward()
     torch.testing.assert_close(p1.grad, p2.grad)
+
+
+def test_adaptive_errors_worked_numbers():
+    """adaptive_errors: d = k (eps_hat - eps), mean d^2 / sg(max(mean |d|, 1e-5)) per sample."""
+    from rlfh.losses.nft import adaptive_errors
+
+    diff = torch.tensor([[1.0, -1.0, 3.0, -3.0], [2.0, 2.0, 2.0, 2.0], [1e-7, 0.0, 0.0, 0.0]],
+                        dtype=torch.float64).reshape(3, 1, 2, 2)
+    k = torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
+    # sample 0: d = (2, -2, 6, -6): mean d^2 = 80 / 4 = 20, mean |d| = 4 -> 5
+    # sample 1: d = (1, 1, 1, 1): 1 / 1 = 1;  sample 2: d^2 mean 2.5e-15, mean |d| 2.5e-8 < 1e-5 -> 2.5e-10
+    torch.testing.assert_close(adaptive_errors(diff, k), torch.tensor([5.0, 1.0, 2.5e-10], dtype=torch.float64))
+    # the weight is a constant: d/d diff of mean d^2 / w is 2 k^2 diff / (D w), w = 4 for sample 0
+    x = diff.clone().requires_grad_(True)
+    adaptive_errors(x, k)[0].backward()
+    torch.testing.assert_close(x.grad[0], 2 * 4.0 * diff[0] / (4 * 4.0))
+    with pytest.raises(ValueError, match="x0_scale"):
+        adaptive_errors(diff, k[:2])
+
+
+def test_adaptive_first_gradient_is_awm_reweighted_by_k_over_mean_abs_error():
+    """At eps_theta = eps_old: dL/d eps_theta = 2 clip(A, -c, c) k e / (mean |e| D B), e = eps_old - eps
+    (docs/online_rl.md), whatever beta."""
+    g = torch.Generator().manual_seed(7)
+    old, eps = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64)
+    adv, c = torch.tensor([-2.0, 1.0, 6.0], dtype=torch.float64), 5.0
+    k = torch.tensor([0.1, 1.0, 14.0], dtype=torch.float64)
+    pred = old.clone().requires_grad_(True)
+    nft_loss(pred, old, eps, nft_reward_weight(adv, c), beta=0.3, adaptive=True, x0_scale=k, scale=c).loss.backward()
+    e = old - eps
+    mean_abs = e.abs().flatten(1).mean(1)
+    expected = 2 * (adv.clamp(-c, c) * k / mean_abs).reshape(-1, 1, 1, 1) * e / (8 * 3)
+    torch.testing.assert_close(pred.grad, expected)
+
+
+def test_per_region_objectives_adaptive():
+    """With x0_scale each region's error is the adaptive one of its masked difference s 1[M > 0] e."""
+    from rlfh.losses.objectives import advantage_objectives
+
+    g = torch.Generator().manual_seed(4)
+    pred, old, eps = (torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    r, k = torch.tensor([0.3, 0.9], dtype=torch.float64), torch.tensor([0.5, 3.0], dtype=torch.float64)
+    face = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
+    face[:, :, 1:3, 1:3] = 1
+    objs, _ = advantage_objectives("nft", pred, old, eps, r, {"face": face}, ["global", "face"], 5.0, nft_beta=0.5,
+                                   x0_scale=k)
+    torch.testing.assert_close(objs["global"], nft_loss(pred, old, eps, r, 0.5, adaptive=True, x0_scale=k).loss)
+    pos, neg = implicit_predictions(pred, old, 0.5)
+
+    def err(p):  # written out: d = k * 5 * 1[M > 0] * (p - eps), mean d^2 / mean |d| per sample
+        d = k.reshape(-1, 1, 1, 1) * 5.0 * face * (p - eps)
+        return d.pow(2).flatten(1).mean(1) / d.abs().flatten(1).mean(1)
+
+    torch.testing.assert_close(objs["face"], (r * err(pos) + (1 - r) * err(neg)).mean() / 0.5)
