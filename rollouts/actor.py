@@ -142,6 +142,10 @@ class RolloutFleet:
         """Start a round's sampling on every actor; returns a handle for :meth:`collect`."""
         return self._start("sample", len(prompts), lambda lo, hi: (prompts[lo:hi], seeds[lo:hi], settings, batch_size, record))
 
+    def sample(self, prompts: list, seeds: list, settings, batch_size: int, record: bool = False):
+        """:meth:`submit` and :meth:`collect` in one call: one RolloutBatch in input order."""
+        return self.collect(self.submit(prompts, seeds, settings, batch_size, record))
+
     def refine(self, latents, prompts: list, seeds: list, settings, strength: float, masks=None, batch_size: int = 8):
         """``Sampler.refine`` (SDEdit, or inpainting inside ``masks``) of (N, 4, h, w) latents, split
         over the actors as a round is (each share in calls of at most ``batch_size``), with the same

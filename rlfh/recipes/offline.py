@@ -12,6 +12,12 @@ as online (``rewards_normalization``, :func:`rlfh.data.pairs.learner_scores`: a 
 value leaves the sample unscored) and grouped by (round, prompt), so the logged samples of one prompt in one round compete as
 they did online. Each round is one ``learner.train(batch, learner.epochs_per_round)`` call: that many
 passes over all pairs (or kept samples).
+
+HG-DPO (``learner.hgdpo.real_images``) mixes real and SDRecon winners into each round's pairs on its
+curriculum by round, as online (rlfh/recipes/hgdpo.py). With no rollout actors, the learner rank
+samples the SDRecon winners (and ``fresh_losers``) itself, with its own UNet, at the log's sampler
+settings (colocated mode, rlfh/learner/colocate.py); with ``fresh_losers: false`` each real winner
+takes the logged loser of the pair whose prompt is closest to its caption.
 """
 
 from __future__ import annotations
@@ -86,6 +92,23 @@ def batch_from_log(cfg: Config):
     return batch, {**stats, "offline/records": float(len(all_latents))}
 
 
+def logged_settings(cfg: Config):
+    """The sampler settings of the log's samples (``rollout.scheduler`` is not logged: the config's), which
+    HG-DPO's SDRecon winners and fresh losers are sampled with offline."""
+    from rollouts.log import RolloutLog
+    from rollouts.types import SamplerSettings
+
+    records = RolloutLog(cfg.rollouts).records(["sampler", "negative_prompt"])
+    found = {(tuple(sorted(r["sampler"].items())), r["negative_prompt"]) for r in records}
+    if len(found) != 1:
+        raise ValueError(f"learner.hgdpo samples with the log's sampler settings, but the rollout log {cfg.rollouts} "
+                         f"mixes {len(found)} of them: train on one run's log at a time")
+    (sampler, negative_prompt), = found
+    s = dict(sampler)
+    return SamplerSettings(int(s["num_inference_steps"]), float(s["guidance_scale"]), negative_prompt or "",
+                           int(s["height"]), int(s["width"]), float(s["eta"] or 0.0), cfg.rollout.scheduler)
+
+
 def train_offline(cfg: Config) -> Path:
     """Train on the pairs of ``cfg.rollouts`` for ``cfg.num_rounds`` rounds; returns the run directory."""
     from tqdm import tqdm
@@ -95,20 +118,39 @@ def train_offline(cfg: Config) -> Path:
     from rlfh.learner.group import LearnerGroup
     from rlfh.run.metrics import MetricsLogger, rollback_metrics
     from rlfh.recipes.cluster import setup_ray
+    from rlfh.recipes.hgdpo import RealWinners, needs_policy_samples
+    from rollouts.actor import RolloutFleet
 
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     batch, stats = batch_from_log(cfg)
+    hg = cfg.learner.hgdpo
+    # HG-DPO's SDRecon winners and fresh losers need the current policy: the learner samples with its own UNet
+    sample = needs_policy_samples(hg)
+    if sample and cfg.learner_world_size > 1 and cfg.learner.zero_stage == 3:
+        raise ValueError("learner.hgdpo offline samples its fresh losers and SDRecon winners with learner rank 0's "
+                         "UNet, which learner.zero_stage=3 partitions over the ranks: use learner.zero_stage <= 2, "
+                         "one learner rank, or learner.hgdpo.fresh_losers=false without sdrecon_winner_fraction")
+    settings = logged_settings(cfg) if hg.real_images is not None else None
     started_ray = False
+    real_winners = pose_priors = None
     if cfg.learner_world_size > 1:
         started_ray = setup_ray(cfg)
-        learner = LearnerGroup(cfg, max(int(cfg.resources.num_cpus_per_actor), 1))
+        learner = LearnerGroup(cfg, max(int(cfg.resources.num_cpus_per_actor), 1), colocate=sample)
+        sampler = RolloutFleet([learner.lead], 0) if sample else None
     else:
         learner = LearnerRank(num_threads=None)
-        learner.setup(cfg)
+        learner.setup(cfg, colocate=sample)
+        sampler = learner if sample else None
     logger = None
     try:
+        if hg.real_images is not None:
+            if cfg.learner.hcp.enabled:  # the real winners' pose priors, and the fresh losers'
+                from rlfh.data.pose_prior import PosePriors
+
+                pose_priors = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)
+            real_winners = RealWinners(cfg, run_dir, sampler, settings, pose_priors)
         start = 0
         ckpt = latest_checkpoint(run_dir) if cfg.resume else None
         if ckpt is not None:
@@ -117,9 +159,13 @@ def train_offline(cfg: Config) -> Path:
         logger = MetricsLogger(run_dir, cfg, to_dict(cfg))
         for rnd in tqdm(range(start, cfg.num_rounds), desc="rlfh offline-dpo", unit="round", disable=not cfg.logging.progress):
             t0 = time.perf_counter()
-            metrics = learner.train(batch, cfg.learner.epochs_per_round)
-            metrics.update({"round": rnd, "policy_version": learner.policy_version(), **stats,
-                            "time/learner_s": time.perf_counter() - t0})
+            train_batch, hg_stats = real_winners.mix(batch, rnd) if real_winners is not None else (batch, {})
+            t1 = time.perf_counter()
+            metrics = learner.train(train_batch, cfg.learner.epochs_per_round)
+            metrics.update({"round": rnd, "policy_version": learner.policy_version(), **stats, **hg_stats,
+                            "time/learner_s": time.perf_counter() - t1})
+            if real_winners is not None:
+                metrics["time/hgdpo_s"] = t1 - t0
             if (rnd + 1) % cfg.logging.checkpoint_every == 0 or rnd + 1 == cfg.num_rounds:
                 path = checkpoint_dir(run_dir, rnd + 1)
                 learner.save_checkpoint(str(path), {"round": rnd + 1})
@@ -128,6 +174,8 @@ def train_offline(cfg: Config) -> Path:
     finally:
         if logger is not None:
             logger.close()
+        if pose_priors is not None:
+            pose_priors.close()
         learner.shutdown()
         if started_ray:
             import ray

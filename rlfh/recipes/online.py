@@ -176,8 +176,9 @@ class Run:
 
             self.pose_priors = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)
         if cfg.learner.hgdpo.real_images:
-            self.real_winners = RealWinners(cfg, self.run_dir, self.fleet, self.settings)
-            self.real_winners.source.pose_priors = self.pose_priors
+            from rlfh.recipes.hgdpo import RealWinners
+
+            self.real_winners = RealWinners(cfg, self.run_dir, self.fleet, self.settings, self.pose_priors)
         self.log = RolloutLog(self.run_dir / "rollouts")
         if cfg.learner.region_pairs.region is not None:
             self.region_pairs = InpaintedRegions(cfg, self.fleet, self.scorer, self.log, self.settings)
@@ -270,55 +271,6 @@ class Run:
         if started_ray:
             ray.shutdown()
 
-
-class RealWinners:
-    """HG-DPO: real images, or SDRecon images made from them by the current policy, replace the
-    winners of a share of the pairs on the curriculum (``learner.hgdpo``); with ``fresh_losers`` the
-    losers are sampled anew from the real images' captions."""
-
-    def __init__(self, cfg: Config, run_dir: Path, fleet, settings):
-        import torch
-
-        from rlfh.data.hgdpo import Curriculum
-        from rlfh.data.real_images import RealImageSource, load_vae
-
-        hg, rc = cfg.learner.hgdpo, cfg.rollout
-        self.cfg, self.fleet, self.settings = cfg, fleet, settings
-        self.curriculum = Curriculum(hg.stages, hg.interpolate)
-        self.source = RealImageSource(hg.real_images, rc.height, rc.width, cache_dir=run_dir,
-                                      encode_batch_size=hg.encode_batch_size, latent_mode=hg.latent_mode, seed=cfg.seed)
-        self.source.encode(load_vae(cfg.model, "cuda" if torch.cuda.is_available() else "cpu"))  # cached across resumes
-
-    def mix(self, train_batch, rnd: int):
-        import numpy as np
-
-        from rlfh.data.hgdpo import latent_rms, mix_real_winners, prompts_for_losers, sdrecon_inputs
-
-        cfg, hg = self.cfg, self.cfg.learner.hgdpo
-        n, bs = len(train_batch), cfg.rollout.sample_batch_size_per_actor
-        frac, sd_frac, losers, sdrecon = self.curriculum.fraction(rnd), self.curriculum.sdrecon_fraction(rnd), None, None
-        losers_masks = None
-        stats = {"hgdpo/stage": float(self.curriculum.stage(rnd))}
-        caps = prompts_for_losers(self.source, frac, n, rnd, cfg.seed, sd_frac) if hg.fresh_losers else []
-        if caps:
-            loser_seeds = np.random.default_rng([cfg.seed, rnd, 0x4C]).integers(0, 2**31 - 1, len(caps)).tolist()
-            fresh = self.fleet.collect(self.fleet.submit(caps, loser_seeds, self.settings, bs))
-            losers = fresh.latents
-            if cfg.learner.hcp.enabled and cfg.learner.hcp.prior == "samples":  # the fresh losers are samples too
-                from rlfh.data.pose_prior import HCP_PRIOR
-
-                losers_masks = {HCP_PRIOR: self.source.pose_priors(fresh.images)}
-        real, sd_caps = sdrecon_inputs(self.source, frac, n, rnd, cfg.seed, sd_frac)
-        if sd_caps:
-            # the normal stage's winners: the real latents re-noised part-way and denoised by the current policy
-            sd_seeds = np.random.default_rng([cfg.seed, rnd, 0x5344]).integers(0, 2**31 - 1, len(sd_caps)).tolist()
-            sdrecon = self.fleet.refine(real, sd_caps, sd_seeds, self.settings, hg.sdrecon_strength, batch_size=bs).latents
-            stats["hgdpo/sdrecon_real_rms"] = latent_rms(sdrecon, real)  # how far the intermediate domain is from the real
-            if losers is not None:  # and a fresh sample for the same caption, for scale
-                stats["hgdpo/loser_real_rms"] = latent_rms(losers[len(caps) - len(sd_caps):], real)
-        mixed, mix_stats = mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers,
-                                            losers_masks=losers_masks, sdrecon_fraction=sd_frac, sdrecon_latents=sdrecon)
-        return mixed, {**stats, **mix_stats}
 
 class InpaintedRegions:
     """FaceScore's region pairs online (``learner.region_pairs``, rlfh/data/region_pairs.py): a seeded
