@@ -26,8 +26,8 @@ own best-vs-worst pairs. (0, 0) is the easy stage, (0, 1) the normal one, (1, 0)
 shares in between mix the kinds in one round.
 
 The real images and their latents come from :class:`rlfh.data.real_images.RealImageSource`; the
-SDRecon winners from the rollout actors (``RolloutFleet.refine``, driven by
-``rlfh.recipes.online.RealWinners``).
+SDRecon winners from the current policy (the rollout actors online, the learner rank offline; driven by
+``rlfh.recipes.hgdpo.RealWinners``, for ``rlfh train`` and ``rlfh offline-dpo``).
 """
 
 from __future__ import annotations

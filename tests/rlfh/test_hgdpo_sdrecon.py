@@ -79,18 +79,15 @@ def test_mixing_places_sdrecon_winners_with_their_captions(tmp_path, vae):  # no
 
 
 class InProcessFleet:
-    """RolloutFleet's interface over one in-process Sampler (RealWinners without Ray)."""
+    """RolloutFleet's sample / refine over one in-process Sampler (RealWinners without Ray)."""
 
     def __init__(self, sampler):
         self.sampler = sampler
 
-    def submit(self, prompts, seeds, settings, batch_size, record=False):
-        return prompts, seeds, settings, batch_size
-
-    def collect(self, jobs):
+    def sample(self, prompts, seeds, settings, batch_size, record=False):
         from rollouts.actor import sample_in_batches
 
-        return sample_in_batches(self.sampler, *jobs)
+        return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
 
     def refine(self, latents, prompts, seeds, settings, strength, masks=None, batch_size=8):
         return self.sampler.refine(latents, prompts, seeds, settings, strength, masks)
@@ -99,7 +96,7 @@ class InProcessFleet:
 @pytest.fixture(scope="module")
 def normal_stage(tiny_model_dir, tmp_path_factory):
     """RealWinners of an online run in its normal stage, on the tiny model's own sampler."""
-    from rlfh.recipes.online import RealWinners
+    from rlfh.recipes.hgdpo import RealWinners
     from rollouts.models import load_pipeline
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
