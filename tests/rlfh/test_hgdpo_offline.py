@@ -158,3 +158,25 @@ def test_offline_dpo_hgdpo_curriculum(tiny_model_dir, tmp_path):
     assert 0 < rows[1]["hgdpo/sdrecon_real_rms"] < rows[1]["hgdpo/loser_real_rms"]
     assert all(np.isfinite(r["loss/dpo"]) and r["learner/steps"] > 0 for r in rows)
     assert (run_dir / "checkpoints" / "round-000003" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_offline_hgdpo_on_two_learner_ranks(ray_local, tiny_model_dir, tmp_path):
+    """Two data-parallel ranks: rank 0 samples the SDRecon winners and fresh losers with its own UNet."""
+    from rlfh.config.schema import load_config
+    from rlfh.recipes.offline import train_offline
+    from rlfh.run.metrics import read_metrics
+    from tests.conftest import REPO
+
+    over = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", f"rollouts={write_log(tmp_path / 'rollouts')}",
+            f"learner.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "num_rounds=2", "logging.progress=false",
+            "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}, "
+            "{until_round: 2, real_winner_fraction: 1.0}]",
+            "learner.micro_batch_size_per_gpu=1", "resources.num_learner_ranks=2", "resources.num_cpus_per_actor=0.5"]
+    rows = read_metrics(train_offline(load_config(REPO / "configs" / "offline_dpo.yaml", over)))
+    n = len(PROMPTS)
+    assert [(r["hgdpo/sdrecon_pairs"], r["hgdpo/real_pairs"]) for r in rows] == [(n // 2, n // 2), (0, n)]
+    assert 0 < rows[0]["hgdpo/sdrecon_real_rms"] < rows[0]["hgdpo/loser_real_rms"]
+    assert all(np.isfinite(r["loss/dpo"]) for r in rows)
+    with pytest.raises(ValueError, match="learner.zero_stage=3 partitions"):
+        train_offline(load_config(REPO / "configs" / "offline_dpo.yaml", [*over, "learner.zero_stage=3"]))
