@@ -330,17 +330,7 @@ class Sampler:
                 .cpu().numpy().astype(np.int64),  # (W,)
                 "window_start": np.int64(window.start),
             }
-        return RolloutBatch(
-            images=self.decode(x),
-            latents=x.float().cpu().numpy(),
-            prompts=list(prompts),
-            seeds=[int(s) for s in seeds],
-            settings=settings,
-            policy_version=self.policy_version,
-            model_id=self.model_id,
-            trajectory=trajectory,
-            conditioning=conditioning,
-        )
+        return self.rollout_batch(x, prompts, seeds, settings, conditioning, trajectory)
 
     @torch.no_grad()
     def refine(self, latents, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
@@ -401,6 +391,11 @@ class Sampler:
                 known = x0 if i == len(timesteps) - 1 else scheduler.add_noise(
                     x0, noise, timesteps[i + 1:i + 2].repeat(x0.shape[0]))
                 x = (1 - m) * known + m * x
+        return self.rollout_batch(x, prompts, seeds, settings, conditioning)
+
+    def rollout_batch(self, x: torch.Tensor, prompts, seeds, settings: SamplerSettings, conditioning,
+                      trajectory: dict | None = None) -> RolloutBatch:
+        """Final latents x (B, 4, h, w) as a RolloutBatch of this policy version, images decoded."""
         return RolloutBatch(
             images=self.decode(x),
             latents=x.float().cpu().numpy(),
@@ -409,6 +404,7 @@ class Sampler:
             settings=settings,
             policy_version=self.policy_version,
             model_id=self.model_id,
+            trajectory=trajectory,
             conditioning=conditioning,
         )
 
