@@ -82,14 +82,13 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
             enc, added = lrn.condition(prompts + prompts, h, w)
             pred = lrn.policy(x_t, t, enc, added)
             ref = lrn.reference(x_t, t, enc, added)
+            masks_w, masks_l = masks_at(pairs.masks_w, idx, lrn.device), masks_at(pairs.masks_l, idx, lrn.device)
             objectives, metrics = pairwise_objectives(
-                lc.loss, lc.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b],
-                masks_at(pairs.masks_w, idx, lrn.device), masks_at(pairs.masks_l, idx, lrn.device),
+                lc.loss, lc.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b], masks_w, masks_l,
                 list(lc.regions), lc.region_scale)
             extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
             extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.masks_w, pairs.masks_l), idx, metrics))
-            extra = plus(extra, guidance_term(lrn, pred[b:], x_t[b:], t[b:], x0[:b],
-                                              masks_at(pairs.masks_l, idx, lrn.device), metrics))
+            extra = plus(extra, guidance_term(lrn, pred[b:], x_t[b:], t[b:], x0[:b], masks_l, metrics))
             history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(pairs))
 

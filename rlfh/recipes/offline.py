@@ -68,6 +68,8 @@ def batch_from_log(cfg: Config):
             priors = detect(np.stack([decode_png(r["image"]) for r in records]))
         finally:
             detect.close()
+    elif cfg.learner.hcp.enabled:  # prior=real: zeros that HG-DPO's real winners fill with theirs, as online
+        priors = np.zeros((len(records), 1, image_hw[0] // 8, image_hw[1] // 8), np.float32)
     # rewards_normalization as online; GDPO's last normalization then runs over the whole log
     scores, values, weights, groups, score_stats = logged_scores(records, cfg.rewards, cfg.rewards_normalization,
                                                                  cfg.rollouts)

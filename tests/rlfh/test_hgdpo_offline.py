@@ -132,6 +132,23 @@ def test_offline_mixing_keeps_logged_losers_without_fresh_ones(offline_cfg, tmp_
         RealWinners(offline_cfg("learner.hgdpo.sdrecon_strength=0.1"), tmp_path, RecordingSampler(), logged_settings(cfg))
 
 
+def test_offline_hcp_real_priors_reach_the_real_winners(offline_cfg, tmp_path):
+    """learner.hcp.prior=real offline: the logged samples carry zero priors (as online) that the real
+    winners fill with their own, so the HcP loss sees them (without the key they were dropped)."""
+    from rlfh.data.pose_prior import HCP_PRIOR
+    from rlfh.recipes.hgdpo import RealWinners
+    from rlfh.recipes.offline import batch_from_log, logged_settings
+
+    cfg = offline_cfg("learner.hcp.enabled=true", "learner.hcp.prior=real", "learner.hgdpo.fresh_losers=false",
+                      "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
+    pairs, _ = batch_from_log(cfg)
+    assert HCP_PRIOR in pairs.masks_w and not pairs.masks_w[HCP_PRIOR].any()
+    hg = RealWinners(cfg, tmp_path, None, logged_settings(cfg))
+    hg.source.pose_priors = lambda images: np.ones((len(images), 1, 8, 8), np.float32)  # a stand-in detector
+    mixed, _ = hg.mix(pairs, 0)
+    assert mixed.masks_w[HCP_PRIOR].shape == (len(pairs), 1, 8, 8) and mixed.masks_w[HCP_PRIOR].min() == 1.0
+
+
 @pytest.mark.slow
 def test_offline_dpo_hgdpo_curriculum(tiny_model_dir, tmp_path):
     """`rlfh offline-dpo` with HG-DPO: easy, normal (SDRecon by the learner's own UNet), hard, one round each."""
