@@ -328,7 +328,7 @@ class LearnerEngine:
     def x0_scale(self, t: torch.Tensor) -> torch.Tensor:
         """k_t per sample (B,), float32: x0_hat - x0 = -k_t (pred - target), k_t = sqrt(1 - abar_t) / sqrt(abar_t)
         for eps-prediction, sqrt(1 - abar_t) for v-prediction (DiffusionNFT's adaptive weighting)."""
-        abar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].double()
+        abar = self.alpha_bar(t).double()  # the schedule is float32: exact in double
         k = (1 - abar).sqrt()
         if self.noise_scheduler.config.prediction_type == "epsilon":
             k = k / abar.sqrt()
