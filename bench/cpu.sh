@@ -40,7 +40,7 @@ mkdir -p "$SUB"
 # per-call timings, measured under load 6-26, scaled to a quiet machine; see bench/NOTES.md).
 if [[ -n "$SMOKE" ]]; then
   ROLLOUT=(--smoke)
-  LEARNER=(--smoke --large-size 96 --large-repeats 2)
+  LEARNER=(--smoke --large-size 96 --large-repeats 2)  # no compile: its test covers it, and it costs minutes
   # not ddpo_bench's --smoke: its 4 items per round no longer divide tiny.yaml's sample_batch_size_per_actor 8
   DDPO=(--steps 4 --window 1 --items 8 --repeats 1)
   REWARD=(--smoke)
@@ -48,7 +48,7 @@ else
   # batch 16 only (the headline batch): 4 variants x (1 warm-up + 9) calls of 0.7-3 s
   ROLLOUT=(--batch-sizes 16 --repeats 9)
   # lora8 only: 2 x 17 tiny steps of 0.1-1 s, then 2 x 10 steps of 1.5-5 s at 256 px
-  LEARNER=(--modes lora8 --repeats 16 --large-size 256 --large-repeats 9)
+  LEARNER=(--modes lora8 --repeats 16 --large-size 384 --large-repeats 7 --rlfh-compile)
   # 10 pairs (full, window) of 4-11 s after a warm-up pair
   DDPO=(--repeats 9)
   # ViT-L build/save/load ~30 s, server start + replica load ~25 s, 3 paths x (1 + 5) calls of ~8 s

@@ -12,6 +12,9 @@ scripts' full fine-tuning set-up; the diffusers LoRA example itself disables the
 On GPU: weights bf16, trainable params fp32, autocast bf16, as that example does with accelerate.
 (b) ``rlfh``: rlfh.learner.steps.train_pairs (DeepSpeed engine, LoRA via peft, reference =
 adapters disabled; full mode keeps a frozen copy too). One call = one optimizer step on --pairs pairs.
+(c) with ``--rlfh-compile``: (b) with ``learner.compile=true`` (inductor; the first step pays the
+compile), timed in the same alternation; the headline ratio then uses (c) and (b) stays as the
+``_eager`` ratio. The reference loop stays eager, as the example runs it.
 
 Modes: lora8, lora64 (LoRA rank 8 / 64 on to_q, to_k, to_v, to_out.0) and full (whole UNet).
 Memory: GPU torch.cuda.max_memory_allocated; CPU sampled RSS (see common.PeakMemory).
@@ -102,7 +105,8 @@ class ReferenceLoop:
 class RlfhLearner:
     """rlfh.learner.engine.LearnerEngine behind the same ``step`` signature."""
 
-    def __init__(self, model: str, device, dtype, rank: int | None, beta: float, pairs: int, checkpointing: bool):
+    def __init__(self, model: str, device, dtype, rank: int | None, beta: float, pairs: int, checkpointing: bool,
+                 compile: bool = False):
         import rollouts.models
         from rlfh.config.schema import load_config
         from rlfh.learner.engine import LearnerEngine
@@ -117,7 +121,7 @@ class RlfhLearner:
         name = {v: k for k, v in common.DTYPES.items()}[dtype]
         ov = [f"model.path={model}", f"model.dtype={name}", f"learner.beta={beta}", "learner.lr=1e-5",
               f"learner.train_batch_size={pairs}", f"learner.micro_batch_size_per_gpu={pairs}",
-              f"learner.gradient_checkpointing={str(checkpointing).lower()}"]
+              f"learner.gradient_checkpointing={str(checkpointing).lower()}", f"learner.compile={str(compile).lower()}"]
         ov += [f"learner.lora.rank={rank}", f"learner.lora.alpha={rank}"] if rank else ["learner.lora.enabled=false"]
         self.cfg = load_config(common.REPO / "configs" / "tiny.yaml", ov)
         self.learner = LearnerEngine(self.cfg, device=str(device))
@@ -159,6 +163,9 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
         "reference_loop": lambda: ReferenceLoop(args.model, device, dtype, rank, args.beta),
         "rlfh": lambda: RlfhLearner(args.model, device, dtype, rank, args.beta, args.pairs, args.gradient_checkpointing),
     }
+    if args.rlfh_compile:  # learner.compile=true: the same step through inductor; its first step pays the compile
+        builders["rlfh_compiled"] = lambda: RlfhLearner(args.model, device, dtype, rank, args.beta, args.pairs,
+                                                        args.gradient_checkpointing, compile=True)
     # Both variants stay resident and alternate when they fit; full SDXL x 2 variants does not fit a GPU.
     sequential = args.sequential or (device.type == "cuda" and rank is None)
     out: dict = {"mode": mode, "lora_rank": rank, "order": "sequential" if sequential else "alternating"}
@@ -211,9 +218,15 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
         "learner_mfu": flops_step / b["median_s"] / peak["median_flops"],
         "reference_mfu": flops_step / a["median_s"] / peak["median_flops"],
     })
-    out["ratio_rlfh_over_reference"] = out["ratio"]["paired_median"]  # of_medians when sequential
-    if sequential:
-        out["ratio_rlfh_over_reference"] = out["ratio"]["of_medians"]
+    key = "of_medians" if sequential else "paired_median"
+    out["ratio_rlfh_eager_over_reference"] = out["ratio_rlfh_over_reference"] = out["ratio"][key]
+    if "rlfh_compiled" in times:  # the headline is rlfh as run for speed; the eager row stays beside it
+        c = common.summary(times["rlfh_compiled"])
+        out["rlfh_compiled"] = {**c, "pairs_per_s": args.pairs / c["median_s"], "memory": mem["rlfh_compiled"]}
+        out["ratio_compiled"] = common.paired_ratio(times["reference_loop"], times["rlfh_compiled"])
+        out["ratio_compiled_over_eager"] = common.paired_ratio(times["rlfh"], times["rlfh_compiled"])
+        out["ratio_rlfh_over_reference"] = out["ratio_compiled"][key]
+        out["learner_mfu_compiled"] = flops_step / c["median_s"] / peak["median_flops"]
     if args.profile:
         out["profile_rlfh_step_top_ops"] = profile_step(lambda: rl.step(lat_w, lat_l, prompts))
         if "reference_loop" in variants:
@@ -224,8 +237,10 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
                                      n=3 if args.smoke or args.size >= 256 else 10)
         print(f"[learner] {mode:>6} breakdown: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["breakdown"].items()))
     print(f"[learner] {mode:>6}: reference {out['reference_loop']['pairs_per_s']:.3f} pairs/s, rlfh "
-          f"{out['rlfh']['pairs_per_s']:.3f} pairs/s, ratio {out['ratio_rlfh_over_reference']:.3f}, "
-          f"mfu {out['learner_mfu']:.4f}")
+          f"{out['rlfh']['pairs_per_s']:.3f} pairs/s (ratio {out['ratio_rlfh_eager_over_reference']:.3f})"
+          + (f", rlfh compiled {out['rlfh_compiled']['pairs_per_s']:.3f} pairs/s (ratio "
+             f"{out['ratio_rlfh_over_reference']:.3f})" if "rlfh_compiled" in out else "")
+          + f", mfu {out['learner_mfu']:.4f}")
     variants.clear()
     free(device)
     return out
@@ -304,6 +319,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--sequential", action="store_true", help="build, time and free one variant at a time")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rlfh-compile", action="store_true",
+                    help="also time rlfh with learner.compile=true (the headline ratio then uses it; the eager "
+                         "rlfh row stays as ratio_rlfh_eager_over_reference); each size pays one compile")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--large-size", type=int, default=None,
@@ -347,8 +365,11 @@ def main(argv=None) -> dict:
         "settings": {"model": args.model, "dtype": args.dtype, "size": args.size, "pairs_per_step": args.pairs,
                      "modes": args.modes, "repeats": args.repeats, "beta": args.beta,
                      "gradient_checkpointing": args.gradient_checkpointing, "smoke": args.smoke,
+                     "rlfh_compile": args.rlfh_compile,
                      "timing": "median of per-step times after 1 warm-up step each; one step = one optimizer step"},
         "learner_ratio": head["ratio_rlfh_over_reference"] if head else None,
+        "learner_ratio_eager": head["ratio_rlfh_eager_over_reference"] if head else None,
+        "learner_compiled": bool(args.rlfh_compile),
         "learner_ratio_mode": head["mode"] if head else None,
         "learner_mfu": head["learner_mfu"] if head else None,
         "matmul_peak": peak,
@@ -357,6 +378,7 @@ def main(argv=None) -> dict:
     if large is not None:
         result["settings"]["large_size"] = args.large_size
         result["learner_ratio_large"] = large.get("ratio_rlfh_over_reference")
+        result["learner_ratio_large_eager"] = large.get("ratio_rlfh_eager_over_reference")
         result["learner_mfu_large"] = large.get("learner_mfu")
         result["row_large"] = large
     if head:

@@ -56,14 +56,20 @@ def cpu_sh_summary(d: Path, out: Path) -> dict:
         "rollout_ratio": ro.get("rollout_ratio"),
         "learner_ratio": le.get("learner_ratio"),
         "learner_ratio_large": le.get("learner_ratio_large"),
+        "learner_ratio_eager": le.get("learner_ratio_eager"),
+        "learner_ratio_large_eager": le.get("learner_ratio_large_eager"),
+        "learner_compiled": le.get("learner_compiled"),
         "ddpo_window_speedup": dd.get("ddpo_window_speedup"),
         "reward_http_overhead_share": rw.get("reward_http_overhead_share"),
         "reward_handle_overhead_share": rw.get("reward_handle_overhead_share"),
         "meaning": {
             "rollout_lora_ratio": "stock diffusers pipeline (no LoRA) seconds / rlfh Sampler with the merged LoRA seconds, "
                                   "largest batch, median of paired calls (>1: rlfh faster); _before: unmerged, uncached",
-            "learner_ratio": "rlfh learner pairs/s over the reference DPO loop pairs/s, lora8, 64 px, median of paired steps",
+            "learner_ratio": "rlfh learner pairs/s over the reference DPO loop pairs/s, lora8, 64 px, median of paired "
+                             "steps; rlfh with learner.compile=true when learner_compiled (the loop stays eager)",
             "learner_ratio_large": "the same at the compute-bound size (settings.large_size px)",
+            "learner_ratio_eager": "learner_ratio with rlfh eager (learner.compile=false), same run",
+            "learner_ratio_large_eager": "learner_ratio_large with rlfh eager, same run",
             "ddpo_window_speedup": "DDPO all-steps seconds / SDE-window seconds per round, median of pairs",
             "reward_http_overhead_share": "(HTTP - in-process) / in-process seconds for one batch through the reward "
                                           "server, FaceScore-size model, median of rounds (target < 0.10)"},
@@ -78,8 +84,8 @@ def cpu_sh_summary(d: Path, out: Path) -> dict:
                 "reward_rows": rw.get("rows"), "reward_setup_s": rw.get("setup_s"),
                 "reward_ms_per_request_median": rw.get("ms_per_request_median")},
     }
-    for k in ("rollout_lora_ratio", "learner_ratio", "learner_ratio_large", "ddpo_window_speedup",
-              "reward_http_overhead_share"):
+    for k in ("rollout_lora_ratio", "learner_ratio", "learner_ratio_eager", "learner_ratio_large",
+              "learner_ratio_large_eager", "ddpo_window_speedup", "reward_http_overhead_share"):
         v = summary[k]
         print(f"[summary] {k:>27}: {v:.4f}" if isinstance(v, float) else f"[summary] {k:>27}: {v}")
     for k, v in summary["stage_times"].items():
