@@ -179,11 +179,12 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
 
 
 def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
-    """learner.kl_coef with ddpo: kl_coef * mean (eps_theta(x_j) - eps_ref(x_j))^2 of the guided predictions on
-    each trained step's input; 0 while the LoRA is the base model's (B = 0), > 0 once trained, and equal
-    to the term computed here from the reference with the adapter off."""
+    """learner.kl_coef with ddpo: kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)) of the DDIM-eta steps from
+    the guided predictions on each trained step's input; 0 while the LoRA is the base model's (B = 0), > 0
+    once trained, and equal to the KL of the two Gaussians computed here: their means from diffusers' DDIM
+    step (zero noise) with the policy's and the base UNet's guided eps, the shared sigma^2 from the schedule."""
     from rlfh.data.pairs import ddpo_window
-    from rlfh.learner.steps import kl_term, reference_eps
+    from rlfh.learner.steps import kl_term, reference_eps, transition_weight
     from rollouts.sampler import guided_eps
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
@@ -210,8 +211,15 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
         with lrn.adapters_off():
             base = guided_eps(lrn.unet, lrn.ddim, x, t, enc, added["text_embeds"], added["time_ids"], 3.0)
     m = {}
-    term = kl_term(lrn, eps, reference_eps(lrn, x, t, enc, added, st), m)
-    torch.testing.assert_close(term, 10 * (eps.float() - base.float()).pow(2).mean())
+    term = kl_term(lrn, eps, reference_eps(lrn, x, t, enc, added, st), m, transition_weight(lrn, t, st.eta, 2))
+    ac = lrn.ddim.alphas_cumprod.double()
+    a, a_prev = ac[t], ac[t - 1000 // 4]  # 4 steps of 1000: t = 501 -> 251
+    sigma2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)  # eta = 1
+    zero = torch.zeros_like(x, dtype=torch.float32)
+    mu = lrn.ddim.step(eps.float(), t, x.float(), eta=1.0, variance_noise=zero).prev_sample.double()
+    mu_ref = lrn.ddim.step(base.float(), t, x.float(), eta=1.0, variance_noise=zero).prev_sample.double()
+    gaussian_kl = ((mu - mu_ref) ** 2).flatten(1).mean(1) / (2 * sigma2)  # per latent element, as the log-probs
+    torch.testing.assert_close(term.double(), 10 * gaussian_kl.mean(), rtol=1e-4, atol=0)
     assert float(term) > 0 and m["loss/kl"] == pytest.approx(float(term))
 
 
