@@ -40,7 +40,7 @@ from rlfh.losses import fairness
 from rlfh.losses.cfg_distill import cfg_distill_loss, cfg_teacher
 from rlfh.losses.ddpo import ddpo_clipped_loss
 from rlfh.losses.guidance import guidance_loss, winner_noise
-from rlfh.losses.kl import eps_kl, transition_kl_weight
+from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, transition_kl_weight
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
 from rlfh.losses.objectives import (ADVANTAGE, PAIRWISE, WEIGHTED, advantage_objectives, pairwise_objectives,
                                     weighted_objectives)
@@ -199,10 +199,21 @@ def transition_weight(lrn: LearnerEngine, t: int, eta: float, n: int) -> torch.T
     return w.float().expand(n).to(lrn.device)
 
 
+def mean_jacobian(lrn: LearnerEngine, t: int, eta: float) -> torch.Tensor:
+    """d mu_t / d (prediction) of the DDIM-eta step from timestep t, a float32 scalar on the device: k_t of
+    mu_t = sqrt(abar_t' / abar_t) x_t + k_t eps_hat (rlfh/losses/kl.py), times sqrt(abar_t) for v-prediction
+    (eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t). GRPO-Guard's per-step weight is its inverse."""
+    a, a_prev = scheduler_alpha_bars(lrn.ddim, t)
+    _, k, _ = ddim_transition_coefficients(a.double().cpu(), a_prev.double().cpu(), eta)
+    if lrn.ddim.config.prediction_type == "v_prediction":
+        k = k * a.double().cpu().sqrt()
+    return k.float().to(lrn.device)
+
+
 def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: int, enc, added, s, j: int):
     """One DDIM step's policy-gradient loss under ``learner.trust_region`` (rlfh/losses/trust_region.py)
     and its metrics: ``clip`` (DDPO's clipped ratio), ``dppo`` (Flow-DPPO's KL mask) or ``guard``
-    (GRPO-Guard's drift-free normalized ratio). The last two need the sampling policy's mean of the
+    (GRPO-Guard's drift-free normalized ratio, the step's loss weighted by 1 / |k_t|: :func:`mean_jacobian`). The last two need the sampling policy's mean of the
     step (``s``: the round's sampler settings, CFG and eta): recomputed here with the round's starting weights (``lrn.old_weights``), which are the
     sampler's (DDPO is on-policy: rollout.max_staleness=0). ``ddpo/log_ratio_drift/step{j}`` is the
     mean log-ratio of recorded step j (its expectation is -KL_j)."""
@@ -222,7 +233,8 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
         loss = dppo_loss(out.log_prob, old_log_prob, adv, kl, lc.trust_region_kl)
         limited = "ddpo/maskedfrac"
     else:
-        loss = guard_loss(out.log_prob, old_log_prob, adv, kl, out.std_dev, lc.ddpo_clip_range)
+        loss = guard_loss(out.log_prob, old_log_prob, adv, kl, out.std_dev, lc.ddpo_clip_range,
+                          1 / mean_jacobian(lrn, t, s.eta).abs())
         limited = "ddpo/clipfrac"
     m.update({"loss/ddpo": float(loss.loss.detach()), "ddpo/kl": float(loss.kl_mean), limited: float(loss.limited_frac),
               "ddpo/ratio": float(loss.ratio_mean)})
