@@ -171,8 +171,8 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
                 loss, m = trust_region_loss(lrn, out, old[:, j], adv, lat[:, j], lat[:, j + 1], t, enc, added, s, j)
                 if first:
                     m["ddpo/recorded_logprob_max_diff"] = float((out.log_prob.detach() - old[:, j]).abs().max())
-                kl = kl_term(lrn, eps, reference_eps(lrn, lat[:, j], t, enc, added, s), m,
-                             transition_weight(lrn, t, s.eta, len(idx)))
+                ref = reference_eps(lrn, lat[:, j], t, enc, added, s)
+                kl = None if ref is None else kl_term(lrn, eps, ref, m, transition_weight(lrn, t, s.eta, len(idx)))
                 lrn.backward(loss.loss if kl is None else loss.loss + kl)
                 per_step.append(m)
             keys = {key for m in per_step for key in m}  # per-step drift keys differ between steps
