@@ -41,7 +41,8 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["DDIMStepOutput", "ddim_step_with_logprob", "scheduler_alpha_bars", "scheduler_step_with_logprob", "step_alpha_bars"]
+__all__ = ["DDIMStepOutput", "ddim_step_with_logprob", "scheduler_alpha_bars", "scheduler_step_with_logprob",
+           "step_alpha_bars"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 

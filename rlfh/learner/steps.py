@@ -213,8 +213,8 @@ def mean_jacobian(lrn: LearnerEngine, t: int, eta: float) -> torch.Tensor:
 def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: int, enc, added, s, j: int):
     """One DDIM step's policy-gradient loss under ``learner.trust_region`` (rlfh/losses/trust_region.py)
     and its metrics: ``clip`` (DDPO's clipped ratio), ``dppo`` (Flow-DPPO's KL mask) or ``guard``
-    (GRPO-Guard's drift-free normalized ratio, the step's loss weighted by 1 / |k_t|: :func:`mean_jacobian`). The last two need the sampling policy's mean of the
-    step (``s``: the round's sampler settings, CFG and eta): recomputed here with the round's starting weights (``lrn.old_weights``), which are the
+    (GRPO-Guard's drift-free normalized ratio, the step's loss weighted by 1 / |k_t|:
+    :func:`mean_jacobian`). The last two need the sampling policy's mean of the step (``s``: the round's sampler settings, CFG and eta): recomputed here with the round's starting weights (``lrn.old_weights``), which are the
     sampler's (DDPO is on-policy: rollout.max_staleness=0). ``ddpo/log_ratio_drift/step{j}`` is the
     mean log-ratio of recorded step j (its expectation is -KL_j)."""
     lc = lrn.cfg.learner

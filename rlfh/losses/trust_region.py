@@ -1,8 +1,8 @@
 """Trust regions for the per-step policy gradient over DDIM transitions: DPPO's KL mask and GRPO-Guard.
 
 Sources: Flow-DPPO, Ping et al., "Divergence Proximal Policy Optimization for Flow Matching Models",
-arXiv 2606.11025, eq. 14 (the KL) and 18 (the mask) as UniRL's README numbers them; its reference trainer Tencent-Hunyuan/UniRL
-(unirl/algorithms/flowdppo.py, ``_flowdppo_kl_adv_loss``; FlowDPPO/README.md) and verl-omni's
+arXiv 2606.11025, eq. 14 (the KL) and 18 (the mask) as UniRL's README numbers them; its reference
+trainer Tencent-Hunyuan/UniRL (unirl/algorithms/flowdppo.py, ``_flowdppo_kl_adv_loss``; FlowDPPO/README.md) and verl-omni's
 ``FlowDPPOLoss`` (verl_omni/trainer/diffusion/diffusion_algos.py, docs/algo/flowdppo.md). GRPO-Guard,
 Wang et al., "Mitigating Implicit Over-Optimization in Flow Matching via Regulated Clipping", arXiv
 2510.22319, as Flow-Factory's ``GRPOGuardTrainer`` (X-GenGroup/Flow-Factory, trainers/grpo.py) and
@@ -48,7 +48,8 @@ mean(Delta^2) (verl-omni's is the same). E[log rho~] = 0 at every step; at theta
 sigma_t d log rho = mean(z d mu_theta), of one scale at every step in mu space. rho~ - 1 is of order
 rms(Delta) / sqrt(D), so eps must be of that scale: DDPO's 1e-4 (``learner.ddpo_clip_range``'s
 default; verl-omni's guard example uses 2e-6), not PPO's 0.2, at which the tiny model's 12 rounds of
-tests/rlfh/test_ddpo.py clip nothing. KL_t carries the gradient (it is a function of mu_theta), as in the references' ``mse`` term.
+tests/rlfh/test_ddpo.py clip nothing. KL_t carries the gradient (it is a function of mu_theta), as in
+the references' ``mse`` term.
 
 The paper's second part, a 1 / dt weight on each step's loss (verl-omni divides by -dt; Flow-Factory
 does not), equalizes the per-step gradient in the network's output space: in Flow-GRPO's SDE

@@ -52,7 +52,8 @@ def test_guard_clips_large_moves_and_clipped_terms_carry_no_gradient():
     logp = torch.tensor([0.9, -1.1, 0.1, -1.1], dtype=torch.float64, requires_grad=True)
     kl = torch.full((4,), 0.1, dtype=torch.float64, requires_grad=True)  # carries the gradient, as in the learner
     adv = torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=torch.float64)
-    out = guard_loss(logp, torch.zeros(4, dtype=torch.float64), adv, kl, torch.full((4,), 0.5, dtype=torch.float64), 0.2)
+    sigma = torch.full((4,), 0.5, dtype=torch.float64)
+    out = guard_loss(logp, torch.zeros(4, dtype=torch.float64), adv, kl, sigma, 0.2)
     e = math.exp
     torch.testing.assert_close(out.loss, torch.tensor((-1.2 + 0.8 - e(0.1) - e(-0.5)) / 4, dtype=torch.float64))
     assert float(out.limited_frac) == 0.75 > 0
