@@ -41,7 +41,8 @@ from typing import Any, NamedTuple, Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["DDIMStepOutput", "ddim_step_with_logprob", "scheduler_step_with_logprob"]
+__all__ = ["DDIMStepOutput", "ddim_step_with_logprob", "scheduler_alpha_bars", "scheduler_step_with_logprob",
+           "step_alpha_bars"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -139,9 +140,7 @@ def ddim_step_with_logprob(
     t_prev = t - int(step_ratio)
 
     # Schedule coefficients, (B,), in the dtype of alphas_cumprod (float32 for diffusers).
-    a_t = alphas_cumprod[t]
-    final = torch.as_tensor(final_alpha_cumprod, dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
-    a_prev = torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final)
+    a_t, a_prev = step_alpha_bars(alphas_cumprod, final_alpha_cumprod, t, step_ratio)
     b_t, b_prev = 1 - a_t, 1 - a_prev
     variance = (b_prev / b_t) * (1 - a_t / a_prev)
     std_dev = eta * variance**0.5  # (B,)
@@ -175,6 +174,25 @@ def ddim_step_with_logprob(
     )  # (B, C, H, W)
     log_prob = log_prob.mean(dim=tuple(range(1, ndim)))  # (B,)
     return DDIMStepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std_dev=std_dev)
+
+
+def step_alpha_bars(alphas_cumprod: Tensor, final_alpha_cumprod: Union[float, Tensor], timestep: Union[int, Tensor],
+                    step_ratio: int) -> tuple[Tensor, Tensor]:
+    """(a_t, a_{t'}) of the step from t, t' = t - step_ratio (``final_alpha_cumprod`` when t' < 0), in the
+    dtype and on the device of ``alphas_cumprod``; the shape of ``timestep``."""
+    t = torch.as_tensor(timestep, device=alphas_cumprod.device).long()
+    t_prev = t - int(step_ratio)
+    final = torch.as_tensor(final_alpha_cumprod, dtype=alphas_cumprod.dtype, device=alphas_cumprod.device)
+    return alphas_cumprod[t], torch.where(t_prev >= 0, alphas_cumprod[t_prev.clamp(min=0)], final)
+
+
+def scheduler_alpha_bars(scheduler: Any, timestep: Union[int, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`step_alpha_bars` with the schedule of a diffusers ``DDIMScheduler`` after ``set_timesteps``:
+    the (a_t, a_{t'}) :func:`scheduler_step_with_logprob` steps with."""
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps(n) first")
+    return step_alpha_bars(scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, timestep,
+                           scheduler.config.num_train_timesteps // scheduler.num_inference_steps)
 
 
 def scheduler_step_with_logprob(

@@ -156,17 +156,17 @@ class LearnerConfig:
     rwr_beta: float = 1.0  # RWR: weights softmax(rwr_beta * r) over the round
     filter_threshold: Optional[float] = None  # filtered: keep r >= threshold; None keeps the top fraction
     filter_top_fraction: float = 0.5
-    ddpo_clip_range: float = 1e-4  # DDPO: ratio clip epsilon
+    ddpo_clip_range: float = 1e-4  # DDPO: ratio clip epsilon (trust_region=clip; guard: of its normalized ratio, which moves on the scale of the step mean)
     ddpo_timestep_fraction: float = 1.0  # DDPO: share of each trajectory's recorded steps (all, or the window's) trained per epoch
     ddpo_window: Optional[int] = None  # DDPO: W consecutive steps sampled with eta > 0 and trained; eta = 0 elsewhere; null = all
     ddpo_window_max_start: Optional[int] = None  # DDPO: window start drawn per round in 0..this; null = steps - W
     trust_region: Literal["clip", "dppo", "guard"] = "clip"  # DDPO: clip (PPO ratio clip), dppo (Flow-DPPO's KL mask), guard (GRPO-Guard's normalized ratio); docs/online_rl.md
-    trust_region_kl: float = 1e-5  # trust_region=dppo: mask steps whose KL to the sampling policy (per latent element) exceeds this
+    trust_region_kl: float = 1e-5  # trust_region=dppo: mask steps moving with their advantage whose KL to the sampling policy (mean over latent elements, x space) reaches this; 1e-5 is Flow-DPPO's reference for lr 3e-4 (KL grows as lr^2)
     nft_beta: float = 0.1  # DiffusionNFT (arXiv 2509.16117): strength beta of the implicit positive / negative policies (the reference: 1, and 0.1 for OCR)
     nft_weighting: Literal["adaptive", "eps_mse"] = "eps_mse"  # DiffusionNFT per-sample error: SDXL's plain eps-MSE, or the reference's adaptive x0-space weighting (learns less on the tiny default; docs/online_rl.md)
     nft_adv_clip: float = 5.0  # DiffusionNFT: r = 0.5 + 0.5 clip(A, -c, c) / c from the per-prompt advantage A
     awm_clip_range: float = 0.2  # AWM (arXiv 2509.25050): PPO clip of the ratio exp(old error - error)
-    kl_coef: float = 0.0  # KL to learner.reference as a loss term, kl_coef * mean (eps_theta - eps_ref)^2 (docs/online_rl.md); ddpo: of the guided eps on each trained step's input
+    kl_coef: float = 0.0  # KL to learner.reference as a loss term, kl_coef * mean (eps_theta - eps_ref)^2 (docs/online_rl.md); ddpo: the exact KL of each trained DDIM step, w_t times that mean of the guided eps on its input
     reference: Literal["base", "ema"] = "base"  # DPO's reference and the KL target: the base model, or the EMA of the policy (needs learner.ema_decay)
     reference_refresh_rounds: int = 1  # reference=ema: the reference is the EMA as it was at the start of every this many rounds
     sampling_policy: Literal["trained", "ema"] = "trained"  # what the rollout actors sample with: the trained weights, or their EMA (learner.ema_decay; DiffusionNFT's off-policy sampler; LoRA only)

@@ -40,11 +40,11 @@ from rlfh.losses import fairness
 from rlfh.losses.cfg_distill import cfg_distill_loss, cfg_teacher
 from rlfh.losses.ddpo import ddpo_clipped_loss
 from rlfh.losses.guidance import guidance_loss, winner_noise
-from rlfh.losses.kl import eps_kl
+from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, transition_kl_weight
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
 from rlfh.losses.objectives import (ADVANTAGE, PAIRWISE, WEIGHTED, advantage_objectives, pairwise_objectives,
                                     weighted_objectives)
-from rollouts.ddim_logprob import scheduler_step_with_logprob
+from rollouts.ddim_logprob import scheduler_alpha_bars, scheduler_step_with_logprob
 from rollouts.sampler import guided_eps
 
 
@@ -133,8 +133,10 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
     at sampling), the policy's log-probability of the same transition is recomputed with the guided
     eps of the trained UNet, and ``ddpo_clipped_loss`` is back-propagated: one backward and one
     DeepSpeed micro-step per timestep (``deepspeed_config`` multiplies the accumulation steps).
-    With ``learner.kl_coef`` each trained step adds kl_coef * mean (eps_theta(x_j) - eps_ref(x_j))^2 of the
-    guided predictions (:func:`kl_term`). ``learner.ddpo_timestep_fraction`` of the recorded steps are trained, in one random order per
+    With ``learner.kl_coef`` each trained step adds kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)), the
+    closed-form KL of the two DDIM-eta Gaussian steps from the guided predictions on x_j: w_j * mean
+    (eps_theta - eps_ref)^2 with w_j = k_j^2 / (2 sigma_j^2) (:func:`kl_term`, :func:`transition_weight`;
+    rlfh/losses/kl.py). ``learner.ddpo_timestep_fraction`` of the recorded steps are trained, in one random order per
     optimizer step. With ``learner.ddpo_window`` = W only the round's SDE window was stochastic and
     recorded (``rlfh.data.pairs.ddpo_window``): the W steps from x_j (j = ``tb.window_start``) are the
     only actions, the deterministic steps around it are not trained, and the fraction is of W.
@@ -169,7 +171,8 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
                 loss, m = trust_region_loss(lrn, out, old[:, j], adv, lat[:, j], lat[:, j + 1], t, enc, added, s, j)
                 if first:
                     m["ddpo/recorded_logprob_max_diff"] = float((out.log_prob.detach() - old[:, j]).abs().max())
-                kl = kl_term(lrn, eps, reference_eps(lrn, lat[:, j], t, enc, added, s), m)
+                ref = reference_eps(lrn, lat[:, j], t, enc, added, s)
+                kl = None if ref is None else kl_term(lrn, eps, ref, m, transition_weight(lrn, t, s.eta, len(idx)))
                 lrn.backward(loss.loss if kl is None else loss.loss + kl)
                 per_step.append(m)
             keys = {key for m in per_step for key in m}  # per-step drift keys differ between steps
@@ -188,11 +191,30 @@ def reference_eps(lrn: LearnerEngine, x, t: int, enc, added, s):
                           added["time_ids"], s.guidance_scale)
 
 
+def transition_weight(lrn: LearnerEngine, t: int, eta: float, n: int) -> torch.Tensor:
+    """w_t = k_t^2 / (2 sigma_t^2) of the DDIM-eta step from timestep t (rlfh/losses/kl.py), (n,) on the device:
+    KL(pi_theta || pi_ref) of the step per unit mean squared gap of the guided predictions (eps, or v)."""
+    a, a_prev = scheduler_alpha_bars(lrn.ddim, t)
+    w = transition_kl_weight(a.double().cpu(), a_prev.double().cpu(), eta, lrn.ddim.config.prediction_type)
+    return w.float().expand(n).to(lrn.device)
+
+
+def mean_jacobian(lrn: LearnerEngine, t: int, eta: float) -> torch.Tensor:
+    """d mu_t / d (prediction) of the DDIM-eta step from timestep t, a float32 scalar on the device: k_t of
+    mu_t = sqrt(abar_t' / abar_t) x_t + k_t eps_hat (rlfh/losses/kl.py), times sqrt(abar_t) for v-prediction
+    (eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t). GRPO-Guard's per-step weight is its inverse."""
+    a, a_prev = scheduler_alpha_bars(lrn.ddim, t)
+    _, k, _ = ddim_transition_coefficients(a.double().cpu(), a_prev.double().cpu(), eta)
+    if lrn.ddim.config.prediction_type == "v_prediction":
+        k = k * a.double().cpu().sqrt()
+    return k.float().to(lrn.device)
+
+
 def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: int, enc, added, s, j: int):
     """One DDIM step's policy-gradient loss under ``learner.trust_region`` (rlfh/losses/trust_region.py)
     and its metrics: ``clip`` (DDPO's clipped ratio), ``dppo`` (Flow-DPPO's KL mask) or ``guard``
-    (GRPO-Guard's drift-free normalized ratio). The last two need the sampling policy's mean of the
-    step (``s``: the round's sampler settings, CFG and eta): recomputed here with the round's starting weights (``lrn.old_weights``), which are the
+    (GRPO-Guard's drift-free normalized ratio, the step's loss weighted by 1 / |k_t|:
+    :func:`mean_jacobian`). The last two need the sampling policy's mean of the step (``s``: the round's sampler settings, CFG and eta): recomputed here with the round's starting weights (``lrn.old_weights``), which are the
     sampler's (DDPO is on-policy: rollout.max_staleness=0). ``ddpo/log_ratio_drift/step{j}`` is the
     mean log-ratio of recorded step j (its expectation is -KL_j)."""
     lc = lrn.cfg.learner
@@ -211,7 +233,8 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
         loss = dppo_loss(out.log_prob, old_log_prob, adv, kl, lc.trust_region_kl)
         limited = "ddpo/maskedfrac"
     else:
-        loss = guard_loss(out.log_prob, old_log_prob, adv, kl, out.std_dev, lc.ddpo_clip_range)
+        loss = guard_loss(out.log_prob, old_log_prob, adv, kl, out.std_dev, lc.ddpo_clip_range,
+                          1 / mean_jacobian(lrn, t, s.eta).abs())
         limited = "ddpo/clipfrac"
     m.update({"loss/ddpo": float(loss.loss.detach()), "ddpo/kl": float(loss.kl_mean), limited: float(loss.limited_frac),
               "ddpo/ratio": float(loss.ratio_mean)})
@@ -254,12 +277,13 @@ def masks_at(masks: dict[str, np.ndarray], idx: list[int], device) -> dict[str, 
     return {r: rows(m, idx, device) for r, m in masks.items()}
 
 
-def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float]):
-    """``learner.kl_coef`` * mean (eps_theta - eps_ref)^2 (rlfh/losses/kl.py), or None when off."""
+def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float], weights=None):
+    """``learner.kl_coef`` * mean w (eps_theta - eps_ref)^2 (rlfh/losses/kl.py), or None when off: unit weight
+    on forward-noised samples, the per-sample ``weights`` (B,) w_t of a DDPO step (the exact transition KL)."""
     coef = lrn.cfg.learner.kl_coef
     if coef <= 0 or ref is None:
         return None
-    term = eps_kl(pred, ref, coef)
+    term = eps_kl(pred, ref, coef, weights)
     metrics["loss/kl"] = float(term.detach())
     return term
 

@@ -34,8 +34,9 @@ reference implementations' eps/velocity-space KL, the learner's term uses unit w
     L_KL = kl_coef * mean_b mean over C,H,W of (eps_theta - sg(eps_ref))^2       (:func:`eps_kl`)
 
 which is E_t[ KL_t / w_t ]: the same zero and the same direction, a per-t reweighting of the path KL.
-``weights`` (B,) passes w_t (or any per-sample weight) for the exact per-step KL, e.g. on the DDIM steps
-a DDPO trajectory was sampled with.
+``weights`` (B,) passes w_t for the exact per-step KL: the learner does so for ``ddpo``, whose trained
+steps are the sampler's own DDIM steps (rlfh/learner/steps.py: transition_weight), so that its term is
+kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)) of each trained step.
 
 Notation (code name -> symbol):
     alpha_bar      -> a = abar_t;   alpha_bar_prev -> a' = abar_t' (the step's target)
