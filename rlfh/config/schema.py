@@ -144,6 +144,7 @@ class RegionPairsConfig:
     dilate: int = 16  # side in pixels of the square kernel the region's boxes are dilated with (FairHuman's 16)
     num_inference_steps: Optional[int] = None  # steps of the full inpainting schedule (strength s runs int(steps * s)); null = rollout.num_inference_steps
     pipeline: Optional[str] = None  # make-region-pairs: a diffusers inpainting pipeline (path or hub id) instead of the policy (model.path)
+    lora: Optional[str] = None  # make-region-pairs: inpaint with this trained LoRA on model.path (a .safetensors file, checkpoint folder or run dir)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rlfh.run.checkpoints import load_lora_into, resolve_lora
+
 PROMPT_SETS = ("human", "general")
 CI_LEVEL = 0.95
 N_BOOTSTRAP = 10_000
@@ -84,26 +86,6 @@ def load_prompt_set(name_or_file: str) -> list[str]:
     if not prompts:
         raise ValueError(f"{source} holds no prompts (one per line; # starts a comment)")
     return prompts
-
-
-def resolve_lora(path: str | Path) -> Path:
-    """Find the LoRA weights a path means (see :class:`ModelSpec`); raise FileNotFoundError if none."""
-    p = Path(path)
-    for _ in range(3):  # run dir -> checkpoints/ -> round-N/
-        if p.is_file() and p.suffix == ".safetensors":
-            return p
-        if (p / "pytorch_lora_weights.safetensors").is_file():
-            return p
-        if (p / "checkpoints" / "latest").is_file():
-            p = p / "checkpoints"
-        if (p / "latest").is_file():
-            p = p / (p / "latest").read_text().strip()
-            continue
-        break
-    raise FileNotFoundError(
-        f"--lora {path}: no LoRA there (expected pytorch_lora_weights.safetensors, a checkpoint folder, "
-        f"or a run directory with checkpoints/latest)"
-    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -200,10 +182,7 @@ def sample_images(cfg, spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[
     lora = resolve_lora(spec.lora) if spec.lora else None  # fail before the (slow) model load
     pipe = load_pipeline(dataclasses.replace(cfg.model, path=spec.path), device=device)
     if lora is not None:
-        if lora.is_file():
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-        else:
-            pipe.load_lora_weights(str(lora))
+        load_lora_into(pipe, lora)
     rc = cfg.rollout
     settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta)
     sampler = Sampler(pipe, model_id=spec.label)

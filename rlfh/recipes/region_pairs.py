@@ -35,6 +35,7 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     from rewards.composite import RewardSet, ScoredBatch
     from rlfh.data.real_images import RealImageSource
     from rlfh.data.region_pairs import log_marks, plan_inpainting, strength_groups
+    from rlfh.run.checkpoints import load_lora_into, resolve_lora
     from rollouts.log import RolloutLog, make_records
     from rollouts.models import load_pipeline
     from rollouts.sampler import Sampler
@@ -47,7 +48,15 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sampler = Sampler(load_pipeline(cfg.model, device), model_id=cfg.model.path, scheduler=rc.scheduler)
+    if rp.lora and rp.pipeline:
+        raise ValueError("learner.region_pairs.lora and learner.region_pairs.pipeline: give one (the LoRA is the "
+                         "policy's, on model.path; the pipeline inpaints instead of the policy)")
+    lora = resolve_lora(rp.lora) if rp.lora else None  # before the (slow) model load
+    pipe = load_pipeline(cfg.model, device)
+    if lora is not None:
+        load_lora_into(pipe, lora)
+        pipe.fuse_lora()  # sampling only: one matmul per layer, as the rollout actors' merged LoRA
+    sampler = Sampler(pipe, model_id=f"{cfg.model.path}+{lora}" if lora else cfg.model.path, scheduler=rc.scheduler)
     inpainter = DiffusersInpainter(rp.pipeline, device) if rp.pipeline else None
     settings = SamplerSettings(rp.num_inference_steps or rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt,
                                rc.height, rc.width, rc.eta, rc.scheduler)

@@ -96,3 +96,35 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
             stacklevel=2,
         )
     return None
+
+
+def resolve_lora(path: str | Path) -> Path:
+    """The LoRA weights a path means: a ``.safetensors`` file, a folder holding
+    ``pytorch_lora_weights.safetensors`` (a checkpoint), a ``checkpoints`` folder or a run directory
+    (their ``latest`` checkpoint); FileNotFoundError if none."""
+    p = Path(path)
+    for _ in range(3):  # run dir -> checkpoints/ -> round-N/
+        if p.is_file() and p.suffix == ".safetensors":
+            return p
+        if (p / "pytorch_lora_weights.safetensors").is_file():
+            return p
+        if (p / "checkpoints" / "latest").is_file():
+            p = p / "checkpoints"
+        if (p / "latest").is_file():
+            p = p / (p / "latest").read_text().strip()
+            continue
+        break
+    raise FileNotFoundError(
+        f"{path}: no LoRA there (expected pytorch_lora_weights.safetensors, a checkpoint folder, "
+        f"or a run directory with checkpoints/latest)"
+    )
+
+
+def load_lora_into(pipe, path: str | Path) -> Path:
+    """Load the LoRA ``path`` means (:func:`resolve_lora`) into a diffusers pipeline; returns its file or folder."""
+    lora = resolve_lora(path)
+    if lora.is_file():
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    else:
+        pipe.load_lora_weights(str(lora))
+    return lora

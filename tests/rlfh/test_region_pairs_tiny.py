@@ -95,6 +95,36 @@ def test_diffusers_inpainting_pipeline_keeps_the_outside(images, tiny_model_dir,
     assert_inpainted_only_in_the_mask(pairs, decode_latent, 0.1)
 
 
+def test_make_region_pairs_inpaints_with_a_trained_lora(images, tiny_model_dir, tmp_path):
+    """learner.region_pairs.lora: the policy's LoRA inpaints (the originals are the photos either way)."""
+    from rlfh.config.schema import load_config
+    from rlfh.recipes.region_pairs import make_region_pairs
+    from tests.conftest import REPO
+    from tests.rlfh.eval_helpers import make_lora
+
+    lora = make_lora(tiny_model_dir, tmp_path / "lora")
+    logs = {}
+    for name, extra in (("base", []), ("lora", [f"learner.region_pairs.lora={lora}"])):
+        cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
+            tiny_model_dir, tmp_path / name, "learner.region_pairs.strength=0.4", *extra))
+        logs[name], counts = make_region_pairs(cfg, str(images))
+        assert counts["with_region"] == 6
+    (base, decode_latent), (tuned, _) = records_by_role(logs["base"]), records_by_role(logs["lora"])
+    assert_inpainted_only_in_the_mask(tuned, decode_latent, 0.4)
+    for (src_b, inp_b), (src_l, inp_l) in zip(base, tuned):
+        np.testing.assert_array_equal(decode_latent(src_b), decode_latent(src_l))  # the same photos
+        assert np.abs(decode_latent(inp_b) - decode_latent(inp_l)).max() > 1e-3  # the LoRA inpainted
+        assert str(lora) in inp_l["model_id"] and str(lora) not in inp_b["model_id"]
+
+    with pytest.raises(FileNotFoundError, match="no LoRA there"):
+        make_region_pairs(load_config(REPO / "configs" / "tiny.yaml", overrides(
+            tiny_model_dir, tmp_path / "missing", f"learner.region_pairs.lora={tmp_path / 'nothing'}")), str(images))
+    with pytest.raises(ValueError, match="give one"):
+        make_region_pairs(load_config(REPO / "configs" / "tiny.yaml", overrides(
+            tiny_model_dir, tmp_path / "both", f"learner.region_pairs.lora={lora}",
+            f"learner.region_pairs.pipeline={tiny_model_dir}")), str(images))
+
+
 @pytest.mark.slow
 def test_training_on_region_pairs_moves_the_preference_inside_the_region(images, tiny_model_dir, tmp_path):
     """DPO's implicit reward margin inside the face mask, for the image the logged reward prefers
