@@ -11,7 +11,7 @@ from rlfh.learner.engine import LearnerEngine, deepspeed_config
 from rlfh.learner.steps import train
 from rlfh.data.batches import TrajectoryBatch
 from rollouts.models import load_pipeline
-from rlfh.data.pairs import ddpo_window, learner_batch
+from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window, learner_batch
 from rollouts.sampler import Sampler, guided_eps
 from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow
 from tests.conftest import REPO
@@ -157,13 +157,14 @@ def deterministic_reward(s, st):
 DDPO_LEARNING_MARGIN = 0.075
 
 
-@pytest.mark.parametrize("window", [None, 2])
-def test_ddpo_raises_reward(tiny_model_dir, window):
+@pytest.mark.parametrize("window,branch", [(None, False), (2, False), (2, True)])
+def test_ddpo_raises_reward(tiny_model_dir, window, branch):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
         "rollout.num_inference_steps=4", "rollout.guidance_scale=1.0", "rollout.prompts_per_round=2",
         "rollout.rollouts_per_prompt=4", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4",
-        "learner.lr=1e-2", "learner.ddpo_clip_range=0.2", f"learner.ddpo_window={'null' if window is None else window}"])
+        "learner.lr=1e-2", "learner.ddpo_clip_range=0.2", f"learner.ddpo_window={'null' if window is None else window}",
+        f"learner.ddpo_branch={str(branch).lower()}"])
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     lc = cfg.learner.lora
@@ -173,14 +174,15 @@ def test_ddpo_raises_reward(tiny_model_dir, window):
     before = deterministic_reward(s, st)
     prompts = ["a"] * 4 + ["b"] * 4
     for rnd in range(12):
-        b = s.sample(prompts, [rnd * 8 + i for i in range(8)], st, record=ddpo_window(cfg, rnd))
+        seeds = [rnd * 8 + i for i in range(8)]
+        b = s.sample(prompts, seeds, st, record=ddpo_window(cfg, rnd), branch_seeds=ddpo_branch_seeds(cfg, prompts, seeds))
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()
         batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64), b.trajectory, st)
         m = train(lrn, batch, epochs=2)
         assert m["ddpo/recorded_logprob_max_diff"] < 1e-5
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     after = deterministic_reward(s, st)
-    print(f"window {window}: channel-0 mean at fixed seeds {before:.4f} -> {after:.4f}")
+    print(f"window {window}, branch {branch}: channel-0 mean at fixed seeds {before:.4f} -> {after:.4f}")
     assert after - before >= DDPO_LEARNING_MARGIN
 
 
