@@ -136,3 +136,29 @@ def test_branching_is_split_invariant_and_off_changes_nothing(sampler):
     assert np.abs(off.trajectory["latents"][1, 0] - off.trajectory["latents"][0, 0]).mean() > 1e-2
     with pytest.raises(ValueError, match="record=SDEWindow"):
         sampler.sample(PROMPTS, SEEDS, ST, branch_seeds=branch)
+
+
+@pytest.mark.slow
+def test_fleet_branches_groups_cut_between_actors_and_reissues_the_same_images(ray_local, tiny_cfg):
+    """Two rollout actors get shares of 2 and 3 samples, so group "a" is cut between them: each share
+    starts it from seed 11's x_T, and a share sent again (as after an actor's death) gives the same images."""
+    from rollouts.actor import RolloutActor, RolloutFleet
+
+    ray = ray_local
+    cfg = tiny_cfg()
+    sampler = Sampler(load_pipeline(cfg.model), scheduler="ddim")
+    window, branch = SDEWindow(2, 1), [11, 11, 11, 21, 21]
+    want = sampler.sample(PROMPTS, SEEDS, ST, record=window, branch_seeds=branch)
+    actors = [RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.learner.lora, scheduler="ddim") for _ in range(2)]
+    try:
+        fleet = RolloutFleet(actors, 0)
+        got = fleet.sample(PROMPTS, SEEDS, ST, 8, window, branch)
+        assert got.prompts == PROMPTS and got.seeds == SEEDS
+        np.testing.assert_allclose(got.trajectory["latents"], want.trajectory["latents"], atol=1e-4)
+        np.testing.assert_allclose(got.latents, want.latents, atol=1e-4)
+        again = fleet.sample(PROMPTS, SEEDS, ST, 8, window, branch)
+        np.testing.assert_array_equal(again.images, got.images)
+        np.testing.assert_array_equal(again.trajectory["log_probs"], got.trajectory["log_probs"])
+    finally:
+        for a in actors:
+            ray.kill(a)
