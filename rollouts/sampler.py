@@ -279,8 +279,8 @@ class Sampler:
             branch_seeds: trajectory branching (needs an :class:`SDEWindow` ``record``; TempFlow-GRPO,
                 arXiv 2508.04324): sample b starts from the x_T of seed ``branch_seeds[b]`` instead of
                 its own, and the samples of one (prompt, branch seed) share the deterministic prefix
-                x_T..x_j, computed once for them (a UNet batch of one row per distinct pair); at the
-                window each continues from x_j with its own noise, the draws its own seed's generator
+                x_T..x_j and the UNet's eps at x_j, computed once for them (a UNet batch of one row per
+                distinct pair: j + 1 of the T steps); at the window each continues from x_j with its own noise, the draws its own seed's generator
                 makes after x_T, exactly as the unbranched window sampler draws them, so a sample whose
                 branch seed is its seed is the unbranched sample. ``None``: every sample its own x_T.
 
@@ -326,11 +326,11 @@ class Sampler:
                                                             negative)
         xs, log_probs = [], []
         for i, t in enumerate(scheduler.timesteps):
-            if rows is not None and i == window.start:
-                x = x[rows]  # the branches: one copy of its group's x_j per sample
-            if rows is not None and i < window.start:  # the shared deterministic prefix
+            if rows is not None and i <= window.start:  # the shared prefix, and eps at x_j, the window's first input
                 eps = guided_eps(pipe.unet, scheduler, x, t, prefix_pos, prefix_added["text_embeds"],
                                  prefix_added["time_ids"], settings.guidance_scale)
+                if i == window.start:
+                    x, eps = x[rows], eps[rows]  # the branches: a copy of the group's x_j (and eps) per sample
             else:
                 eps = guided_eps(pipe.unet, scheduler, x, t, pos, pooled, time_ids, settings.guidance_scale)
             if record and window.start <= i < window.start + window.size:

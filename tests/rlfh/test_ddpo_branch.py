@@ -60,8 +60,8 @@ def test_group_shares_the_prefix_once_then_branches(sampler):
     branch = [11, 11, 11, 21, 21]
     with UNetRows(sampler.pipe.unet) as counted:
         out = sampler.sample(PROMPTS, SEEDS, ST, record=window, branch_seeds=branch)
-    # steps 0, 1 run once per group (2 groups x 2 CFG rows), the window and the last step once per sample
-    assert counted.rows == [4, 4, 10, 10]
+    # steps 0, 1 and the window's input x_2 run once per group (2 groups x 2 CFG rows), the last step once per sample
+    assert counted.rows == [4, 4, 4, 10]
     tr = out.trajectory
     xj = tr["latents"][:, 0]
     for group in ([0, 1, 2], [3, 4]):
