@@ -162,3 +162,34 @@ def test_fleet_branches_groups_cut_between_actors_and_reissues_the_same_images(r
     finally:
         for a in actors:
             ray.kill(a)
+
+
+def test_learner_runs_a_groups_shared_x_j_once_with_the_same_update(tiny_model_dir, sampler):
+    """learner.ddpo_branch: the window's first step trains one UNet row per distinct (prompt, x_j) of a
+    micro-batch; the update equals the one that runs every row (the gradient sums over the copies)."""
+    from rlfh.data.pairs import learner_batch
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
+
+    base = [f"model.path={tiny_model_dir}", *DDPO, "rollout.guidance_scale=3.0", "learner.ddpo_window=2",
+            "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-3"]
+    st = SamplerSettings(4, 3.0, "", 64, 64, 1.0, "ddim")
+    prompts, seeds = ["p", "p", "q", "q"], [1, 2, 3, 4]
+    b = sampler.sample(prompts, seeds, st, record=SDEWindow(1, 2), branch_seeds=[1, 1, 3, 3])
+    updated, counts = [], []
+    for branch in ("false", "true"):
+        cfg = load_config(REPO / "configs" / "tiny.yaml", [*base, f"learner.ddpo_branch={branch}"])
+        batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
+                                 b.trajectory, st)
+        lrn = LearnerEngine(cfg)
+        with UNetRows(lrn.unet) as counted:
+            m = train(lrn, batch, epochs=1)
+        assert m["ddpo/recorded_logprob_max_diff"] < 1e-5
+        updated.append(lrn.lora_state_dict())
+        counts.append(sorted(counted.rows))
+    assert counts == [[8, 8], [4, 8]]  # (2 CFG rows each) 4 samples at both steps; 2 groups at the first
+    # Adam's first step moves each weight by ~lr = 1e-3: equal to 1% of it (the rounding of a sum over
+    # copies instead of over rows, which Adam's normalization magnifies where a gradient is tiny)
+    for k in updated[0]:
+        torch.testing.assert_close(updated[1][k], updated[0][k], rtol=0, atol=1e-5)
+    assert max(float(v.abs().max()) for k, v in updated[1].items() if "lora_B" in k) > 5e-4
