@@ -169,10 +169,10 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
             for j in order:
                 t = int(tb.timesteps[j])
                 if j == 0 and shared is not None:
-                    first, copies = shared
-                    enc1, added1 = lrn.condition([tb.prompts[idx[i]] for i in first], s.height, s.width,
+                    heads, copies = shared
+                    enc1, added1 = lrn.condition([tb.prompts[idx[i]] for i in heads], s.height, s.width,
                                                  s.negative_prompt if s.guidance_scale > 1.0 else None)
-                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[first, 0].to(lrn.unet.dtype), t, enc1,
+                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[heads, 0].to(lrn.unet.dtype), t, enc1,
                                      added1["text_embeds"], added1["time_ids"], s.guidance_scale)[copies]
                 else:
                     eps = guided_eps(lrn.policy_model, lrn.ddim, lat[:, j].to(lrn.unet.dtype), t, enc,

@@ -72,9 +72,10 @@ def test_group_shares_the_prefix_once_then_branches(sampler):
     assert np.abs(xj[0] - xj[3]).mean() > 1e-2  # the groups differ (prompt and x_T)
 
 
-def test_branched_equals_the_unbranched_window_sampler_from_the_groups_x_T(sampler, monkeypatch):
+@pytest.mark.parametrize("start", [0, 1])
+def test_branched_equals_the_unbranched_window_sampler_from_the_groups_x_T(sampler, monkeypatch, start):
     """Each branch is what the unbranched window sampler gives from its group's x_T and its own window noise."""
-    window = SDEWindow(1, 2)
+    window = SDEWindow(start, 2)
     branch = [11, 11, 11, 21, 21]
     out = sampler.sample(PROMPTS, SEEDS, ST, record=window, branch_seeds=branch)
     # the unbranched sampler with x_T replaced by the group's: each generator still draws its own x_T
