@@ -157,10 +157,10 @@ def deterministic_reward(s, st):
 DDPO_LEARNING_MARGIN = 0.075
 # With trajectory branching (learner.ddpo_branch) a round's 2 groups give only 2 distinct window inputs
 # x_j, and 2 groups of 4 for 12 rounds are a coin toss (gain -0.008, 0.006, 0.090, 0.001 over
-# seed = 0..3; the unbranched window at those settings: 0.201, -0.003, 0.049, 0.038), so the branched
+# seed = 0..3 with the prefix alone shared; the unbranched window: 0.201, -0.003, 0.049, 0.038), so the branched
 # test samples 4 groups of 4 for 8 rounds (4/3 of the trained steps of 12 rounds of 2 groups; 18 s
-# against the 2-step window's 16 s on CPU). Measured on CPU over seed = 0..3: 0.131 (the test's seed 0), 0.034,
-# 0.079, 0.096 branched; the unbranched window at these settings 0.005, -0.057, 0.022, -0.026, its
+# against the 2-step window's 16 s on CPU). Measured on CPU over seed = 0..3: 0.130 (the test's seed 0), 0.029,
+# 0.047, 0.099 branched; the unbranched window at these settings 0.005, -0.057, 0.022, -0.026, its
 # groups' rewards spread by x_T more than by the window's noise. The margin is half the seed-0 gain.
 DDPO_BRANCH_LEARNING_MARGIN = 0.065
 
