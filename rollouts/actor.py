@@ -11,12 +11,17 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 _ACTOR_ERRORS = (RayActorError, ActorUnavailableError)
 
 
-def sample_in_batches(sampler, prompts, seeds, settings, batch_size: int, record: bool = False):
-    """A share of a round through ``sampler`` in batches of ``batch_size``, as one RolloutBatch."""
+def sample_in_batches(sampler, prompts, seeds, settings, batch_size: int, record: bool = False, branch_seeds=None):
+    """A share of a round through ``sampler`` in batches of ``batch_size``, as one RolloutBatch.
+
+    ``branch_seeds`` (``Sampler.sample``'s trajectory branching) name each sample's x_T, so a group cut
+    by a batch boundary keeps its x_T; its deterministic prefix is then computed once per batch it
+    spans rather than once in all."""
     from rollouts.types import RolloutBatch
 
     return RolloutBatch.concat([
-        sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings, record=record)
+        sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings, record=record,
+                       **({} if branch_seeds is None else {"branch_seeds": branch_seeds[i : i + batch_size]}))
         for i in range(0, len(prompts), batch_size)
     ])
 
@@ -58,8 +63,8 @@ class RolloutActor:
         if compile:  # after add_lora, so an unmerged adapter is compiled with the UNet
             self.sampler.compile()
 
-    def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False):
-        return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
+    def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False, branch_seeds=None):
+        return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record, branch_seeds)
 
     def refine(self, latents, prompts, seeds, settings, strength: float, masks=None, batch_size: int = 8):
         """``Sampler.refine``: SDEdit or, with masks, inpainting by the current policy."""
@@ -138,13 +143,22 @@ class RolloutFleet:
                     raise RuntimeError(f"rollout actor {i} did not come back within {timeout_s:.0f}s: {e}") from e
                 time.sleep(1.0)  # still restarting
 
-    def submit(self, prompts: list, seeds: list, settings, batch_size: int, record: bool = False) -> dict:
-        """Start a round's sampling on every actor; returns a handle for :meth:`collect`."""
-        return self._start("sample", len(prompts), lambda lo, hi: (prompts[lo:hi], seeds[lo:hi], settings, batch_size, record))
+    def submit(self, prompts: list, seeds: list, settings, batch_size: int, record: bool = False,
+               branch_seeds: list | None = None) -> dict:
+        """Start a round's sampling on every actor; returns a handle for :meth:`collect`.
 
-    def sample(self, prompts: list, seeds: list, settings, batch_size: int, record: bool = False):
+        ``branch_seeds`` (``Sampler.sample``'s trajectory branching) travel with their samples: each
+        sample's x_T is named by its branch seed, not by where the split puts it, so a prompt group
+        cut between two actors keeps one x_T (its prefix is computed once per actor it spans) and a
+        re-issued share reproduces its samples."""
+        tail = () if branch_seeds is None else (branch_seeds,)
+        return self._start("sample", len(prompts), lambda lo, hi: (
+            prompts[lo:hi], seeds[lo:hi], settings, batch_size, record, *(b[lo:hi] for b in tail)))
+
+    def sample(self, prompts: list, seeds: list, settings, batch_size: int, record: bool = False,
+               branch_seeds: list | None = None):
         """:meth:`submit` and :meth:`collect` in one call: one RolloutBatch in input order."""
-        return self.collect(self.submit(prompts, seeds, settings, batch_size, record))
+        return self.collect(self.submit(prompts, seeds, settings, batch_size, record, branch_seeds))
 
     def refine(self, latents, prompts: list, seeds: list, settings, strength: float, masks=None, batch_size: int = 8):
         """``Sampler.refine`` (SDEdit, or inpainting inside ``masks``) of (N, 4, h, w) latents, split

@@ -268,7 +268,7 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
-               record: bool | SDEWindow = False) -> RolloutBatch:
+               record: bool | SDEWindow = False, branch_seeds: Sequence[int] | None = None) -> RolloutBatch:
         """Sample one image per (prompt, seed).
 
         Args:
@@ -276,25 +276,38 @@ class Sampler:
                 the timesteps) for policy-gradient losses (DDPO). An :class:`SDEWindow` samples with
                 eta > 0 only inside the window and with eta = 0 (deterministic DDIM) elsewhere, and
                 keeps only the window: x_j..x_{j+W}, its W log-probs and timesteps, and j.
+            branch_seeds: trajectory branching (needs an :class:`SDEWindow` ``record``; TempFlow-GRPO,
+                arXiv 2508.04324): sample b starts from the x_T of seed ``branch_seeds[b]`` instead of
+                its own, and the samples of one (prompt, branch seed) share the deterministic prefix
+                x_T..x_j and the UNet's eps at x_j, computed once for them (a UNet batch of one row per
+                distinct pair: j + 1 of the T steps); at the window each continues from x_j with its own noise, the draws its own seed's generator
+                makes after x_T, exactly as the unbranched window sampler draws them, so a sample whose
+                branch seed is its seed is the unbranched sample. ``None``: every sample its own x_T.
 
         Returns:
             A :class:`RolloutBatch` with images uint8 (B, H, W, 3) and latents float32 (B, 4, H/8, W/8).
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        if branch_seeds is not None and not isinstance(record, SDEWindow):
+            raise ValueError("branch_seeds share the deterministic prefix before an SDE window: pass record=SDEWindow")
+        if branch_seeds is not None and len(branch_seeds) != len(seeds):
+            raise ValueError(f"got {len(seeds)} seeds but {len(branch_seeds)} branch seeds")
         pipe, dev = self.pipe, self.device
         b = len(prompts)
         cfg = settings.guidance_scale > 1.0
+        negative = settings.negative_prompt if cfg else None
         gens = seeded_generators(seeds)
-        pos, added, conditioning = self.conditioning(prompts, settings.height, settings.width,
-                                                     settings.negative_prompt if cfg else None)
+        pos, added, conditioning = self.conditioning(prompts, settings.height, settings.width, negative)
         pooled, time_ids = added["text_embeds"], added["time_ids"]
 
         scheduler = pipe.scheduler
         scheduler.set_timesteps(settings.num_inference_steps, device=dev)
+        # (B, 4, h, w), already scaled by init_noise_sigma; drawn even when branching, so that each
+        # generator stands where the unbranched sampler's does when the window draws its noise
         x = pipe.prepare_latents(
             b, pipe.unet.config.in_channels, settings.height, settings.width, pos.dtype, dev, gens
-        )  # (B, 4, h, w), already scaled by init_noise_sigma
+        )
         step_kwargs = pipe.prepare_extra_step_kwargs(gens, settings.eta)
         if record and not (settings.eta > 0 and type(scheduler).__name__ == "DDIMScheduler"):
             raise ValueError("recording log-probs needs the DDIM scheduler with eta > 0 (rollout.scheduler=ddim)")
@@ -302,9 +315,24 @@ class Sampler:
         window = record if isinstance(record, SDEWindow) else SDEWindow(0, n_steps)
         if record:
             window.check(n_steps)
+        rows = None  # branching: which prefix row (prompt, branch seed) each sample continues from
+        if branch_seeds is not None:
+            keys = list(zip(prompts, (int(s) for s in branch_seeds)))
+            heads = list(dict.fromkeys(keys))  # the distinct (prompt, branch seed), in order of appearance
+            rows = torch.tensor([heads.index(k) for k in keys], device=dev)
+            x = pipe.prepare_latents(len(heads), pipe.unet.config.in_channels, settings.height, settings.width,
+                                     pos.dtype, dev, seeded_generators([s for _, s in heads]))
+            prefix_pos, prefix_added, _ = self.conditioning([p for p, _ in heads], settings.height, settings.width,
+                                                            negative)
         xs, log_probs = [], []
         for i, t in enumerate(scheduler.timesteps):
-            eps = guided_eps(pipe.unet, scheduler, x, t, pos, pooled, time_ids, settings.guidance_scale)
+            if rows is not None and i <= window.start:  # the shared prefix, and eps at x_j, the window's first input
+                eps = guided_eps(pipe.unet, scheduler, x, t, prefix_pos, prefix_added["text_embeds"],
+                                 prefix_added["time_ids"], settings.guidance_scale)
+                if i == window.start:
+                    x, eps = x[rows], eps[rows]  # the branches: a copy of the group's x_j (and eps) per sample
+            else:
+                eps = guided_eps(pipe.unet, scheduler, x, t, pos, pooled, time_ids, settings.guidance_scale)
             if record and window.start <= i < window.start + window.size:
                 from rollouts.ddim_logprob import scheduler_step_with_logprob
 

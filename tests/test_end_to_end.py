@@ -193,13 +193,15 @@ def test_hgdpo_online_normal_stage(tiny_model_dir, tmp_path):
     assert all(np.isfinite(r["loss/dpo"]) and r["learner/steps"] > 0 for r in rows)
 
 
-def test_ddpo_online(tiny_model_dir, tmp_path):
-    """DDPO through the real loop: rollout actors record trajectories, the learner recomputes their log-probs."""
+@pytest.mark.parametrize("branch", [[], ["learner.ddpo_window=2", "learner.ddpo_branch=true"]], ids=["full", "branch"])
+def test_ddpo_online(tiny_model_dir, tmp_path, branch):
+    """DDPO through the real loop: rollout actors record trajectories (with learner.ddpo_branch a group's
+    branches from its shared prefix), the learner recomputes their log-probs."""
     run_dir = tmp_path / "run"
     rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=2",
          "rollout.prompts_per_round=2", "rollout.rollouts_per_prompt=4", "rollout.num_inference_steps=4",
          "rollout.scheduler=ddim", "rollout.eta=1.0", "learner.loss=ddpo", "learner.train_batch_size=4",
-         "learner.micro_batch_size_per_gpu=4", "logging.wandb=false", "logging.progress=false")
+         "learner.micro_batch_size_per_gpu=4", "logging.wandb=false", "logging.progress=false", *branch)
     from rlfh.run.metrics import read_metrics
 
     rows = read_metrics(run_dir)

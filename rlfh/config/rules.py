@@ -191,6 +191,9 @@ def check_consistency(cfg) -> list[str]:
         elif first is not None and (win is None or not 0 <= first <= r.num_inference_steps - win):
             p.append(f"learner.ddpo_window_max_start={first}: needs learner.ddpo_window and must be in "
                      f"0..rollout.num_inference_steps - ddpo_window ({r.num_inference_steps - (win or 0)}) so the window fits")
+    if lr_.ddpo_branch and (lr_.loss != "ddpo" or lr_.ddpo_window is None):
+        p.append(f"learner.ddpo_branch=true branches a prompt group's trajectories at the SDE window: it needs "
+                 f"learner.loss=ddpo and learner.ddpo_window (got loss={lr_.loss}, ddpo_window={lr_.ddpo_window})")
     if lr_.loss in ("nft", "awm"):
         # both compare with the policy that sampled the round: the learner's weights at the round's start
         if cfg.rollouts is not None:

@@ -161,6 +161,7 @@ class LearnerConfig:
     ddpo_timestep_fraction: float = 1.0  # DDPO: share of each trajectory's recorded steps (all, or the window's) trained per epoch
     ddpo_window: Optional[int] = None  # DDPO: W consecutive steps sampled with eta > 0 and trained; eta = 0 elsewhere; null = all
     ddpo_window_max_start: Optional[int] = None  # DDPO: window start drawn per round in 0..this; null = steps - W
+    ddpo_branch: bool = False  # DDPO with ddpo_window: a prompt group shares x_T and the deterministic steps before the window, sampled once; its samples branch at the window
     trust_region: Literal["clip", "dppo", "guard"] = "clip"  # DDPO: clip (PPO ratio clip), dppo (Flow-DPPO's KL mask), guard (GRPO-Guard's normalized ratio); docs/online_rl.md
     trust_region_kl: float = 1e-5  # trust_region=dppo: mask steps moving with their advantage whose KL to the sampling policy (mean over latent elements, x space) reaches this; 1e-5 is Flow-DPPO's reference for lr 3e-4 (KL grows as lr^2)
     nft_beta: float = 0.1  # DiffusionNFT (arXiv 2509.16117): strength beta of the implicit positive / negative policies (the reference: 1, and 0.1 for OCR)

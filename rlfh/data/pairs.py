@@ -131,6 +131,26 @@ def ddpo_window(cfg, round: int):
     return SDEWindow(start, size)
 
 
+def ddpo_branch_seeds(cfg, prompts: Sequence[str], seeds: Sequence[int]) -> list[int] | None:
+    """The x_T seed of each sample of a round under ``learner.ddpo_branch`` (``Sampler.sample``'s
+    ``branch_seeds``), or None without branching: the seed of the first sample of its prompt group, a
+    group being the round's samples of one prompt (the groups of the per-prompt advantages).
+
+    TempFlow-GRPO's trajectory branching (arXiv 2508.04324): the group's samples share x_T and the
+    deterministic DDIM steps before the round's SDE window (:func:`ddpo_window`), which the sampler
+    then runs once per group instead of once per sample, and branch at the window with their own
+    noise; so they differ only by the window's noise, which is what the group's advantages score
+    (Flow-GRPO shares the initial noise of a prompt's samples likewise, its ``same_latent``). A pure
+    function of the round's prompts and seeds, so resumes and re-issued shares repeat it.
+    """
+    if not cfg.learner.ddpo_branch:
+        return None
+    first: dict[str, int] = {}
+    for p, s in zip(prompts, seeds):
+        first.setdefault(p, int(s))
+    return [first[p] for p in prompts]
+
+
 NORMALIZATIONS = ("weighted_sum", "gdpo")
 
 

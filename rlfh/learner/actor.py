@@ -94,11 +94,11 @@ class LearnerRank:
         return h.hexdigest()
 
     # ------------------------------------------------------------------ colocated mode: the rollout side
-    def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False):
+    def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False, branch_seeds=None):
         from rollouts.actor import sample_in_batches
 
         self.handover.to_sampling()
-        return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record)
+        return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record, branch_seeds)
 
     def refine(self, latents, prompts, seeds, settings, strength: float, masks=None, batch_size: int = 8):
         """``Sampler.refine`` (SDEdit, or inpainting with masks) with the learner's own UNet."""

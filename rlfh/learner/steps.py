@@ -139,7 +139,9 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
     rlfh/losses/kl.py). ``learner.ddpo_timestep_fraction`` of the recorded steps are trained, in one random order per
     optimizer step. With ``learner.ddpo_window`` = W only the round's SDE window was stochastic and
     recorded (``rlfh.data.pairs.ddpo_window``): the W steps from x_j (j = ``tb.window_start``) are the
-    only actions, the deterministic steps around it are not trained, and the fraction is of W.
+    only actions, the deterministic steps around it are not trained, and the fraction is of W. With
+    ``learner.ddpo_branch`` a prompt group's samples share x_j (``Sampler.sample``'s ``branch_seeds``):
+    the window's first step runs the UNet once per distinct (prompt, x_j) of a micro-batch.
     """
     lc = lrn.cfg.learner
     if lc.loss != "ddpo":
@@ -162,10 +164,21 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
             old = rows(tb.log_probs, idx, lrn.device)  # (B, W)
             adv = rows(tb.advantages, idx, lrn.device)  # (B,)
             per_step = []
+            # learner.ddpo_branch: a prompt group's branches share x_j, the window's first input, so the
+            # trained UNet runs once per distinct (prompt, x_j) there and its eps is copied per sample
+            # (the gradient sums over the copies, as over the samples)
+            shared = distinct_rows([tb.prompts[i] for i in idx], lat[:, 0]) if lc.ddpo_branch and 0 in order else None
             for j in order:
                 t = int(tb.timesteps[j])
-                eps = guided_eps(lrn.policy_model, lrn.ddim, lat[:, j].to(lrn.unet.dtype), t, enc,
-                                 added["text_embeds"], added["time_ids"], s.guidance_scale)
+                if j == 0 and shared is not None:
+                    heads, copies = shared
+                    enc1, added1 = lrn.condition([tb.prompts[idx[i]] for i in heads], s.height, s.width,
+                                                 s.negative_prompt if s.guidance_scale > 1.0 else None)
+                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[heads, 0].to(lrn.unet.dtype), t, enc1,
+                                     added1["text_embeds"], added1["time_ids"], s.guidance_scale)[copies]
+                else:
+                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[:, j].to(lrn.unet.dtype), t, enc,
+                                     added["text_embeds"], added["time_ids"], s.guidance_scale)
                 out = scheduler_step_with_logprob(lrn.ddim, eps.float(), t, lat[:, j], eta=s.eta,
                                                   prev_sample=lat[:, j + 1])
                 loss, m = trust_region_loss(lrn, out, old[:, j], adv, lat[:, j], lat[:, j + 1], t, enc, added, s, j)
@@ -179,6 +192,16 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
             history.append({key: float(np.mean([m[key] for m in per_step if key in m])) for key in keys})
             first = False
     return summary(lrn, history, len(tb))
+
+
+def distinct_rows(prompts: list[str], x: torch.Tensor) -> tuple[list[int], torch.Tensor] | None:
+    """The first row of each distinct (prompt, x[i]) of a micro-batch and, per row, the index of its
+    distinct one; None when every row is distinct. Rows are compared bit for bit."""
+    keys = [(p, x[i].detach().cpu().numpy().tobytes()) for i, p in enumerate(prompts)]
+    heads = list(dict.fromkeys(keys))
+    if len(heads) == len(keys):
+        return None
+    return [keys.index(h) for h in heads], torch.tensor([heads.index(k) for k in keys], device=x.device)
 
 
 def reference_eps(lrn: LearnerEngine, x, t: int, enc, added, s):

@@ -232,12 +232,14 @@ class Run:
         return start_round
 
     def submit(self, rnd: int):
-        from rlfh.data.pairs import ddpo_window
+        from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window
 
         prompts, seeds = self.schedule.round(rnd)
-        # DDPO: the round's SDE window (learner.ddpo_window; all steps without one), shared by its samples
+        # DDPO: the round's SDE window (learner.ddpo_window; all steps without one), shared by its samples,
+        # and with learner.ddpo_branch each prompt group's shared x_T
         record = ddpo_window(self.cfg, rnd) if self.record else False
-        return self.fleet.submit(prompts, seeds, self.settings, self.cfg.rollout.sample_batch_size_per_actor, record)
+        return self.fleet.submit(prompts, seeds, self.settings, self.cfg.rollout.sample_batch_size_per_actor, record,
+                                 ddpo_branch_seeds(self.cfg, prompts, seeds))
 
     def sync(self) -> None:
         """The learner's policy to the rollout actors: object-store refs to weight buckets, each read

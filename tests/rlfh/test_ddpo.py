@@ -11,7 +11,7 @@ from rlfh.learner.engine import LearnerEngine, deepspeed_config
 from rlfh.learner.steps import train
 from rlfh.data.batches import TrajectoryBatch
 from rollouts.models import load_pipeline
-from rlfh.data.pairs import ddpo_window, learner_batch
+from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window, learner_batch
 from rollouts.sampler import Sampler, guided_eps
 from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow
 from tests.conftest import REPO
@@ -155,15 +155,24 @@ def deterministic_reward(s, st):
 # the margin is half the smaller gain. The clip range is PPO's 0.2, not DDPO's 1e-4, so that the two
 # epochs of a round both move the policy and a dozen rounds suffice.
 DDPO_LEARNING_MARGIN = 0.075
+# With trajectory branching (learner.ddpo_branch) a round's 2 groups give only 2 distinct window inputs
+# x_j, and 2 groups of 4 for 12 rounds are a coin toss (gain -0.008, 0.006, 0.090, 0.001 over
+# seed = 0..3 with the prefix alone shared; the unbranched window: 0.201, -0.003, 0.049, 0.038), so the branched
+# test samples 4 groups of 4 for 8 rounds (4/3 of the trained steps of 12 rounds of 2 groups; 18 s
+# against the 2-step window's 16 s on CPU). Measured on CPU over seed = 0..3: 0.130 (the test's seed 0), 0.029,
+# 0.047, 0.099 branched; the unbranched window at these settings 0.005, -0.057, 0.022, -0.026, its
+# groups' rewards spread by x_T more than by the window's noise. The margin is half the seed-0 gain.
+DDPO_BRANCH_LEARNING_MARGIN = 0.065
 
 
-@pytest.mark.parametrize("window", [None, 2])
-def test_ddpo_raises_reward(tiny_model_dir, window):
+def ddpo_learning_gain(tiny_model_dir, window, branch: bool = False, groups: int = 2, rounds: int = 12) -> float:
+    """The rise of ``deterministic_reward`` over ``rounds`` online DDPO rounds of ``groups`` prompts x 4 samples."""
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
-        "rollout.num_inference_steps=4", "rollout.guidance_scale=1.0", "rollout.prompts_per_round=2",
+        "rollout.num_inference_steps=4", "rollout.guidance_scale=1.0", f"rollout.prompts_per_round={groups}",
         "rollout.rollouts_per_prompt=4", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4",
-        "learner.lr=1e-2", "learner.ddpo_clip_range=0.2", f"learner.ddpo_window={'null' if window is None else window}"])
+        "learner.lr=1e-2", "learner.ddpo_clip_range=0.2", f"learner.ddpo_window={'null' if window is None else window}",
+        f"learner.ddpo_branch={str(branch).lower()}"])
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     lc = cfg.learner.lora
@@ -171,17 +180,28 @@ def test_ddpo_raises_reward(tiny_model_dir, window):
     s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     st = settings_of(cfg)
     before = deterministic_reward(s, st)
-    prompts = ["a"] * 4 + ["b"] * 4
-    for rnd in range(12):
-        b = s.sample(prompts, [rnd * 8 + i for i in range(8)], st, record=ddpo_window(cfg, rnd))
+    prompts = [p for p in "abcd"[:groups] for _ in range(4)]
+    n = len(prompts)
+    for rnd in range(rounds):
+        seeds = [rnd * n + i for i in range(n)]
+        b = s.sample(prompts, seeds, st, record=ddpo_window(cfg, rnd), branch_seeds=ddpo_branch_seeds(cfg, prompts, seeds))
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()
-        batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64), b.trajectory, st)
+        batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, rewards, [{}] * n, (64, 64), b.trajectory, st)
         m = train(lrn, batch, epochs=2)
         assert m["ddpo/recorded_logprob_max_diff"] < 1e-5
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     after = deterministic_reward(s, st)
-    print(f"window {window}: channel-0 mean at fixed seeds {before:.4f} -> {after:.4f}")
-    assert after - before >= DDPO_LEARNING_MARGIN
+    print(f"window {window}, branch {branch}: channel-0 mean at fixed seeds {before:.4f} -> {after:.4f}")
+    return after - before
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_ddpo_raises_reward(tiny_model_dir, window):
+    assert ddpo_learning_gain(tiny_model_dir, window) >= DDPO_LEARNING_MARGIN
+
+
+def test_ddpo_branched_window_raises_reward(tiny_model_dir):
+    assert ddpo_learning_gain(tiny_model_dir, 2, branch=True, groups=4, rounds=8) >= DDPO_BRANCH_LEARNING_MARGIN
 
 
 # learner.trust_region=dppo / guard learn too: the same 12 rounds as above (all 4 steps trained, guidance
