@@ -174,10 +174,10 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
                     heads, copies = shared
                     enc1, added1 = lrn.condition([tb.prompts[idx[i]] for i in heads], s.height, s.width,
                                                  s.negative_prompt if s.guidance_scale > 1.0 else None)
-                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[heads, 0].to(lrn.unet.dtype), t, enc1,
+                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[heads, 0].to(lrn.dtype), t, enc1,
                                      added1["text_embeds"], added1["time_ids"], s.guidance_scale)[copies]
                 else:
-                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[:, j].to(lrn.unet.dtype), t, enc,
+                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[:, j].to(lrn.dtype), t, enc,
                                      added["text_embeds"], added["time_ids"], s.guidance_scale)
                 out = scheduler_step_with_logprob(lrn.ddim, eps.float(), t, lat[:, j], eta=s.eta,
                                                   prev_sample=lat[:, j + 1])
@@ -210,7 +210,7 @@ def reference_eps(lrn: LearnerEngine, x, t: int, enc, added, s):
     if lrn.cfg.learner.kl_coef <= 0:
         return None
     with torch.no_grad():
-        return guided_eps(lrn.reference_unet(), lrn.ddim, x.to(lrn.unet.dtype), t, enc, added["text_embeds"],
+        return guided_eps(lrn.reference_unet(), lrn.ddim, x.to(lrn.dtype), t, enc, added["text_embeds"],
                           added["time_ids"], s.guidance_scale)
 
 
@@ -248,7 +248,7 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
                   "ddpo/clipfrac": float(loss.clipfrac), "ddpo/ratio": float(loss.ratio_mean)})
         return loss, m
     with torch.no_grad():
-        eps_old = guided_eps(lrn.unet_with(lrn.old_weights), lrn.ddim, x.to(lrn.unet.dtype), t, enc,
+        eps_old = guided_eps(lrn.unet_with(lrn.old_weights), lrn.ddim, x.to(lrn.dtype), t, enc,
                              added["text_embeds"], added["time_ids"], s.guidance_scale)
         mean_old = scheduler_step_with_logprob(lrn.ddim, eps_old.float(), t, x, eta=s.eta, prev_sample=x_next).mean
     kl = gaussian_mean_kl(out.mean, mean_old, out.std_dev)  # (B,), with the gradient (guard uses it)
