@@ -3,13 +3,14 @@
 # measurements taken in this run, in OUT_DIR/cpu_summary.json (machine, date, headlines, raw rows,
 # per-stage wall times, the per-bench JSON paths).
 #
-#   bash bench/cpu.sh OUT_DIR            # ~7 min on 2 quiet cores (budget 12, limit 15); per-bench JSON in OUT_DIR/cpu_sh/
+#   bash bench/cpu.sh OUT_DIR            # ~12 min on 2 quiet cores (limit 15); per-bench JSON in OUT_DIR/cpu_sh/
 #   bash bench/cpu.sh --smoke [OUT_DIR]  # ~1.5 min: every stage at tiny settings, default OUT_DIR a temp dir
 #   PYTHON=/path/to/python bash bench/cpu.sh OUT_DIR
 #
 # Headlines (>1 = rlfh faster, except the share): rollout_lora_ratio (stock pipeline without LoRA /
 # rlfh Sampler with the merged LoRA, batch 16), learner_ratio (tiny, 64 px) and learner_ratio_large
-# (256 px, compute-bound) (rlfh step / reference DPO loop, as pairs/s), ddpo_window_speedup (all 10
+# (256 px, 4 pairs, compute-bound) (rlfh step with learner.compile / reference DPO loop, as pairs/s;
+# the eager rlfh step's ratios beside them), ddpo_window_speedup (all 10
 # steps / a 2-step SDE window, items/s), reward_http_overhead_share ((HTTP - in-process) / in-process,
 # FaceScore-size model, batch 8). One torch thread everywhere (see bench/NOTES.md).
 set -euo pipefail
@@ -47,8 +48,10 @@ if [[ -n "$SMOKE" ]]; then
 else
   # batch 16 only (the headline batch): 4 variants x (1 warm-up + 9) calls of 0.7-3 s
   ROLLOUT=(--batch-sizes 16 --repeats 9)
-  # lora8 only: 2 x 17 tiny steps of 0.1-1 s, then 2 x 10 steps of 1.5-5 s at 256 px
-  LEARNER=(--modes lora8 --repeats 16 --large-size 384 --large-repeats 7 --rlfh-compile)
+  # lora8 only: reference loop, rlfh eager and rlfh compiled (learner.compile; one inductor compile
+  # per size, ~2.5 min each on 2 cores with a cold cache, ~20 s warm), 17 tiny steps of ~0.1 s each,
+  # then 10 steps of ~1 s at 256 px with 4 pairs (the compute-bound point: >= 1 s per step)
+  LEARNER=(--modes lora8 --repeats 16 --large-size 256 --large-pairs 4 --large-repeats 9 --rlfh-compile)
   # 10 pairs (full, window) of 4-11 s after a warm-up pair
   DDPO=(--repeats 9)
   # ViT-L build/save/load ~30 s, server start + replica load ~25 s, 3 paths x (1 + 5) calls of ~8 s
@@ -59,11 +62,11 @@ cat <<EOF
 [cpu.sh] time budget (2 quiet cores; smoke: ~30-60 s each)
   stage      budget   settings
   rollout     2 min   ${ROLLOUT[*]}
-  learner     3 min   ${LEARNER[*]}
+  learner     6 min   ${LEARNER[*]}
   ddpo        3 min   ${DDPO[*]}
   reward      4 min   ${REWARD[*]}
   summary    <5 s
-  total      12 min   (limit 15; estimated ~7 min on 2 quiet cores)
+  total      15 min   (limit 15; estimated ~12 min on 2 quiet cores with a cold compile cache)
 EOF
 
 stage() {  # stage NAME CMD...: run, log to $SUB/log_NAME.txt, record wall seconds

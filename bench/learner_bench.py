@@ -326,8 +326,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--large-size", type=int, default=None,
                     help="also time lora8 at this image size (px), the compute-bound point: learner_ratio_large "
-                         "(CPU default 256: the tiny SDXL-architecture UNet on 32x32 latents, >= 1 s per step)")
+                         "(CPU default 256: the tiny SDXL-architecture UNet on 32x32 latents; with --large-pairs 4, >= 1 s per step)")
     ap.add_argument("--large-repeats", type=int, default=5)
+    ap.add_argument("--large-pairs", type=int, default=None, help="pairs per step at --large-size (default --pairs)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
@@ -352,11 +353,12 @@ def main(argv=None) -> dict:
         args.large_size = 0 if (gpu or args.smoke) else 256
     large = None
     if args.large_size:
-        small = (args.size, args.repeats)
-        args.size, args.repeats = args.large_size, args.large_repeats
-        print(f"[learner] compute-bound point: {args.size} px")
+        small = (args.size, args.repeats, args.pairs)
+        args.size, args.repeats, args.pairs = args.large_size, args.large_repeats, args.large_pairs or args.pairs
+        print(f"[learner] compute-bound point: {args.size} px, {args.pairs} pair(s)/step")
         large = bench_mode("lora8", args, device, dtype, peak)
-        args.size, args.repeats = small
+        large_pairs = args.pairs
+        args.size, args.repeats, args.pairs = small
     ok = [r for r in rows if "error" not in r]
     head = next((r for r in ok if r["mode"] == "lora8"), ok[0] if ok else None)
     result = {
@@ -377,6 +379,7 @@ def main(argv=None) -> dict:
     }
     if large is not None:
         result["settings"]["large_size"] = args.large_size
+        result["settings"]["large_pairs_per_step"] = large_pairs
         result["learner_ratio_large"] = large.get("ratio_rlfh_over_reference")
         result["learner_ratio_large_eager"] = large.get("ratio_rlfh_eager_over_reference")
         result["learner_mfu_large"] = large.get("learner_mfu")
