@@ -22,8 +22,9 @@ x_j run once per prompt group of G samples, so per item sampling costs (j + 1) /
 instead of T, and the learner trains the window's first step once per distinct x_j of a micro-batch
 (G' <= G copies): (T * sample_step + T * train_step) / (((j + 1) / G + T - j - 1) * sample_step +
 (1 / G' + W - 1) * train_step). On the tiny model on CPU a UNet call's fixed cost (Python, small
-kernels) dominates, so a call on G rows saves less than G times: measured 3.2x median (pairs 3.0 at
-j = 0 to 3.5 at j = 7) on a mostly quiet CPU. Decoding, the reward and ``learner_batch`` cost both variants the same.
+kernels) dominates, so a call on G rows saves less than G times; at tiny.yaml's G = 8 (the default
+here) the pairs run from ~2.9x at j = 0 to ~3.8x at j = 7, at G = 4 from ~2.7x to ~3.6x (bench/NOTES.md).
+Decoding, the reward and ``learner_batch`` cost both variants the same.
 """
 
 from __future__ import annotations
@@ -93,9 +94,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="denoising steps T")
     ap.add_argument("--window", type=int, default=2, help="SDE window W")
     ap.add_argument("--items", type=int, default=8, help="samples per round (= learner.train_batch_size)")
-    ap.add_argument("--group", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--group", type=int, default=8, help="samples per prompt (tiny.yaml's rollout.rollouts_per_prompt)")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--guidance", type=float, default=1.0, help="CFG scale (tiny.yaml's 1.0: no CFG)")
+    ap.add_argument("--size", type=int, default=64, help="image size in px (tiny.yaml's 64; larger: the UNet's "
+                                                           "compute outweighs its fixed per-call cost, as on a GPU)")
     ap.add_argument("--repeats", type=int, default=7, help="pairs (full, window) after the warm-up")
     ap.add_argument("--no-branch", action="store_true", help="window without trajectory branching (learner.ddpo_branch=false)")
     ap.add_argument("--smoke", action="store_true")
@@ -103,7 +106,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.window, args.items, args.repeats = 4, 1, 4, 1
-        args.micro_batch = min(args.micro_batch, args.items)
+        args.micro_batch, args.group = min(args.micro_batch, args.items), min(args.group, args.items)
     common.quiet()
     device = common.pick_device("auto")
     common.set_threads(1, device)
@@ -114,7 +117,7 @@ def main() -> None:
             f"rollout.guidance_scale={args.guidance}", f"learner.train_batch_size={args.items}",
             f"learner.micro_batch_size_per_gpu={args.micro_batch}", f"rollout.rollouts_per_prompt={args.group}",
             f"rollout.prompts_per_round={max(args.items // args.group, 1)}",
-            f"rollout.sample_batch_size_per_actor={args.items}"]  # one sampling call per round, as timed
+            f"rollout.sample_batch_size_per_actor={args.items}", f"rollout.height={args.size}", f"rollout.width={args.size}"]  # one sampling call per round, as timed
     variants = {"full": Variant(model, [*base, "learner.ddpo_window=null"], args.items, args.group),
                 "window": Variant(model, [*base, f"learner.ddpo_window={args.window}",
                                           f"learner.ddpo_branch={str(not args.no_branch).lower()}"], args.items, args.group)}
@@ -138,7 +141,7 @@ def main() -> None:
     items_per_s = {k: args.items / statistics.median(r[f"{k}_s"] for r in rows) for k in variants}
     out = {
         **common.machine(device),
-        "settings": {"model": "rlfh:tiny-sdxl", "px": 64, "steps": args.steps, "window": args.window,
+        "settings": {"model": "rlfh:tiny-sdxl", "px": args.size, "steps": args.steps, "window": args.window,
                      "window_branch": not args.no_branch,
                      "items_per_round": args.items, "samples_per_prompt": args.group, "micro_batch": args.micro_batch,
                      "guidance_scale": args.guidance, "epochs": 1, "repeats": args.repeats, "threads": 1,
