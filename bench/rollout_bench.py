@@ -40,7 +40,7 @@ def defaults(device: torch.device, smoke: bool) -> dict:
     if smoke:
         return dict(model="rlfh:tiny-sdxl", size=64, steps=2, batch_sizes=[1], repeats=1, dtype="float32")
     if device.type == "cuda":
-        # [1, 4, 16] x 3 variants x (1 warm-up + 2) calls fits the device tool's 10-minute command limit
+        # [1, 4, 16] x 3 variants x (1 warm-up + 2) calls fits a 10-minute per-command limit
         return dict(model="sdxl-arch-random", size=1024, steps=30, batch_sizes=[1, 4, 16], repeats=2, dtype="bfloat16")
     return dict(model="rlfh:tiny-sdxl", size=64, steps=10, batch_sizes=[1, 4, 8, 16], repeats=7, dtype="float32")
 

@@ -6,7 +6,7 @@
 #   bash bench/run_all.sh            # GPU: SDXL-arch (random weights) 1024 px -> gpu_*.json
 #                                    # CPU: tiny model 64 px + the Ray round split -> cpu_tiny_*.json
 #   bash bench/run_all.sh --smoke    # seconds per script, every code path, results in a temp dir
-#   bash bench/run_all.sh --only rollout|compile|learner|round|colocate|reward|summary   # one stage (the device tool's
+#   bash bench/run_all.sh --only rollout|compile|learner|round|colocate|reward|summary   # one stage (a remote GPU machine's
 #                                    # 10-minute command limit: one stage per call on GPU, see NOTES.md)
 #   OUT_DIR=/some/dir PYTHON=python3 bash bench/run_all.sh   # elsewhere / another interpreter
 set -euo pipefail
