@@ -94,7 +94,9 @@ def test_branched_equals_the_unbranched_window_sampler_from_the_groups_x_T(sampl
     np.testing.assert_allclose(out.trajectory["latents"], ref.trajectory["latents"], atol=1e-5)
     np.testing.assert_allclose(out.latents, ref.latents, atol=1e-5)
     # and given the same x_j (the branched run's, handed over at the prefix's last deterministic step)
-    # the window's latents and log-probs and the sample are the unbranched sampler's bit for bit
+    # the window's latents and log-probs and the sample are the unbranched sampler's, up to the UNet's
+    # batch-size-dependent rounding of the eps at x_j (once per group here, per sample there; with
+    # more than one thread the two round differently, by ~5e-6)
     step, calls = pipe.scheduler.step, []
 
     def same_x_j(eps, t, x, **kw):
@@ -108,15 +110,18 @@ def test_branched_equals_the_unbranched_window_sampler_from_the_groups_x_T(sampl
     ref = sampler.sample(PROMPTS, SEEDS, ST, record=window)
     monkeypatch.undo()
     assert len(calls) == 4 - window.size  # every step outside the window went through the patch
-    for key in ("latents", "log_probs", "timesteps", "window_start"):
+    for key in ("timesteps", "window_start"):
         np.testing.assert_array_equal(out.trajectory[key], ref.trajectory[key], err_msg=key)
-    np.testing.assert_array_equal(out.latents, ref.latents)
-    np.testing.assert_array_equal(out.images, ref.images)
-    # a group's first sample (branch seed = its seed) is the plain unbranched sample
+    for key in ("latents", "log_probs"):
+        np.testing.assert_allclose(out.trajectory[key], ref.trajectory[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(out.latents, ref.latents, atol=1e-5)
+    assert np.abs(out.images.astype(int) - ref.images.astype(int)).max() <= 1
+    # a group's first sample (branch seed = its seed) is the plain unbranched sample (same rounding caveat)
     plain = sampler.sample(PROMPTS, SEEDS, ST, record=window)
     for k in (0, 3):
-        np.testing.assert_array_equal(out.trajectory["latents"][k], plain.trajectory["latents"][k])
-        np.testing.assert_array_equal(out.latents[k], plain.latents[k])
+        np.testing.assert_allclose(out.trajectory["latents"][k], plain.trajectory["latents"][k], atol=1e-5)
+        np.testing.assert_allclose(out.latents[k], plain.latents[k], atol=1e-5)
+    assert np.abs(out.latents[1] - plain.latents[1]).max() > 1e-2  # and the others are not
 
 
 def test_branching_is_split_invariant_and_off_changes_nothing(sampler):
