@@ -21,7 +21,7 @@ def sample_in_batches(sampler, prompts, seeds, settings, batch_size: int, record
 
     return RolloutBatch.concat([
         sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings, record=record,
-                       **({} if branch_seeds is None else {"branch_seeds": branch_seeds[i : i + batch_size]}))
+                       branch_seeds=None if branch_seeds is None else branch_seeds[i : i + batch_size])
         for i in range(0, len(prompts), batch_size)
     ])
 
@@ -151,9 +151,9 @@ class RolloutFleet:
         sample's x_T is named by its branch seed, not by where the split puts it, so a prompt group
         cut between two actors keeps one x_T (its prefix is computed once per actor it spans) and a
         re-issued share reproduces its samples."""
-        tail = () if branch_seeds is None else (branch_seeds,)
         return self._start("sample", len(prompts), lambda lo, hi: (
-            prompts[lo:hi], seeds[lo:hi], settings, batch_size, record, *(b[lo:hi] for b in tail)))
+            prompts[lo:hi], seeds[lo:hi], settings, batch_size, record,
+            None if branch_seeds is None else branch_seeds[lo:hi]))
 
     def sample(self, prompts: list, seeds: list, settings, batch_size: int, record: bool = False,
                branch_seeds: list | None = None):

@@ -13,7 +13,7 @@ Notation: ``x_t`` latents (B, 4, h, w), ``eps`` noise prediction, ``w`` guidance
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Hashable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -46,6 +46,17 @@ def guided_eps(unet, scheduler, x, t, enc, pooled, time_ids, guidance_scale: flo
         eps_u, eps_c = eps.chunk(2)
         eps = eps_u + guidance_scale * (eps_c - eps_u)
     return eps
+
+
+def first_of_each(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """The index of each distinct key's first occurrence, in order of appearance, and for every key
+    the position of its distinct key in that list (trajectory branching's groups, in the sampler and
+    in the learner)."""
+    first: dict = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    position = {k: n for n, k in enumerate(first)}
+    return list(first.values()), [position[k] for k in keys]
 
 
 def seeded_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -318,8 +329,9 @@ class Sampler:
         rows = None  # branching: which prefix row (prompt, branch seed) each sample continues from
         if branch_seeds is not None:
             keys = list(zip(prompts, (int(s) for s in branch_seeds)))
-            heads = list(dict.fromkeys(keys))  # the distinct (prompt, branch seed), in order of appearance
-            rows = torch.tensor([heads.index(k) for k in keys], device=dev)
+            firsts, group = first_of_each(keys)
+            heads = [keys[i] for i in firsts]  # the distinct (prompt, branch seed), in order of appearance
+            rows = torch.tensor(group, device=dev)
             x = pipe.prepare_latents(len(heads), pipe.unet.config.in_channels, settings.height, settings.width,
                                      pos.dtype, dev, seeded_generators([s for _, s in heads]))
             prefix_pos, prefix_added, _ = self.conditioning([p for p, _ in heads], settings.height, settings.width,

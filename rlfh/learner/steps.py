@@ -45,7 +45,7 @@ from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
 from rlfh.losses.objectives import (ADVANTAGE, PAIRWISE, WEIGHTED, advantage_objectives, pairwise_objectives,
                                     weighted_objectives)
 from rollouts.ddim_logprob import scheduler_alpha_bars, scheduler_step_with_logprob
-from rollouts.sampler import guided_eps
+from rollouts.sampler import first_of_each, guided_eps
 
 
 def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
@@ -198,10 +198,10 @@ def distinct_rows(prompts: list[str], x: torch.Tensor) -> tuple[list[int], torch
     """The first row of each distinct (prompt, x[i]) of a micro-batch and, per row, the index of its
     distinct one; None when every row is distinct. Rows are compared bit for bit."""
     keys = [(p, x[i].detach().cpu().numpy().tobytes()) for i, p in enumerate(prompts)]
-    heads = list(dict.fromkeys(keys))
+    heads, group = first_of_each(keys)
     if len(heads) == len(keys):
         return None
-    return [keys.index(h) for h in heads], torch.tensor([heads.index(k) for k in keys], device=x.device)
+    return heads, torch.tensor(group, device=x.device)
 
 
 def reference_eps(lrn: LearnerEngine, x, t: int, enc, added, s):

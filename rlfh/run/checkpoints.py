@@ -120,11 +120,10 @@ def resolve_lora(path: str | Path) -> Path:
     )
 
 
-def load_lora_into(pipe, path: str | Path) -> Path:
-    """Load the LoRA ``path`` means (:func:`resolve_lora`) into a diffusers pipeline; returns its file or folder."""
-    lora = resolve_lora(path)
+def load_lora_into(pipe, lora: Path) -> None:
+    """Load a LoRA that :func:`resolve_lora` found (callers resolve first, to fail before a slow model
+    load) into a diffusers pipeline: its ``.safetensors`` file, or the folder holding one."""
     if lora.is_file():
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     else:
         pipe.load_lora_weights(str(lora))
-    return lora
