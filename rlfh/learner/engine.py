@@ -543,11 +543,9 @@ class LearnerEngine:
         lora = self.ref_unet is None
         with self.gathered(self.trainable_parameters() if lora else list(self.unet.parameters())):
             if lead and lora:
-                from diffusers import StableDiffusionXLPipeline
-                from diffusers.utils import convert_state_dict_to_diffusers
+                from rlfh.run.checkpoints import save_lora
 
-                StableDiffusionXLPipeline.save_lora_weights(
-                    tmp, unet_lora_layers=convert_state_dict_to_diffusers(self.lora_state_dict()))
+                save_lora(tmp, self.lora_state_dict(), self.cfg.learner.lora)
                 if self.hcp is not None:
                     from safetensors.torch import save_file
 

@@ -120,10 +120,49 @@ def resolve_lora(path: str | Path) -> Path:
     )
 
 
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def save_lora(directory: Path, peft_state: dict, lora_cfg) -> None:
+    """Write the policy's LoRA (a peft state dict) as diffusers' ``pytorch_lora_weights.safetensors``
+    with its adapter config (rank, alpha, target modules, from ``learner.lora``) in the file's
+    metadata. ``load_lora_weights`` scales a LoRA by alpha / rank only when the file says alpha;
+    without it diffusers assumes alpha = rank, so a LoRA trained with any other alpha would load
+    at the wrong strength."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    StableDiffusionXLPipeline.save_lora_weights(
+        directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
+        unet_lora_adapter_metadata={"r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha,
+                                    "target_modules": sorted(lora_cfg.target_modules)})
+
+
+def stored_lora_alpha(file: Path) -> float | None:
+    """The alpha a LoRA file states (diffusers' adapter metadata, or kohya's per-layer ``.alpha``
+    keys), or None: an rlfh file written before alpha was stored."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        raw = (f.metadata() or {}).get(LORA_ADAPTER_METADATA_KEY)
+        kohya = [k for k in f.keys() if k.endswith(".alpha")]
+        if not raw and kohya:  # kohya-style files carry one alpha per layer
+            return float(f.get_tensor(kohya[0]))
+    if not raw:
+        return None
+    alphas = [v for k, v in json.loads(raw).items() if k.endswith("lora_alpha")]
+    return float(alphas[0]) if alphas else None
+
+
 def load_lora_into(pipe, lora: Path) -> None:
     """Load a LoRA that :func:`resolve_lora` found (callers resolve first, to fail before a slow model
-    load) into a diffusers pipeline: its ``.safetensors`` file, or the folder holding one."""
-    if lora.is_file():
-        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-    else:
-        pipe.load_lora_weights(str(lora))
+    load) into a diffusers pipeline: its ``.safetensors`` file, or the folder holding one. diffusers
+    applies the alpha stored in the file (:func:`save_lora`); a file without one loads at
+    alpha = rank, said here because it is the wrong strength for a LoRA trained with another alpha."""
+    file = lora if lora.is_file() else lora / LORA_FILE
+    if stored_lora_alpha(file) is None:
+        warnings.warn(f"{file} stores no LoRA alpha (written before rlfh kept it): it loads at alpha = rank; "
+                      f"if it was trained with another learner.lora.alpha, its strength is off by alpha / rank",
+                      stacklevel=2)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name)
