@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any, Callable
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from rewards.base import Reward, RewardError
 
@@ -44,6 +47,38 @@ def resolve(target: str) -> Callable[..., Any]:
         return getattr(module, attr)
     except AttributeError:
         raise RewardError(f"reward {target!r}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def add_module_dirs(targets: Iterable[str], dirs: Iterable[str | Path]) -> list[str]:
+    """Make each ``module:callable`` target's module importable from the first of ``dirs`` that holds
+    it (``name.py`` or a package folder) when it is not importable already: that folder goes first
+    on ``sys.path`` and on ``PYTHONPATH``, which the processes started from here inherit (the
+    private Ray cluster and its reward actor, DeepSpeed ranks). The config loader passes the
+    config's folder and the working directory, so a reward module saved next to the config works
+    without setting PYTHONPATH. Returns the folders added."""
+    added: list[str] = []
+    for target in targets:
+        if not isinstance(target, str) or target in BUILTIN or ":" not in target:
+            continue
+        top = target.split(":", 1)[0].split(".", 1)[0]
+        if not top or importlib.util.find_spec(top) is not None:
+            continue
+        for d in dirs:
+            d = Path(d).resolve()
+            if (d / f"{top}.py").is_file() or (d / top).is_dir():
+                _prepend_path(str(d))
+                added.append(str(d))
+                break
+    return added
+
+
+def _prepend_path(d: str) -> None:
+    if d not in sys.path:
+        sys.path.insert(0, d)
+        importlib.invalidate_caches()
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if d not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([d, *parts])
 
 
 def check_target(target: str) -> str | None:

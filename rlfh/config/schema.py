@@ -558,7 +558,21 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if overrides:
         data = _merge(data, parse_overrides(overrides))
         source += " + overrides"
+    if path is not None:  # a reward module saved next to the config imports without PYTHONPATH
+        from rewards.registry import add_module_dirs
+
+        add_module_dirs(_targets(data), [path.parent, Path.cwd()])
     return config_from_dict(data, source)
+
+
+def _targets(data: Any) -> list[str]:
+    """Every ``target:`` value in a raw config (rewards, held-out rewards, ...)."""
+    if isinstance(data, dict):
+        own = [data["target"]] if isinstance(data.get("target"), str) else []
+        return own + [t for v in data.values() for t in _targets(v)]
+    if isinstance(data, list):
+        return [t for v in data for t in _targets(v)]
+    return []
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
