@@ -64,7 +64,6 @@ DESCRIPTIONS: dict[str, str] = {
     "resources.gpus_per_rollout_actor": "GPUs per rollout actor (0 on CPU)",
     "resources.num_cpus_per_actor": "Ray CPUs reserved per actor",
     "logging.wandb": "log to Weights & Biases (RUN_DIR/wandb)",
-    "logging.wandb_mode": "wandb mode; offline runs can be synced later with `wandb sync`",
     "logging.wandb_project": "wandb project name",
     "logging.progress": "show progress bars",
 }

@@ -220,7 +220,7 @@ class ResourcesConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     wandb: bool = True
-    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_mode: Optional[Literal["offline", "online", "disabled"]] = None  # null: follow $WANDB_MODE (rlfh's default offline); a value here wins
     wandb_project: str = "rlfh"
     checkpoint_every: int = 5  # rounds; the last round always checkpoints
     sample_grid_every: int = 0  # rounds between sample grids in RUN_DIR/samples/ (and wandb); 0 = never

@@ -53,6 +53,13 @@ def _rewrite(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
+def wandb_mode(cfg) -> str:
+    """The one rule for the wandb mode: ``logging.wandb_mode`` when the config sets it, else
+    ``$WANDB_MODE``, which rlfh sets to ``offline`` unless the user did (:mod:`rlfh.env`). So
+    ``WANDB_MODE=online rlfh train ...`` syncs, and a config that says ``offline`` stays offline."""
+    return cfg.logging.wandb_mode or os.environ.get("WANDB_MODE") or "offline"
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str | Path, cfg, config_dict: dict[str, Any] | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -63,13 +70,14 @@ class MetricsLogger:
                 _rewrite(self.path, good)
         self._file = open(self.path, "a")
         self._wandb = None
-        if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
+        mode = wandb_mode(cfg)
+        if cfg.logging.wandb and mode != "disabled":
             import wandb
 
             self._wandb = wandb.init(
                 project=cfg.logging.wandb_project,
                 dir=str(run_dir),
-                mode=cfg.logging.wandb_mode,
+                mode=mode,
                 config=config_dict,
                 name=Path(run_dir).name,
                 reinit="finish_previous",
