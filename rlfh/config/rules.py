@@ -36,6 +36,20 @@ def hgdpo_stage_problems(stages) -> list[str]:
     return p
 
 
+def hgdpo_schedule_problems(stages, num_rounds: int) -> list[str]:
+    """The curriculum fits the run: stage i covers rounds [until_round[i-1], until_round[i]) and the
+    run trains rounds 0 .. num_rounds - 1, so a last stage ending after num_rounds is cut short (an
+    interpolated ramp never reaches its value) and any stage starting at num_rounds or later never
+    runs; rounds after the last stage keep its shares, so ending it earlier is fine."""
+    if not stages or stages[-1].until_round <= num_rounds:
+        return []
+    i = len(stages) - 1
+    unrun = [j for j in range(1, len(stages)) if stages[j - 1].until_round >= num_rounds]
+    never = f"; stages {unrun} would never run" if unrun else ""
+    return [f"learner.hgdpo.stages[{i}].until_round={stages[i].until_round} > num_rounds={num_rounds}: the last "
+            f"stage must end at or before the run's last round{never} (raise num_rounds or move the stages)"]
+
+
 def region_pairs_problems(cfg) -> list[str]:
     """Problems of ``learner.region_pairs`` (FaceScore's inpainted-region pairs)."""
     rp, lr_ = cfg.learner.region_pairs, cfg.learner
@@ -252,6 +266,7 @@ def check_consistency(cfg) -> list[str]:
         if not pairwise:
             p.append(f"learner.hgdpo.real_images needs a DPO loss; learner.loss={lr_.loss}")
         p.extend(hgdpo_stage_problems(hg.stages))
+        p.extend(hgdpo_schedule_problems(hg.stages, cfg.num_rounds))
         p.extend(hgdpo_sdrecon_problems(hg, r.num_inference_steps))
     p.extend(region_pairs_problems(cfg))
     if lr_.offload_optimizer and lr_.zero_stage == 0:

@@ -199,7 +199,7 @@ class LearnerConfig:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    ray_address: Optional[str] = None  # None/"auto": join a running cluster if any, else start one locally
+    ray_address: Optional[str] = None  # null: $RAY_ADDRESS (ray job submit sets it), unset: a private local cluster; "auto": the running one
     num_rollout_actors: int = 1
     gpus_per_rollout_actor: float = 0.0
     num_learner_gpus: int = 0  # learner GPUs, one data-parallel DeepSpeed rank each; 0 = learner on CPU

@@ -27,7 +27,7 @@ human-centric text embeddings; a human-centric alignment loss between that map a
 prior; weighting by the attention layers' resolution (scale-aware) and by the denoising step
 (step-wise); the layer is trained while the pre-trained model stays as it was at inference. What is
 ours, since the stored copies of the paper we could read give neither the loss form nor its
-constants (and shared/docs/methods.md records that no public code or formula was found): the squared
+constants (and we found no public code or formula for them): the squared
 error between S and the pooled heatmap; S as the attention mass on the human tokens; the prior as a
 MediaPipe Pose heatmap; the default weights (factor 4 = SDXL's 32x32 maps at 1024 px: 1.0, factor
 2 = 64x64: 0.5, coarse maps carrying the body's layout) and the default window (t >= 500 of 1000, the

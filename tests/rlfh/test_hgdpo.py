@@ -259,3 +259,13 @@ def test_saved_datasets_dataset(tmp_path, vae):
     with torch.no_grad():
         direct = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     np.testing.assert_allclose(src.encode(vae), direct.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_curriculum_must_end_within_the_run():
+    # the walkthrough once ended its hard stage at round 300 of a 200-round run: that stage never ran
+    stages = ("learner.hgdpo.stages=[{until_round: 100, real_winner_fraction: 0.0}, {until_round: 200, "
+              "real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, {until_round: 300, real_winner_fraction: 1.0}]")
+    with pytest.raises(ConfigError, match=r"stages\[2\].until_round=300 > num_rounds=200.*stages \[2\] would never run"):
+        load_config(REPO / "configs" / "tiny.yaml", [stages, "num_rounds=200", "learner.hgdpo.real_images=/photos"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [stages, "num_rounds=300", "learner.hgdpo.real_images=/photos"])
+    assert cfg.learner.hgdpo.stages[-1].until_round == 300
