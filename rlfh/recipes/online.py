@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 from rlfh.config.schema import Config, save_config, to_dict
+from rlfh.recipes.capacity import check_cluster_fits
 from rlfh.recipes.cluster import setup_ray, start_rollout_actors
 
 
@@ -51,6 +52,7 @@ def train(cfg: Config) -> Path:
     started_ray = setup_ray(cfg)
     run = Run(cfg, run_dir)
     try:
+        check_cluster_fits(cfg)  # refuse what Ray could never place, before any actor waits for it
         run.start()
         rc, lc = cfg.rollout, cfg.learner
         jobs = None
