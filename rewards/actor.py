@@ -26,6 +26,11 @@ class RewardActor:
     def names(self) -> list[str]:
         return self.rewards.names
 
+    def close(self) -> None:
+        """Release the rewards' detectors; the owner calls it before ``ray.kill``, which ends the
+        process without running any finalizer (rlfh.recipes.cluster.release_actors)."""
+        self.rewards.close()
+
     def node_id(self) -> str:
         """The Ray node this actor runs on (placement checks, logs)."""
         return ray.get_runtime_context().get_node_id()

@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 
 from rlfh.config.schema import Config, save_config, to_dict
-from rlfh.recipes.cluster import setup_ray, start_rollout_actors
+from rlfh.recipes.cluster import release_actors, setup_ray, start_rollout_actors
 
 
 def train(cfg: Config) -> Path:
@@ -264,8 +264,7 @@ class Run:
             self.logger.close()
         if self.pose_priors is not None:
             self.pose_priors.close()
-        for a in self.owned:
-            ray.kill(a)
+        release_actors(self.owned)  # the reward actors close their detectors first
         if self.learner is not None:
             self.learner.shutdown()
         for pg in self.pgs:
