@@ -26,6 +26,11 @@ class RewardActor:
     def names(self) -> list[str]:
         return self.rewards.names
 
+    def close(self) -> None:
+        """Release the rewards' detectors; the owner calls it before ``ray.kill``, which ends the
+        process without running any finalizer (rlfh.recipes.cluster.release_actors)."""
+        self.rewards.close()
+
     def node_id(self) -> str:
         """The Ray node this actor runs on (placement checks, logs)."""
         return ray.get_runtime_context().get_node_id()
@@ -40,7 +45,7 @@ class RewardScorer:
     def __init__(self, actor=None, url: str | None = None, retries: int = 3, timeout_s: float = 300.0):
         if (actor is None) == (url is None):
             raise ValueError("give exactly one of a reward actor or a reward server url")
-        self.actor, self.retries = actor, retries
+        self.actor, self.retries, self.restart_wait_s = actor, retries, timeout_s
         self.client = None
         if url is not None:
             from rewards.client import RewardClient
@@ -62,15 +67,30 @@ class RewardScorer:
         return self._call("face_embeddings", images, faces)
 
     def _call(self, method: str, *args):
+        """The actor's ``method``. A death counts against ``retries`` (Ray restarts the actor up to
+        ``resources.max_actor_restarts`` times, then every call fails at once); while Ray restarts it
+        (ActorUnavailableError: a new process importing torch and loading the reward models, which
+        on a busy machine takes far longer than a backoff of a few seconds) the call is retried
+        without counting, for at most ``restart_wait_s``."""
         import time
 
         from ray.exceptions import ActorUnavailableError, RayActorError
 
-        for attempt in range(self.retries + 1):
+        deaths, waiting_since = 0, None
+        while True:
             try:
                 return ray.get(getattr(self.actor, method).remote(*args))
-            except (RayActorError, ActorUnavailableError) as e:
-                if attempt == self.retries:
-                    raise RuntimeError(f"the reward actor died {attempt + 1} times; last error: {e}") from e
+            except ActorUnavailableError as e:
+                if waiting_since is None:
+                    print("[rlfh] reward actor unavailable (Ray is restarting it); waiting for it")
+                    waiting_since = time.monotonic()
+                if time.monotonic() - waiting_since > self.restart_wait_s:
+                    raise RuntimeError(f"the reward actor was not back {self.restart_wait_s:.0f} s after it became "
+                                       f"unavailable; last error: {e}") from e
+                time.sleep(1.0)
+            except RayActorError as e:
+                deaths += 1
+                if deaths > self.retries:
+                    raise RuntimeError(f"the reward actor died {deaths} times; last error: {e}") from e
                 print(f"[rlfh] reward actor died ({type(e).__name__}); retrying on its restarted replica")
-                time.sleep(2.0**attempt)  # Ray is restarting it
+                time.sleep(2.0 ** (deaths - 1))  # Ray is restarting it

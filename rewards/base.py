@@ -120,6 +120,10 @@ class Reward:
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release what the reward holds outside Python's memory (a detector it built: a MediaPipe
+        graph); the owner of the reward calls it when done. Safe to call twice; nothing by default."""
+
     def __call__(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> list[RewardResult]:
         images = check_images(images)
         if len(prompts) != len(images):

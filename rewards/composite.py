@@ -162,6 +162,20 @@ class RewardSet:
     def names(self) -> list[str]:
         return [r.name for r in self.rewards]
 
+    def close(self) -> None:
+        """Close every reward (:meth:`rewards.base.Reward.close`: the detectors they built); safe
+        to call twice. A reward not derived from Reward may have no ``close``."""
+        for r in self.rewards:
+            close = getattr(r.reward, "close", None)
+            if callable(close):
+                close()
+
+    def __enter__(self) -> "RewardSet":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def face_embeddings(self, images: np.ndarray, faces: Sequence[Sequence[Detection]] | None = None) -> dict[str, Any]:
         """Embeddings of the faces in ``images`` from a configured reward's model, for the face
         identity similarity (``rlfh.eval.diversity``; which model: ``rewards.embeddings.find_embedder``).

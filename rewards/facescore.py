@@ -38,7 +38,7 @@ from torch import nn
 
 from rewards.base import REGION_PROMPTS, Detection, Reward, RewardError, RewardResult
 from rewards.blip_preprocess import crop_bounds, preprocess_pil, preprocess_tensor, tokenize
-from rewards.detectors.base import Detector, build_detector
+from rewards.detectors.base import Detector, build_detector, close_detector
 
 FACE_PROMPT = REGION_PROMPTS["face"]
 # the detector a region gets when none is given
@@ -124,6 +124,7 @@ class FaceScore(Reward):
         self.region = region
         self.prompt = prompt if prompt is not None else REGION_PROMPTS[region]
         detector = DEFAULT_DETECTORS[region] if detector is None else detector
+        self._owns_detector = isinstance(detector, str)  # a detector given as an instance is its giver's to close
         self.detector = build_detector(detector, **(detector_options or {})) if isinstance(detector, str) else detector
         if not callable(getattr(self.detector, "detect", None)):
             raise RewardError(f"detector {self.detector!r} has no detect(images) method")
@@ -134,6 +135,10 @@ class FaceScore(Reward):
             model, WEIGHTS_NAME, vision_heads=vision_heads, revision=revision, cache_dir=cache_dir,
             tokenizer_dir=tokenizer_dir, device=device, dtype=dtype)
         self.input_ids, self.attention_mask = tokenize(self.tokenizer, [self.prompt])  # (1, 35) each
+
+    def close(self) -> None:
+        if self._owns_detector:
+            close_detector(self.detector)
 
     @torch.no_grad()
     def score_crops(self, crops: Sequence[Any]) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from rewards.base import Reward, RewardError, RewardResult
-from rewards.detectors.base import Detector, build_detector
+from rewards.detectors.base import Detector, build_detector, close_detector
 
 AGGREGATES: dict[str, Callable[[Sequence[float]], float]] = {
     "mean": lambda xs: float(np.mean(xs)),
@@ -54,6 +54,7 @@ class DetectionConfidence(Reward):
             raise RewardError(f"{self.name}: aggregate {aggregate!r} is unknown; choose one of {sorted(AGGREGATES)}")
         if not 0.0 <= min_confidence <= 1.0:
             raise RewardError(f"{self.name}: min_confidence must be in [0, 1], got {min_confidence!r}")
+        self._owns_detector = isinstance(detector, str)  # a detector given as an instance is its giver's to close
         if isinstance(detector, str):
             detector = build_detector(detector, **(detector_options or {}))
         elif detector_options:
@@ -63,6 +64,10 @@ class DetectionConfidence(Reward):
         self.detector = detector
         self.aggregate = aggregate
         self.min_confidence = float(min_confidence)
+
+    def close(self) -> None:
+        if self._owns_detector:
+            close_detector(self.detector)
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
         per_image = self.detector.detect(images)

@@ -133,6 +133,13 @@ class RewardServer:
         self._batched.set_max_batch_size(self.cfg.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
+    def __del__(self) -> None:
+        # Serve calls a replica's __del__ on a graceful shutdown (serve.delete, serve.shutdown):
+        # the rewards' detectors are released there, before the interpreter's own teardown.
+        rewards = getattr(self, "rewards", None)
+        if rewards is not None:
+            rewards.close()
+
     # ---- scoring -------------------------------------------------------------------------
 
     async def score(self, images: np.ndarray, prompts: Sequence[str]) -> Any:

@@ -30,6 +30,19 @@ class Detector(Protocol):
 
     def detect(self, images: np.ndarray) -> list[list[Detection]]: ...
 
+    # Optional: ``close()`` releases what the detector holds outside Python (a MediaPipe graph; see
+    # :func:`close_detector`); ``smallest_region_px(height, width)`` the side in pixels of the
+    # smallest region it can find in an image of that size, when the model states one.
+
+
+def close_detector(detector: Any) -> None:
+    """``detector.close()`` where it has one. A detector's owner (the reward that built it from a
+    backend name, the command that built it) calls this when done, rather than leaving it to a
+    ``__del__`` at interpreter exit, which for MediaPipe runs after its worker thread is gone."""
+    close = getattr(detector, "close", None)
+    if callable(close):
+        close()
+
 
 class FixedBoxes:
     """Detector that returns given boxes: for scoring known regions and for tests."""

@@ -32,6 +32,9 @@ FACE_MODELS = {
     "short_range": "face_detection_short_range.tflite",  # MediaPipe's default (model_selection=0)
     "full_range": "face_detection_full_range_sparse.tflite",
 }
+# The short-range graph's smallest SSD anchor, as a share of the letterboxed (square) input's side:
+# min_scale of its anchors (mediapipe/modules/face_detection/face_detection_short_range.pbtxt).
+SHORT_RANGE_MIN_SCALE = 0.1484375
 
 
 def _model_path(directory: str | Path | None, filename: str) -> Path:
@@ -75,6 +78,7 @@ class _TaskDetector:
         """
         if self._task is not None:
             self._task.close()
+            self._task = None
 
     def __enter__(self) -> "_TaskDetector":
         return self
@@ -131,6 +135,11 @@ class MediaPipeFaceDetector(_TaskDetector):
         )
         self.model = model
         self._task = vision.FaceDetector.create_from_options(options)
+
+    def smallest_region_px(self, height: int, width: int) -> float | None:
+        """The side of the smallest face the model has an anchor for in an image of this size (the
+        image is letterboxed into a square, so it scales with the longer side); None for full range."""
+        return SHORT_RANGE_MIN_SCALE * max(height, width) if self.model == "short_range" else None
 
     def _detect_one(self, image: np.ndarray) -> list[Detection]:
         h, w = image.shape[:2]

@@ -355,6 +355,10 @@ class RetinaFaceDetector:
                 results.append({"boxes": boxes[keep], "scores": scores[idx][keep], "landmarks": points[keep]})
         return results
 
+    def smallest_region_px(self, height: int, width: int) -> float:
+        """The side of the smallest prior (the image is not resized, so the same at any size)."""
+        return float(MIN_SIZES[0][0])
+
     def detect(self, images: np.ndarray) -> list[list[Detection]]:
         """Detect faces.
 

@@ -222,13 +222,18 @@ def cmd_score(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, overrides)
         limits = server_config(cfg, argparse.Namespace(**dict.fromkeys(_SERVER_FLAGS))).limits
         rewards = RewardSet.from_config(cfg.rewards)
-        check_reward_names(rewards.names)
     except (RewardError, ValueError, OSError) as e:
         return _fail(e)
+    try:
+        check_reward_names(rewards.names)
+    except (RewardError, ValueError) as e:
+        rewards.close()
+        return _fail(e)
     failed = 0
-    for obj in score_files(rewards, paths, args.batch_size, limits):
-        failed += "error" in obj
-        print(json.dumps(obj, allow_nan=False), flush=True)
+    with rewards:  # closes the rewards' detectors
+        for obj in score_files(rewards, paths, args.batch_size, limits):
+            failed += "error" in obj
+            print(json.dumps(obj, allow_nan=False), flush=True)
     if failed:
         print(f"rlfh: {failed} of {len(paths)} image(s) could not be scored (see their \"error\")", file=sys.stderr)
         return 1

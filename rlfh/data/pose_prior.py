@@ -68,6 +68,12 @@ class PosePriors:
             self._detector.close()
             self._detector = self._landmarker = None
 
+    def __enter__(self) -> "PosePriors":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(B, H, W, 3) uint8 -> (B, 1, H/8, W/8) float32 priors."""
         if self._landmarker is None:

@@ -286,19 +286,21 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
     sides = {"model": model, **({"baseline": baseline} if baseline is not None else {})}
     scored_by_side, collapse = {}, {}
     train_pairs = [(p, int(s)) for p in train_prompts for s in seeds]
-    for side, spec in sides.items():
-        images = sample_images(cfg, spec, all_prompts, all_seeds, bs, device, progress, desc=f"sampling {side}")
-        (out / "images" / side).mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(images):
-            Image.fromarray(im).save(out / "images" / side / f"{i:04d}.png")
-        scored_by_side[side] = score_images(reward_set, images, all_prompts, bs, progress, desc=f"scoring {side}")
-        train_scored = None
-        if train_pairs:  # the same seeds on the training prompts: the held-out reward gap
-            tp = [p for p, _ in train_pairs]
-            train_images = sample_images(cfg, spec, tp, [s for _, s in train_pairs], bs, device, progress,
-                                         desc=f"sampling {side} (training prompts)")
-            train_scored = score_images(reward_set, train_images, tp, bs, progress, desc=f"scoring {side} (training prompts)")
-        collapse[side] = collapse_stats(reward_set, images, all_prompts, scored_by_side[side], train_scored)
+    with reward_set:  # closes the rewards' detectors, however sampling or scoring ends
+        for side, spec in sides.items():
+            images = sample_images(cfg, spec, all_prompts, all_seeds, bs, device, progress, desc=f"sampling {side}")
+            (out / "images" / side).mkdir(parents=True, exist_ok=True)
+            for i, im in enumerate(images):
+                Image.fromarray(im).save(out / "images" / side / f"{i:04d}.png")
+            scored_by_side[side] = score_images(reward_set, images, all_prompts, bs, progress, desc=f"scoring {side}")
+            train_scored = None
+            if train_pairs:  # the same seeds on the training prompts: the held-out reward gap
+                tp = [p for p, _ in train_pairs]
+                train_images = sample_images(cfg, spec, tp, [s for _, s in train_pairs], bs, device, progress,
+                                             desc=f"sampling {side} (training prompts)")
+                train_scored = score_images(reward_set, train_images, tp, bs, progress,
+                                            desc=f"scoring {side} (training prompts)")
+            collapse[side] = collapse_stats(reward_set, images, all_prompts, scored_by_side[side], train_scored)
 
     first = scored_by_side["model"]
     rewards: dict[str, Any] = {}

@@ -64,7 +64,8 @@ def start_private_ray(**init_kwargs: Any) -> None:
     it, but the dashboard and runtime-env agents linger a minute on a SIGKILL, holding ports)."""
     import ray
 
-    with _loopback_node():
+    mark = f"{os.getpid()}-{time.time_ns()}"
+    with _loopback_node(), _cluster_mark(mark):
         ray.init(include_dashboard=False, _node_ip_address="127.0.0.1", **init_kwargs)
     node = ray._private.worker._global_node
     if node.node_ip_address != "127.0.0.1":  # a Ray whose switch no longer works: say so, do not run exposed
@@ -72,21 +73,107 @@ def start_private_ray(**init_kwargs: Any) -> None:
         raise RuntimeError(f"the private Ray cluster came up on {node.node_ip_address}, not 127.0.0.1; "
                            f"this Ray version ignores {_LOOPBACK_SWITCH}=0")
     roots = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
-    _start_watcher(os.getpid(), roots)
+    _start_watcher(os.getpid(), mark, roots)
 
 
-def _start_watcher(owner: int, roots: list[int]) -> None:
+# Set in the environment of the processes ray.init starts (GCS, raylet, agents), and so inherited by
+# everything they start later: workers, restarted actors and whatever those spawn, even a process
+# that has left the tree (a daemon, the orphan of a killed actor). The watcher finds the cluster by
+# it when the owner dies, not by a list taken while it ran.
+CLUSTER_MARK = "RLFH_PRIVATE_CLUSTER"
+
+
+@contextlib.contextmanager
+def _cluster_mark(mark: str):
+    # only while ray.init spawns the cluster: a process the driver starts afterwards is not the cluster's
+    saved = os.environ.get(CLUSTER_MARK)
+    os.environ[CLUSTER_MARK] = mark
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(CLUSTER_MARK, None)
+        else:
+            os.environ[CLUSTER_MARK] = saved
+
+
+def _start_watcher(owner: int, mark: str, roots: list[int]) -> None:
     # Its own session: a Ctrl-C or kill sent to the driver's process group must not take the
     # watcher with it before it has done its job.
-    subprocess.Popen([sys.executable, "-m", "rlfh.recipes.cluster", str(owner), *map(str, roots)],
+    subprocess.Popen([sys.executable, "-m", "rlfh.recipes.cluster", str(owner), mark, *map(str, roots)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                      start_new_session=True, close_fds=True)
 
 
-def watch_cluster(owner: int, roots: list[int], poll_s: float = 1.0) -> None:
-    """While the owner lives and any of the cluster's root processes (GCS, raylet, ...) runs,
-    remember every descendant of the roots; then end those still running. A process is known by
-    (pid, start time), so a reused pid is never hit."""
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _with_descendants(procs) -> dict:
+    """{(pid, start time): process} of ``procs`` and their descendants; one that vanishes while
+    listed is skipped, not the rest of its tree (a busy cluster starts and ends processes all along)."""
+    import psutil
+
+    out = {}
+    for root in procs:
+        try:
+            family = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in family:
+            try:
+                out[(p.pid, p.create_time())] = p
+            except psutil.Error:
+                pass
+    return out
+
+
+def cluster_processes(mark: str, seen: dict) -> dict:
+    """The running processes of the cluster marked ``mark``: every process with the mark in its
+    environment, those of ``seen`` (a process may rewrite its environment), and the descendants of
+    all of them; never this process."""
+    import psutil
+
+    marked = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != os.getpid() and p.environ().get(CLUSTER_MARK) == mark:
+                marked.append(p)
+        except psutil.Error:
+            pass
+    found = _with_descendants([*marked, *(p for p in seen.values() if _alive(p))])
+    return {k: p for k, p in found.items() if p.pid != os.getpid() and _alive(p)}
+
+
+def end_cluster(mark: str, seen: dict, sweeps: int = 10) -> None:
+    """SIGTERM, then after 2 s SIGKILL, what :func:`cluster_processes` finds, again until a sweep
+    finds nothing: a dying raylet or worker may still start a process after the first sweep."""
+    import psutil
+
+    for _ in range(sweeps):
+        left = list(cluster_processes(mark, seen).values())
+        if not left:
+            return
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, stubborn = psutil.wait_procs(left, timeout=2.0)
+        for p in stubborn:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(stubborn, timeout=1.0)
+
+
+def watch_cluster(owner: int, mark: str, roots: list[int], poll_s: float = 1.0) -> None:
+    """Wait while the owner lives and any of the cluster's root processes (GCS, raylet, ...) runs;
+    then end what is left of the cluster (:func:`end_cluster`), found then, by its mark. While
+    waiting, the roots' descendants are remembered too, for one that clears its environment. A
+    process is known by (pid, start time), so a reused pid is never hit."""
     import psutil
 
     def proc(pid):
@@ -95,33 +182,15 @@ def watch_cluster(owner: int, roots: list[int], poll_s: float = 1.0) -> None:
         except psutil.Error:
             return None
 
-    def alive(p):
-        try:
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
-
     owner_p = proc(owner)
     live = [p for p in map(proc, roots) if p is not None]
     seen: dict[tuple[int, float], psutil.Process] = {}
-    while owner_p is not None and alive(owner_p) and any(alive(p) for p in live):
-        for root in live:
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    seen[(p.pid, p.create_time())] = p
-            except psutil.Error:
-                pass
+    while owner_p is not None and _alive(owner_p) and any(_alive(p) for p in live):
+        seen.update(_with_descendants([p for p in live if _alive(p)]))
         time.sleep(poll_s)
     # The owner or the cluster is gone (a normal ray.shutdown ends here too, finding nothing left).
     time.sleep(0.5)  # let Ray's own shutdown and fate sharing go first
-    left = [p for p in seen.values() if alive(p)]
-    for p in left:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    _, stubborn = psutil.wait_procs(left, timeout=2.0)
-    for p in stubborn:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
+    end_cluster(mark, seen)
 
 
 def setup_ray(cfg: Config):
@@ -140,6 +209,24 @@ def setup_ray(cfg: Config):
     else:
         start_private_ray(**kwargs)
     return True
+
+
+def release_actors(actors: list, timeout_s: float = 30.0) -> None:
+    """End the actors a run owns: first each one's ``close()`` where it has one (the reward actor's
+    detectors), waited for at most ``timeout_s`` and skipped for an actor that died, then ``ray.kill``,
+    which ends the process without running any finalizer."""
+    import ray
+
+    closing = []
+    for a in actors:
+        if hasattr(a, "close"):
+            with contextlib.suppress(Exception):  # a dead or restarting actor: nothing left to close
+                closing.append(a.close.remote())
+    if closing:
+        with contextlib.suppress(Exception):
+            ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
+    for a in actors:
+        ray.kill(a)
 
 
 def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
@@ -169,5 +256,5 @@ def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
                                              merge_lora=rc.merge_lora) for o in opts]
 
 
-if __name__ == "__main__":  # the watcher of a private cluster: OWNER_PID ROOT_PID...
-    watch_cluster(int(sys.argv[1]), [int(a) for a in sys.argv[2:]])
+if __name__ == "__main__":  # the watcher of a private cluster: OWNER_PID MARK ROOT_PID...
+    watch_cluster(int(sys.argv[1]), sys.argv[2], [int(a) for a in sys.argv[3:]])

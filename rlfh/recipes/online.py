@@ -35,7 +35,7 @@ from pathlib import Path
 
 from rlfh.config.schema import Config, save_config, to_dict
 from rlfh.recipes.capacity import check_cluster_fits
-from rlfh.recipes.cluster import setup_ray, start_rollout_actors
+from rlfh.recipes.cluster import release_actors, setup_ray, start_rollout_actors
 
 
 def train(cfg: Config) -> Path:
@@ -266,8 +266,7 @@ class Run:
             self.logger.close()
         if self.pose_priors is not None:
             self.pose_priors.close()
-        for a in self.owned:
-            ray.kill(a)
+        release_actors(self.owned)  # the reward actors close their detectors first
         if self.learner is not None:
             self.learner.shutdown()
         for pg in self.pgs:

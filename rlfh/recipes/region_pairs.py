@@ -14,7 +14,10 @@ Setup, loop and cleanup, in this process (no Ray):
   4. the inpainted images are scored the same way, and originals (role ``original``) and inpainted
      images (role ``inpainted``) go to RUN_DIR/rollouts, which ``rlfh offline-dpo`` turns into pairs.
 Images without the region are left out (counted). Both images of a pair went through the VAE,
-so the reward compares the region, not the VAE's reconstruction.
+so the reward compares the region, not the VAE's reconstruction. When no image has the region,
+nothing is written to the log and :class:`NoRegionFound` says why (`rlfh make-region-pairs` exits
+2 with it): the images seen, the rewards of the region, and the smallest region their detector
+finds at this size where it states one.
 """
 
 from __future__ import annotations
@@ -28,18 +31,20 @@ from rlfh.config.schema import Config, save_config
 
 
 def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, float]]:
-    """Write the region pairs of ``image_dir`` to ``cfg.run_dir``/rollouts; returns (the log dir, counts)."""
-    import torch
-    from tqdm import tqdm
+    """Write the region pairs of ``image_dir`` to ``cfg.run_dir``/rollouts; returns (the log dir, counts).
 
-    from rewards.composite import RewardSet, ScoredBatch
+    Raises:
+        NoRegionFound: no image had the region (nothing is written to the log).
+    """
+    import torch
+
+    from rewards.composite import RewardSet
     from rlfh.data.real_images import RealImageSource
-    from rlfh.data.region_pairs import log_marks, plan_inpainting, strength_groups
     from rlfh.run.checkpoints import load_lora_into, resolve_lora
-    from rollouts.log import RolloutLog, make_records
+    from rollouts.log import RolloutLog
     from rollouts.models import load_pipeline
     from rollouts.sampler import Sampler
-    from rollouts.types import RolloutBatch, SamplerSettings
+    from rollouts.types import SamplerSettings
 
     rp, rc = cfg.learner.region_pairs, cfg.rollout
     if rp.region is None:
@@ -62,8 +67,49 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
                                rc.height, rc.width, rc.eta, rc.scheduler)
     source = RealImageSource(image_dir, rc.height, rc.width, encode_batch_size=rc.sample_batch_size_per_actor,
                              latent_mode="mean", seed=cfg.seed)
-    rewards = RewardSet.from_config(cfg.rewards)
     log = RolloutLog(run_dir / "rollouts")
+    with RewardSet.from_config(cfg.rewards) as rewards:  # closes the detectors however the loop ends
+        counts = _pair_all(cfg, image_dir, source, sampler, inpainter, settings, rewards, log)
+        if not counts["with_region"]:
+            raise NoRegionFound(no_region_reason(cfg, image_dir, counts, rewards, log.dir))
+    return log.dir, counts
+
+
+class NoRegionFound(ValueError):
+    """No image of the folder had the region: there is nothing to pair, and the log is left as it was."""
+
+
+def no_region_reason(cfg: Config, image_dir: str, counts: dict[str, float], rewards, log_dir: Path) -> str:
+    """Why no pair was made: the images seen, the rewards of the region, and where a detector states
+    it, the smallest region it finds at this size (``smallest_region_px``)."""
+    from rollouts.log import RolloutLog
+
+    region, (h, w) = cfg.learner.region_pairs.region, (cfg.rollout.height, cfg.rollout.width)
+    of_region = [r for r in rewards.rewards if r.region == region]
+    why = (f"no image of {image_dir} had a {region}: 0 of {int(counts['images'])} images at {h}x{w} had one "
+           f"detected by the config's rewards of region {region!r} ")
+    if not of_region:
+        why += f"(there are none: the rewards are {rewards.names})"
+    else:
+        sizes = []
+        for r in of_region:
+            smallest = getattr(getattr(r.reward, "detector", None), "smallest_region_px", None)
+            px = smallest(h, w) if callable(smallest) else None
+            sizes.append(r.name + (f", whose detector finds a {region} of about {px:.0f} px or more" if px else ""))
+        why += f"({'; '.join(sizes)})"
+    state = "holds the pairs of earlier calls" if RolloutLog(log_dir).manifest_path.exists() else "was not written"
+    return f"{why}; nothing to pair, the rollout log {log_dir} {state}"
+
+
+def _pair_all(cfg: Config, image_dir: str, source, sampler, inpainter, settings, rewards, log) -> dict[str, float]:
+    """Every batch of ``source``: originals scored, those with the region inpainted, scored and logged."""
+    import torch
+    from tqdm import tqdm
+
+    from rlfh.data.region_pairs import plan_inpainting
+    from rollouts.types import RolloutBatch
+
+    rp, rc = cfg.learner.region_pairs, cfg.rollout
     rnd = 1 + max((s["rounds"][1] for s in log.manifest()["shards"]), default=-1)  # a later call appends
     counts = {"images": 0.0, "with_region": 0.0, "inpainted_won": 0.0, "ties_or_unscored": 0.0}
     bs = rc.sample_batch_size_per_actor
@@ -81,35 +127,46 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
         counts["with_region"] += len(plan.indices)
         if not plan.indices:
             continue
-        parts, order = [], []
-        for strength, ks in strength_groups(plan.strengths).items():
-            js = [plan.indices[k] for k in ks]
-            args = (latents[js], [prompts[j] for j in js], [orig.seeds[j] for j in js], settings, strength, plan.masks[ks])
-            parts.append(inpainter.refine(*args, sampler=sampler) if inpainter else sampler.refine(*args))
-            order.extend(ks)
-        inp = RolloutBatch.concat(parts)
-        js = [plan.indices[k] for k in order]
-        orig = RolloutBatch(orig.images[js], latents[js], [prompts[j] for j in js], [orig.seeds[j] for j in js],
-                            settings, 0, orig.model_id, [uuid.uuid4().hex for _ in js])
-        inp.rollout_ids = [uuid.uuid4().hex for _ in js]
-        scored_orig = ScoredBatch({n: [res[j] for j in js] for n, res in scored.results.items()}, scored.weights,
-                                  scored.regions_of)
-        scored_inp = rewards(inp.images, inp.prompts)
-        strengths = [plan.strengths[k] for k in order]
-        log.append(make_records(orig, scored_orig, rnd, None, log_marks("original", [None] * len(js), rp.region,
-                                                                         strengths, rp.dilate))
-                   + make_records(inp, scored_inp, rnd, None, log_marks("inpainted", orig.rollout_ids, rp.region,
-                                                                         strengths, rp.dilate)))
-        so, si = scored_orig.combined(), scored_inp.combined()
-        for a, b in zip(so, si):
-            if a is None or b is None or a == b:
-                counts["ties_or_unscored"] += 1
-            else:
-                counts["inpainted_won"] += b > a
+        _log_pairs(cfg, orig, scored, plan, sampler, inpainter, settings, rewards, log, rnd, counts)
         rnd += 1
         bar.set_postfix(pairs=int(counts["with_region"]))
     bar.close()
-    return run_dir / "rollouts", counts
+    return counts
+
+
+def _log_pairs(cfg: Config, orig, scored, plan, sampler, inpainter, settings, rewards, log, rnd: int,
+               counts: dict[str, float]) -> None:
+    """Inpaint the planned images (one call per strength), score them and log both sides of each pair."""
+    from rewards.composite import ScoredBatch
+    from rlfh.data.region_pairs import log_marks, strength_groups
+    from rollouts.log import make_records
+    from rollouts.types import RolloutBatch
+
+    rp, latents, prompts = cfg.learner.region_pairs, orig.latents, orig.prompts
+    parts, order = [], []
+    for strength, ks in strength_groups(plan.strengths).items():
+        js = [plan.indices[k] for k in ks]
+        args = (latents[js], [prompts[j] for j in js], [orig.seeds[j] for j in js], settings, strength, plan.masks[ks])
+        parts.append(inpainter.refine(*args, sampler=sampler) if inpainter else sampler.refine(*args))
+        order.extend(ks)
+    inp = RolloutBatch.concat(parts)
+    js = [plan.indices[k] for k in order]
+    orig = RolloutBatch(orig.images[js], latents[js], [prompts[j] for j in js], [orig.seeds[j] for j in js],
+                        settings, 0, orig.model_id, [uuid.uuid4().hex for _ in js])
+    inp.rollout_ids = [uuid.uuid4().hex for _ in js]
+    scored_orig = ScoredBatch({n: [res[j] for j in js] for n, res in scored.results.items()}, scored.weights,
+                              scored.regions_of)
+    scored_inp = rewards(inp.images, inp.prompts)
+    strengths = [plan.strengths[k] for k in order]
+    log.append(make_records(orig, scored_orig, rnd, None, log_marks("original", [None] * len(js), rp.region,
+                                                                     strengths, rp.dilate))
+               + make_records(inp, scored_inp, rnd, None, log_marks("inpainted", orig.rollout_ids, rp.region,
+                                                                     strengths, rp.dilate)))
+    for a, b in zip(scored_orig.combined(), scored_inp.combined()):
+        if a is None or b is None or a == b:
+            counts["ties_or_unscored"] += 1
+        else:
+            counts["inpainted_won"] += b > a
 
 
 class DiffusersInpainter:
