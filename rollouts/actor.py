@@ -127,8 +127,9 @@ class RolloutFleet:
                         raise RuntimeError(f"rollout actor {i} died {attempt + 1} times during a weight sync: {e}") from e
                     self.restarts += 1
                     print(f"[rlfh] rollout actor {i} died during a weight sync ({type(e).__name__}); re-sending the weights")
-                    time.sleep(1.0)  # let Ray restart it
-                    ref = self.actors[i].load_weights.remote(buckets, version, lora)
+                    # once it is back: a restart (a new process importing torch, loading the model) can
+                    # take far longer than a fixed pause on a busy machine
+                    ref = self._reissue(i, "policy_version", ())
 
     def _reissue(self, i: int, method: str, args: tuple, timeout_s: float = 300.0):
         """Send the current weights to actor i once it is back, then its share again; returns the ref."""

@@ -136,7 +136,9 @@ def final_lora(run_dir: Path) -> dict:
 
     from rlfh.run.checkpoints import resolve_lora
 
-    return load_file(str(resolve_lora(run_dir)))
+    path = resolve_lora(run_dir)  # the latest checkpoint's folder
+    assert path.name == f"round-{ROUNDS:06d}", path
+    return load_file(str(path / "pytorch_lora_weights.safetensors"))
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
@@ -151,6 +153,23 @@ def rollouts(run_dir: Path) -> tuple[list[str], list[tuple]]:
     recs = RolloutLog(run_dir / "rollouts").records(["rollout_id", "round", "prompt", "seed", "latent"])
     keys = sorted((r["round"], r["prompt"], r["seed"], hashlib.sha256(r["latent"]).hexdigest()) for r in recs)
     return [r["rollout_id"] for r in recs], keys
+
+
+def assert_same_run(ref_dir: Path, run_dir: Path) -> None:
+    """The final LoRA bit for bit, every round's losses and rewards, and the rollouts (ids unique)."""
+    a, b = final_lora(ref_dir), final_lora(run_dir)
+    assert sorted(a) == sorted(b)
+    differing = [k for k in a if not (a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].equal(b[k]))]
+    assert not differing, f"final LoRA tensors differ from the undisturbed run's: {differing[:5]}"
+
+    ref_rows, got_rows = metrics(ref_dir), metrics(run_dir)
+    assert sorted(got_rows) == list(range(ROUNDS))
+    assert got_rows == ref_rows
+
+    ref_ids, ref_keys = rollouts(ref_dir)
+    ids, keys = rollouts(run_dir)
+    assert len(ids) == len(set(ids)) == ROUNDS * PER_ROUND, "a rollout was lost or logged twice"
+    assert keys == ref_keys
 
 
 def test_schedule_is_fixed_and_kills_every_role():
@@ -176,16 +195,4 @@ def test_chaos_run_equals_an_undisturbed_run(tiny_model_dir, tmp_path):
     assert codes[-1] == 0, log.read_text()[-4000:]
     assert [r for r, _, _ in done] == [r for r, _, _ in schedule], f"not every kill happened: {done}"
 
-    a, b = final_lora(ref_dir), final_lora(run_dir)
-    assert sorted(a) == sorted(b)
-    differing = [k for k in a if not (a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].equal(b[k]))]
-    assert not differing, f"final LoRA tensors differ from the undisturbed run's: {differing[:5]}"
-
-    ref_rows, got_rows = metrics(ref_dir), metrics(run_dir)
-    assert sorted(got_rows) == list(range(ROUNDS))
-    assert got_rows == ref_rows
-
-    ref_ids, ref_keys = rollouts(ref_dir)
-    ids, keys = rollouts(run_dir)
-    assert len(ids) == len(set(ids)) == ROUNDS * PER_ROUND, "a rollout was lost or logged twice"
-    assert keys == ref_keys
+    assert_same_run(ref_dir, run_dir)
