@@ -13,6 +13,12 @@ read. Any Parquet reader (pyarrow, pandas, DuckDB) reads the shards directly.
 Record schema (one row per image): see :data:`SCHEMA`. ``rewards`` holds every configured reward,
 with ``value`` null and a ``reason`` when it could not be computed; ``regions`` holds every
 detection (region name, box in image pixels, confidence, label).
+
+Images (``logging.log_images``): PNG (default), JPEG at quality 95 (about a fifth of the PNG's
+bytes), or none; the latent, which is what offline DPO reads, is always kept. With
+``logging.keep_image_rounds: N`` the images of records older than the last N rounds are dropped
+from their shards (each such shard rewritten once under a new name, then listed in the manifest in
+place of the old one); their latents, rewards and regions stay.
 """
 
 from __future__ import annotations
@@ -116,8 +122,29 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
+IMAGE_FORMATS = ("png", "jpeg", "none")
+JPEG_QUALITY = 95
+
+
+def decode_png(data: bytes | None) -> np.ndarray:
+    """A logged image (PNG or JPEG) as uint8 RGB."""
+    if data is None:
+        raise RolloutLogError("this rollout-log record holds no image (written with logging.log_images=none, or "
+                              "its image dropped by logging.keep_image_rounds); this step needs the images")
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def recode_image(png: bytes | None, image_format: str) -> bytes | None:
+    """A record's PNG as ``image_format`` (``logging.log_images``): png as is, jpeg, or none."""
+    if png is None or image_format == "png":
+        return png
+    if image_format == "none":
+        return None
+    if image_format != "jpeg":
+        raise ValueError(f"image format {image_format!r}: must be one of {IMAGE_FORMATS}")
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
 
 
 def decode_latent(record: dict[str, Any]) -> np.ndarray:
@@ -188,10 +215,21 @@ def make_records(batch, scored, round_index: int, staleness: int | None = None,
 
 
 class RolloutLog:
-    """Append-only writer and verifying reader of one rollout log directory."""
+    """Append-only writer and verifying reader of one rollout log directory.
 
-    def __init__(self, directory: str | Path):
+    Args:
+        directory: the log's folder.
+        image_format: how :meth:`append` keeps each record's image (``logging.log_images``).
+        keep_image_rounds: keep images of the last this many rounds only (``logging.keep_image_rounds``;
+            None keeps all).
+    """
+
+    def __init__(self, directory: str | Path, image_format: str = "png", keep_image_rounds: int | None = None):
+        if image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image format {image_format!r}: must be one of {IMAGE_FORMATS}")
         self.dir = Path(directory)
+        self.image_format = image_format
+        self.keep_image_rounds = keep_image_rounds
 
     @property
     def manifest_path(self) -> Path:
@@ -219,24 +257,49 @@ class RolloutLog:
         self.dir.mkdir(parents=True, exist_ok=True)
         manifest = self.manifest()
         name = f"shard-{len(manifest['shards']):06d}.parquet"
+        if self.image_format != "png":
+            records = [{**r, "image": recode_image(r.get("image"), self.image_format)} for r in records]
         table = pa.Table.from_pylist(records, schema=SCHEMA)
+        rounds = [r["round"] for r in records]
+        entry = {"name": name, "num_records": table.num_rows, "rounds": [min(rounds), max(rounds)],
+                 **self._write_shard(name, table), "created_at": time.time()}
+        if self.image_format == "none":
+            entry["images"] = "none"
+        manifest["shards"].append(entry)
+        atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1).encode())
+        if self.keep_image_rounds is not None:
+            self.drop_images(before_round=max(rounds) + 1 - self.keep_image_rounds)
+        return name
+
+    def _write_shard(self, name: str, table: pa.Table) -> dict[str, Any]:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue()
         atomic_write_bytes(self.dir / name, data)
-        rounds = [r["round"] for r in records]
-        manifest["shards"].append(
-            {
-                "name": name,
-                "num_records": table.num_rows,
-                "rounds": [min(rounds), max(rounds)],
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "created_at": time.time(),
-            }
-        )
-        atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1).encode())
-        return name
+        return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def drop_images(self, before_round: int) -> int:
+        """Null the images of the shards whose rounds all lie before ``before_round`` (latents,
+        rewards and regions stay). Each such shard is rewritten under a new name, the manifest then
+        lists it instead of the old one, and the old file goes: a crash in between leaves at most an
+        unlisted file, never a listed shard that fails its checksum. Returns the records changed."""
+        manifest = self.manifest()
+        changed = 0
+        for i, entry in enumerate(manifest["shards"]):
+            if entry.get("images") == "none" or entry["rounds"][1] >= before_round:
+                continue
+            old = self.dir / entry["name"]
+            if not old.is_file() or sha256_file(old) != entry["sha256"]:  # never rewrite (and so bless) a bad shard
+                raise RolloutLogError(f"{old}: missing or not matching the manifest; not dropping its images")
+            table = pq.read_table(old)
+            table = table.set_column(table.schema.get_field_index("image"), "image",
+                                     pa.nulls(table.num_rows, pa.binary()))
+            name = f"{entry['name'].removesuffix('.parquet').split('.')[0]}.latents.parquet"
+            manifest["shards"][i] = {**entry, "name": name, **self._write_shard(name, table), "images": "none"}
+            atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1).encode())
+            old.unlink(missing_ok=True)
+            changed += entry["num_records"]
+        return changed
 
     def rollback(self, from_round: int) -> int:
         """Unlist the shards of rounds >= ``from_round`` (a resumed run redoes those rounds).

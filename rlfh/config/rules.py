@@ -345,6 +345,9 @@ def _range_rules(cfg) -> list[str]:
                  f"the last round always checkpoints, so a large value saves only at the end)")
     if lg.sample_grid_every < 0:
         p.append(f"logging.sample_grid_every={lg.sample_grid_every}: must be >= 0 (0 = never)")
+    if lg.keep_image_rounds is not None and lg.keep_image_rounds < 1:
+        p.append(f"logging.keep_image_rounds={lg.keep_image_rounds}: must be >= 1 (rounds whose images stay), "
+                 f"or logging.log_images=none to keep no images")
     for key, v in [("resources.gpus_per_rollout_actor", res.gpus_per_rollout_actor),
                    ("resources.gpus_per_reward_actor", res.gpus_per_reward_actor),
                    ("resources.num_cpus_per_actor", res.num_cpus_per_actor),

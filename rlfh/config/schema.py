@@ -224,6 +224,8 @@ class LoggingConfig:
     wandb_project: str = "rlfh"
     checkpoint_every: int = 5  # rounds; the last round always checkpoints
     sample_grid_every: int = 0  # rounds between sample grids in RUN_DIR/samples/ (and wandb); 0 = never
+    log_images: Literal["png", "jpeg", "none"] = "png"  # each rollout-log record's image; latents (all offline DPO reads) are always kept
+    keep_image_rounds: Optional[int] = None  # keep images of the last N rounds only (older records keep latents, rewards); null: all
     progress: bool = True
 
 

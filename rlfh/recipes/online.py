@@ -181,7 +181,7 @@ class Run:
             from rlfh.recipes.hgdpo import RealWinners
 
             self.real_winners = RealWinners(cfg, self.run_dir, self.fleet, self.settings, self.pose_priors)
-        self.log = RolloutLog(self.run_dir / "rollouts")
+        self.log = RolloutLog(self.run_dir / "rollouts", cfg.logging.log_images, cfg.logging.keep_image_rounds)
         if cfg.learner.region_pairs.region is not None:
             self.region_pairs = InpaintedRegions(cfg, self.fleet, self.scorer, self.log, self.settings)
         self.start_round = self._resume()
