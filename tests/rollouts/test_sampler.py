@@ -23,8 +23,28 @@ def test_sampler_equals_stock_diffusers_pipeline(pipe, guidance):
     ref_lat = pipe(**kwargs, generator=seeded_generators(seeds), output_type="latent").images
     ref_img = pipe(**kwargs, generator=seeded_generators(seeds), output_type="np").images
     assert ours.latents.shape == (3, 4, 8, 8) and ours.images.shape == (3, 64, 64, 3)
-    np.testing.assert_allclose(ours.latents, ref_lat.numpy(), atol=1e-5)
-    np.testing.assert_array_equal(ours.images, (ref_img * 255).round().astype(np.uint8))
+    # Not bit for bit: with guidance > 1 the two combine the batched cond / uncond predictions in float32
+    # in their own order (at guidance 1 no combination: equal but for MKL_CBWR), the rounding moving through 6 UNet steps.
+    # Measured max |latent diff| at |latent| <= 5, guidance 5 (AMD EPYC, 2 threads): 6.7e-6 as is and with
+    # ATEN_CPU_CAPABILITY=avx2, 8.6e-6 with =default, 9.3e-6 with MKL_CBWR=COMPATIBLE, 1.19e-5 with
+    # OMP_NUM_THREADS=1; at guidance 1: 0 (1.4e-6 with MKL_CBWR). atol 5e-5 is 1e-5 of the latents' scale.
+    np.testing.assert_allclose(ours.latents, ref_lat.numpy(), atol=5e-5, rtol=0)
+    assert_images_match(ours.images, ref_img)
+
+
+def assert_images_match(ours: np.ndarray, ref: np.ndarray, max_share: float = 1e-3) -> None:
+    """uint8 ``ours`` against diffusers' float images ``ref`` in [0, 1] decoded from latents ~1e-5 apart.
+
+    The VAE shrinks the latents' difference (measured: float images <= 4.1e-4 of a level apart), so each
+    pixel is the rounding of a value within 0.05 level of ``ref * 255`` and rounds differently only
+    where ``ref * 255`` lies that close to a half level: one level, in a share of about twice the float
+    difference in levels. Measured at guidance 5: 2 to 4 of 36,864 values (5.4e-5 to 1.1e-4) on AMD EPYC
+    under every tests/numerics.sh variant, 4 on an Intel Xeon (AVX-512); none at guidance 1. Bounded at
+    1e-3 (36 values)."""
+    level = ref.astype(np.float64) * 255
+    assert np.abs(ours - level).max() <= 0.55  # 0.5 of the rounding + 0.05 of float difference
+    differ = ours.astype(np.int16) != np.round(level).astype(np.int16)
+    assert differ.mean() <= max_share, f"{differ.sum()} of {differ.size} values differ by one level"
 
 
 def test_seeds_are_per_sample(pipe):
