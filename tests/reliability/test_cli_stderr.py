@@ -96,7 +96,7 @@ def test_config_error_is_one_message_not_a_traceback():
 
 @pytest.mark.slow
 def test_make_tiny_model(tmp_path):
-    rlfh("make-tiny-model", str(tmp_path / "tiny"))
+    rlfh("make-tiny-model", str(tmp_path / "tiny"), "--pretrain-steps", "2")  # the default 300 take minutes
     assert (tmp_path / "tiny" / "model_index.json").is_file()
 
 
