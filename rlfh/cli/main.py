@@ -83,7 +83,7 @@ def cmd_config(args) -> int:
 def cmd_make_tiny(args) -> int:
     from rollouts.models import make_tiny_model
 
-    path = make_tiny_model(args.dir, seed=args.seed)
+    path = make_tiny_model(args.dir, seed=args.seed, pretrain_steps=args.pretrain_steps)
     print(f"[rlfh] tiny SDXL-architecture pipeline written to {path}")
     return 0
 
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("make-tiny-model", help="write a seeded tiny SDXL-architecture pipeline")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--pretrain-steps", type=int, default=300,
+                   help="UNet steps on synthetic latents (default 300, what rlfh:tiny-sdxl is; 0: random weights)")
     s.set_defaults(fn=cmd_make_tiny)
     r = sub.add_parser("rollouts", help="rollout log tools")
     rsub = r.add_subparsers(dest="rollouts_command", required=True)

@@ -96,7 +96,7 @@ def test_config_error_is_one_message_not_a_traceback():
 
 @pytest.mark.slow
 def test_make_tiny_model(tmp_path):
-    rlfh("make-tiny-model", str(tmp_path / "tiny"))
+    rlfh("make-tiny-model", str(tmp_path / "tiny"), "--pretrain-steps", "2")  # the default 300 take minutes
     assert (tmp_path / "tiny" / "model_index.json").is_file()
 
 
@@ -139,7 +139,7 @@ def test_make_region_pairs_and_train_reward(detector_rewards, images, tiny_model
     init = save_published(random_model(TINY_VISION, TINY_MED_CONFIG, seed=0), TINY_MED_CONFIG, tmp_path / "init",
                           "FS_model.pt")
     rlfh("train-reward", "configs/tiny.yaml", f"run_dir={tmp_path / 'scorer'}", "logging.wandb=false",
-         "logging.progress=false", f"pairs={run / 'rollouts'}", f"init={init}", "region=face",
+         "logging.progress=false", f"rewards=[{FACE}]", f"pairs={run / 'rollouts'}", f"init={init}", "region=face",
          "reward_training.vision_heads=2", "reward_training.epochs=1")
     assert (tmp_path / "scorer" / "FS_model.pt").is_file()
 
