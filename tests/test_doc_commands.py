@@ -3,7 +3,8 @@
 Each ```bash block is preceded by ``<!-- commands: KIND -->``:
 
 * ``tiny``: runs on the tiny model on a CPU; :func:`test_tiny_commands_run_as_written` runs them
-  (train and offline-dpo at 2 rounds, eval at 2 denoising steps, to fit the test budget);
+  (train and offline-dpo at 2 rounds, eval at 2 denoising steps on 2 prompts x 1 seed, to fit the test
+  budget);
 * ``gpu``: needs GPUs and real weights; their ``rlfh`` commands are parsed and their configs with
   the overrides as written validated here, which is everything short of running them;
 * ``setup``: installing, downloading and starting clusters (the install line is what CI runs,
@@ -106,8 +107,8 @@ def shortened(argv: list[str]) -> list[str]:
     """Fit the test budget: fewer rounds and denoising steps; everything else as written."""
     if argv[1] in ("train", "offline-dpo"):
         return [*argv, "num_rounds=2", "rollout.num_inference_steps=2", "logging.checkpoint_every=1"]
-    if argv[1] == "eval":
-        return [*argv, "rollout.num_inference_steps=2", "--no-progress"]
+    if argv[1] == "eval":  # argparse keeps the last --max-prompts / --seeds
+        return [*argv, "rollout.num_inference_steps=2", "--max-prompts", "2", "--seeds", "1", "--no-progress"]
     return argv
 
 

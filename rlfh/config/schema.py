@@ -206,7 +206,7 @@ class ResourcesConfig:
     num_learner_ranks: Optional[int] = None  # data-parallel learner ranks; None = num_learner_gpus (or 1 on CPU)
     colocate: bool = False  # one device for rollout and learner: the learner samples with its own UNet
     sync_bucket_mb: float = 128.0  # full-weight sync goes to rollout actors in buckets of at most this size (bench/sync_bench.py)
-    gpus_per_reward_actor: float = 0.0  # GPU share of the reward actor (FaceScore, ImageReward on GPU)
+    gpus_per_reward_actor: float = 0.0  # GPU share Ray reserves for the reward actor; 0 with device: cuda shares the visible GPU (one-GPU runs)
     num_cpus_per_actor: float = 1.0
     max_actor_restarts: int = 3  # a dead rollout/reward actor is restarted and its work re-issued this often
     placement: Literal["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "none"  # rollout actors in a placement group

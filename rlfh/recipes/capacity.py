@@ -84,8 +84,9 @@ def check_cluster_fits(cfg, cluster: dict[str, float] | None = None,
              f"but the cluster has {has}" + (f" across {len(nodes)} nodes" if len(nodes) > 1 else "")]
     if too_big:
         lines.append("no single node can hold " + "; ".join(r.describe() for r in too_big))
-    lines.append("Ray would wait for them forever. Lower resources.num_rollout_actors, resources.gpus_per_rollout_actor, "
-                 "resources.num_learner_gpus, resources.gpus_per_reward_actor or resources.num_cpus_per_actor, or "
+    lines.append("Ray would wait for them forever. Lower resources.num_rollout_actors, "
+                 "resources.gpus_per_rollout_actor, resources.num_learner_gpus, resources.gpus_per_reward_actor or "
+                 "resources.num_cpus_per_actor, or "
                  "start a config for this hardware (configs/sdxl_1gpu_24gb.yaml: one GPU, colocated, the reward "
                  "actor on the same GPU with resources.gpus_per_reward_actor=0; docs/hardware.md)")
     raise ClusterTooSmall("; ".join(lines[:-1]) + ". " + lines[-1])
