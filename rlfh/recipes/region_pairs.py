@@ -37,7 +37,7 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     from rlfh.data.region_pairs import log_marks, plan_inpainting, strength_groups
     from rlfh.run.checkpoints import load_lora_into, resolve_lora
     from rollouts.log import RolloutLog, make_records
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
     from rollouts.sampler import Sampler
     from rollouts.types import RolloutBatch, SamplerSettings
 

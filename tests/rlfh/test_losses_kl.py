@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, per_sample_eps_kl, transition_kl_weight
-from rollouts.ddim_logprob import ddim_step_with_logprob
+from families.ddim import ddim_step_with_logprob
 
 
 def test_worked_numbers():
