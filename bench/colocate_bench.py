@@ -57,7 +57,7 @@ def run_mode(mode: str, cfg, rounds: int) -> dict:
     from rlfh.learner.colocate import Handover
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
     from rlfh.data.pairs import learner_batch
     from rlfh.data.prompts import PromptSchedule, load_prompts
     from rollouts.actor import sample_in_batches

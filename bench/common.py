@@ -270,7 +270,7 @@ def build_sdxl_arch_random(device: torch.device, dtype: torch.dtype, seed: int =
     """The published SDXL base architecture with seeded random weights, as a StableDiffusionXLPipeline.
 
     Tokenizers: the published CLIP BPE files are not available offline, so both use the byte-level
-    tokenizer of rollouts.models (514 ids, a subset of the real 49408-row embedding tables, which keep
+    tokenizer of families.tiny (514 ids, a subset of the real 49408-row embedding tables, which keep
     their published size). Prompts become longer token sequences than with the real BPE, but the
     text encoders always run on 77 padded positions, so FLOPs are unchanged.
     """
@@ -279,7 +279,7 @@ def build_sdxl_arch_random(device: torch.device, dtype: torch.dtype, seed: int =
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from rollouts.models import write_tiny_clip_tokenizer
+    from families.tiny import write_tiny_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         n_tok = write_tiny_clip_tokenizer(Path(tmp))
@@ -315,11 +315,11 @@ def check_sdxl_arch() -> dict[str, Any]:
 
 
 def load_model(name: str, device: torch.device, dtype: torch.dtype):
-    """``sdxl-arch-random`` | ``rlfh:tiny-sdxl`` | a path or hub id (through rollouts.models.load_pipeline)."""
+    """``sdxl-arch-random`` | ``rlfh:tiny-sdxl`` | a path or hub id (through families.load_pipeline)."""
     if name == "sdxl-arch-random":
         return build_sdxl_arch_random(device, dtype)
     from rlfh.config.schema import ModelConfig
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
 
     inv = {v: k for k, v in DTYPES.items()}
     return load_pipeline(ModelConfig(path=name, dtype=inv[dtype]), device)

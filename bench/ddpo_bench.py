@@ -47,7 +47,7 @@ class Variant:
     def __init__(self, model: str, overrides: list[str], items: int, group: int):
         from rlfh.config.schema import load_config
         from rlfh.learner.engine import LearnerEngine
-        from rollouts.models import load_pipeline
+        from families import load_pipeline
         from rollouts.sampler import Sampler
         from rollouts.types import SamplerSettings
 
@@ -110,7 +110,7 @@ def main() -> None:
     common.quiet()
     device = common.pick_device("auto")
     common.set_threads(1, device)
-    from rollouts.models import resolve_model_path
+    from families import resolve_model_path
 
     model = resolve_model_path("rlfh:tiny-sdxl")
     base = ["learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0", f"rollout.num_inference_steps={args.steps}",

@@ -107,16 +107,16 @@ class RlfhLearner:
 
     def __init__(self, model: str, device, dtype, rank: int | None, beta: float, pairs: int, checkpointing: bool,
                  compile: bool = False):
-        import rollouts.models
+        import families
         from rlfh.config.schema import load_config
         from rlfh.learner.engine import LearnerEngine
         from rlfh.learner.steps import train
         from rlfh.data.batches import PairBatch
 
         if model == "sdxl-arch-random":
-            # LearnerEngine loads through rollouts.models.load_pipeline(cfg.model); build in memory instead of
+            # LearnerEngine loads through families.load_pipeline(cfg.model); build in memory instead of
             # writing ~10 GB of random weights to disk and reading them back. Nothing else changes.
-            rollouts.models.load_pipeline = lambda model_cfg, dev: common.build_sdxl_arch_random(
+            families.load_pipeline = lambda model_cfg, dev: common.build_sdxl_arch_random(
                 torch.device(dev), common.DTYPES[model_cfg.dtype])
         name = {v: k for k, v in common.DTYPES.items()}[dtype]
         ov = [f"model.path={model}", f"model.dtype={name}", f"learner.beta={beta}", "learner.lr=1e-5",
@@ -128,7 +128,8 @@ class RlfhLearner:
         self.PairBatch, self.train = PairBatch, train
         # what the rollout actors send with their samples (RolloutBatch.conditioning): the prompts
         # encoded once, in one call, as a sampler batch does; the learner then runs no text encoder
-        enc, added = rollouts.models.sdxl_conditioning(self.learner.pipe, PROMPTS, 64, 64, device)
+        enc, added = families.PromptCache(self.learner.family, enabled=False).conditioning(
+            self.learner.pipe, PROMPTS, 64, 64, device)
         self.conditioning = {p: (enc[i].float().cpu().numpy(), added["text_embeds"][i].float().cpu().numpy())
                              for i, p in enumerate(PROMPTS)}
 

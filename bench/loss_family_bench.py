@@ -77,7 +77,7 @@ def main() -> None:
     from rlfh.config.schema import load_config
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
-    from rollouts.models import resolve_model_path
+    from families import resolve_model_path
 
     model = resolve_model_path("rlfh:tiny-sdxl")
     results = {}

@@ -54,7 +54,7 @@ def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
     from rewards.composite import RewardSet
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
     from rlfh.data.pairs import learner_batch
     from rlfh.data.prompts import PromptSchedule, load_prompts
     from rollouts.log import RolloutLog, make_records

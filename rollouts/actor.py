@@ -52,7 +52,7 @@ class RolloutActor:
         # process-wide environment (offline hub, quiet libraries) comes with the job's runtime_env
         import torch
 
-        from rollouts.models import load_pipeline
+        from families import load_pipeline
         from rollouts.sampler import Sampler
 
         torch.set_num_threads(max(num_threads, 1))

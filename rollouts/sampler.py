@@ -1,7 +1,7 @@
-"""On-policy SDXL sampler: the denoising loop written out over a diffusers SDXL pipeline.
+"""On-policy sampler: the denoising loop written out over a diffusers pipeline of a model family.
 
 Same computation as ``StableDiffusionXLPipeline.__call__`` for the settings rlfh uses (CFG as one
-batch, per-sample seeds, negative prompts, SDXL micro-conditioning ``add_time_ids``), returning the
+batch, per-sample seeds, negative prompts, the family's conditioning: :mod:`families`), returning the
 final latents besides the images so the learner trains on exactly what was sampled. The loop is
 ours, not the pipeline's, because later losses need its internals (per-step log-probs for DDPO).
 The policy's LoRA is merged into the UNet's weights (:class:`MergedLora`, rebuilt from a kept copy of
@@ -13,50 +13,14 @@ Notation: ``x_t`` latents (B, 4, h, w), ``eps`` noise prediction, ``w`` guidance
 
 from __future__ import annotations
 
-from typing import Hashable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
-from rollouts.models import sdxl_conditioning
+from families import PromptCache, add_lora, family_of, first_of_each, with_negative
+from families.base import Conditioning
 from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow
-
-
-def ddim_scheduler(config):
-    """DDIM with the model's noise schedule: the stochastic (eta > 0) Gaussian steps DDPO scores.
-
-    Pinned like SDXL's published scheduler config: no x0 clipping (latents are not in [-1, 1]) and
-    set_alpha_to_one=False, so the last step keeps a non-zero variance and a log-prob.
-    """
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
-
-
-def guided_eps(unet, scheduler, x, t, enc, pooled, time_ids, guidance_scale: float) -> torch.Tensor:
-    """eps_hat for x (B, 4, h, w) with classifier-free guidance as one batch of 2B.
-
-    ``enc``, ``pooled`` and ``time_ids`` stack (unconditional, conditional) when guided (w > 1):
-    eps = eps_u + w (eps_c - eps_u). The learner's DDPO step calls this with the trained UNet.
-    """
-    guided = guidance_scale > 1.0
-    x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
-    eps = unet(x_in, t, encoder_hidden_states=enc, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-    if guided:
-        eps_u, eps_c = eps.chunk(2)
-        eps = eps_u + guidance_scale * (eps_c - eps_u)
-    return eps
-
-
-def first_of_each(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
-    """The index of each distinct key's first occurrence, in order of appearance, and for every key
-    the position of its distinct key in that list (trajectory branching's groups, in the sampler and
-    in the learner)."""
-    first: dict = {}
-    for i, k in enumerate(keys):
-        first.setdefault(k, i)
-    position = {k: n for n, k in enumerate(first)}
-    return list(first.values()), [position[k] for k in keys]
 
 
 def seeded_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -76,7 +40,7 @@ class MergedLora:
     in bf16, on the UNet's device; ~2% of an 80 GB GPU beside the 5.1 GB UNet).
 
     Targeting follows peft's own rule (``check_target_module_exists``) so the keys are exactly those
-    of the learner's adapter built by ``rollouts.models.add_lora``; a state dict with other keys is
+    of the learner's adapter built by ``families.add_lora``; a state dict with other keys is
     refused. The merged product is formed in float32 and rounded once to the weights' dtype; the
     unmerged adapter instead adds ``s B (A x)`` to ``W x`` in the activations' dtype. The two agree
     within float32 rounding on CPU (tests/rollouts/test_sampler_fast.py); in bf16 the merged
@@ -127,16 +91,16 @@ class MergedLora:
 
 
 class Sampler:
-    """Samples images and final latents from an SDXL pipeline.
+    """Samples images and final latents from a pipeline of a model family (:func:`families.family_of`).
 
     Prompt embeddings: the text encoders are frozen (only the UNet trains), so each prompt (and the
-    negative prompt) is encoded once and its embeddings kept; the cache is emptied whenever the
-    policy version changes, which bounds it to the prompts of about one round (a prompt costs
-    77 x 2048 + 1280 floats on SDXL, ~0.3 MB in bf16) and keeps a colocated learner's encoders honest
-    should they ever train.
+    negative prompt) is encoded once and its embeddings kept (:class:`families.PromptCache`); the
+    cache is emptied whenever the policy version changes, which bounds it to the prompts of about one
+    round (a prompt costs 77 x 2048 + 1280 floats on SDXL, ~0.3 MB in bf16) and keeps a colocated
+    learner's encoders honest should they ever train.
 
     Args:
-        pipe: a ``StableDiffusionXLPipeline`` (any UNet with ``text_time`` conditioning).
+        pipe: a diffusers pipeline of a family :mod:`families` implements.
         model_id: recorded with every sample.
         compile: ``torch.compile`` the UNet and the VAE decoder in place (:meth:`compile`).
         cache_prompts: keep prompt embeddings across calls (False: encode every batch, as before).
@@ -144,8 +108,9 @@ class Sampler:
 
     def __init__(self, pipe, model_id: str = "", scheduler: str = "default", compile: bool = False,
                  cache_prompts: bool = True):
+        self.family = family_of(pipe)
         if scheduler == "ddim":
-            pipe.scheduler = ddim_scheduler(pipe.scheduler.config)
+            pipe.scheduler = self.family.stochastic_scheduler(pipe.scheduler.config)
         elif scheduler != "default":
             raise ValueError(f"unknown scheduler {scheduler!r}; use 'default' or 'ddim'")
         self.pipe = pipe
@@ -153,7 +118,7 @@ class Sampler:
         self.policy_version = 0
         self.lora: MergedLora | None = None  # set by add_lora(merge=True)
         self.cache_prompts = cache_prompts
-        self._prompt_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> (77, D), (P,)
+        self.prompt_cache = PromptCache(self.family, enabled=cache_prompts)  # prompt -> (77, D), (P,)
         self._numpy_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the same as float32 arrays
         self._cache_version = self.policy_version
         if compile:
@@ -165,13 +130,11 @@ class Sampler:
 
     def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str], merge: bool = True) -> None:
         """Prepare the UNet for the learner's LoRA: merged into the weights (default; :class:`MergedLora`)
-        or as an unmerged peft adapter (``merge=False``; one builder with the learner: ``add_lora``).
+        or as an unmerged peft adapter (``merge=False``; one builder with the learner: ``families.add_lora``).
         Either way the policy is the base model until the first :meth:`load_lora`."""
         if merge:
             self.lora = MergedLora(self.pipe.unet, rank, alpha, target_modules)
             return
-        from rollouts.models import add_lora
-
         add_lora(self.pipe.unet, rank, alpha, target_modules)
 
     def load_lora(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> None:
@@ -203,44 +166,31 @@ class Sampler:
         self.pipe.unet.compile(mode=mode, dynamic=False)
         self.pipe.vae.decoder.compile(mode=mode, dynamic=False)
 
-    def prompt_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds (B, 77, D), pooled (B, P)) for ``prompts``, each distinct prompt encoded once
-        per policy version (see the class docstring); the same rows as ``pipe.encode_prompt``."""
+    def prompt_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:
+        """The family's per-prompt rows (SDXL: prompt_embeds (B, 77, D), pooled (B, P)) for ``prompts``,
+        each distinct prompt encoded once per policy version (see the class docstring)."""
         if self._cache_version != self.policy_version:
-            self._prompt_cache.clear()
+            self.prompt_cache.clear()
             self._numpy_cache.clear()
             self._cache_version = self.policy_version
-        cache = self._prompt_cache if self.cache_prompts else {}
-        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if missing:
-            enc, _, pooled, _ = self.pipe.encode_prompt(prompt=missing, device=self.device, num_images_per_prompt=1,
-                                                        do_classifier_free_guidance=False)
-            cache.update({p: (enc[i], pooled[i]) for i, p in enumerate(missing)})
-        return torch.stack([cache[p][0] for p in prompts]), torch.stack([cache[p][1] for p in prompts])
+        return self.prompt_cache.rows(self.pipe, prompts, self.device)
 
-    def conditioning(self, prompts: Sequence[str], height: int, width: int, negative_prompt: str | None = None):
-        """What ``rollouts.models.sdxl_conditioning`` returns (negative rows first when guided), from the
-        prompt cache, plus {prompt: (prompt_embeds (77, D), pooled (P,))} float32 arrays for the batch."""
-        pipe, b = self.pipe, len(prompts)
-        pos, pooled = self.prompt_embeddings(prompts)
-        time_ids = pipe._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=pos.dtype,
-            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
-        ).to(self.device).repeat(b, 1)
+    def conditioning(self, prompts: Sequence[str], height: int, width: int,
+                     negative_prompt: str | None = None) -> tuple[Conditioning, dict]:
+        """The family's conditioning (negative rows first when guided) from the prompt cache, and the
+        batch's per-prompt rows as float32 arrays, {prompt: (prompt_embeds (77, D), pooled (P,))}."""
+        rows = self.prompt_embeddings(prompts)
         # one device-to-host copy per prompt and policy version; read-only, as the cache shares them
         numpy_cache = self._numpy_cache if self.cache_prompts else {}
         for i, p in enumerate(prompts):
             if p not in numpy_cache:
-                numpy_cache[p] = (pos[i].float().cpu().numpy(), pooled[i].float().cpu().numpy())
+                numpy_cache[p] = tuple(f[i].float().cpu().numpy() for f in rows)
                 for a in numpy_cache[p]:
                     a.setflags(write=False)
         arrays = {p: numpy_cache[p] for p in dict.fromkeys(prompts)}
         if negative_prompt is not None:
-            neg, neg_pooled = self.prompt_embeddings([negative_prompt])
-            pos = torch.cat([neg.expand(b, -1, -1), pos])
-            pooled = torch.cat([neg_pooled.expand(b, -1), pooled])
-            time_ids = torch.cat([time_ids, time_ids])
-        return pos, {"text_embeds": pooled, "time_ids": time_ids}, arrays
+            rows = with_negative(rows, self.prompt_embeddings([negative_prompt]))
+        return self.family.conditioning(rows, height, width), arrays
 
     @torch.no_grad()
     def load_full(self, buckets: Iterable[dict[str, torch.Tensor]], policy_version: int) -> None:
@@ -271,11 +221,12 @@ class Sampler:
 
     @torch.no_grad()
     def unet_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
-        """The policy's (unguided) eps prediction for one input, as the learner computes it."""
-        pipe, dev = self.pipe, self.device
-        enc, added = sdxl_conditioning(pipe, [prompt] * x.shape[0], x.shape[-2] * 8, x.shape[-1] * 8, dev)
-        return pipe.unet(x.to(dev, pipe.unet.dtype), t, encoder_hidden_states=enc, added_cond_kwargs=added
-                         ).sample.float().cpu()
+        """The policy's (unguided) eps prediction for one input, as the learner computes it (the prompt
+        encoded afresh for every row, not from the cache)."""
+        pipe, dev, f = self.pipe, self.device, self.family
+        rows = f.encode_prompts(pipe, [prompt] * x.shape[0], dev)
+        cond = f.conditioning(rows, x.shape[-2] * f.latent_factor, x.shape[-1] * f.latent_factor)
+        return f.predict(pipe.unet, x.to(dev, pipe.unet.dtype), t, cond).float().cpu()
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
@@ -309,8 +260,8 @@ class Sampler:
         cfg = settings.guidance_scale > 1.0
         negative = settings.negative_prompt if cfg else None
         gens = seeded_generators(seeds)
-        pos, added, conditioning = self.conditioning(prompts, settings.height, settings.width, negative)
-        pooled, time_ids = added["text_embeds"], added["time_ids"]
+        cond, conditioning = self.conditioning(prompts, settings.height, settings.width, negative)
+        pos = cond.embeds
 
         scheduler = pipe.scheduler
         scheduler.set_timesteps(settings.num_inference_steps, device=dev)
@@ -334,25 +285,21 @@ class Sampler:
             rows = torch.tensor(group, device=dev)
             x = pipe.prepare_latents(len(heads), pipe.unet.config.in_channels, settings.height, settings.width,
                                      pos.dtype, dev, seeded_generators([s for _, s in heads]))
-            prefix_pos, prefix_added, _ = self.conditioning([p for p, _ in heads], settings.height, settings.width,
-                                                            negative)
+            prefix_cond, _ = self.conditioning([p for p, _ in heads], settings.height, settings.width, negative)
         xs, log_probs = [], []
         for i, t in enumerate(scheduler.timesteps):
             if rows is not None and i <= window.start:  # the shared prefix, and eps at x_j, the window's first input
-                eps = guided_eps(pipe.unet, scheduler, x, t, prefix_pos, prefix_added["text_embeds"],
-                                 prefix_added["time_ids"], settings.guidance_scale)
+                eps = self.family.guided_prediction(pipe.unet, scheduler, x, t, prefix_cond, settings.guidance_scale)
                 if i == window.start:
                     x, eps = x[rows], eps[rows]  # the branches: a copy of the group's x_j (and eps) per sample
             else:
-                eps = guided_eps(pipe.unet, scheduler, x, t, pos, pooled, time_ids, settings.guidance_scale)
+                eps = self.family.guided_prediction(pipe.unet, scheduler, x, t, cond, settings.guidance_scale)
             if record and window.start <= i < window.start + window.size:
-                from rollouts.ddim_logprob import scheduler_step_with_logprob
-
                 if i == window.start:
                     xs.append(x)  # x_j: where the window's first action starts
                 # the same per-sample noise draws as DDIMScheduler.step with these generators
                 z = torch.cat([torch.randn((1, *x.shape[1:]), generator=g, dtype=x.dtype) for g in gens]).to(dev)
-                out = scheduler_step_with_logprob(scheduler, eps, t, x, eta=settings.eta, noise=z)
+                out = self.family.step_with_logprob(scheduler, eps, t, x, eta=settings.eta, noise=z)
                 x = out.prev_sample
                 xs.append(x)
                 log_probs.append(out.log_prob)
@@ -405,8 +352,9 @@ class Sampler:
                              f"or rollout.num_inference_steps")
         cfg = settings.guidance_scale > 1.0
         gens = seeded_generators(seeds)
-        pos, added, conditioning = self.conditioning(prompts, settings.height, settings.width,
-                                                     settings.negative_prompt if cfg else None)
+        cond, conditioning = self.conditioning(prompts, settings.height, settings.width,
+                                               settings.negative_prompt if cfg else None)
+        pos = cond.embeds
         scheduler = pipe.scheduler
         scheduler.set_timesteps(n, device=dev)
         start = (n - n_run) * scheduler.order
@@ -424,8 +372,7 @@ class Sampler:
         x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(x0.shape[0]))
         step_kwargs = pipe.prepare_extra_step_kwargs(gens, settings.eta)
         for i, t in enumerate(timesteps):
-            eps = guided_eps(pipe.unet, scheduler, x, t, pos, added["text_embeds"], added["time_ids"],
-                             settings.guidance_scale)
+            eps = self.family.guided_prediction(pipe.unet, scheduler, x, t, cond, settings.guidance_scale)
             x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
             if m is not None:
                 known = x0 if i == len(timesteps) - 1 else scheduler.add_noise(

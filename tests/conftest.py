@@ -19,7 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> str:
     """The seeded tiny model, built once per cache directory (what `model.path: rlfh:tiny-sdxl` loads)."""
-    from rollouts.models import resolve_model_path
+    from families import resolve_model_path
 
     return resolve_model_path("rlfh:tiny-sdxl")
 

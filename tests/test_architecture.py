@@ -1,5 +1,6 @@
-"""The layers hold: rewards/ and rollouts/ never import rlfh; no import cycles; the learner never
-imports the recipes; nothing reaches into another module's private names.
+"""The layers hold: rewards/ and rollouts/ never import rlfh; families/ (the model boundary) imports
+none of rlfh, rollouts and rewards; the learner imports rollouts/ only where colocated mode samples
+and never imports the recipes; no import cycles; nothing reaches into another module's private names.
 
 Imports are read from the source (ast), including those inside functions: a lazy import that
 closes a cycle is still a cycle for a reader.
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("rlfh", "rewards", "rollouts")
+PACKAGES = ("rlfh", "rewards", "rollouts", "families")
 
 
 def module_name(path: Path) -> str:
@@ -69,6 +70,21 @@ def test_rewards_and_rollouts_are_independent():
     assert not bad, bad
 
 
+def test_families_import_none_of_rlfh_rollouts_rewards():
+    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.split(".")[0] == "families"
+                 for t in ts if t.split(".")[0] in ("rlfh", "rollouts", "rewards"))
+    assert not bad, bad
+
+
+def test_learner_imports_rollouts_only_to_sample_colocated():
+    graph = import_graph()
+    bad = sorted(f"{m} -> {t}" for m, ts in graph.items()
+                 if m.startswith("rlfh.learner") and m != "rlfh.learner.colocate"
+                 for t in ts if t.split(".")[0] == "rollouts")
+    assert not bad, bad
+    assert any(t.startswith("rollouts") for t in graph["rlfh.learner.colocate"])  # the rule checks a real edge
+
+
 def test_learner_never_imports_recipes():
     bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.startswith("rlfh.learner")
                  for t in ts if t.startswith("rlfh.recipes"))
@@ -121,7 +137,7 @@ def private_names() -> set[str]:
     return {n for n in names if n.startswith("_") and not n.startswith("__")}
 
 
-@pytest.mark.parametrize("root", ["rlfh", "rewards", "rollouts", "bench", "tests"])
+@pytest.mark.parametrize("root", ["rlfh", "rewards", "rollouts", "families", "bench", "tests"])
 def test_no_cross_module_private_names(root):
     ours = private_names()
     bad = []

@@ -56,7 +56,7 @@ def mean_reward(model_dir: str, lora_dir=None) -> float:
     """Mean JPEG compressibility of fresh samples at fixed seeds, with an optional LoRA loaded the stock way."""
     from rewards.jpeg import JpegCompressibility
     from rlfh.config.schema import load_config
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
     from rlfh.data.prompts import load_prompts
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings

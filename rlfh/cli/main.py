@@ -81,7 +81,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from rollouts.models import make_tiny_model
+    from families import make_tiny_model
 
     path = make_tiny_model(args.dir, seed=args.seed, pretrain_steps=args.pretrain_steps)
     print(f"[rlfh] tiny SDXL-architecture pipeline written to {path}")

@@ -118,7 +118,7 @@ def load_vae(model_cfg, device: str | torch.device = "cpu"):
     """The run's VAE alone (``model.vae_path`` when set), in ``model.dtype``, as the pipeline holds it."""
     from diffusers import AutoencoderKL
 
-    from rollouts.models import DTYPES, load_pipeline, resolve_model_path
+    from families import DTYPES, load_pipeline, resolve_model_path
 
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.vae_path:

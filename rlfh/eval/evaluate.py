@@ -175,7 +175,7 @@ def sample_images(cfg, spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[
     import torch
     from tqdm import tqdm
 
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 

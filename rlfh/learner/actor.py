@@ -43,10 +43,9 @@ class LearnerRank:
             set_rendezvous(rank, world_size, *master)
         self.learner = LearnerEngine(cfg, keep_vae=colocate)
         if colocate:
-            from rlfh.learner.colocate import Handover
-            from rollouts.sampler import Sampler
+            from rlfh.learner.colocate import Handover, colocated_sampler
 
-            self.sampler = Sampler(self.learner.pipe, model_id=cfg.model.path, scheduler=cfg.rollout.scheduler)
+            self.sampler = colocated_sampler(self.learner, model_id=cfg.model.path, scheduler=cfg.rollout.scheduler)
             self.handover = Handover(self.learner)
         return self.learner.num_trainable
 
@@ -95,14 +94,14 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ colocated mode: the rollout side
     def sample(self, prompts, seeds, settings, batch_size: int, record: bool = False, branch_seeds=None):
-        from rollouts.actor import sample_in_batches
+        from rlfh.learner.colocate import sample_in_batches
 
         self.handover.to_sampling()
         return sample_in_batches(self.sampler, prompts, seeds, settings, batch_size, record, branch_seeds)
 
     def refine(self, latents, prompts, seeds, settings, strength: float, masks=None, batch_size: int = 8):
         """``Sampler.refine`` (SDEdit, or inpainting with masks) with the learner's own UNet."""
-        from rollouts.actor import refine_in_batches
+        from rlfh.learner.colocate import refine_in_batches
 
         self.handover.to_sampling()
         return refine_in_batches(self.sampler, latents, prompts, seeds, settings, strength, masks, batch_size)

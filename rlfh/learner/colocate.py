@@ -21,6 +21,17 @@ from __future__ import annotations
 
 import torch
 
+# The rollout side of a colocated learner, the one place the learner imports rollouts/ (the layering
+# test holds it): batching as the rollout actors batch.
+from rollouts.actor import refine_in_batches, sample_in_batches  # noqa: F401 (used by rlfh.learner.actor)
+
+
+def colocated_sampler(learner, model_id: str, scheduler: str):
+    """A rollout sampler over the learner's own pipeline: its denoiser is the one being trained."""
+    from rollouts.sampler import Sampler
+
+    return Sampler(learner.pipe, model_id=model_id, scheduler=scheduler)
+
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, device) -> int:
     """Move a torch optimizer's state tensors (Adam moments) to ``device``; returns bytes moved."""

@@ -1,15 +1,21 @@
-"""The learner's engine: the SDXL UNet being trained, its reference, and the DeepSpeed engine around it.
+"""The learner's engine: the model being trained, its reference, and the DeepSpeed engine around it.
 
 :class:`LearnerEngine` holds the state and the model calls; the training loops that use it are
-plain functions in :mod:`rlfh.learner.steps`. What it owns:
+plain functions in :mod:`rlfh.learner.steps`. It composes three parts, each built from what it
+needs of the config:
 
-* the pipeline (the UNet; the text encoders only until a round's batch brings the rollouts' prompt
-  embeddings, unless HG-DPO, DDPO or colocated sampling needs them; the VAE only in colocated mode);
-* the policy: the UNet with a LoRA adapter (``learner.lora``), or the whole UNet trainable;
-* the reference: the same UNet with the adapter disabled, or a frozen copy for full training;
-* the DeepSpeed engine (ZeRO, accumulation, clipping, bf16), an optional EMA of the weights;
-* the step counters and the generator that draws every t, eps and shuffle (saved in checkpoints);
-* the policy's weights for the rollout actors, in buckets, and checkpoint save / load.
+* :class:`rlfh.learner.policy.PolicyWeights`: the denoiser with a LoRA adapter (``learner.lora``)
+  or every weight trainable, its reference (adapter off, a frozen copy, or the EMA), the EMA, the
+  HcP layer, the kept copies of the sampling policy;
+* :class:`rlfh.learner.optimization.Optimization`: the DeepSpeed engine (ZeRO, accumulation,
+  clipping, bf16) and the optimizer;
+* :class:`rlfh.learner.checkpoint.CheckpointIO`: checkpoint save / load.
+
+Itself it holds the pipeline (the denoiser; the text encoders only until a round's batch brings the
+rollouts' prompt embeddings, unless HG-DPO, DDPO or colocated sampling needs them; the VAE only in
+colocated mode), the model family's calls (:mod:`families`: conditioning with its prompt cache, the
+noise schedule, the stochastic sampler step), the step counters and the generator that draws every
+t, eps and shuffle (saved in checkpoints).
 
 With several ranks (``resources.num_learner_ranks`` / ``num_learner_gpus``; the process group is
 set up by :mod:`rlfh.learner.group`) every rank builds one engine; DeepSpeed averages gradients.
@@ -17,16 +23,16 @@ set up by :mod:`rlfh.learner.group`) every rank builds one engine; DeepSpeed ave
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from families import Conditioning
+from rlfh.learner.checkpoint import CheckpointIO
+from rlfh.learner.optimization import Optimization, engine_config
+from rlfh.learner.policy import PolicyWeights
 
 
 class NonFiniteError(RuntimeError):
@@ -54,95 +60,31 @@ def needs_text_encoders(cfg) -> bool:
                 or cfg.learner.cfg_distill is not None)
 
 
-def make_optimizer(params, lc, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over ``params`` with ``learner.optimizer_impl``: ``auto`` takes torch's fused kernel
-    where torch has one for the device (CUDA, and CPU since torch 2.4), else foreach: one kernel
-    (or one vectorized loop) over all tensors instead of ~10 small ops per tensor, which matters for
-    LoRA's hundreds of small matrices. Fused/foreach differ from the per-tensor loop by float
-    rounding only (tests/rlfh/test_learner_fast.py bounds it)."""
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
-
-    impl = lc.optimizer_impl
-    if impl == "auto":
-        impl = "fused" if device.type in _get_fused_kernels_supported_devices() else "foreach"
-    kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
-    return torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.adam_betas), weight_decay=lc.weight_decay, **kw)
-
-
 def deepspeed_config(cfg) -> dict:
+    """DeepSpeed's config for ``cfg`` (:func:`rlfh.learner.optimization.engine_config`)."""
     lc = cfg.learner
     # DDPO accumulates over the trained timesteps of each micro-batch too (one backward per step)
     per_item = ddpo_train_steps(cfg) if lc.loss == "ddpo" else 1
-    gas = cfg.gradient_accumulation_steps * per_item
-    zero: dict = {"stage": lc.zero_stage}
-    if lc.zero_stage == 3:
-        # ZeRO-3's memory-efficient linear computes x @ W^T + b in another order than torch's linear:
-        # the policy would differ from the rollout actors' copy in the last bits (sync check, DDPO ratios)
-        zero["memory_efficient_linear"] = False
-    if lc.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if lc.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    ds = {
-        "train_batch_size": lc.micro_batch_size_per_gpu * gas * cfg.learner_world_size,
-        "train_micro_batch_size_per_gpu": lc.micro_batch_size_per_gpu,
-        "gradient_accumulation_steps": gas,
-        "gradient_clipping": lc.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "fp16": {"enabled": False},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if lc.offload_optimizer:
-        # ZeRO-Offload steps the optimizer on CPU with DeepSpeed's own CPUAdam (built on first use)
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": lc.lr, "betas": list(lc.adam_betas),
-                                                       "weight_decay": lc.weight_decay}}
-    return ds
-
-
-class UNetWithWeights:
-    """Calls ``unet`` with some of its parameters replaced (``torch.func.functional_call``): the
-    module's own parameters are never written, so autograd graphs through them stay valid."""
-
-    def __init__(self, unet, weights: dict[str, torch.Tensor]):
-        self.unet, self.weights = unet, weights
-
-    def __call__(self, *args, **kwargs):
-        from torch.func import functional_call
-
-        return functional_call(self.unet, self.weights, args, kwargs)
-
-
-class UNetWithoutAdapter:
-    """Calls the engine's LoRA UNet with its adapter off (:meth:`LearnerEngine.adapters_off`)."""
-
-    def __init__(self, lrn: "LearnerEngine"):
-        self.lrn = lrn
-
-    def __call__(self, *args, **kwargs):
-        with self.lrn.adapters_off():
-            return self.lrn.unet(*args, **kwargs)
+    return engine_config(lc, cfg.gradient_accumulation_steps * per_item, cfg.learner_world_size,
+                         bf16=cfg.model.dtype == "bfloat16")
 
 
 class LearnerEngine:
-    """An SDXL UNet (LoRA via peft, or full) inside a DeepSpeed engine, with its reference.
+    """A model family's denoiser (LoRA via peft, or full) inside a DeepSpeed engine, with its reference.
 
     Args:
-        cfg: the full :class:`rlfh.config.schema.Config` (reads ``model``, ``learner``, ``seed``).
+        cfg: the full :class:`rlfh.config.schema.Config`; each part gets what it needs of it
+            (``model``, ``learner``, ``seed``, and the rollout's step count for DDPO's sampler).
         device: torch device (``cuda`` when available, else ``cpu``).
         keep_vae: keep the pipeline's VAE (colocated mode samples with this engine's pipeline).
     """
 
     def __init__(self, cfg, device: str | None = None, keep_vae: bool = False):
-        import deepspeed
         import torch.distributed as dist
-        from diffusers import DDPMScheduler
 
+        from families import PromptCache, family_of, load_pipeline
         from rlfh.learner.distributed import init_distributed
         from rlfh.losses import fairness
-        from rollouts.models import add_lora, load_pipeline
 
         self.cfg = cfg
         lc = cfg.learner
@@ -151,97 +93,33 @@ class LearnerEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if self.world_size != cfg.learner_world_size:
             raise RuntimeError(f"the process group has {self.world_size} ranks but the config asks for "
-                               f"{cfg.learner_world_size} learner ranks (resources.num_learner_ranks / num_learner_gpus)")
+                               f"{cfg.learner_world_size} learner ranks "
+                               f"(resources.num_learner_ranks / num_learner_gpus)")
         pipe = load_pipeline(cfg.model, self.device)
+        self.family = family = family_of(pipe)
         self.vae = pipe.vae if keep_vae else None
         if not keep_vae:
             pipe.vae = None  # the learner trains on latents
         self.pipe = pipe
-        self.vae_scale = 8
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.vae_scale = family.latent_factor
+        self.schedule = family.noise_schedule(pipe.scheduler.config)
         self.ddim = None
         if lc.loss == "ddpo":
-            from rollouts.sampler import ddim_scheduler
-
-            self.ddim = ddim_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
+            self.ddim = family.stochastic_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
             self.ddim.set_timesteps(cfg.rollout.num_inference_steps, device=self.device)
-        unet = pipe.unet
-        unet.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
-        pipe.text_encoder_2.requires_grad_(False)
-        # what time ids need once the encoders are gone (see take_conditioning)
-        self.projection_dim = pipe.text_encoder_2.config.projection_dim
+        for name in family.text_encoders:
+            getattr(pipe, name).requires_grad_(False)
         self.keep_text_encoders = keep_vae or needs_text_encoders(cfg)
-        self.ref_unet = None
-        self.hcp = None
-        if lc.lora.enabled:
-            torch.manual_seed(cfg.seed)  # LoRA A matrices come from the global RNG: make runs repeatable
-            add_lora(unet, lc.lora.rank, lc.lora.alpha, lc.lora.target_modules)
-            if lc.hcp.enabled:  # after the LoRA, so that phi gets no adapter; its init draws from the same seeded RNG
-                from rlfh.learner.hcp import HcP
-
-                self.hcp = HcP(unet, lc.hcp, pipe.tokenizer)
-        else:
-            # full fine-tuning: the reference is a frozen copy (LoRA avoids this second UNet)
-            self.ref_unet = copy.deepcopy(unet).eval()
-            unet.requires_grad_(True)
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()  # trainable weights in fp32; DeepSpeed bf16 keeps its own copy
-        if lc.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        params = [p for p in unet.parameters() if p.requires_grad]
-        if not params:
-            raise RuntimeError("no trainable parameters: check learner.lora.target_modules against the UNet's module names")
-        self.num_trainable = sum(p.numel() for p in params)
-        optimizer = None
-        if not lc.offload_optimizer:
-            optimizer = make_optimizer(params, lc, self.device)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=unet, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg))
-        self._trainable = params  # fixed from here on; walking the UNet's parameters costs ms per call
-        self.ema = None
-        if lc.ema_decay is not None:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(params, decay=lc.ema_decay)
-        # Kept copies of the trainable weights the UNet can predict with (predict_with): the policy that
-        # sampled the round (nft, awm) and the EMA reference (learner.reference=ema); see begin_round.
-        self.old_weights: list[torch.Tensor] | None = None
-        self.reference_weights: list[torch.Tensor] | None = None
-        self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
-        self.unet = self.engine.module
-        # diffusers' ModelMixin.dtype walks every parameter on each access; the dtype never changes
-        self.dtype = self.unet.dtype
-        # The LoRA layers, collected once: the reference switches only them off. peft's
-        # disable_adapters()/enable_adapters() walk every module of the UNet (and flip requires_grad
-        # on every adapter weight) twice per step: 15 ms of a 100 ms step on the tiny model.
-        self.lora_layers = []
-        if self.ref_unet is None:
-            from peft.tuners.tuners_utils import BaseTunerLayer
-
-            self.lora_layers = [m for m in self.unet.modules() if isinstance(m, BaseTunerLayer)]
-            if not all(hasattr(m, "_disable_adapters") for m in self.lora_layers):
-                self.lora_layers = None  # a peft without the flag: fall back to its own toggle
-        # One rank, ZeRO-0, fp32 optimizer: DeepSpeed's gradient all-reduce is a flatten, an all_reduce
-        # over one rank and a copy back of every gradient (and a /1): it changes no value, so skip it.
-        # Its one other effect, zero gradients for trainable weights that got none, backward() keeps.
-        # (bf16 keeps it: DeepSpeed's BF16 optimizer reduces its own fp32 gradient buffers there.)
-        self.skip_allreduce = (self.world_size == 1 and lc.zero_stage == 0
-                               and not hasattr(self.engine.optimizer, "get_grads_for_reduction"))
-        if self.skip_allreduce:
-            self.engine.enable_backward_allreduce = False
-        if not (self.engine.fp16_enabled() or self.engine.bfloat16_enabled() or self.engine.zero_optimization()):
-            # DeepSpeed's plain fp32 step clips and zeroes gradients by walking every parameter of the
-            # module (a LoRA UNet's ~2.5k frozen ones too), ~20 ms of Python per step: do the same on
-            # the trainable ones. The frozen ones never hold a gradient, so the values are the same.
-            self.engine.clip_fp32_gradients = self._clip_trainable_gradients
-            self.engine.zero_grad = self._zero_trainable_gradients
-        if lc.compile:
-            # in place: the engine's forward (policy) and direct calls (reference, sync checks) both
-            # run the compiled UNet; the adapter flag is a guard, so policy and reference get a graph each
-            self.unet.compile(dynamic=False)
-        self.conditioning: dict | None = None  # the current batch's {prompt: (embeds, pooled)}
+        # the batch's prompt embeddings (take_conditioning), and prompts encoded here; one round's worth
+        self.prompts = PromptCache(family)
+        self.weights = PolicyWeights(getattr(pipe, family.denoiser), lc.lora, lc.hcp, pipe.tokenizer, cfg.seed,
+                                     lc.gradient_checkpointing)
+        self.optimization = Optimization(self.weights.unet, self.weights.trainable, lc, deepspeed_config(cfg),
+                                         self.world_size, self.device)
+        self.weights.wrapped(self.optimization.engine.module, lc.ema_decay, lc.compile)
+        self.checkpoints = CheckpointIO(family, self.weights, self.optimization, self.rank, self.world_size,
+                                        lc.reference == "ema", self.device)
+        self.dtype = self.weights.dtype
         # Per-region gradients (MPD, MGDA) take torch.autograd.grad, which the engine's forward refuses;
         # the wrapped module keeps ZeRO <= 2's gradient hooks on the parameters.
         per_region = fairness.needs_region_gradients(lc.fairness.rule, len(lc.regions))
@@ -250,162 +128,140 @@ class LearnerEngine:
         self.policy_version = 0  # rounds trained: what the rollout actors' samples are tagged with
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
 
-    # ------------------------------------------------------------------ model calls
-    def trainable_parameters(self) -> list[torch.Tensor]:
-        return self._trainable
-
-    def _clip_trainable_gradients(self) -> torch.Tensor:
-        """DeepSpeed's fp32 ``clip_grad_norm_`` (2-norm of the per-tensor norms, coefficient
-        min(1, max / (norm + 1e-6))) on the trainable parameters' gradients, without its walk over the
-        module and its all-reduce of the norm over a data-parallel group (this path is ZeRO-0, whose
-        gradients are already reduced when it runs)."""
-        grads = [p.grad for p in self._trainable if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.device)
-        total = torch.stack(torch._foreach_norm(grads)).pow(2).sum().pow(0.5)
-        coef = torch.clamp(self.engine.gradient_clipping() / (total + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, coef)
-        return total
-
-    def _zero_trainable_gradients(self) -> None:
-        for p in self._trainable:
-            p.grad = None
+    # ------------------------------------------------------------------ the parts' state, by its old names
+    unet = property(lambda self: self.weights.unet)
+    ref_unet = property(lambda self: self.weights.ref_unet)
+    hcp = property(lambda self: self.weights.hcp)
+    ema = property(lambda self: self.weights.ema)
+    lora_layers = property(lambda self: self.weights.lora_layers)
+    num_trainable = property(lambda self: self.weights.num_trainable)
+    trainable_names = property(lambda self: self.weights.trainable_names)
+    old_weights = property(lambda self: self.weights.old_weights)
+    reference_weights = property(lambda self: self.weights.reference_weights)
+    engine = property(lambda self: self.optimization.engine)
+    optimizer = property(lambda self: self.optimization.optimizer)
 
     @property
+    def skip_allreduce(self) -> bool:
+        return self.optimization.skip_allreduce
+
+    @skip_allreduce.setter
+    def skip_allreduce(self, value: bool) -> None:
+        self.optimization.skip_allreduce = value
+
+    def trainable_parameters(self) -> list[torch.Tensor]:
+        return self.weights.trainable
+
+    # ------------------------------------------------------------------ conditioning
+    @property
     def has_text_encoders(self) -> bool:
-        return self.pipe.text_encoder is not None
+        return self.family.has_text_encoders(self.pipe)
+
+    @property
+    def conditioning(self) -> dict:
+        """The prompt rows this engine holds, {prompt: (prompt_embeds (77, D), pooled (P,))}."""
+        return self.prompts.rows_of
+
+    @conditioning.setter
+    def conditioning(self, table: dict | None) -> None:
+        """Start over from a batch's ``{prompt: per-prompt arrays}`` (what the rollout actors
+        conditioned on; None or empty: nothing)."""
+        self.prompts.clear()
+        for prompt, rows in (table or {}).items():
+            self.prompts.put(prompt, tuple(torch.tensor(np.asarray(r), device=self.device) for r in rows))
 
     def take_conditioning(self, table: dict | None, prompts) -> None:
         """Use a batch's ``{prompt: (prompt_embeds (77, D), pooled (P,))}`` (what the rollout actors
         conditioned on) for :meth:`condition` while training on it. When it covers every prompt of
         the batch and nothing else in this run encodes (:func:`needs_text_encoders`), the text
         encoders are dropped: the learner then holds none (on SDXL 0.8 B parameters, 1.6 GB in bf16)."""
-        self.conditioning = table or None
-        if (self.conditioning is not None and not self.keep_text_encoders and self.has_text_encoders
-                and all(p in self.conditioning for p in prompts)):
-            self.pipe.text_encoder = self.pipe.text_encoder_2 = None
+        self.conditioning = table
+        if (table and not self.keep_text_encoders and self.has_text_encoders
+                and all(p in table for p in prompts)):
+            self.family.drop_text_encoders(self.pipe)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
     def condition(self, prompts: list[str], height: int, width: int, negative_prompt: str | None = None):
-        """SDXL conditioning (prompt embeddings, pooled embeddings and time ids) in the UNet's dtype;
-        with ``negative_prompt``, the negative rows come first (classifier-free guidance).
+        """The family's conditioning (for SDXL: prompt embeddings, pooled embeddings and time ids) in the
+        UNet's dtype, as ``(enc, added)``; with ``negative_prompt``, the negative rows come first
+        (classifier-free guidance).
 
-        Prompt embeddings come from the batch's conditioning (:meth:`take_conditioning`) when it
-        holds every prompt, else from the text encoders. Equal either way: the rollout actors
-        encode with the same frozen encoders (tests/rlfh/test_learner_fast.py)."""
-        table = self.conditioning
+        Prompt embeddings come from the batch's conditioning (:meth:`take_conditioning`) where it
+        has them, else from the text encoders, each prompt once per round (:class:`families.PromptCache`).
+        Equal either way: the rollout actors encode with the same frozen encoders
+        (tests/rlfh/test_learner_fast.py)."""
         wanted = list(prompts) + ([negative_prompt] if negative_prompt is not None else [])
-        if table is not None and all(p in table for p in wanted):
-            return self._condition_from_table(table, prompts, height, width, negative_prompt)
-        if not self.has_text_encoders:
-            missing = sorted({p for p in wanted if table is None or p not in table})
+        missing = self.prompts.missing(wanted)
+        if missing and not self.has_text_encoders:
             raise RuntimeError(f"the learner dropped its text encoders (the rollouts send the prompt embeddings) "
-                               f"but has none for {missing[:3]}: pass the batch's conditioning")
-        from rollouts.models import sdxl_conditioning
+                               f"but has none for {sorted(missing)[:3]}: pass the batch's conditioning")
+        cond = self.prompts.conditioning(self.pipe, prompts, height, width, self.device, negative_prompt)
+        return cond.to(self.dtype)
 
-        enc, added = sdxl_conditioning(self.pipe, prompts, height, width, self.device, negative_prompt)
-        dtype = self.dtype
-        return enc.to(dtype), {k: v.to(dtype) for k, v in added.items()}
-
-    def _condition_from_table(self, table: dict, prompts, height: int, width: int, negative_prompt: str | None):
-        # what sdxl_conditioning returns, with the encoder outputs looked up: embeddings stacked in
-        # prompt order, time ids computed in the encoders' dtype (the model's) as it does
-        from rollouts.models import DTYPES
-
-        rows = ([negative_prompt] * len(prompts) if negative_prompt is not None else []) + list(prompts)
-        enc = torch.from_numpy(np.stack([np.asarray(table[p][0]) for p in rows])).to(self.device)
-        pooled = torch.from_numpy(np.stack([np.asarray(table[p][1]) for p in rows])).to(self.device)
-        time_ids = self.pipe._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=DTYPES[self.cfg.model.dtype],
-            text_encoder_projection_dim=self.projection_dim).to(self.device).repeat(len(rows), 1)
-        dtype = self.dtype
-        return enc.to(dtype), {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
-
+    # ------------------------------------------------------------------ the noise schedule
     def draw_noise(self, count: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """t ~ U{0..T-1} and eps ~ N(0, I) for ``count`` items, from the engine's generator."""
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (count,), generator=self.generator)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (count,), generator=self.generator)
         return t, torch.randn((count, *shape), generator=self.generator)
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps in the UNet's dtype, t on the device, and the
         training target (eps, or v for v-prediction models)."""
         t, eps = t.to(self.device), eps.to(self.device)
-        x_t = self.noise_scheduler.add_noise(x0, eps, t)
-        return x_t.to(self.dtype), t, self.prediction_target(x0, t, eps)
+        x_t = self.schedule.add_noise(x0, eps, t)
+        return x_t.to(self.dtype), t, self.schedule.target(x0, eps, t)
 
     def prediction_target(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """What the UNet should output at x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: eps, or
-        v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 for v-prediction models (the scheduler's ``prediction_type``)."""
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            return eps
-        if kind == "v_prediction":
-            return self.noise_scheduler.get_velocity(x0, eps, t)
-        raise ValueError(f"unsupported prediction_type {kind!r}")
+        """What the denoiser should output at x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (eps, or v)."""
+        return self.schedule.target(x0, eps, t)
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """abar_t (float32, on the device) of the training noise schedule at timesteps ``t``."""
-        return self.noise_scheduler.alphas_cumprod.to(self.device)[t.to(self.device)].float()
+        return self.schedule.alpha_bar(t, self.device)
 
     def x0_scale(self, t: torch.Tensor) -> torch.Tensor:
-        """k_t per sample (B,), float32: x0_hat - x0 = -k_t (pred - target), k_t = sqrt(1 - abar_t) / sqrt(abar_t)
-        for eps-prediction, sqrt(1 - abar_t) for v-prediction (DiffusionNFT's adaptive weighting)."""
-        abar = self.alpha_bar(t).double()  # the schedule is float32: exact in double
-        k = (1 - abar).sqrt()
-        if self.noise_scheduler.config.prediction_type == "epsilon":
-            k = k / abar.sqrt()
-        return k.float()
+        """k_t per sample (B,): x0_hat - x0 = -k_t (pred - target) (:meth:`families.schedule.DDPMSchedule.x0_scale`)."""
+        return self.schedule.x0_scale(t, self.device)
 
+    # ------------------------------------------------------------------ model calls
     def policy(self, x_t, t, enc, added) -> torch.Tensor:
         """The trained UNet's prediction (with gradients)."""
-        return self.policy_model(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        return self.family.predict(self.policy_model, x_t, t, Conditioning(enc, added))
 
     @torch.no_grad()
     def reference(self, x_t, t, enc, added) -> torch.Tensor:
         """The reference's prediction (:meth:`reference_unet`)."""
-        return self.reference_unet()(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        return self.family.predict(self.reference_unet(), x_t, t, Conditioning(enc, added))
 
     def reference_unet(self):
-        """The reference as a UNet-like callable (for guided_eps too; call it without gradients): the
-        frozen copy, or the UNet with its adapter off; with ``learner.reference=ema`` the UNet with the
-        EMA weights of :meth:`begin_round`."""
-        if self.reference_weights is not None:
-            return self.unet_with(self.reference_weights)
-        if self.ref_unet is not None:
-            return self.ref_unet
-        return UNetWithoutAdapter(self)
+        """The reference as a UNet-like callable (:meth:`rlfh.learner.policy.PolicyWeights.reference_unet`)."""
+        return self.weights.reference_unet()
 
-    @contextlib.contextmanager
     def adapters_off(self):
-        """The UNet without its LoRA adapter: the flag peft's LoRA forward reads
-        (``layer.disable_adapters``), set on the collected LoRA layers only. Same forward as
-        ``unet.disable_adapters()``, which also walks every module and flips requires_grad."""
-        if self.lora_layers is None:
-            self.unet.disable_adapters()
-            try:
-                yield
-            finally:
-                self.unet.enable_adapters()
-            return
-        for m in self.lora_layers:
-            m._disable_adapters = True
-        try:
-            yield
-        finally:
-            for m in self.lora_layers:
-                m._disable_adapters = False
+        """The UNet without its LoRA adapter (:meth:`rlfh.learner.policy.PolicyWeights.adapters_off`)."""
+        return self.weights.adapters_off()
 
     @torch.no_grad()
     def predict_with(self, weights: list[torch.Tensor], x_t, t, enc, added) -> torch.Tensor:
         """The UNet's prediction with its trainable weights replaced by ``weights`` (same order) for this
         call only. ``torch.func.functional_call`` leaves the parameters untouched, so a policy forward
         already taken keeps its autograd graph (an in-place swap would invalidate it)."""
-        return self.unet_with(weights)(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        return self.family.predict(self.unet_with(weights), x_t, t, Conditioning(enc, added))
 
-    def unet_with(self, weights: list[torch.Tensor]) -> "UNetWithWeights":
-        """The UNet as a callable whose trainable weights are ``weights`` (for guided_eps and the like)."""
-        return UNetWithWeights(self.unet, dict(zip(self.trainable_names, weights)))
+    def unet_with(self, weights: list[torch.Tensor]):
+        """The UNet as a callable whose trainable weights are ``weights`` (for guided predictions and the like)."""
+        return self.weights.unet_with(weights)
+
+    def guided(self, model, x, t: int, cond, guidance_scale: float) -> torch.Tensor:
+        """``model``'s prediction on x (in the UNet's dtype) under guidance, with the rollout sampler's
+        scheduler (:meth:`families.base.ModelFamily.guided_prediction`; DDPO's recorded steps)."""
+        return self.family.guided_prediction(model, self.ddim, x.to(self.dtype), t, Conditioning(*cond),
+                                             guidance_scale)
+
+    def step_logprob(self, prediction, t: int, x, x_next, eta: float):
+        """The sampler's step from x with ``prediction`` scored at the recorded x_next (DDPO)."""
+        return self.family.step_with_logprob(self.ddim, prediction.float(), t, x, eta=eta, prev_sample=x_next)
 
     def old_policy(self, x_t, t, enc, added) -> torch.Tensor:
         """The prediction of the policy that sampled the round (nft, awm): the weights at its start."""
@@ -420,14 +276,10 @@ class LearnerEngine:
         first round of a process, e.g. after a resume)."""
         lc = self.cfg.learner
         if lc.loss in ("nft", "awm") or lc.trust_region != "clip":
-            # the EMA has not moved since the last sync (it steps with the optimizer), so either way these
-            # are the weights the round was sampled with
-            sampled = self.sampling_weights() or self.trainable_parameters()
-            self.old_weights = [p.detach().clone() for p in sampled]
+            self.weights.keep_sampled(lc.sampling_policy == "ema")
         if lc.reference == "ema" and (self.reference_weights is None
                                       or self.policy_version % lc.reference_refresh_rounds == 0):
-            self.reference_weights = [p.detach().clone().to(q.dtype) for p, q in
-                                      zip(self.ema.shadow_params, self.trainable_parameters())]
+            self.weights.refresh_reference()
 
     # ------------------------------------------------------------------ updates
     def backward(self, loss: torch.Tensor) -> None:
@@ -437,14 +289,7 @@ class LearnerEngine:
             raise NonFiniteError(f"non-finite loss {float(loss.detach())} at optimizer step {self.global_step} "
                                  f"(policy version {self.policy_version}); nothing was applied. Likely cause: "
                                  f"{NONFINITE_CAUSES}")
-        self.engine.backward(loss)
-        if self.skip_allreduce and self.engine.is_gradient_accumulation_boundary():
-            # what DeepSpeed's skipped reduction also did: a weight without a gradient gets a zero
-            # one, so AdamW still steps it (decays its moments) exactly as before
-            for p in self._trainable:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-        self.engine.step()
+        self.optimization.backward_and_step(loss)
 
     def finish_optimizer_step(self) -> None:
         """After the last micro-batch of an optimizer step: count it, check the weights, update the EMA."""
@@ -452,45 +297,26 @@ class LearnerEngine:
         if not self.weights_finite():
             raise NonFiniteError(f"non-finite weights after optimizer step {self.global_step} (policy version "
                                  f"{self.policy_version}): a gradient was NaN/inf. Likely cause: {NONFINITE_CAUSES}")
-        if self.ema is not None:
-            self.ema.step(self.trainable_parameters())
+        self.weights.step_ema()
 
     def weights_finite(self) -> bool:
         """Whether this rank's trainable weights are all finite (under ZeRO-3, its partition)."""
-        local = [getattr(p, "ds_tensor", p).detach() for p in self.trainable_parameters()]
-        local = [v for v in local if v.numel()]
-        return not local or bool(torch.stack(torch._foreach_norm(local)).isfinite().all())
+        return self.weights.weights_finite()
 
     # ------------------------------------------------------------------ the policy's weights
     def gathered(self, params):
-        """A context in which ``params`` hold their whole values: ZeRO-3 keeps only each rank's
-        slice and gathers them here (collective: every rank enters); other stages need nothing."""
-        if self.cfg.learner.zero_stage != 3:
-            return contextlib.nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        """A context in which ``params`` hold their whole values (ZeRO-3 gathers; collective)."""
+        return self.optimization.gathered(params)
 
     def lora_state_dict(self, weights: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The LoRA weights as a peft state dict on CPU (what rollout actors load): the trained ones,
         or ``weights`` in the order of the trainable parameters (e.g. their EMA)."""
-        from peft import get_peft_model_state_dict
-
-        if self.ref_unet is not None:
-            raise RuntimeError("full-UNet training has no LoRA state; sync full weights instead")
-        state = None
-        if weights is not None:
-            state = dict(self.unet.state_dict())
-            state.update(zip(self.trainable_names, weights))
-        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.unet, state).items()}
+        return self.weights.lora_state_dict(weights)
 
     def sampling_weights(self) -> list[torch.Tensor] | None:
         """The trainable weights the rollout actors sample with, when they are not the trained ones:
-        with ``learner.sampling_policy=ema``, the EMA (DiffusionNFT samples with a slowly moving copy
-        of the policy, off-policy); else None."""
-        if self.cfg.learner.sampling_policy != "ema":
-            return None
-        return [s.detach().to(p.dtype) for s, p in zip(self.ema.shadow_params, self.trainable_parameters())]
+        with ``learner.sampling_policy=ema``, the EMA; else None."""
+        return self.weights.sampling_weights(self.cfg.learner.sampling_policy == "ema")
 
     def policy_weight_buckets(self, bucket_bytes: int):
         """What rollout actors need to sample from the current policy, in buckets of at most
@@ -506,111 +332,36 @@ class LearnerEngine:
 
     @torch.no_grad()
     def unet_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
-        """The policy's eps prediction for one input (sync checks: the rollout actor must agree exactly)."""
-        enc, added = self.condition([prompt] * x.shape[0], x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale)
-        return self.unet(x.to(self.device, self.dtype), t, encoder_hidden_states=enc,
-                         added_cond_kwargs=added).sample.float().cpu()
+        """The policy's eps prediction for one input (sync checks: the rollout actor must agree exactly, so
+        the prompt is encoded as ``Sampler.unet_output`` encodes it while the encoders are here)."""
+        f, h, w = self.family, x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale
+        if self.has_text_encoders:
+            cond = f.conditioning(f.encode_prompts(self.pipe, [prompt] * x.shape[0], self.device), h, w).to(self.dtype)
+        else:
+            cond = self.condition([prompt] * x.shape[0], h, w)
+        return f.predict(self.unet, x.to(self.device, self.dtype), t, cond).float().cpu()
 
     # ------------------------------------------------------------------ checkpoints (every rank calls these)
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
-        """Write ``directory`` atomically: LoRA (diffusers format) or the UNet folder, DeepSpeed engine
-        state (each rank writes its own ZeRO partition), EMA, the EMA reference (learner.reference=ema),
-        trainer state, ``files.json``; with ``learner.hcp`` the HcP layer's weights in ``hcp.safetensors``
-        beside the LoRA.
-
-        The folder is built under a temporary name by all ranks and renamed by rank 0 once every rank
-        is done, so a crash never leaves a checkpoint that looks complete. With several nodes the run
-        directory must be on a shared file system. ``load_lora_weights(directory)`` works on the result.
-        Non-finite weights are never written.
-        """
-        from rlfh.run.checkpoints import write_file_manifest
-
-        directory = Path(directory)
+        """Write ``directory`` atomically (:class:`rlfh.learner.checkpoint.CheckpointIO`): the LoRA in
+        diffusers' format (``load_lora_weights(directory)`` works on it) or the UNet folder, the HcP
+        layer beside it, DeepSpeed's engine state, the EMA and its reference, the trainer state.
+        Non-finite weights are never written."""
         if not self.weights_finite():
             raise NonFiniteError(f"refusing to write {directory}: the weights are not finite")
-        tmp = directory.with_name(f".{directory.name}.tmp")
-        lead = self.rank == 0
-        if lead:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self._barrier()
-        lora = self.ref_unet is None
-        with self.gathered(self.trainable_parameters() if lora else list(self.unet.parameters())):
-            if lead and lora:
-                from rlfh.run.checkpoints import save_lora
-
-                save_lora(tmp, self.lora_state_dict(), self.cfg.learner.lora)
-                if self.hcp is not None:
-                    from safetensors.torch import save_file
-
-                    from rlfh.learner.hcp import HCP_FILE
-
-                    save_file(self.hcp.state_dict(), tmp / HCP_FILE)
-            elif lead:
-                self.unet.save_pretrained(tmp / "unet")
-        self.engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", exclude_frozen_parameters=True)
-        self._barrier()
-        if lead:
-            if self.ema is not None:
-                from safetensors.torch import save_file
-
-                save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.ema.shadow_params)},
-                          tmp / "ema.safetensors", metadata={"optimization_step": str(self.ema.optimization_step),
-                                                              "decay": str(self.ema.decay)})
-            if self.reference_weights is not None:
-                # the EMA as it was at the last refresh (learner.reference_refresh_rounds): not today's EMA
-                from safetensors.torch import save_file
-
-                save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.reference_weights)},
-                          tmp / "reference.safetensors")
-            state = {
-                "global_step": self.global_step,
-                "policy_version": self.policy_version,
-                "generator_state": self.generator.get_state().tolist(),
-                "learner_ranks": self.world_size,
-                **(extra_state or {}),
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
-            write_file_manifest(tmp)
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        self._barrier()
-        return directory
+        state = {
+            "global_step": self.global_step,
+            "policy_version": self.policy_version,
+            "generator_state": self.generator.get_state().tolist(),
+            "learner_ranks": self.world_size,
+            **(extra_state or {}),
+        }
+        return self.checkpoints.save(directory, state)
 
     def load_checkpoint(self, directory: str | Path) -> dict:
         """Restore engine, optimizer, step counters, RNG, the EMA and the EMA reference of the last refresh
         from :meth:`save_checkpoint` output."""
-        directory = Path(directory)
-        state_file = directory / "trainer_state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{directory}: not an rlfh checkpoint (no trainer_state.json)")
-        state = json.loads(state_file.read_text())
-        saved_ranks = state.get("learner_ranks", 1)
-        if saved_ranks != self.world_size and self.cfg.learner.zero_stage > 0:
-            raise RuntimeError(f"{directory} was written by {saved_ranks} learner ranks with ZeRO partitions; "
-                               f"resume with the same number of ranks (now {self.world_size})")
-        load_path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
-        if load_path is None:
-            raise RuntimeError(f"{directory}: DeepSpeed found no engine state to load")
-        if self.ema is not None:
-            from safetensors import safe_open
-
-            with safe_open(str(directory / "ema.safetensors"), framework="pt") as f:
-                for i, p in enumerate(self.ema.shadow_params):
-                    p.data.copy_(f.get_tensor(str(i)))
-                self.ema.optimization_step = int(f.metadata()["optimization_step"])
-        if (directory / "reference.safetensors").is_file() and self.cfg.learner.reference == "ema":
-            from safetensors.torch import load_file
-
-            saved = load_file(str(directory / "reference.safetensors"), device=str(self.device))
-            self.reference_weights = [saved[str(i)] for i in range(len(saved))]
+        state = self.checkpoints.load(directory)
         self.global_step = state["global_step"]
         self.policy_version = state["policy_version"]
         self.generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))

@@ -44,8 +44,8 @@ from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, transition_kl_w
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
 from rlfh.losses.objectives import (ADVANTAGE, PAIRWISE, WEIGHTED, advantage_objectives, pairwise_objectives,
                                     weighted_objectives)
-from rollouts.ddim_logprob import scheduler_alpha_bars, scheduler_step_with_logprob
-from rollouts.sampler import first_of_each, guided_eps
+from families import first_of_each
+from families.ddim import scheduler_alpha_bars
 
 
 def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
@@ -172,15 +172,12 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
                 t = int(tb.timesteps[j])
                 if j == 0 and shared is not None:
                     heads, copies = shared
-                    enc1, added1 = lrn.condition([tb.prompts[idx[i]] for i in heads], s.height, s.width,
-                                                 s.negative_prompt if s.guidance_scale > 1.0 else None)
-                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[heads, 0].to(lrn.dtype), t, enc1,
-                                     added1["text_embeds"], added1["time_ids"], s.guidance_scale)[copies]
+                    cond1 = lrn.condition([tb.prompts[idx[i]] for i in heads], s.height, s.width,
+                                          s.negative_prompt if s.guidance_scale > 1.0 else None)
+                    eps = lrn.guided(lrn.policy_model, lat[heads, 0], t, cond1, s.guidance_scale)[copies]
                 else:
-                    eps = guided_eps(lrn.policy_model, lrn.ddim, lat[:, j].to(lrn.dtype), t, enc,
-                                     added["text_embeds"], added["time_ids"], s.guidance_scale)
-                out = scheduler_step_with_logprob(lrn.ddim, eps.float(), t, lat[:, j], eta=s.eta,
-                                                  prev_sample=lat[:, j + 1])
+                    eps = lrn.guided(lrn.policy_model, lat[:, j], t, (enc, added), s.guidance_scale)
+                out = lrn.step_logprob(eps, t, lat[:, j], lat[:, j + 1], s.eta)
                 loss, m = trust_region_loss(lrn, out, old[:, j], adv, lat[:, j], lat[:, j + 1], t, enc, added, s, j)
                 if first:
                     m["ddpo/recorded_logprob_max_diff"] = float((out.log_prob.detach() - old[:, j]).abs().max())
@@ -210,8 +207,7 @@ def reference_eps(lrn: LearnerEngine, x, t: int, enc, added, s):
     if lrn.cfg.learner.kl_coef <= 0:
         return None
     with torch.no_grad():
-        return guided_eps(lrn.reference_unet(), lrn.ddim, x.to(lrn.dtype), t, enc, added["text_embeds"],
-                          added["time_ids"], s.guidance_scale)
+        return lrn.guided(lrn.reference_unet(), x, t, (enc, added), s.guidance_scale)
 
 
 def transition_weight(lrn: LearnerEngine, t: int, eta: float, n: int) -> torch.Tensor:
@@ -248,9 +244,8 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
                   "ddpo/clipfrac": float(loss.clipfrac), "ddpo/ratio": float(loss.ratio_mean)})
         return loss, m
     with torch.no_grad():
-        eps_old = guided_eps(lrn.unet_with(lrn.old_weights), lrn.ddim, x.to(lrn.dtype), t, enc,
-                             added["text_embeds"], added["time_ids"], s.guidance_scale)
-        mean_old = scheduler_step_with_logprob(lrn.ddim, eps_old.float(), t, x, eta=s.eta, prev_sample=x_next).mean
+        eps_old = lrn.guided(lrn.unet_with(lrn.old_weights), x, t, (enc, added), s.guidance_scale)
+        mean_old = lrn.step_logprob(eps_old, t, x, x_next, s.eta).mean
     kl = gaussian_mean_kl(out.mean, mean_old, out.std_dev)  # (B,), with the gradient (guard uses it)
     if lc.trust_region == "dppo":
         loss = dppo_loss(out.log_prob, old_log_prob, adv, kl, lc.trust_region_kl)

@@ -2,7 +2,7 @@
 
 Sources: the Gaussian KL identity KL(N(m1, s^2 I) || N(m2, s^2 I)) = ||m1 - m2||^2 / (2 s^2); DDPM's
 ELBO (Ho et al., arXiv 2006.11239, eq. 8 and 12), whose terms are exactly these KLs; DDIM's
-eta-stochastic step (Song et al., arXiv 2010.02502, eq. 12 and 16), as rollouts/ddim_logprob.py
+eta-stochastic step (Song et al., arXiv 2010.02502, eq. 12 and 16), as families/ddim.py
 computes it; the eps/velocity-space KL penalty of Flow-GRPO (arXiv 2505.05470) and DiffusionNFT
 (arXiv 2509.16117, NVlabs/DiffusionNFT: beta * mean((v_theta - v_ref)^2)). Derivation in full:
 docs/online_rl.md.
@@ -20,7 +20,7 @@ The x_t term is the same for policy and reference, and sigma does not depend on 
     KL(pi_theta(. | x_t) || pi_ref(. | x_t)) = ||mu_theta - mu_ref||^2 / (2 sigma^2)
                                              = w_t ||eps_theta - eps_ref||^2,   w_t = k_t^2 / (2 sigma^2)
 
-(:func:`transition_kl_weight`). Per latent element, as rollouts/ddim_logprob.py's log-probs, the
+(:func:`transition_kl_weight`). Per latent element, as families/ddim.py's log-probs, the
 squared norm becomes a mean over C,H,W. For v-prediction eps_hat = sqrt(a) v_hat + sqrt(1 - a) x_t, so
 the weight is a * w_t on ||v_theta - v_ref||^2. For eta = 1 and consecutive timesteps this is DDPM's
 ELBO weight beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t)) with sigma_t^2 = beta~_t (checked in

@@ -10,7 +10,7 @@ verl-omni's ``GRPOGuardLoss`` implement it. Today's ratio clipping (``clip``) is
 Derivations for the DDIM-eta step: docs/online_rl.md.
 
 Each trained DDIM step is a Gaussian policy pi(x_{t-1} | x_t) = N(mu, sigma_t^2 I) whose std sigma_t
-is fixed by the schedule and eta (rollouts/ddim_logprob.py), so the policy and the sampling ("old")
+is fixed by the schedule and eta (families/ddim.py), so the policy and the sampling ("old")
 policy differ only in their means. Per latent element, as the recorded log-probs:
 
     KL_t    = KL(pi_old || pi_theta) = mean over C,H,W of (mu_theta - mu_old)^2 / (2 sigma_t^2)

@@ -41,8 +41,8 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     from rewards.composite import RewardSet
     from rlfh.data.real_images import RealImageSource
     from rlfh.run.checkpoints import load_lora_into, resolve_lora
+    from families import load_pipeline
     from rollouts.log import RolloutLog
-    from rollouts.models import load_pipeline
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 

@@ -123,21 +123,6 @@ def resolve_lora(path: str | Path) -> Path:
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-def save_lora(directory: Path, peft_state: dict, lora_cfg) -> None:
-    """Write the policy's LoRA (a peft state dict) as diffusers' ``pytorch_lora_weights.safetensors``
-    with its adapter config (rank, alpha, target modules, from ``learner.lora``) in the file's
-    metadata. ``load_lora_weights`` scales a LoRA by alpha / rank only when the file says alpha;
-    without it diffusers assumes alpha = rank, so a LoRA trained with any other alpha would load
-    at the wrong strength."""
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    StableDiffusionXLPipeline.save_lora_weights(
-        directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
-        unet_lora_adapter_metadata={"r": lora_cfg.rank, "lora_alpha": lora_cfg.alpha,
-                                    "target_modules": sorted(lora_cfg.target_modules)})
-
-
 def stored_lora_alpha(file: Path) -> float | None:
     """The alpha a LoRA file states (diffusers' adapter metadata, or kohya's per-layer ``.alpha``
     keys), or None: an rlfh file written before alpha was stored."""
@@ -158,7 +143,7 @@ def stored_lora_alpha(file: Path) -> float | None:
 def load_lora_into(pipe, lora: Path) -> None:
     """Load a LoRA that :func:`resolve_lora` found (callers resolve first, to fail before a slow model
     load) into a diffusers pipeline: its ``.safetensors`` file, or the folder holding one. diffusers
-    applies the alpha stored in the file (:func:`save_lora`); a file without one loads at
+    applies the alpha stored in the file (``ModelFamily.save_lora``); a file without one loads at
     alpha = rank, said here because it is the wrong strength for a LoRA trained with another alpha."""
     file = lora if lora.is_file() else lora / LORA_FILE
     if stored_lora_alpha(file) is None:

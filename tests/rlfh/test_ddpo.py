@@ -10,9 +10,9 @@ from rlfh.config.schema import load_config
 from rlfh.learner.engine import LearnerEngine, deepspeed_config
 from rlfh.learner.steps import train
 from rlfh.data.batches import TrajectoryBatch
-from rollouts.models import load_pipeline
+from families import load_pipeline
 from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window, learner_batch
-from rollouts.sampler import Sampler, guided_eps
+from rollouts.sampler import Sampler
 from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow
 from tests.conftest import REPO
 
@@ -71,12 +71,14 @@ def test_sde_window_samples_deterministically_outside_and_records_only_the_windo
     np.testing.assert_array_equal(short["log_probs"], tr["log_probs"][:, :1])
     # the last step (after the window) is deterministic DDIM from the last recorded latent
     pipe, sched = s.pipe, s.pipe.scheduler
-    from rollouts.models import sdxl_conditioning
+    from families import PromptCache, family_of
 
-    enc, added = sdxl_conditioning(pipe, ["a", "b"], st.height, st.width, s.device, st.negative_prompt)
+    family = family_of(pipe)
+    cond = PromptCache(family, enabled=False).conditioning(pipe, ["a", "b"], st.height, st.width, s.device,
+                                                           st.negative_prompt)
     x3, t3 = torch.from_numpy(tr["latents"][:, -1]), sched.timesteps[3]
     with torch.no_grad():
-        eps = guided_eps(pipe.unet, sched, x3, t3, enc, added["text_embeds"], added["time_ids"], st.guidance_scale)
+        eps = family.guided_prediction(pipe.unet, sched, x3, t3, cond, st.guidance_scale)
         x0 = sched.step(eps, t3, x3, eta=0.0, return_dict=False)[0]
     np.testing.assert_allclose(win.latents, x0.numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="does not fit"):

@@ -9,7 +9,7 @@ import torch
 from rlfh.config.schema import ConfigError, load_config
 from rlfh.data.pairs import ddpo_branch_seeds
 from rollouts.actor import sample_in_batches
-from rollouts.models import load_pipeline
+from families import load_pipeline
 from rollouts.sampler import Sampler
 from rollouts.types import SamplerSettings, SDEWindow
 from tests.conftest import REPO

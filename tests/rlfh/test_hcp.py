@@ -123,7 +123,7 @@ def test_hcp_weights_checkpoint_resume_and_the_sampler_loads_the_lora(tiny_model
     from safetensors.torch import load_file
 
     from rlfh.learner.hcp import HCP_FILE
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
     from rollouts.sampler import Sampler
 
     lrn = make(tiny_model_dir, *HCP, "learner.hcp.coef=10")

@@ -41,7 +41,7 @@ def write_photos(root):
 def vae(tiny_model_dir):
     from rlfh.config.schema import ModelConfig
     from rlfh.data.real_images import load_vae
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
 
     alone = load_vae(ModelConfig(path=tiny_model_dir))
     piped = load_pipeline(ModelConfig(path=tiny_model_dir)).vae

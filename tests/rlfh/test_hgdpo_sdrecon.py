@@ -97,7 +97,7 @@ class InProcessFleet:
 def normal_stage(tiny_model_dir, tmp_path_factory):
     """RealWinners of an online run in its normal stage, on the tiny model's own sampler."""
     from rlfh.recipes.hgdpo import RealWinners
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 

@@ -23,18 +23,18 @@ def make(tiny_model_dir, *overrides):
     return LearnerEngine(cfg)
 
 
-def conditioning_table(pipe, prompts, rows: int = 2):
+def conditioning_table(pipe, prompts, rows: int = 1):
     """What the rollout actors send, float32 arrays. The encoders' numbers depend on the batch they run
     in (the pooled projection differs by ~4e-7 between 1, 2 and 4 rows on CPU), so by default each
-    prompt is encoded as the learner encodes it at micro-batch 1 ([p, p]); ``rows=0``: all prompts
-    in one call, as a sampler batch does."""
-    from rollouts.models import sdxl_conditioning
+    prompt is encoded as the learner encodes it at micro-batch 1 (each distinct prompt alone);
+    ``rows=0``: all prompts in one call, as a sampler batch does."""
+    from families import family_of
 
     distinct, table = sorted(set(prompts)), {}
     for group in ([[p] * rows for p in distinct] if rows else [distinct]):
-        enc, added = sdxl_conditioning(pipe, group, 64, 64, "cpu")
+        enc, pooled = family_of(pipe).encode_prompts(pipe, group, "cpu")
         for i, p in enumerate(group):
-            table[p] = (enc[i].float().numpy(), added["text_embeds"][i].float().numpy())
+            table[p] = (enc[i].float().numpy(), pooled[i].float().numpy())
     return table
 
 

@@ -57,7 +57,7 @@ def test_stock_pipeline_samples_what_the_sampler_samples(trained):
     from safetensors.torch import load_file, save_file
 
     from rlfh.run.checkpoints import LORA_FILE, load_lora_into, resolve_lora
-    from rollouts.models import load_pipeline
+    from families import load_pipeline
 
     cfg, lrn, ckpt = trained
     sampler_latents = images(load_pipeline(cfg.model), cfg, lrn.lora_state_dict())

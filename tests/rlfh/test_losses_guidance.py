@@ -49,18 +49,17 @@ def test_v_prediction_target_is_the_winners_velocity():
     """With a v-prediction scheduler the learner's target is v* = sqrt(abar) eps* - sqrt(1 - abar) x_0^w."""
     from diffusers import DDPMScheduler
 
-    from rlfh.learner.engine import LearnerEngine
+    from families.schedule import DDPMSchedule
 
     sched = DDPMScheduler(prediction_type="v_prediction")
-    lrn = LearnerEngine.__new__(LearnerEngine)  # only the schedule is needed
-    lrn.noise_scheduler, lrn.device = sched, torch.device("cpu")
+    schedule = DDPMSchedule.from_config(sched.config)  # what the learner trains with
     g = torch.Generator().manual_seed(0)
     x0_w, x0_l, eps = (torch.randn(2, 4, 3, 3, generator=g) for _ in range(3))
     t = torch.tensor([10, 600])
     a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x0_l + (1 - a).sqrt() * eps
-    eps_star = winner_noise(x_t, x0_w, lrn.alpha_bar(t))
-    v_star = lrn.prediction_target(x0_w, t, eps_star)
+    eps_star = winner_noise(x_t, x0_w, schedule.alpha_bar(t, torch.device("cpu")))
+    v_star = schedule.target(x0_w, eps_star, t)
     torch.testing.assert_close(v_star, a.sqrt() * eps_star - (1 - a).sqrt() * x0_w)
     # v* means "x_0 = x_0^w" at x_t: x0_hat = sqrt(abar) x_t - sqrt(1 - abar) v*
     torch.testing.assert_close(a.sqrt() * x_t - (1 - a).sqrt() * v_star, x0_w, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, per_sample_eps_kl, transition_kl_weight
-from rollouts.ddim_logprob import ddim_step_with_logprob
+from families.ddim import ddim_step_with_logprob
 
 
 def test_worked_numbers():
@@ -26,7 +26,7 @@ def test_worked_numbers():
 
 
 def test_weight_times_eps_gap_is_the_gaussian_kl_of_the_ddim_step():
-    """||mu_theta - mu_ref||^2 / (2 sigma^2) from rollouts/ddim_logprob.py's means equals w_t ||eps gap||^2."""
+    """||mu_theta - mu_ref||^2 / (2 sigma^2) from families/ddim.py's means equals w_t ||eps gap||^2."""
     g = torch.Generator().manual_seed(0)
     alphas = torch.tensor([0.95, 0.8, 0.5, 0.2], dtype=torch.float64)
     for t, step_ratio, eta in ((2, 1, 1.0), (3, 2, 1.0), (3, 1, 0.5)):

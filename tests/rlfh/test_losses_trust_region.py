@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_log_ratio, guard_loss, log_ratio_drift
-from rollouts.ddim_logprob import ddim_step_with_logprob
+from families.ddim import ddim_step_with_logprob
 
 
 def test_gaussian_kl_worked_numbers():

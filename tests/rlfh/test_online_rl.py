@@ -11,7 +11,7 @@ from rlfh.data.batches import PairBatch, SampleBatch
 from rlfh.data.pairs import learner_batch
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
-from rollouts.models import load_pipeline
+from families import load_pipeline
 from rollouts.sampler import Sampler
 from rollouts.types import SamplerSettings
 from tests.conftest import REPO
@@ -56,7 +56,7 @@ def test_batch_signal_and_first_step_against_the_sampling_policy(tiny_model_dir,
     eps_hat = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     from diffusers import DDPMScheduler
 
-    ddpm = DDPMScheduler.from_config(lrn.noise_scheduler.config, clip_sample=False)
+    ddpm = DDPMScheduler.from_config(lrn.pipe.scheduler.config, clip_sample=False)
     for tt in (3, 500, 999):
         x_t, tv, target = lrn.noised(x0, torch.tensor([tt, tt]), torch.randn(2, 4, 8, 8))
         x0_hat = ddpm.step(eps_hat, tt, x_t.float()).pred_original_sample
@@ -154,7 +154,7 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
     masked / clipped. guard weights each step by 1 / |d mu / d eps_hat|, the DDIM step's own Jacobian."""
     from rlfh.data.pairs import ddpo_window
     from rlfh.learner.steps import mean_jacobian
-    from rollouts.ddim_logprob import scheduler_step_with_logprob
+    from families.ddim import scheduler_step_with_logprob
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
@@ -192,7 +192,6 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     step (zero noise) with the policy's and the base UNet's guided eps, the shared sigma^2 from the schedule."""
     from rlfh.data.pairs import ddpo_window
     from rlfh.learner.steps import kl_term, reference_eps, transition_weight
-    from rollouts.sampler import guided_eps
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
@@ -214,9 +213,9 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     x = torch.from_numpy(batch.latents[:2, 1]).to(lrn.dtype)
     t = int(batch.timesteps[1])
     with torch.no_grad():
-        eps = guided_eps(lrn.unet, lrn.ddim, x, t, enc, added["text_embeds"], added["time_ids"], 3.0)
+        eps = lrn.family.guided_prediction(lrn.unet, lrn.ddim, x, t, (enc, added), 3.0)
         with lrn.adapters_off():
-            base = guided_eps(lrn.unet, lrn.ddim, x, t, enc, added["text_embeds"], added["time_ids"], 3.0)
+            base = lrn.family.guided_prediction(lrn.unet, lrn.ddim, x, t, (enc, added), 3.0)
     m = {}
     term = kl_term(lrn, eps, reference_eps(lrn, x, t, enc, added, st), m, transition_weight(lrn, t, st.eta, 2))
     ac = lrn.ddim.alphas_cumprod.double()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlfh.config.schema import ModelConfig
-from rollouts.models import load_pipeline
+from families import load_pipeline
 from rollouts.sampler import Sampler, seeded_generators
 from rollouts.types import SamplerSettings
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rlfh.config.schema import ModelConfig
-from rollouts.models import load_pipeline, sdxl_conditioning
+from families import PromptCache, family_of, load_pipeline
 from rollouts.sampler import MergedLora, Sampler
 from rollouts.types import RolloutBatch, SamplerSettings
 
@@ -124,7 +124,7 @@ def test_prompt_cache_equals_uncached_and_encodes_each_prompt_once_per_version(p
 
     # the batch carries the positive conditioning it was sampled with
     assert set(first.conditioning) == set(PROMPTS)
-    enc, added = sdxl_conditioning(pipe, PROMPTS, 64, 64, "cpu")
+    enc, added = PromptCache(family_of(pipe), enabled=False).conditioning(pipe, PROMPTS, 64, 64, "cpu")
     for i, p in enumerate(PROMPTS):
         e, pooled = first.conditioning[p]
         assert e.dtype == np.float32 and e.shape == (77, enc.shape[-1]) and pooled.shape == (added["text_embeds"].shape[-1],)

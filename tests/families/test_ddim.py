@@ -1,4 +1,4 @@
-"""Tests for rollouts/ddim_logprob.py: parity with diffusers' DDIMScheduler.step and exact re-scoring."""
+"""Tests for families/ddim.py: parity with diffusers' DDIMScheduler.step and exact re-scoring."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from rollouts.ddim_logprob import ddim_step_with_logprob, scheduler_step_with_logprob
+from families.ddim import ddim_step_with_logprob, scheduler_step_with_logprob
 
 
 def _sdxl_like_scheduler(num_steps=10, **overrides):

@@ -1,4 +1,4 @@
-"""DDIM step that also returns the Gaussian log-probability of the sampled x_{t-1}.
+"""The DDIM step of UNet families, with the Gaussian log-probability of the sampled x_{t-1}.
 
 Papers: DDIM, Song et al., "Denoising Diffusion Implicit Models", arXiv 2010.02502, eqs. (12) and
 (16); DDPO, Black et al., arXiv 2305.13301 (reference: kvablack/ddpo-pytorch,
@@ -36,35 +36,29 @@ log_prob (B,); std_dev (B,).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["DDIMStepOutput", "ddim_step_with_logprob", "scheduler_alpha_bars", "scheduler_step_with_logprob",
+from families.base import StepOutput
+from families.schedule import per_sample
+
+__all__ = ["ddim_scheduler", "ddim_step_with_logprob", "scheduler_alpha_bars", "scheduler_step_with_logprob",
            "step_alpha_bars"]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-class DDIMStepOutput(NamedTuple):
-    """Result of one DDIM step.
+def ddim_scheduler(config):
+    """DDIM with the model's noise schedule: the stochastic (eta > 0) Gaussian steps DDPO scores.
 
-    Attributes:
-        prev_sample: x_{t-1}, shape (B, C, H, W), dtype of ``sample``.
-        log_prob: log pi(x_{t-1} | x_t), mean over non-batch dims, shape (B,), float32 or float64.
-        mean: mu_t, shape (B, C, H, W).
-        std_dev: sigma_t, shape (B,).
+    Pinned like SDXL's published scheduler config: no x0 clipping (latents are not in [-1, 1]) and
+    set_alpha_to_one=False, so the last step keeps a non-zero variance and a log-prob.
     """
+    from diffusers import DDIMScheduler
 
-    prev_sample: Tensor
-    log_prob: Tensor
-    mean: Tensor
-    std_dev: Tensor
-
-
-def _per_sample(x: Tensor, ndim: int) -> Tensor:
-    return x.reshape(x.shape + (1,) * (ndim - x.ndim))
+    return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
 
 
 def ddim_step_with_logprob(
@@ -81,7 +75,7 @@ def ddim_step_with_logprob(
     prev_sample: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
-) -> DDIMStepOutput:
+) -> StepOutput:
     """One DDIM step x_t -> x_{t-1} with the log-prob of x_{t-1}; pure function of the schedule.
 
     Pass ``prev_sample`` to score a recorded step (no sampling); otherwise x_{t-1} is drawn with
@@ -102,7 +96,7 @@ def ddim_step_with_logprob(
         generator: torch generator for z.
 
     Returns:
-        DDIMStepOutput(prev_sample, log_prob, mean, std_dev).
+        StepOutput(prev_sample, log_prob, mean, std_dev).
 
     Raises:
         ValueError: on bad shapes, timesteps out of range, conflicting arguments or sigma_t = 0.
@@ -150,7 +144,7 @@ def ddim_step_with_logprob(
             "no log-prob; use eta > 0 and a scheduler with set_alpha_to_one=False (as SDXL's)"
         )
     a_t, a_prev, b_t, std_dev = (x.to(device) for x in (a_t, a_prev, b_t, std_dev))
-    a_t_, a_prev_, b_t_, std_ = (_per_sample(x, ndim) for x in (a_t, a_prev, b_t, std_dev))
+    a_t_, a_prev_, b_t_, std_ = (per_sample(x, ndim) for x in (a_t, a_prev, b_t, std_dev))
 
     if prediction_type == "epsilon":
         x0_hat = (sample - b_t_**0.5 * model_output) / a_t_**0.5
@@ -173,7 +167,7 @@ def ddim_step_with_logprob(
         -((x_prev - mean) ** 2) / (2 * std_**2) - torch.log(std_) - math.log(math.sqrt(2 * math.pi))
     )  # (B, C, H, W)
     log_prob = log_prob.mean(dim=tuple(range(1, ndim)))  # (B,)
-    return DDIMStepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std_dev=std_dev)
+    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std_dev=std_dev)
 
 
 def step_alpha_bars(alphas_cumprod: Tensor, final_alpha_cumprod: Union[float, Tensor], timestep: Union[int, Tensor],
@@ -204,7 +198,7 @@ def scheduler_step_with_logprob(
     prev_sample: Optional[Tensor] = None,
     noise: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
-) -> DDIMStepOutput:
+) -> StepOutput:
     """:func:`ddim_step_with_logprob` with the schedule read from a diffusers ``DDIMScheduler``.
 
     Args:
@@ -218,7 +212,7 @@ def scheduler_step_with_logprob(
         generator: torch generator for sampling.
 
     Returns:
-        DDIMStepOutput(prev_sample, log_prob, mean, std_dev).
+        StepOutput(prev_sample, log_prob, mean, std_dev).
 
     Raises:
         ValueError: if the scheduler has no timesteps set, uses thresholding or an unsupported

@@ -1,0 +1,257 @@
+"""The model boundary: what a model family (a diffusers pipeline class) implements for rlfh.
+
+Both sides of a run call a model only through a :class:`ModelFamily`: the rollout sampler
+(rollouts/sampler.py) to condition, predict and take stochastic steps with their log-probs, the
+learner (rlfh/learner/) to condition, noise, predict and score the same steps. Written for the
+pipelines of diffusers:
+
+    family   pipeline                      denoiser                    text encoders     target
+    sd15     StableDiffusionPipeline       UNet2DConditionModel        CLIP              eps or v
+    sdxl     StableDiffusionXLPipeline     UNet2DConditionModel        CLIP + CLIP/proj  eps or v
+    sd3      StableDiffusion3Pipeline      SD3Transformer2DModel       CLIP x2 (+ T5)    velocity
+    flux     FluxPipeline                  FluxTransformer2DModel      CLIP + T5         velocity
+
+A family's text conditioning has two parts. The per-prompt part (:data:`PromptRows`: the text
+encoders' outputs, one row per prompt, e.g. SDXL's token embeddings and pooled embedding) is what
+:class:`PromptCache` keeps, what the rollout actors send the learner with a batch, and what a
+learner without text encoders trains from. :meth:`ModelFamily.conditioning` adds what depends on the
+batch only (SDXL's micro-conditioning time ids, FLUX's position ids and guidance) and returns a
+:class:`Conditioning`, the denoiser's inputs besides x_t and t.
+
+Classifier-free guidance stacks (unconditional, conditional) rows in one batch of 2B, as diffusers
+does (:func:`with_negative`, :meth:`ModelFamily.guided_prediction`).
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar, Hashable, NamedTuple, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+PromptRows = tuple[Tensor, ...]
+"""The text encoders' outputs for B prompts, each field (B, ...) in a family's fixed order
+(SDXL: token embeddings (B, 77, 2048), pooled embedding (B, 1280))."""
+
+
+class Conditioning(NamedTuple):
+    """The denoiser's conditioning for a batch of rows (B, or 2B under guidance: unconditional first).
+
+    Unpacks as ``enc, added = cond``.
+
+    Attributes:
+        embeds: the token embeddings the denoiser attends to, (rows, L, D).
+        added: the family's other per-batch inputs, by the name its denoiser takes them under
+            (SDXL: ``text_embeds`` (rows, 1280) and ``time_ids`` (rows, 6), the UNet's
+            ``added_cond_kwargs``; SD3: ``pooled_projections``; FLUX: ``pooled_projections``,
+            ``txt_ids``, ``img_ids``, ``guidance``).
+    """
+
+    embeds: Tensor
+    added: dict[str, Tensor]
+
+    def to(self, dtype: torch.dtype) -> "Conditioning":
+        return Conditioning(self.embeds.to(dtype), {k: v.to(dtype) for k, v in self.added.items()})
+
+
+class ModelSource(Protocol):
+    """Where a model comes from: ``rlfh.config.schema.ModelConfig`` (any object with these fields)."""
+
+    path: str
+    revision: Optional[str]
+    variant: Optional[str]
+    vae_path: Optional[str]
+    dtype: str
+
+
+class NoiseSchedule(Protocol):
+    """The forward process the denoiser was trained on, and its training target.
+
+    UNets (DDPM): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, target eps or v
+    (:class:`families.schedule.DDPMSchedule`). Flow matching (SD3, FLUX): x_t = (1 - s_t) x0 + s_t eps,
+    target eps - x0.
+    """
+
+    num_train_timesteps: int
+    prediction_type: str
+
+    def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor: ...
+
+    def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor: ...
+
+    def x0_scale(self, t: Tensor, device: torch.device) -> Tensor: ...
+
+
+class StepOutput(NamedTuple):
+    """One stochastic sampler step x_t -> x_{t-1} with the log-probability of x_{t-1}.
+
+    Attributes:
+        prev_sample: x_{t-1}, (B, C, H, W), dtype of the sample.
+        log_prob: log pi(x_{t-1} | x_t), mean over the non-batch dims, (B,).
+        mean: the step's Gaussian mean, (B, C, H, W).
+        std_dev: its standard deviation, (B,).
+    """
+
+    prev_sample: Tensor
+    log_prob: Tensor
+    mean: Tensor
+    std_dev: Tensor
+
+
+class ModelFamily(abc.ABC):
+    """One diffusers pipeline class as rlfh uses it. Adapters are stateless: one instance per family
+    (the registry in ``families/__init__.py``); the pipeline and its modules are passed in.
+
+    Class attributes:
+        name: the family's key (``sdxl``).
+        pipeline_class: the diffusers pipeline class name, as ``model_index.json``'s ``_class_name``.
+        denoiser: the pipeline attribute holding the trained model (``unet`` or ``transformer``).
+        text_encoders: the pipeline attributes of the text encoders (dropped together by a learner
+            that trains from the rollouts' prompt embeddings).
+        lora_targets: the denoiser's module names diffusers' LoRA training scripts adapt.
+        latent_factor: pixels per latent along each side (the VAE's scale factor).
+    """
+
+    name: ClassVar[str]
+    pipeline_class: ClassVar[str]
+    denoiser: ClassVar[str]
+    text_encoders: ClassVar[tuple[str, ...]]
+    lora_targets: ClassVar[tuple[str, ...]]
+    latent_factor: ClassVar[int] = 8
+
+    # ------------------------------------------------------------------ loading
+    @abc.abstractmethod
+    def load(self, source: ModelSource, path: str, device: str | torch.device) -> Any:
+        """The pipeline at ``path`` (a resolved folder, hub id or single file) with ``source``'s
+        dtype, variant, revision and VAE, on ``device``, progress bars off."""
+
+    @abc.abstractmethod
+    def tiny_pipeline(self, tokenizer_dir: Path) -> Any:
+        """A pipeline of this family's exact classes and wiring at a tiny size, random weights drawn
+        from torch's global RNG (the caller seeds it); its tokenizers from ``tokenizer_dir``."""
+
+    # ------------------------------------------------------------------ conditioning
+    @abc.abstractmethod
+    def encode_prompts(self, pipe: Any, prompts: Sequence[str], device: str | torch.device) -> PromptRows:
+        """The text encoders' outputs for ``prompts``, one row each, in one encoder call."""
+
+    @abc.abstractmethod
+    def conditioning(self, rows: PromptRows, height: int, width: int) -> Conditioning:
+        """The denoiser's conditioning for images of (height, width) pixels from per-prompt rows."""
+
+    def has_text_encoders(self, pipe: Any) -> bool:
+        return getattr(pipe, self.text_encoders[0], None) is not None
+
+    def drop_text_encoders(self, pipe: Any) -> None:
+        for name in self.text_encoders:
+            setattr(pipe, name, None)
+
+    # ------------------------------------------------------------------ the denoiser
+    @abc.abstractmethod
+    def predict(self, model: Any, x_t: Tensor, t: Any, cond: Conditioning) -> Tensor:
+        """The denoiser's raw output (eps, v or velocity) at x_t (B, C, h, w), timestep t."""
+
+    def guided_prediction(self, model: Any, scheduler: Any, x: Tensor, t: Any, cond: Conditioning,
+                          guidance_scale: float) -> Tensor:
+        """The prediction under classifier-free guidance w as one batch of 2B (w > 1; ``cond`` then
+        stacks unconditional rows first): pred = pred_u + w (pred_c - pred_u). ``scheduler`` scales
+        the input as the sampler's scheduler does (``scale_model_input``)."""
+        guided = guidance_scale > 1.0
+        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        out = self.predict(model, x_in, t, cond)
+        if guided:
+            out_u, out_c = out.chunk(2)
+            out = out_u + guidance_scale * (out_c - out_u)
+        return out
+
+    # ------------------------------------------------------------------ training
+    @abc.abstractmethod
+    def noise_schedule(self, scheduler_config: Any) -> NoiseSchedule:
+        """The training forward process and target for a pipeline's scheduler config."""
+
+    # ------------------------------------------------------------------ stochastic sampling
+    @abc.abstractmethod
+    def stochastic_scheduler(self, scheduler_config: Any) -> Any:
+        """A scheduler whose steps are Gaussian with a log-prob (DDIM with eta for UNets; the
+        Flow-GRPO SDE step for flow models), with the model's noise schedule."""
+
+    @abc.abstractmethod
+    def step_with_logprob(self, scheduler: Any, model_output: Tensor, t: Any, sample: Tensor, eta: float,
+                          prev_sample: Tensor | None = None, noise: Tensor | None = None,
+                          generator: torch.Generator | None = None) -> StepOutput:
+        """One step of :meth:`stochastic_scheduler` with the log-prob of x_{t-1}: drawn with ``noise``
+        or ``generator``, or ``prev_sample`` scored as recorded."""
+
+    # ------------------------------------------------------------------ export
+    @abc.abstractmethod
+    def save_lora(self, directory: str | Path, peft_state: dict[str, Tensor], adapter: dict) -> None:
+        """Write the denoiser's LoRA (peft keys) where the stock pipeline's ``load_lora_weights``
+        reads it, with ``adapter`` ({"r", "lora_alpha", "target_modules"}) in the file's metadata:
+        ``load_lora_weights`` scales by alpha / rank only when the file states alpha (without it
+        diffusers assumes alpha = rank, the wrong strength for a LoRA trained with another alpha)."""
+
+
+def with_negative(rows: PromptRows, negative: PromptRows) -> PromptRows:
+    """Per-prompt rows for guidance: the one negative prompt's row repeated B times, then the B rows."""
+    b = rows[0].shape[0]
+    return tuple(torch.cat([n.expand(b, *n.shape[1:]), r]) for r, n in zip(rows, negative))
+
+
+class PromptCache:
+    """Per-prompt text-encoder outputs, each prompt encoded once until :meth:`clear`.
+
+    The text encoders are frozen (only the denoiser trains), so a prompt's rows never change within a
+    policy version. Prompts missing from the cache are encoded together, distinct ones once, in order
+    of first appearance. Rows may also be put in from elsewhere (:meth:`put`: the rollouts' embeddings
+    a learner trains from).
+
+    Args:
+        family: whose encoders and conditioning to use.
+        enabled: False keeps nothing between calls (every call encodes its distinct prompts).
+    """
+
+    def __init__(self, family: ModelFamily, enabled: bool = True):
+        self.family = family
+        self.enabled = enabled
+        self.rows_of: dict[str, PromptRows] = {}  # prompt -> one row per field, without the batch dim
+
+    def clear(self) -> None:
+        self.rows_of.clear()
+
+    def put(self, prompt: str, rows: PromptRows) -> None:
+        self.rows_of[prompt] = rows
+
+    def missing(self, prompts: Sequence[str]) -> list[str]:
+        return [p for p in dict.fromkeys(prompts) if p not in self.rows_of]
+
+    def rows(self, pipe: Any, prompts: Sequence[str], device: str | torch.device) -> PromptRows:
+        """Each field stacked over ``prompts`` (B, ...), missing prompts encoded with ``pipe``."""
+        cache = self.rows_of if self.enabled else {}
+        missing = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if missing:
+            encoded = self.family.encode_prompts(pipe, missing, device)
+            cache.update({p: tuple(f[i] for f in encoded) for i, p in enumerate(missing)})
+        fields = len(cache[prompts[0]])
+        return tuple(torch.stack([cache[p][k] for p in prompts]) for k in range(fields))
+
+    def conditioning(self, pipe: Any, prompts: Sequence[str], height: int, width: int, device: str | torch.device,
+                     negative_prompt: str | None = None) -> Conditioning:
+        """The denoiser's conditioning for ``prompts``; with ``negative_prompt``, its rows first
+        (classifier-free guidance)."""
+        rows = self.rows(pipe, prompts, device)
+        if negative_prompt is not None:
+            rows = with_negative(rows, self.rows(pipe, [negative_prompt], device))
+        return self.family.conditioning(rows, height, width)
+
+
+def first_of_each(keys: Sequence[Hashable]) -> tuple[list[int], list[int]]:
+    """The index of each distinct key's first occurrence, in order of appearance, and for every key
+    the position of its distinct key in that list (trajectory branching's groups of rows sharing a
+    prefix, in the sampler and in the learner)."""
+    first: dict = {}
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    position = {k: n for n, k in enumerate(first)}
+    return list(first.values()), [position[k] for k in keys]
