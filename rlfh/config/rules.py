@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLER_LOGPROB, TRAJECTORIES, loss_spec, names_where
+
 # Larger than any SDXL bucket (1024-2048) with room to spare; 100000 x 100000 would try to allocate
 # a 6 GB latent per sample and fail minutes in, inside a rollout actor.
 MAX_IMAGE_SIDE = 4096
@@ -45,8 +47,8 @@ def region_pairs_problems(cfg) -> list[str]:
         if rp.region == "global" or rp.region not in lr_.regions:
             p.append(f"{key}.region={rp.region!r}: must be a local region of learner.regions={lr_.regions} (the pairs "
                      f"train with its mask), e.g. learner.regions=[global, {rp.region if rp.region != 'global' else 'face'}]")
-        if not lr_.loss.startswith("dpo"):
-            p.append(f"{key}.region needs a DPO loss; learner.loss={lr_.loss}")
+        if loss_spec(lr_.loss).batch != PAIRS:
+            p.append(f"{key}.region needs a DPO loss ({', '.join(pair_losses())}); learner.loss={lr_.loss}")
     if not 0.0 < rp.fraction <= 1.0:
         p.append(f"{key}.fraction={rp.fraction}: must be in (0, 1]")
     if rp.dilate < 0:
@@ -92,6 +94,29 @@ def hgdpo_sdrecon_problems(hg, num_inference_steps: int) -> list[str]:
         return [f"learner.hgdpo.sdrecon_strength={s} of rollout.num_inference_steps={num_inference_steps} runs no "
                 f"denoising step (int(steps * strength) = 0): raise the strength to >= {1 / num_inference_steps:.3g}"]
     return []
+
+
+def pair_losses() -> list[str]:
+    return names_where(lambda s: s.batch == PAIRS)
+
+
+def loss_needs_rules(cfg, spec) -> list[str]:
+    """What ``learner.loss``'s family needs from the sampler and the run (rlfh/losses/registry.py)."""
+    p: list[str] = []
+    r, name = cfg.rollout, spec.name
+    if SAMPLER_LOGPROB in spec.needs and (r.scheduler != "ddim" or r.eta <= 0):
+        p.append(f"learner.loss={name} needs a stochastic DDIM sampler with log-probs: set rollout.scheduler=ddim and "
+                 f"rollout.eta > 0 (1.0 in DDPO); got scheduler={r.scheduler}, eta={r.eta}")
+    if spec.on_policy:  # it compares with the policy that sampled the round: the weights at the round's start
+        if cfg.rollouts is not None:
+            p.append(f"learner.loss={name} is on-policy: it cannot train from a logged rollout log (rollouts=...)")
+        if r.max_staleness:
+            p.append(f"learner.loss={name} is on-policy (it compares with the weights at the round's start): set "
+                     f"rollout.max_staleness=0")
+    if not spec.regions and list(cfg.learner.regions) != ["global"]:
+        p.append(f"learner.loss={name} trains the whole-image policy: learner.regions must be [global], got "
+                 f"{cfg.learner.regions}")
+    return p
 
 
 def check_consistency(cfg) -> list[str]:
@@ -156,7 +181,8 @@ def check_consistency(cfg) -> list[str]:
             f"learner.train_batch_size={lr_.train_batch_size} must be a multiple of learner.micro_batch_size_per_gpu "
             f"({lr_.micro_batch_size_per_gpu}) x learner ranks ({cfg.learner_world_size}) = {per_step}"
         )
-    pairwise = lr_.loss.startswith("dpo")  # dpo, dpo_hinge, dpo_ipo (not ddpo)
+    spec = loss_spec(lr_.loss)
+    pairwise = spec.batch == PAIRS
     if not pairwise and lr_.train_batch_size > r.samples_per_round:
         p.append(f"learner.train_batch_size={lr_.train_batch_size} exceeds the {r.samples_per_round} samples a round yields")
     if cfg.rollouts is None and pairwise and lr_.pair_strategy == "best_worst" and lr_.train_batch_size > r.prompts_per_round:
@@ -172,16 +198,8 @@ def check_consistency(cfg) -> list[str]:
             elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
                 p.append(f"resources.{key}.{name}={amount!r}: must be a number > 0 (the amount of the custom "
                          f"resource `{name}` one actor takes, e.g. 1)")
-    if lr_.loss == "ddpo":
-        if r.scheduler != "ddim" or r.eta <= 0:
-            p.append(f"learner.loss=ddpo needs a stochastic DDIM sampler with log-probs: set rollout.scheduler=ddim and "
-                     f"rollout.eta > 0 (1.0 in DDPO); got scheduler={r.scheduler}, eta={r.eta}")
-        if cfg.rollouts is not None:
-            p.append("learner.loss=ddpo is on-policy: it cannot train from a logged rollout log (rollouts=...)")
-        if r.max_staleness:
-            p.append("learner.loss=ddpo is on-policy: set rollout.max_staleness=0")
-        if list(lr_.regions) != ["global"]:
-            p.append(f"learner.loss=ddpo trains the whole-image policy: learner.regions must be [global], got {lr_.regions}")
+    p.extend(loss_needs_rules(cfg, spec))
+    if spec.batch == TRAJECTORIES:
         if not 0 < lr_.ddpo_timestep_fraction <= 1:
             p.append(f"learner.ddpo_timestep_fraction={lr_.ddpo_timestep_fraction}: must be in (0, 1]")
         win, first = lr_.ddpo_window, lr_.ddpo_window_max_start
@@ -191,15 +209,10 @@ def check_consistency(cfg) -> list[str]:
         elif first is not None and (win is None or not 0 <= first <= r.num_inference_steps - win):
             p.append(f"learner.ddpo_window_max_start={first}: needs learner.ddpo_window and must be in "
                      f"0..rollout.num_inference_steps - ddpo_window ({r.num_inference_steps - (win or 0)}) so the window fits")
-    if lr_.ddpo_branch and (lr_.loss != "ddpo" or lr_.ddpo_window is None):
+    if lr_.ddpo_branch and (spec.batch != TRAJECTORIES or lr_.ddpo_window is None):
         p.append(f"learner.ddpo_branch=true branches a prompt group's trajectories at the SDE window: it needs "
                  f"learner.loss=ddpo and learner.ddpo_window (got loss={lr_.loss}, ddpo_window={lr_.ddpo_window})")
-    if lr_.loss in ("nft", "awm"):
-        # both compare with the policy that sampled the round: the learner's weights at the round's start
-        if cfg.rollouts is not None:
-            p.append(f"learner.loss={lr_.loss} compares with the sampling policy: it cannot train from a logged rollout log (rollouts=...)")
-        if r.max_staleness:
-            p.append(f"learner.loss={lr_.loss} compares with the sampling policy (the weights at the round's start): set rollout.max_staleness=0")
+    if OLD_POLICY in spec.needs:
         if not (0 < lr_.nft_beta < math.inf):
             p.append(f"learner.nft_beta={lr_.nft_beta}: must be finite and > 0")
         if not (0 < lr_.nft_adv_clip < math.inf):
@@ -214,19 +227,21 @@ def check_consistency(cfg) -> list[str]:
         if cfg.rollout.guidance_scale != 1.0:
             p.append(f"learner.cfg_distill trains a model that needs no CFG: sample at rollout.guidance_scale=1 "
                      f"(now {cfg.rollout.guidance_scale})")
-        if lr_.loss == "ddpo":
-            p.append("learner.cfg_distill is not available with learner.loss=ddpo (its trajectories are scored per step)")
+        if spec.batch == TRAJECTORIES:
+            p.append(f"learner.cfg_distill is not available with learner.loss={lr_.loss} (its trajectories are scored "
+                     f"per step)")
     if not (0 <= lr_.cfg_distill_coef < math.inf):
         p.append(f"learner.cfg_distill_coef={lr_.cfg_distill_coef}: must be finite and >= 0")
     if not (0 <= lr_.guidance_coef < math.inf):
         p.append(f"learner.guidance_coef={lr_.guidance_coef}: must be finite and >= 0 (0 turns the guidance term off)")
     elif lr_.guidance_coef > 0 and not pairwise:
-        p.append(f"learner.guidance_coef > 0 trains on (winner, loser) pairs: it needs a DPO loss (dpo, dpo_hinge, "
-                 f"dpo_ipo), not learner.loss={lr_.loss}")
+        p.append(f"learner.guidance_coef > 0 trains on (winner, loser) pairs: it needs a DPO loss "
+                 f"({', '.join(pair_losses())}), not learner.loss={lr_.loss}")
     if not lr_.guidance_region.strip():
         p.append("learner.guidance_region is empty: name a detected region (face, hand) or global")
-    if lr_.trust_region != "clip" and lr_.loss != "ddpo":
-        p.append(f"learner.trust_region={lr_.trust_region} is for the per-step policy gradient: it needs learner.loss=ddpo")
+    if lr_.trust_region != "clip" and spec.batch != TRAJECTORIES:
+        p.append(f"learner.trust_region={lr_.trust_region} is for the per-step policy gradient: it needs "
+                 f"learner.loss={'/'.join(names_where(lambda s: s.batch == TRAJECTORIES))}")
     if not (0 < lr_.trust_region_kl < math.inf):
         p.append(f"learner.trust_region_kl={lr_.trust_region_kl}: must be finite and > 0")
     if lr_.reference == "ema" and lr_.ema_decay is None:
@@ -242,7 +257,7 @@ def check_consistency(cfg) -> list[str]:
                      "the trained UNet itself)")
     if lr_.reference_refresh_rounds < 1:
         p.append(f"learner.reference_refresh_rounds={lr_.reference_refresh_rounds}: must be >= 1")
-    if lr_.zero_stage == 3 and (lr_.loss in ("nft", "awm") or lr_.reference == "ema" or lr_.trust_region != "clip"):
+    if lr_.zero_stage == 3 and (OLD_POLICY in spec.needs or lr_.reference == "ema" or lr_.trust_region != "clip"):
         p.append("learner.loss=nft/awm, learner.reference=ema and learner.trust_region=dppo/guard predict with kept copies "
                  "of the weights, which ZeRO-3 "
                  "partitions: use learner.zero_stage <= 2")
@@ -394,8 +409,9 @@ def hcp_rules(cfg) -> list[str]:
     if not lr_.lora.enabled:
         p.append("learner.hcp.enabled needs learner.lora.enabled: the layer is saved beside the LoRA, and full "
                  "fine-tuning would write it into the UNet's own weights")
-    if lr_.loss == "ddpo":
-        p.append("learner.hcp is not available with learner.loss=ddpo (it trains on noised latents of the samples)")
+    if loss_spec(lr_.loss).batch == TRAJECTORIES:
+        p.append(f"learner.hcp is not available with learner.loss={lr_.loss} (it trains on noised latents of the "
+                 f"samples)")
     if h.prior == "real" and not lr_.hgdpo.real_images:
         p.append("learner.hcp.prior=real takes the pose priors from HG-DPO's real images: set learner.hgdpo.real_images, "
                  "or use prior=samples")

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rlfh.losses.registry import OLD_POLICY, SAMPLER_LOGPROB, TEXT_ENCODERS, TRAJECTORIES, loss_spec
+
 
 class NonFiniteError(RuntimeError):
     """A NaN or inf loss or weight: training stops before it reaches the weights or a checkpoint."""
@@ -50,8 +52,8 @@ def needs_text_encoders(cfg) -> bool:
     rollout conditioned on, DDPO's guided eps needs the negative prompt (the rollouts send positive
     embeddings only), and so does CFG distillation's teacher. Offline DPO keeps them because its batches
     (from the rollout log) carry none."""
-    return bool(cfg.resources.colocate or cfg.learner.hgdpo.real_images or cfg.learner.loss == "ddpo"
-                or cfg.learner.cfg_distill is not None)
+    return bool(cfg.resources.colocate or cfg.learner.hgdpo.real_images
+                or TEXT_ENCODERS in loss_spec(cfg.learner.loss).needs or cfg.learner.cfg_distill is not None)
 
 
 def make_optimizer(params, lc, device: torch.device) -> torch.optim.Optimizer:
@@ -72,7 +74,7 @@ def make_optimizer(params, lc, device: torch.device) -> torch.optim.Optimizer:
 def deepspeed_config(cfg) -> dict:
     lc = cfg.learner
     # DDPO accumulates over the trained timesteps of each micro-batch too (one backward per step)
-    per_item = ddpo_train_steps(cfg) if lc.loss == "ddpo" else 1
+    per_item = ddpo_train_steps(cfg) if loss_spec(lc.loss).batch == TRAJECTORIES else 1
     gas = cfg.gradient_accumulation_steps * per_item
     zero: dict = {"stage": lc.zero_stage}
     if lc.zero_stage == 3:
@@ -160,7 +162,7 @@ class LearnerEngine:
         self.vae_scale = 8
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.ddim = None
-        if lc.loss == "ddpo":
+        if SAMPLER_LOGPROB in loss_spec(lc.loss).needs:
             from rollouts.sampler import ddim_scheduler
 
             self.ddim = ddim_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
@@ -419,7 +421,7 @@ class LearnerEngine:
         take the EMA as the reference every ``learner.reference_refresh_rounds`` rounds (and on the
         first round of a process, e.g. after a resume)."""
         lc = self.cfg.learner
-        if lc.loss in ("nft", "awm") or lc.trust_region != "clip":
+        if OLD_POLICY in loss_spec(lc.loss).needs or lc.trust_region != "clip":
             # the EMA has not moved since the last sync (it steps with the optimizer), so either way these
             # are the weights the round was sampled with
             sampled = self.sampling_weights() or self.trainable_parameters()

@@ -42,8 +42,8 @@ from rlfh.losses.ddpo import ddpo_clipped_loss
 from rlfh.losses.guidance import guidance_loss, winner_noise
 from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, transition_kl_weight
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
-from rlfh.losses.objectives import (ADVANTAGE, PAIRWISE, WEIGHTED, advantage_objectives, pairwise_objectives,
-                                    weighted_objectives)
+from rlfh.losses.objectives import advantage_objectives, pairwise_objectives, weighted_objectives
+from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLES, TRAJECTORIES, loss_spec
 from rollouts.ddim_logprob import scheduler_alpha_bars, scheduler_step_with_logprob
 from rollouts.sampler import first_of_each, guided_eps
 
@@ -66,8 +66,7 @@ def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
 def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[str, float]:
     """Diffusion-DPO (or a variant) on preference pairs, per region."""
     lc = lrn.cfg.learner
-    if lc.loss not in PAIRWISE:
-        raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not pairs")
+    check_batch(lc.loss, PAIRS)
     h, w = pairs.latents_w.shape[-2] * lrn.vae_scale, pairs.latents_w.shape[-1] * lrn.vae_scale
     history = []
     for step in optimizer_steps(lrn, len(pairs), epochs):
@@ -99,8 +98,7 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
     DiffusionNFT / AWM, whose per-sample signal (r or A) comes in the weights and which compare the
     policy with the round's sampling policy on the same x_t (``lrn.old_policy``)."""
     lc = lrn.cfg.learner
-    if lc.loss not in WEIGHTED + ADVANTAGE:
-        raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not weighted samples")
+    advantage = OLD_POLICY in check_batch(lc.loss, SAMPLES).needs
     h, w = samples.latents.shape[-2] * lrn.vae_scale, samples.latents.shape[-1] * lrn.vae_scale
     history = []
     for step in optimizer_steps(lrn, len(samples), epochs):
@@ -110,11 +108,11 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
             enc, added = lrn.condition([samples.prompts[i] for i in idx], h, w)
             pred = lrn.policy(x_t, t, enc, added)
             weights, masks = rows(samples.weights, idx, lrn.device), masks_at(samples.masks, idx, lrn.device)
-            if lc.loss in ADVANTAGE:
+            if advantage:  # the x0 scale is NFT's knob; AWM does not read it
                 objectives, metrics = advantage_objectives(
                     lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target, weights, masks, list(lc.regions),
                     lc.region_scale, lc.nft_beta, lc.awm_clip_range, lc.nft_adv_clip,
-                    lrn.x0_scale(t) if lc.loss == "nft" and lc.nft_weighting == "adaptive" else None)
+                    lrn.x0_scale(t) if lc.nft_weighting == "adaptive" else None)
             else:
                 objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions),
                                                           lc.region_scale)
@@ -144,8 +142,7 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
     the window's first step runs the UNet once per distinct (prompt, x_j) of a micro-batch.
     """
     lc = lrn.cfg.learner
-    if lc.loss != "ddpo":
-        raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not trajectories")
+    check_batch(lc.loss, TRAJECTORIES)
     n_steps = tb.latents.shape[1] - 1  # the recorded steps: W with an SDE window, else T
     expected = lc.ddpo_window or lrn.cfg.rollout.num_inference_steps
     if n_steps != expected or tb.log_probs.shape[1] != n_steps or len(tb.timesteps) != n_steps:
@@ -265,9 +262,12 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
 
 
 # ---------------------------------------------------------------------------------------- the shared loop parts
-def batch_kind(loss: str) -> str:
-    """What a loss trains on, for errors that name it."""
-    return "pairs" if loss in PAIRWISE else "trajectories" if loss == "ddpo" else "weighted samples"
+def check_batch(loss: str, kind: str):
+    """The spec of ``loss`` (rlfh/losses/registry.py), which must train on ``kind``."""
+    spec = loss_spec(loss)
+    if spec.batch != kind:
+        raise ValueError(f"learner.loss={loss} trains on {spec.batch}, not {kind}")
+    return spec
 
 
 def optimizer_steps(lrn: LearnerEngine, n: int, epochs: int) -> Iterator[list[int]]:

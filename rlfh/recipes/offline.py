@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from rlfh.config.schema import Config, save_config, to_dict
+from rlfh.losses.registry import PAIRS, loss_spec
 
 
 def batch_from_log(cfg: Config):
@@ -54,7 +55,7 @@ def batch_from_log(cfg: Config):
     # images of inpainted region pairs pair only with each other (rlfh/data/region_pairs.py), never by prompt
     region_pairs, rp_stats = (pairs_from_records(records, all_latents, regions, weights, mask_regions(cfg.learner), image_hw,
                                                  cfg.rewards_normalization)
-                              if cfg.learner.loss.startswith("dpo") else (None, {}))
+                              if loss_spec(cfg.learner.loss).batch == PAIRS else (None, {}))
     plain = [i for i, r in enumerate(records) if r.get("region_pair") is None]
     skipped = len(records) - len(plain) if region_pairs is None else 0
     records, regions, latents = [records[i] for i in plain], [regions[i] for i in plain], all_latents[plain]

@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 from rlfh.config.schema import Config, save_config, to_dict
+from rlfh.losses.registry import SAMPLER_LOGPROB, loss_spec
 from rlfh.recipes.cluster import setup_ray, start_rollout_actors
 
 
@@ -169,7 +170,7 @@ class Run:
         self.schedule = PromptSchedule(load_prompts(rc), rc.prompts_per_round, rc.rollouts_per_prompt, cfg.seed)
         self.settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height,
                                         rc.width, rc.eta, rc.scheduler)
-        self.record = cfg.learner.loss == "ddpo"  # policy-gradient losses need the trajectories
+        self.record = SAMPLER_LOGPROB in loss_spec(cfg.learner.loss).needs  # policy gradients train on them
         self.fleet = RolloutFleet(actors, 0 if self.colocate else res.max_actor_restarts)
         if cfg.learner.hcp.enabled:
             from rlfh.data.pose_prior import PosePriors
