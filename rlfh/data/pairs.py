@@ -77,11 +77,11 @@ def region_mask_arrays(regions: Sequence[dict], names: Sequence[str], image_hw: 
 
 
 def mask_regions(learner_cfg) -> list[str]:
-    """The regions whose masks a round's batch carries: ``learner.regions``, and the guidance term's
-    region (``learner.guidance_region``) when the term is on, even if no objective is computed on it."""
-    names = list(learner_cfg.regions)
-    if learner_cfg.guidance_coef > 0 and learner_cfg.guidance_region not in names:
-        names.append(learner_cfg.guidance_region)
+    """The regions whose masks a round's batch carries: ``learner.regions.names``, and the guidance term's
+    region (``learner.dpo.guidance.region``) when the term is on, even if no objective is computed on it."""
+    names = list(learner_cfg.regions.names)
+    if learner_cfg.dpo.guidance.coef > 0 and learner_cfg.dpo.guidance.region not in names:
+        names.append(learner_cfg.dpo.guidance.region)
     return names
 
 
@@ -102,8 +102,8 @@ def sample_weights(scores: Sequence[float | None], weigh) -> "np.ndarray":
 
 def ddpo_window(cfg, round: int):
     """The SDE window the rollout actors record in round ``round`` of a DDPO run (``Sampler.sample``'s
-    ``record``): ``learner.ddpo_window`` = W consecutive stochastic steps starting at j, drawn
-    uniformly from 0..``learner.ddpo_window_max_start`` (default T - W: anywhere), deterministic DDIM
+    ``record``): ``learner.ddpo.window`` = W consecutive stochastic steps starting at j, drawn
+    uniformly from 0..``learner.ddpo.window_max_start`` (default T - W: anywhere), deterministic DDIM
     elsewhere; the whole trajectory (j = 0, W = T) when ``ddpo_window`` is null.
 
     j is drawn once per round, seeded by (``seed``, round): every sample of the round, so every sample
@@ -116,16 +116,16 @@ def ddpo_window(cfg, round: int):
     """
     from rollouts.types import SDEWindow
 
-    n_steps, size = cfg.rollout.num_inference_steps, cfg.learner.ddpo_window
+    n_steps, size = cfg.rollout.num_inference_steps, cfg.learner.ddpo.window
     if size is None:
         return SDEWindow(0, n_steps)
-    max_start = n_steps - size if cfg.learner.ddpo_window_max_start is None else cfg.learner.ddpo_window_max_start
+    max_start = n_steps - size if cfg.learner.ddpo.window_max_start is None else cfg.learner.ddpo.window_max_start
     start = int(np.random.default_rng([cfg.seed, round, 13]).integers(0, max_start + 1))
     return SDEWindow(start, size)
 
 
 def ddpo_branch_seeds(cfg, prompts: Sequence[str], seeds: Sequence[int]) -> list[int] | None:
-    """The x_T seed of each sample of a round under ``learner.ddpo_branch`` (``Sampler.sample``'s
+    """The x_T seed of each sample of a round under ``learner.ddpo.branch`` (``Sampler.sample``'s
     ``branch_seeds``), or None without branching: the seed of the first sample of its prompt group, a
     group being the round's samples of one prompt (the groups of the per-prompt advantages).
 
@@ -136,7 +136,7 @@ def ddpo_branch_seeds(cfg, prompts: Sequence[str], seeds: Sequence[int]) -> list
     (Flow-GRPO shares the initial noise of a prompt's samples likewise, its ``same_latent``). A pure
     function of the round's prompts and seeds, so resumes and re-issued shares repeat it.
     """
-    if not cfg.learner.ddpo_branch:
+    if not cfg.learner.ddpo.branch:
         return None
     first: dict[str, int] = {}
     for p, s in zip(prompts, seeds):
@@ -156,8 +156,8 @@ def learner_scores(values: dict[str, Sequence[float | None]], weights: dict[str,
     ``gdpo``: each reward z-scored within its prompt group, weighted, summed and normalized over the
     round (``rlfh.losses.advantages.gdpo_advantages``, arXiv 2601.05242), so a reward on a wide
     scale no longer decides the pairs alone. Either way a sample missing a weighted reward gets None.
-    Under ``gdpo`` the scores have unit std over the round, so ``learner.rwr_beta`` and
-    ``learner.filter_threshold`` act in those units, not in the rewards' own.
+    Under ``gdpo`` the scores have unit std over the round, so ``learner.rwr.beta`` and
+    ``learner.filtered.threshold`` act in those units, not in the rewards' own.
 
     Returns:
         (scores, stats): ``pairs/no_spread_share`` is the share of prompt groups whose scores do not
@@ -264,7 +264,7 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
 
     ``scores`` come from :func:`learner_scores` with ``normalization``. ``conditioning`` (the rollout
     batch's {prompt: (embeds, pooled)}) goes with the batch unchanged. ``priors`` (N, 1, h, w), the
-    HcP layer's pose priors of the samples (``learner.hcp``), go with the region masks under
+    HcP layer's pose priors of the samples (``model.hcp``), go with the region masks under
     ``rlfh.data.pose_prior.HCP_PRIOR`` and are selected with them.
 
     Returns:
@@ -285,10 +285,10 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
 
 
 def pair_batch(learner_cfg, rnd: ScoredRound):
-    """DPO family: the prompt groups' pairs (``learner.pair_strategy``, :func:`build_pairs`)."""
+    """DPO family: the prompt groups' pairs (``learner.dpo.pair_strategy``, :func:`build_pairs`)."""
     from rlfh.data.batches import PairBatch
 
-    pairs = build_pairs(rnd.groups, rnd.scores, learner_cfg.pair_strategy)
+    pairs = build_pairs(rnd.groups, rnd.scores, learner_cfg.dpo.pair_strategy)
     w, l = [p.winner for p in pairs], [p.loser for p in pairs]
     batch = PairBatch(rnd.latents[w], rnd.latents[l], [rnd.prompts[i] for i in w],
                       {r: m[w] for r, m in rnd.masks.items()}, {r: m[l] for r, m in rnd.masks.items()},
@@ -312,7 +312,7 @@ def rwr_batch(learner_cfg, rnd: ScoredRound):
     """RWR: weights N * softmax(beta r) over the round (:func:`rlfh.losses.rwr.rwr_weights`)."""
     from rlfh.losses.rwr import rwr_weights
 
-    return weighted_batch(rnd, sample_weights(rnd.scores, lambda r: rwr_weights(r, learner_cfg.rwr_beta)))
+    return weighted_batch(rnd, sample_weights(rnd.scores, lambda r: rwr_weights(r, learner_cfg.rwr.beta)))
 
 
 def filtered_batch(learner_cfg, rnd: ScoredRound):
@@ -320,7 +320,7 @@ def filtered_batch(learner_cfg, rnd: ScoredRound):
     from rlfh.losses.filtered import filter_weights
 
     lc = learner_cfg
-    weigh = lambda r: filter_weights(r, lc.filter_threshold, lc.filter_top_fraction)  # noqa: E731
+    weigh = lambda r: filter_weights(r, lc.filtered.threshold, lc.filtered.top_fraction)  # noqa: E731
     return weighted_batch(rnd, sample_weights(rnd.scores, weigh))
 
 
@@ -358,7 +358,7 @@ def nft_batch(learner_cfg, rnd: ScoredRound):
     """DiffusionNFT: the advantages as r = 0.5 + 0.5 clip(A, -c, c) / c (:func:`rlfh.losses.nft.nft_reward_weight`)."""
     from rlfh.losses.nft import nft_reward_weight
 
-    return advantage_batch(learner_cfg, rnd, lambda adv: nft_reward_weight(adv, learner_cfg.nft_adv_clip))
+    return advantage_batch(learner_cfg, rnd, lambda adv: nft_reward_weight(adv, learner_cfg.nft.adv_clip))
 
 
 def trajectory_batch(learner_cfg, rnd: ScoredRound):

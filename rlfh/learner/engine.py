@@ -5,7 +5,7 @@ plain functions in :mod:`rlfh.learner.steps`. What it owns:
 
 * the pipeline (the UNet; the text encoders only until a round's batch brings the rollouts' prompt
   embeddings, unless HG-DPO, DDPO or colocated sampling needs them; the VAE only in colocated mode);
-* the policy: the UNet with a LoRA adapter (``learner.lora``), or the whole UNet trainable;
+* the policy: the UNet with a LoRA adapter (``model.lora``), or the whole UNet trainable;
 * the reference: the same UNet with the adapter disabled, or a frozen copy for full training;
 * the DeepSpeed engine (ZeRO, accumulation, clipping, bf16), an optional EMA of the weights;
 * the step counters and the generator that draws every t, eps and shuffle (saved in checkpoints);
@@ -35,36 +35,36 @@ class NonFiniteError(RuntimeError):
     """A NaN or inf loss or weight: training stops before it reaches the weights or a checkpoint."""
 
 
-NONFINITE_CAUSES = ("a NaN/inf hyperparameter (learner.beta, learner.lr, ...), non-finite rewards or latents in "
+NONFINITE_CAUSES = ("a NaN/inf hyperparameter (learner.dpo.beta, learner.lr, ...), non-finite rewards or latents in "
                     "the batch, or a diverging run (lower learner.lr, set learner.max_grad_norm)")
 
 
 def ddpo_train_steps(cfg) -> int:
     """Denoising steps of each trajectory trained per epoch: DDPO's timestep fraction of the recorded
-    steps, which are the SDE window's ``learner.ddpo_window`` with one, all T without."""
-    recorded = cfg.learner.ddpo_window or cfg.rollout.num_inference_steps
-    return max(1, math.ceil(cfg.learner.ddpo_timestep_fraction * recorded))
+    steps, which are the SDE window's ``learner.ddpo.window`` with one, all T without."""
+    recorded = cfg.learner.ddpo.window or cfg.rollout.num_inference_steps
+    return max(1, math.ceil(cfg.learner.ddpo.timestep_fraction * recorded))
 
 
 def needs_text_encoders(cfg) -> bool:
     """Whether the learner must keep its text encoders when batches bring the rollouts' conditioning:
     colocated sampling encodes with this pipeline, HG-DPO trains on real images' captions that no
     rollout conditioned on, DDPO's guided eps needs the negative prompt (the rollouts send positive
-    embeddings only), and so does CFG distillation's teacher. Offline DPO keeps them because its batches
+    embeddings only), and so does guidance-free distillation's teacher. Offline DPO keeps them because its batches
     (from the rollout log) carry none."""
-    return bool(cfg.resources.colocate or cfg.learner.hgdpo.real_images
-                or TEXT_ENCODERS in loss_spec(cfg.learner.loss).needs or cfg.learner.cfg_distill is not None)
+    return bool(cfg.resources.colocate or cfg.data.hgdpo.real_images
+                or TEXT_ENCODERS in loss_spec(cfg.learner.loss).needs or cfg.learner.guidance_free.scale is not None)
 
 
 def make_optimizer(params, lc, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over ``params`` with ``learner.optimizer_impl``: ``auto`` takes torch's fused kernel
+    """AdamW over ``params`` with ``learner.engine.optimizer_impl``: ``auto`` takes torch's fused kernel
     where torch has one for the device (CUDA, and CPU since torch 2.4), else foreach: one kernel
     (or one vectorized loop) over all tensors instead of ~10 small ops per tensor, which matters for
     LoRA's hundreds of small matrices. Fused/foreach differ from the per-tensor loop by float
     rounding only (tests/rlfh/test_learner_fast.py bounds it)."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-    impl = lc.optimizer_impl
+    impl = lc.engine.optimizer_impl
     if impl == "auto":
         impl = "fused" if device.type in _get_fused_kernels_supported_devices() else "foreach"
     kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
@@ -76,14 +76,14 @@ def deepspeed_config(cfg) -> dict:
     # DDPO accumulates over the trained timesteps of each micro-batch too (one backward per step)
     per_item = ddpo_train_steps(cfg) if loss_spec(lc.loss).batch == TRAJECTORIES else 1
     gas = cfg.gradient_accumulation_steps * per_item
-    zero: dict = {"stage": lc.zero_stage}
-    if lc.zero_stage == 3:
+    zero: dict = {"stage": lc.engine.zero_stage}
+    if lc.engine.zero_stage == 3:
         # ZeRO-3's memory-efficient linear computes x @ W^T + b in another order than torch's linear:
         # the policy would differ from the rollout actors' copy in the last bits (sync check, DDPO ratios)
         zero["memory_efficient_linear"] = False
-    if lc.offload_optimizer:
+    if lc.engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if lc.offload_params:
+    if lc.engine.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     ds = {
         "train_batch_size": lc.micro_batch_size_per_gpu * gas * cfg.learner_world_size,
@@ -97,7 +97,7 @@ def deepspeed_config(cfg) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if lc.offload_optimizer:
+    if lc.engine.offload_optimizer:
         # ZeRO-Offload steps the optimizer on CPU with DeepSpeed's own CPUAdam (built on first use)
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": lc.lr, "betas": list(lc.adam_betas),
                                                        "weight_decay": lc.weight_decay}}
@@ -176,13 +176,14 @@ class LearnerEngine:
         self.keep_text_encoders = keep_vae or needs_text_encoders(cfg)
         self.ref_unet = None
         self.hcp = None
-        if lc.lora.enabled:
+        if cfg.model.lora.enabled:
             torch.manual_seed(cfg.seed)  # LoRA A matrices come from the global RNG: make runs repeatable
-            add_lora(unet, lc.lora.rank, lc.lora.alpha, lc.lora.target_modules)
-            if lc.hcp.enabled:  # after the LoRA, so that phi gets no adapter; its init draws from the same seeded RNG
+            add_lora(unet, cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
+            # after the LoRA, so that phi gets no adapter; its init draws from the same seeded RNG
+            if cfg.model.hcp.enabled:
                 from rlfh.learner.hcp import HcP
 
-                self.hcp = HcP(unet, lc.hcp, pipe.tokenizer)
+                self.hcp = HcP(unet, cfg.model.hcp, pipe.tokenizer)
         else:
             # full fine-tuning: the reference is a frozen copy (LoRA avoids this second UNet)
             self.ref_unet = copy.deepcopy(unet).eval()
@@ -190,25 +191,25 @@ class LearnerEngine:
         for p in unet.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights in fp32; DeepSpeed bf16 keeps its own copy
-        if lc.gradient_checkpointing:
+        if lc.engine.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         params = [p for p in unet.parameters() if p.requires_grad]
         if not params:
-            raise RuntimeError("no trainable parameters: check learner.lora.target_modules against the UNet's module names")
+            raise RuntimeError("no trainable parameters: check model.lora.target_modules against the UNet's module names")
         self.num_trainable = sum(p.numel() for p in params)
         optimizer = None
-        if not lc.offload_optimizer:
+        if not lc.engine.offload_optimizer:
             optimizer = make_optimizer(params, lc, self.device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=unet, optimizer=optimizer, model_parameters=params, config=deepspeed_config(cfg))
         self._trainable = params  # fixed from here on; walking the UNet's parameters costs ms per call
         self.ema = None
-        if lc.ema_decay is not None:
+        if lc.ema.decay is not None:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(params, decay=lc.ema_decay)
+            self.ema = EMAModel(params, decay=lc.ema.decay)
         # Kept copies of the trainable weights the UNet can predict with (predict_with): the policy that
-        # sampled the round (nft, awm) and the EMA reference (learner.reference=ema); see begin_round.
+        # sampled the round (nft, awm) and the EMA reference (learner.reference.model=ema); see begin_round.
         self.old_weights: list[torch.Tensor] | None = None
         self.reference_weights: list[torch.Tensor] | None = None
         self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
@@ -229,7 +230,7 @@ class LearnerEngine:
         # over one rank and a copy back of every gradient (and a /1): it changes no value, so skip it.
         # Its one other effect, zero gradients for trainable weights that got none, backward() keeps.
         # (bf16 keeps it: DeepSpeed's BF16 optimizer reduces its own fp32 gradient buffers there.)
-        self.skip_allreduce = (self.world_size == 1 and lc.zero_stage == 0
+        self.skip_allreduce = (self.world_size == 1 and lc.engine.zero_stage == 0
                                and not hasattr(self.engine.optimizer, "get_grads_for_reduction"))
         if self.skip_allreduce:
             self.engine.enable_backward_allreduce = False
@@ -239,14 +240,14 @@ class LearnerEngine:
             # the trainable ones. The frozen ones never hold a gradient, so the values are the same.
             self.engine.clip_fp32_gradients = self._clip_trainable_gradients
             self.engine.zero_grad = self._zero_trainable_gradients
-        if lc.compile:
+        if lc.engine.compile:
             # in place: the engine's forward (policy) and direct calls (reference, sync checks) both
             # run the compiled UNet; the adapter flag is a guard, so policy and reference get a graph each
             self.unet.compile(dynamic=False)
         self.conditioning: dict | None = None  # the current batch's {prompt: (embeds, pooled)}
         # Per-region gradients (MPD, MGDA) take torch.autograd.grad, which the engine's forward refuses;
         # the wrapped module keeps ZeRO <= 2's gradient hooks on the parameters.
-        per_region = fairness.needs_region_gradients(lc.fairness.rule, len(lc.regions))
+        per_region = fairness.needs_region_gradients(lc.regions.fairness.rule, len(lc.regions.names))
         self.policy_model = self.unet if per_region else self.engine
         self.global_step = 0  # optimizer steps
         self.policy_version = 0  # rounds trained: what the rollout actors' samples are tagged with
@@ -370,7 +371,7 @@ class LearnerEngine:
 
     def reference_unet(self):
         """The reference as a UNet-like callable (for guided_eps too; call it without gradients): the
-        frozen copy, or the UNet with its adapter off; with ``learner.reference=ema`` the UNet with the
+        frozen copy, or the UNet with its adapter off; with ``learner.reference.model=ema`` the UNet with the
         EMA weights of :meth:`begin_round`."""
         if self.reference_weights is not None:
             return self.unet_with(self.reference_weights)
@@ -417,17 +418,17 @@ class LearnerEngine:
 
     def begin_round(self) -> None:
         """Before a round's training: keep the weights the round was sampled with (nft, awm: the rollout
-        actors got them at the last sync; rollout.max_staleness=0), and with ``learner.reference=ema``
-        take the EMA as the reference every ``learner.reference_refresh_rounds`` rounds (and on the
+        actors got them at the last sync; rollout.max_staleness=0), and with ``learner.reference.model=ema``
+        take the EMA as the reference every ``learner.reference.refresh_rounds`` rounds (and on the
         first round of a process, e.g. after a resume)."""
         lc = self.cfg.learner
-        if OLD_POLICY in loss_spec(lc.loss).needs or lc.trust_region != "clip":
+        if OLD_POLICY in loss_spec(lc.loss).needs or lc.ddpo.trust_region != "clip":
             # the EMA has not moved since the last sync (it steps with the optimizer), so either way these
             # are the weights the round was sampled with
             sampled = self.sampling_weights() or self.trainable_parameters()
             self.old_weights = [p.detach().clone() for p in sampled]
-        if lc.reference == "ema" and (self.reference_weights is None
-                                      or self.policy_version % lc.reference_refresh_rounds == 0):
+        if lc.reference.model == "ema" and (self.reference_weights is None
+                                      or self.policy_version % lc.reference.refresh_rounds == 0):
             self.reference_weights = [p.detach().clone().to(q.dtype) for p, q in
                                       zip(self.ema.shadow_params, self.trainable_parameters())]
 
@@ -467,7 +468,7 @@ class LearnerEngine:
     def gathered(self, params):
         """A context in which ``params`` hold their whole values: ZeRO-3 keeps only each rank's
         slice and gathers them here (collective: every rank enters); other stages need nothing."""
-        if self.cfg.learner.zero_stage != 3:
+        if self.cfg.learner.engine.zero_stage != 3:
             return contextlib.nullcontext()
         import deepspeed
 
@@ -488,9 +489,9 @@ class LearnerEngine:
 
     def sampling_weights(self) -> list[torch.Tensor] | None:
         """The trainable weights the rollout actors sample with, when they are not the trained ones:
-        with ``learner.sampling_policy=ema``, the EMA (DiffusionNFT samples with a slowly moving copy
+        with ``learner.ema.sampling_policy=ema``, the EMA (DiffusionNFT samples with a slowly moving copy
         of the policy, off-policy); else None."""
-        if self.cfg.learner.sampling_policy != "ema":
+        if self.cfg.learner.ema.sampling_policy != "ema":
             return None
         return [s.detach().to(p.dtype) for s, p in zip(self.ema.shadow_params, self.trainable_parameters())]
 
@@ -522,8 +523,8 @@ class LearnerEngine:
 
     def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
         """Write ``directory`` atomically: LoRA (diffusers format) or the UNet folder, DeepSpeed engine
-        state (each rank writes its own ZeRO partition), EMA, the EMA reference (learner.reference=ema),
-        trainer state, ``files.json``; with ``learner.hcp`` the HcP layer's weights in ``hcp.safetensors``
+        state (each rank writes its own ZeRO partition), EMA, the EMA reference (learner.reference.model=ema),
+        trainer state, ``files.json``; with ``model.hcp`` the HcP layer's weights in ``hcp.safetensors``
         beside the LoRA.
 
         The folder is built under a temporary name by all ranks and renamed by rank 0 once every rank
@@ -568,7 +569,7 @@ class LearnerEngine:
                           tmp / "ema.safetensors", metadata={"optimization_step": str(self.ema.optimization_step),
                                                               "decay": str(self.ema.decay)})
             if self.reference_weights is not None:
-                # the EMA as it was at the last refresh (learner.reference_refresh_rounds): not today's EMA
+                # the EMA as it was at the last refresh (learner.reference.refresh_rounds): not today's EMA
                 from safetensors.torch import save_file
 
                 save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.reference_weights)},
@@ -597,7 +598,7 @@ class LearnerEngine:
             raise FileNotFoundError(f"{directory}: not an rlfh checkpoint (no trainer_state.json)")
         state = json.loads(state_file.read_text())
         saved_ranks = state.get("learner_ranks", 1)
-        if saved_ranks != self.world_size and self.cfg.learner.zero_stage > 0:
+        if saved_ranks != self.world_size and self.cfg.learner.engine.zero_stage > 0:
             raise RuntimeError(f"{directory} was written by {saved_ranks} learner ranks with ZeRO partitions; "
                                f"resume with the same number of ranks (now {self.world_size})")
         load_path, _ = self.engine.load_checkpoint(str(directory / "deepspeed"), tag="state", load_module_strict=False)
@@ -610,7 +611,7 @@ class LearnerEngine:
                 for i, p in enumerate(self.ema.shadow_params):
                     p.data.copy_(f.get_tensor(str(i)))
                 self.ema.optimization_step = int(f.metadata()["optimization_step"])
-        if (directory / "reference.safetensors").is_file() and self.cfg.learner.reference == "ema":
+        if (directory / "reference.safetensors").is_file() and self.cfg.learner.reference.model == "ema":
             from safetensors.torch import load_file
 
             saved = load_file(str(directory / "reference.safetensors"), device=str(self.device))

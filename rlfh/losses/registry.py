@@ -6,8 +6,8 @@ learner (which step loop runs, which models it keeps: rlfh/learner/engine.py, rl
 the objectives (rlfh/losses/objectives.py) and the recipes. A new family is its loss file plus one
 line in :data:`LOSSES` (docs/extending.md, "A loss").
 
-Builders and objectives are named as ``"module:function"`` and imported on first use: they live in
-the data and learner layers, which read this registry themselves.
+The section types come with the loss files; builders and objectives are named as ``"module:function"``
+and imported on first use: they live in the data and learner layers, which read this registry themselves.
 """
 
 from __future__ import annotations
@@ -15,6 +15,13 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable
+
+from rlfh.losses.awm import AWMConfig
+from rlfh.losses.ddpo import DDPOConfig
+from rlfh.losses.dpo import DPOConfig
+from rlfh.losses.filtered import FilteredConfig
+from rlfh.losses.nft import NFTConfig
+from rlfh.losses.rwr import RWRConfig
 
 # What a family trains on: the batch its builder makes and the step loop that consumes it.
 PAIRS = "pairs"  # (winner, loser) latents of one prompt: rlfh.data.batches.PairBatch
@@ -41,6 +48,8 @@ class LossSpec:
     Attributes:
         name: the value of ``learner.loss``.
         section: ``learner.<section>``, the config section of the family's own knobs (variants share one).
+        config: that section's frozen dataclass, defined in the loss's file; its ``problems(key)`` checks
+            its own fields (rlfh/config/fields.py).
         batch: what it trains on: :data:`PAIRS`, :data:`SAMPLES` or :data:`TRAJECTORIES`.
         on_policy: compares with the policy that sampled the round, so it trains neither from a logged
             rollout log nor on samples one round stale.
@@ -50,11 +59,12 @@ class LossSpec:
         objective: ``module:function`` of the family's loss on one micro-batch (per region, or per
             recorded step for trajectories).
         variant: the DPO variant's name in rlfh/losses/dpo_variants.py; None for the sigmoid loss.
-        regions: trains one objective per region of ``learner.regions`` (else the whole image only).
+        regions: trains one objective per region of ``learner.regions.names`` (else the whole image only).
     """
 
     name: str
     section: str
+    config: type
     batch: str
     on_policy: bool
     needs: frozenset[str]
@@ -83,22 +93,23 @@ class LossSpec:
 
 
 _PAIRWISE = "rlfh.losses.objectives:pairwise_objectives"
+_PAIR_BATCH = "rlfh.data.pairs:pair_batch"
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
-    LossSpec("dpo", "dpo", PAIRS, False, frozenset({REFERENCE}), "rlfh.data.pairs:pair_batch", _PAIRWISE),
-    LossSpec("dpo_hinge", "dpo", PAIRS, False, frozenset({REFERENCE}), "rlfh.data.pairs:pair_batch", _PAIRWISE,
+    LossSpec("dpo", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE),
+    LossSpec("dpo_hinge", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE,
              variant="hinge"),
-    LossSpec("dpo_ipo", "dpo", PAIRS, False, frozenset({REFERENCE}), "rlfh.data.pairs:pair_batch", _PAIRWISE,
+    LossSpec("dpo_ipo", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE,
              variant="ipo"),
-    LossSpec("rwr", "rwr", SAMPLES, False, frozenset(), "rlfh.data.pairs:rwr_batch",
+    LossSpec("rwr", "rwr", RWRConfig, SAMPLES, False, frozenset(), "rlfh.data.pairs:rwr_batch",
              "rlfh.losses.objectives:weighted_objectives"),
-    LossSpec("filtered", "filtered", SAMPLES, False, frozenset(), "rlfh.data.pairs:filtered_batch",
+    LossSpec("filtered", "filtered", FilteredConfig, SAMPLES, False, frozenset(), "rlfh.data.pairs:filtered_batch",
              "rlfh.losses.objectives:weighted_objectives"),
-    LossSpec("ddpo", "ddpo", TRAJECTORIES, True, frozenset({SAMPLER_LOGPROB, TEXT_ENCODERS}),
+    LossSpec("ddpo", "ddpo", DDPOConfig, TRAJECTORIES, True, frozenset({SAMPLER_LOGPROB, TEXT_ENCODERS}),
              "rlfh.data.pairs:trajectory_batch", "rlfh.learner.steps:trust_region_loss", regions=False),
-    LossSpec("nft", "nft", SAMPLES, True, frozenset({OLD_POLICY}), "rlfh.data.pairs:nft_batch",
+    LossSpec("nft", "nft", NFTConfig, SAMPLES, True, frozenset({OLD_POLICY}), "rlfh.data.pairs:nft_batch",
              "rlfh.losses.objectives:nft_objectives"),
-    LossSpec("awm", "awm", SAMPLES, True, frozenset({OLD_POLICY}), "rlfh.data.pairs:advantage_batch",
+    LossSpec("awm", "awm", AWMConfig, SAMPLES, True, frozenset({OLD_POLICY}), "rlfh.data.pairs:advantage_batch",
              "rlfh.losses.objectives:awm_objectives"),
 ]}
 
@@ -111,6 +122,15 @@ def loss_spec(name: str) -> LossSpec:
         return LOSSES[name]
     except KeyError:
         raise ValueError(f"learner.loss={name!r}: unknown loss; use one of {list(LOSSES)}") from None
+
+
+def loss_sections() -> dict[str, type]:
+    """``{section: config type}`` of every family, in registry order: the sections of ``learner``."""
+    sections: dict[str, type] = {}
+    for spec in LOSSES.values():
+        if sections.setdefault(spec.section, spec.config) is not spec.config:
+            raise TypeError(f"learner.{spec.section}: losses of one section must share its config type")
+    return sections
 
 
 def names_where(predicate: Callable[[LossSpec], bool]) -> list[str]:

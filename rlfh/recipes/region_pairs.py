@@ -1,6 +1,6 @@
 """FaceScore's dataset construction over a folder of images: a rollout log of region pairs.
 
-    rlfh make-region-pairs configs/tiny.yaml IMAGE_DIR learner.regions=[global,face] learner.region_pairs.region=face
+    rlfh make-region-pairs configs/tiny.yaml IMAGE_DIR learner.regions.names=[global,face] data.region_pairs.region=face
     rlfh rollouts inspect RUN_DIR/rollouts
     rlfh offline-dpo CONFIG rollouts=RUN_DIR/rollouts ...
 
@@ -8,8 +8,8 @@ Setup, loop and cleanup, in this process (no Ray):
   1. the images of IMAGE_DIR (``metadata.jsonl`` + images, rlfh/data/real_images.py) are resized to
      ``rollout.height`` x ``rollout.width`` and encoded with the model's VAE (posterior mean);
   2. the decoded originals are scored by the config's rewards, which find the regions;
-  3. each image with ``learner.region_pairs.region`` gets it inpainted: by the policy (the
-     config's model, ``Sampler.refine``) or, with ``learner.region_pairs.pipeline``, by a diffusers
+  3. each image with ``data.region_pairs.region`` gets it inpainted: by the policy (the
+     config's model, ``Sampler.refine``) or, with ``data.region_pairs.pipeline``, by a diffusers
      inpainting pipeline fed the same latents and mask; strength and mask by rlfh/data/region_pairs.py;
   4. the inpainted images are scored the same way, and originals (role ``original``) and inpainted
      images (role ``inpainted``) go to RUN_DIR/rollouts, which ``rlfh offline-dpo`` turns into pairs.
@@ -41,15 +41,15 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     from rollouts.sampler import Sampler
     from rollouts.types import RolloutBatch, SamplerSettings
 
-    rp, rc = cfg.learner.region_pairs, cfg.rollout
+    rp, rc = cfg.data.region_pairs, cfg.rollout
     if rp.region is None:
-        raise ValueError("make-region-pairs needs learner.region_pairs.region (face or hand): the region to inpaint")
+        raise ValueError("make-region-pairs needs data.region_pairs.region (face or hand): the region to inpaint")
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if rp.lora and rp.pipeline:
-        raise ValueError("learner.region_pairs.lora and learner.region_pairs.pipeline: give one (the LoRA is the "
+        raise ValueError("data.region_pairs.lora and data.region_pairs.pipeline: give one (the LoRA is the "
                          "policy's, on model.path; the pipeline inpaints instead of the policy)")
     lora = resolve_lora(rp.lora) if rp.lora else None  # before the (slow) model load
     pipe = load_pipeline(cfg.model, device)
@@ -124,7 +124,7 @@ class DiffusersInpainter:
         self.pipe = AutoPipelineForInpainting.from_pretrained(path, dtype=torch.float32).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         if self.pipe.unet.config.in_channels != 4:
-            raise ValueError(f"learner.region_pairs.pipeline={path}: a {self.pipe.unet.config.in_channels}-channel "
+            raise ValueError(f"data.region_pairs.pipeline={path}: a {self.pipe.unet.config.in_channels}-channel "
                              f"inpainting UNet conditions on a VAE-encoded masked image; give a 4-channel "
                              f"(text-to-image) pipeline, which keeps the latents outside the mask")
 

@@ -52,7 +52,7 @@ def run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"run_dir={run}", f"num_rounds={NUM_ROUNDS}", "learner.regions=[global, face]",
+        f"run_dir={run}", f"num_rounds={NUM_ROUNDS}", "learner.regions.names=[global, face]",
         "rewards=[{target: jpeg_compressibility, name: jpeg}, {target: facescore, weight: 0.5}]"])
     save_config(cfg, run / "config.yaml")
     write_metrics(run, [metrics_row(r, **({"time/checkpoint_s": 2.0} if r == 1 else {})) for r in range(3)])
