@@ -168,10 +168,22 @@ def test_not_a_run_directory(tmp_path):
 
 
 def test_config_from_another_version_still_summarises(run):
-    text = (run / "config.yaml").read_text().replace("  beta: 100.0\n", "  beta: 100.0\n  removed_option: 3\n")
+    text = (run / "config.yaml").read_text().replace("    beta: 100.0\n", "    beta: 100.0\n    removed_option: 3\n")
     (run / "config.yaml").write_text(text)
     st = status_at(run, 1.0)
     assert st["config"]["loss"] == "dpo" and any("does not validate" in w for w in st["warnings"])
+
+
+def test_config_of_the_layout_before_the_regroup_still_summarises(run):
+    import yaml
+
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["learner"]["beta"] = data["learner"].pop("dpo")["beta"]  # keys as rlfh wrote them before MOVED_KEYS
+    data["learner"]["lora"] = data["model"].pop("lora")
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    st = status_at(run, 1.0)
+    assert st["config"]["beta"] == 100.0 and st["config"]["lora_rank"] == data["learner"]["lora"]["rank"]
+    assert any("does not validate" in w for w in st["warnings"])
 
 
 def test_sparkline():
