@@ -47,8 +47,8 @@ def overrides(args, model_path: str) -> list[str]:
             f"rollout.height={args.size}", f"rollout.width={args.size}", f"rollout.num_inference_steps={args.steps}",
             f"rollout.prompts_per_round={args.prompts}", f"rollout.rollouts_per_prompt={args.rollouts}",
             f"rollout.sample_batch_size_per_actor={args.sample_batch}", f"learner.train_batch_size={args.prompts}",
-            "learner.micro_batch_size_per_gpu=1", "learner.epochs_per_round=1", "learner.zero_stage=2",
-            f"learner.gradient_checkpointing={str(gpu).lower()}", "logging.wandb=false"]
+            "learner.micro_batch_size_per_gpu=1", "learner.epochs_per_round=1", "learner.engine.zero_stage=2",
+            f"learner.engine.gradient_checkpointing={str(gpu).lower()}", "logging.wandb=false"]
 
 
 def run_mode(mode: str, cfg, rounds: int) -> dict:
@@ -74,7 +74,7 @@ def run_mode(mode: str, cfg, rounds: int) -> dict:
         else:
             learner = LearnerEngine(cfg)
             sampler = Sampler(load_pipeline(cfg.model, device), model_id=cfg.model.path)
-            sampler.add_lora(lc.lora.rank, lc.lora.alpha, lc.lora.target_modules)
+            sampler.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
             sampler.load_lora(learner.lora_state_dict(), 0)
             handover = None
         rewards = RewardSet.from_config(cfg.rewards)

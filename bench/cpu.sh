@@ -9,7 +9,7 @@
 #
 # Headlines (>1 = rlfh faster, except the share): rollout_lora_ratio (stock pipeline without LoRA /
 # rlfh Sampler with the merged LoRA, batch 16), learner_ratio (tiny, 64 px) and learner_ratio_large
-# (256 px, 4 pairs, compute-bound) (rlfh step with learner.compile / reference DPO loop, as pairs/s;
+# (256 px, 4 pairs, compute-bound) (rlfh step with learner.engine.compile / reference DPO loop, as pairs/s;
 # the eager rlfh step's ratios beside them), ddpo_window_speedup (all 10
 # steps / a 2-step SDE window, items/s), reward_http_overhead_share ((HTTP - in-process) / in-process,
 # FaceScore-size model, batch 8). One torch thread everywhere (see bench/NOTES.md).
@@ -48,7 +48,7 @@ if [[ -n "$SMOKE" ]]; then
 else
   # batch 16 only (the headline batch): 4 variants x (1 warm-up + 9) calls of 0.7-3 s
   ROLLOUT=(--batch-sizes 16 --repeats 9)
-  # lora8 only: reference loop, rlfh eager and rlfh compiled (learner.compile; one inductor compile
+  # lora8 only: reference loop, rlfh eager and rlfh compiled (learner.engine.compile; one inductor compile
   # per size, ~2.5 min each on 2 cores with a cold cache, ~20 s warm), 17 tiny steps of ~0.1 s each,
   # then 10 steps of ~1 s at 256 px with 4 pairs (the compute-bound point: >= 1 s per step)
   LEARNER=(--modes lora8 --repeats 16 --large-size 256 --large-pairs 4 --large-repeats 9 --rlfh-compile)

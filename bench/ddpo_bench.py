@@ -1,4 +1,4 @@
-"""DDPO items/s with a branched SDE window (learner.ddpo_window, ddpo_branch) vs every step stochastic and trained.
+"""DDPO items/s with a branched SDE window (learner.ddpo.window, ddpo_branch) vs every step stochastic and trained.
 
     python bench/ddpo_bench.py             # tiny model, 10 steps, window 2; writes bench/results/cpu_tiny_ddpo.json
     python bench/ddpo_bench.py --smoke     # seconds; writes smoke_ddpo.json
@@ -8,7 +8,7 @@ One "round" of a variant is what DDPO pays per item: the rollout actor's recorde
 advantages of a cheap latent reward) and the learner's clipped-ratio steps (``train``, one epoch),
 timed together; items/s = samples / seconds. The two variants (``full``: ``ddpo_window=null``, T
 stochastic steps recorded and T trained per item; ``window``: W of T, with trajectory branching,
-``learner.ddpo_branch``, unless ``--no-branch``) each hold their own learner and
+``learner.ddpo.branch``, unless ``--no-branch``) each hold their own learner and
 sampler, and run alternately back to back after a warm-up round each, so load drifting on a shared
 machine lands on both; the headline ``ddpo_window_speedup`` is the median over pairs of
 full seconds / window seconds. One torch thread. The trajectory bytes per item (what travels
@@ -55,7 +55,7 @@ class Variant:
         self.lrn = LearnerEngine(self.cfg)
         self.sampler = Sampler(load_pipeline(self.cfg.model), scheduler="ddim")
         lc, rc = self.cfg.learner, self.cfg.rollout
-        self.sampler.add_lora(lc.lora.rank, lc.lora.alpha, lc.lora.target_modules)
+        self.sampler.add_lora(self.cfg.model.lora.rank, self.cfg.model.lora.alpha, self.cfg.model.lora.target_modules)
         self.sampler.load_lora(self.lrn.lora_state_dict(), self.lrn.policy_version)
         self.settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height,
                                         rc.width, rc.eta, rc.scheduler)
@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="image size in px (tiny.yaml's 64; larger: the UNet's "
                                                            "compute outweighs its fixed per-call cost, as on a GPU)")
     ap.add_argument("--repeats", type=int, default=7, help="pairs (full, window) after the warm-up")
-    ap.add_argument("--no-branch", action="store_true", help="window without trajectory branching (learner.ddpo_branch=false)")
+    ap.add_argument("--no-branch", action="store_true", help="window without trajectory branching (learner.ddpo.branch=false)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
@@ -118,9 +118,9 @@ def main() -> None:
             f"learner.micro_batch_size_per_gpu={args.micro_batch}", f"rollout.rollouts_per_prompt={args.group}",
             f"rollout.prompts_per_round={max(args.items // args.group, 1)}",
             f"rollout.sample_batch_size_per_actor={args.items}", f"rollout.height={args.size}", f"rollout.width={args.size}"]  # one sampling call per round, as timed
-    variants = {"full": Variant(model, [*base, "learner.ddpo_window=null"], args.items, args.group),
-                "window": Variant(model, [*base, f"learner.ddpo_window={args.window}",
-                                          f"learner.ddpo_branch={str(not args.no_branch).lower()}"], args.items, args.group)}
+    variants = {"full": Variant(model, [*base, "learner.ddpo.window=null"], args.items, args.group),
+                "window": Variant(model, [*base, f"learner.ddpo.window={args.window}",
+                                          f"learner.ddpo.branch={str(not args.no_branch).lower()}"], args.items, args.group)}
     for v in variants.values():  # warm-up round each
         v.round()
         v.sync()

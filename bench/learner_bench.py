@@ -12,7 +12,7 @@ scripts' full fine-tuning set-up; the diffusers LoRA example itself disables the
 On GPU: weights bf16, trainable params fp32, autocast bf16, as that example does with accelerate.
 (b) ``rlfh``: rlfh.learner.steps.train_pairs (DeepSpeed engine, LoRA via peft, reference =
 adapters disabled; full mode keeps a frozen copy too). One call = one optimizer step on --pairs pairs.
-(c) with ``--rlfh-compile``: (b) with ``learner.compile=true`` (inductor; the first step pays the
+(c) with ``--rlfh-compile``: (b) with ``learner.engine.compile=true`` (inductor; the first step pays the
 compile), timed in the same alternation; the headline ratio then uses (c) and (b) stays as the
 ``_eager`` ratio. The reference loop stays eager, as the example runs it.
 
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # rlfh's default learner.lora.target_modules
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # rlfh's default model.lora.target_modules
 PROMPTS = ["a photo of a person", "a portrait of a woman", "a man waving his hand", "two people talking"]
 
 
@@ -119,10 +119,10 @@ class RlfhLearner:
             families.load_pipeline = lambda model_cfg, dev: common.build_sdxl_arch_random(
                 torch.device(dev), common.DTYPES[model_cfg.dtype])
         name = {v: k for k, v in common.DTYPES.items()}[dtype]
-        ov = [f"model.path={model}", f"model.dtype={name}", f"learner.beta={beta}", "learner.lr=1e-5",
+        ov = [f"model.path={model}", f"model.dtype={name}", f"learner.dpo.beta={beta}", "learner.lr=1e-5",
               f"learner.train_batch_size={pairs}", f"learner.micro_batch_size_per_gpu={pairs}",
-              f"learner.gradient_checkpointing={str(checkpointing).lower()}", f"learner.compile={str(compile).lower()}"]
-        ov += [f"learner.lora.rank={rank}", f"learner.lora.alpha={rank}"] if rank else ["learner.lora.enabled=false"]
+              f"learner.engine.gradient_checkpointing={str(checkpointing).lower()}", f"learner.engine.compile={str(compile).lower()}"]
+        ov += [f"model.lora.rank={rank}", f"model.lora.alpha={rank}"] if rank else ["model.lora.enabled=false"]
         self.cfg = load_config(common.REPO / "configs" / "tiny.yaml", ov)
         self.learner = LearnerEngine(self.cfg, device=str(device))
         self.PairBatch, self.train = PairBatch, train
@@ -164,7 +164,7 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
         "reference_loop": lambda: ReferenceLoop(args.model, device, dtype, rank, args.beta),
         "rlfh": lambda: RlfhLearner(args.model, device, dtype, rank, args.beta, args.pairs, args.gradient_checkpointing),
     }
-    if args.rlfh_compile:  # learner.compile=true: the same step through inductor; its first step pays the compile
+    if args.rlfh_compile:  # learner.engine.compile=true: the same step through inductor; its first step pays the compile
         builders["rlfh_compiled"] = lambda: RlfhLearner(args.model, device, dtype, rank, args.beta, args.pairs,
                                                         args.gradient_checkpointing, compile=True)
     # Both variants stay resident and alternate when they fit; full SDXL x 2 variants does not fit a GPU.
@@ -321,7 +321,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--sequential", action="store_true", help="build, time and free one variant at a time")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--rlfh-compile", action="store_true",
-                    help="also time rlfh with learner.compile=true (the headline ratio then uses it; the eager "
+                    help="also time rlfh with learner.engine.compile=true (the headline ratio then uses it; the eager "
                          "rlfh row stays as ratio_rlfh_eager_over_reference); each size pays one compile")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true")

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
-REGIONS = ["learner.regions=[global, face, hand]"]
+REGIONS = ["learner.regions.names=[global, face, hand]"]
 VARIANTS = {
     "dpo": [],
     "dpo_hinge": ["learner.loss=dpo_hinge"],
@@ -31,16 +31,17 @@ VARIANTS = {
     "rwr": ["learner.loss=rwr"],
     "filtered": ["learner.loss=filtered"],
     "ddpo": ["learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0", "rollout.num_inference_steps=4"],
-    "regions_sum": REGIONS + ["learner.fairness.rule=sum"],
-    "regions_equal": REGIONS + ["learner.fairness.rule=equal"],
-    "regions_mpd": REGIONS + ["learner.fairness.rule=mpd"],
-    "regions_mgda": REGIONS + ["learner.fairness.rule=mgda"],
+    "regions_sum": REGIONS + ["learner.regions.fairness.rule=sum"],
+    "regions_equal": REGIONS + ["learner.regions.fairness.rule=equal"],
+    "regions_mpd": REGIONS + ["learner.regions.fairness.rule=mpd"],
+    "regions_mgda": REGIONS + ["learner.regions.fairness.rule=mgda"],
 }
 
 
 def make_batch(lrn, n: int, seed: int = 0):
     from rewards.base import Detection
     from rlfh.data.pairs import learner_batch
+    from rlfh.losses.registry import TRAJECTORIES, loss_spec
     from rollouts.types import SamplerSettings
 
     rng = np.random.default_rng(seed)
@@ -53,7 +54,7 @@ def make_batch(lrn, n: int, seed: int = 0):
                 **({"hand": [Detection((34, 34, 60, 60), 0.9)]} if i % 4 == 0 else {})} for i in range(m)]
     traj = None
     settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, "", 64, 64, rc.eta, rc.scheduler)
-    if lc.loss == "ddpo":
+    if loss_spec(lc.loss).batch == TRAJECTORIES:
         t = rc.num_inference_steps
         traj = {"latents": rng.standard_normal((m, t + 1, 4, 8, 8)).astype(np.float32),
                 "log_probs": rng.standard_normal((m, t)).astype(np.float32),
@@ -78,6 +79,7 @@ def main() -> None:
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
     from families import resolve_model_path
+    from rlfh.losses.registry import PAIRS, loss_spec
 
     model = resolve_model_path("rlfh:tiny-sdxl")
     results = {}
@@ -86,7 +88,8 @@ def main() -> None:
                           [f"model.path={model}", f"learner.train_batch_size={args.batch}",
                            f"learner.micro_batch_size_per_gpu={args.batch}", *overrides])
         lrn = LearnerEngine(cfg)
-        batch = make_batch(lrn, args.batch * (args.steps + 1) if cfg.learner.loss.startswith("dpo") else args.batch * (args.steps + 1) // 2)
+        pairs = loss_spec(cfg.learner.loss).batch == PAIRS  # a pair takes two samples
+        batch = make_batch(lrn, args.batch * (args.steps + 1) if pairs else args.batch * (args.steps + 1) // 2)
         warm = make_batch(lrn, args.batch, seed=1)
         train(lrn, warm, 1)  # warm-up step
         with common.PeakMemory(device) as mem:

@@ -65,8 +65,8 @@ def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
     torch.set_num_threads(max(int(cfg.resources.num_cpus_per_actor), 1))
     rc, lc = cfg.rollout, cfg.learner
     sampler = Sampler(load_pipeline(cfg.model, "cpu"), model_id=cfg.model.path)
-    if lc.lora.enabled:
-        sampler.add_lora(lc.lora.rank, lc.lora.alpha, lc.lora.target_modules)
+    if cfg.model.lora.enabled:
+        sampler.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
     rewards = RewardSet.from_config(cfg.rewards)
     learner = LearnerEngine(cfg, device="cpu")
     log = RolloutLog(run_dir / "rollouts")
@@ -89,7 +89,7 @@ def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
         t.append(time.perf_counter())
         train(learner, train_batch, lc.epochs_per_round)
         t.append(time.perf_counter())
-        if lc.lora.enabled:
+        if cfg.model.lora.enabled:
             sampler.load_lora(learner.lora_state_dict(), learner.policy_version)
         t.append(time.perf_counter())
         row = {f"{s}_s": t[i + 1] - t[i] for i, s in enumerate(STAGES)}

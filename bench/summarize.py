@@ -66,9 +66,9 @@ def cpu_sh_summary(d: Path, out: Path) -> dict:
             "rollout_lora_ratio": "stock diffusers pipeline (no LoRA) seconds / rlfh Sampler with the merged LoRA seconds, "
                                   "largest batch, median of paired calls (>1: rlfh faster); _before: unmerged, uncached",
             "learner_ratio": "rlfh learner pairs/s over the reference DPO loop pairs/s, lora8, 64 px, median of paired "
-                             "steps; rlfh with learner.compile=true when learner_compiled (the loop stays eager)",
+                             "steps; rlfh with learner.engine.compile=true when learner_compiled (the loop stays eager)",
             "learner_ratio_large": "the same at the compute-bound size (settings.large_size px)",
-            "learner_ratio_eager": "learner_ratio with rlfh eager (learner.compile=false), same run",
+            "learner_ratio_eager": "learner_ratio with rlfh eager (learner.engine.compile=false), same run",
             "learner_ratio_large_eager": "learner_ratio_large with rlfh eager, same run",
             "ddpo_window_speedup": "DDPO all-steps seconds / SDE-window seconds per round, median of pairs",
             "reward_http_overhead_share": "(HTTP - in-process) / in-process seconds for one batch through the reward "

@@ -42,7 +42,7 @@ class RolloutActor:
     """Holds an SDXL pipeline with the policy's LoRA merged into its UNet and samples on request.
 
     Args:
-        model_cfg: ``cfg.model``. lora_cfg: ``cfg.learner.lora`` (the adapter the learner trains).
+        model_cfg: ``cfg.model``. lora_cfg: ``cfg.model.lora`` (the adapter the learner trains).
         compile: ``cfg.rollout.compile`` (``Sampler.compile``). merge_lora: ``cfg.rollout.merge_lora``
             (False: an unmerged peft adapter, as the learner holds it).
     """

@@ -150,3 +150,50 @@ def test_no_cross_module_private_names(root):
                   and node.value.id not in ("self", "cls")):
                 bad.append(f"{mod}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not bad, bad
+
+
+def _is_loss_value(node: ast.AST) -> bool:
+    """``x.loss``, a variable ``loss``, or a spec's ``name``: a value of ``learner.loss``."""
+    if isinstance(node, ast.Attribute):
+        return node.attr == "loss" or (node.attr == "name" and isinstance(node.value, ast.Name)
+                                       and node.value.id.endswith("spec"))
+    return isinstance(node, ast.Name) and node.id == "loss"
+
+
+def _is_string_literal(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str)
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return bool(node.elts) and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts)
+    return False
+
+
+def loss_name_literals(tree: ast.Module) -> list[int]:
+    """Lines where a loss name is compared with a string literal: ``==``/``!=``/``in`` against strings
+    (or a tuple of them), or ``.startswith``/``.endswith``/``.removeprefix`` with a string."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+            if any(_is_loss_value(o) for o in operands) and any(_is_string_literal(o) for o in operands):
+                lines.append(node.lineno)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "endswith", "removeprefix", "removesuffix")
+              and _is_loss_value(node.func.value) and any(_is_string_literal(a) for a in node.args)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_loss_families_are_decided_by_the_registry_only():
+    """A loss family is one file plus one line in rlfh/losses/registry.py: nothing else in rlfh/
+    branches on the spelling of ``learner.loss`` (``loss.startswith("dpo")`` would also match a new
+    ``dpo``-prefixed family that trains on something else)."""
+    bad = [f"{mod}:{line}" for mod, tree in sources("rlfh").items() if mod != "rlfh.losses.registry"
+           for line in loss_name_literals(tree)]
+    assert not bad, bad
+
+
+def test_the_loss_name_scan_finds_what_it_forbids():
+    code = ('a = lc.loss == "dpo"\nb = loss in ("nft", "awm")\nc = cfg.learner.loss.startswith("dpo")\n'
+            'd = spec.name != "ddpo"\ne = lc.loss == other\nf = lc.lr == "x"\n')
+    assert loss_name_literals(ast.parse(code)) == [1, 2, 3, 4]

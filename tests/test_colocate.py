@@ -22,7 +22,7 @@ def test_colocated_actor_samples_with_the_learners_unet(ray_local, tiny_cfg):
     settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width)
     group = LearnerGroup(cfg, colocate=True)
     # unmerged like the colocated sampler, so that the two agree bit for bit
-    separate = RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.learner.lora, merge_lora=False)
+    separate = RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.model.lora, merge_lora=False)
     try:
         actor = group.lead
         assert ray.get(actor.shares_unet.remote())  # one UNet in the process, not a copy

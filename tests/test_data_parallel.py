@@ -41,15 +41,15 @@ def lora_weights(group):
 
 # ZeRO-0 reduces gradients in the engine's backward, ZeRO-2 in per-parameter hooks (here under MPD's
 # per-region autograd passes); the online test below runs ZeRO-0 ranks end to end
-@pytest.mark.parametrize("extra", [["learner.zero_stage=0"],
-                                   ["learner.zero_stage=2", "learner.regions=[global, face]", "learner.fairness.rule=mpd"]],
+@pytest.mark.parametrize("extra", [["learner.engine.zero_stage=0"],
+                                   ["learner.engine.zero_stage=2", "learner.regions.names=[global, face]", "learner.regions.fairness.rule=mpd"]],
                          ids=["zero0", "zero2-mpd"])
 def test_two_ranks_update_like_one_rank_accumulating(ray_local, tiny_cfg, extra):
     from rlfh.learner.group import LearnerGroup
 
     base = ["learner.train_batch_size=2", "learner.micro_batch_size_per_gpu=1", "learner.lr=1e-3",
             "resources.num_cpus_per_actor=0.5", *extra]
-    batch = pair_batch(with_faces="learner.fairness.rule=mpd" in extra)
+    batch = pair_batch(with_faces="learner.regions.fairness.rule=mpd" in extra)
     one = LearnerGroup(tiny_cfg(*base))  # one rank, two micro-batches per step
     two = LearnerGroup(tiny_cfg(*base, "resources.num_learner_ranks=2"))  # two ranks, one micro-batch each
     try:
@@ -68,7 +68,7 @@ def test_two_ranks_update_like_one_rank_accumulating(ray_local, tiny_cfg, extra)
         # the ranks hold one model: rank 1's weights equal rank 0's exactly
         digests = {ray_local.get(a.weights_digest.remote()) for a in two.ranks}
         assert len(digests) == 1
-        if "learner.fairness.rule=mpd" in extra:
+        if "learner.regions.fairness.rule=mpd" in extra:
             assert "mpd/weight/face" in m2 and np.isfinite(m2["mpd/weight/face"])
     finally:
         one.shutdown()

@@ -162,8 +162,8 @@ def test_hgdpo_online_real_winners(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=2",
          "rollout.prompts_per_round=2", "logging.wandb=false", "logging.progress=false",
-         f"learner.hgdpo.real_images={photos}",
-         "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, {until_round: 2, real_winner_fraction: 1.0}]")
+         f"data.hgdpo.real_images={photos}",
+         "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, {until_round: 2, real_winner_fraction: 1.0}]")
     from rlfh.run.metrics import read_metrics
 
     rows = read_metrics(run_dir)
@@ -181,8 +181,8 @@ def test_hgdpo_online_normal_stage(tiny_model_dir, tmp_path):
     rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=2",
          "rollout.prompts_per_round=2", "rollout.rollouts_per_prompt=2", "rollout.sample_batch_size_per_actor=4",
          "rollout.num_inference_steps=4", "logging.wandb=false", "logging.progress=false",
-         f"learner.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "learner.hgdpo.sdrecon_strength=0.5",
-         "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, "
+         f"data.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "data.hgdpo.sdrecon_strength=0.5",
+         "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, "
          "{until_round: 2, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}]")
     from rlfh.run.metrics import read_metrics
 
@@ -193,9 +193,9 @@ def test_hgdpo_online_normal_stage(tiny_model_dir, tmp_path):
     assert all(np.isfinite(r["loss/dpo"]) and r["learner/steps"] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("branch", [[], ["learner.ddpo_window=2", "learner.ddpo_branch=true"]], ids=["full", "branch"])
+@pytest.mark.parametrize("branch", [[], ["learner.ddpo.window=2", "learner.ddpo.branch=true"]], ids=["full", "branch"])
 def test_ddpo_online(tiny_model_dir, tmp_path, branch):
-    """DDPO through the real loop: rollout actors record trajectories (with learner.ddpo_branch a group's
+    """DDPO through the real loop: rollout actors record trajectories (with learner.ddpo.branch a group's
     branches from its shared prefix), the learner recomputes their log-probs."""
     run_dir = tmp_path / "run"
     rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=2",

@@ -13,7 +13,7 @@ def test_mpd_online_then_offline(tiny_model_dir, tmp_path):
     from rlfh.run.metrics import read_metrics
 
     common = [f"model.path={tiny_model_dir}", "logging.wandb=false", "logging.progress=false",
-              "learner.regions=[global, face]", "learner.fairness.rule=mpd",
+              "learner.regions.names=[global, face]", "learner.regions.fairness.rule=mpd",
               "rewards=[jpeg_compressibility, {target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]"]
     online = tmp_path / "online"
     # 2 prompts -> 2 pairs -> one optimizer step of one micro-batch per round: the logged MPD
@@ -44,17 +44,17 @@ def assert_mpd_equation(r, alpha=2.0):
     c_from_2 = (w2 ** (-1 / alpha) - n2**2 * w2) / w1
     assert c_from_1 == pytest.approx(c_from_2, rel=1e-4, abs=1e-6 * n1 * n2)
     assert abs(c_from_1) <= n1 * n2 * (1 + 1e-6)
-    assert r["mpd/coef/global"] == pytest.approx(2 * w1) and r["mpd/coef/face"] == pytest.approx(2 * w2)
+    assert r["fairness/coef/global"] == pytest.approx(2 * w1) and r["fairness/coef/face"] == pytest.approx(2 * w2)
 
 
 
 def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
-    """learner.guidance_coef through `rlfh train` and `rlfh offline-dpo`: the face masks reach the
-    learner for the guidance term although `face` is not one of learner.regions."""
+    """learner.dpo.guidance.coef through `rlfh train` and `rlfh offline-dpo`: the face masks reach the
+    learner for the guidance term although `face` is not one of learner.regions.names."""
     from rlfh.run.metrics import read_metrics
 
     common = [f"model.path={tiny_model_dir}", "logging.wandb=false", "logging.progress=false",
-              "learner.guidance_coef=0.5", "learner.guidance_region=face", "learner.epochs_per_round=1",
+              "learner.dpo.guidance.coef=0.5", "learner.dpo.guidance.region=face", "learner.epochs_per_round=1",
               "rewards=[{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]"]
     online = tmp_path / "online"
     rlfh("train", "configs/tiny.yaml", f"run_dir={online}", "num_rounds=1", "rollout.prompts_per_round=2",

@@ -1,4 +1,4 @@
-"""Region pairs online (learner.region_pairs): the rollout actor inpaints the face of its own samples
+"""Region pairs online (data.region_pairs): the rollout actor inpaints the face of its own samples
 with the current policy, the reward orders each pair, the pairs train with the face mask, and the
 rollout log keeps them so that `rlfh offline-dpo` rebuilds the same pairs."""
 
@@ -16,11 +16,11 @@ def test_online_region_pairs_then_offline(tiny_model_dir, tmp_path):
     from rollouts.log import RolloutLog, decode_latent
 
     common = [f"model.path={tiny_model_dir}", "logging.wandb=false", "logging.progress=false",
-              "learner.regions=[global, face]", f"rewards=[{FACE}]"]
+              "learner.regions.names=[global, face]", f"rewards=[{FACE}]"]
     online = tmp_path / "online"
     rlfh("train", "configs/tiny.yaml", f"run_dir={online}", "num_rounds=2", "rollout.prompts_per_round=2",
          "rollout.rollouts_per_prompt=3", "rollout.sample_batch_size_per_actor=6", "learner.epochs_per_round=1",
-         "learner.region_pairs.region=face", "learner.region_pairs.fraction=0.5", "learner.region_pairs.strength=0.4",
+         "data.region_pairs.region=face", "data.region_pairs.fraction=0.5", "data.region_pairs.strength=0.4",
          *common)
     rows = read_metrics(online)
     assert len(rows) == 2

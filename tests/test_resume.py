@@ -32,8 +32,8 @@ def rows(run_dir):
 
 # nft with DiffusionNFT's EMA sampler and an EMA reference refreshed every 3 rounds (so round 2 uses the
 # one saved in the round-2 checkpoint) and the KL term: the kept copies come back exactly too
-EMA_ARGS = ["learner.loss=nft", "learner.ema_decay=0.5", "learner.sampling_policy=ema", "learner.reference=ema",
-            "learner.reference_refresh_rounds=3", "learner.kl_coef=1"]
+EMA_ARGS = ["learner.loss=nft", "learner.ema.decay=0.5", "learner.ema.sampling_policy=ema", "learner.reference.model=ema",
+            "learner.reference.refresh_rounds=3", "learner.reference.kl_coef=1"]
 VARIANTS = {"dpo": ([], ("loss/dpo", "dpo/implicit_acc")), "nft_ema": (EMA_ARGS, ("loss/nft", "loss/kl", "nft/old_eps_mse"))}
 
 

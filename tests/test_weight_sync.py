@@ -27,10 +27,10 @@ def test_synced_rollout_actor_matches_learner_exactly(ray_local, tiny_model_dir,
     from rollouts.actor import RolloutActor
 
     ray = ray_local
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.lora.enabled={lora}",
-                                                       "learner.lr=1e-3", f"learner.zero_stage={zero}"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"model.lora.enabled={lora}",
+                                                       "learner.lr=1e-3", f"learner.engine.zero_stage={zero}"])
     learner = LearnerActor.options(num_cpus=0.5).remote()
-    actor = RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.learner.lora)
+    actor = RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.model.lora)
     try:
         ray.get(learner.setup.remote(cfg))
         lat = np.random.default_rng(0).standard_normal((2, 2, 4, 8, 8)).astype(np.float32)

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "(pairs=DIR init=SCORER_DIR [region=face|hand])")
     with_config("config", cmd_config, "print the effective, validated config")
     s = sub.add_parser("make-region-pairs", help="FaceScore's inpainted region pairs of an image folder, as a rollout log")
-    s.add_argument("config", help="YAML config; learner.region_pairs.region names the region")
+    s.add_argument("config", help="YAML config; data.region_pairs.region names the region")
     s.add_argument("image_dir", help="metadata.jsonl + images (the HG-DPO real-image layout)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.set_defaults(fn=cmd_make_region_pairs)

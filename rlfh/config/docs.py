@@ -3,11 +3,12 @@
     python -m rlfh.config.docs > docs/config.md
 
 Walks the ``Config`` dataclasses: one table per section with each key's dotted path, type,
-default and a one-line description. Descriptions come from the ``# comment`` next to a field in
-``rlfh/config/schema.py`` when there is one, else from the ``Attributes:`` section of the section class's
-Google docstring (sections defined elsewhere, e.g. ``rewards.wire.ServerConfig``), else from
-:data:`DESCRIPTIONS` below. A test checks that
-``docs/config.md`` equals this output and that every key has a description.
+default and its description, which is written once, where the field is defined: a field's ``doc``
+(:func:`rlfh.config.fields.knob`), else the ``# comment`` next to it, else the ``Attributes:``
+section of its class's Google docstring (whole for rlfh's sections; the first sentence for sections
+defined elsewhere, e.g. ``rewards.wire.ServerConfig``), else :data:`DESCRIPTIONS` below. Sections
+live in rlfh/config/schema.py and, for each loss family, in its loss file (rlfh/losses/registry.py).
+A test checks that ``docs/config.md`` equals this output and that every key has a description.
 """
 
 from __future__ import annotations
@@ -46,26 +47,6 @@ DESCRIPTIONS: dict[str, str] = {
     "guards.heldout_rewards[].name": "key of the held-out reward in metrics (heldout/<name>/mean)",
     "guards.heldout_rewards[].weight": "weight in the held-out combined reward",
     "guards.heldout_rewards[].options": "keyword arguments for the held-out reward's factory",
-    "learner.loss": "training objective",
-    "learner.filter_top_fraction": "filtered loss: fraction of a round's samples kept when filter_threshold is None",
-    "learner.lr": "AdamW learning rate",
-    "learner.weight_decay": "AdamW weight decay",
-    "learner.adam_betas": "AdamW betas [beta1, beta2]",
-    "learner.max_grad_norm": "gradient clipping norm",
-    "learner.micro_batch_size_per_gpu": "pairs per forward/backward on one learner rank",
-    "learner.pair_strategy": "best_worst: one pair per prompt group; all: every ordered pair",
-    "learner.zero_stage": "DeepSpeed ZeRO stage",
-    "learner.gradient_checkpointing": "recompute UNet activations in backward to save memory",
-    "learner.lora.enabled": "train a LoRA adapter (false: full UNet fine-tuning)",
-    "learner.lora.rank": "LoRA rank",
-    "learner.lora.alpha": "LoRA alpha (scale = alpha / rank)",
-    "learner.lora.target_modules": "UNet module names that get LoRA adapters",
-    "resources.num_rollout_actors": "Ray rollout actors (one per GPU on a GPU cluster)",
-    "resources.gpus_per_rollout_actor": "GPUs per rollout actor (0 on CPU)",
-    "resources.num_cpus_per_actor": "Ray CPUs reserved per actor",
-    "logging.wandb": "log to Weights & Biases (RUN_DIR/wandb)",
-    "logging.wandb_project": "wandb project name",
-    "logging.progress": "show progress bars",
 }
 
 HEADER = """# Config reference
@@ -83,7 +64,16 @@ reward `target` that does not resolve are errors, all reported before anything s
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """``{field: comment}`` for fields written as ``name: type = default  # comment`` in ``cls``."""
+    """``{field: comment}`` for fields written as ``name: type = default  # comment`` in ``cls`` (or in
+    the dataclass it extends: ``LearnerConfig`` adds the loss sections to ``LearnerCore``)."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(base):
+            out.update(_own_field_comments(base))
+    return out
+
+
+def _own_field_comments(cls: type) -> dict[str, str]:
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):
@@ -120,6 +110,8 @@ def docstring_attributes(cls: type) -> dict[str, str]:
             out[current] = head[1].strip()
         elif current and line.strip():
             out[current] += " " + line.strip()
+    if (cls.__module__ or "").startswith("rlfh."):  # written for this table: whole
+        return {k: v.rstrip(".").replace("``", "`") for k, v in out.items()}
     # one line per key in the table: keep the first sentence
     return {k: v.split("; ")[0].split(". ")[0].rstrip(".").replace("``", "`") for k, v in out.items()}
 
@@ -176,7 +168,7 @@ def walk(cls: type, prefix: str = "") -> list[tuple[str, list[dict[str, str]]]]:
     for f in dataclasses.fields(cls):
         key = prefix + f.name
         tp = hints[f.name]
-        desc = comments.get(f.name) or DESCRIPTIONS.get(key, "")
+        desc = f.metadata.get("doc") or comments.get(f.name) or DESCRIPTIONS.get(key, "")
         if dataclasses.is_dataclass(tp):
             nested.extend(walk(tp, key + "."))
             continue
@@ -205,7 +197,8 @@ def render() -> str:
 
 
 def undocumented() -> list[str]:
-    """Keys with neither a comment in rlfh/config/schema.py nor an entry in :data:`DESCRIPTIONS`."""
+    """Keys with no description: neither a ``doc``, a comment, a docstring attribute nor an entry in
+    :data:`DESCRIPTIONS`."""
     from rlfh.config.schema import Config
 
     return [r["key"] for _, rows in walk(Config) for r in rows if not r["description"]]

@@ -14,7 +14,7 @@ The stages and the winners of easy and hard are the paper's. That the normal sta
 an "intermediate domain" between generated and real images is stated by public summaries of the
 paper (e.g. papernotes.org's CVPR 2025 notes on it, deep-paper.org/en/paper/2405.20216); its exact construction (noise level, sampler, which model denoises) could not be checked from
 the sources at hand, so SDRecon here is OUR READING: SDEdit (img2img) of the real image's latent by
-the CURRENT policy, ``learner.hgdpo.sdrecon_strength`` s of the sampler's steps re-run
+the CURRENT policy, ``data.hgdpo.sdrecon_strength`` s of the sampler's steps re-run
 (``Sampler.refine``, equal to diffusers' SDXL img2img), under the real image's caption, seeded from
 (seed, round). s -> 0 gives back the real image (the hard stage), s = 1 a fresh sample (easy).
 
@@ -37,8 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from rlfh.config.rules import hgdpo_stage_problems
-from rlfh.config.schema import HGDPOStage
+from rlfh.config.schema import HGDPOStage, hgdpo_stage_problems
 from rlfh.data.batches import PairBatch
 from rlfh.data.real_images import RealImageSource
 
@@ -53,12 +52,12 @@ class Curriculum:
     value to stage i's, reached at ``until_round[i]`` (the first stage stays constant).
 
     Args:
-        stages: the config's ``learner.hgdpo.stages`` (:class:`rlfh.config.schema.HGDPOStage`), or
+        stages: the config's ``data.hgdpo.stages`` (:class:`rlfh.config.schema.HGDPOStage`), or
             mappings with the same keys.
         interpolate: linear ramps instead of steps.
 
     Raises:
-        ValueError: every problem at once (:func:`rlfh.config.rules.hgdpo_stage_problems`).
+        ValueError: every problem at once (:func:`rlfh.config.schema.hgdpo_stage_problems`).
     """
 
     def __init__(self, stages: Sequence[HGDPOStage | Mapping[str, Any]], interpolate: bool = False):

@@ -77,40 +77,33 @@ def region_mask_arrays(regions: Sequence[dict], names: Sequence[str], image_hw: 
 
 
 def mask_regions(learner_cfg) -> list[str]:
-    """The regions whose masks a round's batch carries: ``learner.regions``, and the guidance term's
-    region (``learner.guidance_region``) when the term is on, even if no objective is computed on it."""
-    names = list(learner_cfg.regions)
-    if learner_cfg.guidance_coef > 0 and learner_cfg.guidance_region not in names:
-        names.append(learner_cfg.guidance_region)
+    """The regions whose masks a round's batch carries: ``learner.regions.names``, and the guidance term's
+    region (``learner.dpo.guidance.region``) when the term is on, even if no objective is computed on it."""
+    names = list(learner_cfg.regions.names)
+    if learner_cfg.dpo.guidance.coef > 0 and learner_cfg.dpo.guidance.region not in names:
+        names.append(learner_cfg.dpo.guidance.region)
     return names
 
 
-def sample_weights(scores: Sequence[float | None], loss: str, rwr_beta: float, threshold: float | None,
-                   top_fraction: float) -> "np.ndarray":
+def sample_weights(scores: Sequence[float | None], weigh) -> "np.ndarray":
     """Per-sample weights for weighted losses over the round's usable scores; 0 for the others.
 
-    ``rwr``: :func:`rlfh.losses.rwr.rwr_weights` (N * softmax(beta r), mean weight 1).
-    ``filtered``: :func:`rlfh.losses.filtered.filter_weights` (1[r >= C], C defaulting to the top
-    ``top_fraction`` quantile).
+    ``weigh`` maps the usable scores r (n,) to their weights: the family's formula over the whole round
+    (:func:`rwr_batch`: :func:`rlfh.losses.rwr.rwr_weights`; :func:`filtered_batch`:
+    :func:`rlfh.losses.filtered.filter_weights`).
     """
-    from rlfh.losses.filtered import filter_weights
-    from rlfh.losses.rwr import rwr_weights
-
     valid = np.array([usable(s) for s in scores], dtype=bool)
     w = np.zeros(len(scores))
-    if loss not in ("rwr", "filtered"):
-        raise ValueError(f"sample weights are for rwr / filtered losses, not {loss!r}")
     if not valid.any():
         return w
-    r = np.array([s for s in scores if usable(s)], dtype=np.float64)
-    w[valid] = rwr_weights(r, rwr_beta) if loss == "rwr" else filter_weights(r, threshold, top_fraction)
+    w[valid] = weigh(np.array([s for s in scores if usable(s)], dtype=np.float64))
     return w
 
 
 def ddpo_window(cfg, round: int):
     """The SDE window the rollout actors record in round ``round`` of a DDPO run (``Sampler.sample``'s
-    ``record``): ``learner.ddpo_window`` = W consecutive stochastic steps starting at j, drawn
-    uniformly from 0..``learner.ddpo_window_max_start`` (default T - W: anywhere), deterministic DDIM
+    ``record``): ``learner.ddpo.window`` = W consecutive stochastic steps starting at j, drawn
+    uniformly from 0..``learner.ddpo.window_max_start`` (default T - W: anywhere), deterministic DDIM
     elsewhere; the whole trajectory (j = 0, W = T) when ``ddpo_window`` is null.
 
     j is drawn once per round, seeded by (``seed``, round): every sample of the round, so every sample
@@ -123,16 +116,16 @@ def ddpo_window(cfg, round: int):
     """
     from rollouts.types import SDEWindow
 
-    n_steps, size = cfg.rollout.num_inference_steps, cfg.learner.ddpo_window
+    n_steps, size = cfg.rollout.num_inference_steps, cfg.learner.ddpo.window
     if size is None:
         return SDEWindow(0, n_steps)
-    max_start = n_steps - size if cfg.learner.ddpo_window_max_start is None else cfg.learner.ddpo_window_max_start
+    max_start = n_steps - size if cfg.learner.ddpo.window_max_start is None else cfg.learner.ddpo.window_max_start
     start = int(np.random.default_rng([cfg.seed, round, 13]).integers(0, max_start + 1))
     return SDEWindow(start, size)
 
 
 def ddpo_branch_seeds(cfg, prompts: Sequence[str], seeds: Sequence[int]) -> list[int] | None:
-    """The x_T seed of each sample of a round under ``learner.ddpo_branch`` (``Sampler.sample``'s
+    """The x_T seed of each sample of a round under ``learner.ddpo.branch`` (``Sampler.sample``'s
     ``branch_seeds``), or None without branching: the seed of the first sample of its prompt group, a
     group being the round's samples of one prompt (the groups of the per-prompt advantages).
 
@@ -143,7 +136,7 @@ def ddpo_branch_seeds(cfg, prompts: Sequence[str], seeds: Sequence[int]) -> list
     (Flow-GRPO shares the initial noise of a prompt's samples likewise, its ``same_latent``). A pure
     function of the round's prompts and seeds, so resumes and re-issued shares repeat it.
     """
-    if not cfg.learner.ddpo_branch:
+    if not cfg.learner.ddpo.branch:
         return None
     first: dict[str, int] = {}
     for p, s in zip(prompts, seeds):
@@ -163,8 +156,8 @@ def learner_scores(values: dict[str, Sequence[float | None]], weights: dict[str,
     ``gdpo``: each reward z-scored within its prompt group, weighted, summed and normalized over the
     round (``rlfh.losses.advantages.gdpo_advantages``, arXiv 2601.05242), so a reward on a wide
     scale no longer decides the pairs alone. Either way a sample missing a weighted reward gets None.
-    Under ``gdpo`` the scores have unit std over the round, so ``learner.rwr_beta`` and
-    ``learner.filter_threshold`` act in those units, not in the rewards' own.
+    Under ``gdpo`` the scores have unit std over the round, so ``learner.rwr.beta`` and
+    ``learner.filtered.threshold`` act in those units, not in the rewards' own.
 
     Returns:
         (scores, stats): ``pairs/no_spread_share`` is the share of prompt groups whose scores do not
@@ -240,92 +233,148 @@ def logged_regions(records: Sequence[dict]) -> list[dict[str, list]]:
     return out
 
 
-def advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, conditioning, unscored,
-                    normalization: str = "weighted_sum"):
-    """DiffusionNFT / AWM: every scored sample with its per-prompt advantage A (z-scores clipped to
-    +-5, rlfh.losses.advantages; under ``gdpo`` the scores are GDPO's advantages already and are only
-    clipped, as for DDPO), as NFT's r = 0.5 + 0.5 clip(A, -c, c) / c (rlfh.losses.nft) or as A itself
-    (AWM), in a SampleBatch's weights."""
-    import torch
+@dataclass(frozen=True)
+class ScoredRound:
+    """A round's scored samples as every batch builder takes them (:func:`learner_batch`)."""
 
-    from rlfh.data.batches import SampleBatch
-    from rlfh.losses.advantages import ADV_CLIP, per_prompt_advantages
-    from rlfh.losses.nft import nft_reward_weight
+    latents: np.ndarray  # (N, 4, h, w) final latents
+    prompts: Sequence[str]
+    groups: Sequence[Hashable]  # the prompt group of each sample (pairs and advantages stay inside one)
+    scores: Sequence[float | None]  # from learner_scores; None = not usable
+    masks: dict[str, np.ndarray]  # {region: (N, 1, h, w)}, and the HcP pose priors under HCP_PRIOR
+    conditioning: dict | None  # the rollout batch's {prompt: (embeds, pooled)}, passed on unchanged
+    normalization: str  # rewards_normalization the scores were made with
+    trajectory: dict | None  # the sampler's recorded steps (trajectory families)
+    settings: object  # the round's sampler settings (trajectory families)
+    unscored: dict[str, float]  # {"samples/unscored": count}, merged into every builder's stats
 
-    keep = np.array([i for i, s in enumerate(scores) if usable(s)], dtype=np.int64)
-    adv = torch.zeros(0, dtype=torch.float64)
-    if len(keep) and normalization == "gdpo":
-        adv = torch.tensor([scores[i] for i in keep], dtype=torch.float64).clamp(-ADV_CLIP, ADV_CLIP)
-    elif len(keep):
-        adv = per_prompt_advantages(torch.tensor([scores[i] for i in keep], dtype=torch.float64),
-                                    [groups[i] for i in keep])
-    signal = nft_reward_weight(adv, learner_cfg.nft_adv_clip) if learner_cfg.loss == "nft" else adv
-    batch = SampleBatch(latents[keep], [prompts[i] for i in keep], signal.float().numpy(),
-                        {r: m[keep] for r, m in masks.items()}, conditioning)
-    return batch, {"samples/kept": float(len(keep)), **unscored,
-                   "samples/advantage_abs_mean": float(adv.abs().mean()) if len(keep) else 0.0}
+    def keep(self) -> list[int]:
+        """The samples with a usable score."""
+        return [i for i, s in enumerate(self.scores) if usable(s)]
 
 
 def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence[Hashable],
                   scores: Sequence[float | None], regions: Sequence[dict], image_hw: tuple[int, int],
                   trajectory: dict | None = None, settings=None, conditioning: dict | None = None,
                   normalization: str = "weighted_sum", priors: np.ndarray | None = None):
-    """What the learner trains on this round: a PairBatch (DPO family), a SampleBatch (RWR,
-    filtered; NFT, AWM: :func:`advantage_batch`) or a TrajectoryBatch (DDPO: per-prompt z-scored advantages, clipped to +-5).
+    """What the learner trains on this round, built by the loss's batch builder
+    (``rlfh.losses.registry``: its ``build_batch``): a PairBatch (:func:`pair_batch`), a SampleBatch
+    (:func:`rwr_batch`, :func:`filtered_batch`, :func:`nft_batch`, :func:`advantage_batch`) or a
+    TrajectoryBatch (:func:`trajectory_batch`).
 
-    ``scores`` come from :func:`learner_scores` with ``normalization``; under ``gdpo`` they are
-    GDPO's advantages already, which DDPO takes as they are (clipped to +-5) instead of z-scoring them
-    per prompt a second time (GDPO's last normalization is over the batch).
-
-    ``conditioning`` (the rollout batch's {prompt: (embeds, pooled)}) goes with the batch unchanged.
-    ``priors`` (N, 1, h, w), the HcP layer's pose priors of the samples (``learner.hcp``), go with the
-    region masks under ``rlfh.data.pose_prior.HCP_PRIOR`` and are selected with them.
+    ``scores`` come from :func:`learner_scores` with ``normalization``. ``conditioning`` (the rollout
+    batch's {prompt: (embeds, pooled)}) goes with the batch unchanged. ``priors`` (N, 1, h, w), the
+    HcP layer's pose priors of the samples (``model.hcp``), go with the region masks under
+    ``rlfh.data.pose_prior.HCP_PRIOR`` and are selected with them.
 
     Returns:
         (batch, stats) with stats a flat dict of floats for metrics; ``samples/unscored`` counts the
         samples left out for want of a usable score.
     """
-    from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch
-
-    unscored = {"samples/unscored": float(sum(not usable(s) for s in scores))}
-
-    if learner_cfg.loss == "ddpo":
-        import torch
-
-        from rlfh.losses.advantages import ADV_CLIP, per_prompt_advantages
-
-        if trajectory is None:
-            raise ValueError("learner.loss=ddpo needs the sampling trajectories (the rollout actors record them)")
-        keep = [i for i, s in enumerate(scores) if usable(s)]
-        if normalization == "gdpo":
-            adv = np.clip(np.array([scores[i] for i in keep], dtype=np.float64), -ADV_CLIP, ADV_CLIP).astype(np.float32)
-        else:
-            adv = per_prompt_advantages(torch.tensor([scores[i] for i in keep], dtype=torch.float64),
-                                        [groups[i] for i in keep]).float().numpy()
-        start = int(trajectory.get("window_start", 0))
-        batch = TrajectoryBatch(trajectory["latents"][keep], trajectory["log_probs"][keep], trajectory["timesteps"],
-                                adv, [prompts[i] for i in keep], settings, start, conditioning)
-        return batch, {"samples/kept": float(len(keep)), **unscored, "ddpo/window_start": float(start),
-                       "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
+    from rlfh.losses.registry import loss_spec
 
     masks = region_mask_arrays(regions, mask_regions(learner_cfg), image_hw)
     if priors is not None:
         from rlfh.data.pose_prior import HCP_PRIOR
 
         masks[HCP_PRIOR] = priors
-    if learner_cfg.loss in ("nft", "awm"):
-        return advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, conditioning, unscored,
-                               normalization)
-    if learner_cfg.loss.startswith("dpo"):
-        pairs = build_pairs(groups, scores, learner_cfg.pair_strategy)
-        w, l = [p.winner for p in pairs], [p.loser for p in pairs]
-        batch = PairBatch(latents[w], latents[l], [prompts[i] for i in w],
-                          {r: m[w] for r, m in masks.items()}, {r: m[l] for r, m in masks.items()}, conditioning)
-        return batch, {"pairs/count": float(len(pairs)), **unscored,
-                       "pairs/mean_margin": float(np.mean([p.margin for p in pairs])) if pairs else 0.0}
-    weights = sample_weights(scores, learner_cfg.loss, learner_cfg.rwr_beta, learner_cfg.filter_threshold,
-                             learner_cfg.filter_top_fraction)
+    unscored = {"samples/unscored": float(sum(not usable(s) for s in scores))}
+    rnd = ScoredRound(latents, prompts, groups, scores, masks, conditioning, normalization, trajectory, settings,
+                      unscored)
+    return loss_spec(learner_cfg.loss).builder()(learner_cfg, rnd)
+
+
+def pair_batch(learner_cfg, rnd: ScoredRound):
+    """DPO family: the prompt groups' pairs (``learner.dpo.pair_strategy``, :func:`build_pairs`)."""
+    from rlfh.data.batches import PairBatch
+
+    pairs = build_pairs(rnd.groups, rnd.scores, learner_cfg.dpo.pair_strategy)
+    w, l = [p.winner for p in pairs], [p.loser for p in pairs]
+    batch = PairBatch(rnd.latents[w], rnd.latents[l], [rnd.prompts[i] for i in w],
+                      {r: m[w] for r, m in rnd.masks.items()}, {r: m[l] for r, m in rnd.masks.items()},
+                      rnd.conditioning)
+    return batch, {"pairs/count": float(len(pairs)), **rnd.unscored,
+                   "pairs/mean_margin": float(np.mean([p.margin for p in pairs])) if pairs else 0.0}
+
+
+def weighted_batch(rnd: ScoredRound, weights: np.ndarray):
+    """The samples with a positive weight, with their weights (RWR, filtered)."""
+    from rlfh.data.batches import SampleBatch
+
     keep = np.nonzero(weights > 0)[0]
-    batch = SampleBatch(latents[keep], [prompts[i] for i in keep], weights[keep].astype(np.float32),
-                        {r: m[keep] for r, m in masks.items()}, conditioning)
-    return batch, {"samples/kept": float(len(keep)), **unscored, "samples/max_weight": float(weights.max()) if len(weights) else 0.0}
+    batch = SampleBatch(rnd.latents[keep], [rnd.prompts[i] for i in keep], weights[keep].astype(np.float32),
+                        {r: m[keep] for r, m in rnd.masks.items()}, rnd.conditioning)
+    return batch, {"samples/kept": float(len(keep)), **rnd.unscored,
+                   "samples/max_weight": float(weights.max()) if len(weights) else 0.0}
+
+
+def rwr_batch(learner_cfg, rnd: ScoredRound):
+    """RWR: weights N * softmax(beta r) over the round (:func:`rlfh.losses.rwr.rwr_weights`)."""
+    from rlfh.losses.rwr import rwr_weights
+
+    return weighted_batch(rnd, sample_weights(rnd.scores, lambda r: rwr_weights(r, learner_cfg.rwr.beta)))
+
+
+def filtered_batch(learner_cfg, rnd: ScoredRound):
+    """Filtered fine-tuning: weights 1[r >= C] (:func:`rlfh.losses.filtered.filter_weights`)."""
+    from rlfh.losses.filtered import filter_weights
+
+    lc = learner_cfg
+    weigh = lambda r: filter_weights(r, lc.filtered.threshold, lc.filtered.top_fraction)  # noqa: E731
+    return weighted_batch(rnd, sample_weights(rnd.scores, weigh))
+
+
+def round_advantages(rnd: ScoredRound, keep: Sequence[int]):
+    """Per-prompt advantages A of the kept samples (z-scores clipped to +-5, rlfh.losses.advantages), (n,)
+    float64; under ``gdpo`` the scores are GDPO's advantages already and are only clipped (GDPO's last
+    normalization is over the batch)."""
+    import torch
+
+    from rlfh.losses.advantages import ADV_CLIP, per_prompt_advantages
+
+    if not len(keep):
+        return torch.zeros(0, dtype=torch.float64)
+    if rnd.normalization == "gdpo":
+        return torch.tensor([rnd.scores[i] for i in keep], dtype=torch.float64).clamp(-ADV_CLIP, ADV_CLIP)
+    return per_prompt_advantages(torch.tensor([rnd.scores[i] for i in keep], dtype=torch.float64),
+                                 [rnd.groups[i] for i in keep])
+
+
+def advantage_batch(learner_cfg, rnd: ScoredRound, signal=None):
+    """AWM (and, through :func:`nft_batch`, DiffusionNFT): every scored sample with its per-prompt
+    advantage A (:func:`round_advantages`) in a SampleBatch's weights, or with ``signal(A)``."""
+    from rlfh.data.batches import SampleBatch
+
+    keep = np.array(rnd.keep(), dtype=np.int64)
+    adv = round_advantages(rnd, keep)
+    values = adv if signal is None else signal(adv)
+    batch = SampleBatch(rnd.latents[keep], [rnd.prompts[i] for i in keep], values.float().numpy(),
+                        {r: m[keep] for r, m in rnd.masks.items()}, rnd.conditioning)
+    return batch, {"samples/kept": float(len(keep)), **rnd.unscored,
+                   "samples/advantage_abs_mean": float(adv.abs().mean()) if len(keep) else 0.0}
+
+
+def nft_batch(learner_cfg, rnd: ScoredRound):
+    """DiffusionNFT: the advantages as r = 0.5 + 0.5 clip(A, -c, c) / c (:func:`rlfh.losses.nft.nft_reward_weight`)."""
+    from rlfh.losses.nft import nft_reward_weight
+
+    return advantage_batch(learner_cfg, rnd, lambda adv: nft_reward_weight(adv, learner_cfg.nft.adv_clip))
+
+
+def trajectory_batch(learner_cfg, rnd: ScoredRound):
+    """DDPO: the recorded trajectories of the scored samples with their per-prompt advantages
+    (:func:`round_advantages`), which under ``gdpo`` are taken as they are instead of being z-scored
+    per prompt a second time."""
+    from rlfh.data.batches import TrajectoryBatch
+
+    tr = rnd.trajectory
+    if tr is None:
+        raise ValueError(f"learner.loss={learner_cfg.loss} needs the sampling trajectories (the rollout actors "
+                         f"record them)")
+    keep = rnd.keep()
+    adv = round_advantages(rnd, keep).float().numpy()
+    start = int(tr.get("window_start", 0))
+    batch = TrajectoryBatch(tr["latents"][keep], tr["log_probs"][keep], tr["timesteps"], adv,
+                            [rnd.prompts[i] for i in keep], rnd.settings, start, rnd.conditioning)
+    return batch, {"samples/kept": float(len(keep)), **rnd.unscored, "ddpo/window_start": float(start),
+                   "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}

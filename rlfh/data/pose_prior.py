@@ -3,7 +3,7 @@
 For an image (H, W) and the landmarks of its people (those with visibility >= ``min_visibility``):
 
     heat(x, y) = max over landmarks k of exp(-((x - x_k)^2 + (y - y_k)^2) / (2 sigma^2)),  at pixel centers
-    sigma      = ``learner.hcp.sigma`` * min(H, W)   (default 0.03: 31 px at 1024 px, 2 px at 64 px)
+    sigma      = ``data.hcp_priors.sigma`` * min(H, W)   (default 0.03: 31 px at 1024 px, 2 px at 64 px)
     prior      = heat averaged over 8x8 blocks -> (1, H/8, W/8), the latent grid
 
 An image in which no person (or no visible landmark) was found gets an all-zero prior, which the

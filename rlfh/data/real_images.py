@@ -175,7 +175,7 @@ class RealImageSource:
             raise ValueError(f"real image source {self.root} is empty: no images listed")
         self._latents: np.ndarray | None = None
         self.loaded_from_cache = False
-        # HcP pose priors (rlfh/data/pose_prior.py): set by the recipe when learner.hcp is on; computed
+        # HcP pose priors (rlfh/data/pose_prior.py): set by the recipe when model.hcp is on; computed
         # once per image and kept, like the latents
         self.pose_priors: Callable[[np.ndarray], np.ndarray] | None = None
         self._priors: dict[int, np.ndarray] = {}

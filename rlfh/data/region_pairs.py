@@ -11,7 +11,7 @@ less noise):
 
     a = |union of the region's boxes| / (H W)           the region's area ratio (boxes undilated)
     s = strength_table[k][1],  k = min {k : strength_table[k][0] >= a}
-    s = learner.region_pairs.strength                   when set (FaceScore's fixed 0.1 / 0.4)
+    s = data.region_pairs.strength                   when set (FaceScore's fixed 0.1 / 0.4)
 
 Mask: the boxes filled and dilated with a ``dilate`` x ``dilate`` kernel, resized (nearest) to latent
 size (h, w) = (H/8, W/8) and binarized: :func:`rewards.regions.region_mask`, FairHuman's region
@@ -50,7 +50,7 @@ def noise_strength(ratio: float, strength: float | None, table: Sequence[Sequenc
     for bound, s in table:
         if ratio <= bound:
             return float(s)
-    raise ValueError(f"area ratio {ratio} exceeds every bound of learner.region_pairs.strength_table {list(table)}")
+    raise ValueError(f"area ratio {ratio} exceeds every bound of data.region_pairs.strength_table {list(table)}")
 
 
 def inpaint_mask(boxes: Sequence, image_hw: tuple[int, int], dilate: int) -> np.ndarray:
@@ -76,7 +76,7 @@ def plan_inpainting(regions: Sequence[dict], rp, image_hw: tuple[int, int], choo
 
     Args:
         regions: per image, region name -> detections (``ScoredBatch.regions(i)``).
-        rp: ``cfg.learner.region_pairs``.
+        rp: ``cfg.data.region_pairs``.
         image_hw: (H, W).
         choose: optional (N,) bool: a further selection (the online ``fraction`` draw).
     """
@@ -114,7 +114,7 @@ def region_pair_batch(latents_orig: np.ndarray, latents_inp: np.ndarray, prompts
         values_orig, values_inp: {reward name: K values (None: not computable)}.
         weights: {reward name: weight} (the config's rewards).
         masks: (K, 1, h, w) the inpainting masks.
-        region: the inpainted region; regions: ``learner.regions`` (other local ones get zero masks).
+        region: the inpainted region; regions: ``learner.regions.names`` (other local ones get zero masks).
         normalization: ``rewards_normalization``; each pair is its own group.
 
     Returns:
@@ -197,7 +197,7 @@ def pairs_from_records(records: Sequence[dict], latents: np.ndarray, regions: Se
             problems.append(f"record {records[i]['rollout_id']} was inpainted from {rp['source_id']}, which the log lacks")
         elif rp["region"] not in learner_regions or rp["region"] == "global":
             problems.append(f"record {records[i]['rollout_id']} is a {rp['region']!r} region pair, not a local region of "
-                            f"learner.regions={list(learner_regions)}")
+                            f"learner.regions.names={list(learner_regions)}")
         else:
             per_region.setdefault(rp["region"], []).append((src, i))
     if problems:

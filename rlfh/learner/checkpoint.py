@@ -4,10 +4,10 @@ the EMA and the EMA reference, and the trainer state. Every rank calls these.
 A checkpoint folder holds:
 
     pytorch_lora_weights.safetensors   the LoRA, diffusers' format (or unet/ for full fine-tuning)
-    hcp.safetensors                    the HcP layer's phi (learner.hcp), beside the LoRA
+    hcp.safetensors                    the HcP layer's phi (model.hcp), beside the LoRA
     deepspeed/                         engine, optimizer and ZeRO partitions (each rank its own)
-    ema.safetensors                    the EMA's shadow weights (learner.ema_decay)
-    reference.safetensors              the EMA reference of the last refresh (learner.reference=ema)
+    ema.safetensors                    the EMA's shadow weights (learner.ema.decay)
+    reference.safetensors              the EMA reference of the last refresh (learner.reference.model=ema)
     trainer_state.json                 step counters, the learner's RNG, ranks, the caller's extra state
     files.json                         the manifest (rlfh.run.checkpoints)
 """
@@ -32,7 +32,7 @@ class CheckpointIO:
         family: the model family (how the LoRA is written for its stock pipeline).
         weights, optimization: the learner's parts.
         rank, world_size: this learner rank and the number of ranks.
-        ema_reference: ``learner.reference == "ema"`` (a saved reference is restored only then).
+        ema_reference: ``learner.reference.model == "ema"`` (a saved reference is restored only then).
         device: where restored weights go.
     """
 
@@ -100,7 +100,7 @@ class CheckpointIO:
                       tmp / "ema.safetensors", metadata={"optimization_step": str(ema.optimization_step),
                                                           "decay": str(ema.decay)})
         if self.weights.reference_weights is not None:
-            # the EMA as it was at the last refresh (learner.reference_refresh_rounds): not today's EMA
+            # the EMA as it was at the last refresh (learner.reference.refresh_rounds): not today's EMA
             save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.weights.reference_weights)},
                       tmp / "reference.safetensors")
 

@@ -12,7 +12,7 @@ second UNet. What differs between the phases is what else must sit on the device
 states across at each phase change and empties the CUDA cache, so the peak is the larger of the two
 phases, not their sum. The optimizer states go
 through DeepSpeed's ``offload_states`` / ``reload_states`` (ZeRO 1-3); with ZeRO-0 they are the
-wrapped torch optimizer's tensors, moved directly. With ``learner.offload_optimizer`` they live on
+wrapped torch optimizer's tensors, moved directly. With ``learner.engine.offload_optimizer`` they live on
 the CPU anyway. On a CPU-only machine the same calls run and move nothing (which is how the tests
 check that a handover leaves training exactly as it was).
 """
@@ -64,9 +64,9 @@ class Handover:
 
     def _optimizer_states(self, offload: bool) -> None:
         lc, engine = self.learner.cfg.learner, self.learner.engine
-        if lc.offload_optimizer or not self.offload_optimizer:
+        if lc.engine.offload_optimizer or not self.offload_optimizer:
             return  # ZeRO-Offload: the states never leave the CPU; or not worth moving
-        if lc.zero_stage >= 1:
+        if lc.engine.zero_stage >= 1:
             if offload:
                 engine.offload_states(pin_memory=self.device.type == "cuda")
             else:

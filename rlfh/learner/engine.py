@@ -4,7 +4,7 @@
 plain functions in :mod:`rlfh.learner.steps`. It composes three parts, each built from what it
 needs of the config:
 
-* :class:`rlfh.learner.policy.PolicyWeights`: the denoiser with a LoRA adapter (``learner.lora``)
+* :class:`rlfh.learner.policy.PolicyWeights`: the denoiser with a LoRA adapter (``model.lora``)
   or every weight trainable, its reference (adapter off, a frozen copy, or the EMA), the EMA, the
   HcP layer, the kept copies of the sampling policy;
 * :class:`rlfh.learner.optimization.Optimization`: the DeepSpeed engine (ZeRO, accumulation,
@@ -33,21 +33,22 @@ from families import Conditioning
 from rlfh.learner.checkpoint import CheckpointIO
 from rlfh.learner.optimization import Optimization, engine_config
 from rlfh.learner.policy import PolicyWeights
+from rlfh.losses.registry import OLD_POLICY, SAMPLER_LOGPROB, TEXT_ENCODERS, TRAJECTORIES, loss_spec
 
 
 class NonFiniteError(RuntimeError):
     """A NaN or inf loss or weight: training stops before it reaches the weights or a checkpoint."""
 
 
-NONFINITE_CAUSES = ("a NaN/inf hyperparameter (learner.beta, learner.lr, ...), non-finite rewards or latents in "
+NONFINITE_CAUSES = ("a NaN/inf hyperparameter (learner.dpo.beta, learner.lr, ...), non-finite rewards or latents in "
                     "the batch, or a diverging run (lower learner.lr, set learner.max_grad_norm)")
 
 
 def ddpo_train_steps(cfg) -> int:
     """Denoising steps of each trajectory trained per epoch: DDPO's timestep fraction of the recorded
-    steps, which are the SDE window's ``learner.ddpo_window`` with one, all T without."""
-    recorded = cfg.learner.ddpo_window or cfg.rollout.num_inference_steps
-    return max(1, math.ceil(cfg.learner.ddpo_timestep_fraction * recorded))
+    steps, which are the SDE window's ``learner.ddpo.window`` with one, all T without."""
+    recorded = cfg.learner.ddpo.window or cfg.rollout.num_inference_steps
+    return max(1, math.ceil(cfg.learner.ddpo.timestep_fraction * recorded))
 
 
 def needs_text_encoders(cfg) -> bool:
@@ -56,15 +57,15 @@ def needs_text_encoders(cfg) -> bool:
     rollout conditioned on, DDPO's guided eps needs the negative prompt (the rollouts send positive
     embeddings only), and so does CFG distillation's teacher. Offline DPO keeps them because its batches
     (from the rollout log) carry none."""
-    return bool(cfg.resources.colocate or cfg.learner.hgdpo.real_images or cfg.learner.loss == "ddpo"
-                or cfg.learner.cfg_distill is not None)
+    return bool(cfg.resources.colocate or cfg.data.hgdpo.real_images
+                or TEXT_ENCODERS in loss_spec(cfg.learner.loss).needs or cfg.learner.guidance_free.scale is not None)
 
 
 def deepspeed_config(cfg) -> dict:
     """DeepSpeed's config for ``cfg`` (:func:`rlfh.learner.optimization.engine_config`)."""
     lc = cfg.learner
     # DDPO accumulates over the trained timesteps of each micro-batch too (one backward per step)
-    per_item = ddpo_train_steps(cfg) if lc.loss == "ddpo" else 1
+    per_item = ddpo_train_steps(cfg) if loss_spec(lc.loss).batch == TRAJECTORIES else 1
     return engine_config(lc, cfg.gradient_accumulation_steps * per_item, cfg.learner_world_size,
                          bf16=cfg.model.dtype == "bfloat16")
 
@@ -104,7 +105,7 @@ class LearnerEngine:
         self.vae_scale = family.latent_factor
         self.schedule = family.noise_schedule(pipe.scheduler.config)
         self.ddim = None
-        if lc.loss == "ddpo":
+        if SAMPLER_LOGPROB in loss_spec(lc.loss).needs:
             self.ddim = family.stochastic_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
             self.ddim.set_timesteps(cfg.rollout.num_inference_steps, device=self.device)
         for name in family.text_encoders:
@@ -112,17 +113,17 @@ class LearnerEngine:
         self.keep_text_encoders = keep_vae or needs_text_encoders(cfg)
         # the batch's prompt embeddings (take_conditioning), and prompts encoded here; one round's worth
         self.prompts = PromptCache(family)
-        self.weights = PolicyWeights(getattr(pipe, family.denoiser), lc.lora, lc.hcp, pipe.tokenizer, cfg.seed,
-                                     lc.gradient_checkpointing)
+        self.weights = PolicyWeights(getattr(pipe, family.denoiser), cfg.model.lora, cfg.model.hcp, pipe.tokenizer, cfg.seed,
+                                     lc.engine.gradient_checkpointing)
         self.optimization = Optimization(self.weights.unet, self.weights.trainable, lc, deepspeed_config(cfg),
                                          self.world_size, self.device)
-        self.weights.wrapped(self.optimization.engine.module, lc.ema_decay, lc.compile)
+        self.weights.wrapped(self.optimization.engine.module, lc.ema.decay, lc.engine.compile)
         self.checkpoints = CheckpointIO(family, self.weights, self.optimization, self.rank, self.world_size,
-                                        lc.reference == "ema", self.device)
+                                        lc.reference.model == "ema", self.device)
         self.dtype = self.weights.dtype
         # Per-region gradients (MPD, MGDA) take torch.autograd.grad, which the engine's forward refuses;
         # the wrapped module keeps ZeRO <= 2's gradient hooks on the parameters.
-        per_region = fairness.needs_region_gradients(lc.fairness.rule, len(lc.regions))
+        per_region = fairness.needs_region_gradients(lc.regions.fairness.rule, len(lc.regions.names))
         self.policy_model = self.unet if per_region else self.engine
         self.global_step = 0  # optimizer steps
         self.policy_version = 0  # rounds trained: what the rollout actors' samples are tagged with
@@ -271,14 +272,14 @@ class LearnerEngine:
 
     def begin_round(self) -> None:
         """Before a round's training: keep the weights the round was sampled with (nft, awm: the rollout
-        actors got them at the last sync; rollout.max_staleness=0), and with ``learner.reference=ema``
-        take the EMA as the reference every ``learner.reference_refresh_rounds`` rounds (and on the
+        actors got them at the last sync; rollout.max_staleness=0), and with ``learner.reference.model=ema``
+        take the EMA as the reference every ``learner.reference.refresh_rounds`` rounds (and on the
         first round of a process, e.g. after a resume)."""
         lc = self.cfg.learner
-        if lc.loss in ("nft", "awm") or lc.trust_region != "clip":
-            self.weights.keep_sampled(lc.sampling_policy == "ema")
-        if lc.reference == "ema" and (self.reference_weights is None
-                                      or self.policy_version % lc.reference_refresh_rounds == 0):
+        if OLD_POLICY in loss_spec(lc.loss).needs or lc.ddpo.trust_region != "clip":
+            self.weights.keep_sampled(lc.ema.sampling_policy == "ema")
+        if lc.reference.model == "ema" and (self.reference_weights is None
+                                      or self.policy_version % lc.reference.refresh_rounds == 0):
             self.weights.refresh_reference()
 
     # ------------------------------------------------------------------ updates
@@ -315,8 +316,8 @@ class LearnerEngine:
 
     def sampling_weights(self) -> list[torch.Tensor] | None:
         """The trainable weights the rollout actors sample with, when they are not the trained ones:
-        with ``learner.sampling_policy=ema``, the EMA; else None."""
-        return self.weights.sampling_weights(self.cfg.learner.sampling_policy == "ema")
+        with ``learner.ema.sampling_policy=ema``, the EMA; else None."""
+        return self.weights.sampling_weights(self.cfg.learner.ema.sampling_policy == "ema")
 
     def policy_weight_buckets(self, bucket_bytes: int):
         """What rollout actors need to sample from the current policy, in buckets of at most

@@ -16,7 +16,7 @@ map S is the share of attention the human words take. Q is the layer's own query
 the alignment loss trains phi and, through Q, the LoRA.
 
 Layers hooked: every ``attn2`` whose downsampling factor from the latent (down_blocks.i: 2^i, the
-mid block: the deepest, up_blocks.i: mirrored) has a weight > 0 in ``learner.hcp.scale_weights``.
+mid block: the deepest, up_blocks.i: mirrored) has a weight > 0 in ``model.hcp.scale_weights``.
 The phi weights are trainable parameters of the UNet (``...attn2.processor.phi.*``): the optimizer,
 DeepSpeed's checkpoint (resume) and the EMA hold them with the LoRA; the exported checkpoint writes
 them to ``hcp.safetensors`` beside the LoRA file, which keeps its plain diffusers layout.
@@ -29,7 +29,7 @@ import re
 import torch
 from torch import nn
 
-from rlfh.config.rules import hcp_factor
+from rlfh.config.schema import hcp_factor
 from rlfh.losses.hcp import hcp_alignment_loss, human_map
 
 HCP_FILE = "hcp.safetensors"
@@ -91,7 +91,7 @@ class HcP:
 
     Args:
         unet: the learner's UNet (with its LoRA already added).
-        hc: ``learner.hcp``.
+        hc: ``model.hcp``.
         tokenizer: the pipeline's first CLIP tokenizer (token positions of the human words).
 
     Raises:
@@ -118,11 +118,11 @@ class HcP:
                 module.set_processor(proc.to(unet.device))
                 self.processors[name] = proc
         if not self.processors:
-            raise RuntimeError(f"learner.hcp.scale_weights={dict(hc.scale_weights)} hooks no cross-attention layer: this "
+            raise RuntimeError(f"model.hcp.scale_weights={dict(hc.scale_weights)} hooks no cross-attention layer: this "
                                f"UNet has them at downsampling factors {sorted(x for x in found if x)}")
 
     def token_mask(self, prompts: list[str]) -> torch.Tensor:
-        """(B, L) bool: the tokens of each prompt's words in ``learner.hcp.words``; all its words' tokens
+        """(B, L) bool: the tokens of each prompt's words in ``model.hcp.words``; all its words' tokens
         when it has none of them (BOS, EOS and padding never)."""
         out = []
         for prompt in prompts:

@@ -18,14 +18,14 @@ import torch
 
 
 def make_optimizer(params, lc, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over ``params`` with ``learner.optimizer_impl``: ``auto`` takes torch's fused kernel
+    """AdamW over ``params`` with ``learner.engine.optimizer_impl``: ``auto`` takes torch's fused kernel
     where torch has one for the device (CUDA, and CPU since torch 2.4), else foreach: one kernel
     (or one vectorized loop) over all tensors instead of ~10 small ops per tensor, which matters for
     LoRA's hundreds of small matrices. Fused/foreach differ from the per-tensor loop by float
     rounding only (tests/rlfh/test_learner_fast.py bounds it)."""
     from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-    impl = lc.optimizer_impl
+    impl = lc.engine.optimizer_impl
     if impl == "auto":
         impl = "fused" if device.type in _get_fused_kernels_supported_devices() else "foreach"
     kw = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
@@ -35,14 +35,14 @@ def make_optimizer(params, lc, device: torch.device) -> torch.optim.Optimizer:
 def engine_config(lc, accumulation_steps: int, world_size: int, bf16: bool) -> dict:
     """DeepSpeed's config from ``learner``'s engine knobs, with ``accumulation_steps`` micro-steps
     per optimizer step on each of ``world_size`` ranks."""
-    zero: dict = {"stage": lc.zero_stage}
-    if lc.zero_stage == 3:
+    zero: dict = {"stage": lc.engine.zero_stage}
+    if lc.engine.zero_stage == 3:
         # ZeRO-3's memory-efficient linear computes x @ W^T + b in another order than torch's linear:
         # the policy would differ from the rollout actors' copy in the last bits (sync check, DDPO ratios)
         zero["memory_efficient_linear"] = False
-    if lc.offload_optimizer:
+    if lc.engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if lc.offload_params:
+    if lc.engine.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     ds = {
         "train_batch_size": lc.micro_batch_size_per_gpu * accumulation_steps * world_size,
@@ -56,7 +56,7 @@ def engine_config(lc, accumulation_steps: int, world_size: int, bf16: bool) -> d
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if lc.offload_optimizer:
+    if lc.engine.offload_optimizer:
         # ZeRO-Offload steps the optimizer on CPU with DeepSpeed's own CPUAdam (built on first use)
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": lc.lr, "betas": list(lc.adam_betas),
                                                        "weight_decay": lc.weight_decay}}
@@ -81,8 +81,8 @@ class Optimization:
 
         self.params = params
         self.device = device
-        self.zero_stage = lc.zero_stage
-        optimizer = None if lc.offload_optimizer else make_optimizer(params, lc, device)
+        self.zero_stage = lc.engine.zero_stage
+        optimizer = None if lc.engine.offload_optimizer else make_optimizer(params, lc, device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, model_parameters=params, config=ds_config)
         self.skip_allreduce = False

@@ -1,13 +1,13 @@
 """The learner's policy and reference weights: the denoiser being trained, how it is adapted (LoRA
 via peft, or every weight), its reference, its EMA and the kept copies it can predict with.
 
-* LoRA (``learner.lora``): the policy is the denoiser with an adapter; the reference is the same
+* LoRA (``model.lora``): the policy is the denoiser with an adapter; the reference is the same
   denoiser with the adapter off (:meth:`PolicyWeights.adapters_off`: the LoRA layers' own flag).
-  The HcP layer (``learner.hcp``) is attached after the adapter, so phi gets none.
+  The HcP layer (``model.hcp``) is attached after the adapter, so phi gets none.
 * Full fine-tuning: every weight trains; the reference is a frozen copy (a second denoiser).
-* ``learner.ema_decay``: an EMA of the trainable weights (diffusers' ``EMAModel``).
+* ``learner.ema.decay``: an EMA of the trainable weights (diffusers' ``EMAModel``).
 * Kept copies (:meth:`PolicyWeights.predict_with`): the weights a round was sampled with (nft, awm,
-  the DDPO trust regions) and the EMA reference (``learner.reference=ema``).
+  the DDPO trust regions) and the EMA reference (``learner.reference.model=ema``).
 
 Built in two steps around the optimizer: :class:`PolicyWeights` makes the trainable set, the
 optimization wraps it (``rlfh.learner.optimization``), then :meth:`PolicyWeights.wrapped` takes the
@@ -51,11 +51,11 @@ class PolicyWeights:
 
     Args:
         unet: the pipeline's denoiser (frozen here, then adapted).
-        lora: ``learner.lora`` (enabled, rank, alpha, target_modules).
-        hcp: ``learner.hcp`` (the HcP layer; needs the LoRA).
+        lora: ``model.lora`` (enabled, rank, alpha, target_modules).
+        hcp: ``model.hcp`` (the HcP layer; needs the LoRA).
         tokenizer: the pipeline's first tokenizer (HcP finds the human words with it).
         seed: the run's seed: LoRA A matrices and phi come from torch's global RNG.
-        gradient_checkpointing: ``learner.gradient_checkpointing``.
+        gradient_checkpointing: ``learner.engine.gradient_checkpointing``.
     """
 
     def __init__(self, unet, lora, hcp, tokenizer, seed: int, gradient_checkpointing: bool):
@@ -84,7 +84,7 @@ class PolicyWeights:
             unet.enable_gradient_checkpointing()
         params = [p for p in unet.parameters() if p.requires_grad]
         if not params:
-            raise RuntimeError("no trainable parameters: check learner.lora.target_modules against the UNet's "
+            raise RuntimeError("no trainable parameters: check model.lora.target_modules against the UNet's "
                                "module names")
         self.unet = unet
         self.trainable = params  # fixed from here on; walking the UNet's parameters costs ms per call
@@ -92,7 +92,7 @@ class PolicyWeights:
         self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
         self.ema = None
         # Kept copies of the trainable weights the UNet can predict with (predict_with): the policy that
-        # sampled the round (nft, awm) and the EMA reference (learner.reference=ema); see keep_sampled.
+        # sampled the round (nft, awm) and the EMA reference (learner.reference.model=ema); see keep_sampled.
         self.old_weights: list[torch.Tensor] | None = None
         self.reference_weights: list[torch.Tensor] | None = None
         self.lora_layers: list | None = []
@@ -103,7 +103,7 @@ class PolicyWeights:
 
     def wrapped(self, module, ema_decay: float | None, compile: bool) -> None:
         """After the optimizer wrapped the denoiser: the module to call (``module``), its EMA
-        (``learner.ema_decay``), the LoRA layers the reference switches off, ``learner.compile``."""
+        (``learner.ema.decay``), the LoRA layers the reference switches off, ``learner.engine.compile``."""
         self.unet = module
         if ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -148,7 +148,7 @@ class PolicyWeights:
 
     def reference_unet(self):
         """The reference as a UNet-like callable (call it without gradients): the frozen copy, or the
-        UNet with its adapter off; with ``learner.reference=ema`` the UNet with the EMA weights of
+        UNet with its adapter off; with ``learner.reference.model=ema`` the UNet with the EMA weights of
         :meth:`refresh_reference`."""
         if self.reference_weights is not None:
             return self.unet_with(self.reference_weights)
@@ -164,7 +164,7 @@ class PolicyWeights:
     # ------------------------------------------------------------------ kept copies
     def sampling_weights(self, from_ema: bool) -> list[torch.Tensor] | None:
         """The trainable weights the rollout actors sample with when they are not the trained ones:
-        the EMA with ``learner.sampling_policy=ema`` (``from_ema``; DiffusionNFT samples with a slowly
+        the EMA with ``learner.ema.sampling_policy=ema`` (``from_ema``; DiffusionNFT samples with a slowly
         moving copy of the policy, off-policy); else None."""
         if not from_ema:
             return None
@@ -177,7 +177,7 @@ class PolicyWeights:
         self.old_weights = [p.detach().clone() for p in sampled]
 
     def refresh_reference(self) -> None:
-        """Take the EMA as the reference (``learner.reference=ema``)."""
+        """Take the EMA as the reference (``learner.reference.model=ema``)."""
         self.reference_weights = [p.detach().clone().to(q.dtype)
                                   for p, q in zip(self.ema.shadow_params, self.trainable)]
 

@@ -9,7 +9,7 @@ Each ``train_*`` function is an ordinary loop a reader follows top to bottom:
             combine the regions by the fairness rule, back-propagate through the engine
         finish the optimizer step (count it, check the weights are finite, update the EMA)
 
-A DPO micro-batch, with regions r in ``learner.regions``:
+A DPO micro-batch, with regions r in ``learner.regions.names``:
 
     x_0^w, x_0^l (B, 4, h, w)   final latents of winner / loser, UNet space
     t ~ U{0..T-1}, eps ~ N(0, I)       shared by w and l
@@ -17,7 +17,8 @@ A DPO micro-batch, with regions r in ``learner.regions``:
     eps_theta, eps_ref = UNet(x_t^*, t, c) with / without the LoRA adapter
     L_r = DPO loss on region r's errors                        (rlfh/losses/objectives.py)
     loss = sum_r c_r L_r, c from the fairness rule              (rlfh/losses/fairness.py; MPD by default)
-         + regularizers (KL, CFG distillation) + guidance_coef * L_guide on the loser half (rlfh/losses/guidance.py)
+         + regularizers (KL, guidance-free distillation)
+         + guidance.coef * L_guide on the loser half                (rlfh/losses/guidance.py)
 
 Every rank walks the same shuffled order and draws the same randomness for a whole optimizer step,
 then trains on its own share of the step's items. W ranks with micro-batch m thus take the same
@@ -37,15 +38,15 @@ import torch
 from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch, rows
 from rlfh.learner.engine import LearnerEngine, ddpo_train_steps
 from rlfh.losses import fairness
-from rlfh.losses.cfg_distill import cfg_distill_loss, cfg_teacher
+from rlfh.losses.guidance_free import guidance_free_loss, guided_teacher
 from rlfh.losses.ddpo import ddpo_clipped_loss
 from rlfh.losses.guidance import guidance_loss, winner_noise
 from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, transition_kl_weight
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
-from rlfh.losses.objectives import (ADVANTAGE, PAIRWISE, WEIGHTED, advantage_objectives, pairwise_objectives,
-                                    weighted_objectives)
 from families import first_of_each
 from families.ddim import scheduler_alpha_bars
+from rlfh.losses.objectives import advantage_objectives, pairwise_objectives, weighted_objectives
+from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLES, TRAJECTORIES, loss_spec
 
 
 def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
@@ -66,8 +67,7 @@ def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
 def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[str, float]:
     """Diffusion-DPO (or a variant) on preference pairs, per region."""
     lc = lrn.cfg.learner
-    if lc.loss not in PAIRWISE:
-        raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not pairs")
+    check_batch(lc.loss, PAIRS)
     h, w = pairs.latents_w.shape[-2] * lrn.vae_scale, pairs.latents_w.shape[-1] * lrn.vae_scale
     history = []
     for step in optimizer_steps(lrn, len(pairs), epochs):
@@ -84,8 +84,8 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
             ref = lrn.reference(x_t, t, enc, added)
             masks_w, masks_l = masks_at(pairs.masks_w, idx, lrn.device), masks_at(pairs.masks_l, idx, lrn.device)
             objectives, metrics = pairwise_objectives(
-                lc.loss, lc.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b], masks_w, masks_l,
-                list(lc.regions), lc.region_scale)
+                lc.loss, lc.dpo.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b], masks_w, masks_l,
+                list(lc.regions.names), lc.regions.scale)
             extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
             extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.masks_w, pairs.masks_l), idx, metrics))
             extra = plus(extra, guidance_term(lrn, pred[b:], x_t[b:], t[b:], x0[:b], masks_l, metrics))
@@ -99,8 +99,7 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
     DiffusionNFT / AWM, whose per-sample signal (r or A) comes in the weights and which compare the
     policy with the round's sampling policy on the same x_t (``lrn.old_policy``)."""
     lc = lrn.cfg.learner
-    if lc.loss not in WEIGHTED + ADVANTAGE:
-        raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not weighted samples")
+    advantage = OLD_POLICY in check_batch(lc.loss, SAMPLES).needs
     h, w = samples.latents.shape[-2] * lrn.vae_scale, samples.latents.shape[-1] * lrn.vae_scale
     history = []
     for step in optimizer_steps(lrn, len(samples), epochs):
@@ -110,15 +109,16 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
             enc, added = lrn.condition([samples.prompts[i] for i in idx], h, w)
             pred = lrn.policy(x_t, t, enc, added)
             weights, masks = rows(samples.weights, idx, lrn.device), masks_at(samples.masks, idx, lrn.device)
-            if lc.loss in ADVANTAGE:
+            if advantage:  # the x0 scale is NFT's knob; AWM does not read it
                 objectives, metrics = advantage_objectives(
-                    lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target, weights, masks, list(lc.regions),
-                    lc.region_scale, lc.nft_beta, lc.awm_clip_range, lc.nft_adv_clip,
-                    lrn.x0_scale(t) if lc.loss == "nft" and lc.nft_weighting == "adaptive" else None)
+                    lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target, weights, masks, list(lc.regions.names),
+                    lc.regions.scale, lc.nft.beta, lc.awm.clip_range, lc.nft.adv_clip,
+                    lrn.x0_scale(t) if lc.nft.weighting == "adaptive" else None)
             else:
-                objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions),
-                                                          lc.region_scale)
-            ref = lrn.reference(x_t, t, enc, added) if lc.kl_coef > 0 or lc.cfg_distill is not None else None
+                objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions.names),
+                                                          lc.regions.scale)
+            needs_ref = lc.reference.kl_coef > 0 or lc.guidance_free.scale is not None
+            ref = lrn.reference(x_t, t, enc, added) if needs_ref else None
             extra = plus(regularizers(lrn, pred, ref, x_t, t, h, w, metrics),
                          hcp_term(lrn, t, [samples.prompts[i] for i in idx], (samples.masks,), idx, metrics))
             history.append(update(lrn, objectives, metrics, pred, extra))
@@ -133,24 +133,23 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
     at sampling), the policy's log-probability of the same transition is recomputed with the guided
     eps of the trained UNet, and ``ddpo_clipped_loss`` is back-propagated: one backward and one
     DeepSpeed micro-step per timestep (``deepspeed_config`` multiplies the accumulation steps).
-    With ``learner.kl_coef`` each trained step adds kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)), the
+    With ``learner.reference.kl_coef`` each trained step adds kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)), the
     closed-form KL of the two DDIM-eta Gaussian steps from the guided predictions on x_j: w_j * mean
     (eps_theta - eps_ref)^2 with w_j = k_j^2 / (2 sigma_j^2) (:func:`kl_term`, :func:`transition_weight`;
-    rlfh/losses/kl.py). ``learner.ddpo_timestep_fraction`` of the recorded steps are trained, in one random order per
-    optimizer step. With ``learner.ddpo_window`` = W only the round's SDE window was stochastic and
+    rlfh/losses/kl.py). ``learner.ddpo.timestep_fraction`` of the recorded steps are trained, in one random order per
+    optimizer step. With ``learner.ddpo.window`` = W only the round's SDE window was stochastic and
     recorded (``rlfh.data.pairs.ddpo_window``): the W steps from x_j (j = ``tb.window_start``) are the
     only actions, the deterministic steps around it are not trained, and the fraction is of W. With
-    ``learner.ddpo_branch`` a prompt group's samples share x_j (``Sampler.sample``'s ``branch_seeds``):
+    ``learner.ddpo.branch`` a prompt group's samples share x_j (``Sampler.sample``'s ``branch_seeds``):
     the window's first step runs the UNet once per distinct (prompt, x_j) of a micro-batch.
     """
     lc = lrn.cfg.learner
-    if lc.loss != "ddpo":
-        raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not trajectories")
+    check_batch(lc.loss, TRAJECTORIES)
     n_steps = tb.latents.shape[1] - 1  # the recorded steps: W with an SDE window, else T
-    expected = lc.ddpo_window or lrn.cfg.rollout.num_inference_steps
+    expected = lc.ddpo.window or lrn.cfg.rollout.num_inference_steps
     if n_steps != expected or tb.log_probs.shape[1] != n_steps or len(tb.timesteps) != n_steps:
         raise ValueError(f"trajectories record {n_steps} steps ({tb.log_probs.shape[1]} log-probs, {len(tb.timesteps)} "
-                         f"timesteps); learner.ddpo_window / rollout.num_inference_steps give {expected}")
+                         f"timesteps); learner.ddpo.window / rollout.num_inference_steps give {expected}")
     k = ddpo_train_steps(lrn.cfg)
     s = tb.settings
     history = []
@@ -164,10 +163,10 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
             old = rows(tb.log_probs, idx, lrn.device)  # (B, W)
             adv = rows(tb.advantages, idx, lrn.device)  # (B,)
             per_step = []
-            # learner.ddpo_branch: a prompt group's branches share x_j, the window's first input, so the
+            # learner.ddpo.branch: a prompt group's branches share x_j, the window's first input, so the
             # trained UNet runs once per distinct (prompt, x_j) there and its eps is copied per sample
             # (the gradient sums over the copies, as over the samples)
-            shared = distinct_rows([tb.prompts[i] for i in idx], lat[:, 0]) if lc.ddpo_branch and 0 in order else None
+            shared = distinct_rows([tb.prompts[i] for i in idx], lat[:, 0]) if lc.ddpo.branch and 0 in order else None
             for j in order:
                 t = int(tb.timesteps[j])
                 if j == 0 and shared is not None:
@@ -203,8 +202,8 @@ def distinct_rows(prompts: list[str], x: torch.Tensor) -> tuple[list[int], torch
 
 def reference_eps(lrn: LearnerEngine, x, t: int, enc, added, s):
     """The reference's guided eps on a recorded step's input x_j (the KL term's target), or None
-    without ``learner.kl_coef``."""
-    if lrn.cfg.learner.kl_coef <= 0:
+    without ``learner.reference.kl_coef``."""
+    if lrn.cfg.learner.reference.kl_coef <= 0:
         return None
     with torch.no_grad():
         return lrn.guided(lrn.reference_unet(), x, t, (enc, added), s.guidance_scale)
@@ -230,7 +229,7 @@ def mean_jacobian(lrn: LearnerEngine, t: int, eta: float) -> torch.Tensor:
 
 
 def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: int, enc, added, s, j: int):
-    """One DDIM step's policy-gradient loss under ``learner.trust_region`` (rlfh/losses/trust_region.py)
+    """One DDIM step's policy-gradient loss under ``learner.ddpo.trust_region`` (rlfh/losses/trust_region.py)
     and its metrics: ``clip`` (DDPO's clipped ratio), ``dppo`` (Flow-DPPO's KL mask) or ``guard``
     (GRPO-Guard's drift-free normalized ratio, the step's loss weighted by 1 / |k_t|:
     :func:`mean_jacobian`). The last two need the sampling policy's mean of the step (``s``: the round's sampler settings, CFG and eta): recomputed here with the round's starting weights (``lrn.old_weights``), which are the
@@ -238,8 +237,8 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
     mean log-ratio of recorded step j (its expectation is -KL_j)."""
     lc = lrn.cfg.learner
     m = {f"ddpo/log_ratio_drift/step{j}": float((out.log_prob.detach() - old_log_prob).mean())}
-    if lc.trust_region == "clip":
-        loss = ddpo_clipped_loss(out.log_prob, old_log_prob, adv, lc.ddpo_clip_range)
+    if lc.ddpo.trust_region == "clip":
+        loss = ddpo_clipped_loss(out.log_prob, old_log_prob, adv, lc.ddpo.clip_range)
         m.update({"loss/ddpo": float(loss.loss.detach()), "ddpo/approx_kl": float(loss.approx_kl),
                   "ddpo/clipfrac": float(loss.clipfrac), "ddpo/ratio": float(loss.ratio_mean)})
         return loss, m
@@ -247,11 +246,11 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
         eps_old = lrn.guided(lrn.unet_with(lrn.old_weights), x, t, (enc, added), s.guidance_scale)
         mean_old = lrn.step_logprob(eps_old, t, x, x_next, s.eta).mean
     kl = gaussian_mean_kl(out.mean, mean_old, out.std_dev)  # (B,), with the gradient (guard uses it)
-    if lc.trust_region == "dppo":
-        loss = dppo_loss(out.log_prob, old_log_prob, adv, kl, lc.trust_region_kl)
+    if lc.ddpo.trust_region == "dppo":
+        loss = dppo_loss(out.log_prob, old_log_prob, adv, kl, lc.ddpo.trust_region_kl)
         limited = "ddpo/maskedfrac"
     else:
-        loss = guard_loss(out.log_prob, old_log_prob, adv, kl, out.std_dev, lc.ddpo_clip_range,
+        loss = guard_loss(out.log_prob, old_log_prob, adv, kl, out.std_dev, lc.ddpo.clip_range,
                           1 / mean_jacobian(lrn, t, s.eta).abs())
         limited = "ddpo/clipfrac"
     m.update({"loss/ddpo": float(loss.loss.detach()), "ddpo/kl": float(loss.kl_mean), limited: float(loss.limited_frac),
@@ -260,9 +259,12 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
 
 
 # ---------------------------------------------------------------------------------------- the shared loop parts
-def batch_kind(loss: str) -> str:
-    """What a loss trains on, for errors that name it."""
-    return "pairs" if loss in PAIRWISE else "trajectories" if loss == "ddpo" else "weighted samples"
+def check_batch(loss: str, kind: str):
+    """The spec of ``loss`` (rlfh/losses/registry.py), which must train on ``kind``."""
+    spec = loss_spec(loss)
+    if spec.batch != kind:
+        raise ValueError(f"learner.loss={loss} trains on {spec.batch}, not {kind}")
+    return spec
 
 
 def optimizer_steps(lrn: LearnerEngine, n: int, epochs: int) -> Iterator[list[int]]:
@@ -296,9 +298,9 @@ def masks_at(masks: dict[str, np.ndarray], idx: list[int], device) -> dict[str, 
 
 
 def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float], weights=None):
-    """``learner.kl_coef`` * mean w (eps_theta - eps_ref)^2 (rlfh/losses/kl.py), or None when off: unit weight
+    """``learner.reference.kl_coef`` * mean w (eps_theta - eps_ref)^2 (rlfh/losses/kl.py), or None when off: unit weight
     on forward-noised samples, the per-sample ``weights`` (B,) w_t of a DDPO step (the exact transition KL)."""
-    coef = lrn.cfg.learner.kl_coef
+    coef = lrn.cfg.learner.reference.kl_coef
     if coef <= 0 or ref is None:
         return None
     term = eps_kl(pred, ref, coef, weights)
@@ -306,37 +308,37 @@ def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float], weights=No
     return term
 
 
-def cfg_term(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int, metrics: dict[str, float]):
-    """CFG distillation (rlfh/losses/cfg_distill.py): the policy's conditional eps regressed onto the
-    reference's guided eps at ``learner.cfg_distill``; one extra no-grad reference forward on the
+def guidance_free_term(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int, metrics: dict[str, float]):
+    """guidance-free distillation (rlfh/losses/guidance_free.py): the policy's conditional eps regressed onto the
+    reference's guided eps at ``learner.guidance_free.scale``; one extra no-grad reference forward on the
     negative prompt's rows. None when off."""
     lc = lrn.cfg.learner
-    if lc.cfg_distill is None:
+    if lc.guidance_free.scale is None:
         return None
     neg_enc, neg_added = lrn.condition([lrn.cfg.rollout.negative_prompt] * x_t.shape[0], height, width)
-    teacher = cfg_teacher(ref, lrn.reference(x_t, t, neg_enc, neg_added), lc.cfg_distill)
-    term = cfg_distill_loss(pred, teacher, lc.cfg_distill_coef)
-    metrics["loss/cfg_distill"] = float(term.detach()) / max(lc.cfg_distill_coef, 1e-30)  # the plain mean error
+    teacher = guided_teacher(ref, lrn.reference(x_t, t, neg_enc, neg_added), lc.guidance_free.scale)
+    term = guidance_free_loss(pred, teacher, lc.guidance_free.coef)
+    metrics["loss/guidance_free"] = float(term.detach()) / max(lc.guidance_free.coef, 1e-30)  # the plain mean error
     return term
 
 
 def guidance_term(lrn: LearnerEngine, pred_l, x_t_l, t, x0_w, masks_l: dict[str, torch.Tensor],
                   metrics: dict[str, float]):
-    """The guidance term (rlfh/losses/guidance.py): ``learner.guidance_coef`` * the masked error of the
+    """The guidance term (rlfh/losses/guidance.py): ``learner.dpo.guidance.coef`` * the masked error of the
     policy's prediction at the loser's x_t^l against the target that denoises x_t^l to the winner,
-    inside the loser's ``learner.guidance_region`` mask. None when off or when no pair has the region.
+    inside the loser's ``learner.dpo.guidance.region`` mask. None when off or when no pair has the region.
     ``loss/guidance`` is the plain (unweighted) mean error of the pairs with the region."""
     lc = lrn.cfg.learner
-    if lc.guidance_coef <= 0:
+    if lc.dpo.guidance.coef <= 0:
         return None
-    region = lc.guidance_region
+    region = lc.dpo.guidance.region
     mask = None if region == "global" else masks_l.get(region)
     if mask is None and region != "global":
-        raise ValueError(f"learner.guidance_region={region}: the batch has no {region!r} masks (it holds "
+        raise ValueError(f"learner.dpo.guidance.region={region}: the batch has no {region!r} masks (it holds "
                          f"{sorted(masks_l)}); the pairs must come from learner_batch with this config")
     # x_t^l as the UNet saw it (in its dtype), so that eps* denoises exactly that input to x_0^w
     target = lrn.prediction_target(x0_w, t, winner_noise(x_t_l, x0_w, lrn.alpha_bar(t)))
-    term, err = guidance_loss(pred_l, target, mask, lc.guidance_coef)
+    term, err = guidance_loss(pred_l, target, mask, lc.dpo.guidance.coef)
     present = torch.ones_like(err, dtype=torch.bool) if mask is None else mask.flatten(1).amax(1) > 0
     metrics["guidance/region_present"] = float(present.float().mean())
     if term is None:
@@ -346,16 +348,16 @@ def guidance_term(lrn: LearnerEngine, pred_l, x_t_l, t, x0_w, masks_l: dict[str,
 
 
 def regularizers(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int, metrics: dict[str, float]):
-    """The whole-image terms added after the fairness rule: KL to the reference, CFG distillation."""
-    terms = [term for term in (kl_term(lrn, pred, ref, metrics), cfg_term(lrn, pred, ref, x_t, t, height, width, metrics))
-             if term is not None]
+    """The whole-image terms added after the fairness rule: KL to the reference, guidance-free distillation."""
+    terms = [term for term in (kl_term(lrn, pred, ref, metrics),
+                               guidance_free_term(lrn, pred, ref, x_t, t, height, width, metrics)) if term is not None]
     return sum(terms) if terms else None
 
 
 def hcp_term(lrn: LearnerEngine, t, prompts: list[str], mask_sets, idx: list[int], metrics: dict[str, float]):
     """The HcP layer's alignment term (rlfh/learner/hcp.py, rlfh/losses/hcp.py) on the policy forward just
     taken, whose rows are ``mask_sets``' rows ``idx`` one set after the other (pairs: winners, losers);
-    the pose priors ride in those masks dicts. None when ``learner.hcp`` is off or nothing counts."""
+    the pose priors ride in those masks dicts. None when ``model.hcp`` is off or nothing counts."""
     if lrn.hcp is None:
         return None
     from rlfh.data.pose_prior import HCP_PRIOR
@@ -374,14 +376,15 @@ def update(lrn: LearnerEngine, objectives: dict[str, torch.Tensor], metrics: dic
     """Combine the regions' losses by the fairness rule, add ``extra`` (the KL term: a whole-image
     regularizer, outside the fairness rule) and back-propagate through the engine."""
     lc = lrn.cfg.learner
-    loss, fair_metrics = fairness.combine_objectives(objectives, lc.fairness.rule, len(lc.regions),
-                                                     lrn.trainable_parameters(), lc.fairness.weights, lc.fairness.alpha)
+    loss, fair_metrics = fairness.combine_objectives(objectives, lc.regions.fairness.rule, len(lc.regions.names),
+                                                     lrn.trainable_parameters(), lc.regions.fairness.weights,
+                                                     lc.regions.fairness.alpha)
     if loss is None:
         loss = pred.sum() * 0.0  # no region present: keeps DeepSpeed's micro-step bookkeeping
     if extra is not None:
         loss = loss + extra
     metrics.update(fair_metrics)
-    for region in lc.regions:
+    for region in lc.regions.names:
         metrics[f"regions/{region}/present"] = float(region in objectives)
     lrn.backward(loss)
     return metrics

@@ -16,7 +16,7 @@ constant and a positive time weighting, the negative ELBO of x_0 (Ho et al., arX
     L     = mean_b max(-A_b rho_b, -A_b clip(rho_b, 1 - eps_c, 1 + eps_c))          (:func:`awm_loss`)
 
 (plus a KL term to a reference, rlfh/losses/kl.py; AWM regularizes towards an EMA of the policy:
-``learner.reference: ema``). In the SDXL eps parameterization the matching loss is the UNet's own
+``learner.reference.model: ema``). In the SDXL eps parameterization the matching loss is the UNet's own
 training loss, the target being the noise (or v for v-prediction), so nothing else changes.
 
 As the generalization of reward-weighted regression (rlfh/losses/rwr.py): at rho = 1 (the first step
@@ -42,12 +42,13 @@ Shapes: error, old_error, advantages (B,); the loss and diagnostics ().
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["AWMLossOutput", "awm_loss"]
+__all__ = ["AWMConfig", "AWMLossOutput", "awm_loss"]
 
 
 class AWMLossOutput(NamedTuple):
@@ -64,7 +65,8 @@ class AWMLossOutput(NamedTuple):
     ratio_mean: Tensor
 
 
-def awm_loss(error: Tensor, advantages: Tensor, old_error: Tensor | None = None, clip_range: float = 0.2) -> AWMLossOutput:
+def awm_loss(error: Tensor, advantages: Tensor, old_error: Tensor | None = None,
+             clip_range: float = 0.2) -> AWMLossOutput:
     """mean_b max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(old_error - error).
 
     Args:
@@ -96,3 +98,13 @@ def awm_loss(error: Tensor, advantages: Tensor, old_error: Tensor | None = None,
     with torch.no_grad():
         clipfrac = ((ratio - 1.0).abs() > clip_range).to(error.dtype).mean()
     return AWMLossOutput(loss=loss, clipfrac=clipfrac, ratio_mean=ratio.detach().mean())
+
+
+@dataclass(frozen=True)
+class AWMConfig:
+    """``learner.awm``: Advantage Weighted Matching (arXiv 2509.25050)."""
+
+    clip_range: float = 0.2  # PPO clip of the ratio exp(old error - error)
+
+    def problems(self, key: str) -> list[str]:
+        return [] if 0 < self.clip_range < math.inf else [f"{key}.clip_range={self.clip_range}: must be finite and > 0"]

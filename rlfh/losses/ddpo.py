@@ -27,12 +27,14 @@ over steps) or the same shape as log_prob; the loss and the diagnostics are scal
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal, Optional
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["DDPOLossOutput", "ddpo_clipped_loss"]
+__all__ = ["DDPOConfig", "DDPOLossOutput", "ddpo_clipped_loss"]
 
 
 class DDPOLossOutput(NamedTuple):
@@ -97,3 +99,43 @@ def ddpo_clipped_loss(
         clipfrac = ((ratio - 1.0).abs() > clip_range).to(log_prob.dtype).mean()
         ratio_mean = ratio.mean()
     return DDPOLossOutput(loss=loss, approx_kl=approx_kl, clipfrac=clipfrac, ratio_mean=ratio_mean)
+
+
+@dataclass(frozen=True)
+class DDPOConfig:
+    """``learner.ddpo``: the per-step policy gradient on recorded trajectories, its SDE window and its trust region.
+
+    Attributes:
+        window: W consecutive steps sampled with eta > 0 and trained, eta = 0 elsewhere; null = every step.
+            The window's start is drawn per round and shared by the round's samples (``rlfh.data.pairs.ddpo_window``).
+        branch: with ``window``, a prompt group shares x_T and the deterministic steps before the window,
+            sampled once, and its samples branch at the window (TempFlow-GRPO; ``rlfh.data.pairs.ddpo_branch_seeds``).
+        trust_region: clip (PPO's ratio clip), dppo (Flow-DPPO's KL mask) or guard (GRPO-Guard's normalized
+            ratio); docs/online_rl.md, section 5.
+        trust_region_kl: trust_region=dppo masks the steps moving with their advantage whose KL to the sampling
+            policy (mean over latent elements, x space) reaches this; 1e-5 is Flow-DPPO's reference for lr 3e-4
+            (the KL grows as lr^2).
+    """
+
+    clip_range: float = 1e-4  # ratio clip epsilon (trust_region=clip; guard: of its normalized ratio)
+    timestep_fraction: float = 1.0  # share of each trajectory's recorded steps (all, or the window's) trained per epoch
+    window: Optional[int] = None
+    window_max_start: Optional[int] = None  # the window's start is drawn per round in 0..this; null = steps - window
+    branch: bool = False
+    trust_region: Literal["clip", "dppo", "guard"] = "clip"
+    trust_region_kl: float = 1e-5
+
+    def problems(self, key: str) -> list[str]:
+        p = [] if self.clip_range > 0 else [f"{key}.clip_range={self.clip_range}: must be > 0"]
+        if not 0 < self.timestep_fraction <= 1:
+            p.append(f"{key}.timestep_fraction={self.timestep_fraction}: must be in (0, 1]")
+        if not 0 < self.trust_region_kl < math.inf:
+            p.append(f"{key}.trust_region_kl={self.trust_region_kl}: must be finite and > 0")
+        if self.window is not None and self.window < 1:
+            p.append(f"{key}.window={self.window}: must be >= 1 or null (every step stochastic)")
+        if self.window_max_start is not None and (self.window is None or self.window_max_start < 0):
+            p.append(f"{key}.window_max_start={self.window_max_start}: needs {key}.window and must be >= 0")
+        if self.branch and self.window is None:
+            p.append(f"{key}.branch=true branches a prompt group's trajectories at the SDE window: it needs "
+                     f"learner.loss=ddpo and {key}.window")
+        return p

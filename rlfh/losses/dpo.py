@@ -28,10 +28,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from dataclasses import field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from rlfh.losses.guidance import DPOGuidanceConfig
 
 
 @dataclass
@@ -107,3 +111,15 @@ def dpo_loss_from_mse(
         mse_ref_w=mse_ref_w.detach(),
         mse_ref_l=mse_ref_l.detach(),
     )
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """``learner.dpo``: Diffusion-DPO and its variants (``learner.loss`` dpo, dpo_hinge, dpo_ipo)."""
+
+    beta: float = 5000.0  # Diffusion-DPO beta (arXiv 2311.12908); 5000 for SDXL, 2000 for SD1.5
+    pair_strategy: Literal["best_worst", "all"] = "best_worst"  # best_worst: a pair per prompt group; all: every pair
+    guidance: DPOGuidanceConfig = field(default_factory=DPOGuidanceConfig)
+
+    def problems(self, key: str) -> list[str]:
+        return [] if self.beta > 0 else [f"{key}.beta={self.beta}: must be > 0"]

@@ -426,7 +426,7 @@ def combine_objectives(
 
     Args:
         objectives: {region: scalar loss} of the regions present in the micro-batch.
-        method: the rule (``learner.fairness.rule``).
+        method: the rule (``learner.regions.fairness.rule``).
         num_regions: how many regions the config trains (one: the loss as is, no rule).
         params: the trainable parameters (gradients for "mpd" / "mgda").
         weights: {region: weight} for "sum" (default 1 each).
@@ -444,11 +444,12 @@ def combine_objectives(
     if needs_region_gradients(method, num_regions):
         gram = gram_matrix(objective_gradients([objectives[n] for n in names], params))
         fw = combine_weights(gram, method, alpha=alpha)
-        metrics.update({f"mpd/weight/{n}": float(w) for n, w in zip(names, fw.weights)})
-        metrics["mpd/ridge"] = float(fw.ridge)
-        metrics.update({f"mpd/grad_norm/{n}": math.sqrt(max(float(gram[i, i]), 0.0)) for i, n in enumerate(names)})
+        # named by the rule that solved them: mpd/weight/face, mgda/weight/face, ...
+        metrics.update({f"{method}/weight/{n}": float(w) for n, w in zip(names, fw.weights)})
+        metrics[f"{method}/ridge"] = float(fw.ridge)
+        metrics.update({f"{method}/grad_norm/{n}": math.sqrt(max(float(gram[i, i]), 0.0)) for i, n in enumerate(names)})
     else:
         fw = fixed_weights(method, len(names), [float((weights or {}).get(n, 1.0)) for n in names])
     coefs = [float(c) for c in fw.coefficients]
-    metrics.update({f"mpd/coef/{n}": c for n, c in zip(names, coefs)})
+    metrics.update({f"fairness/coef/{n}": c for n, c in zip(names, coefs)})  # every rule's c_r
     return sum(c * objectives[n] for c, n in zip(coefs, names)), metrics

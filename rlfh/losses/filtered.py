@@ -25,12 +25,14 @@ Shapes: rewards and weights (N,) for the round.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from rlfh.losses.rwr import check_rewards
 
-__all__ = ["filter_weights"]
+__all__ = ["FilteredConfig", "filter_weights"]
 
 
 def filter_weights(rewards: np.ndarray, threshold: float | None, top_fraction: float) -> np.ndarray:
@@ -49,3 +51,14 @@ def filter_weights(rewards: np.ndarray, threshold: float | None, top_fraction: f
         if not math.isfinite(c):
             raise ValueError(f"threshold must be finite, got {c}")
     return (r >= c).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class FilteredConfig:
+    """``learner.filtered``: filtered fine-tuning on the round's best samples."""
+
+    threshold: Optional[float] = None  # keep r >= threshold; null keeps the top fraction
+    top_fraction: float = 0.5  # share of the round's samples kept when threshold is null
+
+    def problems(self, key: str) -> list[str]:
+        return [] if 0 < self.top_fraction <= 1 else [f"{key}.top_fraction={self.top_fraction}: must be in (0, 1]"]

@@ -19,7 +19,7 @@ one-step prediction x0_hat = (x_t^l - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)
 exactly when eps_theta = eps*: inside m the loser's trajectory is bent onto the winner's, outside m
 nothing is asked. Equivalently L = E_t (abar_t / (1 - abar_t)) mean (m * (x0_hat - x_0^w))^2, an
 x_0 regression weighted by the SNR as the plain eps loss is. It can be combined with Diffusion-DPO
-by a weight, ``loss = L_DPO + coef * L`` (``learner.guidance_coef``), and it is computed on the same
+by a weight, ``loss = L_DPO + coef * L`` (``learner.dpo.guidance.coef``), and it is computed on the same
 x_t^l, t and eps as DPO's loser half, so it costs no extra UNet call.
 
 v-prediction models: the same x_t^l and x_0^w give the target v* = sqrt(abar_t) eps* -
@@ -46,12 +46,14 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from rlfh.losses.region_mse import per_sample_mse, per_sample_region_mse
 
-__all__ = ["guidance_loss", "winner_noise"]
+__all__ = ["DPOGuidanceConfig", "guidance_loss", "winner_noise"]
 
 
 def winner_noise(x_t: Tensor, x0_winner: Tensor, alpha_bar: Tensor) -> Tensor:
@@ -80,7 +82,7 @@ def guidance_loss(pred: Tensor, target: Tensor, mask: Tensor | None, coef: float
         pred: the policy's prediction at x_t^l, (B, C, h, w), with its gradient.
         target: eps* (:func:`winner_noise`) or v*, (B, C, h, w); detached here.
         mask: m (B, 1, h, w), any dtype (only m > 0 counts); None: the whole latent (``global``).
-        coef: the term's weight (``learner.guidance_coef``), finite and >= 0.
+        coef: the term's weight (``learner.dpo.guidance.coef``), finite and >= 0.
 
     Returns:
         (loss, per-pair errors (B,) without coef): loss is None when no pair has the region.
@@ -101,3 +103,18 @@ def guidance_loss(pred: Tensor, target: Tensor, mask: Tensor | None, coef: float
     if not bool(present.any()):
         return None, err
     return coef * err[present].mean(), err
+
+
+@dataclass(frozen=True)
+class DPOGuidanceConfig:
+    """``learner.dpo.guidance``: the guidance term of the DPO losses (:func:`guidance_loss`)."""
+
+    coef: float = 0.0  # weight of the term pulling the loser's denoising toward the winner (FaceScore); 0 = off
+    region: str = "face"  # mask m: the loser's detections of this region (face, hand, ...), or global (whole latent)
+
+    def problems(self, key: str) -> list[str]:
+        p = [] if 0 <= self.coef < math.inf else [f"{key}.coef={self.coef}: must be finite and >= 0 (0 turns the "
+                                                    f"guidance term off)"]
+        if not self.region.strip():
+            p.append(f"{key}.region is empty: name a detected region (face, hand) or global")
+        return p

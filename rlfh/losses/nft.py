@@ -36,7 +36,7 @@ its pre-training (L_simple), as Diffusion-DPO and RWR here do:
 
 (for a region: the FairHuman masked error of rlfh/losses/region_mse.py of eps_+ and eps_-).
 
-Adaptive weighting (the reference's default; in the learner ``learner.nft_weighting: adaptive``).
+Adaptive weighting (the reference's default; in the learner ``learner.nft.weighting: adaptive``).
 The reference measures each implicit prediction's error in x_0 space and divides it by its own
 detached mean magnitude (train_nft_sd3.py, "adaptive weighting"):
 
@@ -76,6 +76,8 @@ Shapes: pred, old_pred, target (B, C, H, W); r (B,); per-sample errors (B,); the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 from typing import NamedTuple
 
 import torch
@@ -84,7 +86,8 @@ from torch import Tensor
 from rlfh.losses.kl import upcast
 from rlfh.losses.region_mse import per_sample_mse
 
-__all__ = ["NFTLossOutput", "adaptive_errors", "implicit_predictions", "nft_loss", "nft_loss_from_errors", "nft_reward_weight"]
+__all__ = ["NFTConfig", "NFTLossOutput", "adaptive_errors", "implicit_predictions", "nft_loss", "nft_loss_from_errors",
+           "nft_reward_weight"]
 
 
 class NFTLossOutput(NamedTuple):
@@ -132,7 +135,8 @@ def implicit_predictions(pred: Tensor, old_pred: Tensor, beta: float) -> tuple[T
     """
     beta = _check_beta(beta)
     if pred.shape != old_pred.shape:
-        raise ValueError(f"pred and old_pred must have the same shape, got {tuple(pred.shape)} and {tuple(old_pred.shape)}")
+        raise ValueError(f"pred and old_pred must have the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(old_pred.shape)}")
     old = old_pred.detach().to(pred.dtype)
     return (1.0 - beta) * old + beta * pred, (1.0 + beta) * old - beta * pred
 
@@ -207,3 +211,21 @@ def adaptive_errors(diff: Tensor, x0_scale: Tensor) -> Tensor:
     d = diff * x0_scale.detach().to(diff.dtype).reshape(-1, *([1] * (diff.ndim - 1)))
     weight = d.detach().abs().flatten(1).mean(dim=1).clamp(min=1e-5)  # the reference's, no gradient
     return d.pow(2).flatten(1).mean(dim=1) / weight
+
+
+@dataclass(frozen=True)
+class NFTConfig:
+    """``learner.nft``: DiffusionNFT (arXiv 2509.16117).
+
+    Attributes:
+        weighting: the per-sample error: SDXL's plain eps-MSE, or the reference's adaptive x0-space weighting
+            (:func:`adaptive_errors`; it learns less on the tiny default model, docs/online_rl.md).
+    """
+
+    beta: float = 0.1  # strength of the implicit positive / negative policies (the reference: 1, and 0.1 for OCR)
+    weighting: Literal["adaptive", "eps_mse"] = "eps_mse"
+    adv_clip: float = 5.0  # c of r = 0.5 + 0.5 clip(A, -c, c) / c from the per-prompt advantage A
+
+    def problems(self, key: str) -> list[str]:
+        knobs = (("beta", self.beta), ("adv_clip", self.adv_clip))
+        return [f"{key}.{name}={v}: must be finite and > 0" for name, v in knobs if not 0 < v < math.inf]

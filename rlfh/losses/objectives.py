@@ -11,6 +11,8 @@ Shapes: predictions and targets (B, C, h, w); masks {region: (B, 1, h, w)} of 0/
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -19,11 +21,8 @@ from rlfh.losses.dpo import dpo_loss_from_mse
 from rlfh.losses.dpo_variants import dpo_variant_loss
 from rlfh.losses.nft import adaptive_errors, implicit_predictions, nft_loss_from_errors
 from rlfh.losses.region_mse import per_sample_mse, per_sample_region_mse, region_difference
+from rlfh.losses.registry import OLD_POLICY, PAIRS, loss_spec
 from rlfh.losses.rwr import weighted_loss
-
-PAIRWISE = ("dpo", "dpo_hinge", "dpo_ipo")
-WEIGHTED = ("rwr", "filtered")
-ADVANTAGE = ("nft", "awm")  # samples with a signed per-sample signal, against the sampling ("old") policy
 
 
 def region_errors(pred: Tensor, target: Tensor, region: str, masks: dict[str, Tensor], scale: float) -> Tensor:
@@ -70,7 +69,11 @@ def pairwise_objectives(
     regions: list[str],
     scale: float,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """The DPO-family loss of each region present in the micro-batch, and its metrics."""
+    """The DPO-family loss of each region present in the micro-batch, and its metrics: the sigmoid loss,
+    or the spec's ``variant`` (rlfh/losses/dpo_variants.py)."""
+    spec = loss_spec(loss)
+    if spec.batch != PAIRS:
+        raise ValueError(f"pairwise objectives are for losses that train on {PAIRS}, not {loss!r}")
     b = pred_w.shape[0]
     objectives: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
@@ -81,10 +84,10 @@ def pairwise_objectives(
         m = [region_errors(p, target, region, mk, scale)[valid]
              for p, mk in ((pred_w, masks_w), (pred_l, masks_l), (ref_w, masks_w), (ref_l, masks_l))]
         out = dpo_loss_from_mse(m[0], m[1], m[2], m[3], beta)  # diagnostics (and the sigmoid loss)
-        if loss == "dpo":
+        if spec.variant is None:
             value = out.loss
         else:
-            value = dpo_variant_loss(loss.removeprefix("dpo_"), m[0], m[1], m[2], m[3], beta)
+            value = dpo_variant_loss(spec.variant, m[0], m[1], m[2], m[3], beta)
         objectives[region] = value
         suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
         metrics.update({k: v for k, v in out.metrics("dpo" + suffix).items() if not k.startswith("loss/")})
@@ -118,6 +121,15 @@ def weighted_objectives(
     return objectives, metrics
 
 
+class AdvantageKnobs(NamedTuple):
+    """The knobs of the advantage families' objectives (each reads its own)."""
+
+    nft_beta: float = 1.0  # NFT: strength beta of the implicit policies
+    clip_range: float = 0.2  # AWM: ratio clip
+    nft_scale: float = 1.0  # NFT: the loss scale (the learner passes the advantage clip c, as the reference does)
+    x0_scale: Tensor | None = None  # NFT: k_t per sample for the adaptive x_0-space errors; None: eps errors
+
+
 def advantage_objectives(
     loss: str,
     pred: Tensor,
@@ -132,42 +144,61 @@ def advantage_objectives(
     nft_scale: float = 1.0,
     x0_scale: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """DiffusionNFT or AWM per region, on re-noised samples of the sampling policy.
+    """DiffusionNFT or AWM per region, on re-noised samples of the sampling policy: the spec's
+    objective (:func:`nft_objectives`, :func:`awm_objectives`), and ``<loss>/old_eps_mse``, how far
+    training has moved the policy from the one that sampled."""
+    spec = loss_spec(loss)
+    if OLD_POLICY not in spec.needs:
+        raise ValueError(f"advantage objectives are for losses that compare with the sampling policy, not {loss!r}")
+    knobs = AdvantageKnobs(nft_beta, clip_range, nft_scale, x0_scale)
+    objectives, metrics = spec.objective_fn()(pred, old_pred, target, signal, masks, regions, scale, knobs)
+    for region, value in objectives.items():
+        suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
+        metrics[f"loss/{loss}{suffix}"] = float(value.detach())
+    if old_pred is not None:
+        metrics[f"{loss}/old_eps_mse"] = float((pred.detach().float() - old_pred.detach().float()).pow(2).mean())
+    return objectives, metrics
 
-    ``nft``: ``signal`` is r in [0, 1] (:func:`rlfh.losses.nft.nft_reward_weight`) and ``old_pred``
+
+def nft_objectives(pred: Tensor, old_pred: Tensor | None, target: Tensor, signal: Tensor, masks: dict[str, Tensor],
+                   regions: list[str], scale: float, knobs: AdvantageKnobs):
+    """DiffusionNFT: ``signal`` is r in [0, 1] (:func:`rlfh.losses.nft.nft_reward_weight`) and ``old_pred``
     the sampling policy's prediction on the same x_t; each region's loss is
     :func:`rlfh.losses.nft.nft_loss_from_errors` on the region errors of eps_+ and eps_-, times
-    ``nft_scale`` (the learner passes the advantage clip c, as the reference does); with ``x0_scale``
-    (k_t = s_t / a_t per sample, (B,)) the errors are the reference's adaptive x_0-space ones
-    (:func:`nft_region_errors`), else plain eps errors.
-    ``awm``: ``signal`` is the advantage A; each region's loss is :func:`rlfh.losses.awm.awm_loss` on
-    the region errors of the policy and of ``old_pred`` (None: on-policy, ratio 1).
-    """
-    if loss not in ADVANTAGE:
-        raise ValueError(f"advantage objectives are {ADVANTAGE}, not {loss!r}")
-    if loss == "nft" and old_pred is None:
+    ``knobs.nft_scale``; with ``knobs.x0_scale`` (k_t = s_t / a_t per sample, (B,)) the errors are the
+    reference's adaptive x_0-space ones (:func:`nft_region_errors`), else plain eps errors."""
+    if old_pred is None:
         raise ValueError("nft needs the sampling policy's prediction (old_pred)")
-    b = pred.shape[0]
+    pos, neg = implicit_predictions(pred, old_pred, knobs.nft_beta)
     objectives: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
-    if loss == "nft":
-        pos, neg = implicit_predictions(pred, old_pred, nft_beta)
     for region in regions:
-        valid = has_region(masks, region, b, pred.device)
+        valid = has_region(masks, region, pred.shape[0], pred.device)
         if not bool(valid.any()):
             continue
         suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
-        if loss == "nft":
-            out = nft_loss_from_errors(nft_region_errors(pos, target, region, masks, scale, x0_scale)[valid],
-                                       nft_region_errors(neg, target, region, masks, scale, x0_scale)[valid],
-                                       signal[valid], nft_beta, nft_scale)
-            metrics.update({f"nft/positive{suffix}": float(out.positive), f"nft/negative{suffix}": float(out.negative)})
-        else:
-            old_err = None if old_pred is None else region_errors(old_pred.detach(), target, region, masks, scale)[valid]
-            out = awm_loss(region_errors(pred, target, region, masks, scale)[valid], signal[valid], old_err, clip_range)
-            metrics.update({f"awm/clipfrac{suffix}": float(out.clipfrac), f"awm/ratio{suffix}": float(out.ratio_mean)})
+        out = nft_loss_from_errors(nft_region_errors(pos, target, region, masks, scale, knobs.x0_scale)[valid],
+                                   nft_region_errors(neg, target, region, masks, scale, knobs.x0_scale)[valid],
+                                   signal[valid], knobs.nft_beta, knobs.nft_scale)
+        metrics.update({f"nft/positive{suffix}": float(out.positive), f"nft/negative{suffix}": float(out.negative)})
         objectives[region] = out.loss
-        metrics[f"loss/{loss}{suffix}"] = float(out.loss.detach())
-    if old_pred is not None:  # how far training has moved the policy from the one that sampled
-        metrics[f"{loss}/old_eps_mse"] = float((pred.detach().float() - old_pred.detach().float()).pow(2).mean())
+    return objectives, metrics
+
+
+def awm_objectives(pred: Tensor, old_pred: Tensor | None, target: Tensor, signal: Tensor, masks: dict[str, Tensor],
+                   regions: list[str], scale: float, knobs: AdvantageKnobs):
+    """AWM: ``signal`` is the advantage A; each region's loss is :func:`rlfh.losses.awm.awm_loss` on the
+    region errors of the policy and of ``old_pred`` (None: on-policy, ratio 1), clipped at ``knobs.clip_range``."""
+    objectives: dict[str, Tensor] = {}
+    metrics: dict[str, float] = {}
+    for region in regions:
+        valid = has_region(masks, region, pred.shape[0], pred.device)
+        if not bool(valid.any()):
+            continue
+        suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
+        old_err = None if old_pred is None else region_errors(old_pred.detach(), target, region, masks, scale)[valid]
+        out = awm_loss(region_errors(pred, target, region, masks, scale)[valid], signal[valid], old_err,
+                       knobs.clip_range)
+        metrics.update({f"awm/clipfrac{suffix}": float(out.clipfrac), f"awm/ratio{suffix}": float(out.ratio_mean)})
+        objectives[region] = out.loss
     return objectives, metrics

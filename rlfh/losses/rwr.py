@@ -31,11 +31,12 @@ Shapes: rewards and weights (N,) for the round; per_sample_loss and its weights 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from torch import Tensor
 
-__all__ = ["check_rewards", "rwr_weights", "weighted_loss"]
+__all__ = ["RWRConfig", "check_rewards", "rwr_weights", "weighted_loss"]
 
 
 def check_rewards(rewards: np.ndarray) -> np.ndarray:
@@ -77,3 +78,10 @@ def weighted_loss(per_sample_loss: Tensor, weights: Tensor) -> Tensor:
         raise ValueError(f"per_sample_loss and weights must both be (B,) with B > 0, got "
                          f"{tuple(per_sample_loss.shape)} and {tuple(weights.shape)}")
     return (weights.detach() * per_sample_loss).sum() / per_sample_loss.shape[0]
+
+
+@dataclass(frozen=True)
+class RWRConfig:
+    """``learner.rwr``: reward-weighted regression."""
+
+    beta: float = 1.0  # weights N * softmax(beta * r) over the round (:func:`rwr_weights`)

@@ -28,7 +28,7 @@ the corrective terms):
     L     = mean_{b, t} m * (-A_b rho_{b,t})                                    (:func:`dppo_loss`)
 
 Steps pulling back towards the old policy, and steps within delta, keep their gradient. delta is
-``learner.trust_region_kl``, 1e-5 by default: the references' ``kl_mask_threshold`` in the same units.
+``learner.ddpo.trust_region_kl``, 1e-5 by default: the references' ``kl_mask_threshold`` in the same units.
 
 ``guard`` (GRPO-Guard's ratio normalization). With x_{t-1} = mu_old + sigma z recorded by the sampler
 and Delta = mu_theta - mu_old,
@@ -46,7 +46,7 @@ spread mean(Delta z) / sigma grows as 1 / sigma. The normalized log-ratio remove
 which is Flow-Factory's ratio exp((log p - log p_old) s + mse / (2 s)) with s = sigma_t and mse =
 mean(Delta^2) (verl-omni's is the same). E[log rho~] = 0 at every step; at theta = old its gradient is
 sigma_t d log rho = mean(z d mu_theta), of one scale at every step in mu space. rho~ - 1 is of order
-rms(Delta) / sqrt(D), so eps must be of that scale: DDPO's 1e-4 (``learner.ddpo_clip_range``'s
+rms(Delta) / sqrt(D), so eps must be of that scale: DDPO's 1e-4 (``learner.ddpo.clip_range``'s
 default; verl-omni's guard example uses 2e-6), not PPO's 0.2, at which the tiny model's 12 rounds of
 tests/rlfh/test_ddpo.py clip nothing. KL_t carries the gradient (it is a function of mu_theta), as in
 the references' ``mse`` term.

@@ -252,7 +252,7 @@ def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
         for i, o in enumerate(opts):
             o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
     rc = cfg.rollout
-    return [RolloutActor.options(**o).remote(cfg.model, cfg.learner.lora, threads, rc.scheduler, compile=rc.compile,
+    return [RolloutActor.options(**o).remote(cfg.model, cfg.model.lora, threads, rc.scheduler, compile=rc.compile,
                                              merge_lora=rc.merge_lora) for o in opts]
 
 

@@ -1,9 +1,9 @@
 """HG-DPO's real and SDRecon winners for a round's pairs, one implementation for both loops.
 
 ``rlfh train`` (rlfh/recipes/online.py) and ``rlfh offline-dpo`` (rlfh/recipes/offline.py) both call
-:meth:`RealWinners.mix` on each round's pairs when ``learner.hgdpo.real_images`` is set; they differ
+:meth:`RealWinners.mix` on each round's pairs when ``data.hgdpo.real_images`` is set; they differ
 only in what samples with the current policy (the SDRecon winners, and the fresh losers of
-``learner.hgdpo.fresh_losers``):
+``data.hgdpo.fresh_losers``):
 
     online    the rollout actors (``rollouts.actor.RolloutFleet``), or the colocated learner rank
     offline   the learner rank itself, with its own UNet (``LearnerRank`` set up with ``colocate``;
@@ -22,13 +22,13 @@ from rlfh.config.schema import Config
 
 
 def needs_policy_samples(hg) -> bool:
-    """Whether ``learner.hgdpo`` samples with the current policy: fresh losers, or a stage with SDRecon winners."""
+    """Whether ``data.hgdpo`` samples with the current policy: fresh losers, or a stage with SDRecon winners."""
     return hg.real_images is not None and (hg.fresh_losers or any(s.sdrecon_winner_fraction > 0 for s in hg.stages))
 
 
 class RealWinners:
     """HG-DPO: real images, or SDRecon images made from them by the current policy, replace the
-    winners of a share of the pairs on the curriculum (``learner.hgdpo``); with ``fresh_losers`` the
+    winners of a share of the pairs on the curriculum (``data.hgdpo``); with ``fresh_losers`` the
     losers are sampled anew from the real images' captions.
 
     Args:
@@ -47,9 +47,9 @@ class RealWinners:
         from rlfh.data.hgdpo import Curriculum
         from rlfh.data.real_images import RealImageSource, load_vae
 
-        hg = cfg.learner.hgdpo
+        hg = cfg.data.hgdpo
         if sampler is None and needs_policy_samples(hg):
-            raise ValueError("learner.hgdpo: fresh losers and SDRecon winners sample with the current policy, "
+            raise ValueError("data.hgdpo: fresh losers and SDRecon winners sample with the current policy, "
                              "and this loop has no sampler")
         # offline, the steps are the log's, which the config rules could not see
         problems = hgdpo_sdrecon_problems(hg, settings.num_inference_steps)
@@ -69,7 +69,7 @@ class RealWinners:
 
         from rlfh.data.hgdpo import latent_rms, mix_real_winners, prompts_for_losers, sdrecon_inputs
 
-        cfg, hg = self.cfg, self.cfg.learner.hgdpo
+        cfg, hg = self.cfg, self.cfg.data.hgdpo
         n, bs = len(train_batch), cfg.rollout.sample_batch_size_per_actor
         frac, sd_frac, losers, sdrecon = self.curriculum.fraction(rnd), self.curriculum.sdrecon_fraction(rnd), None, None
         losers_masks = None
@@ -79,7 +79,7 @@ class RealWinners:
             loser_seeds = np.random.default_rng([cfg.seed, rnd, 0x4C]).integers(0, 2**31 - 1, len(caps)).tolist()
             fresh = self.sampler.sample(caps, loser_seeds, self.settings, bs)
             losers = fresh.latents
-            if cfg.learner.hcp.enabled and cfg.learner.hcp.prior == "samples":  # the fresh losers are samples too
+            if cfg.model.hcp.enabled and cfg.data.hcp_priors.prior == "samples":  # the fresh losers are samples too
                 from rlfh.data.pose_prior import HCP_PRIOR
 
                 losers_masks = {HCP_PRIOR: self.source.pose_priors(fresh.images)}

@@ -13,7 +13,7 @@ value leaves the sample unscored) and grouped by (round, prompt), so the logged 
 they did online. Each round is one ``learner.train(batch, learner.epochs_per_round)`` call: that many
 passes over all pairs (or kept samples).
 
-HG-DPO (``learner.hgdpo.real_images``) mixes real and SDRecon winners into each round's pairs on its
+HG-DPO (``data.hgdpo.real_images``) mixes real and SDRecon winners into each round's pairs on its
 curriculum by round, as online (rlfh/recipes/hgdpo.py). With no rollout actors, the learner rank
 samples the SDRecon winners (and ``fresh_losers``) itself, with its own UNet, at the log's sampler
 settings (colocated mode, rlfh/learner/colocate.py); with ``fresh_losers: false`` each real winner
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from rlfh.config.schema import Config, save_config, to_dict
+from rlfh.losses.registry import PAIRS, loss_spec
 
 
 def batch_from_log(cfg: Config):
@@ -40,7 +41,7 @@ def batch_from_log(cfg: Config):
         raise ValueError("offline-dpo needs the rollout log: pass rollouts=RUN_DIR/rollouts")
     from rlfh.data.region_pairs import concat_pairs, pairs_from_records
 
-    hcp = cfg.learner.hcp.enabled and cfg.learner.hcp.prior == "samples"
+    hcp = cfg.model.hcp.enabled and cfg.data.hcp_priors.prior == "samples"
     records = RolloutLog(cfg.rollouts).records(["rollout_id", "round", "prompt", "rewards", "regions", "latent",
                                                 "latent_shape", "sampler", "region_pair"] + (["image"] if hcp else []))
     # the reward weights, checked against the whole log (it names a reward the log lacks)
@@ -54,7 +55,7 @@ def batch_from_log(cfg: Config):
     # images of inpainted region pairs pair only with each other (rlfh/data/region_pairs.py), never by prompt
     region_pairs, rp_stats = (pairs_from_records(records, all_latents, regions, weights, mask_regions(cfg.learner), image_hw,
                                                  cfg.rewards_normalization)
-                              if cfg.learner.loss.startswith("dpo") else (None, {}))
+                              if loss_spec(cfg.learner.loss).batch == PAIRS else (None, {}))
     plain = [i for i, r in enumerate(records) if r.get("region_pair") is None]
     skipped = len(records) - len(plain) if region_pairs is None else 0
     records, regions, latents = [records[i] for i in plain], [regions[i] for i in plain], all_latents[plain]
@@ -63,12 +64,12 @@ def batch_from_log(cfg: Config):
         from rlfh.data.pose_prior import PosePriors
         from rollouts.log import decode_png
 
-        detect = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)
+        detect = PosePriors(cfg.data.hcp_priors.sigma, cfg.data.hcp_priors.min_visibility)
         try:
             priors = detect(np.stack([decode_png(r["image"]) for r in records]))
         finally:
             detect.close()
-    elif cfg.learner.hcp.enabled:  # prior=real: zeros that HG-DPO's real winners fill with theirs, as online
+    elif cfg.model.hcp.enabled:  # prior=real: zeros that HG-DPO's real winners fill with theirs, as online
         priors = np.zeros((len(records), 1, image_hw[0] // 8, image_hw[1] // 8), np.float32)
     # rewards_normalization as online; GDPO's last normalization then runs over the whole log
     scores, values, weights, groups, score_stats = logged_scores(records, cfg.rewards, cfg.rewards_normalization,
@@ -103,7 +104,7 @@ def logged_settings(cfg: Config):
     records = RolloutLog(cfg.rollouts).records(["sampler", "negative_prompt"])
     found = {(tuple(sorted(r["sampler"].items())), r["negative_prompt"]) for r in records}
     if len(found) != 1:
-        raise ValueError(f"learner.hgdpo samples with the log's sampler settings, but the rollout log {cfg.rollouts} "
+        raise ValueError(f"data.hgdpo samples with the log's sampler settings, but the rollout log {cfg.rollouts} "
                          f"mixes {len(found)} of them: train on one run's log at a time")
     (sampler, negative_prompt), = found
     s = dict(sampler)
@@ -127,13 +128,14 @@ def train_offline(cfg: Config) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     batch, stats = batch_from_log(cfg)
-    hg = cfg.learner.hgdpo
+    hg = cfg.data.hgdpo
     # HG-DPO's SDRecon winners and fresh losers need the current policy: the learner samples with its own UNet
     sample = needs_policy_samples(hg)
-    if sample and cfg.learner_world_size > 1 and cfg.learner.zero_stage == 3:
-        raise ValueError("learner.hgdpo offline samples its fresh losers and SDRecon winners with learner rank 0's "
-                         "UNet, which learner.zero_stage=3 partitions over the ranks: use learner.zero_stage <= 2, "
-                         "one learner rank, or learner.hgdpo.fresh_losers=false without sdrecon_winner_fraction")
+    if sample and cfg.learner_world_size > 1 and cfg.learner.engine.zero_stage == 3:
+        raise ValueError("data.hgdpo offline samples its fresh losers and SDRecon winners with learner rank 0's "
+                         "UNet, which learner.engine.zero_stage=3 partitions over the ranks: use "
+                         "learner.engine.zero_stage <= 2, "
+                         "one learner rank, or data.hgdpo.fresh_losers=false without sdrecon_winner_fraction")
     settings = logged_settings(cfg) if hg.real_images is not None else None
     started_ray = False
     real_winners = pose_priors = None
@@ -148,10 +150,10 @@ def train_offline(cfg: Config) -> Path:
     logger = None
     try:
         if hg.real_images is not None:
-            if cfg.learner.hcp.enabled:  # the real winners' pose priors, and the fresh losers'
+            if cfg.model.hcp.enabled:  # the real winners' pose priors, and the fresh losers'
                 from rlfh.data.pose_prior import PosePriors
 
-                pose_priors = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)
+                pose_priors = PosePriors(cfg.data.hcp_priors.sigma, cfg.data.hcp_priors.min_visibility)
             real_winners = RealWinners(cfg, run_dir, sampler, settings, pose_priors)
         start = 0
         ckpt = latest_checkpoint(run_dir) if cfg.resume else None

@@ -8,8 +8,8 @@ Each round:
   2. the reward actor scores them (every configured reward, plus the regions it detected);
   3. the samples, their rewards and regions go to the rollout log (RUN_DIR/rollouts);
   4. pairs are built per prompt (best vs worst; or weights for RWR), with region masks from the
-     detections (plus, with ``learner.region_pairs``, FaceScore's pairs of a sample and its
-     face or hand inpainted by the policy: :class:`InpaintedRegions`; with ``learner.hcp``,
+     detections (plus, with ``data.region_pairs``, FaceScore's pairs of a sample and its
+     face or hand inpainted by the policy: :class:`InpaintedRegions`; with ``model.hcp``,
      MediaPipe Pose priors of the images), and the learner steps on them (per-region losses,
      MPD fairness);
   5. the new weights go to the rollout actors (policy_version + 1): the LoRA adapter, or the whole
@@ -34,6 +34,7 @@ import uuid
 from pathlib import Path
 
 from rlfh.config.schema import Config, save_config, to_dict
+from rlfh.losses.registry import SAMPLER_LOGPROB, loss_spec
 from rlfh.recipes.capacity import check_cluster_fits
 from rlfh.recipes.cluster import release_actors, setup_ray, start_rollout_actors
 
@@ -136,7 +137,7 @@ class Run:
         self.pgs: list = []  # placement groups this run reserved
         self.logger = self.bar = self.learner = None
         self.real_winners = self.region_pairs = None
-        self.pose_priors = None  # learner.hcp: MediaPipe Pose heatmaps (rlfh/data/pose_prior.py)
+        self.pose_priors = None  # model.hcp: MediaPipe Pose heatmaps (rlfh/data/pose_prior.py)
         self.start_round = 0
 
     def start(self) -> None:
@@ -171,18 +172,18 @@ class Run:
         self.schedule = PromptSchedule(load_prompts(rc), rc.prompts_per_round, rc.rollouts_per_prompt, cfg.seed)
         self.settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height,
                                         rc.width, rc.eta, rc.scheduler)
-        self.record = cfg.learner.loss == "ddpo"  # policy-gradient losses need the trajectories
+        self.record = SAMPLER_LOGPROB in loss_spec(cfg.learner.loss).needs  # policy gradients train on them
         self.fleet = RolloutFleet(actors, 0 if self.colocate else res.max_actor_restarts)
-        if cfg.learner.hcp.enabled:
+        if cfg.model.hcp.enabled:
             from rlfh.data.pose_prior import PosePriors
 
-            self.pose_priors = PosePriors(cfg.learner.hcp.sigma, cfg.learner.hcp.min_visibility)
-        if cfg.learner.hgdpo.real_images:
+            self.pose_priors = PosePriors(cfg.data.hcp_priors.sigma, cfg.data.hcp_priors.min_visibility)
+        if cfg.data.hgdpo.real_images:
             from rlfh.recipes.hgdpo import RealWinners
 
             self.real_winners = RealWinners(cfg, self.run_dir, self.fleet, self.settings, self.pose_priors)
         self.log = RolloutLog(self.run_dir / "rollouts", cfg.logging.log_images, cfg.logging.keep_image_rounds)
-        if cfg.learner.region_pairs.region is not None:
+        if cfg.data.region_pairs.region is not None:
             self.region_pairs = InpaintedRegions(cfg, self.fleet, self.scorer, self.log, self.settings)
         self.start_round = self._resume()
         self.version = self.learner.policy_version()
@@ -201,14 +202,13 @@ class Run:
         return actor
 
     def hcp_priors(self, images):
-        """The round's HcP pose priors (N, 1, h, w): detected on the samples (``learner.hcp.prior=samples``),
+        """The round's HcP pose priors (N, 1, h, w): detected on the samples (``data.hcp_priors.prior=samples``),
         or zeros that HG-DPO's real winners fill with theirs (``prior=real``); None without HcP."""
         import numpy as np
 
-        hc = self.cfg.learner.hcp
-        if not hc.enabled:
+        if not self.cfg.model.hcp.enabled:
             return None
-        if hc.prior == "samples":
+        if self.cfg.data.hcp_priors.prior == "samples":
             return self.pose_priors(images)
         n, h, w = images.shape[:3]
         return np.zeros((n, 1, h // 8, w // 8), np.float32)
@@ -237,8 +237,8 @@ class Run:
         from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window
 
         prompts, seeds = self.schedule.round(rnd)
-        # DDPO: the round's SDE window (learner.ddpo_window; all steps without one), shared by its samples,
-        # and with learner.ddpo_branch each prompt group's shared x_T
+        # DDPO: the round's SDE window (learner.ddpo.window; all steps without one), shared by its samples,
+        # and with learner.ddpo.branch each prompt group's shared x_T
         record = ddpo_window(self.cfg, rnd) if self.record else False
         return self.fleet.submit(prompts, seeds, self.settings, self.cfg.rollout.sample_batch_size_per_actor, record,
                                  ddpo_branch_seeds(self.cfg, prompts, seeds))
@@ -248,7 +248,7 @@ class Run:
         by every actor (rlfh/learner/weight_sync.py); nothing to send when colocated."""
         self.version = self.learner.policy_version()
         buckets = None if self.colocate else self.learner.weight_buckets(int(self.cfg.resources.sync_bucket_mb * 2**20))
-        self.fleet.sync(buckets, self.version, self.cfg.learner.lora.enabled)
+        self.fleet.sync(buckets, self.version, self.cfg.model.lora.enabled)
 
     def checkpoint(self, rounds_done: int) -> None:
         from rlfh.run.checkpoints import checkpoint_dir, mark_latest
@@ -276,7 +276,7 @@ class Run:
 
 
 class InpaintedRegions:
-    """FaceScore's region pairs online (``learner.region_pairs``, rlfh/data/region_pairs.py): a seeded
+    """FaceScore's region pairs online (``data.region_pairs``, rlfh/data/region_pairs.py): a seeded
     ``fraction`` of the round's samples with the region detected get it inpainted by the current
     policy (``RolloutFleet.refine``, one call per strength), are scored by the same scorer and logged
     (``region_pair`` marks them), and each (sample, inpainted) pair the reward orders joins the round's
@@ -285,7 +285,7 @@ class InpaintedRegions:
     def __init__(self, cfg: Config, fleet, scorer, log, settings):
         import dataclasses
 
-        rp = cfg.learner.region_pairs
+        rp = cfg.data.region_pairs
         self.cfg, self.fleet, self.scorer, self.log = cfg, fleet, scorer, log
         self.settings = dataclasses.replace(settings, num_inference_steps=rp.num_inference_steps or settings.num_inference_steps)
 
@@ -297,7 +297,7 @@ class InpaintedRegions:
         from rollouts.log import make_records
         from rollouts.types import RolloutBatch
 
-        cfg, rp, rc = self.cfg, self.cfg.learner.region_pairs, self.cfg.rollout
+        cfg, rp, rc = self.cfg, self.cfg.data.region_pairs, self.cfg.rollout
         rng = np.random.default_rng([cfg.seed, rnd, 0x5250])  # 0x5250 "RP": a stream of its own
         choose = rng.random(len(batch)) < rp.fraction
         seeds = rng.integers(0, 2**31 - 1, len(batch))

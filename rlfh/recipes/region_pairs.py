@@ -1,6 +1,6 @@
 """FaceScore's dataset construction over a folder of images: a rollout log of region pairs.
 
-    rlfh make-region-pairs configs/tiny.yaml IMAGE_DIR learner.regions=[global,face] learner.region_pairs.region=face
+    rlfh make-region-pairs configs/tiny.yaml IMAGE_DIR learner.regions.names=[global,face] data.region_pairs.region=face
     rlfh rollouts inspect RUN_DIR/rollouts
     rlfh offline-dpo CONFIG rollouts=RUN_DIR/rollouts ...
 
@@ -8,8 +8,8 @@ Setup, loop and cleanup, in this process (no Ray):
   1. the images of IMAGE_DIR (``metadata.jsonl`` + images, rlfh/data/real_images.py) are resized to
      ``rollout.height`` x ``rollout.width`` and encoded with the model's VAE (posterior mean);
   2. the decoded originals are scored by the config's rewards, which find the regions;
-  3. each image with ``learner.region_pairs.region`` gets it inpainted: by the policy (the
-     config's model, ``Sampler.refine``) or, with ``learner.region_pairs.pipeline``, by a diffusers
+  3. each image with ``data.region_pairs.region`` gets it inpainted: by the policy (the
+     config's model, ``Sampler.refine``) or, with ``data.region_pairs.pipeline``, by a diffusers
      inpainting pipeline fed the same latents and mask; strength and mask by rlfh/data/region_pairs.py;
   4. the inpainted images are scored the same way, and originals (role ``original``) and inpainted
      images (role ``inpainted``) go to RUN_DIR/rollouts, which ``rlfh offline-dpo`` turns into pairs.
@@ -46,15 +46,15 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 
-    rp, rc = cfg.learner.region_pairs, cfg.rollout
+    rp, rc = cfg.data.region_pairs, cfg.rollout
     if rp.region is None:
-        raise ValueError("make-region-pairs needs learner.region_pairs.region (face or hand): the region to inpaint")
+        raise ValueError("make-region-pairs needs data.region_pairs.region (face or hand): the region to inpaint")
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if rp.lora and rp.pipeline:
-        raise ValueError("learner.region_pairs.lora and learner.region_pairs.pipeline: give one (the LoRA is the "
+        raise ValueError("data.region_pairs.lora and data.region_pairs.pipeline: give one (the LoRA is the "
                          "policy's, on model.path; the pipeline inpaints instead of the policy)")
     lora = resolve_lora(rp.lora) if rp.lora else None  # before the (slow) model load
     pipe = load_pipeline(cfg.model, device)
@@ -84,7 +84,7 @@ def no_region_reason(cfg: Config, image_dir: str, counts: dict[str, float], rewa
     it, the smallest region it finds at this size (``smallest_region_px``)."""
     from rollouts.log import RolloutLog
 
-    region, (h, w) = cfg.learner.region_pairs.region, (cfg.rollout.height, cfg.rollout.width)
+    region, (h, w) = cfg.data.region_pairs.region, (cfg.rollout.height, cfg.rollout.width)
     of_region = [r for r in rewards.rewards if r.region == region]
     why = (f"no image of {image_dir} had a {region}: 0 of {int(counts['images'])} images at {h}x{w} had one "
            f"detected by the config's rewards of region {region!r} ")
@@ -109,7 +109,7 @@ def _pair_all(cfg: Config, image_dir: str, source, sampler, inpainter, settings,
     from rlfh.data.region_pairs import plan_inpainting
     from rollouts.types import RolloutBatch
 
-    rp, rc = cfg.learner.region_pairs, cfg.rollout
+    rp, rc = cfg.data.region_pairs, cfg.rollout
     rnd = 1 + max((s["rounds"][1] for s in log.manifest()["shards"]), default=-1)  # a later call appends
     counts = {"images": 0.0, "with_region": 0.0, "inpainted_won": 0.0, "ties_or_unscored": 0.0}
     bs = rc.sample_batch_size_per_actor
@@ -142,7 +142,7 @@ def _log_pairs(cfg: Config, orig, scored, plan, sampler, inpainter, settings, re
     from rollouts.log import make_records
     from rollouts.types import RolloutBatch
 
-    rp, latents, prompts = cfg.learner.region_pairs, orig.latents, orig.prompts
+    rp, latents, prompts = cfg.data.region_pairs, orig.latents, orig.prompts
     parts, order = [], []
     for strength, ks in strength_groups(plan.strengths).items():
         js = [plan.indices[k] for k in ks]
@@ -181,7 +181,7 @@ class DiffusersInpainter:
         self.pipe = AutoPipelineForInpainting.from_pretrained(path, dtype=torch.float32).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         if self.pipe.unet.config.in_channels != 4:
-            raise ValueError(f"learner.region_pairs.pipeline={path}: a {self.pipe.unet.config.in_channels}-channel "
+            raise ValueError(f"data.region_pairs.pipeline={path}: a {self.pipe.unet.config.in_channels}-channel "
                              f"inpainting UNet conditions on a VAE-encoded masked image; give a 4-channel "
                              f"(text-to-image) pipeline, which keeps the latents outside the mask")
 

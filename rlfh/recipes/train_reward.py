@@ -91,7 +91,7 @@ def region_pairs(cfg: Config) -> tuple[list[RegionPair], dict[str, float]]:
     except RolloutLogError as e:
         raise RolloutLogError(f"reward_training.pairs: {e}") from None
     scores, _, _, groups, stats = logged_scores(records, cfg.rewards, cfg.rewards_normalization, rt.pairs, rt.score)
-    # a logged region pair (rlfh make-region-pairs, learner.region_pairs) is its own group: an image and
+    # a logged region pair (rlfh make-region-pairs, data.region_pairs) is its own group: an image and
     # its inpainted copy, never another photo that happens to share the caption
     groups = [group if not r.get("region_pair") else ("region_pair", r["region_pair"]["source_id"] or r["rollout_id"])
               for group, r in zip(groups, records)]

@@ -148,6 +148,6 @@ def load_lora_into(pipe, lora: Path) -> None:
     file = lora if lora.is_file() else lora / LORA_FILE
     if stored_lora_alpha(file) is None:
         warnings.warn(f"{file} stores no LoRA alpha (written before rlfh kept it): it loads at alpha = rank; "
-                      f"if it was trained with another learner.lora.alpha, its strength is off by alpha / rank",
+                      f"if it was trained with another model.lora.alpha, its strength is off by alpha / rank",
                       stacklevel=2)
     pipe.load_lora_weights(str(file.parent), weight_name=file.name)

@@ -94,7 +94,7 @@ def config_summary(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """The fields a reader judges a run by, from ``config.yaml``; an outdated schema still summarises."""
     import yaml
 
-    from rlfh.config.schema import ConfigError, config_from_dict, to_dict
+    from rlfh.config.schema import MOVED_KEYS, ConfigError, config_from_dict, to_dict
 
     path = run_dir / "config.yaml"
     try:
@@ -110,11 +110,19 @@ def config_summary(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
         notes.append(f"config.yaml does not validate with this rlfh version ({len(e.problems)} problem(s)); "
                      f"showing its raw values")
 
-    def get(dotted: str) -> Any:
+    def lookup(dotted: str) -> Any:
         node: Any = data
         for part in dotted.split("."):
             node = node.get(part) if isinstance(node, dict) else None
         return node
+
+    def get(dotted: str) -> Any:
+        if lookup(dotted) is not None:
+            return lookup(dotted)
+        for old, new in MOVED_KEYS.items():  # a config.yaml from before the config was grouped by role
+            if dotted == new or dotted.startswith(new + "."):
+                return lookup(old + dotted[len(new):])
+        return None
 
     rewards = [{"name": e.get("name") or e.get("target"), "target": e.get("target"), "weight": e.get("weight", 1.0)}
                if isinstance(e, dict) else {"name": str(e), "target": str(e), "weight": 1.0}
@@ -123,11 +131,11 @@ def config_summary(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     return {
         "model": get("model.path"),
         "loss": get("learner.loss"),
-        "beta": get("learner.beta"),
-        "lora_rank": get("learner.lora.rank") if get("learner.lora.enabled") else None,
+        "beta": get("learner.dpo.beta"),
+        "lora_rank": get("model.lora.rank") if get("model.lora.enabled") else None,
         "rewards": rewards,
-        "regions": get("learner.regions"),
-        "fairness": get("learner.fairness.rule"),
+        "regions": get("learner.regions.names"),
+        "fairness": get("learner.regions.fairness.rule"),
         "num_rounds": get("num_rounds"),
         "samples_per_round": ppr * rpp if isinstance(ppr, int) and isinstance(rpp, int) else None,
         "num_rollout_actors": get("resources.num_rollout_actors"),

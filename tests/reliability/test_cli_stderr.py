@@ -132,7 +132,7 @@ def test_make_region_pairs_and_train_reward(detector_rewards, images, tiny_model
 
     run = tmp_path / "pairs"
     base = [f"model.path={tiny_model_dir}", "logging.wandb=false", "logging.progress=false",
-            "learner.regions=[global, face]", "learner.region_pairs.region=face"]
+            "learner.regions.names=[global, face]", "data.region_pairs.region=face"]
     r = rlfh("make-region-pairs", "configs/tiny.yaml", str(images), f"run_dir={run}", *base,
              f"rewards=[{FACE}, {detector_rewards}]")
     assert "4 of 4 images had the region" in r.stdout
@@ -151,8 +151,8 @@ def test_make_region_pairs_without_the_region_exits_with_the_reason(detector_rew
     MediaPipe's short-range detector finds at 64x64 (0.148 of 64 px), and no log claimed."""
     run = tmp_path / "none"
     r = rlfh("make-region-pairs", "configs/tiny.yaml", str(images), f"run_dir={run}", f"model.path={tiny_model_dir}",
-             "logging.wandb=false", "logging.progress=false", "learner.regions=[global, face]",
-             "learner.region_pairs.region=face", f"rewards=[{{target: jpeg_compressibility}}, {detector_rewards}]",
+             "logging.wandb=false", "logging.progress=false", "learner.regions.names=[global, face]",
+             "data.region_pairs.region=face", f"rewards=[{{target: jpeg_compressibility}}, {detector_rewards}]",
              code=2)
     assert "no image of" in r.stderr and "0 of 4 images at 64x64" in r.stderr
     assert "face_detection_confidence, whose detector finds a face of about 10 px or more" in r.stderr

@@ -20,20 +20,21 @@ BAD = [
     ("learner.lr=nan", "learner.lr='nan': must be a finite number"),
     ("learner.lr=.inf", "learner.lr=inf: must be a finite number"),
     ("learner.lr=-.inf", "learner.lr=-inf: must be a finite number"),
-    ("learner.beta=nan", "learner.beta='nan': must be a finite number"),
-    ("learner.beta=.nan", "learner.beta=nan: must be a finite number"),
-    ("learner.beta=inf", "learner.beta='inf': must be a finite number"),
+    ("learner.dpo.beta=nan", "learner.dpo.beta='nan': must be a finite number"),
+    ("learner.dpo.beta=.nan", "learner.dpo.beta=nan: must be a finite number"),
+    ("learner.dpo.beta=inf", "learner.dpo.beta='inf': must be a finite number"),
     ("learner.weight_decay=-0.1", "learner.weight_decay=-0.1: must be >= 0"),
     ("learner.adam_betas=[0.9, 1.0]", "learner.adam_betas=[0.9, 1.0]"),
     ("learner.adam_betas=[-0.1, 0.999]", "learner.adam_betas=[-0.1, 0.999]"),
     ("learner.adam_betas=[0.9]", "learner.adam_betas=[0.9]"),
     ("learner.adam_betas=[0.9, .nan]", "learner.adam_betas[1]=nan: must be a finite number"),
     ("learner.max_grad_norm=-1", "learner.max_grad_norm=-1.0: must be >= 0"),
-    ("learner.region_scale=nan", "learner.region_scale='nan'"),
-    ("learner.fairness.alpha=.inf", "learner.fairness.alpha=inf"),
-    ("learner.fairness.weights={global: .nan}", "learner.fairness.weights.global=nan: must be a finite number"),
-    ("learner.lora.alpha=0", "learner.lora.alpha=0.0: must be > 0"),
-    ("learner.ema_decay=nan", "learner.ema_decay='nan'"),
+    ("learner.regions.scale=nan", "learner.regions.scale='nan'"),
+    ("learner.regions.fairness.alpha=.inf", "learner.regions.fairness.alpha=inf"),
+    ("learner.regions.fairness.weights={global: .nan}",
+     "learner.regions.fairness.weights.global=nan: must be a finite number"),
+    ("model.lora.alpha=0", "model.lora.alpha=0.0: must be > 0"),
+    ("learner.ema.decay=nan", "learner.ema.decay='nan'"),
     ("rollout.guidance_scale=nan", "rollout.guidance_scale='nan': must be a finite number"),
     ("rollout.eta=-0.5", "rollout.eta=-0.5: must be >= 0"),
     ("rollout.width=100000", "rollout.width=100000: must be at most 4096"),
@@ -140,13 +141,13 @@ def test_duplicate_yaml_keys_are_refused_with_key_and_lines(tmp_path, text, key,
 
 def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     path = tmp_path / "merge.yaml"
-    path.write_text("learner:\n  <<: {lr: 1.0e-4, beta: 10}\n  beta: 20\n")
+    path.write_text("learner:\n  <<: {lr: 1.0e-4, max_grad_norm: 10}\n  max_grad_norm: 20\n")
     cfg = load_config(path)
-    assert cfg.learner.lr == 1e-4 and cfg.learner.beta == 20
+    assert cfg.learner.lr == 1e-4 and cfg.learner.max_grad_norm == 20
 
 
 @pytest.mark.parametrize("override,expected", [
-    ("learner.beta=nan", "learner.beta='nan': must be a finite number"),
+    ("learner.dpo.beta=nan", "learner.dpo.beta='nan': must be a finite number"),
     ("rewards.0.target=x", "rewards[0].target='x': unknown reward"),
     ("logging.checkpoint_every=0", "logging.checkpoint_every=0: must be >= 1"),
 ])

@@ -11,6 +11,8 @@ from rewards.base import Reward, RewardError, RewardResult
 from rewards.composite import RewardSet, ScoredBatch, WeightedReward, combined_scores
 from rlfh.config.schema import load_config
 from rlfh.data.pairs import Pair, build_pairs, learner_batch, sample_weights
+from rlfh.losses.filtered import filter_weights
+from rlfh.losses.rwr import rwr_weights
 
 REPO = Path(__file__).resolve().parents[2]
 NAN, INF = math.nan, math.inf
@@ -40,7 +42,8 @@ def test_one_nan_in_960_rows_weights_the_other_959(loss):
     rng = np.random.default_rng(0)
     scores = [float(x) for x in rng.standard_normal(960)]
     scores[17] = NAN
-    w = sample_weights(scores, loss, 1.0, None, 0.5)
+    weigh = {"rwr": lambda r: rwr_weights(r, 1.0), "filtered": lambda r: filter_weights(r, None, 0.5)}[loss]
+    w = sample_weights(scores, weigh)
     assert np.isfinite(w).all() and w[17] == 0.0
     kept = np.count_nonzero(w)
     assert kept == (959 if loss == "rwr" else 480)  # rwr: every finite sample; filtered: the top half of 959

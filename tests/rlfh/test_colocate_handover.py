@@ -20,8 +20,8 @@ def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage, lora):
     from rlfh.learner.colocate import Handover
     from rlfh.config.schema import load_config
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.zero_stage={stage}",
-                                                       "learner.lr=1e-3", f"learner.lora.enabled={lora}"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.engine.zero_stage={stage}",
+                                                       "learner.lr=1e-3", f"model.lora.enabled={lora}"])
     plain, handed = LearnerEngine(cfg), LearnerEngine(cfg, keep_vae=True)
     handover = Handover(handed, offload_optimizer=True)  # the full-UNet path, on a LoRA learner
     for rnd in range(2):

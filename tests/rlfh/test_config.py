@@ -28,7 +28,8 @@ def test_every_shipped_config_loads(path):
 def test_flagship_config_trains_every_region_with_mpd():
     # the README's headline: per-region losses (global, face, hand) balanced by FairHuman's MPD rule
     lc = load_config(REPO / "configs" / "sdxl_faces_dpo.yaml").learner
-    assert lc.regions == ["global", "face", "hand"] and lc.fairness.rule == "mpd" and lc.max_grad_norm == 1.0
+    assert lc.regions.names == ["global", "face", "hand"] and lc.regions.fairness.rule == "mpd"
+    assert lc.max_grad_norm == 1.0
 
 
 def test_unknown_key_names_key_and_suggests_fix():
@@ -42,17 +43,17 @@ def test_unknown_top_level_key():
 
 
 def test_wrong_type_names_key_value_and_type():
-    (p,) = problems_of({"learner": {"beta": "lots"}})
-    assert p == "learner.beta='lots': expected float, got str"
+    (p,) = problems_of({"learner": {"dpo": {"beta": "lots"}}})
+    assert p == "learner.dpo.beta='lots': expected float, got str"
 
 
 def test_literal_choices():
-    (p,) = problems_of({"learner": {"zero_stage": 4}})
-    assert "learner.zero_stage=4" in p and "[0, 1, 2, 3]" in p
+    (p,) = problems_of({"learner": {"engine": {"zero_stage": 4}}})
+    assert "learner.engine.zero_stage=4" in p and "[0, 1, 2, 3]" in p
 
 
 def test_all_problems_reported_together():
-    ps = problems_of({"learner": {"beta": "x", "nope": 1}, "seed": "abc"})
+    ps = problems_of({"learner": {"dpo": {"beta": "x"}, "nope": 1}, "seed": "abc"})
     assert len(ps) == 3
 
 
@@ -83,10 +84,11 @@ def test_height_multiple_of_8():
 
 
 def test_overrides_parse_and_coerce():
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["run_dir=/tmp/x", "learner.lr=1e-4", "learner.zero_stage=2",
-                                                       "rollout.prompts=[a, b]", "logging.wandb=false"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["run_dir=/tmp/x", "learner.lr=1e-4",
+                                                       "learner.engine.zero_stage=2", "rollout.prompts=[a, b]",
+                                                       "logging.wandb=false"])
     assert cfg.run_dir == "/tmp/x"
-    assert cfg.learner.lr == 1e-4 and cfg.learner.zero_stage == 2
+    assert cfg.learner.lr == 1e-4 and cfg.learner.engine.zero_stage == 2
     assert cfg.rollout.prompts == ["a", "b"] and cfg.logging.wandb is False
 
 
@@ -120,10 +122,10 @@ def test_malformed_yaml(tmp_path):
 
 
 def test_cli_reports_config_error_with_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "config", str(REPO / "configs" / "tiny.yaml"), "learner.betaa=1"],
+    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "config", str(REPO / "configs" / "tiny.yaml"), "learner.dpo.betaa=1"],
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert "learner.betaa: unknown key; did you mean learner.beta?" in r.stderr
+    assert "learner.dpo.betaa: unknown key; did you mean learner.dpo.beta?" in r.stderr
 
 
 def test_cli_prints_effective_config():
@@ -145,3 +147,78 @@ def test_learner_ranks_colocation_and_sync_bucket_rules_name_their_keys():
     # learner ranks divide the optimizer step: 3 ranks cannot split a batch of 2
     (p,) = problems_of({"resources": {"num_learner_ranks": 3}})
     assert "learner ranks (3)" in p
+
+
+# ---------------------------------------------------------------------------- the config grouped by role
+@pytest.mark.parametrize("override,problem", [
+    ("learner.beta=10", "learner.beta: moved to learner.dpo.beta"),
+    ("learner.ddpo_window=2", "learner.ddpo_window: moved to learner.ddpo.window"),
+    ("learner.trust_region=dppo", "learner.trust_region: moved to learner.ddpo.trust_region"),
+    ("learner.cfg_distill=5", "learner.cfg_distill: moved to learner.guidance_free.scale"),
+    ("learner.zero_stage=2", "learner.zero_stage: moved to learner.engine.zero_stage"),
+    ("learner.lora.rank=4", "learner.lora: moved to model.lora"),
+    ("learner.hcp.sigma=0.1", "learner.hcp.sigma: moved to data.hcp_priors.sigma"),
+    ("learner.hcp.enabled=true", "learner.hcp: moved to model.hcp"),
+    ("learner.hgdpo.real_images=/x", "learner.hgdpo: moved to data.hgdpo"),
+    ("learner.regions=[global, face]", "learner.regions: moved to learner.regions.names"),
+    ("learner.reference=ema", "learner.reference: moved to learner.reference.model"),
+])
+def test_moved_key_names_the_new_key(override, problem):
+    """An old key on the command line is one problem naming where it went."""
+    with pytest.raises(ConfigError) as e:
+        load_config(REPO / "configs" / "tiny.yaml", [override])
+    assert e.value.problems == [problem]
+
+
+def test_moved_keys_in_a_yaml_file(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("learner:\n  beta: 10\n  lora: {rank: 4}\n  hcp: {enabled: true, prior: real}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert sorted(e.value.problems) == ["learner.beta: moved to learner.dpo.beta",
+                                        "learner.hcp.prior: moved to data.hcp_priors.prior",
+                                        "learner.hcp: moved to model.hcp", "learner.lora: moved to model.lora"]
+
+
+def test_every_moved_key_names_a_key_of_the_schema():
+    from rlfh.config.docs import walk
+    from rlfh.config.schema import MOVED_KEYS
+
+    keys = {r["key"] for _, rows in walk(Config) for r in rows}
+    sections = {s for s, _ in walk(Config)}
+    assert all(new in keys or new in sections for new in MOVED_KEYS.values()), [
+        new for new in MOVED_KEYS.values() if new not in keys and new not in sections]
+
+
+@pytest.mark.parametrize("data,expected", [
+    ({"learner": {"dpo": {"beta": 0}}}, "learner.dpo.beta=0.0: must be > 0"),
+    ({"learner": {"ddpo": {"timestep_fraction": 2}}}, "learner.ddpo.timestep_fraction=2.0: must be in (0, 1]"),
+    ({"learner": {"nft": {"adv_clip": -1}}}, "learner.nft.adv_clip=-1.0: must be finite and > 0"),
+    ({"learner": {"filtered": {"top_fraction": 0}}}, "learner.filtered.top_fraction=0.0: must be in (0, 1]"),
+    ({"learner": {"engine": {"offload_params": True}}},
+     "learner.engine.offload_params=true needs learner.engine.zero_stage=3"),
+    ({"learner": {"regions": {"names": ["global", "global"]}}}, "learner.regions.names=['global', 'global']"),
+    ({"model": {"lora": {"rank": 0}}}, "model.lora.rank=0: must be >= 1"),
+    ({"data": {"hcp_priors": {"min_visibility": 2}}}, "data.hcp_priors.min_visibility=2.0: must be in [0, 1]"),
+    ({"data": {"region_pairs": {"fraction": 0}}}, "data.region_pairs.fraction=0.0: must be in (0, 1]"),
+])
+def test_each_section_validates_itself_naming_the_full_key(data, expected):
+    (p,) = problems_of(data)
+    assert p.startswith(expected), p
+
+
+def test_a_section_checks_its_knobs_whatever_the_loss():
+    # learner.ddpo's own rules hold under loss=dpo too: the section validates itself, not the loss
+    ps = problems_of({"learner": {"loss": "dpo", "ddpo": {"branch": True}}})
+    assert any(p.startswith("learner.ddpo.branch=true") and "and learner.ddpo.window" in p for p in ps), ps
+
+
+def test_learner_has_fewer_than_20_direct_fields():
+    import dataclasses
+
+    from rlfh.config.schema import LearnerConfig
+    from rlfh.losses.registry import loss_sections
+
+    names = [f.name for f in dataclasses.fields(LearnerConfig)]
+    assert len(names) < 20, names
+    assert set(loss_sections()) <= set(names)  # each loss family's section, from the registry

@@ -1,6 +1,6 @@
 """DDPO end to end without Ray: the stochastic DDIM sampler records per-step log-probs, and the
 learner recomputes them at train time (equal before any update), then takes clipped-ratio steps;
-with an SDE window (learner.ddpo_window) only the window is stochastic, recorded and trained."""
+with an SDE window (learner.ddpo.window) only the window is stochastic, recorded and trained."""
 
 import numpy as np
 import pytest
@@ -91,25 +91,25 @@ def test_window_start_is_drawn_per_round_seeded_and_early_when_asked(tiny_model_
     base = [f"model.path={tiny_model_dir}", *DDPO, "rollout.num_inference_steps=10"]
     no_window = load_config(REPO / "configs" / "tiny.yaml", base)
     assert ddpo_window(no_window, 3) == SDEWindow(0, 10)
-    c = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo_window=2"])
+    c = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=2"])
     starts = [ddpo_window(c, r).start for r in range(60)]
     assert set(starts) == set(range(9))  # anywhere the window fits, 0..T-W
     assert starts == [ddpo_window(c, r).start for r in range(60)]  # reproducible (resume, re-issued shares)
-    early = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo_window=2", "learner.ddpo_window_max_start=3"])
+    early = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=2", "learner.ddpo.window_max_start=3"])
     assert {ddpo_window(early, r).start for r in range(60)} == {0, 1, 2, 3}
     assert all(ddpo_window(early, r).size == 2 for r in range(5))
     # the learner accumulates over the window's steps, not the trajectory's
     assert deepspeed_config(no_window)["gradient_accumulation_steps"] == 10
     assert deepspeed_config(c)["gradient_accumulation_steps"] == 2
-    half = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo_window=4", "learner.ddpo_timestep_fraction=0.5"])
+    half = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=4", "learner.ddpo.timestep_fraction=0.5"])
     assert deepspeed_config(half)["gradient_accumulation_steps"] == 2
 
 
 @pytest.mark.parametrize("bad, match", [
-    (["learner.ddpo_window=0"], "learner.ddpo_window=0"),
-    (["learner.ddpo_window=5"], "learner.ddpo_window=5"),
-    (["learner.ddpo_window_max_start=1"], "needs learner.ddpo_window"),
-    (["learner.ddpo_window=2", "learner.ddpo_window_max_start=3"], "ddpo_window_max_start=3"),
+    (["learner.ddpo.window=0"], "learner.ddpo.window=0"),
+    (["learner.ddpo.window=5"], "learner.ddpo.window=5"),
+    (["learner.ddpo.window_max_start=1"], "needs learner.ddpo.window"),
+    (["learner.ddpo.window=2", "learner.ddpo.window_max_start=3"], "learner.ddpo.window_max_start=3"),
 ])
 def test_window_config_rules(tiny_model_dir, bad, match):
     from rlfh.config.schema import ConfigError
@@ -122,10 +122,10 @@ def test_window_config_rules(tiny_model_dir, bad, match):
 def test_learner_recomputes_recorded_logprobs_then_learns(cfg, tiny_model_dir, window):
     if window is not None:
         cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *DDPO,
-                                                            f"learner.ddpo_window={window}"])
+                                                            f"learner.ddpo.window={window}"])
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
-    lc = cfg.learner.lora
+    lc = cfg.model.lora
     s.add_lora(lc.rank, lc.alpha, lc.target_modules)
     s.load_lora(lrn.lora_state_dict(), lrn.policy_version)  # the learner's (seeded) adapter, as after a sync
     st = settings_of(cfg)
@@ -157,7 +157,7 @@ def deterministic_reward(s, st):
 # the margin is half the smaller gain. The clip range is PPO's 0.2, not DDPO's 1e-4, so that the two
 # epochs of a round both move the policy and a dozen rounds suffice.
 DDPO_LEARNING_MARGIN = 0.075
-# With trajectory branching (learner.ddpo_branch) a round's 2 groups give only 2 distinct window inputs
+# With trajectory branching (learner.ddpo.branch) a round's 2 groups give only 2 distinct window inputs
 # x_j, and 2 groups of 4 for 12 rounds are a coin toss (gain -0.008, 0.006, 0.090, 0.001 over
 # seed = 0..3 with the prefix alone shared; the unbranched window: 0.201, -0.003, 0.049, 0.038), so the branched
 # test samples 4 groups of 4 for 8 rounds (4/3 of the trained steps of 12 rounds of 2 groups; 18 s
@@ -173,11 +173,11 @@ def ddpo_learning_gain(tiny_model_dir, window, branch: bool = False, groups: int
         f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
         "rollout.num_inference_steps=4", "rollout.guidance_scale=1.0", f"rollout.prompts_per_round={groups}",
         "rollout.rollouts_per_prompt=4", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4",
-        "learner.lr=1e-2", "learner.ddpo_clip_range=0.2", f"learner.ddpo_window={'null' if window is None else window}",
-        f"learner.ddpo_branch={str(branch).lower()}"])
+        "learner.lr=1e-2", "learner.ddpo.clip_range=0.2", f"learner.ddpo.window={'null' if window is None else window}",
+        f"learner.ddpo.branch={str(branch).lower()}"])
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
-    lc = cfg.learner.lora
+    lc = cfg.model.lora
     s.add_lora(lc.rank, lc.alpha, lc.target_modules)
     s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     st = settings_of(cfg)
@@ -206,7 +206,7 @@ def test_ddpo_branched_window_raises_reward(tiny_model_dir):
     assert ddpo_learning_gain(tiny_model_dir, 2, branch=True, groups=4, rounds=8) >= DDPO_BRANCH_LEARNING_MARGIN
 
 
-# learner.trust_region=dppo / guard learn too: the same 12 rounds as above (all 4 steps trained, guidance
+# learner.ddpo.trust_region=dppo / guard learn too: the same 12 rounds as above (all 4 steps trained, guidance
 # 1, lr 1e-2). guard runs at its defaults: DDPO's clip 1e-4, the scale of its normalized ratio (at PPO's
 # 0.2 nothing is ever clipped here: 0.0437 -> 0.3224 with clipfrac 0, an unclipped REINFORCE), and the
 # per-step weight 1 / |k_t|: 0.0437 -> 0.2000, clipped fraction 0.50 - 0.59 (without the weight: -> 0.0892).
@@ -218,7 +218,7 @@ def test_ddpo_branched_window_raises_reward(tiny_model_dir):
 # (0.0435, 0.0426; unmasked at lr 1e-3: 0.0440). So this test widens delta to 1e-3, where a round's
 # 4 optimizer steps stay mostly inside: 0.0437 -> 0.1151 (masked 0.13 - 0.23); no mask at all:
 # -> 0.0126, delta 1.1e-2: -> 0.0521. The margins are about half of each gain.
-TRUST_REGION = {"dppo": (["learner.trust_region_kl=1e-3"], 0.035), "guard": ([], 0.075)}
+TRUST_REGION = {"dppo": (["learner.ddpo.trust_region_kl=1e-3"], 0.035), "guard": ([], 0.075)}
 
 
 @pytest.mark.slow
@@ -229,10 +229,10 @@ def test_ddpo_trust_regions_raise_reward(tiny_model_dir, region):
         f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
         "rollout.num_inference_steps=4", "rollout.guidance_scale=1.0", "rollout.prompts_per_round=2",
         "rollout.rollouts_per_prompt=4", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4",
-        "learner.lr=1e-2", f"learner.trust_region={region}", *overrides])
+        "learner.lr=1e-2", f"learner.ddpo.trust_region={region}", *overrides])
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
-    lc = cfg.learner.lora
+    lc = cfg.model.lora
     s.add_lora(lc.rank, lc.alpha, lc.target_modules)
     s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     st = settings_of(cfg)

@@ -1,4 +1,4 @@
-"""DDPO trajectory branching (learner.ddpo_branch; TempFlow-GRPO, arXiv 2508.04324): a prompt group's
+"""DDPO trajectory branching (learner.ddpo.branch; TempFlow-GRPO, arXiv 2508.04324): a prompt group's
 samples share x_T and the deterministic DDIM prefix before the SDE window, sampled once per group,
 and branch at the window with their own noise."""
 
@@ -45,14 +45,14 @@ class UNetRows:
 
 def test_branch_seeds_are_each_groups_first_seed_and_need_a_window(tiny_model_dir):
     base = [f"model.path={tiny_model_dir}", *DDPO]
-    on = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo_window=2", "learner.ddpo_branch=true"])
+    on = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=2", "learner.ddpo.branch=true"])
     assert ddpo_branch_seeds(on, ["a", "b", "a", "b"], [5, 6, 7, 8]) == [5, 6, 5, 6]
-    assert ddpo_branch_seeds(load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo_window=2"]),
+    assert ddpo_branch_seeds(load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=2"]),
                              ["a", "b"], [5, 6]) is None
-    with pytest.raises(ConfigError, match="learner.ddpo_branch=true .* needs learner.loss=ddpo and learner.ddpo_window"):
-        load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo_branch=true"])
-    with pytest.raises(ConfigError, match="learner.ddpo_branch"):
-        load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.ddpo_branch=true"])
+    with pytest.raises(ConfigError, match="learner.ddpo.branch=true .* needs learner.loss=ddpo and learner.ddpo.window"):
+        load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.branch=true"])
+    with pytest.raises(ConfigError, match="learner.ddpo.branch"):
+        load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.ddpo.branch=true"])
 
 
 def test_group_shares_the_prefix_once_then_branches(sampler):
@@ -155,7 +155,7 @@ def test_fleet_branches_groups_cut_between_actors_and_reissues_the_same_images(r
     sampler = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     window, branch = SDEWindow(2, 1), [11, 11, 11, 21, 21]
     want = sampler.sample(PROMPTS, SEEDS, ST, record=window, branch_seeds=branch)
-    actors = [RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.learner.lora, scheduler="ddim") for _ in range(2)]
+    actors = [RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.model.lora, scheduler="ddim") for _ in range(2)]
     try:
         fleet = RolloutFleet(actors, 0)
         got = fleet.sample(PROMPTS, SEEDS, ST, 8, window, branch)
@@ -171,20 +171,20 @@ def test_fleet_branches_groups_cut_between_actors_and_reissues_the_same_images(r
 
 
 def test_learner_runs_a_groups_shared_x_j_once_with_the_same_update(tiny_model_dir, sampler):
-    """learner.ddpo_branch: the window's first step trains one UNet row per distinct (prompt, x_j) of a
+    """learner.ddpo.branch: the window's first step trains one UNet row per distinct (prompt, x_j) of a
     micro-batch; the update equals the one that runs every row (the gradient sums over the copies)."""
     from rlfh.data.pairs import learner_batch
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
 
-    base = [f"model.path={tiny_model_dir}", *DDPO, "rollout.guidance_scale=3.0", "learner.ddpo_window=2",
+    base = [f"model.path={tiny_model_dir}", *DDPO, "rollout.guidance_scale=3.0", "learner.ddpo.window=2",
             "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-3"]
     st = SamplerSettings(4, 3.0, "", 64, 64, 1.0, "ddim")
     prompts, seeds = ["p", "p", "q", "q"], [1, 2, 3, 4]
     b = sampler.sample(prompts, seeds, st, record=SDEWindow(1, 2), branch_seeds=[1, 1, 3, 3])
     updated, counts = [], []
     for branch in ("false", "true"):
-        cfg = load_config(REPO / "configs" / "tiny.yaml", [*base, f"learner.ddpo_branch={branch}"])
+        cfg = load_config(REPO / "configs" / "tiny.yaml", [*base, f"learner.ddpo.branch={branch}"])
         batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
                                  b.trajectory, st)
         lrn = LearnerEngine(cfg)

@@ -143,7 +143,7 @@ def test_combine_objectives_drops_a_region_without_gradient():
     objectives = {"global": out[:, 0].pow(2).mean() * 100, "face": out[:, 1].abs().mean(),
                   "hand": (out[:, 2] * 0).sum().detach()}
     loss, metrics = combine_objectives(objectives, "mpd", 3, list(model.parameters()))
-    assert metrics["mpd/weight/hand"] == 0 and metrics["mpd/coef/hand"] == 0
+    assert metrics["mpd/weight/hand"] == 0 and metrics["fairness/coef/hand"] == 0
     assert metrics["mpd/weight/global"] > 0 and metrics["mpd/weight/face"] > 0
     # the larger gradient gets the smaller weight (orthogonal closed form: w_i ~ ||g_i||^(-4/3))
     assert metrics["mpd/grad_norm/global"] > metrics["mpd/grad_norm/face"]
@@ -154,9 +154,9 @@ def test_combine_objectives_drops_a_region_without_gradient():
 def test_combine_objectives_fixed_rules_and_one_region():
     a, b = torch.tensor(2.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
     loss, m = combine_objectives({"global": a, "face": b}, "sum", 2, [a, b], weights={"face": 0.25})
-    assert float(loss) == 2.0 + 0.75 and m == {"mpd/coef/global": 1.0, "mpd/coef/face": 0.25}
+    assert float(loss) == 2.0 + 0.75 and m == {"fairness/coef/global": 1.0, "fairness/coef/face": 0.25}
     loss, m = combine_objectives({"global": a, "face": b}, "equal", 3, [a, b])
-    assert float(loss) == 2.5 and m["mpd/coef/face"] == 0.5
+    assert float(loss) == 2.5 and m["fairness/coef/face"] == 0.5
     loss, m = combine_objectives({"global": a}, "mpd", 1, [a])  # one configured region: the loss as is
     assert loss is a and m == {}
     assert combine_objectives({}, "mpd", 2, [a]) == (None, {})

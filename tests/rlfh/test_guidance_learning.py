@@ -14,8 +14,8 @@ from tests.conftest import REPO
 
 # Full-UNet training: on the tiny model a rank-8 attention LoRA moves the one-step x_0 prediction by a few
 # per cent in a test-sized budget, the whole UNet by tens of per cent. beta = 1 keeps DPO's share small.
-CFG = ["learner.guidance_coef=1.0", "learner.guidance_region=face", "learner.beta=1.0", "learner.lr=3e-4",
-       "learner.lora.enabled=false", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4"]
+CFG = ["learner.dpo.guidance.coef=1.0", "learner.dpo.guidance.region=face", "learner.dpo.beta=1.0", "learner.lr=3e-4",
+       "model.lora.enabled=false", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4"]
 PROMPTS = ["a photo of a person", "a portrait of a woman", "a man waving his hand", "two people talking"]
 
 
@@ -49,7 +49,7 @@ def x0_distance(lrn, pairs: PairBatch, seed: int) -> float:
 
 def trained_distance(tiny_model_dir, seed: int, coef: float) -> tuple[float, float, list[dict]]:
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"seed={seed}", *CFG,
-                                                        f"learner.guidance_coef={coef}"])
+                                                        f"learner.dpo.guidance.coef={coef}"])
     lrn = LearnerEngine(cfg)
     pairs = face_pairs(seed)
     before = x0_distance(lrn, pairs, seed)
@@ -71,10 +71,10 @@ def test_guidance_moves_the_losers_denoising_toward_the_winner_inside_the_mask(t
 
 def test_guidance_config_rules(tiny_model_dir):
     base = [f"model.path={tiny_model_dir}", *CFG]
-    with pytest.raises(ConfigError, match="learner.guidance_coef > 0 trains on .* needs a DPO loss"):
+    with pytest.raises(ConfigError, match="learner.dpo.guidance.coef > 0 trains on .* needs a DPO loss"):
         load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.loss=rwr"])
-    with pytest.raises(ConfigError, match=r"learner.guidance_coef=-1.0: must be finite and >= 0"):
-        load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.guidance_coef=-1"])
+    with pytest.raises(ConfigError, match=r"learner.dpo.guidance.coef=-1.0: must be finite and >= 0"):
+        load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.dpo.guidance.coef=-1"])
     cfg = load_config(REPO / "configs" / "tiny.yaml", base)
     from rlfh.data.pairs import mask_regions
 

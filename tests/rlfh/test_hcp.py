@@ -12,8 +12,8 @@ from rlfh.learner.steps import train
 from tests.conftest import REPO
 
 PROMPTS = ["a photo of a person", "a man waving his hand"]
-HCP = ["learner.hcp.enabled=true", "learner.hcp.scale_weights={2: 1.0}", "learner.hcp.timesteps=[0, 999]",
-       "learner.hcp.sigma=0.08"]
+HCP = ["model.hcp.enabled=true", "model.hcp.scale_weights={2: 1.0}", "model.hcp.timesteps=[0, 999]",
+       "data.hcp_priors.sigma=0.08"]
 # test landmarks (x, y, visibility) on a 64x64 image: a standing figure in the left half. Drawn by
 # hand as the loss's input; no detector claims to have found them.
 FIGURE = np.array([[[16, 8, 1], [16, 20, 1], [8, 24, 1], [24, 24, 1], [16, 36, 1], [12, 52, 1], [20, 52, 1]]], np.float32)
@@ -89,7 +89,7 @@ def test_m_h_is_softmax_of_q_against_phi_of_the_text(tiny_model_dir):
 
 
 def test_hcp_steps_only_inside_the_timestep_window(tiny_model_dir):
-    lrn = make(tiny_model_dir, *HCP[:2], "learner.hcp.timesteps=[500, 999]")
+    lrn = make(tiny_model_dir, *HCP[:2], "model.hcp.timesteps=[500, 999]")
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     enc, added = lrn.condition(PROMPTS, 64, 64)
     lrn.policy(x, torch.tensor([100, 200]), enc, added)
@@ -108,7 +108,7 @@ def test_training_with_hcp_lowers_the_alignment_loss(tiny_model_dir):
     for seed in (0, 1):
         after = {}
         for coef in (0.0, 10.0):
-            lrn = make(tiny_model_dir, *HCP, f"learner.hcp.coef={coef}", "learner.lr=1e-2", seed=seed)
+            lrn = make(tiny_model_dir, *HCP, f"model.hcp.coef={coef}", "learner.lr=1e-2", seed=seed)
             before = alignment(lrn)
             metrics = train(lrn, posed_pairs(seed=seed), epochs=10)
             after[coef] = alignment(lrn)
@@ -126,13 +126,13 @@ def test_hcp_weights_checkpoint_resume_and_the_sampler_loads_the_lora(tiny_model
     from families import load_pipeline
     from rollouts.sampler import Sampler
 
-    lrn = make(tiny_model_dir, *HCP, "learner.hcp.coef=10")
+    lrn = make(tiny_model_dir, *HCP, "model.hcp.coef=10")
     train(lrn, posed_pairs(), epochs=2)
     ckpt = lrn.save_checkpoint(tmp_path / "ckpt")
     saved = load_file(str(ckpt / HCP_FILE))
     assert saved and all(torch.equal(v, lrn.hcp.state_dict()[k]) for k, v in saved.items())
     # resume: a fresh engine gets the trained phi back from the engine state
-    again = make(tiny_model_dir, *HCP, "learner.hcp.coef=10")
+    again = make(tiny_model_dir, *HCP, "model.hcp.coef=10")
     assert not all(torch.equal(v, again.hcp.state_dict()[k]) for k, v in saved.items())
     again.load_checkpoint(ckpt)
     assert all(torch.equal(v, again.hcp.state_dict()[k]) for k, v in saved.items())
@@ -141,7 +141,7 @@ def test_hcp_weights_checkpoint_resume_and_the_sampler_loads_the_lora(tiny_model
         again.hcp.load_state_dict({k: v for k, v in list(saved.items())[1:]})
     # the rollout sampler (no HcP layer) loads the LoRA the learner syncs, and predicts what the learner does
     sampler = Sampler(load_pipeline(lrn.cfg.model, "cpu"))
-    sampler.add_lora(lrn.cfg.learner.lora.rank, lrn.cfg.learner.lora.alpha, lrn.cfg.learner.lora.target_modules)
+    sampler.add_lora(lrn.cfg.model.lora.rank, lrn.cfg.model.lora.alpha, lrn.cfg.model.lora.target_modules)
     sampler.load_lora(lrn.lora_state_dict(), 1)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     want = lrn.unet_output(x, 500, PROMPTS[1])
@@ -159,19 +159,19 @@ def test_hcp_config_rules(tiny_cfg):
     from rlfh.config.schema import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        tiny_cfg("learner.hcp.enabled=true", "learner.hcp.scale_weights={3: 1.0}", "learner.hcp.timesteps=[900, 100]",
-                 "learner.hcp.sigma=0", "learner.hcp.prior=real", "learner.lora.enabled=false")
+        tiny_cfg("model.hcp.enabled=true", "model.hcp.scale_weights={3: 1.0}", "model.hcp.timesteps=[900, 100]",
+                 "data.hcp_priors.sigma=0", "data.hcp_priors.prior=real", "model.lora.enabled=false")
     text = str(e.value)
-    for needle in ("learner.hcp.scale_weights: key 3", "learner.hcp.timesteps=[900, 100]", "learner.hcp.sigma=0",
-                   "learner.hcp.prior=real", "needs learner.lora.enabled"):
+    for needle in ("model.hcp.scale_weights: key 3", "model.hcp.timesteps=[900, 100]", "data.hcp_priors.sigma=0",
+                   "data.hcp_priors.prior=real", "needs model.lora.enabled"):
         assert needle in text
-    assert tiny_cfg("learner.hcp.enabled=true").learner.hcp.scale_weights == {"2": 0.5, "4": 1.0}
+    assert tiny_cfg("model.hcp.enabled=true").model.hcp.scale_weights == {"2": 0.5, "4": 1.0}
 
 
 def test_hcp_under_mpd_regions_and_gradient_checkpointing(tiny_model_dir):
     """Per-region gradients (MPD solves over them; phi has none there) and recomputed checkpointed blocks
     (which run the processor again in backward) leave the HcP term working."""
-    lrn = make(tiny_model_dir, *HCP, "learner.regions=[global, face]", "learner.gradient_checkpointing=true")
+    lrn = make(tiny_model_dir, *HCP, "learner.regions.names=[global, face]", "learner.engine.gradient_checkpointing=true")
     batch = posed_pairs()
     face = np.zeros((4, 1, 8, 8), np.float32)
     face[:, :, :4, :4] = 1.0

@@ -6,6 +6,7 @@ import pytest
 
 from rlfh.config.schema import LearnerConfig
 from rlfh.data.pairs import learner_batch
+from rlfh.losses.filtered import FilteredConfig
 from rlfh.data.pose_prior import HCP_PRIOR, PosePriors
 from tests.rlfh.test_hgdpo import vae, write_photos  # noqa: F401 (fixture)
 
@@ -20,7 +21,7 @@ def test_learner_batch_selects_the_priors_with_the_pairs_and_samples():
     # best vs worst per prompt: a -> (1, 0), b -> (5, 4)
     assert pairs.masks_w[HCP_PRIOR][:, 0, 0, 0].tolist() == [1.0, 5.0]
     assert pairs.masks_l[HCP_PRIOR][:, 0, 0, 0].tolist() == [0.0, 4.0]
-    kept, _ = learner_batch(LearnerConfig(loss="filtered", filter_threshold=0.5), lat, groups, groups, scores,
+    kept, _ = learner_batch(LearnerConfig(loss="filtered", filtered=FilteredConfig(threshold=0.5)), lat, groups, groups, scores,
                             [{}] * n, (64, 64), priors=priors)
     assert kept.masks[HCP_PRIOR][:, 0, 0, 0].tolist() == [1.0, 2.0, 5.0]
 
@@ -89,7 +90,7 @@ def test_offline_batch_takes_priors_from_the_logged_images(tiny_cfg, tmp_path, p
     scored = ScoredBatch(results={"jpeg_compressibility": [RewardResult(v) for v in (1.0, 0.0, 1.0, 0.0)]},
                          weights={"jpeg_compressibility": 1.0}, regions_of={"jpeg_compressibility": "global"})
     RolloutLog(tmp_path / "rollouts").append(make_records(batch, scored, round_index=0))
-    cfg = tiny_cfg("learner.hcp.enabled=true", f"rollouts={tmp_path / 'rollouts'}", "learner.train_batch_size=2")
+    cfg = tiny_cfg("model.hcp.enabled=true", f"rollouts={tmp_path / 'rollouts'}", "learner.train_batch_size=2")
     pairs, _ = batch_from_log(cfg)
     by_prompt = {p: i for i, p in enumerate(pairs.prompts)}
     w, l = pairs.masks_w[HCP_PRIOR], pairs.masks_l[HCP_PRIOR]
@@ -107,11 +108,11 @@ def test_online_round_priors_by_mode(tiny_cfg, tmp_path, pose_models):
     images = np.stack([np.asarray(Image.fromarray(data.astronaut()[:400, 50:450]).resize((256, 256))),
                        np.zeros((256, 256, 3), np.uint8)])
     assert Run(tiny_cfg(), tmp_path).hcp_priors(images) is None  # HcP off
-    run = Run(tiny_cfg("learner.hcp.enabled=true"), tmp_path)
+    run = Run(tiny_cfg("model.hcp.enabled=true"), tmp_path)
     run.pose_priors = PosePriors(0.03)
     got = run.hcp_priors(images)  # prior=samples: detected on the round's images
     run.pose_priors.close()
     assert got.shape == (2, 1, 32, 32) and got[0].max() > 0.2 and not got[1].any()
-    real = Run(tiny_cfg("learner.hcp.enabled=true", "learner.hcp.prior=real", f"learner.hgdpo.real_images={tmp_path}"),
+    real = Run(tiny_cfg("model.hcp.enabled=true", "data.hcp_priors.prior=real", f"data.hgdpo.real_images={tmp_path}"),
                tmp_path)
     assert not real.hcp_priors(images).any()  # prior=real: zeros until HG-DPO's real winners fill theirs

@@ -142,12 +142,12 @@ def test_curriculum_values_at_stage_edges():
 
 
 def test_curriculum_and_config_share_one_validation():
-    bad = ["learner.hgdpo.stages=[{until_round: 10, real_winner_fraction: 0.0}, {until_round: 5, real_winner_fraction: 1.5}]",
-           "learner.hgdpo.real_images=/photos"]
+    bad = ["data.hgdpo.stages=[{until_round: 10, real_winner_fraction: 0.0}, {until_round: 5, real_winner_fraction: 1.5}]",
+           "data.hgdpo.real_images=/photos"]
     with pytest.raises(ConfigError) as cfg_err:
         load_config(REPO / "configs" / "tiny.yaml", bad)
-    expected = [r"learner.hgdpo.stages\[1\].until_round=5: must be greater than the previous stage's 10",
-                r"learner.hgdpo.stages\[1\].real_winner_fraction=1.5: must be in \[0, 1\]"]
+    expected = [r"data.hgdpo.stages\[1\].until_round=5: must be greater than the previous stage's 10",
+                r"data.hgdpo.stages\[1\].real_winner_fraction=1.5: must be in \[0, 1\]"]
     for pattern in expected:
         assert re.search(pattern, str(cfg_err.value))
     with pytest.raises(ValueError, match="(?s)" + ".*".join(expected)):
@@ -263,9 +263,9 @@ def test_saved_datasets_dataset(tmp_path, vae):
 
 def test_curriculum_must_end_within_the_run():
     # the walkthrough once ended its hard stage at round 300 of a 200-round run: that stage never ran
-    stages = ("learner.hgdpo.stages=[{until_round: 100, real_winner_fraction: 0.0}, {until_round: 200, "
+    stages = ("data.hgdpo.stages=[{until_round: 100, real_winner_fraction: 0.0}, {until_round: 200, "
               "real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, {until_round: 300, real_winner_fraction: 1.0}]")
     with pytest.raises(ConfigError, match=r"stages\[2\].until_round=300 > num_rounds=200.*stages \[2\] would never run"):
-        load_config(REPO / "configs" / "tiny.yaml", [stages, "num_rounds=200", "learner.hgdpo.real_images=/photos"])
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [stages, "num_rounds=300", "learner.hgdpo.real_images=/photos"])
-    assert cfg.learner.hgdpo.stages[-1].until_round == 300
+        load_config(REPO / "configs" / "tiny.yaml", [stages, "num_rounds=200", "data.hgdpo.real_images=/photos"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [stages, "num_rounds=300", "data.hgdpo.real_images=/photos"])
+    assert cfg.data.hgdpo.stages[-1].until_round == 300

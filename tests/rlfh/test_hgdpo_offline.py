@@ -57,7 +57,7 @@ class RecordingSampler:
         return self._batch(np.asarray(latents, np.float32) + 100.0, prompts, seeds, settings)
 
 
-STAGES = ("learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, "
+STAGES = ("data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, "
           "{until_round: 2, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}, "
           "{until_round: 3, real_winner_fraction: 1.0}]")
 
@@ -73,7 +73,7 @@ def offline_cfg(tiny_model_dir, tmp_path):
     def make(*overrides):
         return load_config(REPO / "configs" / "offline_dpo.yaml",
                            [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", f"rollouts={rollouts}",
-                            f"learner.hgdpo.real_images={photos}", STAGES, *overrides])
+                            f"data.hgdpo.real_images={photos}", STAGES, *overrides])
 
     return make
 
@@ -82,7 +82,7 @@ def test_offline_mixing_follows_the_curriculum_with_the_logs_settings(offline_cf
     from rlfh.recipes.hgdpo import RealWinners
     from rlfh.recipes.offline import batch_from_log, logged_settings
 
-    cfg = offline_cfg("learner.hgdpo.sdrecon_strength=0.5")
+    cfg = offline_cfg("data.hgdpo.sdrecon_strength=0.5")
     pairs, _ = batch_from_log(cfg)
     settings = logged_settings(cfg)
     assert (settings.num_inference_steps, settings.guidance_scale, settings.negative_prompt, settings.height) == \
@@ -119,9 +119,9 @@ def test_offline_mixing_keeps_logged_losers_without_fresh_ones(offline_cfg, tmp_
     from rlfh.recipes.hgdpo import RealWinners, needs_policy_samples
     from rlfh.recipes.offline import batch_from_log, logged_settings
 
-    cfg = offline_cfg("learner.hgdpo.fresh_losers=false",
-                      "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
-    assert not needs_policy_samples(cfg.learner.hgdpo)
+    cfg = offline_cfg("data.hgdpo.fresh_losers=false",
+                      "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
+    assert not needs_policy_samples(cfg.data.hgdpo)
     pairs, _ = batch_from_log(cfg)
     mixed, stats = RealWinners(cfg, tmp_path, None, logged_settings(cfg)).mix(pairs, 0)
     assert stats["hgdpo/real_pairs"] == len(pairs)
@@ -129,18 +129,18 @@ def test_offline_mixing_keeps_logged_losers_without_fresh_ones(offline_cfg, tmp_
     with pytest.raises(ValueError, match="no sampler"):
         RealWinners(offline_cfg(), tmp_path, None, logged_settings(cfg))
     with pytest.raises(ValueError, match=r"sdrecon_strength=0.1 of rollout.num_inference_steps=4 runs no denoising"):
-        RealWinners(offline_cfg("learner.hgdpo.sdrecon_strength=0.1"), tmp_path, RecordingSampler(), logged_settings(cfg))
+        RealWinners(offline_cfg("data.hgdpo.sdrecon_strength=0.1"), tmp_path, RecordingSampler(), logged_settings(cfg))
 
 
 def test_offline_hcp_real_priors_reach_the_real_winners(offline_cfg, tmp_path):
-    """learner.hcp.prior=real offline: the logged samples carry zero priors (as online) that the real
+    """data.hcp_priors.prior=real offline: the logged samples carry zero priors (as online) that the real
     winners fill with their own, so the HcP loss sees them (without the key they were dropped)."""
     from rlfh.data.pose_prior import HCP_PRIOR
     from rlfh.recipes.hgdpo import RealWinners
     from rlfh.recipes.offline import batch_from_log, logged_settings
 
-    cfg = offline_cfg("learner.hcp.enabled=true", "learner.hcp.prior=real", "learner.hgdpo.fresh_losers=false",
-                      "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
+    cfg = offline_cfg("model.hcp.enabled=true", "data.hcp_priors.prior=real", "data.hgdpo.fresh_losers=false",
+                      "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
     pairs, _ = batch_from_log(cfg)
     assert HCP_PRIOR in pairs.masks_w and not pairs.masks_w[HCP_PRIOR].any()
     hg = RealWinners(cfg, tmp_path, None, logged_settings(cfg))
@@ -162,8 +162,8 @@ def test_offline_dpo_hgdpo_curriculum(tiny_model_dir, tmp_path):
     t0 = time.time()
     rlfh("offline-dpo", "configs/offline_dpo.yaml", f"rollouts={rollouts}", f"run_dir={run_dir}",
          f"model.path={tiny_model_dir}", "num_rounds=3", "logging.progress=false",
-         f"learner.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "learner.hgdpo.sdrecon_strength=0.5",
-         "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, "
+         f"data.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "data.hgdpo.sdrecon_strength=0.5",
+         "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, "
          "{until_round: 2, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, {until_round: 3, real_winner_fraction: 1.0}]")
     print(f"offline-dpo with HG-DPO, 3 rounds: {time.time() - t0:.1f}s")
     rows = read_metrics(run_dir)
@@ -186,8 +186,8 @@ def test_offline_hgdpo_on_two_learner_ranks(ray_local, tiny_model_dir, tmp_path)
     from tests.conftest import REPO
 
     over = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", f"rollouts={write_log(tmp_path / 'rollouts')}",
-            f"learner.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "num_rounds=2", "logging.progress=false",
-            "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}, "
+            f"data.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "num_rounds=2", "logging.progress=false",
+            "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}, "
             "{until_round: 2, real_winner_fraction: 1.0}]",
             "learner.micro_batch_size_per_gpu=1", "resources.num_learner_ranks=2", "resources.num_cpus_per_actor=0.5"]
     rows = read_metrics(train_offline(load_config(REPO / "configs" / "offline_dpo.yaml", over)))
@@ -195,5 +195,5 @@ def test_offline_hgdpo_on_two_learner_ranks(ray_local, tiny_model_dir, tmp_path)
     assert [(r["hgdpo/sdrecon_pairs"], r["hgdpo/real_pairs"]) for r in rows] == [(n // 2, n // 2), (0, n)]
     assert 0 < rows[0]["hgdpo/sdrecon_real_rms"] < rows[0]["hgdpo/loser_real_rms"]
     assert all(np.isfinite(r["loss/dpo"]) for r in rows)
-    with pytest.raises(ValueError, match="learner.zero_stage=3 partitions"):
-        train_offline(load_config(REPO / "configs" / "offline_dpo.yaml", [*over, "learner.zero_stage=3"]))
+    with pytest.raises(ValueError, match="learner.engine.zero_stage=3 partitions"):
+        train_offline(load_config(REPO / "configs" / "offline_dpo.yaml", [*over, "learner.engine.zero_stage=3"]))

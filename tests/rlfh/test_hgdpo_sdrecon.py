@@ -30,24 +30,24 @@ def test_curriculum_with_a_normal_stage():
 
 
 def test_normal_stage_validation_in_config_and_curriculum():
-    bad = ["learner.hgdpo.real_images=/photos",
-           "learner.hgdpo.stages=[{until_round: 5, real_winner_fraction: 0.6, sdrecon_winner_fraction: 0.6}, "
+    bad = ["data.hgdpo.real_images=/photos",
+           "data.hgdpo.stages=[{until_round: 5, real_winner_fraction: 0.6, sdrecon_winner_fraction: 0.6}, "
            "{until_round: 9, real_winner_fraction: 0.0, sdrecon_winner_fraction: -0.1}]",
-           "learner.hgdpo.sdrecon_strength=0.05"]
+           "data.hgdpo.sdrecon_strength=0.05"]
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs" / "tiny.yaml", bad)
-    for pattern in [r"learner.hgdpo.stages\[0\]: real_winner_fraction \+ sdrecon_winner_fraction = 0.6 \+ 0.6 > 1",
-                    r"learner.hgdpo.stages\[1\].sdrecon_winner_fraction=-0.1: must be in \[0, 1\]",
-                    r"learner.hgdpo.sdrecon_strength=0.05 of rollout.num_inference_steps=10 runs no denoising step"]:
+    for pattern in [r"data.hgdpo.stages\[0\]: real_winner_fraction \+ sdrecon_winner_fraction = 0.6 \+ 0.6 > 1",
+                    r"data.hgdpo.stages\[1\].sdrecon_winner_fraction=-0.1: must be in \[0, 1\]",
+                    r"data.hgdpo.sdrecon_strength=0.05 of rollout.num_inference_steps=10 runs no denoising step"]:
         assert re.search(pattern, str(err.value)), str(err.value)
-    with pytest.raises(ConfigError, match=r"learner.hgdpo.sdrecon_strength=1.5: must be in \(0, 1\]"):
-        load_config(REPO / "configs" / "tiny.yaml", [*bad[:1], "learner.hgdpo.sdrecon_strength=1.5",
-                                                     "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0, "
+    with pytest.raises(ConfigError, match=r"data.hgdpo.sdrecon_strength=1.5: must be in \(0, 1\]"):
+        load_config(REPO / "configs" / "tiny.yaml", [*bad[:1], "data.hgdpo.sdrecon_strength=1.5",
+                                                     "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0, "
                                                      "sdrecon_winner_fraction: 1}]"])
     with pytest.raises(ValueError, match=r"0.6 \+ 0.6 > 1"):
         Curriculum([HGDPOStage(5, 0.6, 0.6)])
     # the strength only matters when a stage asks for SDRecon winners
-    load_config(REPO / "configs" / "tiny.yaml", ["learner.hgdpo.real_images=/photos", "learner.hgdpo.sdrecon_strength=0"])
+    load_config(REPO / "configs" / "tiny.yaml", ["data.hgdpo.real_images=/photos", "data.hgdpo.sdrecon_strength=0"])
 
 
 def test_mixing_places_sdrecon_winners_with_their_captions(tmp_path, vae):  # noqa: F811
@@ -103,8 +103,8 @@ def normal_stage(tiny_model_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("sdrecon")
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"model.path={tiny_model_dir}", f"learner.hgdpo.real_images={write_photos(root / 'photos')}",
-        "learner.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}]",
+        f"model.path={tiny_model_dir}", f"data.hgdpo.real_images={write_photos(root / 'photos')}",
+        "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}]",
         "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4"])
     rc = cfg.rollout
     settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width)

@@ -47,7 +47,7 @@ def test_reference_is_the_unet_with_adapters_disabled(learner):
     train(learner, pairs(2, seed=3), epochs=1)  # one step: the adapter now moves the policy off the base
     assert learner.global_step >= 1
     with torch.no_grad():
-        ref = learner.reference(x, t, enc, added)
+        ref = learner.reference.model(x, t, enc, added)
         unet.disable_adapters()
         base = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
         unet.enable_adapters()
@@ -111,7 +111,7 @@ def test_zero_stages_train(tiny_model_dir, stage):
     from rlfh.config.schema import load_config
     from tests.conftest import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.zero_stage={stage}"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.engine.zero_stage={stage}"])
     lrn = LearnerEngine(cfg)
     before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
     m = train(lrn, pairs(4), epochs=1)

@@ -123,7 +123,7 @@ def test_skipping_the_one_rank_allreduce_changes_nothing(tiny_model_dir):
 def test_fused_and_foreach_adamw_match_the_per_tensor_loop(tiny_model_dir, impl):
     from torch.optim import AdamW
 
-    fast, loop = make(tiny_model_dir, f"learner.optimizer_impl={impl}"), make(tiny_model_dir, "learner.optimizer_impl=for_loop")
+    fast, loop = make(tiny_model_dir, f"learner.engine.optimizer_impl={impl}"), make(tiny_model_dir, "learner.engine.optimizer_impl=for_loop")
     inner = lambda lrn: getattr(lrn.optimizer, "optimizer", lrn.optimizer)  # noqa: E731
     assert isinstance(inner(fast), AdamW) and inner(fast).defaults[impl] and not inner(loop).defaults["foreach"]
     start = weights(loop)
@@ -138,9 +138,9 @@ def test_fused_and_foreach_adamw_match_the_per_tensor_loop(tiny_model_dir, impl)
 
 @pytest.mark.slow
 def test_compiled_unet_trains_like_eager(tiny_model_dir):
-    # learner.compile: the same step through inductor's kernels; float rounding differs (fusions), the
+    # learner.engine.compile: the same step through inductor's kernels; float rounding differs (fusions), the
     # numbers must not. About a minute of compiling on one CPU core.
-    eager, comp = make(tiny_model_dir), make(tiny_model_dir, "learner.compile=true")
+    eager, comp = make(tiny_model_dir), make(tiny_model_dir, "learner.engine.compile=true")
     m_e, m_c = train(eager, pairs(2), epochs=2), train(comp, pairs(2), epochs=2)
     assert m_c["loss/dpo"] == pytest.approx(m_e["loss/dpo"], rel=1e-4)
     for a, b in zip(weights(comp), weights(eager)):

@@ -24,7 +24,7 @@ def pairs(n=2, seed=0):
 def test_full_unet_trains_and_exports_in_diffusers_format(tiny_model_dir, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    lrn = make(tiny_model_dir, "learner.lora.enabled=false", "learner.lr=1e-4")
+    lrn = make(tiny_model_dir, "model.lora.enabled=false", "learner.lr=1e-4")
     assert lrn.ref_unet is not None and lrn.num_trainable > 1_000_000  # every UNet weight trains
     before = lrn.unet.conv_in.weight.detach().clone()
     train(lrn, pairs(), epochs=1)
@@ -37,7 +37,7 @@ def test_full_unet_trains_and_exports_in_diffusers_format(tiny_model_dir, tmp_pa
 
 
 def test_ema_tracks_and_round_trips(tiny_model_dir, tmp_path):
-    lrn = make(tiny_model_dir, "learner.ema_decay=0.5")
+    lrn = make(tiny_model_dir, "learner.ema.decay=0.5")
     params = [p for p in lrn.unet.parameters() if p.requires_grad]
     train(lrn, pairs(), epochs=2)  # 2 optimizer steps
     assert lrn.ema.optimization_step == 2
@@ -53,17 +53,17 @@ def test_ema_tracks_and_round_trips(tiny_model_dir, tmp_path):
 def test_offload_config(tiny_model_dir):
     from rlfh.config.schema import ConfigError, load_config
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["learner.zero_stage=2", "learner.offload_optimizer=true"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["learner.engine.zero_stage=2", "learner.engine.offload_optimizer=true"])
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg.learner.lr
-    with pytest.raises(ConfigError, match="offload_optimizer=true needs learner.zero_stage >= 1"):
-        load_config(REPO / "configs" / "tiny.yaml", ["learner.offload_optimizer=true"])
+    with pytest.raises(ConfigError, match="offload_optimizer=true needs learner.engine.zero_stage >= 1"):
+        load_config(REPO / "configs" / "tiny.yaml", ["learner.engine.offload_optimizer=true"])
 
 
 def test_zero_offload_trains(tiny_model_dir):
     """ZeRO-2 with the optimizer offloaded to CPU (DeepSpeedCPUAdam; its C++ op builds on first use)."""
-    lrn = make(tiny_model_dir, "learner.zero_stage=2", "learner.offload_optimizer=true")
+    lrn = make(tiny_model_dir, "learner.engine.zero_stage=2", "learner.engine.offload_optimizer=true")
     assert "CPUAdam" in type(lrn.engine.basic_optimizer).__name__
     before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
     m = train(lrn, pairs(), epochs=1)

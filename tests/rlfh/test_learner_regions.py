@@ -21,8 +21,8 @@ def make(tiny_model_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def mpd_learner(tiny_model_dir):
-    return make(tiny_model_dir, "learner.regions=[global, face, hand]", "learner.train_batch_size=2",
-                "learner.micro_batch_size_per_gpu=1", "learner.fairness.rule=mpd")
+    return make(tiny_model_dir, "learner.regions.names=[global, face, hand]", "learner.train_batch_size=2",
+                "learner.micro_batch_size_per_gpu=1", "learner.regions.fairness.rule=mpd")
 
 
 def test_engine_gradient_is_the_mpd_combination(mpd_learner):
@@ -37,7 +37,7 @@ def test_engine_gradient_is_the_mpd_combination(mpd_learner):
     lrn.engine.zero_grad()
     metrics = update(lrn, dict(objectives), {}, pred=None)  # first micro-step: no optimizer step yet
     c = expected_w.coefficients
-    assert metrics["mpd/coef/global"] == pytest.approx(float(c[0])) and "mpd/coef/hand" not in metrics
+    assert metrics["fairness/coef/global"] == pytest.approx(float(c[0])) and "fairness/coef/hand" not in metrics
     gas = lrn.cfg.gradient_accumulation_steps  # DeepSpeed scales each micro-batch's loss by 1/GAS
     for i, p in enumerate(params[:20]):
         want = (float(c[0]) * grads[0][i] + float(c[1]) * grads[1][i]) / gas
@@ -93,7 +93,7 @@ def test_weighted_losses_train(tiny_model_dir, loss):
 
 
 def test_mpd_under_zero2(tiny_model_dir):
-    lrn = make(tiny_model_dir, "learner.regions=[global, face]", "learner.zero_stage=2", "learner.train_batch_size=2",
+    lrn = make(tiny_model_dir, "learner.regions.names=[global, face]", "learner.engine.zero_stage=2", "learner.train_batch_size=2",
                "learner.micro_batch_size_per_gpu=2")
     rng = np.random.default_rng(2)
     lat = rng.standard_normal((2, 2, 4, 8, 8)).astype(np.float32)

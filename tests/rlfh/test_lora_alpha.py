@@ -20,8 +20,8 @@ def trained(tiny_model_dir, tmp_path_factory):
     """A learner whose LoRA is far from zero (seeded B) and its checkpoint."""
     from rlfh.config.schema import load_config
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.lora.rank={RANK}",
-                                                        f"learner.lora.alpha={ALPHA}"])
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"model.lora.rank={RANK}",
+                                                        f"model.lora.alpha={ALPHA}"])
     lrn = LearnerEngine(cfg)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -39,7 +39,7 @@ def images(pipe, cfg, lora_state=None):
 
     sampler = Sampler(pipe)
     if lora_state is not None:  # the rollout actor's path: the learner's weights, the config's alpha
-        sampler.add_lora(cfg.learner.lora.rank, cfg.learner.lora.alpha, cfg.learner.lora.target_modules)
+        sampler.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
         sampler.load_lora(lora_state, 1)
     settings = SamplerSettings(num_inference_steps=4, guidance_scale=1.0, negative_prompt="", height=64, width=64)
     return sampler.sample(PROMPTS, [1, 2], settings).latents

@@ -1,5 +1,5 @@
-"""DiffusionNFT and AWM in the learner (learner.loss=nft / awm), the KL term (learner.kl_coef) and the
-EMA reference (learner.reference=ema), on the tiny model without Ray. Formulas: rlfh/losses/nft.py,
+"""DiffusionNFT and AWM in the learner (learner.loss=nft / awm), the KL term (learner.reference.kl_coef) and the
+EMA reference (learner.reference.model=ema), on the tiny model without Ray. Formulas: rlfh/losses/nft.py,
 awm.py, kl.py; derivations: docs/online_rl.md."""
 
 import numpy as np
@@ -65,7 +65,7 @@ def test_batch_signal_and_first_step_against_the_sampling_policy(tiny_model_dir,
 
 
 def test_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
-    cfg = config(tiny_model_dir, "learner.loss=dpo", "learner.kl_coef=10", "learner.train_batch_size=2",
+    cfg = config(tiny_model_dir, "learner.loss=dpo", "learner.reference.kl_coef=10", "learner.train_batch_size=2",
                  "learner.micro_batch_size_per_gpu=2")
     lat = np.random.default_rng(1).standard_normal((2, 4, 4, 8, 8)).astype(np.float32)
     lrn = LearnerEngine(cfg)
@@ -77,8 +77,8 @@ def test_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
 
 
 def test_ema_reference_is_refreshed_every_k_rounds(tiny_model_dir):
-    cfg = config(tiny_model_dir, "learner.loss=rwr", "learner.reference=ema", "learner.ema_decay=0.5",
-                 "learner.reference_refresh_rounds=2", "learner.kl_coef=1")
+    cfg = config(tiny_model_dir, "learner.loss=rwr", "learner.reference.model=ema", "learner.ema.decay=0.5",
+                 "learner.reference.refresh_rounds=2", "learner.reference.kl_coef=1")
     lat, prompts, scores = samples()
     lrn = LearnerEngine(cfg)
     batch, _ = learner_batch(cfg.learner, lat, prompts, prompts, scores, [{}] * 8, (64, 64))
@@ -96,13 +96,13 @@ def test_ema_reference_is_refreshed_every_k_rounds(tiny_model_dir):
 
 
 def test_config_rules(tiny_model_dir):
-    with pytest.raises(ConfigError, match="learner.reference=ema needs learner.ema_decay"):
-        config(tiny_model_dir, "learner.reference=ema")
+    with pytest.raises(ConfigError, match="learner.reference.model=ema needs learner.ema.decay"):
+        config(tiny_model_dir, "learner.reference.model=ema")
     with pytest.raises(ConfigError, match="max_staleness=0"):
         config(tiny_model_dir, "learner.loss=nft", "rollout.max_staleness=1")
-    config(tiny_model_dir, "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0", "learner.kl_coef=0.1")
-    with pytest.raises(ConfigError, match="nft_beta"):
-        config(tiny_model_dir, "learner.loss=nft", "learner.nft_beta=0")
+    config(tiny_model_dir, "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0", "learner.reference.kl_coef=0.1")
+    with pytest.raises(ConfigError, match="learner.nft.beta"):
+        config(tiny_model_dir, "learner.loss=nft", "learner.nft.beta=0")
 
 
 def fixed_seed_reward(s, st):
@@ -110,7 +110,7 @@ def fixed_seed_reward(s, st):
     return float(s.sample(["a", "b"] * 4, list(range(1000, 1008)), st).latents[:, 0].mean())
 
 
-# The tiny learning test: a few online rounds (sample CFG-free, score, train, sync) raise a reward of
+# The tiny learning test: a few online rounds (sample guidance-free, score, train, sync) raise a reward of
 # the final latents (the mean of channel 0) at fixed seeds, as tests/rlfh/test_ddpo.py does for DDPO.
 # Measured on CPU over 8 rounds: nft (lr 1e-2, 2 epochs a round, the defaults nft_beta 0.1, eps_mse)
 # 0.0431 -> 0.0674 (with nft_beta 1: -> 0.0524); awm (lr 2e-2, 4 epochs) 0.0431 -> 0.5033. The margins
@@ -127,7 +127,7 @@ def test_online_rounds_raise_reward(tiny_model_dir, loss):
     cfg = config(tiny_model_dir, f"learner.loss={loss}", "rollout.num_inference_steps=4", f"learner.lr={lr}")
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model))
-    lc = cfg.learner.lora
+    lc = cfg.model.lora
     s.add_lora(lc.rank, lc.alpha, lc.target_modules)
     s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     rc = cfg.rollout
@@ -147,7 +147,7 @@ def test_online_rounds_raise_reward(tiny_model_dir, loss):
 
 @pytest.mark.parametrize("region", ["dppo", "guard"])
 def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, region):
-    """learner.trust_region=dppo/guard in train_trajectories: the sampling policy's step means are
+    """learner.ddpo.trust_region=dppo/guard in train_trajectories: the sampling policy's step means are
     recomputed from the round's starting weights, so the first micro-step sees KL 0 and ratio 1; the
     masked / clipped fraction, the KL and the per-step log-ratio drift are in the metrics. At the default
     delta and clip range (1e-5, 1e-4) three epochs at lr 1e-2 leave the trust region: some terms are
@@ -159,10 +159,10 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
         "rollout.num_inference_steps=4", "rollout.guidance_scale=3.0", "learner.train_batch_size=4",
-        "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-2", f"learner.trust_region={region}"])
+        "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-2", f"learner.ddpo.trust_region={region}"])
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
-    lc = cfg.learner.lora
+    lc = cfg.model.lora
     s.add_lora(lc.rank, lc.alpha, lc.target_modules)
     s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     rc = cfg.rollout
@@ -186,7 +186,7 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
 
 
 def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
-    """learner.kl_coef with ddpo: kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)) of the DDIM-eta steps from
+    """learner.reference.kl_coef with ddpo: kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)) of the DDIM-eta steps from
     the guided predictions on each trained step's input; 0 while the LoRA is the base model's (B = 0), > 0
     once trained, and equal to the KL of the two Gaussians computed here: their means from diffusers' DDIM
     step (zero noise) with the policy's and the base UNet's guided eps, the shared sigma^2 from the schedule."""
@@ -196,7 +196,7 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
         f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
         "rollout.num_inference_steps=4", "rollout.guidance_scale=3.0", "learner.train_batch_size=4",
-        "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-2", "learner.kl_coef=10"])
+        "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-2", "learner.reference.kl_coef=10"])
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     rc = cfg.rollout
@@ -231,11 +231,11 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
 
 @pytest.mark.parametrize("loss", ["nft", "awm"])
 def test_checkpoint_resume_is_exact_with_ema_reference_and_sampler(tiny_model_dir, tmp_path, loss):
-    """Saved and loaded mid-run (learner.reference=ema refreshed every 3 rounds, the EMA as the sampling
+    """Saved and loaded mid-run (learner.reference.model=ema refreshed every 3 rounds, the EMA as the sampling
     policy, the KL term on), the learner continues exactly as the uninterrupted one: the kept EMA reference
     of the last refresh, the EMA and the old policy it gives come back bit for bit."""
-    cfg = config(tiny_model_dir, f"learner.loss={loss}", "learner.reference=ema", "learner.ema_decay=0.5",
-                 "learner.reference_refresh_rounds=3", "learner.sampling_policy=ema", "learner.kl_coef=1")
+    cfg = config(tiny_model_dir, f"learner.loss={loss}", "learner.reference.model=ema", "learner.ema.decay=0.5",
+                 "learner.reference.refresh_rounds=3", "learner.ema.sampling_policy=ema", "learner.reference.kl_coef=1")
     batches = []
     for rnd in range(4):
         lat, prompts, scores = samples(seed=rnd)

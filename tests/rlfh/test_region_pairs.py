@@ -85,18 +85,19 @@ def test_pairs_follow_the_reward_and_carry_only_the_region_mask():
 
 
 def _cfg(**rp):
-    return config_from_dict({"learner": {"regions": ["global", "face"], "region_pairs": rp}})
+    return config_from_dict({"learner": {"regions": {"names": ["global", "face"]}}, "data": {"region_pairs": rp}})
 
 
 def test_config_rules_name_the_key():
-    assert _cfg(region="face").learner.region_pairs.strength is None
-    with pytest.raises(ConfigError, match=r"learner.region_pairs.region='hand': must be a local region"):
+    assert _cfg(region="face").data.region_pairs.strength is None
+    with pytest.raises(ConfigError, match=r"data.region_pairs.region='hand': must be a local region"):
         _cfg(region="hand")
     with pytest.raises(ConfigError, match=r"strength_table\[0\]\[1\]=0.05 of 10 denoising steps runs no step"):
         _cfg(region="face", strength_table=[[1.0, 0.05]])
-    with pytest.raises(ConfigError, match=r"learner.region_pairs.strength=1.5: a noise strength must be in"):
+    with pytest.raises(ConfigError, match=r"data.region_pairs.strength=1.5: a noise strength must be in"):
         _cfg(region="face", strength=1.5)
     with pytest.raises(ConfigError, match=r"the last max_area_ratio is 0.5"):
         _cfg(region="face", strength_table=[[0.1, 0.1], [0.5, 0.4]])
     with pytest.raises(ConfigError, match=r"needs a DPO loss"):
-        config_from_dict({"learner": {"loss": "rwr", "regions": ["global", "face"], "region_pairs": {"region": "face"}}})
+        config_from_dict({"learner": {"loss": "rwr", "regions": {"names": ["global", "face"]}},
+                          "data": {"region_pairs": {"region": "face"}}})

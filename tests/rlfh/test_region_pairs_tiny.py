@@ -30,7 +30,7 @@ def images(tmp_path_factory):
 
 def overrides(model_dir, run_dir, *extra):
     return [f"run_dir={run_dir}", f"model.path={model_dir}", "logging.wandb=false", "logging.progress=false",
-            "learner.regions=[global, face]", "learner.region_pairs.region=face", f"rewards=[{FACE}]", *extra]
+            "learner.regions.names=[global, face]", "data.region_pairs.region=face", f"rewards=[{FACE}]", *extra]
 
 
 def records_by_role(log_dir):
@@ -73,7 +73,7 @@ def test_make_region_pairs_inspect_offline_dpo(images, tiny_model_dir, tmp_path,
 
     off = tmp_path / "offline"
     assert main(["offline-dpo", "configs/offline_dpo.yaml", f"rollouts={run / 'rollouts'}", "num_rounds=1",
-                 *overrides(tiny_model_dir, off)[:3], "learner.regions=[global, face]", f"rewards=[{FACE}]"]) == 0
+                 *overrides(tiny_model_dir, off)[:3], "learner.regions.names=[global, face]", f"rewards=[{FACE}]"]) == 0
     (row,) = read_metrics(off)
     won = sum(i["rewards"][0]["value"] > s["rewards"][0]["value"] for s, i in pairs)
     assert row["region_pairs/count"] == 6 and row["pairs/count"] == 0  # real images never pair by caption
@@ -87,8 +87,8 @@ def test_diffusers_inpainting_pipeline_keeps_the_outside(images, tiny_model_dir,
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
-        tiny_model_dir, tmp_path / "run", f"learner.region_pairs.pipeline={tiny_model_dir}",
-        "learner.region_pairs.strength=0.1"))
+        tiny_model_dir, tmp_path / "run", f"data.region_pairs.pipeline={tiny_model_dir}",
+        "data.region_pairs.strength=0.1"))
     log_dir, counts = make_region_pairs(cfg, str(images))
     assert counts["with_region"] == 6
     pairs, decode_latent = records_by_role(log_dir)
@@ -96,7 +96,7 @@ def test_diffusers_inpainting_pipeline_keeps_the_outside(images, tiny_model_dir,
 
 
 def test_make_region_pairs_inpaints_with_a_trained_lora(images, tiny_model_dir, tmp_path):
-    """learner.region_pairs.lora: the policy's LoRA inpaints (the originals are the photos either way)."""
+    """data.region_pairs.lora: the policy's LoRA inpaints (the originals are the photos either way)."""
     from rlfh.config.schema import load_config
     from rlfh.recipes.region_pairs import make_region_pairs
     from tests.conftest import REPO
@@ -104,9 +104,9 @@ def test_make_region_pairs_inpaints_with_a_trained_lora(images, tiny_model_dir, 
 
     lora = make_lora(tiny_model_dir, tmp_path / "lora")
     logs = {}
-    for name, extra in (("base", []), ("lora", [f"learner.region_pairs.lora={lora}"])):
+    for name, extra in (("base", []), ("lora", [f"data.region_pairs.lora={lora}"])):
         cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
-            tiny_model_dir, tmp_path / name, "learner.region_pairs.strength=0.4", *extra))
+            tiny_model_dir, tmp_path / name, "data.region_pairs.strength=0.4", *extra))
         logs[name], counts = make_region_pairs(cfg, str(images))
         assert counts["with_region"] == 6
     (base, decode_latent), (tuned, _) = records_by_role(logs["base"]), records_by_role(logs["lora"])
@@ -118,11 +118,11 @@ def test_make_region_pairs_inpaints_with_a_trained_lora(images, tiny_model_dir, 
 
     with pytest.raises(FileNotFoundError, match="no LoRA there"):
         make_region_pairs(load_config(REPO / "configs" / "tiny.yaml", overrides(
-            tiny_model_dir, tmp_path / "missing", f"learner.region_pairs.lora={tmp_path / 'nothing'}")), str(images))
+            tiny_model_dir, tmp_path / "missing", f"data.region_pairs.lora={tmp_path / 'nothing'}")), str(images))
     with pytest.raises(ValueError, match="give one"):
         make_region_pairs(load_config(REPO / "configs" / "tiny.yaml", overrides(
-            tiny_model_dir, tmp_path / "both", f"learner.region_pairs.lora={lora}",
-            f"learner.region_pairs.pipeline={tiny_model_dir}")), str(images))
+            tiny_model_dir, tmp_path / "both", f"data.region_pairs.lora={lora}",
+            f"data.region_pairs.pipeline={tiny_model_dir}")), str(images))
 
 
 @pytest.mark.slow
@@ -194,8 +194,8 @@ def test_train_reward_pairs_each_image_with_its_own_inpainted_copy(images, tiny_
     from tests.conftest import REPO
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
-        tiny_model_dir, tmp_path / "run", f"learner.region_pairs.pipeline={tiny_model_dir}",
-        "learner.region_pairs.strength=0.4"))
+        tiny_model_dir, tmp_path / "run", f"data.region_pairs.pipeline={tiny_model_dir}",
+        "data.region_pairs.strength=0.4"))
     log_dir, counts = make_region_pairs(cfg, str(images))
     linked, _ = records_by_role(log_dir)
     expected = {frozenset((src["rollout_id"], inp["rollout_id"])) for src, inp in linked}

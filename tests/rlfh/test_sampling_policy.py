@@ -1,4 +1,4 @@
-"""learner.sampling_policy=ema: the rollout actors sample with the EMA of the trained LoRA (DiffusionNFT's
+"""learner.ema.sampling_policy=ema: the rollout actors sample with the EMA of the trained LoRA (DiffusionNFT's
 off-policy sampler), and the loss compares with exactly those weights."""
 
 import numpy as np
@@ -11,7 +11,7 @@ from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
 from tests.conftest import REPO
 
-EMA = ["learner.loss=nft", "learner.ema_decay=0.5", "learner.sampling_policy=ema", "learner.train_batch_size=4",
+EMA = ["learner.loss=nft", "learner.ema.decay=0.5", "learner.ema.sampling_policy=ema", "learner.train_batch_size=4",
        "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-2"]
 
 
@@ -51,8 +51,8 @@ def test_rollouts_get_the_ema_and_the_loss_compares_with_it(tiny_model_dir):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("learner.ema_decay=null", "needs learner.ema_decay"),
-    ("learner.lora.enabled=false", "needs learner.lora.enabled"),
+    ("learner.ema.decay=null", "needs learner.ema.decay"),
+    ("model.lora.enabled=false", "needs model.lora.enabled"),
 ])
 def test_sampling_policy_rules(tiny_model_dir, override, message):
     with pytest.raises(ConfigError, match=message):

@@ -52,7 +52,7 @@ def run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"run_dir={run}", f"num_rounds={NUM_ROUNDS}", "learner.regions=[global, face]",
+        f"run_dir={run}", f"num_rounds={NUM_ROUNDS}", "learner.regions.names=[global, face]",
         "rewards=[{target: jpeg_compressibility, name: jpeg}, {target: facescore, weight: 0.5}]"])
     save_config(cfg, run / "config.yaml")
     write_metrics(run, [metrics_row(r, **({"time/checkpoint_s": 2.0} if r == 1 else {})) for r in range(3)])
@@ -168,10 +168,22 @@ def test_not_a_run_directory(tmp_path):
 
 
 def test_config_from_another_version_still_summarises(run):
-    text = (run / "config.yaml").read_text().replace("  beta: 100.0\n", "  beta: 100.0\n  removed_option: 3\n")
+    text = (run / "config.yaml").read_text().replace("    beta: 100.0\n", "    beta: 100.0\n    removed_option: 3\n")
     (run / "config.yaml").write_text(text)
     st = status_at(run, 1.0)
     assert st["config"]["loss"] == "dpo" and any("does not validate" in w for w in st["warnings"])
+
+
+def test_config_of_the_layout_before_the_regroup_still_summarises(run):
+    import yaml
+
+    data = yaml.safe_load((run / "config.yaml").read_text())
+    data["learner"]["beta"] = data["learner"].pop("dpo")["beta"]  # keys as rlfh wrote them before MOVED_KEYS
+    data["learner"]["lora"] = data["model"].pop("lora")
+    (run / "config.yaml").write_text(yaml.safe_dump(data))
+    st = status_at(run, 1.0)
+    assert st["config"]["beta"] == 100.0 and st["config"]["lora_rank"] == data["learner"]["lora"]["rank"]
+    assert any("does not validate" in w for w in st["warnings"])
 
 
 def test_sparkline():

@@ -20,7 +20,7 @@ def test_fleet_refine_equals_the_sampler_in_process(ray_local, tiny_cfg):
     x0 = sampler.sample(prompts, [1, 2, 3], settings).latents
     masks = np.zeros((3, 1, 8, 8), np.float32)
     masks[:, :, 2:6, 2:6] = 1.0
-    actors = [RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.learner.lora) for _ in range(2)]
+    actors = [RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.model.lora) for _ in range(2)]
     try:
         fleet = RolloutFleet(actors, 0)
         got = fleet.refine(x0, prompts, seeds, settings, 0.5, batch_size=1)  # shares of 1 and 2, calls of 1

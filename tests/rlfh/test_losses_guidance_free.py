@@ -1,24 +1,24 @@
-"""CFG distillation's teacher and loss (rlfh/losses/cfg_distill.py) on worked numbers."""
+"""guidance-free distillation's teacher and loss (rlfh/losses/guidance_free.py) on worked numbers."""
 
 import pytest
 import torch
 
-from rlfh.losses.cfg_distill import cfg_distill_loss, cfg_teacher
+from rlfh.losses.guidance_free import guidance_free_loss, guided_teacher
 
 
 def test_teacher_is_the_guided_prediction_worked_numbers():
     cond = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
     uncond = torch.tensor([[0.5, 1.0], [1.0, -1.0]])
     # u + 5 (c - u): [0.5 + 2.5, 1 + 5], [1 - 5, -1 + 0]
-    torch.testing.assert_close(cfg_teacher(cond, uncond, 5.0), torch.tensor([[3.0, 6.0], [-4.0, -1.0]]))
-    torch.testing.assert_close(cfg_teacher(cond, uncond, 1.0), cond)  # guidance 1 is the conditional model
-    torch.testing.assert_close(cfg_teacher(cond, uncond, 0.0), uncond)
+    torch.testing.assert_close(guided_teacher(cond, uncond, 5.0), torch.tensor([[3.0, 6.0], [-4.0, -1.0]]))
+    torch.testing.assert_close(guided_teacher(cond, uncond, 1.0), cond)  # guidance 1 is the conditional model
+    torch.testing.assert_close(guided_teacher(cond, uncond, 0.0), uncond)
 
 
 def test_loss_worked_numbers_and_gradient_only_to_the_student():
     pred = torch.tensor([[3.0, 4.0], [0.0, 0.0]], requires_grad=True)
     teacher = torch.tensor([[3.0, 6.0], [-4.0, -1.0]], requires_grad=True)
-    loss = cfg_distill_loss(pred, teacher, 0.5)
+    loss = guidance_free_loss(pred, teacher, 0.5)
     # per-sample means: (0 + 4) / 2 = 2 and (16 + 1) / 2 = 8.5; batch mean 5.25; times 0.5
     assert float(loss) == pytest.approx(2.625)
     loss.backward()
@@ -28,6 +28,6 @@ def test_loss_worked_numbers_and_gradient_only_to_the_student():
 
 def test_shapes_must_match():
     with pytest.raises(ValueError, match="differ in shape"):
-        cfg_teacher(torch.zeros(2, 3), torch.zeros(2, 4), 5.0)
+        guided_teacher(torch.zeros(2, 3), torch.zeros(2, 4), 5.0)
     with pytest.raises(ValueError, match="differ in shape"):
-        cfg_distill_loss(torch.zeros(2, 3), torch.zeros(3, 3), 1.0)
+        guidance_free_loss(torch.zeros(2, 3), torch.zeros(3, 3), 1.0)

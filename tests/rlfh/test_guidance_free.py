@@ -1,4 +1,4 @@
-"""CFG-free training on the tiny model: the teacher term moves the policy's conditional eps toward
+"""guidance-free training on the tiny model: the teacher term moves the policy's conditional eps toward
 the reference's guided eps, which is what lets the trained model sample at guidance 1."""
 
 import numpy as np
@@ -9,10 +9,10 @@ from rlfh.config.schema import ConfigError, load_config
 from rlfh.data.batches import SampleBatch
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
-from rlfh.losses.cfg_distill import cfg_teacher
+from rlfh.losses.guidance_free import guided_teacher
 from tests.conftest import REPO
 
-CFG = ["learner.loss=rwr", "learner.cfg_distill=5.0", "learner.cfg_distill_coef=10.0", "learner.lr=3e-3",
+CFG = ["learner.loss=rwr", "learner.guidance_free.scale=5.0", "learner.guidance_free.coef=10.0", "learner.lr=3e-3",
        "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4", "rollout.guidance_scale=1.0"]
 
 
@@ -21,11 +21,11 @@ def guided_gap(lrn, x, t, prompts) -> float:
     with torch.no_grad():
         enc, added = lrn.condition(prompts, 64, 64)
         neg_enc, neg_added = lrn.condition([""] * len(prompts), 64, 64)
-        teacher = cfg_teacher(lrn.reference(x, t, enc, added), lrn.reference(x, t, neg_enc, neg_added), 5.0)
+        teacher = guided_teacher(lrn.reference(x, t, enc, added), lrn.reference(x, t, neg_enc, neg_added), 5.0)
         return float((lrn.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample - teacher).pow(2).mean())
 
 
-def test_cfg_distillation_moves_the_policy_toward_the_guided_reference(tiny_model_dir):
+def test_guidance_free_training_moves_the_policy_toward_the_guided_reference(tiny_model_dir):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *CFG])
     lrn = LearnerEngine(cfg)
     rng = np.random.default_rng(0)
@@ -36,15 +36,15 @@ def test_cfg_distillation_moves_the_policy_toward_the_guided_reference(tiny_mode
     before = guided_gap(lrn, x, t, prompts[:4])
     metrics = [train(lrn, batch, 2) for _ in range(5)]
     after = guided_gap(lrn, x, t, prompts[:4])
-    assert all(np.isfinite(m["loss/cfg_distill"]) for m in metrics)
-    assert metrics[-1]["loss/cfg_distill"] < metrics[0]["loss/cfg_distill"]
+    assert all(np.isfinite(m["loss/guidance_free"]) for m in metrics)
+    assert metrics[-1]["loss/guidance_free"] < metrics[0]["loss/guidance_free"]
     assert after < 0.7 * before, (before, after)  # on probes the training never saw
 
 
 @pytest.mark.parametrize("override, message", [
     ("rollout.guidance_scale=5.0", "rollout.guidance_scale=1"),
-    ("learner.cfg_distill=1.0", "must be finite and > 1"),
+    ("learner.guidance_free.scale=1.0", "must be finite and > 1"),
 ])
-def test_cfg_distillation_config_rules(tiny_model_dir, override, message):
+def test_guidance_free_training_config_rules(tiny_model_dir, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *CFG, override])
