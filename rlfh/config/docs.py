@@ -59,7 +59,10 @@ Every key can be set in the YAML file or on the command line as `key.path=value`
 (`rewards.0.weight=0.5`; to add an entry, set the whole list: `rewards=[{target: facescore}]`).
 Unknown keys, a key given twice in one mapping, an empty file, `nan`/`inf` in any number and a
 reward `target` that does not resolve are errors, all reported before anything starts. Types:
-`X | None` keys may be `null`; `one of` keys accept only the listed values.
+`X | None` keys may be `null`; `one of` keys accept only the listed values. A key of the layout
+before the config was grouped by role (`learner.beta`, `learner.lora`, `learner.hgdpo`, ...) is refused
+with its new place named (`MOVED_KEYS` in rlfh/config/schema.py). The `learner.<loss family>` sections
+(`dpo`, `ddpo`, `nft`, ...) are defined in the loss files and listed by rlfh/losses/registry.py.
 """
 
 
