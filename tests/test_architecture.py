@@ -134,3 +134,43 @@ def test_no_cross_module_private_names(root):
                   and node.value.id not in ("self", "cls")):
                 bad.append(f"{mod}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not bad, bad
+
+
+def folder_of(mod: str) -> str:
+    """``rlfh.run.metrics`` -> ``rlfh.run``; a top-level module (``rlfh.env``) is its own folder."""
+    parts = mod.split(".")
+    return ".".join(parts[:2])
+
+
+def test_no_folder_cycles():
+    """No two folders of rlfh/ import each other, even through different modules (run/ <-> eval/ once
+    did: the guards imported eval/, and eval/ the checkpoints of run/)."""
+    edges: dict[str, set[str]] = {}
+    for m, ts in import_graph().items():
+        for t in ts:
+            a, b = folder_of(m), folder_of(t)
+            if a != b and a.startswith("rlfh.") and b.startswith("rlfh."):
+                edges.setdefault(a, set()).add(b)
+
+    def reaches(src: str, dst: str) -> bool:
+        seen, todo = set(), [src]
+        while todo:
+            v = todo.pop()
+            if v == dst:
+                return True
+            if v not in seen:
+                seen.add(v)
+                todo.extend(edges.get(v, ()))
+        return False
+
+    loops = sorted({tuple(sorted((a, b))) for a, bs in edges.items() for b in bs if reaches(b, a)})
+    assert not loops, loops
+
+
+def test_run_and_eval_do_not_import_each_other_both_ways():
+    graph = import_graph()
+    run_to_eval = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("rlfh.run") for t in ts
+                         if t.startswith("rlfh.eval"))
+    eval_to_run = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("rlfh.eval") for t in ts
+                         if t.startswith("rlfh.run"))
+    assert not (run_to_eval and eval_to_run), (run_to_eval, eval_to_run)

@@ -141,7 +141,7 @@ class Run:
         from rewards.actor import RewardScorer
         from rlfh.data.prompts import PromptSchedule, load_prompts
         from rlfh.learner.group import LearnerGroup
-        from rlfh.run.guards import Guards
+        from rlfh.eval.guards import Guards
         from rlfh.run.metrics import MetricsLogger
         from rollouts.actor import RolloutFleet
         from rollouts.log import RolloutLog
