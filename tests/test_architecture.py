@@ -174,3 +174,11 @@ def test_run_and_eval_do_not_import_each_other_both_ways():
     eval_to_run = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("rlfh.eval") for t in ts
                          if t.startswith("rlfh.run"))
     assert not (run_to_eval and eval_to_run), (run_to_eval, eval_to_run)
+
+
+def test_loops_reach_the_data_sources_only_through_their_registry():
+    """A new per-round data source is one file under rlfh/data/sources/ and one registry line: the
+    recipes import the registry (rlfh.data.sources), never a source of their own choosing."""
+    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.startswith("rlfh.recipes")
+                 for t in ts if t.startswith("rlfh.data.sources."))
+    assert not bad, bad

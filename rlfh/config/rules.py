@@ -335,6 +335,7 @@ def _range_rules(cfg) -> list[str]:
                    ("resources.num_cpus_per_actor", res.num_cpus_per_actor),
                    ("resources.num_learner_gpus", res.num_learner_gpus),
                    ("resources.max_actor_restarts", res.max_actor_restarts),
+                   ("resources.max_learner_restarts", res.max_learner_restarts),
                    ("rollout.eta", r.eta)]:
         if v < 0:
             p.append(f"{key}={v}: must be >= 0")

@@ -209,6 +209,7 @@ class ResourcesConfig:
     gpus_per_reward_actor: float = 0.0  # GPU share of the reward actor (FaceScore, ImageReward on GPU)
     num_cpus_per_actor: float = 1.0
     max_actor_restarts: int = 3  # a dead rollout/reward actor is restarted and its work re-issued this often
+    max_learner_restarts: int = 2  # a dead learner rank: the group restarts from the last checkpoint, replaying the rounds since, this often per run
     placement: Literal["none", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "none"  # rollout actors in a placement group
     # Custom Ray resources each role asks for, to pin it to nodes started with e.g.
     # `ray start --resources='{"rollout": 8}'`; {} lets Ray place it on any node.

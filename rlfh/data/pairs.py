@@ -240,18 +240,16 @@ def logged_regions(records: Sequence[dict]) -> list[dict[str, list]]:
     return out
 
 
-def advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, conditioning, unscored,
-                    normalization: str = "weighted_sum"):
+def advantage_batch(learner_cfg, samples, masks: dict, unscored: dict, normalization: str = "weighted_sum"):
     """DiffusionNFT / AWM: every scored sample with its per-prompt advantage A (z-scores clipped to
     +-5, rlfh.losses.advantages; under ``gdpo`` the scores are GDPO's advantages already and are only
-    clipped, as for DDPO), as NFT's r = 0.5 + 0.5 clip(A, -c, c) / c (rlfh.losses.nft) or as A itself
-    (AWM), in a SampleBatch's weights."""
+    clipped, as for DDPO), in a SampleBatch's ``advantages`` (NFT's step turns them into its r)."""
     import torch
 
     from rlfh.data.batches import SampleBatch
     from rlfh.losses.advantages import ADV_CLIP, per_prompt_advantages
-    from rlfh.losses.nft import nft_reward_weight
 
+    scores, groups = samples.scores, samples.groups
     keep = np.array([i for i, s in enumerate(scores) if usable(s)], dtype=np.int64)
     adv = torch.zeros(0, dtype=torch.float64)
     if len(keep) and normalization == "gdpo":
@@ -259,27 +257,24 @@ def advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, condit
     elif len(keep):
         adv = per_prompt_advantages(torch.tensor([scores[i] for i in keep], dtype=torch.float64),
                                     [groups[i] for i in keep])
-    signal = nft_reward_weight(adv, learner_cfg.nft_adv_clip) if learner_cfg.loss == "nft" else adv
-    batch = SampleBatch(latents[keep], [prompts[i] for i in keep], signal.float().numpy(),
-                        {r: m[keep] for r, m in masks.items()}, conditioning)
+    batch = SampleBatch(samples.latents[keep], [samples.prompts[i] for i in keep], None,
+                        {r: m[keep] for r, m in masks.items()}, samples.conditioning,
+                        None if samples.priors is None else samples.priors[keep], adv.float().numpy())
     return batch, {"samples/kept": float(len(keep)), **unscored,
                    "samples/advantage_abs_mean": float(adv.abs().mean()) if len(keep) else 0.0}
 
 
-def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence[Hashable],
-                  scores: Sequence[float | None], regions: Sequence[dict], image_hw: tuple[int, int],
-                  trajectory: dict | None = None, settings=None, conditioning: dict | None = None,
-                  normalization: str = "weighted_sum", priors: np.ndarray | None = None):
-    """What the learner trains on this round: a PairBatch (DPO family), a SampleBatch (RWR,
-    filtered; NFT, AWM: :func:`advantage_batch`) or a TrajectoryBatch (DDPO: per-prompt z-scored advantages, clipped to +-5).
+def learner_batch(learner_cfg, samples, normalization: str = "weighted_sum"):
+    """What the learner trains on this round, from its scored samples (``rlfh.data.batches.ScoredSamples``):
+    a PairBatch (DPO family), a SampleBatch (RWR, filtered; NFT, AWM: :func:`advantage_batch`) or a
+    TrajectoryBatch (DDPO: per-prompt z-scored advantages, clipped to +-5).
 
-    ``scores`` come from :func:`learner_scores` with ``normalization``; under ``gdpo`` they are
+    ``samples.scores`` come from :func:`learner_scores` with ``normalization``; under ``gdpo`` they are
     GDPO's advantages already, which DDPO takes as they are (clipped to +-5) instead of z-scoring them
     per prompt a second time (GDPO's last normalization is over the batch).
 
-    ``conditioning`` (the rollout batch's {prompt: (embeds, pooled)}) goes with the batch unchanged.
-    ``priors`` (N, 1, h, w), the HcP layer's pose priors of the samples (``learner.hcp``), go with the
-    region masks under ``rlfh.data.pose_prior.HCP_PRIOR`` and are selected with them.
+    ``samples.conditioning`` (the rollout batch's {prompt: (embeds, pooled)}) goes with the batch
+    unchanged; ``samples.priors`` (HcP's pose priors) are selected with the rows, as the region masks.
 
     Returns:
         (batch, stats) with stats a flat dict of floats for metrics; ``samples/unscored`` counts the
@@ -287,6 +282,8 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
     """
     from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch
 
+    latents, prompts, groups, scores, conditioning = (samples.latents, samples.prompts, samples.groups,
+                                                      samples.scores, samples.conditioning)
     unscored = {"samples/unscored": float(sum(not usable(s) for s in scores))}
 
     if learner_cfg.loss == "ddpo":
@@ -294,6 +291,7 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
 
         from rlfh.losses.advantages import ADV_CLIP, per_prompt_advantages
 
+        trajectory = samples.trajectory
         if trajectory is None:
             raise ValueError("learner.loss=ddpo needs the sampling trajectories (the rollout actors record them)")
         keep = [i for i, s in enumerate(scores) if usable(s)]
@@ -304,28 +302,25 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
                                         [groups[i] for i in keep]).float().numpy()
         start = int(trajectory.get("window_start", 0))
         batch = TrajectoryBatch(trajectory["latents"][keep], trajectory["log_probs"][keep], trajectory["timesteps"],
-                                adv, [prompts[i] for i in keep], settings, start, conditioning)
+                                adv, [prompts[i] for i in keep], samples.settings, start, conditioning)
         return batch, {"samples/kept": float(len(keep)), **unscored, "ddpo/window_start": float(start),
                        "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
 
-    masks = region_mask_arrays(regions, mask_regions(learner_cfg), image_hw)
-    if priors is not None:
-        from rlfh.data.pose_prior import HCP_PRIOR
-
-        masks[HCP_PRIOR] = priors
+    masks = region_mask_arrays(samples.regions, mask_regions(learner_cfg), samples.image_hw)
+    priors = samples.priors
     if learner_cfg.loss in ("nft", "awm"):
-        return advantage_batch(learner_cfg, latents, prompts, groups, scores, masks, conditioning, unscored,
-                               normalization)
+        return advantage_batch(learner_cfg, samples, masks, unscored, normalization)
     if learner_cfg.loss.startswith("dpo"):
         pairs = build_pairs(groups, scores, learner_cfg.pair_strategy)
         w, l = [p.winner for p in pairs], [p.loser for p in pairs]
         batch = PairBatch(latents[w], latents[l], [prompts[i] for i in w],
-                          {r: m[w] for r, m in masks.items()}, {r: m[l] for r, m in masks.items()}, conditioning)
+                          {r: m[w] for r, m in masks.items()}, {r: m[l] for r, m in masks.items()}, conditioning,
+                          None if priors is None else priors[w], None if priors is None else priors[l])
         return batch, {"pairs/count": float(len(pairs)), **unscored,
                        "pairs/mean_margin": float(np.mean([p.margin for p in pairs])) if pairs else 0.0}
     weights = sample_weights(scores, learner_cfg.loss, learner_cfg.rwr_beta, learner_cfg.filter_threshold,
                              learner_cfg.filter_top_fraction)
     keep = np.nonzero(weights > 0)[0]
     batch = SampleBatch(latents[keep], [prompts[i] for i in keep], weights[keep].astype(np.float32),
-                        {r: m[keep] for r, m in masks.items()}, conditioning)
+                        {r: m[keep] for r, m in masks.items()}, conditioning, None if priors is None else priors[keep])
     return batch, {"samples/kept": float(len(keep)), **unscored, "samples/max_weight": float(weights.max()) if len(weights) else 0.0}

@@ -87,7 +87,7 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
                 lc.loss, lc.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b], masks_w, masks_l,
                 list(lc.regions), lc.region_scale)
             extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
-            extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.masks_w, pairs.masks_l), idx, metrics))
+            extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.priors_w, pairs.priors_l), idx, metrics))
             extra = plus(extra, guidance_term(lrn, pred[b:], x_t[b:], t[b:], x0[:b], masks_l, metrics))
             history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(pairs))
@@ -96,8 +96,8 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
 # ---------------------------------------------------------------------------------------- RWR, filtered, NFT, AWM
 def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> dict[str, float]:
     """Reward-weighted (RWR) or filtered diffusion loss on weighted samples, per region; or
-    DiffusionNFT / AWM, whose per-sample signal (r or A) comes in the weights and which compare the
-    policy with the round's sampling policy on the same x_t (``lrn.old_policy``)."""
+    DiffusionNFT / AWM, whose per-sample signal (r or A) comes from the batch's advantages and which
+    compare the policy with the round's sampling policy on the same x_t (``lrn.old_policy``)."""
     lc = lrn.cfg.learner
     if lc.loss not in WEIGHTED + ADVANTAGE:
         raise ValueError(f"learner.loss={lc.loss} trains on {batch_kind(lc.loss)}, not weighted samples")
@@ -109,20 +109,30 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
             x_t, t, target = lrn.noised(rows(samples.latents, idx, lrn.device), t_all[sl], eps_all[sl])
             enc, added = lrn.condition([samples.prompts[i] for i in idx], h, w)
             pred = lrn.policy(x_t, t, enc, added)
-            weights, masks = rows(samples.weights, idx, lrn.device), masks_at(samples.masks, idx, lrn.device)
+            masks = masks_at(samples.masks, idx, lrn.device)
             if lc.loss in ADVANTAGE:
                 objectives, metrics = advantage_objectives(
-                    lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target, weights, masks, list(lc.regions),
-                    lc.region_scale, lc.nft_beta, lc.awm_clip_range, lc.nft_adv_clip,
+                    lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target,
+                    advantage_signal(lc, samples, idx).to(lrn.device), masks, list(lc.regions), lc.region_scale,
+                    lc.nft_beta, lc.awm_clip_range, lc.nft_adv_clip,
                     lrn.x0_scale(t) if lc.loss == "nft" and lc.nft_weighting == "adaptive" else None)
             else:
-                objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions),
-                                                          lc.region_scale)
+                objectives, metrics = weighted_objectives(lc.loss, pred, target, rows(samples.weights, idx, lrn.device),
+                                                          masks, list(lc.regions), lc.region_scale)
             ref = lrn.reference(x_t, t, enc, added) if lc.kl_coef > 0 or lc.cfg_distill is not None else None
             extra = plus(regularizers(lrn, pred, ref, x_t, t, h, w, metrics),
-                         hcp_term(lrn, t, [samples.prompts[i] for i in idx], (samples.masks,), idx, metrics))
+                         hcp_term(lrn, t, [samples.prompts[i] for i in idx], (samples.priors,), idx, metrics))
             history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(samples))
+
+
+def advantage_signal(lc, samples: SampleBatch, idx: list[int]) -> torch.Tensor:
+    """The per-sample signal of NFT / AWM for rows ``idx``: AWM's advantage A itself; NFT's
+    r = 0.5 + 0.5 clip(A, -c, c) / c (:func:`rlfh.losses.nft.nft_reward_weight`, c = ``learner.nft_adv_clip``)."""
+    from rlfh.losses.nft import nft_reward_weight
+
+    adv = torch.from_numpy(np.array(samples.advantages[idx], dtype=np.float64))
+    return (nft_reward_weight(adv, lc.nft_adv_clip) if lc.loss == "nft" else adv).float()
 
 
 # ---------------------------------------------------------------------------------------- DDPO
@@ -357,16 +367,14 @@ def regularizers(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int,
     return sum(terms) if terms else None
 
 
-def hcp_term(lrn: LearnerEngine, t, prompts: list[str], mask_sets, idx: list[int], metrics: dict[str, float]):
+def hcp_term(lrn: LearnerEngine, t, prompts: list[str], prior_sets, idx: list[int], metrics: dict[str, float]):
     """The HcP layer's alignment term (rlfh/learner/hcp.py, rlfh/losses/hcp.py) on the policy forward just
-    taken, whose rows are ``mask_sets``' rows ``idx`` one set after the other (pairs: winners, losers);
-    the pose priors ride in those masks dicts. None when ``learner.hcp`` is off or nothing counts."""
+    taken, whose rows are the pose priors' rows ``idx`` of ``prior_sets`` one after the other (pairs:
+    ``priors_w``, ``priors_l``). None when ``learner.hcp`` is off or nothing counts."""
     if lrn.hcp is None:
         return None
-    from rlfh.data.pose_prior import HCP_PRIOR
-
-    prior = (torch.cat([rows(m[HCP_PRIOR], idx, lrn.device) for m in mask_sets])
-             if all(HCP_PRIOR in m for m in mask_sets) else None)
+    prior = (torch.cat([rows(p, idx, lrn.device) for p in prior_sets])
+             if all(p is not None for p in prior_sets) else None)
     return lrn.hcp.term(t, prompts, prior, metrics)
 
 
