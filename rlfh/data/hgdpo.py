@@ -27,7 +27,7 @@ shares in between mix the kinds in one round.
 
 The real images and their latents come from :class:`rlfh.data.real_images.RealImageSource`; the
 SDRecon winners from the current policy (the rollout actors online, the learner rank offline; driven by
-``rlfh.recipes.hgdpo.RealWinners``, for ``rlfh train`` and ``rlfh offline-dpo``).
+``rlfh.data.sources.hgdpo.RealWinners``, for ``rlfh train`` and ``rlfh offline-dpo``).
 """
 
 from __future__ import annotations

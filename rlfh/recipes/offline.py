@@ -44,7 +44,8 @@ def batch_from_log(cfg: Config, sources: list = ()):
 
     require_log(cfg)
     images = any(s.needs_images for s in sources)
-    columns = ["rollout_id", "round", "prompt", "rewards", "regions", "latent", "latent_shape", "sampler", "region_pair"]
+    columns = ["rollout_id", "round", "prompt", "rewards", "regions", "latent", "latent_shape", "sampler",
+               "region_pair"]
     records = RolloutLog(cfg.rollouts).records(columns + (["image"] if images else []))
     # the reward weights, checked against the whole log (it names a reward the log lacks)
     _, _, weights, _, _ = logged_scores(records, cfg.rewards, cfg.rewards_normalization, cfg.rollouts)
@@ -128,12 +129,12 @@ def train_offline(cfg: Config) -> Path:
 
     require_log(cfg)
     skel = RunSkeleton(cfg)
-    feed = LogFeed(cfg)
     try:
-        feed.start(skel)
+        feed = LogFeed(cfg, skel.path)
         sources = build_sources(cfg, feed.ctx)
         skel.on_close(lambda: close_sources(sources))
-        feed.fixed = batch_from_log(cfg, sources)
+        feed.fixed = batch_from_log(cfg, sources)  # a log that cannot train fails before the model loads
+        feed.start(skel)
         train_rounds(cfg, skel, feed, sources, "rlfh offline-dpo")
     finally:
         skel.close()
@@ -143,44 +144,57 @@ def train_offline(cfg: Config) -> Path:
 class LogFeed(Feed):
     """An offline round's batch: the pairs (or weighted samples) of the rollout log, the same every
     round (the data sources vary them by round). The learner is one rank in this process, or
-    ``resources.num_learner_gpus`` ranks on Ray; HG-DPO's samples come from the learner rank itself."""
+    ``resources.num_learner_gpus`` ranks on Ray. A source that samples with the current policy
+    (HG-DPO's SDRecon winners and fresh losers) gets this feed as its sampler, which hands the calls to
+    the learner's rank 0 sampling with its own UNet (colocated mode)."""
 
-    def __init__(self, cfg: Config):
-        self.cfg, self.fleet = cfg, None
-        self.fixed = None  # (batch, stats) of the log
-
-    def start(self, skel) -> None:
+    def __init__(self, cfg: Config, run_dir):
         from rlfh.data.sources import SOURCES, SourceContext
-        from rlfh.learner.actor import LearnerRank
-        from rlfh.learner.group import LearnerGroup
-        from rlfh.recipes.cluster import setup_ray
-        from rollouts.actor import RolloutFleet
 
-        cfg = self.cfg
-        wanted = [c for c in SOURCES.values() if c.wanted(cfg, SourceContext(skel.path))]
-        # a source that samples with the current policy (HG-DPO's SDRecon winners and fresh losers): the
-        # learner samples with its own UNet
+        self.cfg, self.fixed, self.policy = cfg, None, None  # fixed: (batch, stats) of the log
+        wanted = [c for c in SOURCES.values() if c.wanted(cfg, SourceContext(run_dir))]
         why = [w for w in (c.samples_with_policy(cfg) for c in wanted) if w]
         self.colocate = bool(why)
         if self.colocate and cfg.learner_world_size > 1 and cfg.learner.zero_stage == 3:
             raise ValueError(f"{'; '.join(why)}: offline that is learner rank 0's UNet, which learner.zero_stage=3 "
                              f"partitions over the ranks: use learner.zero_stage <= 2 or one learner rank")
         settings = logged_settings(cfg) if any(c.needs_settings for c in wanted) else None
-        sampler = None
+        self.ctx = SourceContext(run_dir, self if self.colocate else None, settings)
+
+    def start(self, skel) -> None:
+        """The learner: one rank in this process, or data-parallel ranks on Ray."""
+        from rlfh.learner.actor import LearnerRank
+        from rlfh.learner.group import LearnerGroup
+        from rlfh.recipes.cluster import setup_ray
+
+        cfg = self.cfg
         if cfg.learner_world_size > 1:
-            started_ray = setup_ray(cfg)
-            if started_ray:
+            if setup_ray(cfg):
                 import ray
 
                 skel.on_close(ray.shutdown)
             self.learner = LearnerGroup(cfg, max(int(cfg.resources.num_cpus_per_actor), 1), colocate=self.colocate)
             skel.on_close(self.learner.shutdown)
-            self.fleet = sampler = RolloutFleet([self.learner.lead], 0) if self.colocate else None
         else:
             self.learner = LearnerRank(num_threads=None)
             self.learner.setup(cfg, colocate=self.colocate)
-            sampler = self.learner if self.colocate else None
-        self.ctx = SourceContext(skel.path, sampler, settings)
+        self.restart_policy()
+
+    def restart_policy(self) -> None:
+        from rlfh.learner.group import LearnerGroup
+        from rollouts.actor import RolloutFleet
+
+        if self.colocate:
+            group = isinstance(self.learner, LearnerGroup)
+            self.policy = RolloutFleet([self.learner.lead], 0) if group else self.learner
+
+    def sample(self, *args, **kwargs):
+        """``RolloutFleet.sample`` with the learner's current policy."""
+        return self.policy.sample(*args, **kwargs)
+
+    def refine(self, *args, **kwargs):
+        """``RolloutFleet.refine`` with the learner's current policy."""
+        return self.policy.refine(*args, **kwargs)
 
     def batch(self, rnd: int, sources: list):
         from rlfh.data.sources import RoundData
@@ -190,5 +204,4 @@ class LogFeed(Feed):
 
     def restart_learner(self) -> None:
         self.learner.restart()
-        if self.fleet is not None:  # rank 0 was the HG-DPO sampler
-            self.fleet.actors[:] = [self.learner.lead]
+        self.restart_policy()

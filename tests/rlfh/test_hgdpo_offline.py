@@ -35,7 +35,7 @@ def write_log(directory, rounds: int = 1, per_prompt: int = 2):
 
 
 class RecordingSampler:
-    """The sampler protocol of rlfh/recipes/hgdpo.py with outputs that name their inputs: ``refine``
+    """The sampler protocol of rlfh/data/sources/hgdpo.py with outputs that name their inputs: ``refine``
     returns its latents + 100, ``sample`` a constant latent per seed; every call is kept."""
 
     def __init__(self):
