@@ -58,6 +58,7 @@ def run_mode(mode: str, cfg, rounds: int) -> dict:
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
     from families import load_pipeline
+    from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch
     from rlfh.data.prompts import PromptSchedule, load_prompts
     from rollouts.actor import sample_in_batches
@@ -96,9 +97,9 @@ def run_mode(mode: str, cfg, rounds: int) -> dict:
             stamp("to_sampling", handover.to_sampling if handover else (lambda: None))
             batch = stamp("sample", lambda: sample_in_batches(sampler, prompts, seeds, settings, rc.sample_batch_size_per_actor))
             scored = stamp("reward", lambda: rewards(batch.images, batch.prompts))
-            pairs, _ = stamp("pairs", lambda: learner_batch(lc, batch.latents, batch.prompts, batch.prompts, scored.combined(),
-                                                            [scored.regions(i) for i in range(len(batch))],
-                                                            (rc.height, rc.width)))
+            pairs, _ = stamp("pairs", lambda: learner_batch(lc, ScoredSamples(
+                batch.latents, batch.prompts, batch.prompts, scored.combined(),
+                [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width))))
             stamp("to_training", handover.to_training if handover else (lambda: None))
             stamp("learner", lambda: train(learner, pairs, lc.epochs_per_round))
             if handover:  # colocated: the sampler already holds the trained weights

@@ -64,6 +64,7 @@ class Variant:
         self.last: dict = {}
 
     def round(self) -> None:
+        from rlfh.data.batches import ScoredSamples
         from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window, learner_batch
         from rlfh.learner.steps import train
 
@@ -73,9 +74,11 @@ class Variant:
         b = self.sampler.sample(self.prompts, seeds, self.settings, record=ddpo_window(self.cfg, r),
                                 branch_seeds=ddpo_branch_seeds(self.cfg, self.prompts, seeds))
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()  # stands in for a reward model (not timed apart)
-        batch, _ = learner_batch(self.cfg.learner, b.latents, self.prompts, self.prompts, rewards, [{}] * n,
-                                 (self.settings.height, self.settings.width), b.trajectory, self.settings,
-                                 b.conditioning)  # the prompt embeddings go with the batch, as in the online loop
+        # the prompt embeddings go with the batch, as in the online loop
+        samples = ScoredSamples(b.latents, self.prompts, self.prompts, rewards, [{}] * n,
+                                (self.settings.height, self.settings.width), b.trajectory, self.settings,
+                                b.conditioning)
+        batch, _ = learner_batch(self.cfg.learner, samples)
         t1 = time.perf_counter()
         metrics = train(self.lrn, batch, 1)
         self.last = {"sample_s": t1 - t0, "train_s": time.perf_counter() - t1,"trajectory_bytes_per_item": int(sum(v.nbytes for v in b.trajectory.values()) // n),

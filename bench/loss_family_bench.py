@@ -40,6 +40,7 @@ VARIANTS = {
 
 def make_batch(lrn, n: int, seed: int = 0):
     from rewards.base import Detection
+    from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch
     from rlfh.losses.registry import TRAJECTORIES, loss_spec
     from rollouts.types import SamplerSettings
@@ -59,7 +60,7 @@ def make_batch(lrn, n: int, seed: int = 0):
         traj = {"latents": rng.standard_normal((m, t + 1, 4, 8, 8)).astype(np.float32),
                 "log_probs": rng.standard_normal((m, t)).astype(np.float32),
                 "timesteps": lrn.ddim.timesteps.cpu().numpy().astype(np.int64)}  # the sampler's real steps
-    batch, _ = learner_batch(lc, latents, prompts, prompts, scores, regions, (64, 64), traj, settings)
+    batch, _ = learner_batch(lc, ScoredSamples(latents, prompts, prompts, scores, regions, (64, 64), traj, settings))
     return batch
 
 

@@ -55,6 +55,7 @@ def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
     from families import load_pipeline
+    from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch
     from rlfh.data.prompts import PromptSchedule, load_prompts
     from rollouts.log import RolloutLog, make_records
@@ -84,8 +85,10 @@ def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
         scored = rewards(batch.images, batch.prompts)
         t.append(time.perf_counter())
         log.append(make_records(batch, scored, rnd))
-        train_batch, _ = learner_batch(lc, batch.latents, batch.prompts, batch.prompts, scored.combined(),
-                                       [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width))
+        train_batch, _ = learner_batch(lc,
+                                       ScoredSamples(batch.latents, batch.prompts, batch.prompts, scored.combined(),
+                                                     [scored.regions(i) for i in range(len(batch))], (rc.height,
+                                                     rc.width)))
         t.append(time.perf_counter())
         train(learner, train_batch, lc.epochs_per_round)
         t.append(time.perf_counter())

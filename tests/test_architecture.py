@@ -197,3 +197,51 @@ def test_the_loss_name_scan_finds_what_it_forbids():
     code = ('a = lc.loss == "dpo"\nb = loss in ("nft", "awm")\nc = cfg.learner.loss.startswith("dpo")\n'
             'd = spec.name != "ddpo"\ne = lc.loss == other\nf = lc.lr == "x"\n')
     assert loss_name_literals(ast.parse(code)) == [1, 2, 3, 4]
+
+
+def folder_of(mod: str) -> str:
+    """``rlfh.run.metrics`` -> ``rlfh.run``; a top-level module (``rlfh.env``) is its own folder."""
+    parts = mod.split(".")
+    return ".".join(parts[:2])
+
+
+def test_no_folder_cycles():
+    """No two folders of rlfh/ import each other, even through different modules (run/ <-> eval/ once
+    did: the guards imported eval/, and eval/ the checkpoints of run/)."""
+    edges: dict[str, set[str]] = {}
+    for m, ts in import_graph().items():
+        for t in ts:
+            a, b = folder_of(m), folder_of(t)
+            if a != b and a.startswith("rlfh.") and b.startswith("rlfh."):
+                edges.setdefault(a, set()).add(b)
+
+    def reaches(src: str, dst: str) -> bool:
+        seen, todo = set(), [src]
+        while todo:
+            v = todo.pop()
+            if v == dst:
+                return True
+            if v not in seen:
+                seen.add(v)
+                todo.extend(edges.get(v, ()))
+        return False
+
+    loops = sorted({tuple(sorted((a, b))) for a, bs in edges.items() for b in bs if reaches(b, a)})
+    assert not loops, loops
+
+
+def test_run_and_eval_do_not_import_each_other_both_ways():
+    graph = import_graph()
+    run_to_eval = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("rlfh.run") for t in ts
+                         if t.startswith("rlfh.eval"))
+    eval_to_run = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("rlfh.eval") for t in ts
+                         if t.startswith("rlfh.run"))
+    assert not (run_to_eval and eval_to_run), (run_to_eval, eval_to_run)
+
+
+def test_loops_reach_the_data_sources_only_through_their_registry():
+    """A new per-round data source is one file under rlfh/data/sources/ and one registry line: the
+    recipes import the registry (rlfh.data.sources), never a source of their own choosing."""
+    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.startswith("rlfh.recipes")
+                 for t in ts if t.startswith("rlfh.data.sources."))
+    assert not bad, bad

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_colocated_actor_samples_with_the_learners_unet(ray_local, tiny_cfg):
     from rlfh.learner.group import LearnerGroup
+    from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch
     from rollouts.actor import RolloutActor, RolloutFleet
     from rollouts.types import SamplerSettings
@@ -33,8 +34,9 @@ def test_colocated_actor_samples_with_the_learners_unet(ray_local, tiny_cfg):
         before = fleet.collect(fleet.submit(prompts, seeds, settings, 2))
         # the same images as a separate rollout actor synced with the learner's weights
         assert np.array_equal(before.images, ref_fleet.collect(ref_fleet.submit(prompts, seeds, settings, 2)).images)
-        batch, _ = learner_batch(cfg.learner, before.latents, prompts, [0, 0, 1, 1],
-                                 [0.0, 1.0, 2.0, 0.5], [{} for _ in prompts], (rc.height, rc.width))
+        batch, _ = learner_batch(cfg.learner,
+                                 ScoredSamples(before.latents, prompts, [0, 0, 1, 1], [0.0, 1.0, 2.0, 0.5],
+                                               [{} for _ in prompts], (rc.height, rc.width)))
         group.train(batch, 2)
         version = group.policy_version()
         assert version == 1

@@ -27,10 +27,31 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def resume_command(args, resumes: bool) -> str:
+    """The command that resumes this run: the same one, with ``resume=true`` unless its config resumes already."""
+    import shlex
+
+    overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() != "resume"]
+    return shlex.join(["rlfh", args.command, args.config, *(args.overrides if resumes else overrides),
+                       *([] if resumes else ["resume=true"])])
+
+
+def run_training(args, train):
+    """``train(config)``; a learner lost for good is one line on stderr with the command that resumes, exit 1."""
+    from rlfh.recipes.rounds import LearnerLost
+
+    cfg = _load(args)
+    try:
+        return train(cfg)
+    except LearnerLost as e:
+        print(f"rlfh: error: {e}; resume with: {resume_command(args, cfg.resume)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def cmd_train(args) -> int:
     from rlfh.recipes.online import train
 
-    run_dir = train(_load(args))
+    run_dir = run_training(args, train)
     print(f"[rlfh] run finished: {run_dir}")
     return 0
 
@@ -38,7 +59,7 @@ def cmd_train(args) -> int:
 def cmd_offline(args) -> int:
     from rlfh.recipes.offline import train_offline
 
-    run_dir = train_offline(_load(args))
+    run_dir = run_training(args, train_offline)
     print(f"[rlfh] offline DPO finished: {run_dir}")
     return 0
 

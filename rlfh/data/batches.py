@@ -7,6 +7,7 @@ by the steps in :mod:`rlfh.learner.steps`. Arrays are numpy so that Ray ships th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Hashable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,8 +19,37 @@ Conditioning = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 @dataclass
+class ScoredSamples:
+    """A round's scored samples, what :func:`rlfh.data.pairs.learner_batch` builds the batch from.
+
+    latents (N, 4, h, w); the prompt, group key (prompt, or (round, prompt)), score
+    (:func:`rlfh.data.pairs.learner_scores`; None: unusable) and detected regions ({region:
+    [Detection]}) of each sample; the images' (H, W). DDPO's recorded ``trajectory`` (the rollout
+    batch's dict) with the sampler ``settings``; the rollout actors' ``conditioning``; the decoded
+    ``images`` (N, H, W, 3) uint8 where a data source reads them; HcP's pose ``priors`` (N, 1, h, w)
+    (rlfh/data/sources/hcp_priors.py), which go with the batch's rows.
+    """
+
+    latents: np.ndarray
+    prompts: Sequence[str]
+    groups: Sequence[Hashable]
+    scores: Sequence[Optional[float]]
+    regions: Sequence[dict]
+    image_hw: tuple[int, int]
+    trajectory: Optional[dict] = None
+    settings: object = None  # rollouts.types.SamplerSettings
+    conditioning: Optional[Conditioning] = None
+    images: Optional[np.ndarray] = None
+    priors: Optional[np.ndarray] = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
 class PairBatch:
-    """Winner / loser latents (N, 4, h, w) float32, the prompt of each pair, region masks (N, 1, h, w)."""
+    """Winner / loser latents (N, 4, h, w) float32, the prompt of each pair, region masks (N, 1, h, w),
+    HcP's pose priors of the winners and losers (N, 1, h, w; None without ``model.hcp``)."""
 
     latents_w: np.ndarray
     latents_l: np.ndarray
@@ -27,6 +57,8 @@ class PairBatch:
     masks_w: dict[str, np.ndarray] = field(default_factory=dict)
     masks_l: dict[str, np.ndarray] = field(default_factory=dict)
     conditioning: Conditioning | None = None
+    priors_w: np.ndarray | None = None
+    priors_l: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -34,13 +66,19 @@ class PairBatch:
 
 @dataclass
 class SampleBatch:
-    """Samples for weighted losses: latents (N, 4, h, w), prompts, weights (N,), region masks (N, 1, h, w)."""
+    """Samples for weighted or advantage losses: latents (N, 4, h, w), prompts, region masks (N, 1, h, w),
+    HcP's pose priors (N, 1, h, w; None without ``model.hcp``) and each sample's signal, one field
+    per meaning: ``weights`` (N,), the per-sample loss weights of RWR and filtered (None for NFT and
+    AWM); ``advantages`` (N,), the per-prompt advantage A clipped to +-5 of NFT and AWM (None for RWR
+    and filtered), from which NFT's step takes its r (:func:`rlfh.losses.nft.nft_reward_weight`)."""
 
     latents: np.ndarray
     prompts: list[str]
-    weights: np.ndarray
+    weights: np.ndarray | None
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     conditioning: Conditioning | None = None
+    priors: np.ndarray | None = None
+    advantages: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

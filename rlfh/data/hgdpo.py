@@ -27,7 +27,7 @@ shares in between mix the kinds in one round.
 
 The real images and their latents come from :class:`rlfh.data.real_images.RealImageSource`; the
 SDRecon winners from the current policy (the rollout actors online, the learner rank offline; driven by
-``rlfh.recipes.hgdpo.RealWinners``, for ``rlfh train`` and ``rlfh offline-dpo``).
+``rlfh.data.sources.hgdpo.RealWinners``, for ``rlfh train`` and ``rlfh offline-dpo``).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def _closest_pairs(captions: Sequence[str], prompts: Sequence[str], rng: np.rand
 
 def mix_real_winners(pairs: PairBatch, source: RealImageSource, fraction: float, round: int, seed: int,
                      losers_latents: np.ndarray | None = None,
-                     losers_masks: Mapping[str, np.ndarray] | None = None,
+                     losers_priors: np.ndarray | None = None,
                      sdrecon_fraction: float = 0.0,
                      sdrecon_latents: np.ndarray | None = None) -> tuple[PairBatch, dict[str, float]]:
     """Give k_real = round(fraction * N) of the round's N generated pairs a real winner, and
@@ -191,7 +191,9 @@ def mix_real_winners(pairs: PairBatch, source: RealImageSource, fraction: float,
 
     :meth:`RealImageSource.encode` must have run (it needs the VAE). Real and SDRecon winners' region
     masks come from the source's boxes (zeros without; SDEdit keeps the layout); the kept losers
-    keep theirs; fresh losers take ``losers_masks`` (zeros when not given).
+    keep theirs; fresh losers take zero masks. HcP's pose priors (when the pairs carry them) follow the
+    same rule: the source's priors for the real and SDRecon winners, ``losers_priors`` for the fresh
+    losers (zeros when not given).
 
     Args:
         pairs: the round's pairs, latents (N, 4, h, w), masks {region: (N, 1, h, w)}.
@@ -199,7 +201,7 @@ def mix_real_winners(pairs: PairBatch, source: RealImageSource, fraction: float,
         fraction: the curriculum's real-winner share for this round, in [0, 1].
         round, seed: select the real images (and the replaced pairs) deterministically.
         losers_latents: (k, 4, h, w) generated for :func:`prompts_for_losers`' captions, or None.
-        losers_masks: {region: (k, 1, h, w)} for ``losers_latents``.
+        losers_priors: (k, 1, h, w) HcP pose priors of ``losers_latents``, or None.
         sdrecon_fraction: the curriculum's SDRecon-winner share for this round.
         sdrecon_latents: (k_sdrecon, 4, h, w), the refined :func:`sdrecon_inputs` (same arguments).
 
@@ -220,13 +222,7 @@ def mix_real_winners(pairs: PairBatch, source: RealImageSource, fraction: float,
              "hgdpo/generated_pairs": float(n - k)}
     if k == 0:
         return pairs, stats
-    if real.shape[1:] != pairs.latents_w.shape[1:]:
-        raise ValueError(f"real latents {real.shape[1:]} do not match the pairs' {pairs.latents_w.shape[1:]}: "
-                         f"the source was built for {source.height}x{source.width}")
-    if k_sd and (sdrecon_latents is None or sdrecon_latents.shape != (k_sd,) + pairs.latents_w.shape[1:]):
-        got = None if sdrecon_latents is None else sdrecon_latents.shape
-        raise ValueError(f"sdrecon_latents {got}: expected {(k_sd,) + pairs.latents_w.shape[1:]}, the images of "
-                         f"sdrecon_inputs refined by the policy (RolloutFleet.refine)")
+    _check_shapes(pairs, source, k_sd, sdrecon_latents)
     idx, _ = _chosen(source, fraction, n, round, seed, sdrecon_fraction)
     captions = [source.items[i].text for i in idx]
     winners = [real[i] for i in idx[:k_real]] + [sdrecon_latents[j] for j in range(k_sd)]
@@ -238,17 +234,42 @@ def mix_real_winners(pairs: PairBatch, source: RealImageSource, fraction: float,
             raise ValueError(f"losers_latents {losers_latents.shape}: expected {(k,) + pairs.latents_l.shape[1:]} "
                              f"(one per caption of prompts_for_losers)")
         slots = [int(j) for j in rng.permutation(n)[:k]]
-    lat_w, lat_l = np.array(pairs.latents_w, np.float32), np.array(pairs.latents_l, np.float32)  # copies: Ray's are read-only
+    return _place(pairs, source, idx, slots, captions, winners, losers_latents, losers_priors), stats
+
+
+def _check_shapes(pairs: PairBatch, source: RealImageSource, k_sd: int, sdrecon_latents: np.ndarray | None) -> None:
+    real = source.latents
+    if real.shape[1:] != pairs.latents_w.shape[1:]:
+        raise ValueError(f"real latents {real.shape[1:]} do not match the pairs' {pairs.latents_w.shape[1:]}: "
+                         f"the source was built for {source.height}x{source.width}")
+    if k_sd and (sdrecon_latents is None or sdrecon_latents.shape != (k_sd,) + pairs.latents_w.shape[1:]):
+        got = None if sdrecon_latents is None else sdrecon_latents.shape
+        raise ValueError(f"sdrecon_latents {got}: expected {(k_sd,) + pairs.latents_w.shape[1:]}, the images of "
+                         f"sdrecon_inputs refined by the policy (RolloutFleet.refine)")
+
+
+def _place(pairs: PairBatch, source: RealImageSource, idx: list[int], slots: list[int], captions: list[str],
+           winners: list, losers_latents: np.ndarray | None, losers_priors: np.ndarray | None) -> PairBatch:
+    """The pairs with pair ``slots[i]`` given real item ``idx[i]``'s winner, caption, masks and prior (and
+    the fresh loser ``losers_latents[i]`` when given); copies, since Ray hands out read-only arrays."""
+    lat_w, lat_l = np.array(pairs.latents_w, np.float32), np.array(pairs.latents_l, np.float32)
     prompts = list(pairs.prompts)
     masks_w = {r: np.array(m) for r, m in pairs.masks_w.items()}
     masks_l = {r: np.array(m) for r, m in pairs.masks_l.items()}
+    priors_w, priors_l = ((None, None) if pairs.priors_w is None
+                          else (np.array(pairs.priors_w), np.array(pairs.priors_l)))
     real_masks = source.region_masks(idx, list(masks_w))
+    real_priors = source.priors(idx) if priors_w is not None else None
     for slot_i, j in enumerate(slots):
         lat_w[j], prompts[j] = winners[slot_i], captions[slot_i]
         for r in masks_w:
             masks_w[r][j] = real_masks[r][slot_i]
+        if priors_w is not None:
+            priors_w[j] = real_priors[slot_i]
         if losers_latents is not None:
             lat_l[j] = losers_latents[slot_i]
             for r in masks_l:
-                masks_l[r][j] = losers_masks[r][slot_i] if losers_masks and r in losers_masks else 0.0
-    return PairBatch(lat_w, lat_l, prompts, masks_w, masks_l), stats
+                masks_l[r][j] = 0.0
+            if priors_l is not None:
+                priors_l[j] = losers_priors[slot_i] if losers_priors is not None else 0.0
+    return PairBatch(lat_w, lat_l, prompts, masks_w, masks_l, None, priors_w, priors_l)

@@ -235,13 +235,15 @@ def logged_regions(records: Sequence[dict]) -> list[dict[str, list]]:
 
 @dataclass(frozen=True)
 class ScoredRound:
-    """A round's scored samples as every batch builder takes them (:func:`learner_batch`)."""
+    """A round's scored samples as every batch builder takes them: the :class:`ScoredSamples` with
+    their region masks made and the unscored ones counted (:func:`learner_batch`)."""
 
     latents: np.ndarray  # (N, 4, h, w) final latents
     prompts: Sequence[str]
     groups: Sequence[Hashable]  # the prompt group of each sample (pairs and advantages stay inside one)
     scores: Sequence[float | None]  # from learner_scores; None = not usable
-    masks: dict[str, np.ndarray]  # {region: (N, 1, h, w)}, and the HcP pose priors under HCP_PRIOR
+    masks: dict[str, np.ndarray]  # {region: (N, 1, h, w)}
+    priors: np.ndarray | None  # HcP's pose priors (N, 1, h, w), selected with the rows
     conditioning: dict | None  # the rollout batch's {prompt: (embeds, pooled)}, passed on unchanged
     normalization: str  # rewards_normalization the scores were made with
     trajectory: dict | None  # the sampler's recorded steps (trajectory families)
@@ -252,20 +254,19 @@ class ScoredRound:
         """The samples with a usable score."""
         return [i for i, s in enumerate(self.scores) if usable(s)]
 
+    def prior_rows(self, idx) -> np.ndarray | None:
+        return None if self.priors is None else self.priors[idx]
 
-def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence[Hashable],
-                  scores: Sequence[float | None], regions: Sequence[dict], image_hw: tuple[int, int],
-                  trajectory: dict | None = None, settings=None, conditioning: dict | None = None,
-                  normalization: str = "weighted_sum", priors: np.ndarray | None = None):
-    """What the learner trains on this round, built by the loss's batch builder
-    (``rlfh.losses.registry``: its ``build_batch``): a PairBatch (:func:`pair_batch`), a SampleBatch
-    (:func:`rwr_batch`, :func:`filtered_batch`, :func:`nft_batch`, :func:`advantage_batch`) or a
-    TrajectoryBatch (:func:`trajectory_batch`).
 
-    ``scores`` come from :func:`learner_scores` with ``normalization``. ``conditioning`` (the rollout
-    batch's {prompt: (embeds, pooled)}) goes with the batch unchanged. ``priors`` (N, 1, h, w), the
-    HcP layer's pose priors of the samples (``model.hcp``), go with the region masks under
-    ``rlfh.data.pose_prior.HCP_PRIOR`` and are selected with them.
+def learner_batch(learner_cfg, samples, normalization: str = "weighted_sum"):
+    """What the learner trains on this round, from its scored samples (``rlfh.data.batches.ScoredSamples``),
+    built by the loss's batch builder (``rlfh.losses.registry``: its ``build_batch``): a PairBatch
+    (:func:`pair_batch`), a SampleBatch (:func:`rwr_batch`, :func:`filtered_batch`,
+    :func:`advantage_batch`) or a TrajectoryBatch (:func:`trajectory_batch`).
+
+    ``samples.scores`` come from :func:`learner_scores` with ``normalization``. ``samples.conditioning``
+    (the rollout batch's {prompt: (embeds, pooled)}) goes with the batch unchanged; ``samples.priors``
+    (HcP's pose priors) are selected with the rows, as the region masks.
 
     Returns:
         (batch, stats) with stats a flat dict of floats for metrics; ``samples/unscored`` counts the
@@ -273,14 +274,10 @@ def learner_batch(learner_cfg, latents, prompts: Sequence[str], groups: Sequence
     """
     from rlfh.losses.registry import loss_spec
 
-    masks = region_mask_arrays(regions, mask_regions(learner_cfg), image_hw)
-    if priors is not None:
-        from rlfh.data.pose_prior import HCP_PRIOR
-
-        masks[HCP_PRIOR] = priors
-    unscored = {"samples/unscored": float(sum(not usable(s) for s in scores))}
-    rnd = ScoredRound(latents, prompts, groups, scores, masks, conditioning, normalization, trajectory, settings,
-                      unscored)
+    masks = region_mask_arrays(samples.regions, mask_regions(learner_cfg), samples.image_hw)
+    unscored = {"samples/unscored": float(sum(not usable(s) for s in samples.scores))}
+    rnd = ScoredRound(samples.latents, samples.prompts, samples.groups, samples.scores, masks, samples.priors,
+                      samples.conditioning, normalization, samples.trajectory, samples.settings, unscored)
     return loss_spec(learner_cfg.loss).builder()(learner_cfg, rnd)
 
 
@@ -292,7 +289,7 @@ def pair_batch(learner_cfg, rnd: ScoredRound):
     w, l = [p.winner for p in pairs], [p.loser for p in pairs]
     batch = PairBatch(rnd.latents[w], rnd.latents[l], [rnd.prompts[i] for i in w],
                       {r: m[w] for r, m in rnd.masks.items()}, {r: m[l] for r, m in rnd.masks.items()},
-                      rnd.conditioning)
+                      rnd.conditioning, rnd.prior_rows(w), rnd.prior_rows(l))
     return batch, {"pairs/count": float(len(pairs)), **rnd.unscored,
                    "pairs/mean_margin": float(np.mean([p.margin for p in pairs])) if pairs else 0.0}
 
@@ -303,7 +300,7 @@ def weighted_batch(rnd: ScoredRound, weights: np.ndarray):
 
     keep = np.nonzero(weights > 0)[0]
     batch = SampleBatch(rnd.latents[keep], [rnd.prompts[i] for i in keep], weights[keep].astype(np.float32),
-                        {r: m[keep] for r, m in rnd.masks.items()}, rnd.conditioning)
+                        {r: m[keep] for r, m in rnd.masks.items()}, rnd.conditioning, rnd.prior_rows(keep))
     return batch, {"samples/kept": float(len(keep)), **rnd.unscored,
                    "samples/max_weight": float(weights.max()) if len(weights) else 0.0}
 
@@ -340,25 +337,19 @@ def round_advantages(rnd: ScoredRound, keep: Sequence[int]):
                                  [rnd.groups[i] for i in keep])
 
 
-def advantage_batch(learner_cfg, rnd: ScoredRound, signal=None):
-    """AWM (and, through :func:`nft_batch`, DiffusionNFT): every scored sample with its per-prompt
-    advantage A (:func:`round_advantages`) in a SampleBatch's weights, or with ``signal(A)``."""
+def advantage_batch(learner_cfg, rnd: ScoredRound):
+    """DiffusionNFT / AWM: every scored sample with its per-prompt advantage A (:func:`round_advantages`)
+    in a SampleBatch's ``advantages``; the family's step takes its signal from them (the spec's
+    ``signal``: NFT's r, AWM's A itself)."""
     from rlfh.data.batches import SampleBatch
 
     keep = np.array(rnd.keep(), dtype=np.int64)
     adv = round_advantages(rnd, keep)
-    values = adv if signal is None else signal(adv)
-    batch = SampleBatch(rnd.latents[keep], [rnd.prompts[i] for i in keep], values.float().numpy(),
-                        {r: m[keep] for r, m in rnd.masks.items()}, rnd.conditioning)
+    batch = SampleBatch(rnd.latents[keep], [rnd.prompts[i] for i in keep], None,
+                        {r: m[keep] for r, m in rnd.masks.items()}, rnd.conditioning, rnd.prior_rows(keep),
+                        adv.float().numpy())
     return batch, {"samples/kept": float(len(keep)), **rnd.unscored,
                    "samples/advantage_abs_mean": float(adv.abs().mean()) if len(keep) else 0.0}
-
-
-def nft_batch(learner_cfg, rnd: ScoredRound):
-    """DiffusionNFT: the advantages as r = 0.5 + 0.5 clip(A, -c, c) / c (:func:`rlfh.losses.nft.nft_reward_weight`)."""
-    from rlfh.losses.nft import nft_reward_weight
-
-    return advantage_batch(learner_cfg, rnd, lambda adv: nft_reward_weight(adv, learner_cfg.nft.adv_clip))
 
 
 def trajectory_batch(learner_cfg, rnd: ScoredRound):

@@ -7,9 +7,9 @@ For an image (H, W) and the landmarks of its people (those with visibility >= ``
     prior      = heat averaged over 8x8 blocks -> (1, H/8, W/8), the latent grid
 
 An image in which no person (or no visible landmark) was found gets an all-zero prior, which the
-loss skips. The prior rides in a batch's region-mask dict under :data:`HCP_PRIOR` (same rows, same
-indexing as the face / hand masks), so pairs, weighted samples and HG-DPO's real winners carry it
-without a field of their own.
+loss skips. Batches carry the priors in fields of their own (``PairBatch.priors_w`` / ``priors_l``,
+``SampleBatch.priors``), selected with the rows as the face / hand masks are; the per-round source
+is rlfh/data/sources/hcp_priors.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 
-HCP_PRIOR = "hcp_prior"  # key of the pose prior in a batch's masks dicts (never a region name)
 LATENT_SCALE = 8
 
 

@@ -303,19 +303,19 @@ class RealImageSource:
             self._priors[i] = self.pose_priors(image[None])[0]
         return self._priors[i]
 
+    def priors(self, indices: Sequence[int]) -> np.ndarray:
+        """HcP pose priors (k, 1, h, w) of items ``indices`` (:meth:`prior`); zeros while :attr:`pose_priors` is unset."""
+        if self.pose_priors is None or not len(indices):
+            return np.zeros((len(indices), 1, self.height // 8, self.width // 8), np.float32)
+        return np.stack([self.prior(i) for i in indices])
+
     def region_masks(self, indices: Sequence[int], names: Sequence[str]) -> dict[str, np.ndarray]:
         """{name: (k, 1, h, w)} masks from the metadata's boxes, mapped through resize and crop; zeros without
-        boxes. The name :data:`rlfh.data.pose_prior.HCP_PRIOR` gets the images' pose priors (zeros while
-        :attr:`pose_priors` is unset)."""
+        boxes."""
         from rlfh.data.pairs import region_mask_arrays
-        from rlfh.data.pose_prior import HCP_PRIOR
 
         out: dict[str, np.ndarray] = {}
-        if HCP_PRIOR in names:
-            shape = (len(indices), 1, self.height // 8, self.width // 8)
-            out[HCP_PRIOR] = (np.stack([self.prior(i) for i in indices]) if self.pose_priors is not None and len(indices)
-                              else np.zeros(shape, np.float32))
-        names = [n for n in names if n not in ("global", HCP_PRIOR)]
+        names = [n for n in names if n != "global"]
         if not names:
             return out
         per_image = []

@@ -157,12 +157,16 @@ def concat_pairs(a, b):
 
     if set(a.masks_w) != set(b.masks_w):
         raise ValueError(f"pair batches hold masks of different regions: {sorted(a.masks_w)} and {sorted(b.masks_w)}")
+    if (a.priors_w is None) != (b.priors_w is None):
+        raise ValueError("one pair batch holds HcP pose priors and the other does not")
     # a table missing some prompt makes the learner encode those (LearnerEngine.condition)
     cond = None if a.conditioning is None and b.conditioning is None else {**(a.conditioning or {}), **(b.conditioning or {})}
     return PairBatch(np.concatenate([a.latents_w, b.latents_w]), np.concatenate([a.latents_l, b.latents_l]),
                      [*a.prompts, *b.prompts],
                      {r: np.concatenate([a.masks_w[r], b.masks_w[r]]) for r in a.masks_w},
-                     {r: np.concatenate([a.masks_l[r], b.masks_l[r]]) for r in a.masks_l}, cond)
+                     {r: np.concatenate([a.masks_l[r], b.masks_l[r]]) for r in a.masks_l}, cond,
+                     *((None, None) if a.priors_w is None else
+                       (np.concatenate([a.priors_w, b.priors_w]), np.concatenate([a.priors_l, b.priors_l]))))
 
 
 def log_marks(role: str, source_ids: Sequence[str | None], region: str, strengths: Sequence[float | None],

@@ -42,6 +42,10 @@ class LearnerGroup:
     """
 
     def __init__(self, cfg, num_threads: int = 1, colocate: bool = False):
+        self.args = (cfg, num_threads, colocate)  # what restart() builds the ranks from again
+        self.start(cfg, num_threads, colocate)
+
+    def start(self, cfg, num_threads: int, colocate: bool) -> None:
         from rlfh.learner.actor import LearnerActor
 
         res = cfg.resources
@@ -94,6 +98,24 @@ class LearnerGroup:
 
     def load_checkpoint(self, path: str) -> dict:
         return get_all([a.load_checkpoint.remote(path) for a in self.ranks], "load_checkpoint")[0]
+
+    def dead_ranks(self, timeout_s: float = 60.0) -> list[int]:
+        """The ranks whose actor has died (a live rank answers a cheap call; a dead one raises)."""
+        dead = []
+        for i, a in enumerate(self.ranks):
+            try:
+                ray.get(a.policy_version.remote(), timeout=timeout_s)
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+            except ray.exceptions.GetTimeoutError:
+                pass  # busy (in a collective with the dead one): alive, and restarted with the group
+        return dead
+
+    def restart(self) -> None:
+        """Kill every rank (the survivors may wait in a collective for a dead one) and start them afresh,
+        with the initial weights: the caller loads a checkpoint next."""
+        self.shutdown()
+        self.start(*self.args)
 
     def shutdown(self) -> None:
         for a in self.ranks:

@@ -87,7 +87,7 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
                 lc.loss, lc.dpo.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b], masks_w, masks_l,
                 list(lc.regions.names), lc.regions.scale)
             extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
-            extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.masks_w, pairs.masks_l), idx, metrics))
+            extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.priors_w, pairs.priors_l), idx, metrics))
             extra = plus(extra, guidance_term(lrn, pred[b:], x_t[b:], t[b:], x0[:b], masks_l, metrics))
             history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(pairs))
@@ -96,8 +96,8 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
 # ---------------------------------------------------------------------------------------- RWR, filtered, NFT, AWM
 def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> dict[str, float]:
     """Reward-weighted (RWR) or filtered diffusion loss on weighted samples, per region; or
-    DiffusionNFT / AWM, whose per-sample signal (r or A) comes in the weights and which compare the
-    policy with the round's sampling policy on the same x_t (``lrn.old_policy``)."""
+    DiffusionNFT / AWM, whose per-sample signal (r or A) comes from the batch's advantages and which
+    compare the policy with the round's sampling policy on the same x_t (``lrn.old_policy``)."""
     lc = lrn.cfg.learner
     advantage = OLD_POLICY in check_batch(lc.loss, SAMPLES).needs
     h, w = samples.latents.shape[-2] * lrn.vae_scale, samples.latents.shape[-1] * lrn.vae_scale
@@ -108,21 +108,29 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
             x_t, t, target = lrn.noised(rows(samples.latents, idx, lrn.device), t_all[sl], eps_all[sl])
             enc, added = lrn.condition([samples.prompts[i] for i in idx], h, w)
             pred = lrn.policy(x_t, t, enc, added)
-            weights, masks = rows(samples.weights, idx, lrn.device), masks_at(samples.masks, idx, lrn.device)
+            masks = masks_at(samples.masks, idx, lrn.device)
             if advantage:  # the x0 scale is NFT's knob; AWM does not read it
                 objectives, metrics = advantage_objectives(
-                    lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target, weights, masks, list(lc.regions.names),
+                    lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target,
+                    advantage_signal(lc, samples, idx).to(lrn.device), masks, list(lc.regions.names),
                     lc.regions.scale, lc.nft.beta, lc.awm.clip_range, lc.nft.adv_clip,
                     lrn.x0_scale(t) if lc.nft.weighting == "adaptive" else None)
             else:
-                objectives, metrics = weighted_objectives(lc.loss, pred, target, weights, masks, list(lc.regions.names),
-                                                          lc.regions.scale)
+                objectives, metrics = weighted_objectives(lc.loss, pred, target, rows(samples.weights, idx, lrn.device),
+                                                          masks, list(lc.regions.names), lc.regions.scale)
             needs_ref = lc.reference.kl_coef > 0 or lc.guidance_free.scale is not None
             ref = lrn.reference(x_t, t, enc, added) if needs_ref else None
             extra = plus(regularizers(lrn, pred, ref, x_t, t, h, w, metrics),
-                         hcp_term(lrn, t, [samples.prompts[i] for i in idx], (samples.masks,), idx, metrics))
+                         hcp_term(lrn, t, [samples.prompts[i] for i in idx], (samples.priors,), idx, metrics))
             history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(samples))
+
+
+def advantage_signal(lc, samples: SampleBatch, idx: list[int]) -> torch.Tensor:
+    """The per-sample signal of NFT / AWM for rows ``idx``, from the batch's advantages A by the loss
+    spec's ``signal`` (rlfh/losses/registry.py): AWM's A itself, NFT's r = 0.5 + 0.5 clip(A, -c, c) / c."""
+    adv = torch.from_numpy(np.array(samples.advantages[idx], dtype=np.float64))
+    return loss_spec(lc.loss).signal_of(adv, lc).float()
 
 
 # ---------------------------------------------------------------------------------------- DDPO
@@ -354,16 +362,14 @@ def regularizers(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int,
     return sum(terms) if terms else None
 
 
-def hcp_term(lrn: LearnerEngine, t, prompts: list[str], mask_sets, idx: list[int], metrics: dict[str, float]):
+def hcp_term(lrn: LearnerEngine, t, prompts: list[str], prior_sets, idx: list[int], metrics: dict[str, float]):
     """The HcP layer's alignment term (rlfh/learner/hcp.py, rlfh/losses/hcp.py) on the policy forward just
-    taken, whose rows are ``mask_sets``' rows ``idx`` one set after the other (pairs: winners, losers);
-    the pose priors ride in those masks dicts. None when ``model.hcp`` is off or nothing counts."""
+    taken, whose rows are the pose priors' rows ``idx`` of ``prior_sets`` one after the other (pairs:
+    ``priors_w``, ``priors_l``). None when ``model.hcp`` is off or nothing counts."""
     if lrn.hcp is None:
         return None
-    from rlfh.data.pose_prior import HCP_PRIOR
-
-    prior = (torch.cat([rows(m[HCP_PRIOR], idx, lrn.device) for m in mask_sets])
-             if all(HCP_PRIOR in m for m in mask_sets) else None)
+    prior = (torch.cat([rows(p, idx, lrn.device) for p in prior_sets])
+             if all(p is not None for p in prior_sets) else None)
     return lrn.hcp.term(t, prompts, prior, metrics)
 
 

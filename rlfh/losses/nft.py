@@ -128,6 +128,12 @@ def nft_reward_weight(advantages: Tensor, clip: float = 5.0) -> Tensor:
     return (0.5 + 0.5 * a / clip).clamp(0.0, 1.0)
 
 
+
+def nft_signal(advantages: Tensor, learner_cfg) -> Tensor:
+    """NFT's per-sample signal r from a SampleBatch's advantages, c = ``learner.nft.adv_clip``
+    (:func:`nft_reward_weight`; the loss registry's ``signal`` of nft)."""
+    return nft_reward_weight(advantages, learner_cfg.nft.adv_clip)
+
 def implicit_predictions(pred: Tensor, old_pred: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """(eps_+, eps_-) = ((1 - beta) eps_old + beta eps_theta, (1 + beta) eps_old - beta eps_theta).
 

@@ -60,6 +60,8 @@ class LossSpec:
             recorded step for trajectories).
         variant: the DPO variant's name in rlfh/losses/dpo_variants.py; None for the sigmoid loss.
         regions: trains one objective per region of ``learner.regions.names`` (else the whole image only).
+        signal: ``module:function`` turning a SampleBatch's advantages A into the per-sample signal the
+            objective takes, called as ``f(A, learner_cfg)``; None: A itself.
     """
 
     name: str
@@ -72,6 +74,7 @@ class LossSpec:
     objective: str
     variant: str | None = None
     regions: bool = True
+    signal: str | None = None
     _resolved: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -81,6 +84,10 @@ class LossSpec:
 
     def builder(self) -> Callable:
         return self.resolve(self.build_batch)
+
+    def signal_of(self, advantages, learner_cfg):
+        """The objective's per-sample signal from the batch's advantages (:attr:`signal`)."""
+        return advantages if self.signal is None else self.resolve(self.signal)(advantages, learner_cfg)
 
     def objective_fn(self) -> Callable:
         return self.resolve(self.objective)
@@ -107,8 +114,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
              "rlfh.losses.objectives:weighted_objectives"),
     LossSpec("ddpo", "ddpo", DDPOConfig, TRAJECTORIES, True, frozenset({SAMPLER_LOGPROB, TEXT_ENCODERS}),
              "rlfh.data.pairs:trajectory_batch", "rlfh.learner.steps:trust_region_loss", regions=False),
-    LossSpec("nft", "nft", NFTConfig, SAMPLES, True, frozenset({OLD_POLICY}), "rlfh.data.pairs:nft_batch",
-             "rlfh.losses.objectives:nft_objectives"),
+    LossSpec("nft", "nft", NFTConfig, SAMPLES, True, frozenset({OLD_POLICY}), "rlfh.data.pairs:advantage_batch",
+             "rlfh.losses.objectives:nft_objectives", signal="rlfh.losses.nft:nft_signal"),
     LossSpec("awm", "awm", AWMConfig, SAMPLES, True, frozenset({OLD_POLICY}), "rlfh.data.pairs:advantage_batch",
              "rlfh.losses.objectives:awm_objectives"),
 ]}

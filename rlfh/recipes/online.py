@@ -8,10 +8,9 @@ Each round:
   2. the reward actor scores them (every configured reward, plus the regions it detected);
   3. the samples, their rewards and regions go to the rollout log (RUN_DIR/rollouts);
   4. pairs are built per prompt (best vs worst; or weights for RWR), with region masks from the
-     detections (plus, with ``data.region_pairs``, FaceScore's pairs of a sample and its
-     face or hand inpainted by the policy: :class:`InpaintedRegions`; with ``model.hcp``,
-     MediaPipe Pose priors of the images), and the learner steps on them (per-region losses,
-     MPD fairness);
+     detections, the data sources add theirs (rlfh/data/sources/: HcP's pose priors of the images,
+     HG-DPO's real winners, FaceScore's pairs of a sample and its face or hand inpainted by the
+     policy), and the learner steps on them (per-region losses, MPD fairness);
   5. the new weights go to the rollout actors (policy_version + 1): the LoRA adapter, or the whole
      UNet in buckets of ``resources.sync_bucket_mb`` (rlfh/learner/weight_sync.py);
   6. metrics go to RUN_DIR/metrics.jsonl and wandb; every ``checkpoint_every`` rounds a checkpoint.
@@ -19,8 +18,12 @@ Each round:
 With ``rollout.max_staleness: 1`` the rollouts of round k+1 are sampled while the learner trains on
 round k (one policy version stale, recorded per round as ``rollout/staleness``); 0 keeps the loop
 on-policy. A rollout or reward actor that dies is restarted and its work re-issued with the same
-seeds (rollouts/actor.py, rewards/actor.py); a killed driver resumes from its last checkpoint when
-the same command (or ``ray job submit``) runs again.
+seeds (rollouts/actor.py, rewards/actor.py); a learner rank that dies is restarted and the rounds
+since the last checkpoint replayed (rlfh/recipes/rounds.py); a killed driver resumes from its last
+checkpoint when the same command (or ``ray job submit``) runs again.
+
+The loop itself is rlfh/recipes/rounds.py's, shared with ``rlfh offline-dpo``: this file is where an
+online round's batch comes from (:class:`OnlineFeed`).
 
 The learner is ``resources.num_learner_gpus`` data-parallel DeepSpeed ranks (rlfh/learner/group.py).
 With ``resources.colocate`` one actor is both learner and rollout actor on one device, sampling with
@@ -33,205 +36,100 @@ import time
 import uuid
 from pathlib import Path
 
-from rlfh.config.schema import Config, save_config, to_dict
+from rlfh.config.schema import Config
 from rlfh.losses.registry import SAMPLER_LOGPROB, loss_spec
 from rlfh.recipes.capacity import check_cluster_fits
 from rlfh.recipes.cluster import release_actors, setup_ray, start_rollout_actors
+from rlfh.recipes.rounds import Feed, train_rounds
 
 
 def train(cfg: Config) -> Path:
     """Run online training; returns the run directory."""
-    from tqdm import tqdm
+    from rlfh.data.sources import build_sources, close_sources
+    from rlfh.run.skeleton import RunSkeleton
 
-    from rlfh.data.pairs import learner_batch, learner_scores
-    from rlfh.run.samples import write_grid
-    from rollouts.log import make_records
-
-    run_dir = Path(cfg.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
+    skel = RunSkeleton(cfg)
     started_ray = setup_ray(cfg)
-    run = Run(cfg, run_dir)
+    feed = OnlineFeed(cfg, skel)
+    skel.on_close(lambda: feed.close(started_ray))
     try:
         check_cluster_fits(cfg)  # refuse what Ray could never place, before any actor waits for it
-        run.start()
-        rc, lc = cfg.rollout, cfg.learner
-        jobs = None
-        bar = run.bar = tqdm(range(run.start_round, cfg.num_rounds), desc="rlfh train", unit="round",
-                             disable=not cfg.logging.progress)
-        for rnd in bar:
-            t0 = time.perf_counter()
-            # 1. sample (async: the next round samples with the current weights while this one trains)
-            batch = run.fleet.collect(jobs if jobs is not None else run.submit(rnd))
-            jobs = run.submit(rnd + 1) if rc.max_staleness > 0 and rnd + 1 < cfg.num_rounds else None
-            batch.rollout_ids = [uuid.uuid4().hex for _ in range(len(batch))]
-            staleness = run.version - batch.policy_version
-            if staleness > rc.max_staleness:
-                raise RuntimeError(f"round {rnd}: samples are {staleness} policy versions stale (> {rc.max_staleness})")
-            t1 = time.perf_counter()
-            # 2. score (every reward, and the face / hand regions found)
-            scored = run.scorer.score(batch.images, batch.prompts)
-            t2 = time.perf_counter()
-            # 3. log the samples, rewards and regions
-            run.log.append(make_records(batch, scored, rnd, staleness))
-            t3 = time.perf_counter()
-            # 4. pairs (or weights, or trajectories) with region masks; HG-DPO's real winners; train
-            scores, score_stats = learner_scores(scored.values(), scored.weights, batch.prompts, cfg.rewards_normalization)
-            train_batch, batch_stats = learner_batch(
-                lc, batch.latents, batch.prompts, batch.prompts, scores,
-                [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width), batch.trajectory, run.settings,
-                batch.conditioning, normalization=cfg.rewards_normalization, priors=run.hcp_priors(batch.images))
-            batch_stats.update(score_stats)
-            if run.real_winners is not None:
-                train_batch, hg_stats = run.real_winners.mix(train_batch, rnd)
-                batch_stats.update(hg_stats)
-            if run.region_pairs is not None:  # FaceScore's pairs: the policy inpaints a region of its samples
-                train_batch, rp_stats = run.region_pairs.add(train_batch, batch, scored, rnd, run.version)
-                batch_stats.update(rp_stats)
-            t4 = time.perf_counter()
-            try:
-                learner_metrics = run.learner.train(train_batch, lc.epochs_per_round)
-            except Exception as e:
-                raise RuntimeError(f"round {rnd}: training failed: {e}") from e
-            t5 = time.perf_counter()
-            # 5. the new weights to the rollout actors
-            run.sync()
-            t6 = time.perf_counter()
-            # 6. metrics, checkpoint, guards
-            metrics = {
-                "round": rnd, "policy_version": run.version, "rollout/samples": len(batch),
-                "rollout/sampled_policy_version": batch.policy_version, "rollout/staleness": staleness,
-                "rollout/actor_restarts": run.fleet.restarts, **scored.means(), **batch_stats, **learner_metrics,
-                "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/log_s": t3 - t2, "time/pairs_s": t4 - t3,
-                "time/learner_s": t5 - t4, "time/sync_s": t6 - t5, "time/round_s": t6 - t0,
-            }
-            if (rnd + 1) % cfg.logging.checkpoint_every == 0 or rnd + 1 == cfg.num_rounds:
-                run.checkpoint(rnd + 1)
-                metrics["time/checkpoint_s"] = time.perf_counter() - t6
-            stop = run.guards.check(rnd, metrics)
-            if stop is not None and "time/checkpoint_s" not in metrics:
-                run.checkpoint(rnd + 1)
-            metrics["guards/stopped"] = float(stop is not None)
-            if cfg.logging.sample_grid_every and rnd % cfg.logging.sample_grid_every == 0:
-                grid = write_grid(run_dir / "samples" / f"round-{rnd:06d}.png", batch.images,
-                                  ["-" if v is None else f"{v:.3g}" for v in scored.combined()])
-                run.logger.log_image("samples", grid, step=rnd)
-            run.logger.log(metrics, step=rnd)
-            bar.set_postfix(reward=f"{metrics.get('reward/combined/mean', float('nan')):.4g}",
-                            acc=f"{learner_metrics.get('dpo/implicit_acc', float('nan')):.2f}")
-            if stop is not None:
-                print(f"[rlfh] early stop after round {rnd}: {stop}")
-                break
+        feed.start()
+        sources = build_sources(cfg, feed.ctx)
+        skel.on_close(lambda: close_sources(sources))
+        train_rounds(cfg, skel, feed, sources, "rlfh train")
     finally:
-        run.close(started_ray)
-    return run_dir
+        skel.close()
+    return skel.path
 
 
-class Run:
-    """What an online run holds between rounds: the actors and scorers, the learner, the prompt
-    schedule, the rollout log, the metrics logger; started by :meth:`start`, released by :meth:`close`."""
+class OnlineFeed(Feed):
+    """An online round's batch: the policy's samples (rollout actors, or the colocated learner rank),
+    scored by the reward actor (or server), logged, and built into pairs, weighted samples or
+    trajectories. Holds the actors and scorers, the learner, the prompt schedule and the rollout log
+    between rounds; started by :meth:`start`, released by :meth:`close`."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg: Config, skel):
+        self.cfg, self.skel, self.run_dir = cfg, skel, skel.path
         self.owned: list = []  # actors this run started: killed at the end, whatever happens
         self.pgs: list = []  # placement groups this run reserved
-        self.logger = self.bar = self.learner = None
-        self.real_winners = self.region_pairs = None
-        self.pose_priors = None  # model.hcp: MediaPipe Pose heatmaps (rlfh/data/pose_prior.py)
-        self.start_round = 0
+        self.learner = None
+        self.jobs = None  # the next round's sampling, started while this one trains (rollout.max_staleness)
 
     def start(self) -> None:
         from rewards.actor import RewardScorer
         from rlfh.data.prompts import PromptSchedule, load_prompts
+        from rlfh.data.sources import SourceContext
+        from rlfh.eval.guards import Guards
         from rlfh.learner.group import LearnerGroup
-        from rlfh.run.guards import Guards
-        from rlfh.run.metrics import MetricsLogger
         from rollouts.actor import RolloutFleet
         from rollouts.log import RolloutLog
         from rollouts.types import SamplerSettings
 
         cfg, res, rc = self.cfg, self.cfg.resources, self.cfg.rollout
-        threads = max(int(res.num_cpus_per_actor), 1)
+        self.threads = max(int(res.num_cpus_per_actor), 1)
         # an unreachable reward server fails the run here, before anything is sampled or trained
         scorer = RewardScorer(url=cfg.reward_server.remote_url, retries=res.max_actor_restarts) \
             if cfg.reward_server.remote_url else None
-        self.colocate = res.colocate
-        if self.colocate:  # the learner's one rank samples too: no rollout actors, no second UNet
-            self.learner = LearnerGroup(cfg, threads, colocate=True)
+        if res.colocate:  # the learner's one rank samples too: no rollout actors, no second UNet
+            self.learner = LearnerGroup(cfg, self.threads, colocate=True)
             actors = [self.learner.lead]
         else:
-            actors = start_rollout_actors(cfg, threads, self.pgs)
+            actors = start_rollout_actors(cfg, self.threads, self.pgs)
             self.owned.extend(actors)
-        self.scorer = scorer or RewardScorer(actor=self._reward_actor(cfg.rewards, threads), retries=res.max_actor_restarts)
+        self.scorer = scorer or RewardScorer(actor=self.reward_actor(cfg.rewards), retries=res.max_actor_restarts)
         if self.learner is None:
-            self.learner = LearnerGroup(cfg, threads)
+            self.learner = LearnerGroup(cfg, self.threads)
         heldout = None
         if cfg.guards.every and cfg.guards.heldout_rewards:
-            heldout = RewardScorer(actor=self._reward_actor(cfg.guards.heldout_rewards, threads),
-                                   retries=res.max_actor_restarts)
+            heldout = RewardScorer(actor=self.reward_actor(cfg.guards.heldout_rewards), retries=res.max_actor_restarts)
         self.schedule = PromptSchedule(load_prompts(rc), rc.prompts_per_round, rc.rollouts_per_prompt, cfg.seed)
         self.settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height,
                                         rc.width, rc.eta, rc.scheduler)
         self.record = SAMPLER_LOGPROB in loss_spec(cfg.learner.loss).needs  # policy gradients train on them
-        self.fleet = RolloutFleet(actors, 0 if self.colocate else res.max_actor_restarts)
-        if cfg.model.hcp.enabled:
-            from rlfh.data.pose_prior import PosePriors
-
-            self.pose_priors = PosePriors(cfg.data.hcp_priors.sigma, cfg.data.hcp_priors.min_visibility)
-        if cfg.data.hgdpo.real_images:
-            from rlfh.recipes.hgdpo import RealWinners
-
-            self.real_winners = RealWinners(cfg, self.run_dir, self.fleet, self.settings, self.pose_priors)
+        self.fleet = RolloutFleet(actors, 0 if res.colocate else res.max_actor_restarts)
         self.log = RolloutLog(self.run_dir / "rollouts", cfg.logging.log_images, cfg.logging.keep_image_rounds)
-        if cfg.data.region_pairs.region is not None:
-            self.region_pairs = InpaintedRegions(cfg, self.fleet, self.scorer, self.log, self.settings)
-        self.start_round = self._resume()
-        self.version = self.learner.policy_version()
-        self.sync()
+        self.ctx = SourceContext(self.run_dir, self.fleet, self.settings, self.scorer, self.log)
         self.guards = Guards(cfg, self.fleet, self.settings, self.scorer, heldout)
-        self.logger = MetricsLogger(self.run_dir, cfg, to_dict(cfg))
 
-    def _reward_actor(self, entries, threads: int):
+    def reward_actor(self, entries):
         from rewards.actor import RewardActor
 
         res = self.cfg.resources
         actor = RewardActor.options(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_reward_actor,
                                     resources=dict(res.reward_resources),
-                                    max_restarts=res.max_actor_restarts).remote(entries, threads)
+                                    max_restarts=res.max_actor_restarts).remote(entries, self.threads)
         self.owned.append(actor)
         return actor
 
-    def hcp_priors(self, images):
-        """The round's HcP pose priors (N, 1, h, w): detected on the samples (``data.hcp_priors.prior=samples``),
-        or zeros that HG-DPO's real winners fill with theirs (``prior=real``); None without HcP."""
-        import numpy as np
+    def begin(self, start: int) -> None:
+        self.jobs = None  # sampling started for a round that is now replayed comes from stale weights
+        self.sync()
 
-        if not self.cfg.model.hcp.enabled:
-            return None
-        if self.cfg.data.hcp_priors.prior == "samples":
-            return self.pose_priors(images)
-        n, h, w = images.shape[:3]
-        return np.zeros((n, 1, h // 8, w // 8), np.float32)
-
-    def _resume(self) -> int:
-        """The round to start from: the latest checkpoint's (rolling back the log and metrics of
-        later rounds), or 0 (setting aside what a run killed before its first checkpoint left)."""
-        from rlfh.run.checkpoints import latest_checkpoint
-        from rlfh.run.metrics import rollback_metrics
-
-        ckpt = latest_checkpoint(self.run_dir) if self.cfg.resume else None
-        if ckpt is None:
-            if self.log.manifest_path.exists():
-                self.log.rollback(0)
-            rollback_metrics(self.run_dir, 0)
-            return 0
-        state = self.learner.load_checkpoint(str(ckpt))
-        start_round = state["round"]
-        dropped = self.log.rollback(start_round) if self.log.manifest_path.exists() else 0
-        rollback_metrics(self.run_dir, start_round)
-        print(f"[rlfh] resuming from {ckpt} (round {start_round}, policy version {state['policy_version']}); "
-              f"{dropped} logged rollouts of later rounds moved to rollouts/rolled_back/")
-        return start_round
+    def restart_learner(self) -> None:
+        self.learner.restart()
+        if self.cfg.resources.colocate:  # the learner's rank was the run's sampler
+            self.fleet.actors[:] = [self.learner.lead]
 
     def submit(self, rnd: int):
         from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window
@@ -243,29 +141,76 @@ class Run:
         return self.fleet.submit(prompts, seeds, self.settings, self.cfg.rollout.sample_batch_size_per_actor, record,
                                  ddpo_branch_seeds(self.cfg, prompts, seeds))
 
+    def batch(self, rnd: int, sources: list):
+        """Sample (the next round starts sampling with the current weights while this one trains, with
+        ``rollout.max_staleness: 1``), score, log, build the batch."""
+        from rlfh.data.sources import RoundData
+        from rollouts.log import make_records
+
+        cfg, rc = self.cfg, self.cfg.rollout
+        t0 = time.perf_counter()
+        batch = self.fleet.collect(self.jobs if self.jobs is not None else self.submit(rnd))
+        self.jobs = self.submit(rnd + 1) if rc.max_staleness > 0 and rnd + 1 < cfg.num_rounds else None
+        batch.rollout_ids = [uuid.uuid4().hex for _ in range(len(batch))]
+        staleness = self.version - batch.policy_version
+        if staleness > rc.max_staleness:
+            raise RuntimeError(f"round {rnd}: samples are {staleness} policy versions stale (> {rc.max_staleness})")
+        t1 = time.perf_counter()
+        scored = self.scorer.score(batch.images, batch.prompts)  # every reward, and the face / hand regions
+        t2 = time.perf_counter()
+        self.log.append(make_records(batch, scored, rnd, staleness))
+        t3 = time.perf_counter()
+        train_batch, stats = self.build(batch, scored, sources)
+        metrics = {"rollout/samples": len(batch), "rollout/sampled_policy_version": batch.policy_version,
+                   "rollout/staleness": staleness, "rollout/actor_restarts": self.fleet.restarts, **scored.means(),
+                   **stats, "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/log_s": t3 - t2,
+                   "time/pairs_s": time.perf_counter() - t3}
+        return train_batch, metrics, RoundData(rnd, self.version, batch, scored)
+
+    def build(self, batch, scored, sources: list):
+        """Pairs (or weights, or trajectories) with region masks, and the sources' per-sample fields."""
+        from rlfh.data.batches import ScoredSamples
+        from rlfh.data.pairs import learner_batch, learner_scores
+
+        cfg, rc = self.cfg, self.cfg.rollout
+        scores, score_stats = learner_scores(scored.values(), scored.weights, batch.prompts, cfg.rewards_normalization)
+        samples = ScoredSamples(batch.latents, batch.prompts, batch.prompts, scores,
+                                [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width),
+                                batch.trajectory, self.settings, batch.conditioning, images=batch.images)
+        for source in sources:
+            source.annotate(samples)
+        train_batch, stats = learner_batch(cfg.learner, samples, cfg.rewards_normalization)
+        return train_batch, {**stats, **score_stats}
+
+    def after_train(self, rnd: int) -> dict:
+        t0 = time.perf_counter()
+        self.sync()
+        return {"time/sync_s": time.perf_counter() - t0}
+
+    def finish(self, rnd: int, metrics: dict, data) -> str | None:
+        """Guards (held-out reward, reference drift, collapse) and the sample grid."""
+        from rlfh.run.samples import write_grid
+
+        stop = self.guards.check(rnd, metrics)
+        metrics["guards/stopped"] = float(stop is not None)
+        every = self.cfg.logging.sample_grid_every
+        if every and rnd % every == 0:
+            grid = write_grid(self.run_dir / "samples" / f"round-{rnd:06d}.png", data.samples.images,
+                              ["-" if v is None else f"{v:.3g}" for v in data.scored.combined()])
+            self.skel.logger.log_image("samples", grid, step=rnd)
+        return stop
+
     def sync(self) -> None:
         """The learner's policy to the rollout actors: object-store refs to weight buckets, each read
         by every actor (rlfh/learner/weight_sync.py); nothing to send when colocated."""
         self.version = self.learner.policy_version()
-        buckets = None if self.colocate else self.learner.weight_buckets(int(self.cfg.resources.sync_bucket_mb * 2**20))
+        buckets = None if self.cfg.resources.colocate else self.learner.weight_buckets(
+            int(self.cfg.resources.sync_bucket_mb * 2**20))
         self.fleet.sync(buckets, self.version, self.cfg.model.lora.enabled)
-
-    def checkpoint(self, rounds_done: int) -> None:
-        from rlfh.run.checkpoints import checkpoint_dir, mark_latest
-
-        path = checkpoint_dir(self.run_dir, rounds_done)
-        self.learner.save_checkpoint(str(path), {"round": rounds_done})
-        mark_latest(self.run_dir, path)
 
     def close(self, started_ray: bool) -> None:
         import ray
 
-        if self.bar is not None:
-            self.bar.close()
-        if self.logger is not None:
-            self.logger.close()
-        if self.pose_priors is not None:
-            self.pose_priors.close()
         release_actors(self.owned)  # the reward actors close their detectors first
         if self.learner is not None:
             self.learner.shutdown()
@@ -273,57 +218,3 @@ class Run:
             ray.util.remove_placement_group(pg)
         if started_ray:
             ray.shutdown()
-
-
-class InpaintedRegions:
-    """FaceScore's region pairs online (``data.region_pairs``, rlfh/data/region_pairs.py): a seeded
-    ``fraction`` of the round's samples with the region detected get it inpainted by the current
-    policy (``RolloutFleet.refine``, one call per strength), are scored by the same scorer and logged
-    (``region_pair`` marks them), and each (sample, inpainted) pair the reward orders joins the round's
-    pairs with the region's mask."""
-
-    def __init__(self, cfg: Config, fleet, scorer, log, settings):
-        import dataclasses
-
-        rp = cfg.data.region_pairs
-        self.cfg, self.fleet, self.scorer, self.log = cfg, fleet, scorer, log
-        self.settings = dataclasses.replace(settings, num_inference_steps=rp.num_inference_steps or settings.num_inference_steps)
-
-    def add(self, train_batch, batch, scored, rnd: int, version: int):
-        import numpy as np
-
-        from rlfh.data.pairs import mask_regions
-        from rlfh.data.region_pairs import concat_pairs, log_marks, plan_inpainting, region_pair_batch, strength_groups
-        from rollouts.log import make_records
-        from rollouts.types import RolloutBatch
-
-        cfg, rp, rc = self.cfg, self.cfg.data.region_pairs, self.cfg.rollout
-        rng = np.random.default_rng([cfg.seed, rnd, 0x5250])  # 0x5250 "RP": a stream of its own
-        choose = rng.random(len(batch)) < rp.fraction
-        seeds = rng.integers(0, 2**31 - 1, len(batch))
-        plan = plan_inpainting([scored.regions(i) for i in range(len(batch))], rp, (rc.height, rc.width), choose)
-        stats = {"region_pairs/candidates": float(len(plan.indices))}
-        if not plan.indices:
-            return train_batch, {**stats, "region_pairs/count": 0.0}
-        parts, order = [], []
-        for strength, ks in strength_groups(plan.strengths).items():
-            idx = [plan.indices[k] for k in ks]
-            parts.append(self.fleet.refine(batch.latents[idx], [batch.prompts[i] for i in idx],
-                                           [int(seeds[i]) for i in idx], self.settings, strength, plan.masks[ks]))
-            order.extend(ks)
-        inp = RolloutBatch.concat(parts)
-        idx = [plan.indices[k] for k in order]
-        strengths = [plan.strengths[k] for k in order]
-        inp.rollout_ids = [uuid.uuid4().hex for _ in range(len(inp))]
-        scored_inp = self.scorer.score(inp.images, inp.prompts)
-        marks = log_marks("inpainted", [batch.rollout_ids[i] for i in idx], rp.region, strengths, rp.dilate)
-        self.log.append(make_records(inp, scored_inp, rnd, version - inp.policy_version, marks))
-        values = scored.values()
-        pairs, pair_stats = region_pair_batch(
-            batch.latents[idx], inp.latents, inp.prompts, {n: [v[i] for i in idx] for n, v in values.items()},
-            scored_inp.values(), scored.weights, plan.masks[order], rp.region, mask_regions(cfg.learner),
-            cfg.rewards_normalization, inp.conditioning)
-        stats.update(pair_stats)
-        stats.update({"region_pairs/mean_strength": float(np.mean(strengths)),
-                      "region_pairs/mean_area_ratio": float(np.mean(plan.ratios))})
-        return concat_pairs(train_batch, pairs), stats

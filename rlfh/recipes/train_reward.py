@@ -51,7 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rlfh.config.schema import Config, save_config, to_dict
+from rlfh.config.schema import Config
 
 WEIGHTS_NAMES = ("FS_model.pt", "ImageReward.pt")  # what an init directory may hold, preferred first
 OUTPUT_WEIGHTS = "FS_model.pt"
@@ -259,13 +259,12 @@ def train_reward(cfg: Config) -> Path:
     from rewards.base import REGION_PROMPTS
     from rewards.blip_preprocess import tokenize
     from rewards.blip_reward_model import load_model_and_tokenizer
-    from rlfh.losses.ranking import ranking_accuracy, ranking_loss
-    from rlfh.run.metrics import MetricsLogger
+    from rlfh.run.skeleton import RunSkeleton
 
     rt = cfg.reward_training
-    run_dir = Path(cfg.run_dir).resolve()
-    if (run_dir / OUTPUT_WEIGHTS).exists():
-        raise ValueError(f"run_dir={run_dir} already holds a trained scorer ({OUTPUT_WEIGHTS}); choose another "
+    skel = RunSkeleton(cfg, save=False)  # the inputs are checked before anything is written
+    if (skel.path / OUTPUT_WEIGHTS).exists():
+        raise ValueError(f"run_dir={skel.path} already holds a trained scorer ({OUTPUT_WEIGHTS}); choose another "
                          f"run_dir or remove it")
     weights_name, _, med_config = resolve_init(rt)  # before the log is read: a typo in init fails fast
 
@@ -282,45 +281,50 @@ def train_reward(cfg: Config) -> Path:
                                                 tokenizer_dir=rt.tokenizer_dir, device=str(device))
     stats.update(freeze_leading_layers(model, rt.freeze_fraction))
     prompt = rt.prompt if rt.prompt is not None else REGION_PROMPTS[rt.region]
-    input_ids, attention_mask = tokenize(tokenizer, [prompt])  # (1, 35) each, broadcast over the batch
+    text = tokenize(tokenizer, [prompt])  # (input_ids, attention_mask), (1, 35) each, broadcast over the batch
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rt.lr,
                                   betas=tuple(rt.adam_betas), weight_decay=rt.weight_decay)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    logger = MetricsLogger(run_dir, cfg, to_dict(cfg))
+    skel.save_config()
+    logger = skel.open_metrics()
     try:
-        logger.log({"epoch": 0, **stats, **evaluate(model, held_pairs, input_ids, attention_mask, device, rt.batch_size)},
-                   step=0)
-        steps_per_epoch = math.ceil(len(train_pairs) / rt.batch_size)
-        bar = tqdm(total=rt.epochs * steps_per_epoch, desc="rlfh train-reward", unit="step",
-                   disable=not cfg.logging.progress)
+        logger.log({"epoch": 0, **stats, **evaluate(model, held_pairs, *text, device, rt.batch_size)}, step=0)
+        bar = tqdm(total=rt.epochs * math.ceil(len(train_pairs) / rt.batch_size), desc="rlfh train-reward",
+                   unit="step", disable=not cfg.logging.progress)
+        skel.on_close(bar.close)
         # 5. the loop: one pass over the shuffled training pairs per epoch
         for epoch in range(1, rt.epochs + 1):
             t0 = time.perf_counter()
-            model.train()
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_pairs))
-            losses, accs, sizes = [], [], []
-            for i in range(0, len(order), rt.batch_size):
-                batch = [train_pairs[j] for j in order[i:i + rt.batch_size]]
-                score_w, score_l = pair_scores(model, batch, input_ids, attention_mask, device)
-                loss = ranking_loss(score_w, score_l)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                accs.append(float(ranking_accuracy(score_w, score_l)))
-                sizes.append(len(batch))
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            row = {"epoch": epoch, "train/loss": float(np.average(losses, weights=sizes)),
-                   "train/accuracy": float(np.average(accs, weights=sizes)),
-                   **evaluate(model, held_pairs, input_ids, attention_mask, device, rt.batch_size),
-                   "time/epoch_s": time.perf_counter() - t0}
+            row = train_epoch(model, optimizer, train_pairs, text, device, cfg, epoch, bar)
+            row.update({**evaluate(model, held_pairs, *text, device, rt.batch_size),
+                        "time/epoch_s": time.perf_counter() - t0})
             logger.log(row, step=epoch)
-        bar.close()
         # 6. the scorer, in the published layout
-        write_scorer(model, med_config, run_dir)
+        write_scorer(model, med_config, skel.path)
     finally:
-        logger.close()
-    return run_dir
+        skel.close()
+    return skel.path
+
+
+def train_epoch(model, optimizer, train_pairs: list[RegionPair], text, device, cfg: Config, epoch: int, bar) -> dict:
+    """One pass over the shuffled training pairs (seeded by epoch), model in train mode; the epoch's metrics."""
+    from rlfh.losses.ranking import ranking_accuracy, ranking_loss
+
+    rt = cfg.reward_training
+    model.train()
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_pairs))
+    losses, accs, sizes = [], [], []
+    for i in range(0, len(order), rt.batch_size):
+        batch = [train_pairs[j] for j in order[i:i + rt.batch_size]]
+        score_w, score_l = pair_scores(model, batch, *text, device)
+        loss = ranking_loss(score_w, score_l)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        accs.append(float(ranking_accuracy(score_w, score_l)))
+        sizes.append(len(batch))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return {"epoch": epoch, "train/loss": float(np.average(losses, weights=sizes)),
+            "train/accuracy": float(np.average(accs, weights=sizes))}

@@ -97,6 +97,15 @@ class MetricsLogger:
 
             self._wandb.log({key: wandb.Image(str(path))}, step=step)
 
+    def rollback(self, from_round: int) -> int:
+        """:func:`rollback_metrics` while open (a learner restarted inside the run redoes those rounds):
+        the file is closed first, since the rollback replaces it, and appended to again after."""
+        self._file.close()
+        try:
+            return rollback_metrics(self.path.parent, from_round)
+        finally:
+            self._file = open(self.path, "a")
+
     def close(self) -> None:
         self._file.close()
         if self._wandb is not None:

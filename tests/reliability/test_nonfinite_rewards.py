@@ -10,6 +10,7 @@ import pytest
 from rewards.base import Reward, RewardError, RewardResult
 from rewards.composite import RewardSet, ScoredBatch, WeightedReward, combined_scores
 from rlfh.config.schema import load_config
+from rlfh.data.batches import ScoredSamples
 from rlfh.data.pairs import Pair, build_pairs, learner_batch, sample_weights
 from rlfh.losses.filtered import filter_weights
 from rlfh.losses.rwr import rwr_weights
@@ -51,7 +52,8 @@ def test_one_nan_in_960_rows_weights_the_other_959(loss):
         assert w.sum() == pytest.approx(959.0)  # mean weight 1 over the scored samples
     cfg = config(loss)
     latents = np.zeros((960, 4, 8, 8), np.float32)
-    batch, stats = learner_batch(cfg.learner, latents, ["p"] * 960, ["p"] * 960, scores, [{}] * 960, (64, 64))
+    batch, stats = learner_batch(cfg.learner,
+                                 ScoredSamples(latents, ["p"] * 960, ["p"] * 960, scores, [{}] * 960, (64, 64)))
     assert len(batch) == kept and stats["samples/kept"] == kept and stats["samples/unscored"] == 1.0
 
 

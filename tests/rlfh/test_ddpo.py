@@ -11,6 +11,7 @@ from rlfh.learner.engine import LearnerEngine, deepspeed_config
 from rlfh.learner.steps import train
 from rlfh.data.batches import TrajectoryBatch
 from families import load_pipeline
+from rlfh.data.batches import ScoredSamples
 from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window, learner_batch
 from rollouts.sampler import Sampler
 from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow
@@ -131,8 +132,9 @@ def test_learner_recomputes_recorded_logprobs_then_learns(cfg, tiny_model_dir, w
     st = settings_of(cfg)
     prompts = ["p", "p", "q", "q"]
     b = s.sample(prompts, [0, 1, 2, 3], st, record=ddpo_window(cfg, 1))
-    batch, stats = learner_batch(cfg.learner, b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
-                                 b.trajectory, st)
+    batch, stats = learner_batch(cfg.learner,
+                                 ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
+                                               b.trajectory, st))
     assert isinstance(batch, TrajectoryBatch)
     assert batch.latents.shape[1] == (window or 4) + 1 and batch.window_start == stats["ddpo/window_start"]
     np.testing.assert_allclose(batch.advantages, [1, -1, -1, 1], atol=1e-4)  # per-prompt z-scores
@@ -188,7 +190,9 @@ def ddpo_learning_gain(tiny_model_dir, window, branch: bool = False, groups: int
         seeds = [rnd * n + i for i in range(n)]
         b = s.sample(prompts, seeds, st, record=ddpo_window(cfg, rnd), branch_seeds=ddpo_branch_seeds(cfg, prompts, seeds))
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()
-        batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, rewards, [{}] * n, (64, 64), b.trajectory, st)
+        batch, _ = learner_batch(cfg.learner,
+                                 ScoredSamples(b.latents, prompts, prompts, rewards, [{}] * n, (64, 64), b.trajectory,
+                                               st))
         m = train(lrn, batch, epochs=2)
         assert m["ddpo/recorded_logprob_max_diff"] < 1e-5
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
@@ -242,7 +246,9 @@ def test_ddpo_trust_regions_raise_reward(tiny_model_dir, region):
     for rnd in range(12):
         b = s.sample(prompts, [rnd * 8 + i for i in range(8)], st, record=ddpo_window(cfg, rnd))
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()
-        batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64), b.trajectory, st)
+        batch, _ = learner_batch(cfg.learner,
+                                 ScoredSamples(b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64), b.trajectory,
+                                               st))
         m = train(lrn, batch, epochs=2)
         limited.append(m["ddpo/maskedfrac" if region == "dppo" else "ddpo/clipfrac"])
         kls.append(m["ddpo/kl"])

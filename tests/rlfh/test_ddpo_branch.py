@@ -173,6 +173,7 @@ def test_fleet_branches_groups_cut_between_actors_and_reissues_the_same_images(r
 def test_learner_runs_a_groups_shared_x_j_once_with_the_same_update(tiny_model_dir, sampler):
     """learner.ddpo.branch: the window's first step trains one UNet row per distinct (prompt, x_j) of a
     micro-batch; the update equals the one that runs every row (the gradient sums over the copies)."""
+    from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
@@ -185,8 +186,9 @@ def test_learner_runs_a_groups_shared_x_j_once_with_the_same_update(tiny_model_d
     updated, counts = [], []
     for branch in ("false", "true"):
         cfg = load_config(REPO / "configs" / "tiny.yaml", [*base, f"learner.ddpo.branch={branch}"])
-        batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
-                                 b.trajectory, st)
+        batch, _ = learner_batch(cfg.learner,
+                                 ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
+                                               b.trajectory, st))
         lrn = LearnerEngine(cfg)
         with UNetRows(lrn.unet) as counted:
             m = train(lrn, batch, epochs=1)

@@ -11,7 +11,7 @@ import pytest
 from rewards.base import Detection, RewardResult
 from rewards.composite import ScoredBatch
 from rlfh.eval.diversity import face_identity_similarity, face_lists, image_diversity, reward_gap
-from rlfh.run.guards import Guards
+from rlfh.eval.guards import Guards
 
 
 def _img(value: int, side: int = 32) -> np.ndarray:

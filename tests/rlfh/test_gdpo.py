@@ -12,6 +12,7 @@ import pytest
 
 from rewards.base import RewardResult
 from rewards.composite import ScoredBatch, combined_scores
+from rlfh.data.batches import ScoredSamples
 from rlfh.data.pairs import build_pairs, learner_batch, learner_scores, sample_weights
 from rlfh.losses.advantages import gdpo_advantages, no_spread_share
 
@@ -97,11 +98,12 @@ def test_ddpo_takes_gdpo_advantages_as_they_are():
     traj = {"latents": np.zeros((n, t + 1, 4, 8, 8), np.float32), "log_probs": np.zeros((n, t), np.float32),
             "timesteps": np.arange(t)}
     scores = [7.0, -1.0, None, 0.5]  # GDPO scores: the DDPO branch clips them to +-5 and keeps them
-    batch, stats = learner_batch(cfg, None, ["a"] * n, ["a"] * n, scores, [{}] * n, (64, 64), traj,
-                                 normalization="gdpo")
+    batch, stats = learner_batch(cfg,
+                                 ScoredSamples(None, ["a"] * n, ["a"] * n, scores, [{}] * n, (64, 64), traj),
+                                               normalization="gdpo")
     assert np.asarray(batch.advantages).tolist() == [5.0, -1.0, 0.5]
     # weighted_sum: the same scores are z-scored per prompt
-    batch, _ = learner_batch(cfg, None, ["a"] * n, ["a"] * n, scores, [{}] * n, (64, 64), traj)
+    batch, _ = learner_batch(cfg, ScoredSamples(None, ["a"] * n, ["a"] * n, scores, [{}] * n, (64, 64), traj))
     assert abs(float(np.mean(batch.advantages))) < 1e-6 and np.asarray(batch.advantages).tolist() != [5.0, -1.0, 0.5]
 
 

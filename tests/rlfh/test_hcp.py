@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlfh.data.batches import PairBatch
-from rlfh.data.pose_prior import HCP_PRIOR, pose_heatmap
+from rlfh.data.pose_prior import pose_heatmap
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
 from tests.conftest import REPO
@@ -34,7 +34,7 @@ def prior(n):
 
 def posed_pairs(n=4, seed=0):
     lat = np.random.default_rng(seed).standard_normal((2, n, 4, 8, 8)).astype(np.float32)
-    return PairBatch(lat[0], lat[1], [PROMPTS[i % 2] for i in range(n)], {HCP_PRIOR: prior(n)}, {HCP_PRIOR: prior(n)})
+    return PairBatch(lat[0], lat[1], [PROMPTS[i % 2] for i in range(n)], priors_w=prior(n), priors_l=prior(n))
 
 
 def alignment(lrn, seed=123):
@@ -191,7 +191,7 @@ def test_hcp_on_weighted_samples(tiny_model_dir):
     lat = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32)
     posed = prior(4)
     posed[1::2] = 0.0  # rows 1 and 3: no person found
-    batch = SampleBatch(lat, [PROMPTS[i % 2] for i in range(4)], np.full(4, 0.25, np.float32), {HCP_PRIOR: posed})
+    batch = SampleBatch(lat, [PROMPTS[i % 2] for i in range(4)], np.full(4, 0.25, np.float32), priors=posed)
     phi = {k: v.clone() for k, v in lrn.hcp.state_dict().items()}
     metrics = train(lrn, batch, epochs=1)
     assert metrics["loss/hcp"] > 0 and metrics["hcp/posed_fraction"] == 0.5

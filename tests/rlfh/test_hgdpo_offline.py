@@ -35,7 +35,7 @@ def write_log(directory, rounds: int = 1, per_prompt: int = 2):
 
 
 class RecordingSampler:
-    """The sampler protocol of rlfh/recipes/hgdpo.py with outputs that name their inputs: ``refine``
+    """The sampler protocol of rlfh/data/sources/hgdpo.py with outputs that name their inputs: ``refine``
     returns its latents + 100, ``sample`` a constant latent per seed; every call is kept."""
 
     def __init__(self):
@@ -79,7 +79,8 @@ def offline_cfg(tiny_model_dir, tmp_path):
 
 
 def test_offline_mixing_follows_the_curriculum_with_the_logs_settings(offline_cfg, tmp_path):
-    from rlfh.recipes.hgdpo import RealWinners
+    from rlfh.data.sources import SourceContext
+    from rlfh.data.sources.hgdpo import RealWinners
     from rlfh.recipes.offline import batch_from_log, logged_settings
 
     cfg = offline_cfg("data.hgdpo.sdrecon_strength=0.5")
@@ -88,7 +89,7 @@ def test_offline_mixing_follows_the_curriculum_with_the_logs_settings(offline_cf
     assert (settings.num_inference_steps, settings.guidance_scale, settings.negative_prompt, settings.height) == \
         (LOG_STEPS, 3.0, "blurry", 64)
     sampler = RecordingSampler()
-    hg = RealWinners(cfg, tmp_path, sampler, settings)
+    hg = RealWinners(cfg, SourceContext(tmp_path, sampler, settings))
     n = len(pairs)
     assert n == len(PROMPTS)
     # round 0, the easy stage: the logged pairs as they are, nothing sampled
@@ -116,37 +117,41 @@ def test_offline_mixing_follows_the_curriculum_with_the_logs_settings(offline_cf
 
 
 def test_offline_mixing_keeps_logged_losers_without_fresh_ones(offline_cfg, tmp_path):
-    from rlfh.recipes.hgdpo import RealWinners, needs_policy_samples
+    from rlfh.data.sources import SourceContext
+    from rlfh.data.sources.hgdpo import RealWinners, needs_policy_samples
     from rlfh.recipes.offline import batch_from_log, logged_settings
 
     cfg = offline_cfg("data.hgdpo.fresh_losers=false",
                       "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
-    assert not needs_policy_samples(cfg.data.hgdpo)
+    assert not needs_policy_samples(cfg.learner.hgdpo)
     pairs, _ = batch_from_log(cfg)
-    mixed, stats = RealWinners(cfg, tmp_path, None, logged_settings(cfg)).mix(pairs, 0)
+    mixed, stats = RealWinners(cfg, SourceContext(tmp_path, None, logged_settings(cfg))).mix(pairs, 0)
     assert stats["hgdpo/real_pairs"] == len(pairs)
     assert np.array_equal(mixed.latents_l, pairs.latents_l) and not np.array_equal(mixed.latents_w, pairs.latents_w)
     with pytest.raises(ValueError, match="no sampler"):
-        RealWinners(offline_cfg(), tmp_path, None, logged_settings(cfg))
+        RealWinners(offline_cfg(), SourceContext(tmp_path, None, logged_settings(cfg)))
     with pytest.raises(ValueError, match=r"sdrecon_strength=0.1 of rollout.num_inference_steps=4 runs no denoising"):
-        RealWinners(offline_cfg("data.hgdpo.sdrecon_strength=0.1"), tmp_path, RecordingSampler(), logged_settings(cfg))
+        RealWinners(offline_cfg("data.hgdpo.sdrecon_strength=0.1"),
+                    SourceContext(tmp_path, RecordingSampler(), logged_settings(cfg)))
 
 
 def test_offline_hcp_real_priors_reach_the_real_winners(offline_cfg, tmp_path):
     """data.hcp_priors.prior=real offline: the logged samples carry zero priors (as online) that the real
     winners fill with their own, so the HcP loss sees them (without the key they were dropped)."""
-    from rlfh.data.pose_prior import HCP_PRIOR
-    from rlfh.recipes.hgdpo import RealWinners
+    from rlfh.data.sources import SourceContext
+    from rlfh.data.sources.hgdpo import RealWinners
     from rlfh.recipes.offline import batch_from_log, logged_settings
 
     cfg = offline_cfg("model.hcp.enabled=true", "data.hcp_priors.prior=real", "data.hgdpo.fresh_losers=false",
                       "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
-    pairs, _ = batch_from_log(cfg)
-    assert HCP_PRIOR in pairs.masks_w and not pairs.masks_w[HCP_PRIOR].any()
-    hg = RealWinners(cfg, tmp_path, None, logged_settings(cfg))
+    from rlfh.data.sources.hcp_priors import HcpPriors
+
+    pairs, _ = batch_from_log(cfg, [HcpPriors(cfg, SourceContext(tmp_path))])
+    assert pairs.priors_w is not None and not pairs.priors_w.any()
+    hg = RealWinners(cfg, SourceContext(tmp_path, None, logged_settings(cfg)))
     hg.source.pose_priors = lambda images: np.ones((len(images), 1, 8, 8), np.float32)  # a stand-in detector
     mixed, _ = hg.mix(pairs, 0)
-    assert mixed.masks_w[HCP_PRIOR].shape == (len(pairs), 1, 8, 8) and mixed.masks_w[HCP_PRIOR].min() == 1.0
+    assert mixed.priors_w.shape == (len(pairs), 1, 8, 8) and mixed.priors_w.min() == 1.0
 
 
 @pytest.mark.slow

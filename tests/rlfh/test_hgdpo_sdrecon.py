@@ -96,8 +96,9 @@ class InProcessFleet:
 @pytest.fixture(scope="module")
 def normal_stage(tiny_model_dir, tmp_path_factory):
     """RealWinners of an online run in its normal stage, on the tiny model's own sampler."""
-    from rlfh.recipes.hgdpo import RealWinners
     from families import load_pipeline
+    from rlfh.data.sources import SourceContext
+    from rlfh.data.sources.hgdpo import RealWinners
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 
@@ -109,7 +110,7 @@ def normal_stage(tiny_model_dir, tmp_path_factory):
     rc = cfg.rollout
     settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width)
     sampler = Sampler(load_pipeline(cfg.model), model_id=cfg.model.path)
-    return cfg, RealWinners(cfg, root, InProcessFleet(sampler), settings)
+    return cfg, RealWinners(cfg, SourceContext(root, InProcessFleet(sampler), settings))
 
 
 def test_sdrecon_winners_are_the_real_images_partly_redenoised(normal_stage):

@@ -8,7 +8,7 @@ from rewards.base import Detection
 from rlfh.losses import fairness
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train, update
-from rlfh.data.batches import PairBatch, SampleBatch
+from rlfh.data.batches import PairBatch, SampleBatch, ScoredSamples
 from rlfh.data.pairs import learner_batch, region_mask_arrays
 from tests.conftest import REPO
 
@@ -56,7 +56,8 @@ def test_regions_from_detections_train_end_to_end(mpd_learner):
     scores = [float(s) for s in rng.standard_normal(n)]
     face = [Detection((8.0, 8.0, 30.0, 30.0), 0.95)]
     regions = [{"face": face} if i < 4 else {} for i in range(n)]  # only the first two groups have faces
-    batch, stats = learner_batch(mpd_learner.cfg.learner, latents, prompts, prompts, scores, regions, (64, 64))
+    batch, stats = learner_batch(mpd_learner.cfg.learner,
+                                 ScoredSamples(latents, prompts, prompts, scores, regions, (64, 64)))
     assert isinstance(batch, PairBatch) and stats["pairs/count"] == 4
     assert batch.masks_w["face"].shape == (4, 1, 8, 8) and batch.masks_w["hand"].max() == 0
     m = train(mpd_learner, batch, epochs=1)
@@ -77,7 +78,8 @@ def test_weighted_losses_train(tiny_model_dir, loss):
     rng = np.random.default_rng(1)
     latents = rng.standard_normal((8, 4, 8, 8)).astype(np.float32)
     scores = [float(s) for s in rng.standard_normal(8)]
-    batch, stats = learner_batch(lrn.cfg.learner, latents, ["p"] * 8, ["p"] * 8, scores, [{}] * 8, (64, 64))
+    batch, stats = learner_batch(lrn.cfg.learner,
+                                 ScoredSamples(latents, ["p"] * 8, ["p"] * 8, scores, [{}] * 8, (64, 64)))
     assert isinstance(batch, SampleBatch)
     if loss == "filtered":
         assert stats["samples/kept"] == 4  # top half

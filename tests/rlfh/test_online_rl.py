@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rlfh.config.schema import ConfigError, load_config
-from rlfh.data.batches import PairBatch, SampleBatch
+from rlfh.data.batches import PairBatch, SampleBatch, ScoredSamples
 from rlfh.data.pairs import learner_batch
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
@@ -32,10 +32,15 @@ def samples(n=8, seed=0):
 def test_batch_signal_and_first_step_against_the_sampling_policy(tiny_model_dir, loss):
     cfg = config(tiny_model_dir, f"learner.loss={loss}")
     lat, prompts, scores = samples()
-    batch, stats = learner_batch(cfg.learner, lat, prompts, prompts, scores, [{}] * 8, (64, 64))
+    batch, stats = learner_batch(cfg.learner, ScoredSamples(lat, prompts, prompts, scores, [{}] * 8, (64, 64)))
     assert isinstance(batch, SampleBatch) and len(batch) == 8 and stats["samples/kept"] == 8
     z = np.concatenate([(np.array(s) - np.mean(s)) / np.std(s) for s in (scores[:4], scores[4:])])  # per-prompt z
-    np.testing.assert_allclose(batch.weights, 0.5 + 0.5 * z / 5 if loss == "nft" else z, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(batch.advantages, z, rtol=1e-5, atol=1e-6)
+    assert batch.weights is None  # the signal of these losses is the advantage, not a loss weight
+    from rlfh.learner.steps import advantage_signal
+
+    signal = advantage_signal(cfg.learner, batch, list(range(8))).numpy()
+    np.testing.assert_allclose(signal, 0.5 + 0.5 * z / 5 if loss == "nft" else z, rtol=1e-5, atol=1e-6)
     lrn = LearnerEngine(cfg)
     before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
     m = train(lrn, batch, epochs=2)
@@ -81,7 +86,7 @@ def test_ema_reference_is_refreshed_every_k_rounds(tiny_model_dir):
                  "learner.reference.refresh_rounds=2", "learner.reference.kl_coef=1")
     lat, prompts, scores = samples()
     lrn = LearnerEngine(cfg)
-    batch, _ = learner_batch(cfg.learner, lat, prompts, prompts, scores, [{}] * 8, (64, 64))
+    batch, _ = learner_batch(cfg.learner, ScoredSamples(lat, prompts, prompts, scores, [{}] * 8, (64, 64)))
     seen = []
     for _ in range(3):
         train(lrn, batch, epochs=1)
@@ -137,7 +142,7 @@ def test_online_rounds_raise_reward(tiny_model_dir, loss):
     for rnd in range(8):
         b = s.sample(prompts, [rnd * 8 + i for i in range(8)], st)
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()
-        batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64))
+        batch, _ = learner_batch(cfg.learner, ScoredSamples(b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64)))
         train(lrn, batch, epochs=epochs)
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     after = fixed_seed_reward(s, st)
@@ -169,8 +174,9 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
     st = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, "", rc.height, rc.width, rc.eta, rc.scheduler)
     prompts = ["p", "p", "q", "q"]
     b = s.sample(prompts, [0, 1, 2, 3], st, record=ddpo_window(cfg, 1))
-    batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
-                             b.trajectory, st)
+    batch, _ = learner_batch(cfg.learner,
+                             ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
+                                           b.trajectory, st))
     m1 = train(lrn, batch, epochs=1)  # one optimizer step of 4 timesteps: the first sees the sampler itself
     assert m1["ddpo/recorded_logprob_max_diff"] < 1e-5
     assert {f"ddpo/log_ratio_drift/step{j}" for j in range(4)} <= set(m1)
@@ -203,8 +209,9 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     st = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, "", rc.height, rc.width, rc.eta, rc.scheduler)
     prompts = ["p", "p", "q", "q"]
     b = s.sample(prompts, [0, 1, 2, 3], st, record=ddpo_window(cfg, 1))
-    batch, _ = learner_batch(cfg.learner, b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
-                             b.trajectory, st)
+    batch, _ = learner_batch(cfg.learner,
+                             ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
+                                           b.trajectory, st))
     m1 = train(lrn, batch, epochs=1)  # the first micro-step is at the reference: its KL is exactly 0
     m2 = train(lrn, batch, epochs=2)
     assert m1["loss/kl"] == 0.0 and m2["loss/kl"] > 0.0 and np.isfinite(m2["loss/ddpo"])
@@ -239,7 +246,7 @@ def test_checkpoint_resume_is_exact_with_ema_reference_and_sampler(tiny_model_di
     batches = []
     for rnd in range(4):
         lat, prompts, scores = samples(seed=rnd)
-        batches.append(learner_batch(cfg.learner, lat, prompts, prompts, scores, [{}] * 8, (64, 64))[0])
+        batches.append(learner_batch(cfg.learner, ScoredSamples(lat, prompts, prompts, scores, [{}] * 8, (64, 64)))[0])
     ref = LearnerEngine(cfg)
     ref_metrics = [train(ref, b, epochs=1) for b in batches]
     lrn = LearnerEngine(cfg)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlfh.config.schema import ConfigError, load_config
+from rlfh.data.batches import ScoredSamples
 from rlfh.data.pairs import learner_batch
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
@@ -31,8 +32,9 @@ def test_rollouts_get_the_ema_and_the_loss_compares_with_it(tiny_model_dir):
     assert all(torch.equal(first[k], trained0[k]) for k in trained0)  # the EMA starts at the policy
     lat = np.random.default_rng(0).standard_normal((8, 4, 8, 8)).astype(np.float32)
     prompts = ["a"] * 4 + ["b"] * 4
-    batch, _ = learner_batch(cfg.learner, lat, prompts, prompts, lat[:, 0].mean(axis=(1, 2)).tolist(), [{}] * 8,
-                             (64, 64))
+    batch, _ = learner_batch(cfg.learner,
+                             ScoredSamples(lat, prompts, prompts, lat[:, 0].mean(axis=(1, 2)).tolist(), [{}] * 8, (64,
+                                           64)))
     train(lrn, batch, epochs=2)
     sent, trained = synced(lrn), lrn.lora_state_dict()
     ema = lrn.lora_state_dict([s.detach() for s in lrn.ema.shadow_params])

@@ -1,0 +1,48 @@
+"""Per-round data sources: what joins a round's samples and batch besides the policy's own samples.
+
+A source is one file here with one class behind :class:`DataSource`, built from its own config
+section, and one line in :data:`SOURCES`. The training loop (rlfh/recipes/rounds.py) builds every
+source whose section turns it on and calls it each round, without knowing which ones exist:
+
+    annotate(samples)       per-sample fields of the round's scored samples, before the batch is
+                            built from them (HcP's pose priors: ``ScoredSamples.priors``)
+    extend(batch, round)    the round's training batch, transformed or extended (HG-DPO's real
+                            winners; inpainted region pairs); returns (batch, stats)
+    close()                 release what it holds (MediaPipe graphs), at teardown
+
+The sources run in :data:`SOURCES` order (HcP's priors exist before HG-DPO mixes real winners in).
+"""
+
+from __future__ import annotations
+
+from rlfh.data.sources.base import DataSource, RoundData, SourceContext
+from rlfh.data.sources.hcp_priors import HcpPriors
+from rlfh.data.sources.hgdpo import RealWinners
+from rlfh.data.sources.region_pairs import InpaintedRegions
+
+# name -> source, in the order they run: a new source is one file and one line here
+SOURCES: dict[str, type[DataSource]] = {
+    HcpPriors.name: HcpPriors,
+    RealWinners.name: RealWinners,
+    InpaintedRegions.name: InpaintedRegions,
+}
+
+__all__ = ["SOURCES", "DataSource", "RoundData", "SourceContext", "build_sources", "close_sources"]
+
+
+def build_sources(cfg, ctx: SourceContext) -> list[DataSource]:
+    """Every source this config turns on, built in order; one that fails to build releases those before it."""
+    built: list[DataSource] = []
+    try:
+        for cls in SOURCES.values():
+            if cls.wanted(cfg, ctx):
+                built.append(cls(cfg, ctx))
+    except BaseException:
+        close_sources(built)
+        raise
+    return built
+
+
+def close_sources(sources: list[DataSource]) -> None:
+    for s in reversed(sources):
+        s.close()
