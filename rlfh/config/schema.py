@@ -755,49 +755,49 @@ class Config:
 
 MOVED_KEYS: dict[str, str] = {
     # per-loss knobs -> the family's own section (rlfh/losses/registry.py)
-    "learner.dpo.beta": "learner.dpo.beta",
-    "learner.dpo.pair_strategy": "learner.dpo.pair_strategy",
-    "learner.dpo.guidance.coef": "learner.dpo.guidance.coef",
-    "learner.dpo.guidance.region": "learner.dpo.guidance.region",
-    "learner.ddpo.clip_range": "learner.ddpo.clip_range",
-    "learner.ddpo.timestep_fraction": "learner.ddpo.timestep_fraction",
-    "learner.ddpo.window": "learner.ddpo.window",
-    "learner.ddpo.window_max_start": "learner.ddpo.window_max_start",
-    "learner.ddpo.branch": "learner.ddpo.branch",
-    "learner.ddpo.trust_region": "learner.ddpo.trust_region",
-    "learner.ddpo.trust_region_kl": "learner.ddpo.trust_region_kl",
-    "learner.nft.beta": "learner.nft.beta",
-    "learner.nft.weighting": "learner.nft.weighting",
-    "learner.nft.adv_clip": "learner.nft.adv_clip",
-    "learner.awm.clip_range": "learner.awm.clip_range",
-    "learner.rwr.beta": "learner.rwr.beta",
-    "learner.filtered.threshold": "learner.filtered.threshold",
-    "learner.filtered.top_fraction": "learner.filtered.top_fraction",
+    "learner.beta": "learner.dpo.beta",
+    "learner.pair_strategy": "learner.dpo.pair_strategy",
+    "learner.guidance_coef": "learner.dpo.guidance.coef",
+    "learner.guidance_region": "learner.dpo.guidance.region",
+    "learner.ddpo_clip_range": "learner.ddpo.clip_range",
+    "learner.ddpo_timestep_fraction": "learner.ddpo.timestep_fraction",
+    "learner.ddpo_window": "learner.ddpo.window",
+    "learner.ddpo_window_max_start": "learner.ddpo.window_max_start",
+    "learner.ddpo_branch": "learner.ddpo.branch",
+    "learner.trust_region": "learner.ddpo.trust_region",
+    "learner.trust_region_kl": "learner.ddpo.trust_region_kl",
+    "learner.nft_beta": "learner.nft.beta",
+    "learner.nft_weighting": "learner.nft.weighting",
+    "learner.nft_adv_clip": "learner.nft.adv_clip",
+    "learner.awm_clip_range": "learner.awm.clip_range",
+    "learner.rwr_beta": "learner.rwr.beta",
+    "learner.filter_threshold": "learner.filtered.threshold",
+    "learner.filter_top_fraction": "learner.filtered.top_fraction",
     # what every loss shares, grouped
     "learner.regions": "learner.regions.names",  # a list: the old key; a mapping: the new section
-    "learner.regions.scale": "learner.regions.scale",
-    "learner.regions.fairness": "learner.regions.fairness",
+    "learner.region_scale": "learner.regions.scale",
+    "learner.fairness": "learner.regions.fairness",
     "learner.reference": "learner.reference.model",  # a string: the old key; a mapping: the new section
-    "learner.reference.refresh_rounds": "learner.reference.refresh_rounds",
-    "learner.reference.kl_coef": "learner.reference.kl_coef",
-    "learner.ema.decay": "learner.ema.decay",
-    "learner.ema.sampling_policy": "learner.ema.sampling_policy",
-    "learner.guidance_free.scale": "learner.guidance_free.scale",
-    "learner.guidance_free.coef": "learner.guidance_free.coef",
-    "learner.engine.zero_stage": "learner.engine.zero_stage",
-    "learner.engine.offload_optimizer": "learner.engine.offload_optimizer",
-    "learner.engine.offload_params": "learner.engine.offload_params",
-    "learner.engine.gradient_checkpointing": "learner.engine.gradient_checkpointing",
-    "learner.engine.optimizer_impl": "learner.engine.optimizer_impl",
-    "learner.engine.compile": "learner.engine.compile",
+    "learner.reference_refresh_rounds": "learner.reference.refresh_rounds",
+    "learner.kl_coef": "learner.reference.kl_coef",
+    "learner.ema_decay": "learner.ema.decay",
+    "learner.sampling_policy": "learner.ema.sampling_policy",
+    "learner.cfg_distill": "learner.guidance_free.scale",
+    "learner.cfg_distill_coef": "learner.guidance_free.coef",
+    "learner.zero_stage": "learner.engine.zero_stage",
+    "learner.offload_optimizer": "learner.engine.offload_optimizer",
+    "learner.offload_params": "learner.engine.offload_params",
+    "learner.gradient_checkpointing": "learner.engine.gradient_checkpointing",
+    "learner.optimizer_impl": "learner.engine.optimizer_impl",
+    "learner.compile": "learner.engine.compile",
     # model parts -> model; per-round data sources -> data
-    "model.lora": "model.lora",
-    "data.hcp_priors.prior": "data.hcp_priors.prior",
-    "data.hcp_priors.sigma": "data.hcp_priors.sigma",
-    "data.hcp_priors.min_visibility": "data.hcp_priors.min_visibility",
-    "model.hcp": "model.hcp",
-    "data.hgdpo": "data.hgdpo",
-    "data.region_pairs": "data.region_pairs",
+    "learner.lora": "model.lora",
+    "learner.hcp.prior": "data.hcp_priors.prior",
+    "learner.hcp.sigma": "data.hcp_priors.sigma",
+    "learner.hcp.min_visibility": "data.hcp_priors.min_visibility",
+    "learner.hcp": "model.hcp",
+    "learner.hgdpo": "data.hgdpo",
+    "learner.region_pairs": "data.region_pairs",
 }
 
 # old keys whose name is now a section: the old key only when given a plain value
@@ -806,7 +806,7 @@ _NOW_SECTIONS = ("learner.regions", "learner.reference")
 
 def moved_key_problems(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """``data`` without the keys of :data:`MOVED_KEYS` it still uses, and one problem per such key
-    naming its new place (deeper keys first: ``data.hcp_priors.prior`` before the rest of ``model.hcp``)."""
+    naming its new place (deeper keys first: ``learner.hcp.prior`` before the rest of ``learner.hcp``)."""
     data = copy.deepcopy(data)
     problems: list[str] = []
     for old in sorted(MOVED_KEYS, key=lambda k: -k.count(".")):
@@ -819,7 +819,7 @@ def moved_key_problems(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]
         if old in _NOW_SECTIONS and isinstance(node[name], dict):
             continue
         value = node.pop(name)
-        if isinstance(value, dict) and not value and old == "model.hcp":
+        if isinstance(value, dict) and not value and old == "learner.hcp":
             continue  # emptied by its moved sub-keys, each reported
         problems.append(f"{old}: moved to {MOVED_KEYS[old]}")
     return data, problems
