@@ -83,12 +83,8 @@ def batch_from_log(cfg: Config, sources: list = ()):
 
 
 def require_log(cfg: Config) -> None:
-    """The rollout log is named and readable (checked before the slow model load)."""
-    from rollouts.log import RolloutLog
-
     if cfg.rollouts is None:
         raise ValueError("offline-dpo needs the rollout log: pass rollouts=RUN_DIR/rollouts")
-    RolloutLog(cfg.rollouts).manifest()
 
 
 def check_enough(cfg: Config, batch, stats: dict, values: dict, weights: dict, n_records: int) -> None:
