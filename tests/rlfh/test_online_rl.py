@@ -197,6 +197,7 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     once trained, and equal to the KL of the two Gaussians computed here: their means from diffusers' DDIM
     step (zero noise) with the policy's and the base UNet's guided eps, the shared sigma^2 from the schedule."""
     from rlfh.data.pairs import ddpo_window
+    from families import Conditioning
     from rlfh.learner.steps import kl_term, reference_eps, transition_weight
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [
@@ -220,9 +221,9 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     x = torch.from_numpy(batch.latents[:2, 1]).to(lrn.dtype)
     t = int(batch.timesteps[1])
     with torch.no_grad():
-        eps = lrn.family.guided_prediction(lrn.unet, lrn.ddim, x, t, (enc, added), 3.0)
+        eps = lrn.family.guided_prediction(lrn.unet, lrn.ddim, x, t, Conditioning(enc, added), 3.0)
         with lrn.adapters_off():
-            base = lrn.family.guided_prediction(lrn.unet, lrn.ddim, x, t, (enc, added), 3.0)
+            base = lrn.family.guided_prediction(lrn.unet, lrn.ddim, x, t, Conditioning(enc, added), 3.0)
     m = {}
     term = kl_term(lrn, eps, reference_eps(lrn, x, t, enc, added, st), m, transition_weight(lrn, t, st.eta, 2))
     ac = lrn.ddim.alphas_cumprod.double()
