@@ -274,11 +274,13 @@ def learner_batch(learner_cfg, samples, normalization: str = "weighted_sum"):
     """
     from rlfh.losses.registry import loss_spec
 
-    masks = region_mask_arrays(samples.regions, mask_regions(learner_cfg), samples.image_hw)
+    spec = loss_spec(learner_cfg.loss)
+    # a family trained on the whole image only (spec.regions false: DDPO) carries no masks
+    masks = region_mask_arrays(samples.regions, mask_regions(learner_cfg), samples.image_hw) if spec.regions else {}
     unscored = {"samples/unscored": float(sum(not usable(s) for s in samples.scores))}
     rnd = ScoredRound(samples.latents, samples.prompts, samples.groups, samples.scores, masks, samples.priors,
                       samples.conditioning, normalization, samples.trajectory, samples.settings, unscored)
-    return loss_spec(learner_cfg.loss).builder()(learner_cfg, rnd)
+    return spec.builder()(learner_cfg, rnd)
 
 
 def pair_batch(learner_cfg, rnd: ScoredRound):

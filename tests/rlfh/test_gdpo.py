@@ -15,6 +15,7 @@ from rewards.composite import ScoredBatch, combined_scores
 from rlfh.data.batches import ScoredSamples
 from rlfh.data.pairs import build_pairs, learner_batch, learner_scores, sample_weights
 from rlfh.losses.advantages import gdpo_advantages, no_spread_share
+from rlfh.losses.rwr import rwr_weights
 
 # Two rewards on different scales, two prompt groups of three samples.
 VALUES = {"face": [1.0, 2.0, 3.0, 5.0, 5.0, 5.0], "overall": [10.0, 10.0, 40.0, 0.0, 30.0, 60.0]}
@@ -76,8 +77,8 @@ def test_gdpo_changes_the_winner_when_scales_differ():
     assert (p_ws.winner, p_ws.loser) == (1, 0)
     assert (p_gd.winner, p_gd.loser) == (2, 0)
     # RWR weights follow: sample 1 weighs most under the weighted sum, sample 2 under GDPO
-    assert np.argmax(sample_weights(ws, "rwr", 1.0, None, 0.5)) == 1
-    assert np.argmax(sample_weights(gd, "rwr", 1.0, None, 0.5)) == 2
+    assert np.argmax(sample_weights(ws, lambda s: rwr_weights(s, 1.0))) == 1
+    assert np.argmax(sample_weights(gd, lambda s: rwr_weights(s, 1.0))) == 2
 
 
 def test_no_spread_shares():
@@ -93,7 +94,7 @@ def test_no_spread_shares():
 
 
 def test_ddpo_takes_gdpo_advantages_as_they_are():
-    cfg = SimpleNamespace(loss="ddpo", regions=["global"])
+    cfg = SimpleNamespace(loss="ddpo", regions=SimpleNamespace(names=["global"]))
     n, t = 4, 2
     traj = {"latents": np.zeros((n, t + 1, 4, 8, 8), np.float32), "log_probs": np.zeros((n, t), np.float32),
             "timesteps": np.arange(t)}

@@ -123,7 +123,7 @@ def test_offline_mixing_keeps_logged_losers_without_fresh_ones(offline_cfg, tmp_
 
     cfg = offline_cfg("data.hgdpo.fresh_losers=false",
                       "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
-    assert not needs_policy_samples(cfg.learner.hgdpo)
+    assert not needs_policy_samples(cfg.data.hgdpo)
     pairs, _ = batch_from_log(cfg)
     mixed, stats = RealWinners(cfg, SourceContext(tmp_path, None, logged_settings(cfg))).mix(pairs, 0)
     assert stats["hgdpo/real_pairs"] == len(pairs)

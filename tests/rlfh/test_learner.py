@@ -47,7 +47,7 @@ def test_reference_is_the_unet_with_adapters_disabled(learner):
     train(learner, pairs(2, seed=3), epochs=1)  # one step: the adapter now moves the policy off the base
     assert learner.global_step >= 1
     with torch.no_grad():
-        ref = learner.reference.model(x, t, enc, added)
+        ref = learner.reference(x, t, enc, added)
         unet.disable_adapters()
         base = unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
         unet.enable_adapters()

@@ -26,7 +26,7 @@ def test_top_fraction_quantile():
     r = np.arange(1.0, 11.0)
     assert np.flatnonzero(filter_weights(r, None, 0.25)).tolist() == [7, 8, 9]
     assert filter_weights(r, None, 1.0).tolist() == [1.0] * 10
-    assert sample_weights([None, *r], "filtered", 1.0, None, 0.25).tolist() == [0.0, *filter_weights(r, None, 0.25)]
+    assert sample_weights([None, *r], lambda s: filter_weights(s, None, 0.25)).tolist() == [0.0, *filter_weights(r, None, 0.25)]
 
 
 def test_region_loss_over_kept_samples_with_the_region():

@@ -32,7 +32,7 @@ def test_against_formula_and_limits():
     np.testing.assert_array_equal(rwr_weights(r, 0.0), np.ones(5))  # beta = 0: the plain mean MSE
     assert rwr_weights(r, 1e6)[np.argmax(r)] == 5.0  # beta -> inf: only the best sample
     # the learner's weights are these, over the scored samples of the round
-    np.testing.assert_array_equal(sample_weights([*r[:2], None, *r[2:]], "rwr", beta, None, 0.5),
+    np.testing.assert_array_equal(sample_weights([*r[:2], None, *r[2:]], lambda s: rwr_weights(s, beta)),
                                   np.insert(rwr_weights(r, beta), 2, 0.0))
 
 

@@ -81,9 +81,9 @@ class RealWinners(DataSource):
         self.curriculum = Curriculum(hg.stages, hg.interpolate)
         self.source = RealImageSource(hg.real_images, settings.height, settings.width, cache_dir=ctx.run_dir,
                                       encode_batch_size=hg.encode_batch_size, latent_mode=hg.latent_mode, seed=cfg.seed)
-        hc = HcpPriors.section(cfg)
-        self.prior_of_losers = hc.enabled and hc.prior == "samples"  # the fresh losers are samples too
-        if hc.enabled:
+        hc, hcp_on = HcpPriors.section(cfg), HcpPriors.wanted(cfg, ctx)
+        self.prior_of_losers = hcp_on and hc.prior == "samples"  # the fresh losers are samples too
+        if hcp_on:
             from rlfh.data.pose_prior import PosePriors
 
             self.source.pose_priors = PosePriors(hc.sigma, hc.min_visibility)
