@@ -56,6 +56,19 @@ def has_region(masks: dict[str, Tensor], region: str, batch: int, device) -> Ten
     return _mask(masks, region).flatten(1).amax(1) > 0
 
 
+
+def metric_suffix(region: str, regions: list[str]) -> str:
+    """A region's metric suffix: none for a lone global objective, ``/region`` otherwise."""
+    return "" if region == "global" and len(regions) == 1 else f"/{region}"
+
+
+def present_regions(masks: dict[str, Tensor], regions: list[str], pred: Tensor):
+    """(region, valid rows, metric suffix) for each region some row of ``pred``'s batch has."""
+    for region in regions:
+        valid = has_region(masks, region, pred.shape[0], pred.device)
+        if bool(valid.any()):
+            yield region, valid, metric_suffix(region, regions)
+
 def pairwise_objectives(
     loss: str,
     beta: float,
@@ -89,7 +102,7 @@ def pairwise_objectives(
         else:
             value = dpo_variant_loss(spec.variant, m[0], m[1], m[2], m[3], beta)
         objectives[region] = value
-        suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
+        suffix = metric_suffix(region, regions)
         metrics.update({k: v for k, v in out.metrics("dpo" + suffix).items() if not k.startswith("loss/")})
         if region == "global":  # how far the policy has moved from the reference (a reward-hacking guard)
             metrics["ref/eps_mse"] = float(torch.cat([pred_w - ref_w, pred_l - ref_l]).detach().float().pow(2).mean())
@@ -116,7 +129,7 @@ def weighted_objectives(
         err = region_errors(pred, target, region, masks, scale)
         value = weighted_loss(err[valid], weights[valid])
         objectives[region] = value
-        suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
+        suffix = metric_suffix(region, regions)
         metrics[f"loss/{loss}{suffix}"] = float(value.detach())
     return objectives, metrics
 
@@ -153,7 +166,7 @@ def advantage_objectives(
     knobs = AdvantageKnobs(nft_beta, clip_range, nft_scale, x0_scale)
     objectives, metrics = spec.objective_fn()(pred, old_pred, target, signal, masks, regions, scale, knobs)
     for region, value in objectives.items():
-        suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
+        suffix = metric_suffix(region, regions)
         metrics[f"loss/{loss}{suffix}"] = float(value.detach())
     if old_pred is not None:
         metrics[f"{loss}/old_eps_mse"] = float((pred.detach().float() - old_pred.detach().float()).pow(2).mean())
@@ -172,11 +185,7 @@ def nft_objectives(pred: Tensor, old_pred: Tensor | None, target: Tensor, signal
     pos, neg = implicit_predictions(pred, old_pred, knobs.nft_beta)
     objectives: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
-    for region in regions:
-        valid = has_region(masks, region, pred.shape[0], pred.device)
-        if not bool(valid.any()):
-            continue
-        suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
+    for region, valid, suffix in present_regions(masks, regions, pred):
         out = nft_loss_from_errors(nft_region_errors(pos, target, region, masks, scale, knobs.x0_scale)[valid],
                                    nft_region_errors(neg, target, region, masks, scale, knobs.x0_scale)[valid],
                                    signal[valid], knobs.nft_beta, knobs.nft_scale)
@@ -191,11 +200,7 @@ def awm_objectives(pred: Tensor, old_pred: Tensor | None, target: Tensor, signal
     region errors of the policy and of ``old_pred`` (None: on-policy, ratio 1), clipped at ``knobs.clip_range``."""
     objectives: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
-    for region in regions:
-        valid = has_region(masks, region, pred.shape[0], pred.device)
-        if not bool(valid.any()):
-            continue
-        suffix = "" if region == "global" and len(regions) == 1 else f"/{region}"
+    for region, valid, suffix in present_regions(masks, regions, pred):
         old_err = None if old_pred is None else region_errors(old_pred.detach(), target, region, masks, scale)[valid]
         out = awm_loss(region_errors(pred, target, region, masks, scale)[valid], signal[valid], old_err,
                        knobs.clip_range)
