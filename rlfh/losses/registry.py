@@ -28,12 +28,6 @@ PAIRS = "pairs"  # (winner, loser) latents of one prompt: rlfh.data.batches.Pair
 SAMPLES = "weighted samples"  # latents with a per-sample weight or signal: rlfh.data.batches.SampleBatch
 TRAJECTORIES = "trajectories"  # recorded sampler steps with log-probs: rlfh.data.batches.TrajectoryBatch
 
-STEPS = {
-    PAIRS: "rlfh.learner.steps:train_pairs",
-    SAMPLES: "rlfh.learner.steps:train_samples",
-    TRAJECTORIES: "rlfh.learner.steps:train_trajectories",
-}
-
 # What a family needs beyond the policy and its batch.
 REFERENCE = "reference"  # the frozen reference's prediction on every item (DPO's implicit reward)
 OLD_POLICY = "old policy"  # the prediction of the weights that sampled the round (snapshotted at its start)
@@ -76,11 +70,6 @@ class LossSpec:
     regions: bool = True
     signal: str | None = None
     _resolved: dict = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def step(self) -> Callable:
-        """The step loop of rlfh/learner/steps.py that trains this family's batches."""
-        return self.resolve(STEPS[self.batch])
 
     def builder(self) -> Callable:
         return self.resolve(self.build_batch)
