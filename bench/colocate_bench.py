@@ -43,24 +43,34 @@ STAGES = ["to_sampling", "sample", "reward", "pairs", "to_training", "learner", 
 
 def overrides(args, model_path: str) -> list[str]:
     gpu = torch.cuda.is_available()
-    return [f"model.path={model_path}", f"model.dtype={'bfloat16' if gpu else 'float32'}",
-            f"rollout.height={args.size}", f"rollout.width={args.size}", f"rollout.num_inference_steps={args.steps}",
-            f"rollout.prompts_per_round={args.prompts}", f"rollout.rollouts_per_prompt={args.rollouts}",
-            f"rollout.sample_batch_size_per_actor={args.sample_batch}", f"learner.train_batch_size={args.prompts}",
-            "learner.micro_batch_size_per_gpu=1", "learner.epochs_per_round=1", "learner.engine.zero_stage=2",
-            f"learner.engine.gradient_checkpointing={str(gpu).lower()}", "logging.wandb=false"]
+    return [
+        f"model.path={model_path}",
+        f"model.dtype={'bfloat16' if gpu else 'float32'}",
+        f"rollout.height={args.size}",
+        f"rollout.width={args.size}",
+        f"rollout.num_inference_steps={args.steps}",
+        f"rollout.prompts_per_round={args.prompts}",
+        f"rollout.rollouts_per_prompt={args.rollouts}",
+        f"rollout.sample_batch_size_per_actor={args.sample_batch}",
+        f"learner.train_batch_size={args.prompts}",
+        "learner.micro_batch_size_per_gpu=1",
+        "learner.epochs_per_round=1",
+        "learner.engine.zero_stage=2",
+        f"learner.engine.gradient_checkpointing={str(gpu).lower()}",
+        "logging.wandb=false",
+    ]
 
 
 def run_mode(mode: str, cfg, rounds: int) -> dict:
     """The loop, in this process, on the default device."""
-    from rewards.composite import RewardSet
-    from rlfh.learner.colocate import Handover
-    from rlfh.learner.engine import LearnerEngine
-    from rlfh.learner.steps import train
     from families import load_pipeline
+    from rewards.composite import RewardSet
     from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch
     from rlfh.data.prompts import PromptSchedule, load_prompts
+    from rlfh.learner.colocate import Handover
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
     from rollouts.actor import sample_in_batches
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
@@ -95,11 +105,24 @@ def run_mode(mode: str, cfg, rounds: int) -> dict:
 
             prompts, seeds = schedule.round(rnd)
             stamp("to_sampling", handover.to_sampling if handover else (lambda: None))
-            batch = stamp("sample", lambda: sample_in_batches(sampler, prompts, seeds, settings, rc.sample_batch_size_per_actor))
+            batch = stamp(
+                "sample", lambda: sample_in_batches(sampler, prompts, seeds, settings, rc.sample_batch_size_per_actor)
+            )
             scored = stamp("reward", lambda: rewards(batch.images, batch.prompts))
-            pairs, _ = stamp("pairs", lambda: learner_batch(lc, ScoredSamples(
-                batch.latents, batch.prompts, batch.prompts, scored.combined(),
-                [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width))))
+            pairs, _ = stamp(
+                "pairs",
+                lambda: learner_batch(
+                    lc,
+                    ScoredSamples(
+                        batch.latents,
+                        batch.prompts,
+                        batch.prompts,
+                        scored.combined(),
+                        [scored.regions(i) for i in range(len(batch))],
+                        (rc.height, rc.width),
+                    ),
+                ),
+            )
             stamp("to_training", handover.to_training if handover else (lambda: None))
             stamp("learner", lambda: train(learner, pairs, lc.epochs_per_round))
             if handover:  # colocated: the sampler already holds the trained weights
@@ -111,8 +134,13 @@ def run_mode(mode: str, cfg, rounds: int) -> dict:
             print(f"[colocate] {mode} round {rnd}: " + ", ".join(f"{k} {v:.2f}s" for k, v in t.items()), flush=True)
     keep = rows[1:] if len(rows) > 1 else rows
     med = {k: statistics.median(r[k] for r in keep) for k in rows[0]}
-    return {"mode": mode, "median_s": med, "handover_share": (med["to_sampling"] + med["to_training"]) / med["round"],
-            "memory": mem.result(), "rows": rows}
+    return {
+        "mode": mode,
+        "median_s": med,
+        "handover_share": (med["to_sampling"] + med["to_training"]) / med["round"],
+        "memory": mem.result(),
+        "rows": rows,
+    }
 
 
 def main() -> None:
@@ -150,9 +178,28 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = {}
     for mode in args.modes.split(","):
-        cmd = [sys.executable, __file__, "--child", mode, "--model", args.model, "--model-dir", str(args.model_dir),
-               "--size", str(args.size), "--steps", str(args.steps), "--prompts", str(args.prompts),
-               "--rollouts", str(args.rollouts), "--sample-batch", str(args.sample_batch), "--rounds", str(args.rounds)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--model",
+            args.model,
+            "--model-dir",
+            str(args.model_dir),
+            "--size",
+            str(args.size),
+            "--steps",
+            str(args.steps),
+            "--prompts",
+            str(args.prompts),
+            "--rollouts",
+            str(args.rollouts),
+            "--sample-batch",
+            str(args.sample_batch),
+            "--rounds",
+            str(args.rounds),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         sys.stdout.write("".join(ln + "\n" for ln in proc.stdout.splitlines() if ln.startswith("[colocate]")))
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -160,18 +207,28 @@ def main() -> None:
             results[mode] = {"mode": mode, "error": proc.stderr[-3000:]}
             print(f"[colocate] {mode} failed:\n{proc.stderr[-2000:]}")
             continue
-        results[mode] = json.loads(line[len("RESULT "):])
+        results[mode] = json.loads(line[len("RESULT ") :])
     headline = {}
     sep, col = results.get("separate", {}), results.get("colocated", {})
     if "memory" in sep and "memory" in col:
-        headline = {"peak_memory_ratio_colocated_vs_separate": col["memory"]["peak_bytes"] / sep["memory"]["peak_bytes"],
-                    "round_time_ratio_colocated_vs_separate": col["median_s"]["round"] / sep["median_s"]["round"],
-                    "handover_share_of_colocated_round": col["handover_share"]}
+        headline = {
+            "peak_memory_ratio_colocated_vs_separate": col["memory"]["peak_bytes"] / sep["memory"]["peak_bytes"],
+            "round_time_ratio_colocated_vs_separate": col["median_s"]["round"] / sep["median_s"]["round"],
+            "handover_share_of_colocated_round": col["handover_share"],
+        }
         print(f"[colocate] headline: {headline}")
     name = "smoke_colocate" if args.smoke else f"{device.type}_{args.model}_colocate"
-    common.write_result(name, {"machine": common.machine(device), "settings": {k: str(v) for k, v in vars(args).items()},
-                               "config_overrides": overrides(args, model_path), "headline": headline,
-                               "modes": results}, args.out_dir)
+    common.write_result(
+        name,
+        {
+            "machine": common.machine(device),
+            "settings": {k: str(v) for k, v in vars(args).items()},
+            "config_overrides": overrides(args, model_path),
+            "headline": headline,
+            "modes": results,
+        },
+        args.out_dir,
+    )
 
 
 if __name__ == "__main__":

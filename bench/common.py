@@ -30,26 +30,67 @@ if str(REPO) not in sys.path:  # `python bench/x.py` puts bench/, not the repo, 
 # The published SDXL base UNet, stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
 # (diffusers-format keys; unlisted keys are diffusers defaults, equal to the published values).
 SDXL_UNET_CONFIG = dict(
-    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64,
-    addition_time_embed_dim=256, attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280],
-    center_input_sample=False, cross_attention_dim=2048,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], downsample_padding=1,
-    flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1,
-    mid_block_type="UNetMidBlock2DCrossAttn", norm_eps=1e-5, norm_num_groups=32, out_channels=4,
-    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], use_linear_projection=True,
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    center_input_sample=False,
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=128,
+    transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
 )
 SDXL_UNET_PARAMS = 2_567_463_684  # parameter count of the published unet/diffusion_pytorch_model.safetensors
 SDXL_VAE_CONFIG = dict(
-    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
-    force_upcast=True, in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-    out_channels=3, sample_size=1024, scaling_factor=0.13025, up_block_types=["UpDecoderBlock2D"] * 4,
+    act_fn="silu",
+    block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    force_upcast=True,
+    in_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    out_channels=3,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    up_block_types=["UpDecoderBlock2D"] * 4,
 )
 # text_encoder (CLIP ViT-L/14 text tower) and text_encoder_2 (OpenCLIP ViT-bigG/14 text tower, projected)
-SDXL_TEXT_CONFIG = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                        hidden_act="quick_gelu", projection_dim=768, vocab_size=49408, max_position_embeddings=77)
-SDXL_TEXT2_CONFIG = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
-                         hidden_act="gelu", projection_dim=1280, vocab_size=49408, max_position_embeddings=77)
+SDXL_TEXT_CONFIG = dict(
+    hidden_size=768,
+    intermediate_size=3072,
+    num_attention_heads=12,
+    num_hidden_layers=12,
+    hidden_act="quick_gelu",
+    projection_dim=768,
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
+SDXL_TEXT2_CONFIG = dict(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_attention_heads=20,
+    num_hidden_layers=32,
+    hidden_act="gelu",
+    projection_dim=1280,
+    vocab_size=49408,
+    max_position_embeddings=77,
+)
 
 
 # ------------------------------------------------------------------------------------ machine
@@ -63,8 +104,11 @@ def machine(device: torch.device) -> dict[str, Any]:
     cpu = platform.processor() or "unknown"
     ram_gib = None
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                   if l.startswith("model name"))
+        cpu = next(
+            l.split(":", 1)[1].strip()
+            for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")
+        )
         kb = next(int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal"))
         ram_gib = round(kb / 2**20, 1)
     except (OSError, StopIteration):
@@ -72,18 +116,32 @@ def machine(device: torch.device) -> dict[str, Any]:
     gpu = None
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        gpu = {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
-               "cuda": torch.version.cuda}
+        gpu = {
+            "name": p.name,
+            "memory_gib": round(p.total_memory / 2**30, 1),
+            "capability": f"{p.major}.{p.minor}",
+            "cuda": torch.version.cuda,
+        }
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu_model": cpu, "logical_cores": os.cpu_count(), "ram_gib": ram_gib,
-                    "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "load_avg_1_5_15_at_start": list(os.getloadavg())},
+        "machine": {
+            "cpu_model": cpu,
+            "logical_cores": os.cpu_count(),
+            "ram_gib": ram_gib,
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "load_avg_1_5_15_at_start": list(os.getloadavg()),
+        },
         "gpu": gpu,
         "device": gpu["name"] if gpu else f"cpu: {cpu}",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                     "deepspeed": deepspeed.__version__, "peft": peft.__version__},
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__,
+            "peft": peft.__version__,
+        },
     }
 
 
@@ -135,8 +193,13 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def alternate(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1,
-              between: Callable[[], None] | None = None) -> dict[str, list[float]]:
+def alternate(
+    fns: dict[str, Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 1,
+    between: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
     """Run each fn ``warmup`` times, then ``repeats`` rounds of a, b, a, b, ...; seconds per call."""
     for _ in range(warmup):
         for fn in fns.values():
@@ -158,8 +221,12 @@ def paired_ratio(base: list[float], new: list[float]) -> dict[str, float]:
     reference; the min is the least-contended run of each.
     """
     pairs = [a / b for a, b in zip(base, new)]
-    return {"paired_median": statistics.median(pairs), "of_medians": statistics.median(base) / statistics.median(new),
-            "of_mins": min(base) / min(new), "pairs": pairs}
+    return {
+        "paired_median": statistics.median(pairs),
+        "of_medians": statistics.median(base) / statistics.median(new),
+        "of_mins": min(base) / min(new),
+        "pairs": pairs,
+    }
 
 
 def summary(ts: list[float]) -> dict[str, float]:
@@ -213,7 +280,9 @@ class PeakMemory:
             self.peak = max(self.peak, rss_bytes(self.private))
 
     def result(self) -> dict[str, Any]:
-        how = "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "sampled RSS (/proc/self/statm, 2 ms)"
+        how = (
+            "torch.cuda.max_memory_allocated" if self.device.type == "cuda" else "sampled RSS (/proc/self/statm, 2 ms)"
+        )
         return {"method": how, "peak_bytes": self.peak, "peak_delta_bytes": self.peak - self.base}
 
 
@@ -261,8 +330,13 @@ def matmul_peak(device: torch.device, seconds: float = 3.0) -> dict[str, Any]:
     while time.perf_counter() < t_end or len(rates) < 5:
         dt = timed(lambda: a @ b, device)
         rates.append(2 * n**3 / dt)
-    return {"dtype": str(dtype).replace("torch.", ""), "n": n, "median_flops": statistics.median(rates),
-            "max_flops": max(rates), "samples": len(rates)}
+    return {
+        "dtype": str(dtype).replace("torch.", ""),
+        "n": n,
+        "median_flops": statistics.median(rates),
+        "max_flops": max(rates),
+        "samples": len(rates),
+    }
 
 
 # ------------------------------------------------------------------------------------ models
@@ -291,10 +365,18 @@ def build_sdxl_arch_random(device: torch.device, dtype: torch.dtype, seed: int =
         vae = AutoencoderKL(**SDXL_VAE_CONFIG)
         te1 = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_CONFIG, **ids))
         te2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT2_CONFIG, **ids))
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       timestep_spacing="leading", steps_offset=1)  # the published scheduler config
-    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tokenizer,
-                                     tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )  # the published scheduler config
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device=device, dtype=dtype)
 
@@ -305,9 +387,12 @@ def check_sdxl_arch() -> dict[str, Any]:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     with torch.device("meta"):
-        mods = {"unet": UNet2DConditionModel(**SDXL_UNET_CONFIG), "vae": AutoencoderKL(**SDXL_VAE_CONFIG),
-                "text_encoder": CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_CONFIG)),
-                "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT2_CONFIG))}
+        mods = {
+            "unet": UNet2DConditionModel(**SDXL_UNET_CONFIG),
+            "vae": AutoencoderKL(**SDXL_VAE_CONFIG),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_CONFIG)),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT2_CONFIG)),
+        }
     counts = {k: sum(p.numel() for p in m.parameters()) for k, m in mods.items()}
     counts["unet_published"] = SDXL_UNET_PARAMS
     counts["unet_matches_published"] = counts["unet"] == SDXL_UNET_PARAMS
@@ -318,8 +403,8 @@ def load_model(name: str, device: torch.device, dtype: torch.dtype):
     """``sdxl-arch-random`` | ``rlfh:tiny-sdxl`` | a path or hub id (through families.load_pipeline)."""
     if name == "sdxl-arch-random":
         return build_sdxl_arch_random(device, dtype)
-    from rlfh.config.schema import ModelConfig
     from families import load_pipeline
+    from rlfh.config.schema import ModelConfig
 
     inv = {v: k for k, v in DTYPES.items()}
     return load_pipeline(ModelConfig(path=name, dtype=inv[dtype]), device)

@@ -35,8 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
@@ -45,20 +43,21 @@ class Variant:
     """A learner and an on-policy sampler for one DDPO config; :meth:`round` is the timed unit."""
 
     def __init__(self, model: str, overrides: list[str], items: int, group: int):
+        from families import load_pipeline
         from rlfh.config.schema import load_config
         from rlfh.learner.engine import LearnerEngine
-        from families import load_pipeline
         from rollouts.sampler import Sampler
         from rollouts.types import SamplerSettings
 
         self.cfg = load_config(common.REPO / "configs" / "tiny.yaml", [f"model.path={model}", *overrides])
         self.lrn = LearnerEngine(self.cfg)
         self.sampler = Sampler(load_pipeline(self.cfg.model), scheduler="ddim")
-        lc, rc = self.cfg.learner, self.cfg.rollout
+        rc = self.cfg.rollout
         self.sampler.add_lora(self.cfg.model.lora.rank, self.cfg.model.lora.alpha, self.cfg.model.lora.target_modules)
         self.sampler.load_lora(self.lrn.lora_state_dict(), self.lrn.policy_version)
-        self.settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height,
-                                        rc.width, rc.eta, rc.scheduler)
+        self.settings = SamplerSettings(
+            rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta, rc.scheduler
+        )
         self.prompts = [f"a photo of person {i // group}" for i in range(items)]
         self.rounds = 0
         self.last: dict = {}
@@ -71,20 +70,37 @@ class Variant:
         r, n = self.rounds, len(self.prompts)
         seeds = [r * n + i for i in range(n)]
         t0 = time.perf_counter()
-        b = self.sampler.sample(self.prompts, seeds, self.settings, record=ddpo_window(self.cfg, r),
-                                branch_seeds=ddpo_branch_seeds(self.cfg, self.prompts, seeds))
+        b = self.sampler.sample(
+            self.prompts,
+            seeds,
+            self.settings,
+            record=ddpo_window(self.cfg, r),
+            branch_seeds=ddpo_branch_seeds(self.cfg, self.prompts, seeds),
+        )
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()  # stands in for a reward model (not timed apart)
         # the prompt embeddings go with the batch, as in the online loop
-        samples = ScoredSamples(b.latents, self.prompts, self.prompts, rewards, [{}] * n,
-                                (self.settings.height, self.settings.width), b.trajectory, self.settings,
-                                b.conditioning)
+        samples = ScoredSamples(
+            b.latents,
+            self.prompts,
+            self.prompts,
+            rewards,
+            [{}] * n,
+            (self.settings.height, self.settings.width),
+            b.trajectory,
+            self.settings,
+            b.conditioning,
+        )
         batch, _ = learner_batch(self.cfg.learner, samples)
         t1 = time.perf_counter()
         metrics = train(self.lrn, batch, 1)
-        self.last = {"sample_s": t1 - t0, "train_s": time.perf_counter() - t1,"trajectory_bytes_per_item": int(sum(v.nbytes for v in b.trajectory.values()) // n),
-                     "recorded_steps": int(b.trajectory["log_probs"].shape[1]),
-                     "window_start": int(b.trajectory["window_start"]),
-                     "recorded_logprob_max_diff": metrics["ddpo/recorded_logprob_max_diff"]}
+        self.last = {
+            "sample_s": t1 - t0,
+            "train_s": time.perf_counter() - t1,
+            "trajectory_bytes_per_item": int(sum(v.nbytes for v in b.trajectory.values()) // n),
+            "recorded_steps": int(b.trajectory["log_probs"].shape[1]),
+            "window_start": int(b.trajectory["window_start"]),
+            "recorded_logprob_max_diff": metrics["ddpo/recorded_logprob_max_diff"],
+        }
         self.rounds += 1
 
     def sync(self) -> None:
@@ -100,10 +116,17 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=8, help="samples per prompt (tiny.yaml's rollout.rollouts_per_prompt)")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--guidance", type=float, default=1.0, help="CFG scale (tiny.yaml's 1.0: no CFG)")
-    ap.add_argument("--size", type=int, default=64, help="image size in px (tiny.yaml's 64; larger: the UNet's "
-                                                           "compute outweighs its fixed per-call cost, as on a GPU)")
+    ap.add_argument(
+        "--size",
+        type=int,
+        default=64,
+        help="image size in px (tiny.yaml's 64; larger: the UNet's "
+        "compute outweighs its fixed per-call cost, as on a GPU)",
+    )
     ap.add_argument("--repeats", type=int, default=7, help="pairs (full, window) after the warm-up")
-    ap.add_argument("--no-branch", action="store_true", help="window without trajectory branching (learner.ddpo.branch=false)")
+    ap.add_argument(
+        "--no-branch", action="store_true", help="window without trajectory branching (learner.ddpo.branch=false)"
+    )
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out-dir", type=Path, default=None)
     args = ap.parse_args()
@@ -116,14 +139,29 @@ def main() -> None:
     from families import resolve_model_path
 
     model = resolve_model_path("rlfh:tiny-sdxl")
-    base = ["learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0", f"rollout.num_inference_steps={args.steps}",
-            f"rollout.guidance_scale={args.guidance}", f"learner.train_batch_size={args.items}",
-            f"learner.micro_batch_size_per_gpu={args.micro_batch}", f"rollout.rollouts_per_prompt={args.group}",
-            f"rollout.prompts_per_round={max(args.items // args.group, 1)}",
-            f"rollout.sample_batch_size_per_actor={args.items}", f"rollout.height={args.size}", f"rollout.width={args.size}"]  # one sampling call per round, as timed
-    variants = {"full": Variant(model, [*base, "learner.ddpo.window=null"], args.items, args.group),
-                "window": Variant(model, [*base, f"learner.ddpo.window={args.window}",
-                                          f"learner.ddpo.branch={str(not args.no_branch).lower()}"], args.items, args.group)}
+    base = [
+        "learner.loss=ddpo",
+        "rollout.scheduler=ddim",
+        "rollout.eta=1.0",
+        f"rollout.num_inference_steps={args.steps}",
+        f"rollout.guidance_scale={args.guidance}",
+        f"learner.train_batch_size={args.items}",
+        f"learner.micro_batch_size_per_gpu={args.micro_batch}",
+        f"rollout.rollouts_per_prompt={args.group}",
+        f"rollout.prompts_per_round={max(args.items // args.group, 1)}",
+        f"rollout.sample_batch_size_per_actor={args.items}",
+        f"rollout.height={args.size}",
+        f"rollout.width={args.size}",
+    ]  # one sampling call per round, as timed
+    variants = {
+        "full": Variant(model, [*base, "learner.ddpo.window=null"], args.items, args.group),
+        "window": Variant(
+            model,
+            [*base, f"learner.ddpo.window={args.window}", f"learner.ddpo.branch={str(not args.no_branch).lower()}"],
+            args.items,
+            args.group,
+        ),
+    }
     for v in variants.values():  # warm-up round each
         v.round()
         v.sync()
@@ -138,29 +176,47 @@ def main() -> None:
             v.sync()
         row["ratio"] = row["full_s"] / row["window_s"]
         rows.append(row)
-        print(f"[ddpo] pair {i}: full {row['full_s']:.2f} s, window {row['window_s']:.2f} s "
-              f"(start {row['window_window_start']}), ratio {row['ratio']:.2f}", flush=True)
+        print(
+            f"[ddpo] pair {i}: full {row['full_s']:.2f} s, window {row['window_s']:.2f} s "
+            f"(start {row['window_window_start']}), ratio {row['ratio']:.2f}",
+            flush=True,
+        )
     ratio = common.paired_ratio([r["full_s"] for r in rows], [r["window_s"] for r in rows])
     items_per_s = {k: args.items / statistics.median(r[f"{k}_s"] for r in rows) for k in variants}
     out = {
         **common.machine(device),
-        "settings": {"model": "rlfh:tiny-sdxl", "px": args.size, "steps": args.steps, "window": args.window,
-                     "window_branch": not args.no_branch,
-                     "items_per_round": args.items, "samples_per_prompt": args.group, "micro_batch": args.micro_batch,
-                     "guidance_scale": args.guidance, "epochs": 1, "repeats": args.repeats, "threads": 1,
-                     "timed": "record-sampling + learner_batch + train (one epoch), per round"},
+        "settings": {
+            "model": "rlfh:tiny-sdxl",
+            "px": args.size,
+            "steps": args.steps,
+            "window": args.window,
+            "window_branch": not args.no_branch,
+            "items_per_round": args.items,
+            "samples_per_prompt": args.group,
+            "micro_batch": args.micro_batch,
+            "guidance_scale": args.guidance,
+            "epochs": 1,
+            "repeats": args.repeats,
+            "threads": 1,
+            "timed": "record-sampling + learner_batch + train (one epoch), per round",
+        },
         "rows": rows,
         "items_per_s_median": items_per_s,
         "trajectory_bytes_per_item": {k: v.last["trajectory_bytes_per_item"] for k, v in variants.items()},
         "recorded_steps": {k: v.last["recorded_steps"] for k, v in variants.items()},
         "ddpo_window_speedup": ratio["paired_median"],
-        "median_s_by_phase": {f"{k}_{ph}": statistics.median(r[f"{k}_{ph}_s"] for r in rows)
-                              for k in variants for ph in ("sample", "train")},
+        "median_s_by_phase": {
+            f"{k}_{ph}": statistics.median(r[f"{k}_{ph}_s"] for r in rows)
+            for k in variants
+            for ph in ("sample", "train")
+        },
         "ddpo_window_speedup_detail": ratio,
     }
-    print(f"[ddpo] items/s full {items_per_s['full']:.2f}, window {items_per_s['window']:.2f}; "
-          f"ddpo_window_speedup (median paired) {ratio['paired_median']:.2f}x; trajectory bytes/item "
-          f"{out['trajectory_bytes_per_item']}")
+    print(
+        f"[ddpo] items/s full {items_per_s['full']:.2f}, window {items_per_s['window']:.2f}; "
+        f"ddpo_window_speedup (median paired) {ratio['paired_median']:.2f}x; trajectory bytes/item "
+        f"{out['trajectory_bytes_per_item']}"
+    )
     common.write_result(common.result_name("ddpo", device, model, model, args.smoke), out, args.out_dir)
 
 

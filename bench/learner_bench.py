@@ -76,12 +76,20 @@ class ReferenceLoop:
         x_t = self.sched.add_noise(latents, noise, t)
         h = lat_w.shape[-1] * 8
         with torch.no_grad():
-            enc, _, pooled, _ = self.pipe.encode_prompt(prompt=prompts, device=dev, num_images_per_prompt=1,
-                                                        do_classifier_free_guidance=False)
-            time_ids = self.pipe._get_add_time_ids((h, h), (0, 0), (h, h), dtype=enc.dtype,
-                                                   text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim)
-        cond = dict(encoder_hidden_states=enc.repeat(2, 1, 1),
-                    added_cond_kwargs={"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.to(dev).repeat(2 * b, 1)})
+            enc, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            time_ids = self.pipe._get_add_time_ids(
+                (h, h),
+                (0, 0),
+                (h, h),
+                dtype=enc.dtype,
+                text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim,
+            )
+        cond = dict(
+            encoder_hidden_states=enc.repeat(2, 1, 1),
+            added_cond_kwargs={"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.to(dev).repeat(2 * b, 1)},
+        )
         amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         with amp:
             pred = self.unet(x_t.to(self.dtype), t, **cond).sample
@@ -105,23 +113,40 @@ class ReferenceLoop:
 class RlfhLearner:
     """rlfh.learner.engine.LearnerEngine behind the same ``step`` signature."""
 
-    def __init__(self, model: str, device, dtype, rank: int | None, beta: float, pairs: int, checkpointing: bool,
-                 compile: bool = False):
+    def __init__(
+        self,
+        model: str,
+        device,
+        dtype,
+        rank: int | None,
+        beta: float,
+        pairs: int,
+        checkpointing: bool,
+        compile: bool = False,
+    ):
         import families
         from rlfh.config.schema import load_config
+        from rlfh.data.batches import PairBatch
         from rlfh.learner.engine import LearnerEngine
         from rlfh.learner.steps import train
-        from rlfh.data.batches import PairBatch
 
         if model == "sdxl-arch-random":
             # LearnerEngine loads through families.load_pipeline(cfg.model); build in memory instead of
             # writing ~10 GB of random weights to disk and reading them back. Nothing else changes.
             families.load_pipeline = lambda model_cfg, dev: common.build_sdxl_arch_random(
-                torch.device(dev), common.DTYPES[model_cfg.dtype])
+                torch.device(dev), common.DTYPES[model_cfg.dtype]
+            )
         name = {v: k for k, v in common.DTYPES.items()}[dtype]
-        ov = [f"model.path={model}", f"model.dtype={name}", f"learner.dpo.beta={beta}", "learner.lr=1e-5",
-              f"learner.train_batch_size={pairs}", f"learner.micro_batch_size_per_gpu={pairs}",
-              f"learner.engine.gradient_checkpointing={str(checkpointing).lower()}", f"learner.engine.compile={str(compile).lower()}"]
+        ov = [
+            f"model.path={model}",
+            f"model.dtype={name}",
+            f"learner.dpo.beta={beta}",
+            "learner.lr=1e-5",
+            f"learner.train_batch_size={pairs}",
+            f"learner.micro_batch_size_per_gpu={pairs}",
+            f"learner.engine.gradient_checkpointing={str(checkpointing).lower()}",
+            f"learner.engine.compile={str(compile).lower()}",
+        ]
         ov += [f"model.lora.rank={rank}", f"model.lora.alpha={rank}"] if rank else ["model.lora.enabled=false"]
         self.cfg = load_config(common.REPO / "configs" / "tiny.yaml", ov)
         self.learner = LearnerEngine(self.cfg, device=str(device))
@@ -129,9 +154,12 @@ class RlfhLearner:
         # what the rollout actors send with their samples (RolloutBatch.conditioning): the prompts
         # encoded once, in one call, as a sampler batch does; the learner then runs no text encoder
         enc, added = families.PromptCache(self.learner.family, enabled=False).conditioning(
-            self.learner.pipe, PROMPTS, 64, 64, device)
-        self.conditioning = {p: (enc[i].float().cpu().numpy(), added["text_embeds"][i].float().cpu().numpy())
-                             for i, p in enumerate(PROMPTS)}
+            self.learner.pipe, PROMPTS, 64, 64, device
+        )
+        self.conditioning = {
+            p: (enc[i].float().cpu().numpy(), added["text_embeds"][i].float().cpu().numpy())
+            for i, p in enumerate(PROMPTS)
+        }
 
     def step(self, lat_w, lat_l, prompts) -> float:
         batch = self.PairBatch(lat_w, lat_l, prompts, conditioning=self.conditioning)
@@ -162,11 +190,16 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.pairs)]
     builders = {
         "reference_loop": lambda: ReferenceLoop(args.model, device, dtype, rank, args.beta),
-        "rlfh": lambda: RlfhLearner(args.model, device, dtype, rank, args.beta, args.pairs, args.gradient_checkpointing),
+        "rlfh": lambda: RlfhLearner(
+            args.model, device, dtype, rank, args.beta, args.pairs, args.gradient_checkpointing
+        ),
     }
-    if args.rlfh_compile:  # learner.engine.compile=true: the same step through inductor; its first step pays the compile
-        builders["rlfh_compiled"] = lambda: RlfhLearner(args.model, device, dtype, rank, args.beta, args.pairs,
-                                                        args.gradient_checkpointing, compile=True)
+    if (
+        args.rlfh_compile
+    ):  # learner.engine.compile=true: the same step through inductor; its first step pays the compile
+        builders["rlfh_compiled"] = lambda: RlfhLearner(
+            args.model, device, dtype, rank, args.beta, args.pairs, args.gradient_checkpointing, compile=True
+        )
     # Both variants stay resident and alternate when they fit; full SDXL x 2 variants does not fit a GPU.
     sequential = args.sequential or (device.type == "cuda" and rank is None)
     out: dict = {"mode": mode, "lora_rank": rank, "order": "sequential" if sequential else "alternating"}
@@ -179,15 +212,20 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
         common.sync(device)
         with common.PeakMemory(device) as pm:
             v.step(lat_w, lat_l, prompts)
-        mem[k] = {"resident_after_build_bytes": resident(device) - base, "tensor_bytes": common.tensor_bytes(*v.modules()),
-                  **pm.result()}
+        mem[k] = {
+            "resident_after_build_bytes": resident(device) - base,
+            "tensor_bytes": common.tensor_bytes(*v.modules()),
+            **pm.result(),
+        }
         return v
 
     try:
         if sequential:
             for k in builders:
                 v = build(k)
-                times[k] = common.alternate({k: lambda v=v: v.step(lat_w, lat_l, prompts)}, device, args.repeats, warmup=0)[k]
+                times[k] = common.alternate(
+                    {k: lambda v=v: v.step(lat_w, lat_l, prompts)}, device, args.repeats, warmup=0
+                )[k]
                 if k == "rlfh":
                     variants[k] = v
                 else:
@@ -195,8 +233,12 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
                     free(device)
         else:
             variants = {k: build(k) for k in builders}
-            times = common.alternate({k: (lambda v=v: v.step(lat_w, lat_l, prompts)) for k, v in variants.items()},
-                                     device, args.repeats, warmup=0)
+            times = common.alternate(
+                {k: (lambda v=v: v.step(lat_w, lat_l, prompts)) for k, v in variants.items()},
+                device,
+                args.repeats,
+                warmup=0,
+            )
     except Exception as e:  # noqa: BLE001 -- a one-shot GPU run records the failure and goes on
         import traceback
 
@@ -210,15 +252,17 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
     rl = variants["rlfh"]
     flops_step = common.count_flops(lambda: rl.step(lat_w, lat_l, prompts))
     a, b = common.summary(times["reference_loop"]), common.summary(times["rlfh"])
-    out.update({
-        "trainable_params": rl.learner.num_trainable,
-        "reference_loop": {**a, "pairs_per_s": args.pairs / a["median_s"], "memory": mem["reference_loop"]},
-        "rlfh": {**b, "pairs_per_s": args.pairs / b["median_s"], "memory": mem["rlfh"]},
-        "ratio": common.paired_ratio(times["reference_loop"], times["rlfh"]),
-        "flops_per_pair": flops_step / args.pairs,
-        "learner_mfu": flops_step / b["median_s"] / peak["median_flops"],
-        "reference_mfu": flops_step / a["median_s"] / peak["median_flops"],
-    })
+    out.update(
+        {
+            "trainable_params": rl.learner.num_trainable,
+            "reference_loop": {**a, "pairs_per_s": args.pairs / a["median_s"], "memory": mem["reference_loop"]},
+            "rlfh": {**b, "pairs_per_s": args.pairs / b["median_s"], "memory": mem["rlfh"]},
+            "ratio": common.paired_ratio(times["reference_loop"], times["rlfh"]),
+            "flops_per_pair": flops_step / args.pairs,
+            "learner_mfu": flops_step / b["median_s"] / peak["median_flops"],
+            "reference_mfu": flops_step / a["median_s"] / peak["median_flops"],
+        }
+    )
     key = "of_medians" if sequential else "paired_median"
     out["ratio_rlfh_eager_over_reference"] = out["ratio_rlfh_over_reference"] = out["ratio"][key]
     if "rlfh_compiled" in times:  # the headline is rlfh as run for speed; the eager row stays beside it
@@ -234,14 +278,29 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
             rf = variants["reference_loop"]
             out["profile_reference_step_top_ops"] = profile_step(lambda: rf.step(lat_w, lat_l, prompts))
     if "reference_loop" in variants:  # both resident (alternating mode): time the pieces that differ
-        out["breakdown"] = breakdown(variants["reference_loop"], rl, args.pairs, args.size, device, dtype,
-                                     n=3 if args.smoke or args.size >= 256 else 10)
-        print(f"[learner] {mode:>6} breakdown: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["breakdown"].items()))
-    print(f"[learner] {mode:>6}: reference {out['reference_loop']['pairs_per_s']:.3f} pairs/s, rlfh "
-          f"{out['rlfh']['pairs_per_s']:.3f} pairs/s (ratio {out['ratio_rlfh_eager_over_reference']:.3f})"
-          + (f", rlfh compiled {out['rlfh_compiled']['pairs_per_s']:.3f} pairs/s (ratio "
-             f"{out['ratio_rlfh_over_reference']:.3f})" if "rlfh_compiled" in out else "")
-          + f", mfu {out['learner_mfu']:.4f}")
+        out["breakdown"] = breakdown(
+            variants["reference_loop"],
+            rl,
+            args.pairs,
+            args.size,
+            device,
+            dtype,
+            n=3 if args.smoke or args.size >= 256 else 10,
+        )
+        print(
+            f"[learner] {mode:>6} breakdown: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in out["breakdown"].items())
+        )
+    print(
+        f"[learner] {mode:>6}: reference {out['reference_loop']['pairs_per_s']:.3f} pairs/s, rlfh "
+        f"{out['rlfh']['pairs_per_s']:.3f} pairs/s (ratio {out['ratio_rlfh_eager_over_reference']:.3f})"
+        + (
+            f", rlfh compiled {out['rlfh_compiled']['pairs_per_s']:.3f} pairs/s (ratio "
+            f"{out['ratio_rlfh_over_reference']:.3f})"
+            if "rlfh_compiled" in out
+            else ""
+        )
+        + f", mfu {out['learner_mfu']:.4f}"
+    )
     variants.clear()
     free(device)
     return out
@@ -257,17 +316,23 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
     x = torch.randn(b2, cfgu.in_channels, h, h, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (b2,), device=device)
     enc = torch.randn(b2, 77, cfgu.cross_attention_dim, device=device, dtype=dtype)
-    added = {"text_embeds": torch.randn(b2, ref.pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype),
-             "time_ids": torch.randn(b2, 6, device=device, dtype=dtype)}
+    added = {
+        "text_embeds": torch.randn(b2, ref.pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype),
+        "time_ids": torch.randn(b2, 6, device=device, dtype=dtype),
+    }
     med = lambda fn: statistics.median(common.timed(fn, device) for _ in range(n))  # noqa: E731
     out = {}
     with torch.no_grad():
-        out["ref_forward_plain_copy_s"] = med(lambda: ref.ref_unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added))
+        out["ref_forward_plain_copy_s"] = med(
+            lambda: ref.ref_unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
+        )
         out["ref_forward_rlfh_s"] = med(lambda: lrn.reference(x, t, enc, added))
         if lrn.ref_unet is None:
+
             def toggle():
                 with lrn.adapters_off():
                     pass
+
             out["adapter_toggle_s"] = med(toggle)
 
     def plain():
@@ -302,9 +367,16 @@ def profile_step(fn, top: int = 15) -> list[dict]:
     dev_time = (lambda e: getattr(e, "self_device_time_total", 0)) if torch.cuda.is_available() else None
     ev.sort(key=dev_time or (lambda e: e.self_cpu_time_total), reverse=True)
     total = sum(e.self_cpu_time_total for e in ev) or 1
-    return [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-             "self_cpu_share": round(e.self_cpu_time_total / total, 3), "calls": e.count,
-             **({"self_device_ms": round(dev_time(e) / 1e3, 2)} if dev_time else {})} for e in ev[:top]]
+    return [
+        {
+            "op": e.key,
+            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+            "self_cpu_share": round(e.self_cpu_time_total / total, 3),
+            "calls": e.count,
+            **({"self_device_ms": round(dev_time(e) / 1e3, 2)} if dev_time else {}),
+        }
+        for e in ev[:top]
+    ]
 
 
 def main(argv=None) -> dict:
@@ -320,14 +392,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--sequential", action="store_true", help="build, time and free one variant at a time")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--rlfh-compile", action="store_true",
-                    help="also time rlfh with learner.engine.compile=true (the headline ratio then uses it; the eager "
-                         "rlfh row stays as ratio_rlfh_eager_over_reference); each size pays one compile")
+    ap.add_argument(
+        "--rlfh-compile",
+        action="store_true",
+        help="also time rlfh with learner.engine.compile=true (the headline ratio then uses it; the eager "
+        "rlfh row stays as ratio_rlfh_eager_over_reference); each size pays one compile",
+    )
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--large-size", type=int, default=None,
-                    help="also time lora8 at this image size (px), the compute-bound point: learner_ratio_large "
-                         "(CPU default 256: the tiny SDXL-architecture UNet on 32x32 latents; with --large-pairs 4, >= 1 s per step)")
+    ap.add_argument(
+        "--large-size",
+        type=int,
+        default=None,
+        help="also time lora8 at this image size (px), the compute-bound point: learner_ratio_large "
+        "(CPU default 256: the tiny SDXL-architecture UNet on 32x32 latents; with --large-pairs 4, >= 1 s per step)",
+    )
     ap.add_argument("--large-repeats", type=int, default=5)
     ap.add_argument("--large-pairs", type=int, default=None, help="pairs per step at --large-size (default --pairs)")
     ap.add_argument("--out", default=None)
@@ -338,9 +417,13 @@ def main(argv=None) -> dict:
     device = common.pick_device(args.device)
     common.set_threads(args.threads, device)
     gpu = device.type == "cuda"
-    d = d_all = (dict(model="rlfh:tiny-sdxl", size=64, pairs=2, modes="lora8", repeats=2, dtype="float32") if args.smoke else
-         dict(model="sdxl-arch-random", size=1024, pairs=1, modes="lora8,lora64,full", repeats=5, dtype="bfloat16") if gpu else
-         dict(model="rlfh:tiny-sdxl", size=64, pairs=2, modes="lora8,lora64,full", repeats=10, dtype="float32"))
+    d = d_all = (
+        dict(model="rlfh:tiny-sdxl", size=64, pairs=2, modes="lora8", repeats=2, dtype="float32")
+        if args.smoke
+        else dict(model="sdxl-arch-random", size=1024, pairs=1, modes="lora8,lora64,full", repeats=5, dtype="bfloat16")
+        if gpu
+        else dict(model="rlfh:tiny-sdxl", size=64, pairs=2, modes="lora8,lora64,full", repeats=10, dtype="float32")
+    )
     default_model = d_all["model"]
     for k, v in d.items():
         if getattr(args, k) is None:
@@ -365,11 +448,19 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "learner",
         **record,
-        "settings": {"model": args.model, "dtype": args.dtype, "size": args.size, "pairs_per_step": args.pairs,
-                     "modes": args.modes, "repeats": args.repeats, "beta": args.beta,
-                     "gradient_checkpointing": args.gradient_checkpointing, "smoke": args.smoke,
-                     "rlfh_compile": args.rlfh_compile,
-                     "timing": "median of per-step times after 1 warm-up step each; one step = one optimizer step"},
+        "settings": {
+            "model": args.model,
+            "dtype": args.dtype,
+            "size": args.size,
+            "pairs_per_step": args.pairs,
+            "modes": args.modes,
+            "repeats": args.repeats,
+            "beta": args.beta,
+            "gradient_checkpointing": args.gradient_checkpointing,
+            "smoke": args.smoke,
+            "rlfh_compile": args.rlfh_compile,
+            "timing": "median of per-step times after 1 warm-up step each; one step = one optimizer step",
+        },
         "learner_ratio": head["ratio_rlfh_over_reference"] if head else None,
         "learner_ratio_eager": head["ratio_rlfh_eager_over_reference"] if head else None,
         "learner_compiled": bool(args.rlfh_compile),
@@ -386,12 +477,17 @@ def main(argv=None) -> dict:
         result["learner_mfu_large"] = large.get("learner_mfu")
         result["row_large"] = large
     if head:
-        print(f"[learner] headline ({head['mode']}): ratio {result['learner_ratio']:.3f}, mfu {result['learner_mfu']:.4f}")
+        print(
+            f"[learner] headline ({head['mode']}): ratio {result['learner_ratio']:.3f}, mfu {result['learner_mfu']:.4f}"
+        )
     name = args.out or common.result_name("learner", device, args.model, default_model, args.smoke)
     common.write_result(name, result, args.out_dir)
     if large is not None and not args.out:
-        common.write_result(name.replace("tiny", "large") if "tiny" in name else f"{name}_large",
-                            {k: v for k, v in result.items() if k not in ("rows",)}, args.out_dir)
+        common.write_result(
+            name.replace("tiny", "large") if "tiny" in name else f"{name}_large",
+            {k: v for k, v in result.items() if k not in ("rows",)},
+            args.out_dir,
+        )
     return result
 
 

@@ -51,15 +51,22 @@ def make_batch(lrn, n: int, seed: int = 0):
     latents = rng.standard_normal((m, 4, 8, 8)).astype(np.float32)
     prompts = [f"a photo of person {i // 2}" for i in range(m)]
     scores = [float(s) for s in rng.standard_normal(m)]
-    regions = [{**({"face": [Detection((8, 8, 30, 30), 0.99)]} if i % 2 == 0 else {}),
-                **({"hand": [Detection((34, 34, 60, 60), 0.9)]} if i % 4 == 0 else {})} for i in range(m)]
+    regions = [
+        {
+            **({"face": [Detection((8, 8, 30, 30), 0.99)]} if i % 2 == 0 else {}),
+            **({"hand": [Detection((34, 34, 60, 60), 0.9)]} if i % 4 == 0 else {}),
+        }
+        for i in range(m)
+    ]
     traj = None
     settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, "", 64, 64, rc.eta, rc.scheduler)
     if loss_spec(lc.loss).batch == TRAJECTORIES:
         t = rc.num_inference_steps
-        traj = {"latents": rng.standard_normal((m, t + 1, 4, 8, 8)).astype(np.float32),
-                "log_probs": rng.standard_normal((m, t)).astype(np.float32),
-                "timesteps": lrn.ddim.timesteps.cpu().numpy().astype(np.int64)}  # the sampler's real steps
+        traj = {
+            "latents": rng.standard_normal((m, t + 1, 4, 8, 8)).astype(np.float32),
+            "log_probs": rng.standard_normal((m, t)).astype(np.float32),
+            "timesteps": lrn.ddim.timesteps.cpu().numpy().astype(np.int64),
+        }  # the sampler's real steps
     batch, _ = learner_batch(lc, ScoredSamples(latents, prompts, prompts, scores, regions, (64, 64), traj, settings))
     return batch
 
@@ -76,18 +83,24 @@ def main() -> None:
     common.quiet()
     device = common.pick_device("auto")
     common.set_threads(1, device)
+    from families import resolve_model_path
     from rlfh.config.schema import load_config
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
-    from families import resolve_model_path
     from rlfh.losses.registry import PAIRS, loss_spec
 
     model = resolve_model_path("rlfh:tiny-sdxl")
     results = {}
     for name, overrides in VARIANTS.items():
-        cfg = load_config(common.REPO / "configs" / "tiny.yaml",
-                          [f"model.path={model}", f"learner.train_batch_size={args.batch}",
-                           f"learner.micro_batch_size_per_gpu={args.batch}", *overrides])
+        cfg = load_config(
+            common.REPO / "configs" / "tiny.yaml",
+            [
+                f"model.path={model}",
+                f"learner.train_batch_size={args.batch}",
+                f"learner.micro_batch_size_per_gpu={args.batch}",
+                *overrides,
+            ],
+        )
         lrn = LearnerEngine(cfg)
         pairs = loss_spec(cfg.learner.loss).batch == PAIRS  # a pair takes two samples
         batch = make_batch(lrn, args.batch * (args.steps + 1) if pairs else args.batch * (args.steps + 1) // 2)
@@ -100,18 +113,29 @@ def main() -> None:
             dt = time.perf_counter() - t0
         steps = int(metrics["learner/steps"]) - 1
         items = steps * args.batch
-        results[name] = {"overrides": overrides, "steps": steps, "seconds": dt, "items_per_s": items / dt,
-                         "memory": mem.result(),
-                         "mpd_weights": {k: v for k, v in metrics.items() if k.startswith("mpd/weight/")}}
+        results[name] = {
+            "overrides": overrides,
+            "steps": steps,
+            "seconds": dt,
+            "items_per_s": items / dt,
+            "memory": mem.result(),
+            "mpd_weights": {k: v for k, v in metrics.items() if k.startswith("mpd/weight/")},
+        }
         print(f"[bench] {name:14s} {items / dt:8.2f} items/s  peak +{mem.result()['peak_delta_bytes'] / 2**20:.0f} MiB")
         del lrn
     base = results["dpo"]["items_per_s"]
     for r in results.values():
         r["speed_vs_dpo_global"] = r["items_per_s"] / base
-    out = {**common.machine(device), "settings": {"model": "rlfh:tiny-sdxl", "px": 64, "batch": args.batch,
-                                                  "steps": args.steps, "threads": 1}, "variants": results}
-    common.write_result("smoke_loss_family" if args.smoke else f"{'gpu' if device.type == 'cuda' else 'cpu'}_tiny_loss_family",
-                        out, args.out_dir)
+    out = {
+        **common.machine(device),
+        "settings": {"model": "rlfh:tiny-sdxl", "px": 64, "batch": args.batch, "steps": args.steps, "threads": 1},
+        "variants": results,
+    }
+    common.write_result(
+        "smoke_loss_family" if args.smoke else f"{'gpu' if device.type == 'cuda' else 'cpu'}_tiny_loss_family",
+        out,
+        args.out_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     from rewards.composite import RewardSet
     from rewards.server import start_reward_server
     from rewards.wire import ServerConfig
-    from tests.rewards.tiny_blip import FULL_MED_CONFIG, TINY_MED_CONFIG, TINY_VISION, VIT_L, random_model, save_published
+    from tests.rewards.tiny_blip import (
+        FULL_MED_CONFIG,
+        TINY_MED_CONFIG,
+        TINY_VISION,
+        VIT_L,
+        random_model,
+        save_published,
+    )
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
@@ -119,22 +126,34 @@ def main(argv: list[str] | None = None) -> int:
         fs_dir = save_published(model, med, Path(tmp) / "fs", "FS_model.pt")
         setup["save_s"] = time.perf_counter() - t0
         del model
-        options = {"model": str(fs_dir), "detector": "bench.reward_overhead_bench:CenterFaces",
-                   "detector_options": {"fraction": 0.5}, "batch_size": args.batch}
+        options = {
+            "model": str(fs_dir),
+            "detector": "bench.reward_overhead_bench:CenterFaces",
+            "detector_options": {"fraction": 0.5},
+            "batch_size": args.batch,
+        }
         if args.smoke:
             options["vision_heads"] = TINY_VISION.heads
         entries = [{"target": "facescore", "name": None, "weight": 1.0, "options": options}]
         t0 = time.perf_counter()
         in_process = RewardSet.from_config([SimpleNamespace(**e) for e in entries])
         setup["load_in_process_s"] = time.perf_counter() - t0
-        print(f"[bench] FaceScore-size model: {n_params / 1e6:.1f} M parameters ({n_vision / 1e6:.1f} M vision); "
-              + ", ".join(f"{k} {v:.1f}" for k, v in setup.items()), flush=True)
+        print(
+            f"[bench] FaceScore-size model: {n_params / 1e6:.1f} M parameters ({n_vision / 1e6:.1f} M vision); "
+            + ", ".join(f"{k} {v:.1f}" for k, v in setup.items()),
+            flush=True,
+        )
 
         cfg = ServerConfig(port=free_port(), num_cpus_per_replica=float(args.threads))
         env = worker_runtime_env()
         env.setdefault("env_vars", {}).update(
-            {"PYTHONPATH": os.pathsep.join([str(REPO)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]),
-             "OMP_NUM_THREADS": str(args.threads)})
+            {
+                "PYTHONPATH": os.pathsep.join(
+                    [str(REPO)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]
+                ),
+                "OMP_NUM_THREADS": str(args.threads),
+            }
+        )
         ray.init(num_cpus=max(2, args.threads), include_dashboard=False, log_to_driver=False, runtime_env=env)
         try:
             t0 = time.perf_counter()
@@ -143,20 +162,25 @@ def main(argv: list[str] | None = None) -> int:
             clients = {"http": RewardClient(cfg.url, timeout=600, encoding="raw")}
             if args.png:
                 clients["http_png"] = RewardClient(cfg.url, timeout=600, encoding="png")
-            fns = {"in_process": lambda: in_process(images, prompts),
-                   "handle": lambda: handle.score.remote(images, prompts).result()}
+            fns = {
+                "in_process": lambda: in_process(images, prompts),
+                "handle": lambda: handle.score.remote(images, prompts).result(),
+            }
             fns.update({k: (lambda c=c: c.score(images, prompts)) for k, c in clients.items()})
             # warm-up, and the same scores on every path before any timing counts
             outs = {k: fn() for k, fn in fns.items()}
             ref = np.array(outs["in_process"].values()["facescore"], dtype=float)
-            diffs = {k: float(np.max(np.abs(np.array(o.values()["facescore"], dtype=float) - ref)))
-                     for k, o in outs.items() if k != "in_process"}
+            diffs = {
+                k: float(np.max(np.abs(np.array(o.values()["facescore"], dtype=float) - ref)))
+                for k, o in outs.items()
+                if k != "in_process"
+            }
             if not np.all(np.isfinite(ref)) or max(diffs.values()) > 1e-4:
                 raise RuntimeError(f"server scores differ from in-process scores: {diffs}, in-process {ref.tolist()}")
             order = list(fns)
             times: dict[str, list[float]] = {k: [] for k in fns}
             for r in range(args.rounds):
-                rot = order[r % len(order):] + order[:r % len(order)]
+                rot = order[r % len(order) :] + order[: r % len(order)]
                 for k in rot:
                     t0 = time.perf_counter()
                     fns[k]()
@@ -169,34 +193,61 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     base = times["in_process"]
     shares = {k: [(t - b) / b for t, b in zip(times[k], base)] for k in times if k != "in_process"}
-    report.update({
-        "settings": {"model": "FaceScore architecture, random weights" + (" (TINY: smoke)" if args.smoke else
-                     " (BLIP ViT-L/16: 24 layers, width 1024; med_config BERT 12 layers)"),
-                     "vision": vars(vision) if hasattr(vision, "__dict__") else str(vision), "parameters": n_params,
-                     "vision_parameters": n_vision, "batch": args.batch, "image_size": args.size,
-                     "faces": "one centre box per image (half of each side), confidence 1.0",
-                     "photos": names, "rounds": args.rounds, "threads": args.threads, "quick": args.quick,
-                     "smoke": args.smoke, "order": "in_process, handle, http[, http_png] rotated per round, after 1 warm-up each",
-                     "server_config": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-                                       "num_replicas": cfg.num_replicas, "num_cpus_per_replica": cfg.num_cpus_per_replica,
-                                       "http_encoding": "raw"}},
-        "setup_s": {k: round(v, 2) for k, v in setup.items()},
-        "scores_max_abs_diff_vs_in_process": diffs,
-        "reward_http_overhead_share": statistics.median(shares["http"]),
-        "reward_handle_overhead_share": statistics.median(shares["handle"]),
-        "overhead_share_by_path": {k: {"paired_median": statistics.median(v), "pairs": v} for k, v in shares.items()},
-        "ms_per_request_median": {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()},
-        "in_process_ms_per_image": round(statistics.median(base) * 1e3 / args.batch, 1),
-        "overhead_ms_per_request_median": {k: round(statistics.median([t - b for t, b in zip(times[k], base)]) * 1e3, 1)
-                                           for k in shares},
-        "rows": [{"round": r, **{f"{k}_s": times[k][r] for k in times}} for r in range(args.rounds)],
-        "target": "reward_http_overhead_share < 0.10",
-        "runtime_s": round(time.perf_counter() - t_start, 1),
-    })
-    print(f"[bench] in-process {report['ms_per_request_median']['in_process']:.0f} ms per batch of {args.batch} "
-          f"({report['in_process_ms_per_image']} ms/image); reward_http_overhead_share "
-          f"{report['reward_http_overhead_share']:.4f}, handle {report['reward_handle_overhead_share']:.4f}", flush=True)
-    common.write_result(args.out or ("smoke_reward_overhead" if args.smoke else "cpu_reward_overhead"), report, Path(args.out_dir))
+    report.update(
+        {
+            "settings": {
+                "model": "FaceScore architecture, random weights"
+                + (
+                    " (TINY: smoke)"
+                    if args.smoke
+                    else " (BLIP ViT-L/16: 24 layers, width 1024; med_config BERT 12 layers)"
+                ),
+                "vision": vars(vision) if hasattr(vision, "__dict__") else str(vision),
+                "parameters": n_params,
+                "vision_parameters": n_vision,
+                "batch": args.batch,
+                "image_size": args.size,
+                "faces": "one centre box per image (half of each side), confidence 1.0",
+                "photos": names,
+                "rounds": args.rounds,
+                "threads": args.threads,
+                "quick": args.quick,
+                "smoke": args.smoke,
+                "order": "in_process, handle, http[, http_png] rotated per round, after 1 warm-up each",
+                "server_config": {
+                    "max_batch_size": cfg.max_batch_size,
+                    "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+                    "num_replicas": cfg.num_replicas,
+                    "num_cpus_per_replica": cfg.num_cpus_per_replica,
+                    "http_encoding": "raw",
+                },
+            },
+            "setup_s": {k: round(v, 2) for k, v in setup.items()},
+            "scores_max_abs_diff_vs_in_process": diffs,
+            "reward_http_overhead_share": statistics.median(shares["http"]),
+            "reward_handle_overhead_share": statistics.median(shares["handle"]),
+            "overhead_share_by_path": {
+                k: {"paired_median": statistics.median(v), "pairs": v} for k, v in shares.items()
+            },
+            "ms_per_request_median": {k: round(statistics.median(v) * 1e3, 1) for k, v in times.items()},
+            "in_process_ms_per_image": round(statistics.median(base) * 1e3 / args.batch, 1),
+            "overhead_ms_per_request_median": {
+                k: round(statistics.median([t - b for t, b in zip(times[k], base)]) * 1e3, 1) for k in shares
+            },
+            "rows": [{"round": r, **{f"{k}_s": times[k][r] for k in times}} for r in range(args.rounds)],
+            "target": "reward_http_overhead_share < 0.10",
+            "runtime_s": round(time.perf_counter() - t_start, 1),
+        }
+    )
+    print(
+        f"[bench] in-process {report['ms_per_request_median']['in_process']:.0f} ms per batch of {args.batch} "
+        f"({report['in_process_ms_per_image']} ms/image); reward_http_overhead_share "
+        f"{report['reward_http_overhead_share']:.4f}, handle {report['reward_handle_overhead_share']:.4f}",
+        flush=True,
+    )
+    common.write_result(
+        args.out or ("smoke_reward_overhead" if args.smoke else "cpu_reward_overhead"), report, Path(args.out_dir)
+    )
     return 0
 
 

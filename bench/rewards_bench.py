@@ -48,17 +48,27 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-                "numpy": np.__version__, "pillow": PIL.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "ray": ray.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+    }
     try:
         import mediapipe
 
         versions["mediapipe"] = mediapipe.__version__
     except ImportError:
         pass
-    return {"cpu_model": cpu, "logical_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "versions": versions}
+    return {
+        "cpu_model": cpu,
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions,
+    }
 
 
 def photos(size: int, batch: int) -> tuple[np.ndarray, list[str]]:
@@ -68,8 +78,11 @@ def photos(size: int, batch: int) -> tuple[np.ndarray, list[str]]:
     import skimage.data
     from PIL import Image
 
-    named = [("astronaut", skimage.data.astronaut()), ("coffee", skimage.data.coffee()),
-             ("chelsea", skimage.data.chelsea())]
+    named = [
+        ("astronaut", skimage.data.astronaut()),
+        ("coffee", skimage.data.coffee()),
+        ("chelsea", skimage.data.chelsea()),
+    ]
     spec = importlib.util.find_spec("insightface")
     if spec and spec.origin:
         t1 = Path(spec.origin).parent / "data" / "images" / "t1.jpg"
@@ -107,23 +120,43 @@ def build_rewards(tmp: Path) -> dict[str, tuple[Any, str]]:
 
     mdir = get_models.models_dir()
     if get_models.missing_models(mdir):
-        print(f"[bench] MediaPipe models missing in {mdir}: run python -m rewards.detectors.get_models", file=sys.stderr)
+        print(
+            f"[bench] MediaPipe models missing in {mdir}: run python -m rewards.detectors.get_models", file=sys.stderr
+        )
     else:
         opts = {"detector_options": {"models_dir": str(mdir)}}
         out["hand_confidence"] = (build_reward("hand_confidence", opts), "real MediaPipe HandLandmarker models")
-        out["face_detection_confidence"] = (build_reward("face_detection_confidence", opts),
-                                            "real MediaPipe BlazeFace short-range model")
+        out["face_detection_confidence"] = (
+            build_reward("face_detection_confidence", opts),
+            "real MediaPipe BlazeFace short-range model",
+        )
     from tests.rewards.tiny_blip import TINY_MED_CONFIG, TINY_VISION, random_model, save_published
 
-    tiny = "TINY random-weight architecture (ViT width 64, depth 2; 2-layer text encoder): not the published model's cost"
-    fs_dir = save_published(random_model(TINY_VISION, TINY_MED_CONFIG, seed=0), TINY_MED_CONFIG, tmp / "fs", "FS_model.pt")
-    ir_dir = save_published(random_model(TINY_VISION, TINY_MED_CONFIG, seed=2), TINY_MED_CONFIG, tmp / "ir", "ImageReward.pt")
+    tiny = (
+        "TINY random-weight architecture (ViT width 64, depth 2; 2-layer text encoder): not the published model's cost"
+    )
+    fs_dir = save_published(
+        random_model(TINY_VISION, TINY_MED_CONFIG, seed=0), TINY_MED_CONFIG, tmp / "fs", "FS_model.pt"
+    )
+    ir_dir = save_published(
+        random_model(TINY_VISION, TINY_MED_CONFIG, seed=2), TINY_MED_CONFIG, tmp / "ir", "ImageReward.pt"
+    )
     if "face_detection_confidence" in out:
         # MediaPipe faces instead of insightface (whose model packs are not on a registry); threshold
         # 0.5 so the photos' faces are scored and the model actually runs.
-        out["facescore_tiny"] = (build_reward("facescore", {
-            "model": str(fs_dir), "vision_heads": 2, "detector": "mediapipe_face", "threshold": 0.5,
-            "detector_options": {"models_dir": str(mdir)}}), tiny + "; faces from MediaPipe BlazeFace")
+        out["facescore_tiny"] = (
+            build_reward(
+                "facescore",
+                {
+                    "model": str(fs_dir),
+                    "vision_heads": 2,
+                    "detector": "mediapipe_face",
+                    "threshold": 0.5,
+                    "detector_options": {"models_dir": str(mdir)},
+                },
+            ),
+            tiny + "; faces from MediaPipe BlazeFace",
+        )
     out["imagereward_tiny"] = (build_reward("imagereward", {"model": str(ir_dir), "vision_heads": 2}), tiny)
     return out
 
@@ -132,11 +165,16 @@ def bench_rewards(images: np.ndarray, prompts: list[str], repeats: int, tmp: Pat
     results = {}
     for name, (reward, note) in build_rewards(tmp).items():
         batched = timed(lambda: reward(images, prompts), repeats)
-        single = timed(lambda: [reward(images[i:i + 1], prompts[i:i + 1]) for i in range(len(images))],
-                       max(1, repeats // 2))
+        single = timed(
+            lambda: [reward(images[i : i + 1], prompts[i : i + 1]) for i in range(len(images))], max(1, repeats // 2)
+        )
         n = len(images)
-        results[name] = {"batched_images_per_s": round(n / batched, 2), "one_by_one_images_per_s": round(n / single, 2),
-                         "batched_speedup": round(single / batched, 3), "note": note}
+        results[name] = {
+            "batched_images_per_s": round(n / batched, 2),
+            "one_by_one_images_per_s": round(n / single, 2),
+            "batched_speedup": round(single / batched, 3),
+            "note": note,
+        }
         print(f"[bench] {name:28s} batched {n / batched:8.1f} img/s   one-by-one {n / single:8.1f} img/s", flush=True)
         detector = getattr(reward, "detector", None)
         if hasattr(detector, "close"):
@@ -169,8 +207,12 @@ def bench_server(images: np.ndarray, prompts: list[str], repeats: int) -> dict[s
         raw = RewardClient(cfg.url, timeout=60, encoding="raw")
         expected = in_process(images, prompts)
         # Same numbers on every path before any timing counts.
-        if not (handle.score.remote(images, prompts).result() == png.score(images, prompts)
-                == raw.score(images, prompts) == expected):
+        if not (
+            handle.score.remote(images, prompts).result()
+            == png.score(images, prompts)
+            == raw.score(images, prompts)
+            == expected
+        ):
             raise RuntimeError("server results differ from in-process results")
         ms = {
             "in_process": timed(lambda: in_process(images, prompts), repeats) * 1e3,
@@ -178,21 +220,29 @@ def bench_server(images: np.ndarray, prompts: list[str], repeats: int) -> dict[s
             "http_png": timed(lambda: png.score_json(images, prompts), repeats) * 1e3,
             "http_raw": timed(lambda: raw.score_json(images, prompts), repeats) * 1e3,
             # client-side share of the HTTP times: building the JSON body
-            "client_encode_png": timed(lambda: json.dumps({"images": [encode_png(im) for im in images]}), repeats) * 1e3,
-            "client_encode_raw": timed(lambda: json.dumps({"arrays": [encode_array(im) for im in images]}), repeats) * 1e3,
+            "client_encode_png": timed(lambda: json.dumps({"images": [encode_png(im) for im in images]}), repeats)
+            * 1e3,
+            "client_encode_raw": timed(lambda: json.dumps({"arrays": [encode_array(im) for im in images]}), repeats)
+            * 1e3,
         }
     finally:
         serve.shutdown()
         ray.shutdown()
     base = ms["in_process"]
     out = {
-        "rewards": [e["target"] for e in entries], "images_per_request": len(images),
-        "server_config": {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
-                          "num_replicas": cfg.num_replicas},
+        "rewards": [e["target"] for e in entries],
+        "images_per_request": len(images),
+        "server_config": {
+            "max_batch_size": cfg.max_batch_size,
+            "batch_wait_timeout_s": cfg.batch_wait_timeout_s,
+            "num_replicas": cfg.num_replicas,
+        },
         "ms_per_request": {k: round(v, 2) for k, v in ms.items()},
         "ratio_to_in_process": {k: round(v / base, 3) for k, v in ms.items() if not k.startswith("client_")},
-        "note": ("sequential requests, so each one also waits batch_wait_timeout_s for companions; "
-                 "http_* include client-side encoding (PNG or base64) and JSON parsing"),
+        "note": (
+            "sequential requests, so each one also waits batch_wait_timeout_s for companions; "
+            "http_* include client-side encoding (PNG or base64) and JSON parsing"
+        ),
     }
     print(f"[bench] server ms/request {out['ms_per_request']}  ratios {out['ratio_to_in_process']}", flush=True)
     return out
@@ -212,9 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     images, names = photos(args.size, args.batch)
     prompts = [f"a photo ({n})" for n in names]
-    report: dict[str, Any] = {"machine": machine(),
-                              "settings": {"batch": args.batch, "image_size": [args.size, args.size],
-                                           "photos": names, "repeats": args.repeats}}
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {
+            "batch": args.batch,
+            "image_size": [args.size, args.size],
+            "photos": names,
+            "repeats": args.repeats,
+        },
+    }
     with tempfile.TemporaryDirectory() as tmp:
         report["rewards"] = bench_rewards(images, prompts, args.repeats, Path(tmp))
     if not args.skip_server:

@@ -51,8 +51,10 @@ def unet_flops_per_image(pipe, size: int, cfg: bool, device, dtype) -> dict[str,
     rows = 2 if cfg else 1
     x = torch.randn(rows, unet.config.in_channels, h, h, device=device, dtype=dtype)
     enc = torch.randn(rows, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    added = {"text_embeds": torch.randn(rows, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype),
-             "time_ids": torch.randn(rows, 6, device=device, dtype=dtype)}
+    added = {
+        "text_embeds": torch.randn(rows, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype),
+        "time_ids": torch.randn(rows, 6, device=device, dtype=dtype),
+    }
     t = torch.tensor([500] * rows, device=device)
     with torch.no_grad():
         f_unet = common.count_flops(lambda: unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added))
@@ -77,13 +79,19 @@ def compile_phase(sampler, settings, row: dict, device, repeats: int) -> dict:
     steady = common.summary(ts)
     compiled = sampler.sample(prompts, seeds, settings)
     eager_row = row.get("sampler_lora_merged", row["rlfh_sampler"])
-    return {"what": "unet.to(channels_last); Sampler.compile() (UNet + VAE decoder; "
-                    + ("reduce-overhead: CUDA graphs" if device.type == "cuda" else "default mode") + ")",
-            "batch_size": bs, "first_call_s": first, "compile_s_estimate": first - steady["median_s"],
-            "steady": steady, "images_per_s": bs / steady["median_s"],
-            "speedup_over_eager_sampler": eager_row["median_s"] / steady["median_s"],
-            "images_max_abs_diff_uint8_vs_eager": int(np.abs(eager.images.astype(np.int16) - compiled.images).max()),
-            "latents_max_abs_diff_vs_eager": float(np.abs(eager.latents - compiled.latents).max())}
+    return {
+        "what": "unet.to(channels_last); Sampler.compile() (UNet + VAE decoder; "
+        + ("reduce-overhead: CUDA graphs" if device.type == "cuda" else "default mode")
+        + ")",
+        "batch_size": bs,
+        "first_call_s": first,
+        "compile_s_estimate": first - steady["median_s"],
+        "steady": steady,
+        "images_per_s": bs / steady["median_s"],
+        "speedup_over_eager_sampler": eager_row["median_s"] / steady["median_s"],
+        "images_max_abs_diff_uint8_vs_eager": int(np.abs(eager.images.astype(np.int16) - compiled.images).max()),
+        "latents_max_abs_diff_vs_eager": float(np.abs(eager.latents - compiled.latents).max()),
+    }
 
 
 def random_lora_state(lora, rank: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -105,11 +113,21 @@ def profile_sampler(sampler, prompts, seeds, settings, top: int = 15) -> list[di
     with profile(activities=acts) as prof:
         sampler.sample(prompts, seeds, settings)
     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, key.replace("cuda", "device"), 0) or getattr(e, key, 0),
-                  reverse=True)
+    rows = sorted(
+        prof.key_averages(),
+        key=lambda e: getattr(e, key.replace("cuda", "device"), 0) or getattr(e, key, 0),
+        reverse=True,
+    )
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    return [{"op": e.key, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
-             "self_cpu_share": round(e.self_cpu_time_total / total, 3), "calls": e.count} for e in rows[:top]]
+    return [
+        {
+            "op": e.key,
+            "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2),
+            "self_cpu_share": round(e.self_cpu_time_total / total, 3),
+            "calls": e.count,
+        }
+        for e in rows[:top]
+    ]
 
 
 def main(argv=None) -> dict:
@@ -122,13 +140,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--batch-sizes", default=None, help="comma list, e.g. 1,2,4,8,16")
     ap.add_argument("--repeats", type=int, default=None, help="timed a/b rounds per batch size")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU default 1, see common.set_threads)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (CPU default 1, see common.set_threads)"
+    )
     ap.add_argument("--profile", action="store_true", help="add torch.profiler top ops of one Sampler call")
-    ap.add_argument("--lora-rank", type=int, default=None, help="also time the Sampler with a LoRA of this rank, "
-                    "unmerged (c, before) and merged (d, as rollout actors run) (0: skip; default 8)")
-    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="after the a/b runs: channels_last + Sampler.compile on the merged-LoRA sampler (or the "
-                         "plain one), compile time reported apart (default: on for GPU)")
+    ap.add_argument(
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="also time the Sampler with a LoRA of this rank, "
+        "unmerged (c, before) and merged (d, as rollout actors run) (0: skip; default 8)",
+    )
+    ap.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after the a/b runs: channels_last + Sampler.compile on the merged-LoRA sampler (or the "
+        "plain one), compile time reported apart (default: on for GPU)",
+    )
     ap.add_argument("--smoke", action="store_true", help="seconds-long run of every code path")
     ap.add_argument("--out", default=None, help="result name under bench/results (default by device)")
     ap.add_argument("--out-dir", default=None)
@@ -162,8 +191,9 @@ def main(argv=None) -> dict:
         import copy
 
         # (d) the rollout actors' sampler: the LoRA merged into a UNet of its own, the rest shared
-        pipe_m = type(pipe)(**{**pipe.components, "unet": copy.deepcopy(pipe.unet),
-                               "scheduler": copy.deepcopy(pipe.scheduler)})
+        pipe_m = type(pipe)(
+            **{**pipe.components, "unet": copy.deepcopy(pipe.unet), "scheduler": copy.deepcopy(pipe.scheduler)}
+        )
         pipe_m.set_progress_bar_config(disable=True)
         merged = Sampler(pipe_m, model_id=model)
         merged.add_lora(args.lora_rank, args.lora_rank, targets)
@@ -177,6 +207,7 @@ def main(argv=None) -> dict:
     def adapters(on: bool):
         if args.lora_rank:
             (pipe.unet.enable_adapters if on else pipe.unet.disable_adapters)()
+
     peak = common.matmul_peak(device, seconds=1.0 if args.smoke else 3.0)
 
     rows = []
@@ -185,9 +216,15 @@ def main(argv=None) -> dict:
         seeds = list(range(1000, 1000 + bs))
 
         def stock():  # the user's call; fresh generators each call, as the Sampler makes them
-            return pipe(prompt=prompts, negative_prompt=[""] * bs, num_inference_steps=steps,
-                        guidance_scale=args.guidance, height=size, width=size,
-                        generator=seeded_generators(seeds)).images
+            return pipe(
+                prompt=prompts,
+                negative_prompt=[""] * bs,
+                num_inference_steps=steps,
+                guidance_scale=args.guidance,
+                height=size,
+                width=size,
+                generator=seeded_generators(seeds),
+            ).images
 
         def ours():
             return sampler.sample(prompts, seeds, settings)
@@ -198,31 +235,53 @@ def main(argv=None) -> dict:
             fns["sampler_lora_merged"] = lambda: merged.sample(prompts, seeds, settings)
         times = common.alternate(fns, device, repeats=repeats, warmup=1)
         a, b = common.summary(times["stock"]), common.summary(times["sampler"])
-        row = {"batch_size": bs, "stock_pipeline": a, "rlfh_sampler": b,
-               "stock_images_per_s": bs / a["median_s"], "sampler_images_per_s": bs / b["median_s"],
-               "ratio": common.paired_ratio(times["stock"], times["sampler"])}
+        row = {
+            "batch_size": bs,
+            "stock_pipeline": a,
+            "rlfh_sampler": b,
+            "stock_images_per_s": bs / a["median_s"],
+            "sampler_images_per_s": bs / b["median_s"],
+            "ratio": common.paired_ratio(times["stock"], times["sampler"]),
+        }
         row["ratio_sampler_over_stock"] = row["ratio"]["paired_median"]
         if args.lora_rank:  # what the LoRA costs a rollout: unmerged (before), merged (now)
             for k in ("sampler_lora", "sampler_lora_merged"):
                 row[k] = common.summary(times[k])
                 row[f"{k}_images_per_s"] = bs / row[k]["median_s"]
-            row["ratio_sampler_lora_over_stock"] = common.paired_ratio(times["stock"], times["sampler_lora"])["paired_median"]
+            row["ratio_sampler_lora_over_stock"] = common.paired_ratio(times["stock"], times["sampler_lora"])[
+                "paired_median"
+            ]
             row["lora_ratio"] = common.paired_ratio(times["stock"], times["sampler_lora_merged"])
             row["ratio_sampler_lora_merged_over_stock"] = row["lora_ratio"]["paired_median"]
-            row["ratio_merged_over_unmerged"] = common.paired_ratio(times["sampler_lora"],
-                                                                    times["sampler_lora_merged"])["paired_median"]
-        print(f"[rollout] batch {bs:>2}: stock {row['stock_images_per_s']:.3f} img/s, sampler "
-              f"{row['sampler_images_per_s']:.3f} img/s, ratio {row['ratio_sampler_over_stock']:.3f}"
-              + (f"; LoRA{args.lora_rank} unmerged {row['ratio_sampler_lora_over_stock']:.3f}, merged "
-                 f"{row['ratio_sampler_lora_merged_over_stock']:.3f}" if args.lora_rank else ""))
+            row["ratio_merged_over_unmerged"] = common.paired_ratio(
+                times["sampler_lora"], times["sampler_lora_merged"]
+            )["paired_median"]
+        print(
+            f"[rollout] batch {bs:>2}: stock {row['stock_images_per_s']:.3f} img/s, sampler "
+            f"{row['sampler_images_per_s']:.3f} img/s, ratio {row['ratio_sampler_over_stock']:.3f}"
+            + (
+                f"; LoRA{args.lora_rank} unmerged {row['ratio_sampler_lora_over_stock']:.3f}, merged "
+                f"{row['ratio_sampler_lora_merged_over_stock']:.3f}"
+                if args.lora_rank
+                else ""
+            )
+        )
         rows.append(row)
 
     adapters(False)
     # Same computation? One more pair at the first batch size, outputs compared as uint8 pixels.
     bs0 = batch_sizes[0]
     pr, sd = [PROMPTS[i % len(PROMPTS)] for i in range(bs0)], list(range(1000, 1000 + bs0))
-    img_a = pipe(prompt=pr, negative_prompt=[""] * bs0, num_inference_steps=steps, guidance_scale=args.guidance,
-                 height=size, width=size, generator=seeded_generators(sd), output_type="np").images
+    img_a = pipe(
+        prompt=pr,
+        negative_prompt=[""] * bs0,
+        num_inference_steps=steps,
+        guidance_scale=args.guidance,
+        height=size,
+        width=size,
+        generator=seeded_generators(sd),
+        output_type="np",
+    ).images
     img_b = sampler.sample(pr, sd, settings).images
     diff = int(np.abs((img_a * 255).round().astype(np.int16) - img_b.astype(np.int16)).max())
     merge_check = None
@@ -234,14 +293,17 @@ def main(argv=None) -> dict:
         adapters(True)
         out_u, out_m = unmerged.sample(pr, sd, settings), merged.sample(pr, sd, settings)
         adapters(False)
-        merge_check = {"eps_max_abs_diff": float((e_u - e_m).abs().max()), "eps_max_abs": float(e_u.abs().max()),
-                       "eps_moved_by_lora": float((e_u - e_0).abs().max()),
-                       "latents_max_abs_diff": float(np.abs(out_u.latents - out_m.latents).max()),
-                       "images_max_abs_diff_uint8": int(np.abs(out_u.images.astype(np.int16) - out_m.images).max()),
-                       "images_differing_values": int((out_u.images != out_m.images).sum()),
-                       "images_values": int(out_u.images.size),
-                       "base_copy_bytes": merged.lora.base_bytes,
-                       "unet_bytes": sum(p.numel() * p.element_size() for p in merged.pipe.unet.parameters())}
+        merge_check = {
+            "eps_max_abs_diff": float((e_u - e_m).abs().max()),
+            "eps_max_abs": float(e_u.abs().max()),
+            "eps_moved_by_lora": float((e_u - e_0).abs().max()),
+            "latents_max_abs_diff": float(np.abs(out_u.latents - out_m.latents).max()),
+            "images_max_abs_diff_uint8": int(np.abs(out_u.images.astype(np.int16) - out_m.images).max()),
+            "images_differing_values": int((out_u.images != out_m.images).sum()),
+            "images_values": int(out_u.images.size),
+            "base_copy_bytes": merged.lora.base_bytes,
+            "unet_bytes": sum(p.numel() * p.element_size() for p in merged.pipe.unet.parameters()),
+        }
 
     flops = unet_flops_per_image(pipe, size, args.guidance > 1.0, device, dtype)
     per_image = flops["unet_forward_per_image"] * steps + flops["vae_decode_per_image"]
@@ -250,14 +312,22 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "rollout",
         **record,
-        "settings": {"model": model, "dtype": str(dtype).replace("torch.", ""), "size": size, "steps": steps,
-                     "guidance_scale": args.guidance, "batch_sizes": batch_sizes, "repeats": repeats,
-                     "order": "alternating stock, sampler[, sampler_lora (unmerged, no prompt cache), "
-                              "sampler_lora_merged] after 1 warm-up call each",
-                     "sampler_lora_rank": args.lora_rank, "smoke": args.smoke,
-                     "stock_call": "pipe(prompt, negative_prompt, num_inference_steps, guidance_scale, height, "
-                                   "width, generator=[per-sample]) -> PIL (default output)",
-                     "load_s": t_load},
+        "settings": {
+            "model": model,
+            "dtype": str(dtype).replace("torch.", ""),
+            "size": size,
+            "steps": steps,
+            "guidance_scale": args.guidance,
+            "batch_sizes": batch_sizes,
+            "repeats": repeats,
+            "order": "alternating stock, sampler[, sampler_lora (unmerged, no prompt cache), "
+            "sampler_lora_merged] after 1 warm-up call each",
+            "sampler_lora_rank": args.lora_rank,
+            "smoke": args.smoke,
+            "stock_call": "pipe(prompt, negative_prompt, num_inference_steps, guidance_scale, height, "
+            "width, generator=[per-sample]) -> PIL (default output)",
+            "load_s": t_load,
+        },
         "rollout_ratio": headline_row["ratio_sampler_over_stock"],  # paired median at the largest batch
         "rollout_ratio_all_batches": float(np.median([x for r in rows for x in r["ratio"]["pairs"]])),
         "rollout_ratio_by_batch": {r["batch_size"]: r["ratio_sampler_over_stock"] for r in rows},
@@ -269,7 +339,7 @@ def main(argv=None) -> dict:
         "rollout_mfu": per_image * best["sampler_images_per_s"] / peak["median_flops"],
         "stock_mfu": per_image * max(r["stock_images_per_s"] for r in rows) / peak["median_flops"],
         "mfu_basis": "FlopCounterMode UNet forward (CFG rows) x steps + VAE decode, at the best batch size, over "
-                     "the measured matmul peak; text encoders and scheduler excluded",
+        "the measured matmul peak; text encoders and scheduler excluded",
         "flops": {**flops, "per_image": per_image},
         "matmul_peak": peak,
         "outputs_max_abs_diff_uint8": diff,
@@ -281,10 +351,15 @@ def main(argv=None) -> dict:
         pr = [PROMPTS[i % len(PROMPTS)] for i in range(headline_row["batch_size"])]
         result["profile_sampler_top_ops"] = profile_sampler(sampler, pr, list(range(len(pr))), settings)
     if args.lora_rank:
-        print(f"[rollout] rollout_lora_ratio (merged LoRA sampler / stock without LoRA) {result['rollout_lora_ratio']:.3f} "
-              f"(unmerged before: {result['rollout_lora_ratio_before']:.3f}); merged vs unmerged {merge_check}")
-    print(f"[rollout] headline ratio (batch {headline_row['batch_size']}) {result['rollout_ratio']:.3f}; "
-          f"rollout_mfu {result['rollout_mfu']:.4f}; max pixel diff stock vs sampler {diff}")
+        print(
+            f"[rollout] rollout_lora_ratio (merged LoRA sampler / stock without LoRA) "
+            f"{result['rollout_lora_ratio']:.3f} "
+            f"(unmerged before: {result['rollout_lora_ratio_before']:.3f}); merged vs unmerged {merge_check}"
+        )
+    print(
+        f"[rollout] headline ratio (batch {headline_row['batch_size']}) {result['rollout_ratio']:.3f}; "
+        f"rollout_mfu {result['rollout_mfu']:.4f}; max pixel diff stock vs sampler {diff}"
+    )
     kind = "rollout_compile" if args.compile else "rollout"
     name = args.out or common.result_name(kind, device, model, d["model"], args.smoke)
     common.write_result(name, result, args.out_dir)

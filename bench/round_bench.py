@@ -51,13 +51,13 @@ def ray_rounds(config: Path, overrides: list[str], run_dir: Path) -> tuple[list[
 
 def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
     """The loop of rlfh.recipes.online.train with the Ray calls replaced by direct calls."""
-    from rewards.composite import RewardSet
-    from rlfh.learner.engine import LearnerEngine
-    from rlfh.learner.steps import train
     from families import load_pipeline
+    from rewards.composite import RewardSet
     from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch
     from rlfh.data.prompts import PromptSchedule, load_prompts
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
     from rollouts.log import RolloutLog, make_records
     from rollouts.sampler import Sampler
     from rollouts.types import RolloutBatch, SamplerSettings
@@ -72,23 +72,33 @@ def inprocess_rounds(cfg, n_rounds: int, run_dir: Path) -> list[dict]:
     learner = LearnerEngine(cfg, device="cpu")
     log = RolloutLog(run_dir / "rollouts")
     schedule = PromptSchedule(load_prompts(rc), rc.prompts_per_round, rc.rollouts_per_prompt, cfg.seed)
-    settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta)
+    settings = SamplerSettings(
+        rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta
+    )
     bs = rc.sample_batch_size_per_actor
     rows = []
     for rnd in range(n_rounds):
         t = [time.perf_counter()]
         prompts, seeds = schedule.round(rnd)
-        batch = RolloutBatch.concat([sampler.sample(prompts[i:i + bs], seeds[i:i + bs], settings)
-                                     for i in range(0, len(prompts), bs)])
+        batch = RolloutBatch.concat(
+            [sampler.sample(prompts[i : i + bs], seeds[i : i + bs], settings) for i in range(0, len(prompts), bs)]
+        )
         batch.rollout_ids = [f"{rnd}-{i}" for i in range(len(batch))]
         t.append(time.perf_counter())
         scored = rewards(batch.images, batch.prompts)
         t.append(time.perf_counter())
         log.append(make_records(batch, scored, rnd))
-        train_batch, _ = learner_batch(lc,
-                                       ScoredSamples(batch.latents, batch.prompts, batch.prompts, scored.combined(),
-                                                     [scored.regions(i) for i in range(len(batch))], (rc.height,
-                                                     rc.width)))
+        train_batch, _ = learner_batch(
+            lc,
+            ScoredSamples(
+                batch.latents,
+                batch.prompts,
+                batch.prompts,
+                scored.combined(),
+                [scored.regions(i) for i in range(len(batch))],
+                (rc.height, rc.width),
+            ),
+        )
         t.append(time.perf_counter())
         train(learner, train_batch, lc.epochs_per_round)
         t.append(time.perf_counter())
@@ -110,8 +120,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--config", default=str(common.REPO / "configs" / "tiny.yaml"))
     ap.add_argument("--rounds", type=int, default=None, help="rounds per side (round 0 is dropped)")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--in-process-nice", type=int, default=int(os.environ.get("RAY_worker_niceness", 15)),
-                    help="niceness of the in-process side (default: Ray's worker niceness, 15)")
+    ap.add_argument(
+        "--in-process-nice",
+        type=int,
+        default=int(os.environ.get("RAY_worker_niceness", 15)),
+        help="niceness of the in-process side (default: Ray's worker niceness, 15)",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--out-dir", default=None)
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides for both sides")
@@ -122,8 +136,13 @@ def main(argv=None) -> dict:
     rounds = args.rounds or (2 if args.smoke else 10)
     ov = [f"num_rounds={rounds}", "logging.wandb=false", "logging.progress=false", f"logging.checkpoint_every={10**6}"]
     if args.smoke:
-        ov += ["rollout.num_inference_steps=2", "rollout.prompts_per_round=2", "rollout.rollouts_per_prompt=2",
-               "rollout.sample_batch_size_per_actor=4", "learner.epochs_per_round=1"]
+        ov += [
+            "rollout.num_inference_steps=2",
+            "rollout.prompts_per_round=2",
+            "rollout.rollouts_per_prompt=2",
+            "rollout.sample_batch_size_per_actor=4",
+            "learner.epochs_per_round=1",
+        ]
     ov += args.overrides
     cfg = load_config(args.config, ov)
     record = common.machine(torch.device("cpu"))
@@ -148,25 +167,38 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "round",
         **record,
-        "settings": {"config": args.config, "overrides": ov, "rounds_per_side": rounds, "dropped_rounds": [0],
-                     "torch_threads_in_process": max(int(cfg.resources.num_cpus_per_actor), 1),
-                     "in_process_niceness": args.in_process_nice, "ray_worker_niceness": "15 (Ray default)",
-                     "samples_per_round": cfg.rollout.samples_per_round, "model_cache": env_note,
-                     "smoke": args.smoke},
+        "settings": {
+            "config": args.config,
+            "overrides": ov,
+            "rounds_per_side": rounds,
+            "dropped_rounds": [0],
+            "torch_threads_in_process": max(int(cfg.resources.num_cpus_per_actor), 1),
+            "in_process_niceness": args.in_process_nice,
+            "ray_worker_niceness": "15 (Ray default)",
+            "samples_per_round": cfg.rollout.samples_per_round,
+            "model_cache": env_note,
+            "smoke": args.smoke,
+        },
         "ray_overhead_share": overhead / ray_round,
         "ray_overhead_s": overhead,
         "round_s": {"ray_median": ray_round, "in_process_median": loc_round},
         "stages": stages,
         "stage_share_of_ray_round": {s: v["ray_driver_s"] / ray_round for s, v in stages.items()},
         "ray_wall_s_total": ray_wall,
-        "raw": {"ray_metrics": [{k: v for k, v in r.items() if k.startswith("time/") or k == "round"} for r in ray_rows],
-                "in_process": local_rows},
+        "raw": {
+            "ray_metrics": [{k: v for k, v in r.items() if k.startswith("time/") or k == "round"} for r in ray_rows],
+            "in_process": local_rows,
+        },
     }
     for s, v in stages.items():
-        print(f"[round] {s:>7}: ray {v['ray_driver_s']:.3f} s, in-process {v['in_process_s']:.3f} s, "
-              f"overhead {v['overhead_s']:+.3f} s")
-    print(f"[round] round: ray {ray_round:.3f} s, in-process {loc_round:.3f} s; Ray overhead share "
-          f"{result['ray_overhead_share']:.3f}")
+        print(
+            f"[round] {s:>7}: ray {v['ray_driver_s']:.3f} s, in-process {v['in_process_s']:.3f} s, "
+            f"overhead {v['overhead_s']:+.3f} s"
+        )
+    print(
+        f"[round] round: ray {ray_round:.3f} s, in-process {loc_round:.3f} s; Ray overhead share "
+        f"{result['ray_overhead_share']:.3f}"
+    )
     common.write_result(args.out or ("smoke_round" if args.smoke else "cpu_tiny_round"), result, args.out_dir)
     return result
 

@@ -48,8 +48,11 @@ def cpu_sh_summary(d: Path, out: Path) -> dict:
     ro, le, dd, rw = (src[k][1] for k in ("rollout", "learner", "ddpo", "reward"))
     first = next((v for _, v in src.values() if v), {})
     summary = {
-        "benchmark": "cpu.sh", "device": first.get("device"), "date": first.get("date"),
-        "machine": first.get("machine"), "versions": first.get("versions"),
+        "benchmark": "cpu.sh",
+        "device": first.get("device"),
+        "date": first.get("date"),
+        "machine": first.get("machine"),
+        "versions": first.get("versions"),
         "smoke": any(p and "smoke_" in p for p, _ in src.values()),
         "rollout_lora_ratio": ro.get("rollout_lora_ratio"),
         "rollout_lora_ratio_before": ro.get("rollout_lora_ratio_before"),
@@ -63,29 +66,46 @@ def cpu_sh_summary(d: Path, out: Path) -> dict:
         "reward_http_overhead_share": rw.get("reward_http_overhead_share"),
         "reward_handle_overhead_share": rw.get("reward_handle_overhead_share"),
         "meaning": {
-            "rollout_lora_ratio": "stock diffusers pipeline (no LoRA) seconds / rlfh Sampler with the merged LoRA seconds, "
-                                  "largest batch, median of paired calls (>1: rlfh faster); _before: unmerged, uncached",
+            "rollout_lora_ratio": "stock diffusers pipeline (no LoRA) seconds / rlfh Sampler "
+            "with the merged LoRA seconds, "
+            "largest batch, median of paired calls (>1: rlfh faster); _before: unmerged, uncached",
             "learner_ratio": "rlfh learner pairs/s over the reference DPO loop pairs/s, lora8, 64 px, median of paired "
-                             "steps; rlfh with learner.engine.compile=true when learner_compiled (the loop stays eager)",
+            "steps; rlfh with learner.engine.compile=true when learner_compiled (the loop stays eager)",
             "learner_ratio_large": "the same at the compute-bound size (settings.large_size px)",
             "learner_ratio_eager": "learner_ratio with rlfh eager (learner.engine.compile=false), same run",
             "learner_ratio_large_eager": "learner_ratio_large with rlfh eager, same run",
             "ddpo_window_speedup": "DDPO all-steps seconds / SDE-window seconds per round, median of pairs",
             "reward_http_overhead_share": "(HTTP - in-process) / in-process seconds for one batch through the reward "
-                                          "server, FaceScore-size model, median of rounds (target < 0.10)"},
+            "server, FaceScore-size model, median of rounds (target < 0.10)",
+        },
         "settings": {k: v.get("settings") for k, (_, v) in src.items()},
         "dates": {k: v.get("date") for k, (_, v) in src.items()},
-        "load_avg": {k: [(v.get("machine") or {}).get("load_avg_1_5_15_at_start"), v.get("machine_load_avg_at_end")]
-                     for k, (_, v) in src.items()},
+        "load_avg": {
+            k: [(v.get("machine") or {}).get("load_avg_1_5_15_at_start"), v.get("machine_load_avg_at_end")]
+            for k, (_, v) in src.items()
+        },
         "stage_times": _stage_times(d),
         "sources": {k: p for k, (p, _) in src.items()},
-        "raw": {"rollout_rows": ro.get("rows"), "learner_rows": le.get("rows"), "learner_row_large": le.get("row_large"),
-                "ddpo_rows": dd.get("rows"), "ddpo_median_s_by_phase": dd.get("median_s_by_phase"),
-                "reward_rows": rw.get("rows"), "reward_setup_s": rw.get("setup_s"),
-                "reward_ms_per_request_median": rw.get("ms_per_request_median")},
+        "raw": {
+            "rollout_rows": ro.get("rows"),
+            "learner_rows": le.get("rows"),
+            "learner_row_large": le.get("row_large"),
+            "ddpo_rows": dd.get("rows"),
+            "ddpo_median_s_by_phase": dd.get("median_s_by_phase"),
+            "reward_rows": rw.get("rows"),
+            "reward_setup_s": rw.get("setup_s"),
+            "reward_ms_per_request_median": rw.get("ms_per_request_median"),
+        },
     }
-    for k in ("rollout_lora_ratio", "learner_ratio", "learner_ratio_eager", "learner_ratio_large",
-              "learner_ratio_large_eager", "ddpo_window_speedup", "reward_http_overhead_share"):
+    for k in (
+        "rollout_lora_ratio",
+        "learner_ratio",
+        "learner_ratio_eager",
+        "learner_ratio_large",
+        "learner_ratio_large_eager",
+        "ddpo_window_speedup",
+        "reward_http_overhead_share",
+    ):
         v = summary[k]
         print(f"[summary] {k:>27}: {v:.4f}" if isinstance(v, float) else f"[summary] {k:>27}: {v}")
     for k, v in summary["stage_times"].items():
@@ -105,24 +125,39 @@ def gpu_sh_summary(d: Path, out: Path) -> dict:
     if not first:
         raise SystemExit(f"no gpu_*.json results in {d}")
     summary = {
-        "benchmark": "gpu.sh", "device": first.get("device"), "gpu": (first.get("gpu") or {}).get("name"),
-        "gpu_detail": first.get("gpu"), "date": first.get("date"), "machine": first.get("machine"),
+        "benchmark": "gpu.sh",
+        "device": first.get("device"),
+        "gpu": (first.get("gpu") or {}).get("name"),
+        "gpu_detail": first.get("gpu"),
+        "date": first.get("date"),
+        "machine": first.get("machine"),
         "versions": first.get("versions"),
-        "rollout_ratio": ro.get("rollout_ratio"), "rollout_lora_ratio": ro.get("rollout_lora_ratio"),
-        "rollout_lora_ratio_before": ro.get("rollout_lora_ratio_before"), "rollout_mfu": ro.get("rollout_mfu"),
+        "rollout_ratio": ro.get("rollout_ratio"),
+        "rollout_lora_ratio": ro.get("rollout_lora_ratio"),
+        "rollout_lora_ratio_before": ro.get("rollout_lora_ratio_before"),
+        "rollout_mfu": ro.get("rollout_mfu"),
         "merged_vs_unmerged": ro.get("merged_vs_unmerged"),
         "compiled": co.get("compile") or ro.get("compile"),
-        "learner_ratio": le.get("learner_ratio"), "learner_ratio_mode": le.get("learner_ratio_mode"),
+        "learner_ratio": le.get("learner_ratio"),
+        "learner_ratio_mode": le.get("learner_ratio_mode"),
         "learner_mfu": le.get("learner_mfu"),
-        "meaning": {"rollout_ratio": "stock diffusers seconds / rlfh Sampler seconds (eager), paired median (>1: rlfh faster)",
-                    "rollout_lora_ratio": "stock (no LoRA) / rlfh Sampler with the merged LoRA",
-                    "compiled": "rlfh Sampler compiled (merged LoRA) vs eager: compile time, speedup, images vs eager",
-                    "learner_ratio": "rlfh learner pairs/s over the reference DPO loop, paired median",
-                    "*_mfu": "FlopCounterMode FLOPs/s over the measured bf16 matmul peak"},
+        "meaning": {
+            "rollout_ratio": "stock diffusers seconds / rlfh Sampler seconds (eager), paired median (>1: rlfh faster)",
+            "rollout_lora_ratio": "stock (no LoRA) / rlfh Sampler with the merged LoRA",
+            "compiled": "rlfh Sampler compiled (merged LoRA) vs eager: compile time, speedup, images vs eager",
+            "learner_ratio": "rlfh learner pairs/s over the reference DPO loop, paired median",
+            "*_mfu": "FlopCounterMode FLOPs/s over the measured bf16 matmul peak",
+        },
         "settings": {"rollout": ro.get("settings"), "compile": co.get("settings"), "learner": le.get("settings")},
         "stage_times": _stage_times(d),
-        "raw": {"rollout_rows": ro.get("rows"), "learner_rows": le.get("rows"), "matmul_peak": (ro or le).get("matmul_peak")},
-        "sources": [n for n in ("gpu_rollout.json", "gpu_rollout_compile.json", "gpu_learner.json") if (d / n).is_file()],
+        "raw": {
+            "rollout_rows": ro.get("rows"),
+            "learner_rows": le.get("rows"),
+            "matmul_peak": (ro or le).get("matmul_peak"),
+        },
+        "sources": [
+            n for n in ("gpu_rollout.json", "gpu_rollout_compile.json", "gpu_learner.json") if (d / n).is_file()
+        ],
     }
     for k in ("gpu", "rollout_ratio", "rollout_lora_ratio", "rollout_mfu", "learner_ratio", "learner_mfu"):
         print(f"[summary] {k:>20}: {summary[k]}")
@@ -146,27 +181,41 @@ def main(argv=None) -> dict:
         return gpu_sh_summary(Path(args.gpu_sh), Path(args.out or common.RESULTS / "gpu_summary.json"))
     d = Path(args.dir)
     prefix = args.prefix or ("gpu_" if (d / "gpu_rollout.json").is_file() else "cpu_tiny_")
-    parts = {k: json.loads((d / f"{prefix}{k}.json").read_text())
-             for k in ("rollout", "rollout_compile", "learner", "round") if (d / f"{prefix}{k}.json").is_file()}
+    parts = {
+        k: json.loads((d / f"{prefix}{k}.json").read_text())
+        for k in ("rollout", "rollout_compile", "learner", "round")
+        if (d / f"{prefix}{k}.json").is_file()
+    }
     if not parts:
         raise SystemExit(f"no {prefix}*.json results in {d}")
     first = next(iter(parts.values()))
     ro, le, rd = parts.get("rollout", {}), parts.get("learner", {}), parts.get("round", {})
     summary = {
-        "device": first["device"], "date": first["date"], "machine": first["machine"], "gpu": first["gpu"],
+        "device": first["device"],
+        "date": first["date"],
+        "machine": first["machine"],
+        "gpu": first["gpu"],
         "versions": first["versions"],
-        "rollout_ratio": ro.get("rollout_ratio"), "rollout_mfu": ro.get("rollout_mfu"),
-        "learner_ratio": le.get("learner_ratio"), "learner_mfu": le.get("learner_mfu"),
+        "rollout_ratio": ro.get("rollout_ratio"),
+        "rollout_mfu": ro.get("rollout_mfu"),
+        "learner_ratio": le.get("learner_ratio"),
+        "learner_mfu": le.get("learner_mfu"),
         "learner_ratio_mode": le.get("learner_ratio_mode"),
         "ray_overhead_share": rd.get("ray_overhead_share"),
         "compile": parts.get("rollout_compile", {}).get("compile"),
-        "meaning": {"rollout_ratio": "rlfh Sampler images/s over stock diffusers pipeline images/s (>1: ours faster)",
-                    "learner_ratio": "rlfh LearnerEngine pairs/s over the reference DPO loop pairs/s (>1: ours faster)",
-                    "*_mfu": "model FLOPs/s (FlopCounterMode) over this machine's measured dense matmul peak",
-                    "ray_overhead_share": "(Ray round - in-process round) / Ray round, tiny config"},
+        "meaning": {
+            "rollout_ratio": "rlfh Sampler images/s over stock diffusers pipeline images/s (>1: ours faster)",
+            "learner_ratio": "rlfh LearnerEngine pairs/s over the reference DPO loop pairs/s (>1: ours faster)",
+            "*_mfu": "model FLOPs/s (FlopCounterMode) over this machine's measured dense matmul peak",
+            "ray_overhead_share": "(Ray round - in-process round) / Ray round, tiny config",
+        },
         "settings": {k: v.get("settings") for k, v in parts.items()},
-        "raw": {"rollout_rows": ro.get("rows"), "learner_rows": le.get("rows"), "round_stages": rd.get("stages"),
-                "matmul_peak": (ro or le).get("matmul_peak")},
+        "raw": {
+            "rollout_rows": ro.get("rows"),
+            "learner_rows": le.get("rows"),
+            "round_stages": rd.get("stages"),
+            "matmul_peak": (ro or le).get("matmul_peak"),
+        },
         "sources": [f"{prefix}{k}.json" for k in parts],
     }
     for k in ("rollout_ratio", "rollout_mfu", "learner_ratio", "learner_mfu", "ray_overhead_share"):

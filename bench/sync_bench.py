@@ -12,8 +12,10 @@ same architecture with other weights, which streams the buckets into it with ``S
 (RSS minus shared pages: object-store pages a process writes or maps count as shared, they are one
 copy on the node whatever the number of readers); the figures are the peak above the value before
 the sync (what the sync itself costs each process) and the wall time of each side. The object
-store holds the whole state dict once while a sync runs, in both modes (``store_bytes``). Every measurement gets two fresh actors: memory a process freed stays in its
-allocator and would hide the next sync's peak. ``bucket_mb = inf`` is one object with the whole state dict, the pre-bucketing
+store holds the whole state dict once while a sync runs, in both modes (``store_bytes``). Every measurement gets two
+fresh actors: memory a process freed stays in its
+allocator and would hide the next sync's peak. ``bucket_mb = inf`` is one object with the whole state dict, the
+pre-bucketing
 behaviour. After every sync the rollout side's weights must equal the learner side's (sha256).
 """
 
@@ -59,8 +61,11 @@ class LearnerSide:
 
     def info(self):
         n = sum(p.numel() for p in self.unet.parameters())
-        return {"params": n, "bytes": sum(v.numel() * v.element_size() for v in self.unet.state_dict().values()),
-                "sha256": digest(self.unet)}
+        return {
+            "params": n,
+            "bytes": sum(v.numel() * v.element_size() for v in self.unet.state_dict().values()),
+            "sha256": digest(self.unet),
+        }
 
     def buckets(self, bucket_bytes):
         from rlfh.learner.weight_sync import iter_state_buckets
@@ -100,18 +105,28 @@ def main() -> None:
     if args.smoke:
         args.width, args.bucket_mb, args.repeats = 0.25, [math.inf, 32], 1
     common.quiet()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=int(6e9),
-             runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "0"}})
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=int(6e9),
+        runtime_env={"env_vars": {"RAY_DEDUP_LOGS": "0"}},
+    )
     try:
         info = None
         rows = []
         version = 0
         for rep in range(args.repeats):
             for mb in args.bucket_mb:  # alternate the sizes, so load drift falls on all of them
-                learner, rollout = LearnerSide.remote(args.width, args.dtype), RolloutSide.remote(args.width, args.dtype)
+                learner, rollout = (
+                    LearnerSide.remote(args.width, args.dtype),
+                    RolloutSide.remote(args.width, args.dtype),
+                )
                 if info is None:
                     info = ray.get(learner.info.remote())
-                    print(f"[sync] UNet: {info['params'] / 1e6:.0f} M params, {info['bytes'] / 2**20:.0f} MiB ({args.dtype})")
+                    print(
+                        f"[sync] UNet: {info['params'] / 1e6:.0f} M params, "
+                        f"{info['bytes'] / 2**20:.0f} MiB ({args.dtype})"
+                    )
                 ray.get([learner.__ray_ready__.remote(), rollout.__ray_ready__.remote()])
                 version += 1
                 t0 = time.perf_counter()
@@ -124,27 +139,63 @@ def main() -> None:
                 ray.kill(rollout)
                 if sha != info["sha256"]:
                     raise RuntimeError(f"bucket_mb={mb}: the rollout side's weights differ from the learner's")
-                rows.append({"bucket_mb": mb, "repeat": rep, "buckets": n_buckets, "total_s": total, "learner_s": put_s,
-                             "rollout_s": load_s, "learner_peak_delta_bytes": put_mem,
-                             "rollout_peak_delta_bytes": load_mem, "store_bytes": info["bytes"]})
-                print(f"[sync] bucket {mb} MB ({n_buckets} buckets): {total:.2f} s, learner +{put_mem / 2**20:.0f} MiB, "
-                      f"rollout +{load_mem / 2**20:.0f} MiB private")
+                rows.append(
+                    {
+                        "bucket_mb": mb,
+                        "repeat": rep,
+                        "buckets": n_buckets,
+                        "total_s": total,
+                        "learner_s": put_s,
+                        "rollout_s": load_s,
+                        "learner_peak_delta_bytes": put_mem,
+                        "rollout_peak_delta_bytes": load_mem,
+                        "store_bytes": info["bytes"],
+                    }
+                )
+                print(
+                    f"[sync] bucket {mb} MB ({n_buckets} buckets): {total:.2f} s, learner +{put_mem / 2**20:.0f} MiB, "
+                    f"rollout +{load_mem / 2**20:.0f} MiB private"
+                )
         import statistics
 
         per_size = {}
         for mb in args.bucket_mb:
             rs = [r for r in rows if r["bucket_mb"] == mb]
-            per_size[str(mb)] = {k: statistics.median(r[k] for r in rs) for k in
-                                 ("buckets", "total_s", "learner_s", "rollout_s", "learner_peak_delta_bytes", "rollout_peak_delta_bytes")}
+            per_size[str(mb)] = {
+                k: statistics.median(r[k] for r in rs)
+                for k in (
+                    "buckets",
+                    "total_s",
+                    "learner_s",
+                    "rollout_s",
+                    "learner_peak_delta_bytes",
+                    "rollout_peak_delta_bytes",
+                )
+            }
         one = per_size[str(args.bucket_mb[0])]
-        headline = {mb: {"time_ratio_vs_one_object": v["total_s"] / one["total_s"],
-                         "rollout_peak_ratio_vs_one_object": v["rollout_peak_delta_bytes"] / max(one["rollout_peak_delta_bytes"], 1),
-                         "learner_peak_ratio_vs_one_object": v["learner_peak_delta_bytes"] / max(one["learner_peak_delta_bytes"], 1)}
-                    for mb, v in per_size.items()}
+        headline = {
+            mb: {
+                "time_ratio_vs_one_object": v["total_s"] / one["total_s"],
+                "rollout_peak_ratio_vs_one_object": v["rollout_peak_delta_bytes"]
+                / max(one["rollout_peak_delta_bytes"], 1),
+                "learner_peak_ratio_vs_one_object": v["learner_peak_delta_bytes"]
+                / max(one["learner_peak_delta_bytes"], 1),
+            }
+            for mb, v in per_size.items()
+        }
         name = "smoke_sync" if args.smoke else f"cpu_sync_w{args.width:g}_{args.dtype}"
-        common.write_result(name, {"machine": common.machine(torch.device("cpu")), "settings": vars(args) | {"out_dir": None},
-                                   "unet": info, "per_bucket_size": per_size, "headline": headline, "rows": rows},
-                            args.out_dir)
+        common.write_result(
+            name,
+            {
+                "machine": common.machine(torch.device("cpu")),
+                "settings": vars(args) | {"out_dir": None},
+                "unet": info,
+                "per_bucket_size": per_size,
+                "headline": headline,
+                "rows": rows,
+            },
+            args.out_dir,
+        )
     finally:
         ray.shutdown()
 

@@ -17,14 +17,38 @@ from typing import Any
 
 import torch
 
-from families.base import (Conditioning, ModelFamily, ModelSource, PromptCache, PromptRows, StepOutput, first_of_each,
-                           with_negative)
+from families.base import (
+    Conditioning,
+    ModelFamily,
+    ModelSource,
+    PromptCache,
+    PromptRows,
+    StepOutput,
+    first_of_each,
+    with_negative,
+)
 from families.sdxl import DTYPES, SDXL
 from families.tiny import TINY_ID, TINY_PREFIX, make_tiny_model, resolve_model_path
 
-__all__ = ["Conditioning", "DTYPES", "FAMILIES", "ModelFamily", "PromptCache", "PromptRows", "StepOutput", "TINY_ID",
-           "add_lora", "detect_family", "family_of", "first_of_each", "get_family", "load_pipeline", "make_tiny_model",
-           "resolve_model_path", "with_negative"]
+__all__ = [
+    "Conditioning",
+    "DTYPES",
+    "FAMILIES",
+    "ModelFamily",
+    "PromptCache",
+    "PromptRows",
+    "StepOutput",
+    "TINY_ID",
+    "add_lora",
+    "detect_family",
+    "family_of",
+    "first_of_each",
+    "get_family",
+    "load_pipeline",
+    "make_tiny_model",
+    "resolve_model_path",
+    "with_negative",
+]
 
 FAMILIES: dict[str, ModelFamily] = {
     "sdxl": SDXL(),
@@ -62,8 +86,10 @@ def family_for_class(class_name: str, where: str) -> ModelFamily:
         if family.pipeline_class == class_name:
             return family
     if class_name in NOT_YET:
-        raise NotImplementedError(f"{where}: {class_name} (family {NOT_YET[class_name]!r}) is not implemented yet; "
-                                  f"rlfh implements {sorted(f.pipeline_class for f in FAMILIES.values())}")
+        raise NotImplementedError(
+            f"{where}: {class_name} (family {NOT_YET[class_name]!r}) is not implemented yet; "
+            f"rlfh implements {sorted(f.pipeline_class for f in FAMILIES.values())}"
+        )
     raise ValueError(f"{where}: unknown pipeline class {class_name!r}; rlfh knows {known_classes()}")
 
 
@@ -80,8 +106,10 @@ def single_file_class(path: Path) -> str:
     for key, cls in SINGLE_FILE_KEYS.items():
         if key in keys:
             return cls
-    raise ValueError(f"model.path={path}: no key of a known single-file checkpoint ({known_classes()}); "
-                     f"convert it to a diffusers folder")
+    raise ValueError(
+        f"model.path={path}: no key of a known single-file checkpoint ({known_classes()}); "
+        f"convert it to a diffusers folder"
+    )
 
 
 def detect_family(path: str, revision: str | None = None) -> ModelFamily:
@@ -94,7 +122,7 @@ def detect_family(path: str, revision: str | None = None) -> ModelFamily:
         ValueError: an unknown pipeline class, naming the ones rlfh knows.
     """
     if path.startswith(TINY_PREFIX):
-        return get_family(path[len(TINY_PREFIX):])
+        return get_family(path[len(TINY_PREFIX) :])
     p = Path(path)
     if p.suffix in (".safetensors", ".ckpt"):
         if not p.is_file():
@@ -139,5 +167,6 @@ def add_lora(model: Any, rank: int, alpha: float, target_modules) -> None:
     """
     from peft import LoraConfig
 
-    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
-                                 target_modules=list(target_modules)))
+    model.add_adapter(
+        LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(target_modules))
+    )

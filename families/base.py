@@ -153,8 +153,9 @@ class ModelFamily(abc.ABC):
     def predict(self, model: Any, x_t: Tensor, t: Any, cond: Conditioning) -> Tensor:
         """The denoiser's raw output (eps, v or velocity) at x_t (B, C, h, w), timestep t."""
 
-    def guided_prediction(self, model: Any, scheduler: Any, x: Tensor, t: Any, cond: Conditioning,
-                          guidance_scale: float) -> Tensor:
+    def guided_prediction(
+        self, model: Any, scheduler: Any, x: Tensor, t: Any, cond: Conditioning, guidance_scale: float
+    ) -> Tensor:
         """The prediction under classifier-free guidance w as one batch of 2B (w > 1; ``cond`` then
         stacks unconditional rows first): pred = pred_u + w (pred_c - pred_u). ``scheduler`` scales
         the input as the sampler's scheduler does (``scale_model_input``)."""
@@ -178,9 +179,17 @@ class ModelFamily(abc.ABC):
         Flow-GRPO SDE step for flow models), with the model's noise schedule."""
 
     @abc.abstractmethod
-    def step_with_logprob(self, scheduler: Any, model_output: Tensor, t: Any, sample: Tensor, eta: float,
-                          prev_sample: Tensor | None = None, noise: Tensor | None = None,
-                          generator: torch.Generator | None = None) -> StepOutput:
+    def step_with_logprob(
+        self,
+        scheduler: Any,
+        model_output: Tensor,
+        t: Any,
+        sample: Tensor,
+        eta: float,
+        prev_sample: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> StepOutput:
         """One step of :meth:`stochastic_scheduler` with the log-prob of x_{t-1}: drawn with ``noise``
         or ``generator``, or ``prev_sample`` scored as recorded."""
 
@@ -236,8 +245,15 @@ class PromptCache:
         fields = len(cache[prompts[0]])
         return tuple(torch.stack([cache[p][k] for p in prompts]) for k in range(fields))
 
-    def conditioning(self, pipe: Any, prompts: Sequence[str], height: int, width: int, device: str | torch.device,
-                     negative_prompt: str | None = None) -> Conditioning:
+    def conditioning(
+        self,
+        pipe: Any,
+        prompts: Sequence[str],
+        height: int,
+        width: int,
+        device: str | torch.device,
+        negative_prompt: str | None = None,
+    ) -> Conditioning:
         """The denoiser's conditioning for ``prompts``; with ``negative_prompt``, its rows first
         (classifier-free guidance)."""
         rows = self.rows(pipe, prompts, device)

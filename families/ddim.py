@@ -44,8 +44,13 @@ from torch import Tensor
 from families.base import StepOutput
 from families.schedule import per_sample
 
-__all__ = ["ddim_scheduler", "ddim_step_with_logprob", "scheduler_alpha_bars", "scheduler_step_with_logprob",
-           "step_alpha_bars"]
+__all__ = [
+    "ddim_scheduler",
+    "ddim_step_with_logprob",
+    "scheduler_alpha_bars",
+    "scheduler_step_with_logprob",
+    "step_alpha_bars",
+]
 
 _PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -170,8 +175,9 @@ def ddim_step_with_logprob(
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std_dev=std_dev)
 
 
-def step_alpha_bars(alphas_cumprod: Tensor, final_alpha_cumprod: Union[float, Tensor], timestep: Union[int, Tensor],
-                    step_ratio: int) -> tuple[Tensor, Tensor]:
+def step_alpha_bars(
+    alphas_cumprod: Tensor, final_alpha_cumprod: Union[float, Tensor], timestep: Union[int, Tensor], step_ratio: int
+) -> tuple[Tensor, Tensor]:
     """(a_t, a_{t'}) of the step from t, t' = t - step_ratio (``final_alpha_cumprod`` when t' < 0), in the
     dtype and on the device of ``alphas_cumprod``; the shape of ``timestep``."""
     t = torch.as_tensor(timestep, device=alphas_cumprod.device).long()
@@ -185,8 +191,12 @@ def scheduler_alpha_bars(scheduler: Any, timestep: Union[int, Tensor]) -> tuple[
     the (a_t, a_{t'}) :func:`scheduler_step_with_logprob` steps with."""
     if getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps(n) first")
-    return step_alpha_bars(scheduler.alphas_cumprod, scheduler.final_alpha_cumprod, timestep,
-                           scheduler.config.num_train_timesteps // scheduler.num_inference_steps)
+    return step_alpha_bars(
+        scheduler.alphas_cumprod,
+        scheduler.final_alpha_cumprod,
+        timestep,
+        scheduler.config.num_train_timesteps // scheduler.num_inference_steps,
+    )
 
 
 def scheduler_step_with_logprob(

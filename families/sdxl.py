@@ -54,8 +54,9 @@ class SDXL(ModelFamily):
         if Path(path).suffix in (".safetensors", ".ckpt"):
             pipe = StableDiffusionXLPipeline.from_single_file(path, **kwargs)
         else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(path, revision=source.revision, variant=source.variant,
-                                                             **kwargs)
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                path, revision=source.revision, variant=source.variant, **kwargs
+            )
         self.check(pipe, path)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(device)
@@ -67,8 +68,10 @@ class SDXL(ModelFamily):
         passed = unet.config.addition_time_embed_dim * 6 + pipe.text_encoder_2.config.projection_dim
         expected = unet.add_embedding.linear_1.in_features
         if passed != expected:
-            raise ValueError(f"model.path={path}: the UNet expects an added embedding of {expected} but 6 time ids "
-                             f"and the pooled text give {passed}: not an SDXL UNet with text_time conditioning")
+            raise ValueError(
+                f"model.path={path}: the UNet expects an added embedding of {expected} but 6 time ids "
+                f"and the pooled text give {passed}: not an SDXL UNet with text_time conditioning"
+            )
 
     def tiny_pipeline(self, tokenizer_dir: Path) -> Any:
         """Same classes and wiring as SDXL base (UNet with ``text_time`` conditioning, two CLIP text
@@ -80,40 +83,73 @@ class SDXL(ModelFamily):
 
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=2,
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text 32
-            cross_attention_dim=64, norm_num_groups=8,
+            cross_attention_dim=64,
+            norm_num_groups=8,
         )
         vae = AutoencoderKL(
-            block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4, norm_num_groups=8, sample_size=64,
+            block_out_channels=(8, 16, 16, 16),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=64,
             scaling_factor=0.13025,  # SDXL's
         )
         vocab_size = tokenizer.vocab_size
         text_cfg = dict(
-            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, hidden_size=32,
-            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2,
-            vocab_size=vocab_size, max_position_embeddings=77, hidden_act="gelu", projection_dim=32,
+            bos_token_id=vocab_size - 2,
+            eos_token_id=vocab_size - 1,
+            pad_token_id=vocab_size - 1,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=vocab_size,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            projection_dim=32,
         )
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
         scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading",
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            timestep_spacing="leading",
             steps_offset=1,
         )
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+        )
 
     # ------------------------------------------------------------------ conditioning
     @torch.no_grad()
     def encode_prompts(self, pipe: Any, prompts: Sequence[str], device: str | torch.device) -> PromptRows:
-        enc, _, pooled, _ = pipe.encode_prompt(prompt=list(prompts), device=device, num_images_per_prompt=1,
-                                               do_classifier_free_guidance=False)
+        enc, _, pooled, _ = pipe.encode_prompt(
+            prompt=list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
         return enc, pooled
 
     def conditioning(self, rows: PromptRows, height: int, width: int) -> Conditioning:
@@ -138,15 +174,16 @@ class SDXL(ModelFamily):
     def stochastic_scheduler(self, scheduler_config: Any) -> Any:
         return ddim_scheduler(scheduler_config)
 
-    def step_with_logprob(self, scheduler, model_output, t, sample, eta, prev_sample=None, noise=None,
-                          generator=None):
-        return scheduler_step_with_logprob(scheduler, model_output, t, sample, eta=eta, prev_sample=prev_sample,
-                                           noise=noise, generator=generator)
+    def step_with_logprob(self, scheduler, model_output, t, sample, eta, prev_sample=None, noise=None, generator=None):
+        return scheduler_step_with_logprob(
+            scheduler, model_output, t, sample, eta=eta, prev_sample=prev_sample, noise=noise, generator=generator
+        )
 
     # ------------------------------------------------------------------ export
     def save_lora(self, directory: str | Path, peft_state: dict[str, Tensor], adapter: dict) -> None:
         from diffusers import StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
 
-        StableDiffusionXLPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_state),
-                                                    unet_lora_adapter_metadata=adapter)
+        StableDiffusionXLPipeline.save_lora_weights(
+            directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_state), unet_lora_adapter_metadata=adapter
+        )

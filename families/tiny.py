@@ -25,8 +25,7 @@ def cache_dir() -> Path:
 
 def _bytes_to_unicode() -> dict[int, str]:
     # GPT-2/CLIP byte-level BPE alphabet: every byte maps to a printable unicode character.
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -83,8 +82,9 @@ def synthetic_latents(n: int, size: int, generator: torch.Generator) -> torch.Te
     return smooth + amp * torch.randn(n, 4, size, size, generator=generator)
 
 
-def pretrain_tiny(family: ModelFamily, pipe, steps: int, seed: int = 0, batch_size: int = 32,
-                  lr: float = 1e-3) -> float:
+def pretrain_tiny(
+    family: ModelFamily, pipe, steps: int, seed: int = 0, batch_size: int = 32, lr: float = 1e-3
+) -> float:
     """Fit the tiny denoiser to :func:`synthetic_latents` (its plain training loss); returns the last loss.
 
     Random weights do not denoise, so their samples barely depend on the policy; a few hundred
@@ -94,8 +94,9 @@ def pretrain_tiny(family: ModelFamily, pipe, steps: int, seed: int = 0, batch_si
     schedule = family.noise_schedule(pipe.scheduler.config)
     model = getattr(pipe, family.denoiser)
     size = model.config.sample_size
-    cond = family.conditioning(family.encode_prompts(pipe, TINY_PROMPTS, "cpu"), size * family.latent_factor,
-                               size * family.latent_factor)
+    cond = family.conditioning(
+        family.encode_prompts(pipe, TINY_PROMPTS, "cpu"), size * family.latent_factor, size * family.latent_factor
+    )
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     loss = torch.tensor(float("nan"))
@@ -141,7 +142,7 @@ def resolve_model_path(path: str) -> str:
         return path
     from families import get_family
 
-    name = path[len(TINY_PREFIX):]
+    name = path[len(TINY_PREFIX) :]
     get_family(name)  # an unknown family is an error naming the known ones
     target = cache_dir() / f"tiny-{name}"
     if (target / "model_index.json").is_file():

@@ -62,8 +62,13 @@ class RewardScorer:
         """Face embeddings by the reward actor's models (``RewardSet.face_embeddings``); the reward
         server answers scores only, so through it the embeddings are None with that reason."""
         if self.client is not None:
-            return {"embeddings": None, "owners": [], "source": None,
-                    "reason": "rewards are scored by a reward server (reward_server.remote_url), which serves no embeddings"}
+            return {
+                "embeddings": None,
+                "owners": [],
+                "source": None,
+                "reason": "rewards are scored by a reward server (reward_server.remote_url), "
+                "which serves no embeddings",
+            }
         return self._call("face_embeddings", images, faces)
 
     def _call(self, method: str, *args):
@@ -85,8 +90,10 @@ class RewardScorer:
                     print("[rlfh] reward actor unavailable (Ray is restarting it); waiting for it")
                     waiting_since = time.monotonic()
                 if time.monotonic() - waiting_since > self.restart_wait_s:
-                    raise RuntimeError(f"the reward actor was not back {self.restart_wait_s:.0f} s after it became "
-                                       f"unavailable; last error: {e}") from e
+                    raise RuntimeError(
+                        f"the reward actor was not back {self.restart_wait_s:.0f} s after it became "
+                        f"unavailable; last error: {e}"
+                    ) from e
                 time.sleep(1.0)
             except RayActorError as e:
                 deaths += 1

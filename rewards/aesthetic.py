@@ -45,9 +45,12 @@ class AestheticMLP(nn.Module):
     def __init__(self, input_size: int = 768):
         super().__init__()
         self.layers = nn.Sequential(
-            nn.Linear(input_size, 1024), nn.Dropout(0.2),
-            nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1),
+            nn.Linear(input_size, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
             nn.Linear(64, 16),
             nn.Linear(16, 1),
         )
@@ -71,8 +74,10 @@ def load_mlp(path: str | Path) -> AestheticMLP:
     except Exception as e:  # unpickling errors have many types; all mean the file is unusable
         raise RewardError(f"aesthetic: cannot load {path} with torch.load(weights_only=True): {e}") from e
     if not isinstance(state, dict) or "layers.0.weight" not in state or state["layers.0.weight"].ndim != 2:
-        raise RewardError(f"aesthetic: {path} is not the predictor's state dict (expected keys "
-                          "layers.{0,2,4,6,7}.{weight,bias}, layers.0.weight of shape (1024, 768))")
+        raise RewardError(
+            f"aesthetic: {path} is not the predictor's state dict (expected keys "
+            "layers.{0,2,4,6,7}.{weight,bias}, layers.0.weight of shape (1024, 768))"
+        )
     mlp = AestheticMLP(int(state["layers.0.weight"].shape[1]))
     try:
         mlp.load_state_dict(state, strict=True)
@@ -106,9 +111,16 @@ class AestheticScore(Reward):
     name = "aesthetic"
     region = "global"
 
-    def __init__(self, mlp_weights: str | None = None, clip_model: str = CLIP_ID, batch_size: int = 8,
-                 device: str = "cpu", dtype: str = "float32", revision: str | None = None,
-                 cache_dir: str | None = None):
+    def __init__(
+        self,
+        mlp_weights: str | None = None,
+        clip_model: str = CLIP_ID,
+        batch_size: int = 8,
+        device: str = "cpu",
+        dtype: str = "float32",
+        revision: str | None = None,
+        cache_dir: str | None = None,
+    ):
         from transformers import CLIPModel
 
         if mlp_weights is None:
@@ -117,12 +129,21 @@ class AestheticScore(Reward):
             raise RewardError(f"aesthetic options: batch_size={batch_size!r}: at least 1")
         self.batch_size = int(batch_size)
         self.mlp = load_mlp(mlp_weights).to(device)
-        self.clip = load_hf_model(CLIPModel, clip_model, "aesthetic CLIP", revision=revision, cache_dir=cache_dir,
-                                  dtype=torch_dtype(dtype, "aesthetic"), device=device)
+        self.clip = load_hf_model(
+            CLIPModel,
+            clip_model,
+            "aesthetic CLIP",
+            revision=revision,
+            cache_dir=cache_dir,
+            dtype=torch_dtype(dtype, "aesthetic"),
+            device=device,
+        )
         dim = self.clip.config.projection_dim
         if self.mlp.layers[0].in_features != dim:
-            raise RewardError(f"aesthetic: the MLP takes {self.mlp.layers[0].in_features}-d embeddings but "
-                              f"{clip_model!r} gives {dim}-d ones (the head was trained on CLIP ViT-L/14)")
+            raise RewardError(
+                f"aesthetic: the MLP takes {self.mlp.layers[0].in_features}-d embeddings but "
+                f"{clip_model!r} gives {dim}-d ones (the head was trained on CLIP ViT-L/14)"
+            )
         self.image_size = self.clip.config.vision_config.image_size
 
     @torch.no_grad()
@@ -131,7 +152,7 @@ class AestheticScore(Reward):
         p = next(self.clip.parameters())
         out = []
         for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([preprocess_pil(im, self.image_size) for im in images[i:i + self.batch_size]])
+            pixels = torch.stack([preprocess_pil(im, self.image_size) for im in images[i : i + self.batch_size]])
             feats = self.clip.get_image_features(pixel_values=pixels.to(p.device, p.dtype))
             out.append(unit_or_zero(getattr(feats, "pooler_output", feats).float()))
         return torch.cat(out)

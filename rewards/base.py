@@ -21,7 +21,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-
 # The fixed text a region scorer of the ImageReward architecture reads beside a region crop: FaceScore's
 # "A face." (arXiv 2406.17100), and the same form for a hand score trained the way FaceScore was.
 REGION_PROMPTS = {"face": "A face.", "hand": "A hand."}
@@ -124,7 +123,9 @@ class Reward:
         """Release what the reward holds outside Python's memory (a detector it built: a MediaPipe
         graph); the owner of the reward calls it when done. Safe to call twice; nothing by default."""
 
-    def __call__(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> list[RewardResult]:
+    def __call__(
+        self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None
+    ) -> list[RewardResult]:
         images = check_images(images)
         if len(prompts) != len(images):
             raise RewardError(f"{self.name}: got {len(images)} images but {len(prompts)} prompts")
@@ -132,7 +133,9 @@ class Reward:
             raise RewardError(f"{self.name}: does not read source images (reads_sources is False)")
         if sources is not None and len(sources) != len(images):
             raise RewardError(f"{self.name}: got {len(images)} images but {len(sources)} sources")
-        results = self.score(images, list(prompts)) if sources is None else self.score(images, list(prompts), sources=sources)
+        results = (
+            self.score(images, list(prompts)) if sources is None else self.score(images, list(prompts), sources=sources)
+        )
         if len(results) != len(images):
             raise RewardError(f"{self.name}: returned {len(results)} results for {len(images)} images")
         return results

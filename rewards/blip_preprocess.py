@@ -89,21 +89,26 @@ def load_blip_tokenizer(tokenizer_dir: str | None = None, vocab_file: str | None
         tok = BertTokenizer(str(path), do_lower_case=True)
         where = str(path)
     if len(tok) != BERT_VOCAB_SIZE:
-        raise RewardError(f"tokenizer from {where} has {len(tok)} tokens, expected bert-base-uncased's "
-                          f"{BERT_VOCAB_SIZE}: the vocabulary is missing or degenerate")
+        raise RewardError(
+            f"tokenizer from {where} has {len(tok)} tokens, expected bert-base-uncased's "
+            f"{BERT_VOCAB_SIZE}: the vocabulary is missing or degenerate"
+        )
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     ids = tok(CHECK_TEXT).input_ids
     if len(tok) != TOKENIZER_SIZE or ids != CHECK_IDS:
-        raise RewardError(f"tokenizer from {where} is wrong: {len(tok)} tokens (want {TOKENIZER_SIZE}), "
-                          f"{CHECK_TEXT!r} -> {ids} (want {CHECK_IDS})")
+        raise RewardError(
+            f"tokenizer from {where} is wrong: {len(tok)} tokens (want {TOKENIZER_SIZE}), "
+            f"{CHECK_TEXT!r} -> {ids} (want {CHECK_IDS})"
+        )
     return tok
 
 
 def tokenize(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and attention mask, each (B, 35), padded and truncated like the references."""
-    enc = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH,
-                    return_tensors="pt")
+    enc = tokenizer(
+        list(prompts), padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt"
+    )
     return enc.input_ids, enc.attention_mask
 
 
@@ -163,8 +168,11 @@ _PIL_PRECISION_BITS = 22
 
 def _pil_bicubic(x: np.ndarray) -> np.ndarray:
     a, x = -0.5, np.abs(x)
-    return np.where(x < 1.0, ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
-                    np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0))
+    return np.where(
+        x < 1.0,
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0,
+        np.where(x < 2.0, (((x - 5.0) * x + 8.0) * x - 4.0) * a, 0.0),
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -231,10 +239,11 @@ def preprocess_tensor(image: torch.Tensor, size: int = IMAGE_SIZE, match_pil: bo
         if oh != h:
             x = _pil_resize_pass(x, -2, oh)
     elif (oh, ow) != (h, w):
-        x = F.interpolate(x[None], size=(oh, ow), mode="bicubic", align_corners=False,
-                          antialias=True)[0].clamp(0.0, 255.0)
+        x = F.interpolate(x[None], size=(oh, ow), mode="bicubic", align_corners=False, antialias=True)[0].clamp(
+            0.0, 255.0
+        )
     top, left = _center_offsets(oh, ow, size)
-    return _normalize(x[:, top:top + size, left:left + size] / 255.0)
+    return _normalize(x[:, top : top + size, left : left + size] / 255.0)
 
 
 def crop_bounds(box: Sequence[float], height: int, width: int) -> tuple[int, int, int, int] | None:

@@ -118,15 +118,30 @@ def text_config_from_med(med: Mapping[str, object], encoder_width: int):
     if not med.get("add_cross_attention", False):
         raise RewardError("med_config.json must set add_cross_attention: true (the reward cross-attends to the image)")
     if med.get("hidden_size") != _MLP_INPUT:
-        raise RewardError(f"med_config.json hidden_size must be {_MLP_INPUT} (the MLP input), got {med.get('hidden_size')!r}")
-    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-            "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id")
+        raise RewardError(
+            f"med_config.json hidden_size must be {_MLP_INPUT} (the MLP input), got {med.get('hidden_size')!r}"
+        )
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "hidden_act",
+        "layer_norm_eps",
+        "pad_token_id",
+    )
     missing = [k for k in keys if k not in med]
     if missing:
         raise RewardError(f"med_config.json lacks {missing}")
-    cfg = BlipTextConfig(**{k: med[k] for k in keys}, encoder_hidden_size=encoder_width, is_decoder=True,
-                         hidden_dropout_prob=float(med.get("hidden_dropout_prob", 0.1)),
-                         attention_probs_dropout_prob=float(med.get("attention_probs_dropout_prob", 0.1)))
+    cfg = BlipTextConfig(
+        **{k: med[k] for k in keys},
+        encoder_hidden_size=encoder_width,
+        is_decoder=True,
+        hidden_dropout_prob=float(med.get("hidden_dropout_prob", 0.1)),
+        attention_probs_dropout_prob=float(med.get("attention_probs_dropout_prob", 0.1)),
+    )
     return cfg
 
 
@@ -144,9 +159,14 @@ class BlipRewardModel(nn.Module):
 
         self.vision_spec = vision
         vcfg = BlipVisionConfig(
-            hidden_size=vision.width, intermediate_size=vision.mlp_dim, num_hidden_layers=vision.depth,
-            num_attention_heads=vision.heads, image_size=vision.image_size, patch_size=vision.patch,
-            hidden_act="gelu", layer_norm_eps=1e-6,  # BLIP's ViT: exact GELU, LayerNorm eps 1e-6
+            hidden_size=vision.width,
+            intermediate_size=vision.mlp_dim,
+            num_hidden_layers=vision.depth,
+            num_attention_heads=vision.heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch,
+            hidden_act="gelu",
+            layer_norm_eps=1e-6,  # BLIP's ViT: exact GELU, LayerNorm eps 1e-6
             attention_dropout=0.0,
         )
         self.visual_encoder = BlipVisionModel(vcfg)
@@ -154,11 +174,19 @@ class BlipRewardModel(nn.Module):
         self.vision_proj = nn.Linear(vision.width, _PROJ_DIM)
         self.text_proj = nn.Linear(_MLP_INPUT, _PROJ_DIM)
         self.mlp = nn.Sequential(
-            nn.Linear(_MLP_INPUT, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-            nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1),
+            nn.Linear(_MLP_INPUT, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
         )
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Raw scores.
 
         Args:
@@ -175,8 +203,10 @@ class BlipRewardModel(nn.Module):
         image_embeds = self.visual_encoder(pixel_values=pixel_values).last_hidden_state  # (B, N, D_v)
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
         text = self.text_encoder(
-            input_ids=input_ids, attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=image_atts,
         ).last_hidden_state  # (B, L, 768)
         return self.mlp(text[:, 0, :].float()).squeeze(-1)
 
@@ -184,7 +214,7 @@ class BlipRewardModel(nn.Module):
 def published_to_internal(key: str) -> str | None:
     """Map a published checkpoint key to this model's key; None for keys of no known family."""
     if key.startswith("blip.visual_encoder."):
-        rest = key[len("blip.visual_encoder."):]
+        rest = key[len("blip.visual_encoder.") :]
         if rest in _VISION_GLOBAL:
             return "visual_encoder." + _VISION_GLOBAL[rest]
         m = re.fullmatch(r"blocks\.(\d+)\.(norm1|attn\.qkv|attn\.proj|norm2|mlp\.fc1|mlp\.fc2)\.(weight|bias)", rest)
@@ -193,7 +223,7 @@ def published_to_internal(key: str) -> str | None:
         return None
     for prefix in ("blip.text_encoder.", "blip.vision_proj.", "blip.text_proj."):
         if key.startswith(prefix):
-            return key[len("blip."):]
+            return key[len("blip.") :]
     m = re.fullmatch(r"mlp\.layers\.(\d+)\.(weight|bias)", key)
     if m and int(m.group(1)) in _MLP_LINEARS:
         return f"mlp.{m.group(1)}.{m.group(2)}"
@@ -203,7 +233,7 @@ def published_to_internal(key: str) -> str | None:
 def internal_to_published(key: str) -> str:
     """Inverse of :func:`published_to_internal` (used to export weights in the published layout)."""
     if key.startswith("visual_encoder."):
-        rest = key[len("visual_encoder."):]
+        rest = key[len("visual_encoder.") :]
         inv = {v: k for k, v in _VISION_GLOBAL.items()}
         if rest in inv:
             return "blip.visual_encoder." + inv[rest]
@@ -256,8 +286,10 @@ def load_published_state_dict(model: BlipRewardModel, state: Mapping[str, torch.
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise RewardError(f"checkpoint {source} does not match the ImageReward architecture "
-                          f"({len(problems)} problems):\n  {shown}{more}")
+        raise RewardError(
+            f"checkpoint {source} does not match the ImageReward architecture "
+            f"({len(problems)} problems):\n  {shown}{more}"
+        )
     model.load_state_dict(mapped, strict=True)
 
 
@@ -271,8 +303,9 @@ def _shape_problem_names(problems: list[str]) -> set[str]:
     return out
 
 
-def resolve_model_files(source: str, weights_name: str, revision: str | None = None,
-                        cache_dir: str | None = None) -> tuple[Path, Path]:
+def resolve_model_files(
+    source: str, weights_name: str, revision: str | None = None, cache_dir: str | None = None
+) -> tuple[Path, Path]:
     """Find ``weights_name`` and ``med_config.json`` in a local directory or a hub repository.
 
     Args:
@@ -296,15 +329,24 @@ def resolve_model_files(source: str, weights_name: str, revision: str | None = N
     from huggingface_hub import hf_hub_download
 
     try:
-        return tuple(Path(hf_hub_download(source, name, revision=revision, cache_dir=cache_dir))
-                     for name in (weights_name, "med_config.json"))
+        return tuple(
+            Path(hf_hub_download(source, name, revision=revision, cache_dir=cache_dir))
+            for name in (weights_name, "med_config.json")
+        )
     except Exception as e:  # network, auth, missing file: all mean "no weights", say which
         raise RewardError(f"cannot fetch {weights_name} / med_config.json from hub repo {source!r}: {e}") from e
 
 
-def load_blip_reward_model(source: str, weights_name: str, *, vision_heads: int | None = None,
-                           revision: str | None = None, cache_dir: str | None = None,
-                           device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> BlipRewardModel:
+def load_blip_reward_model(
+    source: str,
+    weights_name: str,
+    *,
+    vision_heads: int | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> BlipRewardModel:
     """Build the model from a published checkpoint, strictly, in eval mode.
 
     Args:
@@ -340,10 +382,17 @@ def load_blip_reward_model(source: str, weights_name: str, *, vision_heads: int 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def load_model_and_tokenizer(source: str, weights_name: str, *, vision_heads: int | None = None,
-                             revision: str | None = None, cache_dir: str | None = None,
-                             tokenizer_dir: str | None = None, device: str = "cpu",
-                             dtype: str = "float32"):
+def load_model_and_tokenizer(
+    source: str,
+    weights_name: str,
+    *,
+    vision_heads: int | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    tokenizer_dir: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+):
     """Model (see :func:`load_blip_reward_model`) plus its validated tokenizer.
 
     Raises:
@@ -355,9 +404,17 @@ def load_model_and_tokenizer(source: str, weights_name: str, *, vision_heads: in
     if dtype not in _DTYPES:
         raise RewardError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     tokenizer = load_blip_tokenizer(tokenizer_dir)
-    model = load_blip_reward_model(source, weights_name, vision_heads=vision_heads, revision=revision,
-                                   cache_dir=cache_dir, device=device, dtype=_DTYPES[dtype])
+    model = load_blip_reward_model(
+        source,
+        weights_name,
+        vision_heads=vision_heads,
+        revision=revision,
+        cache_dir=cache_dir,
+        device=device,
+        dtype=_DTYPES[dtype],
+    )
     if model.text_encoder.config.vocab_size != len(tokenizer):
-        raise RewardError(f"{source}: text vocab {model.text_encoder.config.vocab_size} != tokenizer size "
-                          f"{len(tokenizer)}")
+        raise RewardError(
+            f"{source}: text vocab {model.text_encoder.config.vocab_size} != tokenizer size {len(tokenizer)}"
+        )
     return model, tokenizer

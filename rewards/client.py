@@ -54,8 +54,9 @@ class RewardClient:
         ValueError: on bad arguments.
     """
 
-    def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff_s: float = 0.2,
-                 encoding: str = "raw"):
+    def __init__(
+        self, url: str, timeout: float = 60.0, retries: int = 3, backoff_s: float = 0.2, encoding: str = "raw"
+    ):
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}")
         if timeout <= 0 or retries < 0 or backoff_s < 0:

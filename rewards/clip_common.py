@@ -32,8 +32,24 @@ CONTEXT_LENGTH = 77
 # Encodings (with start/end tokens) produced by open_clip 3.3.0's SimpleTokenizer on this vocab.
 CHECK_ENCODINGS = {
     "A photo of a cat.": [49406, 320, 1125, 539, 320, 2368, 269, 49407],
-    "Portrait of a woman's hands, 8k, highly-detailed!!":
-        [49406, 5352, 539, 320, 2308, 568, 3500, 267, 279, 330, 267, 5302, 268, 12609, 748, 49407],
+    "Portrait of a woman's hands, 8k, highly-detailed!!": [
+        49406,
+        5352,
+        539,
+        320,
+        2308,
+        568,
+        3500,
+        267,
+        279,
+        330,
+        267,
+        5302,
+        268,
+        12609,
+        748,
+        49407,
+    ],
 }
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -87,7 +103,7 @@ def load_clip_tokenizer(bpe_path: str | None = None):
         raise RewardError(f"cannot read {path} as a gzipped UTF-8 merges file: {e}") from e
     n_merges = CLIP_VOCAB_SIZE - 2 * 256 - 2
     # Line 0 is a version header; CLIP uses exactly the next n_merges lines.
-    merges = [tuple(line.split()) for line in lines[1:1 + n_merges]]
+    merges = [tuple(line.split()) for line in lines[1 : 1 + n_merges]]
     if len(merges) != n_merges or any(len(m) != 2 for m in merges):
         raise RewardError(f"{path}: expected {n_merges} merge lines of two symbols after the header")
     symbols = _byte_symbols()
@@ -102,17 +118,27 @@ def check_clip_tokenizer(tokenizer: Any, where: str) -> None:
     """Raise RewardError unless ``tokenizer`` encodes like CLIP's BPE (sizes and known ids)."""
     size = len(tokenizer)
     if size != CLIP_VOCAB_SIZE:
-        raise RewardError(f"tokenizer from {where} has {size} tokens, expected CLIP's {CLIP_VOCAB_SIZE} "
-                          "(vocab.json / merges.txt / tokenizer.json missing or not CLIP's)")
+        raise RewardError(
+            f"tokenizer from {where} has {size} tokens, expected CLIP's {CLIP_VOCAB_SIZE} "
+            "(vocab.json / merges.txt / tokenizer.json missing or not CLIP's)"
+        )
     for text, want in CHECK_ENCODINGS.items():
         got = tokenizer(text).input_ids
         if got != want:
             raise RewardError(f"tokenizer from {where} encodes {text!r} as {got}, CLIP BPE gives {want}")
 
 
-def load_hf_model(cls: Any, source: str, what: str, *, revision: str | None = None,
-                  cache_dir: str | None = None, dtype: torch.dtype = torch.float32,
-                  device: str | torch.device = "cpu", allow_unused: tuple[str, ...] = ()):
+def load_hf_model(
+    cls: Any,
+    source: str,
+    what: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_unused: tuple[str, ...] = (),
+):
     """``cls.from_pretrained(source)`` in eval mode, refusing missing or mismatched weights.
 
     Args:
@@ -134,18 +160,31 @@ def load_hf_model(cls: Any, source: str, what: str, *, revision: str | None = No
     if not local and (path.exists() or source.count("/") != 1):
         raise RewardError(f"{what}: {source!r} is neither a model directory nor a hub id 'owner/name'")
     try:
-        model, info = cls.from_pretrained(str(path) if local else source, revision=revision, cache_dir=cache_dir,
-                                          dtype=dtype, output_loading_info=True, local_files_only=local)
+        model, info = cls.from_pretrained(
+            str(path) if local else source,
+            revision=revision,
+            cache_dir=cache_dir,
+            dtype=dtype,
+            output_loading_info=True,
+            local_files_only=local,
+        )
     except Exception as e:  # OSError, ValueError, safetensors errors: all mean "no usable weights"
-        raise RewardError(f"{what}: cannot load {cls.__name__} from {source!r} (expected a Hugging Face model "
-                          f"folder with config.json and model.safetensors or pytorch_model.bin): {e}") from e
+        raise RewardError(
+            f"{what}: cannot load {cls.__name__} from {source!r} (expected a Hugging Face model "
+            f"folder with config.json and model.safetensors or pytorch_model.bin): {e}"
+        ) from e
     unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith(allow_unused)]
-    problems = {"missing": list(info.get("missing_keys", [])), "unexpected": unexpected,
-                "mismatched": [str(m) for m in info.get("mismatched_keys", [])]}
+    problems = {
+        "missing": list(info.get("missing_keys", [])),
+        "unexpected": unexpected,
+        "mismatched": [str(m) for m in info.get("mismatched_keys", [])],
+    }
     problems = {k: v for k, v in problems.items() if v}
     if problems:
-        raise RewardError(f"{what}: checkpoint {source!r} does not fit {cls.__name__}: "
-                          + "; ".join(f"{k} {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items()))
+        raise RewardError(
+            f"{what}: checkpoint {source!r} does not fit {cls.__name__}: "
+            + "; ".join(f"{k} {v[:8]}{' ...' if len(v) > 8 else ''}" for k, v in problems.items())
+        )
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -53,8 +53,10 @@ def combined_scores(values: Mapping[str, Sequence[float | None]], weights: Mappi
 
 def nonfinite_counts(values: Mapping[str, Sequence[float | None]]) -> dict[str, float]:
     """``reward/<name>/nonfinite``: how many of each reward's values are NaN or inf (counted as missing)."""
-    return {f"reward/{n}/nonfinite": float(sum(v is not None and not math.isfinite(v) for v in vs))
-            for n, vs in values.items()}
+    return {
+        f"reward/{n}/nonfinite": float(sum(v is not None and not math.isfinite(v) for v in vs))
+        for n, vs in values.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,11 @@ class ScoredBatch:
 
     def values(self, region: str | None = None) -> dict[str, list[float | None]]:
         """{reward name: value per image} for the rewards (of ``region`` if given)."""
-        return {n: [r.value for r in res] for n, res in self.results.items()
-                if region is None or self.regions_of[n] == region}
+        return {
+            n: [r.value for r in res]
+            for n, res in self.results.items()
+            if region is None or self.regions_of[n] == region
+        }
 
     def combined(self, region: str | None = None) -> list[float | None]:
         """:func:`combined_scores` over the rewards (of ``region`` if given); None if incomplete."""
@@ -154,9 +159,7 @@ class RewardSet:
     @classmethod
     def from_config(cls, entries: Sequence[Any]) -> "RewardSet":
         """Build from config entries with ``target``, ``name``, ``weight`` and ``options``."""
-        return cls(
-            [WeightedReward(build_reward(e.target, dict(e.options), e.name), float(e.weight)) for e in entries]
-        )
+        return cls([WeightedReward(build_reward(e.target, dict(e.options), e.name), float(e.weight)) for e in entries])
 
     @property
     def names(self) -> list[str]:
@@ -197,11 +200,21 @@ class RewardSet:
         if embedder is None:
             return {"embeddings": None, "owners": [], "source": None, "reason": reason}
         if faces is None:
-            detector = next((getattr(r.reward, "detector", None) for r in self.rewards
-                             if r.region == "face" and getattr(r.reward, "detector", None) is not None), None)
+            detector = next(
+                (
+                    getattr(r.reward, "detector", None)
+                    for r in self.rewards
+                    if r.region == "face" and getattr(r.reward, "detector", None) is not None
+                ),
+                None,
+            )
             if detector is None:
-                return {"embeddings": None, "owners": [], "source": embedder.source,
-                        "reason": "no face regions were given and no configured face reward has a detector"}
+                return {
+                    "embeddings": None,
+                    "owners": [],
+                    "source": embedder.source,
+                    "reason": "no face regions were given and no configured face reward has a detector",
+                }
             faces = detector.detect(images)
         return {**embedder.faces(images, faces), "reason": None}
 

@@ -26,8 +26,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-NO_EMBEDDER = ("no configured reward exposes image embeddings (facescore or imagereward, "
-               "or a reward with an embed_images(crops) method)")
+NO_EMBEDDER = (
+    "no configured reward exposes image embeddings (facescore or imagereward, "
+    "or a reward with an embed_images(crops) method)"
+)
 FACE_CONFIDENCE = 0.9  # FaceScore's threshold: only faces it would score are embedded
 
 
@@ -42,7 +44,7 @@ def blip_embeddings(model, crops: Sequence[Any], batch_size: int = 16) -> np.nda
     out = []
     with torch.no_grad():
         for i in range(0, len(crops), batch_size):
-            pixels = torch.stack([preprocess_pil(c) for c in crops[i:i + batch_size]]).to(p.device, p.dtype)
+            pixels = torch.stack([preprocess_pil(c) for c in crops[i : i + batch_size]]).to(p.device, p.dtype)
             cls = model.visual_encoder(pixel_values=pixels).last_hidden_state[:, 0, :]
             out.append(torch.nn.functional.normalize(model.vision_proj(cls).double(), dim=-1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
@@ -96,12 +98,17 @@ def find_embedder(rewards: Sequence[Any]) -> tuple[Embedder | None, str | None]:
 
     for r in rewards:  # 1. a BLIP face reward
         if blip(r) and getattr(r, "region", "global") == "face":
-            return Embedder(f"{r.name}: BLIP image encoder (face crops)", lambda c, m=r.model: blip_embeddings(m, c),
-                            float(getattr(r, "threshold", FACE_CONFIDENCE))), None
+            return Embedder(
+                f"{r.name}: BLIP image encoder (face crops)",
+                lambda c, m=r.model: blip_embeddings(m, c),
+                float(getattr(r, "threshold", FACE_CONFIDENCE)),
+            ), None
     for r in rewards:  # 2. another BLIP reward
         if blip(r):
-            return Embedder(f"{r.name}: BLIP image encoder (trained on whole images, not faces)",
-                            lambda c, m=r.model: blip_embeddings(m, c)), None
+            return Embedder(
+                f"{r.name}: BLIP image encoder (trained on whole images, not faces)",
+                lambda c, m=r.model: blip_embeddings(m, c),
+            ), None
     for r in rewards:  # 3. a reward's own hook
         if callable(getattr(r, "embed_images", None)):
             return Embedder(f"{r.name}: embed_images", r.embed_images), None

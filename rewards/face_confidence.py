@@ -28,6 +28,11 @@ class FaceDetectionConfidence(DetectionConfidence):
     region = "face"
     what = "face"
 
-    def __init__(self, detector: Detector | str = "mediapipe_face", detector_options: dict[str, Any] | None = None,
-                 aggregate: str = "mean", min_confidence: float = 0.0):
+    def __init__(
+        self,
+        detector: Detector | str = "mediapipe_face",
+        detector_options: dict[str, Any] | None = None,
+        aggregate: str = "mean",
+        min_confidence: float = 0.0,
+    ):
         super().__init__(detector, detector_options, aggregate, min_confidence)

@@ -98,12 +98,23 @@ class FaceScore(Reward):
     region = "face"
     reads_sources = True
 
-    def __init__(self, model: str = HUB_ID, detector: str | Detector | None = None,
-                 detector_options: dict[str, Any] | None = None, aggregation: str = "mean",
-                 threshold: float = CONFIDENCE_THRESHOLD, batch_size: int = 16, device: str = "cpu",
-                 dtype: str = "float32", vision_heads: int | None = None, revision: str | None = None,
-                 cache_dir: str | None = None, tokenizer_dir: str | None = None, region: str = "face",
-                 prompt: str | None = None):
+    def __init__(
+        self,
+        model: str = HUB_ID,
+        detector: str | Detector | None = None,
+        detector_options: dict[str, Any] | None = None,
+        aggregation: str = "mean",
+        threshold: float = CONFIDENCE_THRESHOLD,
+        batch_size: int = 16,
+        device: str = "cpu",
+        dtype: str = "float32",
+        vision_heads: int | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        tokenizer_dir: str | None = None,
+        region: str = "face",
+        prompt: str | None = None,
+    ):
         from rewards.blip_reward_model import load_model_and_tokenizer
 
         problems = []
@@ -129,11 +140,20 @@ class FaceScore(Reward):
         if not callable(getattr(self.detector, "detect", None)):
             raise RewardError(f"detector {self.detector!r} has no detect(images) method")
         if getattr(self.detector, "region", "face") != region:
-            raise RewardError(f"FaceScore on region {region!r} needs a {region} detector, got region {self.detector.region!r}")
+            raise RewardError(
+                f"FaceScore on region {region!r} needs a {region} detector, got region {self.detector.region!r}"
+            )
         self.aggregation, self.threshold, self.batch_size = aggregation, float(threshold), int(batch_size)
         self.model, self.tokenizer = load_model_and_tokenizer(
-            model, WEIGHTS_NAME, vision_heads=vision_heads, revision=revision, cache_dir=cache_dir,
-            tokenizer_dir=tokenizer_dir, device=device, dtype=dtype)
+            model,
+            WEIGHTS_NAME,
+            vision_heads=vision_heads,
+            revision=revision,
+            cache_dir=cache_dir,
+            tokenizer_dir=tokenizer_dir,
+            device=device,
+            dtype=dtype,
+        )
         self.input_ids, self.attention_mask = tokenize(self.tokenizer, [self.prompt])  # (1, 35) each
 
     def close(self) -> None:
@@ -150,16 +170,19 @@ class FaceScore(Reward):
         out = []
         p = next(self.model.parameters())
         for i in range(0, len(crops), self.batch_size):
-            pixels = torch.stack([preprocess_pil(c) for c in crops[i:i + self.batch_size]])
-            scores = self.model(pixels.to(p.device, p.dtype), self.input_ids.to(p.device),
-                                self.attention_mask.to(p.device))
+            pixels = torch.stack([preprocess_pil(c) for c in crops[i : i + self.batch_size]])
+            scores = self.model(
+                pixels.to(p.device, p.dtype), self.input_ids.to(p.device), self.attention_mask.to(p.device)
+            )
             out.append(scores.double().cpu().numpy())
         result = np.concatenate(out) if out else np.zeros(0)
         if not np.all(np.isfinite(result)):
             raise RewardError(f"{self.name}: the model returned non-finite scores {result.tolist()}")
         return result
 
-    def score(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> list[RewardResult]:
+    def score(
+        self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None
+    ) -> list[RewardResult]:
         """Score a batch; ``prompts`` are unused (FaceScore always reads its fixed prompt, "A face.").
 
         ``sources``: per image None or the file's PIL image in its own mode (see
@@ -193,9 +216,13 @@ class FaceScore(Reward):
             idx = [k for k, (ob, _) in enumerate(owner) if ob == b]
             info = {f"{self.region}_scores": per_image[b], "aggregation": self.aggregation}
             if not idx:
-                results.append(RewardResult.missing(
-                    f"no {self.region} with confidence >= {self.threshold} ({len(dets)} detections)",
-                    regions=regions, info=info))
+                results.append(
+                    RewardResult.missing(
+                        f"no {self.region} with confidence >= {self.threshold} ({len(dets)} detections)",
+                        regions=regions,
+                        info=info,
+                    )
+                )
                 continue
             value = aggregate([scores[k] for k in idx], [areas[k] for k in idx], self.aggregation)
             results.append(RewardResult(value, regions=regions, info=info))
@@ -267,7 +294,9 @@ class DifferentiableFaceScore(nn.Module):
         return self.model(pixels, self.input_ids, self.attention_mask)
 
 
-def detections_to_boxes(detections: Sequence[Sequence[Detection]], threshold: float = CONFIDENCE_THRESHOLD) -> torch.Tensor:
+def detections_to_boxes(
+    detections: Sequence[Sequence[Detection]], threshold: float = CONFIDENCE_THRESHOLD
+) -> torch.Tensor:
     """Detector output -> (K, 5) ``(batch_index, x1, y1, x2, y2)`` rows of faces >= threshold."""
     rows = [[float(b), *d.box] for b, dets in enumerate(detections) for d in dets if d.confidence >= threshold]
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 5)

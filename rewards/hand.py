@@ -48,8 +48,13 @@ class DetectionConfidence(Reward):
     region = ""
     what = "object"  # for the missing reason: "no <what> detected"
 
-    def __init__(self, detector: Detector | str, detector_options: dict[str, Any] | None = None,
-                 aggregate: str = "mean", min_confidence: float = 0.0):
+    def __init__(
+        self,
+        detector: Detector | str,
+        detector_options: dict[str, Any] | None = None,
+        aggregate: str = "mean",
+        min_confidence: float = 0.0,
+    ):
         if aggregate not in AGGREGATES:
             raise RewardError(f"{self.name}: aggregate {aggregate!r} is unknown; choose one of {sorted(AGGREGATES)}")
         if not 0.0 <= min_confidence <= 1.0:
@@ -81,10 +86,13 @@ class DetectionConfidence(Reward):
                 results.append(RewardResult.missing(f"no {self.what} detected", regions=regions))
                 continue
             scores = [d.confidence for d in kept]
-            results.append(RewardResult(
-                AGGREGATES[self.aggregate](scores), regions=regions,
-                info={f"{self.what}_scores": scores, f"num_{self.what}s": len(kept)},
-            ))
+            results.append(
+                RewardResult(
+                    AGGREGATES[self.aggregate](scores),
+                    regions=regions,
+                    info={f"{self.what}_scores": scores, f"num_{self.what}s": len(kept)},
+                )
+            )
         return results
 
 
@@ -102,6 +110,11 @@ class HandConfidence(DetectionConfidence):
     region = "hand"
     what = "hand"
 
-    def __init__(self, detector: Detector | str = "mediapipe_hand", detector_options: dict[str, Any] | None = None,
-                 aggregate: str = "mean", min_confidence: float = 0.0):
+    def __init__(
+        self,
+        detector: Detector | str = "mediapipe_hand",
+        detector_options: dict[str, Any] | None = None,
+        aggregate: str = "mean",
+        min_confidence: float = 0.0,
+    ):
         super().__init__(detector, detector_options, aggregate, min_confidence)

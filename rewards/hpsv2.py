@@ -47,8 +47,13 @@ CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 VIT_H_VISION_HEADS, VIT_H_TEXT_HEADS = 16, 16
 
 _BLOCK = re.compile(r"^(visual\.)?transformer\.resblocks\.(\d+)\.(.+)$")
-_BLOCK_PARTS = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
-                "attn.out_proj": "self_attn.out_proj"}
+_BLOCK_PARTS = {
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+    "attn.out_proj": "self_attn.out_proj",
+}
 _GLOBAL = {
     "visual.class_embedding": "vision_model.embeddings.class_embedding",
     "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
@@ -57,8 +62,11 @@ _GLOBAL = {
     "positional_embedding": "text_model.embeddings.position_embedding.weight",
     "logit_scale": "logit_scale",
 }
-_NORMS = {"visual.ln_pre": "vision_model.pre_layrnorm", "visual.ln_post": "vision_model.post_layernorm",
-          "ln_final": "text_model.final_layer_norm"}
+_NORMS = {
+    "visual.ln_pre": "vision_model.pre_layrnorm",
+    "visual.ln_post": "vision_model.post_layernorm",
+    "ln_final": "text_model.final_layer_norm",
+}
 # open_clip multiplies by these (x @ proj); nn.Linear stores the transpose.
 _PROJECTIONS = {"visual.proj": "visual_projection.weight", "text_projection": "text_projection.weight"}
 # Deterministic buffers some open_clip versions saved; rebuilt by the model, so dropped.
@@ -117,8 +125,9 @@ def _n_blocks(state: Mapping[str, torch.Tensor], visual: bool) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def clip_config_from_open_clip(state: Mapping[str, torch.Tensor], vision_heads: int = VIT_H_VISION_HEADS,
-                               text_heads: int = VIT_H_TEXT_HEADS):
+def clip_config_from_open_clip(
+    state: Mapping[str, torch.Tensor], vision_heads: int = VIT_H_VISION_HEADS, text_heads: int = VIT_H_TEXT_HEADS
+):
     """A ``CLIPConfig`` matching the open_clip weight shapes (GELU, LayerNorm eps 1e-5).
 
     Raises:
@@ -126,9 +135,17 @@ def clip_config_from_open_clip(state: Mapping[str, torch.Tensor], vision_heads: 
     """
     from transformers import CLIPConfig
 
-    need = ["visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
-            "positional_embedding", "text_projection", "visual.transformer.resblocks.0.mlp.c_fc.weight",
-            "transformer.resblocks.0.mlp.c_fc.weight", "logit_scale"]
+    need = [
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "visual.proj",
+        "token_embedding.weight",
+        "positional_embedding",
+        "text_projection",
+        "visual.transformer.resblocks.0.mlp.c_fc.weight",
+        "transformer.resblocks.0.mlp.c_fc.weight",
+        "logit_scale",
+    ]
     absent = [k for k in need if k not in state]
     if absent:
         raise RewardError(f"open_clip checkpoint lacks {absent}: not an open_clip ViT CLIP state dict")
@@ -139,14 +156,27 @@ def clip_config_from_open_clip(state: Mapping[str, torch.Tensor], vision_heads: 
         if heads < 1 or width % heads:
             raise RewardError(f"{tower} width {width} is not divisible by {tower}_heads={heads}")
     common = dict(hidden_act="gelu", layer_norm_eps=1e-5)
-    vision = dict(hidden_size=int(v_width), num_attention_heads=vision_heads, patch_size=int(patch),
-                  image_size=int(grid * patch), num_hidden_layers=_n_blocks(state, visual=True),
-                  intermediate_size=int(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]), **common)
-    text = dict(hidden_size=int(t_width), num_attention_heads=text_heads, vocab_size=int(vocab),
-                max_position_embeddings=int(state["positional_embedding"].shape[0]),
-                num_hidden_layers=_n_blocks(state, visual=False),
-                intermediate_size=int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
-                bos_token_id=SOT_ID, eos_token_id=EOT_ID, pad_token_id=EOT_ID, **common)
+    vision = dict(
+        hidden_size=int(v_width),
+        num_attention_heads=vision_heads,
+        patch_size=int(patch),
+        image_size=int(grid * patch),
+        num_hidden_layers=_n_blocks(state, visual=True),
+        intermediate_size=int(state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        **common,
+    )
+    text = dict(
+        hidden_size=int(t_width),
+        num_attention_heads=text_heads,
+        vocab_size=int(vocab),
+        max_position_embeddings=int(state["positional_embedding"].shape[0]),
+        num_hidden_layers=_n_blocks(state, visual=False),
+        intermediate_size=int(state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+        bos_token_id=SOT_ID,
+        eos_token_id=EOT_ID,
+        pad_token_id=EOT_ID,
+        **common,
+    )
     # eos_token_id != 2 makes CLIPTextTransformer pool the FIRST end-of-text token, which is
     # open_clip's argmax(ids) position (end-of-text has the largest id).
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=int(state["visual.proj"].shape[1]))
@@ -160,14 +190,19 @@ def load_open_clip_state(path: Path) -> dict[str, torch.Tensor]:
         raise RewardError(f"cannot load {path} with torch.load(weights_only=True): {e}") from e
     state = obj.get("state_dict", obj) if isinstance(obj, Mapping) else obj
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RewardError(f"{path} is not an open_clip state dict (a mapping of tensors, optionally under "
-                          "'state_dict')")
+        raise RewardError(
+            f"{path} is not an open_clip state dict (a mapping of tensors, optionally under 'state_dict')"
+        )
     # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def build_clip_from_open_clip(state: Mapping[str, torch.Tensor], vision_heads: int = VIT_H_VISION_HEADS,
-                              text_heads: int = VIT_H_TEXT_HEADS, dtype: torch.dtype = torch.float32):
+def build_clip_from_open_clip(
+    state: Mapping[str, torch.Tensor],
+    vision_heads: int = VIT_H_VISION_HEADS,
+    text_heads: int = VIT_H_TEXT_HEADS,
+    dtype: torch.dtype = torch.float32,
+):
     """A ``CLIPModel`` holding exactly the open_clip weights (strict load), in eval mode."""
     from transformers import CLIPModel
 
@@ -210,6 +245,7 @@ def clean_prompt(text: str) -> str:
     """open_clip's ``basic_clean`` before BPE: ftfy (when installed), html.unescape twice."""
     try:
         import ftfy
+
         text = ftfy.fix_text(text)
     except ImportError:
         pass
@@ -258,10 +294,20 @@ class HPSv2(Reward):
     name = "hpsv2"
     region = "global"
 
-    def __init__(self, checkpoint: str = HUB_ID, version: str = "v2.1", bpe_path: str | None = None,
-                 vision_heads: int = VIT_H_VISION_HEADS, text_heads: int = VIT_H_TEXT_HEADS, antialias: bool = True,
-                 batch_size: int = 8, device: str = "cpu", dtype: str = "float32", revision: str | None = None,
-                 cache_dir: str | None = None):
+    def __init__(
+        self,
+        checkpoint: str = HUB_ID,
+        version: str = "v2.1",
+        bpe_path: str | None = None,
+        vision_heads: int = VIT_H_VISION_HEADS,
+        text_heads: int = VIT_H_TEXT_HEADS,
+        antialias: bool = True,
+        batch_size: int = 8,
+        device: str = "cpu",
+        dtype: str = "float32",
+        revision: str | None = None,
+        cache_dir: str | None = None,
+    ):
         if batch_size < 1:
             raise RewardError(f"HPSv2 options: batch_size={batch_size!r}: at least 1")
         self.batch_size, self.antialias = int(batch_size), bool(antialias)
@@ -274,14 +320,21 @@ class HPSv2(Reward):
         except RewardError as e:
             raise RewardError(f"HPSv2: {path}: {e}") from e
         if self.model.config.text_config.vocab_size != len(self.tokenizer):
-            raise RewardError(f"HPSv2: {path} has a {self.model.config.text_config.vocab_size}-token text "
-                              f"embedding but the CLIP tokenizer has {len(self.tokenizer)} tokens")
+            raise RewardError(
+                f"HPSv2: {path} has a {self.model.config.text_config.vocab_size}-token text "
+                f"embedding but the CLIP tokenizer has {len(self.tokenizer)} tokens"
+            )
         self.image_size = self.model.config.vision_config.image_size
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         """open_clip token ids (B, 77), padded with end-of-text (the text tower never sees padding)."""
-        enc = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", truncation=True,
-                             max_length=CONTEXT_LENGTH, return_tensors="pt")
+        enc = self.tokenizer(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length",
+            truncation=True,
+            max_length=CONTEXT_LENGTH,
+            return_tensors="pt",
+        )
         return enc.input_ids
 
     @torch.no_grad()
@@ -290,8 +343,10 @@ class HPSv2(Reward):
         p = next(self.model.parameters())
         img, txt = [], []
         for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([letterbox(im, self.image_size, self.antialias) for im in images[i:i + self.batch_size]])
-            ids = self.tokenize(prompts[i:i + self.batch_size])
+            pixels = torch.stack(
+                [letterbox(im, self.image_size, self.antialias) for im in images[i : i + self.batch_size]]
+            )
+            ids = self.tokenize(prompts[i : i + self.batch_size])
             out_i = self.model.get_image_features(pixel_values=pixels.to(p.device, p.dtype))
             out_t = self.model.get_text_features(input_ids=ids.to(p.device))
             img.append(unit(getattr(out_i, "pooler_output", out_i)))

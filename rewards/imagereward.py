@@ -50,20 +50,37 @@ class ImageReward(Reward):
     region = "global"
     reads_sources = True  # RGBA / LA / palette files are resized in their own mode, as the reference does
 
-    def __init__(self, model: str = HUB_ID, batch_size: int = 8, device: str = "cpu", dtype: str = "float32",
-                 vision_heads: int | None = None, revision: str | None = None, cache_dir: str | None = None,
-                 tokenizer_dir: str | None = None):
+    def __init__(
+        self,
+        model: str = HUB_ID,
+        batch_size: int = 8,
+        device: str = "cpu",
+        dtype: str = "float32",
+        vision_heads: int | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        tokenizer_dir: str | None = None,
+    ):
         from rewards.blip_reward_model import load_model_and_tokenizer
 
         if batch_size < 1:
             raise RewardError(f"ImageReward options: batch_size={batch_size!r}: at least 1")
         self.batch_size = int(batch_size)
         self.model, self.tokenizer = load_model_and_tokenizer(
-            model, WEIGHTS_NAME, vision_heads=vision_heads, revision=revision, cache_dir=cache_dir,
-            tokenizer_dir=tokenizer_dir, device=device, dtype=dtype)
+            model,
+            WEIGHTS_NAME,
+            vision_heads=vision_heads,
+            revision=revision,
+            cache_dir=cache_dir,
+            tokenizer_dir=tokenizer_dir,
+            device=device,
+            dtype=dtype,
+        )
 
     @torch.no_grad()
-    def raw_scores(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> np.ndarray:
+    def raw_scores(
+        self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None
+    ) -> np.ndarray:
         """Unnormalized MLP outputs r for (B, H, W, 3) uint8 images -> float64 (B,).
 
         ``sources``: per image None or the file's PIL image in its own mode (preprocessed instead).
@@ -72,12 +89,16 @@ class ImageReward(Reward):
         inputs = [im if sources is None or sources[k] is None else sources[k] for k, im in enumerate(images)]
         out = []
         for i in range(0, len(images), self.batch_size):
-            pixels = torch.stack([preprocess_pil(im) for im in inputs[i:i + self.batch_size]])
-            ids, mask = tokenize(self.tokenizer, prompts[i:i + self.batch_size])
-            out.append(self.model(pixels.to(p.device, p.dtype), ids.to(p.device), mask.to(p.device)).double().cpu().numpy())
+            pixels = torch.stack([preprocess_pil(im) for im in inputs[i : i + self.batch_size]])
+            ids, mask = tokenize(self.tokenizer, prompts[i : i + self.batch_size])
+            out.append(
+                self.model(pixels.to(p.device, p.dtype), ids.to(p.device), mask.to(p.device)).double().cpu().numpy()
+            )
         return np.concatenate(out) if out else np.zeros(0)
 
-    def score(self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None) -> list[RewardResult]:
+    def score(
+        self, images: np.ndarray, prompts: Sequence[str], sources: Sequence[Any] | None = None
+    ) -> list[RewardResult]:
         raw = self.raw_scores(images, prompts, sources)
         if not np.all(np.isfinite(raw)):
             raise RewardError(f"{self.name}: the model returned non-finite scores {raw.tolist()}")

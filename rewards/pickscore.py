@@ -80,17 +80,31 @@ class PickScore(Reward):
     name = "pickscore"
     region = "global"
 
-    def __init__(self, model: str = MODEL_ID, processor: str = PROCESSOR_ID, batch_size: int = 8,
-                 device: str = "cpu", dtype: str = "float32", revision: str | None = None,
-                 cache_dir: str | None = None):
+    def __init__(
+        self,
+        model: str = MODEL_ID,
+        processor: str = PROCESSOR_ID,
+        batch_size: int = 8,
+        device: str = "cpu",
+        dtype: str = "float32",
+        revision: str | None = None,
+        cache_dir: str | None = None,
+    ):
         from transformers import CLIPModel
 
         if batch_size < 1:
             raise RewardError(f"PickScore options: batch_size={batch_size!r}: at least 1")
         self.batch_size = int(batch_size)
         self.image_processor, self.tokenizer = load_processor(processor, cache_dir=cache_dir)
-        self.model = load_hf_model(CLIPModel, model, "PickScore", revision=revision, cache_dir=cache_dir,
-                                   dtype=torch_dtype(dtype, "PickScore"), device=device)
+        self.model = load_hf_model(
+            CLIPModel,
+            model,
+            "PickScore",
+            revision=revision,
+            cache_dir=cache_dir,
+            dtype=torch_dtype(dtype, "PickScore"),
+            device=device,
+        )
         crop = self.image_processor.crop_size
         size = self.model.config.vision_config.image_size
         if not self.image_processor.do_center_crop or (crop["height"], crop["width"]) != (size, size):
@@ -102,12 +116,26 @@ class PickScore(Reward):
         p = next(self.model.parameters())
         img, txt = [], []
         for i in range(0, len(images), self.batch_size):
-            pixels = self.image_processor(images=list(images[i:i + self.batch_size]), return_tensors="pt").pixel_values
-            enc = self.tokenizer(list(prompts[i:i + self.batch_size]), padding=True, truncation=True,
-                                 max_length=CONTEXT_LENGTH, return_tensors="pt")
+            pixels = self.image_processor(
+                images=list(images[i : i + self.batch_size]), return_tensors="pt"
+            ).pixel_values
+            enc = self.tokenizer(
+                list(prompts[i : i + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=CONTEXT_LENGTH,
+                return_tensors="pt",
+            )
             img.append(unit(_pooled(self.model.get_image_features(pixel_values=pixels.to(p.device, p.dtype)))))
-            txt.append(unit(_pooled(self.model.get_text_features(input_ids=enc.input_ids.to(p.device),
-                                                                 attention_mask=enc.attention_mask.to(p.device)))))
+            txt.append(
+                unit(
+                    _pooled(
+                        self.model.get_text_features(
+                            input_ids=enc.input_ids.to(p.device), attention_mask=enc.attention_mask.to(p.device)
+                        )
+                    )
+                )
+            )
         return torch.cat(img).cpu(), torch.cat(txt).cpu()
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:

@@ -59,8 +59,7 @@ def _span(lo: float, hi: float, size: int, grow_lo: int, grow_hi: int) -> tuple[
     return max(a - grow_lo, 0), min(b + grow_hi, size - 1)
 
 
-def pixel_mask(boxes: Sequence[Detection | Box], image_hw: tuple[int, int],
-               dilate: int = DILATE_KERNEL) -> np.ndarray:
+def pixel_mask(boxes: Sequence[Detection | Box], image_hw: tuple[int, int], dilate: int = DILATE_KERNEL) -> np.ndarray:
     """Filled and dilated boxes at image size (steps 1-2).
 
     Args:
@@ -83,7 +82,7 @@ def pixel_mask(boxes: Sequence[Detection | Box], image_hw: tuple[int, int],
         x1, y1, x2, y2 = _box_of(b)
         xs, ys = _span(x1, x2, w, grow_lo, grow_hi), _span(y1, y2, h, grow_lo, grow_hi)
         if xs is not None and ys is not None:
-            mask[ys[0]:ys[1] + 1, xs[0]:xs[1] + 1] = True
+            mask[ys[0] : ys[1] + 1, xs[0] : xs[1] + 1] = True
     return mask
 
 
@@ -97,8 +96,12 @@ def latent_hw_of(image_hw: tuple[int, int], downsample: int = VAE_DOWNSAMPLE) ->
     return h // downsample, w // downsample
 
 
-def region_mask(boxes: Sequence[Detection | Box], image_hw: tuple[int, int],
-                latent_hw: tuple[int, int] | None = None, dilate: int = DILATE_KERNEL) -> torch.Tensor:
+def region_mask(
+    boxes: Sequence[Detection | Box],
+    image_hw: tuple[int, int],
+    latent_hw: tuple[int, int] | None = None,
+    dilate: int = DILATE_KERNEL,
+) -> torch.Tensor:
     """One region's latent mask (steps 1-4).
 
     Args:
@@ -118,9 +121,13 @@ def region_mask(boxes: Sequence[Detection | Box], image_hw: tuple[int, int],
     return (small > 0).to(torch.float32)
 
 
-def region_masks(regions: Sequence[Mapping[str, Sequence[Detection | Box]]], names: Sequence[str],
-                 image_hw: tuple[int, int], latent_hw: tuple[int, int] | None = None,
-                 dilate: int = DILATE_KERNEL) -> torch.Tensor:
+def region_masks(
+    regions: Sequence[Mapping[str, Sequence[Detection | Box]]],
+    names: Sequence[str],
+    image_hw: tuple[int, int],
+    latent_hw: tuple[int, int] | None = None,
+    dilate: int = DILATE_KERNEL,
+) -> torch.Tensor:
     """Masks for a batch of images and a list of region names.
 
     Args:

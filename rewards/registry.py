@@ -35,9 +35,7 @@ def resolve(target: str) -> Callable[..., Any]:
     path = BUILTIN.get(target, target)
     if ":" not in path:
         known = ", ".join(sorted(BUILTIN))
-        raise RewardError(
-            f"unknown reward {target!r}: use a registered name ({known}) or a 'module:callable' path"
-        )
+        raise RewardError(f"unknown reward {target!r}: use a registered name ({known}) or a 'module:callable' path")
     module_name, attr = path.split(":", 1)
     try:
         module = importlib.import_module(module_name)

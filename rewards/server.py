@@ -67,8 +67,14 @@ def entries_to_dicts(entries: Sequence[Any]) -> list[dict[str, Any]]:
     out = []
     for e in entries:
         d = dict(e) if isinstance(e, dict) else {k: getattr(e, k) for k in ("target", "name", "weight", "options")}
-        out.append({"target": d["target"], "name": d.get("name"), "weight": float(d.get("weight", 1.0)),
-                    "options": dict(d.get("options") or {})})
+        out.append(
+            {
+                "target": d["target"],
+                "name": d.get("name"),
+                "weight": float(d.get("weight", 1.0)),
+                "options": dict(d.get("options") or {}),
+            }
+        )
     return out
 
 
@@ -77,16 +83,20 @@ def _images_in(items: list[tuple[np.ndarray, list[str]]]) -> int:
 
 
 def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    return Response(json.dumps(payload, allow_nan=False), status_code=status, media_type="application/json",
-                    headers=headers)
+    return Response(
+        json.dumps(payload, allow_nan=False), status_code=status, media_type="application/json", headers=headers
+    )
 
 
 def _concat(parts: list[Any]) -> Any:
     from rewards.composite import ScoredBatch
 
     first = parts[0]
-    return ScoredBatch({n: [r for p in parts for r in p.results[n]] for n in first.results},
-                       dict(first.weights), dict(first.regions_of))
+    return ScoredBatch(
+        {n: [r for p in parts for r in p.results[n]] for n in first.results},
+        dict(first.weights),
+        dict(first.regions_of),
+    )
 
 
 def _keep_replica_grpc_on_loopback() -> None:
@@ -106,7 +116,7 @@ def _keep_replica_grpc_on_loopback() -> None:
         return
 
     def loopback_bind(server: Any, address: str) -> int:
-        return bind(server, "127.0.0.1:" + address[len("[::]:"):] if address.startswith("[::]:") else address)
+        return bind(server, "127.0.0.1:" + address[len("[::]:") :] if address.startswith("[::]:") else address)
 
     loopback_bind.loopback_only = True  # type: ignore[attr-defined]
     replica.add_port_to_grpc_server = loopback_bind
@@ -116,8 +126,14 @@ def _keep_replica_grpc_on_loopback() -> None:
 class RewardServer:
     """One replica: the RewardSet, a batching queue in front of it, and the HTTP routes."""
 
-    def __init__(self, entries: list[dict[str, Any]], config: dict[str, Any], body_timeout_s: float = BODY_TIMEOUT_S,
-                 max_body_reads_per_client: int = MAX_BODY_READS_PER_CLIENT, max_body_reads: int = 16):
+    def __init__(
+        self,
+        entries: list[dict[str, Any]],
+        config: dict[str, Any],
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        max_body_reads_per_client: int = MAX_BODY_READS_PER_CLIENT,
+        max_body_reads: int = 16,
+    ):
         from rewards.composite import RewardSet
 
         _keep_replica_grpc_on_loopback()
@@ -151,7 +167,7 @@ class RewardServer:
             raise RewardError("empty batch: send at least one image")
         n = self.cfg.max_batch_size
         # A request larger than a batch is split; its chunks may share batches with other requests.
-        chunks = [(images[i:i + n], list(prompts[i:i + n])) for i in range(0, len(images), n)]
+        chunks = [(images[i : i + n], list(prompts[i : i + n])) for i in range(0, len(images), n)]
         outcomes = await asyncio.gather(*[self._batched(c) for c in chunks])
         for ok, value in outcomes:
             if not ok:
@@ -192,8 +208,11 @@ class RewardServer:
         parts, start = [], 0
         for im, _ in items:
             stop = start + len(im)
-            parts.append(ScoredBatch({n: r[start:stop] for n, r in batch.results.items()},
-                                     dict(batch.weights), dict(batch.regions_of)))
+            parts.append(
+                ScoredBatch(
+                    {n: r[start:stop] for n, r in batch.results.items()}, dict(batch.weights), dict(batch.regions_of)
+                )
+            )
             start = stop
         return parts
 
@@ -205,15 +224,17 @@ class RewardServer:
             "rewards": self.rewards.names,
             "weights": {r.name: r.weight for r in self.rewards.rewards},
             "regions_of": {r.name: r.region for r in self.rewards.rewards},
-            "limits": {k: getattr(self.cfg, k) for k in (
-                "max_batch_size", "max_request_bytes", "max_images", "max_image_side", "max_image_pixels")},
+            "limits": {
+                k: getattr(self.cfg, k)
+                for k in ("max_batch_size", "max_request_bytes", "max_images", "max_image_side", "max_image_pixels")
+            },
         }
 
     async def __call__(self, request: Request) -> Response:
         try:
             root = request.scope.get("root_path", "") or ""
             path = request.url.path
-            path = (path[len(root):] if root and path.startswith(root) else path).rstrip("/") or "/"
+            path = (path[len(root) :] if root and path.startswith(root) else path).rstrip("/") or "/"
             routes = {"/health": "GET", "/score": "POST"}
             if path not in routes:
                 return _json(404, {"error": f"no route {path!r}; use GET /health or POST /score"})
@@ -238,18 +259,25 @@ class RewardServer:
         client = request.client.host if request.client else "?"
         mine = self._reading.get(client, 0)
         if mine >= self.max_body_reads_per_client:
-            raise RequestError(f"client {client} already has {mine} request bodies being read "
-                               f"(max_body_reads_per_client={self.max_body_reads_per_client}); retry later", 503)
+            raise RequestError(
+                f"client {client} already has {mine} request bodies being read "
+                f"(max_body_reads_per_client={self.max_body_reads_per_client}); retry later",
+                503,
+            )
         total = sum(self._reading.values())
         if total >= self.max_body_reads:
-            raise RequestError(f"{total} request bodies are being read (max_body_reads={self.max_body_reads}); "
-                               f"retry later", 503)
+            raise RequestError(
+                f"{total} request bodies are being read (max_body_reads={self.max_body_reads}); retry later", 503
+            )
         self._reading[client] = mine + 1
         try:
             return await asyncio.wait_for(self._read_body(request), self.body_timeout_s)
         except asyncio.TimeoutError:
-            raise RequestError(f"request body not received within body_timeout_s={self.body_timeout_s:g}; "
-                               f"send it faster or in smaller requests", 408) from None
+            raise RequestError(
+                f"request body not received within body_timeout_s={self.body_timeout_s:g}; "
+                f"send it faster or in smaller requests",
+                408,
+            ) from None
         finally:
             left = self._reading[client] - 1
             if left:
@@ -277,8 +305,12 @@ class RewardServer:
         return b"".join(chunks)
 
 
-def build_app(entries: Sequence[Any], config: ServerConfig, body_timeout_s: float = BODY_TIMEOUT_S,
-              max_body_reads_per_client: int = MAX_BODY_READS_PER_CLIENT) -> Any:
+def build_app(
+    entries: Sequence[Any],
+    config: ServerConfig,
+    body_timeout_s: float = BODY_TIMEOUT_S,
+    max_body_reads_per_client: int = MAX_BODY_READS_PER_CLIENT,
+) -> Any:
     """The Serve application for these reward entries (not yet running).
 
     ``body_timeout_s``: longest a request body may take to arrive (408 after it);
@@ -287,22 +319,30 @@ def build_app(entries: Sequence[Any], config: ServerConfig, body_timeout_s: floa
     named = [e["name"] for e in entries_to_dicts(entries) if e["name"]]
     check_reward_names(named)
     if not body_timeout_s > 0 or max_body_reads_per_client < 1:
-        raise ValueError(f"body_timeout_s={body_timeout_s!r} must be > 0 and "
-                         f"max_body_reads_per_client={max_body_reads_per_client!r} >= 1")
+        raise ValueError(
+            f"body_timeout_s={body_timeout_s!r} must be > 0 and "
+            f"max_body_reads_per_client={max_body_reads_per_client!r} >= 1"
+        )
     # Enough in flight per replica for a full batch to queue while the previous one runs.
     max_ongoing = max(2 * config.max_batch_size, 8)
     return RewardServer.options(
         num_replicas=config.num_replicas,
         max_ongoing_requests=max_ongoing,
         ray_actor_options={"num_cpus": config.num_cpus_per_replica},
-    ).bind(entries_to_dicts(entries), dataclasses.asdict(config), body_timeout_s, max_body_reads_per_client,
-           # Bodies in flight take at most half the slots: the rest stay free for /health and for
-           # requests whose body has arrived, whoever holds connections open.
-           max(max_ongoing // 2, 1))
+    ).bind(
+        entries_to_dicts(entries),
+        dataclasses.asdict(config),
+        body_timeout_s,
+        max_body_reads_per_client,
+        # Bodies in flight take at most half the slots: the rest stay free for /health and for
+        # requests whose body has arrived, whoever holds connections open.
+        max(max_ongoing // 2, 1),
+    )
 
 
-def start_reward_server(entries: Sequence[Any], config: ServerConfig | None = None, name: str = "rewards",
-                        runtime_env: dict | None = None) -> Any:
+def start_reward_server(
+    entries: Sequence[Any], config: ServerConfig | None = None, name: str = "rewards", runtime_env: dict | None = None
+) -> Any:
     """Start (or update) the reward server app; returns its DeploymentHandle.
 
     Joins the running Ray cluster (``RAY_ADDRESS`` or one started by this process) or starts a local

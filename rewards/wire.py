@@ -140,7 +140,9 @@ def open_image(fp: IO[bytes], what: str, limits: Limits, formats: Sequence[str] 
         if depth == 16:
             # Pillow opens 16-bit RGB(A) as 8-bit "RGB(A)" (dropping the low bytes) but 16-bit gray
             # as "I;16": the bit depth is checked here so both are rejected alike.
-            raise RequestError(f"{what}: 16-bit PNG is not supported (8 bits per channel only); convert it to 8-bit RGB")
+            raise RequestError(
+                f"{what}: 16-bit PNG is not supported (8 bits per channel only); convert it to 8-bit RGB"
+            )
     elif formats is not None and tuple(formats) == ("PNG",):
         raise RequestError(f"{what}: not a PNG (bad signature)")
     try:
@@ -193,8 +195,12 @@ def decode_array(spec: Any, what: str, limits: Limits) -> np.ndarray:
     shape, dtype = spec.get("shape"), spec.get("dtype")
     if dtype != "uint8":
         raise RequestError(f"{what}: dtype must be 'uint8', got {dtype!r}")
-    if (not isinstance(shape, list) or len(shape) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape) or shape[2] != 3):
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in shape)
+        or shape[2] != 3
+    ):
         raise RequestError(f"{what}: shape must be [H, W, 3] integers, got {shape!r}")
     h, w, _ = shape
     _check_size(h, w, what, limits)
@@ -280,8 +286,7 @@ def check_finite(obj: Any, where: str) -> None:
             check_finite(v, f"{where}[{j}]")
 
 
-def scored_batch_from_json(results: list[dict[str, Any]], weights: dict[str, float],
-                           regions_of: dict[str, str]) -> Any:
+def scored_batch_from_json(results: list[dict[str, Any]], weights: dict[str, float], regions_of: dict[str, str]) -> Any:
     """Rebuild a ScoredBatch from per-image result objects (the inverse of :func:`image_result`)."""
     from rewards.composite import ScoredBatch
 
@@ -330,8 +335,14 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for key in ("max_batch_size", "max_request_bytes", "max_images", "max_image_side", "max_image_pixels",
-                    "num_replicas"):
+        for key in (
+            "max_batch_size",
+            "max_request_bytes",
+            "max_images",
+            "max_image_side",
+            "max_image_pixels",
+            "num_replicas",
+        ):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 problems.append(f"reward_server.{key}={v!r}: must be an integer >= 1")

@@ -19,22 +19,37 @@ def sample_in_batches(sampler, prompts, seeds, settings, batch_size: int, record
     spans rather than once in all."""
     from rollouts.types import RolloutBatch
 
-    return RolloutBatch.concat([
-        sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings, record=record,
-                       branch_seeds=None if branch_seeds is None else branch_seeds[i : i + batch_size])
-        for i in range(0, len(prompts), batch_size)
-    ])
+    return RolloutBatch.concat(
+        [
+            sampler.sample(
+                prompts[i : i + batch_size],
+                seeds[i : i + batch_size],
+                settings,
+                record=record,
+                branch_seeds=None if branch_seeds is None else branch_seeds[i : i + batch_size],
+            )
+            for i in range(0, len(prompts), batch_size)
+        ]
+    )
 
 
 def refine_in_batches(sampler, latents, prompts, seeds, settings, strength: float, masks=None, batch_size: int = 8):
     """``Sampler.refine`` of a share in calls of at most ``batch_size``, as one RolloutBatch."""
     from rollouts.types import RolloutBatch
 
-    return RolloutBatch.concat([
-        sampler.refine(latents[i : i + batch_size], prompts[i : i + batch_size], seeds[i : i + batch_size], settings,
-                       strength, None if masks is None else masks[i : i + batch_size])
-        for i in range(0, len(prompts), batch_size)
-    ])
+    return RolloutBatch.concat(
+        [
+            sampler.refine(
+                latents[i : i + batch_size],
+                prompts[i : i + batch_size],
+                seeds[i : i + batch_size],
+                settings,
+                strength,
+                None if masks is None else masks[i : i + batch_size],
+            )
+            for i in range(0, len(prompts), batch_size)
+        ]
+    )
 
 
 @ray.remote
@@ -47,8 +62,15 @@ class RolloutActor:
             (False: an unmerged peft adapter, as the learner holds it).
     """
 
-    def __init__(self, model_cfg, lora_cfg, num_threads: int = 1, scheduler: str = "default",
-                 compile: bool = False, merge_lora: bool = True):
+    def __init__(
+        self,
+        model_cfg,
+        lora_cfg,
+        num_threads: int = 1,
+        scheduler: str = "default",
+        compile: bool = False,
+        merge_lora: bool = True,
+    ):
         # process-wide environment (offline hub, quiet libraries) comes with the job's runtime_env
         import torch
 
@@ -124,9 +146,14 @@ class RolloutFleet:
                     break
                 except _ACTOR_ERRORS as e:
                     if attempt == self.max_retries:
-                        raise RuntimeError(f"rollout actor {i} died {attempt + 1} times during a weight sync: {e}") from e
+                        raise RuntimeError(
+                            f"rollout actor {i} died {attempt + 1} times during a weight sync: {e}"
+                        ) from e
                     self.restarts += 1
-                    print(f"[rlfh] rollout actor {i} died during a weight sync ({type(e).__name__}); re-sending the weights")
+                    print(
+                        f"[rlfh] rollout actor {i} died during a weight sync ({type(e).__name__}); "
+                        "re-sending the weights"
+                    )
                     # once it is back: a restart (a new process importing torch, loading the model) can
                     # take far longer than a fixed pause on a busy machine
                     ref = self._reissue(i, "policy_version", ())
@@ -144,20 +171,43 @@ class RolloutFleet:
                     raise RuntimeError(f"rollout actor {i} did not come back within {timeout_s:.0f}s: {e}") from e
                 time.sleep(1.0)  # still restarting
 
-    def submit(self, prompts: list, seeds: list, settings, batch_size: int, record: bool = False,
-               branch_seeds: list | None = None) -> dict:
+    def submit(
+        self,
+        prompts: list,
+        seeds: list,
+        settings,
+        batch_size: int,
+        record: bool = False,
+        branch_seeds: list | None = None,
+    ) -> dict:
         """Start a round's sampling on every actor; returns a handle for :meth:`collect`.
 
         ``branch_seeds`` (``Sampler.sample``'s trajectory branching) travel with their samples: each
         sample's x_T is named by its branch seed, not by where the split puts it, so a prompt group
         cut between two actors keeps one x_T (its prefix is computed once per actor it spans) and a
         re-issued share reproduces its samples."""
-        return self._start("sample", len(prompts), lambda lo, hi: (
-            prompts[lo:hi], seeds[lo:hi], settings, batch_size, record,
-            None if branch_seeds is None else branch_seeds[lo:hi]))
+        return self._start(
+            "sample",
+            len(prompts),
+            lambda lo, hi: (
+                prompts[lo:hi],
+                seeds[lo:hi],
+                settings,
+                batch_size,
+                record,
+                None if branch_seeds is None else branch_seeds[lo:hi],
+            ),
+        )
 
-    def sample(self, prompts: list, seeds: list, settings, batch_size: int, record: bool = False,
-               branch_seeds: list | None = None):
+    def sample(
+        self,
+        prompts: list,
+        seeds: list,
+        settings,
+        batch_size: int,
+        record: bool = False,
+        branch_seeds: list | None = None,
+    ):
         """:meth:`submit` and :meth:`collect` in one call: one RolloutBatch in input order."""
         return self.collect(self.submit(prompts, seeds, settings, batch_size, record, branch_seeds))
 
@@ -167,11 +217,25 @@ class RolloutFleet:
         recovery; returns one RolloutBatch in input order."""
         n = len(prompts)
         if len(latents) != n or len(seeds) != n or (masks is not None and len(masks) != n):
-            raise ValueError(f"got {len(latents)} latents, {n} prompts, {len(seeds)} seeds"
-                             + ("" if masks is None else f" and {len(masks)} masks"))
-        return self.collect(self._start("refine", n, lambda lo, hi: (
-            latents[lo:hi], prompts[lo:hi], seeds[lo:hi], settings, strength,
-            None if masks is None else masks[lo:hi], batch_size)))
+            raise ValueError(
+                f"got {len(latents)} latents, {n} prompts, {len(seeds)} seeds"
+                + ("" if masks is None else f" and {len(masks)} masks")
+            )
+        return self.collect(
+            self._start(
+                "refine",
+                n,
+                lambda lo, hi: (
+                    latents[lo:hi],
+                    prompts[lo:hi],
+                    seeds[lo:hi],
+                    settings,
+                    strength,
+                    None if masks is None else masks[lo:hi],
+                    batch_size,
+                ),
+            )
+        )
 
     def _start(self, method: str, n: int, share) -> dict:
         """Call ``method`` on every actor with ``share(lo, hi)``, its contiguous part of n items."""

@@ -129,8 +129,10 @@ JPEG_QUALITY = 95
 def decode_png(data: bytes | None) -> np.ndarray:
     """A logged image (PNG or JPEG) as uint8 RGB."""
     if data is None:
-        raise RolloutLogError("this rollout-log record holds no image (written with logging.log_images=none, or "
-                              "its image dropped by logging.keep_image_rounds); this step needs the images")
+        raise RolloutLogError(
+            "this rollout-log record holds no image (written with logging.log_images=none, or "
+            "its image dropped by logging.keep_image_rounds); this step needs the images"
+        )
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
@@ -167,8 +169,9 @@ def _latent_problem(nbytes: int | None, shape: list[int] | None) -> str | None:
     return None
 
 
-def make_records(batch, scored, round_index: int, staleness: int | None = None,
-                 region_pairs: list[dict] | None = None) -> list[dict[str, Any]]:
+def make_records(
+    batch, scored, round_index: int, staleness: int | None = None, region_pairs: list[dict] | None = None
+) -> list[dict[str, Any]]:
     """Rows for a :class:`rollouts.types.RolloutBatch` and its :class:`rewards.composite.ScoredBatch`;
     ``staleness``: how many policy versions the learner is ahead of the samples' policy;
     ``region_pairs``: per image, its ``region_pair`` value (None: plain samples)."""
@@ -202,8 +205,15 @@ def make_records(batch, scored, round_index: int, staleness: int | None = None,
                     for name, res in (scored.results.items() if scored is not None else [])
                 ],
                 "regions": [
-                    {"region": r, "x1": d.box[0], "y1": d.box[1], "x2": d.box[2], "y2": d.box[3],
-                     "confidence": d.confidence, "label": d.label}
+                    {
+                        "region": r,
+                        "x1": d.box[0],
+                        "y1": d.box[1],
+                        "x2": d.box[2],
+                        "y2": d.box[3],
+                        "confidence": d.confidence,
+                        "label": d.label,
+                    }
                     for r, dets in regions.items()
                     for d in dets
                 ],
@@ -246,7 +256,8 @@ class RolloutLog:
             raise RolloutLogError(f"{self.manifest_path}: not valid JSON ({e})") from None
         if m.get("format") != FORMAT or m.get("version") != VERSION:
             raise RolloutLogError(
-                f"{self.manifest_path}: format {m.get('format')!r} v{m.get('version')!r}, expected {FORMAT!r} v{VERSION}"
+                f"{self.manifest_path}: format {m.get('format')!r} v{m.get('version')!r}, "
+                f"expected {FORMAT!r} v{VERSION}"
             )
         return m
 
@@ -261,8 +272,13 @@ class RolloutLog:
             records = [{**r, "image": recode_image(r.get("image"), self.image_format)} for r in records]
         table = pa.Table.from_pylist(records, schema=SCHEMA)
         rounds = [r["round"] for r in records]
-        entry = {"name": name, "num_records": table.num_rows, "rounds": [min(rounds), max(rounds)],
-                 **self._write_shard(name, table), "created_at": time.time()}
+        entry = {
+            "name": name,
+            "num_records": table.num_rows,
+            "rounds": [min(rounds), max(rounds)],
+            **self._write_shard(name, table),
+            "created_at": time.time(),
+        }
         if self.image_format == "none":
             entry["images"] = "none"
         manifest["shards"].append(entry)
@@ -292,8 +308,9 @@ class RolloutLog:
             if not old.is_file() or sha256_file(old) != entry["sha256"]:  # never rewrite (and so bless) a bad shard
                 raise RolloutLogError(f"{old}: missing or not matching the manifest; not dropping its images")
             table = pq.read_table(old)
-            table = table.set_column(table.schema.get_field_index("image"), "image",
-                                     pa.nulls(table.num_rows, pa.binary()))
+            table = table.set_column(
+                table.schema.get_field_index("image"), "image", pa.nulls(table.num_rows, pa.binary())
+            )
             name = f"{entry['name'].removesuffix('.parquet').split('.')[0]}.latents.parquet"
             manifest["shards"][i] = {**entry, "name": name, **self._write_shard(name, table), "images": "none"}
             atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=1).encode())
@@ -365,7 +382,8 @@ class RolloutLog:
             digest = sha256_file(path)
             if digest != entry["sha256"]:
                 raise RolloutLogError(
-                    f"{path}: sha256 {digest[:12]}... does not match the manifest's {entry['sha256'][:12]}...; the shard "
+                    f"{path}: sha256 {digest[:12]}... does not match the manifest's "
+                    f"{entry['sha256'][:12]}...; the shard "
                     f"is corrupted. Restore it or remove its entry from manifest.json"
                 )
             yield entry, path
@@ -380,7 +398,9 @@ class RolloutLog:
         want = list(columns) if columns is not None else SCHEMA.names
         unknown = [c for c in want if c not in SCHEMA.names]
         if unknown:
-            raise RolloutLogError(f"{self.dir}: no columns {unknown} in the rollout log format (columns: {SCHEMA.names})")
+            raise RolloutLogError(
+                f"{self.dir}: no columns {unknown} in the rollout log format (columns: {SCHEMA.names})"
+            )
         # ids are always read: they are how duplicated samples are found
         read = want if "rollout_id" in want else ["rollout_id", *want]
         first_shard_of: dict[str, str] = {}
@@ -392,8 +412,10 @@ class RolloutLog:
                 raise RolloutLogError(f"{path}: not a readable Parquet file: {e}") from e
             lacking = [c for c in read if c not in have and c not in LATER_COLUMNS]
             if lacking:
-                raise RolloutLogError(f"{path}: the shard has no column(s) {lacking}; it is damaged or was not "
-                                      f"written by rlfh. Restore it or remove its entry from manifest.json")
+                raise RolloutLogError(
+                    f"{path}: the shard has no column(s) {lacking}; it is damaged or was not "
+                    f"written by rlfh. Restore it or remove its entry from manifest.json"
+                )
             for c in read:
                 if c not in have:
                     t = t.append_column(SCHEMA.field(c), pa.nulls(t.num_rows, SCHEMA.field(c).type))
@@ -434,8 +456,9 @@ class RolloutLog:
         A NaN or infinite reward value counts as missing (reason ``"non-finite value"``) and also
         in the reward's ``non_finite``, so means and counts cover only usable values.
         """
-        t = self.read_table(["rollout_id", "policy_version", "prompt", "rewards", "regions", "latent_shape", "sampler",
-                             "region_pair"])
+        t = self.read_table(
+            ["rollout_id", "policy_version", "prompt", "rewards", "regions", "latent_shape", "sampler", "region_pair"]
+        )
         rows = t.to_pylist()
         rewards: dict[str, dict[str, Any]] = {}
         for r in rows:

@@ -59,7 +59,9 @@ class MergedLora:
             if not name or not check_target_module_exists(config, name):
                 continue
             if not (isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)):
-                raise ValueError(f"LoRA target {name} is a {type(m).__name__}; the merged LoRA supports Linear and Conv2d")
+                raise ValueError(
+                    f"LoRA target {name} is a {type(m).__name__}; the merged LoRA supports Linear and Conv2d"
+                )
             self.modules[name] = m
             self.base[name] = m.weight.detach().clone()
         if not self.modules:
@@ -83,8 +85,10 @@ class MergedLora:
         """Set every targeted weight to ``W_base + s B A`` from ``state_dict`` (peft keys, no adapter name)."""
         unexpected, missing = sorted(set(state_dict) - self.keys), sorted(self.keys - set(state_dict))
         if unexpected or missing:
-            raise RuntimeError(f"LoRA weights do not match the rollout UNet: unexpected keys {unexpected[:5]}, "
-                               f"missing keys {missing[:5]}")
+            raise RuntimeError(
+                f"LoRA weights do not match the rollout UNet: unexpected keys {unexpected[:5]}, "
+                f"missing keys {missing[:5]}"
+            )
         for name, m in self.modules.items():
             d = self.delta(name, state_dict[f"{name}.lora_A.weight"], state_dict[f"{name}.lora_B.weight"])
             m.weight.copy_(self.base[name].float() + d)  # copy_ rounds once to the weight's dtype
@@ -106,8 +110,9 @@ class Sampler:
         cache_prompts: keep prompt embeddings across calls (False: encode every batch, as before).
     """
 
-    def __init__(self, pipe, model_id: str = "", scheduler: str = "default", compile: bool = False,
-                 cache_prompts: bool = True):
+    def __init__(
+        self, pipe, model_id: str = "", scheduler: str = "default", compile: bool = False, cache_prompts: bool = True
+    ):
         self.family = family_of(pipe)
         if scheduler == "ddim":
             pipe.scheduler = self.family.stochastic_scheduler(pipe.scheduler.config)
@@ -175,8 +180,9 @@ class Sampler:
             self._cache_version = self.policy_version
         return self.prompt_cache.rows(self.pipe, prompts, self.device)
 
-    def conditioning(self, prompts: Sequence[str], height: int, width: int,
-                     negative_prompt: str | None = None) -> tuple[Conditioning, dict]:
+    def conditioning(
+        self, prompts: Sequence[str], height: int, width: int, negative_prompt: str | None = None
+    ) -> tuple[Conditioning, dict]:
         """The family's conditioning (negative rows first when guided) from the prompt cache, and the
         batch's per-prompt rows as float32 arrays, {prompt: (prompt_embeds (77, D), pooled (P,))}."""
         rows = self.prompt_embeddings(prompts)
@@ -200,8 +206,10 @@ class Sampler:
         and the fleet refuses samples of a version older than the one it synced.
         """
         if self.lora is not None:
-            raise RuntimeError("this sampler merges a LoRA into kept base weights; full weights would be overwritten "
-                               "at the next LoRA load (build it without add_lora for full fine-tuning)")
+            raise RuntimeError(
+                "this sampler merges a LoRA into kept base weights; full weights would be overwritten "
+                "at the next LoRA load (build it without add_lora for full fine-tuning)"
+            )
         own = self.pipe.unet.state_dict()
         self.policy_version = -1
         seen: set[str] = set()
@@ -211,7 +219,9 @@ class Sampler:
                 raise RuntimeError(f"UNet weights do not match the rollout UNet: unexpected keys {unknown[:5]}")
             for k, v in bucket.items():
                 if v.shape != own[k].shape:
-                    raise RuntimeError(f"UNet weight {k}: shape {tuple(v.shape)} from the learner, {tuple(own[k].shape)} here")
+                    raise RuntimeError(
+                        f"UNet weight {k}: shape {tuple(v.shape)} from the learner, {tuple(own[k].shape)} here"
+                    )
                 own[k].copy_(v)
             seen.update(bucket)
         missing = sorted(set(own) - seen)
@@ -229,8 +239,14 @@ class Sampler:
         return f.predict(pipe.unet, x.to(dev, pipe.unet.dtype), t, cond).float().cpu()
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
-               record: bool | SDEWindow = False, branch_seeds: Sequence[int] | None = None) -> RolloutBatch:
+    def sample(
+        self,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        settings: SamplerSettings,
+        record: bool | SDEWindow = False,
+        branch_seeds: Sequence[int] | None = None,
+    ) -> RolloutBatch:
         """Sample one image per (prompt, seed).
 
         Args:
@@ -242,7 +258,8 @@ class Sampler:
                 arXiv 2508.04324): sample b starts from the x_T of seed ``branch_seeds[b]`` instead of
                 its own, and the samples of one (prompt, branch seed) share the deterministic prefix
                 x_T..x_j and the UNet's eps at x_j, computed once for them (a UNet batch of one row per
-                distinct pair: j + 1 of the T steps); at the window each continues from x_j with its own noise, the draws its own seed's generator
+                distinct pair: j + 1 of the T steps); at the window each continues from x_j with its own noise, the
+                draws its own seed's generator
                 makes after x_T, exactly as the unbranched window sampler draws them, so a sample whose
                 branch seed is its seed is the unbranched sample. ``None``: every sample its own x_T.
 
@@ -267,9 +284,7 @@ class Sampler:
         scheduler.set_timesteps(settings.num_inference_steps, device=dev)
         # (B, 4, h, w), already scaled by init_noise_sigma; drawn even when branching, so that each
         # generator stands where the unbranched sampler's does when the window draws its noise
-        x = pipe.prepare_latents(
-            b, pipe.unet.config.in_channels, settings.height, settings.width, pos.dtype, dev, gens
-        )
+        x = pipe.prepare_latents(b, pipe.unet.config.in_channels, settings.height, settings.width, pos.dtype, dev, gens)
         step_kwargs = pipe.prepare_extra_step_kwargs(gens, settings.eta)
         if record and not (settings.eta > 0 and type(scheduler).__name__ == "DDIMScheduler"):
             raise ValueError("recording log-probs needs the DDIM scheduler with eta > 0 (rollout.scheduler=ddim)")
@@ -283,8 +298,15 @@ class Sampler:
             firsts, group = first_of_each(keys)
             heads = [keys[i] for i in firsts]  # the distinct (prompt, branch seed), in order of appearance
             rows = torch.tensor(group, device=dev)
-            x = pipe.prepare_latents(len(heads), pipe.unet.config.in_channels, settings.height, settings.width,
-                                     pos.dtype, dev, seeded_generators([s for _, s in heads]))
+            x = pipe.prepare_latents(
+                len(heads),
+                pipe.unet.config.in_channels,
+                settings.height,
+                settings.width,
+                pos.dtype,
+                dev,
+                seeded_generators([s for _, s in heads]),
+            )
             prefix_cond, _ = self.conditioning([p for p, _ in heads], settings.height, settings.width, negative)
         xs, log_probs = [], []
         for i, t in enumerate(scheduler.timesteps):
@@ -313,15 +335,24 @@ class Sampler:
             trajectory = {
                 "latents": torch.stack(xs, 1).float().cpu().numpy(),  # (B, W+1, 4, h, w)
                 "log_probs": torch.stack(log_probs, 1).float().cpu().numpy(),  # (B, W)
-                "timesteps": scheduler.timesteps[window.start:window.start + window.size]
-                .cpu().numpy().astype(np.int64),  # (W,)
+                "timesteps": scheduler.timesteps[window.start : window.start + window.size]
+                .cpu()
+                .numpy()
+                .astype(np.int64),  # (W,)
                 "window_start": np.int64(window.start),
             }
         return self.rollout_batch(x, prompts, seeds, settings, conditioning, trajectory)
 
     @torch.no_grad()
-    def refine(self, latents, prompts: Sequence[str], seeds: Sequence[int], settings: SamplerSettings,
-               strength: float, masks=None) -> RolloutBatch:
+    def refine(
+        self,
+        latents,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        settings: SamplerSettings,
+        strength: float,
+        masks=None,
+    ) -> RolloutBatch:
         """Re-noise final latents part-way and denoise them again with the policy (SDEdit, img2img);
         with ``masks``, only inside the masks (inpainting).
 
@@ -348,12 +379,15 @@ class Sampler:
         n = settings.num_inference_steps
         n_run = min(int(n * float(strength)), n)
         if n_run < 1:
-            raise ValueError(f"strength {strength} of {n} denoising steps runs no step; raise the strength "
-                             f"or rollout.num_inference_steps")
+            raise ValueError(
+                f"strength {strength} of {n} denoising steps runs no step; raise the strength "
+                f"or rollout.num_inference_steps"
+            )
         cfg = settings.guidance_scale > 1.0
         gens = seeded_generators(seeds)
-        cond, conditioning = self.conditioning(prompts, settings.height, settings.width,
-                                               settings.negative_prompt if cfg else None)
+        cond, conditioning = self.conditioning(
+            prompts, settings.height, settings.width, settings.negative_prompt if cfg else None
+        )
         pos = cond.embeds
         scheduler = pipe.scheduler
         scheduler.set_timesteps(n, device=dev)
@@ -365,23 +399,29 @@ class Sampler:
         noise = torch.cat([torch.randn((1, *x0.shape[1:]), generator=g, dtype=torch.float32) for g in gens])
         noise = noise.to(dev, pos.dtype)
         m = None if masks is None else torch.as_tensor(np.asarray(masks), dtype=pos.dtype).to(dev)
-        if m is not None and (m.ndim != 4 or m.shape[0] != x0.shape[0] or m.shape[1] != 1
-                              or m.shape[-2:] != x0.shape[-2:]):
-            raise ValueError(f"masks must be (B, 1, h, w) = ({x0.shape[0]}, 1, {x0.shape[-2]}, {x0.shape[-1]}), "
-                             f"got {tuple(m.shape)}")
+        if m is not None and (
+            m.ndim != 4 or m.shape[0] != x0.shape[0] or m.shape[1] != 1 or m.shape[-2:] != x0.shape[-2:]
+        ):
+            raise ValueError(
+                f"masks must be (B, 1, h, w) = ({x0.shape[0]}, 1, {x0.shape[-2]}, {x0.shape[-1]}), got {tuple(m.shape)}"
+            )
         x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(x0.shape[0]))
         step_kwargs = pipe.prepare_extra_step_kwargs(gens, settings.eta)
         for i, t in enumerate(timesteps):
             eps = self.family.guided_prediction(pipe.unet, scheduler, x, t, cond, settings.guidance_scale)
             x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
             if m is not None:
-                known = x0 if i == len(timesteps) - 1 else scheduler.add_noise(
-                    x0, noise, timesteps[i + 1:i + 2].repeat(x0.shape[0]))
+                known = (
+                    x0
+                    if i == len(timesteps) - 1
+                    else scheduler.add_noise(x0, noise, timesteps[i + 1 : i + 2].repeat(x0.shape[0]))
+                )
                 x = (1 - m) * known + m * x
         return self.rollout_batch(x, prompts, seeds, settings, conditioning)
 
-    def rollout_batch(self, x: torch.Tensor, prompts, seeds, settings: SamplerSettings, conditioning,
-                      trajectory: dict | None = None) -> RolloutBatch:
+    def rollout_batch(
+        self, x: torch.Tensor, prompts, seeds, settings: SamplerSettings, conditioning, trajectory: dict | None = None
+    ) -> RolloutBatch:
         """Final latents x (B, 4, h, w) as a RolloutBatch of this policy version, images decoded."""
         return RolloutBatch(
             images=self.decode(x),

@@ -77,8 +77,9 @@ class RolloutBatch:
         first = batches[0]
         if first.trajectory is not None:
             for b in batches[1:]:
-                if (int(b.trajectory["window_start"]) != int(first.trajectory["window_start"])
-                        or not np.array_equal(b.trajectory["timesteps"], first.trajectory["timesteps"])):
+                if int(b.trajectory["window_start"]) != int(first.trajectory["window_start"]) or not np.array_equal(
+                    b.trajectory["timesteps"], first.trajectory["timesteps"]
+                ):
                     raise ValueError("rollout batches recorded over different SDE windows cannot be concatenated")
         return RolloutBatch(
             images=np.concatenate([b.images for b in batches]),
@@ -89,12 +90,15 @@ class RolloutBatch:
             policy_version=min(b.policy_version for b in batches),
             model_id=first.model_id,
             rollout_ids=[r for b in batches for r in b.rollout_ids],
-            trajectory=None if first.trajectory is None else {
+            trajectory=None
+            if first.trajectory is None
+            else {
                 "latents": np.concatenate([b.trajectory["latents"] for b in batches]),
                 "log_probs": np.concatenate([b.trajectory["log_probs"] for b in batches]),
                 "timesteps": first.trajectory["timesteps"],
                 "window_start": first.trajectory["window_start"],
             },
-            conditioning=None if any(b.conditioning is None for b in batches) else {
-                p: c for b in batches for p, c in b.conditioning.items()},
+            conditioning=None
+            if any(b.conditioning is None for b in batches)
+            else {p: c for b in batches for p, c in b.conditioning.items()},
         )

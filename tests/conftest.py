@@ -32,8 +32,13 @@ def tiny_cfg(tiny_model_dir, tmp_path):
     def make(*overrides: str):
         return load_config(
             REPO / "configs" / "tiny.yaml",
-            [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", "logging.wandb=false",
-             "logging.progress=false", *overrides],
+            [
+                f"run_dir={tmp_path / 'run'}",
+                f"model.path={tiny_model_dir}",
+                "logging.wandb=false",
+                "logging.progress=false",
+                *overrides,
+            ],
         )
 
     return make

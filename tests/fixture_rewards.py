@@ -23,5 +23,9 @@ class CompressibleFace(Reward):
 
     def score(self, images, prompts):
         x1, y1, x2, y2 = (int(v) for v in self.box)
-        return [RewardResult(-jpeg_size_kb(np.ascontiguousarray(im[y1:y2, x1:x2])),
-                             regions={"face": [Detection(self.box, 0.99)]}) for im in images]
+        return [
+            RewardResult(
+                -jpeg_size_kb(np.ascontiguousarray(im[y1:y2, x1:x2])), regions={"face": [Detection(self.box, 0.99)]}
+            )
+            for im in images
+        ]

@@ -58,36 +58,59 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def test_rewards_and_rollouts_never_import_rlfh():
-    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.split(".")[0] in ("rewards", "rollouts")
-                 for t in ts if t.split(".")[0] == "rlfh")
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, ts in import_graph().items()
+        if m.split(".")[0] in ("rewards", "rollouts")
+        for t in ts
+        if t.split(".")[0] == "rlfh"
+    )
     assert not bad, bad
 
 
 def test_rewards_and_rollouts_are_independent():
     graph = import_graph()
-    bad = sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts
-                 if {m.split(".")[0], t.split(".")[0]} == {"rewards", "rollouts"})
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, ts in graph.items()
+        for t in ts
+        if {m.split(".")[0], t.split(".")[0]} == {"rewards", "rollouts"}
+    )
     assert not bad, bad
 
 
 def test_families_import_none_of_rlfh_rollouts_rewards():
-    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.split(".")[0] == "families"
-                 for t in ts if t.split(".")[0] in ("rlfh", "rollouts", "rewards"))
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, ts in import_graph().items()
+        if m.split(".")[0] == "families"
+        for t in ts
+        if t.split(".")[0] in ("rlfh", "rollouts", "rewards")
+    )
     assert not bad, bad
 
 
 def test_learner_imports_rollouts_only_to_sample_colocated():
     graph = import_graph()
-    bad = sorted(f"{m} -> {t}" for m, ts in graph.items()
-                 if m.startswith("rlfh.learner") and m != "rlfh.learner.colocate"
-                 for t in ts if t.split(".")[0] == "rollouts")
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, ts in graph.items()
+        if m.startswith("rlfh.learner") and m != "rlfh.learner.colocate"
+        for t in ts
+        if t.split(".")[0] == "rollouts"
+    )
     assert not bad, bad
     assert any(t.startswith("rollouts") for t in graph["rlfh.learner.colocate"])  # the rule checks a real edge
 
 
 def test_learner_never_imports_recipes():
-    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.startswith("rlfh.learner")
-                 for t in ts if t.startswith("rlfh.recipes"))
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, ts in import_graph().items()
+        if m.startswith("rlfh.learner")
+        for t in ts
+        if t.startswith("rlfh.recipes")
+    )
     assert not bad, bad
 
 
@@ -129,8 +152,12 @@ def private_names() -> set[str]:
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(node.name)
-            elif (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and isinstance(node.value, ast.Name)
-                  and node.value.id in ("self", "cls")):  # our own objects' attributes, not a library's
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.ctx, ast.Store)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in ("self", "cls")
+            ):  # our own objects' attributes, not a library's
                 names.add(node.attr)
             elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
                 names.add(node.id)
@@ -144,10 +171,17 @@ def test_no_cross_module_private_names(root):
     for mod, tree in sources(root).items():
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PACKAGES:
-                bad += [f"{mod}: from {node.module} import {a.name}" for a in node.names
-                        if a.name.startswith("_") and not a.name.startswith("__")]
-            elif (isinstance(node, ast.Attribute) and node.attr in ours and isinstance(node.value, ast.Name)
-                  and node.value.id not in ("self", "cls")):
+                bad += [
+                    f"{mod}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr in ours
+                and isinstance(node.value, ast.Name)
+                and node.value.id not in ("self", "cls")
+            ):
                 bad.append(f"{mod}:{node.lineno}: {node.value.id}.{node.attr}")
     assert not bad, bad
 
@@ -155,8 +189,9 @@ def test_no_cross_module_private_names(root):
 def _is_loss_value(node: ast.AST) -> bool:
     """``x.loss``, a variable ``loss``, or a spec's ``name``: a value of ``learner.loss``."""
     if isinstance(node, ast.Attribute):
-        return node.attr == "loss" or (node.attr == "name" and isinstance(node.value, ast.Name)
-                                       and node.value.id.endswith("spec"))
+        return node.attr == "loss" or (
+            node.attr == "name" and isinstance(node.value, ast.Name) and node.value.id.endswith("spec")
+        )
     return isinstance(node, ast.Name) and node.id == "loss"
 
 
@@ -177,9 +212,13 @@ def loss_name_literals(tree: ast.Module) -> list[int]:
             operands = [node.left, *node.comparators]
             if any(_is_loss_value(o) for o in operands) and any(_is_string_literal(o) for o in operands):
                 lines.append(node.lineno)
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-              and node.func.attr in ("startswith", "endswith", "removeprefix", "removesuffix")
-              and _is_loss_value(node.func.value) and any(_is_string_literal(a) for a in node.args)):
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("startswith", "endswith", "removeprefix", "removesuffix")
+            and _is_loss_value(node.func.value)
+            and any(_is_string_literal(a) for a in node.args)
+        ):
             lines.append(node.lineno)
     return lines
 
@@ -188,14 +227,20 @@ def test_loss_families_are_decided_by_the_registry_only():
     """A loss family is one file plus one line in rlfh/losses/registry.py: nothing else in rlfh/
     branches on the spelling of ``learner.loss`` (``loss.startswith("dpo")`` would also match a new
     ``dpo``-prefixed family that trains on something else)."""
-    bad = [f"{mod}:{line}" for mod, tree in sources("rlfh").items() if mod != "rlfh.losses.registry"
-           for line in loss_name_literals(tree)]
+    bad = [
+        f"{mod}:{line}"
+        for mod, tree in sources("rlfh").items()
+        if mod != "rlfh.losses.registry"
+        for line in loss_name_literals(tree)
+    ]
     assert not bad, bad
 
 
 def test_the_loss_name_scan_finds_what_it_forbids():
-    code = ('a = lc.loss == "dpo"\nb = loss in ("nft", "awm")\nc = cfg.learner.loss.startswith("dpo")\n'
-            'd = spec.name != "ddpo"\ne = lc.loss == other\nf = lc.lr == "x"\n')
+    code = (
+        'a = lc.loss == "dpo"\nb = loss in ("nft", "awm")\nc = cfg.learner.loss.startswith("dpo")\n'
+        'd = spec.name != "ddpo"\ne = lc.loss == other\nf = lc.lr == "x"\n'
+    )
     assert loss_name_literals(ast.parse(code)) == [1, 2, 3, 4]
 
 
@@ -232,16 +277,23 @@ def test_no_folder_cycles():
 
 def test_run_and_eval_do_not_import_each_other_both_ways():
     graph = import_graph()
-    run_to_eval = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("rlfh.run") for t in ts
-                         if t.startswith("rlfh.eval"))
-    eval_to_run = sorted(f"{m} -> {t}" for m, ts in graph.items() if m.startswith("rlfh.eval") for t in ts
-                         if t.startswith("rlfh.run"))
+    run_to_eval = sorted(
+        f"{m} -> {t}" for m, ts in graph.items() if m.startswith("rlfh.run") for t in ts if t.startswith("rlfh.eval")
+    )
+    eval_to_run = sorted(
+        f"{m} -> {t}" for m, ts in graph.items() if m.startswith("rlfh.eval") for t in ts if t.startswith("rlfh.run")
+    )
     assert not (run_to_eval and eval_to_run), (run_to_eval, eval_to_run)
 
 
 def test_loops_reach_the_data_sources_only_through_their_registry():
     """A new per-round data source is one file under rlfh/data/sources/ and one registry line: the
     recipes import the registry (rlfh.data.sources), never a source of their own choosing."""
-    bad = sorted(f"{m} -> {t}" for m, ts in import_graph().items() if m.startswith("rlfh.recipes")
-                 for t in ts if t.startswith("rlfh.data.sources."))
+    bad = sorted(
+        f"{m} -> {t}"
+        for m, ts in import_graph().items()
+        if m.startswith("rlfh.recipes")
+        for t in ts
+        if t.startswith("rlfh.data.sources.")
+    )
     assert not bad, bad

@@ -11,9 +11,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_colocated_actor_samples_with_the_learners_unet(ray_local, tiny_cfg):
-    from rlfh.learner.group import LearnerGroup
     from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch
+    from rlfh.learner.group import LearnerGroup
     from rollouts.actor import RolloutActor, RolloutFleet
     from rollouts.types import SamplerSettings
 
@@ -34,9 +34,17 @@ def test_colocated_actor_samples_with_the_learners_unet(ray_local, tiny_cfg):
         before = fleet.collect(fleet.submit(prompts, seeds, settings, 2))
         # the same images as a separate rollout actor synced with the learner's weights
         assert np.array_equal(before.images, ref_fleet.collect(ref_fleet.submit(prompts, seeds, settings, 2)).images)
-        batch, _ = learner_batch(cfg.learner,
-                                 ScoredSamples(before.latents, prompts, [0, 0, 1, 1], [0.0, 1.0, 2.0, 0.5],
-                                               [{} for _ in prompts], (rc.height, rc.width)))
+        batch, _ = learner_batch(
+            cfg.learner,
+            ScoredSamples(
+                before.latents,
+                prompts,
+                [0, 0, 1, 1],
+                [0.0, 1.0, 2.0, 0.5],
+                [{} for _ in prompts],
+                (rc.height, rc.width),
+            ),
+        )
         group.train(batch, 2)
         version = group.policy_version()
         assert version == 1
@@ -50,8 +58,9 @@ def test_colocated_actor_samples_with_the_learners_unet(ray_local, tiny_cfg):
         # SDEdit by the trained policy (HG-DPO's SDRecon winners) on the colocated actor, as on a separate one
         refined = fleet.refine(before.latents, prompts, seeds, settings, 0.5, batch_size=2)
         assert refined.policy_version == 1
-        assert np.array_equal(refined.latents, ref_fleet.refine(before.latents, prompts, seeds, settings, 0.5,
-                                                                     batch_size=2).latents)
+        assert np.array_equal(
+            refined.latents, ref_fleet.refine(before.latents, prompts, seeds, settings, 0.5, batch_size=2).latents
+        )
     finally:
         group.shutdown()
         ray.kill(separate)
@@ -61,9 +70,15 @@ def test_colocated_online_run(ray_local, tiny_cfg):
     from rlfh.recipes.online import train
     from rollouts.log import RolloutLog
 
-    run_dir = train(tiny_cfg("num_rounds=2", "rollout.prompts_per_round=2", "resources.colocate=true",
-                             "resources.num_cpus_per_actor=0.5"))
+    run_dir = train(
+        tiny_cfg(
+            "num_rounds=2", "rollout.prompts_per_round=2", "resources.colocate=true", "resources.num_cpus_per_actor=0.5"
+        )
+    )
     rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["policy_version"] for r in rows] == [1, 2] and [r["rollout/sampled_policy_version"] for r in rows] == [0, 1]
+    assert [r["policy_version"] for r in rows] == [1, 2] and [r["rollout/sampled_policy_version"] for r in rows] == [
+        0,
+        1,
+    ]
     recs = RolloutLog(run_dir / "rollouts").records(["round"])
     assert len(recs) == 2 * rows[0]["rollout/samples"]

@@ -41,14 +41,24 @@ def lora_weights(group):
 
 # ZeRO-0 reduces gradients in the engine's backward, ZeRO-2 in per-parameter hooks (here under MPD's
 # per-region autograd passes); the online test below runs ZeRO-0 ranks end to end
-@pytest.mark.parametrize("extra", [["learner.engine.zero_stage=0"],
-                                   ["learner.engine.zero_stage=2", "learner.regions.names=[global, face]", "learner.regions.fairness.rule=mpd"]],
-                         ids=["zero0", "zero2-mpd"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["learner.engine.zero_stage=0"],
+        ["learner.engine.zero_stage=2", "learner.regions.names=[global, face]", "learner.regions.fairness.rule=mpd"],
+    ],
+    ids=["zero0", "zero2-mpd"],
+)
 def test_two_ranks_update_like_one_rank_accumulating(ray_local, tiny_cfg, extra):
     from rlfh.learner.group import LearnerGroup
 
-    base = ["learner.train_batch_size=2", "learner.micro_batch_size_per_gpu=1", "learner.lr=1e-3",
-            "resources.num_cpus_per_actor=0.5", *extra]
+    base = [
+        "learner.train_batch_size=2",
+        "learner.micro_batch_size_per_gpu=1",
+        "learner.lr=1e-3",
+        "resources.num_cpus_per_actor=0.5",
+        *extra,
+    ]
     batch = pair_batch(with_faces="learner.regions.fairness.rule=mpd" in extra)
     one = LearnerGroup(tiny_cfg(*base))  # one rank, two micro-batches per step
     two = LearnerGroup(tiny_cfg(*base, "resources.num_learner_ranks=2"))  # two ranks, one micro-batch each
@@ -78,9 +88,15 @@ def test_two_ranks_update_like_one_rank_accumulating(ray_local, tiny_cfg, extra)
 def test_online_run_with_two_learner_ranks_checkpoints_and_resumes(ray_local, tiny_cfg):
     from rlfh.recipes.online import train
 
-    over = ["num_rounds=2", "rollout.prompts_per_round=2", "learner.train_batch_size=2",
-            "learner.micro_batch_size_per_gpu=1", "resources.num_learner_ranks=2", "resources.num_cpus_per_actor=0.5",
-            "logging.checkpoint_every=1"]
+    over = [
+        "num_rounds=2",
+        "rollout.prompts_per_round=2",
+        "learner.train_batch_size=2",
+        "learner.micro_batch_size_per_gpu=1",
+        "resources.num_learner_ranks=2",
+        "resources.num_cpus_per_actor=0.5",
+        "logging.checkpoint_every=1",
+    ]
     run_dir = train(tiny_cfg(*over))
     state = json.loads((run_dir / "checkpoints" / "round-000002" / "trainer_state.json").read_text())
     assert state["learner_ranks"] == 2 and state["round"] == 2
@@ -92,8 +108,9 @@ def test_online_run_with_two_learner_ranks_checkpoints_and_resumes(ray_local, ti
     # offline DPO from that run's rollout log, on two ranks as well
     from rlfh.recipes.offline import train_offline
 
-    off = train_offline(tiny_cfg(*over[1:], "num_rounds=1", f"rollouts={run_dir / 'rollouts'}",
-                                 f"run_dir={run_dir.parent / 'offline'}"))
+    off = train_offline(
+        tiny_cfg(*over[1:], "num_rounds=1", f"rollouts={run_dir / 'rollouts'}", f"run_dir={run_dir.parent / 'offline'}")
+    )
     row = json.loads((off / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["policy_version"] == 1 and np.isfinite(row["loss/dpo"])
     assert json.loads((off / "checkpoints" / "round-000001" / "trainer_state.json").read_text())["learner_ranks"] == 2

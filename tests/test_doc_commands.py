@@ -42,7 +42,7 @@ def blocks() -> list[tuple[str, int, str | None, str]]:
                 kind = kind or (m.group(1) if m else None)
                 j -= 1
             end = lines.index("```", i + 1)
-            out.append((doc.relative_to(REPO).as_posix(), i + 1, kind, "\n".join(lines[i + 1:end])))
+            out.append((doc.relative_to(REPO).as_posix(), i + 1, kind, "\n".join(lines[i + 1 : end])))
     return out
 
 
@@ -69,7 +69,7 @@ def rlfh_commands(text: str) -> list[list[str]]:
             while argv and re.match(r"^[A-Z_]+=", argv[0]):
                 argv = argv[1:]
             if argv[:3] == ["ray", "job", "submit"] and "--" in argv:
-                argv = argv[argv.index("--") + 1:]
+                argv = argv[argv.index("--") + 1 :]
             if argv and argv[0] in ("rlfh", ".venv/bin/rlfh"):
                 out.append(["rlfh", *argv[1:]])
     return out
@@ -93,10 +93,16 @@ def validate(argv: list[str]) -> None:
         load_config(REPO / args.config if not args.config.startswith("/") else args.config, overrides)
 
 
-@pytest.mark.parametrize("where, argv", [
-    (f"{f}:{line}", argv) for f, line, kind, text in blocks() if kind in ("tiny", "gpu", "setup")
-    for argv in rlfh_commands(text)
-], ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    "where, argv",
+    [
+        (f"{f}:{line}", argv)
+        for f, line, kind, text in blocks()
+        if kind in ("tiny", "gpu", "setup")
+        for argv in rlfh_commands(text)
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
 def test_documented_commands_parse_and_validate(where, argv, monkeypatch):
     monkeypatch.chdir(REPO)
     argv = [a.replace("/abs/path/", f"{REPO}/").replace("$PWD", str(REPO)) for a in argv]  # placeholders
@@ -129,6 +135,12 @@ def test_tiny_commands_run_as_written(tiny_model_dir, tmp_path):
     assert {a[1] for _, a in commands} >= {"train", "offline-dpo", "eval", "status", "compare", "plot"}
     (tmp_path / "configs").symlink_to(REPO / "configs")
     for where, argv in commands:
-        r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", *shortened(argv)[1:]], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=900, env=clean_env())
+        r = subprocess.run(
+            [sys.executable, "-m", "rlfh.cli.main", *shortened(argv)[1:]],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=clean_env(),
+        )
         assert r.returncode == 0, f"{where}: {' '.join(argv)}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"

@@ -38,8 +38,14 @@ def clean_env(**extra: str) -> dict:
 
 
 def rlfh(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", *args], capture_output=True, text=True, timeout=timeout,
-                       cwd=REPO, env=clean_env(**(env or {})))
+    r = subprocess.run(
+        [sys.executable, "-m", "rlfh.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=clean_env(**(env or {})),
+    )
     if r.returncode != 0:
         raise AssertionError(f"rlfh {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
@@ -54,9 +60,9 @@ def online_run(tiny_model_dir, tmp_path_factory):
 
 def mean_reward(model_dir: str, lora_dir=None) -> float:
     """Mean JPEG compressibility of fresh samples at fixed seeds, with an optional LoRA loaded the stock way."""
+    from families import load_pipeline
     from rewards.jpeg import JpegCompressibility
     from rlfh.config.schema import load_config
-    from families import load_pipeline
     from rlfh.data.prompts import load_prompts
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
@@ -105,8 +111,15 @@ def test_online_dpo_raises_reward_of_fresh_samples(online_run, tiny_model_dir):
 
 def test_offline_dpo_from_logged_rollouts(online_run, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "offline"
-    r = rlfh("offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online_run / 'rollouts'}", f"run_dir={run_dir}",
-             f"model.path={tiny_model_dir}", "num_rounds=2", "logging.progress=false")
+    r = rlfh(
+        "offline-dpo",
+        "configs/offline_dpo.yaml",
+        f"rollouts={online_run / 'rollouts'}",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        "num_rounds=2",
+        "logging.progress=false",
+    )
     assert "offline DPO finished" in r.stdout
     from rlfh.run.metrics import read_metrics
 
@@ -117,9 +130,23 @@ def test_offline_dpo_from_logged_rollouts(online_run, tiny_model_dir, tmp_path):
 
 def test_offline_dpo_rejects_unlogged_reward(online_run, tiny_model_dir, tmp_path):
     r = subprocess.run(
-        [sys.executable, "-m", "rlfh.cli.main", "offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online_run / 'rollouts'}",
-         f"run_dir={tmp_path}", f"model.path={tiny_model_dir}", "rewards=[jpeg_incompressibility]"],
-        capture_output=True, text=True, cwd=REPO, timeout=120, env=clean_env())
+        [
+            sys.executable,
+            "-m",
+            "rlfh.cli.main",
+            "offline-dpo",
+            "configs/offline_dpo.yaml",
+            f"rollouts={online_run / 'rollouts'}",
+            f"run_dir={tmp_path}",
+            f"model.path={tiny_model_dir}",
+            "rewards=[jpeg_incompressibility]",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        env=clean_env(),
+    )
     assert r.returncode == 2 and "not in the rollout log" in r.stderr
 
 
@@ -129,19 +156,52 @@ def test_ray_job_submit(tiny_model_dir, tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="rlfh-ray-", dir="/tmp")  # Ray's socket paths must stay short
     env = clean_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
     port, dash = str(free_port()), str(free_port())
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                            "--disable-usage-stats", f"--temp-dir={ray_tmp}"], env=env, capture_output=True, text=True,
-                           timeout=120)
+    start = subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={ray_tmp}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
     try:
         run_dir = tmp_path / "run"
         t0 = time.time()
         r = subprocess.run(
-            [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-             sys.executable, "-m", "rlfh.cli.main", "train", str(REPO / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
-             f"model.path={tiny_model_dir}", "num_rounds=2", "logging.wandb=false", "logging.progress=false"],
-            env=env, capture_output=True, text=True, timeout=400)
+            [
+                ray_bin,
+                "job",
+                "submit",
+                "--address",
+                f"http://127.0.0.1:{dash}",
+                "--",
+                sys.executable,
+                "-m",
+                "rlfh.cli.main",
+                "train",
+                str(REPO / "configs" / "tiny.yaml"),
+                f"run_dir={run_dir}",
+                f"model.path={tiny_model_dir}",
+                "num_rounds=2",
+                "logging.wandb=false",
+                "logging.progress=false",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "succeeded" in r.stdout + r.stderr
         assert (run_dir / "metrics.jsonl").is_file() and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
@@ -160,10 +220,18 @@ def test_hgdpo_online_real_winners(tiny_model_dir, tmp_path):
     photos.mkdir()
     write_photos(photos)
     run_dir = tmp_path / "run"
-    rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=2",
-         "rollout.prompts_per_round=2", "logging.wandb=false", "logging.progress=false",
-         f"data.hgdpo.real_images={photos}",
-         "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, {until_round: 2, real_winner_fraction: 1.0}]")
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        "num_rounds=2",
+        "rollout.prompts_per_round=2",
+        "logging.wandb=false",
+        "logging.progress=false",
+        f"data.hgdpo.real_images={photos}",
+        "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, {until_round: 2, real_winner_fraction: 1.0}]",
+    )
     from rlfh.run.metrics import read_metrics
 
     rows = read_metrics(run_dir)
@@ -178,17 +246,31 @@ def test_hgdpo_online_normal_stage(tiny_model_dir, tmp_path):
     from tests.rlfh.test_hgdpo import write_photos
 
     run_dir = tmp_path / "run"
-    rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=2",
-         "rollout.prompts_per_round=2", "rollout.rollouts_per_prompt=2", "rollout.sample_batch_size_per_actor=4",
-         "rollout.num_inference_steps=4", "logging.wandb=false", "logging.progress=false",
-         f"data.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "data.hgdpo.sdrecon_strength=0.5",
-         "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, "
-         "{until_round: 2, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}]")
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        "num_rounds=2",
+        "rollout.prompts_per_round=2",
+        "rollout.rollouts_per_prompt=2",
+        "rollout.sample_batch_size_per_actor=4",
+        "rollout.num_inference_steps=4",
+        "logging.wandb=false",
+        "logging.progress=false",
+        f"data.hgdpo.real_images={write_photos(tmp_path / 'photos')}",
+        "data.hgdpo.sdrecon_strength=0.5",
+        "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, "
+        "{until_round: 2, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}]",
+    )
     from rlfh.run.metrics import read_metrics
 
     rows = read_metrics(run_dir)
     assert [r["hgdpo/stage"] for r in rows] == [0, 1]
-    assert [(r["hgdpo/sdrecon_pairs"], r["hgdpo/real_pairs"], r["hgdpo/generated_pairs"]) for r in rows] == [(2, 0, 0), (1, 1, 0)]
+    assert [(r["hgdpo/sdrecon_pairs"], r["hgdpo/real_pairs"], r["hgdpo/generated_pairs"]) for r in rows] == [
+        (2, 0, 0),
+        (1, 1, 0),
+    ]
     assert all(0 < r["hgdpo/sdrecon_real_rms"] < r["hgdpo/loser_real_rms"] for r in rows)
     assert all(np.isfinite(r["loss/dpo"]) and r["learner/steps"] > 0 for r in rows)
 
@@ -198,10 +280,24 @@ def test_ddpo_online(tiny_model_dir, tmp_path, branch):
     """DDPO through the real loop: rollout actors record trajectories (with learner.ddpo.branch a group's
     branches from its shared prefix), the learner recomputes their log-probs."""
     run_dir = tmp_path / "run"
-    rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=2",
-         "rollout.prompts_per_round=2", "rollout.rollouts_per_prompt=4", "rollout.num_inference_steps=4",
-         "rollout.scheduler=ddim", "rollout.eta=1.0", "learner.loss=ddpo", "learner.train_batch_size=4",
-         "learner.micro_batch_size_per_gpu=4", "logging.wandb=false", "logging.progress=false", *branch)
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        "num_rounds=2",
+        "rollout.prompts_per_round=2",
+        "rollout.rollouts_per_prompt=4",
+        "rollout.num_inference_steps=4",
+        "rollout.scheduler=ddim",
+        "rollout.eta=1.0",
+        "learner.loss=ddpo",
+        "learner.train_batch_size=4",
+        "learner.micro_batch_size_per_gpu=4",
+        "logging.wandb=false",
+        "logging.progress=false",
+        *branch,
+    )
     from rlfh.run.metrics import read_metrics
 
     rows = read_metrics(run_dir)

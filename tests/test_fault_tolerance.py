@@ -40,8 +40,16 @@ def assert_log_complete(run_dir, rounds, per_round):
 
 def test_async_rollouts_stay_within_staleness_and_log_grids(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=3",
-         "rollout.max_staleness=1", "logging.sample_grid_every=2", *SMALL)
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        "num_rounds=3",
+        "rollout.max_staleness=1",
+        "logging.sample_grid_every=2",
+        *SMALL,
+    )
     rows = metric_rows(run_dir)
     assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]  # round k+1 sampled while round k trained
     assert [r["rollout/sampled_policy_version"] for r in rows] == [0, 0, 1]
@@ -56,9 +64,24 @@ def test_async_rollouts_stay_within_staleness_and_log_grids(tiny_model_dir, tmp_
 def test_unreachable_reward_server_fails_clearly(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
-                        f"model.path={tiny_model_dir}", f"reward_server.remote_url={url}", *SMALL],
-                       cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlfh.cli.main",
+            "train",
+            "configs/tiny.yaml",
+            f"run_dir={run_dir}",
+            f"model.path={tiny_model_dir}",
+            f"reward_server.remote_url={url}",
+            *SMALL,
+        ],
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert "unreachable" in r.stderr and url in r.stderr
     assert metric_rows(run_dir) == [] and not (run_dir / "checkpoints").exists()
@@ -73,22 +96,55 @@ def test_killed_actors_are_restarted_without_losing_rollouts(tiny_model_dir, tmp
     ray_tmp = tempfile.mkdtemp(prefix="rlfh-ray-", dir="/tmp")
     port, dash = free_port(), free_port()
     env = clean_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                             "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+            f"--temp-dir={ray_tmp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     run_dir = tmp_path / "run"
     driver = None
     try:
         address = f"127.0.0.1:{port}"
         deadline = time.time() + 120
-        while time.time() < deadline and subprocess.run([ray_bin, "status", f"--address={address}"], env=env,
-                                                         capture_output=True).returncode != 0:
+        while (
+            time.time() < deadline
+            and subprocess.run([ray_bin, "status", f"--address={address}"], env=env, capture_output=True).returncode
+            != 0
+        ):
             time.sleep(1)
         driver = subprocess.Popen(
-            [sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
-             f"model.path={tiny_model_dir}", "num_rounds=6", f"resources.ray_address={address}", *SMALL],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            [
+                sys.executable,
+                "-m",
+                "rlfh.cli.main",
+                "train",
+                "configs/tiny.yaml",
+                f"run_dir={run_dir}",
+                f"model.path={tiny_model_dir}",
+                "num_rounds=6",
+                f"resources.ray_address={address}",
+                *SMALL,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         from ray.util.state import list_actors
 
         state_api = f"http://127.0.0.1:{dash}"
@@ -124,9 +180,18 @@ def test_killed_actors_are_restarted_without_losing_rollouts(tiny_model_dir, tmp
 
 def test_guards_log_heldout_reward_and_stop_early(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    r = rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=4",
-             "guards.every=1", "guards.heldout_prompts=[a dancer mid-jump]", "guards.heldout_rewards=[jpeg_incompressibility]",
-             "guards.max_reference_mse=1e-9", *SMALL)
+    r = rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        "num_rounds=4",
+        "guards.every=1",
+        "guards.heldout_prompts=[a dancer mid-jump]",
+        "guards.heldout_rewards=[jpeg_incompressibility]",
+        "guards.max_reference_mse=1e-9",
+        *SMALL,
+    )
     rows = metric_rows(run_dir)
     assert len(rows) == 1 and rows[0]["guards/stopped"] == 1.0  # the policy moves off the reference at once
     assert "early stop after round 0" in r.stdout and "guards.max_reference_mse" in r.stdout
@@ -136,7 +201,15 @@ def test_guards_log_heldout_reward_and_stop_early(tiny_model_dir, tmp_path):
 
 def test_rollout_actors_in_a_placement_group(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    r = rlfh("train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", "num_rounds=2",
-             "resources.num_rollout_actors=2", "resources.placement=PACK", *SMALL)
+    r = rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        "num_rounds=2",
+        "resources.num_rollout_actors=2",
+        "resources.placement=PACK",
+        *SMALL,
+    )
     assert "2 rollout actors reserved in a PACK placement group" in r.stdout
     assert_log_complete(run_dir, 2, 16)  # both actors' shares arrive, in order, every round

@@ -73,8 +73,16 @@ def undisturbed(tiny_model_dir, tmp_path_factory):
 
 def test_killed_learner_is_restarted_and_the_run_ends_as_undisturbed(undisturbed, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
-           f"model.path={tiny_model_dir}", *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlfh.cli.main",
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        *ARGS,
+    ]
     r = run_and_kill_learner(cmd, run_dir, after_round=2)  # in round 3, after the round-2 checkpoint
     assert r.returncode == 0, r.stderr[-3000:]
     assert "learner rank 0 died in round" in r.stdout and "restarting the learner (1 of 2)" in r.stdout
@@ -95,8 +103,14 @@ def test_killed_learner_is_restarted_and_the_run_ends_as_undisturbed(undisturbed
 
 def test_spent_restarts_end_the_run_with_one_line_and_the_resume_command(undisturbed, tiny_model_dir, tmp_path):
     run_dir = tmp_path / "spent"
-    args = ["train", "configs/tiny.yaml", f"run_dir={run_dir}", f"model.path={tiny_model_dir}", *ARGS,
-            "resources.max_learner_restarts=0"]
+    args = [
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        *ARGS,
+        "resources.max_learner_restarts=0",
+    ]
     r = run_and_kill_learner([sys.executable, "-m", "rlfh.cli.main", *args], run_dir, after_round=2)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]

@@ -12,14 +12,26 @@ pytestmark = pytest.mark.slow
 def test_mpd_online_then_offline(tiny_model_dir, tmp_path):
     from rlfh.run.metrics import read_metrics
 
-    common = [f"model.path={tiny_model_dir}", "logging.wandb=false", "logging.progress=false",
-              "learner.regions.names=[global, face]", "learner.regions.fairness.rule=mpd",
-              "rewards=[jpeg_compressibility, {target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]"]
+    common = [
+        f"model.path={tiny_model_dir}",
+        "logging.wandb=false",
+        "logging.progress=false",
+        "learner.regions.names=[global, face]",
+        "learner.regions.fairness.rule=mpd",
+        "rewards=[jpeg_compressibility, {target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]",
+    ]
     online = tmp_path / "online"
     # 2 prompts -> 2 pairs -> one optimizer step of one micro-batch per round: the logged MPD
     # weights and gradient norms are those of one solve, so they can be held against its equation
-    rlfh("train", "configs/tiny.yaml", f"run_dir={online}", "num_rounds=2", "rollout.prompts_per_round=2",
-         "learner.epochs_per_round=1", *common)
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={online}",
+        "num_rounds=2",
+        "rollout.prompts_per_round=2",
+        "learner.epochs_per_round=1",
+        *common,
+    )
     rows = read_metrics(online)
     for r in rows:
         assert r["regions/face/present"] == 1.0 and np.isfinite(r["loss/dpo/face"])
@@ -27,8 +39,14 @@ def test_mpd_online_then_offline(tiny_model_dir, tmp_path):
         assert_mpd_equation(r)
 
     offline = tmp_path / "offline"
-    rlfh("offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online / 'rollouts'}", f"run_dir={offline}",
-         "num_rounds=1", *common)
+    rlfh(
+        "offline-dpo",
+        "configs/offline_dpo.yaml",
+        f"rollouts={online / 'rollouts'}",
+        f"run_dir={offline}",
+        "num_rounds=1",
+        *common,
+    )
     (row,) = read_metrics(offline)
     assert row["mpd/weight/face"] > 0 and np.isfinite(row["loss/dpo/face"])
 
@@ -47,20 +65,40 @@ def assert_mpd_equation(r, alpha=2.0):
     assert r["fairness/coef/global"] == pytest.approx(2 * w1) and r["fairness/coef/face"] == pytest.approx(2 * w2)
 
 
-
 def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
     """learner.dpo.guidance.coef through `rlfh train` and `rlfh offline-dpo`: the face masks reach the
     learner for the guidance term although `face` is not one of learner.regions.names."""
     from rlfh.run.metrics import read_metrics
 
-    common = [f"model.path={tiny_model_dir}", "logging.wandb=false", "logging.progress=false",
-              "learner.dpo.guidance.coef=0.5", "learner.dpo.guidance.region=face", "learner.epochs_per_round=1",
-              "rewards=[{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]"]
+    common = [
+        f"model.path={tiny_model_dir}",
+        "logging.wandb=false",
+        "logging.progress=false",
+        "learner.dpo.guidance.coef=0.5",
+        "learner.dpo.guidance.region=face",
+        "learner.epochs_per_round=1",
+        "rewards=[{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]",
+    ]
     online = tmp_path / "online"
-    rlfh("train", "configs/tiny.yaml", f"run_dir={online}", "num_rounds=1", "rollout.prompts_per_round=2",
-         "rollout.rollouts_per_prompt=2", "rollout.sample_batch_size_per_actor=4", "rollout.num_inference_steps=4", *common)
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={online}",
+        "num_rounds=1",
+        "rollout.prompts_per_round=2",
+        "rollout.rollouts_per_prompt=2",
+        "rollout.sample_batch_size_per_actor=4",
+        "rollout.num_inference_steps=4",
+        *common,
+    )
     offline = tmp_path / "offline"
-    rlfh("offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online / 'rollouts'}", f"run_dir={offline}",
-         "num_rounds=1", *common)
+    rlfh(
+        "offline-dpo",
+        "configs/offline_dpo.yaml",
+        f"rollouts={online / 'rollouts'}",
+        f"run_dir={offline}",
+        "num_rounds=1",
+        *common,
+    )
     for (row,) in (read_metrics(online), read_metrics(offline)):
         assert row["guidance/region_present"] == 1.0 and row["loss/guidance"] > 0 and np.isfinite(row["loss/dpo"])

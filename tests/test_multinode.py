@@ -85,15 +85,27 @@ class LocalNode:
         self.temp_dir = tempfile.mkdtemp(prefix=f"rlfh-{name}-", dir="/tmp")
         self.log_path = Path(self.temp_dir) / "ray-start.log"
         ports = {  # fixed defaults (e.g. the agent's 52365) would collide between the two nodes
-            "--node-manager-port": free_port(), "--object-manager-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-            "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port(),
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
         }
-        cmd = [ray_bin(), "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}",
-               "--disable-usage-stats", *(f"{k}={v}" for k, v in ports.items()), *args]
+        cmd = [
+            ray_bin(),
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={self.temp_dir}",
+            "--disable-usage-stats",
+            *(f"{k}={v}" for k, v in ports.items()),
+            *args,
+        ]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=clean_env(**RAY_ENV),
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=clean_env(**RAY_ENV), start_new_session=True
+        )
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.is_file() else ""
@@ -132,8 +144,9 @@ class LocalNode:
 def alive_nodes(gcs_address: str) -> list:
     from ray.util.state import list_nodes
 
-    return [n for n in list_nodes(address=gcs_address, detail=True, raise_on_missing_output=False)
-            if n.state == "ALIVE"]
+    return [
+        n for n in list_nodes(address=gcs_address, detail=True, raise_on_missing_output=False) if n.state == "ALIVE"
+    ]
 
 
 def wait_for_nodes(gcs_address: str, count: int, timeout: float = NODE_START_TIMEOUT_S) -> list:
@@ -156,9 +169,19 @@ def two_nodes(monkeypatch):
     nodes: list[LocalNode] = []
     try:
         port = free_port()
-        head = LocalNode("head", ["--head", f"--port={port}", "--num-cpus=1", '--resources={"learner": 1}',
-                                  "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                                  f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}"])
+        head = LocalNode(
+            "head",
+            [
+                "--head",
+                f"--port={port}",
+                "--num-cpus=1",
+                '--resources={"learner": 1}',
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={free_port()}",
+                f"--ray-client-server-port={free_port()}",
+            ],
+        )
         nodes.append(head)
         head.wait_started()
         gcs = f"127.0.0.1:{port}"
@@ -180,27 +203,48 @@ def two_nodes(monkeypatch):
 def actor_nodes(gcs_address: str, class_name: str) -> list[str]:
     from ray.util.state import list_actors
 
-    actors = list_actors(address=gcs_address, filters=[("class_name", "=", class_name)], detail=True,
-                         raise_on_missing_output=False)
+    actors = list_actors(
+        address=gcs_address, filters=[("class_name", "=", class_name)], detail=True, raise_on_missing_output=False
+    )
     return [a.node_id for a in actors]
 
 
-@pytest.mark.skipif(bool(missing_placement_fields()),
-                    reason=f"rlfh.config.schema.ResourcesConfig has no {missing_placement_fields()} yet: a run cannot ask "
-                           f"for node resources, so its actors cannot be placed on chosen nodes")
+@pytest.mark.skipif(
+    bool(missing_placement_fields()),
+    reason=f"rlfh.config.schema.ResourcesConfig has no {missing_placement_fields()} yet: a run cannot ask "
+    f"for node resources, so its actors cannot be placed on chosen nodes",
+)
 def test_rollout_and_learner_on_different_nodes(two_nodes, tiny_model_dir, tmp_path):
     gcs, by_role = two_nodes
     run_dir = tmp_path / "run"
     t0 = time.time()
     r = subprocess.run(
-        [sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
-         f"model.path={tiny_model_dir}", "num_rounds=2", "rollout.prompts_per_round=2",
-         "rollout.rollouts_per_prompt=4", "rollout.sample_batch_size_per_actor=4", "learner.epochs_per_round=1",
-         "logging.wandb=false", "logging.progress=false",
-         "resources.rollout_actor_resources={rollout: 1}", "resources.learner_resources={learner: 1}",
-         # the reward actor goes with the rollout actor: the head's single CPU is the learner's
-         "resources.reward_resources={rollout: 1}"],
-        cwd=REPO, env=clean_env(RAY_ADDRESS=gcs, **RAY_ENV), capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+        [
+            sys.executable,
+            "-m",
+            "rlfh.cli.main",
+            "train",
+            "configs/tiny.yaml",
+            f"run_dir={run_dir}",
+            f"model.path={tiny_model_dir}",
+            "num_rounds=2",
+            "rollout.prompts_per_round=2",
+            "rollout.rollouts_per_prompt=4",
+            "rollout.sample_batch_size_per_actor=4",
+            "learner.epochs_per_round=1",
+            "logging.wandb=false",
+            "logging.progress=false",
+            "resources.rollout_actor_resources={rollout: 1}",
+            "resources.learner_resources={learner: 1}",
+            # the reward actor goes with the rollout actor: the head's single CPU is the learner's
+            "resources.reward_resources={rollout: 1}",
+        ],
+        cwd=REPO,
+        env=clean_env(RAY_ADDRESS=gcs, **RAY_ENV),
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
     elapsed = time.time() - t0
     assert r.returncode == 0, f"rlfh train failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     print(f"two-node rlfh train (2 rounds): {elapsed:.1f}s")

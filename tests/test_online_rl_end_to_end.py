@@ -24,9 +24,17 @@ LEARNING = {"nft": (10, 0.1), "awm": (10, 0.075)}
 def test_online_loss_raises_reward_of_fresh_samples(tiny_model_dir, tmp_path, loss):
     rounds, margin = LEARNING[loss]
     run_dir = tmp_path / "run"
-    rlfh("train", "configs/tiny.yaml", f"learner.loss={loss}", f"num_rounds={rounds}", f"run_dir={run_dir}",
-         f"model.path={tiny_model_dir}", f"logging.checkpoint_every={rounds}", "logging.wandb=false",
-         "logging.progress=false")
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"learner.loss={loss}",
+        f"num_rounds={rounds}",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        f"logging.checkpoint_every={rounds}",
+        "logging.wandb=false",
+        "logging.progress=false",
+    )
     ckpt = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text()
     before = mean_reward(tiny_model_dir)
     after = mean_reward(tiny_model_dir, ckpt)

@@ -15,13 +15,28 @@ def test_online_region_pairs_then_offline(tiny_model_dir, tmp_path):
     from rlfh.run.metrics import read_metrics
     from rollouts.log import RolloutLog, decode_latent
 
-    common = [f"model.path={tiny_model_dir}", "logging.wandb=false", "logging.progress=false",
-              "learner.regions.names=[global, face]", f"rewards=[{FACE}]"]
+    common = [
+        f"model.path={tiny_model_dir}",
+        "logging.wandb=false",
+        "logging.progress=false",
+        "learner.regions.names=[global, face]",
+        f"rewards=[{FACE}]",
+    ]
     online = tmp_path / "online"
-    rlfh("train", "configs/tiny.yaml", f"run_dir={online}", "num_rounds=2", "rollout.prompts_per_round=2",
-         "rollout.rollouts_per_prompt=3", "rollout.sample_batch_size_per_actor=6", "learner.epochs_per_round=1",
-         "data.region_pairs.region=face", "data.region_pairs.fraction=0.5", "data.region_pairs.strength=0.4",
-         *common)
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={online}",
+        "num_rounds=2",
+        "rollout.prompts_per_round=2",
+        "rollout.rollouts_per_prompt=3",
+        "rollout.sample_batch_size_per_actor=6",
+        "learner.epochs_per_round=1",
+        "data.region_pairs.region=face",
+        "data.region_pairs.fraction=0.5",
+        "data.region_pairs.strength=0.4",
+        *common,
+    )
     rows = read_metrics(online)
     assert len(rows) == 2
     for r in rows:
@@ -43,8 +58,14 @@ def test_online_region_pairs_then_offline(tiny_model_dir, tmp_path):
     assert_inpainted_only_in_the_mask(pairs, decode_latent, 0.4)
 
     offline = tmp_path / "offline"
-    rlfh("offline-dpo", "configs/offline_dpo.yaml", f"rollouts={online / 'rollouts'}", f"run_dir={offline}",
-         "num_rounds=1", *common)
+    rlfh(
+        "offline-dpo",
+        "configs/offline_dpo.yaml",
+        f"rollouts={online / 'rollouts'}",
+        f"run_dir={offline}",
+        "num_rounds=1",
+        *common,
+    )
     (row,) = read_metrics(offline)
     # the same pairs as online: inpainted records never join their prompt's group
     assert row["pairs/count"] == sum(r["pairs/count"] for r in rows)

@@ -18,8 +18,14 @@ from tests.test_end_to_end import clean_env, rlfh
 
 pytestmark = pytest.mark.slow
 
-ARGS = ["num_rounds=4", "logging.checkpoint_every=2", "logging.wandb=false", "logging.progress=false",
-        "rollout.prompts_per_round=2", "learner.train_batch_size=2"]
+ARGS = [
+    "num_rounds=4",
+    "logging.checkpoint_every=2",
+    "logging.wandb=false",
+    "logging.progress=false",
+    "rollout.prompts_per_round=2",
+    "learner.train_batch_size=2",
+]
 
 
 def rows(run_dir):
@@ -32,9 +38,18 @@ def rows(run_dir):
 
 # nft with DiffusionNFT's EMA sampler and an EMA reference refreshed every 3 rounds (so round 2 uses the
 # one saved in the round-2 checkpoint) and the KL term: the kept copies come back exactly too
-EMA_ARGS = ["learner.loss=nft", "learner.ema.decay=0.5", "learner.ema.sampling_policy=ema", "learner.reference.model=ema",
-            "learner.reference.refresh_rounds=3", "learner.reference.kl_coef=1"]
-VARIANTS = {"dpo": ([], ("loss/dpo", "dpo/implicit_acc")), "nft_ema": (EMA_ARGS, ("loss/nft", "loss/kl", "nft/old_eps_mse"))}
+EMA_ARGS = [
+    "learner.loss=nft",
+    "learner.ema.decay=0.5",
+    "learner.ema.sampling_policy=ema",
+    "learner.reference.model=ema",
+    "learner.reference.refresh_rounds=3",
+    "learner.reference.kl_coef=1",
+]
+VARIANTS = {
+    "dpo": ([], ("loss/dpo", "dpo/implicit_acc")),
+    "nft_ema": (EMA_ARGS, ("loss/nft", "loss/kl", "nft/old_eps_mse")),
+}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -43,10 +58,20 @@ def test_kill_and_resume_reproduces_losses(tiny_model_dir, tmp_path, variant):
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
     rlfh("train", "configs/tiny.yaml", f"run_dir={ref_dir}", f"model.path={tiny_model_dir}", *ARGS, *extra)
 
-    cmd = [sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
-           f"model.path={tiny_model_dir}", *ARGS, *extra]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "rlfh.cli.main",
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        *ARGS,
+        *extra,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 300
         # kill once round 2 (after the round-2 checkpoint) is logged, before the run ends

@@ -68,8 +68,10 @@ def test_tiny_eval_compare_plot_block(tiny_model_dir, tmp_path, monkeypatch):
     make_lora(tiny_model_dir, runs / "tiny" / "checkpoints" / "round-000030")
     (runs / "tiny" / "checkpoints" / "latest").write_text("round-000030")
     for name, rewards in (("tiny", [-3.7, -3.6, -3.5]), ("tiny_offline", [-3.7, -3.65, -3.66])):
-        rows = [{"step": i, "reward/jpeg_compressibility/mean": r, "loss/dpo": 0.69 - 0.01 * i,
-                 "dpo/implicit_acc": 0.5} for i, r in enumerate(rewards)]
+        rows = [
+            {"step": i, "reward/jpeg_compressibility/mean": r, "loss/dpo": 0.69 - 0.01 * i, "dpo/implicit_acc": 0.5}
+            for i, r in enumerate(rewards)
+        ]
         (runs / name).mkdir(exist_ok=True)
         (runs / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "configs").symlink_to(REPO / "configs")

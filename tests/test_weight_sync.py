@@ -20,15 +20,23 @@ pytestmark = pytest.mark.slow
 MERGE_EPS_TOL = 5e-6
 
 
-@pytest.mark.parametrize("lora,zero", [(True, 0), (False, 0), (True, 3), (False, 3)],
-                         ids=["lora", "full", "lora-zero3", "full-zero3"])
+@pytest.mark.parametrize(
+    "lora,zero", [(True, 0), (False, 0), (True, 3), (False, 3)], ids=["lora", "full", "lora-zero3", "full-zero3"]
+)
 def test_synced_rollout_actor_matches_learner_exactly(ray_local, tiny_model_dir, lora, zero):
     from rlfh.learner.actor import LearnerActor
     from rollouts.actor import RolloutActor
 
     ray = ray_local
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"model.lora.enabled={lora}",
-                                                       "learner.lr=1e-3", f"learner.engine.zero_stage={zero}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            f"model.lora.enabled={lora}",
+            "learner.lr=1e-3",
+            f"learner.engine.zero_stage={zero}",
+        ],
+    )
     learner = LearnerActor.options(num_cpus=0.5).remote()
     actor = RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.model.lora)
     try:

@@ -75,11 +75,15 @@ HAND_TASK = "hand_landmarker.task"
 POSE_TASK_MEMBERS: dict[str, tuple[str, str, float, float]] = {
     "pose_detector.tflite": (
         "mediapipe/modules/pose_detection/pose_detection.tflite",
-        "9ba9dd3d42efaaba86b4ff0122b06f29c4122e756b329d89dca1e297fd8f866c", 127.5, 127.5,
+        "9ba9dd3d42efaaba86b4ff0122b06f29c4122e756b329d89dca1e297fd8f866c",
+        127.5,
+        127.5,
     ),
     "pose_landmarks_detector.tflite": (
         "mediapipe/modules/pose_landmark/pose_landmark_full.tflite",
-        "e9a5c5cb17f736fafd4c2ec1da3b3d331d6edbe8a0d32395855aeb2cdfd64b9f", 0.0, 255.0,
+        "e9a5c5cb17f736fafd4c2ec1da3b3d331d6edbe8a0d32395855aeb2cdfd64b9f",
+        0.0,
+        255.0,
     ),
 }
 POSE_TASK = "pose_landmarker.task"
@@ -110,8 +114,7 @@ def _hand_task_ok(path: Path) -> bool:
     try:
         with zipfile.ZipFile(path) as z:
             return all(
-                name in z.namelist() and _sha256(z.read(name)) == sha
-                for name, (_, sha) in HAND_TASK_MEMBERS.items()
+                name in z.namelist() and _sha256(z.read(name)) == sha for name, (_, sha) in HAND_TASK_MEMBERS.items()
             )
     except zipfile.BadZipFile:
         return False
@@ -199,9 +202,23 @@ def download_wheel(dest: Path) -> Path:
     """
     platform, pyver = _WHEEL_PLATFORM
     cmd = [
-        sys.executable, "-m", "pip", "download", f"mediapipe=={MEDIAPIPE_WHEEL_VERSION}",
-        "--no-deps", "--only-binary=:all:", "--platform", platform, "--python-version", pyver,
-        "--implementation", "cp", "-d", str(dest), "--disable-pip-version-check", "-q",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        f"mediapipe=={MEDIAPIPE_WHEEL_VERSION}",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--platform",
+        platform,
+        "--python-version",
+        pyver,
+        "--implementation",
+        "cp",
+        "-d",
+        str(dest),
+        "--disable-pip-version-check",
+        "-q",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob(f"mediapipe-{MEDIAPIPE_WHEEL_VERSION}-*.whl"))
@@ -246,8 +263,9 @@ def extract_models(wheel_path: str | os.PathLike, directory: str | os.PathLike |
     return d
 
 
-def ensure_models(directory: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
-                  force: bool = False) -> Path:
+def ensure_models(
+    directory: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None, force: bool = False
+) -> Path:
     """Make sure the models dir is complete, downloading the wheel only when something is missing.
 
     Args:

@@ -83,9 +83,15 @@ class InsightFaceDetector:
 
     region = "face"
 
-    def __init__(self, model: str = "buffalo_l", root: str | os.PathLike | None = None,
-                 det_size: Sequence[int] = (640, 640), det_thresh: float = 0.5, nms_thresh: float = 0.4,
-                 providers: Sequence[str] | None = None):
+    def __init__(
+        self,
+        model: str = "buffalo_l",
+        root: str | os.PathLike | None = None,
+        det_size: Sequence[int] = (640, 640),
+        det_thresh: float = 0.5,
+        nms_thresh: float = 0.4,
+        providers: Sequence[str] | None = None,
+    ):
         if len(det_size) != 2 or any(int(v) <= 0 or int(v) % 32 for v in det_size):
             # SCRFD's coarsest stride is 32: other sizes break the anchor grid.
             raise RewardError(f"det_size must be two positive multiples of 32 (width, height), got {det_size!r}")
@@ -96,7 +102,9 @@ class InsightFaceDetector:
         try:
             from insightface.model_zoo import get_model
         except ImportError as e:
-            raise RewardError(f"the insightface detector needs the 'detect' extra (pip install -e '.[detect]'): {e}") from e
+            raise RewardError(
+                f"the insightface detector needs the 'detect' extra (pip install -e '.[detect]'): {e}"
+            ) from e
         providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         try:
             net: Any = get_model(str(self.model_file), providers=providers)

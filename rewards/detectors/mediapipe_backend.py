@@ -121,8 +121,13 @@ class MediaPipeFaceDetector(_TaskDetector):
 
     region = "face"
 
-    def __init__(self, models_dir: str | Path | None = None, model: str = "short_range",
-                 min_confidence: float = 0.5, nms_threshold: float = 0.3):
+    def __init__(
+        self,
+        models_dir: str | Path | None = None,
+        model: str = "short_range",
+        min_confidence: float = 0.5,
+        nms_threshold: float = 0.3,
+    ):
         if model not in FACE_MODELS:
             raise RewardError(f"MediaPipe face model {model!r} is unknown; choose one of {sorted(FACE_MODELS)}")
         path = _model_path(models_dir, FACE_MODELS[model])
@@ -172,8 +177,13 @@ class MediaPipeHandDetector(_TaskDetector):
 
     region = "hand"
 
-    def __init__(self, models_dir: str | Path | None = None, num_hands: int = 4,
-                 min_detection_confidence: float = 0.5, min_presence_confidence: float = 0.5):
+    def __init__(
+        self,
+        models_dir: str | Path | None = None,
+        num_hands: int = 4,
+        min_detection_confidence: float = 0.5,
+        min_presence_confidence: float = 0.5,
+    ):
         if not isinstance(num_hands, int) or num_hands < 1:
             raise RewardError(f"num_hands must be a positive integer, got {num_hands!r}")
         path = _model_path(models_dir, HAND_TASK)
@@ -221,8 +231,13 @@ class MediaPipePoseLandmarker(_TaskDetector):
 
     region = "pose"
 
-    def __init__(self, models_dir: str | Path | None = None, num_poses: int = 4,
-                 min_detection_confidence: float = 0.5, min_presence_confidence: float = 0.5):
+    def __init__(
+        self,
+        models_dir: str | Path | None = None,
+        num_poses: int = 4,
+        min_detection_confidence: float = 0.5,
+        min_presence_confidence: float = 0.5,
+    ):
         if not isinstance(num_poses, int) or num_poses < 1:
             raise RewardError(f"num_poses must be a positive integer, got {num_poses!r}")
         path = _model_path(models_dir, POSE_TASK)
@@ -251,6 +266,13 @@ class MediaPipePoseLandmarker(_TaskDetector):
         for image in images:
             h, w = image.shape[:2]
             people = self._task.detect(self._mp_image(image)).pose_landmarks
-            out.append(np.array([[(p.x * w, p.y * h, p.visibility if p.visibility is not None else 1.0) for p in person]
-                                 for person in people], np.float32).reshape(len(people), NUM_LANDMARKS, 3))
+            out.append(
+                np.array(
+                    [
+                        [(p.x * w, p.y * h, p.visibility if p.visibility is not None else 1.0) for p in person]
+                        for person in people
+                    ],
+                    np.float32,
+                ).reshape(len(people), NUM_LANDMARKS, 3)
+            )
         return out

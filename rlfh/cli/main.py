@@ -1,17 +1,17 @@
 """The ``rlfh`` command line.
 
-    rlfh train CONFIG [key=value ...]            online preference training (Ray)
-    rlfh offline-dpo CONFIG rollouts=DIR [...]   DPO from a logged rollout log
-    rlfh train-reward CONFIG pairs=DIR init=DIR  fine-tune a FaceScore-style region scorer on logged pairs
-    rlfh make-tiny-model DIR [--seed N]          write the seeded tiny SDXL-architecture model
-    rlfh make-region-pairs CONFIG IMAGE_DIR [...] inpainted face / hand pairs of a folder, as a rollout log
-    rlfh rollouts inspect DIR                    verify and summarise a rollout log
-    rlfh config CONFIG [key=value ...]           print the effective config (validated)
-    rlfh score CONFIG IMAGE... [key=value ...]   score image files, one JSON object per image
-    rlfh serve-rewards CONFIG [--port 8000]      the reward server (Ray Serve, HTTP on 127.0.0.1)
-    rlfh eval CONFIG --model M [--lora DIR]      sample a seeded prompt set, score, report (HTML)
-    rlfh compare RUN_A RUN_B / rlfh plot RUN     reward and loss curves from metrics.jsonl
-    rlfh status RUN_DIR [--json]                 a run's state, progress, rewards and timings
+rlfh train CONFIG [key=value ...]            online preference training (Ray)
+rlfh offline-dpo CONFIG rollouts=DIR [...]   DPO from a logged rollout log
+rlfh train-reward CONFIG pairs=DIR init=DIR  fine-tune a FaceScore-style region scorer on logged pairs
+rlfh make-tiny-model DIR [--seed N]          write the seeded tiny SDXL-architecture model
+rlfh make-region-pairs CONFIG IMAGE_DIR [...] inpainted face / hand pairs of a folder, as a rollout log
+rlfh rollouts inspect DIR                    verify and summarise a rollout log
+rlfh config CONFIG [key=value ...]           print the effective config (validated)
+rlfh score CONFIG IMAGE... [key=value ...]   score image files, one JSON object per image
+rlfh serve-rewards CONFIG [--port 8000]      the reward server (Ray Serve, HTTP on 127.0.0.1)
+rlfh eval CONFIG --model M [--lora DIR]      sample a seeded prompt set, score, report (HTML)
+rlfh compare RUN_A RUN_B / rlfh plot RUN     reward and loss curves from metrics.jsonl
+rlfh status RUN_DIR [--json]                 a run's state, progress, rewards and timings
 """
 
 from __future__ import annotations
@@ -32,8 +32,15 @@ def resume_command(args, resumes: bool) -> str:
     import shlex
 
     overrides = [o for o in args.overrides if o.split("=", 1)[0].strip() != "resume"]
-    return shlex.join(["rlfh", args.command, args.config, *(args.overrides if resumes else overrides),
-                       *([] if resumes else ["resume=true"])])
+    return shlex.join(
+        [
+            "rlfh",
+            args.command,
+            args.config,
+            *(args.overrides if resumes else overrides),
+            *([] if resumes else ["resume=true"]),
+        ]
+    )
 
 
 def run_training(args, train):
@@ -68,9 +75,11 @@ def cmd_make_region_pairs(args) -> int:
     from rlfh.recipes.region_pairs import make_region_pairs
 
     log_dir, counts = make_region_pairs(_load(args), args.image_dir)
-    print(f"[rlfh] region pairs: {int(counts['with_region'])} of {int(counts['images'])} images had the region; "
-          f"the inpainted image won {int(counts['inpainted_won'])}, "
-          f"{int(counts['ties_or_unscored'])} ties or unscored; rollout log: {log_dir}")
+    print(
+        f"[rlfh] region pairs: {int(counts['with_region'])} of {int(counts['images'])} images had the region; "
+        f"the inpainted image won {int(counts['inpainted_won'])}, "
+        f"{int(counts['ties_or_unscored'])} ties or unscored; rollout log: {log_dir}"
+    )
     return 0
 
 
@@ -129,11 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     with_config("train", cmd_train, "online preference training on Ray")
     with_config("offline-dpo", cmd_offline, "Diffusion-DPO from a logged rollout log (rollouts=DIR)")
-    with_config("train-reward", cmd_train_reward,
-                "fine-tune a FaceScore-style region scorer on (win, loss) pairs of a rollout log "
-                "(pairs=DIR init=SCORER_DIR [region=face|hand])")
+    with_config(
+        "train-reward",
+        cmd_train_reward,
+        "fine-tune a FaceScore-style region scorer on (win, loss) pairs of a rollout log "
+        "(pairs=DIR init=SCORER_DIR [region=face|hand])",
+    )
     with_config("config", cmd_config, "print the effective, validated config")
-    s = sub.add_parser("make-region-pairs", help="FaceScore's inpainted region pairs of an image folder, as a rollout log")
+    s = sub.add_parser(
+        "make-region-pairs", help="FaceScore's inpainted region pairs of an image folder, as a rollout log"
+    )
     s.add_argument("config", help="YAML config; data.region_pairs.region names the region")
     s.add_argument("image_dir", help="metadata.jsonl + images (the HG-DPO real-image layout)")
     s.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -148,8 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("make-tiny-model", help="write a seeded tiny SDXL-architecture pipeline")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--pretrain-steps", type=int, default=300,
-                   help="UNet steps on synthetic latents (default 300, what rlfh:tiny-sdxl is; 0: random weights)")
+    s.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=300,
+        help="UNet steps on synthetic latents (default 300, what rlfh:tiny-sdxl is; 0: random weights)",
+    )
     s.set_defaults(fn=cmd_make_tiny)
     r = sub.add_parser("rollouts", help="rollout log tools")
     rsub = r.add_subparsers(dest="rollouts_command", required=True)

@@ -53,7 +53,9 @@ def server_config(cfg: Any, args: argparse.Namespace) -> Any:
     values: dict[str, Any] = {}
     if "reward_server" in {f.name for f in dataclasses.fields(cfg)}:
         section = cfg.reward_server
-        values = {f.name: getattr(section, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(section, f.name)}
+        values = {
+            f.name: getattr(section, f.name) for f in dataclasses.fields(ServerConfig) if hasattr(section, f.name)
+        }
     for field in _SERVER_FLAGS:
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
@@ -101,8 +103,10 @@ def cmd_serve_rewards(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _interrupt)
         if _STOP.is_set():
             raise KeyboardInterrupt
-        print(f"[rlfh] reward server {args.name!r} ready at {scfg.url} (GET /health, POST /score); Ctrl-C stops it",
-              flush=True)
+        print(
+            f"[rlfh] reward server {args.name!r} ready at {scfg.url} (GET /health, POST /score); Ctrl-C stops it",
+            flush=True,
+        )
         while not _STOP.wait(1.0):
             pass
         raise KeyboardInterrupt
@@ -154,8 +158,11 @@ def _score_chunk(rewards: Any, images: list[Any]) -> Any:
             results[r.name] = r.reward(pixels, prompts, sources=sources)
         else:
             results[r.name] = r.reward(pixels, prompts)
-    batch = ScoredBatch(results=results, weights={r.name: r.weight for r in rewards.rewards},
-                        regions_of={r.name: r.region for r in rewards.rewards})
+    batch = ScoredBatch(
+        results=results,
+        weights={r.name: r.weight for r in rewards.rewards},
+        regions_of={r.name: r.region for r in rewards.rewards},
+    )
     objs = [image_result(batch, i) for i in range(len(images))]
     for obj in objs:
         check_finite(obj, "result")
@@ -183,15 +190,16 @@ def score_files(rewards: Any, paths: list[str], batch_size: int, limits: Any) ->
         by_shape.setdefault(im.rgb.shape, []).append(k)
     for members in by_shape.values():
         for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
+            chunk = members[start : start + batch_size]
             _score_group(rewards, paths, images, chunk, out)
             for k in chunk:
                 images[k] = None  # decoded pixels are not needed once scored
     return out  # type: ignore[return-value]
 
 
-def _score_group(rewards: Any, paths: list[str], images: dict[int, Any], group: list[int],
-                 out: list[dict[str, Any] | None]) -> None:
+def _score_group(
+    rewards: Any, paths: list[str], images: dict[int, Any], group: list[int], out: list[dict[str, Any] | None]
+) -> None:
     try:
         objs = _score_chunk(rewards, [images[k] for k in group])
     except (RuntimeError, ValueError) as e:  # RewardError is a RuntimeError, as are torch's failures

@@ -39,8 +39,11 @@ def _config_lines(cfg: dict[str, Any]) -> list[str]:
     learner = f"learner on {gpus} GPU(s)" if gpus else "learner on CPU"
     if (ranks or max(gpus or 0, 1)) > 1:
         learner += f", {ranks or gpus} data-parallel ranks"
-    where = ("one colocated actor (rollout and learner share a device)" if cfg.get("colocate")
-             else f"{cfg['num_rollout_actors']} rollout actor(s)")
+    where = (
+        "one colocated actor (rollout and learner share a device)"
+        if cfg.get("colocate")
+        else f"{cfg['num_rollout_actors']} rollout actor(s)"
+    )
     return [
         f"config     model {cfg['model']} | loss {loss} | {adapter} | regions {region_text}",
         f"           rewards {rewards}",
@@ -64,8 +67,12 @@ def format_status(st: dict[str, Any]) -> str:
         progress += f"   ETA {_duration(st['eta_s'])}"
     lines.append(f"progress   {progress}")
     ck = st["checkpoint"]
-    lines.append(f"checkpoint {ck['name']} (round {ck['round']}, policy version {ck['policy_version']}; "
-                 f"{ck['count']} kept)  {ck['path']}" if ck else "checkpoint none yet")
+    lines.append(
+        f"checkpoint {ck['name']} (round {ck['round']}, policy version {ck['policy_version']}; "
+        f"{ck['count']} kept)  {ck['path']}"
+        if ck
+        else "checkpoint none yet"
+    )
     ro = st["rollouts"]
     if ro:
         pv = ro["policy_versions"]
@@ -80,22 +87,36 @@ def format_status(st: dict[str, Any]) -> str:
         if curves:
             width = max(len(n) for n in curves)
             lines.append(f"{title:<10} first -> last, best @ round")
-            lines += [f"  {n:<{width}}  {_num(c['first'])} -> {_num(c['last'])}, best {_num(c['best'])} "
-                      f"@ {c['best_round']}  {c['spark']}" for n, c in curves.items()]
+            lines += [
+                f"  {n:<{width}}  {_num(c['first'])} -> {_num(c['last'])}, best {_num(c['best'])} "
+                f"@ {c['best_round']}  {c['spark']}"
+                for n, c in curves.items()
+            ]
     n = st["last_n"]
     if st["implicit_acc"]:
-        lines.append("dpo acc    " + "  ".join(f"{k} {_num(a['last'], 3)} (mean last {n}: {_num(a['mean_recent'], 3)})"
-                                               for k, a in st["implicit_acc"].items()))
+        lines.append(
+            "dpo acc    "
+            + "  ".join(
+                f"{k} {_num(a['last'], 3)} (mean last {n}: {_num(a['mean_recent'], 3)})"
+                for k, a in st["implicit_acc"].items()
+            )
+        )
     if st["mpd_weights"]:
-        lines.append("mpd weight " + "  ".join(f"{k} {_num(w['last'], 3)} (mean last {n}: {_num(w['mean_recent'], 3)})"
-                                               for k, w in st["mpd_weights"].items()))
+        lines.append(
+            "mpd weight "
+            + "  ".join(
+                f"{k} {_num(w['last'], 3)} (mean last {n}: {_num(w['mean_recent'], 3)})"
+                for k, w in st["mpd_weights"].items()
+            )
+        )
     tm = st["timing"]
     if tm:
         shares = " | ".join(f"{s} {100 * v['share']:.0f}%" for s, v in tm["stages"].items() if v["share"] is not None)
         lines.append(f"time       {_duration(tm['round_mean_s'])}/round over the last {tm['rounds']}: {shares}")
         if tm["checkpoint_mean_s"] is not None:
-            lines.append(f"           checkpoint save {_duration(tm['checkpoint_mean_s'])} "
-                         f"(mean of {tm['checkpoints_timed']})")
+            lines.append(
+                f"           checkpoint save {_duration(tm['checkpoint_mean_s'])} (mean of {tm['checkpoints_timed']})"
+            )
     lines += [f"warning    {w}" for w in st["warnings"]]
     return "\n".join(lines)
 
@@ -119,6 +140,11 @@ def add_status_commands(subparsers: Any) -> None:
     s = subparsers.add_parser("status", help="summarise a run (live or finished) from its run directory")
     s.add_argument("run_dir", help="the run directory (the run's run_dir: config.yaml, metrics.jsonl, ...)")
     s.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
-    s.add_argument("--last", type=int, default=5, metavar="N",
-                   help="rounds averaged for timings, DPO accuracy, MPD weights and the ETA (default 5)")
+    s.add_argument(
+        "--last",
+        type=int,
+        default=5,
+        metavar="N",
+        help="rounds averaged for timings, DPO accuracy, MPD weights and the ETA (default 5)",
+    )
     s.set_defaults(fn=cmd_status)

@@ -39,7 +39,9 @@ DESCRIPTIONS: dict[str, str] = {
     "rollout.width": "image width in pixels (multiple of 8)",
     "model.revision": "hub revision (branch, tag or commit) of model.path",
     "rewards": "rewards scored on every sample; a bare string is shorthand for {target: NAME}",
-    "rewards[].target": "registry name (jpeg_compressibility, facescore, hand_confidence, imagereward, ...) or module:callable",
+    "rewards[].target": (
+        "registry name (jpeg_compressibility, facescore, hand_confidence, imagereward, ...) or module:callable"
+    ),
     "rewards[].name": "key in metrics and the rollout log (default: the reward's own name)",
     "rewards[].weight": "weight in the combined objective; 0 logs the reward without training on it",
     "rewards[].options": "keyword arguments for the reward's factory",

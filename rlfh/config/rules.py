@@ -27,27 +27,40 @@ def batch_rules(cfg) -> list[str]:
     p: list[str] = []
     r, lc, actors = cfg.rollout, cfg.learner, max(cfg.resources.num_rollout_actors, 1)
     if r.samples_per_round % actors:
-        p.append(f"rollout.prompts_per_round * rollout.rollouts_per_prompt = {r.samples_per_round} samples per round "
-                 f"is not divisible by resources.num_rollout_actors={actors}; change one so each actor gets the "
-                 f"same share")
+        p.append(
+            f"rollout.prompts_per_round * rollout.rollouts_per_prompt = {r.samples_per_round} samples per round "
+            f"is not divisible by resources.num_rollout_actors={actors}; change one so each actor gets the "
+            f"same share"
+        )
     elif (r.samples_per_round // actors) % max(r.sample_batch_size_per_actor, 1):
         share = r.samples_per_round // actors
-        p.append(f"rollout.sample_batch_size_per_actor={r.sample_batch_size_per_actor} does not divide each actor's "
-                 f"{share} samples per round; use a divisor of {share}")
+        p.append(
+            f"rollout.sample_batch_size_per_actor={r.sample_batch_size_per_actor} does not divide each actor's "
+            f"{share} samples per round; use a divisor of {share}"
+        )
     per_step = lc.micro_batch_size_per_gpu * cfg.learner_world_size
     if lc.train_batch_size % max(per_step, 1):
-        p.append(f"learner.train_batch_size={lc.train_batch_size} must be a multiple of "
-                 f"learner.micro_batch_size_per_gpu ({lc.micro_batch_size_per_gpu}) x learner ranks "
-                 f"({cfg.learner_world_size}) = {per_step}")
+        p.append(
+            f"learner.train_batch_size={lc.train_batch_size} must be a multiple of "
+            f"learner.micro_batch_size_per_gpu ({lc.micro_batch_size_per_gpu}) x learner ranks "
+            f"({cfg.learner_world_size}) = {per_step}"
+        )
     pairwise = loss_spec(lc.loss).batch == PAIRS
     if not pairwise and lc.train_batch_size > r.samples_per_round:
-        p.append(f"learner.train_batch_size={lc.train_batch_size} exceeds the {r.samples_per_round} samples a round "
-                 f"yields")
-    if (cfg.rollouts is None and pairwise and lc.dpo.pair_strategy == "best_worst"
-            and lc.train_batch_size > r.prompts_per_round):
-        p.append(f"learner.train_batch_size={lc.train_batch_size} exceeds the {r.prompts_per_round} pairs a round "
-                 f"yields (rollout.prompts_per_round with learner.dpo.pair_strategy=best_worst); lower it or raise "
-                 f"rollout.prompts_per_round")
+        p.append(
+            f"learner.train_batch_size={lc.train_batch_size} exceeds the {r.samples_per_round} samples a round yields"
+        )
+    if (
+        cfg.rollouts is None
+        and pairwise
+        and lc.dpo.pair_strategy == "best_worst"
+        and lc.train_batch_size > r.prompts_per_round
+    ):
+        p.append(
+            f"learner.train_batch_size={lc.train_batch_size} exceeds the {r.prompts_per_round} pairs a round "
+            f"yields (rollout.prompts_per_round with learner.dpo.pair_strategy=best_worst); lower it or raise "
+            f"rollout.prompts_per_round"
+        )
     return p
 
 
@@ -59,8 +72,10 @@ def colocation_rules(cfg) -> list[str]:
     if cfg.rollout.max_staleness:
         p.append("resources.colocate=true alternates sampling and training on one device: set rollout.max_staleness=0")
     if cfg.rollout.compile:  # the colocated sampler is the learner's UNet, which the rollout side does not compile
-        p.append("resources.colocate=true samples with the learner's own UNet, which rollout.compile does not "
-                 "compile: set rollout.compile=false")
+        p.append(
+            "resources.colocate=true samples with the learner's own UNet, which rollout.compile does not "
+            "compile: set rollout.compile=false"
+        )
     return p
 
 
@@ -69,17 +84,23 @@ def loss_rules(cfg) -> list[str]:
     spec, r, name = loss_spec(cfg.learner.loss), cfg.rollout, cfg.learner.loss
     p: list[str] = []
     if SAMPLER_LOGPROB in spec.needs and (r.scheduler != "ddim" or r.eta <= 0):
-        p.append(f"learner.loss={name} needs a stochastic DDIM sampler with log-probs: set rollout.scheduler=ddim and "
-                 f"rollout.eta > 0 (1.0 in DDPO); got scheduler={r.scheduler}, eta={r.eta}")
+        p.append(
+            f"learner.loss={name} needs a stochastic DDIM sampler with log-probs: set rollout.scheduler=ddim and "
+            f"rollout.eta > 0 (1.0 in DDPO); got scheduler={r.scheduler}, eta={r.eta}"
+        )
     if spec.on_policy:  # it compares with the policy that sampled the round: the weights at the round's start
         if cfg.rollouts is not None:
             p.append(f"learner.loss={name} is on-policy: it cannot train from a logged rollout log (rollouts=...)")
         if r.max_staleness:
-            p.append(f"learner.loss={name} is on-policy (it compares with the weights at the round's start): set "
-                     f"rollout.max_staleness=0")
+            p.append(
+                f"learner.loss={name} is on-policy (it compares with the weights at the round's start): set "
+                f"rollout.max_staleness=0"
+            )
     if not spec.regions and list(cfg.learner.regions.names) != ["global"]:
-        p.append(f"learner.loss={name} trains the whole-image policy: learner.regions.names must be [global], got "
-                 f"{cfg.learner.regions.names}")
+        p.append(
+            f"learner.loss={name} trains the whole-image policy: learner.regions.names must be [global], got "
+            f"{cfg.learner.regions.names}"
+        )
     return p
 
 
@@ -90,29 +111,47 @@ def loss_option_rules(cfg) -> list[str]:
     trajectories = spec.batch == TRAJECTORIES
     p: list[str] = []
     if trajectories and dd.window is not None and dd.window > r.num_inference_steps:
-        p.append(f"learner.ddpo.window={dd.window}: must be in 1..rollout.num_inference_steps "
-                 f"({r.num_inference_steps}) or null (every step stochastic)")
-    elif (trajectories and dd.window is not None and dd.window_max_start is not None
-          and dd.window_max_start > r.num_inference_steps - dd.window):
-        p.append(f"learner.ddpo.window_max_start={dd.window_max_start}: must be in 0..rollout.num_inference_steps - "
-                 f"learner.ddpo.window ({r.num_inference_steps - dd.window}) so the window fits")
+        p.append(
+            f"learner.ddpo.window={dd.window}: must be in 1..rollout.num_inference_steps "
+            f"({r.num_inference_steps}) or null (every step stochastic)"
+        )
+    elif (
+        trajectories
+        and dd.window is not None
+        and dd.window_max_start is not None
+        and dd.window_max_start > r.num_inference_steps - dd.window
+    ):
+        p.append(
+            f"learner.ddpo.window_max_start={dd.window_max_start}: must be in 0..rollout.num_inference_steps - "
+            f"learner.ddpo.window ({r.num_inference_steps - dd.window}) so the window fits"
+        )
     need = "/".join(names_where(lambda s: s.batch == TRAJECTORIES))
     if dd.branch and not trajectories:
-        p.append(f"learner.ddpo.branch=true branches a prompt group's trajectories: it needs learner.loss={need} "
-                 f"(got {lc.loss})")
+        p.append(
+            f"learner.ddpo.branch=true branches a prompt group's trajectories: it needs learner.loss={need} "
+            f"(got {lc.loss})"
+        )
     if dd.trust_region != "clip" and not trajectories:
-        p.append(f"learner.ddpo.trust_region={dd.trust_region} is for the per-step policy gradient: it needs "
-                 f"learner.loss={need}")
+        p.append(
+            f"learner.ddpo.trust_region={dd.trust_region} is for the per-step policy gradient: it needs "
+            f"learner.loss={need}"
+        )
     if lc.dpo.guidance.coef > 0 and spec.batch != PAIRS:
-        p.append(f"learner.dpo.guidance.coef > 0 trains on (winner, loser) pairs: it needs a DPO loss "
-                 f"({pair_losses()}), not learner.loss={lc.loss}")
+        p.append(
+            f"learner.dpo.guidance.coef > 0 trains on (winner, loser) pairs: it needs a DPO loss "
+            f"({pair_losses()}), not learner.loss={lc.loss}"
+        )
     if lc.guidance_free.scale is not None:
         if r.guidance_scale != 1.0:
-            p.append(f"learner.guidance_free trains a model that needs no guidance: sample at "
-                     f"rollout.guidance_scale=1 (now {r.guidance_scale})")
+            p.append(
+                f"learner.guidance_free trains a model that needs no guidance: sample at "
+                f"rollout.guidance_scale=1 (now {r.guidance_scale})"
+            )
         if trajectories:
-            p.append(f"learner.guidance_free is not available with learner.loss={lc.loss} (its trajectories are "
-                     f"scored per step)")
+            p.append(
+                f"learner.guidance_free is not available with learner.loss={lc.loss} (its trajectories are "
+                f"scored per step)"
+            )
     return p
 
 
@@ -124,11 +163,15 @@ def reference_rules(cfg) -> list[str]:
         p.append("learner.reference.model=ema needs learner.ema.decay (the EMA the reference is taken from)")
     if lc.ema.sampling_policy == "ema":
         if not cfg.model.lora.enabled or lc.engine.zero_stage == 3:
-            p.append("learner.ema.sampling_policy=ema sends the EMA of the LoRA weights: needs model.lora.enabled "
-                     "and learner.engine.zero_stage <= 2")
+            p.append(
+                "learner.ema.sampling_policy=ema sends the EMA of the LoRA weights: needs model.lora.enabled "
+                "and learner.engine.zero_stage <= 2"
+            )
         if cfg.resources.colocate:
-            p.append("learner.ema.sampling_policy=ema needs separate rollout actors (resources.colocate samples "
-                     "with the trained UNet itself)")
+            p.append(
+                "learner.ema.sampling_policy=ema needs separate rollout actors (resources.colocate samples "
+                "with the trained UNet itself)"
+            )
     return p
 
 
@@ -139,12 +182,16 @@ def zero3_rules(cfg) -> list[str]:
         return []
     p: list[str] = []
     if OLD_POLICY in loss_spec(lc.loss).needs or lc.reference.model == "ema" or lc.ddpo.trust_region != "clip":
-        p.append(f"learner.loss={'/'.join(names_where(lambda s: OLD_POLICY in s.needs))}, learner.reference.model=ema "
-                 f"and learner.ddpo.trust_region=dppo/guard predict with kept copies of the weights, which ZeRO-3 "
-                 f"partitions: use learner.engine.zero_stage <= 2")
+        p.append(
+            f"learner.loss={'/'.join(names_where(lambda s: OLD_POLICY in s.needs))}, learner.reference.model=ema "
+            f"and learner.ddpo.trust_region=dppo/guard predict with kept copies of the weights, which ZeRO-3 "
+            f"partitions: use learner.engine.zero_stage <= 2"
+        )
     if len(lc.regions.names) > 1 and lc.regions.fairness.rule in ("mpd", "mgda"):
-        p.append(f"learner.regions.fairness.rule={lc.regions.fairness.rule} needs whole per-region gradients, which "
-                 f"ZeRO-3 partitions; use learner.engine.zero_stage <= 2 or learner.regions.fairness.rule=sum/equal")
+        p.append(
+            f"learner.regions.fairness.rule={lc.regions.fairness.rule} needs whole per-region gradients, which "
+            f"ZeRO-3 partitions; use learner.engine.zero_stage <= 2 or learner.regions.fairness.rule=sum/equal"
+        )
     return p
 
 
@@ -154,14 +201,20 @@ def hcp_rules(cfg) -> list[str]:
         return []
     p: list[str] = []
     if loss_spec(cfg.learner.loss).batch == TRAJECTORIES:
-        p.append(f"model.hcp is not available with learner.loss={cfg.learner.loss} (it trains on noised latents "
-                 f"of the samples)")
+        p.append(
+            f"model.hcp is not available with learner.loss={cfg.learner.loss} (it trains on noised latents "
+            f"of the samples)"
+        )
     if cfg.data.hcp_priors.prior == "real" and not cfg.data.hgdpo.real_images:
-        p.append("data.hcp_priors.prior=real takes the pose priors from HG-DPO's real images: set "
-                 "data.hgdpo.real_images, or use prior=samples")
+        p.append(
+            "data.hcp_priors.prior=real takes the pose priors from HG-DPO's real images: set "
+            "data.hgdpo.real_images, or use prior=samples"
+        )
     if cfg.data.region_pairs.region is not None:
-        p.append("model.hcp.enabled with data.region_pairs.region: inpainted region pairs carry no pose priors "
-                 "yet; turn one of them off")
+        p.append(
+            "model.hcp.enabled with data.region_pairs.region: inpainted region pairs carry no pose priors "
+            "yet; turn one of them off"
+        )
     return p
 
 
@@ -178,15 +231,19 @@ def data_source_rules(cfg) -> list[str]:
     if rp.region is None:
         return p
     if rp.region != "global" and rp.region not in names:
-        p.append(f"data.region_pairs.region={rp.region!r}: must be a local region of learner.regions.names={names} "
-                 f"(the pairs train with its mask), e.g. learner.regions.names=[global, {rp.region}]")
+        p.append(
+            f"data.region_pairs.region={rp.region!r}: must be a local region of learner.regions.names={names} "
+            f"(the pairs train with its mask), e.g. learner.regions.names=[global, {rp.region}]"
+        )
     if not pairwise:
         p.append(f"data.region_pairs.region needs a DPO loss ({pair_losses()}); learner.loss={cfg.learner.loss}")
     steps = rp.num_inference_steps if rp.num_inference_steps is not None else cfg.rollout.num_inference_steps
     for k, s in rp.strengths("data.region_pairs")[0]:
         if 0.0 < s <= 1.0 and steps >= 1 and int(steps * s) < 1:
-            p.append(f"{k}={s} of {steps} denoising steps runs no step: raise data.region_pairs.num_inference_steps "
-                     f"to >= {math.ceil(1 / s)}")
+            p.append(
+                f"{k}={s} of {steps} denoising steps runs no step: raise data.region_pairs.num_inference_steps "
+                f"to >= {math.ceil(1 / s)}"
+            )
     return p
 
 
@@ -200,8 +257,10 @@ def hgdpo_schedule_problems(stages, num_rounds: int) -> list[str]:
     i = len(stages) - 1
     unrun = [j for j in range(1, len(stages)) if stages[j - 1].until_round >= num_rounds]
     never = f"; stages {unrun} would never run" if unrun else ""
-    return [f"data.hgdpo.stages[{i}].until_round={stages[i].until_round} > num_rounds={num_rounds}: the last "
-            f"stage must end at or before the run's last round{never} (raise num_rounds or move the stages)"]
+    return [
+        f"data.hgdpo.stages[{i}].until_round={stages[i].until_round} > num_rounds={num_rounds}: the last "
+        f"stage must end at or before the run's last round{never} (raise num_rounds or move the stages)"
+    ]
 
 
 def hgdpo_sdrecon_problems(hg, num_inference_steps: int) -> list[str]:
@@ -212,16 +271,20 @@ def hgdpo_sdrecon_problems(hg, num_inference_steps: int) -> list[str]:
     if not 0.0 < s <= 1.0:
         return [f"data.hgdpo.sdrecon_strength={s}: must be in (0, 1] (the share of the denoising steps re-run)"]
     if int(num_inference_steps * s) < 1:
-        return [f"data.hgdpo.sdrecon_strength={s} of rollout.num_inference_steps={num_inference_steps} runs no "
-                f"denoising step (int(steps * strength) = 0): raise the strength to >= {1 / num_inference_steps:.3g}"]
+        return [
+            f"data.hgdpo.sdrecon_strength={s} of rollout.num_inference_steps={num_inference_steps} runs no "
+            f"denoising step (int(steps * strength) = 0): raise the strength to >= {1 / num_inference_steps:.3g}"
+        ]
     return []
 
 
 def reward_name_rules(cfg) -> list[str]:
     """rewards: each entry's name is its key in metrics and the rollout log, so names are distinct."""
     names = [e.name or e.target for e in cfg.rewards]
-    return [f"rewards: name {n!r} is used twice; give each entry a distinct `name:`"
-            for n in sorted({n for n in names if names.count(n) > 1})]
+    return [
+        f"rewards: name {n!r} is used twice; give each entry a distinct `name:`"
+        for n in sorted({n for n in names if names.count(n) > 1})
+    ]
 
 
 # The rules that read more than one section; each says which in its docstring.

@@ -60,9 +60,33 @@ class LoraConfig:
         return at_least(f"{key}.rank", self.rank, 1) + alpha
 
 
-HCP_WORDS = ["person", "people", "man", "men", "woman", "women", "boy", "girl", "child", "children", "kid", "baby",
-             "lady", "guy", "player", "dancer", "athlete", "face", "hand", "hands", "arm", "arms", "leg", "legs",
-             "body"]
+HCP_WORDS = [
+    "person",
+    "people",
+    "man",
+    "men",
+    "woman",
+    "women",
+    "boy",
+    "girl",
+    "child",
+    "children",
+    "kid",
+    "baby",
+    "lady",
+    "guy",
+    "player",
+    "dancer",
+    "athlete",
+    "face",
+    "hand",
+    "hands",
+    "arm",
+    "arms",
+    "leg",
+    "legs",
+    "body",
+]
 
 
 def hcp_factor(key) -> int | None:
@@ -90,8 +114,10 @@ class HcPConfig:
     hidden: int = 64  # width of phi, the MLP from the text embeddings to the human-centric key K_h
     scale_weights: dict[str, float] = field(default_factory=lambda: {"2": 0.5, "4": 1.0})
     timesteps: list[int] = field(default_factory=lambda: [500, 999])  # [lo, hi]: the loss counts for training t in it
-    words: list[str] = knob(factory=lambda: list(HCP_WORDS), doc="human-centric tokens: the prompt's words in this "
-                            "list; a prompt with none uses all its words")
+    words: list[str] = knob(
+        factory=lambda: list(HCP_WORDS),
+        doc="human-centric tokens: the prompt's words in this list; a prompt with none uses all its words",
+    )
 
     def problems(self, key: str) -> list[str]:
         if not self.enabled:
@@ -99,8 +125,10 @@ class HcPConfig:
         p = non_negative(f"{key}.coef", self.coef) + at_least(f"{key}.hidden", self.hidden, 1)
         for k, v in self.scale_weights.items():
             if hcp_factor(k) is None:
-                p.append(f"{key}.scale_weights: key {k!r} must be a downsampling factor from the latent, a power of "
-                         f"two such as 2 or 4")
+                p.append(
+                    f"{key}.scale_weights: key {k!r} must be a downsampling factor from the latent, a power of "
+                    f"two such as 2 or 4"
+                )
             if not (isinstance(v, (int, float)) and 0 <= v < math.inf):
                 p.append(f"{key}.scale_weights.{k}={v!r}: must be a finite number >= 0")
         if not any(isinstance(v, (int, float)) and v > 0 for v in self.scale_weights.values()):
@@ -124,8 +152,10 @@ class ModelConfig:
 
     def problems(self, key: str) -> list[str]:
         if self.hcp.enabled and not self.lora.enabled:
-            return [f"{key}.hcp.enabled needs {key}.lora.enabled: the layer is saved beside the LoRA, and full "
-                    f"fine-tuning would write it into the UNet's own weights"]
+            return [
+                f"{key}.hcp.enabled needs {key}.lora.enabled: the layer is saved beside the LoRA, and full "
+                f"fine-tuning would write it into the UNet's own weights"
+            ]
         return []
 
 
@@ -165,8 +195,10 @@ class RolloutConfig:
         for name in ("prompts_per_round", "sample_batch_size_per_actor", "num_inference_steps"):
             p += at_least(f"{key}.{name}", getattr(self, name), 1)
         if self.rollouts_per_prompt < 2:
-            p.append(f"{key}.rollouts_per_prompt={self.rollouts_per_prompt}: DPO pairs need >= 2 samples per prompt; "
-                     f"set it to 2 or more")
+            p.append(
+                f"{key}.rollouts_per_prompt={self.rollouts_per_prompt}: DPO pairs need >= 2 samples per prompt; "
+                f"set it to 2 or more"
+            )
         for name in ("height", "width"):
             v = getattr(self, name)
             if v < 8 or v % 8:
@@ -201,16 +233,19 @@ class RewardEntry:
 
         p: list[str] = []
         if self.name is None and ":" in self.target:
-            p.append(f"{key} target={self.target!r}: a module:callable reward needs `name:` (its key in metrics "
-                     f"and logs)")
+            p.append(
+                f"{key} target={self.target!r}: a module:callable reward needs `name:` (its key in metrics and logs)"
+            )
         problem = check_target(self.target)
         if problem is not None:
             p.append(f"{key}.target={self.target!r}: {problem.removeprefix(f'reward {self.target!r}: ')}")
         if self.weight < 0 and not self.allow_negative_weight:
             dotted = key.replace("[", ".").replace("]", "")
-            p.append(f"{key}.weight={self.weight}: a negative weight trains the model to lower this reward; "
-                     f"if that is intended set {key}.allow_negative_weight=true (on the command line: "
-                     f"{dotted}.allow_negative_weight=true)")
+            p.append(
+                f"{key}.weight={self.weight}: a negative weight trains the model to lower this reward; "
+                f"if that is intended set {key}.allow_negative_weight=true (on the command line: "
+                f"{dotted}.allow_negative_weight=true)"
+            )
         return p
 
 
@@ -366,8 +401,11 @@ class LearnerCore:
 
 # learner.<section> of each loss family, from the registry: a new family brings its section with it
 LearnerConfig = dataclasses.make_dataclass(
-    "LearnerConfig", [(name, cls, field(default_factory=cls)) for name, cls in loss_sections().items()],
-    bases=(LearnerCore,), frozen=True)
+    "LearnerConfig",
+    [(name, cls, field(default_factory=cls)) for name, cls in loss_sections().items()],
+    bases=(LearnerCore,),
+    frozen=True,
+)
 LearnerConfig.__module__ = __name__  # pickled by reference (Ray sends configs to the actors)
 
 
@@ -410,8 +448,10 @@ def hgdpo_stage_problems(stages, key: str = "data.hgdpo.stages") -> list[str]:
         if not 0.0 <= sdrecon <= 1.0:
             p.append(f"{k}.sdrecon_winner_fraction={sdrecon}: must be in [0, 1]")
         elif 0.0 <= real <= 1.0 and real + sdrecon > 1.0:
-            p.append(f"{k}: real_winner_fraction + sdrecon_winner_fraction = {real} + {sdrecon} > 1; they are "
-                     f"shares of the same round's pairs")
+            p.append(
+                f"{k}: real_winner_fraction + sdrecon_winner_fraction = {real} + {sdrecon} > 1; they are "
+                f"shares of the same round's pairs"
+            )
     return p
 
 
@@ -462,9 +502,10 @@ class RegionPairsConfig:
     region: Optional[str] = None
     fraction: float = 1.0  # online: share of a round's samples with the region that get inpainted (seeded draw)
     strength: Optional[float] = None
-    strength_table: list[list[float]] = knob(factory=lambda: [list(r) for r in DEFAULT_STRENGTH_TABLE],
-                                             doc="adaptive strength: rows [max_area_ratio, strength], bounds "
-                                                 "increasing, the last 1.0")
+    strength_table: list[list[float]] = knob(
+        factory=lambda: [list(r) for r in DEFAULT_STRENGTH_TABLE],
+        doc="adaptive strength: rows [max_area_ratio, strength], bounds increasing, the last 1.0",
+    )
     dilate: int = 16  # side in pixels of the square kernel the region's boxes are dilated with (FairHuman's 16)
     num_inference_steps: Optional[int] = None
     pipeline: Optional[str] = None  # make-region-pairs: a diffusers inpainting pipeline instead of the policy
@@ -487,8 +528,10 @@ class RegionPairsConfig:
         elif any(b >= c for b, c in zip(bounds, bounds[1:])) or any(not 0 < b for b in bounds):
             p.append(f"{key}.strength_table: max_area_ratio bounds {bounds} must be > 0 and increasing")
         elif bounds and bounds[-1] < 1.0:
-            p.append(f"{key}.strength_table: the last max_area_ratio is {bounds[-1]}; make it 1.0 so every region "
-                     f"has a strength")
+            p.append(
+                f"{key}.strength_table: the last max_area_ratio is {bounds[-1]}; make it 1.0 so every region "
+                f"has a strength"
+            )
         return strengths, p
 
     def problems(self, key: str) -> list[str]:
@@ -566,29 +609,43 @@ class ResourcesConfig:
             if self.num_learner_ranks < 1:
                 p.append(f"{key}.num_learner_ranks={self.num_learner_ranks}: must be >= 1")
             elif self.num_learner_gpus and self.num_learner_ranks != self.num_learner_gpus:
-                p.append(f"{key}.num_learner_ranks={self.num_learner_ranks} with num_learner_gpus="
-                         f"{self.num_learner_gpus}: the learner runs one rank per GPU; leave num_learner_ranks unset")
+                p.append(
+                    f"{key}.num_learner_ranks={self.num_learner_ranks} with num_learner_gpus="
+                    f"{self.num_learner_gpus}: the learner runs one rank per GPU; leave num_learner_ranks unset"
+                )
         if self.sync_bucket_mb <= 0:
             p.append(f"{key}.sync_bucket_mb={self.sync_bucket_mb}: must be > 0")
         if self.colocate:
             if self.num_rollout_actors != 1 or self.learner_world_size != 1:
-                p.append(f"{key}.colocate=true runs rollout and learner in one process on one device: set "
-                         f"{key}.num_rollout_actors=1 and one learner rank (got {self.num_rollout_actors} and "
-                         f"{self.learner_world_size})")
+                p.append(
+                    f"{key}.colocate=true runs rollout and learner in one process on one device: set "
+                    f"{key}.num_rollout_actors=1 and one learner rank (got {self.num_rollout_actors} and "
+                    f"{self.learner_world_size})"
+                )
             if self.placement != "none":
                 p.append(f"{key}.colocate=true has no rollout fleet to place: set {key}.placement=none")
-        for name in ("gpus_per_rollout_actor", "gpus_per_reward_actor", "num_cpus_per_actor", "num_learner_gpus",
-                     "max_actor_restarts", "max_learner_restarts"):
+        for name in (
+            "gpus_per_rollout_actor",
+            "gpus_per_reward_actor",
+            "num_cpus_per_actor",
+            "num_learner_gpus",
+            "max_actor_restarts",
+            "max_learner_restarts",
+        ):
             if getattr(self, name) < 0:
                 p.append(f"{key}.{name}={getattr(self, name)}: must be >= 0")
         for name in ("rollout_actor_resources", "learner_resources", "reward_resources"):
             for res, amount in getattr(self, name).items():
                 if res in ("CPU", "GPU", "memory", "object_store_memory"):
-                    p.append(f"{key}.{name}.{res}: Ray sets this through num_cpus/num_gpus; use "
-                             f"{key}.num_cpus_per_actor / gpus_per_rollout_actor / num_learner_gpus instead")
+                    p.append(
+                        f"{key}.{name}.{res}: Ray sets this through num_cpus/num_gpus; use "
+                        f"{key}.num_cpus_per_actor / gpus_per_rollout_actor / num_learner_gpus instead"
+                    )
                 elif isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
-                    p.append(f"{key}.{name}.{res}={amount!r}: must be a number > 0 (the amount of the custom "
-                             f"resource `{res}` one actor takes, e.g. 1)")
+                    p.append(
+                        f"{key}.{name}.{res}={amount!r}: must be a number > 0 (the amount of the custom "
+                        f"resource `{res}` one actor takes, e.g. 1)"
+                    )
         return p
 
 
@@ -607,13 +664,17 @@ class LoggingConfig:
         p: list[str] = []
         if self.checkpoint_every < 1:
             # `round % 0` fails after the first round, before any checkpoint exists
-            p.append(f"{key}.checkpoint_every={self.checkpoint_every}: must be >= 1 (rounds between checkpoints; "
-                     f"the last round always checkpoints, so a large value saves only at the end)")
+            p.append(
+                f"{key}.checkpoint_every={self.checkpoint_every}: must be >= 1 (rounds between checkpoints; "
+                f"the last round always checkpoints, so a large value saves only at the end)"
+            )
         if self.sample_grid_every < 0:
             p.append(f"{key}.sample_grid_every={self.sample_grid_every}: must be >= 0 (0 = never)")
         if self.keep_image_rounds is not None and self.keep_image_rounds < 1:
-            p.append(f"{key}.keep_image_rounds={self.keep_image_rounds}: must be >= 1 (rounds whose images stay), "
-                     f"or {key}.log_images=none to keep no images")
+            p.append(
+                f"{key}.keep_image_rounds={self.keep_image_rounds}: must be >= 1 (rounds whose images stay), "
+                f"or {key}.log_images=none to keep no images"
+            )
         return p
 
 
@@ -695,11 +756,15 @@ class RewardTrainingConfig:
         if not self.region or self.region == "global":
             p.append(f"{key}.region={self.region!r}: name a logged region whose box is cropped, e.g. face or hand")
         elif self.prompt is None and self.region not in REGION_PROMPTS:
-            p.append(f"{key}.region={self.region!r} has no default prompt (known: {REGION_PROMPTS}); "
-                     f"set {key}.prompt, e.g. \"A {self.region}.\"")
+            p.append(
+                f"{key}.region={self.region!r} has no default prompt (known: {REGION_PROMPTS}); "
+                f"set {key}.prompt, e.g. \"A {self.region}.\""
+            )
         if self.prompt is not None and not self.prompt.strip():
-            p.append(f"{key}.prompt is empty: give the scorer's fixed text, e.g. \"A hand.\", or null for the "
-                     f"region's default")
+            p.append(
+                f"{key}.prompt is empty: give the scorer's fixed text, e.g. \"A hand.\", or null for the "
+                f"region's default"
+            )
         if not self.score:
             p.append(f"{key}.score is empty: use combined or the name of a logged reward")
         if self.vision_heads is not None and self.vision_heads < 1:
@@ -835,8 +900,10 @@ class DuplicateKeyError(yaml.YAMLError):
 
     def __init__(self, key: Any, first_line: int, line: int):
         self.key, self.first_line, self.line = key, first_line, line
-        super().__init__(f"key {key!r} is given twice (lines {first_line} and {line}); YAML would silently keep "
-                         f"only the last one: remove one of them")
+        super().__init__(
+            f"key {key!r} is given twice (lines {first_line} and {line}); YAML would silently keep "
+            f"only the last one: remove one of them"
+        )
 
 
 class StrictLoader(yaml.SafeLoader):
@@ -862,8 +929,9 @@ class StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-                             lambda loader, node: loader.construct_mapping(node))
+StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, lambda loader, node: loader.construct_mapping(node)
+)
 
 
 def _yaml_load(text: str) -> Any:
@@ -885,8 +953,12 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if origin is Literal:
         if value in args and type(value) is type(args[0]):
             return value
-        if (isinstance(value, str) and all(isinstance(a, int) for a in args) and value.lstrip("-").isdigit()
-                and int(value) in args):
+        if (
+            isinstance(value, str)
+            and all(isinstance(a, int) for a in args)
+            and value.lstrip("-").isdigit()
+            and int(value) in args
+        ):
             return int(value)
         problems.append(f"{key}={value!r}: must be one of {list(args)}")
         return args[0]
@@ -898,8 +970,10 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
     if origin is list:
         if isinstance(value, dict) and value and all(_is_index(k) for k in value):
             # `rewards.0.weight=2` with no list underneath to index (the defaults, or the file sets none)
-            problems.append(f"{key}: the config has no list here whose entries `{key}.N.key=value` could override; "
-                            f"set the whole list, e.g. {key}=[...]")
+            problems.append(
+                f"{key}: the config has no list here whose entries `{key}.N.key=value` could override; "
+                f"set the whole list, e.g. {key}=[...]"
+            )
             return None
         if not isinstance(value, list):
             problems.append(f"{key}={value!r}: must be a list")
@@ -980,8 +1054,9 @@ def _build(cls: Any, data: dict[str, Any], prefix: str, problems: list[str]) -> 
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # a section's own __post_init__ validation
         msg = str(e)
-        problems.extend(ln.strip()[2:] for ln in msg.splitlines()[1:] if ln.strip().startswith("- ")) if "\n" in msg \
-            else problems.append(f"{prefix.rstrip('.') or 'config'}: {msg}")
+        problems.extend(
+            ln.strip()[2:] for ln in msg.splitlines()[1:] if ln.strip().startswith("- ")
+        ) if "\n" in msg else problems.append(f"{prefix.rstrip('.') or 'config'}: {msg}")
         return None
 
 
@@ -1009,8 +1084,9 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError([f"override {item!r}: {part} is set both as a value and as a section"],
-                                  "command line")
+                raise ConfigError(
+                    [f"override {item!r}: {part} is set both as a value and as a section"], "command line"
+                )
         node[parts[-1]] = value
     return out
 
@@ -1038,14 +1114,20 @@ def _merge_list(items: list[Any], update: dict[str, Any], key: str) -> list[Any]
     for i, v in update.items():
         n = int(i)
         if n >= len(out):
-            raise ConfigError([f"{key}.{i}: the list has {len(out)} entries (indices 0..{len(out) - 1}); to add an "
-                               f"entry, set the whole list, e.g. {key}=[...]"], "command line")
+            raise ConfigError(
+                [
+                    f"{key}.{i}: the list has {len(out)} entries (indices 0..{len(out) - 1}); to add an "
+                    f"entry, set the whole list, e.g. {key}=[...]"
+                ],
+                "command line",
+            )
         out[n] = _merge(out[n], v, f"{key}.{i}.") if isinstance(v, dict) and isinstance(out[n], dict) else v
     return out
 
 
 def _expand_shorthand(data: dict[str, Any]) -> dict[str, Any]:
     """``- jpeg_compressibility`` is shorthand for ``- target: jpeg_compressibility`` (rewards, held-out rewards)."""
+
     def expand(entries):
         return [{"target": e} if isinstance(e, str) else e for e in entries] if isinstance(entries, list) else entries
 
@@ -1086,8 +1168,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         except yaml.YAMLError as e:
             raise ConfigError([f"not valid YAML: {e}"], source) from None
         if data is None:  # an empty file (or only comments) is a mistake, not a request for the defaults
-            raise ConfigError([f"config file {path} is empty (or only comments): give at least one key, "
-                               f"e.g. copy configs/tiny.yaml"], source)
+            raise ConfigError(
+                [f"config file {path} is empty (or only comments): give at least one key, e.g. copy configs/tiny.yaml"],
+                source,
+            )
         if not isinstance(data, dict):
             raise ConfigError([f"top level must be a mapping, got {type(data).__name__}"], source)
         data = _expand_shorthand(data)

@@ -12,7 +12,8 @@ the abstract):
 
 The stages and the winners of easy and hard are the paper's. That the normal stage's winner lies in
 an "intermediate domain" between generated and real images is stated by public summaries of the
-paper (e.g. papernotes.org's CVPR 2025 notes on it, deep-paper.org/en/paper/2405.20216); its exact construction (noise level, sampler, which model denoises) could not be checked from
+paper (e.g. papernotes.org's CVPR 2025 notes on it, deep-paper.org/en/paper/2405.20216); its exact construction (noise
+level, sampler, which model denoises) could not be checked from
 the sources at hand, so SDRecon here is OUR READING: SDEdit (img2img) of the real image's latent by
 the CURRENT policy, ``data.hgdpo.sdrecon_strength`` s of the sampler's steps re-run
 (``Sampler.refine``, equal to diffusers' SDXL img2img), under the real image's caption, seeded from
@@ -66,9 +67,11 @@ class Curriculum:
             try:  # mappings: callers that pass dataclasses.asdict() of the config's stages
                 parsed.append(s if isinstance(s, HGDPOStage) else HGDPOStage(**s))
             except TypeError as e:
-                raise ValueError(f"bad HG-DPO curriculum: stages[{i}]={dict(s)!r}: a stage has exactly "
-                                 f"until_round and real_winner_fraction, and optionally sdrecon_winner_fraction "
-                                 f"({e})") from None
+                raise ValueError(
+                    f"bad HG-DPO curriculum: stages[{i}]={dict(s)!r}: a stage has exactly "
+                    f"until_round and real_winner_fraction, and optionally sdrecon_winner_fraction "
+                    f"({e})"
+                ) from None
         parsed = tuple(parsed)
         problems = hgdpo_stage_problems(parsed)
         if problems:
@@ -116,15 +119,17 @@ def pair_counts(fraction: float, sdrecon_fraction: float, n_pairs: int) -> tuple
     return k_real, min(n_pairs - k_real, int(math.floor(sdrecon_fraction * n_pairs + 0.5)))
 
 
-def _chosen(source: RealImageSource, fraction: float, n_pairs: int, round: int, seed: int,
-            sdrecon_fraction: float) -> tuple[list[int], int]:
+def _chosen(
+    source: RealImageSource, fraction: float, n_pairs: int, round: int, seed: int, sdrecon_fraction: float
+) -> tuple[list[int], int]:
     """The real images of a round, real winners first then SDRecon sources, and k_real."""
     k_real, k_sd = pair_counts(fraction, sdrecon_fraction, n_pairs)
     return source.sample(k_real + k_sd, round, seed), k_real
 
 
-def prompts_for_losers(source: RealImageSource, fraction: float, n_pairs: int, round: int, seed: int,
-                       sdrecon_fraction: float = 0.0) -> list[str]:
+def prompts_for_losers(
+    source: RealImageSource, fraction: float, n_pairs: int, round: int, seed: int, sdrecon_fraction: float = 0.0
+) -> list[str]:
     """Captions of the real images :func:`mix_real_winners` will use with the same arguments, in order
     (the real winners' first, then the SDRecon winners').
 
@@ -135,8 +140,9 @@ def prompts_for_losers(source: RealImageSource, fraction: float, n_pairs: int, r
     return [source.items[i].text for i in idx]
 
 
-def sdrecon_inputs(source: RealImageSource, fraction: float, n_pairs: int, round: int, seed: int,
-                   sdrecon_fraction: float) -> tuple[np.ndarray, list[str]]:
+def sdrecon_inputs(
+    source: RealImageSource, fraction: float, n_pairs: int, round: int, seed: int, sdrecon_fraction: float
+) -> tuple[np.ndarray, list[str]]:
     """What to SDRecon for :func:`mix_real_winners` with the same arguments: the real latents
     (k_sdrecon, 4, h, w) and their captions. Refine them with the current policy
     (``RolloutFleet.refine(latents, captions, seeds, settings, strength)``) and pass the result as
@@ -164,18 +170,26 @@ def _closest_pairs(captions: Sequence[str], prompts: Sequence[str], rng: np.rand
     chosen = []
     for c in captions:
         ct = _tokens(c)
-        best = max((j for j in range(len(prompts)) if j not in taken),
-                   key=lambda j: (len(ct & toks[j]) / max(len(ct | toks[j]), 1), -tie[j]))
+        best = max(
+            (j for j in range(len(prompts)) if j not in taken),
+            key=lambda j: (len(ct & toks[j]) / max(len(ct | toks[j]), 1), -tie[j]),
+        )
         taken.add(best)
         chosen.append(best)
     return chosen
 
 
-def mix_real_winners(pairs: PairBatch, source: RealImageSource, fraction: float, round: int, seed: int,
-                     losers_latents: np.ndarray | None = None,
-                     losers_priors: np.ndarray | None = None,
-                     sdrecon_fraction: float = 0.0,
-                     sdrecon_latents: np.ndarray | None = None) -> tuple[PairBatch, dict[str, float]]:
+def mix_real_winners(
+    pairs: PairBatch,
+    source: RealImageSource,
+    fraction: float,
+    round: int,
+    seed: int,
+    losers_latents: np.ndarray | None = None,
+    losers_priors: np.ndarray | None = None,
+    sdrecon_fraction: float = 0.0,
+    sdrecon_latents: np.ndarray | None = None,
+) -> tuple[PairBatch, dict[str, float]]:
     """Give k_real = round(fraction * N) of the round's N generated pairs a real winner, and
     k_sdrecon = round(sdrecon_fraction * N) (capped at N - k_real) an SDRecon winner.
 
@@ -217,9 +231,13 @@ def mix_real_winners(pairs: PairBatch, source: RealImageSource, fraction: float,
     n = len(pairs)
     k_real, k_sd = pair_counts(fraction, sdrecon_fraction, n)
     k = k_real + k_sd
-    stats = {"hgdpo/real_winner_fraction": float(fraction), "hgdpo/real_pairs": float(k_real),
-             "hgdpo/sdrecon_winner_fraction": float(sdrecon_fraction), "hgdpo/sdrecon_pairs": float(k_sd),
-             "hgdpo/generated_pairs": float(n - k)}
+    stats = {
+        "hgdpo/real_winner_fraction": float(fraction),
+        "hgdpo/real_pairs": float(k_real),
+        "hgdpo/sdrecon_winner_fraction": float(sdrecon_fraction),
+        "hgdpo/sdrecon_pairs": float(k_sd),
+        "hgdpo/generated_pairs": float(n - k),
+    }
     if k == 0:
         return pairs, stats
     _check_shapes(pairs, source, k_sd, sdrecon_latents)
@@ -231,8 +249,10 @@ def mix_real_winners(pairs: PairBatch, source: RealImageSource, fraction: float,
         slots = _closest_pairs(captions, pairs.prompts, rng)
     else:
         if losers_latents.shape != (k,) + pairs.latents_l.shape[1:]:
-            raise ValueError(f"losers_latents {losers_latents.shape}: expected {(k,) + pairs.latents_l.shape[1:]} "
-                             f"(one per caption of prompts_for_losers)")
+            raise ValueError(
+                f"losers_latents {losers_latents.shape}: expected {(k,) + pairs.latents_l.shape[1:]} "
+                f"(one per caption of prompts_for_losers)"
+            )
         slots = [int(j) for j in rng.permutation(n)[:k]]
     return _place(pairs, source, idx, slots, captions, winners, losers_latents, losers_priors), stats
 
@@ -240,24 +260,37 @@ def mix_real_winners(pairs: PairBatch, source: RealImageSource, fraction: float,
 def _check_shapes(pairs: PairBatch, source: RealImageSource, k_sd: int, sdrecon_latents: np.ndarray | None) -> None:
     real = source.latents
     if real.shape[1:] != pairs.latents_w.shape[1:]:
-        raise ValueError(f"real latents {real.shape[1:]} do not match the pairs' {pairs.latents_w.shape[1:]}: "
-                         f"the source was built for {source.height}x{source.width}")
+        raise ValueError(
+            f"real latents {real.shape[1:]} do not match the pairs' {pairs.latents_w.shape[1:]}: "
+            f"the source was built for {source.height}x{source.width}"
+        )
     if k_sd and (sdrecon_latents is None or sdrecon_latents.shape != (k_sd,) + pairs.latents_w.shape[1:]):
         got = None if sdrecon_latents is None else sdrecon_latents.shape
-        raise ValueError(f"sdrecon_latents {got}: expected {(k_sd,) + pairs.latents_w.shape[1:]}, the images of "
-                         f"sdrecon_inputs refined by the policy (RolloutFleet.refine)")
+        raise ValueError(
+            f"sdrecon_latents {got}: expected {(k_sd,) + pairs.latents_w.shape[1:]}, the images of "
+            f"sdrecon_inputs refined by the policy (RolloutFleet.refine)"
+        )
 
 
-def _place(pairs: PairBatch, source: RealImageSource, idx: list[int], slots: list[int], captions: list[str],
-           winners: list, losers_latents: np.ndarray | None, losers_priors: np.ndarray | None) -> PairBatch:
+def _place(
+    pairs: PairBatch,
+    source: RealImageSource,
+    idx: list[int],
+    slots: list[int],
+    captions: list[str],
+    winners: list,
+    losers_latents: np.ndarray | None,
+    losers_priors: np.ndarray | None,
+) -> PairBatch:
     """The pairs with pair ``slots[i]`` given real item ``idx[i]``'s winner, caption, masks and prior (and
     the fresh loser ``losers_latents[i]`` when given); copies, since Ray hands out read-only arrays."""
     lat_w, lat_l = np.array(pairs.latents_w, np.float32), np.array(pairs.latents_l, np.float32)
     prompts = list(pairs.prompts)
     masks_w = {r: np.array(m) for r, m in pairs.masks_w.items()}
     masks_l = {r: np.array(m) for r, m in pairs.masks_l.items()}
-    priors_w, priors_l = ((None, None) if pairs.priors_w is None
-                          else (np.array(pairs.priors_w), np.array(pairs.priors_l)))
+    priors_w, priors_l = (
+        (None, None) if pairs.priors_w is None else (np.array(pairs.priors_w), np.array(pairs.priors_l))
+    )
     real_masks = source.region_masks(idx, list(masks_w))
     real_priors = source.priors(idx) if priors_w is not None else None
     for slot_i, j in enumerate(slots):

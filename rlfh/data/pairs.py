@@ -29,9 +29,7 @@ class Pair:
     margin: float  # score(winner) - score(loser) > 0
 
 
-def build_pairs(
-    groups: Sequence[Hashable], scores: Sequence[float | None], strategy: str = "best_worst"
-) -> list[Pair]:
+def build_pairs(groups: Sequence[Hashable], scores: Sequence[float | None], strategy: str = "best_worst") -> list[Pair]:
     """Pairs within each group.
 
     Args:
@@ -65,7 +63,9 @@ def build_pairs(
     return pairs
 
 
-def region_mask_arrays(regions: Sequence[dict], names: Sequence[str], image_hw: tuple[int, int]) -> dict[str, np.ndarray]:
+def region_mask_arrays(
+    regions: Sequence[dict], names: Sequence[str], image_hw: tuple[int, int]
+) -> dict[str, np.ndarray]:
     """Latent-size masks {region: (N, 1, h, w)} for the non-global regions in ``names``."""
     local = [n for n in names if n != "global"]
     if not local:
@@ -147,8 +147,12 @@ def ddpo_branch_seeds(cfg, prompts: Sequence[str], seeds: Sequence[int]) -> list
 NORMALIZATIONS = ("weighted_sum", "gdpo")
 
 
-def learner_scores(values: dict[str, Sequence[float | None]], weights: dict[str, float], groups: Sequence[Hashable],
-                   normalization: str = "weighted_sum") -> tuple[list[float | None], dict[str, float]]:
+def learner_scores(
+    values: dict[str, Sequence[float | None]],
+    weights: dict[str, float],
+    groups: Sequence[Hashable],
+    normalization: str = "weighted_sum",
+) -> tuple[list[float | None], dict[str, float]]:
     """The per-sample score every loss family trains on (``rewards_normalization``), and how many
     prompt groups carry no learning signal.
 
@@ -208,13 +212,17 @@ def logged_scores(records: Sequence[dict], rewards, normalization: str, source: 
         weights = {(e.name or e.target): e.weight for e in rewards}
         missing = sorted(set(weights) - logged) if records else []  # no records: nothing to score, nothing missing
         if missing:
-            raise ValueError(f"rewards {missing} are not in the rollout log {source} (it holds {sorted(logged)}); "
-                             f"set `rewards:` to logged rewards")
+            raise ValueError(
+                f"rewards {missing} are not in the rollout log {source} (it holds {sorted(logged)}); "
+                f"set `rewards:` to logged rewards"
+            )
     elif score in logged:
         weights, normalization = {score: 1.0}, "weighted_sum"  # one reward's own values, unscaled
     else:
-        raise ValueError(f"reward_training.score={score!r} is not a reward in the rollout log {source} (it holds "
-                         f"{sorted(logged)}); name one of those, or `combined` for the `rewards:` weights")
+        raise ValueError(
+            f"reward_training.score={score!r} is not a reward in the rollout log {source} (it holds "
+            f"{sorted(logged)}); name one of those, or `combined` for the `rewards:` weights"
+        )
     values = {n: [v.get(n) for v in logged_values] for n in weights}
     scores, stats = learner_scores(values, weights, groups, normalization)
     return scores, values, weights, groups, stats
@@ -228,7 +236,9 @@ def logged_regions(records: Sequence[dict]) -> list[dict[str, list]]:
     for r in records:
         dets: dict[str, list] = {}
         for g in r["regions"]:
-            dets.setdefault(g["region"], []).append(Detection((g["x1"], g["y1"], g["x2"], g["y2"]), g["confidence"], g["label"]))
+            dets.setdefault(g["region"], []).append(
+                Detection((g["x1"], g["y1"], g["x2"], g["y2"]), g["confidence"], g["label"])
+            )
         out.append(dets)
     return out
 
@@ -278,8 +288,19 @@ def learner_batch(learner_cfg, samples, normalization: str = "weighted_sum"):
     # a family trained on the whole image only (spec.regions false: DDPO) carries no masks
     masks = region_mask_arrays(samples.regions, mask_regions(learner_cfg), samples.image_hw) if spec.regions else {}
     unscored = {"samples/unscored": float(sum(not usable(s) for s in samples.scores))}
-    rnd = ScoredRound(samples.latents, samples.prompts, samples.groups, samples.scores, masks, samples.priors,
-                      samples.conditioning, normalization, samples.trajectory, samples.settings, unscored)
+    rnd = ScoredRound(
+        samples.latents,
+        samples.prompts,
+        samples.groups,
+        samples.scores,
+        masks,
+        samples.priors,
+        samples.conditioning,
+        normalization,
+        samples.trajectory,
+        samples.settings,
+        unscored,
+    )
     return spec.builder()(learner_cfg, rnd)
 
 
@@ -289,11 +310,21 @@ def pair_batch(learner_cfg, rnd: ScoredRound):
 
     pairs = build_pairs(rnd.groups, rnd.scores, learner_cfg.dpo.pair_strategy)
     w, l = [p.winner for p in pairs], [p.loser for p in pairs]
-    batch = PairBatch(rnd.latents[w], rnd.latents[l], [rnd.prompts[i] for i in w],
-                      {r: m[w] for r, m in rnd.masks.items()}, {r: m[l] for r, m in rnd.masks.items()},
-                      rnd.conditioning, rnd.prior_rows(w), rnd.prior_rows(l))
-    return batch, {"pairs/count": float(len(pairs)), **rnd.unscored,
-                   "pairs/mean_margin": float(np.mean([p.margin for p in pairs])) if pairs else 0.0}
+    batch = PairBatch(
+        rnd.latents[w],
+        rnd.latents[l],
+        [rnd.prompts[i] for i in w],
+        {r: m[w] for r, m in rnd.masks.items()},
+        {r: m[l] for r, m in rnd.masks.items()},
+        rnd.conditioning,
+        rnd.prior_rows(w),
+        rnd.prior_rows(l),
+    )
+    return batch, {
+        "pairs/count": float(len(pairs)),
+        **rnd.unscored,
+        "pairs/mean_margin": float(np.mean([p.margin for p in pairs])) if pairs else 0.0,
+    }
 
 
 def weighted_batch(rnd: ScoredRound, weights: np.ndarray):
@@ -301,10 +332,19 @@ def weighted_batch(rnd: ScoredRound, weights: np.ndarray):
     from rlfh.data.batches import SampleBatch
 
     keep = np.nonzero(weights > 0)[0]
-    batch = SampleBatch(rnd.latents[keep], [rnd.prompts[i] for i in keep], weights[keep].astype(np.float32),
-                        {r: m[keep] for r, m in rnd.masks.items()}, rnd.conditioning, rnd.prior_rows(keep))
-    return batch, {"samples/kept": float(len(keep)), **rnd.unscored,
-                   "samples/max_weight": float(weights.max()) if len(weights) else 0.0}
+    batch = SampleBatch(
+        rnd.latents[keep],
+        [rnd.prompts[i] for i in keep],
+        weights[keep].astype(np.float32),
+        {r: m[keep] for r, m in rnd.masks.items()},
+        rnd.conditioning,
+        rnd.prior_rows(keep),
+    )
+    return batch, {
+        "samples/kept": float(len(keep)),
+        **rnd.unscored,
+        "samples/max_weight": float(weights.max()) if len(weights) else 0.0,
+    }
 
 
 def rwr_batch(learner_cfg, rnd: ScoredRound):
@@ -335,8 +375,9 @@ def round_advantages(rnd: ScoredRound, keep: Sequence[int]):
         return torch.zeros(0, dtype=torch.float64)
     if rnd.normalization == "gdpo":
         return torch.tensor([rnd.scores[i] for i in keep], dtype=torch.float64).clamp(-ADV_CLIP, ADV_CLIP)
-    return per_prompt_advantages(torch.tensor([rnd.scores[i] for i in keep], dtype=torch.float64),
-                                 [rnd.groups[i] for i in keep])
+    return per_prompt_advantages(
+        torch.tensor([rnd.scores[i] for i in keep], dtype=torch.float64), [rnd.groups[i] for i in keep]
+    )
 
 
 def advantage_batch(learner_cfg, rnd: ScoredRound):
@@ -347,11 +388,20 @@ def advantage_batch(learner_cfg, rnd: ScoredRound):
 
     keep = np.array(rnd.keep(), dtype=np.int64)
     adv = round_advantages(rnd, keep)
-    batch = SampleBatch(rnd.latents[keep], [rnd.prompts[i] for i in keep], None,
-                        {r: m[keep] for r, m in rnd.masks.items()}, rnd.conditioning, rnd.prior_rows(keep),
-                        adv.float().numpy())
-    return batch, {"samples/kept": float(len(keep)), **rnd.unscored,
-                   "samples/advantage_abs_mean": float(adv.abs().mean()) if len(keep) else 0.0}
+    batch = SampleBatch(
+        rnd.latents[keep],
+        [rnd.prompts[i] for i in keep],
+        None,
+        {r: m[keep] for r, m in rnd.masks.items()},
+        rnd.conditioning,
+        rnd.prior_rows(keep),
+        adv.float().numpy(),
+    )
+    return batch, {
+        "samples/kept": float(len(keep)),
+        **rnd.unscored,
+        "samples/advantage_abs_mean": float(adv.abs().mean()) if len(keep) else 0.0,
+    }
 
 
 def trajectory_batch(learner_cfg, rnd: ScoredRound):
@@ -362,12 +412,25 @@ def trajectory_batch(learner_cfg, rnd: ScoredRound):
 
     tr = rnd.trajectory
     if tr is None:
-        raise ValueError(f"learner.loss={learner_cfg.loss} needs the sampling trajectories (the rollout actors "
-                         f"record them)")
+        raise ValueError(
+            f"learner.loss={learner_cfg.loss} needs the sampling trajectories (the rollout actors record them)"
+        )
     keep = rnd.keep()
     adv = round_advantages(rnd, keep).float().numpy()
     start = int(tr.get("window_start", 0))
-    batch = TrajectoryBatch(tr["latents"][keep], tr["log_probs"][keep], tr["timesteps"], adv,
-                            [rnd.prompts[i] for i in keep], rnd.settings, start, rnd.conditioning)
-    return batch, {"samples/kept": float(len(keep)), **rnd.unscored, "ddpo/window_start": float(start),
-                   "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0}
+    batch = TrajectoryBatch(
+        tr["latents"][keep],
+        tr["log_probs"][keep],
+        tr["timesteps"],
+        adv,
+        [rnd.prompts[i] for i in keep],
+        rnd.settings,
+        start,
+        rnd.conditioning,
+    )
+    return batch, {
+        "samples/kept": float(len(keep)),
+        **rnd.unscored,
+        "ddpo/window_start": float(start),
+        "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0,
+    }

@@ -21,7 +21,9 @@ import numpy as np
 LATENT_SCALE = 8
 
 
-def pose_heatmap(people: np.ndarray, image_hw: tuple[int, int], sigma: float, min_visibility: float = 0.5) -> np.ndarray:
+def pose_heatmap(
+    people: np.ndarray, image_hw: tuple[int, int], sigma: float, min_visibility: float = 0.5
+) -> np.ndarray:
     """The latent-size prior of one image.
 
     Args:
@@ -55,8 +57,12 @@ class PosePriors:
         landmarker: images (B, H, W, 3) uint8 -> list of (P, 33, 3); default MediaPipe Pose, built on first use.
     """
 
-    def __init__(self, sigma: float, min_visibility: float = 0.5,
-                 landmarker: Callable[[np.ndarray], list[np.ndarray]] | None = None):
+    def __init__(
+        self,
+        sigma: float,
+        min_visibility: float = 0.5,
+        landmarker: Callable[[np.ndarray], list[np.ndarray]] | None = None,
+    ):
         self.sigma, self.min_visibility = sigma, min_visibility
         self._landmarker = landmarker
         self._detector = None  # the MediaPipe graph this object built, released by close()

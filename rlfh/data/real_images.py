@@ -53,7 +53,11 @@ def _read_metadata(root: Path) -> list[RealItem]:
         except json.JSONDecodeError as e:
             problems.append(f"line {n}: not JSON ({e.msg})")
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("file_name"), str) or not isinstance(row.get("text"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("file_name"), str)
+            or not isinstance(row.get("text"), str)
+        ):
             problems.append(f'line {n}: needs string "file_name" and "text", got {line[:120]!r}')
             continue
         path = root / row["file_name"]
@@ -61,7 +65,10 @@ def _read_metadata(root: Path) -> list[RealItem]:
             problems.append(f"line {n}: image {row['file_name']!r} not found in {root}")
             continue
         try:
-            regions = {str(k): tuple(tuple(float(v) for v in b) for b in boxes) for k, boxes in (row.get("regions") or {}).items()}
+            regions = {
+                str(k): tuple(tuple(float(v) for v in b) for b in boxes)
+                for k, boxes in (row.get("regions") or {}).items()
+            }
             if any(len(b) != 4 for boxes in regions.values() for b in boxes):
                 raise ValueError("a box is not 4 numbers")
         except (AttributeError, TypeError, ValueError) as e:
@@ -91,8 +98,10 @@ def _load_hf_dataset(root: Path):
     if missing:
         raise ValueError(f"{root}: dataset lacks column(s) {missing}; it has {ds.column_names}")
     if not isinstance(ds.features["image"], datasets.Image):
-        raise ValueError(f"{root}: column 'image' is {ds.features['image']}, not datasets.Image(); "
-                         f"cast it with ds.cast_column('image', datasets.Image())")
+        raise ValueError(
+            f"{root}: column 'image' is {ds.features['image']}, not datasets.Image(); "
+            f"cast it with ds.cast_column('image', datasets.Image())"
+        )
     return ds
 
 
@@ -126,8 +135,9 @@ def load_vae(model_cfg, device: str | torch.device = "cpu"):
     path = resolve_model_path(model_cfg.path)
     if Path(path).suffix in (".safetensors", ".ckpt"):
         return load_pipeline(model_cfg, device).vae  # a single-file checkpoint holds every component
-    return AutoencoderKL.from_pretrained(path, subfolder="vae", revision=model_cfg.revision,
-                                         variant=model_cfg.variant, dtype=dtype).to(device)
+    return AutoencoderKL.from_pretrained(
+        path, subfolder="vae", revision=model_cfg.revision, variant=model_cfg.variant, dtype=dtype
+    ).to(device)
 
 
 class RealImageSource:
@@ -147,8 +157,16 @@ class RealImageSource:
         ValueError: bad metadata lines, images missing, an empty source, a bad size or mode.
     """
 
-    def __init__(self, root: str | Path, height: int, width: int, cache_dir: str | Path | None = None,
-                 encode_batch_size: int = 8, latent_mode: str = "sample", seed: int = 0):
+    def __init__(
+        self,
+        root: str | Path,
+        height: int,
+        width: int,
+        cache_dir: str | Path | None = None,
+        encode_batch_size: int = 8,
+        latent_mode: str = "sample",
+        seed: int = 0,
+    ):
         self.root = Path(root)
         if height % 8 or width % 8 or height <= 0 or width <= 0:
             raise ValueError(f"real images need a size that is a positive multiple of 8, got {height}x{width}")
@@ -231,8 +249,14 @@ class RealImageSource:
             dist = vae.encode(images.to(vae.device, dtype)).latent_dist
             z = dist.mean.float()
             if self.latent_mode == "sample":
-                eps = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(i)))
-                                   for i in indices])
+                eps = torch.stack(
+                    [
+                        torch.randn(
+                            z.shape[1:], generator=torch.Generator().manual_seed(self.seed * 1_000_003 + int(i))
+                        )
+                        for i in indices
+                    ]
+                )
                 z = z + dist.std.float() * eps.to(z.device)
         finally:
             if dtype != orig:
@@ -274,8 +298,11 @@ class RealImageSource:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        save_file({"latents": np.ascontiguousarray(self._latents)}, str(tmp),
-                  metadata={"key": key, "root": str(self.root), "count": str(len(self))})
+        save_file(
+            {"latents": np.ascontiguousarray(self._latents)},
+            str(tmp),
+            metadata={"key": key, "root": str(self.root), "count": str(len(self))},
+        )
         os.replace(tmp, path)  # atomic: a killed run never leaves a half-written cache
         for old in path.parent.glob(f"{CACHE_PREFIX}*.safetensors"):
             if old != path:
@@ -304,7 +331,9 @@ class RealImageSource:
         return self._priors[i]
 
     def priors(self, indices: Sequence[int]) -> np.ndarray:
-        """HcP pose priors (k, 1, h, w) of items ``indices`` (:meth:`prior`); zeros while :attr:`pose_priors` is unset."""
+        """HcP pose priors (k, 1, h, w) of items ``indices`` (:meth:`prior`).
+
+        Zeros while :attr:`pose_priors` is unset."""
         if self.pose_priors is None or not len(indices):
             return np.zeros((len(indices), 1, self.height // 8, self.width // 8), np.float32)
         return np.stack([self.prior(i) for i in indices])
@@ -332,6 +361,10 @@ class RealImageSource:
                     w0, h0 = h0, w0  # boxes are in the upright image's pixels, as prepare_image sees it
             (rw, rh), (left, top) = fit_box((w0, h0), (self.height, self.width))
             sx, sy = rw / w0, rh / h0
-            per_image.append({r: [(x1 * sx - left, y1 * sy - top, x2 * sx - left, y2 * sy - top) for x1, y1, x2, y2 in boxes]
-                              for r, boxes in it.regions.items()})
+            per_image.append(
+                {
+                    r: [(x1 * sx - left, y1 * sy - top, x2 * sx - left, y2 * sy - top) for x1, y1, x2, y2 in boxes]
+                    for r, boxes in it.regions.items()
+                }
+            )
         return {**region_mask_arrays(per_image, names, (self.height, self.width)), **out}

@@ -70,7 +70,9 @@ class InpaintPlan:
     ratios: list[float]
 
 
-def plan_inpainting(regions: Sequence[dict], rp, image_hw: tuple[int, int], choose: np.ndarray | None = None) -> InpaintPlan:
+def plan_inpainting(
+    regions: Sequence[dict], rp, image_hw: tuple[int, int], choose: np.ndarray | None = None
+) -> InpaintPlan:
     """The images whose ``rp.region`` was detected (all of them, or those where ``choose`` is true),
     with each one's strength and mask.
 
@@ -102,10 +104,19 @@ def strength_groups(strengths: Sequence[float]) -> dict[float, list[int]]:
     return groups
 
 
-def region_pair_batch(latents_orig: np.ndarray, latents_inp: np.ndarray, prompts: Sequence[str],
-                      values_orig: dict[str, list], values_inp: dict[str, list], weights: dict[str, float],
-                      masks: np.ndarray, region: str, regions: Sequence[str], normalization: str = "weighted_sum",
-                      conditioning: dict | None = None):
+def region_pair_batch(
+    latents_orig: np.ndarray,
+    latents_inp: np.ndarray,
+    prompts: Sequence[str],
+    values_orig: dict[str, list],
+    values_inp: dict[str, list],
+    weights: dict[str, float],
+    masks: np.ndarray,
+    region: str,
+    regions: Sequence[str],
+    normalization: str = "weighted_sum",
+    conditioning: dict | None = None,
+):
     """(original, inpainted) pairs ordered by the learner's score, with the region's mask.
 
     Args:
@@ -145,9 +156,12 @@ def region_pair_batch(latents_orig: np.ndarray, latents_inp: np.ndarray, prompts
     mw = {r: (pm[win] if r == region else zero) for r in local}
     ml = {r: (pm[lose] if r == region else zero) for r in local}
     batch = PairBatch(stacked[win], stacked[lose], [prompts[i % k] for i in win], mw, ml, conditioning)
-    stats = {"region_pairs/count": float(len(win)), "region_pairs/skipped": float(skipped),
-             "region_pairs/inpainted_won_share": inp_won / len(win) if win else 0.0,
-             "region_pairs/mean_margin": float(np.mean(margins)) if margins else 0.0}
+    stats = {
+        "region_pairs/count": float(len(win)),
+        "region_pairs/skipped": float(skipped),
+        "region_pairs/inpainted_won_share": inp_won / len(win) if win else 0.0,
+        "region_pairs/mean_margin": float(np.mean(margins)) if margins else 0.0,
+    }
     return batch, stats
 
 
@@ -160,24 +174,51 @@ def concat_pairs(a, b):
     if (a.priors_w is None) != (b.priors_w is None):
         raise ValueError("one pair batch holds HcP pose priors and the other does not")
     # a table missing some prompt makes the learner encode those (LearnerEngine.condition)
-    cond = None if a.conditioning is None and b.conditioning is None else {**(a.conditioning or {}), **(b.conditioning or {})}
-    return PairBatch(np.concatenate([a.latents_w, b.latents_w]), np.concatenate([a.latents_l, b.latents_l]),
-                     [*a.prompts, *b.prompts],
-                     {r: np.concatenate([a.masks_w[r], b.masks_w[r]]) for r in a.masks_w},
-                     {r: np.concatenate([a.masks_l[r], b.masks_l[r]]) for r in a.masks_l}, cond,
-                     *((None, None) if a.priors_w is None else
-                       (np.concatenate([a.priors_w, b.priors_w]), np.concatenate([a.priors_l, b.priors_l]))))
+    cond = (
+        None
+        if a.conditioning is None and b.conditioning is None
+        else {**(a.conditioning or {}), **(b.conditioning or {})}
+    )
+    return PairBatch(
+        np.concatenate([a.latents_w, b.latents_w]),
+        np.concatenate([a.latents_l, b.latents_l]),
+        [*a.prompts, *b.prompts],
+        {r: np.concatenate([a.masks_w[r], b.masks_w[r]]) for r in a.masks_w},
+        {r: np.concatenate([a.masks_l[r], b.masks_l[r]]) for r in a.masks_l},
+        cond,
+        *(
+            (None, None)
+            if a.priors_w is None
+            else (np.concatenate([a.priors_w, b.priors_w]), np.concatenate([a.priors_l, b.priors_l]))
+        ),
+    )
 
 
-def log_marks(role: str, source_ids: Sequence[str | None], region: str, strengths: Sequence[float | None],
-              dilate: int) -> list[dict]:
+def log_marks(
+    role: str, source_ids: Sequence[str | None], region: str, strengths: Sequence[float | None], dilate: int
+) -> list[dict]:
     """The rollout log's ``region_pair`` values of records in region pairs."""
-    return [{"role": role, "source_id": sid, "region": region, "strength": None if s is None else float(s),
-             "dilate": int(dilate)} for sid, s in zip(source_ids, strengths)]
+    return [
+        {
+            "role": role,
+            "source_id": sid,
+            "region": region,
+            "strength": None if s is None else float(s),
+            "dilate": int(dilate),
+        }
+        for sid, s in zip(source_ids, strengths)
+    ]
 
 
-def pairs_from_records(records: Sequence[dict], latents: np.ndarray, regions: Sequence[dict], weights: dict[str, float],
-                       learner_regions: Sequence[str], image_hw: tuple[int, int], normalization: str = "weighted_sum"):
+def pairs_from_records(
+    records: Sequence[dict],
+    latents: np.ndarray,
+    regions: Sequence[dict],
+    weights: dict[str, float],
+    learner_regions: Sequence[str],
+    image_hw: tuple[int, int],
+    normalization: str = "weighted_sum",
+):
     """The region pairs of a rollout log: each ``inpainted`` record with the record it was inpainted
     from, the mask rebuilt from the source's logged boxes of the region with the logged ``dilate``.
 
@@ -198,10 +239,14 @@ def pairs_from_records(records: Sequence[dict], latents: np.ndarray, regions: Se
         rp = records[i]["region_pair"]
         src = by_id.get(rp["source_id"])
         if src is None:
-            problems.append(f"record {records[i]['rollout_id']} was inpainted from {rp['source_id']}, which the log lacks")
+            problems.append(
+                f"record {records[i]['rollout_id']} was inpainted from {rp['source_id']}, which the log lacks"
+            )
         elif rp["region"] not in learner_regions or rp["region"] == "global":
-            problems.append(f"record {records[i]['rollout_id']} is a {rp['region']!r} region pair, not a local region of "
-                            f"learner.regions.names={list(learner_regions)}")
+            problems.append(
+                f"record {records[i]['rollout_id']} is a {rp['region']!r} region pair, not a local region of "
+                f"learner.regions.names={list(learner_regions)}"
+            )
         else:
             per_region.setdefault(rp["region"], []).append((src, i))
     if problems:
@@ -209,16 +254,30 @@ def pairs_from_records(records: Sequence[dict], latents: np.ndarray, regions: Se
     out, stats = None, {}
     for region, links in per_region.items():
         src, dst = [s for s, _ in links], [d for _, d in links]
-        masks = np.stack([inpaint_mask(regions[s].get(region) or [], image_hw, records[d]["region_pair"]["dilate"])
-                          for s, d in links])
+        masks = np.stack(
+            [
+                inpaint_mask(regions[s].get(region) or [], image_hw, records[d]["region_pair"]["dilate"])
+                for s, d in links
+            ]
+        )
         vals = [{rw["name"]: rw["value"] for rw in records[i]["rewards"]} for i in range(len(records))]
-        batch, st = region_pair_batch(latents[src], latents[dst], [records[s]["prompt"] for s in src],
-                                      {n: [vals[s].get(n) for s in src] for n in weights},
-                                      {n: [vals[d].get(n) for d in dst] for n in weights}, weights, masks, region,
-                                      learner_regions, normalization)
+        batch, st = region_pair_batch(
+            latents[src],
+            latents[dst],
+            [records[s]["prompt"] for s in src],
+            {n: [vals[s].get(n) for s in src] for n in weights},
+            {n: [vals[d].get(n) for d in dst] for n in weights},
+            weights,
+            masks,
+            region,
+            learner_regions,
+            normalization,
+        )
         out = batch if out is None else concat_pairs(out, batch)
         for key, v in st.items():  # summed over regions; the share re-weighted below
-            stats[key] = stats.get(key, 0.0) + (v * st["region_pairs/count"] if key.endswith(("share", "margin")) else v)
+            stats[key] = stats.get(key, 0.0) + (
+                v * st["region_pairs/count"] if key.endswith(("share", "margin")) else v
+            )
     n = stats.get("region_pairs/count", 0.0)
     for key in ("region_pairs/inpainted_won_share", "region_pairs/mean_margin"):
         stats[key] = stats[key] / n if n else 0.0

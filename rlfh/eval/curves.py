@@ -114,8 +114,9 @@ def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.4g}"
 
 
-def write_summary(table: list[dict[str, Any]], labels: list[str], plots: dict[str, str], out_dir: Path,
-                  title: str) -> None:
+def write_summary(
+    table: list[dict[str, Any]], labels: list[str], plots: dict[str, str], out_dir: Path, title: str
+) -> None:
     """``summary.md`` and ``index.html`` (relative links, no external resources)."""
     head = ["curve", "best is"] + [f"{lb} {w}" for lb in labels for w in ("final", "best")]
     md = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -33,8 +33,9 @@ def _na(reason: str, **counts: Any) -> dict[str, Any]:
     return {"value": None, "reason": reason, **counts}
 
 
-def face_identity_similarity(embeddings: np.ndarray | None, owners: Sequence[int], source: str | None = None,
-                             reason: str | None = None) -> dict[str, Any]:
+def face_identity_similarity(
+    embeddings: np.ndarray | None, owners: Sequence[int], source: str | None = None, reason: str | None = None
+) -> dict[str, Any]:
     """Mean pairwise cosine similarity of face embeddings, over pairs of faces in different images.
 
     Formula, for faces i, j with embeddings e_i, e_j and owner images o_i != o_j:
@@ -59,8 +60,11 @@ def face_identity_similarity(embeddings: np.ndarray | None, owners: Sequence[int
         raise ValueError(f"{e.shape[0]} embeddings for {n} faces")
     counts = {"n_faces": n, "n_images_with_faces": len(set(owners)), "source": source}
     if len(set(owners)) < 2:
-        return _na(f"faces found in {len(set(owners))} image(s); the similarity needs faces in >= 2 images",
-                   n_pairs=0, **counts)
+        return _na(
+            f"faces found in {len(set(owners))} image(s); the similarity needs faces in >= 2 images",
+            n_pairs=0,
+            **counts,
+        )
     norms = np.linalg.norm(e, axis=1, keepdims=True)
     if np.any(norms == 0) or not np.all(np.isfinite(e)):
         return _na("an embedding is zero or not finite", n_pairs=0, **counts)
@@ -78,8 +82,9 @@ def _small(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(im.resize((side, side), Image.BOX), dtype=np.float64) / 255.0
 
 
-def image_diversity(images: np.ndarray | Sequence[np.ndarray], prompts: Sequence[Hashable],
-                    side: int = DIVERSITY_SIDE) -> dict[str, Any]:
+def image_diversity(
+    images: np.ndarray | Sequence[np.ndarray], prompts: Sequence[Hashable], side: int = DIVERSITY_SIDE
+) -> dict[str, Any]:
     """Mean pairwise RMS pixel distance between images of the same prompt, averaged over prompts.
 
     Formula, with x_a the image a box-downsampled to ``side`` x ``side`` RGB in [0, 1] (P values):
@@ -109,10 +114,18 @@ def image_diversity(images: np.ndarray | Sequence[np.ndarray], prompts: Sequence
         per_prompt.append(float(np.mean(d)))
         n_pairs += len(d)
     if not per_prompt:
-        return _na("every prompt has a single image; the diversity within a prompt needs >= 2 seeds per prompt",
-                   n_prompts=0, n_pairs=0)
-    return {"value": float(np.mean(per_prompt)), "reason": None, "n_prompts": len(per_prompt), "n_pairs": n_pairs,
-            "method": f"RMS pixel distance at {side}x{side}, [0, 1] scale"}
+        return _na(
+            "every prompt has a single image; the diversity within a prompt needs >= 2 seeds per prompt",
+            n_prompts=0,
+            n_pairs=0,
+        )
+    return {
+        "value": float(np.mean(per_prompt)),
+        "reason": None,
+        "n_prompts": len(per_prompt),
+        "n_pairs": n_pairs,
+        "method": f"RMS pixel distance at {side}x{side}, [0, 1] scale",
+    }
 
 
 def reward_gap(train: Sequence[float | None], heldout: Sequence[float | None]) -> dict[str, Any]:
@@ -125,8 +138,12 @@ def reward_gap(train: Sequence[float | None], heldout: Sequence[float | None]) -
     counts = {"n_train": len(t), "n_heldout": len(h)}
     if not t or not h:
         side = "training-prompt" if not t else "held-out"
-        return _na(f"no usable {side} reward", train_mean=float(np.mean(t)) if t else None,
-                   heldout_mean=float(np.mean(h)) if h else None, **counts)
+        return _na(
+            f"no usable {side} reward",
+            train_mean=float(np.mean(t)) if t else None,
+            heldout_mean=float(np.mean(h)) if h else None,
+            **counts,
+        )
     tm, hm = float(np.mean(t)), float(np.mean(h))
     return {"value": tm - hm, "reason": None, "train_mean": tm, "heldout_mean": hm, **counts}
 

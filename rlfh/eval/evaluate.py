@@ -80,7 +80,9 @@ def load_prompt_set(name_or_file: str) -> list[str]:
         if not path.is_file():
             if path.suffix or "/" in name_or_file:
                 raise FileNotFoundError(f"--prompts {name_or_file}: no such file")
-            raise ValueError(f"--prompts {name_or_file!r}: unknown prompt set; use one of {list(PROMPT_SETS)} or a file path")
+            raise ValueError(
+                f"--prompts {name_or_file!r}: unknown prompt set; use one of {list(PROMPT_SETS)} or a file path"
+            )
         text, source = path.read_text(), str(path)
     prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
@@ -93,8 +95,9 @@ def load_prompt_set(name_or_file: str) -> list[str]:
 # ------------------------------------------------------------------------------------------
 
 
-def bootstrap_ci(values: Sequence[float], level: float = CI_LEVEL, n_resamples: int = N_BOOTSTRAP,
-                 seed: int = 0) -> tuple[float, float] | None:
+def bootstrap_ci(
+    values: Sequence[float], level: float = CI_LEVEL, n_resamples: int = N_BOOTSTRAP, seed: int = 0
+) -> tuple[float, float] | None:
     """Percentile-bootstrap confidence interval of the mean; None with fewer than 2 values."""
     x = np.asarray(values, dtype=np.float64)
     if x.size < 2:
@@ -102,8 +105,12 @@ def bootstrap_ci(values: Sequence[float], level: float = CI_LEVEL, n_resamples: 
     rng = np.random.default_rng(seed)
     # resample in blocks so memory stays ~8 MB however many images an eval has
     block = max(1, 1_000_000 // x.size)
-    means = np.concatenate([x[rng.integers(0, x.size, size=(min(block, n_resamples - i), x.size))].mean(axis=1)
-                            for i in range(0, n_resamples, block)])
+    means = np.concatenate(
+        [
+            x[rng.integers(0, x.size, size=(min(block, n_resamples - i), x.size))].mean(axis=1)
+            for i in range(0, n_resamples, block)
+        ]
+    )
     alpha = (1.0 - level) / 2.0
     return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
 
@@ -134,7 +141,9 @@ def win_rate(model: Sequence[float | None], baseline: Sequence[float | None]) ->
     excluded = Counter()
     for a, b in zip(model, baseline):
         if a is None or b is None:
-            excluded["both_missing" if a is None and b is None else "model_missing" if a is None else "baseline_missing"] += 1
+            excluded[
+                "both_missing" if a is None and b is None else "model_missing" if a is None else "baseline_missing"
+            ] += 1
             continue
         outcomes.append(1.0 if a > b else 0.5 if a == b else 0.0)
     ci = bootstrap_ci(outcomes)
@@ -167,8 +176,16 @@ def region_rates(regions: Sequence[dict[str, list]]) -> dict[str, dict[str, Any]
 # ------------------------------------------------------------------------------------------
 
 
-def sample_images(cfg, spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[int], batch_size: int,
-                  device: str = "cpu", progress: bool = True, desc: str = "sampling") -> np.ndarray:
+def sample_images(
+    cfg,
+    spec: ModelSpec,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int,
+    device: str = "cpu",
+    progress: bool = True,
+    desc: str = "sampling",
+) -> np.ndarray:
     """Sample one image per (prompt, seed) with ``cfg.rollout``'s settings; uint8 (N, H, W, 3)."""
     import gc
 
@@ -184,11 +201,13 @@ def sample_images(cfg, spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[
     if lora is not None:
         load_lora_into(pipe, lora)
     rc = cfg.rollout
-    settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta)
+    settings = SamplerSettings(
+        rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta
+    )
     sampler = Sampler(pipe, model_id=spec.label)
     chunks = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        chunks.append(sampler.sample(prompts[i:i + batch_size], seeds[i:i + batch_size], settings).images)
+        chunks.append(sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings).images)
     del sampler, pipe
     gc.collect()
     if torch.cuda.is_available():
@@ -196,8 +215,14 @@ def sample_images(cfg, spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[
     return np.concatenate(chunks)
 
 
-def score_images(reward_set, images: np.ndarray, prompts: Sequence[str], batch_size: int, progress: bool = True,
-                 desc: str = "scoring"):
+def score_images(
+    reward_set,
+    images: np.ndarray,
+    prompts: Sequence[str],
+    batch_size: int,
+    progress: bool = True,
+    desc: str = "scoring",
+):
     """Score in batches with every configured reward; returns one :class:`ScoredBatch` for all images."""
     from tqdm import tqdm
 
@@ -206,7 +231,7 @@ def score_images(reward_set, images: np.ndarray, prompts: Sequence[str], batch_s
     results: dict[str, list] = {n: [] for n in reward_set.names}
     scored = None
     for i in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=not progress):
-        scored = reward_set(images[i:i + batch_size], list(prompts[i:i + batch_size]))
+        scored = reward_set(images[i : i + batch_size], list(prompts[i : i + batch_size]))
         for n, res in scored.results.items():
             results[n].extend(res)
     return ScoredBatch(results=results, weights=scored.weights, regions_of=scored.regions_of)
@@ -225,12 +250,13 @@ def _side_record(scored, index: int) -> dict[str, Any]:
 def _side_stats(scored) -> dict[str, Any]:
     stats = {n: value_stats([r.value for r in res], [r.reason for r in res]) for n, res in scored.results.items()}
     comb = scored.combined()
-    stats[COMBINED] = value_stats(comb, [None if v is not None else "a weighted reward is not computable" for v in comb])
+    stats[COMBINED] = value_stats(
+        comb, [None if v is not None else "a weighted reward is not computable" for v in comb]
+    )
     return stats
 
 
-def collapse_stats(reward_set, images: np.ndarray, prompts: Sequence[str], scored,
-                   train_scored=None) -> dict[str, Any]:
+def collapse_stats(reward_set, images: np.ndarray, prompts: Sequence[str], scored, train_scored=None) -> dict[str, Any]:
     """Collapse and hacking metrics of one model's images (:mod:`rlfh.eval.diversity`):
     ``face_identity_sim`` (faces across seeds and prompts, embedded by a configured reward's model),
     ``image_diversity`` (within a prompt, across seeds) and ``reward_gap`` (combined reward on the
@@ -238,17 +264,32 @@ def collapse_stats(reward_set, images: np.ndarray, prompts: Sequence[str], score
     from rlfh.eval.diversity import face_lists, face_similarity_from, image_diversity, reward_gap
 
     faces = face_lists([scored.regions(i) for i in range(len(scored))])
-    gap = (reward_gap(train_scored.combined(), scored.combined()) if train_scored is not None else
-           {"value": None, "reason": "no training prompts were sampled (rlfh eval --train-prompts K)"})
-    return {"face_identity_sim": face_similarity_from(reward_set.face_embeddings(images, faces)),
-            "image_diversity": image_diversity(images, prompts),
-            "reward_gap": gap}
+    gap = (
+        reward_gap(train_scored.combined(), scored.combined())
+        if train_scored is not None
+        else {"value": None, "reason": "no training prompts were sampled (rlfh eval --train-prompts K)"}
+    )
+    return {
+        "face_identity_sim": face_similarity_from(reward_set.face_embeddings(images, faces)),
+        "image_diversity": image_diversity(images, prompts),
+        "reward_gap": gap,
+    }
 
 
-def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int], out_dir: str | Path,
-             baseline: ModelSpec | None = None, prompt_set: str = "", batch_size: int | None = None,
-             device: str = "cpu", progress: bool = True, report: bool = True,
-             train_prompts: Sequence[str] = ()) -> dict[str, Any]:
+def evaluate(
+    cfg,
+    model: ModelSpec,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    out_dir: str | Path,
+    baseline: ModelSpec | None = None,
+    prompt_set: str = "",
+    batch_size: int | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    report: bool = True,
+    train_prompts: Sequence[str] = (),
+) -> dict[str, Any]:
     """Sample, score, summarise and write ``eval.json`` (+ images and the HTML report).
 
     Args:
@@ -296,10 +337,19 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
             train_scored = None
             if train_pairs:  # the same seeds on the training prompts: the held-out reward gap
                 tp = [p for p, _ in train_pairs]
-                train_images = sample_images(cfg, spec, tp, [s for _, s in train_pairs], bs, device, progress,
-                                             desc=f"sampling {side} (training prompts)")
-                train_scored = score_images(reward_set, train_images, tp, bs, progress,
-                                            desc=f"scoring {side} (training prompts)")
+                train_images = sample_images(
+                    cfg,
+                    spec,
+                    tp,
+                    [s for _, s in train_pairs],
+                    bs,
+                    device,
+                    progress,
+                    desc=f"sampling {side} (training prompts)",
+                )
+                train_scored = score_images(
+                    reward_set, train_images, tp, bs, progress, desc=f"scoring {side} (training prompts)"
+                )
             collapse[side] = collapse_stats(reward_set, images, all_prompts, scored_by_side[side], train_scored)
 
     first = scored_by_side["model"]
@@ -311,8 +361,10 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
             **{side: _side_stats(sc)[name] for side, sc in scored_by_side.items()},
         }
         if baseline is not None:
-            vals = {s: (sc.combined() if name == COMBINED else [r.value for r in sc.results[name]])
-                    for s, sc in scored_by_side.items()}
+            vals = {
+                s: (sc.combined() if name == COMBINED else [r.value for r in sc.results[name]])
+                for s, sc in scored_by_side.items()
+            }
             entry["win_rate"] = win_rate(vals["model"], vals["baseline"])
         rewards[name] = entry
     samples = []
@@ -327,8 +379,14 @@ def evaluate(cfg, model: ModelSpec, prompts: Sequence[str], seeds: Sequence[int]
         "num_prompts": len(prompts),
         "seeds": [int(s) for s in seeds],
         "num_images_per_model": len(pairs),
-        "settings": {"num_inference_steps": rc.num_inference_steps, "guidance_scale": rc.guidance_scale,
-                     "negative_prompt": rc.negative_prompt, "height": rc.height, "width": rc.width, "eta": rc.eta},
+        "settings": {
+            "num_inference_steps": rc.num_inference_steps,
+            "guidance_scale": rc.guidance_scale,
+            "negative_prompt": rc.negative_prompt,
+            "height": rc.height,
+            "width": rc.width,
+            "eta": rc.eta,
+        },
         "ci_method": CI_METHOD,
         "win_rule": "model wins when its value is strictly higher; ties count 0.5; pairs with a missing value excluded",
         "models": {side: {"path": spec.path, "lora": spec.lora, "label": spec.label} for side, spec in sides.items()},
@@ -355,8 +413,10 @@ def _json_default(o: Any) -> Any:
 def format_summary(summary: dict[str, Any]) -> str:
     """A short plain-text table of the summary for the terminal."""
     sides = list(summary["models"])
-    lines = [f"{summary['num_images_per_model']} images per model ({summary['num_prompts']} prompts x "
-             f"{len(summary['seeds'])} seeds); 95% CI: {summary['ci_method']}"]
+    lines = [
+        f"{summary['num_images_per_model']} images per model ({summary['num_prompts']} prompts x "
+        f"{len(summary['seeds'])} seeds); 95% CI: {summary['ci_method']}"
+    ]
     for name, e in summary["rewards"].items():
         parts = []
         for side in sides:
@@ -370,7 +430,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  {name}: " + "; ".join(parts))
     for side in sides:
         for key, m in summary.get("collapse", {}).get(side, {}).items():
-            lines.append(f"  {side}: {key} " + (f"{m['value']:.4g}" if m["value"] is not None else f"n/a ({m['reason']})"))
+            lines.append(
+                f"  {side}: {key} " + (f"{m['value']:.4g}" if m["value"] is not None else f"n/a ({m['reason']})")
+            )
     for side in sides:
         for region, r in summary["regions"][side].items():
             if not math.isnan(r["no_detection_rate"]):

@@ -65,14 +65,19 @@ class Guards:
 
         faces = face_lists([hs.regions(i) for i in range(len(hs))])
         embed = getattr(self.train_scorer, "face_embeddings", None)
-        embedded = embed(hb.images, faces) if embed is not None else {
-            "embeddings": None, "reason": "the reward scorer does not serve embeddings"}
+        embedded = (
+            embed(hb.images, faces)
+            if embed is not None
+            else {"embeddings": None, "reason": "the reward scorer does not serve embeddings"}
+        )
         train_rewards = hs if self.scorer is self.train_scorer else self.train_scorer.score(hb.images, hb.prompts)
         train_mean = metrics.get("reward/combined/mean")
         gap = reward_gap([train_mean] if train_mean is not None else [], train_rewards.combined())
-        found = {"collapse/face_identity_sim": face_similarity_from(embedded),
-                 "collapse/image_diversity": image_diversity(hb.images, hb.prompts),
-                 "heldout/reward_gap": gap}
+        found = {
+            "collapse/face_identity_sim": face_similarity_from(embedded),
+            "collapse/image_diversity": image_diversity(hb.images, hb.prompts),
+            "heldout/reward_gap": gap,
+        }
         for key, m in found.items():
             metrics[key] = m["value"]
             if m["value"] is None:

@@ -7,7 +7,8 @@ and the sample images next to it, and writes:
   face / hand / other boxes the rewards found and every reward's value drawn on each image;
 * ``plots/dist-<reward>.png``: each reward's distribution per model (matplotlib, Agg backend);
 * ``plots/win_rates.png``: win rates with their 95% intervals, when there is a baseline;
-* ``index.html``: the tables (rewards, detections, collapse and hacking metrics per model) and the pictures, with relative links and no external resources, so
+* ``index.html``: the tables (rewards, detections, collapse and hacking metrics per model) and the pictures, with
+relative links and no external resources, so
   the folder can be copied or served as is.
 """
 
@@ -52,11 +53,12 @@ def annotate(image_path: Path, side: dict[str, Any], reward_names: list[str]):
     im = Image.open(image_path).convert("RGB")
     scale = CELL / max(im.size)
     # nearest keeps the tiny model's pixels honest when enlarging; Lanczos for shrinking real images
-    im = im.resize((round(im.width * scale), round(im.height * scale)),
-                   Image.NEAREST if scale > 1 else Image.LANCZOS)
+    im = im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST if scale > 1 else Image.LANCZOS)
     font = _font(12)
-    lines = [f"{n}: {_fmt(side['scores'][n])}" + (f" ({side['reasons'][n]})" if n in side["reasons"] else "")
-             for n in reward_names]
+    lines = [
+        f"{n}: {_fmt(side['scores'][n])}" + (f" ({side['reasons'][n]})" if n in side["reasons"] else "")
+        for n in reward_names
+    ]
     lines.append(f"combined: {_fmt(side['combined'])}")
     cell = Image.new("RGB", (CELL, CELL + 16 * len(lines) + 6), "white")
     cell.paste(im, ((CELL - im.width) // 2, 0))
@@ -101,14 +103,18 @@ def write_grids(out_dir: Path, summary: dict[str, Any], max_samples: int = 96) -
     paths = []
     for page, start in enumerate(range(0, len(samples), ROWS_PER_GRID)):
         rows = []
-        for rec in samples[start:start + ROWS_PER_GRID]:
+        for rec in samples[start : start + ROWS_PER_GRID]:
             cells = [annotate(out_dir / rec[s]["image"], rec[s], names) for s in sides]
-            row = Image.new("RGB", (LABEL_W + CELL * len(cells) + 8 * len(cells), max(c.height for c in cells) + 8), "white")
+            row = Image.new(
+                "RGB", (LABEL_W + CELL * len(cells) + 8 * len(cells), max(c.height for c in cells) + 8), "white"
+            )
             draw = ImageDraw.Draw(row)
             text = _wrap(rec["prompt"]) + [f"seed {rec['seed']}  (#{rec['index']})"]
             if "baseline" in rec:
                 a, b = rec["model"]["combined"], rec["baseline"]["combined"]
-                verdict = "n/a" if a is None or b is None else "model wins" if a > b else "tie" if a == b else "baseline wins"
+                verdict = (
+                    "n/a" if a is None or b is None else "model wins" if a > b else "tie" if a == b else "baseline wins"
+                )
                 text.append(f"combined: {verdict}")
             for i, line in enumerate(text):
                 draw.text((6, 6 + 17 * i), line, fill=(20, 20, 20), font=font)
@@ -155,7 +161,9 @@ def write_distribution_plots(out_dir: Path, summary: dict[str, Any]) -> dict[str
         rng = (min(allv), max(allv)) if min(allv) < max(allv) else (min(allv) - 0.5, max(allv) + 0.5)
         for s in sides:
             if vals[s]:
-                ax.hist(vals[s], bins=bins, range=rng, alpha=0.55, color=SIDE_COLORS[s], label=f"{s} (n={len(vals[s])})")
+                ax.hist(
+                    vals[s], bins=bins, range=rng, alpha=0.55, color=SIDE_COLORS[s], label=f"{s} (n={len(vals[s])})"
+                )
                 ax.axvline(sum(vals[s]) / len(vals[s]), color=SIDE_COLORS[s], linestyle="--", linewidth=1.5)
         ax.set_title(name)
         ax.set_xlabel("reward (higher is better)")
@@ -175,16 +183,21 @@ def _value(side: dict[str, Any], name: str) -> float | None:
 
 def write_win_rate_plot(out_dir: Path, summary: dict[str, Any]) -> str | None:
     """Horizontal bars of win rate with 95% CI; None when there is no baseline or nothing compared."""
-    rows = [(n, e["win_rate"]) for n, e in summary["rewards"].items()
-            if "win_rate" in e and e["win_rate"]["win_rate"] is not None]
+    rows = [
+        (n, e["win_rate"])
+        for n, e in summary["rewards"].items()
+        if "win_rate" in e and e["win_rate"]["win_rate"] is not None
+    ]
     if not rows:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 0.5 + 0.45 * len(rows)), dpi=100)
     ys = list(range(len(rows)))
     rates = [w["win_rate"] for _, w in rows]
-    err = [[r - (w["ci_low"] if w["ci_low"] is not None else r) for r, (_, w) in zip(rates, rows)],
-           [(w["ci_high"] if w["ci_high"] is not None else r) - r for r, (_, w) in zip(rates, rows)]]
+    err = [
+        [r - (w["ci_low"] if w["ci_low"] is not None else r) for r, (_, w) in zip(rates, rows)],
+        [(w["ci_high"] if w["ci_high"] is not None else r) - r for r, (_, w) in zip(rates, rows)],
+    ]
     ax.barh(ys, rates, xerr=err, color=SIDE_COLORS["model"], alpha=0.75, capsize=3)
     ax.axvline(0.5, color="black", linewidth=1)
     ax.set_yticks(ys, [n for n, _ in rows])
@@ -218,12 +231,21 @@ def _missing(st: dict[str, Any]) -> str:
 
 
 COLLAPSE_ROWS = (
-    ("face_identity_sim", "face identity similarity",
-     "mean pairwise cosine similarity of face embeddings across seeds and prompts; 1 = one face everywhere"),
-    ("image_diversity", "image diversity within a prompt",
-     "mean pairwise RMS pixel distance (64x64, [0, 1]) between seeds of a prompt; 0 = the seed no longer matters"),
-    ("reward_gap", "held-out reward gap",
-     "combined reward on training prompts minus on these prompts; growing = reward won on training prompts only"),
+    (
+        "face_identity_sim",
+        "face identity similarity",
+        "mean pairwise cosine similarity of face embeddings across seeds and prompts; 1 = one face everywhere",
+    ),
+    (
+        "image_diversity",
+        "image diversity within a prompt",
+        "mean pairwise RMS pixel distance (64x64, [0, 1]) between seeds of a prompt; 0 = the seed no longer matters",
+    ),
+    (
+        "reward_gap",
+        "held-out reward gap",
+        "combined reward on training prompts minus on these prompts; growing = reward won on training prompts only",
+    ),
 )
 
 
@@ -252,20 +274,26 @@ def _collapse_table(summary: dict[str, Any], sides: list[str]) -> list[str]:
     return out
 
 
-def render_html(summary: dict[str, Any], grids: list[str], dists: dict[str, str], win_plot: str | None,
-                max_samples: int) -> str:
+def render_html(
+    summary: dict[str, Any], grids: list[str], dists: dict[str, str], win_plot: str | None, max_samples: int
+) -> str:
     """The index page: models, settings, per-reward table, region rates, plots and grids."""
     e = html.escape
     sides = list(summary["models"])
-    out = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>rlfh evaluation</title>",
-           f"<style>{CSS}</style></head><body><h1>rlfh evaluation</h1>", "<table><tr><th>side</th><th>model</th></tr>"]
+    out = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>rlfh evaluation</title>",
+        f"<style>{CSS}</style></head><body><h1>rlfh evaluation</h1>",
+        "<table><tr><th>side</th><th>model</th></tr>",
+    ]
     out += [f"<tr><td>{s}</td><td>{e(m['label'])}</td></tr>" for s, m in summary["models"].items()]
     st = summary["settings"]
-    out.append(f"</table><p>{summary['num_images_per_model']} images per model: prompt set "
-               f"<b>{e(str(summary['prompt_set']))}</b>, {summary['num_prompts']} prompts x seeds "
-               f"{e(str(summary['seeds']))}; {st['height']}x{st['width']} px, {st['num_inference_steps']} steps, "
-               f"guidance {st['guidance_scale']}.</p><p class=small>95% CI: {e(summary['ci_method'])}. "
-               f"Win rule: {e(summary['win_rule'])}.</p><h2>Rewards</h2><table><tr><th>reward</th><th>region</th>")
+    out.append(
+        f"</table><p>{summary['num_images_per_model']} images per model: prompt set "
+        f"<b>{e(str(summary['prompt_set']))}</b>, {summary['num_prompts']} prompts x seeds "
+        f"{e(str(summary['seeds']))}; {st['height']}x{st['width']} px, {st['num_inference_steps']} steps, "
+        f"guidance {st['guidance_scale']}.</p><p class=small>95% CI: {e(summary['ci_method'])}. "
+        f"Win rule: {e(summary['win_rule'])}.</p><h2>Rewards</h2><table><tr><th>reward</th><th>region</th>"
+    )
     out += [f"<th>{s} mean [95% CI]</th><th>{s} not computable</th>" for s in sides]
     if "baseline" in sides:
         out.append("<th>win rate [95% CI]</th><th>compared / excluded</th>")
@@ -281,8 +309,11 @@ def render_html(summary: dict[str, Any], grids: list[str], dists: dict[str, str]
     detected = [(s, region, rr) for s in sides for region, rr in summary["regions"][s].items()]
     if detected:
         out.append("<table><tr><th>side</th><th>region</th><th>images checked</th><th>none found</th></tr>")
-        out += [f"<tr><td>{s}</td><td>{e(region)}</td><td>{rr['checked']}</td>"
-                f"<td>{rr['no_detection']} ({rr['no_detection_rate']:.0%})</td></tr>" for s, region, rr in detected]
+        out += [
+            f"<tr><td>{s}</td><td>{e(region)}</td><td>{rr['checked']}</td>"
+            f"<td>{rr['no_detection']} ({rr['no_detection_rate']:.0%})</td></tr>"
+            for s, region, rr in detected
+        ]
         out.append("</table>")
     else:
         out.append("<p>No detector ran: no reward of this evaluation reports face, hand or other regions.</p>")
@@ -294,9 +325,11 @@ def render_html(summary: dict[str, Any], grids: list[str], dists: dict[str, str]
     if win_plot:
         out.append(f"<h2>Win rates</h2><div class=plots><img src='{win_plot}' alt='win rates'></div>")
     shown = min(max_samples, len(summary["samples"]))
-    out.append(f"<h2>Samples</h2><p class=small>{shown} of {len(summary['samples'])} samples; boxes: "
-               "<span style='color:#28c83c'>face</span>, <span style='color:#ff8c00'>hand</span>, "
-               "<span style='color:#3c78ff'>other</span>. Full-size images are in images/.</p><div class=grids>")
+    out.append(
+        f"<h2>Samples</h2><p class=small>{shown} of {len(summary['samples'])} samples; boxes: "
+        "<span style='color:#28c83c'>face</span>, <span style='color:#ff8c00'>hand</span>, "
+        "<span style='color:#3c78ff'>other</span>. Full-size images are in images/.</p><div class=grids>"
+    )
     out += [f"<a href='{g}'><img src='{g}' alt='sample grid {i}'></a><br>" for i, g in enumerate(grids)]
     out.append("</div></body></html>")
     return "\n".join(out)

@@ -34,8 +34,9 @@ class LearnerRank:
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
 
-    def setup(self, cfg, rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None,
-              colocate: bool = False) -> int:
+    def setup(
+        self, cfg, rank: int = 0, world_size: int = 1, master: tuple[str, int] | None = None, colocate: bool = False
+    ) -> int:
         from rlfh.learner.distributed import set_rendezvous
         from rlfh.learner.engine import LearnerEngine
 
@@ -111,7 +112,9 @@ class LearnerRank:
         if buckets:
             raise RuntimeError("a colocated learner samples with its own weights; it takes no weight buckets")
         if policy_version != self.learner.policy_version:
-            raise RuntimeError(f"sync to policy version {policy_version}, but the learner is at {self.learner.policy_version}")
+            raise RuntimeError(
+                f"sync to policy version {policy_version}, but the learner is at {self.learner.policy_version}"
+            )
         self.sampler.policy_version = policy_version
         return policy_version
 

@@ -36,8 +36,16 @@ class CheckpointIO:
         device: where restored weights go.
     """
 
-    def __init__(self, family, weights: PolicyWeights, optimization: Optimization, rank: int, world_size: int,
-                 ema_reference: bool, device: torch.device):
+    def __init__(
+        self,
+        family,
+        weights: PolicyWeights,
+        optimization: Optimization,
+        rank: int,
+        world_size: int,
+        ema_reference: bool,
+        device: torch.device,
+    ):
         self.family, self.weights, self.optimization = family, weights, optimization
         self.rank, self.world_size = rank, world_size
         self.ema_reference = ema_reference
@@ -96,13 +104,17 @@ class CheckpointIO:
 
         ema = self.weights.ema
         if ema is not None:
-            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
-                      tmp / "ema.safetensors", metadata={"optimization_step": str(ema.optimization_step),
-                                                          "decay": str(ema.decay)})
+            save_file(
+                {str(i): p.detach().cpu().contiguous() for i, p in enumerate(ema.shadow_params)},
+                tmp / "ema.safetensors",
+                metadata={"optimization_step": str(ema.optimization_step), "decay": str(ema.decay)},
+            )
         if self.weights.reference_weights is not None:
             # the EMA as it was at the last refresh (learner.reference.refresh_rounds): not today's EMA
-            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.weights.reference_weights)},
-                      tmp / "reference.safetensors")
+            save_file(
+                {str(i): p.detach().cpu().contiguous() for i, p in enumerate(self.weights.reference_weights)},
+                tmp / "reference.safetensors",
+            )
 
     def load(self, directory: str | Path) -> dict:
         """Restore the engine, optimizer, EMA and the EMA reference of the last refresh; returns the
@@ -114,10 +126,13 @@ class CheckpointIO:
         state = json.loads(state_file.read_text())
         saved_ranks = state.get("learner_ranks", 1)
         if saved_ranks != self.world_size and self.optimization.zero_stage > 0:
-            raise RuntimeError(f"{directory} was written by {saved_ranks} learner ranks with ZeRO partitions; "
-                               f"resume with the same number of ranks (now {self.world_size})")
-        load_path, _ = self.optimization.engine.load_checkpoint(str(directory / "deepspeed"), tag="state",
-                                                                load_module_strict=False)
+            raise RuntimeError(
+                f"{directory} was written by {saved_ranks} learner ranks with ZeRO partitions; "
+                f"resume with the same number of ranks (now {self.world_size})"
+            )
+        load_path, _ = self.optimization.engine.load_checkpoint(
+            str(directory / "deepspeed"), tag="state", load_module_strict=False
+        )
         if load_path is None:
             raise RuntimeError(f"{directory}: DeepSpeed found no engine state to load")
         self.read_ema(directory)

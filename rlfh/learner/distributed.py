@@ -20,8 +20,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def set_rendezvous(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
     """The env:// rendezvous of one rank. Each Ray actor sees only its own GPU, hence LOCAL_RANK 0."""
-    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK="0")
+    os.environ.update(
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+    )
     if ipaddress.ip_address(master_addr).is_loopback and "GLOO_SOCKET_IFNAME" not in os.environ:
         # ranks on one machine: keep gloo's pairs on loopback rather than the host's first interface
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"

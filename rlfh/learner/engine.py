@@ -40,8 +40,10 @@ class NonFiniteError(RuntimeError):
     """A NaN or inf loss or weight: training stops before it reaches the weights or a checkpoint."""
 
 
-NONFINITE_CAUSES = ("a NaN/inf hyperparameter (learner.dpo.beta, learner.lr, ...), non-finite rewards or latents in "
-                    "the batch, or a diverging run (lower learner.lr, set learner.max_grad_norm)")
+NONFINITE_CAUSES = (
+    "a NaN/inf hyperparameter (learner.dpo.beta, learner.lr, ...), non-finite rewards or latents in "
+    "the batch, or a diverging run (lower learner.lr, set learner.max_grad_norm)"
+)
 
 
 def ddpo_train_steps(cfg) -> int:
@@ -57,8 +59,12 @@ def needs_text_encoders(cfg) -> bool:
     rollout conditioned on, DDPO's guided eps needs the negative prompt (the rollouts send positive
     embeddings only), and so does CFG distillation's teacher. Offline DPO keeps them because its batches
     (from the rollout log) carry none."""
-    return bool(cfg.resources.colocate or cfg.data.hgdpo.real_images
-                or TEXT_ENCODERS in loss_spec(cfg.learner.loss).needs or cfg.learner.guidance_free.scale is not None)
+    return bool(
+        cfg.resources.colocate
+        or cfg.data.hgdpo.real_images
+        or TEXT_ENCODERS in loss_spec(cfg.learner.loss).needs
+        or cfg.learner.guidance_free.scale is not None
+    )
 
 
 def deepspeed_config(cfg) -> dict:
@@ -66,8 +72,9 @@ def deepspeed_config(cfg) -> dict:
     lc = cfg.learner
     # DDPO accumulates over the trained timesteps of each micro-batch too (one backward per step)
     per_item = ddpo_train_steps(cfg) if loss_spec(lc.loss).batch == TRAJECTORIES else 1
-    return engine_config(lc, cfg.gradient_accumulation_steps * per_item, cfg.learner_world_size,
-                         bf16=cfg.model.dtype == "bfloat16")
+    return engine_config(
+        lc, cfg.gradient_accumulation_steps * per_item, cfg.learner_world_size, bf16=cfg.model.dtype == "bfloat16"
+    )
 
 
 class LearnerEngine:
@@ -93,9 +100,11 @@ class LearnerEngine:
         init_distributed()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if self.world_size != cfg.learner_world_size:
-            raise RuntimeError(f"the process group has {self.world_size} ranks but the config asks for "
-                               f"{cfg.learner_world_size} learner ranks "
-                               f"(resources.num_learner_ranks / num_learner_gpus)")
+            raise RuntimeError(
+                f"the process group has {self.world_size} ranks but the config asks for "
+                f"{cfg.learner_world_size} learner ranks "
+                f"(resources.num_learner_ranks / num_learner_gpus)"
+            )
         pipe = load_pipeline(cfg.model, self.device)
         self.family = family = family_of(pipe)
         self.vae = pipe.vae if keep_vae else None
@@ -113,13 +122,27 @@ class LearnerEngine:
         self.keep_text_encoders = keep_vae or needs_text_encoders(cfg)
         # the batch's prompt embeddings (take_conditioning), and prompts encoded here; one round's worth
         self.prompts = PromptCache(family)
-        self.weights = PolicyWeights(getattr(pipe, family.denoiser), cfg.model.lora, cfg.model.hcp, pipe.tokenizer, cfg.seed,
-                                     lc.engine.gradient_checkpointing)
-        self.optimization = Optimization(self.weights.unet, self.weights.trainable, lc, deepspeed_config(cfg),
-                                         self.world_size, self.device)
+        self.weights = PolicyWeights(
+            getattr(pipe, family.denoiser),
+            cfg.model.lora,
+            cfg.model.hcp,
+            pipe.tokenizer,
+            cfg.seed,
+            lc.engine.gradient_checkpointing,
+        )
+        self.optimization = Optimization(
+            self.weights.unet, self.weights.trainable, lc, deepspeed_config(cfg), self.world_size, self.device
+        )
         self.weights.wrapped(self.optimization.engine.module, lc.ema.decay, lc.engine.compile)
-        self.checkpoints = CheckpointIO(family, self.weights, self.optimization, self.rank, self.world_size,
-                                        lc.reference.model == "ema", self.device)
+        self.checkpoints = CheckpointIO(
+            family,
+            self.weights,
+            self.optimization,
+            self.rank,
+            self.world_size,
+            lc.reference.model == "ema",
+            self.device,
+        )
         self.dtype = self.weights.dtype
         # Per-region gradients (MPD, MGDA) take torch.autograd.grad, which the engine's forward refuses;
         # the wrapped module keeps ZeRO <= 2's gradient hooks on the parameters.
@@ -177,8 +200,7 @@ class LearnerEngine:
         the batch and nothing else in this run encodes (:func:`needs_text_encoders`), the text
         encoders are dropped: the learner then holds none (on SDXL 0.8 B parameters, 1.6 GB in bf16)."""
         self.conditioning = table
-        if (table and not self.keep_text_encoders and self.has_text_encoders
-                and all(p in table for p in prompts)):
+        if table and not self.keep_text_encoders and self.has_text_encoders and all(p in table for p in prompts):
             self.family.drop_text_encoders(self.pipe)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -195,8 +217,10 @@ class LearnerEngine:
         wanted = list(prompts) + ([negative_prompt] if negative_prompt is not None else [])
         missing = self.prompts.missing(wanted)
         if missing and not self.has_text_encoders:
-            raise RuntimeError(f"the learner dropped its text encoders (the rollouts send the prompt embeddings) "
-                               f"but has none for {sorted(missing)[:3]}: pass the batch's conditioning")
+            raise RuntimeError(
+                f"the learner dropped its text encoders (the rollouts send the prompt embeddings) "
+                f"but has none for {sorted(missing)[:3]}: pass the batch's conditioning"
+            )
         cond = self.prompts.conditioning(self.pipe, prompts, height, width, self.device, negative_prompt)
         return cond.to(self.dtype)
 
@@ -257,8 +281,7 @@ class LearnerEngine:
     def guided(self, model, x, t: int, cond, guidance_scale: float) -> torch.Tensor:
         """``model``'s prediction on x (in the UNet's dtype) under guidance, with the rollout sampler's
         scheduler (:meth:`families.base.ModelFamily.guided_prediction`; DDPO's recorded steps)."""
-        return self.family.guided_prediction(model, self.ddim, x.to(self.dtype), t, Conditioning(*cond),
-                                             guidance_scale)
+        return self.family.guided_prediction(model, self.ddim, x.to(self.dtype), t, Conditioning(*cond), guidance_scale)
 
     def step_logprob(self, prediction, t: int, x, x_next, eta: float):
         """The sampler's step from x with ``prediction`` scored at the recorded x_next (DDPO)."""
@@ -278,8 +301,9 @@ class LearnerEngine:
         lc = self.cfg.learner
         if OLD_POLICY in loss_spec(lc.loss).needs or lc.ddpo.trust_region != "clip":
             self.weights.keep_sampled(lc.ema.sampling_policy == "ema")
-        if lc.reference.model == "ema" and (self.reference_weights is None
-                                      or self.policy_version % lc.reference.refresh_rounds == 0):
+        if lc.reference.model == "ema" and (
+            self.reference_weights is None or self.policy_version % lc.reference.refresh_rounds == 0
+        ):
             self.weights.refresh_reference()
 
     # ------------------------------------------------------------------ updates
@@ -287,17 +311,21 @@ class LearnerEngine:
         """Back-propagate one micro-batch's loss and take DeepSpeed's micro-step (it steps the
         optimizer at the accumulation boundary). A non-finite loss stops here, before any gradient."""
         if not bool(torch.isfinite(loss.detach())):
-            raise NonFiniteError(f"non-finite loss {float(loss.detach())} at optimizer step {self.global_step} "
-                                 f"(policy version {self.policy_version}); nothing was applied. Likely cause: "
-                                 f"{NONFINITE_CAUSES}")
+            raise NonFiniteError(
+                f"non-finite loss {float(loss.detach())} at optimizer step {self.global_step} "
+                f"(policy version {self.policy_version}); nothing was applied. Likely cause: "
+                f"{NONFINITE_CAUSES}"
+            )
         self.optimization.backward_and_step(loss)
 
     def finish_optimizer_step(self) -> None:
         """After the last micro-batch of an optimizer step: count it, check the weights, update the EMA."""
         self.global_step += 1
         if not self.weights_finite():
-            raise NonFiniteError(f"non-finite weights after optimizer step {self.global_step} (policy version "
-                                 f"{self.policy_version}): a gradient was NaN/inf. Likely cause: {NONFINITE_CAUSES}")
+            raise NonFiniteError(
+                f"non-finite weights after optimizer step {self.global_step} (policy version "
+                f"{self.policy_version}): a gradient was NaN/inf. Likely cause: {NONFINITE_CAUSES}"
+            )
         self.weights.step_ema()
 
     def weights_finite(self) -> bool:

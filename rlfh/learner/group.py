@@ -37,8 +37,8 @@ def mean_metrics(per_rank: list[dict]) -> dict:
 
 class LearnerGroup:
     """Args:
-        cfg: the run's config. num_threads: torch threads per rank.
-        colocate: one rank that also samples (``resources.colocate``).
+    cfg: the run's config. num_threads: torch threads per rank.
+    colocate: one rank that also samples (``resources.colocate``).
     """
 
     def __init__(self, cfg, num_threads: int = 1, colocate: bool = False):
@@ -51,8 +51,10 @@ class LearnerGroup:
         res = cfg.resources
         self.world_size = cfg.learner_world_size
         gpus = 1 if res.num_learner_gpus or (colocate and res.gpus_per_rollout_actor) else 0
-        opts = [dict(num_cpus=res.num_cpus_per_actor, num_gpus=gpus, resources=dict(res.learner_resources))
-                for _ in range(self.world_size)]
+        opts = [
+            dict(num_cpus=res.num_cpus_per_actor, num_gpus=gpus, resources=dict(res.learner_resources))
+            for _ in range(self.world_size)
+        ]
         self.placement_group = None
         if self.world_size > 1:
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -62,14 +64,16 @@ class LearnerGroup:
             bundle = {"CPU": res.num_cpus_per_actor, **({"GPU": gpus} if gpus else {}), **res.learner_resources}
             self.placement_group = reserve([dict(bundle) for _ in range(self.world_size)], "PACK", "the learner ranks")
             for i, o in enumerate(opts):
-                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.placement_group,
-                                                                            placement_group_bundle_index=i)
+                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=i
+                )
         self.ranks = [LearnerActor.options(**o).remote(num_threads) for o in opts]
         master = ray.get(self.ranks[0].rendezvous.remote()) if self.world_size > 1 else None
         # deepspeed.initialize is collective: every rank must be inside it at once
         try:
-            get_all([a.setup.remote(cfg, i, self.world_size, master, colocate) for i, a in enumerate(self.ranks)],
-                    "set-up")
+            get_all(
+                [a.setup.remote(cfg, i, self.world_size, master, colocate) for i, a in enumerate(self.ranks)], "set-up"
+            )
         except BaseException:
             self.shutdown()  # the other ranks may wait in a collective for the failed one
             raise
@@ -122,4 +126,3 @@ class LearnerGroup:
             ray.kill(a)
         if self.placement_group is not None:
             ray.util.remove_placement_group(self.placement_group)
-

@@ -43,7 +43,7 @@ def layer_factor(name: str, n_down: int, n_up: int) -> int | None:
     if m is None:
         return None
     i = int(m.group(2))
-    return 2 ** i if m.group(1) == "down" else 2 ** (n_up - 1 - i)
+    return 2**i if m.group(1) == "down" else 2 ** (n_up - 1 - i)
 
 
 class HcPProcessor(nn.Module):
@@ -83,7 +83,7 @@ class HcPProcessor(nn.Module):
         d = q.shape[-1] // attn.heads
         q = q.view(b, -1, attn.heads, d).transpose(1, 2).float()  # (B, heads, N, d)
         k = k.view(b, -1, attn.heads, d).transpose(1, 2).float()  # (B, heads, L, d)
-        return torch.softmax(q @ k.transpose(-1, -2) * d ** -0.5, dim=-1).mean(1)
+        return torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, dim=-1).mean(1)
 
 
 class HcP:
@@ -118,8 +118,10 @@ class HcP:
                 module.set_processor(proc.to(unet.device))
                 self.processors[name] = proc
         if not self.processors:
-            raise RuntimeError(f"model.hcp.scale_weights={dict(hc.scale_weights)} hooks no cross-attention layer: this "
-                               f"UNet has them at downsampling factors {sorted(x for x in found if x)}")
+            raise RuntimeError(
+                f"model.hcp.scale_weights={dict(hc.scale_weights)} hooks no cross-attention layer: this "
+                f"UNet has them at downsampling factors {sorted(x for x in found if x)}"
+            )
 
     def token_mask(self, prompts: list[str]) -> torch.Tensor:
         """(B, L) bool: the tokens of each prompt's words in ``model.hcp.words``; all its words' tokens
@@ -130,7 +132,9 @@ class HcP:
                 tok = self.tokenizer
                 ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True).input_ids
                 pieces = tok.convert_ids_to_tokens(ids)
-                content = [i for i, t in enumerate(ids) if t not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)]
+                content = [
+                    i for i, t in enumerate(ids) if t not in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+                ]
                 human, word = [], []
                 for i in content:
                     word.append(i)
@@ -150,8 +154,9 @@ class HcP:
         self.store.clear()
         return maps
 
-    def term(self, t: torch.Tensor, prompts: list[str], prior: torch.Tensor | None,
-             metrics: dict[str, float]) -> torch.Tensor | None:
+    def term(
+        self, t: torch.Tensor, prompts: list[str], prior: torch.Tensor | None, metrics: dict[str, float]
+    ) -> torch.Tensor | None:
         """coef * L_hca for the micro-batch whose policy forward just ran, or None (no prior, none kept).
 
         Args:
@@ -178,15 +183,20 @@ class HcP:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """phi's weights of every layer, keyed ``<attn2 module name>.processor.phi.<param>`` (CPU, float32)."""
-        return {f"{name}.processor.phi.{k}": v.detach().float().cpu().contiguous()
-                for name, proc in self.processors.items() for k, v in proc.phi.state_dict().items()}
+        return {
+            f"{name}.processor.phi.{k}": v.detach().float().cpu().contiguous()
+            for name, proc in self.processors.items()
+            for k, v in proc.phi.state_dict().items()
+        }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load what :meth:`state_dict` gave (e.g. ``hcp.safetensors``); every layer's weights must be there."""
         mine = self.state_dict()
         if set(state) != set(mine):
-            raise RuntimeError(f"HcP weights do not match this UNet's HcP layers: missing {sorted(set(mine) - set(state))[:3]}, "
-                               f"unexpected {sorted(set(state) - set(mine))[:3]}")
+            raise RuntimeError(
+                f"HcP weights do not match this UNet's HcP layers: missing {sorted(set(mine) - set(state))[:3]}, "
+                f"unexpected {sorted(set(state) - set(mine))[:3]}"
+            )
         for name, proc in self.processors.items():
             prefix = f"{name}.processor.phi."
-            proc.phi.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            proc.phi.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})

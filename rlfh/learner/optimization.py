@@ -58,8 +58,10 @@ def engine_config(lc, accumulation_steps: int, world_size: int, bf16: bool) -> d
     }
     if lc.engine.offload_optimizer:
         # ZeRO-Offload steps the optimizer on CPU with DeepSpeed's own CPUAdam (built on first use)
-        ds["optimizer"] = {"type": "AdamW", "params": {"lr": lc.lr, "betas": list(lc.adam_betas),
-                                                       "weight_decay": lc.weight_decay}}
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": lc.lr, "betas": list(lc.adam_betas), "weight_decay": lc.weight_decay},
+        }
     return ds
 
 
@@ -75,8 +77,7 @@ class Optimization:
         device: this rank's device.
     """
 
-    def __init__(self, module, params: list[torch.Tensor], lc, ds_config: dict, world_size: int,
-                 device: torch.device):
+    def __init__(self, module, params: list[torch.Tensor], lc, ds_config: dict, world_size: int, device: torch.device):
         import deepspeed
 
         self.params = params
@@ -84,7 +85,8 @@ class Optimization:
         self.zero_stage = lc.engine.zero_stage
         optimizer = None if lc.engine.offload_optimizer else make_optimizer(params, lc, device)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=module, optimizer=optimizer, model_parameters=params, config=ds_config)
+            model=module, optimizer=optimizer, model_parameters=params, config=ds_config
+        )
         self.skip_allreduce = False
         self.skip_identity_work(world_size)
 
@@ -95,8 +97,9 @@ class Optimization:
         # over one rank and a copy back of every gradient (and a /1): it changes no value, so skip it.
         # Its one other effect, zero gradients for trainable weights that got none, backward() keeps.
         # (bf16 keeps it: DeepSpeed's BF16 optimizer reduces its own fp32 gradient buffers there.)
-        self.skip_allreduce = (world_size == 1 and self.zero_stage == 0
-                               and not hasattr(engine.optimizer, "get_grads_for_reduction"))
+        self.skip_allreduce = (
+            world_size == 1 and self.zero_stage == 0 and not hasattr(engine.optimizer, "get_grads_for_reduction")
+        )
         if self.skip_allreduce:
             engine.enable_backward_allreduce = False
         if not (engine.fp16_enabled() or engine.bfloat16_enabled() or engine.zero_optimization()):

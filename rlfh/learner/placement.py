@@ -15,6 +15,8 @@ def reserve(bundles: list[dict], strategy: str, what: str, timeout_s: float = 60
         ray.get(pg.ready(), timeout=timeout_s)
     except GetTimeoutError:
         remove_placement_group(pg)
-        raise RuntimeError(f"could not reserve {len(bundles)} x {bundles[0]} ({strategy}) for {what} within "
-                           f"{timeout_s:.0f} s; the cluster has {ray.cluster_resources()}") from None
+        raise RuntimeError(
+            f"could not reserve {len(bundles)} x {bundles[0]} ({strategy}) for {what} within "
+            f"{timeout_s:.0f} s; the cluster has {ray.cluster_resources()}"
+        ) from None
     return pg

@@ -68,7 +68,11 @@ class PolicyWeights:
         if lora.enabled:
             torch.manual_seed(seed)  # LoRA A matrices come from the global RNG: make runs repeatable
             add_lora(unet, lora.rank, lora.alpha, lora.target_modules)
-            self.lora_adapter = {"r": lora.rank, "lora_alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
+            self.lora_adapter = {
+                "r": lora.rank,
+                "lora_alpha": lora.alpha,
+                "target_modules": sorted(lora.target_modules),
+            }
             if hcp.enabled:  # after the LoRA, so that phi gets no adapter; its init draws from the same seeded RNG
                 from rlfh.learner.hcp import HcP
 
@@ -84,8 +88,9 @@ class PolicyWeights:
             unet.enable_gradient_checkpointing()
         params = [p for p in unet.parameters() if p.requires_grad]
         if not params:
-            raise RuntimeError("no trainable parameters: check model.lora.target_modules against the UNet's "
-                               "module names")
+            raise RuntimeError(
+                "no trainable parameters: check model.lora.target_modules against the UNet's module names"
+            )
         self.unet = unet
         self.trainable = params  # fixed from here on; walking the UNet's parameters costs ms per call
         self.num_trainable = sum(p.numel() for p in params)
@@ -178,8 +183,9 @@ class PolicyWeights:
 
     def refresh_reference(self) -> None:
         """Take the EMA as the reference (``learner.reference.model=ema``)."""
-        self.reference_weights = [p.detach().clone().to(q.dtype)
-                                  for p, q in zip(self.ema.shadow_params, self.trainable)]
+        self.reference_weights = [
+            p.detach().clone().to(q.dtype) for p, q in zip(self.ema.shadow_params, self.trainable)
+        ]
 
     def step_ema(self) -> None:
         if self.ema is not None:

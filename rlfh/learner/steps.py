@@ -35,18 +35,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from families import first_of_each
+from families.ddim import scheduler_alpha_bars
 from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch, rows
 from rlfh.learner.engine import LearnerEngine, ddpo_train_steps
 from rlfh.losses import fairness
-from rlfh.losses.guidance_free import guidance_free_loss, guided_teacher
 from rlfh.losses.ddpo import ddpo_clipped_loss
 from rlfh.losses.guidance import guidance_loss, winner_noise
+from rlfh.losses.guidance_free import guidance_free_loss, guided_teacher
 from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, transition_kl_weight
-from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
-from families import first_of_each
-from families.ddim import scheduler_alpha_bars
 from rlfh.losses.objectives import advantage_objectives, pairwise_objectives, weighted_objectives
 from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLES, TRAJECTORIES, loss_spec
+from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
 
 
 def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
@@ -84,8 +84,18 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
             ref = lrn.reference(x_t, t, enc, added)
             masks_w, masks_l = masks_at(pairs.masks_w, idx, lrn.device), masks_at(pairs.masks_l, idx, lrn.device)
             objectives, metrics = pairwise_objectives(
-                lc.loss, lc.dpo.beta, pred[:b], pred[b:], ref[:b], ref[b:], target[:b], masks_w, masks_l,
-                list(lc.regions.names), lc.regions.scale)
+                lc.loss,
+                lc.dpo.beta,
+                pred[:b],
+                pred[b:],
+                ref[:b],
+                ref[b:],
+                target[:b],
+                masks_w,
+                masks_l,
+                list(lc.regions.names),
+                lc.regions.scale,
+            )
             extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
             extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.priors_w, pairs.priors_l), idx, metrics))
             extra = plus(extra, guidance_term(lrn, pred[b:], x_t[b:], t[b:], x0[:b], masks_l, metrics))
@@ -111,17 +121,35 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
             masks = masks_at(samples.masks, idx, lrn.device)
             if advantage:  # the x0 scale is NFT's knob; AWM does not read it
                 objectives, metrics = advantage_objectives(
-                    lc.loss, pred, lrn.old_policy(x_t, t, enc, added), target,
-                    advantage_signal(lc, samples, idx).to(lrn.device), masks, list(lc.regions.names),
-                    lc.regions.scale, lc.nft.beta, lc.awm.clip_range, lc.nft.adv_clip,
-                    lrn.x0_scale(t) if lc.nft.weighting == "adaptive" else None)
+                    lc.loss,
+                    pred,
+                    lrn.old_policy(x_t, t, enc, added),
+                    target,
+                    advantage_signal(lc, samples, idx).to(lrn.device),
+                    masks,
+                    list(lc.regions.names),
+                    lc.regions.scale,
+                    lc.nft.beta,
+                    lc.awm.clip_range,
+                    lc.nft.adv_clip,
+                    lrn.x0_scale(t) if lc.nft.weighting == "adaptive" else None,
+                )
             else:
-                objectives, metrics = weighted_objectives(lc.loss, pred, target, rows(samples.weights, idx, lrn.device),
-                                                          masks, list(lc.regions.names), lc.regions.scale)
+                objectives, metrics = weighted_objectives(
+                    lc.loss,
+                    pred,
+                    target,
+                    rows(samples.weights, idx, lrn.device),
+                    masks,
+                    list(lc.regions.names),
+                    lc.regions.scale,
+                )
             needs_ref = lc.reference.kl_coef > 0 or lc.guidance_free.scale is not None
             ref = lrn.reference(x_t, t, enc, added) if needs_ref else None
-            extra = plus(regularizers(lrn, pred, ref, x_t, t, h, w, metrics),
-                         hcp_term(lrn, t, [samples.prompts[i] for i in idx], (samples.priors,), idx, metrics))
+            extra = plus(
+                regularizers(lrn, pred, ref, x_t, t, h, w, metrics),
+                hcp_term(lrn, t, [samples.prompts[i] for i in idx], (samples.priors,), idx, metrics),
+            )
             history.append(update(lrn, objectives, metrics, pred, extra))
     return summary(lrn, history, len(samples))
 
@@ -156,8 +184,10 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
     n_steps = tb.latents.shape[1] - 1  # the recorded steps: W with an SDE window, else T
     expected = lc.ddpo.window or lrn.cfg.rollout.num_inference_steps
     if n_steps != expected or tb.log_probs.shape[1] != n_steps or len(tb.timesteps) != n_steps:
-        raise ValueError(f"trajectories record {n_steps} steps ({tb.log_probs.shape[1]} log-probs, {len(tb.timesteps)} "
-                         f"timesteps); learner.ddpo.window / rollout.num_inference_steps give {expected}")
+        raise ValueError(
+            f"trajectories record {n_steps} steps ({tb.log_probs.shape[1]} log-probs, {len(tb.timesteps)} "
+            f"timesteps); learner.ddpo.window / rollout.num_inference_steps give {expected}"
+        )
     k = ddpo_train_steps(lrn.cfg)
     s = tb.settings
     history = []
@@ -165,8 +195,9 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
     for step in optimizer_steps(lrn, len(tb), epochs):
         order = torch.randperm(n_steps, generator=lrn.generator)[:k].tolist()  # shared by the step's micro-batches
         for idx, _ in micro_batches(lrn, step):
-            enc, added = lrn.condition([tb.prompts[i] for i in idx], s.height, s.width,
-                                       s.negative_prompt if s.guidance_scale > 1.0 else None)
+            enc, added = lrn.condition(
+                [tb.prompts[i] for i in idx], s.height, s.width, s.negative_prompt if s.guidance_scale > 1.0 else None
+            )
             lat = rows(tb.latents, idx, lrn.device)  # (B, W+1, 4, h, w), W = T without a window
             old = rows(tb.log_probs, idx, lrn.device)  # (B, W)
             adv = rows(tb.advantages, idx, lrn.device)  # (B,)
@@ -179,8 +210,12 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
                 t = int(tb.timesteps[j])
                 if j == 0 and shared is not None:
                     heads, copies = shared
-                    cond1 = lrn.condition([tb.prompts[idx[i]] for i in heads], s.height, s.width,
-                                          s.negative_prompt if s.guidance_scale > 1.0 else None)
+                    cond1 = lrn.condition(
+                        [tb.prompts[idx[i]] for i in heads],
+                        s.height,
+                        s.width,
+                        s.negative_prompt if s.guidance_scale > 1.0 else None,
+                    )
                     eps = lrn.guided(lrn.policy_model, lat[heads, 0], t, cond1, s.guidance_scale)[copies]
                 else:
                     eps = lrn.guided(lrn.policy_model, lat[:, j], t, (enc, added), s.guidance_scale)
@@ -240,15 +275,22 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
     """One DDIM step's policy-gradient loss under ``learner.ddpo.trust_region`` (rlfh/losses/trust_region.py)
     and its metrics: ``clip`` (DDPO's clipped ratio), ``dppo`` (Flow-DPPO's KL mask) or ``guard``
     (GRPO-Guard's drift-free normalized ratio, the step's loss weighted by 1 / |k_t|:
-    :func:`mean_jacobian`). The last two need the sampling policy's mean of the step (``s``: the round's sampler settings, CFG and eta): recomputed here with the round's starting weights (``lrn.old_weights``), which are the
+    :func:`mean_jacobian`). The last two need the sampling policy's mean of the step (``s``: the round's sampler
+    settings, CFG and eta): recomputed here with the round's starting weights (``lrn.old_weights``), which are the
     sampler's (DDPO is on-policy: rollout.max_staleness=0). ``ddpo/log_ratio_drift/step{j}`` is the
     mean log-ratio of recorded step j (its expectation is -KL_j)."""
     lc = lrn.cfg.learner
     m = {f"ddpo/log_ratio_drift/step{j}": float((out.log_prob.detach() - old_log_prob).mean())}
     if lc.ddpo.trust_region == "clip":
         loss = ddpo_clipped_loss(out.log_prob, old_log_prob, adv, lc.ddpo.clip_range)
-        m.update({"loss/ddpo": float(loss.loss.detach()), "ddpo/approx_kl": float(loss.approx_kl),
-                  "ddpo/clipfrac": float(loss.clipfrac), "ddpo/ratio": float(loss.ratio_mean)})
+        m.update(
+            {
+                "loss/ddpo": float(loss.loss.detach()),
+                "ddpo/approx_kl": float(loss.approx_kl),
+                "ddpo/clipfrac": float(loss.clipfrac),
+                "ddpo/ratio": float(loss.ratio_mean),
+            }
+        )
         return loss, m
     with torch.no_grad():
         eps_old = lrn.guided(lrn.unet_with(lrn.old_weights), x, t, (enc, added), s.guidance_scale)
@@ -258,11 +300,18 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
         loss = dppo_loss(out.log_prob, old_log_prob, adv, kl, lc.ddpo.trust_region_kl)
         limited = "ddpo/maskedfrac"
     else:
-        loss = guard_loss(out.log_prob, old_log_prob, adv, kl, out.std_dev, lc.ddpo.clip_range,
-                          1 / mean_jacobian(lrn, t, s.eta).abs())
+        loss = guard_loss(
+            out.log_prob, old_log_prob, adv, kl, out.std_dev, lc.ddpo.clip_range, 1 / mean_jacobian(lrn, t, s.eta).abs()
+        )
         limited = "ddpo/clipfrac"
-    m.update({"loss/ddpo": float(loss.loss.detach()), "ddpo/kl": float(loss.kl_mean), limited: float(loss.limited_frac),
-              "ddpo/ratio": float(loss.ratio_mean)})
+    m.update(
+        {
+            "loss/ddpo": float(loss.loss.detach()),
+            "ddpo/kl": float(loss.kl_mean),
+            limited: float(loss.limited_frac),
+            "ddpo/ratio": float(loss.ratio_mean),
+        }
+    )
     return loss, m
 
 
@@ -288,7 +337,7 @@ def optimizer_steps(lrn: LearnerEngine, n: int, epochs: int) -> Iterator[list[in
     for _ in range(epochs):
         order = torch.randperm(n, generator=lrn.generator)[:n_use].tolist()
         for start in range(0, n_use, bs):
-            yield order[start:start + bs]
+            yield order[start : start + bs]
             lrn.finish_optimizer_step()
 
 
@@ -298,7 +347,7 @@ def micro_batches(lrn: LearnerEngine, step: list[int]) -> Iterator[tuple[list[in
     mb = lrn.cfg.learner.micro_batch_size_per_gpu
     lo = lrn.rank * share
     for start in range(lo, lo + share, mb):
-        yield step[start:start + mb], slice(start, start + mb)
+        yield step[start : start + mb], slice(start, start + mb)
 
 
 def masks_at(masks: dict[str, np.ndarray], idx: list[int], device) -> dict[str, torch.Tensor]:
@@ -330,8 +379,9 @@ def guidance_free_term(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width
     return term
 
 
-def guidance_term(lrn: LearnerEngine, pred_l, x_t_l, t, x0_w, masks_l: dict[str, torch.Tensor],
-                  metrics: dict[str, float]):
+def guidance_term(
+    lrn: LearnerEngine, pred_l, x_t_l, t, x0_w, masks_l: dict[str, torch.Tensor], metrics: dict[str, float]
+):
     """The guidance term (rlfh/losses/guidance.py): ``learner.dpo.guidance.coef`` * the masked error of the
     policy's prediction at the loser's x_t^l against the target that denoises x_t^l to the winner,
     inside the loser's ``learner.dpo.guidance.region`` mask. None when off or when no pair has the region.
@@ -342,8 +392,10 @@ def guidance_term(lrn: LearnerEngine, pred_l, x_t_l, t, x0_w, masks_l: dict[str,
     region = lc.dpo.guidance.region
     mask = None if region == "global" else masks_l.get(region)
     if mask is None and region != "global":
-        raise ValueError(f"learner.dpo.guidance.region={region}: the batch has no {region!r} masks (it holds "
-                         f"{sorted(masks_l)}); the pairs must come from learner_batch with this config")
+        raise ValueError(
+            f"learner.dpo.guidance.region={region}: the batch has no {region!r} masks (it holds "
+            f"{sorted(masks_l)}); the pairs must come from learner_batch with this config"
+        )
     # x_t^l as the UNet saw it (in its dtype), so that eps* denoises exactly that input to x_0^w
     target = lrn.prediction_target(x0_w, t, winner_noise(x_t_l, x0_w, lrn.alpha_bar(t)))
     term, err = guidance_loss(pred_l, target, mask, lc.dpo.guidance.coef)
@@ -357,8 +409,14 @@ def guidance_term(lrn: LearnerEngine, pred_l, x_t_l, t, x0_w, masks_l: dict[str,
 
 def regularizers(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int, metrics: dict[str, float]):
     """The whole-image terms added after the fairness rule: KL to the reference, guidance-free distillation."""
-    terms = [term for term in (kl_term(lrn, pred, ref, metrics),
-                               guidance_free_term(lrn, pred, ref, x_t, t, height, width, metrics)) if term is not None]
+    terms = [
+        term
+        for term in (
+            kl_term(lrn, pred, ref, metrics),
+            guidance_free_term(lrn, pred, ref, x_t, t, height, width, metrics),
+        )
+        if term is not None
+    ]
     return sum(terms) if terms else None
 
 
@@ -368,8 +426,9 @@ def hcp_term(lrn: LearnerEngine, t, prompts: list[str], prior_sets, idx: list[in
     ``priors_w``, ``priors_l``). None when ``model.hcp`` is off or nothing counts."""
     if lrn.hcp is None:
         return None
-    prior = (torch.cat([rows(p, idx, lrn.device) for p in prior_sets])
-             if all(p is not None for p in prior_sets) else None)
+    prior = (
+        torch.cat([rows(p, idx, lrn.device) for p in prior_sets]) if all(p is not None for p in prior_sets) else None
+    )
     return lrn.hcp.term(t, prompts, prior, metrics)
 
 
@@ -377,14 +436,24 @@ def plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else b if a is None else a + b
 
 
-def update(lrn: LearnerEngine, objectives: dict[str, torch.Tensor], metrics: dict[str, float], pred,
-           extra: torch.Tensor | None = None) -> dict[str, float]:
+def update(
+    lrn: LearnerEngine,
+    objectives: dict[str, torch.Tensor],
+    metrics: dict[str, float],
+    pred,
+    extra: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Combine the regions' losses by the fairness rule, add ``extra`` (the KL term: a whole-image
     regularizer, outside the fairness rule) and back-propagate through the engine."""
     lc = lrn.cfg.learner
-    loss, fair_metrics = fairness.combine_objectives(objectives, lc.regions.fairness.rule, len(lc.regions.names),
-                                                     lrn.trainable_parameters(), lc.regions.fairness.weights,
-                                                     lc.regions.fairness.alpha)
+    loss, fair_metrics = fairness.combine_objectives(
+        objectives,
+        lc.regions.fairness.rule,
+        len(lc.regions.names),
+        lrn.trainable_parameters(),
+        lc.regions.fairness.weights,
+        lc.regions.fairness.alpha,
+    )
     if loss is None:
         loss = pred.sum() * 0.0  # no region present: keeps DeepSpeed's micro-step bookkeeping
     if extra is not None:
@@ -402,7 +471,12 @@ def summary(lrn: LearnerEngine, history: list[dict[str, float]], n: int) -> dict
         return {"learner/steps": float(lrn.global_step), "learner/items": float(n), "learner/skipped": 1.0}
     keys = sorted({k for h in history for k in h})
     metrics = {k: float(np.mean([h[k] for h in history if k in h])) for k in keys}
-    metrics.update({"learner/steps": float(lrn.global_step), "learner/items": float(n),
-                    "learner/lr": float(lrn.optimizer.param_groups[0]["lr"])})
+    metrics.update(
+        {
+            "learner/steps": float(lrn.global_step),
+            "learner/items": float(n),
+            "learner/lr": float(lrn.optimizer.param_groups[0]["lr"]),
+        }
+    )
     lrn.policy_version += 1
     return metrics

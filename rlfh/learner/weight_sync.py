@@ -42,7 +42,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return int(getattr(t, "ds_numel", t.numel())) * t.element_size()
 
 
-def iter_state_buckets(state: dict[str, torch.Tensor], bucket_bytes: int, gather=None) -> Iterator[dict[str, torch.Tensor]]:
+def iter_state_buckets(
+    state: dict[str, torch.Tensor], bucket_bytes: int, gather=None
+) -> Iterator[dict[str, torch.Tensor]]:
     """Yield ``state`` as CPU copies in buckets of at most ``bucket_bytes``.
 
     Args:

@@ -179,8 +179,9 @@ def gdpo_advantages(
     """
     lengths = {len(v) for v in values.values()} | {len(prompt_ids)}
     if len(lengths) > 1:
-        raise ValueError(f"{len(prompt_ids)} prompt ids for reward lists of lengths "
-                         f"{ {n: len(v) for n, v in values.items()} }")
+        raise ValueError(
+            f"{len(prompt_ids)} prompt ids for reward lists of lengths { {n: len(v) for n, v in values.items()} }"
+        )
     if not (eps > 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be finite and > 0, got {eps}")
     n = len(prompt_ids)
@@ -211,8 +212,9 @@ def gdpo_advantages(
     return out
 
 
-def no_spread_share(values: Sequence[Optional[float]], prompt_ids: Sequence[Hashable],
-                    rel_tol: float = 1e-9) -> Optional[float]:
+def no_spread_share(
+    values: Sequence[Optional[float]], prompt_ids: Sequence[Hashable], rel_tol: float = 1e-9
+) -> Optional[float]:
     """Share of prompt groups that carry no learning signal: fewer than two usable values, or all
     usable values equal (max - min <= rel_tol * max(1, max |v|), so that sums of z-scores that
     cancel up to rounding count as equal). Such a group gives no DPO pair and zero advantages, and

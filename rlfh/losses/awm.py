@@ -65,8 +65,9 @@ class AWMLossOutput(NamedTuple):
     ratio_mean: Tensor
 
 
-def awm_loss(error: Tensor, advantages: Tensor, old_error: Tensor | None = None,
-             clip_range: float = 0.2) -> AWMLossOutput:
+def awm_loss(
+    error: Tensor, advantages: Tensor, old_error: Tensor | None = None, clip_range: float = 0.2
+) -> AWMLossOutput:
     """mean_b max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho = exp(old_error - error).
 
     Args:
@@ -84,8 +85,9 @@ def awm_loss(error: Tensor, advantages: Tensor, old_error: Tensor | None = None,
     if not (clip_range > 0 and math.isfinite(clip_range)):
         raise ValueError(f"clip_range must be finite and > 0, got {clip_range}")
     if error.ndim != 1 or error.shape[0] == 0 or advantages.shape != error.shape:
-        raise ValueError(f"error and advantages must both be (B,) with B > 0, got {tuple(error.shape)} and "
-                         f"{tuple(advantages.shape)}")
+        raise ValueError(
+            f"error and advantages must both be (B,) with B > 0, got {tuple(error.shape)} and {tuple(advantages.shape)}"
+        )
     if old_error is not None and old_error.shape != error.shape:
         raise ValueError(f"old_error must be {tuple(error.shape)}, got {tuple(old_error.shape)}")
     if not bool(torch.isfinite(advantages).all()):

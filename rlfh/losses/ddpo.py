@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional
-from typing import NamedTuple
+from typing import Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -136,6 +135,8 @@ class DDPOConfig:
         if self.window_max_start is not None and (self.window is None or self.window_max_start < 0):
             p.append(f"{key}.window_max_start={self.window_max_start}: needs {key}.window and must be >= 0")
         if self.branch and self.window is None:
-            p.append(f"{key}.branch=true branches a prompt group's trajectories at the SDE window: it needs "
-                     f"learner.loss=ddpo and {key}.window")
+            p.append(
+                f"{key}.branch=true branches a prompt group's trajectories at the SDE window: it needs "
+                f"learner.loss=ddpo and {key}.window"
+            )
         return p

@@ -27,8 +27,7 @@ Shapes: every MSE input (B,), B = number of pairs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from dataclasses import field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch

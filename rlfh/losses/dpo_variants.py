@@ -69,9 +69,7 @@ def dpo_hinge_loss(
     return F.relu(1.0 - beta * logits).mean()
 
 
-def dpo_ipo_loss(
-    mse_theta_w: Tensor, mse_theta_l: Tensor, mse_ref_w: Tensor, mse_ref_l: Tensor, beta: float
-) -> Tensor:
+def dpo_ipo_loss(mse_theta_w: Tensor, mse_theta_l: Tensor, mse_ref_w: Tensor, mse_ref_l: Tensor, beta: float) -> Tensor:
     """IPO Diffusion-DPO: ``mean((logits - 1 / (2 * beta))^2)``, trl's ``loss_type="ipo"`` (beta = tau).
 
     Args:

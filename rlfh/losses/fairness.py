@@ -3,7 +3,8 @@
 Papers: FairHuman, arXiv 2507.02714 (reference: PRIS-CV/FairHuman, class FairGrad in
 weighting_strategy/weight_methods.py, used by train_text_to_image_lora_sdxl_mpd_fair.py); FairGrad,
 Ban & Ji, "Fair Resource Allocation in Multi-Task Learning", ICML 2024; MGDA, Sener & Koltun,
-"Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018. Used by the learner through :func:`combine_objectives`.
+"Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018. Used by the learner through
+:func:`combine_objectives`.
 
 MPD / FairGrad. With g_i the flattened gradient of objective i and M = G^T G (M_ij = g_i . g_j),
 find w >= 0 with
@@ -26,7 +27,8 @@ Conventions: objectives with a zero gradient (||g_i||^2 <= zero_tol * max_j ||g_
 inactive by the caller) are dropped: weight 0, not counted in K. When the scaled M is singular or
 ill-conditioned in direction (lambda_min <= cond_tol * lambda_max of the correlation matrix
 D^-1/2 M D^-1/2, D = diag(M): parallel or exactly opposed gradients), M + rho * diag(M) is solved
-instead (rho = 1e-8), which always has a unique solution; the result reports rho. Exactly opposed gradients then get large equal weights and d = 0.
+instead (rho = 1e-8), which always has a unique solution; the result reports rho. Exactly opposed gradients then get
+large equal weights and d = 0.
 
 Other rules (``method``): "sum": coefficients = the given weights; "equal": 1/K_all each (the gradient
 of the mean loss); "mgda": K * lambda with lambda the min-norm point of the convex hull of the active
@@ -119,9 +121,7 @@ def _ridge_if_needed(m: Tensor, cond_tol: float, ridge: float) -> tuple[Tensor, 
     return m, 0.0
 
 
-def _mpd_newton(
-    m: Tensor, alpha: float, tol: float, max_iter: int
-) -> tuple[Tensor, int, float]:
+def _mpd_newton(m: Tensor, alpha: float, tol: float, max_iter: int) -> tuple[Tensor, int, float]:
     """Damped Newton on F(w) = 0.5 w^T m w - sum f(w_i) for a PSD m with a positive diagonal."""
     p = 1.0 / alpha
 

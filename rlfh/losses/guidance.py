@@ -45,7 +45,6 @@ Shapes: x_t, x0_winner, pred, target (B, C, h, w); alpha_bar (B,); mask (B, 1, h
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 import torch
@@ -64,15 +63,17 @@ def winner_noise(x_t: Tensor, x0_winner: Tensor, alpha_bar: Tensor) -> Tensor:
             schedule has no eps*: sqrt(abar) = 0 makes every x_0 equally far).
     """
     if x_t.shape != x0_winner.shape or x_t.ndim < 2:
-        raise ValueError(f"x_t and x0_winner must have the same shape (B, C, h, w), got {tuple(x_t.shape)} and "
-                         f"{tuple(x0_winner.shape)}")
+        raise ValueError(
+            f"x_t and x0_winner must have the same shape (B, C, h, w), got {tuple(x_t.shape)} and "
+            f"{tuple(x0_winner.shape)}"
+        )
     a = torch.as_tensor(alpha_bar, dtype=torch.float32, device=x_t.device).reshape(-1)
     if a.shape[0] != x_t.shape[0]:
         raise ValueError(f"alpha_bar must be (B,) = ({x_t.shape[0]},), got {tuple(a.shape)}")
     if bool(((a <= 0) | (a >= 1)).any()):
         raise ValueError(f"alpha_bar must be in (0, 1), got {a.tolist()}")
     a = a.view(-1, *([1] * (x_t.ndim - 1)))
-    return ((x_t.detach().float() - a.sqrt() * x0_winner.detach().float()) / (1 - a).sqrt())
+    return (x_t.detach().float() - a.sqrt() * x0_winner.detach().float()) / (1 - a).sqrt()
 
 
 def guidance_loss(pred: Tensor, target: Tensor, mask: Tensor | None, coef: float = 1.0) -> tuple[Tensor | None, Tensor]:
@@ -113,8 +114,11 @@ class DPOGuidanceConfig:
     region: str = "face"  # mask m: the loser's detections of this region (face, hand, ...), or global (whole latent)
 
     def problems(self, key: str) -> list[str]:
-        p = [] if 0 <= self.coef < math.inf else [f"{key}.coef={self.coef}: must be finite and >= 0 (0 turns the "
-                                                    f"guidance term off)"]
+        p = (
+            []
+            if 0 <= self.coef < math.inf
+            else [f"{key}.coef={self.coef}: must be finite and >= 0 (0 turns the guidance term off)"]
+        )
         if not self.region.strip():
             p.append(f"{key}.region is empty: name a detected region (face, hand) or global")
         return p

@@ -25,15 +25,16 @@ region objective. Shapes: predictions (B, C, h, w).
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 
 def guided_teacher(ref_cond: Tensor, ref_uncond: Tensor, scale: float) -> Tensor:
     """eps_T = eps_uncond + w (eps_cond - eps_uncond), detached (the teacher takes no gradient)."""
     if ref_cond.shape != ref_uncond.shape:
-        raise ValueError(f"conditional {tuple(ref_cond.shape)} and unconditional {tuple(ref_uncond.shape)} "
-                         f"predictions differ in shape")
+        raise ValueError(
+            f"conditional {tuple(ref_cond.shape)} and unconditional {tuple(ref_uncond.shape)} "
+            f"predictions differ in shape"
+        )
     return (ref_uncond + scale * (ref_cond - ref_uncond)).detach()
 
 

@@ -63,8 +63,12 @@ def pooled_prior(prior: torch.Tensor, factor: int) -> torch.Tensor:
     return p.flatten(1)
 
 
-def hcp_alignment_loss(maps: Sequence[tuple[int, torch.Tensor]], prior: torch.Tensor,
-                       scale_weights: Mapping[int, float], keep: torch.Tensor) -> torch.Tensor | None:
+def hcp_alignment_loss(
+    maps: Sequence[tuple[int, torch.Tensor]],
+    prior: torch.Tensor,
+    scale_weights: Mapping[int, float],
+    keep: torch.Tensor,
+) -> torch.Tensor | None:
     """L_hca (module docstring) over the recorded layers.
 
     Args:
@@ -86,8 +90,10 @@ def hcp_alignment_loss(maps: Sequence[tuple[int, torch.Tensor]], prior: torch.Te
             continue
         target = pooled_prior(prior.float(), f)
         if target.shape != s.shape:
-            raise ValueError(f"an attention map at factor {f} has {tuple(s.shape)} positions; the prior pooled by {f} "
-                             f"has {tuple(target.shape)}")
+            raise ValueError(
+                f"an attention map at factor {f} has {tuple(s.shape)} positions; the prior pooled by {f} "
+                f"has {tuple(target.shape)}"
+            )
         per_scale.setdefault(f, []).append(((s.float() - target) ** 2).mean(1))  # (B,)
     if not per_scale:
         return None

@@ -98,8 +98,9 @@ def transition_kl_weight(alpha_bar, alpha_bar_prev, eta: float = 1.0, prediction
 def per_sample_eps_kl(pred: Tensor, ref_pred: Tensor, weights: Tensor | None = None) -> Tensor:
     """w_b * mean over C,H,W of (eps_theta - sg(eps_ref))^2, (B,); w = 1 when ``weights`` is None."""
     if pred.ndim < 2 or pred.shape != ref_pred.shape:
-        raise ValueError(f"pred and ref_pred must have the same shape (B, ...), got {tuple(pred.shape)} and "
-                         f"{tuple(ref_pred.shape)}")
+        raise ValueError(
+            f"pred and ref_pred must have the same shape (B, ...), got {tuple(pred.shape)} and {tuple(ref_pred.shape)}"
+        )
     d = upcast(pred) - upcast(ref_pred.detach())
     kl = d.pow(2).flatten(1).mean(dim=1)
     if weights is None:

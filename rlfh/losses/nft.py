@@ -77,8 +77,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -86,8 +85,15 @@ from torch import Tensor
 from rlfh.losses.kl import upcast
 from rlfh.losses.region_mse import per_sample_mse
 
-__all__ = ["NFTConfig", "NFTLossOutput", "adaptive_errors", "implicit_predictions", "nft_loss", "nft_loss_from_errors",
-           "nft_reward_weight"]
+__all__ = [
+    "NFTConfig",
+    "NFTLossOutput",
+    "adaptive_errors",
+    "implicit_predictions",
+    "nft_loss",
+    "nft_loss_from_errors",
+    "nft_reward_weight",
+]
 
 
 class NFTLossOutput(NamedTuple):
@@ -128,11 +134,11 @@ def nft_reward_weight(advantages: Tensor, clip: float = 5.0) -> Tensor:
     return (0.5 + 0.5 * a / clip).clamp(0.0, 1.0)
 
 
-
 def nft_signal(advantages: Tensor, learner_cfg) -> Tensor:
     """NFT's per-sample signal r from a SampleBatch's advantages, c = ``learner.nft.adv_clip``
     (:func:`nft_reward_weight`; the loss registry's ``signal`` of nft)."""
     return nft_reward_weight(advantages, learner_cfg.nft.adv_clip)
+
 
 def implicit_predictions(pred: Tensor, old_pred: Tensor, beta: float) -> tuple[Tensor, Tensor]:
     """(eps_+, eps_-) = ((1 - beta) eps_old + beta eps_theta, (1 + beta) eps_old - beta eps_theta).
@@ -141,8 +147,9 @@ def implicit_predictions(pred: Tensor, old_pred: Tensor, beta: float) -> tuple[T
     """
     beta = _check_beta(beta)
     if pred.shape != old_pred.shape:
-        raise ValueError(f"pred and old_pred must have the same shape, got {tuple(pred.shape)} and "
-                         f"{tuple(old_pred.shape)}")
+        raise ValueError(
+            f"pred and old_pred must have the same shape, got {tuple(pred.shape)} and {tuple(old_pred.shape)}"
+        )
     old = old_pred.detach().to(pred.dtype)
     return (1.0 - beta) * old + beta * pred, (1.0 + beta) * old - beta * pred
 
@@ -159,8 +166,10 @@ def nft_loss_from_errors(err_pos: Tensor, err_neg: Tensor, r: Tensor, beta: floa
     if not (scale > 0 and math.isfinite(scale)):
         raise ValueError(f"nft scale must be finite and > 0, got {scale}")
     if err_pos.ndim != 1 or err_pos.shape != err_neg.shape or err_pos.shape != r.shape or err_pos.shape[0] == 0:
-        raise ValueError(f"err_pos, err_neg and r must all be (B,) with B > 0, got {tuple(err_pos.shape)}, "
-                         f"{tuple(err_neg.shape)} and {tuple(r.shape)}")
+        raise ValueError(
+            f"err_pos, err_neg and r must all be (B,) with B > 0, got {tuple(err_pos.shape)}, "
+            f"{tuple(err_neg.shape)} and {tuple(r.shape)}"
+        )
     r = r.detach().to(err_pos.dtype)
     if bool(((r < 0) | (r > 1) | ~torch.isfinite(r)).any()):
         raise ValueError(f"r must lie in [0, 1] (nft_reward_weight), got {r.tolist()}")
@@ -199,8 +208,9 @@ def nft_loss(
         return nft_loss_from_errors(per_sample_mse(pos, target), per_sample_mse(neg, target), r, beta, scale)
     if x0_scale is None or x0_scale.shape != pred.shape[:1]:
         raise ValueError(f"adaptive weighting needs x0_scale = s_t / a_t of shape ({pred.shape[0]},)")
-    return nft_loss_from_errors(adaptive_errors(pos - target, x0_scale), adaptive_errors(neg - target, x0_scale), r,
-                                beta, scale)
+    return nft_loss_from_errors(
+        adaptive_errors(pos - target, x0_scale), adaptive_errors(neg - target, x0_scale), r, beta, scale
+    )
 
 
 def adaptive_errors(diff: Tensor, x0_scale: Tensor) -> Tensor:

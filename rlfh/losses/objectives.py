@@ -32,8 +32,9 @@ def region_errors(pred: Tensor, target: Tensor, region: str, masks: dict[str, Te
     return per_sample_region_mse(pred, target, _mask(masks, region), scale)
 
 
-def nft_region_errors(pred: Tensor, target: Tensor, region: str, masks: dict[str, Tensor], scale: float,
-                      x0_scale: Tensor | None) -> Tensor:
+def nft_region_errors(
+    pred: Tensor, target: Tensor, region: str, masks: dict[str, Tensor], scale: float, x0_scale: Tensor | None
+) -> Tensor:
     """Per-sample error (B,) of an implicit NFT prediction in one region: the region's eps error, or
     with ``x0_scale`` (k_t per sample) the reference's adaptive x_0-space error of the region's
     (masked) difference (:func:`rlfh.losses.nft.adaptive_errors`)."""
@@ -56,7 +57,6 @@ def has_region(masks: dict[str, Tensor], region: str, batch: int, device) -> Ten
     return _mask(masks, region).flatten(1).amax(1) > 0
 
 
-
 def metric_suffix(region: str, regions: list[str]) -> str:
     """A region's metric suffix: none for a lone global objective, ``/region`` otherwise."""
     return "" if region == "global" and len(regions) == 1 else f"/{region}"
@@ -68,6 +68,7 @@ def present_regions(masks: dict[str, Tensor], regions: list[str], pred: Tensor):
         valid = has_region(masks, region, pred.shape[0], pred.device)
         if bool(valid.any()):
             yield region, valid, metric_suffix(region, regions)
+
 
 def pairwise_objectives(
     loss: str,
@@ -94,8 +95,10 @@ def pairwise_objectives(
         valid = has_region(masks_w, region, b, pred_w.device) | has_region(masks_l, region, b, pred_w.device)
         if not bool(valid.any()):
             continue
-        m = [region_errors(p, target, region, mk, scale)[valid]
-             for p, mk in ((pred_w, masks_w), (pred_l, masks_l), (ref_w, masks_w), (ref_l, masks_l))]
+        m = [
+            region_errors(p, target, region, mk, scale)[valid]
+            for p, mk in ((pred_w, masks_w), (pred_l, masks_l), (ref_w, masks_w), (ref_l, masks_l))
+        ]
         out = dpo_loss_from_mse(m[0], m[1], m[2], m[3], beta)  # diagnostics (and the sigmoid loss)
         if spec.variant is None:
             value = out.loss
@@ -173,8 +176,16 @@ def advantage_objectives(
     return objectives, metrics
 
 
-def nft_objectives(pred: Tensor, old_pred: Tensor | None, target: Tensor, signal: Tensor, masks: dict[str, Tensor],
-                   regions: list[str], scale: float, knobs: AdvantageKnobs):
+def nft_objectives(
+    pred: Tensor,
+    old_pred: Tensor | None,
+    target: Tensor,
+    signal: Tensor,
+    masks: dict[str, Tensor],
+    regions: list[str],
+    scale: float,
+    knobs: AdvantageKnobs,
+):
     """DiffusionNFT: ``signal`` is r in [0, 1] (:func:`rlfh.losses.nft.nft_reward_weight`) and ``old_pred``
     the sampling policy's prediction on the same x_t; each region's loss is
     :func:`rlfh.losses.nft.nft_loss_from_errors` on the region errors of eps_+ and eps_-, times
@@ -186,24 +197,37 @@ def nft_objectives(pred: Tensor, old_pred: Tensor | None, target: Tensor, signal
     objectives: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
     for region, valid, suffix in present_regions(masks, regions, pred):
-        out = nft_loss_from_errors(nft_region_errors(pos, target, region, masks, scale, knobs.x0_scale)[valid],
-                                   nft_region_errors(neg, target, region, masks, scale, knobs.x0_scale)[valid],
-                                   signal[valid], knobs.nft_beta, knobs.nft_scale)
+        out = nft_loss_from_errors(
+            nft_region_errors(pos, target, region, masks, scale, knobs.x0_scale)[valid],
+            nft_region_errors(neg, target, region, masks, scale, knobs.x0_scale)[valid],
+            signal[valid],
+            knobs.nft_beta,
+            knobs.nft_scale,
+        )
         metrics.update({f"nft/positive{suffix}": float(out.positive), f"nft/negative{suffix}": float(out.negative)})
         objectives[region] = out.loss
     return objectives, metrics
 
 
-def awm_objectives(pred: Tensor, old_pred: Tensor | None, target: Tensor, signal: Tensor, masks: dict[str, Tensor],
-                   regions: list[str], scale: float, knobs: AdvantageKnobs):
+def awm_objectives(
+    pred: Tensor,
+    old_pred: Tensor | None,
+    target: Tensor,
+    signal: Tensor,
+    masks: dict[str, Tensor],
+    regions: list[str],
+    scale: float,
+    knobs: AdvantageKnobs,
+):
     """AWM: ``signal`` is the advantage A; each region's loss is :func:`rlfh.losses.awm.awm_loss` on the
     region errors of the policy and of ``old_pred`` (None: on-policy, ratio 1), clipped at ``knobs.clip_range``."""
     objectives: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
     for region, valid, suffix in present_regions(masks, regions, pred):
         old_err = None if old_pred is None else region_errors(old_pred.detach(), target, region, masks, scale)[valid]
-        out = awm_loss(region_errors(pred, target, region, masks, scale)[valid], signal[valid], old_err,
-                       knobs.clip_range)
+        out = awm_loss(
+            region_errors(pred, target, region, masks, scale)[valid], signal[valid], old_err, knobs.clip_range
+        )
         metrics.update({f"awm/clipfrac{suffix}": float(out.clipfrac), f"awm/ratio{suffix}": float(out.ratio_mean)})
         objectives[region] = out.loss
     return objectives, metrics

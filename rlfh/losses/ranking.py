@@ -23,8 +23,10 @@ from torch import Tensor
 
 def _check(score_w: Tensor, score_l: Tensor) -> None:
     if score_w.ndim != 1 or score_w.shape != score_l.shape or score_w.shape[0] == 0:
-        raise ValueError(f"score_w and score_l must be 1-D of the same length B > 0 (one score per pair), "
-                         f"got {tuple(score_w.shape)} and {tuple(score_l.shape)}")
+        raise ValueError(
+            f"score_w and score_l must be 1-D of the same length B > 0 (one score per pair), "
+            f"got {tuple(score_w.shape)} and {tuple(score_l.shape)}"
+        )
 
 
 def ranking_loss(score_w: Tensor, score_l: Tensor) -> Tensor:

@@ -45,9 +45,7 @@ def _check_pred_target(pred: Tensor, target: Tensor) -> None:
     if pred.ndim < 2:
         raise ValueError(f"pred must have a batch dimension and at least one more, got shape {tuple(pred.shape)}")
     if pred.shape != target.shape:
-        raise ValueError(
-            f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}"
-        )
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
 
 
 def _check_mask(mask: Tensor, pred: Tensor) -> None:
@@ -81,9 +79,7 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
     return diff.pow(2).flatten(1).mean(dim=1)
 
 
-def per_sample_region_mse(
-    pred: Tensor, target: Tensor, mask: Tensor, scale: float = FAIRHUMAN_REGION_SCALE
-) -> Tensor:
+def per_sample_region_mse(pred: Tensor, target: Tensor, mask: Tensor, scale: float = FAIRHUMAN_REGION_SCALE) -> Tensor:
     """FairHuman region loss per sample: mean over ALL C*H*W elements of (s * 1[M > 0] * (eps_hat - eps))^2.
 
     Not normalized by the mask area; a sample whose mask is empty gives exactly 0.

@@ -91,23 +91,70 @@ class LossSpec:
 _PAIRWISE = "rlfh.losses.objectives:pairwise_objectives"
 _PAIR_BATCH = "rlfh.data.pairs:pair_batch"
 
-LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in [
-    LossSpec("dpo", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE),
-    LossSpec("dpo_hinge", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE,
-             variant="hinge"),
-    LossSpec("dpo_ipo", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE,
-             variant="ipo"),
-    LossSpec("rwr", "rwr", RWRConfig, SAMPLES, False, frozenset(), "rlfh.data.pairs:rwr_batch",
-             "rlfh.losses.objectives:weighted_objectives"),
-    LossSpec("filtered", "filtered", FilteredConfig, SAMPLES, False, frozenset(), "rlfh.data.pairs:filtered_batch",
-             "rlfh.losses.objectives:weighted_objectives"),
-    LossSpec("ddpo", "ddpo", DDPOConfig, TRAJECTORIES, True, frozenset({SAMPLER_LOGPROB, TEXT_ENCODERS}),
-             "rlfh.data.pairs:trajectory_batch", "rlfh.learner.steps:trust_region_loss", regions=False),
-    LossSpec("nft", "nft", NFTConfig, SAMPLES, True, frozenset({OLD_POLICY}), "rlfh.data.pairs:advantage_batch",
-             "rlfh.losses.objectives:nft_objectives", signal="rlfh.losses.nft:nft_signal"),
-    LossSpec("awm", "awm", AWMConfig, SAMPLES, True, frozenset({OLD_POLICY}), "rlfh.data.pairs:advantage_batch",
-             "rlfh.losses.objectives:awm_objectives"),
-]}
+LOSSES: dict[str, LossSpec] = {
+    spec.name: spec
+    for spec in [
+        LossSpec("dpo", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE),
+        LossSpec(
+            "dpo_hinge", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE, variant="hinge"
+        ),
+        LossSpec(
+            "dpo_ipo", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE, variant="ipo"
+        ),
+        LossSpec(
+            "rwr",
+            "rwr",
+            RWRConfig,
+            SAMPLES,
+            False,
+            frozenset(),
+            "rlfh.data.pairs:rwr_batch",
+            "rlfh.losses.objectives:weighted_objectives",
+        ),
+        LossSpec(
+            "filtered",
+            "filtered",
+            FilteredConfig,
+            SAMPLES,
+            False,
+            frozenset(),
+            "rlfh.data.pairs:filtered_batch",
+            "rlfh.losses.objectives:weighted_objectives",
+        ),
+        LossSpec(
+            "ddpo",
+            "ddpo",
+            DDPOConfig,
+            TRAJECTORIES,
+            True,
+            frozenset({SAMPLER_LOGPROB, TEXT_ENCODERS}),
+            "rlfh.data.pairs:trajectory_batch",
+            "rlfh.learner.steps:trust_region_loss",
+            regions=False,
+        ),
+        LossSpec(
+            "nft",
+            "nft",
+            NFTConfig,
+            SAMPLES,
+            True,
+            frozenset({OLD_POLICY}),
+            "rlfh.data.pairs:advantage_batch",
+            "rlfh.losses.objectives:nft_objectives",
+            signal="rlfh.losses.nft:nft_signal",
+        ),
+        LossSpec(
+            "awm",
+            "awm",
+            AWMConfig,
+            SAMPLES,
+            True,
+            frozenset({OLD_POLICY}),
+            "rlfh.data.pairs:advantage_batch",
+            "rlfh.losses.objectives:awm_objectives",
+        ),
+    ]
+}
 
 LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
 

@@ -49,8 +49,10 @@ def check_rewards(rewards: np.ndarray) -> np.ndarray:
     if r.ndim != 1 or r.shape[0] == 0:
         raise ValueError(f"rewards must be 1-D with one value per sample (N,), got shape {r.shape}")
     if not np.isfinite(r).all():
-        raise ValueError(f"rewards must be finite (drop missing ones first), got non-finite values at "
-                         f"{np.flatnonzero(~np.isfinite(r)).tolist()}")
+        raise ValueError(
+            f"rewards must be finite (drop missing ones first), got non-finite values at "
+            f"{np.flatnonzero(~np.isfinite(r)).tolist()}"
+        )
     return r
 
 
@@ -75,8 +77,10 @@ def weighted_loss(per_sample_loss: Tensor, weights: Tensor) -> Tensor:
         ValueError: if the shapes differ, are not 1-D or are empty.
     """
     if per_sample_loss.ndim != 1 or per_sample_loss.shape != weights.shape or per_sample_loss.shape[0] == 0:
-        raise ValueError(f"per_sample_loss and weights must both be (B,) with B > 0, got "
-                         f"{tuple(per_sample_loss.shape)} and {tuple(weights.shape)}")
+        raise ValueError(
+            f"per_sample_loss and weights must both be (B,) with B > 0, got "
+            f"{tuple(per_sample_loss.shape)} and {tuple(weights.shape)}"
+        )
     return (weights.detach() * per_sample_loss).sum() / per_sample_loss.shape[0]
 
 

@@ -2,7 +2,8 @@
 
 Sources: Flow-DPPO, Ping et al., "Divergence Proximal Policy Optimization for Flow Matching Models",
 arXiv 2606.11025, eq. 14 (the KL) and 18 (the mask) as UniRL's README numbers them; its reference
-trainer Tencent-Hunyuan/UniRL (unirl/algorithms/flowdppo.py, ``_flowdppo_kl_adv_loss``; FlowDPPO/README.md) and verl-omni's
+trainer Tencent-Hunyuan/UniRL (unirl/algorithms/flowdppo.py, ``_flowdppo_kl_adv_loss``; FlowDPPO/README.md) and
+verl-omni's
 ``FlowDPPOLoss`` (verl_omni/trainer/diffusion/diffusion_algos.py, docs/algo/flowdppo.md). GRPO-Guard,
 Wang et al., "Mitigating Implicit Over-Optimization in Flow Matching via Regulated Clipping", arXiv
 2510.22319, as Flow-Factory's ``GRPOGuardTrainer`` (X-GenGroup/Flow-Factory, trainers/grpo.py) and
@@ -111,7 +112,9 @@ def gaussian_mean_kl(mean: Tensor, old_mean: Tensor, std: Tensor) -> Tensor:
         ValueError: on shape mismatches or a non-positive std.
     """
     if mean.ndim < 2 or mean.shape != old_mean.shape:
-        raise ValueError(f"mean and old_mean must both be (B, ...), got {tuple(mean.shape)} and {tuple(old_mean.shape)}")
+        raise ValueError(
+            f"mean and old_mean must both be (B, ...), got {tuple(mean.shape)} and {tuple(old_mean.shape)}"
+        )
     std = torch.as_tensor(std, device=mean.device)
     if std.ndim == 0:
         std = std.expand(mean.shape[0])
@@ -137,7 +140,9 @@ def _check_same(log_prob: Tensor, **others: Tensor) -> None:
             raise ValueError(f"{name} shape {tuple(t.shape)} must equal log_prob shape {tuple(log_prob.shape)}")
 
 
-def dppo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Tensor, threshold: float) -> TrustRegionOutput:
+def dppo_loss(
+    log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Tensor, threshold: float
+) -> TrustRegionOutput:
     """Flow-DPPO: mean of m * (-A rho), m the asymmetric KL trust-region mask (see the module doc).
 
     Args:
@@ -159,8 +164,13 @@ def dppo_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Te
         away = ((adv > 0) & (ratio > 1)) | ((adv < 0) & (ratio < 1))
         blocked = (kl.detach() >= threshold) & away  # the references' kl_score >= threshold
     loss = torch.where(blocked, torch.zeros_like(ratio), -adv * ratio).mean()
-    return TrustRegionOutput(loss=loss, limited_frac=blocked.to(log_prob.dtype).mean(), ratio_mean=ratio.detach().mean(),
-                             log_ratio_mean=log_ratio.detach().mean(), kl_mean=kl.detach().mean())
+    return TrustRegionOutput(
+        loss=loss,
+        limited_frac=blocked.to(log_prob.dtype).mean(),
+        ratio_mean=ratio.detach().mean(),
+        log_ratio_mean=log_ratio.detach().mean(),
+        kl_mean=kl.detach().mean(),
+    )
 
 
 def guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, kl: Tensor, std: Tensor) -> Tensor:
@@ -177,8 +187,15 @@ def guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, kl: Tensor, std: Ten
     return std * (log_prob - old_log_prob.detach() + kl)
 
 
-def guard_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: Tensor, std: Tensor,
-               clip_range: float, step_weight: Tensor | float = 1.0) -> TrustRegionOutput:
+def guard_loss(
+    log_prob: Tensor,
+    old_log_prob: Tensor,
+    advantages: Tensor,
+    kl: Tensor,
+    std: Tensor,
+    clip_range: float,
+    step_weight: Tensor | float = 1.0,
+) -> TrustRegionOutput:
     """The clipped surrogate of rlfh/losses/ddpo.py on GRPO-Guard's normalized ratio exp(sigma (log rho + KL)),
     each term times its step's ``step_weight`` lambda_t > 0 (a scalar, (B,) or the shape of ``log_prob``)."""
     normalized = guard_log_ratio(log_prob, old_log_prob, kl, std)
@@ -190,10 +207,16 @@ def guard_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, kl: T
     if not bool(((weight > 0) & torch.isfinite(weight)).all()):
         raise ValueError("step_weight must be finite and > 0")
     # lambda max(-A rho, -A clip(rho)) = max(-(lambda A) rho, -(lambda A) clip(rho)) for lambda > 0
-    out = ddpo_clipped_loss(normalized, torch.zeros_like(normalized), _advantages(advantages, log_prob) * weight,
-                            clip_range)
-    return TrustRegionOutput(loss=out.loss, limited_frac=out.clipfrac, ratio_mean=out.ratio_mean,
-                             log_ratio_mean=(log_prob - old_log_prob).detach().mean(), kl_mean=kl.detach().mean())
+    out = ddpo_clipped_loss(
+        normalized, torch.zeros_like(normalized), _advantages(advantages, log_prob) * weight, clip_range
+    )
+    return TrustRegionOutput(
+        loss=out.loss,
+        limited_frac=out.clipfrac,
+        ratio_mean=out.ratio_mean,
+        log_ratio_mean=(log_prob - old_log_prob).detach().mean(),
+        kl_mean=kl.detach().mean(),
+    )
 
 
 def log_ratio_drift(log_prob: Tensor, old_log_prob: Tensor) -> Tensor:

@@ -39,11 +39,21 @@ def requests(cfg) -> list[Request]:
     cpu = res.num_cpus_per_actor
     out: list[Request] = []
     if not res.colocate:
-        out.append(Request("rollout actors", res.num_rollout_actors,
-                           {"CPU": cpu, "GPU": res.gpus_per_rollout_actor, **res.rollout_actor_resources}))
+        out.append(
+            Request(
+                "rollout actors",
+                res.num_rollout_actors,
+                {"CPU": cpu, "GPU": res.gpus_per_rollout_actor, **res.rollout_actor_resources},
+            )
+        )
     learner_gpu = 1 if res.num_learner_gpus or (res.colocate and res.gpus_per_rollout_actor) else 0
-    out.append(Request("learner ranks" + (" (sampling too: colocate)" if res.colocate else ""),
-                       cfg.learner_world_size, {"CPU": cpu, "GPU": learner_gpu, **res.learner_resources}))
+    out.append(
+        Request(
+            "learner ranks" + (" (sampling too: colocate)" if res.colocate else ""),
+            cfg.learner_world_size,
+            {"CPU": cpu, "GPU": learner_gpu, **res.learner_resources},
+        )
+    )
     reward = {"CPU": cpu, "GPU": res.gpus_per_reward_actor, **res.reward_resources}
     if not cfg.reward_server.remote_url:
         out.append(Request("reward actor", 1, reward))
@@ -60,8 +70,9 @@ def total(reqs: list[Request]) -> Counter:
     return t
 
 
-def check_cluster_fits(cfg, cluster: dict[str, float] | None = None,
-                       nodes: list[dict[str, float]] | None = None) -> None:
+def check_cluster_fits(
+    cfg, cluster: dict[str, float] | None = None, nodes: list[dict[str, float]] | None = None
+) -> None:
     """Raise :class:`ClusterTooSmall` when the run's requests exceed the cluster's total resources,
     or one actor's exceed every node's. ``cluster``/``nodes`` default to the running Ray's."""
     if cluster is None or nodes is None:
@@ -73,20 +84,23 @@ def check_cluster_fits(cfg, cluster: dict[str, float] | None = None,
     need = total(reqs)
     eps = 1e-9
     short = [k for k, v in need.items() if v > cluster.get(k, 0.0) + eps]
-    too_big = [r for r in reqs if not any(all(v <= n.get(k, 0.0) + eps for k, v in r.each.items() if v)
-                                          for n in nodes)]
+    too_big = [r for r in reqs if not any(all(v <= n.get(k, 0.0) + eps for k, v in r.each.items() if v) for n in nodes)]
     if not short and not too_big:
         return
     keys = sorted(set(need) | {"CPU", "GPU"})
     asked = ", ".join(f"{_fmt(need[k])} {k}" for k in keys if need.get(k))
     has = ", ".join(f"{_fmt(cluster.get(k, 0.0))} {k}" for k in keys)
-    lines = [f"the config asks Ray for {asked} ({'; '.join(r.describe() for r in reqs)}), "
-             f"but the cluster has {has}" + (f" across {len(nodes)} nodes" if len(nodes) > 1 else "")]
+    lines = [
+        f"the config asks Ray for {asked} ({'; '.join(r.describe() for r in reqs)}), "
+        f"but the cluster has {has}" + (f" across {len(nodes)} nodes" if len(nodes) > 1 else "")
+    ]
     if too_big:
         lines.append("no single node can hold " + "; ".join(r.describe() for r in too_big))
-    lines.append("Ray would wait for them forever. Lower resources.num_rollout_actors, "
-                 "resources.gpus_per_rollout_actor, resources.num_learner_gpus, resources.gpus_per_reward_actor or "
-                 "resources.num_cpus_per_actor, or "
-                 "start a config for this hardware (configs/sdxl_1gpu_24gb.yaml: one GPU, colocated, the reward "
-                 "actor on the same GPU with resources.gpus_per_reward_actor=0; docs/hardware.md)")
+    lines.append(
+        "Ray would wait for them forever. Lower resources.num_rollout_actors, "
+        "resources.gpus_per_rollout_actor, resources.num_learner_gpus, resources.gpus_per_reward_actor or "
+        "resources.num_cpus_per_actor, or "
+        "start a config for this hardware (configs/sdxl_1gpu_24gb.yaml: one GPU, colocated, the reward "
+        "actor on the same GPU with resources.gpus_per_reward_actor=0; docs/hardware.md)"
+    )
     raise ClusterTooSmall("; ".join(lines[:-1]) + ". " + lines[-1])

@@ -70,8 +70,10 @@ def start_private_ray(**init_kwargs: Any) -> None:
     node = ray._private.worker._global_node
     if node.node_ip_address != "127.0.0.1":  # a Ray whose switch no longer works: say so, do not run exposed
         ray.shutdown()
-        raise RuntimeError(f"the private Ray cluster came up on {node.node_ip_address}, not 127.0.0.1; "
-                           f"this Ray version ignores {_LOOPBACK_SWITCH}=0")
+        raise RuntimeError(
+            f"the private Ray cluster came up on {node.node_ip_address}, not 127.0.0.1; "
+            f"this Ray version ignores {_LOOPBACK_SWITCH}=0"
+        )
     roots = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
     _start_watcher(os.getpid(), mark, roots)
 
@@ -100,9 +102,14 @@ def _cluster_mark(mark: str):
 def _start_watcher(owner: int, mark: str, roots: list[int]) -> None:
     # Its own session: a Ctrl-C or kill sent to the driver's process group must not take the
     # watcher with it before it has done its job.
-    subprocess.Popen([sys.executable, "-m", "rlfh.recipes.cluster", str(owner), mark, *map(str, roots)],
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True, close_fds=True)
+    subprocess.Popen(
+        [sys.executable, "-m", "rlfh.recipes.cluster", str(owner), mark, *map(str, roots)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def _alive(p) -> bool:
@@ -235,9 +242,15 @@ def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
     from rollouts.actor import RolloutActor
 
     res = cfg.resources
-    opts = [dict(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_rollout_actor,
-                 resources=dict(res.rollout_actor_resources), max_restarts=res.max_actor_restarts)
-            for _ in range(res.num_rollout_actors)]
+    opts = [
+        dict(
+            num_cpus=res.num_cpus_per_actor,
+            num_gpus=res.gpus_per_rollout_actor,
+            resources=dict(res.rollout_actor_resources),
+            max_restarts=res.max_actor_restarts,
+        )
+        for _ in range(res.num_rollout_actors)
+    ]
     if res.placement != "none":
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -252,8 +265,12 @@ def start_rollout_actors(cfg: Config, threads: int, pgs: list) -> list:
         for i, o in enumerate(opts):
             o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
     rc = cfg.rollout
-    return [RolloutActor.options(**o).remote(cfg.model, cfg.model.lora, threads, rc.scheduler, compile=rc.compile,
-                                             merge_lora=rc.merge_lora) for o in opts]
+    return [
+        RolloutActor.options(**o).remote(
+            cfg.model, cfg.model.lora, threads, rc.scheduler, compile=rc.compile, merge_lora=rc.merge_lora
+        )
+        for o in opts
+    ]
 
 
 if __name__ == "__main__":  # the watcher of a private cluster: OWNER_PID MARK ROOT_PID...

@@ -9,7 +9,8 @@ cluster ``ray job submit`` names or a local one.
 Pairs (or RWR / filtered sample weights) are rebuilt from the logged rewards with the weights of the
 config's ``rewards`` section (matched by name; a reward the log does not hold is an error), combined
 as online (``rewards_normalization``, :func:`rlfh.data.pairs.learner_scores`: a missing, NaN or inf
-value leaves the sample unscored) and grouped by (round, prompt), so the logged samples of one prompt in one round compete as
+value leaves the sample unscored) and grouped by (round, prompt), so the logged samples of one prompt in one round
+compete as
 they did online. Each round is one ``learner.train(batch, learner.epochs_per_round)`` call: that many
 passes over all pairs (or kept samples).
 
@@ -29,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from rlfh.losses.registry import PAIRS, loss_spec
 from rlfh.config.schema import Config
+from rlfh.losses.registry import PAIRS, loss_spec
 from rlfh.recipes.rounds import Feed, train_rounds
 
 
@@ -45,8 +46,17 @@ def batch_from_log(cfg: Config, sources: list = ()):
 
     require_log(cfg)
     images = any(s.needs_images for s in sources)
-    columns = ["rollout_id", "round", "prompt", "rewards", "regions", "latent", "latent_shape", "sampler",
-               "region_pair"]
+    columns = [
+        "rollout_id",
+        "round",
+        "prompt",
+        "rewards",
+        "regions",
+        "latent",
+        "latent_shape",
+        "sampler",
+        "region_pair",
+    ]
     records = RolloutLog(cfg.rollouts).records(columns + (["image"] if images else []))
     # the reward weights, checked against the whole log (it names a reward the log lacks)
     _, _, weights, _, _ = logged_scores(records, cfg.rewards, cfg.rewards_normalization, cfg.rollouts)
@@ -57,17 +67,29 @@ def batch_from_log(cfg: Config, sources: list = ()):
     regions = logged_regions(records)
     all_latents = np.stack([decode_latent(r) for r in records])
     # images of inpainted region pairs pair only with each other (rlfh/data/region_pairs.py), never by prompt
-    region_pairs, rp_stats = (pairs_from_records(records, all_latents, regions, weights, mask_regions(cfg.learner),
-                                                 image_hw, cfg.rewards_normalization)
-                              if loss_spec(cfg.learner.loss).batch == PAIRS else (None, {}))
+    region_pairs, rp_stats = (
+        pairs_from_records(
+            records, all_latents, regions, weights, mask_regions(cfg.learner), image_hw, cfg.rewards_normalization
+        )
+        if loss_spec(cfg.learner.loss).batch == PAIRS
+        else (None, {})
+    )
     plain = [i for i, r in enumerate(records) if r.get("region_pair") is None]
     skipped = len(records) - len(plain) if region_pairs is None else 0
     records, regions, latents = [records[i] for i in plain], [regions[i] for i in plain], all_latents[plain]
     # rewards_normalization as online; GDPO's last normalization then runs over the whole log
-    scores, values, weights, groups, score_stats = logged_scores(records, cfg.rewards, cfg.rewards_normalization,
-                                                                 cfg.rollouts)
-    samples = ScoredSamples(latents, [r["prompt"] for r in records], groups, scores, regions, image_hw,
-                            images=np.stack([decode_png(r["image"]) for r in records]) if images else None)
+    scores, values, weights, groups, score_stats = logged_scores(
+        records, cfg.rewards, cfg.rewards_normalization, cfg.rollouts
+    )
+    samples = ScoredSamples(
+        latents,
+        [r["prompt"] for r in records],
+        groups,
+        scores,
+        regions,
+        image_hw,
+        images=np.stack([decode_png(r["image"]) for r in records]) if images else None,
+    )
     for source in sources:
         source.annotate(samples)
     batch, stats = learner_batch(cfg.learner, samples, cfg.rewards_normalization)
@@ -111,12 +133,21 @@ def logged_settings(cfg: Config):
     records = RolloutLog(cfg.rollouts).records(["sampler", "negative_prompt"])
     found = {(tuple(sorted(r["sampler"].items())), r["negative_prompt"]) for r in records}
     if len(found) != 1:
-        raise ValueError(f"data.hgdpo samples with the log's sampler settings, but the rollout log {cfg.rollouts} "
-                         f"mixes {len(found)} of them: train on one run's log at a time")
-    (sampler, negative_prompt), = found
+        raise ValueError(
+            f"data.hgdpo samples with the log's sampler settings, but the rollout log {cfg.rollouts} "
+            f"mixes {len(found)} of them: train on one run's log at a time"
+        )
+    ((sampler, negative_prompt),) = found
     s = dict(sampler)
-    return SamplerSettings(int(s["num_inference_steps"]), float(s["guidance_scale"]), negative_prompt or "",
-                           int(s["height"]), int(s["width"]), float(s["eta"] or 0.0), cfg.rollout.scheduler)
+    return SamplerSettings(
+        int(s["num_inference_steps"]),
+        float(s["guidance_scale"]),
+        negative_prompt or "",
+        int(s["height"]),
+        int(s["width"]),
+        float(s["eta"] or 0.0),
+        cfg.rollout.scheduler,
+    )
 
 
 def train_offline(cfg: Config) -> Path:
@@ -153,8 +184,10 @@ class LogFeed(Feed):
         why = [w for w in (c.samples_with_policy(cfg) for c in wanted) if w]
         self.colocate = bool(why)
         if self.colocate and cfg.learner_world_size > 1 and cfg.learner.engine.zero_stage == 3:
-            raise ValueError(f"{'; '.join(why)}: offline that is learner rank 0's UNet, which learner.engine.zero_stage=3 "
-                             f"partitions over the ranks: use learner.engine.zero_stage <= 2 or one learner rank")
+            raise ValueError(
+                f"{'; '.join(why)}: offline that is learner rank 0's UNet, which learner.engine.zero_stage=3 "
+                f"partitions over the ranks: use learner.engine.zero_stage <= 2 or one learner rank"
+            )
         settings = logged_settings(cfg) if any(c.needs_settings for c in wanted) else None
         self.ctx = SourceContext(run_dir, self if self.colocate else None, settings)
 

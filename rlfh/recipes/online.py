@@ -89,8 +89,11 @@ class OnlineFeed(Feed):
         cfg, res, rc = self.cfg, self.cfg.resources, self.cfg.rollout
         self.threads = max(int(res.num_cpus_per_actor), 1)
         # an unreachable reward server fails the run here, before anything is sampled or trained
-        scorer = RewardScorer(url=cfg.reward_server.remote_url, retries=res.max_actor_restarts) \
-            if cfg.reward_server.remote_url else None
+        scorer = (
+            RewardScorer(url=cfg.reward_server.remote_url, retries=res.max_actor_restarts)
+            if cfg.reward_server.remote_url
+            else None
+        )
         if res.colocate:  # the learner's one rank samples too: no rollout actors, no second UNet
             self.learner = LearnerGroup(cfg, self.threads, colocate=True)
             actors = [self.learner.lead]
@@ -104,8 +107,9 @@ class OnlineFeed(Feed):
         if cfg.guards.every and cfg.guards.heldout_rewards:
             heldout = RewardScorer(actor=self.reward_actor(cfg.guards.heldout_rewards), retries=res.max_actor_restarts)
         self.schedule = PromptSchedule(load_prompts(rc), rc.prompts_per_round, rc.rollouts_per_prompt, cfg.seed)
-        self.settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height,
-                                        rc.width, rc.eta, rc.scheduler)
+        self.settings = SamplerSettings(
+            rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta, rc.scheduler
+        )
         self.record = SAMPLER_LOGPROB in loss_spec(cfg.learner.loss).needs  # policy gradients train on them
         self.fleet = RolloutFleet(actors, 0 if res.colocate else res.max_actor_restarts)
         self.log = RolloutLog(self.run_dir / "rollouts", cfg.logging.log_images, cfg.logging.keep_image_rounds)
@@ -116,9 +120,12 @@ class OnlineFeed(Feed):
         from rewards.actor import RewardActor
 
         res = self.cfg.resources
-        actor = RewardActor.options(num_cpus=res.num_cpus_per_actor, num_gpus=res.gpus_per_reward_actor,
-                                    resources=dict(res.reward_resources),
-                                    max_restarts=res.max_actor_restarts).remote(entries, self.threads)
+        actor = RewardActor.options(
+            num_cpus=res.num_cpus_per_actor,
+            num_gpus=res.gpus_per_reward_actor,
+            resources=dict(res.reward_resources),
+            max_restarts=res.max_actor_restarts,
+        ).remote(entries, self.threads)
         self.owned.append(actor)
         return actor
 
@@ -138,8 +145,14 @@ class OnlineFeed(Feed):
         # DDPO: the round's SDE window (learner.ddpo.window; all steps without one), shared by its samples,
         # and with learner.ddpo.branch each prompt group's shared x_T
         record = ddpo_window(self.cfg, rnd) if self.record else False
-        return self.fleet.submit(prompts, seeds, self.settings, self.cfg.rollout.sample_batch_size_per_actor, record,
-                                 ddpo_branch_seeds(self.cfg, prompts, seeds))
+        return self.fleet.submit(
+            prompts,
+            seeds,
+            self.settings,
+            self.cfg.rollout.sample_batch_size_per_actor,
+            record,
+            ddpo_branch_seeds(self.cfg, prompts, seeds),
+        )
 
     def batch(self, rnd: int, sources: list):
         """Sample (the next round starts sampling with the current weights while this one trains, with
@@ -161,10 +174,18 @@ class OnlineFeed(Feed):
         self.log.append(make_records(batch, scored, rnd, staleness))
         t3 = time.perf_counter()
         train_batch, stats = self.build(batch, scored, sources)
-        metrics = {"rollout/samples": len(batch), "rollout/sampled_policy_version": batch.policy_version,
-                   "rollout/staleness": staleness, "rollout/actor_restarts": self.fleet.restarts, **scored.means(),
-                   **stats, "time/sample_s": t1 - t0, "time/reward_s": t2 - t1, "time/log_s": t3 - t2,
-                   "time/pairs_s": time.perf_counter() - t3}
+        metrics = {
+            "rollout/samples": len(batch),
+            "rollout/sampled_policy_version": batch.policy_version,
+            "rollout/staleness": staleness,
+            "rollout/actor_restarts": self.fleet.restarts,
+            **scored.means(),
+            **stats,
+            "time/sample_s": t1 - t0,
+            "time/reward_s": t2 - t1,
+            "time/log_s": t3 - t2,
+            "time/pairs_s": time.perf_counter() - t3,
+        }
         return train_batch, metrics, RoundData(rnd, self.version, batch, scored)
 
     def build(self, batch, scored, sources: list):
@@ -174,9 +195,18 @@ class OnlineFeed(Feed):
 
         cfg, rc = self.cfg, self.cfg.rollout
         scores, score_stats = learner_scores(scored.values(), scored.weights, batch.prompts, cfg.rewards_normalization)
-        samples = ScoredSamples(batch.latents, batch.prompts, batch.prompts, scores,
-                                [scored.regions(i) for i in range(len(batch))], (rc.height, rc.width),
-                                batch.trajectory, self.settings, batch.conditioning, images=batch.images)
+        samples = ScoredSamples(
+            batch.latents,
+            batch.prompts,
+            batch.prompts,
+            scores,
+            [scored.regions(i) for i in range(len(batch))],
+            (rc.height, rc.width),
+            batch.trajectory,
+            self.settings,
+            batch.conditioning,
+            images=batch.images,
+        )
         for source in sources:
             source.annotate(samples)
         train_batch, stats = learner_batch(cfg.learner, samples, cfg.rewards_normalization)
@@ -195,8 +225,11 @@ class OnlineFeed(Feed):
         metrics["guards/stopped"] = float(stop is not None)
         every = self.cfg.logging.sample_grid_every
         if every and rnd % every == 0:
-            grid = write_grid(self.run_dir / "samples" / f"round-{rnd:06d}.png", data.samples.images,
-                              ["-" if v is None else f"{v:.3g}" for v in data.scored.combined()])
+            grid = write_grid(
+                self.run_dir / "samples" / f"round-{rnd:06d}.png",
+                data.samples.images,
+                ["-" if v is None else f"{v:.3g}" for v in data.scored.combined()],
+            )
             self.skel.logger.log_image("samples", grid, step=rnd)
         return stop
 
@@ -204,8 +237,11 @@ class OnlineFeed(Feed):
         """The learner's policy to the rollout actors: object-store refs to weight buckets, each read
         by every actor (rlfh/learner/weight_sync.py); nothing to send when colocated."""
         self.version = self.learner.policy_version()
-        buckets = None if self.cfg.resources.colocate else self.learner.weight_buckets(
-            int(self.cfg.resources.sync_bucket_mb * 2**20))
+        buckets = (
+            None
+            if self.cfg.resources.colocate
+            else self.learner.weight_buckets(int(self.cfg.resources.sync_bucket_mb * 2**20))
+        )
         self.fleet.sync(buckets, self.version, self.cfg.model.lora.enabled)
 
     def close(self, started_ray: bool) -> None:

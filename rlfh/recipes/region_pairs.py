@@ -38,10 +38,10 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     """
     import torch
 
+    from families import load_pipeline
     from rewards.composite import RewardSet
     from rlfh.data.real_images import RealImageSource
     from rlfh.run.checkpoints import load_lora_into, resolve_lora
-    from families import load_pipeline
     from rollouts.log import RolloutLog
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
@@ -54,8 +54,10 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     save_config(cfg, run_dir / "config.yaml")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if rp.lora and rp.pipeline:
-        raise ValueError("data.region_pairs.lora and data.region_pairs.pipeline: give one (the LoRA is the "
-                         "policy's, on model.path; the pipeline inpaints instead of the policy)")
+        raise ValueError(
+            "data.region_pairs.lora and data.region_pairs.pipeline: give one (the LoRA is the "
+            "policy's, on model.path; the pipeline inpaints instead of the policy)"
+        )
     lora = resolve_lora(rp.lora) if rp.lora else None  # before the (slow) model load
     pipe = load_pipeline(cfg.model, device)
     if lora is not None:
@@ -63,10 +65,23 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
         pipe.fuse_lora()  # sampling only: one matmul per layer, as the rollout actors' merged LoRA
     sampler = Sampler(pipe, model_id=f"{cfg.model.path}+{lora}" if lora else cfg.model.path, scheduler=rc.scheduler)
     inpainter = DiffusersInpainter(rp.pipeline, device) if rp.pipeline else None
-    settings = SamplerSettings(rp.num_inference_steps or rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt,
-                               rc.height, rc.width, rc.eta, rc.scheduler)
-    source = RealImageSource(image_dir, rc.height, rc.width, encode_batch_size=rc.sample_batch_size_per_actor,
-                             latent_mode="mean", seed=cfg.seed)
+    settings = SamplerSettings(
+        rp.num_inference_steps or rc.num_inference_steps,
+        rc.guidance_scale,
+        rc.negative_prompt,
+        rc.height,
+        rc.width,
+        rc.eta,
+        rc.scheduler,
+    )
+    source = RealImageSource(
+        image_dir,
+        rc.height,
+        rc.width,
+        encode_batch_size=rc.sample_batch_size_per_actor,
+        latent_mode="mean",
+        seed=cfg.seed,
+    )
     log = RolloutLog(run_dir / "rollouts")
     with RewardSet.from_config(cfg.rewards) as rewards:  # closes the detectors however the loop ends
         counts = _pair_all(cfg, image_dir, source, sampler, inpainter, settings, rewards, log)
@@ -86,8 +101,10 @@ def no_region_reason(cfg: Config, image_dir: str, counts: dict[str, float], rewa
 
     region, (h, w) = cfg.data.region_pairs.region, (cfg.rollout.height, cfg.rollout.width)
     of_region = [r for r in rewards.rewards if r.region == region]
-    why = (f"no image of {image_dir} had a {region}: 0 of {int(counts['images'])} images at {h}x{w} had one "
-           f"detected by the config's rewards of region {region!r} ")
+    why = (
+        f"no image of {image_dir} had a {region}: 0 of {int(counts['images'])} images at {h}x{w} had one "
+        f"detected by the config's rewards of region {region!r} "
+    )
     if not of_region:
         why += f"(there are none: the rewards are {rewards.names})"
     else:
@@ -119,8 +136,15 @@ def _pair_all(cfg: Config, image_dir: str, source, sampler, inpainter, settings,
         x = torch.from_numpy(np.stack([source.image(i) for i in idx]))
         latents = source.encode_images(sampler.pipe.vae, x, idx).numpy()
         prompts = [source.items[i].text for i in idx]
-        orig = RolloutBatch(sampler.decode(torch.from_numpy(latents).to(sampler.device)), latents, prompts,
-                            [cfg.seed * 1_000_003 + i for i in idx], settings, 0, f"images:{image_dir}")
+        orig = RolloutBatch(
+            sampler.decode(torch.from_numpy(latents).to(sampler.device)),
+            latents,
+            prompts,
+            [cfg.seed * 1_000_003 + i for i in idx],
+            settings,
+            0,
+            f"images:{image_dir}",
+        )
         scored = rewards(orig.images, prompts)
         plan = plan_inpainting([scored.regions(j) for j in range(len(idx))], rp, (rc.height, rc.width))
         counts["images"] += len(idx)
@@ -134,8 +158,9 @@ def _pair_all(cfg: Config, image_dir: str, source, sampler, inpainter, settings,
     return counts
 
 
-def _log_pairs(cfg: Config, orig, scored, plan, sampler, inpainter, settings, rewards, log, rnd: int,
-               counts: dict[str, float]) -> None:
+def _log_pairs(
+    cfg: Config, orig, scored, plan, sampler, inpainter, settings, rewards, log, rnd: int, counts: dict[str, float]
+) -> None:
     """Inpaint the planned images (one call per strength), score them and log both sides of each pair."""
     from rewards.composite import ScoredBatch
     from rlfh.data.region_pairs import log_marks, strength_groups
@@ -151,17 +176,30 @@ def _log_pairs(cfg: Config, orig, scored, plan, sampler, inpainter, settings, re
         order.extend(ks)
     inp = RolloutBatch.concat(parts)
     js = [plan.indices[k] for k in order]
-    orig = RolloutBatch(orig.images[js], latents[js], [prompts[j] for j in js], [orig.seeds[j] for j in js],
-                        settings, 0, orig.model_id, [uuid.uuid4().hex for _ in js])
+    orig = RolloutBatch(
+        orig.images[js],
+        latents[js],
+        [prompts[j] for j in js],
+        [orig.seeds[j] for j in js],
+        settings,
+        0,
+        orig.model_id,
+        [uuid.uuid4().hex for _ in js],
+    )
     inp.rollout_ids = [uuid.uuid4().hex for _ in js]
-    scored_orig = ScoredBatch({n: [res[j] for j in js] for n, res in scored.results.items()}, scored.weights,
-                              scored.regions_of)
+    scored_orig = ScoredBatch(
+        {n: [res[j] for j in js] for n, res in scored.results.items()}, scored.weights, scored.regions_of
+    )
     scored_inp = rewards(inp.images, inp.prompts)
     strengths = [plan.strengths[k] for k in order]
-    log.append(make_records(orig, scored_orig, rnd, None, log_marks("original", [None] * len(js), rp.region,
-                                                                     strengths, rp.dilate))
-               + make_records(inp, scored_inp, rnd, None, log_marks("inpainted", orig.rollout_ids, rp.region,
-                                                                     strengths, rp.dilate)))
+    log.append(
+        make_records(
+            orig, scored_orig, rnd, None, log_marks("original", [None] * len(js), rp.region, strengths, rp.dilate)
+        )
+        + make_records(
+            inp, scored_inp, rnd, None, log_marks("inpainted", orig.rollout_ids, rp.region, strengths, rp.dilate)
+        )
+    )
     for a, b in zip(scored_orig.combined(), scored_inp.combined()):
         if a is None or b is None or a == b:
             counts["ties_or_unscored"] += 1
@@ -181,9 +219,11 @@ class DiffusersInpainter:
         self.pipe = AutoPipelineForInpainting.from_pretrained(path, dtype=torch.float32).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         if self.pipe.unet.config.in_channels != 4:
-            raise ValueError(f"data.region_pairs.pipeline={path}: a {self.pipe.unet.config.in_channels}-channel "
-                             f"inpainting UNet conditions on a VAE-encoded masked image; give a 4-channel "
-                             f"(text-to-image) pipeline, which keeps the latents outside the mask")
+            raise ValueError(
+                f"data.region_pairs.pipeline={path}: a {self.pipe.unet.config.in_channels}-channel "
+                f"inpainting UNet conditions on a VAE-encoded masked image; give a 4-channel "
+                f"(text-to-image) pipeline, which keeps the latents outside the mask"
+            )
 
     def refine(self, latents, prompts, seeds, settings, strength: float, masks, sampler):
         import torch
@@ -195,12 +235,29 @@ class DiffusersInpainter:
         dev = self.pipe.device
         x0 = torch.as_tensor(np.asarray(latents), dtype=self.pipe.unet.dtype, device=dev)
         # the latent mask at pixel size: the pipeline resizes it back (nearest) to the same latent mask
-        pixel = F.interpolate(torch.as_tensor(np.asarray(masks)), size=(settings.height, settings.width), mode="nearest")
-        out = self.pipe(prompt=list(prompts), image=x0, mask_image=pixel.to(dev), strength=float(strength),
-                        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                        negative_prompt=[settings.negative_prompt] * len(prompts) if settings.guidance_scale > 1 else None,
-                        height=settings.height, width=settings.width, generator=seeded_generators(seeds),
-                        output_type="latent").images
+        pixel = F.interpolate(
+            torch.as_tensor(np.asarray(masks)), size=(settings.height, settings.width), mode="nearest"
+        )
+        out = self.pipe(
+            prompt=list(prompts),
+            image=x0,
+            mask_image=pixel.to(dev),
+            strength=float(strength),
+            num_inference_steps=settings.num_inference_steps,
+            guidance_scale=settings.guidance_scale,
+            negative_prompt=[settings.negative_prompt] * len(prompts) if settings.guidance_scale > 1 else None,
+            height=settings.height,
+            width=settings.width,
+            generator=seeded_generators(seeds),
+            output_type="latent",
+        ).images
         x = out.float()
-        return RolloutBatch(sampler.decode(x.to(sampler.device)), x.cpu().numpy(), list(prompts), [int(s) for s in seeds],
-                            settings, 0, str(self.pipe.config._name_or_path))
+        return RolloutBatch(
+            sampler.decode(x.to(sampler.device)),
+            x.cpu().numpy(),
+            list(prompts),
+            [int(s) for s in seeds],
+            settings,
+            0,
+            str(self.pipe.config._name_or_path),
+        )

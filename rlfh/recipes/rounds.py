@@ -73,8 +73,10 @@ def train_rounds(cfg, skel, feed: Feed, sources: list, desc: str) -> None:
             continue
         logger.log(metrics, step=rnd)
         bar.update(1)
-        bar.set_postfix(reward=f"{metrics.get('reward/combined/mean', float('nan')):.4g}",
-                        acc=f"{metrics.get('dpo/implicit_acc', float('nan')):.2f}")
+        bar.set_postfix(
+            reward=f"{metrics.get('reward/combined/mean', float('nan')):.4g}",
+            acc=f"{metrics.get('dpo/implicit_acc', float('nan')):.2f}",
+        )
         if stop is not None:
             print(f"[rlfh] early stop after round {rnd}: {stop}")
             break
@@ -96,9 +98,15 @@ def one_round(cfg, skel, feed: Feed, sources: list, rnd: int) -> tuple[dict, str
         raise RuntimeError(f"round {rnd}: training failed: {e}") from e
     t3 = time.perf_counter()
     metrics.update(feed.after_train(rnd))
-    metrics = {"round": rnd, "policy_version": feed.learner.policy_version(), **metrics, **learner_metrics,
-               "time/pairs_s": metrics.get("time/pairs_s", 0.0) + t2 - t1, "time/learner_s": t3 - t2,
-               "time/round_s": time.perf_counter() - t0}
+    metrics = {
+        "round": rnd,
+        "policy_version": feed.learner.policy_version(),
+        **metrics,
+        **learner_metrics,
+        "time/pairs_s": metrics.get("time/pairs_s", 0.0) + t2 - t1,
+        "time/learner_s": t3 - t2,
+        "time/round_s": time.perf_counter() - t0,
+    }
     t4 = time.perf_counter()
     if skel.due(rnd):
         skel.checkpoint(feed.learner, rnd + 1)
@@ -126,11 +134,15 @@ class Recovery:
         what = f"learner rank{'s' if len(dead) > 1 else ''} {', '.join(map(str, dead))} died in round {rnd}"
         cause = first_line(error)
         if self.used >= self.max_restarts:
-            raise LearnerLost(f"{what} ({cause}) and resources.max_learner_restarts={self.max_restarts} "
-                              f"restart{'s are' if self.max_restarts != 1 else ' is'} spent") from None
+            raise LearnerLost(
+                f"{what} ({cause}) and resources.max_learner_restarts={self.max_restarts} "
+                f"restart{'s are' if self.max_restarts != 1 else ' is'} spent"
+            ) from None
         self.used += 1
-        print(f"[rlfh] {what} ({cause}); restarting the learner ({self.used} of {self.max_restarts}) and "
-              f"replaying from {skel.restore_point()}")
+        print(
+            f"[rlfh] {what} ({cause}); restarting the learner ({self.used} of {self.max_restarts}) and "
+            f"replaying from {skel.restore_point()}"
+        )
         feed.restart_learner()
         start = skel.restore(feed.learner, feed.log)
         feed.begin(start)

@@ -86,15 +86,18 @@ def region_pairs(cfg: Config) -> tuple[list[RegionPair], dict[str, float]]:
     if rt.pairs is None:
         raise ValueError("train-reward needs the rollout log of pairs: pass pairs=ROLLOUT_DIR (reward_training.pairs)")
     try:
-        records = RolloutLog(rt.pairs).records(["rollout_id", "round", "prompt", "rewards", "regions", "image",
-                                                "region_pair"])
+        records = RolloutLog(rt.pairs).records(
+            ["rollout_id", "round", "prompt", "rewards", "regions", "image", "region_pair"]
+        )
     except RolloutLogError as e:
         raise RolloutLogError(f"reward_training.pairs: {e}") from None
     scores, _, _, groups, stats = logged_scores(records, cfg.rewards, cfg.rewards_normalization, rt.pairs, rt.score)
     # a logged region pair (rlfh make-region-pairs, data.region_pairs) is its own group: an image and
     # its inpainted copy, never another photo that happens to share the caption
-    groups = [group if not r.get("region_pair") else ("region_pair", r["region_pair"]["source_id"] or r["rollout_id"])
-              for group, r in zip(groups, records)]
+    groups = [
+        group if not r.get("region_pair") else ("region_pair", r["region_pair"]["source_id"] or r["rollout_id"])
+        for group, r in zip(groups, records)
+    ]
     regions = logged_regions(records)
     pairs: list[RegionPair] = []
     no_region = empty_crop = 0
@@ -109,18 +112,31 @@ def region_pairs(cfg: Config) -> tuple[list[RegionPair], dict[str, float]]:
             empty_crop += 1
             continue
         (wy0, wy1, wx0, wx1), (ly0, ly1, lx0, lx1) = bounds
-        pairs.append(RegionPair(win[wy0:wy1, wx0:wx1], lose[ly0:ly1, lx0:lx1], p.margin,
-                                (records[p.winner]["rollout_id"], records[p.loser]["rollout_id"])))
+        pairs.append(
+            RegionPair(
+                win[wy0:wy1, wx0:wx1],
+                lose[ly0:ly1, lx0:lx1],
+                p.margin,
+                (records[p.winner]["rollout_id"], records[p.loser]["rollout_id"]),
+            )
+        )
     unscored = sum(s is None for s in scores)
-    stats = {**stats, "pairs/records": float(len(records)), "pairs/groups": float(len(set(groups))),
-             "pairs/count": float(len(pairs)), "pairs/no_region": float(no_region),
-             "pairs/empty_crop": float(empty_crop), "samples/unscored": float(unscored)}
+    stats = {
+        **stats,
+        "pairs/records": float(len(records)),
+        "pairs/groups": float(len(set(groups))),
+        "pairs/count": float(len(pairs)),
+        "pairs/no_region": float(no_region),
+        "pairs/empty_crop": float(empty_crop),
+        "samples/unscored": float(unscored),
+    }
     if not pairs:
         raise ValueError(
             f"the rollout log {rt.pairs} yields no (winner, loser) pair for region {rt.region!r} by score "
             f"{rt.score!r}: {len(records)} records in {len(set(groups))} (round, prompt) groups, {unscored} without a "
             f"usable score, {no_region} pairs without a logged {rt.region!r} box, {empty_crop} with an empty crop. A "
-            f"pair needs two scored records of one group with different scores and a {rt.region!r} detection")
+            f"pair needs two scored records of one group with different scores and a {rt.region!r} detection"
+        )
     return pairs, stats
 
 
@@ -133,8 +149,10 @@ def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     order = np.random.default_rng([seed, 17]).permutation(n)
     n_held = math.ceil(fraction * n) if fraction > 0 else 0
     if n_held >= n:
-        raise ValueError(f"{n} pair(s) cannot be split into training and held-out pairs with "
-                         f"reward_training.heldout_fraction={fraction}; log more pairs or set it to 0")
+        raise ValueError(
+            f"{n} pair(s) cannot be split into training and held-out pairs with "
+            f"reward_training.heldout_fraction={fraction}; log more pairs or set it to 0"
+        )
     return np.sort(order[n_held:]), np.sort(order[:n_held])
 
 
@@ -148,8 +166,10 @@ def resolve_init(rt) -> tuple[str, Path, Path]:
     from rewards.blip_reward_model import resolve_model_files
 
     if rt.init is None:
-        raise ValueError("train-reward needs a scorer to start from: pass init=SCORER_DIR (reward_training.init), a "
-                         "directory or hub id with FS_model.pt or ImageReward.pt and med_config.json")
+        raise ValueError(
+            "train-reward needs a scorer to start from: pass init=SCORER_DIR (reward_training.init), a "
+            "directory or hub id with FS_model.pt or ImageReward.pt and med_config.json"
+        )
     local = Path(rt.init).expanduser()
     if not local.is_dir() and (local.exists() or rt.init.count("/") != 1):
         raise ValueError(f"reward_training.init={rt.init!r}: no such directory (nor a hub id 'owner/name')")
@@ -174,8 +194,10 @@ def freeze_leading_layers(model, fraction: float) -> dict[str, float]:
     model.requires_grad_(True)
     vision, text = model.visual_encoder, model.text_encoder
     counts = {}
-    for name, embeddings, blocks in (("vision", vision.embeddings, vision.encoder.layers),
-                                     ("text", text.embeddings, text.encoder.layer)):
+    for name, embeddings, blocks in (
+        ("vision", vision.embeddings, vision.encoder.layers),
+        ("text", text.embeddings, text.encoder.layer),
+    ):
         n = math.floor(fraction * len(blocks) + 1e-9)  # 0.7 * 30 is 20.999... in floats
         embeddings.requires_grad_(False)
         for block in blocks[:n]:
@@ -197,7 +219,7 @@ def pair_scores(model, pairs: list[RegionPair], input_ids, attention_mask, devic
 
     pixels = torch.stack([preprocess_pil(c) for c in [p.win for p in pairs] + [p.lose for p in pairs]])
     s = model(pixels.to(device), input_ids.to(device), attention_mask.to(device))  # (2B,)
-    return s[: len(pairs)], s[len(pairs):]
+    return s[: len(pairs)], s[len(pairs) :]
 
 
 def evaluate(model, pairs: list[RegionPair], input_ids, attention_mask, device, batch_size: int) -> dict[str, float]:
@@ -212,12 +234,15 @@ def evaluate(model, pairs: list[RegionPair], input_ids, attention_mask, device, 
     sw, sl = [], []
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
-            w, l = pair_scores(model, pairs[i:i + batch_size], input_ids, attention_mask, device)
+            w, l = pair_scores(model, pairs[i : i + batch_size], input_ids, attention_mask, device)
             sw.append(w)
             sl.append(l)
     sw, sl = torch.cat(sw), torch.cat(sl)
-    return {"heldout/loss": float(ranking_loss(sw, sl)), "heldout/accuracy": float(ranking_accuracy(sw, sl)),
-            "heldout/margin_mean": float((sw - sl).mean())}
+    return {
+        "heldout/loss": float(ranking_loss(sw, sl)),
+        "heldout/accuracy": float(ranking_accuracy(sw, sl)),
+        "heldout/margin_mean": float((sw - sl).mean()),
+    }
 
 
 def _atomic_save(path: Path, write) -> None:
@@ -238,8 +263,10 @@ def write_scorer(model, med_config: Path, run_dir: Path) -> Path:
 
     from rewards.blip_reward_model import export_published_state_dict
 
-    state = {k: v.detach().cpu().float() if v.is_floating_point() else v.cpu()
-             for k, v in export_published_state_dict(model).items()}
+    state = {
+        k: v.detach().cpu().float() if v.is_floating_point() else v.cpu()
+        for k, v in export_published_state_dict(model).items()
+    }
     # med_config first: whoever sees the new weights finds their config beside them
     _atomic_save(run_dir / "med_config.json", lambda p: p.write_bytes(med_config.read_bytes()))
     _atomic_save(run_dir / OUTPUT_WEIGHTS, lambda p: torch.save(state, p))
@@ -264,8 +291,10 @@ def train_reward(cfg: Config) -> Path:
     rt = cfg.reward_training
     skel = RunSkeleton(cfg, save=False)  # the inputs are checked before anything is written
     if (skel.path / OUTPUT_WEIGHTS).exists():
-        raise ValueError(f"run_dir={skel.path} already holds a trained scorer ({OUTPUT_WEIGHTS}); choose another "
-                         f"run_dir or remove it")
+        raise ValueError(
+            f"run_dir={skel.path} already holds a trained scorer ({OUTPUT_WEIGHTS}); choose another "
+            f"run_dir or remove it"
+        )
     weights_name, _, med_config = resolve_init(rt)  # before the log is read: a typo in init fails fast
 
     # 1-2. pairs, held-out split
@@ -277,27 +306,37 @@ def train_reward(cfg: Config) -> Path:
     # 3-4. scorer, frozen leading layers, optimizer
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if rt.device == "auto" else rt.device)
     torch.manual_seed(cfg.seed)  # dropout masks
-    model, tokenizer = load_model_and_tokenizer(rt.init, weights_name, vision_heads=rt.vision_heads,
-                                                tokenizer_dir=rt.tokenizer_dir, device=str(device))
+    model, tokenizer = load_model_and_tokenizer(
+        rt.init, weights_name, vision_heads=rt.vision_heads, tokenizer_dir=rt.tokenizer_dir, device=str(device)
+    )
     stats.update(freeze_leading_layers(model, rt.freeze_fraction))
     prompt = rt.prompt if rt.prompt is not None else REGION_PROMPTS[rt.region]
     text = tokenize(tokenizer, [prompt])  # (input_ids, attention_mask), (1, 35) each, broadcast over the batch
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=rt.lr,
-                                  betas=tuple(rt.adam_betas), weight_decay=rt.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=rt.lr,
+        betas=tuple(rt.adam_betas),
+        weight_decay=rt.weight_decay,
+    )
 
     skel.save_config()
     logger = skel.open_metrics()
     try:
         logger.log({"epoch": 0, **stats, **evaluate(model, held_pairs, *text, device, rt.batch_size)}, step=0)
-        bar = tqdm(total=rt.epochs * math.ceil(len(train_pairs) / rt.batch_size), desc="rlfh train-reward",
-                   unit="step", disable=not cfg.logging.progress)
+        bar = tqdm(
+            total=rt.epochs * math.ceil(len(train_pairs) / rt.batch_size),
+            desc="rlfh train-reward",
+            unit="step",
+            disable=not cfg.logging.progress,
+        )
         skel.on_close(bar.close)
         # 5. the loop: one pass over the shuffled training pairs per epoch
         for epoch in range(1, rt.epochs + 1):
             t0 = time.perf_counter()
             row = train_epoch(model, optimizer, train_pairs, text, device, cfg, epoch, bar)
-            row.update({**evaluate(model, held_pairs, *text, device, rt.batch_size),
-                        "time/epoch_s": time.perf_counter() - t0})
+            row.update(
+                {**evaluate(model, held_pairs, *text, device, rt.batch_size), "time/epoch_s": time.perf_counter() - t0}
+            )
             logger.log(row, step=epoch)
         # 6. the scorer, in the published layout
         write_scorer(model, med_config, skel.path)
@@ -315,7 +354,7 @@ def train_epoch(model, optimizer, train_pairs: list[RegionPair], text, device, c
     order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_pairs))
     losses, accs, sizes = [], [], []
     for i in range(0, len(order), rt.batch_size):
-        batch = [train_pairs[j] for j in order[i:i + rt.batch_size]]
+        batch = [train_pairs[j] for j in order[i : i + rt.batch_size]]
         score_w, score_l = pair_scores(model, batch, *text, device)
         loss = ranking_loss(score_w, score_l)
         optimizer.zero_grad(set_to_none=True)
@@ -326,5 +365,8 @@ def train_epoch(model, optimizer, train_pairs: list[RegionPair], text, device, c
         sizes.append(len(batch))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    return {"epoch": epoch, "train/loss": float(np.average(losses, weights=sizes)),
-            "train/accuracy": float(np.average(accs, weights=sizes))}
+    return {
+        "epoch": epoch,
+        "train/loss": float(np.average(losses, weights=sizes)),
+        "train/accuracy": float(np.average(accs, weights=sizes)),
+    }

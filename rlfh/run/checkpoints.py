@@ -13,8 +13,6 @@ warning and the previous one is used.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -147,7 +145,9 @@ def load_lora_into(pipe, lora: Path) -> None:
     alpha = rank, said here because it is the wrong strength for a LoRA trained with another alpha."""
     file = lora if lora.is_file() else lora / LORA_FILE
     if stored_lora_alpha(file) is None:
-        warnings.warn(f"{file} stores no LoRA alpha (written before rlfh kept it): it loads at alpha = rank; "
-                      f"if it was trained with another model.lora.alpha, its strength is off by alpha / rank",
-                      stacklevel=2)
+        warnings.warn(
+            f"{file} stores no LoRA alpha (written before rlfh kept it): it loads at alpha = rank; "
+            f"if it was trained with another model.lora.alpha, its strength is off by alpha / rank",
+            stacklevel=2,
+        )
     pipe.load_lora_weights(str(file.parent), weight_name=file.name)

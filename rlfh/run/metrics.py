@@ -37,13 +37,17 @@ def read_metrics_lines(path: Path, warn: bool = True) -> tuple[list[str], list[d
             if i == len(lines):
                 torn = ln
                 continue
-            raise MetricsFileError(f"{path}:{i}: not a JSON object ({e}); the metrics file is corrupted "
-                                   f"(only its last line can be torn by a crash). Fix or delete that line") from None
+            raise MetricsFileError(
+                f"{path}:{i}: not a JSON object ({e}); the metrics file is corrupted "
+                f"(only its last line can be torn by a crash). Fix or delete that line"
+            ) from None
         good.append(ln)
         rows.append(row)
     if torn is not None and warn:  # an observer of a live run (rlfh status) sees a line being written
-        warnings.warn(f"{path}: dropping the torn last line {torn[:60]!r}{'...' if len(torn) > 60 else ''} "
-                      f"(a write interrupted by a crash); the rows before it are kept")
+        warnings.warn(
+            f"{path}: dropping the torn last line {torn[:60]!r}{'...' if len(torn) > 60 else ''} "
+            f"(a write interrupted by a crash); the rows before it are kept"
+        )
     return good, rows, torn
 
 
@@ -135,5 +139,7 @@ def rollback_metrics(run_dir: str | Path, from_round: int) -> int:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Rows of ``RUN_DIR/metrics.jsonl``; a torn last line is dropped with a warning (see :func:`read_metrics_lines`)."""
+    """Rows of ``RUN_DIR/metrics.jsonl``.
+
+    A torn last line is dropped with a warning (see :func:`read_metrics_lines`)."""
     return read_metrics_lines(Path(run_dir) / "metrics.jsonl")[1]

@@ -9,8 +9,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def write_grid(path: str | Path, images: np.ndarray, captions: Sequence[str], columns: int = 8,
-               caption_height: int = 14) -> Path:
+def write_grid(
+    path: str | Path, images: np.ndarray, captions: Sequence[str], columns: int = 8, caption_height: int = 14
+) -> Path:
     """Tile uint8 images (B, H, W, 3) in a grid, each with a one-line caption under it; returns the path."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")

@@ -71,8 +71,10 @@ class RunSkeleton:
             return 0
         self.latest = ckpt
         start, version, dropped = self.load(learner, log)
-        print(f"[rlfh] resuming from {ckpt} (round {start}, policy version {version}); "
-              f"{dropped} logged rollouts of later rounds moved to rollouts/rolled_back/")
+        print(
+            f"[rlfh] resuming from {ckpt} (round {start}, policy version {version}); "
+            f"{dropped} logged rollouts of later rounds moved to rollouts/rolled_back/"
+        )
         return start
 
     def restore_point(self) -> str:

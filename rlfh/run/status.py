@@ -56,7 +56,7 @@ def sparkline(values: list[float], width: int = 24) -> str:
         return ""
     if len(values) > width:  # bucket i covers values[i*n/width : (i+1)*n/width]
         n = len(values)
-        values = [_mean(values[i * n // width:(i + 1) * n // width]) for i in range(width)]
+        values = [_mean(values[i * n // width : (i + 1) * n // width]) for i in range(width)]
     lo, hi = min(values), max(values)
     if hi - lo <= 1e-12 * max(abs(hi), abs(lo), 1.0):
         return SPARK_CHARS[len(SPARK_CHARS) // 2] * len(values)
@@ -107,8 +107,10 @@ def config_summary(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
     try:
         data = to_dict(config_from_dict(data, str(path)))
     except ConfigError as e:  # written by another rlfh version: show what is there rather than fail
-        notes.append(f"config.yaml does not validate with this rlfh version ({len(e.problems)} problem(s)); "
-                     f"showing its raw values")
+        notes.append(
+            f"config.yaml does not validate with this rlfh version ({len(e.problems)} problem(s)); "
+            f"showing its raw values"
+        )
 
     def lookup(dotted: str) -> Any:
         node: Any = data
@@ -121,12 +123,15 @@ def config_summary(run_dir: Path) -> tuple[dict[str, Any], list[str]]:
             return lookup(dotted)
         for old, new in MOVED_KEYS.items():  # a config.yaml from before the config was grouped by role
             if dotted == new or dotted.startswith(new + "."):
-                return lookup(old + dotted[len(new):])
+                return lookup(old + dotted[len(new) :])
         return None
 
-    rewards = [{"name": e.get("name") or e.get("target"), "target": e.get("target"), "weight": e.get("weight", 1.0)}
-               if isinstance(e, dict) else {"name": str(e), "target": str(e), "weight": 1.0}
-               for e in (get("rewards") or [])]
+    rewards = [
+        {"name": e.get("name") or e.get("target"), "target": e.get("target"), "weight": e.get("weight", 1.0)}
+        if isinstance(e, dict)
+        else {"name": str(e), "target": str(e), "weight": 1.0}
+        for e in (get("rewards") or [])
+    ]
     ppr, rpp = get("rollout.prompts_per_round"), get("rollout.rollouts_per_prompt")
     return {
         "model": get("model.path"),
@@ -175,8 +180,13 @@ def checkpoint_summary(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]
     if not isinstance(rnd, int):
         m = re.fullmatch(r"round-(\d+)", path.name)
         rnd = int(m.group(1)) if m else None
-    return {"path": str(path), "name": path.name, "round": rnd, "policy_version": state.get("policy_version"),
-            "count": len(complete)}, notes
+    return {
+        "path": str(path),
+        "name": path.name,
+        "round": rnd,
+        "policy_version": state.get("policy_version"),
+        "count": len(complete),
+    }, notes
 
 
 def rollout_summary(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
@@ -215,8 +225,12 @@ def rollout_summary(run_dir: Path) -> tuple[dict[str, Any] | None, list[str]]:
         "policy_versions": [min(versions), max(versions)] if versions else None,
         "num_policy_versions": len(versions),
         "rewards": {
-            n: {"missing_rate": d["missing"] / d["count"], "missing": d["missing"], "count": d["count"],
-                "top_reason": max(d["reasons"], key=d["reasons"].get) if d["reasons"] else None}
+            n: {
+                "missing_rate": d["missing"] / d["count"],
+                "missing": d["missing"],
+                "count": d["count"],
+                "top_reason": max(d["reasons"], key=d["reasons"].get) if d["reasons"] else None,
+            }
             for n, d in sorted(rewards.items())
         },
     }, notes
@@ -229,8 +243,13 @@ def curve(rows: list[dict[str, Any]], key: str, lower_is_better: bool = False) -
     if not points:
         return None
     best_round, best = (min if lower_is_better else max)(points, key=lambda p: p[1])
-    return {"first": points[0][1], "last": points[-1][1], "best": best, "best_round": best_round,
-            "spark": sparkline([v for _, v in points])}
+    return {
+        "first": points[0][1],
+        "last": points[-1][1],
+        "best": best,
+        "best_round": best_round,
+        "spark": sparkline([v for _, v in points]),
+    }
 
 
 def recent(rows: list[dict[str, Any]], key: str, last_n: int) -> dict[str, Any] | None:
@@ -251,8 +270,13 @@ def timing_summary(rows: list[dict[str, Any]], last_n: int) -> dict[str, Any] | 
         if mean is not None:
             stages[stage] = {"mean_s": mean, "share": mean / round_s if round_s > 0 else None}
     ckpt = [v for v in (_finite(r.get("time/checkpoint_s")) for r in rows) if v is not None]
-    return {"rounds": len(tail), "round_mean_s": round_s, "stages": stages,
-            "checkpoint_mean_s": _mean(ckpt), "checkpoints_timed": len(ckpt)}
+    return {
+        "rounds": len(tail),
+        "round_mean_s": round_s,
+        "stages": stages,
+        "checkpoint_mean_s": _mean(ckpt),
+        "checkpoints_timed": len(ckpt),
+    }
 
 
 def _round_cost(row: dict[str, Any]) -> float | None:
@@ -261,8 +285,9 @@ def _round_cost(row: dict[str, Any]) -> float | None:
     return None if r is None else r + (_finite(row.get("time/checkpoint_s")) or 0.0)
 
 
-def infer_state(rounds_done: int, num_rounds: int | None, ckpt_round: int | None, rows: list[dict[str, Any]],
-                age_s: float) -> tuple[str, str]:
+def infer_state(
+    rounds_done: int, num_rounds: int | None, ckpt_round: int | None, rows: list[dict[str, Any]], age_s: float
+) -> tuple[str, str]:
     """(state, reason): ``finished`` / ``running`` / ``stopped``; see the module docstring for the rule."""
     if num_rounds is not None and ((ckpt_round is not None and ckpt_round >= num_rounds) or rounds_done >= num_rounds):
         return "finished", f"all {num_rounds} rounds done"
@@ -295,8 +320,10 @@ def run_status(run_dir: str | Path, last_n: int = 5, now: float | None = None) -
         raise RunDirError(f"run directory {run} does not exist")
     cfg_path, metrics_path = run / "config.yaml", run / "metrics.jsonl"
     if not cfg_path.is_file():
-        raise RunDirError(f"{run} is not an rlfh run directory: no config.yaml (`rlfh train` writes it first); "
-                          f"give the directory named by the run's run_dir")
+        raise RunDirError(
+            f"{run} is not an rlfh run directory: no config.yaml (`rlfh train` writes it first); "
+            f"give the directory named by the run's run_dir"
+        )
     now = time.time() if now is None else now
     cfg, notes = config_summary(run)
     rows: list[dict[str, Any]] = []
@@ -334,8 +361,9 @@ def run_status(run_dir: str | Path, last_n: int = 5, now: float | None = None) -
         "rollouts": rollouts,
         "rewards": {m.group(1): c for k in keys if (m := REWARD_KEY.match(k)) and (c := curve(rounds, k))},
         "losses": {m.group(1): c for k in keys if (m := LOSS_KEY.match(k)) and (c := curve(rounds, k, True))},
-        "implicit_acc": {m.group(1) or "global": a for k in keys
-                         if (m := ACC_KEY.match(k)) and (a := recent(rounds, k, last_n))},
+        "implicit_acc": {
+            m.group(1) or "global": a for k in keys if (m := ACC_KEY.match(k)) and (a := recent(rounds, k, last_n))
+        },
         "mpd_weights": {m.group(1): w for k in keys if (m := MPD_KEY.match(k)) and (w := recent(rounds, k, last_n))},
         "timing": timing_summary(rounds, last_n),
         "last_n": last_n,

@@ -70,7 +70,9 @@ def test_half_precision_rescoring_exact():
     x_t = torch.randn(2, 4, 4, 4, generator=gen).to(torch.bfloat16)
     eps_hat = torch.randn(2, 4, 4, 4, generator=gen).to(torch.bfloat16)
     t = int(sched.timesteps[5])
-    rec = scheduler_step_with_logprob(sched, eps_hat, t, x_t, noise=torch.randn(2, 4, 4, 4, generator=gen).to(torch.bfloat16))
+    rec = scheduler_step_with_logprob(
+        sched, eps_hat, t, x_t, noise=torch.randn(2, 4, 4, 4, generator=gen).to(torch.bfloat16)
+    )
     assert rec.prev_sample.dtype == torch.bfloat16
     again = scheduler_step_with_logprob(sched, eps_hat, t, x_t, prev_sample=rec.prev_sample)
     assert torch.equal(again.log_prob, rec.log_prob)
@@ -96,7 +98,13 @@ def test_errors():
         scheduler_step_with_logprob(DDIMScheduler(), x, 1, x)
     with pytest.raises(ValueError, match="prediction_type"):
         ddim_step_with_logprob(
-            x, 1, x, alphas_cumprod=sched.alphas_cumprod, final_alpha_cumprod=1.0, step_ratio=100, prediction_type="sample"
+            x,
+            1,
+            x,
+            alphas_cumprod=sched.alphas_cumprod,
+            final_alpha_cumprod=1.0,
+            step_ratio=100,
+            prediction_type="sample",
         )
 
 

@@ -30,8 +30,9 @@ def test_planned_families_are_refused_by_name(tmp_path, cls):
 
 
 def test_unknown_classes_missing_folders_and_unknown_families_are_errors_naming_what_is_known(tmp_path):
-    with pytest.raises(ValueError, match="unknown pipeline class 'KandinskyPipeline'.*FluxPipeline.*"
-                                         "StableDiffusionXLPipeline"):
+    with pytest.raises(
+        ValueError, match="unknown pipeline class 'KandinskyPipeline'.*FluxPipeline.*StableDiffusionXLPipeline"
+    ):
         detect_family(folder(tmp_path, "KandinskyPipeline"))
     with pytest.raises(FileNotFoundError, match="no diffusers pipeline there"):
         detect_family(str(tmp_path / "nowhere"))

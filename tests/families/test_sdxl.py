@@ -16,15 +16,25 @@ def pipe(tiny_model_dir):
 
 def test_time_ids_are_the_pipelines(pipe):
     ours = SDXL.time_ids(64, 96, torch.float32)
-    theirs = pipe._get_add_time_ids((64, 96), (0, 0), (64, 96), dtype=torch.float32,
-                                    text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    theirs = pipe._get_add_time_ids(
+        (64, 96),
+        (0, 0),
+        (64, 96),
+        dtype=torch.float32,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    )
     assert torch.equal(ours, theirs)
 
 
 def test_guided_conditioning_equals_the_pipelines_and_encodes_each_prompt_once(pipe):
     prompts = ["a photo of a person", "two people talking", "a photo of a person"]
-    pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompt=prompts, device="cpu", num_images_per_prompt=1,
-                                                      do_classifier_free_guidance=True, negative_prompt=["blurry"] * 3)
+    pos, neg, pooled, neg_pooled = pipe.encode_prompt(
+        prompt=prompts,
+        device="cpu",
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=["blurry"] * 3,
+    )
     calls = []
 
     class Counting(SDXL):

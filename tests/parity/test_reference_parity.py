@@ -30,8 +30,12 @@ FACESCORE_SRC = REF_VENV / "src" / "FaceScore"
 TOL = 1e-4
 # Float boxes as a detector gives them (x1, y1, x2, y2, confidence): a face, a small box, a box
 # past the right/bottom edges, and one below the 0.9 threshold that both sides must skip.
-ASTRONAUT_FACES = [[170.6, 28.3, 262.4, 141.8, 0.998], [20.2, 30.7, 61.9, 90.1, 0.93],
-                   [430.5, 400.2, 512.7, 513.4, 0.95], [300.0, 300.0, 380.0, 390.0, 0.85]]
+ASTRONAUT_FACES = [
+    [170.6, 28.3, 262.4, 141.8, 0.998],
+    [20.2, 30.7, 61.9, 90.1, 0.93],
+    [430.5, 400.2, 512.7, 513.4, 0.95],
+    [300.0, 300.0, 380.0, 390.0, 0.85],
+]
 COFFEE_FACES = [[100.4, 50.6, 300.2, 330.9, 0.97]]
 
 pytestmark = [
@@ -58,20 +62,32 @@ def parity(tmp_path_factory):
     (root / "bert-base-uncased").mkdir()
     shutil.copy(VOCAB_PATH, root / "bert-base-uncased" / "vocab.txt")
 
-    images = {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee(),
-              "chelsea": skimage.data.chelsea()}
+    images = {"astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee(), "chelsea": skimage.data.chelsea()}
     for name, im in images.items():
         Image.fromarray(im).save(root / f"{name}.png")  # lossless: both sides see the same pixels
-    prompts = {"astronaut": "an astronaut in a white suit", "coffee": "a cup of coffee on a saucer, top view",
-               "chelsea": "A cat."}
+    prompts = {
+        "astronaut": "an astronaut in a white suit",
+        "coffee": "a cup of coffee on a saucer, top view",
+        "chelsea": "A cat.",
+    }
     faces = {"astronaut": ASTRONAUT_FACES, "coffee": COFFEE_FACES, "chelsea": [[50.0, 60.0, 150.0, 170.0, 0.5]]}
-    job = {"weights": str(fs_dir / "FS_model.pt"), "med_config": str(fs_dir / "med_config.json"),
-           "facescore_src": str(FACESCORE_SRC),
-           "facescore": [{"image": str(root / f"{n}.png"), "faces": faces[n]} for n in images],
-           "imagereward": [{"image": str(root / f"{n}.png"), "prompt": prompts[n]} for n in images]}
+    job = {
+        "weights": str(fs_dir / "FS_model.pt"),
+        "med_config": str(fs_dir / "med_config.json"),
+        "facescore_src": str(FACESCORE_SRC),
+        "facescore": [{"image": str(root / f"{n}.png"), "faces": faces[n]} for n in images],
+        "imagereward": [{"image": str(root / f"{n}.png"), "prompt": prompts[n]} for n in images],
+    }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([str(REF_VENV / "bin" / "python"), str(Path(__file__).with_name("reference_runner.py"))],
-                          input=json.dumps(job), capture_output=True, text=True, cwd=root, env=env, timeout=1800)
+    proc = subprocess.run(
+        [str(REF_VENV / "bin" / "python"), str(Path(__file__).with_name("reference_runner.py"))],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"reference run failed:\n{proc.stderr[-4000:]}")
     ref = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -80,8 +96,11 @@ def parity(tmp_path_factory):
 
 def _report(name: str, ours, ref) -> float:
     diff = float(np.max(np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(ref, dtype=np.float64))))
-    print(f"\n[parity] {name}: max |ours - reference| = {diff:.3g} over {len(ref)} scores; "
-          f"reference scores {np.round(ref, 4).tolist()}", file=sys.stderr)
+    print(
+        f"\n[parity] {name}: max |ours - reference| = {diff:.3g} over {len(ref)} scores; "
+        f"reference scores {np.round(ref, 4).tolist()}",
+        file=sys.stderr,
+    )
     return diff
 
 

@@ -47,10 +47,19 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained_parity")
     init = save_published(random_model(VIT_L, FULL_MED_CONFIG, seed=0), FULL_MED_CONFIG, root / "init", "FS_model.pt")
     log = write_pair_log(root / "log", 2, seed=0)
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"run_dir={root / 'run'}", "logging.wandb=false", "logging.progress=false",
-        "rewards=[{target: jpeg_compressibility, name: quality}]", f"reward_training.pairs={log}",
-        f"reward_training.init={init}", "reward_training.heldout_fraction=0", "reward_training.batch_size=2"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"run_dir={root / 'run'}",
+            "logging.wandb=false",
+            "logging.progress=false",
+            "rewards=[{target: jpeg_compressibility, name: quality}]",
+            f"reward_training.pairs={log}",
+            f"reward_training.init={init}",
+            "reward_training.heldout_fraction=0",
+            "reward_training.batch_size=2",
+        ],
+    )
     run = train_reward(cfg)
     # one ImageReward.pt beside the same med_config, for the ImageReward loaders (no second 1.8 GB file)
     (root / "ir").mkdir()
@@ -64,13 +73,23 @@ def trained(tmp_path_factory):
         paths.append(root / f"img{i}.png")
         Image.fromarray(im).save(paths[-1])
     faces = [[*BOX, 0.99]]
-    job = {"weights": str(run / "FS_model.pt"), "med_config": str(run / "med_config.json"),
-           "facescore_src": str(FACESCORE_SRC),
-           "facescore": [{"image": str(p), "faces": faces} for p in paths],
-           "imagereward": [{"image": str(p), "prompt": "A face."} for p in paths]}
+    job = {
+        "weights": str(run / "FS_model.pt"),
+        "med_config": str(run / "med_config.json"),
+        "facescore_src": str(FACESCORE_SRC),
+        "facescore": [{"image": str(p), "faces": faces} for p in paths],
+        "imagereward": [{"image": str(p), "prompt": "A face."} for p in paths],
+    }
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-    proc = subprocess.run([str(REF_VENV / "bin" / "python"), str(Path(__file__).with_name("reference_runner.py"))],
-                          input=json.dumps(job), capture_output=True, text=True, cwd=root, env=env, timeout=1800)
+    proc = subprocess.run(
+        [str(REF_VENV / "bin" / "python"), str(Path(__file__).with_name("reference_runner.py"))],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=1800,
+    )
     if proc.returncode != 0:
         raise AssertionError(f"reference run failed:\n{proc.stderr[-4000:]}")
     ref = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -82,8 +101,9 @@ def test_training_changed_the_scorer(trained):
     after = torch.load(trained["run"] / "FS_model.pt", weights_only=True)
     assert before.keys() == after.keys()
     assert not torch.equal(before["mlp.layers.0.weight"], after["mlp.layers.0.weight"])
-    assert torch.equal(before["blip.visual_encoder.blocks.0.attn.qkv.weight"],
-                       after["blip.visual_encoder.blocks.0.attn.qkv.weight"])  # frozen (first 16 of 24)
+    assert torch.equal(
+        before["blip.visual_encoder.blocks.0.attn.qkv.weight"], after["blip.visual_encoder.blocks.0.attn.qkv.weight"]
+    )  # frozen (first 16 of 24)
 
 
 def test_trained_scorer_matches_reference_facescore(trained):

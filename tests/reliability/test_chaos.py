@@ -32,9 +32,17 @@ pytestmark = pytest.mark.slow
 # kills land after rounds 1..4; the rounds after the last kill leave room for its delay on a fast machine
 # (a 2-step tiny round takes ~1-2 s on 2 quiet cores, and at 6 rounds the learner's kill was dodged there)
 ROUNDS = 10
-ARGS = [f"num_rounds={ROUNDS}", "logging.checkpoint_every=1", "logging.wandb=false", "logging.progress=false",
-        "rollout.prompts_per_round=2", "rollout.rollouts_per_prompt=2", "rollout.sample_batch_size_per_actor=4",
-        "rollout.num_inference_steps=2", "learner.epochs_per_round=1"]
+ARGS = [
+    f"num_rounds={ROUNDS}",
+    "logging.checkpoint_every=1",
+    "logging.wandb=false",
+    "logging.progress=false",
+    "rollout.prompts_per_round=2",
+    "rollout.rollouts_per_prompt=2",
+    "rollout.sample_batch_size_per_actor=4",
+    "rollout.num_inference_steps=2",
+    "learner.epochs_per_round=1",
+]
 PER_ROUND = 4  # prompts_per_round x rollouts_per_prompt
 # the process title Ray gives each role's worker ("ray::Class" idle, "ray::Class.method" busy)
 ROLES = {"learner": "ray::LearnerActor", "reward": "ray::RewardActor", "rollout": "ray::RolloutActor", "driver": None}
@@ -53,8 +61,16 @@ def kill_schedule(seed: int) -> list[tuple[str, int, float]]:
 
 
 def command(model_dir: str, run_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
-            f"model.path={model_dir}", *ARGS]
+    return [
+        sys.executable,
+        "-m",
+        "rlfh.cli.main",
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={run_dir}",
+        f"model.path={model_dir}",
+        *ARGS,
+    ]
 
 
 def env() -> dict[str, str]:
@@ -111,8 +127,9 @@ def run_with_kills(model_dir: str, run_dir: Path, schedule, log: Path, max_attem
     pending, done, codes = list(schedule), [], []
     for _ in range(max_attempts):
         with open(log, "a") as out:
-            driver = subprocess.Popen(command(model_dir, run_dir), cwd=REPO, env=env(), stdout=out,
-                                      stderr=subprocess.STDOUT)
+            driver = subprocess.Popen(
+                command(model_dir, run_dir), cwd=REPO, env=env(), stdout=out, stderr=subprocess.STDOUT
+            )
         try:
             while driver.poll() is None:
                 if pending and rounds_logged(run_dir) >= pending[0][1]:
@@ -184,16 +201,19 @@ def test_schedule_is_fixed_and_kills_every_role():
 def test_chaos_run_equals_an_undisturbed_run(tiny_model_dir, tmp_path):
     t0 = time.monotonic()
     ref_dir, run_dir = tmp_path / "undisturbed", tmp_path / "chaos"
-    ref = subprocess.run(command(tiny_model_dir, ref_dir), cwd=REPO, env=env(), capture_output=True, text=True,
-                         timeout=1800)
+    ref = subprocess.run(
+        command(tiny_model_dir, ref_dir), cwd=REPO, env=env(), capture_output=True, text=True, timeout=1800
+    )
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
     t_ref = time.monotonic() - t0
 
     schedule = kill_schedule(SEED)
     log = tmp_path / "chaos.log"
     done, attempts, codes = run_with_kills(tiny_model_dir, run_dir, schedule, log)
-    print(f"chaos: undisturbed run {t_ref:.0f} s; chaos run {time.monotonic() - t0 - t_ref:.0f} s, "
-          f"{attempts} attempts (exit codes {codes}), kills {done}")
+    print(
+        f"chaos: undisturbed run {t_ref:.0f} s; chaos run {time.monotonic() - t0 - t_ref:.0f} s, "
+        f"{attempts} attempts (exit codes {codes}), kills {done}"
+    )
     assert codes[-1] == 0, log.read_text()[-4000:]
     assert [r for r, _, _ in done] == [r for r, _, _ in schedule], f"not every kill happened: {done}"
 

@@ -70,8 +70,14 @@ def _running(p: psutil.Process) -> bool:
 
 
 def test_watcher_ends_processes_started_after_the_cluster_came_up():
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     procs: list[psutil.Process] = []
     try:
         lines = []

@@ -31,8 +31,10 @@ BAD = [
     ("learner.max_grad_norm=-1", "learner.max_grad_norm=-1.0: must be >= 0"),
     ("learner.regions.scale=nan", "learner.regions.scale='nan'"),
     ("learner.regions.fairness.alpha=.inf", "learner.regions.fairness.alpha=inf"),
-    ("learner.regions.fairness.weights={global: .nan}",
-     "learner.regions.fairness.weights.global=nan: must be a finite number"),
+    (
+        "learner.regions.fairness.weights={global: .nan}",
+        "learner.regions.fairness.weights.global=nan: must be a finite number",
+    ),
     ("model.lora.alpha=0", "model.lora.alpha=0.0: must be > 0"),
     ("learner.ema.decay=nan", "learner.ema.decay='nan'"),
     ("rollout.guidance_scale=nan", "rollout.guidance_scale='nan': must be a finite number"),
@@ -84,11 +86,15 @@ def test_negative_weight_is_allowed_when_asked_for():
 
 def test_list_entry_override_edits_that_entry_only(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("rewards:\n  - jpeg_compressibility\n  - target: jpeg_incompressibility\n    weight: 0.5\n"
-                    "rollout:\n  prompts: [a, b]\n")
+    path.write_text(
+        "rewards:\n  - jpeg_compressibility\n  - target: jpeg_incompressibility\n    weight: 0.5\n"
+        "rollout:\n  prompts: [a, b]\n"
+    )
     cfg = load_config(path, ["rewards.1.weight=2", "rewards.0.name=small_files"])
     assert [(e.target, e.name, e.weight) for e in cfg.rewards] == [
-        ("jpeg_compressibility", "small_files", 1.0), ("jpeg_incompressibility", None, 2.0)]
+        ("jpeg_compressibility", "small_files", 1.0),
+        ("jpeg_incompressibility", None, 2.0),
+    ]
     cfg = load_config(path, ["rollout.prompts.1=c"])
     assert cfg.rollout.prompts == ["a", "c"]
 
@@ -124,12 +130,15 @@ def test_empty_config_file_is_refused(tmp_path):
         assert f"config file {path} is empty" in p
 
 
-@pytest.mark.parametrize("text,key,lines", [
-    ("learner:\n  lr: 1e-4\n  beta: 10\n  lr: 1e-3\n", "lr", (2, 4)),
-    ("seed: 1\nlearner: {}\nseed: 2\n", "seed", (1, 3)),
-    ("learner: {beta: 1, beta: 2}\n", "beta", (1, 1)),
-    ("rewards:\n  - target: jpeg_compressibility\n    weight: 1\n    weight: 2\n", "weight", (3, 4)),
-])
+@pytest.mark.parametrize(
+    "text,key,lines",
+    [
+        ("learner:\n  lr: 1e-4\n  beta: 10\n  lr: 1e-3\n", "lr", (2, 4)),
+        ("seed: 1\nlearner: {}\nseed: 2\n", "seed", (1, 3)),
+        ("learner: {beta: 1, beta: 2}\n", "beta", (1, 1)),
+        ("rewards:\n  - target: jpeg_compressibility\n    weight: 1\n    weight: 2\n", "weight", (3, 4)),
+    ],
+)
 def test_duplicate_yaml_keys_are_refused_with_key_and_lines(tmp_path, text, key, lines):
     path = tmp_path / "dup.yaml"
     path.write_text(text)
@@ -146,14 +155,18 @@ def test_yaml_merge_keys_may_still_be_overridden(tmp_path):
     assert cfg.learner.lr == 1e-4 and cfg.learner.max_grad_norm == 20
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("learner.dpo.beta=nan", "learner.dpo.beta='nan': must be a finite number"),
-    ("rewards.0.target=x", "rewards[0].target='x': unknown reward"),
-    ("logging.checkpoint_every=0", "logging.checkpoint_every=0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("learner.dpo.beta=nan", "learner.dpo.beta='nan': must be a finite number"),
+        ("rewards.0.target=x", "rewards[0].target='x': unknown reward"),
+        ("logging.checkpoint_every=0", "logging.checkpoint_every=0: must be >= 1"),
+    ],
+)
 def test_cli_reports_one_problem_and_no_traceback(override, expected):
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "config", str(TINY), override],
-                       capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "rlfh.cli.main", "config", str(TINY), override], capture_output=True, text=True, cwd=REPO
+    )
     assert r.returncode == 2, r.stderr
     assert "1 problem(s)" in r.stderr and expected in r.stderr
     assert "Traceback" not in r.stderr

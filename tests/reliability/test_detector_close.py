@@ -34,8 +34,9 @@ def test_a_reward_closes_the_detector_it_built_and_not_one_it_was_given():
     built = FaceDetectionConfidence(f"{__name__}:CountingDetector")
     hand = HandConfidence(f"{__name__}:CountingDetector", detector_options={"region": "hand"})
     built.name = "built_face"  # two face rewards in one set need their own names
-    rewards = RewardSet([WeightedReward(FaceDetectionConfidence(given), 1.0), WeightedReward(built, 1.0),
-                         WeightedReward(hand, 1.0)])
+    rewards = RewardSet(
+        [WeightedReward(FaceDetectionConfidence(given), 1.0), WeightedReward(built, 1.0), WeightedReward(hand, 1.0)]
+    )
     with rewards:
         scored = rewards(np.zeros((2, 16, 16, 3), np.uint8), ["a", "b"])
     assert scored.combined() == [pytest.approx(2.7)] * 2

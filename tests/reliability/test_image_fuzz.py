@@ -14,7 +14,6 @@ import os
 import struct
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,7 +90,12 @@ def test_bombs_are_too_large_for_both_paths_without_decoding(tmp_path, jpeg_conf
         with pytest.raises(RequestError) as e:
             decode_png(data, "images[0]", LIMITS)
         assert e.value.status == 413 and "exceeds max_image_side" in str(e.value)
-        body = json.dumps({"images": [encode_png(np.zeros((4, 4, 3), np.uint8)), base64.b64encode(data).decode("ascii")], "prompts": ["", ""]})
+        body = json.dumps(
+            {
+                "images": [encode_png(np.zeros((4, 4, 3), np.uint8)), base64.b64encode(data).decode("ascii")],
+                "prompts": ["", ""],
+            }
+        )
         with pytest.raises(RequestError) as e:
             parse_score_request(body.encode(), LIMITS)
         assert e.value.status == 413 and str(e.value).startswith("images[1]: ")
@@ -166,8 +170,12 @@ def _reference_transform(pil: Image.Image) -> torch.Tensor:
 def blip_dir(tmp_path_factory):
     from tests.rewards.tiny_blip import TINY_MED_CONFIG, TINY_VISION, random_model, save_published
 
-    d = save_published(random_model(TINY_VISION, TINY_MED_CONFIG, seed=0), TINY_MED_CONFIG,
-                       tmp_path_factory.mktemp("blip"), "FS_model.pt")
+    d = save_published(
+        random_model(TINY_VISION, TINY_MED_CONFIG, seed=0),
+        TINY_MED_CONFIG,
+        tmp_path_factory.mktemp("blip"),
+        "FS_model.pt",
+    )
     os.link(d / "FS_model.pt", d / "ImageReward.pt")
     return d
 
@@ -181,8 +189,10 @@ def test_rgba_and_palette_files_score_like_the_reference_order(tmp_path, blip_di
     astronaut = skimage.data.astronaut()
     yy, xx = np.mgrid[0:512, 0:512]
     alpha = np.clip((xx + yy) // 3, 0, 255).astype(np.uint8)  # transparent corner to opaque
-    files = {"rgba.png": Image.fromarray(np.dstack([astronaut, alpha]), "RGBA"),
-             "palette.png": Image.fromarray(astronaut).quantize(32)}
+    files = {
+        "rgba.png": Image.fromarray(np.dstack([astronaut, alpha]), "RGBA"),
+        "palette.png": Image.fromarray(astronaut).quantize(32),
+    }
     for name, im in files.items():
         im.save(tmp_path / name)
     cfg = tmp_path / "blip.yaml"
@@ -190,7 +200,8 @@ def test_rgba_and_palette_files_score_like_the_reference_order(tmp_path, blip_di
         f"rewards:\n"
         f"  - target: facescore\n    options: {{model: '{blip_dir}', vision_heads: 2,"
         f" detector: '{__name__}:OneFace'}}\n"
-        f"  - target: imagereward\n    options: {{model: '{blip_dir}', vision_heads: 2}}\n")
+        f"  - target: imagereward\n    options: {{model: '{blip_dir}', vision_heads: 2}}\n"
+    )
     paths = [str(tmp_path / n) for n in files]
     assert rlfh(["score", str(cfg), *paths]) == 0
     objs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -201,15 +212,20 @@ def test_rgba_and_palette_files_score_like_the_reference_order(tmp_path, blip_di
         with Image.open(path) as src:
             src.load()
         # FaceScore crops the file in its own mode (ToTensor keeps the alpha channel), IR takes it whole.
-        crop = Image.fromarray(np.asarray(src)[y0:y1, x0:x1], src.mode) if src.mode == "RGBA" else src.crop((x0, y0, x1, y1))
+        crop = (
+            Image.fromarray(np.asarray(src)[y0:y1, x0:x1], src.mode)
+            if src.mode == "RGBA"
+            else src.crop((x0, y0, x1, y1))
+        )
         with torch.no_grad():
             face = fs.model(_reference_transform(crop)[None], fs.input_ids, fs.attention_mask).item()
             ids, mask = tokenize(fs.tokenizer, [""])  # rlfh score's prompt for files
             whole = fs.model(_reference_transform(src)[None], ids, mask).item()
             # RGB first (the order this file used to be scored in) is measurably different.
             rgb = src.convert("RGB")
-            face_rgb = fs.model(_reference_transform(rgb.crop((x0, y0, x1, y1)))[None], fs.input_ids,
-                                fs.attention_mask).item()
+            face_rgb = fs.model(
+                _reference_transform(rgb.crop((x0, y0, x1, y1)))[None], fs.input_ids, fs.attention_mask
+            ).item()
         assert obj["facescore"]["value"] == pytest.approx(face, abs=1e-5), path
         assert obj["imagereward"]["info"]["raw"] == pytest.approx(whole, abs=1e-5), path
         assert obj["imagereward"]["value"] == pytest.approx((whole - IR_MEAN) / IR_STD, abs=1e-5)

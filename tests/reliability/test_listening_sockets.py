@@ -66,8 +66,11 @@ def _cluster(proc: subprocess.Popen) -> list[psutil.Process]:
 
 def _listening(procs: list[psutil.Process]) -> list[tuple[str, int, str]]:
     names = {p.pid: p.name() for p in procs}
-    return [(c.laddr.ip, c.laddr.port, names[c.pid]) for c in psutil.net_connections("inet")
-            if c.status == psutil.CONN_LISTEN and c.pid in names]
+    return [
+        (c.laddr.ip, c.laddr.port, names[c.pid])
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in names
+    ]
 
 
 def _sigkill_and_outlivers(proc: subprocess.Popen, procs: list[psutil.Process], within: float) -> list[str]:
@@ -83,8 +86,9 @@ def _sigkill_and_outlivers(proc: subprocess.Popen, procs: list[psutil.Process], 
 
 
 def _run(proc_args: list[str], ready: str, check) -> None:
-    proc = subprocess.Popen(proc_args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        proc_args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     procs: list[psutil.Process] = []
     try:
         _wait_for(proc, ready)
@@ -111,9 +115,13 @@ def _assert_loopback_only(procs, expect_names):
 
 
 def test_private_cluster_listens_on_loopback_only_and_dies_with_its_driver():
-    _run([sys.executable, "-c", TRAIN_DRIVER], "READY",
-         lambda procs: _assert_loopback_only(procs, {"gcs_server", "raylet", "ray::DashboardAgent",
-                                                     "ray::RuntimeEnvAgent", "ray::Probe"}))
+    _run(
+        [sys.executable, "-c", TRAIN_DRIVER],
+        "READY",
+        lambda procs: _assert_loopback_only(
+            procs, {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent", "ray::Probe"}
+        ),
+    )
 
 
 def test_serve_rewards_listens_on_loopback_only_and_dies_with_its_driver():
@@ -123,24 +131,42 @@ def test_serve_rewards_listens_on_loopback_only_and_dies_with_its_driver():
         _assert_loopback_only(procs, {"gcs_server", "raylet", "ray::ProxyActor"})
         assert ("127.0.0.1", port, "ray::ProxyActor") in _listening(procs)
 
-    _run([os.path.join(os.path.dirname(sys.executable), "rlfh"), "serve-rewards", "configs/tiny.yaml",
-          "--port", str(port)], "ready at", check)
+    _run(
+        [
+            os.path.join(os.path.dirname(sys.executable), "rlfh"),
+            "serve-rewards",
+            "configs/tiny.yaml",
+            "--port",
+            str(port),
+        ],
+        "ready at",
+        check,
+    )
 
 
 def test_private_cluster_reruns_cleanly_after_a_sigkill():
     """The run after a killed one starts its own cluster without meeting the old one's ports."""
-    first = subprocess.Popen([sys.executable, "-c", TRAIN_DRIVER], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        [sys.executable, "-c", TRAIN_DRIVER],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     procs: list[psutil.Process] = []
     try:
         _wait_for(first, "READY")
         procs = _cluster(first)
         os.kill(first.pid, signal.SIGKILL)
         first.wait()
-        code = TRAIN_DRIVER.replace("time.sleep(600)", "print('SESSION', ray._private.worker._global_node."
-                                                      "get_session_dir_path(), flush=True); ray.shutdown()")
-        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True,
-                             timeout=120)
+        code = TRAIN_DRIVER.replace(
+            "time.sleep(600)",
+            "print('SESSION', ray._private.worker._global_node.get_session_dir_path(), flush=True); ray.shutdown()",
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0 and "READY" in out.stdout, out.stdout + out.stderr
         session = out.stdout.split("SESSION ")[1].split()[0]
         # The old run's dashboard agent holds its HTTP port until the watcher ends it; Ray's fixed
@@ -159,9 +185,9 @@ def test_private_cluster_reruns_cleanly_after_a_sigkill():
 
 def _readme_ray_block() -> list[str]:
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### On a Ray cluster (`ray job submit`)"):]
+    section = readme[readme.index("### On a Ray cluster (`ray job submit`)") :]
     start = section.index("```bash\n") + len("```bash\n")
-    block = section[start:section.index("\n```", start)]
+    block = section[start : section.index("\n```", start)]
     return [ln.split("   #")[0].strip() for ln in block.splitlines()]
 
 
@@ -178,8 +204,13 @@ def test_readme_ray_job_submit_example_works_under_token_auth(tmp_path):
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
     ray_tmp = f"/tmp/rlfh-readme-{os.getpid()}"  # Ray's socket paths must stay short
     port, dash = _free_port(), _free_port()
-    start_args = start.split() + [f"--port={port}", f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}",
-                                  "--num-cpus=1", "--disable-usage-stats"]
+    start_args = start.split() + [
+        f"--port={port}",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={ray_tmp}",
+        "--num-cpus=1",
+        "--disable-usage-stats",
+    ]
     head: list[psutil.Process] = []
     try:
         r = subprocess.run(token, shell=True, env=env, capture_output=True, text=True, timeout=60)
@@ -188,12 +219,14 @@ def test_readme_ray_job_submit_example_works_under_token_auth(tmp_path):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         roots = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
         head = list({p.pid: p for r_ in roots for p in [r_, *r_.children(recursive=True)]}.values())
-        job = ("import ray; ray.init(); "
-               "print('JOB', ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()))")
+        job = (
+            "import ray; ray.init(); print('JOB', ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()))"
+        )
         cmd = submit.split(" -- ")[0].replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dash}").split()
         for _ in range(30):  # the head's job agent comes up a few seconds after `ray start` returns
-            r = subprocess.run(cmd + ["--", sys.executable, "-c", job], env=env, capture_output=True, text=True,
-                               timeout=120)
+            r = subprocess.run(
+                cmd + ["--", sys.executable, "-c", job], env=env, capture_output=True, text=True, timeout=120
+            )
             if "No available agent to submit job" not in r.stdout + r.stderr:
                 break
             time.sleep(2)

@@ -15,8 +15,8 @@ import pytest
 
 from rlfh.run.checkpoints import latest_checkpoint, mark_latest
 from rlfh.run.metrics import MetricsFileError, MetricsLogger, read_metrics, rollback_metrics
-from rollouts.log import RolloutLog, RolloutLogError, decode_latent, make_records
 from rollouts.fileio import sha256_file
+from rollouts.log import RolloutLog, RolloutLogError, decode_latent, make_records
 from tests.conftest import REPO
 from tests.rlfh.test_checkpoints import fake_checkpoint
 from tests.rollouts.test_log import fake_round
@@ -56,8 +56,11 @@ def test_wrong_latent_shape_names_shard_row_and_rollout(tmp_path):
     shapes[2] = [4, 3, 3]
     t = t.set_column(t.column_names.index("latent_shape"), "latent_shape", pa.array(shapes, pa.list_(pa.int32())))
     _rewrite_shard(log, "shard-000001.parquet", t)
-    with pytest.raises(RolloutLogError, match=r"shard-000001\.parquet row 2 \(rollout r1-2\): latent holds 64 bytes "
-                                              r"but latent_shape \[4, 3, 3\] needs 144"):
+    with pytest.raises(
+        RolloutLogError,
+        match=r"shard-000001\.parquet row 2 \(rollout r1-2\): latent holds 64 bytes "
+        r"but latent_shape \[4, 3, 3\] needs 144",
+    ):
         log.records(["latent", "latent_shape"])
     # a record decoded on its own says which rollout it is
     with pytest.raises(RolloutLogError, match="rollout x: latent holds 64 bytes"):
@@ -87,11 +90,18 @@ def test_two_shards_with_the_same_rows_are_refused(tmp_path):
     log = _log_with_rounds(tmp_path)
     # the same samples written again (different bytes: another timestamp), e.g. a replayed append
     log.append(make_records(*fake_round(seed=0), round_index=2))
-    with pytest.raises(RolloutLogError, match=r"shard-000002\.parquet row 0: rollout id 'r0-0' is already in "
-                                              r"shard-000000\.parquet"):
+    with pytest.raises(
+        RolloutLogError,
+        match=r"shard-000002\.parquet row 0: rollout id 'r0-0' is already in "
+        r"shard-000000\.parquet",
+    ):
         log.records(["round"])  # found even when rollout_id is not asked for
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(log.dir)],
-                       capture_output=True, text=True, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(log.dir)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "already in shard-000000.parquet" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -103,8 +113,13 @@ def test_non_finite_rewards_count_as_missing_in_inspect(tmp_path):
         jpeg["value"] = value
     log = RolloutLog(tmp_path)
     log.append(records)
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(tmp_path)],
-                       capture_output=True, text=True, cwd=REPO, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+    )
     jpeg = json.loads(r.stdout)["rewards"]["jpeg"]  # strict JSON: a NaN mean would not parse
     assert jpeg["count"] == 2 and jpeg["mean"] == pytest.approx(-1.0)  # values 0 and -2
     assert jpeg["missing"] == 2 and jpeg["non_finite"] == 2
@@ -132,7 +147,7 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
 def test_torn_line_is_removed_before_appending_even_without_rollback(tmp_path):
     from types import SimpleNamespace
 
-    path = _metrics(tmp_path, tail='{"step": 3, "ro')
+    _metrics(tmp_path, tail='{"step": 3, "ro')
     cfg = SimpleNamespace(logging=SimpleNamespace(wandb=False, wandb_mode="disabled"))
     with pytest.warns(UserWarning, match="torn last line"):
         logger = MetricsLogger(tmp_path, cfg)

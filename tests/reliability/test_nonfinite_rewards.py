@@ -21,9 +21,16 @@ NAN, INF = math.nan, math.inf
 
 def config(loss: str, **over):
     extra = [f"learner.{k}={v}" for k, v in over.items()]
-    return load_config(REPO / "configs" / "tiny.yaml", [
-        "rollouts=/logged/rollouts", f"learner.loss={loss}", "learner.train_batch_size=2",
-        "rewards=[{target: jpeg_compressibility, name: jpeg}, {target: facescore, name: face, weight: 0.5}]", *extra])
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            "rollouts=/logged/rollouts",
+            f"learner.loss={loss}",
+            "learner.train_batch_size=2",
+            "rewards=[{target: jpeg_compressibility, name: jpeg}, {target: facescore, name: face, weight: 0.5}]",
+            *extra,
+        ],
+    )
 
 
 def test_nan_first_in_group_does_not_drop_the_group():
@@ -52,8 +59,9 @@ def test_one_nan_in_960_rows_weights_the_other_959(loss):
         assert w.sum() == pytest.approx(959.0)  # mean weight 1 over the scored samples
     cfg = config(loss)
     latents = np.zeros((960, 4, 8, 8), np.float32)
-    batch, stats = learner_batch(cfg.learner,
-                                 ScoredSamples(latents, ["p"] * 960, ["p"] * 960, scores, [{}] * 960, (64, 64)))
+    batch, stats = learner_batch(
+        cfg.learner, ScoredSamples(latents, ["p"] * 960, ["p"] * 960, scores, [{}] * 960, (64, 64))
+    )
     assert len(batch) == kept and stats["samples/kept"] == kept and stats["samples/unscored"] == 1.0
 
 
@@ -71,9 +79,14 @@ def test_scored_batch_reports_nonfinite_by_reward():
         def __init__(self, value):
             self.value, self.regions = value, {}
 
-    scored = ScoredBatch({"jpeg": [RewardResult(1.0), Loose(NAN), RewardResult(3.0)],
-                          "face": [RewardResult(0.5), RewardResult(0.5), RewardResult.missing("no face")]},
-                         {"jpeg": 1.0, "face": 1.0}, {"jpeg": "global", "face": "face"})
+    scored = ScoredBatch(
+        {
+            "jpeg": [RewardResult(1.0), Loose(NAN), RewardResult(3.0)],
+            "face": [RewardResult(0.5), RewardResult(0.5), RewardResult.missing("no face")],
+        },
+        {"jpeg": 1.0, "face": 1.0},
+        {"jpeg": "global", "face": "face"},
+    )
     assert scored.combined() == [1.5, None, None]
     m = scored.means()
     assert m["reward/jpeg/nonfinite"] == 1.0 and m["reward/face/nonfinite"] == 0.0
@@ -82,10 +95,18 @@ def test_scored_batch_reports_nonfinite_by_reward():
 
 def logged(values: dict[str, list], rounds: list[int] | None = None) -> list[dict]:
     n = len(next(iter(values.values())))
-    return [{"round": (rounds or [0] * n)[i], "prompt": f"p{i // 4}",
-             "rewards": [{"name": k, "value": v[i]} for k, v in values.items()], "regions": [],
-             "latent": np.full((4, 8, 8), i, np.float32).tobytes(), "latent_shape": [4, 8, 8],
-             "sampler": {"height": 64, "width": 64}} for i in range(n)]
+    return [
+        {
+            "round": (rounds or [0] * n)[i],
+            "prompt": f"p{i // 4}",
+            "rewards": [{"name": k, "value": v[i]} for k, v in values.items()],
+            "regions": [],
+            "latent": np.full((4, 8, 8), i, np.float32).tobytes(),
+            "latent_shape": [4, 8, 8],
+            "sampler": {"height": 64, "width": 64},
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture()
@@ -122,8 +143,11 @@ def test_offline_error_says_why_nothing_is_left(fake_log):
     from rlfh.recipes.offline import batch_from_log
 
     fake_log["records"] = logged({"jpeg": [NAN, 1.0, None, 2.0], "face": [0.5, INF, 0.5, 0.5]})
-    with pytest.raises(ValueError, match=r"(?s)3 of 4 records have no combined score.*'jpeg': 1.*"
-                                         r"NaN/inf values by reward, counted as missing: \{'jpeg': 1, 'face': 1\}"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)3 of 4 records have no combined score.*'jpeg': 1.*"
+        r"NaN/inf values by reward, counted as missing: \{'jpeg': 1, 'face': 1\}",
+    ):
         batch_from_log(config("rwr", train_batch_size=2))
 
 

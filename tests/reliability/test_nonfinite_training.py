@@ -29,8 +29,10 @@ def pairs(n=2, poison=False):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=2",
-                                                        "learner.micro_batch_size_per_gpu=2"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [f"model.path={tiny_model_dir}", "learner.train_batch_size=2", "learner.micro_batch_size_per_gpu=2"],
+    )
     return LearnerEngine(cfg)
 
 
@@ -64,8 +66,15 @@ def test_nonfinite_weights_are_never_checkpointed(engine, tmp_path):
 def test_a_nonfinite_gradient_stops_the_round(tiny_model_dir):
     # a finite loss whose gradient is NaN (an overflow in the backward pass): the optimizer step
     # writes NaN, and the step is stopped there, before any later step or checkpoint uses it
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=2",
-                                                        "learner.micro_batch_size_per_gpu=2", "learner.max_grad_norm=0"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.train_batch_size=2",
+            "learner.micro_batch_size_per_gpu=2",
+            "learner.max_grad_norm=0",
+        ],
+    )
     lrn = LearnerEngine(cfg)
     lrn.trainable_parameters()[0].register_hook(lambda g: g * float("nan"))
     with pytest.raises(NonFiniteError, match="non-finite weights after optimizer step 1"):
@@ -75,20 +84,45 @@ def test_a_nonfinite_gradient_stops_the_round(tiny_model_dir):
 @pytest.mark.slow
 def test_online_run_with_nonfinite_update_fails_and_writes_no_checkpoint(tiny_model_dir, tmp_path):
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "train", "configs/tiny.yaml", f"run_dir={run_dir}",
-                        f"model.path={tiny_model_dir}", "num_rounds=2", "logging.checkpoint_every=1",
-                        # lr 1e37 passes validation (finite, > 0); its first Adam step scales the LoRA
-                        # weights to ~1e36, and the next forward overflows
-                        "rollout.prompts_per_round=2", "learner.lr=1e37", "learner.max_grad_norm=0",
-                        "logging.wandb=false", "logging.progress=false"],
-                       capture_output=True, text=True, cwd=REPO, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlfh.cli.main",
+            "train",
+            "configs/tiny.yaml",
+            f"run_dir={run_dir}",
+            f"model.path={tiny_model_dir}",
+            "num_rounds=2",
+            "logging.checkpoint_every=1",
+            # lr 1e37 passes validation (finite, > 0); its first Adam step scales the LoRA
+            # weights to ~1e36, and the next forward overflows
+            "rollout.prompts_per_round=2",
+            "learner.lr=1e37",
+            "learner.max_grad_norm=0",
+            "logging.wandb=false",
+            "logging.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     out = r.stdout + r.stderr
     assert r.returncode != 0, out[-3000:]
     assert "round 0" in out and "non-finite" in out and "Likely cause" in out, out[-3000:]
     assert not list((run_dir / "checkpoints").glob("round-*")) if (run_dir / "checkpoints").exists() else True
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").exists() else []
+    rows = (
+        [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if (run_dir / "metrics.jsonl").exists()
+        else []
+    )
     assert rows == []  # no round was reported as trained
-    status = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "status", str(run_dir), "--json"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "rlfh.cli.main", "status", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert '"finished"' not in status.stdout

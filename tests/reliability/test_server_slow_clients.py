@@ -53,8 +53,11 @@ def port():
     cfg = ServerConfig(port=port, num_cpus_per_replica=0.5)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(JPEG, cfg, body_timeout_s=BODY_TIMEOUT_S, max_body_reads_per_client=PER_CLIENT),
-                  name="rewards", route_prefix="/")
+        serve.run(
+            build_app(JPEG, cfg, body_timeout_s=BODY_TIMEOUT_S, max_body_reads_per_client=PER_CLIENT),
+            name="rewards",
+            route_prefix="/",
+        )
         yield port
     finally:
         serve.shutdown()
@@ -82,8 +85,9 @@ class SlowClients:
             s.bind((source(i), 0))
             s.settimeout(BODY_TIMEOUT_S + 20)
             s.connect(("127.0.0.1", port))
-            s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: 100000\r\n\r\n{")
+            s.sendall(
+                b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+            )
             self.socks.append(s)
         self._stop = threading.Event()
         self._trickle = threading.Thread(target=self._drip, daemon=True)

@@ -57,14 +57,20 @@ def test_tokenizer_dir_like_the_reference(tmp_path):
 
 
 def test_key_mapping_names():
-    assert published_to_internal("blip.visual_encoder.blocks.3.attn.qkv.weight") == \
-        "visual_encoder.encoder.layers.3.self_attn.qkv.weight"
-    assert published_to_internal("blip.visual_encoder.blocks.0.attn.proj.bias") == \
-        "visual_encoder.encoder.layers.0.self_attn.projection.bias"
+    assert (
+        published_to_internal("blip.visual_encoder.blocks.3.attn.qkv.weight")
+        == "visual_encoder.encoder.layers.3.self_attn.qkv.weight"
+    )
+    assert (
+        published_to_internal("blip.visual_encoder.blocks.0.attn.proj.bias")
+        == "visual_encoder.encoder.layers.0.self_attn.projection.bias"
+    )
     assert published_to_internal("blip.visual_encoder.cls_token") == "visual_encoder.embeddings.class_embedding"
     assert published_to_internal("blip.visual_encoder.norm.weight") == "visual_encoder.post_layernorm.weight"
-    assert published_to_internal("blip.text_encoder.encoder.layer.2.crossattention.self.key.weight") == \
-        "text_encoder.encoder.layer.2.crossattention.self.key.weight"
+    assert (
+        published_to_internal("blip.text_encoder.encoder.layer.2.crossattention.self.key.weight")
+        == "text_encoder.encoder.layer.2.crossattention.self.key.weight"
+    )
     assert published_to_internal("mlp.layers.7.bias") == "mlp.7.bias"
     assert published_to_internal("mlp.layers.1.weight") is None  # a dropout has no weights
     assert published_to_internal("blip.visual_encoder_m.pos_embed") is None
@@ -74,8 +80,7 @@ def test_export_round_trip_and_layout(tiny):
     model, _ = tiny
     state = export_published_state_dict(model)
     families = {k.split(".")[0] + "." + k.split(".")[1] for k in state}
-    assert families == {"blip.visual_encoder", "blip.text_encoder", "blip.vision_proj", "blip.text_proj",
-                        "mlp.layers"}
+    assert families == {"blip.visual_encoder", "blip.text_encoder", "blip.vision_proj", "blip.text_proj", "mlp.layers"}
     assert {int(k.split(".")[2]) for k in state if k.startswith("mlp.")} == {0, 2, 4, 6, 7}
     for key in model.state_dict():
         assert published_to_internal(internal_to_published(key)) == key
@@ -94,12 +99,15 @@ def test_load_is_exact(tiny):
     assert loaded(x, ids, mask).shape == (2,)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda s: s.pop("blip.text_encoder.encoder.layer.1.crossattention.self.value.weight"), "missing key"),
-    (lambda s: s.__setitem__("blip.visual_encoder_m.pos_embed", torch.zeros(1)), "unknown key"),
-    (lambda s: s.__setitem__("mlp.layers.0.weight", torch.zeros(1024, 512)), "checkpoint shape"),
-    (lambda s: s.__setitem__("blip.text_encoder.embeddings.position_ids", torch.zeros(1, 64)), "position_ids"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda s: s.pop("blip.text_encoder.encoder.layer.1.crossattention.self.value.weight"), "missing key"),
+        (lambda s: s.__setitem__("blip.visual_encoder_m.pos_embed", torch.zeros(1)), "unknown key"),
+        (lambda s: s.__setitem__("mlp.layers.0.weight", torch.zeros(1024, 512)), "checkpoint shape"),
+        (lambda s: s.__setitem__("blip.text_encoder.embeddings.position_ids", torch.zeros(1, 64)), "position_ids"),
+    ],
+)
 def test_strict_loading_reports_problems(tiny, tmp_path, edit, message):
     model, directory = tiny
     state = export_published_state_dict(model)

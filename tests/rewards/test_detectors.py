@@ -190,6 +190,7 @@ def test_bad_options_raise(mediapipe_models):
 
 # ---- insightface: no real pack can be fetched here, so a hand-built model in det_10g's layout ----
 
+
 def _scrfd_like_onnx(path: Path) -> None:
     """Write an ONNX model with det_10g's interface: input ``input.1`` (1, 3, H, W), 9 outputs
     (scores, bbox distances, keypoints for strides 8/16/32, 2 anchors per cell, unbatched 2-D).
@@ -226,9 +227,11 @@ def _scrfd_like_onnx(path: Path) -> None:
             nodes.append(helper.make_node("Reshape", [f"{head}{s}_t", f"{head}{s}_shape"], [f"{head}_{s}"]))
             outputs[head].append(helper.make_tensor_value_info(f"{head}_{s}", TensorProto.FLOAT, [None, width]))
     graph = helper.make_graph(
-        nodes, "scrfd_like",
+        nodes,
+        "scrfd_like",
         [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, None, None])],
-        outputs["score"] + outputs["bbox"] + outputs["kps"], initializer=inits,
+        outputs["score"] + outputs["bbox"] + outputs["kps"],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -264,7 +267,7 @@ def test_insightface_inference_path(insightface_root, scale):
     det = build_detector("insightface", root=insightface_root)
     img = np.zeros((640 * scale, 640 * scale, 3), np.uint8)
     # A red 8x8 cell at (x 320, y 240) after letterboxing into 640x640.
-    img[240 * scale:248 * scale, 320 * scale:328 * scale] = (255, 0, 0)
+    img[240 * scale : 248 * scale, 320 * scale : 328 * scale] = (255, 0, 0)
     blue = img[..., ::-1].copy()  # same patch in blue: channel order must matter
     faces, none = det.detect(np.stack([img, blue]))
     assert none == []
@@ -304,5 +307,7 @@ def test_mediapipe_pose_finds_the_people_of_the_group_photo(group_photo):
     h, w = group_photo.shape[:2]
     assert found.shape[0] >= 2 and found.shape[1:] == (NUM_LANDMARKS, 3)
     noses = found[:, 0]
-    assert (noses[:, 0] > 0).all() and (noses[:, 0] < w).all() and (noses[:, 1] > 0).all() and (noses[:, 1] < h / 2).all()
+    assert (
+        (noses[:, 0] > 0).all() and (noses[:, 0] < w).all() and (noses[:, 1] > 0).all() and (noses[:, 1] < h / 2).all()
+    )
     assert (noses[:, 2] > 0.5).all()  # faces in view

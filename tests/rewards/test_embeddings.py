@@ -22,8 +22,12 @@ OTHER = (230.0, 400.0, 300.0, 470.0)
 
 @pytest.fixture(scope="module")
 def facescore(tmp_path_factory):
-    d = save_published(random_model(TINY_VISION, TINY_MED_CONFIG, seed=0), TINY_MED_CONFIG,
-                       tmp_path_factory.mktemp("fs"), "FS_model.pt")
+    d = save_published(
+        random_model(TINY_VISION, TINY_MED_CONFIG, seed=0),
+        TINY_MED_CONFIG,
+        tmp_path_factory.mktemp("fs"),
+        "FS_model.pt",
+    )
     return FaceScore(str(d), detector=FixedBoxes([[]]), vision_heads=2)
 
 

@@ -96,8 +96,9 @@ def test_crop_bounds_follow_the_reference():
 def test_preprocess_pil_no_resize_is_plain_normalization():
     img = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
     x = preprocess_pil(img)
-    expect = (torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(CLIP_MEAN).view(3, 1, 1)) \
-        / torch.tensor(CLIP_STD).view(3, 1, 1)
+    expect = (
+        torch.from_numpy(img).permute(2, 0, 1).float() / 255 - torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    ) / torch.tensor(CLIP_STD).view(3, 1, 1)
     assert torch.allclose(x, expect, atol=1e-6)
     # 224 x 448: no resize, center crop keeps columns 112..335.
     wide = np.random.default_rng(1).integers(0, 256, (224, 448, 3), dtype=np.uint8)
@@ -108,8 +109,10 @@ def test_tensor_preprocess_matches_pil(astronaut):
     from PIL import Image
 
     big = np.asarray(Image.fromarray(astronaut).resize((1024, 768), Image.BICUBIC))  # an SDXL-sized image
-    crops = [astronaut[y0:y1, x0:x1] for y0, y1, x0, x1 in
-             [(24, 142, 174, 266), (9, 61, 9, 51), (0, 512, 0, 512), (10, 20, 10, 300), (0, 5, 0, 7)]]
+    crops = [
+        astronaut[y0:y1, x0:x1]
+        for y0, y1, x0, x1 in [(24, 142, 174, 266), (9, 61, 9, 51), (0, 512, 0, 512), (10, 20, 10, 300), (0, 5, 0, 7)]
+    ]
     for crop in [*crops, big, big[100:700, 300:650]]:
         t = preprocess_tensor(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255)
         # Pillow's own fixed-point weights: the same uint8 pixels, down- and upsampling alike.
@@ -136,8 +139,15 @@ def test_differentiable_matches_and_has_gradients(reward, astronaut):
 
 
 def test_registry_and_options(fs_dir, astronaut):
-    r = build_reward("facescore", {"model": str(fs_dir), "vision_heads": 2, "aggregation": "min",
-                                   "detector": FixedBoxes([[Detection(FACE, 0.99)]])})
+    r = build_reward(
+        "facescore",
+        {
+            "model": str(fs_dir),
+            "vision_heads": 2,
+            "aggregation": "min",
+            "detector": FixedBoxes([[Detection(FACE, 0.99)]]),
+        },
+    )
     assert r.name == "facescore" and r.region == "face" and r.aggregation == "min"
     assert r(astronaut[None], ["x"])[0].value is not None
     with pytest.raises(RewardError, match="aggregation='median'"):
@@ -156,8 +166,11 @@ def test_hand_region_reads_a_hand_prompt_and_hand_boxes(fs_dir, astronaut):
     from rewards.blip_preprocess import tokenize
 
     boxes = [[Detection(HAND, 0.95)]]
-    hand = build_reward("facescore", {"model": str(fs_dir), "vision_heads": 2, "region": "hand",
-                                      "detector": FixedBoxes(boxes, region="hand")}, name="handscore")
+    hand = build_reward(
+        "facescore",
+        {"model": str(fs_dir), "vision_heads": 2, "region": "hand", "detector": FixedBoxes(boxes, region="hand")},
+        name="handscore",
+    )
     (res,) = hand(astronaut[None], ["x"])
     assert hand.region == "hand" and hand.prompt == "A hand."
     assert res.regions == {"hand": boxes[0]} and res.info["hand_scores"] == [pytest.approx(res.value)]
@@ -173,6 +186,7 @@ def test_hand_region_reads_a_hand_prompt_and_hand_boxes(fs_dir, astronaut):
         FaceScore(str(fs_dir), detector=FixedBoxes([[]]), region="hand", vision_heads=2)
     with pytest.raises(RewardError, match="region='elbow' has no default prompt"):
         FaceScore(str(fs_dir), detector=FixedBoxes([[]], region="elbow"), region="elbow", vision_heads=2)
-    elbow = FaceScore(str(fs_dir), detector=FixedBoxes([[]], region="elbow"), region="elbow", prompt="An elbow.",
-                      vision_heads=2)
+    elbow = FaceScore(
+        str(fs_dir), detector=FixedBoxes([[]], region="elbow"), region="elbow", prompt="An elbow.", vision_heads=2
+    )
     assert elbow.prompt == "An elbow." and elbow.region == "elbow"

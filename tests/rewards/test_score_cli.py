@@ -44,8 +44,11 @@ def rlfh(argv: list[str]) -> int:
 @pytest.fixture
 def files(tmp_path):
     rng = np.random.default_rng(1)
-    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), np.full((24, 16, 3), 9, np.uint8),
-              rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)]
+    images = [
+        rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+        np.full((24, 16, 3), 9, np.uint8),
+        rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
+    ]
     paths = []
     for k, im in enumerate(images):
         p = tmp_path / f"img{k}.png"
@@ -81,8 +84,10 @@ def test_score_overrides_and_batching_do_not_change_numbers(files, capsys):
     assert [o["image"] for o in objs] == paths
     for obj, image in zip(objs, images):
         assert set(obj) == {"image", "jpeg_incompressibility", "regions"}
-        assert obj["jpeg_incompressibility"] == _expected([{"target": "jpeg_incompressibility"}], image)[
-            "jpeg_incompressibility"]
+        assert (
+            obj["jpeg_incompressibility"]
+            == _expected([{"target": "jpeg_incompressibility"}], image)["jpeg_incompressibility"]
+        )
 
 
 def test_score_with_the_committed_tiny_config(files, capsys):
@@ -93,10 +98,13 @@ def test_score_with_the_committed_tiny_config(files, capsys):
     assert obj["image"] == paths[1] and obj["jpeg_compressibility"]["value"] < 0
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing image", "does not exist"),
-    ("not an image", "cannot decode image"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing image", "does not exist"),
+        ("not an image", "cannot decode image"),
+    ],
+)
 def test_unreadable_images_get_an_error_line_and_exit_1(files, tmp_path, capsys, case, message):
     cfg, paths, images = files
     junk = tmp_path / "junk.png"
@@ -111,12 +119,15 @@ def test_unreadable_images_get_an_error_line_and_exit_1(files, tmp_path, capsys,
     assert "1 of 3 image(s) could not be scored" in captured.err
 
 
-@pytest.mark.parametrize("case, message", [
-    ("unknown reward", "unknown reward 'nope'"),
-    ("bad override", "rewards[0].wieght"),
-    ("reserved name", "reserved"),
-    ("no image", "no image given"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("unknown reward", "unknown reward 'nope'"),
+        ("bad override", "rewards[0].wieght"),
+        ("reserved name", "reserved"),
+        ("no image", "no image given"),
+    ],
+)
 def test_score_errors_exit_2_with_a_reason(files, tmp_path, capsys, case, message):
     cfg, paths, _ = files
     argv = {
@@ -138,13 +149,21 @@ def test_serve_rewards_serves_until_sigint(files):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = ("import argparse, sys; from rlfh.env import apply_env_defaults; apply_env_defaults(); "
-            "from rlfh.cli.rewards import add_reward_commands; p = argparse.ArgumentParser(); "
-            "add_reward_commands(p.add_subparsers(required=True)); a = p.parse_args(sys.argv[1:]); sys.exit(a.fn(a))")
+    code = (
+        "import argparse, sys; from rlfh.env import apply_env_defaults; apply_env_defaults(); "
+        "from rlfh.cli.rewards import add_reward_commands; p = argparse.ArgumentParser(); "
+        "add_reward_commands(p.add_subparsers(required=True)); a = p.parse_args(sys.argv[1:]); sys.exit(a.fn(a))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(Path(cfg).parent / "serve.log", "w+")  # a file, not a pipe: Ray's output can never block it
-    proc = subprocess.Popen([sys.executable, "-c", code, "serve-rewards", cfg, "--port", str(port), "--max-images", "2"],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve-rewards", cfg, "--port", str(port), "--max-images", "2"],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         probe = RewardClient(f"http://127.0.0.1:{port}", timeout=5, retries=0)
         deadline = time.monotonic() + 120
@@ -165,7 +184,8 @@ def test_serve_rewards_serves_until_sigint(files):
         batch = client.score(np.stack([images[0], images[2]]), ["x", "y"])
         assert image_result(batch, 0) == _expected(
             [{"target": "jpeg_compressibility"}, {"target": "jpeg_incompressibility", "name": "big", "weight": 0.5}],
-            images[0])
+            images[0],
+        )
         # the proxy answers as soon as the replica is up, while serve-rewards may still be inside its
         # start-up call: Ctrl-C is the user's once the CLI says so
         while True:

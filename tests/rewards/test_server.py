@@ -26,8 +26,10 @@ from rewards.wire import encode_array, encode_png, image_result
 
 pytestmark = pytest.mark.slow
 
-JPEG = [{"target": "jpeg_compressibility", "weight": 1.0},
-        {"target": "jpeg_incompressibility", "name": "jpeg_big", "weight": 0.5}]
+JPEG = [
+    {"target": "jpeg_compressibility", "weight": 1.0},
+    {"target": "jpeg_incompressibility", "name": "jpeg_big", "weight": 0.5},
+]
 COUNTER = [{"target": "tests.rewards.test_server:BatchCounter", "name": "batch_counter"}]
 RNG = np.random.default_rng(0)
 IMAGES = RNG.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -80,10 +82,18 @@ def server():
     if started:
         ray.init(num_cpus=4, include_dashboard=False, runtime_env=worker_runtime_env())
     port = _free_port()
-    small = ServerConfig(port=port, max_batch_size=8, max_request_bytes=300_000, max_images=4,
-                         max_image_side=128, max_image_pixels=64 * 100, num_cpus_per_replica=0.5)
-    counter = ServerConfig(port=port, route_prefix="/counter", max_batch_size=8, batch_wait_timeout_s=0.5,
-                           num_cpus_per_replica=0.5)
+    small = ServerConfig(
+        port=port,
+        max_batch_size=8,
+        max_request_bytes=300_000,
+        max_images=4,
+        max_image_side=128,
+        max_image_pixels=64 * 100,
+        num_cpus_per_replica=0.5,
+    )
+    counter = ServerConfig(
+        port=port, route_prefix="/counter", max_batch_size=8, batch_wait_timeout_s=0.5, num_cpus_per_replica=0.5
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         rewards = serve.run(build_app(JPEG, small), name="rewards", route_prefix="/")
@@ -130,8 +140,11 @@ def test_health(server):
 @pytest.mark.parametrize("encoding", ["png", "raw"])
 def test_http_scores_equal_in_process(server, encoding):
     expected = _expected(JPEG, IMAGES, PROMPTS)
-    key, items = ("images", [encode_png(im) for im in IMAGES]) if encoding == "png" else \
-        ("arrays", [encode_array(im) for im in IMAGES])
+    key, items = (
+        ("images", [encode_png(im) for im in IMAGES])
+        if encoding == "png"
+        else ("arrays", [encode_array(im) for im in IMAGES])
+    )
     status, body = _http(server["port"], "POST", "/score", {key: items, "prompts": PROMPTS})
     assert status == 200, body
     # Exact: the JSON the server sent is the JSON of the in-process ScoredBatch.
@@ -148,12 +161,14 @@ def test_handle_scores_equal_in_process(server):
     expected = _expected(JPEG, IMAGES, PROMPTS)
     assert server["rewards"].score.remote(IMAGES, PROMPTS).result() == expected
     assert get_reward_handle("rewards").score.remote(IMAGES[:1], PROMPTS[:1]).result() == _expected(
-        JPEG, IMAGES[:1], PROMPTS[:1])
+        JPEG, IMAGES[:1], PROMPTS[:1]
+    )
 
 
 def test_regions_are_merged_in_http_results(server):
-    status, body = _http(server["port"], "POST", "/counter/score",
-                         {"images": [encode_png(IMAGES[0][:, :20])], "prompts": ["p"]})
+    status, body = _http(
+        server["port"], "POST", "/counter/score", {"images": [encode_png(IMAGES[0][:, :20])], "prompts": ["p"]}
+    )
     assert status == 200, body
     res = body["results"][0]
     assert res["regions"] == {"face": [{"box": [0.0, 0.0, 20.0, 32.0], "confidence": 0.5}]}
@@ -173,7 +188,7 @@ def test_dynamic_batching_merges_concurrent_requests(server):
         assert b["results"][0]["batch_counter"]["value"] == float(IMAGES[i % 4].mean())
     # By handle: concurrent calls batch too, and a 20-image call is split into <= 8-image batches.
     handle = server["counter"]
-    responses = [handle.score.remote(IMAGES[i:i + 1], [f"h{i}"]) for i in range(4)]
+    responses = [handle.score.remote(IMAGES[i : i + 1], [f"h{i}"]) for i in range(4)]
     sizes = [r.result().results["batch_counter"][0].info["batch_size"] for r in responses]
     assert max(sizes) >= 2, f"handle calls were not batched: {sizes}"
     big = np.concatenate([IMAGES] * 5)
@@ -257,7 +272,10 @@ def _malformed_cases():
     names = list(cases)
     extra = [
         ("body over max_request_bytes", ("POST", "/score", b"{" + b" " * 400_000 + b"}", None)),
-        ("content-type text/plain", ("POST", "/score", {"images": [ok], "prompts": ["a"]}, {"Content-Type": "text/plain"})),
+        (
+            "content-type text/plain",
+            ("POST", "/score", {"images": [ok], "prompts": ["a"]}, {"Content-Type": "text/plain"}),
+        ),
         ("GET /score", ("GET", "/score", None, None)),
         ("POST /health", ("POST", "/health", b"{}", None)),
         ("unknown path", ("GET", "/nope", None, None)),
@@ -274,7 +292,9 @@ def test_malformed_requests_get_4xx_and_server_keeps_serving(server):
         assert isinstance(answer, dict) and answer.get("error"), (name, answer)
     status, _ = _http(server["port"], "GET", "/health")
     assert status == 200
-    status, body = _http(server["port"], "POST", "/score", {"images": [encode_png(im) for im in IMAGES], "prompts": PROMPTS})
+    status, body = _http(
+        server["port"], "POST", "/score", {"images": [encode_png(im) for im in IMAGES], "prompts": PROMPTS}
+    )
     assert status == 200
     expected = _expected(JPEG, IMAGES, PROMPTS)
     assert body["results"] == [image_result(expected, i) for i in range(len(IMAGES))]

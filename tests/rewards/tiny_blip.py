@@ -18,15 +18,26 @@ from rewards.blip_reward_model import BlipRewardModel, VisionSpec, export_publis
 
 # ImageReward's med_config.json (train/src/config/med_config.json in THUDM/ImageReward).
 FULL_MED_CONFIG = {
-    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-    "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
-    "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
-    "num_hidden_layers": 12, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 30524, "encoder_width": 768,
+    "architectures": ["BertModel"],
+    "attention_probs_dropout_prob": 0.1,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "layer_norm_eps": 1e-12,
+    "max_position_embeddings": 512,
+    "model_type": "bert",
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "pad_token_id": 0,
+    "type_vocab_size": 2,
+    "vocab_size": 30524,
+    "encoder_width": 768,
     "add_cross_attention": True,
 }
 # hidden 768 and vocab 30524 are fixed by the MLP input and the tokenizer; the rest is shrunk.
-TINY_MED_CONFIG = {**FULL_MED_CONFIG, "num_hidden_layers": 2, "intermediate_size": 128,
-                   "max_position_embeddings": 64}
+TINY_MED_CONFIG = {**FULL_MED_CONFIG, "num_hidden_layers": 2, "intermediate_size": 128, "max_position_embeddings": 64}
 TINY_VISION = VisionSpec(width=64, depth=2, heads=2, patch=16, image_size=224, mlp_dim=128)
 # Lookup tables keep their init; all other matrices are rescaled in random_model.
 _TABLES = ("word_embeddings", "position_embedding", "class_embedding")

@@ -45,11 +45,18 @@ def tiny_hf_clip(seed: int, hidden_act: str = "gelu", embed: int = TINY["embed"]
     from transformers import CLIPConfig, CLIPModel
 
     w = TINY["width"]
-    common = dict(hidden_size=w, intermediate_size=4 * w, num_hidden_layers=TINY["layers"],
-                  num_attention_heads=TINY["heads"], hidden_act=hidden_act)
-    config = CLIPConfig(text_config=dict(vocab_size=VOCAB, max_position_embeddings=CONTEXT, **common),
-                        vision_config=dict(image_size=TINY["image"], patch_size=TINY["patch"], **common),
-                        projection_dim=embed)
+    common = dict(
+        hidden_size=w,
+        intermediate_size=4 * w,
+        num_hidden_layers=TINY["layers"],
+        num_attention_heads=TINY["heads"],
+        hidden_act=hidden_act,
+    )
+    config = CLIPConfig(
+        text_config=dict(vocab_size=VOCAB, max_position_embeddings=CONTEXT, **common),
+        vision_config=dict(image_size=TINY["image"], patch_size=TINY["patch"], **common),
+        projection_dim=embed,
+    )
     torch.manual_seed(seed)
     model = CLIPModel(config)
     _randomize_(model, seed)
@@ -62,16 +69,35 @@ def save_pickscore_dir(directory: Path, seed: int = 0) -> Path:
     tiny_hf_clip(seed).save_pretrained(directory)
     # laion/CLIP-ViT-H-14-laion2B-s32B-b79K's preprocessor_config.json (the legacy feature-extractor
     # format with integer sizes, which transformers 5 still reads).
-    (directory / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
-        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224}, indent=2))
+    (directory / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": 224,
+                "do_center_crop": True,
+                "do_normalize": True,
+                "do_resize": True,
+                "feature_extractor_type": "CLIPFeatureExtractor",
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+                "resample": 3,
+                "size": 224,
+            },
+            indent=2,
+        )
+    )
     load_clip_tokenizer().save_pretrained(directory)
     return directory
 
 
-def open_clip_state(seed: int, width: int = TINY["width"], layers: int = TINY["layers"], patch: int = 16,
-                    image: int = 64, text_width: int = 24, embed: int = TINY["embed"]) -> dict[str, torch.Tensor]:
+def open_clip_state(
+    seed: int,
+    width: int = TINY["width"],
+    layers: int = TINY["layers"],
+    patch: int = 16,
+    image: int = 64,
+    text_width: int = 24,
+    embed: int = TINY["embed"],
+) -> dict[str, torch.Tensor]:
     """A random open_clip ViT CLIP state dict (the key names and shapes of ``open_clip.CLIP``)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -85,14 +111,22 @@ def open_clip_state(seed: int, width: int = TINY["width"], layers: int = TINY["l
         out = {}
         for i in range(layers):
             p = f"{prefix}transformer.resblocks.{i}."
-            out.update({
-                p + "ln_1.weight": vec(d, 1.0), p + "ln_1.bias": vec(d),
-                p + "attn.in_proj_weight": mat(3 * d, d), p + "attn.in_proj_bias": vec(3 * d),
-                p + "attn.out_proj.weight": mat(d, d), p + "attn.out_proj.bias": vec(d),
-                p + "ln_2.weight": vec(d, 1.0), p + "ln_2.bias": vec(d),
-                p + "mlp.c_fc.weight": mat(4 * d, d), p + "mlp.c_fc.bias": vec(4 * d),
-                p + "mlp.c_proj.weight": mat(d, 4 * d), p + "mlp.c_proj.bias": vec(d),
-            })
+            out.update(
+                {
+                    p + "ln_1.weight": vec(d, 1.0),
+                    p + "ln_1.bias": vec(d),
+                    p + "attn.in_proj_weight": mat(3 * d, d),
+                    p + "attn.in_proj_bias": vec(3 * d),
+                    p + "attn.out_proj.weight": mat(d, d),
+                    p + "attn.out_proj.bias": vec(d),
+                    p + "ln_2.weight": vec(d, 1.0),
+                    p + "ln_2.bias": vec(d),
+                    p + "mlp.c_fc.weight": mat(4 * d, d),
+                    p + "mlp.c_fc.bias": vec(4 * d),
+                    p + "mlp.c_proj.weight": mat(d, 4 * d),
+                    p + "mlp.c_proj.bias": vec(d),
+                }
+            )
         return out
 
     grid = image // patch
@@ -104,10 +138,13 @@ def open_clip_state(seed: int, width: int = TINY["width"], layers: int = TINY["l
         "visual.positional_embedding": 0.5 * torch.randn(grid * grid + 1, width, generator=g),
         "visual.proj": mat(width, embed, fan_in=width),
         "visual.conv1.weight": mat(width, 3, patch, patch, fan_in=3 * patch * patch),
-        "visual.ln_pre.weight": vec(width, 1.0), "visual.ln_pre.bias": vec(width),
-        "visual.ln_post.weight": vec(width, 1.0), "visual.ln_post.bias": vec(width),
+        "visual.ln_pre.weight": vec(width, 1.0),
+        "visual.ln_pre.bias": vec(width),
+        "visual.ln_post.weight": vec(width, 1.0),
+        "visual.ln_post.bias": vec(width),
         "token_embedding.weight": torch.randn(VOCAB, text_width, generator=g),
-        "ln_final.weight": vec(text_width, 1.0), "ln_final.bias": vec(text_width),
+        "ln_final.weight": vec(text_width, 1.0),
+        "ln_final.bias": vec(text_width),
     }
     state.update(blocks("visual.", width))
     state.update(blocks("", text_width))

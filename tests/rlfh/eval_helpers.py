@@ -38,7 +38,10 @@ class BrightestBox(Reward):
         b = self.block
         h, w = (gray.shape[0] // b) * b, (gray.shape[1] // b) * b
         means = gray[:h, :w].reshape(h // b, b, w // b, b).mean(axis=(1, 3))
-        (fy, fx), (hy, hx) = np.unravel_index(means.argmax(), means.shape), np.unravel_index(means.argmin(), means.shape)
+        (fy, fx), (hy, hx) = (
+            np.unravel_index(means.argmax(), means.shape),
+            np.unravel_index(means.argmin(), means.shape),
+        )
         box = lambda y, x: (float(x * b), float(y * b), float(x * b + b), float(y * b + b))  # noqa: E731
         return box(fy, fx), box(hy, hx), float(means.max()) / 255.0, float(means.min()) / 255.0
 
@@ -62,8 +65,9 @@ def make_lora(model_dir: str, out_dir: Path, scale: float = 0.5, seed: int = 0) 
     from peft import LoraConfig, get_peft_model_state_dict
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
@@ -71,31 +75,50 @@ def make_lora(model_dir: str, out_dir: Path, scale: float = 0.5, seed: int = 0) 
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     out_dir.mkdir(parents=True, exist_ok=True)
     StableDiffusionXLPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)))
+        out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    )
     return out_dir
 
 
 def eval_overrides(model_dir: str) -> list[str]:
-    return [f"model.path={model_dir}", "rollout.num_inference_steps=2", "rollout.height=64", "rollout.width=64",
-            "rollout.sample_batch_size_per_actor=8", "rollout.prompts_per_round=1", "rollout.rollouts_per_prompt=8",
-            "learner.train_batch_size=1", "learner.micro_batch_size_per_gpu=1",
-            "rewards=[{target: jpeg_compressibility}, {target: 'tests.rlfh.eval_helpers:BrightestBox', name: brightest_box, weight: 0.5}]"]
+    return [
+        f"model.path={model_dir}",
+        "rollout.num_inference_steps=2",
+        "rollout.height=64",
+        "rollout.width=64",
+        "rollout.sample_batch_size_per_actor=8",
+        "rollout.prompts_per_round=1",
+        "rollout.rollouts_per_prompt=8",
+        "learner.train_batch_size=1",
+        "learner.micro_batch_size_per_gpu=1",
+        "rewards=[{target: jpeg_compressibility}, "
+        "{target: 'tests.rlfh.eval_helpers:BrightestBox', name: brightest_box, weight: 0.5}]",
+    ]
 
 
 @functools.lru_cache(maxsize=None)
 def tiny_eval(model_dir: str) -> tuple[Path, dict]:
     """One tiny comparison (perturbed LoRA vs the base tiny model), computed once per session."""
+    import atexit
+    import shutil
+
     from rlfh.config.schema import load_config
     from rlfh.eval.evaluate import ModelSpec, evaluate
     from tests.conftest import REPO
-
-    import atexit
-    import shutil
 
     root = Path(tempfile.mkdtemp(prefix="rlfh-eval-"))
     atexit.register(shutil.rmtree, root, True)  # lru_cache outlives any pytest tmp_path fixture
     lora = make_lora(model_dir, root / "lora")
     cfg = load_config(REPO / "configs" / "tiny.yaml", eval_overrides(model_dir))
-    summary = evaluate(cfg, ModelSpec(model_dir, str(lora)), PROMPTS, SEEDS, root / "eval",
-                       baseline=ModelSpec(model_dir), prompt_set="test", progress=False, train_prompts=TRAIN_PROMPTS)
+    summary = evaluate(
+        cfg,
+        ModelSpec(model_dir, str(lora)),
+        PROMPTS,
+        SEEDS,
+        root / "eval",
+        baseline=ModelSpec(model_dir),
+        prompt_set="test",
+        progress=False,
+        train_prompts=TRAIN_PROMPTS,
+    )
     return root / "eval", summary

@@ -36,16 +36,32 @@ def _box_content(rng: np.random.Generator, win: bool) -> np.ndarray:
 def record(rid: str, rnd: int, prompt: str, image: np.ndarray, rewards: dict, boxes: dict) -> dict:
     """One rollout-log row (``rollouts.log.SCHEMA``) with a tiny placeholder latent."""
     return {
-        "rollout_id": rid, "round": rnd, "policy_version": 0, "staleness": None, "model_id": "synthetic",
-        "prompt": prompt, "negative_prompt": "", "seed": 0,
-        "sampler": {"num_inference_steps": 1, "guidance_scale": 1.0, "height": image.shape[0],
-                    "width": image.shape[1], "eta": 0.0},
-        "latent": np.zeros((4, 1, 1), np.float32).tobytes(), "latent_shape": [4, 1, 1],
+        "rollout_id": rid,
+        "round": rnd,
+        "policy_version": 0,
+        "staleness": None,
+        "model_id": "synthetic",
+        "prompt": prompt,
+        "negative_prompt": "",
+        "seed": 0,
+        "sampler": {
+            "num_inference_steps": 1,
+            "guidance_scale": 1.0,
+            "height": image.shape[0],
+            "width": image.shape[1],
+            "eta": 0.0,
+        },
+        "latent": np.zeros((4, 1, 1), np.float32).tobytes(),
+        "latent_shape": [4, 1, 1],
         "image": png_bytes(image),
-        "rewards": [{"name": n, "value": v, "reason": None if v is not None else "not computable"}
-                    for n, v in rewards.items()],
-        "regions": [{"region": r, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "confidence": c, "label": None}
-                    for r, dets in boxes.items() for b, c in dets],
+        "rewards": [
+            {"name": n, "value": v, "reason": None if v is not None else "not computable"} for n, v in rewards.items()
+        ],
+        "regions": [
+            {"region": r, "x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3], "confidence": c, "label": None}
+            for r, dets in boxes.items()
+            for b, c in dets
+        ],
         "created_at": time.time(),
     }
 
@@ -60,7 +76,15 @@ def write_pair_log(directory: Path, n_groups: int, seed: int, region: str = "fac
         for k, win in enumerate(rng.permutation([True, False])):  # the winner's row comes first or second
             image = background.copy()
             image[y1:y2, x1:x2] = _box_content(rng, bool(win))
-            rows.append(record(f"g{g}-{k}", g, f"a person {g}", image, {reward: float(win) + rng.normal(0, 0.01)},
-                               {region: [(BOX, 0.99)]}))
+            rows.append(
+                record(
+                    f"g{g}-{k}",
+                    g,
+                    f"a person {g}",
+                    image,
+                    {reward: float(win) + rng.normal(0, 0.01)},
+                    {region: [(BOX, 0.99)]},
+                )
+            )
     RolloutLog(directory).append(rows)
     return directory

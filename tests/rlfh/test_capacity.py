@@ -41,14 +41,17 @@ def test_six_gpu_config_on_one_gpu_is_refused_with_what_it_asked_and_what_there_
     assert "configs/sdxl_1gpu_24gb.yaml" in msg
 
 
-@pytest.mark.parametrize("name, nodes", [
-    ("tiny.yaml", [node(2)]),                                  # a laptop: 3 actors of 0.5 CPU
-    ("sdxl_1gpu_24gb.yaml", [node(8, 1)]),                     # one GPU: learner + reward actor on it
-    ("sdxl_1gpu_80gb.yaml", [node(8, 1)]),
-    ("sdxl_8gpu.yaml", [node(32, 8)]),
-    ("sdxl_faces_dpo.yaml", [node(24, 6)]),
-    ("sdxl_multinode.yaml", [node(32, 8, learner=4, reward=1), node(32, 8, rollout=8), node(32, 8, rollout=8)]),
-])
+@pytest.mark.parametrize(
+    "name, nodes",
+    [
+        ("tiny.yaml", [node(2)]),  # a laptop: 3 actors of 0.5 CPU
+        ("sdxl_1gpu_24gb.yaml", [node(8, 1)]),  # one GPU: learner + reward actor on it
+        ("sdxl_1gpu_80gb.yaml", [node(8, 1)]),
+        ("sdxl_8gpu.yaml", [node(32, 8)]),
+        ("sdxl_faces_dpo.yaml", [node(24, 6)]),
+        ("sdxl_multinode.yaml", [node(32, 8, learner=4, reward=1), node(32, 8, rollout=8), node(32, 8, rollout=8)]),
+    ],
+)
 def test_each_tier_config_fits_its_hardware(name, nodes):
     fits(cfg(name), nodes)
 
@@ -82,8 +85,21 @@ def test_rlfh_train_refuses_before_starting(tmp_path):
     """The real CLI on this (GPU-less) machine: exit 2 with the explanation, no model loaded."""
     from tests.test_end_to_end import clean_env
 
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "train", "configs/sdxl_faces_dpo.yaml",
-                        f"run_dir={tmp_path / 'run'}", "logging.progress=false"], cwd=REPO, capture_output=True,
-                       text=True, timeout=600, env=clean_env())
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rlfh.cli.main",
+            "train",
+            "configs/sdxl_faces_dpo.yaml",
+            f"run_dir={tmp_path / 'run'}",
+            "logging.progress=false",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean_env(),
+    )
     assert r.returncode == 2, r.stderr[-3000:]
     assert "rlfh: error: the config asks Ray for 24 CPU, 6 GPU" in r.stderr and "0 GPU" in r.stderr

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from rlfh.data.batches import PairBatch
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
-from rlfh.data.batches import PairBatch
 from tests.conftest import REPO
 
 
@@ -17,11 +17,18 @@ def batch(seed):
 
 @pytest.mark.parametrize("stage,lora", [(0, True), (2, True), (2, False)], ids=["zero0", "zero2", "zero2-full"])
 def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage, lora):
-    from rlfh.learner.colocate import Handover
     from rlfh.config.schema import load_config
+    from rlfh.learner.colocate import Handover
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.engine.zero_stage={stage}",
-                                                       "learner.lr=1e-3", f"model.lora.enabled={lora}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            f"learner.engine.zero_stage={stage}",
+            "learner.lr=1e-3",
+            f"model.lora.enabled={lora}",
+        ],
+    )
     plain, handed = LearnerEngine(cfg), LearnerEngine(cfg, keep_vae=True)
     handover = Handover(handed, offload_optimizer=True)  # the full-UNet path, on a LoRA learner
     for rnd in range(2):
@@ -39,8 +46,8 @@ def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage, lora):
 
 
 def test_optimizer_states_move_only_for_full_unet_training_by_default(tiny_model_dir):
-    from rlfh.learner.colocate import Handover
     from rlfh.config.schema import load_config
+    from rlfh.learner.colocate import Handover
 
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}"])
     assert not Handover(LearnerEngine(cfg, keep_vae=True)).offload_optimizer

@@ -13,8 +13,14 @@ def write_run(path, rewards, losses, acc=None):
     path.mkdir(parents=True)
     rows = []
     for i, (r, l) in enumerate(zip(rewards, losses)):
-        row = {"step": i, "round": i, "reward/jpeg_compressibility/mean": r, "reward/jpeg_compressibility/std": 0.1,
-               "loss/dpo": l, "time/round_s": 3.0}
+        row = {
+            "step": i,
+            "round": i,
+            "reward/jpeg_compressibility/mean": r,
+            "reward/jpeg_compressibility/std": 0.1,
+            "loss/dpo": l,
+            "time/round_s": 3.0,
+        }
         if acc is not None:
             row["dpo/implicit_acc"] = acc[i]
         rows.append(row)

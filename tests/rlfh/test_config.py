@@ -58,13 +58,20 @@ def test_all_problems_reported_together():
 
 
 def test_inconsistent_batch_sizes():
-    ps = problems_of({"learner": {"train_batch_size": 3, "micro_batch_size_per_gpu": 2}, "rollout": {"prompts_per_round": 4}})
+    ps = problems_of(
+        {"learner": {"train_batch_size": 3, "micro_batch_size_per_gpu": 2}, "rollout": {"prompts_per_round": 4}}
+    )
     assert any("learner.train_batch_size=3 must be a multiple" in p for p in ps)
 
 
 def test_actor_share_must_divide():
-    ps = problems_of({"rollout": {"prompts_per_round": 3, "rollouts_per_prompt": 3}, "resources": {"num_rollout_actors": 2},
-                      "learner": {"train_batch_size": 1}})
+    ps = problems_of(
+        {
+            "rollout": {"prompts_per_round": 3, "rollouts_per_prompt": 3},
+            "resources": {"num_rollout_actors": 2},
+            "learner": {"train_batch_size": 1},
+        }
+    )
     assert any("not divisible by resources.num_rollout_actors=2" in p for p in ps)
 
 
@@ -84,9 +91,16 @@ def test_height_multiple_of_8():
 
 
 def test_overrides_parse_and_coerce():
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["run_dir=/tmp/x", "learner.lr=1e-4",
-                                                       "learner.engine.zero_stage=2", "rollout.prompts=[a, b]",
-                                                       "logging.wandb=false"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            "run_dir=/tmp/x",
+            "learner.lr=1e-4",
+            "learner.engine.zero_stage=2",
+            "rollout.prompts=[a, b]",
+            "logging.wandb=false",
+        ],
+    )
     assert cfg.run_dir == "/tmp/x"
     assert cfg.learner.lr == 1e-4 and cfg.learner.engine.zero_stage == 2
     assert cfg.rollout.prompts == ["a", "b"] and cfg.logging.wandb is False
@@ -122,15 +136,22 @@ def test_malformed_yaml(tmp_path):
 
 
 def test_cli_reports_config_error_with_exit_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "config", str(REPO / "configs" / "tiny.yaml"), "learner.dpo.betaa=1"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "rlfh.cli.main", "config", str(REPO / "configs" / "tiny.yaml"), "learner.dpo.betaa=1"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert "learner.dpo.betaa: unknown key; did you mean learner.dpo.beta?" in r.stderr
 
 
 def test_cli_prints_effective_config():
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "config", str(REPO / "configs" / "tiny.yaml"), "run_dir=/tmp/r"],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "rlfh.cli.main", "config", str(REPO / "configs" / "tiny.yaml"), "run_dir=/tmp/r"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert yaml.safe_load(r.stdout)["run_dir"] == "/tmp/r"
 
 
@@ -139,8 +160,12 @@ def test_learner_ranks_colocation_and_sync_bucket_rules_name_their_keys():
     assert "resources.num_learner_ranks=2" in p and "one rank per GPU" in p
     (p,) = problems_of({"resources": {"sync_bucket_mb": 0}})
     assert "resources.sync_bucket_mb=0" in p
-    problems = problems_of({"resources": {"colocate": True, "num_rollout_actors": 2, "placement": "PACK"},
-                            "rollout": {"max_staleness": 1, "prompts_per_round": 2}})
+    problems = problems_of(
+        {
+            "resources": {"colocate": True, "num_rollout_actors": 2, "placement": "PACK"},
+            "rollout": {"max_staleness": 1, "prompts_per_round": 2},
+        }
+    )
     assert any("resources.colocate=true" in q and "num_rollout_actors=1" in q for q in problems)
     assert any("rollout.max_staleness=0" in q for q in problems)
     assert any("resources.placement=none" in q for q in problems)
@@ -150,19 +175,22 @@ def test_learner_ranks_colocation_and_sync_bucket_rules_name_their_keys():
 
 
 # ---------------------------------------------------------------------------- the config grouped by role
-@pytest.mark.parametrize("override,problem", [
-    ("learner.beta=10", "learner.beta: moved to learner.dpo.beta"),
-    ("learner.ddpo_window=2", "learner.ddpo_window: moved to learner.ddpo.window"),
-    ("learner.trust_region=dppo", "learner.trust_region: moved to learner.ddpo.trust_region"),
-    ("learner.cfg_distill=5", "learner.cfg_distill: moved to learner.guidance_free.scale"),
-    ("learner.zero_stage=2", "learner.zero_stage: moved to learner.engine.zero_stage"),
-    ("learner.lora.rank=4", "learner.lora: moved to model.lora"),
-    ("learner.hcp.sigma=0.1", "learner.hcp.sigma: moved to data.hcp_priors.sigma"),
-    ("learner.hcp.enabled=true", "learner.hcp: moved to model.hcp"),
-    ("learner.hgdpo.real_images=/x", "learner.hgdpo: moved to data.hgdpo"),
-    ("learner.regions=[global, face]", "learner.regions: moved to learner.regions.names"),
-    ("learner.reference=ema", "learner.reference: moved to learner.reference.model"),
-])
+@pytest.mark.parametrize(
+    "override,problem",
+    [
+        ("learner.beta=10", "learner.beta: moved to learner.dpo.beta"),
+        ("learner.ddpo_window=2", "learner.ddpo_window: moved to learner.ddpo.window"),
+        ("learner.trust_region=dppo", "learner.trust_region: moved to learner.ddpo.trust_region"),
+        ("learner.cfg_distill=5", "learner.cfg_distill: moved to learner.guidance_free.scale"),
+        ("learner.zero_stage=2", "learner.zero_stage: moved to learner.engine.zero_stage"),
+        ("learner.lora.rank=4", "learner.lora: moved to model.lora"),
+        ("learner.hcp.sigma=0.1", "learner.hcp.sigma: moved to data.hcp_priors.sigma"),
+        ("learner.hcp.enabled=true", "learner.hcp: moved to model.hcp"),
+        ("learner.hgdpo.real_images=/x", "learner.hgdpo: moved to data.hgdpo"),
+        ("learner.regions=[global, face]", "learner.regions: moved to learner.regions.names"),
+        ("learner.reference=ema", "learner.reference: moved to learner.reference.model"),
+    ],
+)
 def test_moved_key_names_the_new_key(override, problem):
     """An old key on the command line is one problem naming where it went."""
     with pytest.raises(ConfigError) as e:
@@ -175,9 +203,12 @@ def test_moved_keys_in_a_yaml_file(tmp_path):
     path.write_text("learner:\n  beta: 10\n  lora: {rank: 4}\n  hcp: {enabled: true, prior: real}\n")
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert sorted(e.value.problems) == ["learner.beta: moved to learner.dpo.beta",
-                                        "learner.hcp.prior: moved to data.hcp_priors.prior",
-                                        "learner.hcp: moved to model.hcp", "learner.lora: moved to model.lora"]
+    assert sorted(e.value.problems) == [
+        "learner.beta: moved to learner.dpo.beta",
+        "learner.hcp.prior: moved to data.hcp_priors.prior",
+        "learner.hcp: moved to model.hcp",
+        "learner.lora: moved to model.lora",
+    ]
 
 
 def test_every_moved_key_names_a_key_of_the_schema():
@@ -187,21 +218,27 @@ def test_every_moved_key_names_a_key_of_the_schema():
     keys = {r["key"] for _, rows in walk(Config) for r in rows}
     sections = {s for s, _ in walk(Config)}
     assert all(new in keys or new in sections for new in MOVED_KEYS.values()), [
-        new for new in MOVED_KEYS.values() if new not in keys and new not in sections]
+        new for new in MOVED_KEYS.values() if new not in keys and new not in sections
+    ]
 
 
-@pytest.mark.parametrize("data,expected", [
-    ({"learner": {"dpo": {"beta": 0}}}, "learner.dpo.beta=0.0: must be > 0"),
-    ({"learner": {"ddpo": {"timestep_fraction": 2}}}, "learner.ddpo.timestep_fraction=2.0: must be in (0, 1]"),
-    ({"learner": {"nft": {"adv_clip": -1}}}, "learner.nft.adv_clip=-1.0: must be finite and > 0"),
-    ({"learner": {"filtered": {"top_fraction": 0}}}, "learner.filtered.top_fraction=0.0: must be in (0, 1]"),
-    ({"learner": {"engine": {"offload_params": True}}},
-     "learner.engine.offload_params=true needs learner.engine.zero_stage=3"),
-    ({"learner": {"regions": {"names": ["global", "global"]}}}, "learner.regions.names=['global', 'global']"),
-    ({"model": {"lora": {"rank": 0}}}, "model.lora.rank=0: must be >= 1"),
-    ({"data": {"hcp_priors": {"min_visibility": 2}}}, "data.hcp_priors.min_visibility=2.0: must be in [0, 1]"),
-    ({"data": {"region_pairs": {"fraction": 0}}}, "data.region_pairs.fraction=0.0: must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        ({"learner": {"dpo": {"beta": 0}}}, "learner.dpo.beta=0.0: must be > 0"),
+        ({"learner": {"ddpo": {"timestep_fraction": 2}}}, "learner.ddpo.timestep_fraction=2.0: must be in (0, 1]"),
+        ({"learner": {"nft": {"adv_clip": -1}}}, "learner.nft.adv_clip=-1.0: must be finite and > 0"),
+        ({"learner": {"filtered": {"top_fraction": 0}}}, "learner.filtered.top_fraction=0.0: must be in (0, 1]"),
+        (
+            {"learner": {"engine": {"offload_params": True}}},
+            "learner.engine.offload_params=true needs learner.engine.zero_stage=3",
+        ),
+        ({"learner": {"regions": {"names": ["global", "global"]}}}, "learner.regions.names=['global', 'global']"),
+        ({"model": {"lora": {"rank": 0}}}, "model.lora.rank=0: must be >= 1"),
+        ({"data": {"hcp_priors": {"min_visibility": 2}}}, "data.hcp_priors.min_visibility=2.0: must be in [0, 1]"),
+        ({"data": {"region_pairs": {"fraction": 0}}}, "data.region_pairs.fraction=0.0: must be in (0, 1]"),
+    ],
+)
 def test_each_section_validates_itself_naming_the_full_key(data, expected):
     (p,) = problems_of(data)
     assert p.startswith(expected), p

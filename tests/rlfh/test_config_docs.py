@@ -10,8 +10,9 @@ from tests.conftest import REPO
 
 
 def test_config_reference_is_up_to_date():
-    generated = subprocess.run([sys.executable, "-m", "rlfh.config.docs"], capture_output=True, text=True,
-                               cwd=REPO, check=True).stdout
+    generated = subprocess.run(
+        [sys.executable, "-m", "rlfh.config.docs"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
     committed = (REPO / "docs" / "config.md").read_text()
     assert committed == generated, "docs/config.md is stale: run `python -m rlfh.config.docs > docs/config.md`"
 
@@ -20,10 +21,12 @@ def test_every_key_is_documented_once():
     import dataclasses
     import typing
 
-    from rlfh.config.schema import Config
     from rlfh.config.docs import undocumented, walk
+    from rlfh.config.schema import Config
 
-    assert undocumented() == [], "add a `# comment` next to the field in rlfh/config/schema.py or an entry in DESCRIPTIONS"
+    assert undocumented() == [], (
+        "add a `# comment` next to the field in rlfh/config/schema.py or an entry in DESCRIPTIONS"
+    )
     keys = [r["key"] for _, rows in walk(Config) for r in rows]
     assert len(keys) == len(set(keys))
     # every leaf of the schema appears: top-level plain fields and the fields of each section
@@ -32,8 +35,9 @@ def test_every_key_is_documented_once():
 
     def leaf_count(cls) -> int:
         hints = typing.get_type_hints(cls)
-        return sum(leaf_count(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else 1
-                   for f in dataclasses.fields(cls))
+        return sum(
+            leaf_count(hints[f.name]) if dataclasses.is_dataclass(hints[f.name]) else 1 for f in dataclasses.fields(cls)
+        )
 
     assert sum(k.startswith("model.") for k in keys) == leaf_count(ModelConfig)
 
@@ -54,9 +58,14 @@ def test_schema_lines_fit_120_characters():
     from rlfh.losses.registry import LOSSES
 
     files = {REPO / "rlfh" / "config" / "schema.py"} | {
-        Path(sys.modules[spec.config.__module__].__file__) for spec in LOSSES.values()}
-    long = [f"{p.name}:{i}" for p in sorted(files) for i, line in enumerate(p.read_text().splitlines(), 1)
-            if len(line) > 120]
+        Path(sys.modules[spec.config.__module__].__file__) for spec in LOSSES.values()
+    }
+    long = [
+        f"{p.name}:{i}"
+        for p in sorted(files)
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if len(line) > 120
+    ]
     assert not long, long
 
 
@@ -64,8 +73,15 @@ def test_loss_sections_come_from_their_loss_files():
     from rlfh.config.docs import render
 
     text = render()
-    for section in ("learner.dpo", "learner.dpo.guidance", "learner.ddpo", "learner.nft", "learner.awm",
-                    "learner.rwr", "learner.filtered"):
+    for section in (
+        "learner.dpo",
+        "learner.dpo.guidance",
+        "learner.ddpo",
+        "learner.nft",
+        "learner.awm",
+        "learner.rwr",
+        "learner.filtered",
+    ):
         assert f"## `{section}`" in text
     # a docstring attribute is rendered whole, not cut at its first sentence
     assert "1e-5 is Flow-DPPO's reference for lr 3e-4 (the KL grows as lr^2)" in text

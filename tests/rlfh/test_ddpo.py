@@ -6,20 +6,26 @@ import numpy as np
 import pytest
 import torch
 
+from families import load_pipeline
 from rlfh.config.schema import load_config
+from rlfh.data.batches import ScoredSamples, TrajectoryBatch
+from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window, learner_batch
 from rlfh.learner.engine import LearnerEngine, deepspeed_config
 from rlfh.learner.steps import train
-from rlfh.data.batches import TrajectoryBatch
-from families import load_pipeline
-from rlfh.data.batches import ScoredSamples
-from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window, learner_batch
 from rollouts.sampler import Sampler
 from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow
 from tests.conftest import REPO
 
-DDPO = ["learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0", "rollout.num_inference_steps=4",
-        "rollout.guidance_scale=3.0", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4",
-        "learner.lr=1e-3"]
+DDPO = [
+    "learner.loss=ddpo",
+    "rollout.scheduler=ddim",
+    "rollout.eta=1.0",
+    "rollout.num_inference_steps=4",
+    "rollout.guidance_scale=3.0",
+    "learner.train_batch_size=4",
+    "learner.micro_batch_size_per_gpu=4",
+    "learner.lr=1e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +81,9 @@ def test_sde_window_samples_deterministically_outside_and_records_only_the_windo
     from families import PromptCache, family_of
 
     family = family_of(pipe)
-    cond = PromptCache(family, enabled=False).conditioning(pipe, ["a", "b"], st.height, st.width, s.device,
-                                                           st.negative_prompt)
+    cond = PromptCache(family, enabled=False).conditioning(
+        pipe, ["a", "b"], st.height, st.width, s.device, st.negative_prompt
+    )
     x3, t3 = torch.from_numpy(tr["latents"][:, -1]), sched.timesteps[3]
     with torch.no_grad():
         eps = family.guided_prediction(pipe.unet, sched, x3, t3, cond, st.guidance_scale)
@@ -96,22 +103,29 @@ def test_window_start_is_drawn_per_round_seeded_and_early_when_asked(tiny_model_
     starts = [ddpo_window(c, r).start for r in range(60)]
     assert set(starts) == set(range(9))  # anywhere the window fits, 0..T-W
     assert starts == [ddpo_window(c, r).start for r in range(60)]  # reproducible (resume, re-issued shares)
-    early = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=2", "learner.ddpo.window_max_start=3"])
+    early = load_config(
+        REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=2", "learner.ddpo.window_max_start=3"]
+    )
     assert {ddpo_window(early, r).start for r in range(60)} == {0, 1, 2, 3}
     assert all(ddpo_window(early, r).size == 2 for r in range(5))
     # the learner accumulates over the window's steps, not the trajectory's
     assert deepspeed_config(no_window)["gradient_accumulation_steps"] == 10
     assert deepspeed_config(c)["gradient_accumulation_steps"] == 2
-    half = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=4", "learner.ddpo.timestep_fraction=0.5"])
+    half = load_config(
+        REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=4", "learner.ddpo.timestep_fraction=0.5"]
+    )
     assert deepspeed_config(half)["gradient_accumulation_steps"] == 2
 
 
-@pytest.mark.parametrize("bad, match", [
-    (["learner.ddpo.window=0"], "learner.ddpo.window=0"),
-    (["learner.ddpo.window=5"], "learner.ddpo.window=5"),
-    (["learner.ddpo.window_max_start=1"], "needs learner.ddpo.window"),
-    (["learner.ddpo.window=2", "learner.ddpo.window_max_start=3"], "learner.ddpo.window_max_start=3"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (["learner.ddpo.window=0"], "learner.ddpo.window=0"),
+        (["learner.ddpo.window=5"], "learner.ddpo.window=5"),
+        (["learner.ddpo.window_max_start=1"], "needs learner.ddpo.window"),
+        (["learner.ddpo.window=2", "learner.ddpo.window_max_start=3"], "learner.ddpo.window_max_start=3"),
+    ],
+)
 def test_window_config_rules(tiny_model_dir, bad, match):
     from rlfh.config.schema import ConfigError
 
@@ -122,8 +136,9 @@ def test_window_config_rules(tiny_model_dir, bad, match):
 @pytest.mark.parametrize("window", [None, 2])
 def test_learner_recomputes_recorded_logprobs_then_learns(cfg, tiny_model_dir, window):
     if window is not None:
-        cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *DDPO,
-                                                            f"learner.ddpo.window={window}"])
+        cfg = load_config(
+            REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *DDPO, f"learner.ddpo.window={window}"]
+        )
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     lc = cfg.model.lora
@@ -132,9 +147,10 @@ def test_learner_recomputes_recorded_logprobs_then_learns(cfg, tiny_model_dir, w
     st = settings_of(cfg)
     prompts = ["p", "p", "q", "q"]
     b = s.sample(prompts, [0, 1, 2, 3], st, record=ddpo_window(cfg, 1))
-    batch, stats = learner_batch(cfg.learner,
-                                 ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
-                                               b.trajectory, st))
+    batch, stats = learner_batch(
+        cfg.learner,
+        ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64), b.trajectory, st),
+    )
     assert isinstance(batch, TrajectoryBatch)
     assert batch.latents.shape[1] == (window or 4) + 1 and batch.window_start == stats["ddpo/window_start"]
     np.testing.assert_allclose(batch.advantages, [1, -1, -1, 1], atol=1e-4)  # per-prompt z-scores
@@ -171,12 +187,25 @@ DDPO_BRANCH_LEARNING_MARGIN = 0.065
 
 def ddpo_learning_gain(tiny_model_dir, window, branch: bool = False, groups: int = 2, rounds: int = 12) -> float:
     """The rise of ``deterministic_reward`` over ``rounds`` online DDPO rounds of ``groups`` prompts x 4 samples."""
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
-        "rollout.num_inference_steps=4", "rollout.guidance_scale=1.0", f"rollout.prompts_per_round={groups}",
-        "rollout.rollouts_per_prompt=4", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4",
-        "learner.lr=1e-2", "learner.ddpo.clip_range=0.2", f"learner.ddpo.window={'null' if window is None else window}",
-        f"learner.ddpo.branch={str(branch).lower()}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.loss=ddpo",
+            "rollout.scheduler=ddim",
+            "rollout.eta=1.0",
+            "rollout.num_inference_steps=4",
+            "rollout.guidance_scale=1.0",
+            f"rollout.prompts_per_round={groups}",
+            "rollout.rollouts_per_prompt=4",
+            "learner.train_batch_size=4",
+            "learner.micro_batch_size_per_gpu=4",
+            "learner.lr=1e-2",
+            "learner.ddpo.clip_range=0.2",
+            f"learner.ddpo.window={'null' if window is None else window}",
+            f"learner.ddpo.branch={str(branch).lower()}",
+        ],
+    )
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     lc = cfg.model.lora
@@ -188,11 +217,13 @@ def ddpo_learning_gain(tiny_model_dir, window, branch: bool = False, groups: int
     n = len(prompts)
     for rnd in range(rounds):
         seeds = [rnd * n + i for i in range(n)]
-        b = s.sample(prompts, seeds, st, record=ddpo_window(cfg, rnd), branch_seeds=ddpo_branch_seeds(cfg, prompts, seeds))
+        b = s.sample(
+            prompts, seeds, st, record=ddpo_window(cfg, rnd), branch_seeds=ddpo_branch_seeds(cfg, prompts, seeds)
+        )
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()
-        batch, _ = learner_batch(cfg.learner,
-                                 ScoredSamples(b.latents, prompts, prompts, rewards, [{}] * n, (64, 64), b.trajectory,
-                                               st))
+        batch, _ = learner_batch(
+            cfg.learner, ScoredSamples(b.latents, prompts, prompts, rewards, [{}] * n, (64, 64), b.trajectory, st)
+        )
         m = train(lrn, batch, epochs=2)
         assert m["ddpo/recorded_logprob_max_diff"] < 1e-5
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
@@ -229,11 +260,24 @@ TRUST_REGION = {"dppo": (["learner.ddpo.trust_region_kl=1e-3"], 0.035), "guard":
 @pytest.mark.parametrize("region", ["dppo", "guard"])
 def test_ddpo_trust_regions_raise_reward(tiny_model_dir, region):
     overrides, margin = TRUST_REGION[region]
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
-        "rollout.num_inference_steps=4", "rollout.guidance_scale=1.0", "rollout.prompts_per_round=2",
-        "rollout.rollouts_per_prompt=4", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4",
-        "learner.lr=1e-2", f"learner.ddpo.trust_region={region}", *overrides])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.loss=ddpo",
+            "rollout.scheduler=ddim",
+            "rollout.eta=1.0",
+            "rollout.num_inference_steps=4",
+            "rollout.guidance_scale=1.0",
+            "rollout.prompts_per_round=2",
+            "rollout.rollouts_per_prompt=4",
+            "learner.train_batch_size=4",
+            "learner.micro_batch_size_per_gpu=4",
+            "learner.lr=1e-2",
+            f"learner.ddpo.trust_region={region}",
+            *overrides,
+        ],
+    )
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     lc = cfg.model.lora
@@ -246,16 +290,18 @@ def test_ddpo_trust_regions_raise_reward(tiny_model_dir, region):
     for rnd in range(12):
         b = s.sample(prompts, [rnd * 8 + i for i in range(8)], st, record=ddpo_window(cfg, rnd))
         rewards = b.latents[:, 0].mean(axis=(1, 2)).tolist()
-        batch, _ = learner_batch(cfg.learner,
-                                 ScoredSamples(b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64), b.trajectory,
-                                               st))
+        batch, _ = learner_batch(
+            cfg.learner, ScoredSamples(b.latents, prompts, prompts, rewards, [{}] * 8, (64, 64), b.trajectory, st)
+        )
         m = train(lrn, batch, epochs=2)
         limited.append(m["ddpo/maskedfrac" if region == "dppo" else "ddpo/clipfrac"])
         kls.append(m["ddpo/kl"])
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     after = deterministic_reward(s, st)
-    print(f"{region}: channel-0 mean at fixed seeds {before:.4f} -> {after:.4f}; limited fraction per round "
-          f"{np.round(limited, 3).tolist()}, KL {np.array(kls).round(7).tolist()}")
+    print(
+        f"{region}: channel-0 mean at fixed seeds {before:.4f} -> {after:.4f}; limited fraction per round "
+        f"{np.round(limited, 3).tolist()}, KL {np.array(kls).round(7).tolist()}"
+    )
     assert max(limited) > 0 and np.isfinite(kls).all()
     if region == "guard" and after - before < margin:
         # Not robust yet: this 12-round trajectory flips with the last bits of the conditioning. Encoding

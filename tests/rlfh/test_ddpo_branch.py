@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from families import load_pipeline
 from rlfh.config.schema import ConfigError, load_config
 from rlfh.data.pairs import ddpo_branch_seeds
 from rollouts.actor import sample_in_batches
-from families import load_pipeline
 from rollouts.sampler import Sampler
 from rollouts.types import SamplerSettings, SDEWindow
 from tests.conftest import REPO
@@ -21,8 +21,10 @@ PROMPTS, SEEDS = ["a", "a", "a", "b", "b"], [11, 12, 13, 21, 22]
 
 @pytest.fixture(scope="module")
 def sampler(tiny_model_dir):
-    return Sampler(load_pipeline(load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}"]).model),
-                   scheduler="ddim")
+    return Sampler(
+        load_pipeline(load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}"]).model),
+        scheduler="ddim",
+    )
 
 
 class UNetRows:
@@ -36,6 +38,7 @@ class UNetRows:
         def counted(x, *a, **k):
             self.rows.append(x.shape[0])
             return self.forward(x, *a, **k)
+
         self.unet.forward = counted
         return self
 
@@ -47,9 +50,15 @@ def test_branch_seeds_are_each_groups_first_seed_and_need_a_window(tiny_model_di
     base = [f"model.path={tiny_model_dir}", *DDPO]
     on = load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=2", "learner.ddpo.branch=true"])
     assert ddpo_branch_seeds(on, ["a", "b", "a", "b"], [5, 6, 7, 8]) == [5, 6, 5, 6]
-    assert ddpo_branch_seeds(load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=2"]),
-                             ["a", "b"], [5, 6]) is None
-    with pytest.raises(ConfigError, match="learner.ddpo.branch=true .* needs learner.loss=ddpo and learner.ddpo.window"):
+    assert (
+        ddpo_branch_seeds(
+            load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.window=2"]), ["a", "b"], [5, 6]
+        )
+        is None
+    )
+    with pytest.raises(
+        ConfigError, match="learner.ddpo.branch=true .* needs learner.loss=ddpo and learner.ddpo.window"
+    ):
         load_config(REPO / "configs" / "tiny.yaml", [*base, "learner.ddpo.branch=true"])
     with pytest.raises(ConfigError, match="learner.ddpo.branch"):
         load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.ddpo.branch=true"])
@@ -178,17 +187,25 @@ def test_learner_runs_a_groups_shared_x_j_once_with_the_same_update(tiny_model_d
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
 
-    base = [f"model.path={tiny_model_dir}", *DDPO, "rollout.guidance_scale=3.0", "learner.ddpo.window=2",
-            "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-3"]
+    base = [
+        f"model.path={tiny_model_dir}",
+        *DDPO,
+        "rollout.guidance_scale=3.0",
+        "learner.ddpo.window=2",
+        "learner.train_batch_size=4",
+        "learner.micro_batch_size_per_gpu=4",
+        "learner.lr=1e-3",
+    ]
     st = SamplerSettings(4, 3.0, "", 64, 64, 1.0, "ddim")
     prompts, seeds = ["p", "p", "q", "q"], [1, 2, 3, 4]
     b = sampler.sample(prompts, seeds, st, record=SDEWindow(1, 2), branch_seeds=[1, 1, 3, 3])
     updated, counts = [], []
     for branch in ("false", "true"):
         cfg = load_config(REPO / "configs" / "tiny.yaml", [*base, f"learner.ddpo.branch={branch}"])
-        batch, _ = learner_batch(cfg.learner,
-                                 ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
-                                               b.trajectory, st))
+        batch, _ = learner_batch(
+            cfg.learner,
+            ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64), b.trajectory, st),
+        )
         lrn = LearnerEngine(cfg)
         with UNetRows(lrn.unet) as counted:
             m = train(lrn, batch, epochs=1)

@@ -83,8 +83,18 @@ class _Fleet:
 
 
 def _guards(images, embeddings, **gc):
-    g = {**dict(every=1, heldout_prompts=["a", "b"], seeds_per_prompt=2, heldout_rewards=[], max_heldout_drop=None,
-                max_reference_mse=None, max_face_identity_sim=None), **gc}
+    g = {
+        **dict(
+            every=1,
+            heldout_prompts=["a", "b"],
+            seeds_per_prompt=2,
+            heldout_rewards=[],
+            max_heldout_drop=None,
+            max_reference_mse=None,
+            max_face_identity_sim=None,
+        ),
+        **gc,
+    }
     cfg = SimpleNamespace(guards=SimpleNamespace(**g), rollout=SimpleNamespace(sample_batch_size_per_actor=4))
     scorer = _Scorer(embeddings)
     return Guards(cfg, _Fleet(images), None, scorer), scorer

@@ -14,10 +14,15 @@ def dpo_from_predictions(mw, ml, rw, rl, eps, beta):
 
 
 def reference_formula(mw, ml, rw, rl, eps, beta):
-    """Diffusion-DPO (arXiv 2311.12908 eq. 14, as in the DiffusionDPO reference train.py), element by element in float64."""
+    """Diffusion-DPO (arXiv 2311.12908 eq. 14, as in the DiffusionDPO reference train.py).
+
+    Element by element in float64."""
     losses, inside_all = [], []
     for i in range(mw.shape[0]):
-        mse = lambda a: float(((a[i].double() - eps[i].double()) ** 2).mean())
+
+        def mse(a, i=i):
+            return float(((a[i].double() - eps[i].double()) ** 2).mean())
+
         model_diff = mse(mw) - mse(ml)
         ref_diff = mse(rw) - mse(rl)
         inside = -0.5 * beta * (model_diff - ref_diff)
@@ -48,7 +53,9 @@ def test_matches_formula_on_random_tensors(beta):
 def test_worked_numbers():
     # mse_theta_w=0.10, mse_theta_l=0.30, mse_ref_w=0.20, mse_ref_l=0.20, beta=10:
     # inside = -0.5*10*((0.10-0.30) - 0) = 1.0 ; loss = -log(sigmoid(1)) = 0.3132617
-    out = dpo_loss_from_mse(torch.tensor([0.10]), torch.tensor([0.30]), torch.tensor([0.20]), torch.tensor([0.20]), 10.0)
+    out = dpo_loss_from_mse(
+        torch.tensor([0.10]), torch.tensor([0.30]), torch.tensor([0.20]), torch.tensor([0.20]), 10.0
+    )
     assert float(out.inside[0]) == pytest.approx(1.0)
     assert float(out.loss) == pytest.approx(0.3132617, abs=1e-6)
 

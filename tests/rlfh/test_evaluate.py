@@ -30,7 +30,11 @@ def test_win_rate_counts_ties_half_and_excludes_missing():
     w = win_rate([2.0, 1.0, 1.0, None, 5.0, None], [1.0, 1.0, 3.0, 1.0, None, None])
     assert (w["wins"], w["ties"], w["losses"], w["n_compared"]) == (1, 1, 1, 3)
     assert w["win_rate"] == pytest.approx(0.5)
-    assert w["excluded"] == 3 and w["excluded_by_cause"] == {"model_missing": 1, "baseline_missing": 1, "both_missing": 1}
+    assert w["excluded"] == 3 and w["excluded_by_cause"] == {
+        "model_missing": 1,
+        "baseline_missing": 1,
+        "both_missing": 1,
+    }
     with pytest.raises(ValueError, match="paired"):
         win_rate([1.0], [1.0, 2.0])
 
@@ -61,8 +65,11 @@ def test_tiny_eval_summary(tiny_model_dir):
         # the summary's mean is the mean of the per-sample values it reports
         vals = [s[side]["scores"]["jpeg_compressibility"] for s in summary["samples"]]
         assert jpeg["mean"] == pytest.approx(np.mean(vals))
-        assert summary["regions"][side]["face"] == {"checked": n, "no_detection": n_missing,
-                                                    "no_detection_rate": n_missing / n}
+        assert summary["regions"][side]["face"] == {
+            "checked": n,
+            "no_detection": n_missing,
+            "no_detection_rate": n_missing / n,
+        }
         assert (out / "images" / side / f"{n - 1:04d}.png").is_file()
     w = summary["rewards"]["brightest_box"]["win_rate"]
     assert w["n_compared"] == n - n_missing and w["excluded_by_cause"]["both_missing"] == n_missing
@@ -98,7 +105,7 @@ def test_tiny_eval_collapse_metrics(tiny_model_dir):
         assert gap["value"] == pytest.approx(gap["train_mean"] - gap["heldout_mean"], abs=1e-12)
         # the training prompt at the same seeds redraws eval samples 0 and 1; sampled in another batch
         # the CPU kernels may round a pixel differently, moving the JPEG size by a byte or so
-        assert gap["train_mean"] == pytest.approx(np.mean(comb[:len(SEEDS)]), abs=0.01)
+        assert gap["train_mean"] == pytest.approx(np.mean(comb[: len(SEEDS)]), abs=0.01)
         assert gap["n_train"] == len(SEEDS) and gap["n_heldout"] == len(scored) == len(comb) - len(SEEDS)
     from rlfh.eval.evaluate import format_summary
 
@@ -114,9 +121,19 @@ def test_same_seed_same_image_without_lora(tiny_model_dir, tmp_path):
     from tests.conftest import REPO
     from tests.rlfh.eval_helpers import eval_overrides
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", eval_overrides(tiny_model_dir) + ["rollout.num_inference_steps=1"])
-    s = evaluate(cfg, ModelSpec(tiny_model_dir), PROMPTS[:2], [3], tmp_path, baseline=ModelSpec(tiny_model_dir),
-                 progress=False, report=False)
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", eval_overrides(tiny_model_dir) + ["rollout.num_inference_steps=1"]
+    )
+    s = evaluate(
+        cfg,
+        ModelSpec(tiny_model_dir),
+        PROMPTS[:2],
+        [3],
+        tmp_path,
+        baseline=ModelSpec(tiny_model_dir),
+        progress=False,
+        report=False,
+    )
     assert all(e["win_rate"]["ties"] == e["win_rate"]["n_compared"] == 2 for e in s["rewards"].values())
     assert not (tmp_path / "index.html").exists()
 

@@ -38,7 +38,9 @@ def test_mpd_worked_example_orthogonal():
     # g1 = (3, 0), g2 = (0, 4): M = diag(9, 16); 9 w1 = w1^(-1/2) -> w1 = 3^(-4/3), w2 = 4^(-4/3).
     g = torch.tensor([[3.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
     res = solve_mpd_weights(g @ g.T, alpha=2.0)
-    torch.testing.assert_close(res.weights, torch.tensor([0.23112042478354491, 0.15749013123685915], dtype=torch.float64))
+    torch.testing.assert_close(
+        res.weights, torch.tensor([0.23112042478354491, 0.15749013123685915], dtype=torch.float64)
+    )
     d = (res.coefficients[:, None] * g).sum(0)  # d = K * sum_i w_i g_i
     torch.testing.assert_close(d, torch.tensor([1.3867225487012695, 1.2599210498948732], dtype=torch.float64))
     # Utilities u_i = g_i . d = K * w_i^(-1/alpha).
@@ -49,7 +51,10 @@ def test_mpd_worked_example_orthogonal():
 def test_mpd_orthogonal_closed_form(alpha):
     # Orthogonal gradients: ||g_i||^2 w_i = w_i^(-1/alpha)  =>  w_i = ||g_i||^(-2 alpha / (alpha + 1)).
     norms = torch.tensor([0.01, 0.5, 2.0, 30.0], dtype=torch.float64)
-    g = torch.diag(norms) @ torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
+    g = (
+        torch.diag(norms)
+        @ torch.linalg.qr(torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))[0]
+    )
     res = solve_mpd_weights(g @ g.T, alpha=alpha)
     torch.testing.assert_close(res.weights, norms.pow(-2 * alpha / (alpha + 1)), rtol=1e-9, atol=0)
 
@@ -140,8 +145,11 @@ def test_combine_objectives_drops_a_region_without_gradient():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     out = model(torch.randn(8, 4))
-    objectives = {"global": out[:, 0].pow(2).mean() * 100, "face": out[:, 1].abs().mean(),
-                  "hand": (out[:, 2] * 0).sum().detach()}
+    objectives = {
+        "global": out[:, 0].pow(2).mean() * 100,
+        "face": out[:, 1].abs().mean(),
+        "hand": (out[:, 2] * 0).sum().detach(),
+    }
     loss, metrics = combine_objectives(objectives, "mpd", 3, list(model.parameters()))
     assert metrics["mpd/weight/hand"] == 0 and metrics["fairness/coef/hand"] == 0
     assert metrics["mpd/weight/global"] > 0 and metrics["mpd/weight/face"] > 0
@@ -174,7 +182,9 @@ def test_other_methods():
     torch.testing.assert_close(res.weights, torch.tensor([1.0, 0.0], dtype=torch.float64))
     torch.testing.assert_close(res.coefficients, torch.tensor([2.0, 0.0], dtype=torch.float64))
     g2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # interior: lambda = (1/2, 1/2)
-    torch.testing.assert_close(combine_weights(g2 @ g2.T, "mgda").weights, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(
+        combine_weights(g2 @ g2.T, "mgda").weights, torch.tensor([0.5, 0.5], dtype=torch.float64)
+    )
     # MGDA KKT on a random 4-objective problem: (M lambda)_i >= lambda^T M lambda, equality on the support.
     gr = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     mr = gr @ gr.T

@@ -29,8 +29,14 @@ def test_gdpo_worked_numbers():
     # group q: face   [5, 5, 5]    no spread                   -> z = 0
     #          overall [0, 30, 60]  mean 30, std sqrt(600)      -> z = [-sqrt(1.5), 0, sqrt(1.5)]
     # S = z_face + 0.5 z_overall; the group means of S are 0, so the batch mean is 0; A = S / std(S).
-    s = [-math.sqrt(1.5) - 0.5 / math.sqrt(2), -0.5 / math.sqrt(2), math.sqrt(1.5) + 0.5 * math.sqrt(2),
-         -0.5 * math.sqrt(1.5), 0.0, 0.5 * math.sqrt(1.5)]
+    s = [
+        -math.sqrt(1.5) - 0.5 / math.sqrt(2),
+        -0.5 / math.sqrt(2),
+        math.sqrt(1.5) + 0.5 * math.sqrt(2),
+        -0.5 * math.sqrt(1.5),
+        0.0,
+        0.5 * math.sqrt(1.5),
+    ]
     sd = math.sqrt(sum(x * x for x in s) / 6)
     expected = [x / sd for x in s]
     assert expected == pytest.approx([-1.451090, -0.325058, 1.776148, -0.563016, 0.0, 0.563016], abs=1e-6)
@@ -58,8 +64,9 @@ def test_gdpo_missing_values_and_zero_weights():
 def test_weighted_sum_is_todays_score_exactly():
     scores, _ = learner_scores(VALUES, WEIGHTS, GROUPS, "weighted_sum")
     assert scores == [6.0, 7.0, 23.0, 5.0, 20.0, 35.0]  # 1 * face + 0.5 * overall, bit for bit
-    batch = ScoredBatch({n: [RewardResult(v) for v in vs] for n, vs in VALUES.items()}, WEIGHTS,
-                        {"face": "face", "overall": "global"})
+    batch = ScoredBatch(
+        {n: [RewardResult(v) for v in vs] for n, vs in VALUES.items()}, WEIGHTS, {"face": "face", "overall": "global"}
+    )
     assert scores == batch.combined() == combined_scores(VALUES, WEIGHTS)
     with pytest.raises(ValueError, match="rewards_normalization"):
         learner_scores(VALUES, WEIGHTS, GROUPS, "sum")
@@ -86,8 +93,11 @@ def test_no_spread_shares():
     assert no_spread_share([], []) is None
     _, stats = learner_scores(VALUES, WEIGHTS, GROUPS, "gdpo")
     # face does not spread in q; overall spreads in both; the combined GDPO score spreads in both
-    assert stats == {"pairs/no_spread_share": 0.0, "reward/face/no_spread_share": 0.5,
-                     "reward/overall/no_spread_share": 0.0}
+    assert stats == {
+        "pairs/no_spread_share": 0.0,
+        "reward/face/no_spread_share": 0.5,
+        "reward/overall/no_spread_share": 0.0,
+    }
     flat = {"face": [2.0, 2.0, 1.0, 3.0], "overall": [1.0, 1.0, 0.0, 0.0]}
     _, stats = learner_scores(flat, WEIGHTS, ["a", "a", "b", "b"], "weighted_sum")
     assert stats["pairs/no_spread_share"] == 0.5 and stats["reward/overall/no_spread_share"] == 1.0
@@ -96,12 +106,15 @@ def test_no_spread_shares():
 def test_ddpo_takes_gdpo_advantages_as_they_are():
     cfg = SimpleNamespace(loss="ddpo", regions=SimpleNamespace(names=["global"]))
     n, t = 4, 2
-    traj = {"latents": np.zeros((n, t + 1, 4, 8, 8), np.float32), "log_probs": np.zeros((n, t), np.float32),
-            "timesteps": np.arange(t)}
+    traj = {
+        "latents": np.zeros((n, t + 1, 4, 8, 8), np.float32),
+        "log_probs": np.zeros((n, t), np.float32),
+        "timesteps": np.arange(t),
+    }
     scores = [7.0, -1.0, None, 0.5]  # GDPO scores: the DDPO branch clips them to +-5 and keeps them
-    batch, stats = learner_batch(cfg,
-                                 ScoredSamples(None, ["a"] * n, ["a"] * n, scores, [{}] * n, (64, 64), traj),
-                                               normalization="gdpo")
+    batch, stats = learner_batch(
+        cfg, ScoredSamples(None, ["a"] * n, ["a"] * n, scores, [{}] * n, (64, 64), traj), normalization="gdpo"
+    )
     assert np.asarray(batch.advantages).tolist() == [5.0, -1.0, 0.5]
     # weighted_sum: the same scores are z-scored per prompt
     batch, _ = learner_batch(cfg, ScoredSamples(None, ["a"] * n, ["a"] * n, scores, [{}] * n, (64, 64), traj))

@@ -12,8 +12,15 @@ from rlfh.learner.steps import train
 from rlfh.losses.guidance_free import guided_teacher
 from tests.conftest import REPO
 
-CFG = ["learner.loss=rwr", "learner.guidance_free.scale=5.0", "learner.guidance_free.coef=10.0", "learner.lr=3e-3",
-       "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4", "rollout.guidance_scale=1.0"]
+CFG = [
+    "learner.loss=rwr",
+    "learner.guidance_free.scale=5.0",
+    "learner.guidance_free.coef=10.0",
+    "learner.lr=3e-3",
+    "learner.train_batch_size=4",
+    "learner.micro_batch_size_per_gpu=4",
+    "rollout.guidance_scale=1.0",
+]
 
 
 def guided_gap(lrn, x, t, prompts) -> float:
@@ -22,7 +29,9 @@ def guided_gap(lrn, x, t, prompts) -> float:
         enc, added = lrn.condition(prompts, 64, 64)
         neg_enc, neg_added = lrn.condition([""] * len(prompts), 64, 64)
         teacher = guided_teacher(lrn.reference(x, t, enc, added), lrn.reference(x, t, neg_enc, neg_added), 5.0)
-        return float((lrn.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample - teacher).pow(2).mean())
+        return float(
+            (lrn.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample - teacher).pow(2).mean()
+        )
 
 
 def test_guidance_free_training_moves_the_policy_toward_the_guided_reference(tiny_model_dir):
@@ -41,10 +50,13 @@ def test_guidance_free_training_moves_the_policy_toward_the_guided_reference(tin
     assert after < 0.7 * before, (before, after)  # on probes the training never saw
 
 
-@pytest.mark.parametrize("override, message", [
-    ("rollout.guidance_scale=5.0", "rollout.guidance_scale=1"),
-    ("learner.guidance_free.scale=1.0", "must be finite and > 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rollout.guidance_scale=5.0", "rollout.guidance_scale=1"),
+        ("learner.guidance_free.scale=1.0", "must be finite and > 1"),
+    ],
+)
 def test_guidance_free_training_config_rules(tiny_model_dir, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *CFG, override])

@@ -14,8 +14,15 @@ from tests.conftest import REPO
 
 # Full-UNet training: on the tiny model a rank-8 attention LoRA moves the one-step x_0 prediction by a few
 # per cent in a test-sized budget, the whole UNet by tens of per cent. beta = 1 keeps DPO's share small.
-CFG = ["learner.dpo.guidance.coef=1.0", "learner.dpo.guidance.region=face", "learner.dpo.beta=1.0", "learner.lr=3e-4",
-       "model.lora.enabled=false", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4"]
+CFG = [
+    "learner.dpo.guidance.coef=1.0",
+    "learner.dpo.guidance.region=face",
+    "learner.dpo.beta=1.0",
+    "learner.lr=3e-4",
+    "model.lora.enabled=false",
+    "learner.train_batch_size=4",
+    "learner.micro_batch_size_per_gpu=4",
+]
 PROMPTS = ["a photo of a person", "a portrait of a woman", "a man waving his hand", "two people talking"]
 
 
@@ -48,8 +55,10 @@ def x0_distance(lrn, pairs: PairBatch, seed: int) -> float:
 
 
 def trained_distance(tiny_model_dir, seed: int, coef: float) -> tuple[float, float, list[dict]]:
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"seed={seed}", *CFG,
-                                                        f"learner.dpo.guidance.coef={coef}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [f"model.path={tiny_model_dir}", f"seed={seed}", *CFG, f"learner.dpo.guidance.coef={coef}"],
+    )
     lrn = LearnerEngine(cfg)
     pairs = face_pairs(seed)
     before = x0_distance(lrn, pairs, seed)

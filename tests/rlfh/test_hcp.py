@@ -12,19 +12,33 @@ from rlfh.learner.steps import train
 from tests.conftest import REPO
 
 PROMPTS = ["a photo of a person", "a man waving his hand"]
-HCP = ["model.hcp.enabled=true", "model.hcp.scale_weights={2: 1.0}", "model.hcp.timesteps=[0, 999]",
-       "data.hcp_priors.sigma=0.08"]
+HCP = [
+    "model.hcp.enabled=true",
+    "model.hcp.scale_weights={2: 1.0}",
+    "model.hcp.timesteps=[0, 999]",
+    "data.hcp_priors.sigma=0.08",
+]
 # test landmarks (x, y, visibility) on a 64x64 image: a standing figure in the left half. Drawn by
 # hand as the loss's input; no detector claims to have found them.
-FIGURE = np.array([[[16, 8, 1], [16, 20, 1], [8, 24, 1], [24, 24, 1], [16, 36, 1], [12, 52, 1], [20, 52, 1]]], np.float32)
+FIGURE = np.array(
+    [[[16, 8, 1], [16, 20, 1], [8, 24, 1], [24, 24, 1], [16, 36, 1], [12, 52, 1], [20, 52, 1]]], np.float32
+)
 
 
 def make(tiny_model_dir, *overrides, seed=0):
     from rlfh.config.schema import load_config
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"seed={seed}",
-                                                        "learner.train_batch_size=2", "learner.micro_batch_size_per_gpu=2",
-                                                        "learner.lr=1e-3", *overrides])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            f"seed={seed}",
+            "learner.train_batch_size=2",
+            "learner.micro_batch_size_per_gpu=2",
+            "learner.lr=1e-3",
+            *overrides,
+        ],
+    )
     return LearnerEngine(cfg)
 
 
@@ -78,8 +92,12 @@ def test_m_h_is_softmax_of_q_against_phi_of_the_text(tiny_model_dir):
     got = proc.human_attention(attn, z, c)
     q, k = attn.to_q(z), proc.phi(c)
     heads, d = attn.heads, q.shape[-1] // attn.heads
-    want = torch.stack([torch.softmax(q[..., i * d:(i + 1) * d] @ k[..., i * d:(i + 1) * d].transpose(1, 2) / d ** 0.5, -1)
-                        for i in range(heads)]).mean(0)
+    want = torch.stack(
+        [
+            torch.softmax(q[..., i * d : (i + 1) * d] @ k[..., i * d : (i + 1) * d].transpose(1, 2) / d**0.5, -1)
+            for i in range(heads)
+        ]
+    ).mean(0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # the human tokens: "man" (3 BPE pieces here) in the second prompt; all words in the first has none
     mask = lrn.hcp.token_mask(["a man waving his hand", "a red car"])
@@ -122,8 +140,8 @@ def test_training_with_hcp_lowers_the_alignment_loss(tiny_model_dir):
 def test_hcp_weights_checkpoint_resume_and_the_sampler_loads_the_lora(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from rlfh.learner.hcp import HCP_FILE
     from families import load_pipeline
+    from rlfh.learner.hcp import HCP_FILE
     from rollouts.sampler import Sampler
 
     lrn = make(tiny_model_dir, *HCP, "model.hcp.coef=10")
@@ -159,11 +177,22 @@ def test_hcp_config_rules(tiny_cfg):
     from rlfh.config.schema import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        tiny_cfg("model.hcp.enabled=true", "model.hcp.scale_weights={3: 1.0}", "model.hcp.timesteps=[900, 100]",
-                 "data.hcp_priors.sigma=0", "data.hcp_priors.prior=real", "model.lora.enabled=false")
+        tiny_cfg(
+            "model.hcp.enabled=true",
+            "model.hcp.scale_weights={3: 1.0}",
+            "model.hcp.timesteps=[900, 100]",
+            "data.hcp_priors.sigma=0",
+            "data.hcp_priors.prior=real",
+            "model.lora.enabled=false",
+        )
     text = str(e.value)
-    for needle in ("model.hcp.scale_weights: key 3", "model.hcp.timesteps=[900, 100]", "data.hcp_priors.sigma=0",
-                   "data.hcp_priors.prior=real", "needs model.lora.enabled"):
+    for needle in (
+        "model.hcp.scale_weights: key 3",
+        "model.hcp.timesteps=[900, 100]",
+        "data.hcp_priors.sigma=0",
+        "data.hcp_priors.prior=real",
+        "needs model.lora.enabled",
+    ):
         assert needle in text
     assert tiny_cfg("model.hcp.enabled=true").model.hcp.scale_weights == {"2": 0.5, "4": 1.0}
 
@@ -171,7 +200,9 @@ def test_hcp_config_rules(tiny_cfg):
 def test_hcp_under_mpd_regions_and_gradient_checkpointing(tiny_model_dir):
     """Per-region gradients (MPD solves over them; phi has none there) and recomputed checkpointed blocks
     (which run the processor again in backward) leave the HcP term working."""
-    lrn = make(tiny_model_dir, *HCP, "learner.regions.names=[global, face]", "learner.engine.gradient_checkpointing=true")
+    lrn = make(
+        tiny_model_dir, *HCP, "learner.regions.names=[global, face]", "learner.engine.gradient_checkpointing=true"
+    )
     batch = posed_pairs()
     face = np.zeros((4, 1, 8, 8), np.float32)
     face[:, :, :4, :4] = 1.0

@@ -8,9 +8,9 @@ from rlfh.config.schema import LearnerConfig
 from rlfh.data.batches import ScoredSamples
 from rlfh.data.pairs import learner_batch
 from rlfh.data.pose_prior import PosePriors
-from rlfh.losses.filtered import FilteredConfig
 from rlfh.data.sources import SourceContext
 from rlfh.data.sources.hcp_priors import HcpPriors
+from rlfh.losses.filtered import FilteredConfig
 from tests.rlfh.test_hgdpo import vae, write_photos  # noqa: F401 (fixture)
 
 
@@ -61,8 +61,13 @@ def test_real_images_get_mediapipe_pose_priors_once(tmp_path, pose_models, vae):
     src.encode(vae)
     n = 2
     lat = np.zeros((n, 4, 32, 32), np.float32)
-    pairs = PairBatch(lat, lat, ["a portrait of a woman", "a cup"], priors_w=np.zeros((n, 1, 32, 32), np.float32),
-                      priors_l=np.ones((n, 1, 32, 32), np.float32))
+    pairs = PairBatch(
+        lat,
+        lat,
+        ["a portrait of a woman", "a cup"],
+        priors_w=np.zeros((n, 1, 32, 32), np.float32),
+        priors_l=np.ones((n, 1, 32, 32), np.float32),
+    )
     mixed, stats = mix_real_winners(pairs, src, 1.0, round=0, seed=0)
     assert stats["hgdpo/real_pairs"] == 2
     for j, cap in enumerate(mixed.prompts):
@@ -87,12 +92,21 @@ def test_offline_batch_takes_priors_from_the_logged_images(tiny_cfg, tmp_path, p
     person = np.asarray(Image.fromarray(data.astronaut()[:400, 50:450]).resize((256, 256)))
     cup = np.asarray(Image.fromarray(data.coffee()).resize((256, 256)))
     n = 4
-    batch = RolloutBatch(images=np.stack([person, cup, cup, person]), latents=np.zeros((n, 4, 32, 32), np.float32),
-                         prompts=["a woman", "a woman", "a cup", "a cup"], seeds=list(range(n)),
-                         settings=SamplerSettings(10, 5.0, "", 256, 256), policy_version=0, model_id="tiny",
-                         rollout_ids=[f"r{i}" for i in range(n)])
-    scored = ScoredBatch(results={"jpeg_compressibility": [RewardResult(v) for v in (1.0, 0.0, 1.0, 0.0)]},
-                         weights={"jpeg_compressibility": 1.0}, regions_of={"jpeg_compressibility": "global"})
+    batch = RolloutBatch(
+        images=np.stack([person, cup, cup, person]),
+        latents=np.zeros((n, 4, 32, 32), np.float32),
+        prompts=["a woman", "a woman", "a cup", "a cup"],
+        seeds=list(range(n)),
+        settings=SamplerSettings(10, 5.0, "", 256, 256),
+        policy_version=0,
+        model_id="tiny",
+        rollout_ids=[f"r{i}" for i in range(n)],
+    )
+    scored = ScoredBatch(
+        results={"jpeg_compressibility": [RewardResult(v) for v in (1.0, 0.0, 1.0, 0.0)]},
+        weights={"jpeg_compressibility": 1.0},
+        regions_of={"jpeg_compressibility": "global"},
+    )
     RolloutLog(tmp_path / "rollouts").append(make_records(batch, scored, round_index=0))
     cfg = tiny_cfg("model.hcp.enabled=true", f"rollouts={tmp_path / 'rollouts'}", "learner.train_batch_size=2")
     hcp = HcpPriors(cfg, SourceContext(tmp_path))
@@ -111,12 +125,23 @@ def test_online_round_priors_by_mode(tiny_cfg, tmp_path, pose_models):
     from PIL import Image
     from skimage import data
 
-    images = np.stack([np.asarray(Image.fromarray(data.astronaut()[:400, 50:450]).resize((256, 256))),
-                       np.zeros((256, 256, 3), np.uint8)])
+    images = np.stack(
+        [
+            np.asarray(Image.fromarray(data.astronaut()[:400, 50:450]).resize((256, 256))),
+            np.zeros((256, 256, 3), np.uint8),
+        ]
+    )
 
     def priors(cfg):
-        samples = ScoredSamples(np.zeros((2, 4, 32, 32), np.float32), ["a", "a"], ["a", "a"], [1.0, 0.0], [{}, {}],
-                                (256, 256), images=images)
+        samples = ScoredSamples(
+            np.zeros((2, 4, 32, 32), np.float32),
+            ["a", "a"],
+            ["a", "a"],
+            [1.0, 0.0],
+            [{}, {}],
+            (256, 256),
+            images=images,
+        )
         if HcpPriors.wanted(cfg, SourceContext(tmp_path)):
             source = HcpPriors(cfg, SourceContext(tmp_path))
             source.annotate(samples)
@@ -126,6 +151,7 @@ def test_online_round_priors_by_mode(tiny_cfg, tmp_path, pose_models):
     assert priors(tiny_cfg()) is None  # HcP off: the source is not built
     got = priors(tiny_cfg("model.hcp.enabled=true"))  # prior=samples: detected on the round's images
     assert got.shape == (2, 1, 32, 32) and got[0].max() > 0.2 and not got[1].any()
-    real = priors(tiny_cfg("model.hcp.enabled=true", "data.hcp_priors.prior=real",
-                           f"data.hgdpo.real_images={tmp_path}"))
+    real = priors(
+        tiny_cfg("model.hcp.enabled=true", "data.hcp_priors.prior=real", f"data.hgdpo.real_images={tmp_path}")
+    )
     assert not real.any()  # prior=real: zeros until HG-DPO's real winners fill theirs

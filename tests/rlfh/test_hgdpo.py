@@ -12,14 +12,16 @@ import pytest
 import torch
 
 from rlfh.config.schema import ConfigError, HGDPOStage, load_config
+from rlfh.data.batches import PairBatch
 from rlfh.data.hgdpo import Curriculum, mix_real_winners, prompts_for_losers, real_pair_count
 from rlfh.data.real_images import RealImageSource, prepare_image
-from rlfh.data.batches import PairBatch
 
 REPO = Path(__file__).resolve().parents[2]
-CAPTIONS = {"astronaut.jpg": "a portrait of a woman in a space suit",
-            "coffee.png": "a cup of coffee on a saucer",
-            "chelsea.jpg": "a photo of a cat"}
+CAPTIONS = {
+    "astronaut.jpg": "a portrait of a woman in a space suit",
+    "coffee.png": "a cup of coffee on a saucer",
+    "chelsea.jpg": "a photo of a cat",
+}
 
 
 def write_photos(root):
@@ -39,9 +41,9 @@ def write_photos(root):
 
 @pytest.fixture(scope="module")
 def vae(tiny_model_dir):
+    from families import load_pipeline
     from rlfh.config.schema import ModelConfig
     from rlfh.data.real_images import load_vae
-    from families import load_pipeline
 
     alone = load_vae(ModelConfig(path=tiny_model_dir))
     piped = load_pipeline(ModelConfig(path=tiny_model_dir)).vae
@@ -142,12 +144,16 @@ def test_curriculum_values_at_stage_edges():
 
 
 def test_curriculum_and_config_share_one_validation():
-    bad = ["data.hgdpo.stages=[{until_round: 10, real_winner_fraction: 0.0}, {until_round: 5, real_winner_fraction: 1.5}]",
-           "data.hgdpo.real_images=/photos"]
+    bad = [
+        "data.hgdpo.stages=[{until_round: 10, real_winner_fraction: 0.0}, {until_round: 5, real_winner_fraction: 1.5}]",
+        "data.hgdpo.real_images=/photos",
+    ]
     with pytest.raises(ConfigError) as cfg_err:
         load_config(REPO / "configs" / "tiny.yaml", bad)
-    expected = [r"data.hgdpo.stages\[1\].until_round=5: must be greater than the previous stage's 10",
-                r"data.hgdpo.stages\[1\].real_winner_fraction=1.5: must be in \[0, 1\]"]
+    expected = [
+        r"data.hgdpo.stages\[1\].until_round=5: must be greater than the previous stage's 10",
+        r"data.hgdpo.stages\[1\].real_winner_fraction=1.5: must be in \[0, 1\]",
+    ]
     for pattern in expected:
         assert re.search(pattern, str(cfg_err.value))
     with pytest.raises(ValueError, match="(?s)" + ".*".join(expected)):
@@ -172,8 +178,13 @@ def test_mixing_replaces_the_expected_winners_and_keeps_losers(photos, vae):
     pairs = generated_pairs()
     assert real_pair_count(0.5, 4) == 2 and real_pair_count(0.125, 4) == 1 and real_pair_count(0.1, 4) == 0
     mixed, stats = mix_real_winners(pairs, src, 0.5, round=3, seed=0)
-    assert stats == {"hgdpo/real_winner_fraction": 0.5, "hgdpo/real_pairs": 2.0, "hgdpo/sdrecon_winner_fraction": 0.0,
-                     "hgdpo/sdrecon_pairs": 0.0, "hgdpo/generated_pairs": 2.0}
+    assert stats == {
+        "hgdpo/real_winner_fraction": 0.5,
+        "hgdpo/real_pairs": 2.0,
+        "hgdpo/sdrecon_winner_fraction": 0.0,
+        "hgdpo/sdrecon_pairs": 0.0,
+        "hgdpo/generated_pairs": 2.0,
+    }
     idx = src.sample(2, 3, 0)
     changed = [j for j in range(4) if not np.array_equal(mixed.latents_w[j], pairs.latents_w[j])]
     assert len(changed) == 2
@@ -217,8 +228,10 @@ def test_mixed_pairs_train_one_step(photos, vae, tiny_model_dir):
     from rlfh.learner.steps import train
     from tests.conftest import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=4",
-                                                        "learner.micro_batch_size_per_gpu=4"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [f"model.path={tiny_model_dir}", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4"],
+    )
     src = RealImageSource(photos, cfg.rollout.height, cfg.rollout.width)
     src.encode(vae)
     mixed, _ = mix_real_winners(generated_pairs(with_masks=False), src, 1.0, 0, cfg.seed)
@@ -252,7 +265,8 @@ def test_saved_datasets_dataset(tmp_path, vae):
 
     images = [Image.fromarray(data.coffee()), Image.fromarray(data.chelsea())]
     datasets.Dataset.from_dict({"image": images, "text": ["a cup of coffee", "a cat"]}).cast_column(
-        "image", datasets.Image()).save_to_disk(str(tmp_path / "hf"))
+        "image", datasets.Image()
+    ).save_to_disk(str(tmp_path / "hf"))
     src = RealImageSource(tmp_path / "hf", 64, 64, latent_mode="mean")
     assert [it.text for it in src.items] == ["a cup of coffee", "a cat"]
     x = torch.from_numpy(np.stack([prepare_image(im, 64, 64) for im in images]))
@@ -263,9 +277,13 @@ def test_saved_datasets_dataset(tmp_path, vae):
 
 def test_curriculum_must_end_within_the_run():
     # the walkthrough once ended its hard stage at round 300 of a 200-round run: that stage never ran
-    stages = ("data.hgdpo.stages=[{until_round: 100, real_winner_fraction: 0.0}, {until_round: 200, "
-              "real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, {until_round: 300, real_winner_fraction: 1.0}]")
-    with pytest.raises(ConfigError, match=r"stages\[2\].until_round=300 > num_rounds=200.*stages \[2\] would never run"):
+    stages = (
+        "data.hgdpo.stages=[{until_round: 100, real_winner_fraction: 0.0}, {until_round: 200, "
+        "real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, {until_round: 300, real_winner_fraction: 1.0}]"
+    )
+    with pytest.raises(
+        ConfigError, match=r"stages\[2\].until_round=300 > num_rounds=200.*stages \[2\] would never run"
+    ):
         load_config(REPO / "configs" / "tiny.yaml", [stages, "num_rounds=200", "data.hgdpo.real_images=/photos"])
     cfg = load_config(REPO / "configs" / "tiny.yaml", [stages, "num_rounds=300", "data.hgdpo.real_images=/photos"])
     assert cfg.data.hgdpo.stages[-1].until_round == 300

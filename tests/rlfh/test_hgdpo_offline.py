@@ -24,12 +24,21 @@ def write_log(directory, rounds: int = 1, per_prompt: int = 2):
     for rnd in range(rounds):
         prompts = [p for p in PROMPTS for _ in range(per_prompt)]
         n = len(prompts)
-        batch = RolloutBatch(images=np.zeros((n, 64, 64, 3), np.uint8),
-                             latents=rng.standard_normal((n, 4, 8, 8)).astype(np.float32), prompts=prompts,
-                             seeds=list(range(n)), settings=SamplerSettings(LOG_STEPS, 3.0, "blurry", 64, 64),
-                             policy_version=rnd, model_id="tiny", rollout_ids=[f"r{rnd}-{i}" for i in range(n)])
-        scored = ScoredBatch(results={"jpeg_compressibility": [RewardResult(float(v)) for v in rng.permutation(n)]},
-                             weights={"jpeg_compressibility": 1.0}, regions_of={"jpeg_compressibility": "global"})
+        batch = RolloutBatch(
+            images=np.zeros((n, 64, 64, 3), np.uint8),
+            latents=rng.standard_normal((n, 4, 8, 8)).astype(np.float32),
+            prompts=prompts,
+            seeds=list(range(n)),
+            settings=SamplerSettings(LOG_STEPS, 3.0, "blurry", 64, 64),
+            policy_version=rnd,
+            model_id="tiny",
+            rollout_ids=[f"r{rnd}-{i}" for i in range(n)],
+        )
+        scored = ScoredBatch(
+            results={"jpeg_compressibility": [RewardResult(float(v)) for v in rng.permutation(n)]},
+            weights={"jpeg_compressibility": 1.0},
+            regions_of={"jpeg_compressibility": "global"},
+        )
         log.append(make_records(batch, scored, round_index=rnd))
     return directory
 
@@ -44,8 +53,9 @@ class RecordingSampler:
     def _batch(self, latents, prompts, seeds, settings):
         from rollouts.types import RolloutBatch
 
-        return RolloutBatch(np.zeros((len(prompts), 64, 64, 3), np.uint8), latents, list(prompts), list(seeds),
-                            settings, 0, "tiny")
+        return RolloutBatch(
+            np.zeros((len(prompts), 64, 64, 3), np.uint8), latents, list(prompts), list(seeds), settings, 0, "tiny"
+        )
 
     def sample(self, prompts, seeds, settings, batch_size, record=False):
         self.calls.append(("sample", list(prompts), settings))
@@ -57,9 +67,11 @@ class RecordingSampler:
         return self._batch(np.asarray(latents, np.float32) + 100.0, prompts, seeds, settings)
 
 
-STAGES = ("data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, "
-          "{until_round: 2, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}, "
-          "{until_round: 3, real_winner_fraction: 1.0}]")
+STAGES = (
+    "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, "
+    "{until_round: 2, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}, "
+    "{until_round: 3, real_winner_fraction: 1.0}]"
+)
 
 
 @pytest.fixture()
@@ -71,9 +83,17 @@ def offline_cfg(tiny_model_dir, tmp_path):
     rollouts = write_log(tmp_path / "rollouts")
 
     def make(*overrides):
-        return load_config(REPO / "configs" / "offline_dpo.yaml",
-                           [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", f"rollouts={rollouts}",
-                            f"data.hgdpo.real_images={photos}", STAGES, *overrides])
+        return load_config(
+            REPO / "configs" / "offline_dpo.yaml",
+            [
+                f"run_dir={tmp_path / 'run'}",
+                f"model.path={tiny_model_dir}",
+                f"rollouts={rollouts}",
+                f"data.hgdpo.real_images={photos}",
+                STAGES,
+                *overrides,
+            ],
+        )
 
     return make
 
@@ -86,8 +106,12 @@ def test_offline_mixing_follows_the_curriculum_with_the_logs_settings(offline_cf
     cfg = offline_cfg("data.hgdpo.sdrecon_strength=0.5")
     pairs, _ = batch_from_log(cfg)
     settings = logged_settings(cfg)
-    assert (settings.num_inference_steps, settings.guidance_scale, settings.negative_prompt, settings.height) == \
-        (LOG_STEPS, 3.0, "blurry", 64)
+    assert (settings.num_inference_steps, settings.guidance_scale, settings.negative_prompt, settings.height) == (
+        LOG_STEPS,
+        3.0,
+        "blurry",
+        64,
+    )
     sampler = RecordingSampler()
     hg = RealWinners(cfg, SourceContext(tmp_path, sampler, settings))
     n = len(pairs)
@@ -98,7 +122,11 @@ def test_offline_mixing_follows_the_curriculum_with_the_logs_settings(offline_cf
     # round 1: half real, half SDRecon winners, each with a fresh loser for its caption
     mixed, stats = hg.mix(pairs, 1)
     k_real, k_sd = pair_counts(0.5, 0.5, n)
-    assert (stats["hgdpo/real_pairs"], stats["hgdpo/sdrecon_pairs"], stats["hgdpo/generated_pairs"]) == (k_real, k_sd, 0)
+    assert (stats["hgdpo/real_pairs"], stats["hgdpo/sdrecon_pairs"], stats["hgdpo/generated_pairs"]) == (
+        k_real,
+        k_sd,
+        0,
+    )
     assert [c[0] for c in sampler.calls] == ["sample", "refine"]
     assert all(c[2] == settings for c in sampler.calls) and sampler.calls[1][3] == 0.5
     real_by_caption = {it.text: hg.source.latents[i] for i, it in enumerate(hg.source.items)}
@@ -108,8 +136,13 @@ def test_offline_mixing_follows_the_curriculum_with_the_logs_settings(offline_cf
     for j in range(n):
         w, l, cap = mixed.latents_w[j], mixed.latents_l[j], mixed.prompts[j]
         assert l.min() <= -1000 and cap in real_by_caption  # every loser fresh, every prompt a caption
-        kinds.append("sdrecon" if np.allclose(w, real_by_caption[cap] + 100.0) else
-                     "real" if np.array_equal(w, real_by_caption[cap]) else "other")
+        kinds.append(
+            "sdrecon"
+            if np.allclose(w, real_by_caption[cap] + 100.0)
+            else "real"
+            if np.array_equal(w, real_by_caption[cap])
+            else "other"
+        )
     assert sorted(kinds) == ["real"] * k_real + ["sdrecon"] * k_sd
     # round 2, the hard stage: real winners only
     _, stats = hg.mix(pairs, 2)
@@ -121,8 +154,9 @@ def test_offline_mixing_keeps_logged_losers_without_fresh_ones(offline_cfg, tmp_
     from rlfh.data.sources.hgdpo import RealWinners, needs_policy_samples
     from rlfh.recipes.offline import batch_from_log, logged_settings
 
-    cfg = offline_cfg("data.hgdpo.fresh_losers=false",
-                      "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
+    cfg = offline_cfg(
+        "data.hgdpo.fresh_losers=false", "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]"
+    )
     assert not needs_policy_samples(cfg.data.hgdpo)
     pairs, _ = batch_from_log(cfg)
     mixed, stats = RealWinners(cfg, SourceContext(tmp_path, None, logged_settings(cfg))).mix(pairs, 0)
@@ -131,8 +165,10 @@ def test_offline_mixing_keeps_logged_losers_without_fresh_ones(offline_cfg, tmp_
     with pytest.raises(ValueError, match="no sampler"):
         RealWinners(offline_cfg(), SourceContext(tmp_path, None, logged_settings(cfg)))
     with pytest.raises(ValueError, match=r"sdrecon_strength=0.1 of rollout.num_inference_steps=4 runs no denoising"):
-        RealWinners(offline_cfg("data.hgdpo.sdrecon_strength=0.1"),
-                    SourceContext(tmp_path, RecordingSampler(), logged_settings(cfg)))
+        RealWinners(
+            offline_cfg("data.hgdpo.sdrecon_strength=0.1"),
+            SourceContext(tmp_path, RecordingSampler(), logged_settings(cfg)),
+        )
 
 
 def test_offline_hcp_real_priors_reach_the_real_winners(offline_cfg, tmp_path):
@@ -142,8 +178,12 @@ def test_offline_hcp_real_priors_reach_the_real_winners(offline_cfg, tmp_path):
     from rlfh.data.sources.hgdpo import RealWinners
     from rlfh.recipes.offline import batch_from_log, logged_settings
 
-    cfg = offline_cfg("model.hcp.enabled=true", "data.hcp_priors.prior=real", "data.hgdpo.fresh_losers=false",
-                      "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]")
+    cfg = offline_cfg(
+        "model.hcp.enabled=true",
+        "data.hcp_priors.prior=real",
+        "data.hgdpo.fresh_losers=false",
+        "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 1.0}]",
+    )
     from rlfh.data.sources.hcp_priors import HcpPriors
 
     pairs, _ = batch_from_log(cfg, [HcpPriors(cfg, SourceContext(tmp_path))])
@@ -165,17 +205,29 @@ def test_offline_dpo_hgdpo_curriculum(tiny_model_dir, tmp_path):
     rollouts = write_log(tmp_path / "rollouts")
     run_dir = tmp_path / "run"
     t0 = time.time()
-    rlfh("offline-dpo", "configs/offline_dpo.yaml", f"rollouts={rollouts}", f"run_dir={run_dir}",
-         f"model.path={tiny_model_dir}", "num_rounds=3", "logging.progress=false",
-         f"data.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "data.hgdpo.sdrecon_strength=0.5",
-         "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, "
-         "{until_round: 2, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, {until_round: 3, real_winner_fraction: 1.0}]")
+    rlfh(
+        "offline-dpo",
+        "configs/offline_dpo.yaml",
+        f"rollouts={rollouts}",
+        f"run_dir={run_dir}",
+        f"model.path={tiny_model_dir}",
+        "num_rounds=3",
+        "logging.progress=false",
+        f"data.hgdpo.real_images={write_photos(tmp_path / 'photos')}",
+        "data.hgdpo.sdrecon_strength=0.5",
+        "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0}, "
+        "{until_round: 2, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}, "
+        "{until_round: 3, real_winner_fraction: 1.0}]",
+    )
     print(f"offline-dpo with HG-DPO, 3 rounds: {time.time() - t0:.1f}s")
     rows = read_metrics(run_dir)
     n = len(PROMPTS)
     assert [r["hgdpo/stage"] for r in rows] == [0, 1, 2]
-    assert [(r["hgdpo/generated_pairs"], r["hgdpo/sdrecon_pairs"], r["hgdpo/real_pairs"]) for r in rows] == \
-        [(n, 0, 0), (0, n, 0), (0, 0, n)]
+    assert [(r["hgdpo/generated_pairs"], r["hgdpo/sdrecon_pairs"], r["hgdpo/real_pairs"]) for r in rows] == [
+        (n, 0, 0),
+        (0, n, 0),
+        (0, 0, n),
+    ]
     # the normal stage's winners came from the policy, between the real image and a fresh sample
     assert 0 < rows[1]["hgdpo/sdrecon_real_rms"] < rows[1]["hgdpo/loser_real_rms"]
     assert all(np.isfinite(r["loss/dpo"]) and r["learner/steps"] > 0 for r in rows)
@@ -190,11 +242,19 @@ def test_offline_hgdpo_on_two_learner_ranks(ray_local, tiny_model_dir, tmp_path)
     from rlfh.run.metrics import read_metrics
     from tests.conftest import REPO
 
-    over = [f"run_dir={tmp_path / 'run'}", f"model.path={tiny_model_dir}", f"rollouts={write_log(tmp_path / 'rollouts')}",
-            f"data.hgdpo.real_images={write_photos(tmp_path / 'photos')}", "num_rounds=2", "logging.progress=false",
-            "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}, "
-            "{until_round: 2, real_winner_fraction: 1.0}]",
-            "learner.micro_batch_size_per_gpu=1", "resources.num_learner_ranks=2", "resources.num_cpus_per_actor=0.5"]
+    over = [
+        f"run_dir={tmp_path / 'run'}",
+        f"model.path={tiny_model_dir}",
+        f"rollouts={write_log(tmp_path / 'rollouts')}",
+        f"data.hgdpo.real_images={write_photos(tmp_path / 'photos')}",
+        "num_rounds=2",
+        "logging.progress=false",
+        "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.5, sdrecon_winner_fraction: 0.5}, "
+        "{until_round: 2, real_winner_fraction: 1.0}]",
+        "learner.micro_batch_size_per_gpu=1",
+        "resources.num_learner_ranks=2",
+        "resources.num_cpus_per_actor=0.5",
+    ]
     rows = read_metrics(train_offline(load_config(REPO / "configs" / "offline_dpo.yaml", over)))
     n = len(PROMPTS)
     assert [(r["hgdpo/sdrecon_pairs"], r["hgdpo/real_pairs"]) for r in rows] == [(n // 2, n // 2), (0, n)]

@@ -26,24 +26,37 @@ def test_curriculum_with_a_normal_stage():
     assert [ramp.sdrecon_fraction(r) for r in (0, 15, 20, 25, 30)] == [0.0, 0.5, 1.0, 0.5, 0.0]
     assert [ramp.fraction(r) for r in (0, 15, 20, 25, 30)] == [0.0, 0.0, 0.0, 0.5, 1.0]
     assert all(ramp.fraction(r) + ramp.sdrecon_fraction(r) <= 1.0 for r in range(40))
-    assert pair_counts(0.5, 0.5, 3) == (2, 1) and pair_counts(0.0, 1.0, 4) == (0, 4) and pair_counts(0.25, 0.25, 4) == (1, 1)
+    assert (
+        pair_counts(0.5, 0.5, 3) == (2, 1)
+        and pair_counts(0.0, 1.0, 4) == (0, 4)
+        and pair_counts(0.25, 0.25, 4) == (1, 1)
+    )
 
 
 def test_normal_stage_validation_in_config_and_curriculum():
-    bad = ["data.hgdpo.real_images=/photos",
-           "data.hgdpo.stages=[{until_round: 5, real_winner_fraction: 0.6, sdrecon_winner_fraction: 0.6}, "
-           "{until_round: 9, real_winner_fraction: 0.0, sdrecon_winner_fraction: -0.1}]",
-           "data.hgdpo.sdrecon_strength=0.05"]
+    bad = [
+        "data.hgdpo.real_images=/photos",
+        "data.hgdpo.stages=[{until_round: 5, real_winner_fraction: 0.6, sdrecon_winner_fraction: 0.6}, "
+        "{until_round: 9, real_winner_fraction: 0.0, sdrecon_winner_fraction: -0.1}]",
+        "data.hgdpo.sdrecon_strength=0.05",
+    ]
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs" / "tiny.yaml", bad)
-    for pattern in [r"data.hgdpo.stages\[0\]: real_winner_fraction \+ sdrecon_winner_fraction = 0.6 \+ 0.6 > 1",
-                    r"data.hgdpo.stages\[1\].sdrecon_winner_fraction=-0.1: must be in \[0, 1\]",
-                    r"data.hgdpo.sdrecon_strength=0.05 of rollout.num_inference_steps=10 runs no denoising step"]:
+    for pattern in [
+        r"data.hgdpo.stages\[0\]: real_winner_fraction \+ sdrecon_winner_fraction = 0.6 \+ 0.6 > 1",
+        r"data.hgdpo.stages\[1\].sdrecon_winner_fraction=-0.1: must be in \[0, 1\]",
+        r"data.hgdpo.sdrecon_strength=0.05 of rollout.num_inference_steps=10 runs no denoising step",
+    ]:
         assert re.search(pattern, str(err.value)), str(err.value)
     with pytest.raises(ConfigError, match=r"data.hgdpo.sdrecon_strength=1.5: must be in \(0, 1\]"):
-        load_config(REPO / "configs" / "tiny.yaml", [*bad[:1], "data.hgdpo.sdrecon_strength=1.5",
-                                                     "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0, "
-                                                     "sdrecon_winner_fraction: 1}]"])
+        load_config(
+            REPO / "configs" / "tiny.yaml",
+            [
+                *bad[:1],
+                "data.hgdpo.sdrecon_strength=1.5",
+                "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0, sdrecon_winner_fraction: 1}]",
+            ],
+        )
     with pytest.raises(ValueError, match=r"0.6 \+ 0.6 > 1"):
         Curriculum([HGDPOStage(5, 0.6, 0.6)])
     # the strength only matters when a stage asks for SDRecon winners
@@ -61,8 +74,9 @@ def test_mixing_places_sdrecon_winners_with_their_captions(tmp_path, vae):  # no
         np.testing.assert_array_equal(lat, real[[it.text for it in src.items].index(cap)])
     marked = np.stack([np.full((4, 8, 8), 20.0 + s, np.float32) for s in range(2)])  # SDRecon winner s marked 20 + s
     fresh = np.stack([np.full((4, 8, 8), 10.0 + s, np.float32) for s in range(3)])
-    mixed, stats = mix_real_winners(pairs, src, 0.25, 2, 1, losers_latents=fresh, sdrecon_fraction=0.5,
-                                    sdrecon_latents=marked)
+    mixed, stats = mix_real_winners(
+        pairs, src, 0.25, 2, 1, losers_latents=fresh, sdrecon_fraction=0.5, sdrecon_latents=marked
+    )
     assert (stats["hgdpo/real_pairs"], stats["hgdpo/sdrecon_pairs"], stats["hgdpo/generated_pairs"]) == (1, 2, 1)
     for j in range(4):
         w = mixed.latents_w[j, 0, 0, 0]
@@ -103,10 +117,16 @@ def normal_stage(tiny_model_dir, tmp_path_factory):
     from rollouts.types import SamplerSettings
 
     root = tmp_path_factory.mktemp("sdrecon")
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"model.path={tiny_model_dir}", f"data.hgdpo.real_images={write_photos(root / 'photos')}",
-        "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}]",
-        "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=4"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            f"data.hgdpo.real_images={write_photos(root / 'photos')}",
+            "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}]",
+            "learner.train_batch_size=4",
+            "learner.micro_batch_size_per_gpu=4",
+        ],
+    )
     rc = cfg.rollout
     settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width)
     sampler = Sampler(load_pipeline(cfg.model), model_id=cfg.model.path)

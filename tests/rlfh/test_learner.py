@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from rlfh.data.batches import PairBatch
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
-from rlfh.data.batches import PairBatch
 
 
 def pairs(n=4, seed=0):
@@ -22,8 +22,10 @@ def learner(tiny_model_dir):
     from rlfh.config.schema import load_config
     from tests.conftest import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=2",
-                                                        "learner.micro_batch_size_per_gpu=1"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [f"model.path={tiny_model_dir}", "learner.train_batch_size=2", "learner.micro_batch_size_per_gpu=1"],
+    )
     return LearnerEngine(cfg)
 
 
@@ -32,8 +34,10 @@ def test_first_step_is_log2_because_lora_starts_at_the_reference(tiny_model_dir)
     from rlfh.config.schema import load_config
     from tests.conftest import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=1",
-                                                        "learner.micro_batch_size_per_gpu=1"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [f"model.path={tiny_model_dir}", "learner.train_batch_size=1", "learner.micro_batch_size_per_gpu=1"],
+    )
     m = train(LearnerEngine(cfg), pairs(1), epochs=1)
     assert m["loss/dpo"] == pytest.approx(math.log(2), abs=1e-6)
     assert m["dpo/mse_theta_w"] == pytest.approx(m["dpo/mse_ref_w"], abs=1e-7)
@@ -111,7 +115,9 @@ def test_zero_stages_train(tiny_model_dir, stage):
     from rlfh.config.schema import load_config
     from tests.conftest import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.engine.zero_stage={stage}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"learner.engine.zero_stage={stage}"]
+    )
     lrn = LearnerEngine(cfg)
     before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
     m = train(lrn, pairs(4), epochs=1)

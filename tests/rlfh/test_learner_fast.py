@@ -17,9 +17,16 @@ PROMPTS = ["a photo of a person", "a portrait of a woman", "a man waving his han
 def make(tiny_model_dir, *overrides):
     from rlfh.config.schema import load_config
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=2",
-                                                        "learner.micro_batch_size_per_gpu=1", "learner.lr=1e-3",
-                                                        *overrides])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.train_batch_size=2",
+            "learner.micro_batch_size_per_gpu=1",
+            "learner.lr=1e-3",
+            *overrides,
+        ],
+    )
     return LearnerEngine(cfg)
 
 
@@ -31,7 +38,7 @@ def conditioning_table(pipe, prompts, rows: int = 1):
     from families import family_of
 
     distinct, table = sorted(set(prompts)), {}
-    for group in ([[p] * rows for p in distinct] if rows else [distinct]):
+    for group in [[p] * rows for p in distinct] if rows else [distinct]:
         enc, pooled = family_of(pipe).encode_prompts(pipe, group, "cpu")
         for i, p in enumerate(group):
             table[p] = (enc[i].float().numpy(), pooled[i].float().numpy())
@@ -125,7 +132,10 @@ def test_skipping_the_one_rank_allreduce_changes_nothing(tiny_model_dir):
 def test_fused_and_foreach_adamw_match_the_per_tensor_loop(tiny_model_dir, impl):
     from torch.optim import AdamW
 
-    fast, loop = make(tiny_model_dir, f"learner.engine.optimizer_impl={impl}"), make(tiny_model_dir, "learner.engine.optimizer_impl=for_loop")
+    fast, loop = (
+        make(tiny_model_dir, f"learner.engine.optimizer_impl={impl}"),
+        make(tiny_model_dir, "learner.engine.optimizer_impl=for_loop"),
+    )
     inner = lambda lrn: getattr(lrn.optimizer, "optimizer", lrn.optimizer)  # noqa: E731
     assert isinstance(inner(fast), AdamW) and inner(fast).defaults[impl] and not inner(loop).defaults["foreach"]
     start = weights(loop)

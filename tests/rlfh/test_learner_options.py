@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from rlfh.data.batches import PairBatch
 from rlfh.learner.engine import LearnerEngine, deepspeed_config
 from rlfh.learner.steps import train
-from rlfh.data.batches import PairBatch
 from tests.conftest import REPO
 
 
@@ -53,7 +53,9 @@ def test_ema_tracks_and_round_trips(tiny_model_dir, tmp_path):
 def test_offload_config(tiny_model_dir):
     from rlfh.config.schema import ConfigError, load_config
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", ["learner.engine.zero_stage=2", "learner.engine.offload_optimizer=true"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml", ["learner.engine.zero_stage=2", "learner.engine.offload_optimizer=true"]
+    )
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg.learner.lr

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from rewards.base import Detection
-from rlfh.losses import fairness
-from rlfh.learner.engine import LearnerEngine
-from rlfh.learner.steps import train, update
 from rlfh.data.batches import PairBatch, SampleBatch, ScoredSamples
 from rlfh.data.pairs import learner_batch, region_mask_arrays
+from rlfh.learner.engine import LearnerEngine
+from rlfh.learner.steps import train, update
+from rlfh.losses import fairness
 from tests.conftest import REPO
 
 
@@ -21,8 +21,13 @@ def make(tiny_model_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def mpd_learner(tiny_model_dir):
-    return make(tiny_model_dir, "learner.regions.names=[global, face, hand]", "learner.train_batch_size=2",
-                "learner.micro_batch_size_per_gpu=1", "learner.regions.fairness.rule=mpd")
+    return make(
+        tiny_model_dir,
+        "learner.regions.names=[global, face, hand]",
+        "learner.train_batch_size=2",
+        "learner.micro_batch_size_per_gpu=1",
+        "learner.regions.fairness.rule=mpd",
+    )
 
 
 def test_engine_gradient_is_the_mpd_combination(mpd_learner):
@@ -56,8 +61,9 @@ def test_regions_from_detections_train_end_to_end(mpd_learner):
     scores = [float(s) for s in rng.standard_normal(n)]
     face = [Detection((8.0, 8.0, 30.0, 30.0), 0.95)]
     regions = [{"face": face} if i < 4 else {} for i in range(n)]  # only the first two groups have faces
-    batch, stats = learner_batch(mpd_learner.cfg.learner,
-                                 ScoredSamples(latents, prompts, prompts, scores, regions, (64, 64)))
+    batch, stats = learner_batch(
+        mpd_learner.cfg.learner, ScoredSamples(latents, prompts, prompts, scores, regions, (64, 64))
+    )
     assert isinstance(batch, PairBatch) and stats["pairs/count"] == 4
     assert batch.masks_w["face"].shape == (4, 1, 8, 8) and batch.masks_w["hand"].max() == 0
     m = train(mpd_learner, batch, epochs=1)
@@ -74,12 +80,15 @@ def test_region_masks_follow_fairhuman(tiny_model_dir):
 
 @pytest.mark.parametrize("loss", ["rwr", "filtered"])
 def test_weighted_losses_train(tiny_model_dir, loss):
-    lrn = make(tiny_model_dir, f"learner.loss={loss}", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=2")
+    lrn = make(
+        tiny_model_dir, f"learner.loss={loss}", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=2"
+    )
     rng = np.random.default_rng(1)
     latents = rng.standard_normal((8, 4, 8, 8)).astype(np.float32)
     scores = [float(s) for s in rng.standard_normal(8)]
-    batch, stats = learner_batch(lrn.cfg.learner,
-                                 ScoredSamples(latents, ["p"] * 8, ["p"] * 8, scores, [{}] * 8, (64, 64)))
+    batch, stats = learner_batch(
+        lrn.cfg.learner, ScoredSamples(latents, ["p"] * 8, ["p"] * 8, scores, [{}] * 8, (64, 64))
+    )
     assert isinstance(batch, SampleBatch)
     if loss == "filtered":
         assert stats["samples/kept"] == 4  # top half
@@ -95,8 +104,13 @@ def test_weighted_losses_train(tiny_model_dir, loss):
 
 
 def test_mpd_under_zero2(tiny_model_dir):
-    lrn = make(tiny_model_dir, "learner.regions.names=[global, face]", "learner.engine.zero_stage=2", "learner.train_batch_size=2",
-               "learner.micro_batch_size_per_gpu=2")
+    lrn = make(
+        tiny_model_dir,
+        "learner.regions.names=[global, face]",
+        "learner.engine.zero_stage=2",
+        "learner.train_batch_size=2",
+        "learner.micro_batch_size_per_gpu=2",
+    )
     rng = np.random.default_rng(2)
     lat = rng.standard_normal((2, 2, 4, 8, 8)).astype(np.float32)
     face = region_mask_arrays([{"face": [Detection((0.0, 0.0, 20.0, 20.0), 0.99)]}] * 2, ["face"], (64, 64))["face"]

@@ -20,8 +20,10 @@ def trained(tiny_model_dir, tmp_path_factory):
     """A learner whose LoRA is far from zero (seeded B) and its checkpoint."""
     from rlfh.config.schema import load_config
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", f"model.lora.rank={RANK}",
-                                                        f"model.lora.alpha={ALPHA}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [f"model.path={tiny_model_dir}", f"model.lora.rank={RANK}", f"model.lora.alpha={ALPHA}"],
+    )
     lrn = LearnerEngine(cfg)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -56,8 +58,8 @@ def test_stock_pipeline_samples_what_the_sampler_samples(trained):
     from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
     from safetensors.torch import load_file, save_file
 
-    from rlfh.run.checkpoints import LORA_FILE, load_lora_into, resolve_lora
     from families import load_pipeline
+    from rlfh.run.checkpoints import LORA_FILE, load_lora_into, resolve_lora
 
     cfg, lrn, ckpt = trained
     sampler_latents = images(load_pipeline(cfg.model), cfg, lrn.lora_state_dict())

@@ -34,7 +34,9 @@ def test_against_formula_worked_numbers():
 def test_default_clip_range_and_bad_inputs():
     logp = torch.tensor([0.01, -0.01])
     out = ddpo_clipped_loss(logp, torch.zeros(2), torch.tensor([1.0, 1.0]))  # eps = 1e-4 default
-    torch.testing.assert_close(out.loss, torch.maximum(-torch.exp(logp), -torch.exp(logp).clamp(1 - 1e-4, 1 + 1e-4)).mean())
+    torch.testing.assert_close(
+        out.loss, torch.maximum(-torch.exp(logp), -torch.exp(logp).clamp(1 - 1e-4, 1 + 1e-4)).mean()
+    )
     with pytest.raises(ValueError, match="old_log_prob"):
         ddpo_clipped_loss(torch.zeros(2), torch.zeros(3), torch.zeros(2))
     with pytest.raises(ValueError, match="advantages"):

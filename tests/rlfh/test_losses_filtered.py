@@ -16,8 +16,9 @@ def test_worked_numbers():
     k = filter_weights(np.array([0.2, 0.5, 0.9]), threshold=0.5, top_fraction=0.5)
     assert k.tolist() == [0.0, 1.0, 1.0]
     pred = torch.stack([v * torch.ones(2, 2, 2) for v in (1.0, 2.0, 3.0)])
-    objs, _ = weighted_objectives("filtered", pred, torch.zeros_like(pred), torch.tensor(k, dtype=torch.float32),
-                                  {}, ["global"], 5.0)
+    objs, _ = weighted_objectives(
+        "filtered", pred, torch.zeros_like(pred), torch.tensor(k, dtype=torch.float32), {}, ["global"], 5.0
+    )
     torch.testing.assert_close(objs["global"], torch.tensor(6.5))
 
 
@@ -26,7 +27,10 @@ def test_top_fraction_quantile():
     r = np.arange(1.0, 11.0)
     assert np.flatnonzero(filter_weights(r, None, 0.25)).tolist() == [7, 8, 9]
     assert filter_weights(r, None, 1.0).tolist() == [1.0] * 10
-    assert sample_weights([None, *r], lambda s: filter_weights(s, None, 0.25)).tolist() == [0.0, *filter_weights(r, None, 0.25)]
+    assert sample_weights([None, *r], lambda s: filter_weights(s, None, 0.25)).tolist() == [
+        0.0,
+        *filter_weights(r, None, 0.25),
+    ]
 
 
 def test_region_loss_over_kept_samples_with_the_region():
@@ -37,8 +41,9 @@ def test_region_loss_over_kept_samples_with_the_region():
     r = np.array([0.3, -1.0, 0.9, 0.1, 2.0, -0.5])
     k = filter_weights(r, None, 0.5)  # C = median = 0.2 keeps 0, 2, 4
     assert np.flatnonzero(k).tolist() == [0, 2, 4]
-    objs, _ = weighted_objectives("filtered", pred, eps, torch.tensor(k, dtype=torch.float32), {"face": mask},
-                                  ["global", "face"], 5.0)
+    objs, _ = weighted_objectives(
+        "filtered", pred, eps, torch.tensor(k, dtype=torch.float32), {"face": mask}, ["global", "face"], 5.0
+    )
     per = ((5.0 * mask * (pred - eps)) ** 2).mean(dim=(1, 2, 3))
     torch.testing.assert_close(objs["face"], (per[0] + per[4]) / 2)  # kept AND with a face
     torch.testing.assert_close(objs["global"], ((pred - eps) ** 2).mean(dim=(1, 2, 3))[[0, 2, 4]].mean())

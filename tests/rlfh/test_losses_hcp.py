@@ -59,7 +59,7 @@ def test_pose_heatmap_renders_gaussians_at_visible_landmarks_and_pools_to_latent
     full = np.zeros((h, w))
     for y in range(h):
         for x in range(w):
-            full[y, x] = math.exp(-((x + 0.5 - 5.0) ** 2 + (y + 0.5 - 3.0) ** 2) / (2 * 2.0 ** 2))
+            full[y, x] = math.exp(-((x + 0.5 - 5.0) ** 2 + (y + 0.5 - 3.0) ** 2) / (2 * 2.0**2))
     want = full.reshape(2, 8, 3, 8).mean((1, 3))
     np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-7)
     # the invisible landmark drew nothing: its cell stays ~0; no person -> all zeros

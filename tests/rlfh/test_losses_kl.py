@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, per_sample_eps_kl, transition_kl_weight
 from families.ddim import ddim_step_with_logprob
+from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, per_sample_eps_kl, transition_kl_weight
 
 
 def test_worked_numbers():
@@ -51,8 +51,9 @@ def test_eta_one_consecutive_steps_give_ddpm_elbo_weights():
     torch.testing.assert_close(k, -betas[t] / (alphas[t].sqrt() * (1 - abar[t]).sqrt()))
     beta_tilde = (1 - abar[t - 1]) / (1 - abar[t]) * betas[t]
     torch.testing.assert_close(sigma**2, beta_tilde)
-    torch.testing.assert_close(transition_kl_weight(abar[t], abar[t - 1]),
-                               betas[t] ** 2 / (2 * beta_tilde * alphas[t] * (1 - abar[t])))
+    torch.testing.assert_close(
+        transition_kl_weight(abar[t], abar[t - 1]), betas[t] ** 2 / (2 * beta_tilde * alphas[t] * (1 - abar[t]))
+    )
 
 
 def test_gradient_only_into_the_policy_and_bad_inputs():

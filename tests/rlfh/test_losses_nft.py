@@ -32,7 +32,10 @@ def test_reward_weight_is_the_references_normalization():
 def test_gradient_at_the_old_policy_is_advantage_weighted_denoising():
     # at eps_theta = eps_old: dL/d eps_theta = 2 (2r - 1)(eps_old - eps) / (D B)
     g = torch.Generator().manual_seed(0)
-    old, eps = torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64)
+    old, eps = (
+        torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, 2, 2, generator=g, dtype=torch.float64),
+    )
     r = torch.tensor([0.0, 0.5, 0.9], dtype=torch.float64)
     pred = old.clone().requires_grad_(True)
     nft_loss(pred, old, eps, r, beta=0.3).loss.backward()
@@ -49,10 +52,16 @@ def test_eps_form_equals_the_papers_velocity_form_up_to_the_time_weight():
     x0_scale = t / (1 - t) exactly."""
     g = torch.Generator().manual_seed(1)
     b, beta = 4, 0.7
-    x0, eps = torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64)
+    x0, eps = (
+        torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64),
+    )
     t = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64).reshape(-1, 1, 1, 1)
     xt = (1 - t) * x0 + t * eps
-    v_old, v_theta = torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64), torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64)
+    v_old, v_theta = (
+        torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64),
+        torch.randn(b, 4, 3, 3, generator=g, dtype=torch.float64),
+    )
     r = torch.tensor([0.1, 0.5, 0.8, 1.0], dtype=torch.float64)
     to_eps = lambda v: xt + (1 - t) * v  # noqa: E731
     # velocity form, per sample, as in the paper
@@ -116,7 +125,10 @@ def test_scale_c_makes_the_first_gradient_the_awm_one():
     from rlfh.losses.region_mse import per_sample_mse
 
     g = torch.Generator().manual_seed(5)
-    old, eps = torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64), torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64)
+    old, eps = (
+        torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64),
+        torch.randn(4, 2, 2, 2, generator=g, dtype=torch.float64),
+    )
     adv = torch.tensor([-7.0, -1.0, 0.5, 3.0], dtype=torch.float64)
     c = 5.0
     p1 = old.clone().requires_grad_(True)
@@ -130,8 +142,9 @@ def test_adaptive_errors_worked_numbers():
     """adaptive_errors: d = k (eps_hat - eps), mean d^2 / sg(max(mean |d|, 1e-5)) per sample."""
     from rlfh.losses.nft import adaptive_errors
 
-    diff = torch.tensor([[1.0, -1.0, 3.0, -3.0], [2.0, 2.0, 2.0, 2.0], [1e-7, 0.0, 0.0, 0.0]],
-                        dtype=torch.float64).reshape(3, 1, 2, 2)
+    diff = torch.tensor(
+        [[1.0, -1.0, 3.0, -3.0], [2.0, 2.0, 2.0, 2.0], [1e-7, 0.0, 0.0, 0.0]], dtype=torch.float64
+    ).reshape(3, 1, 2, 2)
     k = torch.tensor([2.0, 0.5, 1.0], dtype=torch.float64)
     # sample 0: d = (2, -2, 6, -6): mean d^2 = 80 / 4 = 20, mean |d| = 4 -> 5
     # sample 1: d = (1, 1, 1, 1): 1 / 1 = 1;  sample 2: d^2 mean 2.5e-15, mean |d| 2.5e-8 < 1e-5 -> 2.5e-10
@@ -148,7 +161,10 @@ def test_adaptive_first_gradient_is_awm_reweighted_by_k_over_mean_abs_error():
     """At eps_theta = eps_old: dL/d eps_theta = 2 clip(A, -c, c) k e / (mean |e| D B), e = eps_old - eps
     (docs/online_rl.md), whatever beta."""
     g = torch.Generator().manual_seed(7)
-    old, eps = torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64)
+    old, eps = (
+        torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64),
+        torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64),
+    )
     adv, c = torch.tensor([-2.0, 1.0, 6.0], dtype=torch.float64), 5.0
     k = torch.tensor([0.1, 1.0, 14.0], dtype=torch.float64)
     pred = old.clone().requires_grad_(True)
@@ -168,8 +184,9 @@ def test_per_region_objectives_adaptive():
     r, k = torch.tensor([0.3, 0.9], dtype=torch.float64), torch.tensor([0.5, 3.0], dtype=torch.float64)
     face = torch.zeros(2, 1, 4, 4, dtype=torch.float64)
     face[:, :, 1:3, 1:3] = 1
-    objs, _ = advantage_objectives("nft", pred, old, eps, r, {"face": face}, ["global", "face"], 5.0, nft_beta=0.5,
-                                   x0_scale=k)
+    objs, _ = advantage_objectives(
+        "nft", pred, old, eps, r, {"face": face}, ["global", "face"], 5.0, nft_beta=0.5, x0_scale=k
+    )
     torch.testing.assert_close(objs["global"], nft_loss(pred, old, eps, r, 0.5, adaptive=True, x0_scale=k).loss)
     pos, neg = implicit_predictions(pred, old, 0.5)
 

@@ -17,8 +17,9 @@ def test_worked_numbers():
     np.testing.assert_allclose(w, [0.5, 1.5], rtol=1e-12)
     # per-sample MSEs 1 and 4 (constant diffs 1 and 2) -> (0.5 * 1 + 1.5 * 4) / 2 = 3.25 = 1/4 * 1 + 3/4 * 4
     pred = torch.stack([torch.ones(1, 2, 2), 2 * torch.ones(1, 2, 2)])
-    objs, metrics = weighted_objectives("rwr", pred, torch.zeros_like(pred), torch.tensor(w, dtype=torch.float32),
-                                        {}, ["global"], 5.0)
+    objs, metrics = weighted_objectives(
+        "rwr", pred, torch.zeros_like(pred), torch.tensor(w, dtype=torch.float32), {}, ["global"], 5.0
+    )
     torch.testing.assert_close(objs["global"], torch.tensor(3.25))
     assert metrics["loss/rwr"] == pytest.approx(3.25)
 
@@ -32,8 +33,9 @@ def test_against_formula_and_limits():
     np.testing.assert_array_equal(rwr_weights(r, 0.0), np.ones(5))  # beta = 0: the plain mean MSE
     assert rwr_weights(r, 1e6)[np.argmax(r)] == 5.0  # beta -> inf: only the best sample
     # the learner's weights are these, over the scored samples of the round
-    np.testing.assert_array_equal(sample_weights([*r[:2], None, *r[2:]], lambda s: rwr_weights(s, beta)),
-                                  np.insert(rwr_weights(r, beta), 2, 0.0))
+    np.testing.assert_array_equal(
+        sample_weights([*r[:2], None, *r[2:]], lambda s: rwr_weights(s, beta)), np.insert(rwr_weights(r, beta), 2, 0.0)
+    )
 
 
 def test_weighted_loss_and_gradient():

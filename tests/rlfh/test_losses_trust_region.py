@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_log_ratio, guard_loss, log_ratio_drift
 from families.ddim import ddim_step_with_logprob
+from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_log_ratio, guard_loss, log_ratio_drift
 
 
 def test_gaussian_kl_worked_numbers():
@@ -33,8 +33,9 @@ def test_dppo_mask_is_asymmetric_and_inclusive_at_the_threshold():
     # rho = 2, 0.5, 2, 0.5; A = 1, 1, -1, -1: terms 0 (A > 0, rho > 1) and 3 (A < 0, rho < 1) move with A
     logp = torch.log(torch.tensor([2.0, 0.5, 2.0, 0.5], dtype=torch.float64)).requires_grad_(True)
     adv = torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
-    out = dppo_loss(logp, torch.zeros(4, dtype=torch.float64), adv, torch.tensor([0.25, 0.25, 3.0, 0.25],
-                    dtype=torch.float64), 0.25)
+    out = dppo_loss(
+        logp, torch.zeros(4, dtype=torch.float64), adv, torch.tensor([0.25, 0.25, 3.0, 0.25], dtype=torch.float64), 0.25
+    )
     # kept: -1 * 0.5 and -(-1) * 2 -> (-0.5 + 2) / 4
     torch.testing.assert_close(out.loss, torch.tensor(0.375, dtype=torch.float64))
     assert float(out.limited_frac) == 0.5
@@ -65,10 +66,12 @@ def test_guard_clips_large_moves_and_clipped_terms_carry_no_gradient():
     # the per-step weight lambda multiplies every term and its gradient, the clipping unchanged
     logp.grad = None
     w = torch.tensor([2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
-    out_w = guard_loss(logp, torch.zeros(4, dtype=torch.float64), adv, kl.detach(), torch.full((4,), 0.5,
-                       dtype=torch.float64), 0.2, w)
-    torch.testing.assert_close(out_w.loss, torch.tensor((-2 * 1.2 + 3 * 0.8 - 4 * e(0.1) - 5 * e(-0.5)) / 4,
-                                                        dtype=torch.float64))
+    out_w = guard_loss(
+        logp, torch.zeros(4, dtype=torch.float64), adv, kl.detach(), torch.full((4,), 0.5, dtype=torch.float64), 0.2, w
+    )
+    torch.testing.assert_close(
+        out_w.loss, torch.tensor((-2 * 1.2 + 3 * 0.8 - 4 * e(0.1) - 5 * e(-0.5)) / 4, dtype=torch.float64)
+    )
     assert float(out_w.limited_frac) == 0.75
     out_w.loss.backward()
     torch.testing.assert_close(logp.grad, w * expected)

@@ -24,7 +24,10 @@ def face_masks(b, which):
 def test_global_region_is_plain_dpo():
     (mw, ml, rw, rl), eps = tensors()
     objs, metrics = pairwise_objectives("dpo", 100.0, mw, ml, rw, rl, eps, {}, {}, ["global"], 5.0)
-    mse = lambda p: (p - eps).pow(2).flatten(1).mean(1)
+
+    def mse(p):
+        return (p - eps).pow(2).flatten(1).mean(1)
+
     expected = dpo_loss_from_mse(mse(mw), mse(ml), mse(rw), mse(rl), 100.0).loss
     assert torch.allclose(objs["global"], expected)
     assert "loss/dpo" in metrics and "dpo/implicit_acc" in metrics
@@ -33,12 +36,17 @@ def test_global_region_is_plain_dpo():
 def test_face_region_uses_masked_scaled_error_on_pairs_with_faces():
     (mw, ml, rw, rl), eps = tensors()
     mask_w, mask_l = face_masks(4, [0, 2]), face_masks(4, [2])
-    objs, metrics = pairwise_objectives("dpo", 100.0, mw, ml, rw, rl, eps, {"face": mask_w}, {"face": mask_l},
-                                        ["global", "face"], 5.0)
+    objs, metrics = pairwise_objectives(
+        "dpo", 100.0, mw, ml, rw, rl, eps, {"face": mask_w}, {"face": mask_l}, ["global", "face"], 5.0
+    )
     valid = [0, 2]  # pairs 1 and 3 have no face on either side: they do not enter the face objective
-    err = lambda p, m: (5.0 * m * (p - eps)).pow(2).flatten(1).mean(1)  # not normalised by mask area
-    expected = dpo_loss_from_mse(err(mw, mask_w)[valid], err(ml, mask_l)[valid], err(rw, mask_w)[valid],
-                                 err(rl, mask_l)[valid], 100.0).loss
+
+    def err(p, m):  # not normalised by mask area
+        return (5.0 * m * (p - eps)).pow(2).flatten(1).mean(1)
+
+    expected = dpo_loss_from_mse(
+        err(mw, mask_w)[valid], err(ml, mask_l)[valid], err(rw, mask_w)[valid], err(rl, mask_l)[valid], 100.0
+    ).loss
     assert torch.allclose(objs["face"], expected)
     assert set(objs) == {"global", "face"} and "dpo/face/implicit_acc" in metrics
 
@@ -53,7 +61,10 @@ def test_absent_region_drops_out():
 def test_ipo_variant_dispatch():
     (mw, ml, rw, rl), eps = tensors()
     objs, metrics = pairwise_objectives("dpo_ipo", 10.0, mw, ml, rw, rl, eps, {}, {}, ["global"], 5.0)
-    mse = lambda p: (p - eps).pow(2).flatten(1).mean(1)
+
+    def mse(p):
+        return (p - eps).pow(2).flatten(1).mean(1)
+
     logits = -0.5 * ((mse(mw) - mse(ml)) - (mse(rw) - mse(rl)))
     assert torch.allclose(objs["global"], ((logits - 1 / (2 * 10.0)) ** 2).mean())
     assert "loss/dpo_ipo" in metrics

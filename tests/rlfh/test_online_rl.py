@@ -6,20 +6,27 @@ import numpy as np
 import pytest
 import torch
 
+from families import load_pipeline
 from rlfh.config.schema import ConfigError, load_config
 from rlfh.data.batches import PairBatch, SampleBatch, ScoredSamples
 from rlfh.data.pairs import learner_batch
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
-from families import load_pipeline
 from rollouts.sampler import Sampler
 from rollouts.types import SamplerSettings
 from tests.conftest import REPO
 
 
 def config(tiny_model_dir, *overrides):
-    return load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", "learner.train_batch_size=4",
-                                                        "learner.micro_batch_size_per_gpu=4", *overrides])
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.train_batch_size=4",
+            "learner.micro_batch_size_per_gpu=4",
+            *overrides,
+        ],
+    )
 
 
 def samples(n=8, seed=0):
@@ -52,8 +59,9 @@ def test_batch_signal_and_first_step_against_the_sampling_policy(tiny_model_dir,
     t = torch.tensor([500, 500])
     assert lrn.old_weights is not None
     lrn2 = LearnerEngine(cfg)  # same seed: the same initial adapter
-    torch.testing.assert_close(lrn.old_policy(x, t, enc, added), lrn2.unet(x, t, encoder_hidden_states=enc,
-                                                                               added_cond_kwargs=added).sample)
+    torch.testing.assert_close(
+        lrn.old_policy(x, t, enc, added), lrn2.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+    )
     if loss == "awm":
         assert m["awm/ratio"] == pytest.approx(1.0, abs=0.05)  # the first steps start at ratio 1
     # nft's adaptive weighting: x0_hat - x0 = -k_t (eps_hat - eps), x0_hat from diffusers' own DDPM step
@@ -70,8 +78,13 @@ def test_batch_signal_and_first_step_against_the_sampling_policy(tiny_model_dir,
 
 
 def test_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
-    cfg = config(tiny_model_dir, "learner.loss=dpo", "learner.reference.kl_coef=10", "learner.train_batch_size=2",
-                 "learner.micro_batch_size_per_gpu=2")
+    cfg = config(
+        tiny_model_dir,
+        "learner.loss=dpo",
+        "learner.reference.kl_coef=10",
+        "learner.train_batch_size=2",
+        "learner.micro_batch_size_per_gpu=2",
+    )
     lat = np.random.default_rng(1).standard_normal((2, 4, 4, 8, 8)).astype(np.float32)
     lrn = LearnerEngine(cfg)
     pairs = PairBatch(lat[0][:2], lat[1][:2], ["a", "b"])  # one optimizer step per round
@@ -82,8 +95,14 @@ def test_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
 
 
 def test_ema_reference_is_refreshed_every_k_rounds(tiny_model_dir):
-    cfg = config(tiny_model_dir, "learner.loss=rwr", "learner.reference.model=ema", "learner.ema.decay=0.5",
-                 "learner.reference.refresh_rounds=2", "learner.reference.kl_coef=1")
+    cfg = config(
+        tiny_model_dir,
+        "learner.loss=rwr",
+        "learner.reference.model=ema",
+        "learner.ema.decay=0.5",
+        "learner.reference.refresh_rounds=2",
+        "learner.reference.kl_coef=1",
+    )
     lat, prompts, scores = samples()
     lrn = LearnerEngine(cfg)
     batch, _ = learner_batch(cfg.learner, ScoredSamples(lat, prompts, prompts, scores, [{}] * 8, (64, 64)))
@@ -97,7 +116,9 @@ def test_ema_reference_is_refreshed_every_k_rounds(tiny_model_dir):
     x = torch.randn(1, 4, 8, 8)
     enc, added = lrn.condition(["a"], 64, 64)
     t = torch.tensor([300])
-    torch.testing.assert_close(lrn.reference(x, t, enc, added), lrn.predict_with(lrn.reference_weights, x, t, enc, added))
+    torch.testing.assert_close(
+        lrn.reference(x, t, enc, added), lrn.predict_with(lrn.reference_weights, x, t, enc, added)
+    )
 
 
 def test_config_rules(tiny_model_dir):
@@ -105,7 +126,13 @@ def test_config_rules(tiny_model_dir):
         config(tiny_model_dir, "learner.reference.model=ema")
     with pytest.raises(ConfigError, match="max_staleness=0"):
         config(tiny_model_dir, "learner.loss=nft", "rollout.max_staleness=1")
-    config(tiny_model_dir, "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0", "learner.reference.kl_coef=0.1")
+    config(
+        tiny_model_dir,
+        "learner.loss=ddpo",
+        "rollout.scheduler=ddim",
+        "rollout.eta=1.0",
+        "learner.reference.kl_coef=0.1",
+    )
     with pytest.raises(ConfigError, match="learner.nft.beta"):
         config(tiny_model_dir, "learner.loss=nft", "learner.nft.beta=0")
 
@@ -157,14 +184,25 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
     masked / clipped fraction, the KL and the per-step log-ratio drift are in the metrics. At the default
     delta and clip range (1e-5, 1e-4) three epochs at lr 1e-2 leave the trust region: some terms are
     masked / clipped. guard weights each step by 1 / |d mu / d eps_hat|, the DDIM step's own Jacobian."""
+    from families.ddim import scheduler_step_with_logprob
     from rlfh.data.pairs import ddpo_window
     from rlfh.learner.steps import mean_jacobian
-    from families.ddim import scheduler_step_with_logprob
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
-        "rollout.num_inference_steps=4", "rollout.guidance_scale=3.0", "learner.train_batch_size=4",
-        "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-2", f"learner.ddpo.trust_region={region}"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.loss=ddpo",
+            "rollout.scheduler=ddim",
+            "rollout.eta=1.0",
+            "rollout.num_inference_steps=4",
+            "rollout.guidance_scale=3.0",
+            "learner.train_batch_size=4",
+            "learner.micro_batch_size_per_gpu=4",
+            "learner.lr=1e-2",
+            f"learner.ddpo.trust_region={region}",
+        ],
+    )
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     lc = cfg.model.lora
@@ -174,9 +212,10 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
     st = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, "", rc.height, rc.width, rc.eta, rc.scheduler)
     prompts = ["p", "p", "q", "q"]
     b = s.sample(prompts, [0, 1, 2, 3], st, record=ddpo_window(cfg, 1))
-    batch, _ = learner_batch(cfg.learner,
-                             ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
-                                           b.trajectory, st))
+    batch, _ = learner_batch(
+        cfg.learner,
+        ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64), b.trajectory, st),
+    )
     m1 = train(lrn, batch, epochs=1)  # one optimizer step of 4 timesteps: the first sees the sampler itself
     assert m1["ddpo/recorded_logprob_max_diff"] < 1e-5
     assert {f"ddpo/log_ratio_drift/step{j}" for j in range(4)} <= set(m1)
@@ -185,34 +224,49 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
     assert m2["ddpo/kl"] > 0 and np.isfinite(m2["loss/ddpo"]) and 0 < m2[limited] <= 1
     x, e = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
     for t in batch.timesteps:  # mu(eps + 1) - mu(eps) = k_t, the mean being affine in eps_hat
-        mu0, mu1 = (scheduler_step_with_logprob(lrn.ddim, e + d, int(t), x, eta=1.0, prev_sample=x).mean
-                    for d in (0.0, 1.0))
-        torch.testing.assert_close((mu1 - mu0).float(), mean_jacobian(lrn, int(t), 1.0).cpu().expand(2, 4, 8, 8),
-                                   rtol=1e-5, atol=1e-6)
+        mu0, mu1 = (
+            scheduler_step_with_logprob(lrn.ddim, e + d, int(t), x, eta=1.0, prev_sample=x).mean for d in (0.0, 1.0)
+        )
+        torch.testing.assert_close(
+            (mu1 - mu0).float(), mean_jacobian(lrn, int(t), 1.0).cpu().expand(2, 4, 8, 8), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
-    """learner.reference.kl_coef with ddpo: kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)) of the DDIM-eta steps from
+    """learner.reference.kl_coef with ddpo: kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)) of the DDIM-eta steps
+    from
     the guided predictions on each trained step's input; 0 while the LoRA is the base model's (B = 0), > 0
     once trained, and equal to the KL of the two Gaussians computed here: their means from diffusers' DDIM
     step (zero noise) with the policy's and the base UNet's guided eps, the shared sigma^2 from the schedule."""
-    from rlfh.data.pairs import ddpo_window
     from families import Conditioning
+    from rlfh.data.pairs import ddpo_window
     from rlfh.learner.steps import kl_term, reference_eps, transition_weight
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"model.path={tiny_model_dir}", "learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0",
-        "rollout.num_inference_steps=4", "rollout.guidance_scale=3.0", "learner.train_batch_size=4",
-        "learner.micro_batch_size_per_gpu=4", "learner.lr=1e-2", "learner.reference.kl_coef=10"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.loss=ddpo",
+            "rollout.scheduler=ddim",
+            "rollout.eta=1.0",
+            "rollout.num_inference_steps=4",
+            "rollout.guidance_scale=3.0",
+            "learner.train_batch_size=4",
+            "learner.micro_batch_size_per_gpu=4",
+            "learner.lr=1e-2",
+            "learner.reference.kl_coef=10",
+        ],
+    )
     lrn = LearnerEngine(cfg)
     s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
     rc = cfg.rollout
     st = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, "", rc.height, rc.width, rc.eta, rc.scheduler)
     prompts = ["p", "p", "q", "q"]
     b = s.sample(prompts, [0, 1, 2, 3], st, record=ddpo_window(cfg, 1))
-    batch, _ = learner_batch(cfg.learner,
-                             ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64),
-                                           b.trajectory, st))
+    batch, _ = learner_batch(
+        cfg.learner,
+        ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64), b.trajectory, st),
+    )
     m1 = train(lrn, batch, epochs=1)  # the first micro-step is at the reference: its KL is exactly 0
     m2 = train(lrn, batch, epochs=2)
     assert m1["loss/kl"] == 0.0 and m2["loss/kl"] > 0.0 and np.isfinite(m2["loss/ddpo"])
@@ -242,8 +296,15 @@ def test_checkpoint_resume_is_exact_with_ema_reference_and_sampler(tiny_model_di
     """Saved and loaded mid-run (learner.reference.model=ema refreshed every 3 rounds, the EMA as the sampling
     policy, the KL term on), the learner continues exactly as the uninterrupted one: the kept EMA reference
     of the last refresh, the EMA and the old policy it gives come back bit for bit."""
-    cfg = config(tiny_model_dir, f"learner.loss={loss}", "learner.reference.model=ema", "learner.ema.decay=0.5",
-                 "learner.reference.refresh_rounds=3", "learner.ema.sampling_policy=ema", "learner.reference.kl_coef=1")
+    cfg = config(
+        tiny_model_dir,
+        f"learner.loss={loss}",
+        "learner.reference.model=ema",
+        "learner.ema.decay=0.5",
+        "learner.reference.refresh_rounds=3",
+        "learner.ema.sampling_policy=ema",
+        "learner.reference.kl_coef=1",
+    )
     batches = []
     for rnd in range(4):
         lat, prompts, scores = samples(seed=rnd)
@@ -260,6 +321,8 @@ def test_checkpoint_resume_is_exact_with_ema_reference_and_sampler(tiny_model_di
     for k, (a, b) in enumerate(zip(ref_metrics[2:], got)):  # round 2 keeps round 0's reference, round 3 refreshes
         for key in (f"loss/{loss}", "loss/kl", f"{loss}/old_eps_mse"):
             assert a[key] == b[key], (k + 2, key, a[key], b[key])
-    for x, y in zip(ref.trainable_parameters() + ref.ema.shadow_params + ref.reference_weights,
-                    resumed.trainable_parameters() + resumed.ema.shadow_params + resumed.reference_weights):
+    for x, y in zip(
+        ref.trainable_parameters() + ref.ema.shadow_params + ref.reference_weights,
+        resumed.trainable_parameters() + resumed.ema.shadow_params + resumed.reference_weights,
+    ):
         assert torch.equal(x, y)

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 
 from rlfh.config.schema import DEFAULT_STRENGTH_TABLE, ConfigError, RegionPairsConfig, config_from_dict
-from rlfh.data.region_pairs import (area_ratio, concat_pairs, inpaint_mask, noise_strength, plan_inpainting,
-                                    region_pair_batch)
+from rlfh.data.region_pairs import (
+    area_ratio,
+    concat_pairs,
+    inpaint_mask,
+    noise_strength,
+    plan_inpainting,
+    region_pair_batch,
+)
 
 
 def test_area_ratio_counts_the_union_of_filled_pixels():
@@ -53,8 +59,11 @@ def test_plan_picks_images_with_the_region_and_their_strength():
     from rewards.base import Detection
 
     rp = RegionPairsConfig(region="face", dilate=16)
-    regions = [{"face": [Detection((8, 8, 40, 40), 0.99)]}, {"hand": [Detection((0, 0, 9, 9), 0.9)]},
-               {"face": [Detection((10, 10, 17.9, 13.5), 0.95)]}]
+    regions = [
+        {"face": [Detection((8, 8, 40, 40), 0.99)]},
+        {"hand": [Detection((0, 0, 9, 9), 0.9)]},
+        {"face": [Detection((10, 10, 17.9, 13.5), 0.95)]},
+    ]
     plan = plan_inpainting(regions, rp, (64, 64))
     assert plan.indices == [0, 2] and plan.strengths == [0.4, 0.1] and plan.masks.shape == (2, 1, 8, 8)
     assert plan_inpainting(regions, rp, (64, 64), choose=np.array([False, True, True])).indices == [2]
@@ -70,10 +79,23 @@ def test_pairs_follow_the_reward_and_carry_only_the_region_mask():
     v_orig = {"a": [1.0, 2.0, 1.0, None], "b": [0.0, 0.0, 5.0, 0.0]}
     v_inp = {"a": [0.5, 3.0, 1.0, 1.0], "b": [0.0, 0.0, 5.0, 0.0]}
     # pair 0: original wins (1 > 0.5); pair 1: inpainted wins (3 > 2); pair 2: tie; pair 3: unscored
-    batch, stats = region_pair_batch(orig, inp, ["p0", "p1", "p2", "p3"], v_orig, v_inp, {"a": 1.0, "b": 2.0}, masks,
-                                     "face", ["global", "face", "hand"])
-    assert stats == {"region_pairs/count": 2.0, "region_pairs/skipped": 2.0, "region_pairs/inpainted_won_share": 0.5,
-                     "region_pairs/mean_margin": pytest.approx(0.75)}
+    batch, stats = region_pair_batch(
+        orig,
+        inp,
+        ["p0", "p1", "p2", "p3"],
+        v_orig,
+        v_inp,
+        {"a": 1.0, "b": 2.0},
+        masks,
+        "face",
+        ["global", "face", "hand"],
+    )
+    assert stats == {
+        "region_pairs/count": 2.0,
+        "region_pairs/skipped": 2.0,
+        "region_pairs/inpainted_won_share": 0.5,
+        "region_pairs/mean_margin": pytest.approx(0.75),
+    }
     np.testing.assert_array_equal(batch.latents_w, np.stack([orig[0], inp[1]]))
     np.testing.assert_array_equal(batch.latents_l, np.stack([inp[0], orig[1]]))
     assert batch.prompts == ["p0", "p1"] and set(batch.masks_w) == {"face", "hand"}
@@ -99,5 +121,9 @@ def test_config_rules_name_the_key():
     with pytest.raises(ConfigError, match=r"the last max_area_ratio is 0.5"):
         _cfg(region="face", strength_table=[[0.1, 0.1], [0.5, 0.4]])
     with pytest.raises(ConfigError, match=r"needs a DPO loss"):
-        config_from_dict({"learner": {"loss": "rwr", "regions": {"names": ["global", "face"]}},
-                          "data": {"region_pairs": {"region": "face"}}})
+        config_from_dict(
+            {
+                "learner": {"loss": "rwr", "regions": {"names": ["global", "face"]}},
+                "data": {"region_pairs": {"region": "face"}},
+            }
+        )

@@ -29,8 +29,16 @@ def images(tmp_path_factory):
 
 
 def overrides(model_dir, run_dir, *extra):
-    return [f"run_dir={run_dir}", f"model.path={model_dir}", "logging.wandb=false", "logging.progress=false",
-            "learner.regions.names=[global, face]", "data.region_pairs.region=face", f"rewards=[{FACE}]", *extra]
+    return [
+        f"run_dir={run_dir}",
+        f"model.path={model_dir}",
+        "logging.wandb=false",
+        "logging.progress=false",
+        "learner.regions.names=[global, face]",
+        "data.region_pairs.region=face",
+        f"rewards=[{FACE}]",
+        *extra,
+    ]
 
 
 def records_by_role(log_dir):
@@ -72,8 +80,20 @@ def test_make_region_pairs_inspect_offline_dpo(images, tiny_model_dir, tmp_path,
     assert summary["records"] == 12 and summary["region_pairs"] == {"face/original": 6, "face/inpainted": 6}
 
     off = tmp_path / "offline"
-    assert main(["offline-dpo", "configs/offline_dpo.yaml", f"rollouts={run / 'rollouts'}", "num_rounds=1",
-                 *overrides(tiny_model_dir, off)[:3], "learner.regions.names=[global, face]", f"rewards=[{FACE}]"]) == 0
+    assert (
+        main(
+            [
+                "offline-dpo",
+                "configs/offline_dpo.yaml",
+                f"rollouts={run / 'rollouts'}",
+                "num_rounds=1",
+                *overrides(tiny_model_dir, off)[:3],
+                "learner.regions.names=[global, face]",
+                f"rewards=[{FACE}]",
+            ]
+        )
+        == 0
+    )
     (row,) = read_metrics(off)
     won = sum(i["rewards"][0]["value"] > s["rewards"][0]["value"] for s, i in pairs)
     assert row["region_pairs/count"] == 6 and row["pairs/count"] == 0  # real images never pair by caption
@@ -86,9 +106,15 @@ def test_diffusers_inpainting_pipeline_keeps_the_outside(images, tiny_model_dir,
     from rlfh.recipes.region_pairs import make_region_pairs
     from tests.conftest import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
-        tiny_model_dir, tmp_path / "run", f"data.region_pairs.pipeline={tiny_model_dir}",
-        "data.region_pairs.strength=0.1"))
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        overrides(
+            tiny_model_dir,
+            tmp_path / "run",
+            f"data.region_pairs.pipeline={tiny_model_dir}",
+            "data.region_pairs.strength=0.1",
+        ),
+    )
     log_dir, counts = make_region_pairs(cfg, str(images))
     assert counts["with_region"] == 6
     pairs, decode_latent = records_by_role(log_dir)
@@ -105,8 +131,10 @@ def test_make_region_pairs_inpaints_with_a_trained_lora(images, tiny_model_dir, 
     lora = make_lora(tiny_model_dir, tmp_path / "lora")
     logs = {}
     for name, extra in (("base", []), ("lora", [f"data.region_pairs.lora={lora}"])):
-        cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
-            tiny_model_dir, tmp_path / name, "data.region_pairs.strength=0.4", *extra))
+        cfg = load_config(
+            REPO / "configs" / "tiny.yaml",
+            overrides(tiny_model_dir, tmp_path / name, "data.region_pairs.strength=0.4", *extra),
+        )
         logs[name], counts = make_region_pairs(cfg, str(images))
         assert counts["with_region"] == 6
     (base, decode_latent), (tuned, _) = records_by_role(logs["base"]), records_by_role(logs["lora"])
@@ -117,12 +145,26 @@ def test_make_region_pairs_inpaints_with_a_trained_lora(images, tiny_model_dir, 
         assert str(lora) in inp_l["model_id"] and str(lora) not in inp_b["model_id"]
 
     with pytest.raises(FileNotFoundError, match="no LoRA there"):
-        make_region_pairs(load_config(REPO / "configs" / "tiny.yaml", overrides(
-            tiny_model_dir, tmp_path / "missing", f"data.region_pairs.lora={tmp_path / 'nothing'}")), str(images))
+        make_region_pairs(
+            load_config(
+                REPO / "configs" / "tiny.yaml",
+                overrides(tiny_model_dir, tmp_path / "missing", f"data.region_pairs.lora={tmp_path / 'nothing'}"),
+            ),
+            str(images),
+        )
     with pytest.raises(ValueError, match="give one"):
-        make_region_pairs(load_config(REPO / "configs" / "tiny.yaml", overrides(
-            tiny_model_dir, tmp_path / "both", f"data.region_pairs.lora={lora}",
-            f"data.region_pairs.pipeline={tiny_model_dir}")), str(images))
+        make_region_pairs(
+            load_config(
+                REPO / "configs" / "tiny.yaml",
+                overrides(
+                    tiny_model_dir,
+                    tmp_path / "both",
+                    f"data.region_pairs.lora={lora}",
+                    f"data.region_pairs.pipeline={tiny_model_dir}",
+                ),
+            ),
+            str(images),
+        )
 
 
 @pytest.mark.slow
@@ -142,8 +184,10 @@ def test_training_on_region_pairs_moves_the_preference_inside_the_region(images,
     cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(tiny_model_dir, tmp_path / "run"))
     log_dir, _ = make_region_pairs(cfg, str(images))
     pairs, decode_latent = records_by_role(log_dir)
-    cfg = load_config(REPO / "configs" / "offline_dpo.yaml", [
-        *overrides(tiny_model_dir, tmp_path / "off"), f"rollouts={log_dir}", "learner.epochs_per_round=1"])
+    cfg = load_config(
+        REPO / "configs" / "offline_dpo.yaml",
+        [*overrides(tiny_model_dir, tmp_path / "off"), f"rollouts={log_dir}", "learner.epochs_per_round=1"],
+    )
     batch, _ = batch_from_log(cfg)
     rank = LearnerRank(num_threads=None)
     rank.setup(cfg)
@@ -157,8 +201,9 @@ def test_training_on_region_pairs_moves_the_preference_inside_the_region(images,
     other = np.stack([decode_latent(s if val(i) > val(s) else i) for s, i in pairs])
     mask = torch.from_numpy(batch.masks_w["face"][:1]).expand(len(pairs), -1, -1, -1)
     gen = torch.Generator().manual_seed(1234)
-    draws = [(torch.randint(0, 1000, (len(pairs),), generator=gen), torch.randn(pref.shape, generator=gen))
-             for _ in range(4)]
+    draws = [
+        (torch.randint(0, 1000, (len(pairs),), generator=gen), torch.randn(pref.shape, generator=gen)) for _ in range(4)
+    ]
 
     @torch.no_grad()
     def margin() -> np.ndarray:
@@ -169,8 +214,10 @@ def test_training_on_region_pairs_moves_the_preference_inside_the_region(images,
             gain = []
             for x0 in (pref, other):
                 x_t, tt, target = lrn.noised(torch.from_numpy(x0), t, eps)
-                e = [region_errors(f(x_t, tt, enc, added), target, "face", {"face": mask}, 5.0)
-                     for f in (lrn.reference, lrn.policy)]
+                e = [
+                    region_errors(f(x_t, tt, enc, added), target, "face", {"face": mask}, 5.0)
+                    for f in (lrn.reference, lrn.policy)
+                ]
                 gain.append((e[0] - e[1]).numpy())
             out += (gain[0] - gain[1]) / len(draws)
         return out
@@ -193,14 +240,22 @@ def test_train_reward_pairs_each_image_with_its_own_inpainted_copy(images, tiny_
     from rlfh.recipes.train_reward import region_pairs
     from tests.conftest import REPO
 
-    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
-        tiny_model_dir, tmp_path / "run", f"data.region_pairs.pipeline={tiny_model_dir}",
-        "data.region_pairs.strength=0.4"))
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        overrides(
+            tiny_model_dir,
+            tmp_path / "run",
+            f"data.region_pairs.pipeline={tiny_model_dir}",
+            "data.region_pairs.strength=0.4",
+        ),
+    )
     log_dir, counts = make_region_pairs(cfg, str(images))
     linked, _ = records_by_role(log_dir)
     expected = {frozenset((src["rollout_id"], inp["rollout_id"])) for src, inp in linked}
-    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides(
-        tiny_model_dir, tmp_path / "run", f"reward_training.pairs={log_dir}", "reward_training.region=face"))
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        overrides(tiny_model_dir, tmp_path / "run", f"reward_training.pairs={log_dir}", "reward_training.region=face"),
+    )
     pairs, stats = region_pairs(cfg)
     assert stats["pairs/groups"] == 6 and len(pairs) == 6 - counts["ties_or_unscored"]
     assert {frozenset(p.rollout_ids) for p in pairs} <= expected

@@ -15,8 +15,16 @@ import pytest
 from tests.rlfh.eval_helpers import tiny_eval
 
 CHROMIUM = shutil.which("chromium") or (Path("/usr/bin/chromium") if Path("/usr/bin/chromium").exists() else None)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def test_report_files_and_links(tiny_model_dir):
@@ -49,7 +57,7 @@ def test_grid_draws_boxes_where_the_reward_found_them(tiny_model_dir):
     # the baseline column's first cell starts below the 26 px header and the row's 4 px margin
     x1, y1 = LABEL_W + round(face[0] * scale), 26 + 4 + round(face[1] * scale)
     y2 = 26 + 4 + round(face[3] * scale) - 2
-    edge = grid[(y1 + y2) // 2, x1:x1 + 3]  # the box's left edge, mid-height
+    edge = grid[(y1 + y2) // 2, x1 : x1 + 3]  # the box's left edge, mid-height
     assert (np.abs(edge - np.array(REGION_COLORS["face"])).sum(axis=1) < 30).any(), edge
 
 
@@ -61,21 +69,38 @@ def test_index_html_renders_in_headless_chromium(tiny_model_dir, tmp_path):
     base = [str(CHROMIUM), *CHROMIUM_FLAGS]
     profile = tempfile.mkdtemp(prefix="rlfh-chromium-")
     shot = tmp_path / "shot.png"
-    subprocess.run([*base, f"--user-data-dir={profile}", f"--screenshot={shot}", "--window-size=1200,900",
-                    (out / "index.html").as_uri()], capture_output=True, timeout=60, check=True)
+    subprocess.run(
+        [
+            *base,
+            f"--user-data-dir={profile}",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            (out / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
     im = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert im.shape == (900, 1200) and im.std() > 20, "screenshot is blank"
     assert (im < 128).mean() > 0.01  # text, tables and plots, not just background
 
     # Every <img> decoded: a probe page next to index.html (same relative links) reports naturalWidth.
     probe = out / "_probe.html"
-    script = ("<script>window.addEventListener('load',()=>{const p=document.createElement('pre');p.id='probe';"
-              "p.textContent=JSON.stringify([...document.images].map(i=>[i.getAttribute('src'),i.naturalWidth]));"
-              "document.body.appendChild(p);});</script>")
+    script = (
+        "<script>window.addEventListener('load',()=>{const p=document.createElement('pre');p.id='probe';"
+        "p.textContent=JSON.stringify([...document.images].map(i=>[i.getAttribute('src'),i.naturalWidth]));"
+        "document.body.appendChild(p);});</script>"
+    )
     probe.write_text((out / "index.html").read_text().replace("</body>", script + "</body>"))
     try:
-        dom = subprocess.run([*base, f"--user-data-dir={profile}", "--dump-dom", probe.as_uri()],
-                             capture_output=True, text=True, timeout=60, check=True).stdout
+        dom = subprocess.run(
+            [*base, f"--user-data-dir={profile}", "--dump-dom", probe.as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
     finally:
         probe.unlink()
         shutil.rmtree(profile, ignore_errors=True)

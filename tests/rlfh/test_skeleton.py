@@ -35,8 +35,10 @@ class FakeLearner:
 
 
 def cfg(tmp_path, *over):
-    return load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={tmp_path / 'run'}", "num_rounds=5",
-                                                        "logging.checkpoint_every=2", "logging.wandb=false", *over])
+    return load_config(
+        REPO / "configs" / "tiny.yaml",
+        [f"run_dir={tmp_path / 'run'}", "num_rounds=5", "logging.checkpoint_every=2", "logging.wandb=false", *over],
+    )
 
 
 def run_rounds(skel, learner, rounds):
@@ -73,8 +75,11 @@ def test_checkpoints_resume_and_roll_back_later_rounds(tmp_path):
     run_rounds(again, learner, range(4, 5))
     again.close()
     assert logged_rounds(again) == [0, 1, 2, 3, 4]
-    assert sorted(p.name for p in (again.path / "checkpoints").glob("round-*")) == \
-        ["round-000002", "round-000004", "round-000005"]  # every 2 rounds, and the last
+    assert sorted(p.name for p in (again.path / "checkpoints").glob("round-*")) == [
+        "round-000002",
+        "round-000004",
+        "round-000005",
+    ]  # every 2 rounds, and the last
 
 
 def test_restore_without_resume_never_takes_an_earlier_runs_checkpoint(tmp_path):

@@ -22,12 +22,20 @@ TIMES = {"sample": 3.0, "reward": 0.5, "log": 0.25, "learner": 1.0, "sync": 0.25
 
 def metrics_row(rnd: int, **extra) -> dict:
     return {
-        "step": rnd, "round": rnd, "policy_version": rnd + 1,
-        "reward/jpeg/mean": [-3.5, -3.2, -3.4][rnd % 3], "reward/facescore/mean": 1.0 + rnd,
-        "reward/combined/mean": -2.0 + rnd, "loss/dpo": [0.7, 0.5, 0.6][rnd % 3],
-        "dpo/implicit_acc": 0.5 + 0.25 * (rnd % 2), "dpo/face/implicit_acc": 1.0,
-        "mpd/weight/global": 0.4, "mpd/weight/face": 0.6,
-        **{f"time/{k}_s": v for k, v in TIMES.items()}, "time/round_s": sum(TIMES.values()), **extra,
+        "step": rnd,
+        "round": rnd,
+        "policy_version": rnd + 1,
+        "reward/jpeg/mean": [-3.5, -3.2, -3.4][rnd % 3],
+        "reward/facescore/mean": 1.0 + rnd,
+        "reward/combined/mean": -2.0 + rnd,
+        "loss/dpo": [0.7, 0.5, 0.6][rnd % 3],
+        "dpo/implicit_acc": 0.5 + 0.25 * (rnd % 2),
+        "dpo/face/implicit_acc": 1.0,
+        "mpd/weight/global": 0.4,
+        "mpd/weight/face": 0.6,
+        **{f"time/{k}_s": v for k, v in TIMES.items()},
+        "time/round_s": sum(TIMES.values()),
+        **extra,
     }
 
 
@@ -51,9 +59,15 @@ def run(tmp_path):
     """A run 3 rounds into 4: regions global+face under MPD, a checkpoint at round 2, 2 rollout shards."""
     run = tmp_path / "run"
     run.mkdir()
-    cfg = load_config(REPO / "configs" / "tiny.yaml", [
-        f"run_dir={run}", f"num_rounds={NUM_ROUNDS}", "learner.regions.names=[global, face]",
-        "rewards=[{target: jpeg_compressibility, name: jpeg}, {target: facescore, weight: 0.5}]"])
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"run_dir={run}",
+            f"num_rounds={NUM_ROUNDS}",
+            "learner.regions.names=[global, face]",
+            "rewards=[{target: jpeg_compressibility, name: jpeg}, {target: facescore, weight: 0.5}]",
+        ],
+    )
     save_config(cfg, run / "config.yaml")
     write_metrics(run, [metrics_row(r, **({"time/checkpoint_s": 2.0} if r == 1 else {})) for r in range(3)])
     log = RolloutLog(run / "rollouts")
@@ -91,15 +105,18 @@ def test_reward_curves_accuracy_and_mpd(run):
     assert (loss["best"], loss["best_round"]) == (0.5, 1)  # lower is better for a loss
     assert st["implicit_acc"]["global"] == {"last": 0.5, "mean_recent": pytest.approx(0.5 + 0.25 / 3)}
     assert st["implicit_acc"]["face"]["last"] == 1.0
-    assert st["mpd_weights"] == {"face": {"last": 0.6, "mean_recent": pytest.approx(0.6)},
-                                 "global": {"last": 0.4, "mean_recent": pytest.approx(0.4)}}
+    assert st["mpd_weights"] == {
+        "face": {"last": 0.6, "mean_recent": pytest.approx(0.6)},
+        "global": {"last": 0.4, "mean_recent": pytest.approx(0.4)},
+    }
 
 
 def test_timing_shares_over_last_rounds(run):
     tm = status_at(run, 1.0, last_n=2)["timing"]
     assert tm["rounds"] == 2 and tm["round_mean_s"] == 5.0
     assert {s: v["share"] for s, v in tm["stages"].items()} == pytest.approx(
-        {"sample": 0.6, "reward": 0.1, "log": 0.05, "learner": 0.2, "sync": 0.05})
+        {"sample": 0.6, "reward": 0.1, "log": 0.05, "learner": 0.2, "sync": 0.05}
+    )
     assert (tm["checkpoint_mean_s"], tm["checkpoints_timed"]) == (2.0, 1)
 
 
@@ -208,10 +225,18 @@ def test_cli_json_and_text(run, capsys):
     assert cli(["status", str(run)]) == 0
     text = capsys.readouterr().out
     assert format_status(run_status(run)).splitlines()[0] == text.splitlines()[0]
-    for piece in ("state      running", "3/4 rounds", "ETA", "round-000002 (round 2, policy version 2",
-                  "facescore: 50.0% missing (mostly: no face)", "jpeg       -3.5 -> -3.4, best -3.2 @ 1  ▁█▃",
-                  "mpd weight face 0.6", "sample 60% | reward 10% | log 5% | learner 20% | sync 5%",
-                  "regions global, face (mpd)", "rewards jpeg x1, facescore x0.5"):
+    for piece in (
+        "state      running",
+        "3/4 rounds",
+        "ETA",
+        "round-000002 (round 2, policy version 2",
+        "facescore: 50.0% missing (mostly: no face)",
+        "jpeg       -3.5 -> -3.4, best -3.2 @ 1  ▁█▃",
+        "mpd weight face 0.6",
+        "sample 60% | reward 10% | log 5% | learner 20% | sync 5%",
+        "regions global, face (mpd)",
+        "rewards jpeg x1, facescore x0.5",
+    ):
         assert piece in text, f"{piece!r} not in:\n{text}"
 
 
@@ -223,14 +248,26 @@ def test_cli_errors(tmp_path, capsys):
     assert "last_n=0" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overrides,line", [
-    ([], "on 1 rollout actor(s); learner on CPU"),
-    (["resources.num_learner_ranks=2", "learner.micro_batch_size_per_gpu=1"],
-     "learner on CPU, 2 data-parallel ranks"),
-    (["resources.num_learner_gpus=4", "learner.train_batch_size=4", "learner.micro_batch_size_per_gpu=1",
-      "rollout.prompts_per_round=4"], "learner on 4 GPU(s), 4 data-parallel ranks"),
-    (["resources.colocate=true"], "on one colocated actor (rollout and learner share a device); learner on CPU"),
-])
+@pytest.mark.parametrize(
+    "overrides,line",
+    [
+        ([], "on 1 rollout actor(s); learner on CPU"),
+        (
+            ["resources.num_learner_ranks=2", "learner.micro_batch_size_per_gpu=1"],
+            "learner on CPU, 2 data-parallel ranks",
+        ),
+        (
+            [
+                "resources.num_learner_gpus=4",
+                "learner.train_batch_size=4",
+                "learner.micro_batch_size_per_gpu=1",
+                "rollout.prompts_per_round=4",
+            ],
+            "learner on 4 GPU(s), 4 data-parallel ranks",
+        ),
+        (["resources.colocate=true"], "on one colocated actor (rollout and learner share a device); learner on CPU"),
+    ],
+)
 def test_status_names_the_learner_layout(run, overrides, line):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"run_dir={run}", f"num_rounds={NUM_ROUNDS}", *overrides])
     save_config(cfg, run / "config.yaml")

@@ -22,13 +22,18 @@ from tests.rewards.tiny_blip import TINY_MED_CONFIG, TINY_VISION, random_model, 
 from tests.rlfh.region_pair_logs import BOX, record, write_pair_log
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = ["logging.wandb=false", "logging.progress=false", "rewards=[{target: jpeg_compressibility, name: quality}]",
-        "reward_training.vision_heads=2"]
+BASE = [
+    "logging.wandb=false",
+    "logging.progress=false",
+    "rewards=[{target: jpeg_compressibility, name: quality}]",
+    "reward_training.vision_heads=2",
+]
 
 
 def _init(tmp_path: Path, seed: int = 0) -> Path:
-    return save_published(random_model(TINY_VISION, TINY_MED_CONFIG, seed=seed), TINY_MED_CONFIG,
-                          tmp_path / "init", "FS_model.pt")
+    return save_published(
+        random_model(TINY_VISION, TINY_MED_CONFIG, seed=seed), TINY_MED_CONFIG, tmp_path / "init", "FS_model.pt"
+    )
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -50,8 +55,17 @@ def test_heldout_ranking_accuracy_rises_from_chance(tmp_path, seed):
 
     init = _init(tmp_path, seed)
     log = write_pair_log(tmp_path / "log", 60, seed)
-    args = [f"run_dir={tmp_path / 'run'}", *BASE, f"seed={seed}", f"pairs={log}", f"init={init}", "region=face",
-            "reward_training.lr=1e-3", "reward_training.epochs=4", "reward_training.heldout_fraction=0.25"]
+    args = [
+        f"run_dir={tmp_path / 'run'}",
+        *BASE,
+        f"seed={seed}",
+        f"pairs={log}",
+        f"init={init}",
+        "region=face",
+        "reward_training.lr=1e-3",
+        "reward_training.epochs=4",
+        "reward_training.heldout_fraction=0.25",
+    ]
     if seed == 0:
         assert main(["train-reward", str(REPO / "configs" / "tiny.yaml"), *args]) == 0
     else:
@@ -76,8 +90,15 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     init = _init(tmp)
     log = write_pair_log(tmp / "log", 12, seed=1)
-    cfg = _cfg(tmp, f"reward_training.pairs={log}", f"reward_training.init={init}", "reward_training.lr=1e-3",
-               "reward_training.epochs=2", "reward_training.heldout_fraction=0.5", "reward_training.batch_size=4")
+    cfg = _cfg(
+        tmp,
+        f"reward_training.pairs={log}",
+        f"reward_training.init={init}",
+        "reward_training.lr=1e-3",
+        "reward_training.epochs=2",
+        "reward_training.heldout_fraction=0.5",
+        "reward_training.batch_size=4",
+    )
     return {"run": train_reward(cfg), "init": init, "log": log, "cfg": cfg}
 
 
@@ -87,12 +108,18 @@ def test_written_folder_loads_with_the_facescore_reward(trained):
     from rlfh.recipes.train_reward import region_pairs, split_heldout
 
     run = trained["run"]
-    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == \
-        ["FS_model.pt", "config.yaml", "med_config.json", "metrics.jsonl"]
+    assert sorted(p.name for p in run.iterdir() if not p.name.startswith(".")) == [
+        "FS_model.pt",
+        "config.yaml",
+        "med_config.json",
+        "metrics.jsonl",
+    ]
     assert json.loads((run / "med_config.json").read_text()) == TINY_MED_CONFIG
     reward = build_reward("facescore", {"model": str(run), "vision_heads": 2, "detector": FixedBoxes([[]])})
     # the held-out pairs again, as full images, scored through the reward's own crop of the logged box
-    records = {r["rollout_id"]: decode_png(r["image"]) for r in RolloutLog(trained["log"]).records(["rollout_id", "image"])}
+    records = {
+        r["rollout_id"]: decode_png(r["image"]) for r in RolloutLog(trained["log"]).records(["rollout_id", "image"])
+    }
     pairs, _ = region_pairs(trained["cfg"])
     _, held = split_heldout(len(pairs), 0.5, trained["cfg"].seed)
     margins, wins = [], []
@@ -113,12 +140,23 @@ def test_first_70_percent_of_each_encoder_stays_frozen(trained):
     after = torch.load(trained["run"] / "FS_model.pt", weights_only=True)
     assert before.keys() == after.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
-    frozen_prefixes = ("blip.visual_encoder.blocks.0.", "blip.visual_encoder.patch_embed", "blip.visual_encoder.pos_embed",
-                       "blip.visual_encoder.cls_token", "blip.text_encoder.encoder.layer.0.", "blip.text_encoder.embeddings.",
-                       "blip.vision_proj.", "blip.text_proj.")
+    frozen_prefixes = (
+        "blip.visual_encoder.blocks.0.",
+        "blip.visual_encoder.patch_embed",
+        "blip.visual_encoder.pos_embed",
+        "blip.visual_encoder.cls_token",
+        "blip.text_encoder.encoder.layer.0.",
+        "blip.text_encoder.embeddings.",
+        "blip.vision_proj.",
+        "blip.text_proj.",
+    )
     assert not {k for k in changed if k.startswith(frozen_prefixes)}
-    for trained_prefix in ("blip.visual_encoder.blocks.1.", "blip.visual_encoder.norm.", "blip.text_encoder.encoder.layer.1.",
-                           "mlp.layers."):
+    for trained_prefix in (
+        "blip.visual_encoder.blocks.1.",
+        "blip.visual_encoder.norm.",
+        "blip.text_encoder.encoder.layer.1.",
+        "mlp.layers.",
+    ):
         assert any(k.startswith(trained_prefix) for k in changed), trained_prefix
     row = _metrics(trained["run"])[0]
     assert (row["freeze/vision_layers_frozen"], row["freeze/text_layers_frozen"]) == (1, 1)
@@ -167,17 +205,27 @@ def test_pairs_follow_the_chosen_score_and_crop_one_box(tmp_path):
     rng = np.random.default_rng(0)
     a, b = (rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(2))
     box_w, box_l = (2.0, 3.0, 12.0, 15.0), (20.0, 20.0, 30.0, 30.0)
-    rows = [record("r0", 0, "p", a, {"quality": 1.0, "other": 0.0}, {"hand": [(box_w, 0.6)], "face": [(box_l, 0.9)]}),
-            record("r1", 0, "p", b, {"quality": 0.0, "other": 5.0}, {"hand": [(box_l, 0.9)]}),
-            record("r2", 1, "p", a, {"quality": None, "other": 1.0}, {}),  # unscored: no pair in round 1
-            record("r3", 1, "p", b, {"quality": 2.0, "other": 0.0}, {})]
+    rows = [
+        record("r0", 0, "p", a, {"quality": 1.0, "other": 0.0}, {"hand": [(box_w, 0.6)], "face": [(box_l, 0.9)]}),
+        record("r1", 0, "p", b, {"quality": 0.0, "other": 5.0}, {"hand": [(box_l, 0.9)]}),
+        record("r2", 1, "p", a, {"quality": None, "other": 1.0}, {}),  # unscored: no pair in round 1
+        record("r3", 1, "p", b, {"quality": 2.0, "other": 0.0}, {}),
+    ]
     RolloutLog(tmp_path / "log").append(rows)
-    pairs, stats = region_pairs(_cfg(tmp_path, f"reward_training.pairs={tmp_path / 'log'}", "reward_training.region=hand"))
+    pairs, stats = region_pairs(
+        _cfg(tmp_path, f"reward_training.pairs={tmp_path / 'log'}", "reward_training.region=hand")
+    )
     assert len(pairs) == 1 and pairs[0].rollout_ids == ("r0", "r1") and stats["samples/unscored"] == 1
     # FaceScore's crop of the winner's hand box (1 px wider per side) in both images
     assert np.array_equal(pairs[0].win, a[2:16, 1:13]) and np.array_equal(pairs[0].lose, b[2:16, 1:13])
-    pairs, stats = region_pairs(_cfg(tmp_path, f"reward_training.pairs={tmp_path / 'log'}", "reward_training.region=hand",
-                                     "reward_training.score=other"))
+    pairs, stats = region_pairs(
+        _cfg(
+            tmp_path,
+            f"reward_training.pairs={tmp_path / 'log'}",
+            "reward_training.region=hand",
+            "reward_training.score=other",
+        )
+    )
     assert [p.rollout_ids for p in pairs] == [("r1", "r0")]  # round 1's pair (r2, r3) has no hand box
     assert stats["pairs/no_region"] == 1 and stats["samples/unscored"] == 0
     assert np.array_equal(pairs[0].win, b[19:31, 19:31])  # the winner r1's own box
@@ -200,8 +248,9 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         train_reward(_cfg(tmp_path, f"reward_training.pairs={tmp_path}", f"reward_training.init={tmp_path / 'empty'}"))
     # a log whose groups all tie: no pair, and the error says what the log holds
     im = np.zeros((32, 32, 3), np.uint8)
-    RolloutLog(tmp_path / "ties").append([record(f"t{i}", 0, "p", im, {"quality": 1.0}, {"face": [(BOX, 0.9)]})
-                                          for i in range(2)])
+    RolloutLog(tmp_path / "ties").append(
+        [record(f"t{i}", 0, "p", im, {"quality": 1.0}, {"face": [(BOX, 0.9)]}) for i in range(2)]
+    )
     with pytest.raises(ValueError, match=r"no \(winner, loser\) pair for region 'face'.*2 records in 1"):
         region_pairs(_cfg(tmp_path, f"reward_training.pairs={tmp_path / 'ties'}"))
     with pytest.raises(ValueError, match=r"reward_training.score='facescore' is not a reward in the rollout log"):
@@ -218,14 +267,29 @@ def test_config_rules_name_the_key(tmp_path):
     from rlfh.config.schema import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        _cfg(tmp_path, "reward_training.freeze_fraction=1.2", "reward_training.lr=0", "reward_training.epochs=0",
-             "reward_training.heldout_fraction=1", "reward_training.region=elbow", "reward_training.batch_size=0")
+        _cfg(
+            tmp_path,
+            "reward_training.freeze_fraction=1.2",
+            "reward_training.lr=0",
+            "reward_training.epochs=0",
+            "reward_training.heldout_fraction=1",
+            "reward_training.region=elbow",
+            "reward_training.batch_size=0",
+        )
     text = str(e.value)
-    for key in ("reward_training.freeze_fraction=1.2", "reward_training.lr=0.0", "reward_training.epochs=0",
-                "reward_training.heldout_fraction=1.0", "reward_training.region='elbow' has no default prompt",
-                "reward_training.batch_size=0"):
+    for key in (
+        "reward_training.freeze_fraction=1.2",
+        "reward_training.lr=0.0",
+        "reward_training.epochs=0",
+        "reward_training.heldout_fraction=1.0",
+        "reward_training.region='elbow' has no default prompt",
+        "reward_training.batch_size=0",
+    ):
         assert key in text, key
-    assert _cfg(tmp_path, "reward_training.region=elbow", "reward_training.prompt=An elbow.").reward_training.prompt == "An elbow."
+    assert (
+        _cfg(tmp_path, "reward_training.region=elbow", "reward_training.prompt=An elbow.").reward_training.prompt
+        == "An elbow."
+    )
 
 
 def test_walkthrough_hand_score_entry_loads_the_trained_folder(trained):
@@ -241,8 +305,12 @@ def test_walkthrough_hand_score_entry_loads_the_trained_folder(trained):
     (hand,) = [e for e in cfg.rewards if e.name == "handscore"]
     assert hand.options == {"model": "runs/handscore", "region": "hand"}
     # the detector and the tiny model's head count are what a test machine needs instead of MediaPipe and ViT-L
-    options = {**hand.options, "model": str(trained["run"]), "vision_heads": 2,
-               "detector": FixedBoxes([[Detection(BOX, 0.99)]], region="hand")}
+    options = {
+        **hand.options,
+        "model": str(trained["run"]),
+        "vision_heads": 2,
+        "detector": FixedBoxes([[Detection(BOX, 0.99)]], region="hand"),
+    }
     reward = build_reward(hand.target, options, name=hand.name)
     (res,) = reward(decode_png(RolloutLog(trained["log"]).records(["image"])[0]["image"])[None], ["x"])
     assert reward.name == "handscore" and reward.region == "hand" and res.value is not None

@@ -7,12 +7,15 @@ from rlfh.config.schema import config_from_dict
 from rlfh.run.metrics import MetricsLogger
 
 
-@pytest.mark.parametrize("env, config, expected", [
-    ("online", None, "online"),        # the README's WANDB_MODE=online
-    (None, None, "offline"),           # nothing set: rlfh's default
-    ("online", "offline", "offline"),  # an explicit config value wins
-    ("offline", "disabled", None),     # disabled: wandb never starts
-])
+@pytest.mark.parametrize(
+    "env, config, expected",
+    [
+        ("online", None, "online"),  # the README's WANDB_MODE=online
+        (None, None, "offline"),  # nothing set: rlfh's default
+        ("online", "offline", "offline"),  # an explicit config value wins
+        ("offline", "disabled", None),  # disabled: wandb never starts
+    ],
+)
 def test_wandb_mode_rule(env, config, expected, tmp_path, monkeypatch):
     import wandb
 

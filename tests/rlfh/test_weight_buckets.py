@@ -27,8 +27,8 @@ def test_state_buckets_cover_every_tensor_once_as_cpu_copies():
 
 
 def test_full_load_rejects_unknown_missing_and_misshapen_weights(tiny_model_dir):
-    from rlfh.config.schema import ModelConfig
     from families import load_pipeline
+    from rlfh.config.schema import ModelConfig
     from rollouts.sampler import Sampler
 
     s = Sampler(load_pipeline(ModelConfig(path=str(tiny_model_dir)), "cpu"))

@@ -7,8 +7,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_fleet_refine_equals_the_sampler_in_process(ray_local, tiny_cfg):
-    from rollouts.actor import RolloutActor, RolloutFleet
     from families import load_pipeline
+    from rollouts.actor import RolloutActor, RolloutFleet
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 

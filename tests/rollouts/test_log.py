@@ -28,8 +28,10 @@ def fake_round(n=4, seed=0):
     scored = ScoredBatch(
         results={
             "jpeg": [RewardResult(float(-i)) for i in range(n)],
-            "facescore": [RewardResult(1.5, regions={"face": face}) if i % 2 == 0 else RewardResult.missing("no face")
-                          for i in range(n)],
+            "facescore": [
+                RewardResult(1.5, regions={"face": face}) if i % 2 == 0 else RewardResult.missing("no face")
+                for i in range(n)
+            ],
         },
         weights={"jpeg": 1.0, "facescore": 1.0},
         regions_of={"jpeg": "global", "facescore": "face"},
@@ -52,7 +54,9 @@ def test_round_trip(tmp_path):
     assert {x["name"]: x["value"] for x in r0["rewards"]} == {"jpeg": 0.0, "facescore": 1.5}
     miss = {x["name"]: x for x in recs[1]["rewards"]}["facescore"]
     assert miss["value"] is None and miss["reason"] == "no face"
-    assert r0["regions"] == [{"region": "face", "x1": 1.0, "y1": 2.0, "x2": 5.0, "y2": 6.0, "confidence": 0.97, "label": None}]
+    assert r0["regions"] == [
+        {"region": "face", "x1": 1.0, "y1": 2.0, "x2": 5.0, "y2": 6.0, "confidence": 0.97, "label": None}
+    ]
     assert recs[1]["regions"] == []
 
 
@@ -140,14 +144,20 @@ def test_empty_log_is_an_error(tmp_path):
 def test_inspect_cli(tmp_path):
     log = RolloutLog(tmp_path)
     log.append(make_records(*fake_round(), round_index=0))
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(tmp_path)],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     s = json.loads(r.stdout)
     assert s["records"] == 4 and s["rewards"]["facescore"]["missing"] == 2
     assert s["rewards"]["facescore"]["missing_reasons"] == {"no face": 2}
     assert s["rewards"]["jpeg"]["mean"] == pytest.approx(-1.5)
     (tmp_path / "shard-000000.parquet").write_bytes(b"x")
-    r = subprocess.run([sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(tmp_path)], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "rlfh.cli.main", "rollouts", "inspect", str(tmp_path)], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "truncated" in r.stderr
 
 

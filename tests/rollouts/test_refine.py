@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.config.schema import ModelConfig
 from families import load_pipeline
+from rlfh.config.schema import ModelConfig
 from rollouts.sampler import Sampler, seeded_generators
 from rollouts.types import SamplerSettings
 
@@ -27,9 +27,16 @@ def test_refine_equals_stock_diffusers_img2img(pipe, guidance):
     ours = sampler.refine(x0, prompts, seeds, settings, strength=0.4)
     img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(pipe)
     # a 4-channel `image` is taken as latents as they are (no VAE, no scaling)
-    ref = img2img(prompt=prompts, negative_prompt=["blurry"] * 2, image=torch.from_numpy(x0), strength=0.4,
-                  num_inference_steps=10, guidance_scale=guidance, generator=seeded_generators(seeds),
-                  output_type="latent").images
+    ref = img2img(
+        prompt=prompts,
+        negative_prompt=["blurry"] * 2,
+        image=torch.from_numpy(x0),
+        strength=0.4,
+        num_inference_steps=10,
+        guidance_scale=guidance,
+        generator=seeded_generators(seeds),
+        output_type="latent",
+    ).images
     np.testing.assert_allclose(ours.latents, ref.numpy(), atol=1e-5)
     assert not np.allclose(ours.latents, x0, atol=1e-3)
 
@@ -42,8 +49,9 @@ def test_inpainting_changes_only_inside_the_mask(pipe):
     masks[:, :, 2:5, 3:7] = 1.0
     out = sampler.refine(x0, ["a photo of a person"] * 2, [1, 2], settings, strength=0.5, masks=masks)
     outside = masks == 0
-    np.testing.assert_array_equal(np.broadcast_to(outside, x0.shape) * out.latents,
-                                  np.broadcast_to(outside, x0.shape) * x0)
+    np.testing.assert_array_equal(
+        np.broadcast_to(outside, x0.shape) * out.latents, np.broadcast_to(outside, x0.shape) * x0
+    )
     inside = np.broadcast_to(masks == 1, x0.shape)
     assert np.abs(out.latents[inside] - x0[inside]).mean() > 1e-3
 

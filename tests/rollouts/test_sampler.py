@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.config.schema import ModelConfig
 from families import load_pipeline
+from rlfh.config.schema import ModelConfig
 from rollouts.sampler import Sampler, seeded_generators
 from rollouts.types import SamplerSettings
 
@@ -18,13 +18,20 @@ def test_sampler_equals_stock_diffusers_pipeline(pipe, guidance):
     prompts, seeds = ["a photo of a person", "a man waving his hand", "a photo of a person"], [3, 1, 4]
     settings = SamplerSettings(6, guidance, "blurry", 64, 64)
     ours = Sampler(pipe, "tiny").sample(prompts, seeds, settings)
-    kwargs = dict(prompt=prompts, negative_prompt=["blurry"] * 3, num_inference_steps=6, guidance_scale=guidance,
-                  height=64, width=64)
+    kwargs = dict(
+        prompt=prompts,
+        negative_prompt=["blurry"] * 3,
+        num_inference_steps=6,
+        guidance_scale=guidance,
+        height=64,
+        width=64,
+    )
     ref_lat = pipe(**kwargs, generator=seeded_generators(seeds), output_type="latent").images
     ref_img = pipe(**kwargs, generator=seeded_generators(seeds), output_type="np").images
     assert ours.latents.shape == (3, 4, 8, 8) and ours.images.shape == (3, 64, 64, 3)
     # Not bit for bit: with guidance > 1 the two combine the batched cond / uncond predictions in float32
-    # in their own order (at guidance 1 no combination: equal but for MKL_CBWR), the rounding moving through 6 UNet steps.
+    # in their own order (at guidance 1 no combination: equal but for MKL_CBWR), the rounding moving through
+    # 6 UNet steps.
     # Measured max |latent diff| at |latent| <= 5, guidance 5 (AMD EPYC, 2 threads): 6.7e-6 as is and with
     # ATEN_CPU_CAPABILITY=avx2, 8.6e-6 with =default, 9.3e-6 with MKL_CBWR=COMPATIBLE, 1.19e-5 with
     # OMP_NUM_THREADS=1; at guidance 1: 0 (1.4e-6 with MKL_CBWR). atol 5e-5 is 1e-5 of the latents' scale.

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlfh.config.schema import ModelConfig
 from families import PromptCache, family_of, load_pipeline
+from rlfh.config.schema import ModelConfig
 from rollouts.sampler import MergedLora, Sampler
 from rollouts.types import RolloutBatch, SamplerSettings
 
@@ -63,8 +63,9 @@ def test_merged_lora_matches_the_unmerged_peft_adapter(pipe):
 def test_merge_does_not_drift_over_300_syncs(pipe):
     s = Sampler(copy.deepcopy(pipe))
     s.add_lora(8, 8, TARGETS)
-    untargeted = {k: v.clone() for k, v in s.pipe.unet.state_dict().items()
-                  if k.rsplit(".", 1)[0] not in s.lora.modules}
+    untargeted = {
+        k: v.clone() for k, v in s.pipe.unet.state_dict().items() if k.rsplit(".", 1)[0] not in s.lora.modules
+    }
     gen = torch.Generator().manual_seed(2)
     for version in range(1, 301):
         sd = random_lora_state(s.lora, 8, gen)
@@ -75,8 +76,10 @@ def test_merge_does_not_drift_over_300_syncs(pipe):
     for name, m in s.lora.modules.items():
         assert torch.equal(m.weight, fresh.lora.modules[name].weight)  # bit-identical to one merge
         # and equal to base + delta computed in float64, within float32 rounding of the weights
-        w64 = pipe.unet.get_submodule(name).weight.double() + sd[f"{name}.lora_B.weight"].double() @ sd[
-            f"{name}.lora_A.weight"].double()
+        w64 = (
+            pipe.unet.get_submodule(name).weight.double()
+            + sd[f"{name}.lora_B.weight"].double() @ sd[f"{name}.lora_A.weight"].double()
+        )
         assert (m.weight.double() - w64).abs().max() <= 1e-6 * max(1.0, w64.abs().max().item())
     own = s.pipe.unet.state_dict()
     assert all(torch.equal(own[k], v) for k, v in untargeted.items())  # nothing else touched
@@ -127,7 +130,11 @@ def test_prompt_cache_equals_uncached_and_encodes_each_prompt_once_per_version(p
     enc, added = PromptCache(family_of(pipe), enabled=False).conditioning(pipe, PROMPTS, 64, 64, "cpu")
     for i, p in enumerate(PROMPTS):
         e, pooled = first.conditioning[p]
-        assert e.dtype == np.float32 and e.shape == (77, enc.shape[-1]) and pooled.shape == (added["text_embeds"].shape[-1],)
+        assert (
+            e.dtype == np.float32
+            and e.shape == (77, enc.shape[-1])
+            and pooled.shape == (added["text_embeds"].shape[-1],)
+        )
         np.testing.assert_allclose(e, enc[i].numpy(), atol=1e-6)
         np.testing.assert_allclose(pooled, added["text_embeds"][i].numpy(), atol=1e-6)
     both = RolloutBatch.concat([first, s.sample(["a new prompt"], [1], settings)])

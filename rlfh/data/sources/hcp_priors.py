@@ -1,4 +1,5 @@
-"""HcP's pose priors as a per-round data source (``data.hcp_priors`` for the layer of ``model.hcp``; Wang et al., arXiv 2403.05239; the layer is
+"""HcP's pose priors as a per-round data source (``data.hcp_priors`` for the layer of ``model.hcp``; Wang et al., arXiv
+2403.05239; the layer is
 rlfh/learner/hcp.py, the loss rlfh/losses/hcp.py, the heatmaps rlfh/data/pose_prior.py).
 
 Each round's scored samples get ``ScoredSamples.priors`` (N, 1, H/8, W/8): MediaPipe Pose heatmaps

@@ -54,8 +54,10 @@ class RealWinners(DataSource):
     def samples_with_policy(cls, cfg) -> str | None:
         if not needs_policy_samples(cls.section(cfg)):
             return None
-        return ("data.hgdpo samples its fresh losers and SDRecon winners with the current policy (not with "
-                "data.hgdpo.fresh_losers=false and no sdrecon_winner_fraction)")
+        return (
+            "data.hgdpo samples its fresh losers and SDRecon winners with the current policy (not with "
+            "data.hgdpo.fresh_losers=false and no sdrecon_winner_fraction)"
+        )
 
     @classmethod
     def wanted(cls, cfg, ctx: SourceContext) -> bool:
@@ -71,16 +73,25 @@ class RealWinners(DataSource):
 
         hg, sampler, settings = self.section(cfg), ctx.sampler, ctx.settings
         if sampler is None and needs_policy_samples(hg):
-            raise ValueError("data.hgdpo: fresh losers and SDRecon winners sample with the current policy, "
-                             "and this loop has no sampler")
+            raise ValueError(
+                "data.hgdpo: fresh losers and SDRecon winners sample with the current policy, "
+                "and this loop has no sampler"
+            )
         # offline, the steps are the log's, which the config rules could not see
         problems = hgdpo_sdrecon_problems(hg, settings.num_inference_steps)
         if problems:
             raise ValueError("; ".join(problems))
         self.cfg, self.sampler, self.settings = cfg, sampler, settings
         self.curriculum = Curriculum(hg.stages, hg.interpolate)
-        self.source = RealImageSource(hg.real_images, settings.height, settings.width, cache_dir=ctx.run_dir,
-                                      encode_batch_size=hg.encode_batch_size, latent_mode=hg.latent_mode, seed=cfg.seed)
+        self.source = RealImageSource(
+            hg.real_images,
+            settings.height,
+            settings.width,
+            cache_dir=ctx.run_dir,
+            encode_batch_size=hg.encode_batch_size,
+            latent_mode=hg.latent_mode,
+            seed=cfg.seed,
+        )
         hc, hcp_on = HcpPriors.section(cfg), HcpPriors.wanted(cfg, ctx)
         self.prior_of_losers = hcp_on and hc.prior == "samples"  # the fresh losers are samples too
         if hcp_on:
@@ -120,13 +131,22 @@ class RealWinners(DataSource):
         if sd_caps:
             # the normal stage's winners: the real latents re-noised part-way and denoised by the current policy
             sd_seeds = np.random.default_rng([cfg.seed, rnd, 0x5344]).integers(0, 2**31 - 1, len(sd_caps)).tolist()
-            sdrecon = self.sampler.refine(real, sd_caps, sd_seeds, self.settings, hg.sdrecon_strength,
-                                          batch_size=bs).latents
+            sdrecon = self.sampler.refine(
+                real, sd_caps, sd_seeds, self.settings, hg.sdrecon_strength, batch_size=bs
+            ).latents
             # how far the intermediate domain is from the real
             stats["hgdpo/sdrecon_real_rms"] = latent_rms(sdrecon, real)
             if losers is not None:  # and a fresh sample for the same caption, for scale
-                stats["hgdpo/loser_real_rms"] = latent_rms(losers[len(caps) - len(sd_caps):], real)
-        mixed, mix_stats = mix_real_winners(train_batch, self.source, frac, rnd, cfg.seed, losers_latents=losers,
-                                            losers_priors=losers_priors, sdrecon_fraction=sd_frac,
-                                            sdrecon_latents=sdrecon)
+                stats["hgdpo/loser_real_rms"] = latent_rms(losers[len(caps) - len(sd_caps) :], real)
+        mixed, mix_stats = mix_real_winners(
+            train_batch,
+            self.source,
+            frac,
+            rnd,
+            cfg.seed,
+            losers_latents=losers,
+            losers_priors=losers_priors,
+            sdrecon_fraction=sd_frac,
+            sdrecon_latents=sdrecon,
+        )
         return mixed, {**stats, **mix_stats}

@@ -58,8 +58,12 @@ class InpaintedRegions(DataSource):
         pairs, pair_stats = self.pairs(rnd, inp, plan, order)
         strengths = [plan.strengths[k] for k in order]
         stats.update(pair_stats)
-        stats.update({"region_pairs/mean_strength": float(np.mean(strengths)),
-                      "region_pairs/mean_area_ratio": float(np.mean(plan.ratios))})
+        stats.update(
+            {
+                "region_pairs/mean_strength": float(np.mean(strengths)),
+                "region_pairs/mean_area_ratio": float(np.mean(plan.ratios)),
+            }
+        )
         return concat_pairs(batch, pairs), stats
 
     def inpaint(self, samples, plan, seeds):
@@ -71,8 +75,16 @@ class InpaintedRegions(DataSource):
         parts, order = [], []
         for strength, ks in strength_groups(plan.strengths).items():
             idx = [plan.indices[k] for k in ks]
-            parts.append(self.fleet.refine(samples.latents[idx], [samples.prompts[i] for i in idx],
-                                           [int(seeds[i]) for i in idx], self.settings, strength, plan.masks[ks]))
+            parts.append(
+                self.fleet.refine(
+                    samples.latents[idx],
+                    [samples.prompts[i] for i in idx],
+                    [int(seeds[i]) for i in idx],
+                    self.settings,
+                    strength,
+                    plan.masks[ks],
+                )
+            )
             order.extend(ks)
         inp = RolloutBatch.concat(parts)
         inp.rollout_ids = [uuid.uuid4().hex for _ in range(len(inp))]
@@ -93,6 +105,15 @@ class InpaintedRegions(DataSource):
         self.log.append(make_records(inp, scored_inp, rnd.rnd, rnd.version - inp.policy_version, marks))
         values = scored.values()
         return region_pair_batch(
-            samples.latents[idx], inp.latents, inp.prompts, {n: [v[i] for i in idx] for n, v in values.items()},
-            scored_inp.values(), scored.weights, plan.masks[order], rp.region, mask_regions(cfg.learner),
-            cfg.rewards_normalization, inp.conditioning)
+            samples.latents[idx],
+            inp.latents,
+            inp.prompts,
+            {n: [v[i] for i in idx] for n, v in values.items()},
+            scored_inp.values(),
+            scored.weights,
+            plan.masks[order],
+            rp.region,
+            mask_regions(cfg.learner),
+            cfg.rewards_normalization,
+            inp.conditioning,
+        )
