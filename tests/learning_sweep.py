@@ -1,0 +1,64 @@
+"""The spread of each learning test's gain over seeds and CPU numerics, from which its margin is taken.
+
+A learning test runs one trajectory (seed 0) and asserts a gain above a margin. Another CPU's kernels round
+differently and move that trajectory as another seed would, so a margin that holds on any machine comes from
+the distribution over seeds and numerics, not from one run: this script prints each seed's gain, their mean,
+standard deviation and minimum. The tests write these numbers beside their margins; a margin is at most half
+the smallest gain measured (and below mean - 2 sd), so that a trajectory on an unseen CPU passes unless it is
+further out than any seen.
+
+    python -m tests.learning_sweep ddpo_window --seeds 0 1 2 3 4
+    ATEN_CPU_CAPABILITY=default python -m tests.learning_sweep nft --seeds 0 1 2
+    python -m tests.learning_sweep --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+
+def runs() -> dict:
+    from tests.rlfh import test_ddpo, test_online_rl
+
+    return {
+        "ddpo": lambda d, s: test_ddpo.ddpo_learning_gain(d, None, seed=s),
+        "ddpo_window": lambda d, s: test_ddpo.ddpo_learning_gain(d, 2, seed=s),
+        "ddpo_branch": lambda d, s: test_ddpo.ddpo_learning_gain(d, 2, branch=True, groups=4, rounds=8, seed=s),
+        "dppo": lambda d, s: test_ddpo.trust_region_run(d, "dppo", seed=s)[0],
+        "guard": lambda d, s: test_ddpo.trust_region_run(d, "guard", seed=s)[0],
+        "nft": lambda d, s: test_online_rl.online_learning_gain(d, "nft", seed=s),
+        "awm": lambda d, s: test_online_rl.online_learning_gain(d, "awm", seed=s),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", nargs="?")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args()
+    table = runs()
+    if args.list or args.name not in table:
+        print("learning runs:", " ".join(table))
+        return
+    from families import resolve_model_path
+
+    model = resolve_model_path("rlfh:tiny-sdxl")
+    numerics = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS") if k in os.environ}
+    gains = []
+    for seed in args.seeds:
+        t0 = time.time()
+        gains.append(table[args.name](model, seed))
+        print(f"[sweep] {args.name} seed {seed}: gain {gains[-1]:+.4f} ({time.time() - t0:.0f} s)", flush=True)
+    sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
+    print(
+        f"[sweep] {args.name} {numerics or 'default numerics'}: gains {[round(g, 4) for g in gains]}, "
+        f"mean {statistics.mean(gains):+.4f}, sd {sd:.4f}, min {min(gains):+.4f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
