@@ -1,8 +1,9 @@
 """Evaluation commands of the ``rlfh`` CLI (wired in by ``rlfh.cli.main.build_parser``).
 
     rlfh eval CONFIG --model PATH_OR_ID [--lora DIR] [--baseline-model PATH_OR_ID] [--baseline-lora DIR]
-              [--prompts human|general|FILE] [--seeds N] [--seed-start S] [--max-prompts K]
-              [--batch-size B] [--device cpu|cuda] [--out DIR] [--train-prompts K] [--no-report] [--no-progress]
+              [--baseline-negative-prompt TEXT] [--prompts human|general|FILE|DIR] [--seeds N] [--seed-start S]
+              [--max-prompts K] [--batch-size B] [--device cpu|cuda] [--out DIR] [--train-prompts K]
+              [--no-report] [--no-progress]
               [key=value ...]
         sample the prompt set at seeds S..S+N-1 with CONFIG's rollout settings, score with its
         rewards, write OUT/eval.json and OUT/index.html (default OUT: RUN_DIR/eval, RUN_DIR from CONFIG);
@@ -10,9 +11,12 @@
     rlfh compare RUN_A RUN_B [--out DIR]     overlay two runs' curves; summary.md + index.html
     rlfh plot RUN_DIR [--out DIR]            one run's curves (default RUN_DIR/curves)
 
-A baseline is evaluated when ``--baseline-model`` or ``--baseline-lora`` is given; a baseline LoRA
-without ``--baseline-model`` goes on ``--model``'s pipeline. Key=value overrides may come before or
-after the options.
+A baseline is evaluated when ``--baseline-model``, ``--baseline-lora`` or ``--baseline-negative-prompt``
+is given; a baseline LoRA or negative prompt without ``--baseline-model`` goes on ``--model``'s pipeline
+(``--baseline-negative-prompt`` alone: FaceScore's "SDXL-Neg" baseline, the model with a negative
+prompt, which needs ``rollout.guidance_scale`` above 1). A prompt file with a style column (or a
+folder of HPSv2 benchmark ``<style>.json`` files) adds per-style means and win rates. Key=value
+overrides may come before or after the options.
 """
 
 from __future__ import annotations
@@ -50,17 +54,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from rewards.base import RewardError
     from rlfh.config.schema import ConfigError, load_config
-    from rlfh.eval.evaluate import ModelSpec, evaluate, format_summary, load_prompt_set
+    from rlfh.eval.evaluate import ModelSpec, evaluate, format_summary, load_prompt_table
 
     try:
         if args.seeds < 1:
             raise ValueError(f"--seeds {args.seeds}: need at least 1 seed")
         cfg = load_config(args.config, args.overrides)
-        prompts = load_prompt_set(args.prompts)
+        table = load_prompt_table(args.prompts)
         if args.max_prompts is not None:
             if args.max_prompts < 1:
                 raise ValueError(f"--max-prompts {args.max_prompts}: need at least 1 prompt")
-            prompts = prompts[: args.max_prompts]
+            table = table.head(args.max_prompts)
         seeds = list(range(args.seed_start, args.seed_start + args.seeds))
         train_prompts: list[str] = []
         if args.train_prompts:
@@ -70,8 +74,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise ValueError(f"--train-prompts {args.train_prompts}: a number of prompts >= 0")
             train_prompts = load_prompts(cfg.rollout)[: args.train_prompts]
         baseline = None
-        if args.baseline_model or args.baseline_lora:
-            baseline = ModelSpec(args.baseline_model or args.model, args.baseline_lora)
+        if args.baseline_model or args.baseline_lora or args.baseline_negative_prompt is not None:
+            baseline = ModelSpec(args.baseline_model or args.model, args.baseline_lora, args.baseline_negative_prompt)
         out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval"
         device = args.device
         if device is None:
@@ -81,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary = evaluate(
             cfg,
             ModelSpec(args.model, args.lora),
-            prompts,
+            table.prompts,
             seeds,
             out,
             baseline=baseline,
@@ -91,6 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             report=not args.no_report,
             train_prompts=train_prompts,
+            styles=table.styles,
         )
     except (ConfigError, RewardError, FileNotFoundError, ValueError) as e:
         return _fail(e)
@@ -134,10 +139,19 @@ def add_eval_commands(subparsers) -> None:
     s.add_argument("--lora", help="LoRA of the model: checkpoint folder, .safetensors file or run directory")
     s.add_argument("--baseline-model", help="baseline pipeline (default: --model when --baseline-lora is given)")
     s.add_argument("--baseline-lora", help="LoRA of the baseline")
-    s.add_argument("--prompts", default="human", help="prompt set: human, general, or a text file (default human)")
+    s.add_argument(
+        "--baseline-negative-prompt",
+        help="the baseline's own negative prompt (FaceScore's SDXL-Neg); alone, the baseline is --model with it",
+    )
+    s.add_argument(
+        "--prompts",
+        default="human",
+        help="prompt set: human, general, a text file, a .csv/.tsv/.jsonl with prompt and style columns, "
+        "or a folder of <style>.json lists (HPSv2's benchmark); default human",
+    )
     s.add_argument("--seeds", type=int, default=4, help="seeds per prompt, shared by both models (default 4)")
     s.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
-    s.add_argument("--max-prompts", type=int, help="use only the first K prompts of the set")
+    s.add_argument("--max-prompts", type=int, help="use only the first K prompts of the set (of each style)")
     s.add_argument("--batch-size", type=int, help="images per batch (default rollout.sample_batch_size_per_actor)")
     s.add_argument("--device", help="torch device for the pipelines (default cuda when available)")
     s.add_argument("--out", help="output folder (default RUN_DIR/eval)")
