@@ -8,6 +8,9 @@
         sample the prompt set at seeds S..S+N-1 with CONFIG's rollout settings, score with its
         rewards, write OUT/eval.json and OUT/index.html (default OUT: RUN_DIR/eval, RUN_DIR from CONFIG);
         --train-prompts K also samples the first K of CONFIG's training prompts for the held-out reward gap
+    rlfh eval-rewards CONFIG LABELS_FILE [--out FILE] [--batch-size B] [key=value ...]
+        each of CONFIG's rewards against human rankings / pairs (docs/evaluation.md): pair and ranking
+        accuracy, Pearson's r
     rlfh compare RUN_A RUN_B [--out DIR]     overlay two runs' curves; summary.md + index.html
     rlfh plot RUN_DIR [--out DIR]            one run's curves (default RUN_DIR/curves)
 
@@ -104,6 +107,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_rewards(args: argparse.Namespace) -> int:
+    import json
+
+    from rewards.base import RewardError
+    from rlfh.config.schema import ConfigError, load_config
+    from rlfh.eval.reward_agreement import evaluate_rewards, format_agreement
+
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: at least 1")
+        cfg = load_config(args.config, args.overrides)
+        report = evaluate_rewards(cfg, args.labels_file, args.batch_size)
+    except (ConfigError, RewardError, FileNotFoundError, ValueError) as e:
+        return _fail(e)
+    print(format_agreement(report))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"[rlfh] agreement written to {args.out}")
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -130,7 +156,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def add_eval_commands(subparsers) -> None:
-    """Add ``eval``, ``compare`` and ``plot`` to the ``rlfh`` sub-command parsers."""
+    """Add ``eval``, ``eval-rewards``, ``compare`` and ``plot`` to the ``rlfh`` sub-command parsers."""
     s = subparsers.add_parser("eval", help="sample a fixed seeded prompt set, score it, report (vs a baseline)")
     s.__class__ = _IntermixedParser  # see its docstring: overrides may follow the options
     s.add_argument("config", help="YAML config: rollout settings, rewards and model dtype/vae come from it")
@@ -164,6 +190,17 @@ def add_eval_commands(subparsers) -> None:
     s.add_argument("--no-report", action="store_true", help="write eval.json only, no grids/plots/index.html")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_eval)
+
+    s = subparsers.add_parser(
+        "eval-rewards", help="ranking accuracy and Pearson's r of each configured reward against human labels"
+    )
+    s.__class__ = _IntermixedParser
+    s.add_argument("config", help="YAML config whose rewards are evaluated")
+    s.add_argument("labels_file", help="JSON Lines of human rankings / pairs (docs/evaluation.md)")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.add_argument("--out", help="also write the report as JSON here")
+    s.add_argument("--batch-size", type=int, default=8, help="images per scoring batch (default 8)")
+    s.set_defaults(fn=cmd_eval_rewards)
 
     s = subparsers.add_parser("compare", help="compare two runs' reward and loss curves")
     s.add_argument("run_a")
