@@ -117,6 +117,9 @@ def test_tiny_eval_region_size_and_detection_weighted(tiny_model_dir):
         "largest_share": pytest.approx(0.0),
     }
     assert json.loads((out / "eval.json").read_text())["region_size"] == summary["region_size"]
+    page = (out / "index.html").read_text()
+    assert "Region count and size" in page and "(boxes of brightest_box)" in page
+    assert "Region rewards: per image and per detection" in page and f"({n_face})" in page
     text = format_summary(summary)
     assert f"model: {n_face / n:.4g} faces per image, mean face area share 0.0625" in text
     assert "change vs baseline: faces per image 0" in text
@@ -158,3 +161,10 @@ def test_negative_prompt_baseline_and_styles(tiny_model_dir, tmp_path):
     jpeg = [r["model"]["scores"]["jpeg_compressibility"] for r in s["samples"][:2]]
     assert photo["rewards"]["jpeg_compressibility"]["model"]["mean"] == pytest.approx(np.mean(jpeg))
     assert s["styles"]["art"]["rewards"]["combined"]["win_rate"]["n_pairs"] == 1
+    from rlfh.eval.report import render_html
+
+    page = render_html(s, [], {}, None, 0)
+    mean = photo["rewards"]["jpeg_compressibility"]["model"]["mean"]
+    assert (
+        "<h2>Per style</h2>" in page and f"<td>photo</td><td>2</td><td>jpeg_compressibility</td><td>{mean:.4g}" in page
+    )
