@@ -335,7 +335,8 @@ def _size_drift(scored_by_side: dict[str, Any], image_hw: tuple[int, int]) -> di
         for region, name in region_sources(sc).items():
             sources.setdefault(region, name)
     regions = {side: [source_regions(sc, i, sources) for i in range(len(sc))] for side, sc in scored_by_side.items()}
-    return {"sources": sources, **size_drift(regions, image_hw)}
+    drift = size_drift(regions, image_hw)
+    return {region: {"source": sources[region], **entry} for region, entry in drift.items()}
 
 
 def build_summary(
@@ -418,6 +419,10 @@ def evaluate(
 
     Returns:
         The summary written to ``eval.json``.
+
+    Raises:
+        ValueError: no prompts or seeds, not one style per prompt, or a model's own negative prompt
+            with ``rollout.guidance_scale`` <= 1 (where the sampler does not use it).
     """
     from rewards.composite import RewardSet
 
@@ -521,8 +526,6 @@ def _size_lines(summary: dict[str, Any], sides: list[str]) -> list[str]:
     """Count and size of the detected regions per model (and the change vs the baseline)."""
     lines = []
     for region, e in (summary.get("region_size") or {}).items():
-        if region == "sources":
-            continue
         for side in sides:
             st = e[side]
             lines.append(

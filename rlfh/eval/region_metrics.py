@@ -9,8 +9,8 @@
       largest_share   = mean over images with a face of max_{f in F_i} area(box_f ∩ image) / (H W)
 
   and the change of each vs the baseline (model minus baseline). The boxes are those of ONE
-  reward per region (the first configured reward reporting the region), so two face rewards with
-  their own detectors do not count a face twice.
+  reward per region (:func:`region_sources`: the first configured reward reporting the region), so
+  two face rewards with their own detectors do not count a face twice.
 * :func:`detection_weighted_mean`: FairHuman (arXiv 2507.02714, ``evaluate/face_confidence.py``,
   ``hand_confidence.py``) averages its confidence over every detected face or hand of the test set,
   so an image with three faces weighs three times; rlfh's per-image value aggregates an image's

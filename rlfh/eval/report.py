@@ -290,10 +290,9 @@ def _num(v: float | None) -> str:
 def _region_size_table(summary: dict[str, Any], sides: list[str]) -> list[str]:
     """Count and size of the detected regions per model, and the change vs the baseline (FaceScore's drift)."""
     e = html.escape
-    size = {k: v for k, v in (summary.get("region_size") or {}).items() if k != "sources"}
+    size = summary.get("region_size") or {}
     if not size:
         return []
-    sources = summary["region_size"].get("sources", {})
     out = ["<h2>Region count and size</h2><table><tr><th>region</th><th>metric</th>"]
     out += [f"<th>{s}</th>" for s in sides] + (["<th>change</th>"] if "baseline" in sides else []) + ["</tr>"]
     for region, entry in size.items():
@@ -301,7 +300,7 @@ def _region_size_table(summary: dict[str, Any], sides: list[str]) -> list[str]:
             cells = "".join(f"<td>{_num(entry[s][key])}</td>" for s in sides)
             if "change" in entry:
                 cells += f"<td>{_num(entry['change'][key])}</td>"
-            src = f" <span class=small>(boxes of {e(sources.get(region, '?'))})</span>" if key == "per_image" else ""
+            src = f" <span class=small>(boxes of {e(entry['source'])})</span>" if key == "per_image" else ""
             out.append(f"<tr><td>{e(region)}{src}</td><td>{label}</td>{cells}</tr>")
     out.append("</table>")
     return out

@@ -99,7 +99,7 @@ def test_tiny_eval_region_size_and_detection_weighted(tiny_model_dir):
     n = len(PROMPTS) * len(SEEDS)
     n_face = n - sum(MISSING_WORD in p for p in PROMPTS) * len(SEEDS)
     size = summary["region_size"]
-    assert size["sources"] == {"face": "brightest_box", "hand": "brightest_box"}
+    assert size["face"]["source"] == size["hand"]["source"] == "brightest_box"
     for side in ("model", "baseline"):
         face = size["face"][side]
         # BrightestBox: one 16 x 16 face box per image with a face, on 64 x 64 images
@@ -110,7 +110,7 @@ def test_tiny_eval_region_size_and_detection_weighted(tiny_model_dir):
         assert box["detection_weighted"]["n_detections"] == n_face
         assert box["detection_weighted"]["mean"] == pytest.approx(box["mean"])
         assert "detection_weighted" not in summary["rewards"]["jpeg_compressibility"][side]
-    assert size["face"]["change"] == {
+    assert set(size) == {"face", "hand"} and size["face"]["change"] == {
         "per_image": 0.0,
         "images_with_detection_rate": 0.0,
         "area_share": pytest.approx(0.0),
