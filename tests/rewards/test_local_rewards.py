@@ -132,6 +132,13 @@ def test_local_rewards_score_the_crop_with_the_wrapped_reward(target, ir_dir, hp
     assert a.info["face_scores"][2] is None  # below FaceScore's 0.9 threshold: not scored
     assert a.value == pytest.approx((on_crop + other) / 2, abs=1e-5) and abs(on_crop - other) > 1e-4
     assert none.value is None and "no face with confidence >= 0.9" in none.reason
+    assert r.reads_sources == (target == "local_ir")  # as the wrapped reward: ImageReward resizes files in their mode
+    if r.reads_sources:  # the crop then comes from the decoded file (an RGB file: the same pixels)
+        from PIL import Image
+
+        src = Image.fromarray(astronaut)
+        with_src = r(np.stack([astronaut, astronaut]), ["an astronaut"] * 2, sources=[src, None])[0]
+        assert with_src.value == pytest.approx(a.value, abs=1e-6)
     # text: image reads each image's own prompt with the crop instead of "A face."
     r2 = _local(target, {**options, "text": "image"}, [[Detection(FACE, 0.99)]])
     own = r2(astronaut[None], ["an astronaut"])[0].value
