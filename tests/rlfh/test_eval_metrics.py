@@ -168,3 +168,24 @@ def test_negative_prompt_baseline_and_styles(tiny_model_dir, tmp_path):
     assert (
         "<h2>Per style</h2>" in page and f"<td>photo</td><td>2</td><td>jpeg_compressibility</td><td>{mean:.4g}" in page
     )
+
+
+def test_eval_cli_negative_prompt_and_styled_prompts(tiny_model_dir, tmp_path, capsys):
+    """The flags reach evaluate: a negative-prompt-only baseline at guidance 1 is refused before sampling,
+    and a styled prompt file's unknown column layout is named."""
+    import argparse
+
+    from rlfh.cli.eval import add_eval_commands
+    from tests.conftest import REPO
+
+    p = argparse.ArgumentParser(prog="rlfh")
+    add_eval_commands(p.add_subparsers(dest="command", required=True))
+    cfg = str(REPO / "configs" / "tiny.yaml")
+    args = p.parse_args(["eval", cfg, "--model", tiny_model_dir, "--baseline-negative-prompt", "ugly", "--out", "x"])
+    assert args.baseline_negative_prompt == "ugly" and args.baseline_model is None
+    args.out = str(tmp_path)
+    assert args.fn(args) == 2
+    assert "negative prompt ('ugly') acts only under classifier-free guidance" in capsys.readouterr().err
+    (tmp_path / "p.csv").write_text("caption,style\na,b\n")
+    args = p.parse_args(["eval", cfg, "--model", tiny_model_dir, "--prompts", str(tmp_path / "p.csv")])
+    assert args.fn(args) == 2 and "'prompt' column" in capsys.readouterr().err
