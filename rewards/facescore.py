@@ -68,6 +68,62 @@ def aggregate(scores: Sequence[float], areas: Sequence[float], mode: str) -> flo
     raise RewardError(f"aggregation must be one of {AGGREGATIONS}, got {mode!r}")
 
 
+def region_crops(
+    images: np.ndarray,
+    detections: Sequence[Sequence[Detection]],
+    threshold: float,
+    sources: Sequence[Any] | None = None,
+) -> tuple[list[Any], list[tuple[int, int]], list[float]]:
+    """The crops a region scorer reads: each detection with confidence >= ``threshold``, its box
+    widened by 1 px per side (:func:`rewards.blip_preprocess.crop_bounds`).
+
+    Returns:
+        crops (uint8 arrays, or crops of ``sources[b]`` in its file's mode when given), the
+        (image index, detection index) of each crop, and each crop's pixel area.
+    """
+    crops, owner, areas = [], [], []
+    for b, dets in enumerate(detections):
+        h, w = images[b].shape[:2]
+        for j, det in enumerate(dets):
+            bounds = crop_bounds(det.box, h, w) if det.confidence >= threshold else None
+            if bounds is not None:
+                y0, y1, x0, x1 = bounds
+                src = sources[b] if sources is not None else None
+                crops.append(images[b, y0:y1, x0:x1] if src is None else src.crop((x0, y0, x1, y1)))
+                owner.append((b, j))
+                areas.append(float((y1 - y0) * (x1 - x0)))
+    return crops, owner, areas
+
+
+def region_results(
+    detections: Sequence[Sequence[Detection]],
+    owner: Sequence[tuple[int, int]],
+    scores: Sequence[float],
+    areas: Sequence[float],
+    region: str,
+    threshold: float,
+    aggregation: str,
+) -> list[RewardResult]:
+    """One result per image from its crops' scores: the :func:`aggregate` of the scored ones, every
+    detection in ``regions[region]``, ``info["<region>_scores"]`` per detection (None: not scored),
+    and an explicit missing result when no detection of the image was scored."""
+    per_image: list[list[float | None]] = [[None] * len(d) for d in detections]
+    for (b, j), s in zip(owner, scores):
+        per_image[b][j] = float(s)
+    results = []
+    for b, dets in enumerate(detections):
+        regions = {region: list(dets)}
+        idx = [k for k, (ob, _) in enumerate(owner) if ob == b]
+        info = {f"{region}_scores": per_image[b], "aggregation": aggregation}
+        if not idx:
+            reason = f"no {region} with confidence >= {threshold} ({len(dets)} detections)"
+            results.append(RewardResult.missing(reason, regions=regions, info=info))
+            continue
+        value = aggregate([scores[k] for k in idx], [areas[k] for k in idx], aggregation)
+        results.append(RewardResult(value, regions=regions, info=info))
+    return results
+
+
 class FaceScore(Reward):
     """FaceScore reward on uint8 images (the non-differentiable reference path).
 
@@ -195,38 +251,9 @@ class FaceScore(Reward):
         detections = self.detector.detect(images)
         if len(detections) != len(images):
             raise RewardError(f"{self.name}: detector returned {len(detections)} lists for {len(images)} images")
-        crops, owner, areas = [], [], []  # owner: (image index, detection index) of each crop
-        for b, dets in enumerate(detections):
-            h, w = images[b].shape[:2]
-            for j, det in enumerate(dets):
-                bounds = crop_bounds(det.box, h, w) if det.confidence >= self.threshold else None
-                if bounds is not None:
-                    y0, y1, x0, x1 = bounds
-                    src = sources[b] if sources is not None else None
-                    crops.append(images[b, y0:y1, x0:x1] if src is None else src.crop((x0, y0, x1, y1)))
-                    owner.append((b, j))
-                    areas.append(float((y1 - y0) * (x1 - x0)))
+        crops, owner, areas = region_crops(images, detections, self.threshold, sources)
         scores = self.score_crops(crops)
-        per_image: list[list[float | None]] = [[None] * len(d) for d in detections]
-        for (b, j), s in zip(owner, scores):
-            per_image[b][j] = float(s)
-        results = []
-        for b, dets in enumerate(detections):
-            regions = {self.region: list(dets)}
-            idx = [k for k, (ob, _) in enumerate(owner) if ob == b]
-            info = {f"{self.region}_scores": per_image[b], "aggregation": self.aggregation}
-            if not idx:
-                results.append(
-                    RewardResult.missing(
-                        f"no {self.region} with confidence >= {self.threshold} ({len(dets)} detections)",
-                        regions=regions,
-                        info=info,
-                    )
-                )
-                continue
-            value = aggregate([scores[k] for k in idx], [areas[k] for k in idx], self.aggregation)
-            results.append(RewardResult(value, regions=regions, info=info))
-        return results
+        return region_results(detections, owner, scores, areas, self.region, self.threshold, self.aggregation)
 
     def differentiable(self, match_pil: bool = True) -> "DifferentiableFaceScore":
         """The tensor-native FaceScore sharing this reward's model and tokenizer."""

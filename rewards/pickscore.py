@@ -38,8 +38,9 @@ def _pooled(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def load_processor(source: str, revision: str | None = None, cache_dir: str | None = None):
-    """The PIL CLIP image processor and the CLIP tokenizer of ``source`` (directory or hub id).
+def load_processor(source: str, revision: str | None = None, cache_dir: str | None = None, what: str = "PickScore"):
+    """The PIL CLIP image processor and the CLIP tokenizer of ``source`` (directory or hub id);
+    ``what`` names the reward in errors.
 
     Raises:
         RewardError: files missing or unreadable, or a tokenizer that is not CLIP's BPE.
@@ -52,11 +53,11 @@ def load_processor(source: str, revision: str | None = None, cache_dir: str | No
     try:
         image_processor = CLIPImageProcessorPil.from_pretrained(source, **kw)
     except Exception as e:  # OSError / ValueError / JSON errors: all mean "no usable processor"
-        raise RewardError(f"PickScore: cannot load the image processor from {source!r} (expected {layout}): {e}") from e
+        raise RewardError(f"{what}: cannot load the image processor from {source!r} (expected {layout}): {e}") from e
     try:
         tokenizer = CLIPTokenizer.from_pretrained(source, **kw)
     except Exception as e:
-        raise RewardError(f"PickScore: cannot load the tokenizer from {source!r} (expected {layout}): {e}") from e
+        raise RewardError(f"{what}: cannot load the tokenizer from {source!r} (expected {layout}): {e}") from e
     check_clip_tokenizer(tokenizer, source)
     return image_processor, tokenizer
 
@@ -79,6 +80,7 @@ class PickScore(Reward):
 
     name = "pickscore"
     region = "global"
+    title = "PickScore"  # in error messages (CLIPScore shares this loader)
 
     def __init__(
         self,
@@ -93,22 +95,24 @@ class PickScore(Reward):
         from transformers import CLIPModel
 
         if batch_size < 1:
-            raise RewardError(f"PickScore options: batch_size={batch_size!r}: at least 1")
+            raise RewardError(f"{self.title} options: batch_size={batch_size!r}: at least 1")
         self.batch_size = int(batch_size)
-        self.image_processor, self.tokenizer = load_processor(processor, cache_dir=cache_dir)
+        self.image_processor, self.tokenizer = load_processor(processor, cache_dir=cache_dir, what=self.title)
         self.model = load_hf_model(
             CLIPModel,
             model,
-            "PickScore",
+            self.title,
             revision=revision,
             cache_dir=cache_dir,
-            dtype=torch_dtype(dtype, "PickScore"),
+            dtype=torch_dtype(dtype, self.title),
             device=device,
         )
         crop = self.image_processor.crop_size
         size = self.model.config.vision_config.image_size
         if not self.image_processor.do_center_crop or (crop["height"], crop["width"]) != (size, size):
-            raise RewardError(f"PickScore: processor {processor!r} crops to {crop} but the model takes {size}x{size}")
+            raise RewardError(
+                f"{self.title}: processor {processor!r} crops to {crop} but the model takes {size}x{size}"
+            )
 
     @torch.no_grad()
     def embeddings(self, images: np.ndarray, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

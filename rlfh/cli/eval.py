@@ -1,18 +1,25 @@
 """Evaluation commands of the ``rlfh`` CLI (wired in by ``rlfh.cli.main.build_parser``).
 
     rlfh eval CONFIG --model PATH_OR_ID [--lora DIR] [--baseline-model PATH_OR_ID] [--baseline-lora DIR]
-              [--prompts human|general|FILE] [--seeds N] [--seed-start S] [--max-prompts K]
-              [--batch-size B] [--device cpu|cuda] [--out DIR] [--train-prompts K] [--no-report] [--no-progress]
+              [--baseline-negative-prompt TEXT] [--prompts human|general|FILE|DIR] [--seeds N] [--seed-start S]
+              [--max-prompts K] [--batch-size B] [--device cpu|cuda] [--out DIR] [--train-prompts K]
+              [--no-report] [--no-progress]
               [key=value ...]
         sample the prompt set at seeds S..S+N-1 with CONFIG's rollout settings, score with its
         rewards, write OUT/eval.json and OUT/index.html (default OUT: RUN_DIR/eval, RUN_DIR from CONFIG);
         --train-prompts K also samples the first K of CONFIG's training prompts for the held-out reward gap
+    rlfh eval-rewards CONFIG LABELS_FILE [--out FILE] [--batch-size B] [key=value ...]
+        each of CONFIG's rewards against human rankings / pairs (docs/evaluation.md): pair and ranking
+        accuracy, Pearson's r
     rlfh compare RUN_A RUN_B [--out DIR]     overlay two runs' curves; summary.md + index.html
     rlfh plot RUN_DIR [--out DIR]            one run's curves (default RUN_DIR/curves)
 
-A baseline is evaluated when ``--baseline-model`` or ``--baseline-lora`` is given; a baseline LoRA
-without ``--baseline-model`` goes on ``--model``'s pipeline. Key=value overrides may come before or
-after the options.
+A baseline is evaluated when ``--baseline-model``, ``--baseline-lora`` or ``--baseline-negative-prompt``
+is given; a baseline LoRA or negative prompt without ``--baseline-model`` goes on ``--model``'s pipeline
+(``--baseline-negative-prompt`` alone: FaceScore's "SDXL-Neg" baseline, the model with a negative
+prompt, which needs ``rollout.guidance_scale`` above 1). A prompt file with a style column (or a
+folder of HPSv2 benchmark ``<style>.json`` files) adds per-style means and win rates. Key=value
+overrides may come before or after the options.
 """
 
 from __future__ import annotations
@@ -50,17 +57,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from rewards.base import RewardError
     from rlfh.config.schema import ConfigError, load_config
-    from rlfh.eval.evaluate import ModelSpec, evaluate, format_summary, load_prompt_set
+    from rlfh.eval.evaluate import ModelSpec, evaluate, format_summary, load_prompt_table
 
     try:
         if args.seeds < 1:
             raise ValueError(f"--seeds {args.seeds}: need at least 1 seed")
         cfg = load_config(args.config, args.overrides)
-        prompts = load_prompt_set(args.prompts)
+        table = load_prompt_table(args.prompts)
         if args.max_prompts is not None:
             if args.max_prompts < 1:
                 raise ValueError(f"--max-prompts {args.max_prompts}: need at least 1 prompt")
-            prompts = prompts[: args.max_prompts]
+            table = table.head(args.max_prompts)
         seeds = list(range(args.seed_start, args.seed_start + args.seeds))
         train_prompts: list[str] = []
         if args.train_prompts:
@@ -70,8 +77,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise ValueError(f"--train-prompts {args.train_prompts}: a number of prompts >= 0")
             train_prompts = load_prompts(cfg.rollout)[: args.train_prompts]
         baseline = None
-        if args.baseline_model or args.baseline_lora:
-            baseline = ModelSpec(args.baseline_model or args.model, args.baseline_lora)
+        if args.baseline_model or args.baseline_lora or args.baseline_negative_prompt is not None:
+            baseline = ModelSpec(args.baseline_model or args.model, args.baseline_lora, args.baseline_negative_prompt)
         out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval"
         device = args.device
         if device is None:
@@ -81,7 +88,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         summary = evaluate(
             cfg,
             ModelSpec(args.model, args.lora),
-            prompts,
+            table.prompts,
             seeds,
             out,
             baseline=baseline,
@@ -91,11 +98,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             report=not args.no_report,
             train_prompts=train_prompts,
+            styles=table.styles,
         )
     except (ConfigError, RewardError, FileNotFoundError, ValueError) as e:
         return _fail(e)
     print(format_summary(summary))
     print(f"[rlfh] evaluation written to {out}/eval.json" + ("" if args.no_report else f" and {out}/index.html"))
+    return 0
+
+
+def cmd_eval_rewards(args: argparse.Namespace) -> int:
+    import json
+
+    from rewards.base import RewardError
+    from rlfh.config.schema import ConfigError, load_config
+    from rlfh.eval.reward_agreement import evaluate_rewards, format_agreement
+
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size {args.batch_size}: at least 1")
+        cfg = load_config(args.config, args.overrides)
+        report = evaluate_rewards(cfg, args.labels_file, args.batch_size)
+    except (ConfigError, RewardError, FileNotFoundError, ValueError) as e:
+        return _fail(e)
+    print(format_agreement(report))
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"[rlfh] agreement written to {args.out}")
     return 0
 
 
@@ -125,7 +156,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def add_eval_commands(subparsers) -> None:
-    """Add ``eval``, ``compare`` and ``plot`` to the ``rlfh`` sub-command parsers."""
+    """Add ``eval``, ``eval-rewards``, ``compare`` and ``plot`` to the ``rlfh`` sub-command parsers."""
     s = subparsers.add_parser("eval", help="sample a fixed seeded prompt set, score it, report (vs a baseline)")
     s.__class__ = _IntermixedParser  # see its docstring: overrides may follow the options
     s.add_argument("config", help="YAML config: rollout settings, rewards and model dtype/vae come from it")
@@ -134,10 +165,19 @@ def add_eval_commands(subparsers) -> None:
     s.add_argument("--lora", help="LoRA of the model: checkpoint folder, .safetensors file or run directory")
     s.add_argument("--baseline-model", help="baseline pipeline (default: --model when --baseline-lora is given)")
     s.add_argument("--baseline-lora", help="LoRA of the baseline")
-    s.add_argument("--prompts", default="human", help="prompt set: human, general, or a text file (default human)")
+    s.add_argument(
+        "--baseline-negative-prompt",
+        help="the baseline's own negative prompt (FaceScore's SDXL-Neg); alone, the baseline is --model with it",
+    )
+    s.add_argument(
+        "--prompts",
+        default="human",
+        help="prompt set: human, general, a text file, a .csv/.tsv/.jsonl with prompt and style columns, "
+        "or a folder of <style>.json lists (HPSv2's benchmark); default human",
+    )
     s.add_argument("--seeds", type=int, default=4, help="seeds per prompt, shared by both models (default 4)")
     s.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
-    s.add_argument("--max-prompts", type=int, help="use only the first K prompts of the set")
+    s.add_argument("--max-prompts", type=int, help="use only the first K prompts of the set (of each style)")
     s.add_argument("--batch-size", type=int, help="images per batch (default rollout.sample_batch_size_per_actor)")
     s.add_argument("--device", help="torch device for the pipelines (default cuda when available)")
     s.add_argument("--out", help="output folder (default RUN_DIR/eval)")
@@ -150,6 +190,17 @@ def add_eval_commands(subparsers) -> None:
     s.add_argument("--no-report", action="store_true", help="write eval.json only, no grids/plots/index.html")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_eval)
+
+    s = subparsers.add_parser(
+        "eval-rewards", help="ranking accuracy and Pearson's r of each configured reward against human labels"
+    )
+    s.__class__ = _IntermixedParser
+    s.add_argument("config", help="YAML config whose rewards are evaluated")
+    s.add_argument("labels_file", help="JSON Lines of human rankings / pairs (docs/evaluation.md)")
+    s.add_argument("overrides", nargs="*", help="key=value config overrides")
+    s.add_argument("--out", help="also write the report as JSON here")
+    s.add_argument("--batch-size", type=int, default=8, help="images per scoring batch (default 8)")
+    s.set_defaults(fn=cmd_eval_rewards)
 
     s = subparsers.add_parser("compare", help="compare two runs' reward and loss curves")
     s.add_argument("run_a")

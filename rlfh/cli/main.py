@@ -10,6 +10,7 @@ rlfh config CONFIG [key=value ...]           print the effective config (validat
 rlfh score CONFIG IMAGE... [key=value ...]   score image files, one JSON object per image
 rlfh serve-rewards CONFIG [--port 8000]      the reward server (Ray Serve, HTTP on 127.0.0.1)
 rlfh eval CONFIG --model M [--lora DIR]      sample a seeded prompt set, score, report (HTML)
+rlfh eval-rewards CONFIG LABELS_FILE         each reward's accuracy / Pearson r against human labels
 rlfh compare RUN_A RUN_B / rlfh plot RUN     reward and loss curves from metrics.jsonl
 rlfh status RUN_DIR [--json]                 a run's state, progress, rewards and timings
 """

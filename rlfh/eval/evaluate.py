@@ -27,15 +27,14 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from rlfh.eval.prompt_sets import PROMPT_SETS, PromptSet, load_prompt_set, load_prompt_table  # noqa: F401 (API)
 from rlfh.run.checkpoints import load_lora_into, resolve_lora
 
-PROMPT_SETS = ("human", "general")
 CI_LEVEL = 0.95
 N_BOOTSTRAP = 10_000
 CI_METHOD = f"percentile bootstrap over images, {N_BOOTSTRAP} resamples, seed 0, {int(CI_LEVEL * 100)}% level"
@@ -50,44 +49,24 @@ class ModelSpec:
         path: anything ``model.path`` accepts (folder, hub id, single file, ``rlfh:tiny-sdxl``).
         lora: a diffusers-format LoRA: a checkpoint folder, its ``.safetensors`` file, or a run
             directory / ``checkpoints`` folder (its ``latest`` checkpoint is used).
+        negative_prompt: this model's own negative prompt in place of ``rollout.negative_prompt``
+            (FaceScore's "SDXL-Neg" baseline: the base model with a negative prompt); it acts only
+            under classifier-free guidance (``rollout.guidance_scale > 1``).
     """
 
     path: str
     lora: str | None = None
+    negative_prompt: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.path} + LoRA {self.lora}" if self.lora else self.path
+        label = f"{self.path} + LoRA {self.lora}" if self.lora else self.path
+        return label if self.negative_prompt is None else f"{label}, negative prompt {self.negative_prompt!r}"
 
 
 # ------------------------------------------------------------------------------------------
-# Prompt sets and LoRA paths
+# Prompt sets: rlfh.eval.prompt_sets
 # ------------------------------------------------------------------------------------------
-
-
-def load_prompt_set(name_or_file: str) -> list[str]:
-    """Prompts of a packaged set (``human``, ``general``) or of a text file (one per line).
-
-    Raises:
-        ValueError: unknown set name, or a set/file holding no prompts.
-        FileNotFoundError: a path that does not exist.
-    """
-    if name_or_file in PROMPT_SETS:
-        text = resources.files("rlfh").joinpath("assets", "prompts", f"{name_or_file}.txt").read_text()
-        source = f"prompt set {name_or_file!r}"
-    else:
-        path = Path(name_or_file)
-        if not path.is_file():
-            if path.suffix or "/" in name_or_file:
-                raise FileNotFoundError(f"--prompts {name_or_file}: no such file")
-            raise ValueError(
-                f"--prompts {name_or_file!r}: unknown prompt set; use one of {list(PROMPT_SETS)} or a file path"
-            )
-        text, source = path.read_text(), str(path)
-    prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"{source} holds no prompts (one per line; # starts a comment)")
-    return prompts
 
 
 # ------------------------------------------------------------------------------------------
@@ -201,9 +180,8 @@ def sample_images(
     if lora is not None:
         load_lora_into(pipe, lora)
     rc = cfg.rollout
-    settings = SamplerSettings(
-        rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta
-    )
+    negative = rc.negative_prompt if spec.negative_prompt is None else spec.negative_prompt
+    settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, negative, rc.height, rc.width, rc.eta)
     sampler = Sampler(pipe, model_id=spec.label)
     chunks = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
@@ -276,6 +254,132 @@ def collapse_stats(reward_set, images: np.ndarray, prompts: Sequence[str], score
     }
 
 
+def _sample_and_score(ctx: "_EvalRun", side: str, spec: ModelSpec) -> tuple[Any, dict[str, Any]]:
+    """One model: sample the evaluation pairs (and the training prompts), save the images, score;
+    returns its :class:`ScoredBatch` and its collapse metrics."""
+    from PIL import Image
+
+    images = ctx.sample(spec, ctx.prompts, ctx.seeds, f"sampling {side}")
+    (ctx.out / "images" / side).mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(ctx.out / "images" / side / f"{i:04d}.png")
+    scored = ctx.score(images, ctx.prompts, f"scoring {side}")
+    train_scored = None
+    if ctx.train_prompts:  # the same seeds on the training prompts: the held-out reward gap
+        train_images = ctx.sample(spec, ctx.train_prompts, ctx.train_seeds, f"sampling {side} (training prompts)")
+        train_scored = ctx.score(train_images, ctx.train_prompts, f"scoring {side} (training prompts)")
+    return scored, collapse_stats(ctx.reward_set, images, ctx.prompts, scored, train_scored)
+
+
+@dataclass
+class _EvalRun:
+    """What every side of one evaluation shares: the flattened (prompt, seed) pairs and the settings."""
+
+    cfg: Any
+    reward_set: Any
+    out: Path
+    prompts: list[str]
+    seeds: list[int]
+    train_prompts: list[str]
+    train_seeds: list[int]
+    batch_size: int
+    device: str
+    progress: bool
+
+    def sample(self, spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[int], desc: str) -> np.ndarray:
+        return sample_images(self.cfg, spec, prompts, seeds, self.batch_size, self.device, self.progress, desc=desc)
+
+    def score(self, images: np.ndarray, prompts: Sequence[str], desc: str):
+        return score_images(self.reward_set, images, prompts, self.batch_size, self.progress, desc=desc)
+
+
+def _values(scored, name: str) -> list[float | None]:
+    return scored.combined() if name == COMBINED else [r.value for r in scored.results[name]]
+
+
+def reward_entries(names: Sequence[str], scored_by_side: dict[str, Any]) -> dict[str, Any]:
+    """Per reward (and ``combined``): region, weight, per-side statistics (with FairHuman's
+    detection-weighted mean for region rewards) and, with a baseline, the win rate."""
+    from rlfh.eval.region_metrics import detection_weighted_mean
+
+    first = scored_by_side["model"]
+    stats = {side: _side_stats(sc) for side, sc in scored_by_side.items()}
+    rewards: dict[str, Any] = {}
+    for name in [*names, COMBINED]:
+        region = first.regions_of.get(name, "all")
+        entry: dict[str, Any] = {"region": region, "weight": first.weights.get(name)}
+        for side, sc in scored_by_side.items():
+            entry[side] = stats[side][name]
+            if region not in ("global", "all"):
+                entry[side]["detection_weighted"] = detection_weighted_mean(sc.results[name], region)
+        if "baseline" in scored_by_side:
+            entry["win_rate"] = win_rate(_values(first, name), _values(scored_by_side["baseline"], name))
+        rewards[name] = entry
+    return rewards
+
+
+def _style_summary(styles: Sequence[str], names: Sequence[str], scored_by_side: dict[str, Any]) -> dict[str, Any]:
+    from rlfh.eval.region_metrics import by_style
+
+    values = {side: {n: _values(sc, n) for n in [*names, COMBINED]} for side, sc in scored_by_side.items()}
+    return by_style(
+        styles, values, lambda v: value_stats(v, ["not computable" if x is None else None for x in v]), win_rate
+    )
+
+
+def _size_drift(scored_by_side: dict[str, Any], image_hw: tuple[int, int]) -> dict[str, Any]:
+    from rlfh.eval.region_metrics import region_sources, size_drift, source_regions
+
+    sources: dict[str, str] = {}
+    for sc in scored_by_side.values():  # a region seen only in the baseline's images still has a source
+        for region, name in region_sources(sc).items():
+            sources.setdefault(region, name)
+    regions = {side: [source_regions(sc, i, sources) for i in range(len(sc))] for side, sc in scored_by_side.items()}
+    drift = size_drift(regions, image_hw)
+    return {region: {"source": sources[region], **entry} for region, entry in drift.items()}
+
+
+def build_summary(
+    ctx: _EvalRun,
+    sides: dict[str, ModelSpec],
+    scored_by_side: dict[str, Any],
+    collapse: dict[str, Any],
+    meta: dict[str, Any],
+    styles: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """The ``eval.json`` summary of sampled and scored sides; ``meta`` holds the prompt-set fields,
+    ``styles`` one style per image (None: the prompt set has none)."""
+    names = ctx.reward_set.names
+    samples = []
+    for i, (p, s) in enumerate(zip(ctx.prompts, ctx.seeds)):
+        rec: dict[str, Any] = {"index": i, "prompt": p, "seed": s}
+        if styles:
+            rec["style"] = styles[i]
+        for side, sc in scored_by_side.items():
+            rec[side] = {"image": f"images/{side}/{i:04d}.png", **_side_record(sc, i)}
+        samples.append(rec)
+    rc = ctx.cfg.rollout
+    settings = {k: getattr(rc, k) for k in ("num_inference_steps", "guidance_scale", "negative_prompt")}
+    settings.update(height=rc.height, width=rc.width, eta=rc.eta)
+    return {  # the key order is the reading order of eval.json
+        **meta,
+        "num_images_per_model": len(ctx.prompts),
+        "settings": settings,
+        "ci_method": CI_METHOD,
+        "win_rule": "model wins when its value is strictly higher; ties count 0.5; pairs with a missing value excluded",
+        "models": {
+            side: {"path": spec.path, "lora": spec.lora, "negative_prompt": spec.negative_prompt, "label": spec.label}
+            for side, spec in sides.items()
+        },
+        "rewards": reward_entries(names, scored_by_side),
+        "regions": {side: region_rates([sc.regions(i) for i in range(len(sc))]) for side, sc in scored_by_side.items()},
+        "region_size": _size_drift(scored_by_side, (rc.height, rc.width)),
+        "styles": _style_summary(styles, names, scored_by_side) if styles else None,
+        "collapse": collapse,
+        "samples": samples,
+    }
+
+
 def evaluate(
     cfg,
     model: ModelSpec,
@@ -289,6 +393,7 @@ def evaluate(
     progress: bool = True,
     report: bool = True,
     train_prompts: Sequence[str] = (),
+    styles: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Sample, score, summarise and write ``eval.json`` (+ images and the HTML report).
 
@@ -299,7 +404,8 @@ def evaluate(
         prompts: the prompt set; every prompt is sampled at every seed.
         seeds: the seeds, shared by both models.
         out_dir: where outputs go (created).
-        baseline: the model to compare with, on the same (prompt, seed) pairs.
+        baseline: the model to compare with, on the same (prompt, seed) pairs; its own
+            ``negative_prompt`` gives FaceScore's "SDXL-Neg" baseline.
         prompt_set: the set's name or file, recorded in the summary.
         batch_size: images per sampling/scoring batch (default ``rollout.sample_batch_size_per_actor``).
         device: torch device for the pipelines.
@@ -308,100 +414,62 @@ def evaluate(
         train_prompts: prompts the model was trained on, sampled at the same seeds by each model for
             the held-out reward gap (``collapse.<side>.reward_gap``: their combined reward minus that
             of ``prompts``); empty: the gap is reported as not measured.
+        styles: one style per prompt (HPSv2's benchmark styles); the summary's ``styles`` then gives
+            every reward's mean and win rate per style.
 
     Returns:
         The summary written to ``eval.json``.
-    """
-    from PIL import Image
 
+    Raises:
+        ValueError: no prompts or seeds, not one style per prompt, or a model's own negative prompt
+            with ``rollout.guidance_scale`` <= 1 (where the sampler does not use it).
+    """
     from rewards.composite import RewardSet
 
-    if not prompts or not seeds:
-        raise ValueError(f"nothing to evaluate: {len(prompts)} prompts x {len(seeds)} seeds")
+    _check_request(cfg, model, baseline, prompts, seeds, styles)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = [(p, int(s)) for p in prompts for s in seeds]
-    all_prompts, all_seeds = [p for p, _ in pairs], [s for _, s in pairs]
-    bs = batch_size or cfg.rollout.sample_batch_size_per_actor
     reward_set = RewardSet.from_config(cfg.rewards)  # built once, shared by both sides
+    ctx = _EvalRun(
+        cfg,
+        reward_set,
+        out,
+        [p for p in prompts for _ in seeds],
+        [int(s) for _ in prompts for s in seeds],
+        [p for p in train_prompts for _ in seeds],
+        [int(s) for _ in train_prompts for s in seeds],
+        batch_size or cfg.rollout.sample_batch_size_per_actor,
+        device,
+        progress,
+    )
     sides = {"model": model, **({"baseline": baseline} if baseline is not None else {})}
     scored_by_side, collapse = {}, {}
-    train_pairs = [(p, int(s)) for p in train_prompts for s in seeds]
     with reward_set:  # closes the rewards' detectors, however sampling or scoring ends
         for side, spec in sides.items():
-            images = sample_images(cfg, spec, all_prompts, all_seeds, bs, device, progress, desc=f"sampling {side}")
-            (out / "images" / side).mkdir(parents=True, exist_ok=True)
-            for i, im in enumerate(images):
-                Image.fromarray(im).save(out / "images" / side / f"{i:04d}.png")
-            scored_by_side[side] = score_images(reward_set, images, all_prompts, bs, progress, desc=f"scoring {side}")
-            train_scored = None
-            if train_pairs:  # the same seeds on the training prompts: the held-out reward gap
-                tp = [p for p, _ in train_pairs]
-                train_images = sample_images(
-                    cfg,
-                    spec,
-                    tp,
-                    [s for _, s in train_pairs],
-                    bs,
-                    device,
-                    progress,
-                    desc=f"sampling {side} (training prompts)",
-                )
-                train_scored = score_images(
-                    reward_set, train_images, tp, bs, progress, desc=f"scoring {side} (training prompts)"
-                )
-            collapse[side] = collapse_stats(reward_set, images, all_prompts, scored_by_side[side], train_scored)
-
-    first = scored_by_side["model"]
-    rewards: dict[str, Any] = {}
-    for name in [*reward_set.names, COMBINED]:
-        entry: dict[str, Any] = {
-            "region": first.regions_of.get(name, "all"),
-            "weight": first.weights.get(name),
-            **{side: _side_stats(sc)[name] for side, sc in scored_by_side.items()},
-        }
-        if baseline is not None:
-            vals = {
-                s: (sc.combined() if name == COMBINED else [r.value for r in sc.results[name]])
-                for s, sc in scored_by_side.items()
-            }
-            entry["win_rate"] = win_rate(vals["model"], vals["baseline"])
-        rewards[name] = entry
-    samples = []
-    for i, (p, s) in enumerate(pairs):
-        rec: dict[str, Any] = {"index": i, "prompt": p, "seed": s}
-        for side, sc in scored_by_side.items():
-            rec[side] = {"image": f"images/{side}/{i:04d}.png", **_side_record(sc, i)}
-        samples.append(rec)
-    rc = cfg.rollout
-    summary = {
-        "prompt_set": prompt_set,
-        "num_prompts": len(prompts),
-        "seeds": [int(s) for s in seeds],
-        "num_images_per_model": len(pairs),
-        "settings": {
-            "num_inference_steps": rc.num_inference_steps,
-            "guidance_scale": rc.guidance_scale,
-            "negative_prompt": rc.negative_prompt,
-            "height": rc.height,
-            "width": rc.width,
-            "eta": rc.eta,
-        },
-        "ci_method": CI_METHOD,
-        "win_rule": "model wins when its value is strictly higher; ties count 0.5; pairs with a missing value excluded",
-        "models": {side: {"path": spec.path, "lora": spec.lora, "label": spec.label} for side, spec in sides.items()},
-        "rewards": rewards,
-        "regions": {side: region_rates([sc.regions(i) for i in range(len(sc))]) for side, sc in scored_by_side.items()},
-        "collapse": collapse,
-        "train_prompts": list(train_prompts),
-        "samples": samples,
-    }
+            scored_by_side[side], collapse[side] = _sample_and_score(ctx, side, spec)
+    meta = {"prompt_set": prompt_set, "num_prompts": len(prompts), "seeds": [int(s) for s in seeds]}
+    meta["train_prompts"] = list(train_prompts)
+    per_image_styles = [st for st in styles for _ in seeds] if styles else None
+    summary = build_summary(ctx, sides, scored_by_side, collapse, meta, per_image_styles)
     (out / "eval.json").write_text(json.dumps(summary, indent=1, default=_json_default))
     if report:
         from rlfh.eval.report import write_eval_report
 
         write_eval_report(out)
     return summary
+
+
+def _check_request(cfg, model, baseline, prompts, seeds, styles) -> None:
+    if not prompts or not seeds:
+        raise ValueError(f"nothing to evaluate: {len(prompts)} prompts x {len(seeds)} seeds")
+    if styles is not None and len(styles) != len(prompts):
+        raise ValueError(f"styles: {len(styles)} given for {len(prompts)} prompts; give one per prompt")
+    own_negative = [s for s in (model, baseline) if s is not None and s.negative_prompt is not None]
+    if own_negative and cfg.rollout.guidance_scale <= 1.0:
+        raise ValueError(
+            f"a negative prompt ({own_negative[0].negative_prompt!r}) acts only under classifier-free guidance: "
+            f"rollout.guidance_scale is {cfg.rollout.guidance_scale}, set it above 1"
+        )
 
 
 def _json_default(o: Any) -> Any:
@@ -428,6 +496,16 @@ def format_summary(summary: dict[str, Any]) -> str:
             w = e["win_rate"]
             parts.append(f"win rate {w['win_rate']:.1%} over {w['n_compared']} pairs ({w['excluded']} excluded)")
         lines.append(f"  {name}: " + "; ".join(parts))
+        for side in sides:
+            dw = e[side].get("detection_weighted")
+            if dw and dw["mean"] is not None:
+                lines.append(
+                    f"    {side}: detection-weighted mean {dw['mean']:.4g} over {dw['n_detections']} detections"
+                )
+    lines += _size_lines(summary, sides)
+    for style, st in (summary.get("styles") or {}).items():
+        means = [f"{side} {_fmt(st['rewards'][COMBINED][side]['mean'])}" for side in sides]
+        lines.append(f"  style {style} ({st['n_images']} images): combined " + ", ".join(means))
     for side in sides:
         for key, m in summary.get("collapse", {}).get(side, {}).items():
             lines.append(
@@ -438,3 +516,26 @@ def format_summary(summary: dict[str, Any]) -> str:
             if not math.isnan(r["no_detection_rate"]):
                 lines.append(f"  {side}: no {region} detected in {r['no_detection_rate']:.0%} of {r['checked']} images")
     return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def _size_lines(summary: dict[str, Any], sides: list[str]) -> list[str]:
+    """Count and size of the detected regions per model (and the change vs the baseline)."""
+    lines = []
+    for region, e in (summary.get("region_size") or {}).items():
+        for side in sides:
+            st = e[side]
+            lines.append(
+                f"  {side}: {_fmt(st['per_image'])} {region}s per image, mean {region} area share "
+                f"{_fmt(st['area_share'])}, largest {_fmt(st['largest_share'])}"
+            )
+        if "change" in e:
+            c = e["change"]
+            lines.append(
+                f"  change vs baseline: {region}s per image {_fmt(c['per_image'])}, "
+                f"area share {_fmt(c['area_share'])}, largest {_fmt(c['largest_share'])}"
+            )
+    return lines

@@ -7,9 +7,10 @@ and the sample images next to it, and writes:
   face / hand / other boxes the rewards found and every reward's value drawn on each image;
 * ``plots/dist-<reward>.png``: each reward's distribution per model (matplotlib, Agg backend);
 * ``plots/win_rates.png``: win rates with their 95% intervals, when there is a baseline;
-* ``index.html``: the tables (rewards, detections, collapse and hacking metrics per model) and the pictures, with
-relative links and no external resources, so
-  the folder can be copied or served as is.
+* ``index.html``: the tables (rewards, detections, region rewards per image and per detection, region
+  count and size with the change vs the baseline, per-style means, collapse and hacking metrics per
+  model) and the pictures, with relative links and no external resources, so the folder can be
+  copied or served as is.
 """
 
 from __future__ import annotations
@@ -274,6 +275,75 @@ def _collapse_table(summary: dict[str, Any], sides: list[str]) -> list[str]:
     return out
 
 
+SIZE_ROWS = (
+    ("per_image", "detections per image"),
+    ("images_with_detection_rate", "images with one or more"),
+    ("area_share", "mean box area / image area"),
+    ("largest_share", "mean largest box area / image area"),
+)
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+def _region_size_table(summary: dict[str, Any], sides: list[str]) -> list[str]:
+    """Count and size of the detected regions per model, and the change vs the baseline (FaceScore's drift)."""
+    e = html.escape
+    size = summary.get("region_size") or {}
+    if not size:
+        return []
+    out = ["<h2>Region count and size</h2><table><tr><th>region</th><th>metric</th>"]
+    out += [f"<th>{s}</th>" for s in sides] + (["<th>change</th>"] if "baseline" in sides else []) + ["</tr>"]
+    for region, entry in size.items():
+        for key, label in SIZE_ROWS:
+            cells = "".join(f"<td>{_num(entry[s][key])}</td>" for s in sides)
+            if "change" in entry:
+                cells += f"<td>{_num(entry['change'][key])}</td>"
+            src = f" <span class=small>(boxes of {e(entry['source'])})</span>" if key == "per_image" else ""
+            out.append(f"<tr><td>{e(region)}{src}</td><td>{label}</td>{cells}</tr>")
+    out.append("</table>")
+    return out
+
+
+def _detection_weighted_table(summary: dict[str, Any], sides: list[str]) -> list[str]:
+    """Region rewards averaged per image and per detection (FairHuman's mean over every face / hand)."""
+    e = html.escape
+    rows = [(n, r) for n, r in summary["rewards"].items() if "detection_weighted" in r[sides[0]]]
+    if not rows:
+        return []
+    out = ["<h2>Region rewards: per image and per detection</h2><table><tr><th>reward</th>"]
+    out += [f"<th>{s} per image</th><th>{s} per detection</th>" for s in sides] + ["</tr>"]
+    for name, r in rows:
+        cells = ""
+        for s in sides:
+            dw = r[s]["detection_weighted"]
+            why = f" <span class=small>({e(dw['reason'])})</span>" if dw["reason"] else f" ({dw['n_detections']})"
+            cells += f"<td>{_num(r[s]['mean'])}</td><td>{_num(dw['mean'])}{why}</td>"
+        out.append(f"<tr><td>{e(name)}</td>{cells}</tr>")
+    out.append("</table>")
+    return out
+
+
+def _style_table(summary: dict[str, Any], sides: list[str]) -> list[str]:
+    """Every reward's mean (and win rate) per style of a styled prompt set."""
+    e = html.escape
+    styles = summary.get("styles")
+    if not styles:
+        return []
+    out = ["<h2>Per style</h2><table><tr><th>style</th><th>images</th><th>reward</th>"]
+    out += [f"<th>{s} mean [95% CI]</th>" for s in sides]
+    out += ["<th>win rate [95% CI]</th>"] if "baseline" in sides else []
+    out.append("</tr>")
+    for style, st in styles.items():
+        for name, r in st["rewards"].items():
+            cells = "".join(f"<td>{_ci(r[s])}</td>" for s in sides)
+            cells += f"<td>{_ci(r['win_rate'])}</td>" if "win_rate" in r else ""
+            out.append(f"<tr><td>{e(style)}</td><td>{st['n_images']}</td><td>{e(name)}</td>{cells}</tr>")
+    out.append("</table>")
+    return out
+
+
 def render_html(
     summary: dict[str, Any], grids: list[str], dists: dict[str, str], win_plot: str | None, max_samples: int
 ) -> str:
@@ -317,7 +387,8 @@ def render_html(
         out.append("</table>")
     else:
         out.append("<p>No detector ran: no reward of this evaluation reports face, hand or other regions.</p>")
-    out += _collapse_table(summary, sides)
+    out += _detection_weighted_table(summary, sides) + _region_size_table(summary, sides)
+    out += _style_table(summary, sides) + _collapse_table(summary, sides)
     # Plots in the Rewards table's order, each kind under its own heading.
     out.append("<h2>Distributions</h2><div class=plots>")
     out += [f"<img src='{dists[n]}' alt='{e(n)} distribution'>" for n in summary["rewards"] if n in dists]

@@ -2,6 +2,8 @@
 
 * :func:`save_pickscore_dir`: a Hugging Face ``CLIPModel`` folder with its processor files, as
   ``yuvalkirstain/PickScore_v1`` + ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` publish them;
+* :func:`save_openai_clip_dir`: the same files in one folder, as ``openai/clip-vit-large-patch14``
+  publishes them (CLIPScore's model);
 * :func:`open_clip_state`: a state dict in open_clip's ViT CLIP key layout, written out key by key
   here (independently of ``rewards.hpsv2``'s conversion table), saved like HPSv2's checkpoints;
 * :func:`aesthetic_state`: the aesthetic head's ``layers.N.*`` state dict;
@@ -87,6 +89,13 @@ def save_pickscore_dir(directory: Path, seed: int = 0) -> Path:
     )
     load_clip_tokenizer().save_pretrained(directory)
     return directory
+
+
+def save_openai_clip_dir(directory: Path, seed: int = 0) -> Path:
+    """``openai/clip-vit-large-patch14``'s layout: ``CLIPModel`` weights and config, its legacy
+    ``preprocessor_config.json`` (the same fields and values as laion's above) and the CLIP BPE
+    tokenizer files (``vocab.json``, ``merges.txt``, ``tokenizer.json``), all in one folder."""
+    return save_pickscore_dir(directory, seed)
 
 
 def open_clip_state(

@@ -22,9 +22,9 @@ MISSING_WORD = "landscape"  # BrightestBox's "not computable" trigger: 1 prompt 
 class BrightestBox(Reward):
     """Test reward with regions: a "face" box on the brightest 16x16 block, a "hand" box on the darkest.
 
-    The value is the face block's mean brightness in [0, 1]. Images whose prompt contains
-    ``missing_word`` get "no face detected" (with an empty face list), so not-computable handling is
-    exercised with a rate the tests know exactly.
+    The value is the face block's mean brightness in [0, 1] (also its one per-detection score).
+    Images whose prompt contains ``missing_word`` get "no face detected" (with an empty face list), so
+    not-computable handling is exercised with a rate the tests know exactly.
     """
 
     name = "brightest_box"
@@ -53,7 +53,7 @@ class BrightestBox(Reward):
                 out.append(RewardResult.missing("no face detected", regions={"face": []}))
                 continue
             regions = {"face": [Detection(face, bright)], "hand": [Detection(hand, 1.0 - dark, "Right")]}
-            out.append(RewardResult(bright, regions=regions))
+            out.append(RewardResult(bright, regions=regions, info={"face_scores": [bright]}))
         return out
 
 
