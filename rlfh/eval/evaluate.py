@@ -276,6 +276,7 @@ def collapse_stats(reward_set, images: np.ndarray, prompts: Sequence[str], score
     }
 
 
+# long: split pending: the eval metrics work (face drift, CLIPScore, LocalIR/LocalHPS) is rewriting this function
 def evaluate(
     cfg,
     model: ModelSpec,
