@@ -1,6 +1,7 @@
 """The layers hold: rewards/ and rollouts/ never import rlfh; families/ (the model boundary) imports
 none of rlfh, rollouts and rewards; the learner imports rollouts/ only where colocated mode samples
-and never imports the recipes; no import cycles; nothing reaches into another module's private names.
+and never imports the recipes; no import cycles; nothing reaches into another module's private names;
+no function in rlfh/ over 60 lines without a written reason beside it.
 
 Imports are read from the source (ast), including those inside functions: a lazy import that
 closes a cycle is still a cycle for a reader.
