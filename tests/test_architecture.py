@@ -1,6 +1,7 @@
 """The layers hold: rewards/ and rollouts/ never import rlfh; families/ (the model boundary) imports
 none of rlfh, rollouts and rewards; the learner imports rollouts/ only where colocated mode samples
-and never imports the recipes; no import cycles; nothing reaches into another module's private names.
+and never imports the recipes; no import cycles; nothing reaches into another module's private names;
+no function in rlfh/ over 60 lines without a written reason beside it.
 
 Imports are read from the source (ast), including those inside functions: a lazy import that
 closes a cycle is still a cycle for a reader.
@@ -297,3 +298,81 @@ def test_loops_reach_the_data_sources_only_through_their_registry():
         if t.startswith("rlfh.data.sources.")
     )
     assert not bad, bad
+
+
+MAX_FUNCTION_LINES = 60
+LONG_MARKER = "# long:"
+
+
+def function_length(node: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    """Lines from ``def`` to the function's last line, less its docstring (decorators not counted)."""
+    n = node.end_lineno - node.lineno + 1
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        n -= first.end_lineno - first.lineno + 1
+    return n
+
+
+def has_long_reason(node: ast.FunctionDef | ast.AsyncFunctionDef, lines: list[str]) -> bool:
+    """The line right above the ``def`` (or its first decorator) is ``# long: <reason>``."""
+    top = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+    above = lines[top - 2].strip() if top >= 2 else ""
+    return above.startswith(LONG_MARKER) and bool(above[len(LONG_MARKER) :].strip())
+
+
+def long_functions(source: str, module: str = "<source>") -> list[str]:
+    """``module:line name (N lines)`` for each function (methods and nested ones included) over
+    MAX_FUNCTION_LINES without a ``# long:`` reason above it."""
+    tree, lines, out = ast.parse(source), source.splitlines(), []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            name = prefix
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{prefix}{child.name}"
+                n = function_length(child)
+                if n > MAX_FUNCTION_LINES and not has_long_reason(child, lines):
+                    out.append(f"{module}:{child.lineno} {name} ({n} lines)")
+                name += "."
+            elif isinstance(child, ast.ClassDef):
+                name = f"{prefix}{child.name}."
+            visit(child, name)
+
+    visit(tree, "")
+    return out
+
+
+def test_functions_are_at_most_60_lines_or_say_why():
+    """A function in rlfh/ over 60 lines (its docstring not counted) is split into helpers that read
+    top to bottom, or carries ``# long: <reason>`` on the line above its ``def``."""
+    bad = [
+        hit
+        for path in sorted((REPO / "rlfh").rglob("*.py"))
+        for hit in long_functions(path.read_text(), str(path.relative_to(REPO)))
+    ]
+    assert not bad, bad
+
+
+def test_the_function_length_scan_finds_what_it_forbids():
+    def body(n: int, indent: str = "    ") -> str:
+        return "".join(f"{indent}x{i} = {i}\n" for i in range(n))
+
+    limit = MAX_FUNCTION_LINES - 1  # body lines that, with the def line, make the limit
+    code = (
+        f'def at_limit():\n    """A docstring,\n    not counted."""\n{body(limit)}\n'
+        f"def over():\n{body(limit + 1)}\n"
+        f"# long: one table that reads best whole\n@decorated\ndef excused():\n{body(limit + 1)}\n"
+        f"# long:\ndef empty_reason():\n{body(limit + 1)}\n"
+        f"class C:\n    def method(self):\n{body(limit + 1, '        ')}\n"
+        f"def outer():\n    def inner():\n{body(limit + 1, '        ')}\n"
+    )
+    lines = code.splitlines()
+    hits = long_functions(code, "m.py")
+    assert [h.split(" ", 1)[1] for h in hits] == [
+        "over (61 lines)",
+        "empty_reason (61 lines)",
+        "C.method (61 lines)",
+        "outer (62 lines)",  # a nested function's lines count in the function holding it too
+        "outer.inner (61 lines)",
+    ]
+    assert hits[0].split(" ")[0] == f"m.py:{lines.index('def over():') + 1}"

@@ -51,10 +51,7 @@ def _config_lines(cfg: dict[str, Any]) -> list[str]:
     ]
 
 
-def format_status(st: dict[str, Any]) -> str:
-    """The human-readable ``rlfh status`` report of a :func:`rlfh.run.status.run_status` dict."""
-    lines = [f"run        {st['run_dir']}", f"state      {st['state']}: {st['state_reason']}"]
-    lines += _config_lines(st["config"])
+def _progress_line(st: dict[str, Any]) -> str:
     done, total = st["rounds_done"], st["num_rounds"]
     if total:
         filled = min(round(BAR_WIDTH * done / total), BAR_WIDTH)
@@ -65,58 +62,74 @@ def format_status(st: dict[str, Any]) -> str:
         progress += f"   last round {_duration(st['last_round_s'])}"
     if st["eta_s"] is not None:
         progress += f"   ETA {_duration(st['eta_s'])}"
-    lines.append(f"progress   {progress}")
-    ck = st["checkpoint"]
-    lines.append(
+    return f"progress   {progress}"
+
+
+def _checkpoint_line(ck: dict[str, Any] | None) -> str:
+    if not ck:
+        return "checkpoint none yet"
+    return (
         f"checkpoint {ck['name']} (round {ck['round']}, policy version {ck['policy_version']}; "
         f"{ck['count']} kept)  {ck['path']}"
-        if ck
-        else "checkpoint none yet"
     )
-    ro = st["rollouts"]
-    if ro:
-        pv = ro["policy_versions"]
-        versions = f", policy versions {pv[0]}..{pv[1]} ({ro['num_policy_versions']})" if pv else ""
-        lines.append(f"rollouts   {ro['records']} records in {ro['shards']} shard(s){versions}")
-        for name, r in ro["rewards"].items():
-            why = f" (mostly: {r['top_reason']})" if r["top_reason"] else ""
-            lines.append(f"           {name}: {100 * r['missing_rate']:.1f}% missing{why}")
-    else:
-        lines.append("rollouts   no rollout log")
-    for title, curves in (("rewards", st["rewards"]), ("losses", st["losses"])):
-        if curves:
-            width = max(len(n) for n in curves)
-            lines.append(f"{title:<10} first -> last, best @ round")
-            lines += [
-                f"  {n:<{width}}  {_num(c['first'])} -> {_num(c['last'])}, best {_num(c['best'])} "
-                f"@ {c['best_round']}  {c['spark']}"
-                for n, c in curves.items()
-            ]
-    n = st["last_n"]
-    if st["implicit_acc"]:
+
+
+def _rollout_lines(ro: dict[str, Any] | None) -> list[str]:
+    if not ro:
+        return ["rollouts   no rollout log"]
+    pv = ro["policy_versions"]
+    versions = f", policy versions {pv[0]}..{pv[1]} ({ro['num_policy_versions']})" if pv else ""
+    lines = [f"rollouts   {ro['records']} records in {ro['shards']} shard(s){versions}"]
+    for name, r in ro["rewards"].items():
+        why = f" (mostly: {r['top_reason']})" if r["top_reason"] else ""
+        lines.append(f"           {name}: {100 * r['missing_rate']:.1f}% missing{why}")
+    return lines
+
+
+def _curve_lines(title: str, curves: dict[str, Any]) -> list[str]:
+    if not curves:
+        return []
+    width = max(len(n) for n in curves)
+    return [f"{title:<10} first -> last, best @ round"] + [
+        f"  {n:<{width}}  {_num(c['first'])} -> {_num(c['last'])}, best {_num(c['best'])} "
+        f"@ {c['best_round']}  {c['spark']}"
+        for n, c in curves.items()
+    ]
+
+
+def _recent_lines(label: str, values: dict[str, Any], n: int) -> list[str]:
+    """One line of per-key last values with their mean over the last ``n`` rounds (none when empty)."""
+    if not values:
+        return []
+    return [
+        f"{label:<11}"
+        + "  ".join(f"{k} {_num(v['last'], 3)} (mean last {n}: {_num(v['mean_recent'], 3)})" for k, v in values.items())
+    ]
+
+
+def _timing_lines(tm: dict[str, Any] | None) -> list[str]:
+    if not tm:
+        return []
+    shares = " | ".join(f"{s} {100 * v['share']:.0f}%" for s, v in tm["stages"].items() if v["share"] is not None)
+    lines = [f"time       {_duration(tm['round_mean_s'])}/round over the last {tm['rounds']}: {shares}"]
+    if tm["checkpoint_mean_s"] is not None:
         lines.append(
-            "dpo acc    "
-            + "  ".join(
-                f"{k} {_num(a['last'], 3)} (mean last {n}: {_num(a['mean_recent'], 3)})"
-                for k, a in st["implicit_acc"].items()
-            )
+            f"           checkpoint save {_duration(tm['checkpoint_mean_s'])} (mean of {tm['checkpoints_timed']})"
         )
-    if st["mpd_weights"]:
-        lines.append(
-            "mpd weight "
-            + "  ".join(
-                f"{k} {_num(w['last'], 3)} (mean last {n}: {_num(w['mean_recent'], 3)})"
-                for k, w in st["mpd_weights"].items()
-            )
-        )
-    tm = st["timing"]
-    if tm:
-        shares = " | ".join(f"{s} {100 * v['share']:.0f}%" for s, v in tm["stages"].items() if v["share"] is not None)
-        lines.append(f"time       {_duration(tm['round_mean_s'])}/round over the last {tm['rounds']}: {shares}")
-        if tm["checkpoint_mean_s"] is not None:
-            lines.append(
-                f"           checkpoint save {_duration(tm['checkpoint_mean_s'])} (mean of {tm['checkpoints_timed']})"
-            )
+    return lines
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """The human-readable ``rlfh status`` report of a :func:`rlfh.run.status.run_status` dict."""
+    lines = [f"run        {st['run_dir']}", f"state      {st['state']}: {st['state_reason']}"]
+    lines += _config_lines(st["config"])
+    lines.append(_progress_line(st))
+    lines.append(_checkpoint_line(st["checkpoint"]))
+    lines += _rollout_lines(st["rollouts"])
+    lines += _curve_lines("rewards", st["rewards"]) + _curve_lines("losses", st["losses"])
+    lines += _recent_lines("dpo acc", st["implicit_acc"], st["last_n"])
+    lines += _recent_lines("mpd weight", st["mpd_weights"], st["last_n"])
+    lines += _timing_lines(st["timing"])
     lines += [f"warning    {w}" for w in st["warnings"]]
     return "\n".join(lines)
 

@@ -943,6 +943,8 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    """``value`` as the type ``tp`` of ``key``; what does not convert is appended to ``problems``
+    (naming the key) and a placeholder returned, so that one pass reports every bad key."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -951,80 +953,115 @@ def _convert(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], key, problems)
     if origin is Literal:
-        if value in args and type(value) is type(args[0]):
-            return value
-        if (
-            isinstance(value, str)
-            and all(isinstance(a, int) for a in args)
-            and value.lstrip("-").isdigit()
-            and int(value) in args
-        ):
-            return int(value)
-        problems.append(f"{key}={value!r}: must be one of {list(args)}")
-        return args[0]
+        return _convert_literal(value, args, key, problems)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             problems.append(f"{key}={value!r}: must be a mapping with keys {[f.name for f in dataclasses.fields(tp)]}")
             return tp() if _all_defaults(tp) else None
         return _build(tp, value, key + ".", problems)
     if origin is list:
-        if isinstance(value, dict) and value and all(_is_index(k) for k in value):
-            # `rewards.0.weight=2` with no list underneath to index (the defaults, or the file sets none)
-            problems.append(
-                f"{key}: the config has no list here whose entries `{key}.N.key=value` could override; "
-                f"set the whole list, e.g. {key}=[...]"
-            )
-            return None
-        if not isinstance(value, list):
-            problems.append(f"{key}={value!r}: must be a list")
-            return []
-        items = [_convert(v, args[0], f"{key}[{i}]", problems) for i, v in enumerate(value)]
-        # an entry that failed to convert was reported; a list holding None would reach the rules
-        return None if any(v is None for v in items) and not _optional(args[0]) else items
+        return _convert_list(value, args[0], key, problems)
     if origin is dict:
-        if not isinstance(value, dict):
-            problems.append(f"{key}={value!r}: must be a mapping")
-            return {}
-        if args and args[1] is float:
-            for k, v in value.items():
-                if isinstance(v, float) and not math.isfinite(v):
-                    problems.append(f"{key}.{k}={v!r}: must be a finite number")
-        return dict(value)
+        return _convert_dict(value, args, key, problems)
     if tp is Any:
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            return int(value)
-    elif tp is float:
-        number: float | None = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            # NaN passes every `<= 0` rule (all comparisons are false) and then trains to NaN weights,
-            # so every float key refuses it here, once, whatever its own range rule says
-            if not math.isfinite(number):
-                problems.append(f"{key}={value!r}: must be a finite number")
-                return None
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    problems.append(f"{key}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
-    return None
+    return _convert_scalar(value, tp, key, problems)
+
+
+def _convert_literal(value: Any, choices: tuple[Any, ...], key: str, problems: list[str]) -> Any:
+    if value in choices and type(value) is type(choices[0]):
+        return value
+    if (
+        isinstance(value, str)
+        and all(isinstance(a, int) for a in choices)
+        and value.lstrip("-").isdigit()
+        and int(value) in choices
+    ):
+        return int(value)
+    problems.append(f"{key}={value!r}: must be one of {list(choices)}")
+    return choices[0]
+
+
+def _convert_list(value: Any, item_tp: Any, key: str, problems: list[str]) -> Any:
+    if isinstance(value, dict) and value and all(_is_index(k) for k in value):
+        # `rewards.0.weight=2` with no list underneath to index (the defaults, or the file sets none)
+        problems.append(
+            f"{key}: the config has no list here whose entries `{key}.N.key=value` could override; "
+            f"set the whole list, e.g. {key}=[...]"
+        )
+        return None
+    if not isinstance(value, list):
+        problems.append(f"{key}={value!r}: must be a list")
+        return []
+    items = [_convert(v, item_tp, f"{key}[{i}]", problems) for i, v in enumerate(value)]
+    # an entry that failed to convert was reported; a list holding None would reach the rules
+    return None if any(v is None for v in items) and not _optional(item_tp) else items
+
+
+def _convert_dict(value: Any, args: tuple[Any, ...], key: str, problems: list[str]) -> dict:
+    if not isinstance(value, dict):
+        problems.append(f"{key}={value!r}: must be a mapping")
+        return {}
+    if args and args[1] is float:
+        for k, v in value.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(f"{key}.{k}={v!r}: must be a finite number")
+    return dict(value)
+
+
+_NOT_CONVERTED = object()
+
+
+def _to_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return _NOT_CONVERTED
+
+
+def _to_int(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return _NOT_CONVERTED
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return _NOT_CONVERTED
+
+
+def _to_str(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _NOT_CONVERTED
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
+
+
+def _convert_scalar(value: Any, tp: Any, key: str, problems: list[str]) -> Any:
+    to = _SCALARS.get(tp)
+    result = to(value) if to else _NOT_CONVERTED
+    if result is _NOT_CONVERTED:
+        problems.append(f"{key}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+        return None
+    # NaN passes every `<= 0` rule (all comparisons are false) and then trains to NaN weights,
+    # so every float key refuses it here, once, whatever its own range rule says
+    if tp is float and not math.isfinite(result):
+        problems.append(f"{key}={value!r}: must be a finite number")
+        return None
+    return result
 
 
 def _all_defaults(cls: Any) -> bool:

@@ -47,3 +47,18 @@ def init_distributed() -> None:
         set_rendezvous(0, 1, "127.0.0.1", free_port())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def join_learner_group(world_size: int) -> tuple[int, int]:
+    """Join the process group (:func:`init_distributed`); this rank's ``(rank, world size)``, the world
+    being the config's ``world_size`` learner ranks."""
+    import torch.distributed as dist
+
+    init_distributed()
+    rank, size = dist.get_rank(), dist.get_world_size()
+    if size != world_size:
+        raise RuntimeError(
+            f"the process group has {size} ranks but the config asks for {world_size} learner ranks "
+            f"(resources.num_learner_ranks / num_learner_gpus)"
+        )
+    return rank, size

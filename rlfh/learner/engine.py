@@ -88,23 +88,32 @@ class LearnerEngine:
     """
 
     def __init__(self, cfg, device: str | None = None, keep_vae: bool = False):
-        import torch.distributed as dist
-
-        from families import PromptCache, family_of, load_pipeline
-        from rlfh.learner.distributed import init_distributed
+        from families import PromptCache
+        from rlfh.learner.distributed import join_learner_group
         from rlfh.losses import fairness
 
         self.cfg = cfg
         lc = cfg.learner
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        init_distributed()
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        if self.world_size != cfg.learner_world_size:
-            raise RuntimeError(
-                f"the process group has {self.world_size} ranks but the config asks for "
-                f"{cfg.learner_world_size} learner ranks "
-                f"(resources.num_learner_ranks / num_learner_gpus)"
-            )
+        self.rank, self.world_size = join_learner_group(cfg.learner_world_size)
+        self._load_pipeline(cfg, keep_vae)
+        self.keep_text_encoders = keep_vae or needs_text_encoders(cfg)
+        # the batch's prompt embeddings (take_conditioning), and prompts encoded here; one round's worth
+        self.prompts = PromptCache(self.family)
+        self._build_parts()
+        self.dtype = self.weights.dtype
+        # Per-region gradients (MPD, MGDA) take torch.autograd.grad, which the engine's forward refuses;
+        # the wrapped module keeps ZeRO <= 2's gradient hooks on the parameters.
+        per_region = fairness.needs_region_gradients(lc.regions.fairness.rule, len(lc.regions.names))
+        self.policy_model = self.unet if per_region else self.engine
+        self.global_step = 0  # optimizer steps
+        self.policy_version = 0  # rounds trained: what the rollout actors' samples are tagged with
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def _load_pipeline(self, cfg, keep_vae: bool) -> None:
+        """The family's pipeline (text encoders frozen), noise schedule and, for a log-prob loss, sampler."""
+        from families import family_of, load_pipeline
+
         pipe = load_pipeline(cfg.model, self.device)
         self.family = family = family_of(pipe)
         self.vae = pipe.vae if keep_vae else None
@@ -114,14 +123,15 @@ class LearnerEngine:
         self.vae_scale = family.latent_factor
         self.schedule = family.noise_schedule(pipe.scheduler.config)
         self.ddim = None
-        if SAMPLER_LOGPROB in loss_spec(lc.loss).needs:
+        if SAMPLER_LOGPROB in loss_spec(cfg.learner.loss).needs:
             self.ddim = family.stochastic_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
             self.ddim.set_timesteps(cfg.rollout.num_inference_steps, device=self.device)
         for name in family.text_encoders:
             getattr(pipe, name).requires_grad_(False)
-        self.keep_text_encoders = keep_vae or needs_text_encoders(cfg)
-        # the batch's prompt embeddings (take_conditioning), and prompts encoded here; one round's worth
-        self.prompts = PromptCache(family)
+
+    def _build_parts(self) -> None:
+        """The policy's weights, their DeepSpeed optimization, and the checkpoint I/O over both."""
+        cfg, lc, family, pipe = self.cfg, self.cfg.learner, self.family, self.pipe
         self.weights = PolicyWeights(
             getattr(pipe, family.denoiser),
             cfg.model.lora,
@@ -143,14 +153,6 @@ class LearnerEngine:
             lc.reference.model == "ema",
             self.device,
         )
-        self.dtype = self.weights.dtype
-        # Per-region gradients (MPD, MGDA) take torch.autograd.grad, which the engine's forward refuses;
-        # the wrapped module keeps ZeRO <= 2's gradient hooks on the parameters.
-        per_region = fairness.needs_region_gradients(lc.regions.fairness.rule, len(lc.regions.names))
-        self.policy_model = self.unet if per_region else self.engine
-        self.global_step = 0  # optimizer steps
-        self.policy_version = 0  # rounds trained: what the rollout actors' samples are tagged with
-        self.generator = torch.Generator().manual_seed(cfg.seed + 1)
 
     # ------------------------------------------------------------------ the parts' state, by its old names
     unet = property(lambda self: self.weights.unet)

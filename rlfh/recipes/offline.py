@@ -34,62 +34,41 @@ from rlfh.config.schema import Config
 from rlfh.losses.registry import PAIRS, loss_spec
 from rlfh.recipes.rounds import Feed, train_rounds
 
+# what an offline batch reads of each record (its image only when a data source needs it)
+LOG_COLUMNS = [
+    "rollout_id",
+    "round",
+    "prompt",
+    "rewards",
+    "regions",
+    "latent",
+    "latent_shape",
+    "sampler",
+    "region_pair",
+]
+
 
 def batch_from_log(cfg: Config, sources: list = ()):
     """Rebuild the learner's batch (pairs, or weighted samples) from a rollout log with this config;
     ``sources`` (rlfh/data/sources/) annotate the logged samples first (HcP's pose priors)."""
     from rewards.composite import nonfinite_counts
-    from rlfh.data.batches import ScoredSamples
-    from rlfh.data.pairs import learner_batch, logged_regions, logged_scores, mask_regions
-    from rlfh.data.region_pairs import concat_pairs, pairs_from_records
-    from rollouts.log import RolloutLog, decode_latent, decode_png
+    from rlfh.data.pairs import learner_batch, logged_regions, logged_scores
+    from rlfh.data.region_pairs import concat_pairs
+    from rollouts.log import RolloutLog, decode_latent
 
     require_log(cfg)
     images = any(s.needs_images for s in sources)
-    columns = [
-        "rollout_id",
-        "round",
-        "prompt",
-        "rewards",
-        "regions",
-        "latent",
-        "latent_shape",
-        "sampler",
-        "region_pair",
-    ]
-    records = RolloutLog(cfg.rollouts).records(columns + (["image"] if images else []))
+    records = RolloutLog(cfg.rollouts).records(LOG_COLUMNS + (["image"] if images else []))
     # the reward weights, checked against the whole log (it names a reward the log lacks)
     _, _, weights, _, _ = logged_scores(records, cfg.rewards, cfg.rewards_normalization, cfg.rollouts)
-    sizes = {(r["sampler"]["height"], r["sampler"]["width"]) for r in records}
-    if len(sizes) != 1:
-        raise ValueError(f"the rollout log mixes image sizes {sorted(sizes)}; train on one size at a time")
-    image_hw = sizes.pop()
+    image_hw = one_image_size(records)
     regions = logged_regions(records)
     all_latents = np.stack([decode_latent(r) for r in records])
-    # images of inpainted region pairs pair only with each other (rlfh/data/region_pairs.py), never by prompt
-    region_pairs, rp_stats = (
-        pairs_from_records(
-            records, all_latents, regions, weights, mask_regions(cfg.learner), image_hw, cfg.rewards_normalization
-        )
-        if loss_spec(cfg.learner.loss).batch == PAIRS
-        else (None, {})
-    )
+    region_pairs, rp_stats = region_pairs_of_log(cfg, records, all_latents, regions, weights, image_hw)
     plain = [i for i, r in enumerate(records) if r.get("region_pair") is None]
     skipped = len(records) - len(plain) if region_pairs is None else 0
     records, regions, latents = [records[i] for i in plain], [regions[i] for i in plain], all_latents[plain]
-    # rewards_normalization as online; GDPO's last normalization then runs over the whole log
-    scores, values, weights, groups, score_stats = logged_scores(
-        records, cfg.rewards, cfg.rewards_normalization, cfg.rollouts
-    )
-    samples = ScoredSamples(
-        latents,
-        [r["prompt"] for r in records],
-        groups,
-        scores,
-        regions,
-        image_hw,
-        images=np.stack([decode_png(r["image"]) for r in records]) if images else None,
-    )
+    samples, values, weights, score_stats = scored_samples(cfg, records, regions, latents, image_hw, images)
     for source in sources:
         source.annotate(samples)
     batch, stats = learner_batch(cfg.learner, samples, cfg.rewards_normalization)
@@ -102,6 +81,50 @@ def batch_from_log(cfg: Config, sources: list = ()):
     stats.update(score_stats)
     check_enough(cfg, batch, stats, values, weights, len(records))
     return batch, {**stats, "offline/records": float(len(all_latents))}
+
+
+def one_image_size(records: list[dict]) -> tuple[int, int]:
+    """The (height, width) all logged samples share; a log that mixes sizes is an error."""
+    sizes = {(r["sampler"]["height"], r["sampler"]["width"]) for r in records}
+    if len(sizes) != 1:
+        raise ValueError(f"the rollout log mixes image sizes {sorted(sizes)}; train on one size at a time")
+    return sizes.pop()
+
+
+def region_pairs_of_log(cfg: Config, records: list[dict], latents, regions, weights, image_hw):
+    """The logged inpainted region pairs and their stats, for a loss that trains on pairs; ``(None, {})``
+    otherwise. Their images pair only with each other (rlfh/data/region_pairs.py), never by prompt."""
+    from rlfh.data.pairs import mask_regions
+    from rlfh.data.region_pairs import pairs_from_records
+
+    if loss_spec(cfg.learner.loss).batch != PAIRS:
+        return None, {}
+    return pairs_from_records(
+        records, latents, regions, weights, mask_regions(cfg.learner), image_hw, cfg.rewards_normalization
+    )
+
+
+def scored_samples(cfg: Config, records: list[dict], regions, latents, image_hw, images: bool):
+    """The logged samples with their combined scores, grouped by (round, prompt): ``(samples, values by
+    reward, reward weights, score stats)``. ``rewards_normalization`` runs as online; GDPO's last
+    normalization then runs over the whole log."""
+    from rlfh.data.batches import ScoredSamples
+    from rlfh.data.pairs import logged_scores
+    from rollouts.log import decode_png
+
+    scores, values, weights, groups, score_stats = logged_scores(
+        records, cfg.rewards, cfg.rewards_normalization, cfg.rollouts
+    )
+    samples = ScoredSamples(
+        latents,
+        [r["prompt"] for r in records],
+        groups,
+        scores,
+        regions,
+        image_hw,
+        images=np.stack([decode_png(r["image"]) for r in records]) if images else None,
+    )
+    return samples, values, weights, score_stats
 
 
 def require_log(cfg: Config) -> None:

@@ -71,6 +71,7 @@ def _best_box(dets: list) -> tuple[float, float, float, float] | None:
     return max(dets, key=lambda d: d.confidence).box if dets else None  # max keeps the first of equals
 
 
+# long: split pending: the region-pair reward training rework is rewriting this function
 def region_pairs(cfg: Config) -> tuple[list[RegionPair], dict[str, float]]:
     """(winner, loser) region crops from the rollout log ``reward_training.pairs`` (module docstring, step 1).
 
@@ -273,6 +274,7 @@ def write_scorer(model, med_config: Path, run_dir: Path) -> Path:
     return run_dir / OUTPUT_WEIGHTS
 
 
+# long: split pending: the region-pair reward training rework is rewriting this function
 def train_reward(cfg: Config) -> Path:
     """Fine-tune ``reward_training.init`` on the region pairs of ``reward_training.pairs``; returns ``run_dir``.
 

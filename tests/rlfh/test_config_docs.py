@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,26 @@ def test_loss_sections_come_from_their_loss_files():
         assert f"## `{section}`" in text
     # a docstring attribute is rendered whole, not cut at its first sentence
     assert "1e-5 is Flow-DPPO's reference for lr 3e-4 (the KL grows as lr^2)" in text
+
+
+def heading_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation but ``-``/``_`` dropped,
+    spaces as ``-`` (``## `data.hgdpo.stages[]` `` -> ``datahgdpostages``)."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_links_into_the_config_reference_name_its_sections():
+    """The docs explain a knob by linking to its section of docs/config.md; a renamed or moved section
+    must not leave such a link dangling."""
+    config_md = (REPO / "docs" / "config.md").read_text()
+    anchors = {heading_anchor(line) for line in config_md.splitlines() if line.startswith("#")}
+    assert {"datahgdpostages", "dataregion_pairs", "top-level"} <= anchors  # the slug rule as GitHub has it
+    links = [
+        (path.relative_to(REPO), anchor)
+        for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+        for anchor in re.findall(r"config\.md#([\w-]+)", path.read_text())
+    ]
+    assert links, "no doc links into docs/config.md: the check would pass on nothing"
+    dangling = [f"{path}: config.md#{anchor}" for path, anchor in links if anchor not in anchors]
+    assert not dangling, dangling
