@@ -785,6 +785,7 @@ class Config:
     seed: int = 0
     num_rounds: int = 10
     rollouts: Optional[str] = None  # a rollout log to train from (rlfh offline-dpo)
+    labels: Literal["rewards", "human"] = "rewards"  # pairs from the rewards, or from people's labels (rlfh label)
     resume: bool = True  # continue from run_dir's last checkpoint if there is one
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -89,6 +89,7 @@ def batch_from_log(cfg: Config, sources: list = ()):
         regions,
         image_hw,
         images=np.stack([decode_png(r["image"]) for r in records]) if images else None,
+        ids=[r["rollout_id"] for r in records],
     )
     for source in sources:
         source.annotate(samples)
