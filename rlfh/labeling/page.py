@@ -14,7 +14,7 @@ figure.item { margin: 0; padding: .5rem; background: #fff; border: 3px solid #dd
 figure.item.best { border-color: #2a9d2a; } figure.item.worst { border-color: #d62728; }
 .frame { position: relative; width: 320px; }
 .frame img { display: block; width: 100%; image-rendering: pixelated; }
-.box { position: absolute; border: 2px solid #28c83c; pointer-events: none; }
+.box { position: absolute; box-sizing: border-box; border: 2px solid #28c83c; pointer-events: none; }
 .box.hand { border-color: #ff8c00; }
 body:not(.show-boxes) .box, body:not(.show-rewards) .rewards { display: none; }
 kbd { border: 1px solid #999; border-radius: 3px; padding: 0 .3rem; background: #eee; }

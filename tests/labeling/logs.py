@@ -29,3 +29,35 @@ def write_label_log(directory: Path, n_groups: int = 3, per_group: int = 3, seed
             )
     RolloutLog(directory).append(rows)
     return directory
+
+
+TINY_PROMPTS = ["a portrait of a woman", "a man waving his hand", "two people talking", "a photo of a person"]
+
+
+def write_tiny_model_log(directory: Path, model_dir: str, per_prompt: int = 3, steps: int = 2) -> Path:
+    """One round of the tiny model's own samples (64 x 64, ``per_prompt`` seeds a prompt), scored by
+    JPEG compressibility and the test reward that reports face and hand boxes, as the engine logs them."""
+    from families import load_pipeline
+    from rewards.composite import RewardSet
+    from rlfh.config.schema import load_config
+    from rollouts.log import make_records
+    from rollouts.sampler import Sampler
+    from rollouts.types import SamplerSettings
+    from tests.conftest import REPO
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={model_dir}",
+            "rewards=[{target: jpeg_compressibility}, "
+            "{target: 'tests.rlfh.eval_helpers:BrightestBox', name: brightest_box, weight: 0.5}]",
+        ],
+    )
+    prompts = [p for p in TINY_PROMPTS for _ in range(per_prompt)]
+    sampler = Sampler(load_pipeline(cfg.model), model_id="tiny")
+    batch = sampler.sample(prompts, list(range(len(prompts))), SamplerSettings(steps, 1.0, "", 64, 64))
+    batch.rollout_ids = [f"tiny-{i:03d}" for i in range(len(prompts))]
+    with RewardSet.from_config(cfg.rewards) as rewards:
+        scored = rewards(batch.images, prompts)
+    RolloutLog(directory).append(make_records(batch, scored, round_index=0))
+    return directory
