@@ -22,10 +22,15 @@ def cmd_label(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_human(args: argparse.Namespace) -> int:
-    from rlfh.labeling.human_eval import format_report, human_eval_report
+    from pathlib import Path
 
-    report = human_eval_report(args.pairs_dir)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    from rlfh.labeling import human_eval as he
+
+    if (Path(args.pairs_dir) / he.SIDES_NAME).is_file():
+        report, text = he.human_eval_report(args.pairs_dir), he.format_report
+    else:  # a labeled rollout log: the labelers' and the rewards' agreement
+        report, text = he.labels_report(args.pairs_dir), he.format_labels_report
+    print(json.dumps(report, indent=2) if args.json else text(report))
     return 0
 
 
@@ -47,6 +52,6 @@ def add_label_commands(subparsers) -> None:
     s.set_defaults(fn=cmd_label)
 
     s = subparsers.add_parser("eval-human", help="win/tie/lose rates and labeler agreement of a human evaluation")
-    s.add_argument("pairs_dir", help="the folder rlfh eval --human-pairs wrote and rlfh label labeled")
+    s.add_argument("pairs_dir", help="the folder rlfh eval --human-pairs wrote, or any labeled rollout log")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(fn=cmd_eval_human)

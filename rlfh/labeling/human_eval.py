@@ -6,7 +6,8 @@ models on the same (prompt, seed) pairs (:func:`rlfh.eval.evaluate.evaluate`) an
 (prompt, seed), in a random order per pair under random rollout ids; which image came from which
 model is kept in ``DIR/sides.json``, a file the labeling page never reads. People label it with
 ``rlfh label DIR --mode win-tie-lose``; :func:`human_eval_report` (``rlfh eval-human DIR``) then
-reads the labels through the mapping.
+reads the labels through the mapping. On any other labeled log ``rlfh eval-human`` reports the
+labelers' agreement and each reward's (:func:`labels_report`, rlfh/labeling/agreement.py).
 
 Rates: each pair weighs the same whatever the number of labelers who judged it: per pair, the
 shares of its labels that say the model won, tied or lost; a rate is their mean over the labeled
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from rlfh.labeling.agreement import format_agreement, reward_agreement
 
 SIDES_NAME = "sides.json"
 SIDES_FORMAT = "rlfh-human-pairs"
@@ -171,7 +174,38 @@ def human_eval_report(pairs_dir: str | Path) -> dict[str, Any]:
             "pairs_with_several_labelers": len(multi),
             "reason": None if len(multi) else "no pair was labeled by two or more labelers",
         },
+        "rewards": reward_agreement(pairs_dir),
         "ci_method": "percentile bootstrap over pairs, 95%",
+    }
+
+
+def labels_report(log_dir: str | Path) -> dict[str, Any]:
+    """A labeled rollout log that is not a human evaluation: who labeled what, the labelers' agreement on
+    the two-image tasks (Fleiss' kappa, categories: first shown / tie / second shown) and each reward's."""
+    from rlfh.labeling.agreement import latest_labels
+    from rlfh.labeling.table import LabelsTable
+
+    labels = latest_labels(LabelsTable(log_dir))
+    if not labels:
+        raise ValueError(f"{log_dir}: no labels yet; label it with rlfh label {log_dir}")
+    by_task: dict[str, list[str]] = {}
+    for lab in labels:
+        if len(lab.records) == 2:
+            by_task.setdefault(lab.task, []).append(
+                "tie" if lab.tie else ("first" if lab.winner == lab.records[0] else "second")
+            )
+    counts = np.array([[v.count(c) for c in ("first", "tie", "second")] for v in by_task.values()], np.float64)
+    several = int((counts.sum(axis=1) >= 2).sum()) if len(counts) else 0
+    return {
+        "labels": len(labels),
+        "ties": sum(lab.tie for lab in labels),
+        "labelers": {n: sum(lab.labeler == n for lab in labels) for n in sorted({lab.labeler for lab in labels})},
+        "agreement": {
+            "fleiss_kappa": fleiss_kappa(counts) if len(counts) else None,
+            "pairs_with_several_labelers": several,
+            "reason": None if several else "no two-image task was labeled by two or more labelers",
+        },
+        "rewards": reward_agreement(log_dir),
     }
 
 
@@ -181,8 +215,6 @@ def format_report(report: dict[str, Any]) -> str:
         return f"  {name:<12} {r['rate']:.3f}{ci}"
 
     models = report["models"]
-    ag = report["agreement"]
-    kappa = "n/a" if ag["fleiss_kappa"] is None else f"{ag['fleiss_kappa']:.3f}"
     return "\n".join(
         [
             f"model {models['model']['label']} vs baseline {models['baseline']['label']}: "
@@ -192,7 +224,23 @@ def format_report(report: dict[str, Any]) -> str:
             line("ties", report["ties"]),
             line("model loses", report["model_loses"]),
             line("win rate", report["win_rate"]) + "  (ties count half)",
-            f"  Fleiss' kappa {kappa} over {ag['pairs_with_several_labelers']} pairs with several labelers"
-            + (f" ({ag['reason']})" if ag["reason"] else ""),
+            _kappa_line(report),
+            *format_agreement(report["rewards"]),
         ]
     )
+
+
+def _kappa_line(report: dict[str, Any]) -> str:
+    ag = report["agreement"]
+    kappa = "n/a" if ag["fleiss_kappa"] is None else f"{ag['fleiss_kappa']:.3f}"
+    return f"  Fleiss' kappa {kappa} over {ag['pairs_with_several_labelers']} pairs with several labelers" + (
+        f" ({ag['reason']})" if ag["reason"] else ""
+    )
+
+
+def format_labels_report(report: dict[str, Any]) -> str:
+    who = ", ".join(f"{k} ({v})" for k, v in report["labelers"].items())
+    return "\n".join(
+        [f"{report['labels']} labels ({report['ties']} ties) by {who}", _kappa_line(report),
+         *format_agreement(report["rewards"])]
+    )  # fmt: skip

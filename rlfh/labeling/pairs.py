@@ -3,7 +3,8 @@
 Every label that counts (:meth:`rlfh.labeling.table.LabelsTable.labels`: not undone) is one pair,
 (winner, loser): the best and the worst of a best-worst task, the preferred image of a pairwise or
 win-tie-lose task and the other one. Ties are dropped, as a tied score gives no DPO pair. Two
-labelers' labels of the same task are two pairs (opposite ones cancel in the loss, as they should).
+labelers' labels of the same task are two pairs (opposite ones cancel in the loss, as they should);
+one labeler's labels of one task count once, the last.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from rlfh.data.pairs import Pair
+from rlfh.labeling.agreement import latest_labels
 from rlfh.labeling.table import LabelsTable
 
 HUMAN_MARGIN = 1.0  # a label says which image is preferred, not by how much
@@ -28,7 +30,7 @@ def human_pairs(log_dir: str | Path, rollout_ids: Sequence[str]) -> tuple[list[P
         ValueError: the table holds no label, or none that makes a pair here (naming the file).
     """
     table = LabelsTable(log_dir)
-    labels = table.labels()
+    labels = latest_labels(table)  # two servers racing on one labeler's task: the last label counts
     if not labels:
         raise ValueError(f"labels=human: no labels in {table.path}; label the log first (rlfh label {log_dir})")
     where = {rid: i for i, rid in enumerate(rollout_ids)}

@@ -126,7 +126,7 @@ def test_eval_human_cli(pairs, tmp_path, capsys):
 
     out = shutil.copytree(pairs[0], tmp_path / "pairs")
     assert main(["eval-human", str(out)]) == 2 and "no labels yet" in capsys.readouterr().err
-    assert main(["eval-human", str(tmp_path)]) == 2 and "not a human-evaluation folder" in capsys.readouterr().err
+    assert main(["eval-human", str(tmp_path)]) == 2 and "no labels yet" in capsys.readouterr().err
     task = load_tasks(out, "win-tie-lose")[0]
     ids = [it.rollout_id for it in task.items]
     rec = {"kind": "label", "labeler": "ann", "mode": "win-tie-lose", "task": task.key, "records": ids}
@@ -134,5 +134,6 @@ def test_eval_human_cli(pairs, tmp_path, capsys):
     assert main(["eval-human", str(out)]) == 0
     text = capsys.readouterr().out
     assert "1 of 6 pairs labeled, 1 labels by ann" in text and "Fleiss' kappa n/a" in text
+    assert "jpeg_compressibility" in text and "brightest_box" in text  # each reward against the label
     assert main(["eval-human", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["labels"] == 1
