@@ -102,7 +102,7 @@ def region_pairs(cfg: Config) -> tuple[list[RegionPair], dict[str, float]]:
     pairs: list[RegionPair] = []
     no_region = empty_crop = 0
     if cfg.labels == "human":  # people's choices (rlfh label) instead of the scores': FaceScore's recipe on them
-        from rlfh.labeling.pairs import human_pairs
+        from rlfh.data.human_pairs import human_pairs
 
         chosen = human_pairs(rt.pairs, [r["rollout_id"] for r in records])[0]
     else:

@@ -20,6 +20,7 @@ from rlfh.data.sources.base import DataSource, RoundData, SourceContext
 from rlfh.data.sources.hcp_priors import HcpPriors
 from rlfh.data.sources.hgdpo import RealWinners
 from rlfh.data.sources.human_labels import HumanLabels
+from rlfh.data.sources.labeled_pairs import LabeledPairs
 from rlfh.data.sources.region_pairs import InpaintedRegions
 
 # name -> source, in the order they run: a new source is one file and one line here
@@ -28,6 +29,7 @@ SOURCES: dict[str, type[DataSource]] = {
     HumanLabels.name: HumanLabels,
     RealWinners.name: RealWinners,
     InpaintedRegions.name: InpaintedRegions,
+    LabeledPairs.name: LabeledPairs,  # after HG-DPO: people's winners stay theirs
 }
 
 __all__ = ["SOURCES", "DataSource", "RoundData", "SourceContext", "build_sources", "close_sources"]

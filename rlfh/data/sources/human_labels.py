@@ -1,5 +1,5 @@
 """People's labels as a data source (``labels: human``): the pairs of the rollout log's labels table
-(rlfh/labeling/pairs.py) replace the pairs its rewards would make, offline (``rlfh offline-dpo``).
+(rlfh/data/human_pairs.py) replace the pairs its rewards would make, offline (``rlfh offline-dpo``).
 
 The scored samples are rebuilt with one prompt group per labeled pair, the winner scored 1 and the
 loser 0, so the loss's own batch builder makes exactly those pairs, and every option that works on
@@ -35,7 +35,7 @@ class HumanLabels(DataSource):
         self.stats: dict[str, float] = {}
 
     def annotate(self, samples) -> None:
-        from rlfh.labeling.pairs import human_pairs
+        from rlfh.data.human_pairs import human_pairs
 
         if samples.ids is None:
             raise ValueError("labels=human needs the rollout ids of the samples (a rollout log's records)")
