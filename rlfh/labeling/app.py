@@ -201,83 +201,99 @@ def labeler_of(state: Labeling, value: str | None) -> str:
         raise HTTPError(400, str(e)) from None
 
 
-def make_app(state: Labeling) -> Starlette:
-    """The Starlette app over ``state``: every route checks access first and turns errors into 4xx."""
+def guarded(handler):
+    """``handler(state, request)`` as a route: access checked first, an HTTPError as its 4xx, the
+    security headers on every response."""
+
+    @functools.wraps(handler)
+    async def run(request: Request) -> Response:
+        state: Labeling = request.app.state.labeling
+        try:
+            state.check_access(request)
+            response = await handler(state, request)
+        except HTTPError as e:
+            response = PlainTextResponse(e.reason + "\n", status_code=e.status)
+        response.headers["Content-Security-Policy"] = CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["Referrer-Policy"] = "no-referrer"
+        response.headers["Cache-Control"] = "no-store"
+        return response
+
+    return run
+
+
+async def page(state: Labeling, request: Request) -> Response:
     from rlfh.labeling.page import render_done, render_task
 
-    def guarded(handler):
-        @functools.wraps(handler)
-        async def run(request: Request) -> Response:
-            try:
-                state.check_access(request)
-                response = await handler(request)
-            except HTTPError as e:
-                response = PlainTextResponse(e.reason + "\n", status_code=e.status)
-            response.headers["Content-Security-Policy"] = CSP
-            response.headers["X-Content-Type-Options"] = "nosniff"
-            response.headers["Referrer-Policy"] = "no-referrer"
-            response.headers["Cache-Control"] = "no-store"
-            return response
+    labeler = labeler_of(state, request.query_params.get("labeler"))
+    key = request.query_params.get("task")
+    task, prog = state.next_task(labeler)
+    if key is not None:
+        if key not in state.by_key:
+            raise HTTPError(404, "no such task")
+        task = state.by_key[key]
+    if task is None:
+        return HTMLResponse(render_done(state, labeler, prog))
+    return HTMLResponse(render_task(state, labeler, task, prog))
 
-        return run
 
-    async def page(request: Request) -> Response:
-        labeler = labeler_of(state, request.query_params.get("labeler"))
-        key = request.query_params.get("task")
-        task, prog = state.next_task(labeler)
-        if key is not None:
-            if key not in state.by_key:
-                raise HTTPError(404, "no such task")
-            task = state.by_key[key]
-        if task is None:
-            return HTMLResponse(render_done(state, labeler, prog))
-        return HTMLResponse(render_task(state, labeler, task, prog))
+async def image(state: Labeling, request: Request) -> Response:
+    data = state.images.get(request.path_params["rid"])
+    if data is None:
+        raise HTTPError(404, "no image with that rollout id in this log")
+    media = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
+    return Response(data, media_type=media)
 
-    async def image(request: Request) -> Response:
-        data = state.images.get(request.path_params["rid"])
-        if data is None:
-            raise HTTPError(404, "no image with that rollout id in this log")
-        media = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
-        return Response(data, media_type=media)
 
-    async def script(request: Request) -> Response:
-        return Response(SCRIPT.read_bytes(), media_type="text/javascript")
+async def script(state: Labeling, request: Request) -> Response:
+    return Response(SCRIPT.read_bytes(), media_type="text/javascript")
 
-    def back(labeler: str, task: str | None = None) -> Response:
-        return RedirectResponse(state.url("/", labeler=labeler, task=task), status_code=303)
 
-    async def label(request: Request) -> Response:
-        form = await read_form(request)
-        labeler = labeler_of(state, form.get("labeler"))
-        state.record(labeler, form)
-        return back(labeler)
+def back(state: Labeling, labeler: str, task: str | None = None) -> Response:
+    return RedirectResponse(state.url("/", labeler=labeler, task=task), status_code=303)
 
-    async def skip(request: Request) -> Response:
-        form = await read_form(request)
-        labeler = labeler_of(state, form.get("labeler"))
-        if form.get("task") not in state.by_key:
-            raise HTTPError(400, "unknown task")
-        state.table.append({"kind": "skip", "labeler": labeler, "task": form["task"]})
-        return back(labeler)
 
-    async def undo(request: Request) -> Response:
-        form = await read_form(request)
-        labeler = labeler_of(state, form.get("labeler"))
-        last = state.table.last_undoable(labeler)
-        if last is None:
-            raise HTTPError(409, "nothing to undo")
-        state.table.append({"kind": "undo", "labeler": labeler, "target": last["id"]})
-        return back(labeler, last["task"])
+async def label(state: Labeling, request: Request) -> Response:
+    form = await read_form(request)
+    labeler = labeler_of(state, form.get("labeler"))
+    state.record(labeler, form)
+    return back(state, labeler)
 
-    routes = [
-        Route("/", guarded(page), methods=["GET"]),
-        Route("/image/{rid:str}", guarded(image), methods=["GET"]),
-        Route("/static/label.js", guarded(script), methods=["GET"]),
-        Route("/label", guarded(label), methods=["POST"]),
-        Route("/skip", guarded(skip), methods=["POST"]),
-        Route("/undo", guarded(undo), methods=["POST"]),
-    ]
-    return Starlette(routes=routes)
+
+async def skip(state: Labeling, request: Request) -> Response:
+    form = await read_form(request)
+    labeler = labeler_of(state, form.get("labeler"))
+    if form.get("task") not in state.by_key:
+        raise HTTPError(400, "unknown task")
+    state.table.append({"kind": "skip", "labeler": labeler, "task": form["task"]})
+    return back(state, labeler)
+
+
+async def undo(state: Labeling, request: Request) -> Response:
+    form = await read_form(request)
+    labeler = labeler_of(state, form.get("labeler"))
+    last = state.table.last_undoable(labeler)
+    if last is None:
+        raise HTTPError(409, "nothing to undo")
+    state.table.append({"kind": "undo", "labeler": labeler, "target": last["id"]})
+    return back(state, labeler, last["task"])
+
+
+ROUTES = [
+    Route("/", guarded(page), methods=["GET"]),
+    Route("/image/{rid:str}", guarded(image), methods=["GET"]),
+    Route("/static/label.js", guarded(script), methods=["GET"]),
+    Route("/label", guarded(label), methods=["POST"]),
+    Route("/skip", guarded(skip), methods=["POST"]),
+    Route("/undo", guarded(undo), methods=["POST"]),
+]
+
+
+def make_app(state: Labeling) -> Starlette:
+    """The Starlette app over ``state``: every route checks access first and turns errors into 4xx."""
+    app = Starlette(routes=ROUTES)
+    app.state.labeling = state
+    return app
 
 
 def serve(log_dir, mode: str, port: int, labeler: str, host: str = "127.0.0.1", token=None) -> None:
