@@ -24,6 +24,8 @@ from tests.labeling.logs import TINY_PROMPTS, write_tiny_model_log
 
 CHROMIUM = "/usr/bin/chromium"
 
+pytest.importorskip("playwright", reason="the test extra installs playwright (the system chromium is its browser)")
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path(CHROMIUM).is_file(), reason="needs Debian's chromium at /usr/bin/chromium"),
