@@ -4,7 +4,7 @@
               [--baseline-negative-prompt TEXT] [--prompts human|general|FILE|DIR] [--seeds N] [--seed-start S]
               [--max-prompts K] [--batch-size B] [--device cpu|cuda] [--out DIR] [--train-prompts K]
               [--no-report] [--no-progress]
-              [key=value ...]
+              [--human-pairs DIR] [key=value ...]
         sample the prompt set at seeds S..S+N-1 with CONFIG's rollout settings, score with its
         rewards, write OUT/eval.json and OUT/index.html (default OUT: RUN_DIR/eval, RUN_DIR from CONFIG);
         --train-prompts K also samples the first K of CONFIG's training prompts for the held-out reward gap
@@ -80,6 +80,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.baseline_model or args.baseline_lora or args.baseline_negative_prompt is not None:
             baseline = ModelSpec(args.baseline_model or args.model, args.baseline_lora, args.baseline_negative_prompt)
         out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval"
+        if args.human_pairs:  # fail before sampling: no baseline, or a folder already in use
+            from rlfh.labeling.human_eval import check_pairs_dir
+
+            if baseline is None:
+                raise ValueError("--human-pairs compares two models: give --baseline-model and/or --baseline-lora")
+            check_pairs_dir(args.human_pairs)
         device = args.device
         if device is None:
             import torch
@@ -100,6 +106,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             train_prompts=train_prompts,
             styles=table.styles,
         )
+        if args.human_pairs:
+            from rlfh.labeling.human_eval import write_human_pairs
+
+            write_human_pairs(out, args.human_pairs)
+            print(f"[rlfh] blind pairs for people: rlfh label {args.human_pairs} --mode win-tie-lose")
     except (ConfigError, RewardError, FileNotFoundError, ValueError) as e:
         return _fail(e)
     print(format_summary(summary))
@@ -188,6 +199,11 @@ def add_eval_commands(subparsers) -> None:
         help="sample the first K training prompts of CONFIG too, for the held-out reward gap (default 0: not measured)",
     )
     s.add_argument("--no-report", action="store_true", help="write eval.json only, no grids/plots/index.html")
+    s.add_argument(
+        "--human-pairs",
+        metavar="DIR",
+        help="also write the model-vs-baseline pairs to DIR as a blind log for rlfh label --mode win-tie-lose",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_eval)
 

@@ -13,6 +13,8 @@ rlfh eval CONFIG --model M [--lora DIR]      sample a seeded prompt set, score, 
 rlfh eval-rewards CONFIG LABELS_FILE         each reward's accuracy / Pearson r against human labels
 rlfh compare RUN_A RUN_B / rlfh plot RUN     reward and loss curves from metrics.jsonl
 rlfh status RUN_DIR [--json]                 a run's state, progress, rewards and timings
+rlfh label ROLLOUT_DIR [--mode M]            label a rollout log's images in the browser
+rlfh eval-human PAIRS_DIR                    win/tie/lose rates of a human evaluation
 """
 
 from __future__ import annotations
@@ -154,12 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.set_defaults(fn=cmd_make_region_pairs)
     from rlfh.cli.eval import add_eval_commands
+    from rlfh.cli.label import add_label_commands
     from rlfh.cli.rewards import add_reward_commands
     from rlfh.cli.status import add_status_commands
 
     add_reward_commands(sub)
     add_status_commands(sub)
     add_eval_commands(sub)
+    add_label_commands(sub)
     s = sub.add_parser("make-tiny-model", help="write a seeded tiny SDXL-architecture pipeline")
     s.add_argument("dir")
     s.add_argument("--seed", type=int, default=0)
@@ -182,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     from rewards.base import RewardError
     from rlfh.config.schema import ConfigError
     from rlfh.env import apply_env_defaults
+    from rlfh.labeling.table import LabelsError
     from rollouts.log import RolloutLogError
 
     apply_env_defaults()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, RolloutLogError, RewardError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, RolloutLogError, LabelsError, RewardError, FileNotFoundError, ValueError) as e:
         print(f"rlfh: error: {e}", file=sys.stderr)
         return 2
 

@@ -566,12 +566,28 @@ class HcPPriorsConfig:
 
 
 @dataclass(frozen=True)
+class HumanLabelsConfig:
+    """``data.human_labels``: people's pairs of a labeled rollout log (``rlfh label``) mixed into every round.
+
+    Attributes:
+        log: the labeled rollout log (its labels.jsonl); null = off. Its latents must have the run's shape.
+    """
+
+    log: Optional[str] = None
+    pairs_per_round: int = 0  # a seeded draw of this many labeled pairs each round; 0: all of them
+
+    def problems(self, key: str) -> list[str]:
+        return at_least(f"{key}.pairs_per_round", self.pairs_per_round, 0, " (0: every labeled pair)")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """``data``: per-round data sources besides the rollouts' samples."""
 
     hgdpo: HGDPOConfig = field(default_factory=HGDPOConfig)  # real images as winners, on a curriculum
     region_pairs: RegionPairsConfig = field(default_factory=RegionPairsConfig)  # FaceScore's inpainted-region pairs
     hcp_priors: HcPPriorsConfig = field(default_factory=HcPPriorsConfig)  # pose priors for model.hcp
+    human_labels: HumanLabelsConfig = field(default_factory=HumanLabelsConfig)  # people's pairs (rlfh label)
 
 
 @dataclass(frozen=True)
@@ -785,6 +801,7 @@ class Config:
     seed: int = 0
     num_rounds: int = 10
     rollouts: Optional[str] = None  # a rollout log to train from (rlfh offline-dpo)
+    labels: Literal["rewards", "human"] = "rewards"  # pairs from the rewards, or from people's labels (rlfh label)
     resume: bool = True  # continue from run_dir's last checkpoint if there is one
     model: ModelConfig = field(default_factory=ModelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

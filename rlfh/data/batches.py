@@ -41,6 +41,7 @@ class ScoredSamples:
     conditioning: Optional[Conditioning] = None
     images: Optional[np.ndarray] = None
     priors: Optional[np.ndarray] = None
+    ids: Optional[Sequence[str]] = None  # rollout ids (offline, from the log): people's labels name them
 
     def __len__(self) -> int:
         return len(self.prompts)

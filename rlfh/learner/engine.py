@@ -55,13 +55,14 @@ def ddpo_train_steps(cfg) -> int:
 
 def needs_text_encoders(cfg) -> bool:
     """Whether the learner must keep its text encoders when batches bring the rollouts' conditioning:
-    colocated sampling encodes with this pipeline, HG-DPO trains on real images' captions that no
-    rollout conditioned on, DDPO's guided eps needs the negative prompt (the rollouts send positive
-    embeddings only), and so does CFG distillation's teacher. Offline DPO keeps them because its batches
-    (from the rollout log) carry none."""
+    colocated sampling encodes with this pipeline, HG-DPO trains on real images' captions and
+    ``data.human_labels`` on a labeled log's prompts that no rollout conditioned on, DDPO's guided eps
+    needs the negative prompt (the rollouts send positive embeddings only), and so does CFG
+    distillation's teacher. Offline DPO keeps them because its batches (from the rollout log) carry none."""
     return bool(
         cfg.resources.colocate
         or cfg.data.hgdpo.real_images
+        or cfg.data.human_labels.log  # its pairs' prompts: no rollout of the round conditioned on them
         or TEXT_ENCODERS in loss_spec(cfg.learner.loss).needs
         or cfg.learner.guidance_free.scale is not None
     )

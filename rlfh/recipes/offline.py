@@ -123,6 +123,7 @@ def scored_samples(cfg: Config, records: list[dict], regions, latents, image_hw,
         regions,
         image_hw,
         images=np.stack([decode_png(r["image"]) for r in records]) if images else None,
+        ids=[r["rollout_id"] for r in records],
     )
     return samples, values, weights, score_stats
 

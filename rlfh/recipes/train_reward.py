@@ -102,7 +102,13 @@ def region_pairs(cfg: Config) -> tuple[list[RegionPair], dict[str, float]]:
     regions = logged_regions(records)
     pairs: list[RegionPair] = []
     no_region = empty_crop = 0
-    for p in build_pairs(groups, scores, "best_worst"):
+    if cfg.labels == "human":  # people's choices (rlfh label) instead of the scores': FaceScore's recipe on them
+        from rlfh.data.human_pairs import human_pairs
+
+        chosen = human_pairs(rt.pairs, [r["rollout_id"] for r in records])[0]
+    else:
+        chosen = build_pairs(groups, scores, "best_worst")
+    for p in chosen:
         box = _best_box(regions[p.winner].get(rt.region, [])) or _best_box(regions[p.loser].get(rt.region, []))
         if box is None:
             no_region += 1

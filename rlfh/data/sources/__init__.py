@@ -10,7 +10,8 @@ source whose section turns it on and calls it each round, without knowing which 
                             winners; inpainted region pairs); returns (batch, stats)
     close()                 release what it holds (MediaPipe graphs), at teardown
 
-The sources run in :data:`SOURCES` order (HcP's priors exist before HG-DPO mixes real winners in).
+The sources run in :data:`SOURCES` order (HcP's priors exist before people's labels pick the rows and
+before HG-DPO mixes real winners in).
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ from __future__ import annotations
 from rlfh.data.sources.base import DataSource, RoundData, SourceContext
 from rlfh.data.sources.hcp_priors import HcpPriors
 from rlfh.data.sources.hgdpo import RealWinners
+from rlfh.data.sources.human_labels import HumanLabels
+from rlfh.data.sources.labeled_pairs import LabeledPairs
 from rlfh.data.sources.region_pairs import InpaintedRegions
 
 # name -> source, in the order they run: a new source is one file and one line here
 SOURCES: dict[str, type[DataSource]] = {
     HcpPriors.name: HcpPriors,
+    HumanLabels.name: HumanLabels,
     RealWinners.name: RealWinners,
     InpaintedRegions.name: InpaintedRegions,
+    LabeledPairs.name: LabeledPairs,  # after HG-DPO: people's winners stay theirs
 }
 
 __all__ = ["SOURCES", "DataSource", "RoundData", "SourceContext", "build_sources", "close_sources"]
