@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 class _IntermixedParser(argparse.ArgumentParser):
@@ -52,40 +53,57 @@ def _fail(e: Exception) -> int:
     return 2
 
 
+def _eval_inputs(args: argparse.Namespace, cfg) -> tuple[Any, list[int], list[str]]:
+    """The prompt table, seeds and training prompts that ``rlfh eval``'s options ask for."""
+    from rlfh.eval.evaluate import load_prompt_table
+
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: need at least 1 seed")
+    table = load_prompt_table(args.prompts)
+    if args.max_prompts is not None:
+        if args.max_prompts < 1:
+            raise ValueError(f"--max-prompts {args.max_prompts}: need at least 1 prompt")
+        table = table.head(args.max_prompts)
+    seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+    train_prompts: list[str] = []
+    if args.train_prompts:
+        from rlfh.data.prompts import load_prompts
+
+        if args.train_prompts < 0:
+            raise ValueError(f"--train-prompts {args.train_prompts}: a number of prompts >= 0")
+        train_prompts = load_prompts(cfg.rollout)[: args.train_prompts]
+    return table, seeds, train_prompts
+
+
+def _baseline(args: argparse.Namespace):
+    """The baseline model of ``--baseline-*`` (None without one); ``--human-pairs`` needs one and a free folder,
+    checked here so that nothing is sampled first."""
+    from rlfh.eval.evaluate import ModelSpec
+
+    baseline = None
+    if args.baseline_model or args.baseline_lora or args.baseline_negative_prompt is not None:
+        baseline = ModelSpec(args.baseline_model or args.model, args.baseline_lora, args.baseline_negative_prompt)
+    if args.human_pairs:
+        from rlfh.labeling.human_eval import check_pairs_dir
+
+        if baseline is None:
+            raise ValueError("--human-pairs compares two models: give --baseline-model and/or --baseline-lora")
+        check_pairs_dir(args.human_pairs)
+    return baseline
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from rewards.base import RewardError
     from rlfh.config.schema import ConfigError, load_config
-    from rlfh.eval.evaluate import ModelSpec, evaluate, format_summary, load_prompt_table
+    from rlfh.eval.evaluate import ModelSpec, evaluate, format_summary
 
     try:
-        if args.seeds < 1:
-            raise ValueError(f"--seeds {args.seeds}: need at least 1 seed")
         cfg = load_config(args.config, args.overrides)
-        table = load_prompt_table(args.prompts)
-        if args.max_prompts is not None:
-            if args.max_prompts < 1:
-                raise ValueError(f"--max-prompts {args.max_prompts}: need at least 1 prompt")
-            table = table.head(args.max_prompts)
-        seeds = list(range(args.seed_start, args.seed_start + args.seeds))
-        train_prompts: list[str] = []
-        if args.train_prompts:
-            from rlfh.data.prompts import load_prompts
-
-            if args.train_prompts < 0:
-                raise ValueError(f"--train-prompts {args.train_prompts}: a number of prompts >= 0")
-            train_prompts = load_prompts(cfg.rollout)[: args.train_prompts]
-        baseline = None
-        if args.baseline_model or args.baseline_lora or args.baseline_negative_prompt is not None:
-            baseline = ModelSpec(args.baseline_model or args.model, args.baseline_lora, args.baseline_negative_prompt)
+        table, seeds, train_prompts = _eval_inputs(args, cfg)
+        baseline = _baseline(args)
         out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval"
-        if args.human_pairs:  # fail before sampling: no baseline, or a folder already in use
-            from rlfh.labeling.human_eval import check_pairs_dir
-
-            if baseline is None:
-                raise ValueError("--human-pairs compares two models: give --baseline-model and/or --baseline-lora")
-            check_pairs_dir(args.human_pairs)
         device = args.device
         if device is None:
             import torch
@@ -166,10 +184,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_eval_commands(subparsers) -> None:
-    """Add ``eval``, ``eval-rewards``, ``compare`` and ``plot`` to the ``rlfh`` sub-command parsers."""
-    s = subparsers.add_parser("eval", help="sample a fixed seeded prompt set, score it, report (vs a baseline)")
-    s.__class__ = _IntermixedParser  # see its docstring: overrides may follow the options
+def _add_eval_arguments(s: argparse.ArgumentParser) -> None:
+    """The arguments of ``rlfh eval``."""
     s.add_argument("config", help="YAML config: rollout settings, rewards and model dtype/vae come from it")
     s.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. rollout.num_inference_steps=30")
     s.add_argument("--model", required=True, help="pipeline folder, hub id, .safetensors file or rlfh:tiny-sdxl")
@@ -205,6 +221,13 @@ def add_eval_commands(subparsers) -> None:
         help="also write the model-vs-baseline pairs to DIR as a blind log for rlfh label --mode win-tie-lose",
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_eval_commands(subparsers) -> None:
+    """Add ``eval``, ``eval-rewards``, ``compare`` and ``plot`` to the ``rlfh`` sub-command parsers."""
+    s = subparsers.add_parser("eval", help="sample a fixed seeded prompt set, score it, report (vs a baseline)")
+    s.__class__ = _IntermixedParser  # see its docstring: overrides may follow the options
+    _add_eval_arguments(s)
     s.set_defaults(fn=cmd_eval)
 
     s = subparsers.add_parser(
