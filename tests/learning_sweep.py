@@ -24,13 +24,15 @@ def runs() -> dict:
     from tests.rlfh import test_ddpo, test_online_rl
 
     return {
-        "ddpo": lambda d, s: test_ddpo.ddpo_learning_gain(d, None, seed=s),
-        "ddpo_window": lambda d, s: test_ddpo.ddpo_learning_gain(d, 2, seed=s),
-        "ddpo_branch": lambda d, s: test_ddpo.ddpo_learning_gain(d, 2, branch=True, groups=4, rounds=8, seed=s),
+        "ddpo": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(d, None, seed=s, **kw),
+        "ddpo_window": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(d, 2, seed=s, **kw),
+        "ddpo_branch": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(
+            d, 2, branch=True, groups=4, seed=s, **{"rounds": 8, **kw}
+        ),
         "dppo": lambda d, s: test_ddpo.trust_region_run(d, "dppo", seed=s)[0],
         "guard": lambda d, s: test_ddpo.trust_region_run(d, "guard", seed=s)[0],
-        "nft": lambda d, s: test_online_rl.online_learning_gain(d, "nft", seed=s),
-        "awm": lambda d, s: test_online_rl.online_learning_gain(d, "awm", seed=s),
+        "nft": lambda d, s, **kw: test_online_rl.online_learning_gain(d, "nft", seed=s, **kw),
+        "awm": lambda d, s, **kw: test_online_rl.online_learning_gain(d, "awm", seed=s, **kw),
     }
 
 
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("name", nargs="?")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], help="keyword=value arguments of the run (e.g. lr=5e-3 epochs=2)")
     args = ap.parse_args()
     table = runs()
     if args.list or args.name not in table:
@@ -48,10 +51,11 @@ def main() -> None:
 
     model = resolve_model_path("rlfh:tiny-sdxl")
     numerics = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS") if k in os.environ}
+    kwargs = {k: (int(v) if v.isdigit() else v) for k, v in (a.split("=", 1) for a in args.set)}
     gains = []
     for seed in args.seeds:
         t0 = time.time()
-        gains.append(table[args.name](model, seed))
+        gains.append(table[args.name](model, seed, **kwargs))
         print(f"[sweep] {args.name} seed {seed}: gain {gains[-1]:+.4f} ({time.time() - t0:.0f} s)", flush=True)
     sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
     print(

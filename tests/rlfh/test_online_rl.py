@@ -152,10 +152,12 @@ def fixed_seed_reward(s, st):
 LEARNING = {"nft": ("1e-2", 2, 0.012), "awm": ("2e-2", 4, 0.23)}  # lr, epochs per round, margin
 
 
-def online_learning_gain(tiny_model_dir, loss: str, seed: int = 0, rounds: int = 8) -> float:
+def online_learning_gain(
+    tiny_model_dir, loss: str, seed: int = 0, rounds: int = 8, lr: str | None = None, epochs: int | None = None
+) -> float:
     """The rise of ``fixed_seed_reward`` over ``rounds`` online rounds of ``loss``; ``seed`` moves the LoRA
     initialisation, the learner's noise and every round's sampling seeds (the evaluation seeds stay fixed)."""
-    lr, epochs, _ = LEARNING[loss]
+    lr, epochs = lr or LEARNING[loss][0], epochs or LEARNING[loss][1]
     cfg = config(
         tiny_model_dir, f"learner.loss={loss}", "rollout.num_inference_steps=4", f"learner.lr={lr}", f"seed={seed}"
     )
