@@ -123,8 +123,8 @@ class Sampler:
         self.policy_version = 0
         self.lora: MergedLora | None = None  # set by add_lora(merge=True)
         self.cache_prompts = cache_prompts
-        self.prompt_cache = PromptCache(self.family, enabled=cache_prompts)  # prompt -> (77, D), (P,)
-        self._numpy_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the same as float32 arrays
+        self.prompt_cache = PromptCache(self.family, enabled=cache_prompts)  # prompt -> the family's rows
+        self._numpy_cache: dict[str, tuple[np.ndarray, ...]] = {}  # the same as float32 arrays
         self._cache_version = self.policy_version
         if compile:
             self.compile()
