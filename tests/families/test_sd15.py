@@ -1,0 +1,140 @@
+"""The SD1.5 family on its tiny model: the tiny model's wiring, the rollout sampler against the stock
+``StableDiffusionPipeline``, the pipeline's own prompt conditioning, the training target following the
+scheduler's ``prediction_type``, and the LoRA rlfh writes loading with the stock ``load_lora_weights``."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from families import PromptCache, add_lora, family_of, load_pipeline
+from families.sd15 import SD15
+from rlfh.config.schema import ModelConfig, load_config
+from rollouts.sampler import Sampler, seeded_generators
+from rollouts.types import SamplerSettings
+from tests.conftest import REPO
+from tests.rollouts.test_sampler import assert_images_match
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_sd15_dir):
+    return load_pipeline(ModelConfig(path=tiny_sd15_dir))
+
+
+def test_the_tiny_model_is_a_stock_sd15_pipeline(pipe, tiny_sd15_dir):
+    from diffusers import StableDiffusionPipeline
+
+    index = json.loads((Path(tiny_sd15_dir) / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and isinstance(pipe, StableDiffusionPipeline)
+    assert family_of(pipe).name == "sd15" and pipe.safety_checker is None
+    unet = pipe.unet
+    assert unet.config.addition_embed_type is None and unet.config.cross_attention_dim == 32
+    assert type(pipe.scheduler).__name__ == "PNDMScheduler" and pipe.vae.config.scaling_factor == 0.18215
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_sampler_equals_stock_diffusers_pipeline(pipe, guidance):
+    """The same tolerances as the SDXL sampler (tests/rollouts/test_sampler.py) and for the same reason:
+    the cond / uncond combination of the guided prediction is rounded in each side's own order."""
+    prompts, seeds = ["a photo of a person", "a man waving his hand", "a photo of a person"], [3, 1, 4]
+    settings = SamplerSettings(6, guidance, "blurry", 64, 64)
+    ours = Sampler(pipe, "tiny-sd15").sample(prompts, seeds, settings)
+    kwargs = dict(
+        prompt=prompts,
+        negative_prompt=["blurry"] * 3,
+        num_inference_steps=6,
+        guidance_scale=guidance,
+        height=64,
+        width=64,
+    )
+    ref_lat = pipe(**kwargs, generator=seeded_generators(seeds), output_type="latent").images
+    ref_img = pipe(**kwargs, generator=seeded_generators(seeds), output_type="np").images
+    assert ours.latents.shape == (3, 4, 8, 8) and ours.images.shape == (3, 64, 64, 3)
+    np.testing.assert_allclose(ours.latents, ref_lat.numpy(), atol=5e-5, rtol=0)
+    assert_images_match(ours.images, ref_img)
+    # the rows the rollouts send the learner: the token embeddings only (no pooled embedding on SD1.5)
+    assert {p: tuple(a.shape for a in rows) for p, rows in ours.conditioning.items()} == {
+        p: ((77, 32),) for p in prompts
+    }
+
+
+def test_guided_conditioning_is_the_pipelines(pipe):
+    prompts = ["a photo of a person", "two people talking", "a photo of a person"]
+    pos, neg = pipe.encode_prompt(
+        prompts, "cpu", num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=["blurry"] * 3
+    )
+    enc, added = PromptCache(SD15()).conditioning(pipe, prompts, 64, 64, "cpu", negative_prompt="blurry")
+    assert added == {}
+    # the encoder's numbers depend on the batch it runs in (~1e-6 on CPU): the same rows, not the same bits
+    torch.testing.assert_close(enc, torch.cat([neg, pos]), rtol=0, atol=1e-5)
+
+
+def test_training_target_follows_the_schedulers_prediction_type(tiny_sd15_dir, tmp_path):
+    """The learner's target is eps for the tiny model and v = sqrt(abar) eps - sqrt(1 - abar) x0 for the
+    same model whose scheduler config says v_prediction (SD2.x-768's), equal to diffusers' ``get_velocity``;
+    the DDIM sampler of the rollouts reads the same prediction type."""
+    from diffusers import DDPMScheduler
+
+    from rlfh.learner.engine import LearnerEngine
+
+    vdir = tmp_path / "tiny-sd15-v"
+    shutil.copytree(tiny_sd15_dir, vdir)
+    sched = vdir / "scheduler" / "scheduler_config.json"
+    sched.write_text(json.dumps({**json.loads(sched.read_text()), "prediction_type": "v_prediction"}))
+    g = torch.Generator().manual_seed(0)
+    x0, eps, t = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g), torch.tensor([5, 500, 990])
+    targets = {}
+    for path in (tiny_sd15_dir, vdir):
+        cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={path}"])
+        lrn = LearnerEngine(cfg)
+        kind = lrn.pipe.scheduler.config.prediction_type
+        targets[kind] = lrn.noised(x0, t, eps)[2]
+        assert lrn.family.stochastic_scheduler(lrn.pipe.scheduler.config).config.prediction_type == kind
+    assert sorted(targets) == ["epsilon", "v_prediction"]
+    assert torch.equal(targets["epsilon"], eps)
+    velocity = DDPMScheduler.from_config(json.loads(sched.read_text())).get_velocity(x0, eps, t)
+    assert torch.equal(targets["v_prediction"], velocity) and not torch.allclose(velocity, eps, atol=0.1)
+
+
+def test_the_lora_rlfh_writes_loads_in_the_stock_pipeline(tiny_sd15_dir, tmp_path):
+    """A LoRA of the default targets written by the family loads with ``load_lora_weights`` at its alpha:
+    the stock pipeline's latents then equal our sampler's with the same LoRA merged, and differ from the
+    base's."""
+    from peft import get_peft_model_state_dict
+
+    family, targets = SD15(), list(SD15.lora_targets)
+    trained = load_pipeline(ModelConfig(path=tiny_sd15_dir))
+    torch.manual_seed(0)
+    add_lora(trained.unet, rank=4, alpha=2.0, target_modules=targets)
+    with torch.no_grad():
+        for name, p in trained.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    state = get_peft_model_state_dict(trained.unet)
+    family.save_lora(tmp_path, state, {"r": 4, "lora_alpha": 2.0, "target_modules": sorted(targets)})
+
+    prompts, seeds = ["a photo of a person", "two people talking"], [5, 6]
+    settings = SamplerSettings(4, 1.0, "", 64, 64)
+    stock = load_pipeline(ModelConfig(path=tiny_sd15_dir))
+    kwargs = dict(prompt=prompts, num_inference_steps=4, guidance_scale=1.0, height=64, width=64, output_type="latent")
+    base = stock(**kwargs, generator=seeded_generators(seeds)).images
+    stock.load_lora_weights(str(tmp_path))
+    loaded = stock(**kwargs, generator=seeded_generators(seeds)).images
+    ours = Sampler(load_pipeline(ModelConfig(path=tiny_sd15_dir)))
+    ours.add_lora(4, 2.0, targets)
+    ours.load_lora(state, policy_version=1)
+    merged = ours.sample(prompts, seeds, settings).latents
+    assert np.abs(loaded.numpy() - base.numpy()).max() > 1e-2
+    np.testing.assert_allclose(merged, loaded.numpy(), atol=1e-4, rtol=0)
+
+
+def test_make_tiny_model_writes_the_family_asked_for(tmp_path, capsys):
+    from rlfh.cli.main import main
+
+    assert main(["make-tiny-model", str(tmp_path / "m"), "--family", "sd15", "--pretrain-steps", "0"]) == 0
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    assert main(["make-tiny-model", str(tmp_path / "f"), "--family", "flux"]) == 2
+    assert "model family 'flux' is not implemented yet" in capsys.readouterr().err
