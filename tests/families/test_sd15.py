@@ -138,3 +138,19 @@ def test_make_tiny_model_writes_the_family_asked_for(tmp_path, capsys):
     assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     assert main(["make-tiny-model", str(tmp_path / "f"), "--family", "flux"]) == 2
     assert "model family 'flux' is not implemented yet" in capsys.readouterr().err
+
+
+def test_the_hcp_layer_hooks_sd15s_cross_attention_and_trains(tiny_sd15_dir):
+    """HcP (trained on SD1.5 in its paper) on the tiny SD1.5: its factor-2 cross-attention is the mid
+    block's (the tiny UNet attends at factor 1 and in the mid block, as SD1.5 attends at 1, 2 and 4 and
+    in the mid block); a step trains phi with the LoRA and leaves a finite alignment loss."""
+    from rlfh.learner.steps import train
+    from tests.rlfh.test_hcp import HCP, alignment, make, posed_pairs
+
+    lrn = make(tiny_sd15_dir, *HCP, "model.hcp.coef=10")
+    assert sorted(lrn.hcp.processors) == ["mid_block.attentions.0.transformer_blocks.0.attn2"]
+    phi = {k: v.clone() for k, v in lrn.hcp.state_dict().items()}
+    before = alignment(lrn)
+    train(lrn, posed_pairs(), epochs=1)
+    assert any(not torch.equal(v, phi[k]) for k, v in lrn.hcp.state_dict().items())
+    assert np.isfinite(before) and np.isfinite(alignment(lrn))
