@@ -154,3 +154,28 @@ def test_the_hcp_layer_hooks_sd15s_cross_attention_and_trains(tiny_sd15_dir):
     train(lrn, posed_pairs(), epochs=1)
     assert any(not torch.equal(v, phi[k]) for k, v in lrn.hcp.state_dict().items())
     assert np.isfinite(before) and np.isfinite(alignment(lrn))
+
+
+def test_ddpo_on_sd15_the_learner_recomputes_the_samplers_logprobs(tiny_sd15_dir):
+    """DDPO's stochastic DDIM sampler on SD1.5 (built from its PNDM config) with guidance: before any
+    update the learner's recomputed per-step log-probs equal the recorded ones, and a step trains."""
+    from rlfh.data.batches import ScoredSamples, TrajectoryBatch
+    from rlfh.data.pairs import ddpo_window, learner_batch
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
+    from tests.rlfh.test_ddpo import DDPO, settings_of
+
+    cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_sd15_dir}", *DDPO])
+    lrn = LearnerEngine(cfg)
+    s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
+    s.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
+    s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
+    st, prompts = settings_of(cfg), ["p", "p", "q", "q"]
+    b = s.sample(prompts, [0, 1, 2, 3], st, record=ddpo_window(cfg, 1))
+    samples = ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64), b.trajectory, st)
+    batch, _ = learner_batch(cfg.learner, samples)
+    assert isinstance(batch, TrajectoryBatch) and batch.latents.shape[1] == 5
+    before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
+    m = train(lrn, batch, epochs=1)
+    assert m["ddpo/recorded_logprob_max_diff"] < 1e-5 and np.isfinite(m["loss/ddpo"])
+    assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())
