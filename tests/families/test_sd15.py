@@ -179,3 +179,12 @@ def test_ddpo_on_sd15_the_learner_recomputes_the_samplers_logprobs(tiny_sd15_dir
     m = train(lrn, batch, epochs=1)
     assert m["ddpo/recorded_logprob_max_diff"] < 1e-5 and np.isfinite(m["loss/ddpo"])
     assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())
+
+
+@pytest.mark.parametrize("loss", ["nft", "awm"])
+def test_nft_and_awm_on_sd15(tiny_sd15_dir, loss):
+    """The SDXL checks of tests/rlfh/test_online_rl.py, run on SD1.5: the batch's advantages, a training
+    step, the sampling policy as the round's start, and NFT's x0 scale against diffusers' DDPM step."""
+    from tests.rlfh.test_online_rl import test_batch_signal_and_first_step_against_the_sampling_policy as check
+
+    check(tiny_sd15_dir, loss)
