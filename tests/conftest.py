@@ -72,8 +72,7 @@ def ray_local():
 NUMERICS_TESTS = (
     "tests/rollouts/test_sampler.py::test_sampler_equals_stock_diffusers_pipeline",
     "tests/rollouts/test_sampler.py::test_seeds_are_per_sample",
-    "tests/families/test_sd15.py::test_sampler_equals_stock_diffusers_pipeline",
-    "tests/families/test_sd15.py::test_the_lora_rlfh_writes_loads_in_the_stock_pipeline",
+    "tests/families/test_sd15.py",
     "tests/test_sd15_end_to_end.py::test_dpo_raises_the_reward_on_sd15",
     "tests/rollouts/test_sampler_fast.py",
     "tests/rollouts/test_ddim_logprob.py",

@@ -188,3 +188,33 @@ def test_nft_and_awm_on_sd15(tiny_sd15_dir, loss):
     from tests.rlfh.test_online_rl import test_batch_signal_and_first_step_against_the_sampling_policy as check
 
     check(tiny_sd15_dir, loss)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_refine_equals_stock_img2img_and_inpainting_keeps_the_outside(pipe, guidance):
+    """SDEdit (Sampler.refine: HG-DPO's SDRecon, region pairs) on SD1.5 against diffusers' own
+    StableDiffusionImg2ImgPipeline, at the SDXL test's tolerance (tests/rollouts/test_refine.py), and
+    its inpainting check."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from tests.rollouts.test_refine import test_inpainting_changes_only_inside_the_mask as inpainting_check
+
+    prompts, seeds = ["a photo of a person", "a man waving his hand"], [3, 1]
+    settings = SamplerSettings(10, guidance, "blurry", 64, 64)
+    sampler = Sampler(pipe, "tiny-sd15")
+    x0 = sampler.sample(prompts, [7, 8], settings).latents
+    ours = sampler.refine(x0, prompts, seeds, settings, strength=0.4)
+    ref = StableDiffusionImg2ImgPipeline.from_pipe(pipe)(
+        prompt=prompts,
+        negative_prompt=["blurry"] * 2,
+        image=torch.from_numpy(x0),  # 4 channels: taken as latents as they are
+        strength=0.4,
+        num_inference_steps=10,
+        guidance_scale=guidance,
+        generator=seeded_generators(seeds),
+        output_type="latent",
+    ).images
+    np.testing.assert_allclose(ours.latents, ref.numpy(), atol=1e-5)
+    assert not np.allclose(ours.latents, x0, atol=1e-3)
+    if guidance == 1.0:
+        inpainting_check(pipe)
