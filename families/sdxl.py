@@ -136,12 +136,3 @@ class SDXL(UNetFamily):
     # ------------------------------------------------------------------ the denoiser
     def predict(self, model: Any, x_t: Tensor, t: Any, cond: Conditioning) -> Tensor:
         return model(x_t, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added).sample
-
-    # ------------------------------------------------------------------ export
-    def save_lora(self, directory: str | Path, peft_state: dict[str, Tensor], adapter: dict) -> None:
-        from diffusers import StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        StableDiffusionXLPipeline.save_lora_weights(
-            directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_state), unet_lora_adapter_metadata=adapter
-        )

@@ -1,7 +1,7 @@
 """What the UNet families (SD1.5, SDXL) share: loading a diffusers pipeline with rlfh's model
 settings, the DDPM forward process and target (:mod:`families.schedule`) and the stochastic DDIM step
-with its log-prob (:mod:`families.ddim`). A UNet family adds its pipeline class, its tiny model, its
-text conditioning and its LoRA file.
+with its log-prob (:mod:`families.ddim`). A UNet family adds its pipeline class, its tiny model and its
+text conditioning; its LoRA file is its pipeline's ``save_lora_weights``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from families.base import ModelFamily, ModelSource
 from families.ddim import ddim_scheduler, scheduler_step_with_logprob
@@ -72,4 +73,12 @@ class UNetFamily(ModelFamily):
     def step_with_logprob(self, scheduler, model_output, t, sample, eta, prev_sample=None, noise=None, generator=None):
         return scheduler_step_with_logprob(
             scheduler, model_output, t, sample, eta=eta, prev_sample=prev_sample, noise=noise, generator=generator
+        )
+
+    # ------------------------------------------------------------------ export
+    def save_lora(self, directory: str | Path, peft_state: dict[str, Tensor], adapter: dict) -> None:
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        self.pipeline_type().save_lora_weights(
+            directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_state), unet_lora_adapter_metadata=adapter
         )
