@@ -218,3 +218,18 @@ def test_refine_equals_stock_img2img_and_inpainting_keeps_the_outside(pipe, guid
     assert not np.allclose(ours.latents, x0, atol=1e-3)
     if guidance == 1.0:
         inpainting_check(pipe)
+
+
+def test_eval_compares_an_sd15_model_with_an_sdxl_baseline(tiny_sd15_dir, tiny_model_dir, tmp_path):
+    """`rlfh eval` takes any family, also two in one comparison: model.family names the config's model
+    only, the baseline's family is read from its folder."""
+    from rlfh.eval.evaluate import ModelSpec, evaluate
+
+    overrides = [f"model.path={tiny_sd15_dir}", "model.family=sd15", "rollout.num_inference_steps=2"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", overrides)
+    summary = evaluate(
+        cfg, ModelSpec(tiny_sd15_dir), ["a photo of a person"], [0], tmp_path, ModelSpec(tiny_model_dir), progress=False
+    )
+    jpeg = summary["rewards"]["jpeg_compressibility"]
+    assert jpeg["model"]["n_valid"] == 1 and jpeg["baseline"]["n_valid"] == 1
+    assert jpeg["model"]["mean"] != jpeg["baseline"]["mean"]
