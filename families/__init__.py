@@ -27,6 +27,7 @@ from families.base import (
     first_of_each,
     with_negative,
 )
+from families.sd15 import SD15
 from families.sdxl import DTYPES, SDXL
 from families.tiny import TINY_ID, TINY_PREFIX, make_tiny_model, resolve_model_path
 
@@ -52,10 +53,11 @@ __all__ = [
 
 FAMILIES: dict[str, ModelFamily] = {
     "sdxl": SDXL(),
+    "sd15": SD15(),
 }
 
 # Pipelines of the families rlfh is designed for but has no adapter for yet.
-NOT_YET = {"StableDiffusionPipeline": "sd15", "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+NOT_YET = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 
 # A key only each family's original single-file checkpoints have.
 SINGLE_FILE_KEYS = {
@@ -150,11 +152,13 @@ def load_pipeline(source: ModelSource, device: str | torch.device = "cpu") -> An
     through its family's adapter.
 
     Args:
-        source: a :class:`rlfh.config.schema.ModelConfig` (path, revision, variant, vae_path, dtype).
+        source: a :class:`rlfh.config.schema.ModelConfig` (path, family, revision, variant, vae_path,
+            dtype); ``family`` None: read from the model (:func:`detect_family`).
         device: where to put the modules.
     """
     path = resolve_model_path(source.path)
-    return detect_family(path, source.revision).load(source, path, device)
+    family = get_family(source.family) if source.family else detect_family(path, source.revision)
+    return family.load(source, path, device)
 
 
 def add_lora(model: Any, rank: int, alpha: float, target_modules) -> None:

@@ -60,6 +60,7 @@ class ModelSource(Protocol):
     """Where a model comes from: ``rlfh.config.schema.ModelConfig`` (any object with these fields)."""
 
     path: str
+    family: Optional[str]
     revision: Optional[str]
     variant: Optional[str]
     vae_path: Optional[str]
@@ -112,6 +113,9 @@ class ModelFamily(abc.ABC):
             that trains from the rollouts' prompt embeddings).
         lora_targets: the denoiser's module names diffusers' LoRA training scripts adapt.
         latent_factor: pixels per latent along each side (the VAE's scale factor).
+        refused: the rlfh methods that do not apply to this family, each with the reason
+            (``{"hcp": "HcP keys on UNet cross-attention"}``); a config asking for one is refused
+            before a run starts (rlfh/config/rules.py: ``family_rules``).
     """
 
     name: ClassVar[str]
@@ -120,6 +124,7 @@ class ModelFamily(abc.ABC):
     text_encoders: ClassVar[tuple[str, ...]]
     lora_targets: ClassVar[tuple[str, ...]]
     latent_factor: ClassVar[int] = 8
+    refused: ClassVar[dict[str, str]] = {}
 
     # ------------------------------------------------------------------ loading
     @abc.abstractmethod

@@ -17,50 +17,20 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from families.base import Conditioning, ModelFamily, ModelSource, PromptRows
-from families.ddim import ddim_scheduler, scheduler_step_with_logprob
-from families.schedule import DDPMSchedule
+from families.base import Conditioning, PromptRows
+from families.unet import DTYPES, UNetFamily
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def quiet_loading() -> None:
-    """Per-component loading bars from every actor drown the run's own progress bar."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
+__all__ = ["DTYPES", "SDXL"]
 
 
-class SDXL(ModelFamily):
+class SDXL(UNetFamily):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
-    denoiser = "unet"
     text_encoders = ("text_encoder", "text_encoder_2")
     # the attention projections, as diffusers' train_dreambooth_lora_sdxl.py adapts them
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
-    latent_factor = 8
 
     # ------------------------------------------------------------------ loading
-    def load(self, source: ModelSource, path: str, device: str | torch.device) -> Any:
-        from diffusers import AutoencoderKL, StableDiffusionXLPipeline
-
-        quiet_loading()
-        dtype = DTYPES[source.dtype]
-        kwargs: dict[str, Any] = {"dtype": dtype}
-        if source.vae_path:
-            kwargs["vae"] = AutoencoderKL.from_pretrained(source.vae_path, dtype=dtype)
-        if Path(path).suffix in (".safetensors", ".ckpt"):
-            pipe = StableDiffusionXLPipeline.from_single_file(path, **kwargs)
-        else:
-            pipe = StableDiffusionXLPipeline.from_pretrained(
-                path, revision=source.revision, variant=source.variant, **kwargs
-            )
-        self.check(pipe, path)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe.to(device)
-
     def check(self, pipe: Any, path: str) -> None:
         """The UNet's added-embedding width must be 6 time ids plus the pooled text (diffusers checks
         this on every call of its private ``_get_add_time_ids``; once at load is enough)."""
@@ -166,24 +136,3 @@ class SDXL(ModelFamily):
     # ------------------------------------------------------------------ the denoiser
     def predict(self, model: Any, x_t: Tensor, t: Any, cond: Conditioning) -> Tensor:
         return model(x_t, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added).sample
-
-    # ------------------------------------------------------------------ training and stochastic sampling
-    def noise_schedule(self, scheduler_config: Any) -> DDPMSchedule:
-        return DDPMSchedule.from_config(scheduler_config)
-
-    def stochastic_scheduler(self, scheduler_config: Any) -> Any:
-        return ddim_scheduler(scheduler_config)
-
-    def step_with_logprob(self, scheduler, model_output, t, sample, eta, prev_sample=None, noise=None, generator=None):
-        return scheduler_step_with_logprob(
-            scheduler, model_output, t, sample, eta=eta, prev_sample=prev_sample, noise=noise, generator=generator
-        )
-
-    # ------------------------------------------------------------------ export
-    def save_lora(self, directory: str | Path, peft_state: dict[str, Tensor], adapter: dict) -> None:
-        from diffusers import StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-
-        StableDiffusionXLPipeline.save_lora_weights(
-            directory, unet_lora_layers=convert_state_dict_to_diffusers(peft_state), unet_lora_adapter_metadata=adapter
-        )

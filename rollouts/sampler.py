@@ -1,6 +1,7 @@
 """On-policy sampler: the denoising loop written out over a diffusers pipeline of a model family.
 
-Same computation as ``StableDiffusionXLPipeline.__call__`` for the settings rlfh uses (CFG as one
+Same computation as the family's pipeline's ``__call__`` (``StableDiffusionXLPipeline``,
+``StableDiffusionPipeline``) for the settings rlfh uses (CFG as one
 batch, per-sample seeds, negative prompts, the family's conditioning: :mod:`families`), returning the
 final latents besides the images so the learner trains on exactly what was sampled. The loop is
 ours, not the pipeline's, because later losses need its internals (per-step log-probs for DDPO).
@@ -123,8 +124,8 @@ class Sampler:
         self.policy_version = 0
         self.lora: MergedLora | None = None  # set by add_lora(merge=True)
         self.cache_prompts = cache_prompts
-        self.prompt_cache = PromptCache(self.family, enabled=cache_prompts)  # prompt -> (77, D), (P,)
-        self._numpy_cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # the same as float32 arrays
+        self.prompt_cache = PromptCache(self.family, enabled=cache_prompts)  # prompt -> the family's rows
+        self._numpy_cache: dict[str, tuple[np.ndarray, ...]] = {}  # the same as float32 arrays
         self._cache_version = self.policy_version
         if compile:
             self.compile()
@@ -172,8 +173,9 @@ class Sampler:
         self.pipe.vae.decoder.compile(mode=mode, dynamic=False)
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:
-        """The family's per-prompt rows (SDXL: prompt_embeds (B, 77, D), pooled (B, P)) for ``prompts``,
-        each distinct prompt encoded once per policy version (see the class docstring)."""
+        """The family's per-prompt rows (SDXL: prompt_embeds (B, 77, D), pooled (B, P); SD1.5: prompt_embeds
+        (B, 77, D)) for ``prompts``, each distinct prompt encoded once per policy version (see the class
+        docstring)."""
         if self._cache_version != self.policy_version:
             self.prompt_cache.clear()
             self._numpy_cache.clear()
@@ -184,7 +186,7 @@ class Sampler:
         self, prompts: Sequence[str], height: int, width: int, negative_prompt: str | None = None
     ) -> tuple[Conditioning, dict]:
         """The family's conditioning (negative rows first when guided) from the prompt cache, and the
-        batch's per-prompt rows as float32 arrays, {prompt: (prompt_embeds (77, D), pooled (P,))}."""
+        batch's per-prompt rows as float32 arrays, {prompt: (field (77, D), ...)}."""
         rows = self.prompt_embeddings(prompts)
         # one device-to-host copy per prompt and policy version; read-only, as the cache shares them
         numpy_cache = self._numpy_cache if self.cache_prompts else {}

@@ -61,11 +61,12 @@ class RolloutBatch:
     # x_j..x_{j+W} (x_T..x_0 for the whole trajectory), "log_probs": (B, W), "timesteps": (W,),
     # "window_start": () int64 j}
     trajectory: dict[str, np.ndarray] | None = None
-    # {prompt: (prompt_embeds (77, D) float32, pooled (P,) float32)} for the batch's distinct prompts,
+    # {prompt: the family's per-prompt rows, float32 (SDXL: prompt_embeds (77, D), pooled (P,); SD1.5:
+    # prompt_embeds (77, D))} for the batch's distinct prompts,
     # as the sampler conditioned on them (positive only: no negative prompt, no CFG stacking), so the
     # learner can take them instead of running the frozen text encoders again. Arrays are read-only:
     # the sampler's prompt cache shares them.
-    conditioning: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    conditioning: dict[str, tuple[np.ndarray, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny SDXL-architecture model and small configs built on it."""
+"""Shared fixtures: the tiny models (SDXL, SD1.5) and small configs built on them."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def tiny_model_dir() -> str:
     from families import resolve_model_path
 
     return resolve_model_path("rlfh:tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir() -> str:
+    """The seeded tiny SD1.5 model, built once per cache directory (`model.path: rlfh:tiny-sd15`)."""
+    from families import resolve_model_path
+
+    return resolve_model_path("rlfh:tiny-sd15")
 
 
 @pytest.fixture()
@@ -64,6 +72,8 @@ def ray_local():
 NUMERICS_TESTS = (
     "tests/rollouts/test_sampler.py::test_sampler_equals_stock_diffusers_pipeline",
     "tests/rollouts/test_sampler.py::test_seeds_are_per_sample",
+    "tests/families/test_sd15.py",
+    "tests/test_sd15_end_to_end.py::test_dpo_raises_the_reward_on_sd15",
     "tests/rollouts/test_sampler_fast.py",
     "tests/rollouts/test_ddim_logprob.py",
     "tests/rollouts/test_refine.py",

@@ -3,7 +3,7 @@
 rlfh train CONFIG [key=value ...]            online preference training (Ray)
 rlfh offline-dpo CONFIG rollouts=DIR [...]   DPO from a logged rollout log
 rlfh train-reward CONFIG pairs=DIR init=DIR  fine-tune a FaceScore-style region scorer on logged pairs
-rlfh make-tiny-model DIR [--seed N]          write the seeded tiny SDXL-architecture model
+rlfh make-tiny-model DIR [--family F]        write a seeded tiny model of a family (sdxl, sd15)
 rlfh make-region-pairs CONFIG IMAGE_DIR [...] inpainted face / hand pairs of a folder, as a rollout log
 rlfh rollouts inspect DIR                    verify and summarise a rollout log
 rlfh config CONFIG [key=value ...]           print the effective config (validated)
@@ -116,8 +116,8 @@ def cmd_config(args) -> int:
 def cmd_make_tiny(args) -> int:
     from families import make_tiny_model
 
-    path = make_tiny_model(args.dir, seed=args.seed, pretrain_steps=args.pretrain_steps)
-    print(f"[rlfh] tiny SDXL-architecture pipeline written to {path}")
+    path = make_tiny_model(args.dir, seed=args.seed, pretrain_steps=args.pretrain_steps, family=args.family)
+    print(f"[rlfh] tiny {args.family} pipeline written to {path}")
     return 0
 
 
@@ -164,14 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_commands(sub)
     add_eval_commands(sub)
     add_label_commands(sub)
-    s = sub.add_parser("make-tiny-model", help="write a seeded tiny SDXL-architecture pipeline")
+    s = sub.add_parser("make-tiny-model", help="write a seeded tiny pipeline of a model family")
     s.add_argument("dir")
+    s.add_argument("--family", default="sdxl", help="the model family: sdxl (default) or sd15")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--pretrain-steps",
         type=int,
         default=300,
-        help="UNet steps on synthetic latents (default 300, what rlfh:tiny-sdxl is; 0: random weights)",
+        help="UNet steps on synthetic latents (default 300, what rlfh:tiny-<family> is; 0: random weights)",
     )
     s.set_defaults(fn=cmd_make_tiny)
     r = sub.add_parser("rollouts", help="rollout log tools")
@@ -193,7 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, RolloutLogError, LabelsError, RewardError, FileNotFoundError, ValueError) as e:
+    except (
+        ConfigError,
+        RolloutLogError,
+        LabelsError,
+        RewardError,
+        FileNotFoundError,
+        ValueError,
+        NotImplementedError,
+    ) as e:
         print(f"rlfh: error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ all before refusing a config.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from rlfh.config.fields import section_problems
 from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLER_LOGPROB, TRAJECTORIES, loss_spec, names_where
@@ -288,7 +289,59 @@ def reward_name_rules(cfg) -> list[str]:
 
 
 # The rules that read more than one section; each says which in its docstring.
+def model_family(model) -> tuple[object | None, list[str]]:
+    """The family ``model`` names (``model.family``) or its path shows without loading anything
+    (``rlfh:tiny-<family>``, a local folder or single file); None where only loading tells (a hub id,
+    a path not there yet). The problems: a family rlfh does not implement (with the reason), or one
+    that disagrees with the model at ``model.path``."""
+    from families import detect_family, get_family
+    from families.tiny import TINY_PREFIX
+
+    try:
+        named = get_family(model.family) if model.family else None
+    except (ValueError, NotImplementedError) as e:
+        return None, [f"model.family={model.family}: {e}"]
+    path = Path(model.path).expanduser()
+    if not (model.path.startswith(TINY_PREFIX) or path.is_dir() or path.is_file()):
+        return named, []
+    try:
+        found = detect_family(model.path if model.path.startswith(TINY_PREFIX) else str(path), model.revision)
+    except (ValueError, NotImplementedError, FileNotFoundError) as e:
+        return None, [str(e) if "model.path" in str(e) else f"model.path={model.path}: {e}"]
+    if named is not None and named is not found:
+        return None, [
+            f"model.family={model.family} but model.path={model.path} is a {found.pipeline_class} (family "
+            f"{found.name!r}); drop model.family or make it {found.name}"
+        ]
+    return found, []
+
+
+def methods_in_use(cfg) -> dict[str, str]:
+    """The rlfh methods a config runs, by the name a family's ``refused`` uses, each with the setting
+    that asks for it."""
+    used = {cfg.learner.loss: f"learner.loss={cfg.learner.loss}"}
+    if cfg.model.hcp.enabled:
+        used["hcp"] = "model.hcp.enabled=true"
+    if cfg.learner.guidance_free.scale is not None:
+        used["guidance_free"] = f"learner.guidance_free.scale={cfg.learner.guidance_free.scale}"
+    if cfg.rollout.guidance_scale > 1:
+        used["cfg"] = f"rollout.guidance_scale={cfg.rollout.guidance_scale}"
+    return used
+
+
+def family_rules(cfg) -> list[str]:
+    """model x everything: the model family exists, and applies every method the config asks for."""
+    family, p = model_family(cfg.model)
+    if family is None:
+        return p
+    for method, setting in methods_in_use(cfg).items():
+        if method in family.refused:
+            p.append(f"{setting} does not apply to the {family.name} model family: {family.refused[method]}")
+    return p
+
+
 CROSS_SECTION_RULES = (
+    family_rules,
     batch_rules,
     colocation_rules,
     loss_rules,

@@ -12,10 +12,11 @@ from typing import Hashable, Optional, Sequence
 import numpy as np
 import torch
 
-# {prompt: (prompt_embeds (77, D) float32, pooled (P,) float32)}: what the rollout actors conditioned
+# {prompt: the model family's per-prompt rows as float32 arrays (SDXL: prompt_embeds (77, D), pooled (P,);
+# SD1.5: prompt_embeds (77, D))}: what the rollout actors conditioned
 # on (rollouts.types.RolloutBatch.conditioning). The learner takes its prompt embeddings from here
 # instead of running the text encoders (LearnerEngine.take_conditioning); None: it encodes them.
-Conditioning = dict[str, tuple[np.ndarray, np.ndarray]]
+Conditioning = dict[str, tuple[np.ndarray, ...]]
 
 
 @dataclass

@@ -176,7 +176,9 @@ def sample_images(
     from rollouts.types import SamplerSettings
 
     lora = resolve_lora(spec.lora) if spec.lora else None  # fail before the (slow) model load
-    pipe = load_pipeline(dataclasses.replace(cfg.model, path=spec.path), device=device)
+    # the config's model.family names its model.path's family; a model compared with it may be another's
+    family = cfg.model.family if spec.path == cfg.model.path else None
+    pipe = load_pipeline(dataclasses.replace(cfg.model, path=spec.path, family=family), device=device)
     if lora is not None:
         load_lora_into(pipe, lora)
     rc = cfg.rollout

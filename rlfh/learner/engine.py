@@ -186,7 +186,7 @@ class LearnerEngine:
 
     @property
     def conditioning(self) -> dict:
-        """The prompt rows this engine holds, {prompt: (prompt_embeds (77, D), pooled (P,))}."""
+        """The prompt rows this engine holds, {prompt: the family's per-prompt rows}."""
         return self.prompts.rows_of
 
     @conditioning.setter
@@ -198,7 +198,7 @@ class LearnerEngine:
             self.prompts.put(prompt, tuple(torch.tensor(np.asarray(r), device=self.device) for r in rows))
 
     def take_conditioning(self, table: dict | None, prompts) -> None:
-        """Use a batch's ``{prompt: (prompt_embeds (77, D), pooled (P,))}`` (what the rollout actors
+        """Use a batch's ``{prompt: per-prompt rows}`` (what the rollout actors
         conditioned on) for :meth:`condition` while training on it. When it covers every prompt of
         the batch and nothing else in this run encodes (:func:`needs_text_encoders`), the text
         encoders are dropped: the learner then holds none (on SDXL 0.8 B parameters, 1.6 GB in bf16)."""

@@ -21,9 +21,11 @@ def test_a_folder_a_tiny_id_and_a_pipeline_get_their_family(tiny_model_dir, tmp_
     assert detect_family(tiny_model_dir).name == "sdxl"
     assert detect_family("rlfh:tiny-sdxl").name == "sdxl"
     assert detect_family(folder(tmp_path, "StableDiffusionXLPipeline")) is get_family("sdxl")
+    assert detect_family(folder(tmp_path, "StableDiffusionPipeline")) is get_family("sd15")
+    assert detect_family("rlfh:tiny-sd15").name == "sd15"
 
 
-@pytest.mark.parametrize("cls", ["StableDiffusionPipeline", "StableDiffusion3Pipeline", "FluxPipeline"])
+@pytest.mark.parametrize("cls", ["StableDiffusion3Pipeline", "FluxPipeline"])
 def test_planned_families_are_refused_by_name(tmp_path, cls):
     with pytest.raises(NotImplementedError, match=f"{cls}.*not implemented yet.*StableDiffusionXLPipeline"):
         detect_family(folder(tmp_path, cls))
@@ -48,10 +50,13 @@ def test_single_files_are_told_apart_by_their_keys(tmp_path):
     from safetensors.torch import save_file
 
     sdxl, flux, other = tmp_path / "sdxl.safetensors", tmp_path / "flux.safetensors", tmp_path / "other.safetensors"
+    sd15 = tmp_path / "sd15.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, str(sdxl))
+    save_file({"cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.zeros(1)}, str(sd15))
     save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)}, str(flux))
     save_file({"something.else": torch.zeros(1)}, str(other))
     assert detect_family(str(sdxl)).name == "sdxl"
+    assert detect_family(str(sd15)).name == "sd15"
     with pytest.raises(NotImplementedError, match="FluxPipeline"):
         detect_family(str(flux))
     with pytest.raises(ValueError, match="no key of a known single-file checkpoint"):
