@@ -138,22 +138,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_eval_rewards(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
     from rewards.base import RewardError
     from rlfh.config.schema import ConfigError, load_config
     from rlfh.eval.reward_agreement import evaluate_rewards, format_agreement
+    from rollouts.log import RolloutLogError
 
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size {args.batch_size}: at least 1")
         cfg = load_config(args.config, args.overrides)
-        report = evaluate_rewards(cfg, args.labels_file, args.batch_size)
-    except (ConfigError, RewardError, FileNotFoundError, ValueError) as e:
+        if Path(args.labels_file).is_dir():  # a rollout log labeled with `rlfh label`
+            import tempfile
+
+            from rlfh.eval.reward_agreement import evaluate_comparisons
+            from rlfh.labeling.comparisons import comparisons_from_labels
+
+            with tempfile.TemporaryDirectory() as images:
+                comparisons = comparisons_from_labels(args.labels_file, images)
+                report = evaluate_comparisons(cfg, comparisons, args.labels_file, args.batch_size)
+        else:
+            report = evaluate_rewards(cfg, args.labels_file, args.batch_size)
+    except (ConfigError, RewardError, FileNotFoundError, ValueError, RolloutLogError) as e:
         return _fail(e)
     print(format_agreement(report))
     if args.out:
-        from pathlib import Path
-
         Path(args.out).write_text(json.dumps(report, indent=1))
         print(f"[rlfh] agreement written to {args.out}")
     return 0
@@ -235,7 +245,10 @@ def add_eval_commands(subparsers) -> None:
     )
     s.__class__ = _IntermixedParser
     s.add_argument("config", help="YAML config whose rewards are evaluated")
-    s.add_argument("labels_file", help="JSON Lines of human rankings / pairs (docs/evaluation.md)")
+    s.add_argument(
+        "labels_file",
+        help="JSON Lines of human rankings / pairs (docs/evaluation.md), or a rollout log labeled with rlfh label",
+    )
     s.add_argument("overrides", nargs="*", help="key=value config overrides")
     s.add_argument("--out", help="also write the report as JSON here")
     s.add_argument("--batch-size", type=int, default=8, help="images per scoring batch (default 8)")

@@ -184,14 +184,18 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
 
 
 def evaluate_rewards(cfg, labels_file: str | Path, batch_size: int = 8) -> dict[str, Any]:
-    """Score the labelled images with ``cfg.rewards`` and report each reward's agreement."""
+    """Score the images of a labels file with ``cfg.rewards`` and report each reward's agreement."""
+    return evaluate_comparisons(cfg, load_comparisons(labels_file), str(labels_file), batch_size)
+
+
+def evaluate_comparisons(cfg, comparisons: Sequence[Comparison], source: str, batch_size: int = 8) -> dict[str, Any]:
+    """Score ``comparisons``' images with ``cfg.rewards`` and report each reward's agreement with them."""
     from rewards.composite import RewardSet
 
-    comparisons = load_comparisons(labels_file)
     with RewardSet.from_config(cfg.rewards) as reward_set:
         values = score_comparisons(reward_set, comparisons, batch_size)
     return {
-        "labels_file": str(labels_file),
+        "labels_file": source,
         "n_comparisons": len(comparisons),
         "n_images": len({(str(p), c.prompt) for c in comparisons for p in c.images}),
         "rewards": {name: agreement(comparisons, v) for name, v in values.items()},
