@@ -185,8 +185,10 @@ def sample_images(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "sampling",
+    guidance=None,
 ) -> np.ndarray:
-    """Sample one image per (prompt, seed) with ``cfg.rollout``'s settings; uint8 (N, H, W, 3)."""
+    """Sample one image per (prompt, seed) with ``cfg.rollout``'s settings; uint8 (N, H, W, 3). ``guidance``: a
+    :class:`rollouts.guidance.ScoreGuidance` guiding every step (:func:`score_guidance`), or None."""
     import gc
 
     import torch
@@ -207,12 +209,25 @@ def sample_images(
     sampler = Sampler(pipe, model_id=spec.label)
     chunks = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        chunks.append(sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings).images)
+        batch = sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings, guidance=guidance)
+        chunks.append(batch.images)
     del sampler, pipe
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return np.concatenate(chunks)
+
+
+def score_guidance(cfg, reward_set):
+    """``rollout.score_guidance`` as a :class:`rollouts.guidance.ScoreGuidance` on the named FaceScore reward of
+    ``reward_set`` (FaceScore's sampling guidance), or None when it is off."""
+    sg = cfg.rollout.score_guidance
+    if not sg.enabled:
+        return None
+    from rollouts.guidance import ScoreGuidance
+
+    reward = next(r.reward for r in reward_set.rewards if r.name == sg.reward)
+    return ScoreGuidance(reward.guide(), sg.mu, sg.clamp)
 
 
 def score_images(
@@ -328,8 +343,11 @@ def evaluate(
     scored_by_side, collapse = {}, {}
     train_pairs = [(p, int(s)) for p in train_prompts for s in seeds]
     with reward_set:  # closes the rewards' detectors, however sampling or scoring ends
+        guide = score_guidance(cfg, reward_set)  # the same for both sides
         for side, spec in sides.items():
-            images = sample_images(cfg, spec, all_prompts, all_seeds, bs, device, progress, desc=f"sampling {side}")
+            images = sample_images(
+                cfg, spec, all_prompts, all_seeds, bs, device, progress, desc=f"sampling {side}", guidance=guide
+            )
             (out / "images" / side).mkdir(parents=True, exist_ok=True)
             for i, im in enumerate(images):
                 Image.fromarray(im).save(out / "images" / side / f"{i:04d}.png")
@@ -346,6 +364,7 @@ def evaluate(
                     device,
                     progress,
                     desc=f"sampling {side} (training prompts)",
+                    guidance=guide,
                 )
                 train_scored = score_images(
                     reward_set, train_images, tp, bs, progress, desc=f"scoring {side} (training prompts)"
@@ -386,6 +405,7 @@ def evaluate(
             "height": rc.height,
             "width": rc.width,
             "eta": rc.eta,
+            "score_guidance": dataclasses.asdict(rc.score_guidance) if rc.score_guidance.enabled else None,
         },
         "ci_method": CI_METHOD,
         "win_rule": "model wins when its value is strictly higher; ties count 0.5; pairs with a missing value excluded",

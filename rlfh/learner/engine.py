@@ -133,7 +133,9 @@ class LearnerEngine:
         self.optimization = Optimization(
             self.weights.unet, self.weights.trainable, lc, deepspeed_config(cfg), self.world_size, self.device
         )
-        self.weights.wrapped(self.optimization.engine.module, lc.ema.decay, lc.engine.compile)
+        # round_ramp never steps the EMA per optimizer step: its ceiling is only the recorded nominal decay
+        ema_decay = lc.ema.decay if lc.ema.schedule == "step" else lc.ema.ramp_max
+        self.weights.wrapped(self.optimization.engine.module, ema_decay, lc.engine.compile)
         self.checkpoints = CheckpointIO(
             family,
             self.weights,
@@ -326,7 +328,16 @@ class LearnerEngine:
                 f"non-finite weights after optimizer step {self.global_step} (policy version "
                 f"{self.policy_version}): a gradient was NaN/inf. Likely cause: {NONFINITE_CAUSES}"
             )
-        self.weights.step_ema()
+        if self.cfg.learner.ema.schedule == "step":
+            self.weights.step_ema()
+
+    def end_round(self) -> None:
+        """After a round's training: with ``learner.ema.schedule=round_ramp`` the EMA moves once, by the ramp's
+        decay at the current optimizer step (DiffusionNFT's once-per-epoch update of its sampling policy)."""
+        ema = self.cfg.learner.ema
+        if ema.schedule == "round_ramp":
+            with self.gathered(self.weights.trainable):
+                self.weights.blend_ema(ema.round_decay(self.global_step))
 
     def weights_finite(self) -> bool:
         """Whether this rank's trainable weights are all finite (under ZeRO-3, its partition)."""

@@ -191,6 +191,12 @@ class PolicyWeights:
         if self.ema is not None:
             self.ema.step(self.trainable)
 
+    @torch.no_grad()
+    def blend_ema(self, decay: float) -> None:
+        """EMA <- decay * EMA + (1 - decay) * trained, once (``learner.ema.schedule=round_ramp``)."""
+        for s, p in zip(self.ema.shadow_params, self.trainable):
+            s.mul_(decay).add_(p.detach().to(s.device, s.dtype), alpha=1.0 - decay)
+
     def weights_finite(self) -> bool:
         """Whether this rank's trainable weights are all finite (under ZeRO-3, its partition)."""
         local = [getattr(p, "ds_tensor", p).detach() for p in self.trainable]

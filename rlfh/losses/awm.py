@@ -1,10 +1,22 @@
 """Advantage Weighted Matching (AWM): the policy gradient with the denoising loss as log-likelihood.
 
 Paper: Xue et al., "Advantage Weighted Matching: Aligning RL with Pretraining in Diffusion Models",
-arXiv 2509.25050 (their implementation is for flow models; the published trainers compute
-log p = -mean((v_theta - v)^2), a PPO-clipped ratio against the sampling policy on the same noised
-x_t, and optional KL terms to the base model and to an EMA of the policy). Derivations for SDXL:
-docs/online_rl.md.
+arXiv 2509.25050 (their implementation is for flow models: reference scxue/advantage_weighted_matching,
+``compute_log_prob_awm`` in scripts/train_sd3_awm.py, with a PPO-clipped ratio against the sampling policy
+on the same noised x_t and optional KL terms to the base model and to an EMA of the policy). Derivations
+for SDXL: docs/online_rl.md.
+
+Not the reference's weighting: its trainer takes e = mean((v_theta - v)^2) and offers several weightings
+of log p (``config.train.weighting``: "Uniform" log p = -e, "t", "t**2", "huber", "ghuber"), and every
+published config (config/dgx_awm.py) sets the generalised Huber one,
+
+    log p = -((e + 1e-10)^q - 1e-10^q) * sigma_t / q,   q = ``ghuber_power`` = 0.25,
+
+with sigma_t the flow time (the noise fraction of x_t). rlfh implements only the plain L_simple form below
+(w_t = 1, the reference's "Uniform" weighting), so its AWM runs are not the published configs'. Carrying the
+generalised Huber form over to a DDPM model would go through the flow time of x_t / (a + b),
+sigma = b / (a + b) with a = sqrt(abar_t), b = sqrt(1 - abar_t), and the velocity error of the same
+prediction, e_v = e_x0 ((a + b) / b)^2 with e_x0 = k_t^2 e (k_t: ``DDPMSchedule.x0_scale``); not done.
 
 AWM replaces DDPO's per-step log-probability of a recorded reverse trajectory by the pre-training
 (denoising score-matching) loss on the final sample re-noised with fresh noise, which is, up to a
