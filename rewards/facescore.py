@@ -25,8 +25,9 @@ whose run directory is a ``model`` here). Results then carry ``regions["hand"]``
 :class:`DifferentiableFaceScore` is the tensor-native variant for reward back-propagation
 (ReFL / DRaFT / AlignProp): images as float tensors in [0, 1], crops by slicing (differentiable
 w.r.t. the pixels), the resize by Pillow's own bicubic weights applied as matrices (see
-``rewards.blip_preprocess``), equal to this reward's scores within 1e-5. :meth:`FaceScore.guide` gives it per image, the faces found by
-this reward's detector, as the score of FaceScore's sampling guidance (``rollouts.guidance``).
+``rewards.blip_preprocess``), equal to this reward's scores within 1e-5. :meth:`FaceScore.guide` gives
+it per image, the faces found by this reward's detector, as the score of FaceScore's sampling guidance
+(``rollouts.guidance``).
 """
 
 from __future__ import annotations
