@@ -107,9 +107,16 @@ class HcPConfig:
             Needs ``model.lora`` (the layer is saved beside the LoRA); docs/walkthrough.md.
         scale_weights: scale-aware: cross-attention layers by downsampling factor from the latent (SDXL at
             1024 px: 2 = 64x64 maps, 4 = 32x32) -> weight; only weighted factors get a layer.
+        mode: ``residual`` (the paper's reading): the human-centric attention's output is added to the
+            cross-attention's through a zero-initialised projection, so a fresh layer changes nothing and
+            training changes generation (sampling needs the layer: ``rlfh eval`` loads ``hcp.safetensors``;
+            online runs need ``resources.colocate``). ``observe``: the layer only watches (the UNet's output
+            unchanged; the alignment loss trains the LoRA through the queries), for online runs whose rollout
+            actors load only the LoRA.
     """
 
     enabled: bool = False
+    mode: Literal["residual", "observe"] = "residual"
     coef: float = 1.0  # weight of the human-centric alignment term, coef * L_hca (rlfh/losses/hcp.py)
     hidden: int = 64  # width of phi, the MLP from the text embeddings to the human-centric key K_h
     scale_weights: dict[str, float] = field(default_factory=lambda: {"2": 0.5, "4": 1.0})

@@ -202,6 +202,10 @@ def sample_images(
     pipe = load_pipeline(dataclasses.replace(cfg.model, path=spec.path), device=device)
     if lora is not None:
         load_lora_into(pipe, lora)
+        if cfg.model.hcp.enabled and cfg.model.hcp.mode == "residual":  # the layer is part of the trained model
+            from rlfh.learner.hcp import load_hcp_into
+
+            load_hcp_into(pipe, lora, cfg.model.hcp)
     rc = cfg.rollout
     settings = SamplerSettings(
         rc.num_inference_steps, rc.guidance_scale, rc.negative_prompt, rc.height, rc.width, rc.eta
