@@ -619,7 +619,8 @@ class HcPPriorsConfig:
     """``data.hcp_priors``: the pose priors the HcP layer (``model.hcp``) aligns to (rlfh/data/pose_prior.py).
 
     Attributes:
-        prior: MediaPipe Pose on the round's samples (and HG-DPO's real winners), or on HG-DPO's real images only.
+        prior: MediaPipe Pose on the round's samples (and HG-DPO's real winners), or on HG-DPO's real images only
+            (recommended where ``data.hgdpo.real_images`` are given: the paper's priors are of real people).
     """
 
     prior: Literal["samples", "real"] = "samples"
