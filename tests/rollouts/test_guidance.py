@@ -46,22 +46,33 @@ def test_bad_knobs_are_refused(mu, clamp):
         ScoreGuidance(lambda im: im.sum((1, 2, 3)), mu=mu, clamp=clamp)
 
 
-@pytest.fixture(scope="module")
-def tiny_facescore(tmp_path_factory):
-    """The random-weight FaceScore of the reward tests, scoring one fixed face box in the middle of 64 px images."""
+def center_face(**_):
+    """A detector (``module:callable`` in a config) finding one face in the middle of a 64 px image."""
     from rewards.base import Detection
-    from rewards.detectors.base import FixedBoxes
-    from rewards.facescore import FaceScore
+
+    class Center:
+        region = "face"
+
+        def detect(self, images):
+            return [[Detection((16.0, 16.0, 48.0, 48.0), 0.99)] for _ in images]
+
+    return Center()
+
+
+@pytest.fixture(scope="module")
+def fs_dir(tmp_path_factory):
     from tests.rewards.tiny_blip import TINY_MED_CONFIG, TINY_VISION, random_model, save_published
 
-    d = save_published(
-        random_model(TINY_VISION, TINY_MED_CONFIG, seed=0),
-        TINY_MED_CONFIG,
-        tmp_path_factory.mktemp("fs"),
-        "FS_model.pt",
-    )
-    box = Detection((16.0, 16.0, 48.0, 48.0), 0.99)
-    return FaceScore(str(d), detector=FixedBoxes([[box]] * len(SEEDS)), vision_heads=2)
+    model = random_model(TINY_VISION, TINY_MED_CONFIG, seed=0)
+    return save_published(model, TINY_MED_CONFIG, tmp_path_factory.mktemp("fs"), "FS_model.pt")
+
+
+@pytest.fixture(scope="module")
+def tiny_facescore(fs_dir):
+    """The random-weight FaceScore of the reward tests, scoring one fixed face box in the middle of 64 px images."""
+    from rewards.facescore import FaceScore
+
+    return FaceScore(str(fs_dir), detector=center_face(), vision_heads=2)
 
 
 SEEDS = [0, 1, 2, 3]
@@ -103,3 +114,26 @@ def test_score_guidance_config(tiny_cfg):
         tiny_cfg("rollout.score_guidance.mu=10")
     with pytest.raises(ConfigError, match="rollout.score_guidance.clamp=0.0"):
         tiny_cfg(fs, "rollout.score_guidance.mu=1", "rollout.score_guidance.clamp=0")
+
+
+def test_rlfh_eval_builds_the_guidance_from_the_config(tiny_cfg, fs_dir):
+    from rewards.composite import RewardSet
+    from rlfh.eval.evaluate import score_guidance
+
+    entry = f"{{target: facescore, name: fs, options: {{model: {fs_dir}, vision_heads: 2, "
+    entry += "detector: 'tests.rollouts.test_guidance:center_face'}}"
+    cfg = tiny_cfg(f"rewards=[{entry}]", "rollout.score_guidance.reward=fs", "rollout.score_guidance.mu=10")
+    with RewardSet.from_config(cfg.rewards) as rewards:
+        assert score_guidance(tiny_cfg(f"rewards=[{entry}]"), rewards) is None  # mu 0: off
+        guide = score_guidance(cfg, rewards)
+        assert guide.mu == 10.0 and guide.clamp is None
+        images = torch.rand(2, 3, 64, 64, requires_grad=True)
+        scores = guide.score(images)
+        want = rewards.rewards[0].reward.score(
+            (images.detach() * 255).round().byte().permute(0, 2, 3, 1).numpy(), ["a", "b"]
+        )
+        # the smooth resize of the guide differs from the reward's PIL path by about 1e-3 (DifferentiableFaceScore)
+        torch.testing.assert_close(scores.detach(), torch.tensor([r.value for r in want]), atol=2e-2, rtol=0)
+        (grad,) = torch.autograd.grad(scores.sum(), images)
+        # the face box only (the crop widens it by 1 px per side)
+        assert grad[:, :, 16:48, 16:48].abs().sum() > 0 and grad[:, :, :14].abs().sum() == 0
