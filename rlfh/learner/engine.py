@@ -251,6 +251,15 @@ class LearnerEngine:
         """k_t per sample (B,): x0_hat - x0 = -k_t (pred - target) (:meth:`families.schedule.DDPMSchedule.x0_scale`)."""
         return self.schedule.x0_scale(t, self.device)
 
+    def ghuber(self, t: torch.Tensor):
+        """AWM's generalised-Huber inputs at timesteps t (:class:`rlfh.losses.awm.GHuber`): q, k_t and the flow
+        time sigma_t = b / (a + b) of x_t / (a + b), a = sqrt(abar_t), b = sqrt(1 - abar_t)."""
+        from rlfh.losses.awm import GHuber
+
+        abar = self.schedule.alpha_bar(t, self.device).double()
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        return GHuber(self.cfg.learner.awm.ghuber_power, self.x0_scale(t), (b / (a + b)).float())
+
     # ------------------------------------------------------------------ model calls
     def policy(self, x_t, t, enc, added) -> torch.Tensor:
         """The trained UNet's prediction (with gradients)."""
