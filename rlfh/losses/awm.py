@@ -6,7 +6,7 @@ arXiv 2509.25050 (their implementation is for flow models: reference scxue/advan
 on the same noised x_t and optional KL terms to the base model and to an EMA of the policy). Derivations
 for SDXL: docs/online_rl.md.
 
-Not the reference's weighting: its trainer takes e = mean((v_theta - v)^2) and offers several weightings
+The weighting of log p: the reference's trainer takes e = mean((v_theta - v)^2) and offers several weightings
 of log p (``config.train.weighting``: "Uniform" log p = -e, "t", "t**2", "huber", "ghuber"), and every
 published config (config/dgx_awm.py) sets the generalised Huber one,
 
