@@ -199,6 +199,12 @@ def test_hcp_config_rules(tiny_cfg):
     ):
         assert needle in text
     assert tiny_cfg("model.hcp.enabled=true").model.hcp.scale_weights == {"2": 0.5, "4": 1.0}
+    # the paper's residual layer changes the UNet's output: online rollout actors (LoRA only) cannot sample it
+    from rlfh.recipes.online import train as train_online
+
+    assert tiny_cfg("model.hcp.enabled=true").model.hcp.mode == "residual"
+    with pytest.raises(ConfigError, match="model.hcp.mode=residual changes the UNet's output"):
+        train_online(tiny_cfg("model.hcp.enabled=true"))
 
 
 def test_hcp_under_mpd_regions_and_gradient_checkpointing(tiny_model_dir):
