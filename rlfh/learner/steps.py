@@ -136,7 +136,7 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
                     lc.awm.clip_range,
                     lc.nft.adv_clip,
                     lrn.x0_scale(t) if lc.nft.weighting == "adaptive" else None,
-                    lrn.ghuber(t) if lc.loss == "awm" and lc.awm.weighting == "ghuber" else None,
+                    lrn.ghuber(t) if lc.awm.weighting == "ghuber" else None,  # read by awm only
                 )
             else:
                 objectives, metrics = weighted_objectives(
