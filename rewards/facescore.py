@@ -25,7 +25,9 @@ whose run directory is a ``model`` here). Results then carry ``regions["hand"]``
 :class:`DifferentiableFaceScore` is the tensor-native variant for reward back-propagation
 (ReFL / DRaFT / AlignProp): images as float tensors in [0, 1], crops by slicing (differentiable
 w.r.t. the pixels), the resize by Pillow's own bicubic weights applied as matrices (see
-``rewards.blip_preprocess``), equal to this reward's scores within 1e-5.
+``rewards.blip_preprocess``), equal to this reward's scores within 1e-5. :meth:`FaceScore.guide` gives
+it per image, the faces found by this reward's detector, as the score of FaceScore's sampling guidance
+(``rollouts.guidance``).
 """
 
 from __future__ import annotations
@@ -259,6 +261,10 @@ class FaceScore(Reward):
         """The tensor-native FaceScore sharing this reward's model and tokenizer."""
         return DifferentiableFaceScore(self.model, self.tokenizer, match_pil, self.prompt)
 
+    def guide(self, match_pil: bool = False) -> "FaceScoreGuide":
+        """This reward as a differentiable per-image score for sampling guidance (``rollouts.guidance``)."""
+        return FaceScoreGuide(self, self.differentiable(match_pil))
+
 
 class DifferentiableFaceScore(nn.Module):
     """FaceScore of given face boxes on float image tensors, differentiable w.r.t. the pixels.
@@ -327,3 +333,52 @@ def detections_to_boxes(
     """Detector output -> (K, 5) ``(batch_index, x1, y1, x2, y2)`` rows of faces >= threshold."""
     rows = [[float(b), *d.box] for b, dets in enumerate(detections) for d in dets if d.confidence >= threshold]
     return torch.tensor(rows, dtype=torch.float32).reshape(-1, 5)
+
+
+class FaceScoreGuide:
+    """Per-image FaceScore of float images, differentiable w.r.t. the pixels: the score of FaceScore's
+    sampling guidance (arXiv 2406.17100, appendix; ``rollouts.guidance``).
+
+    The faces are found by the reward's detector on the images rounded to uint8 (the detector is not
+    differentiable; the boxes are constants), kept at the reward's confidence threshold, scored by
+    :class:`DifferentiableFaceScore` and aggregated per image as the reward aggregates them (``mean``,
+    ``min``, ``area_weighted``). An image without a scorable face scores a constant 0: no guidance.
+
+    Args:
+        reward: the :class:`FaceScore` whose detector, threshold and aggregation are used.
+        scorer: its :class:`DifferentiableFaceScore` (``FaceScore.guide`` builds it with
+            ``match_pil=False``: one smooth resize, whose gradient is not the straight-through one).
+    """
+
+    def __init__(self, reward: FaceScore, scorer: DifferentiableFaceScore):
+        self.reward, self.scorer = reward, scorer
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) float in [0, 1] -> (B,) float32 scores."""
+        u8 = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        detections = self.reward.detector.detect(u8)
+        h, w = images.shape[-2:]
+        rows = [
+            [float(b), *d.box]
+            for b, dets in enumerate(detections)
+            for d in dets
+            if d.confidence >= self.reward.threshold and crop_bounds(d.box, h, w) is not None
+        ]
+        out = [images.new_zeros((), dtype=torch.float32) for _ in range(images.shape[0])]
+        if not rows:
+            return torch.stack(out)
+        p = next(self.scorer.model.parameters())
+        scores = self.scorer(images.to(p.device), rows).float().to(images.device)  # (K,)
+        owner = torch.tensor([int(r[0]) for r in rows])
+        areas = torch.tensor([_crop_area(r[1:], h, w) for r in rows], dtype=torch.float32, device=images.device)
+        for b in owner.unique().tolist():
+            k = (owner == b).nonzero().flatten().to(images.device)
+            s, a = scores[k], areas[k]
+            agg = self.reward.aggregation
+            out[b] = s.mean() if agg == "mean" else s.min() if agg == "min" else (a * s).sum() / a.sum()
+        return torch.stack(out)
+
+
+def _crop_area(box: Sequence[float], h: int, w: int) -> float:
+    y0, y1, x0, x1 = crop_bounds(box, h, w)
+    return float((y1 - y0) * (x1 - x0))

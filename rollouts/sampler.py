@@ -21,6 +21,7 @@ import torch
 
 from families import PromptCache, add_lora, family_of, first_of_each, with_negative
 from families.base import Conditioning
+from rollouts.guidance import ScoreGuidance
 from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow
 
 
@@ -248,6 +249,7 @@ class Sampler:
         settings: SamplerSettings,
         record: bool | SDEWindow = False,
         branch_seeds: Sequence[int] | None = None,
+        guidance: ScoreGuidance | None = None,
     ) -> RolloutBatch:
         """Sample one image per (prompt, seed).
 
@@ -264,6 +266,8 @@ class Sampler:
                 draws its own seed's generator
                 makes after x_T, exactly as the unbranched window sampler draws them, so a sample whose
                 branch seed is its seed is the unbranched sample. ``None``: every sample its own x_T.
+            guidance: a differentiable score guiding every step (FaceScore's sampling guidance,
+                :mod:`rollouts.guidance`; epsilon-prediction models, not with ``record``).
 
         Returns:
             A :class:`RolloutBatch` with images uint8 (B, H, W, 3) and latents float32 (B, 4, H/8, W/8).
@@ -274,6 +278,8 @@ class Sampler:
             raise ValueError("branch_seeds share the deterministic prefix before an SDE window: pass record=SDEWindow")
         if branch_seeds is not None and len(branch_seeds) != len(seeds):
             raise ValueError(f"got {len(seeds)} seeds but {len(branch_seeds)} branch seeds")
+        if guidance is not None and record:
+            raise ValueError("score guidance changes the steps: a guided sample has no policy log-probs to record")
         pipe, dev = self.pipe, self.device
         b = len(prompts)
         cfg = settings.guidance_scale > 1.0
@@ -318,6 +324,8 @@ class Sampler:
                     x, eps = x[rows], eps[rows]  # the branches: a copy of the group's x_j (and eps) per sample
             else:
                 eps = self.family.guided_prediction(pipe.unet, scheduler, x, t, cond, settings.guidance_scale)
+            if guidance is not None:
+                eps = self.score_guided(guidance, x, t, eps)
             if record and window.start <= i < window.start + window.size:
                 if i == window.start:
                     xs.append(x)  # x_j: where the window's first action starts
@@ -344,6 +352,28 @@ class Sampler:
                 "window_start": np.int64(window.start),
             }
         return self.rollout_batch(x, prompts, seeds, settings, conditioning, trajectory)
+
+    def score_guided(self, guidance: ScoreGuidance, x: torch.Tensor, t, eps: torch.Tensor) -> torch.Tensor:
+        """eps at the sampler's x_t with the score's guidance (:mod:`rollouts.guidance`, eqs. 5-6): the
+        gradient taken at the variance-preserving latent the UNet reads (``scale_model_input``)."""
+        scheduler = self.pipe.scheduler
+        if scheduler.config.prediction_type != "epsilon":
+            raise ValueError(
+                f"score guidance needs an epsilon-prediction model; this scheduler predicts "
+                f"{scheduler.config.prediction_type!r}"
+            )
+        z_t = scheduler.scale_model_input(x, t)
+        abar = scheduler.alphas_cumprod[int(t)].item()
+        return guidance.apply(z_t, eps, abar, self.decode_float).to(eps.dtype)
+
+    def decode_float(self, latents: torch.Tensor) -> torch.Tensor:
+        """UNet-space latents (B, 4, h, w) -> images (B, 3, H, W) float32 in [0, 1], differentiable."""
+        vae = self.pipe.vae
+        dtype = torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
+        if dtype != vae.dtype:
+            raise ValueError("score guidance through an fp16 VAE that needs upcasting: load the VAE in float32")
+        img = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
     def refine(

@@ -160,8 +160,11 @@ def reference_rules(cfg) -> list[str]:
     """learner.reference / learner.ema x model.lora / resources: which weights are kept, and where."""
     lc = cfg.learner
     p: list[str] = []
-    if lc.reference.model == "ema" and lc.ema.decay is None:
-        p.append("learner.reference.model=ema needs learner.ema.decay (the EMA the reference is taken from)")
+    if lc.reference.model == "ema" and not lc.ema.enabled:
+        p.append(
+            "learner.reference.model=ema needs learner.ema.decay or learner.ema.schedule=round_ramp (the EMA "
+            "the reference is taken from)"
+        )
     if lc.ema.sampling_policy == "ema":
         if not cfg.model.lora.enabled or lc.engine.zero_stage == 3:
             p.append(
@@ -288,6 +291,20 @@ def reward_name_rules(cfg) -> list[str]:
     ]
 
 
+def score_guidance_rules(cfg) -> list[str]:
+    """rollout.score_guidance x rewards: the guiding score is a configured FaceScore reward."""
+    sg = cfg.rollout.score_guidance
+    if not sg.enabled:
+        return []
+    targets = {e.name or e.target: e.target for e in cfg.rewards}
+    if targets.get(sg.reward) != "facescore":
+        return [
+            f"rollout.score_guidance.reward={sg.reward!r}: needs a `rewards:` entry of that name with target "
+            f"facescore (the differentiable score that guides); rewards here: {targets}"
+        ]
+    return []
+
+
 # The rules that read more than one section; each says which in its docstring.
 def model_family(model) -> tuple[object | None, list[str]]:
     """The family ``model`` names (``model.family``) or its path shows without loading anything
@@ -351,4 +368,5 @@ CROSS_SECTION_RULES = (
     hcp_rules,
     data_source_rules,
     reward_name_rules,
+    score_guidance_rules,
 )

@@ -107,9 +107,16 @@ class HcPConfig:
             Needs ``model.lora`` (the layer is saved beside the LoRA); docs/walkthrough.md.
         scale_weights: scale-aware: cross-attention layers by downsampling factor from the latent (SDXL at
             1024 px: 2 = 64x64 maps, 4 = 32x32) -> weight; only weighted factors get a layer.
+        mode: ``residual`` (the paper's reading): the human-centric attention's output is added to the
+            cross-attention's through a zero-initialised projection, so a fresh layer changes nothing and
+            training changes generation (sampling needs the layer: ``rlfh eval`` loads ``hcp.safetensors``;
+            online runs need ``resources.colocate``). ``observe``: the layer only watches (the UNet's output
+            unchanged; the alignment loss trains the LoRA through the queries), for online runs whose rollout
+            actors load only the LoRA.
     """
 
     enabled: bool = False
+    mode: Literal["residual", "observe"] = "residual"
     coef: float = 1.0  # weight of the human-centric alignment term, coef * L_hca (rlfh/losses/hcp.py)
     hidden: int = 64  # width of phi, the MLP from the text embeddings to the human-centric key K_h
     scale_weights: dict[str, float] = field(default_factory=lambda: {"2": 0.5, "4": 1.0})
@@ -161,6 +168,34 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ScoreGuidanceConfig:
+    """``rollout.score_guidance``: FaceScore's sampling guidance (arXiv 2406.17100, appendix, eqs. 5-6;
+    rollouts/guidance.py), eps' = eps - clamp(mu * grad_{z_t} s(D(z_0)), -clamp, clamp) at every step.
+    Applied by ``rlfh eval`` to the model and the baseline alike; training runs refuse it (a guided sample is
+    not the policy's).
+
+    Attributes:
+        reward: the name of the ``rewards:`` entry (a ``facescore`` target) whose score guides.
+        mu: the guidance strength; 0 = off. The paper gives no value: measure on a few prompts.
+        clamp: the bound of |mu * grad| per latent element (the paper clamps without giving a bound); null = none.
+    """
+
+    reward: str = "facescore"
+    mu: float = 0.0
+    clamp: Optional[float] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.mu > 0
+
+    def problems(self, key: str) -> list[str]:
+        p = non_negative(f"{key}.mu", self.mu)
+        if self.clamp is not None and not 0 < self.clamp < math.inf:
+            p.append(f"{key}.clamp={self.clamp}: must be finite and > 0, or null for no clamp")
+        return p
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     """``rollout``: what the rollout actors sample each round.
 
@@ -186,6 +221,7 @@ class RolloutConfig:
     max_staleness: Literal[0, 1] = 0  # 1: sample round k+1 while the learner trains on round k (async)
     compile: bool = False
     merge_lora: bool = True
+    score_guidance: ScoreGuidanceConfig = field(default_factory=ScoreGuidanceConfig)  # FaceScore's, for rlfh eval
 
     @property
     def samples_per_round(self) -> int:
@@ -309,15 +345,47 @@ class EMAConfig:
     Attributes:
         sampling_policy: what the rollout actors sample with: the trained weights, or their EMA
             (DiffusionNFT's off-policy sampler; LoRA only).
+        schedule: when the EMA moves. ``step`` (default): after every optimizer step with the fixed
+            ``decay``. ``round_ramp``: once per round, after its training, with the decay
+            min(max(0, (s - ramp_start) * ramp_rate), ramp_max) at optimizer step s: DiffusionNFT's
+            sampling policy (arXiv 2509.16117; reference NVlabs/DiffusionNFT, ``return_decay`` in
+            scripts/train_nft_sd3.py, applied once per epoch; its defaults are the reference's
+            ``decay_type=1``, its OCR config's ``decay_type=2`` is ramp_start 75, ramp_rate 0.0075,
+            ramp_max 0.999).
     """
 
-    decay: Optional[float] = None  # keep an EMA of the trainable weights (e.g. 0.999); saved in checkpoints
+    decay: Optional[float] = None  # schedule=step: keep an EMA with this decay per optimizer step (e.g. 0.999)
     sampling_policy: Literal["trained", "ema"] = "trained"
+    schedule: Literal["step", "round_ramp"] = "step"
+    ramp_start: int = 0  # round_ramp: optimizer steps before the decay starts to rise (decay 0: the EMA is a copy)
+    ramp_rate: float = 0.001  # round_ramp: decay gained per optimizer step after ramp_start
+    ramp_max: float = 0.5  # round_ramp: the decay's ceiling
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the learner keeps an EMA (saved in checkpoints)."""
+        return self.decay is not None or self.schedule == "round_ramp"
+
+    def round_decay(self, step: int) -> float:
+        """``round_ramp``'s decay after ``step`` optimizer steps."""
+        return min(max(0.0, (step - self.ramp_start) * self.ramp_rate), self.ramp_max)
 
     def problems(self, key: str) -> list[str]:
         p = [] if self.decay is None or 0 < self.decay < 1 else [f"{key}.decay={self.decay}: must be in (0, 1)"]
-        if self.sampling_policy == "ema" and self.decay is None:
-            p.append(f"{key}.sampling_policy=ema needs {key}.decay (the EMA the rollout actors sample with)")
+        if self.sampling_policy == "ema" and not self.enabled:
+            p.append(
+                f"{key}.sampling_policy=ema needs {key}.decay or {key}.schedule=round_ramp (the EMA the rollout "
+                f"actors sample with)"
+            )
+        if self.schedule == "round_ramp":
+            if self.decay is not None:
+                p.append(
+                    f"{key}.decay={self.decay} with {key}.schedule=round_ramp: the ramp gives the decay "
+                    f"({key}.ramp_start, ramp_rate, ramp_max); leave {key}.decay unset"
+                )
+            p += non_negative(f"{key}.ramp_start", self.ramp_start) + non_negative(f"{key}.ramp_rate", self.ramp_rate)
+            if not 0 <= self.ramp_max < 1:
+                p.append(f"{key}.ramp_max={self.ramp_max}: must be in [0, 1)")
         return p
 
 
@@ -552,7 +620,8 @@ class HcPPriorsConfig:
     """``data.hcp_priors``: the pose priors the HcP layer (``model.hcp``) aligns to (rlfh/data/pose_prior.py).
 
     Attributes:
-        prior: MediaPipe Pose on the round's samples (and HG-DPO's real winners), or on HG-DPO's real images only.
+        prior: MediaPipe Pose on the round's samples (and HG-DPO's real winners), or on HG-DPO's real images only
+            (recommended where ``data.hgdpo.real_images`` are given: the paper's priors are of real people).
     """
 
     prior: Literal["samples", "real"] = "samples"

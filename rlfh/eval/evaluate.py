@@ -164,8 +164,10 @@ def sample_images(
     device: str = "cpu",
     progress: bool = True,
     desc: str = "sampling",
+    guidance=None,
 ) -> np.ndarray:
-    """Sample one image per (prompt, seed) with ``cfg.rollout``'s settings; uint8 (N, H, W, 3)."""
+    """Sample one image per (prompt, seed) with ``cfg.rollout``'s settings; uint8 (N, H, W, 3). ``guidance``: a
+    :class:`rollouts.guidance.ScoreGuidance` guiding every step (:func:`score_guidance`), or None."""
     import gc
 
     import torch
@@ -181,18 +183,35 @@ def sample_images(
     pipe = load_pipeline(dataclasses.replace(cfg.model, path=spec.path, family=family), device=device)
     if lora is not None:
         load_lora_into(pipe, lora)
+        if cfg.model.hcp.enabled and cfg.model.hcp.mode == "residual":  # the layer is part of the trained model
+            from rlfh.learner.hcp import load_hcp_into
+
+            load_hcp_into(pipe, lora, cfg.model.hcp)
     rc = cfg.rollout
     negative = rc.negative_prompt if spec.negative_prompt is None else spec.negative_prompt
     settings = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, negative, rc.height, rc.width, rc.eta)
     sampler = Sampler(pipe, model_id=spec.label)
     chunks = []
     for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", disable=not progress):
-        chunks.append(sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings).images)
+        batch = sampler.sample(prompts[i : i + batch_size], seeds[i : i + batch_size], settings, guidance=guidance)
+        chunks.append(batch.images)
     del sampler, pipe
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return np.concatenate(chunks)
+
+
+def score_guidance(cfg, reward_set):
+    """``rollout.score_guidance`` as a :class:`rollouts.guidance.ScoreGuidance` on the named FaceScore reward of
+    ``reward_set`` (FaceScore's sampling guidance), or None when it is off."""
+    sg = cfg.rollout.score_guidance
+    if not sg.enabled:
+        return None
+    from rollouts.guidance import ScoreGuidance
+
+    reward = next(r.reward for r in reward_set.rewards if r.name == sg.reward)
+    return ScoreGuidance(reward.guide(), sg.mu, sg.clamp)
 
 
 def score_images(
@@ -287,9 +306,20 @@ class _EvalRun:
     batch_size: int
     device: str
     progress: bool
+    guidance: Any = None  # rollout.score_guidance on this run's FaceScore reward, the same for every side
 
     def sample(self, spec: ModelSpec, prompts: Sequence[str], seeds: Sequence[int], desc: str) -> np.ndarray:
-        return sample_images(self.cfg, spec, prompts, seeds, self.batch_size, self.device, self.progress, desc=desc)
+        return sample_images(
+            self.cfg,
+            spec,
+            prompts,
+            seeds,
+            self.batch_size,
+            self.device,
+            self.progress,
+            desc=desc,
+            guidance=self.guidance,
+        )
 
     def score(self, images: np.ndarray, prompts: Sequence[str], desc: str):
         return score_images(self.reward_set, images, prompts, self.batch_size, self.progress, desc=desc)
@@ -363,6 +393,7 @@ def build_summary(
     rc = ctx.cfg.rollout
     settings = {k: getattr(rc, k) for k in ("num_inference_steps", "guidance_scale", "negative_prompt")}
     settings.update(height=rc.height, width=rc.width, eta=rc.eta)
+    settings["score_guidance"] = dataclasses.asdict(rc.score_guidance) if rc.score_guidance.enabled else None
     return {  # the key order is the reading order of eval.json
         **meta,
         "num_images_per_model": len(ctx.prompts),
@@ -447,6 +478,7 @@ def evaluate(
     sides = {"model": model, **({"baseline": baseline} if baseline is not None else {})}
     scored_by_side, collapse = {}, {}
     with reward_set:  # closes the rewards' detectors, however sampling or scoring ends
+        ctx.guidance = score_guidance(cfg, reward_set)
         for side, spec in sides.items():
             scored_by_side[side], collapse[side] = _sample_and_score(ctx, side, spec)
     meta = {"prompt_set": prompt_set, "num_prompts": len(prompts), "seeds": [int(s) for s in seeds]}

@@ -144,7 +144,9 @@ class LearnerEngine:
         self.optimization = Optimization(
             self.weights.unet, self.weights.trainable, lc, deepspeed_config(cfg), self.world_size, self.device
         )
-        self.weights.wrapped(self.optimization.engine.module, lc.ema.decay, lc.engine.compile)
+        # round_ramp never steps the EMA per optimizer step: its ceiling is only the recorded nominal decay
+        ema_decay = lc.ema.decay if lc.ema.schedule == "step" else lc.ema.ramp_max
+        self.weights.wrapped(self.optimization.engine.module, ema_decay, lc.engine.compile)
         self.checkpoints = CheckpointIO(
             family,
             self.weights,
@@ -252,6 +254,15 @@ class LearnerEngine:
         """k_t per sample (B,): x0_hat - x0 = -k_t (pred - target) (:meth:`families.schedule.DDPMSchedule.x0_scale`)."""
         return self.schedule.x0_scale(t, self.device)
 
+    def ghuber(self, t: torch.Tensor):
+        """AWM's generalised-Huber inputs at timesteps t (:class:`rlfh.losses.awm.GHuber`): q, k_t and the flow
+        time sigma_t = b / (a + b) of x_t / (a + b), a = sqrt(abar_t), b = sqrt(1 - abar_t)."""
+        from rlfh.losses.awm import GHuber
+
+        abar = self.schedule.alpha_bar(t, self.device).double()
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        return GHuber(self.cfg.learner.awm.ghuber_power, self.x0_scale(t), (b / (a + b)).float())
+
     # ------------------------------------------------------------------ model calls
     def policy(self, x_t, t, enc, added) -> torch.Tensor:
         """The trained UNet's prediction (with gradients)."""
@@ -329,7 +340,16 @@ class LearnerEngine:
                 f"non-finite weights after optimizer step {self.global_step} (policy version "
                 f"{self.policy_version}): a gradient was NaN/inf. Likely cause: {NONFINITE_CAUSES}"
             )
-        self.weights.step_ema()
+        if self.cfg.learner.ema.schedule == "step":
+            self.weights.step_ema()
+
+    def end_round(self) -> None:
+        """After a round's training: with ``learner.ema.schedule=round_ramp`` the EMA moves once, by the ramp's
+        decay at the current optimizer step (DiffusionNFT's once-per-epoch update of its sampling policy)."""
+        ema = self.cfg.learner.ema
+        if ema.schedule == "round_ramp":
+            with self.gathered(self.weights.trainable):
+                self.weights.blend_ema(ema.round_decay(self.global_step))
 
     def weights_finite(self) -> bool:
         """Whether this rank's trainable weights are all finite (under ZeRO-3, its partition)."""

@@ -1,25 +1,36 @@
 """The HcP layer on the learner's UNet (arXiv 2403.05239; the loss and our reading: rlfh/losses/hcp.py).
 
 :class:`HcPProcessor` replaces the attention processor of a cross-attention layer (``attn2``) through
-diffusers' processor API. It computes the layer's output exactly as diffusers' default
-``AttnProcessor2_0`` does (it calls it), so the UNet's prediction is the same with or without the
-layer: nothing is added to the residual stream, and a sampler without the layer (the rollout actors,
-which load only the LoRA) samples the same policy. Beside it, while gradients are on (the policy's
-training forward; the reference and every sampling call run without), it records
+diffusers' processor API. It computes the layer's own output exactly as diffusers' default
+``AttnProcessor2_0`` does (it calls it) and, with ``model.hcp.mode: residual`` (default, the paper's
+reading: the layer is trained in a frozen model and changes what it generates), adds the human-centric
+attention's output through a zero-initialised projection:
 
-    M_h = softmax(Q K_h^T / sqrt(d)) averaged over heads, (B, N, L),  Q = attn.to_q(z), K_h = phi(C)
+    out = CrossAttn(z, C) + W_o (M_h V),   M_h = softmax(Q K_h^T / sqrt(d)) per head,  V = attn.to_v(C)
 
-with phi = Linear(D_text, hidden) -> SiLU -> Linear(hidden, heads * d), one per hooked layer. C is
-the whole prompt embedding (B, 77, D_text) the layer attends to; the human-centric tokens are picked
-afterwards from M_h (:meth:`HcP.token_mask`), so the softmax runs over all 77 tokens and the human
-map S is the share of attention the human words take. Q is the layer's own query (LoRA included):
-the alignment loss trains phi and, through Q, the LoRA.
+with K_h = phi(C), phi = Linear(D_text, hidden) -> SiLU -> Linear(hidden, heads * d), and W_o = Linear(heads *
+d, out) starting at zero, one of each per hooked layer: a fresh layer leaves the UNet's prediction exactly as
+it was, and training (the run's loss through W_o, the alignment loss through phi) makes it change generation.
+V is the layer's own value projection (LoRA included). With ``mode: observe`` the layer adds nothing: the
+UNet's prediction is the same with or without it, so a sampler without the layer (the rollout actors, which
+load only the LoRA) samples the same policy, and the alignment loss trains only through Q (the LoRA on to_q
+and upstream) and phi.
+
+Either way, while gradients are on (the policy's training forward; the reference and every sampling call run
+without), it records M_h averaged over heads, (B, N, L). C is the whole prompt embedding (B, 77, D_text) the
+layer attends to; the human-centric tokens are picked afterwards from M_h (:meth:`HcP.token_mask`), so the
+softmax runs over all 77 tokens and the human map S is the share of attention the human words take. Q is the
+layer's own query (LoRA included).
+
+The reference (the UNet with its LoRA off, :meth:`rlfh.learner.policy.PolicyWeights.adapters_off`) runs
+without the residual: the base model is the model without the layer.
 
 Layers hooked: every ``attn2`` whose downsampling factor from the latent (down_blocks.i: 2^i, the
 mid block: the deepest, up_blocks.i: mirrored) has a weight > 0 in ``model.hcp.scale_weights``.
-The phi weights are trainable parameters of the UNet (``...attn2.processor.phi.*``): the optimizer,
-DeepSpeed's checkpoint (resume) and the EMA hold them with the LoRA; the exported checkpoint writes
-them to ``hcp.safetensors`` beside the LoRA file, which keeps its plain diffusers layout.
+The phi and W_o weights are trainable parameters of the UNet (``...attn2.processor.phi.*``, ``...proj.*``): the
+optimizer, DeepSpeed's checkpoint (resume) and the EMA hold them with the LoRA; the exported checkpoint writes
+them to ``hcp.safetensors`` beside the LoRA file, which keeps its plain diffusers layout; :func:`load_hcp_into`
+puts a trained layer on a pipeline for generation (``rlfh eval``).
 """
 
 from __future__ import annotations
@@ -47,7 +58,8 @@ def layer_factor(name: str, n_down: int, n_up: int) -> int | None:
 
 
 class HcPProcessor(nn.Module):
-    """Cross-attention processor: diffusers' ``AttnProcessor2_0`` output, plus M_h recorded for the loss.
+    """Cross-attention processor: diffusers' ``AttnProcessor2_0`` output, plus the human-centric attention's
+    through a zero-initialised projection (``residual``), and M_h recorded for the loss.
 
     Args:
         name: the ``attn2`` module's name in the UNet (key of its recorded map).
@@ -55,35 +67,76 @@ class HcPProcessor(nn.Module):
         text_dim, inner_dim: width of the text embeddings and of the layer's queries (heads * d).
         hidden: width of phi.
         store: the dict the maps go to, shared with :class:`HcP`.
+        out_dim: width of the layer's output (``attn.to_out[0]``); with ``residual``.
+        residual: add W_o (M_h V) to the output (``model.hcp.mode: residual``); False: output-neutral.
     """
 
-    def __init__(self, name: str, factor: int, text_dim: int, inner_dim: int, hidden: int, store: dict):
+    def __init__(
+        self,
+        name: str,
+        factor: int,
+        text_dim: int,
+        inner_dim: int,
+        hidden: int,
+        store: dict,
+        out_dim: int = 0,
+        residual: bool = False,
+    ):
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         super().__init__()
         self.name, self.factor, self.store = name, factor, store
         self.phi = nn.Sequential(nn.Linear(text_dim, hidden), nn.SiLU(), nn.Linear(hidden, inner_dim))
+        self.proj = None
+        if residual:
+            self.proj = nn.Linear(inner_dim, out_dim)
+            nn.init.zeros_(self.proj.weight)  # a fresh layer adds exactly 0
+            nn.init.zeros_(self.proj.bias)
+        self.active = True  # False: the reference's forward, without the residual
         self.base = AttnProcessor2_0()
 
     def forward(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        if encoder_hidden_states is not None and torch.is_grad_enabled():
+        if encoder_hidden_states is None:
+            return out
+        record = torch.is_grad_enabled()
+        add = self.proj is not None and self.active
+        if not (record or add):
+            return out
+        m = self.head_attention(attn, hidden_states, encoder_hidden_states)  # (B, heads, N, L)
+        if record:
             # the latest forward wins: a checkpointed block's recompute in backward overwrites a map
             # already used, never one waiting for its loss
-            self.store[self.name] = (self.factor, self.human_attention(attn, hidden_states, encoder_hidden_states))
+            self.store[self.name] = (self.factor, m.mean(1))
+        if add:
+            out = out + self.residual(attn, m, encoder_hidden_states).to(out.dtype) / attn.rescale_output_factor
         return out
 
+    def context(self, attn, context: torch.Tensor) -> torch.Tensor:
+        return attn.norm_encoder_hidden_states(context) if attn.norm_cross else context
+
     def human_attention(self, attn, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """M_h (B, N, L): softmax over the L tokens of Q K_h^T / sqrt(d), averaged over the heads."""
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
+        """M_h averaged over the heads, (B, N, L): the map the alignment loss reads."""
+        return self.head_attention(attn, hidden_states, context).mean(1)
+
+    def head_attention(self, attn, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """M_h (B, heads, N, L): softmax over the L tokens of Q K_h^T / sqrt(d), per head."""
+        context = self.context(attn, context)
         b = hidden_states.shape[0]
         q = attn.to_q(hidden_states)  # (B, N, heads * d)
         k = self.phi(context.to(self.phi[0].weight.dtype))  # (B, L, heads * d)
         d = q.shape[-1] // attn.heads
         q = q.view(b, -1, attn.heads, d).transpose(1, 2).float()  # (B, heads, N, d)
         k = k.view(b, -1, attn.heads, d).transpose(1, 2).float()  # (B, heads, L, d)
-        return torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, dim=-1).mean(1)
+        return torch.softmax(q @ k.transpose(-1, -2) * d**-0.5, dim=-1)
+
+    def residual(self, attn, m: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """W_o (M_h V): the human-centric attention's output, (B, N, out)."""
+        v = attn.to_v(self.context(attn, context))  # (B, L, heads * d)
+        b, _, inner = v.shape
+        v = v.view(b, -1, attn.heads, inner // attn.heads).transpose(1, 2).float()  # (B, heads, L, d)
+        h = (m @ v).transpose(1, 2).reshape(b, -1, inner)  # (B, N, heads * d)
+        return self.proj(h.to(self.proj.weight.dtype))
 
 
 class HcP:
@@ -114,7 +167,16 @@ class HcP:
             f = layer_factor(name, n_down, n_up)
             found.add(f)
             if f in self.weights:
-                proc = HcPProcessor(name, f, text_dim, module.to_q.out_features, hc.hidden, self.store)
+                proc = HcPProcessor(
+                    name,
+                    f,
+                    text_dim,
+                    module.to_q.out_features,
+                    hc.hidden,
+                    self.store,
+                    module.to_out[0].out_features,
+                    hc.mode == "residual",
+                )
                 module.set_processor(proc.to(unet.device))
                 self.processors[name] = proc
         if not self.processors:
@@ -181,12 +243,18 @@ class HcP:
         metrics["loss/hcp"] = float(loss.detach())
         return self.cfg.coef * loss
 
+    def set_active(self, active: bool) -> None:
+        """Switch the layers' residual on (the policy) or off (the reference: the base model has no layer)."""
+        for proc in self.processors.values():
+            proc.active = active
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """phi's weights of every layer, keyed ``<attn2 module name>.processor.phi.<param>`` (CPU, float32)."""
+        """The layers' weights (phi, and W_o with ``mode: residual``), keyed ``<attn2 module
+        name>.processor.<phi|proj>.<param>`` (CPU, float32)."""
         return {
-            f"{name}.processor.phi.{k}": v.detach().float().cpu().contiguous()
+            f"{name}.processor.{k}": v.detach().float().cpu().contiguous()
             for name, proc in self.processors.items()
-            for k, v in proc.phi.state_dict().items()
+            for k, v in proc.state_dict().items()
         }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -194,9 +262,29 @@ class HcP:
         mine = self.state_dict()
         if set(state) != set(mine):
             raise RuntimeError(
-                f"HcP weights do not match this UNet's HcP layers: missing {sorted(set(mine) - set(state))[:3]}, "
-                f"unexpected {sorted(set(state) - set(mine))[:3]}"
+                f"HcP weights do not match this UNet's HcP layers (model.hcp.mode and scale_weights as trained?): "
+                f"missing {sorted(set(mine) - set(state))[:3]}, unexpected {sorted(set(state) - set(mine))[:3]}"
             )
         for name, proc in self.processors.items():
-            prefix = f"{name}.processor.phi."
-            proc.phi.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+            prefix = f"{name}.processor."
+            proc.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def load_hcp_into(pipe, directory, hc) -> HcP | None:
+    """Put the trained HcP layer of a checkpoint (``hcp.safetensors`` in ``directory``, the LoRA's folder) on
+    ``pipe``'s UNet for generation, with ``model.hcp`` ``hc``; None when the folder has none."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(directory)
+    path = path / HCP_FILE if path.is_dir() else path.with_name(HCP_FILE)
+    if not path.is_file():
+        return None
+    hcp = HcP(pipe.unet, hc, pipe.tokenizer)
+    state = load_file(str(path))
+    hcp.load_state_dict(state)
+    dtype = pipe.unet.dtype
+    for proc in hcp.processors.values():
+        proc.to(dtype)
+    return hcp

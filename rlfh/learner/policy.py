@@ -133,9 +133,23 @@ class PolicyWeights:
     # ------------------------------------------------------------------ the reference
     @contextlib.contextmanager
     def adapters_off(self):
-        """The UNet without its LoRA adapter: the flag peft's LoRA forward reads
-        (``layer.disable_adapters``), set on the collected LoRA layers only. Same forward as
-        ``unet.disable_adapters()``, which also walks every module and flips requires_grad."""
+        """The UNet without its LoRA adapter (and without the HcP layer's residual: the base model has
+        neither): the flag peft's LoRA forward reads (``layer.disable_adapters``), set on the collected
+        LoRA layers only. Same forward as ``unet.disable_adapters()``, which also walks every module and
+        flips requires_grad."""
+        if self.hcp is not None:
+            self.hcp.set_active(False)
+            try:
+                with self.lora_off():
+                    yield
+            finally:
+                self.hcp.set_active(True)
+            return
+        with self.lora_off():
+            yield
+
+    @contextlib.contextmanager
+    def lora_off(self):
         if self.lora_layers is None:
             self.unet.disable_adapters()
             try:
@@ -190,6 +204,12 @@ class PolicyWeights:
     def step_ema(self) -> None:
         if self.ema is not None:
             self.ema.step(self.trainable)
+
+    @torch.no_grad()
+    def blend_ema(self, decay: float) -> None:
+        """EMA <- decay * EMA + (1 - decay) * trained, once (``learner.ema.schedule=round_ramp``)."""
+        for s, p in zip(self.ema.shadow_params, self.trainable):
+            s.mul_(decay).add_(p.detach().to(s.device, s.dtype), alpha=1.0 - decay)
 
     def weights_finite(self) -> bool:
         """Whether this rank's trainable weights are all finite (under ZeRO-3, its partition)."""

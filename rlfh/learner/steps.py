@@ -55,12 +55,15 @@ def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
     lrn.take_conditioning(batch.conditioning, batch.prompts)
     lrn.begin_round()  # the sampling policy's weights (nft, awm) and the EMA reference, if any
     if isinstance(batch, PairBatch):
-        return train_pairs(lrn, batch, epochs)
-    if isinstance(batch, TrajectoryBatch):
-        return train_trajectories(lrn, batch, epochs)
-    if isinstance(batch, SampleBatch):
-        return train_samples(lrn, batch, epochs)
-    raise TypeError(f"cannot train on {type(batch).__name__}")
+        metrics = train_pairs(lrn, batch, epochs)
+    elif isinstance(batch, TrajectoryBatch):
+        metrics = train_trajectories(lrn, batch, epochs)
+    elif isinstance(batch, SampleBatch):
+        metrics = train_samples(lrn, batch, epochs)
+    else:
+        raise TypeError(f"cannot train on {type(batch).__name__}")
+    lrn.end_round()  # a once-per-round EMA (learner.ema.schedule=round_ramp)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------- DPO family
@@ -133,6 +136,7 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
                     lc.awm.clip_range,
                     lc.nft.adv_clip,
                     lrn.x0_scale(t) if lc.nft.weighting == "adaptive" else None,
+                    lrn.ghuber(t) if lc.awm.weighting == "ghuber" else None,  # read by awm only
                 )
             else:
                 objectives, metrics = weighted_objectives(

@@ -1,10 +1,26 @@
 """Advantage Weighted Matching (AWM): the policy gradient with the denoising loss as log-likelihood.
 
 Paper: Xue et al., "Advantage Weighted Matching: Aligning RL with Pretraining in Diffusion Models",
-arXiv 2509.25050 (their implementation is for flow models; the published trainers compute
-log p = -mean((v_theta - v)^2), a PPO-clipped ratio against the sampling policy on the same noised
-x_t, and optional KL terms to the base model and to an EMA of the policy). Derivations for SDXL:
-docs/online_rl.md.
+arXiv 2509.25050 (their implementation is for flow models: reference scxue/advantage_weighted_matching,
+``compute_log_prob_awm`` in scripts/train_sd3_awm.py, with a PPO-clipped ratio against the sampling policy
+on the same noised x_t and optional KL terms to the base model and to an EMA of the policy). Derivations
+for SDXL: docs/online_rl.md.
+
+The weighting of log p: the reference's trainer takes e = mean((v_theta - v)^2) and offers several weightings
+of log p (``config.train.weighting``: "Uniform" log p = -e, "t", "t**2", "huber", "ghuber"), and every
+published config (config/dgx_awm.py) sets the generalised Huber one,
+
+    log p = -((e + 1e-10)^q - 1e-10^q) * sigma_t / q,   q = ``ghuber_power`` = 0.25,
+
+with sigma_t the flow time (the noise fraction of x_t). rlfh's default is the plain L_simple form below
+(w_t = 1, the reference's "Uniform" weighting); ``learner.awm.weighting: ghuber`` is the published configs'
+(:func:`ghuber_error`), carried to a DDPM model through the flow time of x_t / (a + b),
+
+    sigma_t = b / (a + b),   a = sqrt(abar_t), b = sqrt(1 - abar_t),
+
+and the flow-velocity error of the same prediction (x_t = a x0_hat + b eps_hat fixes both from one output):
+e_v = e_x0 ((a + b) / b)^2 = e k_t^2 / sigma_t^2, with e the error of the UNet's own target (eps or v) and
+k_t = ``DDPMSchedule.x0_scale`` (x0_hat - x0 = -k_t (pred - target)); for eps prediction e_v = e / (1 - sigma_t)^2.
 
 AWM replaces DDPO's per-step log-probability of a recorded reverse trajectory by the pre-training
 (denoising score-matching) loss on the final sample re-noised with fresh noise, which is, up to a
@@ -43,12 +59,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["AWMConfig", "AWMLossOutput", "awm_loss"]
+__all__ = ["AWMConfig", "AWMLossOutput", "GHuber", "awm_loss", "ghuber_error"]
+
+GHUBER_DELTA = 1e-10  # the reference's offset inside the power (and subtracted at zero error)
+
+
+class GHuber(NamedTuple):
+    """The per-sample inputs of :func:`ghuber_error`: q, k_t (B,) and sigma_t (B,)."""
+
+    power: float
+    x0_scale: Tensor
+    flow_time: Tensor
+
+
+def ghuber_error(error: Tensor, g: GHuber) -> Tensor:
+    """-log p of the reference's "ghuber" weighting from the UNet-target error e (B,):
+    ((e_v + delta)^q - delta^q) sigma_t / q with e_v = e k_t^2 / sigma_t^2 (module docstring)."""
+    k, s = g.x0_scale.to(error.dtype), g.flow_time.to(error.dtype)
+    e_v = error * (k / s) ** 2
+    delta = torch.tensor(GHUBER_DELTA, dtype=error.dtype, device=error.device)
+    return ((e_v + delta) ** g.power - delta**g.power) * s / g.power
 
 
 class AWMLossOutput(NamedTuple):
@@ -107,6 +142,11 @@ class AWMConfig:
     """``learner.awm``: Advantage Weighted Matching (arXiv 2509.25050)."""
 
     clip_range: float = 0.2  # PPO clip of the ratio exp(old error - error)
+    weighting: Literal["uniform", "ghuber"] = "uniform"  # log p: -e (L_simple), or the reference configs' ghuber
+    ghuber_power: float = 0.25  # q of weighting=ghuber (the reference's configs: 0.25)
 
     def problems(self, key: str) -> list[str]:
-        return [] if 0 < self.clip_range < math.inf else [f"{key}.clip_range={self.clip_range}: must be finite and > 0"]
+        p = [] if 0 < self.clip_range < math.inf else [f"{key}.clip_range={self.clip_range}: must be finite and > 0"]
+        if not 0 < self.ghuber_power <= 1:
+            p.append(f"{key}.ghuber_power={self.ghuber_power}: must be in (0, 1]")
+        return p

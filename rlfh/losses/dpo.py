@@ -116,7 +116,7 @@ def dpo_loss_from_mse(
 class DPOConfig:
     """``learner.dpo``: Diffusion-DPO and its variants (``learner.loss`` dpo, dpo_hinge, dpo_ipo)."""
 
-    beta: float = 5000.0  # Diffusion-DPO beta (arXiv 2311.12908); 5000 for SDXL, 2000 for SD1.5
+    beta: float = 5000.0  # Diffusion-DPO beta (arXiv 2311.12908); the reference launchers use 5000 for SD1.5 and SDXL
     pair_strategy: Literal["best_worst", "all"] = "best_worst"  # best_worst: a pair per prompt group; all: every pair
     guidance: DPOGuidanceConfig = field(default_factory=DPOGuidanceConfig)
 

@@ -20,8 +20,8 @@ averaged over latent elements. With the same t and eps for winner and loser:
 Each loss is averaged over the B pairs. beta maps exactly as in trl: the same ``beta`` that makes
 ``inside = -0.5 * beta * (model_diff - ref_diff)`` in the sigmoid loss multiplies the margin in the
 hinge loss, and is IPO's regularization tau (target margin 1 / (2 tau)). Caution: the per-element
-MSE margins are small (~1e-3), so Diffusion-DPO's beta (2000-5000) gives an IPO target margin of
-1e-4 to 2.5e-4 in these units; IPO's beta has to be tuned on its own, not copied from the sigmoid run.
+MSE margins are small (~1e-3), so Diffusion-DPO's beta (5000 in its reference launchers) gives an IPO
+target margin of 1e-4 in these units; IPO's beta has to be tuned on its own, not copied from the sigmoid run.
 
 Notation (code name -> paper symbol):
     mse_theta_w, mse_theta_l -> ||eps - eps_theta(x^w_t, t)||^2, ||eps - eps_theta(x^l_t, t)||^2 (mean over C,H,W)

@@ -10,7 +10,7 @@ MPD / FairGrad. With g_i the flattened gradient of objective i and M = G^T G (M_
 find w >= 0 with
 
     (M w)_i = w_i^(-1/alpha)        for every active i           (alpha = 2: minimum potential delay)
-    d = K * sum_i w_i g_i            (K = number of active objectives)
+    d = K * sum_i w_i g_i            (K = number of objectives trained, present or not)
 
 then the update is clipped to norm ``learner.max_grad_norm`` (FairHuman: 1.0; DeepSpeed's
 ``gradient_clipping`` does it) and the optimizer steps. The reference solves the
@@ -24,7 +24,10 @@ matrix only. M is first scaled to unit mean diagonal (c = trace(M) / K); the sol
 c^(-alpha / (alpha + 1)) times the one for M / c. Orthogonal gradients give the closed form
 w_i = ||g_i||^(-2 alpha / (alpha + 1)).
 Conventions: objectives with a zero gradient (||g_i||^2 <= zero_tol * max_j ||g_j||^2, or marked
-inactive by the caller) are dropped: weight 0, not counted in K. When the scaled M is singular or
+inactive by the caller) are dropped from the solve: weight 0. K stays the number of objectives the run
+trains (``num_objectives``; the reference's ``newgrad * self.n_tasks`` in ``overwrite_grad``, n_tasks
+fixed at 3 for global, face and hand), not the number present in the batch: a micro-batch without a
+hand keeps the step scale of the others. When the scaled M is singular or
 ill-conditioned in direction (lambda_min <= cond_tol * lambda_max of the correlation matrix
 D^-1/2 M D^-1/2, D = diag(M): parallel or exactly opposed gradients), M + rho * diag(M) is solved
 instead (rho = 1e-8), which always has a unique solution; the result reports rho. Exactly opposed gradients then get
@@ -32,7 +35,8 @@ large equal weights and d = 0.
 
 Other rules (``method``): "sum": coefficients = the given weights; "equal": 1/K_all each (the gradient
 of the mean loss); "mgda": K * lambda with lambda the min-norm point of the convex hull of the active
-g_i (min lambda^T M lambda on the simplex), scaled by K like the reference's MGDA.
+g_i (min lambda^T M lambda on the simplex), scaled by the same K as MPD, like the reference's MGDA
+(``sol * self.n_tasks``).
 
 Notation (code name -> paper symbol): gram -> G^T G; weights -> w; alpha -> alpha;
 coefficients -> the c_i of d = sum_i c_i g_i (K * w_i for MPD).
@@ -175,6 +179,7 @@ def solve_mpd_weights(
     tol: float = 1e-12,
     accept_tol: float = 1e-6,
     max_iter: int = 100,
+    num_objectives: Optional[int] = None,
 ) -> FairnessWeights:
     """Solve (M w)_i = w_i^(-1/alpha), w >= 0, over the active objectives; coefficients K * w.
 
@@ -189,6 +194,8 @@ def solve_mpd_weights(
         tol: Newton stops when the relative residual reaches this.
         accept_tol: ``converged`` is True when the final relative residual is at most this.
         max_iter: Newton iteration cap.
+        num_objectives: K of the coefficients K * w, the objectives the run trains (default: the K of
+            ``gram``), at least the gram's size.
 
     Returns:
         FairnessWeights; dropped objectives get weight 0. No active objective: all zeros.
@@ -201,6 +208,7 @@ def solve_mpd_weights(
         raise ValueError(f"alpha must be finite and > 0, got {alpha}")
     m = _check_gram(gram)
     k = m.shape[0]
+    scale = _step_scale(k, num_objectives)
     act = _active_mask(m, active, zero_tol)
     idx = torch.nonzero(act).flatten()
     w_full = torch.zeros(k, dtype=torch.float64)
@@ -214,7 +222,7 @@ def solve_mpd_weights(
     w_full[idx] = w
     num_active = int(idx.numel())
     return FairnessWeights(
-        coefficients=num_active * w_full,
+        coefficients=scale * w_full,
         weights=w_full,
         active=act,
         num_active=num_active,
@@ -223,6 +231,15 @@ def solve_mpd_weights(
         residual=res,
         converged=res <= accept_tol,
     )
+
+
+def _step_scale(k: int, num_objectives: Optional[int]) -> int:
+    """K of MPD's and MGDA's coefficients K * w: the objectives trained (FairGrad's n_tasks)."""
+    if num_objectives is None:
+        return k
+    if int(num_objectives) != num_objectives or num_objectives < k:
+        raise ValueError(f"num_objectives={num_objectives} must be an integer >= the {k} objectives given")
+    return int(num_objectives)
 
 
 def _project_simplex(v: Tensor) -> Tensor:
@@ -285,17 +302,19 @@ def combine_weights(
     alpha: float = 2.0,
     weights: Optional[Sequence[float]] = None,
     active: Optional[Tensor] = None,
+    num_objectives: Optional[int] = None,
     **solver_kwargs,
 ) -> FairnessWeights:
     """Coefficients c of the combined update d = sum_i c_i g_i under a named rule.
 
     Args:
         gram: M = G^T G, shape (K, K).
-        method: "mpd" (FairGrad, c = K_active * w), "sum" (c = ``weights``), "equal" (c = 1/K),
-            "mgda" (c = K_active * lambda, lambda the min-norm convex combination).
+        method: "mpd" (FairGrad, c = N * w), "sum" (c = ``weights``), "equal" (c = 1/K),
+            "mgda" (c = N * lambda, lambda the min-norm convex combination).
         alpha: fairness exponent for "mpd".
         weights: the K fixed weights for "sum" (default all ones).
         active: optional (K,) bool mask of objectives to keep ("mpd", "mgda").
+        num_objectives: N, the objectives the run trains ("mpd", "mgda"; default K).
         **solver_kwargs: extra keyword arguments for :func:`solve_mpd_weights`.
 
     Returns:
@@ -305,7 +324,7 @@ def combine_weights(
         ValueError: for an unknown method or bad arguments.
     """
     if method == "mpd":
-        return solve_mpd_weights(gram, alpha=alpha, active=active, **solver_kwargs)
+        return solve_mpd_weights(gram, alpha=alpha, active=active, num_objectives=num_objectives, **solver_kwargs)
     m = _check_gram(gram)
     k = m.shape[0]
     if method in ("sum", "equal"):
@@ -318,7 +337,8 @@ def combine_weights(
             return FairnessWeights(w_full.clone(), w_full, act, 0)
         lam, iters = min_norm_weights(m[idx][:, idx])
         w_full[idx] = lam
-        return FairnessWeights(idx.numel() * w_full, w_full, act, int(idx.numel()), iterations=iters)
+        scale = _step_scale(k, num_objectives)
+        return FairnessWeights(scale * w_full, w_full, act, int(idx.numel()), iterations=iters)
     raise ValueError(f"unknown gradient-combination method {method!r}; expected one of {METHODS}")
 
 
@@ -443,7 +463,8 @@ def combine_objectives(
     metrics: dict[str, float] = {}
     if needs_region_gradients(method, num_regions):
         gram = gram_matrix(objective_gradients([objectives[n] for n in names], params))
-        fw = combine_weights(gram, method, alpha=alpha)
+        # K of the step: every region the run trains, present in this micro-batch or not (FairGrad's n_tasks)
+        fw = combine_weights(gram, method, alpha=alpha, num_objectives=num_regions)
         # named by the rule that solved them: mpd/weight/face, mgda/weight/face, ...
         metrics.update({f"{method}/weight/{n}": float(w) for n, w in zip(names, fw.weights)})
         metrics[f"{method}/ridge"] = float(fw.ridge)

@@ -31,9 +31,13 @@ constants (and we found no public code or formula for them): the squared
 error between S and the pooled heatmap; S as the attention mass on the human tokens; the prior as a
 MediaPipe Pose heatmap; the default weights (factor 4 = SDXL's 32x32 maps at 1024 px: 1.0, factor
 2 = 64x64: 0.5, coarse maps carrying the body's layout) and the default window (t >= 500 of 1000, the
-noisier half where the layout forms); and that the layer leaves the UNet's output unchanged: it
-shares Q with the layer it watches, so the loss trains the LoRA on to_q (and upstream) and phi, and
-a sampler without the layer samples the same policy (see rlfh/learner/hcp.py).
+noisier half where the layout forms). The layer feeds the attention output as the paper's does (it is
+trained in a frozen model and changes generation): with ``model.hcp.mode: residual`` (default) the
+human-centric attention's output M_h V is added through a zero-initialised projection, so a fresh layer
+is exact; its values V (the layer's own), the projection and its zero start are ours. ``mode: observe``
+keeps an output-neutral form of ours: the layer only shares Q with the layer it watches, so the loss
+trains the LoRA on to_q (and upstream) and phi, and a sampler without the layer samples the same policy
+(see rlfh/learner/hcp.py).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rlfh.losses.awm import awm_loss
+from rlfh.losses.awm import GHuber, awm_loss, ghuber_error
 from rlfh.losses.dpo import dpo_loss_from_mse
 from rlfh.losses.dpo_variants import dpo_variant_loss
 from rlfh.losses.nft import adaptive_errors, implicit_predictions, nft_loss_from_errors
@@ -144,6 +144,7 @@ class AdvantageKnobs(NamedTuple):
     clip_range: float = 0.2  # AWM: ratio clip
     nft_scale: float = 1.0  # NFT: the loss scale (the learner passes the advantage clip c, as the reference does)
     x0_scale: Tensor | None = None  # NFT: k_t per sample for the adaptive x_0-space errors; None: eps errors
+    ghuber: GHuber | None = None  # AWM: the reference configs' generalised-Huber log p; None: -e
 
 
 def advantage_objectives(
@@ -159,6 +160,7 @@ def advantage_objectives(
     clip_range: float = 0.2,
     nft_scale: float = 1.0,
     x0_scale: Tensor | None = None,
+    ghuber: GHuber | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """DiffusionNFT or AWM per region, on re-noised samples of the sampling policy: the spec's
     objective (:func:`nft_objectives`, :func:`awm_objectives`), and ``<loss>/old_eps_mse``, how far
@@ -166,7 +168,7 @@ def advantage_objectives(
     spec = loss_spec(loss)
     if OLD_POLICY not in spec.needs:
         raise ValueError(f"advantage objectives are for losses that compare with the sampling policy, not {loss!r}")
-    knobs = AdvantageKnobs(nft_beta, clip_range, nft_scale, x0_scale)
+    knobs = AdvantageKnobs(nft_beta, clip_range, nft_scale, x0_scale, ghuber)
     objectives, metrics = spec.objective_fn()(pred, old_pred, target, signal, masks, regions, scale, knobs)
     for region, value in objectives.items():
         suffix = metric_suffix(region, regions)
@@ -223,11 +225,15 @@ def awm_objectives(
     region errors of the policy and of ``old_pred`` (None: on-policy, ratio 1), clipped at ``knobs.clip_range``."""
     objectives: dict[str, Tensor] = {}
     metrics: dict[str, float] = {}
+    g = knobs.ghuber
+
+    def log_p_error(p: Tensor, region: str, valid: Tensor) -> Tensor:  # -log p: e, or the ghuber form of e
+        e = region_errors(p, target, region, masks, scale)[valid]
+        return e if g is None else ghuber_error(e, GHuber(g.power, g.x0_scale[valid], g.flow_time[valid]))
+
     for region, valid, suffix in present_regions(masks, regions, pred):
-        old_err = None if old_pred is None else region_errors(old_pred.detach(), target, region, masks, scale)[valid]
-        out = awm_loss(
-            region_errors(pred, target, region, masks, scale)[valid], signal[valid], old_err, knobs.clip_range
-        )
+        old_err = None if old_pred is None else log_p_error(old_pred.detach(), region, valid)
+        out = awm_loss(log_p_error(pred, region, valid), signal[valid], old_err, knobs.clip_range)
         metrics.update({f"awm/clipfrac{suffix}": float(out.clipfrac), f"awm/ratio{suffix}": float(out.ratio_mean)})
         objectives[region] = out.loss
     return objectives, metrics

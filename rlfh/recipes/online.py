@@ -48,6 +48,16 @@ def train(cfg: Config) -> Path:
     from rlfh.data.sources import build_sources, close_sources
     from rlfh.run.skeleton import RunSkeleton
 
+    hc = cfg.model.hcp
+    if hc.enabled and hc.mode == "residual" and not cfg.resources.colocate:
+        from rlfh.config.schema import ConfigError
+
+        raise ConfigError(
+            [
+                "model.hcp.mode=residual changes the UNet's output, and the rollout actors load only the LoRA: "
+                "use resources.colocate (the learner's UNet samples), model.hcp.mode=observe, or offline training"
+            ]
+        )
     skel = RunSkeleton(cfg)
     started_ray = setup_ray(cfg)
     feed = OnlineFeed(cfg, skel)

@@ -42,6 +42,7 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     from rewards.composite import RewardSet
     from rlfh.data.real_images import RealImageSource
     from rlfh.run.checkpoints import load_lora_into, resolve_lora
+    from rlfh.run.skeleton import refuse_score_guidance
     from rollouts.log import RolloutLog
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
@@ -58,6 +59,7 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
             "data.region_pairs.lora and data.region_pairs.pipeline: give one (the LoRA is the "
             "policy's, on model.path; the pipeline inpaints instead of the policy)"
         )
+    refuse_score_guidance(cfg, "make-region-pairs")
     lora = resolve_lora(rp.lora) if rp.lora else None  # before the (slow) model load
     pipe = load_pipeline(cfg.model, device)
     if lora is not None:

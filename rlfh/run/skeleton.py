@@ -32,6 +32,7 @@ class RunSkeleton:
     """
 
     def __init__(self, cfg, save: bool = True):
+        refuse_score_guidance(cfg, "a training run")
         self.cfg = cfg
         self.path = Path(cfg.run_dir).resolve()
         self.logger = None
@@ -128,3 +129,18 @@ class RunSkeleton:
                 first = first or e
         if first is not None:
             raise first
+
+
+def refuse_score_guidance(cfg, what: str) -> None:
+    """``rollout.score_guidance`` is for ``rlfh eval``: the samples a run trains on or logs are the policy's own
+    (a guided sample is not, and nothing there would apply the guidance)."""
+    sg = cfg.rollout.score_guidance
+    if sg.enabled:
+        from rlfh.config.schema import ConfigError
+
+        raise ConfigError(
+            [
+                f"rollout.score_guidance.mu={sg.mu}: FaceScore's sampling guidance is applied by `rlfh eval` "
+                f"only; {what} samples from the policy itself: set it to 0 here"
+            ]
+        )

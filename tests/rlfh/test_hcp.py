@@ -64,10 +64,13 @@ def alignment(lrn, seed=123):
     return metrics["loss/hcp"]  # without the coefficient
 
 
-def test_hcp_layer_leaves_the_unet_output_unchanged_and_records_m_h(tiny_model_dir):
-    plain, hcp = make(tiny_model_dir), make(tiny_model_dir, *HCP)
+@pytest.mark.parametrize("mode", ["residual", "observe"])
+def test_hcp_layer_leaves_the_unet_output_unchanged_and_records_m_h(tiny_model_dir, mode):
+    """A fresh layer is exact in either mode: residual's projection starts at zero, observe adds nothing."""
+    plain, hcp = make(tiny_model_dir), make(tiny_model_dir, *HCP, f"model.hcp.mode={mode}")
     assert hcp.hcp.processors and all(".attn2" in n for n in hcp.hcp.processors)
     assert any(".processor.phi." in n for n in hcp.trainable_names)  # trained with the LoRA
+    assert any(".processor.proj." in n for n in hcp.trainable_names) == (mode == "residual")
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 700])
     enc, added = plain.condition(PROMPTS, 64, 64)
     want = plain.policy(x, t, enc, added)
@@ -144,13 +147,14 @@ def test_hcp_weights_checkpoint_resume_and_the_sampler_loads_the_lora(tiny_model
     from rlfh.learner.hcp import HCP_FILE
     from rollouts.sampler import Sampler
 
-    lrn = make(tiny_model_dir, *HCP, "model.hcp.coef=10")
+    observe = [*HCP, "model.hcp.mode=observe", "model.hcp.coef=10"]  # the output-neutral form
+    lrn = make(tiny_model_dir, *observe)
     train(lrn, posed_pairs(), epochs=2)
     ckpt = lrn.save_checkpoint(tmp_path / "ckpt")
     saved = load_file(str(ckpt / HCP_FILE))
     assert saved and all(torch.equal(v, lrn.hcp.state_dict()[k]) for k, v in saved.items())
     # resume: a fresh engine gets the trained phi back from the engine state
-    again = make(tiny_model_dir, *HCP, "model.hcp.coef=10")
+    again = make(tiny_model_dir, *observe)
     assert not all(torch.equal(v, again.hcp.state_dict()[k]) for k, v in saved.items())
     again.load_checkpoint(ckpt)
     assert all(torch.equal(v, again.hcp.state_dict()[k]) for k, v in saved.items())
@@ -195,6 +199,12 @@ def test_hcp_config_rules(tiny_cfg):
     ):
         assert needle in text
     assert tiny_cfg("model.hcp.enabled=true").model.hcp.scale_weights == {"2": 0.5, "4": 1.0}
+    # the paper's residual layer changes the UNet's output: online rollout actors (LoRA only) cannot sample it
+    from rlfh.recipes.online import train as train_online
+
+    assert tiny_cfg("model.hcp.enabled=true").model.hcp.mode == "residual"
+    with pytest.raises(ConfigError, match="model.hcp.mode=residual changes the UNet's output"):
+        train_online(tiny_cfg("model.hcp.enabled=true"))
 
 
 def test_hcp_under_mpd_regions_and_gradient_checkpointing(tiny_model_dir):
@@ -233,3 +243,49 @@ def test_hcp_on_weighted_samples(tiny_model_dir):
     assert "loss/hcp" not in train(lrn2, SampleBatch(lat, batch.prompts, batch.weights), epochs=1)
     assert all(torch.equal(v, lrn2.hcp.state_dict()[k]) for k, v in phi2.items())
     assert lrn2.hcp.take_maps() == []
+
+
+def test_residual_layer_changes_generation_after_training(tiny_model_dir, tmp_path):
+    """The paper's reading (model.hcp.mode=residual, default): a fresh layer on a pipeline samples exactly as the
+    pipeline without it; after training, the checkpoint's LoRA with its layer (load_hcp_into, as rlfh eval
+    loads it) generates other images than the same LoRA alone, and the learner's prediction is the pipeline's.
+    The reference runs without the layer's residual (the base model has no layer)."""
+    from families import load_pipeline
+    from rlfh.learner.hcp import HcP, load_hcp_into
+    from rlfh.run.checkpoints import load_lora_into, resolve_lora
+    from rollouts.sampler import Sampler
+    from rollouts.types import SamplerSettings
+
+    lrn = make(tiny_model_dir, *HCP, "model.hcp.coef=10", "learner.lr=1e-2")
+    hc, settings = lrn.cfg.model.hcp, SamplerSettings(4, 1.0, "", 64, 64)
+    fresh = load_pipeline(lrn.cfg.model, "cpu")
+    before = Sampler(fresh).sample(PROMPTS, [0, 1], settings).images
+    HcP(fresh.unet, hc, fresh.tokenizer)  # a fresh layer: exact
+    assert np.array_equal(Sampler(fresh).sample(PROMPTS, [0, 1], settings).images, before)
+
+    train(lrn, posed_pairs(), epochs=3)
+    assert any(float(p.detach().abs().max()) > 0 for n, p in lrn.unet.named_parameters() if ".processor.proj." in n)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([300, 700])
+    enc, added = lrn.condition(PROMPTS, 64, 64)
+    with torch.no_grad():
+        policy = lrn.policy(x, t, enc, added)
+        lrn.hcp.set_active(False)
+        without = lrn.policy(x, t, enc, added)
+        lrn.hcp.set_active(True)
+        ref_off = lrn.reference(x, t, enc, added)
+        with lrn.weights.lora_off():
+            lrn.hcp.set_active(False)
+            base = lrn.policy(x, t, enc, added)
+            lrn.hcp.set_active(True)
+    assert float((policy - without).abs().max()) > 1e-4  # the trained layer feeds the output
+    torch.testing.assert_close(ref_off, base)  # the reference: neither LoRA nor layer
+
+    ckpt = lrn.save_checkpoint(tmp_path / "ckpt")
+    pipe = load_pipeline(lrn.cfg.model, "cpu")
+    load_lora_into(pipe, resolve_lora(ckpt))
+    lora_only = Sampler(pipe).sample(PROMPTS, [0, 1], settings).images
+    assert load_hcp_into(pipe, ckpt, hc) is not None
+    with_layer = Sampler(pipe).sample(PROMPTS, [0, 1], settings).images
+    changed = np.abs(lora_only.astype(np.int16) - with_layer).mean()
+    print(f"mean |LoRA alone - LoRA + layer| = {changed:.3f} uint8 levels")
+    assert changed > 0.5, changed  # mean uint8 levels the layer changes
