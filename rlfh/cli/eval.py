@@ -152,8 +152,8 @@ def cmd_eval_rewards(args: argparse.Namespace) -> int:
         if Path(args.labels_file).is_dir():  # a rollout log labeled with `rlfh label`
             import tempfile
 
+            from rlfh.eval.labeled_comparisons import comparisons_from_labels
             from rlfh.eval.reward_agreement import evaluate_comparisons
-            from rlfh.labeling.comparisons import comparisons_from_labels
 
             with tempfile.TemporaryDirectory() as images:
                 comparisons = comparisons_from_labels(args.labels_file, images)

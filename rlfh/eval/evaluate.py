@@ -34,9 +34,8 @@ import numpy as np
 
 from rlfh.eval.prompt_sets import PROMPT_SETS, PromptSet, load_prompt_set, load_prompt_table  # noqa: F401 (API)
 from rlfh.run.checkpoints import load_lora_into, resolve_lora
+from rlfh.stats import CI_LEVEL, N_BOOTSTRAP, bootstrap_ci  # noqa: F401 (bootstrap_ci: API)
 
-CI_LEVEL = 0.95
-N_BOOTSTRAP = 10_000
 CI_METHOD = f"percentile bootstrap over images, {N_BOOTSTRAP} resamples, seed 0, {int(CI_LEVEL * 100)}% level"
 COMBINED = "combined"  # key of the weighted sum of all rewards (ScoredBatch.combined)
 
@@ -72,26 +71,6 @@ class ModelSpec:
 # ------------------------------------------------------------------------------------------
 # Statistics (pure numpy; the unit tests call these directly)
 # ------------------------------------------------------------------------------------------
-
-
-def bootstrap_ci(
-    values: Sequence[float], level: float = CI_LEVEL, n_resamples: int = N_BOOTSTRAP, seed: int = 0
-) -> tuple[float, float] | None:
-    """Percentile-bootstrap confidence interval of the mean; None with fewer than 2 values."""
-    x = np.asarray(values, dtype=np.float64)
-    if x.size < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    # resample in blocks so memory stays ~8 MB however many images an eval has
-    block = max(1, 1_000_000 // x.size)
-    means = np.concatenate(
-        [
-            x[rng.integers(0, x.size, size=(min(block, n_resamples - i), x.size))].mean(axis=1)
-            for i in range(0, n_resamples, block)
-        ]
-    )
-    alpha = (1.0 - level) / 2.0
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1.0 - alpha))
 
 
 def value_stats(values: Sequence[float | None], reasons: Sequence[str | None]) -> dict[str, Any]:

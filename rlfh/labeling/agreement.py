@@ -50,8 +50,8 @@ def spearman(x, y) -> float | None:
 
 def reward_agreement(log_dir: str | Path) -> dict[str, dict[str, Any]]:
     """{reward: {accuracy, ci95, pairs, missing, spearman, spearman_n}} over the log's labels."""
-    from rlfh.eval.evaluate import bootstrap_ci
     from rlfh.labeling.table import LabelsTable
+    from rlfh.stats import bootstrap_ci
     from rollouts.log import RolloutLog
 
     labels = latest_labels(LabelsTable(log_dir))

@@ -123,7 +123,7 @@ def fleiss_kappa(counts: np.ndarray) -> float | None:
 
 
 def _rate(values: Sequence[float]) -> dict[str, Any]:
-    from rlfh.eval.evaluate import bootstrap_ci
+    from rlfh.stats import bootstrap_ci
 
     ci = bootstrap_ci(values)
     return {"rate": float(np.mean(values)), "ci95": None if ci is None else list(ci)}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rlfh.labeling.comparisons import comparisons_from_labels, ranks_of
+from rlfh.eval.labeled_comparisons import comparisons_from_labels, ranks_of
 from rlfh.labeling.table import LabelsTable
 from rlfh.labeling.tasks import load_tasks
 from rollouts.log import RolloutLog, decode_png
