@@ -66,8 +66,9 @@ def assert_mpd_equation(r, alpha=2.0):
 
 
 def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
-    """learner.dpo.guidance.coef through `rlfh train` and `rlfh offline-dpo`: the face masks reach the
-    learner for the guidance term although `face` is not one of learner.regions.names."""
+    """learner.dpo.guidance.coef through `rlfh train` and `rlfh offline-dpo`: online the round's region pairs
+    (data.region_pairs) carry the term, offline the region pairs of the log that run wrote; the best/worst
+    pairs of different samples beside them do not (a share of the pairs below 1)."""
     from rlfh.run.metrics import read_metrics
 
     common = [
@@ -76,6 +77,7 @@ def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
         "logging.progress=false",
         "learner.dpo.guidance.coef=0.5",
         "learner.dpo.guidance.region=face",
+        "learner.regions.names=[global, face]",
         "learner.epochs_per_round=1",
         "rewards=[{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]",
     ]
@@ -89,6 +91,8 @@ def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
         "rollout.rollouts_per_prompt=2",
         "rollout.sample_batch_size_per_actor=4",
         "rollout.num_inference_steps=4",
+        "data.region_pairs.region=face",
+        "data.region_pairs.winner=original",
         *common,
     )
     offline = tmp_path / "offline"
@@ -101,4 +105,5 @@ def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
         *common,
     )
     for (row,) in (read_metrics(online), read_metrics(offline)):
-        assert row["guidance/region_present"] == 1.0 and row["loss/guidance"] > 0 and np.isfinite(row["loss/dpo"])
+        assert 0 < row["guidance/region_present"] < 1 and row["loss/guidance"] > 0
+        assert row["region_pairs/count"] > 0 and np.isfinite(row["loss/dpo/face"])

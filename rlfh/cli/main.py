@@ -77,7 +77,7 @@ def cmd_make_region_pairs(args) -> int:
     log_dir, counts = make_region_pairs(_load(args), args.image_dir)
     print(
         f"[rlfh] region pairs: {int(counts['with_region'])} of {int(counts['images'])} images had the region; "
-        f"the inpainted image won {int(counts['inpainted_won'])}, "
+        f"{int(counts['pairs'])} pairs, the inpainted image won {int(counts['inpainted_won'])}, "
         f"{int(counts['ties_or_unscored'])} ties or unscored; rollout log: {log_dir}"
     )
     return 0

@@ -41,7 +41,7 @@ def batch_from_log(cfg: Config, sources: list = ()):
     from rewards.composite import nonfinite_counts
     from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch, logged_regions, logged_scores, mask_regions
-    from rlfh.data.region_pairs import concat_pairs, pairs_from_records
+    from rlfh.data.region_pairs import pairs_from_records, with_region_pairs
     from rollouts.log import RolloutLog, decode_latent, decode_png
 
     require_log(cfg)
@@ -69,7 +69,14 @@ def batch_from_log(cfg: Config, sources: list = ()):
     # images of inpainted region pairs pair only with each other (rlfh/data/region_pairs.py), never by prompt
     region_pairs, rp_stats = (
         pairs_from_records(
-            records, all_latents, regions, weights, mask_regions(cfg.learner), image_hw, cfg.rewards_normalization
+            records,
+            all_latents,
+            regions,
+            weights,
+            mask_regions(cfg.learner),
+            image_hw,
+            cfg.rewards_normalization,
+            cfg.data.region_pairs.winner,
         )
         if loss_spec(cfg.learner.loss).batch == PAIRS
         else (None, {})
@@ -93,8 +100,7 @@ def batch_from_log(cfg: Config, sources: list = ()):
     for source in sources:
         source.annotate(samples)
     batch, stats = learner_batch(cfg.learner, samples, cfg.rewards_normalization)
-    if region_pairs is not None:
-        batch = concat_pairs(batch, region_pairs)
+    batch = with_region_pairs(cfg, batch, region_pairs)
     stats.update(rp_stats)
     if skipped:
         stats["region_pairs/records_left_out"] = float(skipped)  # not a DPO loss: they make no pairs
