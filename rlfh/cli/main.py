@@ -3,6 +3,7 @@
 rlfh train CONFIG [key=value ...]            online preference training (Ray)
 rlfh offline-dpo CONFIG rollouts=DIR [...]   DPO from a logged rollout log
 rlfh train-reward CONFIG pairs=DIR init=DIR  fine-tune a FaceScore-style region scorer on logged pairs
+rlfh finetune CONFIG data=DIR [...]          FairHuman's supervised fine-tuning on real images
 rlfh make-tiny-model DIR [--seed N]          write the seeded tiny SDXL-architecture model
 rlfh make-region-pairs CONFIG IMAGE_DIR [...] inpainted face / hand pairs of a folder, as a rollout log
 rlfh rollouts inspect DIR                    verify and summarise a rollout log
@@ -101,6 +102,23 @@ def cmd_train_reward(args) -> int:
     return 0
 
 
+def finetune_overrides(overrides: list[str]) -> list[str]:
+    """``data=DIR`` -> ``data.finetune.images=DIR`` (`rlfh finetune`'s one input); others unchanged."""
+    return [f"data.finetune.images={o.split('=', 1)[1]}" if o.startswith("data=") else o for o in overrides]
+
+
+def cmd_finetune(args) -> int:
+    from rlfh.recipes.finetune import finetune
+
+    # ``data=DIR`` -> ``data.finetune.images=DIR``: the command's one input
+    args.overrides = [
+        f"data.finetune.images={o.split('=', 1)[1]}" if o.startswith("data=") else o for o in args.overrides
+    ]
+    run_dir = run_training(args, finetune)
+    print(f"[rlfh] fine-tuning finished: {run_dir}")
+    return 0
+
+
 def cmd_config(args) -> int:
     import yaml
 
@@ -143,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train_reward,
         "fine-tune a FaceScore-style region scorer on (win, loss) pairs of a rollout log "
         "(pairs=DIR init=SCORER_DIR [region=face|hand])",
+    )
+    with_config(
+        "finetune", cmd_finetune, "FairHuman's supervised fine-tuning on real images with region losses (data=DIR)"
     )
     with_config("config", cmd_config, "print the effective, validated config")
     s = sub.add_parser(

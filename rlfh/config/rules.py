@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from rlfh.config.fields import section_problems
-from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLER_LOGPROB, TRAJECTORIES, loss_spec, names_where
+from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLER_LOGPROB, SAMPLES, TRAJECTORIES, loss_spec, names_where
 
 
 def check_consistency(cfg) -> list[str]:
@@ -315,6 +315,19 @@ def region_pair_rules(cfg) -> list[str]:
     return []
 
 
+def finetune_rules(cfg) -> list[str]:
+    """data.finetune x learner.loss: `rlfh finetune` trains the plain diffusion loss, a weighted-sample loss
+    with every weight 1 (the losses that compare with a sampling policy or a reference do not apply)."""
+    spec = loss_spec(cfg.learner.loss)
+    if cfg.data.finetune.images is None or (spec.batch == SAMPLES and not spec.needs):
+        return []
+    unit = "/".join(names_where(lambda s: s.batch == SAMPLES and not s.needs))
+    return [
+        f"data.finetune.images (rlfh finetune) trains the diffusion loss on real images with unit weights: "
+        f"use learner.loss={unit}, not {cfg.learner.loss}"
+    ]
+
+
 def reward_name_rules(cfg) -> list[str]:
     """rewards: each entry's name is its key in metrics and the rollout log, so names are distinct."""
     names = [e.name or e.target for e in cfg.rewards]
@@ -335,5 +348,6 @@ CROSS_SECTION_RULES = (
     hcp_rules,
     data_source_rules,
     region_pair_rules,
+    finetune_rules,
     reward_name_rules,
 )

@@ -573,12 +573,30 @@ class HcPPriorsConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneDataConfig:
+    """``data.finetune``: FairHuman's supervised fine-tuning on real images (``rlfh finetune CONFIG data=DIR``,
+    rlfh/recipes/finetune.py).
+
+    Attributes:
+        images: a folder of ``metadata.jsonl`` ({"file_name", "text"}, optional "regions" boxes) and its images.
+    """
+
+    images: Optional[str] = None
+    latent_mode: Literal["sample", "mean"] = "sample"  # VAE posterior sample (diffusers' training) or its mean
+    encode_batch_size: int = 8  # images per VAE and detector call
+
+    def problems(self, key: str) -> list[str]:
+        return at_least(f"{key}.encode_batch_size", self.encode_batch_size, 1)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """``data``: per-round data sources besides the rollouts' samples."""
 
     hgdpo: HGDPOConfig = field(default_factory=HGDPOConfig)  # real images as winners, on a curriculum
     region_pairs: RegionPairsConfig = field(default_factory=RegionPairsConfig)  # FaceScore's inpainted-region pairs
     hcp_priors: HcPPriorsConfig = field(default_factory=HcPPriorsConfig)  # pose priors for model.hcp
+    finetune: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)  # real images of `rlfh finetune`
 
 
 @dataclass(frozen=True)
