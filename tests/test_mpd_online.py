@@ -78,6 +78,8 @@ def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
         "learner.dpo.guidance.coef=0.5",
         "learner.dpo.guidance.region=face",
         "learner.regions.names=[global, face]",
+        "data.region_pairs.winner=original",  # the logged copies are not scored: offline pairs them the same way
+        "data.region_pairs.strength=0.5",  # 2 of the 4 online steps
         "learner.epochs_per_round=1",
         "rewards=[{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]",
     ]
@@ -92,7 +94,6 @@ def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
         "rollout.sample_batch_size_per_actor=4",
         "rollout.num_inference_steps=4",
         "data.region_pairs.region=face",
-        "data.region_pairs.winner=original",
         *common,
     )
     offline = tmp_path / "offline"
