@@ -108,3 +108,33 @@ def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
     for (row,) in (read_metrics(online), read_metrics(offline)):
         assert 0 < row["guidance/region_present"] <= 1 and row["loss/guidance"] > 0
         assert row["region_pairs/count"] > 0 and np.isfinite(row["loss/dpo/face"])
+
+
+def test_guidance_alone_online(tiny_model_dir, tmp_path):
+    """learner.loss=guidance through `rlfh train`: the round trains on its region pairs alone (the samples'
+    own best/worst pairs are not made), per region."""
+    from rlfh.run.metrics import read_metrics
+
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={tmp_path}",
+        "num_rounds=1",
+        "rollout.prompts_per_round=2",
+        "rollout.rollouts_per_prompt=2",
+        "rollout.sample_batch_size_per_actor=4",
+        "rollout.num_inference_steps=4",
+        "data.region_pairs.region=face",
+        "data.region_pairs.winner=original",
+        "data.region_pairs.strength=0.5",
+        f"model.path={tiny_model_dir}",
+        "logging.wandb=false",
+        "logging.progress=false",
+        "learner.loss=guidance",
+        "learner.regions.names=[global, face]",
+        "learner.epochs_per_round=1",
+        "rewards=[{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]",
+    )
+    (row,) = read_metrics(tmp_path)
+    assert row["pairs/count"] == 0 and row["region_pairs/count"] == 4 and row["learner/items"] == 4
+    assert row["guidance/aligned_share"] == 1.0 and row["loss/guidance/face"] > 0 and row["loss/guidance/global"] > 0

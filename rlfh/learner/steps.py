@@ -112,7 +112,7 @@ def train_aligned_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -
     lc = lrn.cfg.learner
     spec = check_batch(lc.loss, PAIRS)
     h, w = pairs.latents_w.shape[-2] * lrn.vae_scale, pairs.latents_w.shape[-1] * lrn.vae_scale
-    aligned = torch.from_numpy(pairs.aligned_rows())
+    aligned = torch.from_numpy(pairs.aligned_rows().copy())  # Ray hands out read-only arrays
     history = []
     for step in optimizer_steps(lrn, len(pairs), epochs):
         t_all, eps_all = lrn.draw_noise(len(step), pairs.latents_w.shape[1:])
