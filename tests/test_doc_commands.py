@@ -82,7 +82,7 @@ def test_every_shell_block_is_marked():
 
 def validate(argv: list[str]) -> None:
     """Parse as the CLI does; load and validate the config with the command's overrides."""
-    from rlfh.cli.main import build_parser, train_reward_overrides
+    from rlfh.cli.main import build_parser, finetune_overrides, train_reward_overrides
     from rlfh.config.schema import load_config
 
     args = build_parser().parse_args(argv[1:])
@@ -90,6 +90,8 @@ def validate(argv: list[str]) -> None:
         overrides = args.overrides
         if args.command == "train-reward":
             overrides = train_reward_overrides(overrides)
+        if args.command == "finetune":
+            overrides = finetune_overrides(overrides)
         load_config(REPO / args.config if not args.config.startswith("/") else args.config, overrides)
 
 

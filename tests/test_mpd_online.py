@@ -66,8 +66,9 @@ def assert_mpd_equation(r, alpha=2.0):
 
 
 def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
-    """learner.dpo.guidance.coef through `rlfh train` and `rlfh offline-dpo`: the face masks reach the
-    learner for the guidance term although `face` is not one of learner.regions.names."""
+    """learner.dpo.guidance.coef through `rlfh train` and `rlfh offline-dpo`: online the round's region pairs
+    (data.region_pairs) carry the term, offline the region pairs of the log that run wrote; the best/worst
+    pairs of different samples beside them do not (a share of the pairs below 1)."""
     from rlfh.run.metrics import read_metrics
 
     common = [
@@ -76,6 +77,9 @@ def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
         "logging.progress=false",
         "learner.dpo.guidance.coef=0.5",
         "learner.dpo.guidance.region=face",
+        "learner.regions.names=[global, face]",
+        "data.region_pairs.winner=original",  # the logged copies are not scored: offline pairs them the same way
+        "data.region_pairs.strength=0.5",  # 2 of the 4 online steps
         "learner.epochs_per_round=1",
         "rewards=[{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]",
     ]
@@ -89,6 +93,7 @@ def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
         "rollout.rollouts_per_prompt=2",
         "rollout.sample_batch_size_per_actor=4",
         "rollout.num_inference_steps=4",
+        "data.region_pairs.region=face",
         *common,
     )
     offline = tmp_path / "offline"
@@ -101,4 +106,35 @@ def test_guidance_term_online_then_offline(tiny_model_dir, tmp_path):
         *common,
     )
     for (row,) in (read_metrics(online), read_metrics(offline)):
-        assert row["guidance/region_present"] == 1.0 and row["loss/guidance"] > 0 and np.isfinite(row["loss/dpo"])
+        assert 0 < row["guidance/region_present"] <= 1 and row["loss/guidance"] > 0
+        assert row["region_pairs/count"] > 0 and np.isfinite(row["loss/dpo/face"])
+
+
+def test_guidance_alone_online(tiny_model_dir, tmp_path):
+    """learner.loss=guidance through `rlfh train`: the round trains on its region pairs alone (the samples'
+    own best/worst pairs are not made), per region."""
+    from rlfh.run.metrics import read_metrics
+
+    rlfh(
+        "train",
+        "configs/tiny.yaml",
+        f"run_dir={tmp_path}",
+        "num_rounds=1",
+        "rollout.prompts_per_round=2",
+        "rollout.rollouts_per_prompt=2",
+        "rollout.sample_batch_size_per_actor=4",
+        "rollout.num_inference_steps=4",
+        "data.region_pairs.region=face",
+        "data.region_pairs.winner=original",
+        "data.region_pairs.strength=0.5",
+        f"model.path={tiny_model_dir}",
+        "logging.wandb=false",
+        "logging.progress=false",
+        "learner.loss=guidance",
+        "learner.regions.names=[global, face]",
+        "learner.epochs_per_round=1",
+        "rewards=[{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_face}]",
+    )
+    (row,) = read_metrics(tmp_path)
+    assert row["pairs/count"] == 0 and row["region_pairs/count"] == 4 and row["learner/items"] == 4
+    assert row["guidance/aligned_share"] == 1.0 and row["loss/guidance/face"] > 0 and row["loss/guidance/global"] > 0

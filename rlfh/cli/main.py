@@ -3,6 +3,7 @@
 rlfh train CONFIG [key=value ...]            online preference training (Ray)
 rlfh offline-dpo CONFIG rollouts=DIR [...]   DPO from a logged rollout log
 rlfh train-reward CONFIG pairs=DIR init=DIR  fine-tune a FaceScore-style region scorer on logged pairs
+rlfh finetune CONFIG data=DIR [...]          FairHuman's supervised fine-tuning on real images
 rlfh make-tiny-model DIR [--family F]        write a seeded tiny model of a family (sdxl, sd15)
 rlfh make-region-pairs CONFIG IMAGE_DIR [...] inpainted face / hand pairs of a folder, as a rollout log
 rlfh rollouts inspect DIR                    verify and summarise a rollout log
@@ -80,7 +81,7 @@ def cmd_make_region_pairs(args) -> int:
     log_dir, counts = make_region_pairs(_load(args), args.image_dir)
     print(
         f"[rlfh] region pairs: {int(counts['with_region'])} of {int(counts['images'])} images had the region; "
-        f"the inpainted image won {int(counts['inpainted_won'])}, "
+        f"{int(counts['pairs'])} pairs, the inpainted image won {int(counts['inpainted_won'])}, "
         f"{int(counts['ties_or_unscored'])} ties or unscored; rollout log: {log_dir}"
     )
     return 0
@@ -101,6 +102,23 @@ def cmd_train_reward(args) -> int:
 
     run_dir = train_reward(load_config(args.config, train_reward_overrides(args.overrides)))
     print(f"[rlfh] scorer written: {run_dir} (FS_model.pt + med_config.json; use it as options: {{model: {run_dir}}})")
+    return 0
+
+
+def finetune_overrides(overrides: list[str]) -> list[str]:
+    """``data=DIR`` -> ``data.finetune.images=DIR`` (`rlfh finetune`'s one input); others unchanged."""
+    return [f"data.finetune.images={o.split('=', 1)[1]}" if o.startswith("data=") else o for o in overrides]
+
+
+def cmd_finetune(args) -> int:
+    from rlfh.recipes.finetune import finetune
+
+    # ``data=DIR`` -> ``data.finetune.images=DIR``: the command's one input
+    args.overrides = [
+        f"data.finetune.images={o.split('=', 1)[1]}" if o.startswith("data=") else o for o in args.overrides
+    ]
+    run_dir = run_training(args, finetune)
+    print(f"[rlfh] fine-tuning finished: {run_dir}")
     return 0
 
 
@@ -146,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_train_reward,
         "fine-tune a FaceScore-style region scorer on (win, loss) pairs of a rollout log "
         "(pairs=DIR init=SCORER_DIR [region=face|hand])",
+    )
+    with_config(
+        "finetune", cmd_finetune, "FairHuman's supervised fine-tuning on real images with region losses (data=DIR)"
     )
     with_config("config", cmd_config, "print the effective, validated config")
     s = sub.add_parser(

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from rlfh.config.fields import section_problems
-from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLER_LOGPROB, TRAJECTORIES, loss_spec, names_where
+from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLER_LOGPROB, SAMPLES, TRAJECTORIES, loss_spec, names_where
 
 
 def check_consistency(cfg) -> list[str]:
@@ -20,7 +20,8 @@ def check_consistency(cfg) -> list[str]:
 
 
 def pair_losses() -> str:
-    return ", ".join(names_where(lambda s: s.batch == PAIRS))
+    """The DPO losses: pairs of any two samples (not the losses of aligned region pairs alone)."""
+    return ", ".join(names_where(lambda s: s.batch == PAIRS and not s.aligned_only))
 
 
 def batch_rules(cfg) -> list[str]:
@@ -137,7 +138,7 @@ def loss_option_rules(cfg) -> list[str]:
             f"learner.ddpo.trust_region={dd.trust_region} is for the per-step policy gradient: it needs "
             f"learner.loss={need}"
         )
-    if lc.dpo.guidance.coef > 0 and spec.batch != PAIRS:
+    if lc.dpo.guidance.coef > 0 and (spec.batch != PAIRS or spec.aligned_only):
         p.append(
             f"learner.dpo.guidance.coef > 0 trains on (winner, loser) pairs: it needs a DPO loss "
             f"({pair_losses()}), not learner.loss={lc.loss}"
@@ -282,6 +283,55 @@ def hgdpo_sdrecon_problems(hg, num_inference_steps: int) -> list[str]:
     return []
 
 
+def region_pair_rules(cfg) -> list[str]:
+    """learner.dpo.guidance / learner.loss x data.region_pairs / rollouts: the guidance loss trains on aligned
+    region pairs (an image and its inpainted copy) only, so a run that turns it on must have them: online
+    from data.region_pairs, offline from a logged log of region pairs (checked when the log is read,
+    rlfh/recipes/offline.py)."""
+    lc, rp = cfg.learner, cfg.data.region_pairs
+    spec = loss_spec(lc.loss)
+    on = (
+        f"learner.loss={lc.loss}"
+        if spec.aligned_only
+        else "learner.dpo.guidance.coef > 0"
+        if lc.dpo.guidance.coef > 0
+        else None
+    )
+    if on is None:
+        return []
+    if rp.region is None and cfg.rollouts is None:
+        return [
+            f"{on} needs region pairs (an image and its inpainted copy, the only pairs it trains on): set "
+            f"data.region_pairs.region online, or train offline (rlfh offline-dpo) on a log of region pairs "
+            f"(rlfh make-region-pairs)"
+        ]
+    if spec.aligned_only and (lc.reference.kl_coef > 0 or lc.guidance_free.scale is not None):
+        return [
+            f"learner.loss={lc.loss} trains the policy alone (no reference model): turn off "
+            f"learner.reference.kl_coef and learner.guidance_free"
+        ]
+    g = lc.dpo.guidance.region
+    if not spec.aligned_only and rp.region is not None and g not in ("global", rp.region):
+        return [
+            f"learner.dpo.guidance.region={g}: the region pairs inpaint data.region_pairs.region={rp.region}; "
+            f"use that region or global"
+        ]
+    return []
+
+
+def finetune_rules(cfg) -> list[str]:
+    """data.finetune x learner.loss: `rlfh finetune` trains the plain diffusion loss, a weighted-sample loss
+    with every weight 1 (the losses that compare with a sampling policy or a reference do not apply)."""
+    spec = loss_spec(cfg.learner.loss)
+    if cfg.data.finetune.images is None or (spec.batch == SAMPLES and not spec.needs):
+        return []
+    unit = "/".join(names_where(lambda s: s.batch == SAMPLES and not s.needs))
+    return [
+        f"data.finetune.images (rlfh finetune) trains the diffusion loss on real images with unit weights: "
+        f"use learner.loss={unit}, not {cfg.learner.loss}"
+    ]
+
+
 def reward_name_rules(cfg) -> list[str]:
     """rewards: each entry's name is its key in metrics and the rollout log, so names are distinct."""
     names = [e.name or e.target for e in cfg.rewards]
@@ -367,6 +417,8 @@ CROSS_SECTION_RULES = (
     zero3_rules,
     hcp_rules,
     data_source_rules,
+    region_pair_rules,
+    finetune_rules,
     reward_name_rules,
     score_guidance_rules,
 )

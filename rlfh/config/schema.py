@@ -566,9 +566,16 @@ class RegionPairsConfig:
             null = rollout.num_inference_steps.
         lora: make-region-pairs: inpaint with this trained LoRA on model.path (a .safetensors file,
             checkpoint folder or run dir).
+        winner: which image of a pair wins: original (FaceScore's rule: the original wins, its inpainted copy
+            loses, no scorer) or reward (the config's rewards pick, scoring both); online, and offline-dpo on a
+            log of region pairs.
+        per_region: each: one pair per detected box (one face inpainted at a time, FaceScore's); union: one pair
+            per image with all its boxes inpainted at once.
     """
 
     region: Optional[str] = None
+    winner: Literal["reward", "original"] = "reward"
+    per_region: Literal["each", "union"] = "each"
     fraction: float = 1.0  # online: share of a round's samples with the region that get inpainted (seeded draw)
     strength: Optional[float] = None
     strength_table: list[list[float]] = knob(
@@ -651,6 +658,23 @@ class HumanLabelsConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneDataConfig:
+    """``data.finetune``: FairHuman's supervised fine-tuning on real images (``rlfh finetune CONFIG data=DIR``,
+    rlfh/recipes/finetune.py).
+
+    Attributes:
+        images: a folder of ``metadata.jsonl`` ({"file_name", "text"}, optional "regions" boxes) and its images.
+    """
+
+    images: Optional[str] = None
+    latent_mode: Literal["sample", "mean"] = "sample"  # VAE posterior sample (diffusers' training) or its mean
+    encode_batch_size: int = 8  # images per VAE and detector call
+
+    def problems(self, key: str) -> list[str]:
+        return at_least(f"{key}.encode_batch_size", self.encode_batch_size, 1)
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """``data``: per-round data sources besides the rollouts' samples."""
 
@@ -658,6 +682,7 @@ class DataConfig:
     region_pairs: RegionPairsConfig = field(default_factory=RegionPairsConfig)  # FaceScore's inpainted-region pairs
     hcp_priors: HcPPriorsConfig = field(default_factory=HcPPriorsConfig)  # pose priors for model.hcp
     human_labels: HumanLabelsConfig = field(default_factory=HumanLabelsConfig)  # people's pairs (rlfh label)
+    finetune: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)  # real images of `rlfh finetune`
 
 
 @dataclass(frozen=True)
@@ -800,8 +825,10 @@ class RewardTrainingConfig:
         pairs: rollout log whose groups hold the (win, loss) images (`rlfh train-reward CONFIG pairs=DIR`).
         init: scorer to start from: a directory (or hub id) with FS_model.pt or ImageReward.pt + med_config.json
             (`init=DIR`).
-        score: what picks each group's winner: combined (the `rewards:` weights, like offline-dpo) or a logged
-            reward's name.
+        winner: original (FaceScore's rule: in each logged region pair the original wins and its inpainted copy
+            loses, no score read) or reward (the winner of each group by `score`).
+        score: with winner=reward, what picks each group's winner: combined (the `rewards:` weights, like
+            offline-dpo) or a logged reward's name.
         freeze_fraction: leading share of the ViT blocks and of the text encoder layers kept frozen (FaceScore: 70%).
         heldout_fraction: share of the pairs held out to measure ranking accuracy before training and after each
             epoch.
@@ -813,6 +840,7 @@ class RewardTrainingConfig:
     init_weights_name: Optional[str] = None  # weights file in `init`; null: FS_model.pt if present, else ImageReward.pt
     region: str = "face"  # the logged region whose box is cropped (`region=hand`)
     prompt: Optional[str] = None  # the scorer's fixed text; null: "A face." / "A hand." for region face / hand
+    winner: Literal["original", "reward"] = "original"
     score: str = "combined"
     freeze_fraction: float = 0.7
     lr: float = 1e-5  # AdamW learning rate (FaceScore: 1e-5)

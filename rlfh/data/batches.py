@@ -51,7 +51,10 @@ class ScoredSamples:
 @dataclass
 class PairBatch:
     """Winner / loser latents (N, 4, h, w) float32, the prompt of each pair, region masks (N, 1, h, w),
-    HcP's pose priors of the winners and losers (N, 1, h, w; None without ``model.hcp``)."""
+    HcP's pose priors of the winners and losers (N, 1, h, w; None without ``model.hcp``), and which
+    pairs are ALIGNED region pairs, ``aligned`` (N,) bool: an image and its inpainted copy, equal
+    outside the region's mask (rlfh/data/region_pairs.py), the only pairs the guidance loss trains on
+    (rlfh/losses/guidance.py); None: none is."""
 
     latents_w: np.ndarray
     latents_l: np.ndarray
@@ -61,9 +64,14 @@ class PairBatch:
     conditioning: Conditioning | None = None
     priors_w: np.ndarray | None = None
     priors_l: np.ndarray | None = None
+    aligned: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def aligned_rows(self) -> np.ndarray:
+        """(N,) bool: the pairs that are aligned region pairs (all false when ``aligned`` is None)."""
+        return np.zeros(len(self), bool) if self.aligned is None else np.asarray(self.aligned, bool)
 
 
 @dataclass

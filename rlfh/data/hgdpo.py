@@ -291,10 +291,11 @@ def _place(
     priors_w, priors_l = (
         (None, None) if pairs.priors_w is None else (np.array(pairs.priors_w), np.array(pairs.priors_l))
     )
+    aligned = pairs.aligned_rows().copy()  # a real winner breaks a region pair's alignment
     real_masks = source.region_masks(idx, list(masks_w))
     real_priors = source.priors(idx) if priors_w is not None else None
     for slot_i, j in enumerate(slots):
-        lat_w[j], prompts[j] = winners[slot_i], captions[slot_i]
+        lat_w[j], prompts[j], aligned[j] = winners[slot_i], captions[slot_i], False
         for r in masks_w:
             masks_w[r][j] = real_masks[r][slot_i]
         if priors_w is not None:
@@ -305,4 +306,4 @@ def _place(
                 masks_l[r][j] = 0.0
             if priors_l is not None:
                 priors_l[j] = losers_priors[slot_i] if losers_priors is not None else 0.0
-    return PairBatch(lat_w, lat_l, prompts, masks_w, masks_l, None, priors_w, priors_l)
+    return PairBatch(lat_w, lat_l, prompts, masks_w, masks_l, None, priors_w, priors_l, aligned)

@@ -343,10 +343,13 @@ class RealImageSource:
         boxes."""
         from rlfh.data.pairs import region_mask_arrays
 
-        out: dict[str, np.ndarray] = {}
         names = [n for n in names if n != "global"]
         if not names:
-            return out
+            return {}
+        return region_mask_arrays(self.region_boxes(indices), names, (self.height, self.width))
+
+    def region_boxes(self, indices: Sequence[int]) -> list[dict[str, list]]:
+        """Per item, the metadata's {region: [box, ...]} mapped through resize and crop ({} without boxes)."""
         per_image = []
         for i in indices:
             it = self.items[i]
@@ -367,4 +370,4 @@ class RealImageSource:
                     for r, boxes in it.regions.items()
                 }
             )
-        return {**region_mask_arrays(per_image, names, (self.height, self.width)), **out}
+        return per_image

@@ -70,8 +70,10 @@ def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
 def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[str, float]:
     """Diffusion-DPO (or a variant) on preference pairs, per region."""
     lc = lrn.cfg.learner
-    check_batch(lc.loss, PAIRS)
+    if check_batch(lc.loss, PAIRS).aligned_only:
+        return train_aligned_pairs(lrn, pairs, epochs)
     h, w = pairs.latents_w.shape[-2] * lrn.vae_scale, pairs.latents_w.shape[-1] * lrn.vae_scale
+    aligned = pairs.aligned_rows()
     history = []
     for step in optimizer_steps(lrn, len(pairs), epochs):
         t_all, eps_all = lrn.draw_noise(len(step), pairs.latents_w.shape[1:])
@@ -101,8 +103,31 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
             )
             extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
             extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.priors_w, pairs.priors_l), idx, metrics))
-            extra = plus(extra, guidance_term(lrn, pred[b:], x_t[b:], t[b:], x0[:b], masks_l, metrics))
-            history.append(update(lrn, objectives, metrics, pred, extra))
+            guide = guidance_term(lrn, pred[b:], x_t[b:], t[b:], x0[:b], masks_l, aligned[idx], metrics)
+            history.append(update(lrn, objectives, metrics, pred, plus(extra, guide)))
+    return summary(lrn, history, len(pairs))
+
+
+def train_aligned_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[str, float]:
+    """A loss of aligned region pairs alone (the spec's ``aligned_only``: the guidance loss,
+    rlfh/losses/guidance_finetune.py), per region: the policy at the loser's x_t^l, regressed onto the
+    target that denoises it to the winner; one UNet call per pair, no reference."""
+    lc = lrn.cfg.learner
+    spec = check_batch(lc.loss, PAIRS)
+    h, w = pairs.latents_w.shape[-2] * lrn.vae_scale, pairs.latents_w.shape[-1] * lrn.vae_scale
+    aligned = torch.from_numpy(pairs.aligned_rows().copy())  # Ray hands out read-only arrays
+    history = []
+    for step in optimizer_steps(lrn, len(pairs), epochs):
+        t_all, eps_all = lrn.draw_noise(len(step), pairs.latents_w.shape[1:])
+        for idx, sl in micro_batches(lrn, step):
+            x0_w = rows(pairs.latents_w, idx, lrn.device)
+            x_t, t, _ = lrn.noised(rows(pairs.latents_l, idx, lrn.device), t_all[sl], eps_all[sl])
+            enc, added = lrn.condition([pairs.prompts[i] for i in idx], h, w)
+            pred = lrn.policy(x_t, t, enc, added)
+            target = lrn.prediction_target(x0_w, t, winner_noise(x_t, x0_w, lrn.alpha_bar(t)))
+            masks = masks_at(pairs.masks_l, idx, lrn.device)
+            objectives, metrics = spec.objective_fn()(pred, target, masks, aligned[idx], list(lc.regions.names))
+            history.append(update(lrn, objectives, metrics, pred))
     return summary(lrn, history, len(pairs))
 
 
@@ -384,26 +409,37 @@ def guidance_free_term(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width
 
 
 def guidance_term(
-    lrn: LearnerEngine, pred_l, x_t_l, t, x0_w, masks_l: dict[str, torch.Tensor], metrics: dict[str, float]
+    lrn: LearnerEngine,
+    pred_l,
+    x_t_l,
+    t,
+    x0_w,
+    masks_l: dict[str, torch.Tensor],
+    aligned: np.ndarray,
+    metrics: dict[str, float],
 ):
     """The guidance term (rlfh/losses/guidance.py): ``learner.dpo.guidance.coef`` * the masked error of the
     policy's prediction at the loser's x_t^l against the target that denoises x_t^l to the winner,
-    inside the loser's ``learner.dpo.guidance.region`` mask. None when off or when no pair has the region.
-    ``loss/guidance`` is the plain (unweighted) mean error of the pairs with the region."""
+    inside the loser's ``learner.dpo.guidance.region`` mask, on the ALIGNED region pairs of the
+    micro-batch only (``aligned`` (B,) bool; two different samples are not one trajectory apart). None
+    when off or when no aligned pair has the region. ``loss/guidance`` is the plain (unweighted) mean
+    error of the pairs with the region."""
     lc = lrn.cfg.learner
     if lc.dpo.guidance.coef <= 0:
         return None
     region = lc.dpo.guidance.region
-    mask = None if region == "global" else masks_l.get(region)
-    if mask is None and region != "global":
+    if region != "global" and region not in masks_l:
         raise ValueError(
             f"learner.dpo.guidance.region={region}: the batch has no {region!r} masks (it holds "
             f"{sorted(masks_l)}); the pairs must come from learner_batch with this config"
         )
+    rows_on = torch.as_tensor(np.asarray(aligned, bool), device=pred_l.device).view(-1, 1, 1, 1)
+    mask = rows_on.to(pred_l.dtype).expand(-1, 1, *pred_l.shape[-2:]) if region == "global" else masks_l[region]
+    mask = mask * rows_on.to(mask.dtype)  # a pair that is not an aligned region pair has no region here
     # x_t^l as the UNet saw it (in its dtype), so that eps* denoises exactly that input to x_0^w
     target = lrn.prediction_target(x0_w, t, winner_noise(x_t_l, x0_w, lrn.alpha_bar(t)))
     term, err = guidance_loss(pred_l, target, mask, lc.dpo.guidance.coef)
-    present = torch.ones_like(err, dtype=torch.bool) if mask is None else mask.flatten(1).amax(1) > 0
+    present = mask.flatten(1).amax(1) > 0
     metrics["guidance/region_present"] = float(present.float().mean())
     if term is None:
         return None

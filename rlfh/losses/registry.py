@@ -56,6 +56,8 @@ class LossSpec:
         regions: trains one objective per region of ``learner.regions.names`` (else the whole image only).
         signal: ``module:function`` turning a SampleBatch's advantages A into the per-sample signal the
             objective takes, called as ``f(A, learner_cfg)``; None: A itself.
+        aligned_only: trains on the batch's aligned region pairs only (an image and its inpainted copy,
+            ``PairBatch.aligned``), so a run needs region pairs (``data.region_pairs`` or a logged log of them).
     """
 
     name: str
@@ -69,6 +71,7 @@ class LossSpec:
     variant: str | None = None
     regions: bool = True
     signal: str | None = None
+    aligned_only: bool = False
     _resolved: dict = field(default_factory=dict, compare=False, repr=False)
 
     def builder(self) -> Callable:
@@ -100,6 +103,17 @@ LOSSES: dict[str, LossSpec] = {
         ),
         LossSpec(
             "dpo_ipo", "dpo", DPOConfig, PAIRS, False, frozenset({REFERENCE}), _PAIR_BATCH, _PAIRWISE, variant="ipo"
+        ),
+        LossSpec(
+            "guidance",
+            "dpo",  # a pair loss filed with the DPO family's section; it reads none of its knobs
+            DPOConfig,
+            PAIRS,
+            False,
+            frozenset(),
+            "rlfh.data.region_pairs:no_sample_pairs",
+            "rlfh.losses.guidance_finetune:guidance_objectives",
+            aligned_only=True,
         ),
         LossSpec(
             "rwr",

@@ -53,7 +53,7 @@ def batch_from_log(cfg: Config, sources: list = ()):
     ``sources`` (rlfh/data/sources/) annotate the logged samples first (HcP's pose priors)."""
     from rewards.composite import nonfinite_counts
     from rlfh.data.pairs import learner_batch, logged_regions, logged_scores
-    from rlfh.data.region_pairs import concat_pairs
+    from rlfh.data.region_pairs import with_region_pairs
     from rollouts.log import RolloutLog, decode_latent
 
     require_log(cfg)
@@ -72,8 +72,7 @@ def batch_from_log(cfg: Config, sources: list = ()):
     for source in sources:
         source.annotate(samples)
     batch, stats = learner_batch(cfg.learner, samples, cfg.rewards_normalization)
-    if region_pairs is not None:
-        batch = concat_pairs(batch, region_pairs)
+    batch = with_region_pairs(cfg, batch, region_pairs)
     stats.update(rp_stats)
     if skipped:
         stats["region_pairs/records_left_out"] = float(skipped)  # not a DPO loss: they make no pairs
@@ -100,7 +99,14 @@ def region_pairs_of_log(cfg: Config, records: list[dict], latents, regions, weig
     if loss_spec(cfg.learner.loss).batch != PAIRS:
         return None, {}
     return pairs_from_records(
-        records, latents, regions, weights, mask_regions(cfg.learner), image_hw, cfg.rewards_normalization
+        records,
+        latents,
+        regions,
+        weights,
+        mask_regions(cfg.learner),
+        image_hw,
+        cfg.rewards_normalization,
+        cfg.data.region_pairs.winner,
     )
 
 

@@ -7,17 +7,22 @@
 Setup, loop and cleanup, in this process (no Ray):
   1. the images of IMAGE_DIR (``metadata.jsonl`` + images, rlfh/data/real_images.py) are resized to
      ``rollout.height`` x ``rollout.width`` and encoded with the model's VAE (posterior mean);
-  2. the decoded originals are scored by the config's rewards, which find the regions;
-  3. each image with ``data.region_pairs.region`` gets it inpainted: by the policy (the
-     config's model, ``Sampler.refine``) or, with ``data.region_pairs.pipeline``, by a diffusers
+  2. the regions are found on each ORIGINAL image, before its VAE round trip (a small model's VAE
+     blurs a face away), by the config's rewards, as FaceScore runs RetinaFace on the photos;
+  3. each detected ``data.region_pairs.region`` box gets inpainted, one at a time (``per_region:
+     each``, FaceScore's one pair per face) or all of an image's at once (``union``): by the policy
+     (the config's model, ``Sampler.refine``) or, with ``data.region_pairs.pipeline``, by a diffusers
      inpainting pipeline fed the same latents and mask; strength and mask by rlfh/data/region_pairs.py;
-  4. the inpainted images are scored the same way, and originals (role ``original``) and inpainted
-     images (role ``inpainted``) go to RUN_DIR/rollouts, which ``rlfh offline-dpo`` turns into pairs.
-Images without the region are left out (counted). Both images of a pair went through the VAE,
-so the reward compares the region, not the VAE's reconstruction. When no image has the region,
-nothing is written to the log and :class:`NoRegionFound` says why (`rlfh make-region-pairs` exits
-2 with it): the images seen, the rewards of the region, and the smallest region their detector
-finds at this size where it states one.
+  4. with ``winner: reward`` the decoded originals and the inpainted images are scored (both went
+     through the VAE, so the reward compares the region, not the VAE's reconstruction); with
+     ``winner: original`` (FaceScore's rule: the original wins) nothing more is scored, and an
+     original's logged rewards are those of the photo;
+  5. originals (role ``original``, once per image) and inpainted images (role ``inpainted``, one per
+     pair) go to RUN_DIR/rollouts, which ``rlfh offline-dpo`` and ``rlfh train-reward`` turn into pairs.
+Images without the region are left out (counted). When no image has the region, nothing is written
+to the log and :class:`NoRegionFound` says why (`rlfh make-region-pairs` exits 2 with it): the images
+seen, the rewards of the region, and the smallest region their detector finds at this size where it
+states one.
 """
 
 from __future__ import annotations
@@ -38,13 +43,10 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     """
     import torch
 
-    from families import load_pipeline
     from rewards.composite import RewardSet
     from rlfh.data.real_images import RealImageSource
-    from rlfh.run.checkpoints import load_lora_into, resolve_lora
     from rlfh.run.skeleton import refuse_score_guidance
     from rollouts.log import RolloutLog
-    from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 
     rp, rc = cfg.data.region_pairs, cfg.rollout
@@ -54,19 +56,8 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if rp.lora and rp.pipeline:
-        raise ValueError(
-            "data.region_pairs.lora and data.region_pairs.pipeline: give one (the LoRA is the "
-            "policy's, on model.path; the pipeline inpaints instead of the policy)"
-        )
     refuse_score_guidance(cfg, "make-region-pairs")
-    lora = resolve_lora(rp.lora) if rp.lora else None  # before the (slow) model load
-    pipe = load_pipeline(cfg.model, device)
-    if lora is not None:
-        load_lora_into(pipe, lora)
-        pipe.fuse_lora()  # sampling only: one matmul per layer, as the rollout actors' merged LoRA
-    sampler = Sampler(pipe, model_id=f"{cfg.model.path}+{lora}" if lora else cfg.model.path, scheduler=rc.scheduler)
-    inpainter = DiffusersInpainter(rp.pipeline, device) if rp.pipeline else None
+    sampler, inpainter = _inpainters(cfg, device)
     settings = SamplerSettings(
         rp.num_inference_steps or rc.num_inference_steps,
         rc.guidance_scale,
@@ -90,6 +81,28 @@ def make_region_pairs(cfg: Config, image_dir: str) -> tuple[Path, dict[str, floa
         if not counts["with_region"]:
             raise NoRegionFound(no_region_reason(cfg, image_dir, counts, rewards, log.dir))
     return log.dir, counts
+
+
+def _inpainters(cfg: Config, device: str):
+    """(the policy's Sampler, the diffusers inpainter or None) of ``data.region_pairs``."""
+    from families import load_pipeline
+    from rlfh.run.checkpoints import load_lora_into, resolve_lora
+    from rollouts.sampler import Sampler
+
+    rp = cfg.data.region_pairs
+    if rp.lora and rp.pipeline:
+        raise ValueError(
+            "data.region_pairs.lora and data.region_pairs.pipeline: give one (the LoRA is the "
+            "policy's, on model.path; the pipeline inpaints instead of the policy)"
+        )
+    lora = resolve_lora(rp.lora) if rp.lora else None  # before the (slow) model load
+    pipe = load_pipeline(cfg.model, device)
+    if lora is not None:
+        load_lora_into(pipe, lora)
+        pipe.fuse_lora()  # sampling only: one matmul per layer, as the rollout actors' merged LoRA
+    model_id = f"{cfg.model.path}+{lora}" if lora else cfg.model.path
+    sampler = Sampler(pipe, model_id=model_id, scheduler=cfg.rollout.scheduler)
+    return sampler, DiffusersInpainter(rp.pipeline, device) if rp.pipeline else None
 
 
 class NoRegionFound(ValueError):
@@ -121,92 +134,138 @@ def no_region_reason(cfg: Config, image_dir: str, counts: dict[str, float], rewa
 
 
 def _pair_all(cfg: Config, image_dir: str, source, sampler, inpainter, settings, rewards, log) -> dict[str, float]:
-    """Every batch of ``source``: originals scored, those with the region inpainted, scored and logged."""
-    import torch
+    """Every batch of ``source``: regions found on the originals, inpainted, logged with their originals."""
     from tqdm import tqdm
 
     from rlfh.data.region_pairs import plan_inpainting
-    from rollouts.types import RolloutBatch
 
     rp, rc = cfg.data.region_pairs, cfg.rollout
     rnd = 1 + max((s["rounds"][1] for s in log.manifest()["shards"]), default=-1)  # a later call appends
-    counts = {"images": 0.0, "with_region": 0.0, "inpainted_won": 0.0, "ties_or_unscored": 0.0}
+    counts = {"images": 0.0, "with_region": 0.0, "pairs": 0.0, "inpainted_won": 0.0, "ties_or_unscored": 0.0}
     bs = rc.sample_batch_size_per_actor
     bar = tqdm(range(0, len(source), bs), desc="rlfh make-region-pairs", unit="batch", disable=not cfg.logging.progress)
     for start in bar:
         idx = list(range(start, min(start + bs, len(source))))
-        x = torch.from_numpy(np.stack([source.image(i) for i in idx]))
-        latents = source.encode_images(sampler.pipe.vae, x, idx).numpy()
-        prompts = [source.items[i].text for i in idx]
-        orig = RolloutBatch(
-            sampler.decode(torch.from_numpy(latents).to(sampler.device)),
-            latents,
-            prompts,
-            [cfg.seed * 1_000_003 + i for i in idx],
-            settings,
-            0,
-            f"images:{image_dir}",
-        )
-        scored = rewards(orig.images, prompts)
-        plan = plan_inpainting([scored.regions(j) for j in range(len(idx))], rp, (rc.height, rc.width))
+        orig, found = _originals(cfg, image_dir, source, sampler, settings, rewards, idx)
+        plan = plan_inpainting([found.regions(j) for j in range(len(idx))], rp, (rc.height, rc.width))
         counts["images"] += len(idx)
-        counts["with_region"] += len(plan.indices)
+        counts["with_region"] += len(set(plan.indices))
         if not plan.indices:
             continue
-        _log_pairs(cfg, orig, scored, plan, sampler, inpainter, settings, rewards, log, rnd, counts)
+        _log_pairs(cfg, orig, found, plan, sampler, inpainter, rewards, log, rnd, counts)
         rnd += 1
-        bar.set_postfix(pairs=int(counts["with_region"]))
+        bar.set_postfix(pairs=int(counts["pairs"]))
     bar.close()
     return counts
 
 
-def _log_pairs(
-    cfg: Config, orig, scored, plan, sampler, inpainter, settings, rewards, log, rnd: int, counts: dict[str, float]
-) -> None:
-    """Inpaint the planned images (one call per strength), score them and log both sides of each pair."""
-    from rewards.composite import ScoredBatch
-    from rlfh.data.region_pairs import log_marks, strength_groups
-    from rollouts.log import make_records
+def _originals(cfg: Config, image_dir: str, source, sampler, settings, rewards, idx: list[int]):
+    """(the originals as a RolloutBatch of their VAE latents and decoded images, the rewards' verdicts
+    on the photos themselves, before the VAE: what finds the regions)."""
+    import torch
+
     from rollouts.types import RolloutBatch
 
-    rp, latents, prompts = cfg.data.region_pairs, orig.latents, orig.prompts
+    x = torch.from_numpy(np.stack([source.image(i) for i in idx]))
+    latents = source.encode_images(sampler.pipe.vae, x, idx).numpy()
+    prompts = [source.items[i].text for i in idx]
+    photos = ((x.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    found = rewards(photos, prompts)
+    orig = RolloutBatch(
+        sampler.decode(torch.from_numpy(latents).to(sampler.device)),
+        latents,
+        prompts,
+        [cfg.seed * 1_000_003 + i for i in idx],
+        settings,
+        0,
+        f"images:{image_dir}",
+    )
+    return orig, found
+
+
+def _inpaint(plan, orig, sampler, inpainter):
+    """The planned inpaintings (one call per strength): (RolloutBatch, the plan's entries in its order)."""
+    from rlfh.data.region_pairs import strength_groups
+    from rollouts.types import RolloutBatch
+
     parts, order = [], []
     for strength, ks in strength_groups(plan.strengths).items():
         js = [plan.indices[k] for k in ks]
-        args = (latents[js], [prompts[j] for j in js], [orig.seeds[j] for j in js], settings, strength, plan.masks[ks])
+        args = (
+            orig.latents[js],
+            [orig.prompts[j] for j in js],
+            [orig.seeds[j] for j in js],
+            orig.settings,
+            strength,
+            plan.masks[ks],
+        )
         parts.append(inpainter.refine(*args, sampler=sampler) if inpainter else sampler.refine(*args))
         order.extend(ks)
     inp = RolloutBatch.concat(parts)
+    inp.rollout_ids = [uuid.uuid4().hex for _ in order]
+    return inp, order
+
+
+def _rows(scored, js: list[int], regions_from=None):
+    """The verdicts of images ``js`` of ``scored``; with ``regions_from``, each verdict's regions replaced
+    by that batch's (the photo's detections, which the pair's mask is rebuilt from offline)."""
+    import dataclasses
+
+    from rewards.composite import ScoredBatch
+
+    def row(n, j):
+        res = scored.results[n][j]
+        return res if regions_from is None else dataclasses.replace(res, regions=regions_from.results[n][j].regions)
+
+    return ScoredBatch({n: [row(n, j) for j in js] for n in scored.results}, scored.weights, scored.regions_of)
+
+
+def _log_pairs(cfg: Config, orig, found, plan, sampler, inpainter, rewards, log, rnd: int, counts) -> None:
+    """Inpaint the planned regions, score where the reward picks the winner, log originals and copies."""
+    from rlfh.data.region_pairs import log_marks, pair_order
+    from rollouts.log import make_records
+    from rollouts.types import RolloutBatch
+
+    rp = cfg.data.region_pairs
+    inp, order = _inpaint(plan, orig, sampler, inpainter)
     js = [plan.indices[k] for k in order]
-    orig = RolloutBatch(
-        orig.images[js],
-        latents[js],
-        [prompts[j] for j in js],
-        [orig.seeds[j] for j in js],
-        settings,
+    uniq = sorted(set(js))
+    ids = {j: uuid.uuid4().hex for j in uniq}
+    originals = RolloutBatch(
+        orig.images[uniq],
+        orig.latents[uniq],
+        [orig.prompts[j] for j in uniq],
+        [orig.seeds[j] for j in uniq],
+        orig.settings,
         0,
         orig.model_id,
-        [uuid.uuid4().hex for _ in js],
+        [ids[j] for j in uniq],
     )
-    inp.rollout_ids = [uuid.uuid4().hex for _ in js]
-    scored_orig = ScoredBatch(
-        {n: [res[j] for j in js] for n, res in scored.results.items()}, scored.weights, scored.regions_of
-    )
-    scored_inp = rewards(inp.images, inp.prompts)
+    if rp.winner == "reward":  # both sides through the VAE, the photo's regions kept for the mask
+        scored_orig = _rows(rewards(originals.images, originals.prompts), list(range(len(uniq))), _rows(found, uniq))
+        scored_inp = rewards(inp.images, inp.prompts)
+    else:
+        scored_orig, scored_inp = _rows(found, uniq), None
     strengths = [plan.strengths[k] for k in order]
     log.append(
         make_records(
-            orig, scored_orig, rnd, None, log_marks("original", [None] * len(js), rp.region, strengths, rp.dilate)
+            originals,
+            scored_orig,
+            rnd,
+            None,
+            log_marks("original", [None] * len(uniq), rp.region, [None] * len(uniq), rp.dilate),
         )
         + make_records(
-            inp, scored_inp, rnd, None, log_marks("inpainted", orig.rollout_ids, rp.region, strengths, rp.dilate)
+            inp, scored_inp, rnd, None, log_marks("inpainted", [ids[j] for j in js], rp.region, strengths, rp.dilate)
         )
     )
-    for a, b in zip(scored_orig.combined(), scored_inp.combined()):
-        if a is None or b is None or a == b:
-            counts["ties_or_unscored"] += 1
-        else:
-            counts["inpainted_won"] += b > a
+    comb_orig = scored_orig.combined()
+    comb_inp = scored_inp.combined() if scored_inp is not None else [None] * len(js)
+    for j, b in zip(js, comb_inp):
+        won = pair_order(rp.winner, comb_orig[uniq.index(j)], b)
+        counts["pairs"] += 1
+        counts["ties_or_unscored"] += won is None
+        counts["inpainted_won"] += bool(won)
 
 
 class DiffusersInpainter:

@@ -5,17 +5,23 @@
 
 Top to bottom, :func:`train_reward`:
 
-1. Pairs (:func:`region_pairs`). In each group of the rollout log (its (round, prompt), the way
-   every logged sample competed; an image and its inpainted copy, linked by the log's
-   ``region_pair`` column, form a group of their own) the winner and the loser
-   are the highest- and lowest-scoring records by ``reward_training.score``: ``combined`` (the
-   config's ``rewards:`` weights and ``rewards_normalization``, as offline-dpo pairs them) or one
-   logged reward's name; records without a usable score and tied groups give no pair. Both images
-   are cropped at ONE box, the most confident logged detection of ``reward_training.region`` in the
-   winner (in the loser when the winner has none): the pair then differs only where the images
-   differ (FaceScore's pairs differ only inside the inpainted face). The crop is FaceScore's own
-   (the box widened by 1 px, ``rewards.blip_preprocess.crop_bounds``) and each crop is preprocessed
-   as FaceScore scores it (``preprocess_pil``), with the fixed prompt ("A face.", "A hand.").
+1. Pairs (:func:`region_pairs`). With ``reward_training.winner: original`` (the default, FaceScore's
+   labelling rule), each logged region pair (an image and its inpainted copy, linked by the log's
+   ``region_pair`` column: ``rlfh make-region-pairs``, ``data.region_pairs``) is a pair whose original
+   wins and whose inpainted copy loses, by hypothesis, no score read: training on scores would distil
+   the scorer that gave them. With ``winner: reward`` the scores pick: a region pair is ordered by its
+   two scores, and in each other group of the rollout log (its (round, prompt), the way every logged
+   sample competed) the winner and the loser are the highest- and lowest-scoring records, by
+   ``reward_training.score``: ``combined`` (the config's ``rewards:`` weights and
+   ``rewards_normalization``, as offline-dpo pairs them) or one logged reward's name; records without
+   a usable score and tied groups give no pair. Both images are cropped at ONE box: for a region pair
+   the most confident of the original's boxes of ``reward_training.region`` that were inpainted
+   (:func:`rlfh.data.region_pairs.inpainted_boxes`: one face of a per-face pair), else the most
+   confident logged detection in the winner (in the loser when the winner has none): the pair then
+   differs only where the images differ (FaceScore's pairs differ only inside the inpainted face).
+   The crop is FaceScore's own (the box widened by 1 px, ``rewards.blip_preprocess.crop_bounds``)
+   and each crop is preprocessed as FaceScore scores it (``preprocess_pil``), with the fixed prompt
+   ("A face.", "A hand.").
 2. Held-out split: a seeded share (``heldout_fraction``) of the pairs is never trained on; its
    ranking accuracy is measured before training and after every epoch.
 3. Scorer: ``init`` loaded by the reward's own loader (``rewards.blip_reward_model``: a directory
@@ -63,7 +69,7 @@ class RegionPair:
 
     win: np.ndarray
     lose: np.ndarray
-    margin: float  # score(winner) - score(loser) > 0
+    margin: float  # score(winner) - score(loser) > 0; nan under winner: original, which reads no score
     rollout_ids: tuple[str, str]
 
 
@@ -79,72 +85,134 @@ def region_pairs(cfg: Config) -> tuple[list[RegionPair], dict[str, float]]:
         ValueError: no log given, a score the log does not hold, or no usable pair.
         rollouts.log.RolloutLogError: the log is missing, empty or damaged.
     """
-    from rewards.blip_preprocess import crop_bounds
-    from rlfh.data.pairs import build_pairs, logged_regions, logged_scores
-    from rollouts.log import RolloutLog, RolloutLogError, decode_png
+    from rlfh.data.pairs import logged_regions
 
     rt = cfg.reward_training
-    if rt.pairs is None:
-        raise ValueError("train-reward needs the rollout log of pairs: pass pairs=ROLLOUT_DIR (reward_training.pairs)")
-    try:
-        records = RolloutLog(rt.pairs).records(
-            ["rollout_id", "round", "prompt", "rewards", "regions", "image", "region_pair"]
-        )
-    except RolloutLogError as e:
-        raise RolloutLogError(f"reward_training.pairs: {e}") from None
-    scores, _, _, groups, stats = logged_scores(records, cfg.rewards, cfg.rewards_normalization, rt.pairs, rt.score)
-    # a logged region pair (rlfh make-region-pairs, data.region_pairs) is its own group: an image and
-    # its inpainted copy, never another photo that happens to share the caption
-    groups = [
-        group if not r.get("region_pair") else ("region_pair", r["region_pair"]["source_id"] or r["rollout_id"])
-        for group, r in zip(groups, records)
-    ]
+    records = _read_log(rt)
     regions = logged_regions(records)
+    if cfg.labels == "human":  # people's choices (rlfh label) instead of a rule's: FaceScore's recipe on them
+        links, stats = _human_links(rt, records)
+    else:
+        links, stats = _original_wins(records) if rt.winner == "original" else _by_score(cfg, records)
     pairs: list[RegionPair] = []
     no_region = empty_crop = 0
-    if cfg.labels == "human":  # people's choices (rlfh label) instead of the scores': FaceScore's recipe on them
-        from rlfh.data.human_pairs import human_pairs
-
-        chosen = human_pairs(rt.pairs, [r["rollout_id"] for r in records])[0]
-    else:
-        chosen = build_pairs(groups, scores, "best_worst")
-    for p in chosen:
-        box = _best_box(regions[p.winner].get(rt.region, [])) or _best_box(regions[p.loser].get(rt.region, []))
-        if box is None:
-            no_region += 1
-            continue
-        win, lose = decode_png(records[p.winner]["image"]), decode_png(records[p.loser]["image"])
-        bounds = [crop_bounds(box, *im.shape[:2]) for im in (win, lose)]
-        if None in bounds:
-            empty_crop += 1
-            continue
-        (wy0, wy1, wx0, wx1), (ly0, ly1, lx0, lx1) = bounds
-        pairs.append(
-            RegionPair(
-                win[wy0:wy1, wx0:wx1],
-                lose[ly0:ly1, lx0:lx1],
-                p.margin,
-                (records[p.winner]["rollout_id"], records[p.loser]["rollout_id"]),
-            )
-        )
-    unscored = sum(s is None for s in scores)
-    stats = {
-        **stats,
-        "pairs/records": float(len(records)),
-        "pairs/groups": float(len(set(groups))),
-        "pairs/count": float(len(pairs)),
-        "pairs/no_region": float(no_region),
-        "pairs/empty_crop": float(empty_crop),
-        "samples/unscored": float(unscored),
-    }
+    for win, lose, margin, source in links:
+        crop = _crop(records, regions, win, lose, source, rt.region)
+        no_region += crop == "no region"
+        empty_crop += crop == "empty"
+        if isinstance(crop, tuple):
+            ids = (records[win]["rollout_id"], records[lose]["rollout_id"])
+            pairs.append(RegionPair(crop[0], crop[1], margin, ids))
+    stats.update(
+        {
+            "pairs/records": float(len(records)),
+            "pairs/count": float(len(pairs)),
+            "pairs/no_region": float(no_region),
+            "pairs/empty_crop": float(empty_crop),
+        }
+    )
     if not pairs:
         raise ValueError(
-            f"the rollout log {rt.pairs} yields no (winner, loser) pair for region {rt.region!r} by score "
-            f"{rt.score!r}: {len(records)} records in {len(set(groups))} (round, prompt) groups, {unscored} without a "
-            f"usable score, {no_region} pairs without a logged {rt.region!r} box, {empty_crop} with an empty crop. A "
-            f"pair needs two scored records of one group with different scores and a {rt.region!r} detection"
+            f"the rollout log {rt.pairs} yields no (winner, loser) pair for region {rt.region!r} with "
+            f"reward_training.winner={rt.winner} (score {rt.score!r}): {len(records)} records in "
+            f"{int(stats['pairs/groups'])} groups, {int(stats['samples/unscored'])} without a usable score, "
+            f"{no_region} pairs without a logged {rt.region!r} box, {empty_crop} with an empty crop. "
+            + _WHY[rt.winner].format(region=rt.region)
         )
     return pairs, stats
+
+
+_WHY = {
+    "original": "winner=original pairs the log's region pairs (rlfh make-region-pairs); a log of plain samples "
+    "has none: pair those by score with reward_training.winner=reward",
+    "reward": "A pair needs two scored records of one group with different scores and a {region!r} detection",
+}
+
+
+def _read_log(rt) -> list[dict]:
+    from rollouts.log import RolloutLog, RolloutLogError
+
+    if rt.pairs is None:
+        raise ValueError("train-reward needs the rollout log of pairs: pass pairs=ROLLOUT_DIR (reward_training.pairs)")
+    columns = ["rollout_id", "round", "prompt", "rewards", "regions", "image", "latent", "latent_shape"]
+    try:
+        return RolloutLog(rt.pairs).records([*columns, "region_pair"])
+    except RolloutLogError as e:
+        raise RolloutLogError(f"reward_training.pairs: {e}") from None
+
+
+def _region_links(records: list[dict]) -> list[tuple[int, int]]:
+    """(original row, inpainted row) of each logged region pair whose original the log holds."""
+    by_id = {r["rollout_id"]: i for i, r in enumerate(records)}
+    return [
+        (by_id[r["region_pair"]["source_id"]], i)
+        for i, r in enumerate(records)
+        if (r.get("region_pair") or {}).get("role") == "inpainted" and r["region_pair"]["source_id"] in by_id
+    ]
+
+
+def _human_links(rt, records: list[dict]):
+    """(winner, loser, margin, False) per pair people labeled in the log (``rlfh label``); stats."""
+    from rlfh.data.human_pairs import human_pairs
+
+    chosen = human_pairs(rt.pairs, [r["rollout_id"] for r in records])[0]
+    stats = {"pairs/groups": float(len(chosen)), "samples/unscored": 0.0}
+    return [(p.winner, p.loser, p.margin, False) for p in chosen], stats
+
+
+def _original_wins(records: list[dict]):
+    """FaceScore's rule: (original, inpainted, nan, True) per logged region pair; stats."""
+    links = _region_links(records)
+    stats = {"pairs/groups": float(len(links)), "samples/unscored": 0.0}
+    return [(o, i, float("nan"), True) for o, i in links], stats
+
+
+def _by_score(cfg: Config, records: list[dict]):
+    """(winner, loser, margin, is a region pair) by ``reward_training.score``: each region pair by its
+    two scores, the other records best against worst of their (round, prompt) group; stats."""
+    from rlfh.data.pairs import build_pairs, logged_scores
+    from rlfh.data.region_pairs import pair_order
+
+    rt = cfg.reward_training
+    scores, _, _, groups, stats = logged_scores(records, cfg.rewards, cfg.rewards_normalization, rt.pairs, rt.score)
+    links = []
+    for o, i in _region_links(records):
+        inp_wins = pair_order("reward", scores[o], scores[i])
+        if inp_wins is not None:
+            links.append((i, o, scores[i] - scores[o], True) if inp_wins else (o, i, scores[o] - scores[i], True))
+    in_pairs = {r for o, i in _region_links(records) for r in (o, i)}
+    plain = [g if k not in in_pairs else ("region_pair", k) for k, g in enumerate(groups)]  # singletons: no pair
+    links += [(p.winner, p.loser, p.margin, False) for p in build_pairs(plain, scores, "best_worst")]
+    stats = {
+        **stats,
+        "pairs/groups": float(len(set(plain)) - len(in_pairs) + len(_region_links(records))),
+        "samples/unscored": float(sum(s is None for s in scores)),
+    }
+    return links, stats
+
+
+def _crop(records, regions, win: int, lose: int, region_pair: bool, region: str):
+    """(winner crop, loser crop) at one box (module docstring, step 1), or "no region" / "empty"."""
+    from rewards.blip_preprocess import crop_bounds
+    from rlfh.data.region_pairs import inpainted_boxes
+    from rollouts.log import decode_latent, decode_png
+
+    box = _best_box(regions[win].get(region, [])) or _best_box(regions[lose].get(region, []))
+    if region_pair:
+        src, inp = (win, lose) if (records[lose].get("region_pair") or {}).get("role") == "inpainted" else (lose, win)
+        dets, im = regions[src].get(region, []), decode_png(records[src]["image"])
+        lat = decode_latent(records[src]), decode_latent(records[inp])
+        dilate = records[inp]["region_pair"]["dilate"]
+        hit = inpainted_boxes([d.box for d in dets], *lat, im.shape[:2], dilate) if dets else []
+        box = _best_box([d for d in dets if d.box in hit]) or box
+    if box is None:
+        return "no region"
+    win_im, lose_im = decode_png(records[win]["image"]), decode_png(records[lose]["image"])
+    bounds = [crop_bounds(box, *im.shape[:2]) for im in (win_im, lose_im)]
+    if None in bounds:
+        return "empty"
+    (wy0, wy1, wx0, wx1), (ly0, ly1, lx0, lx1) = bounds
+    return win_im[wy0:wy1, wx0:wx1], lose_im[ly0:ly1, lx0:lx1]
 
 
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -291,9 +359,6 @@ def train_reward(cfg: Config) -> Path:
     import torch
     from tqdm import tqdm
 
-    from rewards.base import REGION_PROMPTS
-    from rewards.blip_preprocess import tokenize
-    from rewards.blip_reward_model import load_model_and_tokenizer
     from rlfh.run.skeleton import RunSkeleton
 
     rt = cfg.reward_training
@@ -313,19 +378,7 @@ def train_reward(cfg: Config) -> Path:
 
     # 3-4. scorer, frozen leading layers, optimizer
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if rt.device == "auto" else rt.device)
-    torch.manual_seed(cfg.seed)  # dropout masks
-    model, tokenizer = load_model_and_tokenizer(
-        rt.init, weights_name, vision_heads=rt.vision_heads, tokenizer_dir=rt.tokenizer_dir, device=str(device)
-    )
-    stats.update(freeze_leading_layers(model, rt.freeze_fraction))
-    prompt = rt.prompt if rt.prompt is not None else REGION_PROMPTS[rt.region]
-    text = tokenize(tokenizer, [prompt])  # (input_ids, attention_mask), (1, 35) each, broadcast over the batch
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
-        lr=rt.lr,
-        betas=tuple(rt.adam_betas),
-        weight_decay=rt.weight_decay,
-    )
+    model, text, optimizer = _scorer(cfg, weights_name, device, stats)
 
     skel.save_config()
     logger = skel.open_metrics()
@@ -351,6 +404,32 @@ def train_reward(cfg: Config) -> Path:
     finally:
         skel.close()
     return skel.path
+
+
+def _scorer(cfg: Config, weights_name: str, device, stats: dict):
+    """(``reward_training.init`` loaded with its leading layers frozen, the tokenized fixed prompt, AdamW);
+    the freezing counts go to ``stats``."""
+    import torch
+
+    from rewards.base import REGION_PROMPTS
+    from rewards.blip_preprocess import tokenize
+    from rewards.blip_reward_model import load_model_and_tokenizer
+
+    rt = cfg.reward_training
+    torch.manual_seed(cfg.seed)  # dropout masks
+    model, tokenizer = load_model_and_tokenizer(
+        rt.init, weights_name, vision_heads=rt.vision_heads, tokenizer_dir=rt.tokenizer_dir, device=str(device)
+    )
+    stats.update(freeze_leading_layers(model, rt.freeze_fraction))
+    prompt = rt.prompt if rt.prompt is not None else REGION_PROMPTS[rt.region]
+    text = tokenize(tokenizer, [prompt])  # (input_ids, attention_mask), (1, 35) each, broadcast over the batch
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=rt.lr,
+        betas=tuple(rt.adam_betas),
+        weight_decay=rt.weight_decay,
+    )
+    return model, text, optimizer
 
 
 def train_epoch(model, optimizer, train_pairs: list[RegionPair], text, device, cfg: Config, epoch: int, bar) -> dict:

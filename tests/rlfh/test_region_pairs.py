@@ -127,3 +127,51 @@ def test_config_rules_name_the_key():
                 "data": {"region_pairs": {"region": "face"}},
             }
         )
+
+
+def test_one_pair_per_face_or_one_per_image():
+    from rewards.base import Detection
+
+    two = [{"face": [Detection((0, 0, 7, 7), 0.9), Detection((40, 40, 55, 55), 0.8)]}]
+    each = plan_inpainting(two, RegionPairsConfig(region="face"), (64, 64))
+    # per_region: each (the default): one entry per face, each with its own box's area, strength and mask
+    assert each.indices == [0, 0] and each.ratios == pytest.approx([64 / 4096, 256 / 4096])
+    assert each.strengths == [0.1, 0.3] and [len(b) for b in each.boxes] == [1, 1]
+    np.testing.assert_array_equal(each.masks[0], inpaint_mask([(0, 0, 7, 7)], (64, 64), 16))
+    np.testing.assert_array_equal(each.masks[1], inpaint_mask([(40, 40, 55, 55)], (64, 64), 16))
+    union = plan_inpainting(two, RegionPairsConfig(region="face", per_region="union"), (64, 64))
+    assert union.indices == [0] and union.ratios == pytest.approx([320 / 4096]) and union.strengths == [0.3]
+    np.testing.assert_array_equal(union.masks[0], np.maximum(each.masks[0], each.masks[1]))
+
+
+def test_winner_original_needs_no_score_and_marks_the_pairs_aligned():
+    rng = np.random.default_rng(1)
+    orig, inp = rng.normal(size=(3, 4, 8, 8)).astype(np.float32), rng.normal(size=(3, 4, 8, 8)).astype(np.float32)
+    masks = np.ones((3, 1, 8, 8), np.float32)
+    # the reward prefers the inpainted copy twice and cannot score the third: FaceScore's rule ignores it
+    v_orig, v_inp = {"a": [0.0, 0.0, None]}, {"a": [1.0, 2.0, None]}
+    args = (orig, inp, ["p0", "p1", "p2"], v_orig, v_inp, {"a": 1.0}, masks, "face", ["global", "face"])
+    batch, stats = region_pair_batch(*args, winner="original")
+    np.testing.assert_array_equal(batch.latents_w, orig)
+    np.testing.assert_array_equal(batch.latents_l, inp)
+    assert stats["region_pairs/count"] == 3 and stats["region_pairs/inpainted_won_share"] == 0.0
+    assert batch.aligned_rows().tolist() == [True, True, True]
+    by_reward, st = region_pair_batch(*args, winner="reward")
+    np.testing.assert_array_equal(by_reward.latents_w, inp[:2])
+    assert st["region_pairs/skipped"] == 1 and st["region_pairs/inpainted_won_share"] == 1.0
+    # a region pair keeps its mark next to plain pairs (None: not aligned)
+    from rlfh.data.batches import PairBatch
+
+    plain = PairBatch(orig[:1], inp[:1], ["q"], {"face": masks[:1]}, {"face": masks[:1]})
+    assert concat_pairs(plain, batch).aligned_rows().tolist() == [False, True, True, True]
+
+
+def test_the_inpainted_face_of_a_logged_pair_is_found_from_its_latents():
+    from rlfh.data.region_pairs import inpainted_boxes
+
+    boxes = [(0, 0, 7, 7), (40, 40, 55, 55)]
+    orig = np.zeros((4, 8, 8), np.float32)
+    inp = orig.copy()
+    inp[:, 5:7, 5:7] = 1.0  # inside the second box's dilated mask only
+    assert inpainted_boxes(boxes, orig, inp, (64, 64), 16) == [boxes[1]]
+    assert inpainted_boxes(boxes, orig, orig, (64, 64), 16) == boxes  # nothing changed: all of them

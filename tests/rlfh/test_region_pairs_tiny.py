@@ -254,7 +254,13 @@ def test_train_reward_pairs_each_image_with_its_own_inpainted_copy(images, tiny_
     expected = {frozenset((src["rollout_id"], inp["rollout_id"])) for src, inp in linked}
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
-        overrides(tiny_model_dir, tmp_path / "run", f"reward_training.pairs={log_dir}", "reward_training.region=face"),
+        overrides(
+            tiny_model_dir,
+            tmp_path / "run",
+            f"reward_training.pairs={log_dir}",
+            "reward_training.region=face",
+            "reward_training.winner=reward",
+        ),
     )
     pairs, stats = region_pairs(cfg)
     assert stats["pairs/groups"] == 6 and len(pairs) == 6 - counts["ties_or_unscored"]

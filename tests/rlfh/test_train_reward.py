@@ -27,6 +27,7 @@ BASE = [
     "logging.progress=false",
     "rewards=[{target: jpeg_compressibility, name: quality}]",
     "reward_training.vision_heads=2",
+    "reward_training.winner=reward",  # the synthetic logs hold plain groups, paired by score
 ]
 
 
@@ -315,3 +316,39 @@ def test_walkthrough_hand_score_entry_loads_the_trained_folder(trained):
     (res,) = reward(decode_png(RolloutLog(trained["log"]).records(["image"])[0]["image"])[None], ["x"])
     assert reward.name == "handscore" and reward.region == "hand" and res.value is not None
     assert res.regions == {"hand": [Detection(BOX, 0.99)]}
+
+
+def test_winner_original_pairs_each_region_pair_without_a_score(tmp_path):
+    """FaceScore's labelling rule (the default): the original wins its inpainted copy even where the
+    logged reward prefers the copy; a log of plain samples has no such pair and the error says so."""
+    from rlfh.recipes.train_reward import region_pairs
+
+    rng = np.random.default_rng(0)
+    ims = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(4)]
+    box = (2.0, 3.0, 12.0, 15.0)
+    rows = []
+    for k in range(2):
+        orig = record(f"o{k}", 0, f"p{k}", ims[2 * k], {"quality": 0.0}, {"face": [(box, 0.9)]})
+        inp = record(f"i{k}", 0, f"p{k}", ims[2 * k + 1], {"quality": 1.0}, {})
+        orig["region_pair"] = {"role": "original", "source_id": None, "region": "face", "strength": None, "dilate": 16}
+        inp["region_pair"] = {
+            "role": "inpainted",
+            "source_id": f"o{k}",
+            "region": "face",
+            "strength": 0.4,
+            "dilate": 16,
+        }
+        rows += [orig, inp]
+    RolloutLog(tmp_path / "log").append(rows)
+    log = f"reward_training.pairs={tmp_path / 'log'}"
+    pairs, stats = region_pairs(_cfg(tmp_path, log, "reward_training.winner=original"))
+    assert [p.rollout_ids for p in pairs] == [("o0", "i0"), ("o1", "i1")] and stats["pairs/groups"] == 2
+    assert np.array_equal(pairs[0].win, ims[0][2:16, 1:13]) and np.array_equal(pairs[0].lose, ims[1][2:16, 1:13])
+    from rlfh.config.schema import load_config
+
+    assert load_config(REPO / "configs" / "tiny.yaml", []).reward_training.winner == "original"
+    by_reward, _ = region_pairs(_cfg(tmp_path, log))  # BASE: winner=reward, the copy scored higher
+    assert [p.rollout_ids for p in by_reward] == [("i0", "o0"), ("i1", "o1")]
+    write_pair_log(tmp_path / "plain", 2, seed=0)
+    with pytest.raises(ValueError, match=r"winner=original pairs the log's region pairs"):
+        region_pairs(_cfg(tmp_path, f"reward_training.pairs={tmp_path / 'plain'}", "reward_training.winner=original"))

@@ -2,10 +2,12 @@
 formulas and planning are rlfh/data/region_pairs.py).
 
 A seeded ``fraction`` of the round's samples with the region detected get it inpainted by the
-current policy (``RolloutFleet.refine``, one call per strength), are scored by the same scorer and
-logged (``region_pair`` marks them), and each (sample, inpainted) pair the reward orders joins the
-round's pairs with the region's mask. Online only: offline, the rollout log's own region pairs
-(written by this source or ``rlfh make-region-pairs``) are paired with each other as they were logged.
+current policy (``RolloutFleet.refine``, one call per strength; one face at a time with
+``per_region: each``), are logged (``region_pair`` marks them), and each (sample, inpainted) pair joins
+the round's pairs with the region's mask, the original winning (``winner: original``, FaceScore's rule)
+or the reward ordering the two (``winner: reward``: only then are the inpainted images scored).
+Online only: offline, the rollout log's own region pairs (written by this source or ``rlfh
+make-region-pairs``) are paired with each other as they were logged.
 """
 
 from __future__ import annotations
@@ -100,20 +102,22 @@ class InpaintedRegions(DataSource):
         samples, scored = rnd.samples, rnd.scored
         idx = [plan.indices[k] for k in order]
         strengths = [plan.strengths[k] for k in order]
-        scored_inp = self.scorer.score(inp.images, inp.prompts)
+        scored_inp = self.scorer.score(inp.images, inp.prompts) if rp.winner == "reward" else None
         marks = log_marks("inpainted", [samples.rollout_ids[i] for i in idx], rp.region, strengths, rp.dilate)
         self.log.append(make_records(inp, scored_inp, rnd.rnd, rnd.version - inp.policy_version, marks))
         values = scored.values()
+        values_inp = scored_inp.values() if scored_inp is not None else {n: [None] * len(inp) for n in values}
         return region_pair_batch(
             samples.latents[idx],
             inp.latents,
             inp.prompts,
             {n: [v[i] for i in idx] for n, v in values.items()},
-            scored_inp.values(),
+            values_inp,
             scored.weights,
             plan.masks[order],
             rp.region,
             mask_regions(cfg.learner),
             cfg.rewards_normalization,
             inp.conditioning,
+            rp.winner,
         )
