@@ -174,8 +174,8 @@ def deterministic_reward(s, st):
 # 0.2, not DDPO's 1e-4, so that the two epochs of a round both move the policy and a dozen rounds suffice.
 # The margin is half the smallest gain over seeds (python -m tests.learning_sweep ddpo|ddpo_window --seeds
 # 0 1 2; the seed moves the LoRA initialisation, the learner's noise and the sampling seeds, as another
-# CPU's rounding would), 12 rounds, 1 OpenMP thread: all 4 steps stochastic and trained 0.153, 0.216 and
-# seed 2 below; a 2-step window 0.201, 0.041, 0.050. (The earlier margin, 0.075 = half of one machine's
+# CPU's rounding would), 12 rounds, 1 OpenMP thread: all 4 steps stochastic and trained 0.153, 0.216,
+# 0.123; a 2-step window 0.201, 0.041, 0.050. (The earlier margin, 0.075 = half of one machine's
 # seed-0 gain, failed seeds 1 and 2 of the window.)
 DDPO_LEARNING_MARGIN = 0.02
 # With trajectory branching (learner.ddpo.branch) a round's 2 groups give only 2 distinct window inputs
