@@ -8,6 +8,7 @@ closes a cycle is still a cycle for a reader.
 """
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.lru_cache(maxsize=None)  # parsed once per session: the trees are only read
 def sources(*roots: str) -> dict[str, ast.Module]:
     out = {}
     for root in roots:
@@ -41,6 +43,11 @@ def resolve(name: str, known: set[str]) -> str | None:
 
 
 def import_graph() -> dict[str, set[str]]:
+    return {m: set(ts) for m, ts in _import_graph().items()}  # a copy: callers may edit theirs
+
+
+@functools.lru_cache(maxsize=None)
+def _import_graph() -> dict[str, set[str]]:
     mods = sources(*PACKAGES)
     known = set(mods)
     graph: dict[str, set[str]] = {m: set() for m in mods}
