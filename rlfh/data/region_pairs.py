@@ -255,13 +255,15 @@ def logged_links(records: Sequence[dict], learner_regions: Sequence[str]) -> dic
     Raises:
         ValueError: a source the log lacks, or a region that is not a local one of ``learner_regions``.
     """
+    inpainted = [i for i, r in enumerate(records) if (r.get("region_pair") or {}).get("role") == "inpainted"]
+    if not inpainted:
+        return {}
     by_id = {r["rollout_id"]: i for i, r in enumerate(records)}
     problems: list[str] = []
     links: dict[str, list[tuple[int, int]]] = {}
-    for i, r in enumerate(records):
-        rp = r.get("region_pair") or {}
-        if rp.get("role") != "inpainted":
-            continue
+    for i in inpainted:
+        r = records[i]
+        rp = r["region_pair"]
         src = by_id.get(rp["source_id"])
         if src is None:
             problems.append(f"record {r['rollout_id']} was inpainted from {rp['source_id']}, which the log lacks")

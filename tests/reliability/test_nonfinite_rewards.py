@@ -97,6 +97,7 @@ def logged(values: dict[str, list], rounds: list[int] | None = None) -> list[dic
     n = len(next(iter(values.values())))
     return [
         {
+            "rollout_id": f"r{i}",
             "round": (rounds or [0] * n)[i],
             "prompt": f"p{i // 4}",
             "rewards": [{"name": k, "value": v[i]} for k, v in values.items()],
