@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from families.base import Conditioning, PromptRows
+from families.tiny import tiny_vae
 from families.unet import UNetFamily
 
 
@@ -53,7 +54,7 @@ class SD15(UNetFamily):
         and none in the lowest, no added embeddings, one CLIP text encoder whose last hidden state
         is the cross-attention input, a 4-level VAE with scale factor 8 and SD1.5's latent scaling,
         SD1.5's PNDM scheduler config, no safety checker), at about two million parameters."""
-        from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+        from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -69,17 +70,7 @@ class SD15(UNetFamily):
             cross_attention_dim=32,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16, 16, 16),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.18215,  # SD1.5's
-        )
+        vae = tiny_vae(scaling_factor=0.18215)  # SD1.5's latent scale
         vocab_size = tokenizer.vocab_size
         text_encoder = CLIPTextModel(
             CLIPTextConfig(

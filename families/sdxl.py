@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from families.base import Conditioning, PromptRows
+from families.tiny import tiny_vae
 from families.unet import DTYPES, UNetFamily
 
 __all__ = ["DTYPES", "SDXL"]
@@ -48,7 +49,7 @@ class SDXL(UNetFamily):
         encoders whose hidden states concatenate to the cross-attention width, the second with a
         projection for the pooled embedding, a 4-level VAE with scale factor 8), at about two million
         parameters."""
-        from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+        from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -69,17 +70,7 @@ class SDXL(UNetFamily):
             cross_attention_dim=64,
             norm_num_groups=8,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(8, 16, 16, 16),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=64,
-            scaling_factor=0.13025,  # SDXL's
-        )
+        vae = tiny_vae(scaling_factor=0.13025)  # SDXL's latent scale
         vocab_size = tokenizer.vocab_size
         text_cfg = dict(
             bos_token_id=vocab_size - 2,

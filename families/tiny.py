@@ -66,6 +66,23 @@ def write_tiny_clip_tokenizer(directory: Path, model_max_length: int = 77) -> in
     return len(vocab)
 
 
+def tiny_vae(scaling_factor: float):
+    """The tiny models' VAE (64 px images, 8 x 8 latents of 4 channels), with the family's latent scale."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+    )
+
+
 TINY_PROMPTS = ["a photo of a person", "a portrait of a woman", "a man waving his hand", "two people talking"]
 
 
