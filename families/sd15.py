@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from families.base import Conditioning, PromptRows
-from families.tiny import tiny_vae
+from families.tiny import tiny_clip_config, tiny_vae
 from families.unet import UNetFamily
 
 
@@ -55,7 +55,7 @@ class SD15(UNetFamily):
         is the cross-attention input, a 4-level VAE with scale factor 8 and SD1.5's latent scaling,
         SD1.5's PNDM scheduler config, no safety checker), at about two million parameters."""
         from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
         unet = UNet2DConditionModel(
@@ -72,21 +72,7 @@ class SD15(UNetFamily):
         )
         vae = tiny_vae(scaling_factor=0.18215)  # SD1.5's latent scale
         vocab_size = tokenizer.vocab_size
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                bos_token_id=vocab_size - 2,
-                eos_token_id=vocab_size - 1,
-                pad_token_id=vocab_size - 1,
-                hidden_size=32,
-                intermediate_size=37,
-                layer_norm_eps=1e-05,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                vocab_size=vocab_size,
-                max_position_embeddings=77,
-                hidden_act="quick_gelu",  # CLIP ViT-L/14's
-            )
-        )
+        text_encoder = CLIPTextModel(tiny_clip_config(vocab_size, hidden_act="quick_gelu"))  # CLIP ViT-L/14's
         scheduler = PNDMScheduler(
             beta_start=0.00085,
             beta_end=0.012,

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from families.base import Conditioning, PromptRows
-from families.tiny import tiny_vae
+from families.tiny import tiny_clip_config, tiny_vae
 from families.unet import DTYPES, UNetFamily
 
 __all__ = ["DTYPES", "SDXL"]
@@ -50,7 +50,7 @@ class SDXL(UNetFamily):
         projection for the pooled embedding, a 4-level VAE with scale factor 8), at about two million
         parameters."""
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
         unet = UNet2DConditionModel(
@@ -72,22 +72,9 @@ class SDXL(UNetFamily):
         )
         vae = tiny_vae(scaling_factor=0.13025)  # SDXL's latent scale
         vocab_size = tokenizer.vocab_size
-        text_cfg = dict(
-            bos_token_id=vocab_size - 2,
-            eos_token_id=vocab_size - 1,
-            pad_token_id=vocab_size - 1,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=vocab_size,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=32,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+        text_cfg = tiny_clip_config(vocab_size, hidden_act="gelu", projection_dim=32)
+        text_encoder = CLIPTextModel(text_cfg)
+        text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
         scheduler = EulerDiscreteScheduler(
             beta_start=0.00085,
             beta_end=0.012,

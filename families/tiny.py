@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,6 +81,26 @@ def tiny_vae(scaling_factor: float):
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+    )
+
+
+def tiny_clip_config(vocab_size: int, **family: Any):
+    """The tiny models' CLIP text-encoder config (2 layers of width 32), with the family's own keys
+    (activation, projection) in ``family``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        **family,
     )
 
 
