@@ -104,3 +104,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.split("[")[0].startswith(NUMERICS_TESTS):
             item.add_marker(pytest.mark.numerics)
+    # Files with slow tests first, each file's tests together and in order: under `-n 2` (pytest-xdist,
+    # --dist loadfile keeps a file's module fixtures in one worker) the long files start at once and
+    # the many short ones fill in at the end, instead of one worker idling while the other runs the
+    # last long file alone.
+    slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.nodeid.split("::")[0], i)
+    items.sort(key=lambda item: (item.nodeid.split("::")[0] not in slow_files, first[item.nodeid.split("::")[0]]))

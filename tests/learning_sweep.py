@@ -21,7 +21,16 @@ import time
 
 
 def runs() -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from tests import test_online_rl_end_to_end as e2e
     from tests.rlfh import test_ddpo, test_online_rl
+
+    def cli(loss):  # the whole product: `rlfh train` with Ray and DeepSpeed, then fresh samples at fixed seeds
+        return lambda d, s, rounds=e2e.LEARNING.get(loss, (10,))[0]: e2e.e2e_gain(
+            d, Path(tempfile.mkdtemp()) / "run", loss, int(rounds), seed=s
+        )
 
     return {
         "ddpo": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(d, None, seed=s, **kw),
@@ -33,6 +42,8 @@ def runs() -> dict:
         "guard": lambda d, s: test_ddpo.trust_region_run(d, "guard", seed=s)[0],
         "nft": lambda d, s, **kw: test_online_rl.online_learning_gain(d, "nft", seed=s, **kw),
         "awm": lambda d, s, **kw: test_online_rl.online_learning_gain(d, "awm", seed=s, **kw),
+        "e2e_nft": cli("nft"),
+        "e2e_awm": cli("awm"),
     }
 
 
