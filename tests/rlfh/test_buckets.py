@@ -131,6 +131,7 @@ def test_each_bucket_is_sampled_logged_and_built_at_its_size(bucketed_round):
     records = feed.log.records(["latent_shape", "sampler", "prompt"])
     shapes = {(r["sampler"]["height"], r["sampler"]["width"]): tuple(r["latent_shape"]) for r in records}
     assert shapes == {(64, 64): (4, 8, 8), (64, 128): (4, 8, 16)}
+    assert feed.log.summary()["sizes"] == [[h, w, n] for h, w, n in feed.fleet.sizes]  # `rlfh rollouts inspect`
 
 
 @pytest.mark.slow  # a DeepSpeed learner on the tiny model: ~10 s on 2 idle cores
