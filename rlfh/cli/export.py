@@ -9,9 +9,10 @@ import sys
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from rlfh.eval.evaluate import format_summary
     from rlfh.run.export import export
 
-    done = export(args.path, args.format, args.out)
+    done = export(args.path, args.format, args.out, eval_text=format_summary)
     for note in done.notes:
         print(f"rlfh: note: {note}", file=sys.stderr)
     print(f"[rlfh] exported {done.checkpoint} as {args.format}: {done.path} (model card: {done.card})")

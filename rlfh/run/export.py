@@ -23,7 +23,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -171,9 +171,12 @@ def default_out(checkpoint: Path, fmt: str, full: bool) -> Path:
     return folder if fmt == "peft" else folder / f"{root.name}-{checkpoint.name}-{kind}.safetensors"
 
 
-def export(path: str | Path, fmt: str, out: str | Path | None = None) -> Exported:
+def export(
+    path: str | Path, fmt: str, out: str | Path | None = None, eval_text: Callable[[dict], str] | None = None
+) -> Exported:
     """Write the checkpoint ``path`` means (:func:`find_checkpoint`) in format ``fmt`` to ``out`` (default:
-    :func:`default_out`), and the model card beside it."""
+    :func:`default_out`), and the model card beside it; ``eval_text`` renders the run's ``eval.json`` for
+    the card (``rlfh.eval.evaluate.format_summary``, passed in: rlfh.run does not import rlfh.eval)."""
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
     ckpt = find_checkpoint(path)
@@ -190,7 +193,7 @@ def export(path: str | Path, fmt: str, out: str | Path | None = None) -> Exporte
         raise ExportError(f"--out {target}: a {fmt} export is one file; name it *.safetensors")
     target.parent.mkdir(parents=True, exist_ok=True)
     notes = [f"{ckpt / name}: {why}" for name, why in NOT_EXPORTED.items() if (ckpt / name).is_file()]
-    run = run_facts(ckpt)
+    run = run_facts(ckpt, eval_text)
     lora = None
     if full:
         write_full_unet(ckpt / "unet", target)
@@ -208,7 +211,7 @@ def export(path: str | Path, fmt: str, out: str | Path | None = None) -> Exporte
     return Exported(target, card, ckpt, notes)
 
 
-def run_facts(ckpt: Path) -> dict[str, Any]:
+def run_facts(ckpt: Path, eval_text: Callable[[dict], str] | None = None) -> dict[str, Any]:
     """What the card states of the run: its config summary, the checkpoint's round, its evaluation."""
     from rlfh.run.status import RunDirError, config_summary
 
@@ -225,11 +228,9 @@ def run_facts(ckpt: Path) -> dict[str, Any]:
     facts["round"] = state.get("round")
     facts["policy_version"] = state.get("policy_version")
     eval_file = run_dir / "eval" / "eval.json"
-    if eval_file.is_file():
-        from rlfh.eval.evaluate import format_summary
-
+    if eval_file.is_file() and eval_text is not None:
         try:
-            facts["eval"] = format_summary(json.loads(eval_file.read_text()))
+            facts["eval"] = eval_text(json.loads(eval_file.read_text()))
         except (ValueError, KeyError, TypeError) as e:
             facts["notes"].append(f"{eval_file}: unreadable, not on the card ({e!r})")
     return facts

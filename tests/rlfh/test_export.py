@@ -115,9 +115,21 @@ def test_kohya_round_trips_through_diffusers_kohya_loader(exported_run, tmp_path
     assert {k.split(".", 1)[1] for k in keys} == {"lora_down.weight", "lora_up.weight", "alpha"}
     assert alphas == {ALPHA} and len(keys) == 3 * len(state) // 2
 
-    base = latents(pipe)
     pipe.load_lora_weights(str(done.path), adapter_name="kohya")  # diffusers' kohya branch
-    assert_same_deltas(deltas(pipe.unet, "kohya"), expected_deltas(state))
+    try:
+        assert_same_deltas(deltas(pipe.unet, "kohya"), expected_deltas(state))
+    finally:
+        pipe.delete_adapters("kohya")
+
+
+@pytest.mark.slow  # three tiny-pipeline samplings: ~10 s on 2 idle cores
+def test_kohya_file_changes_the_pipeline_as_the_checkpoint_does(exported_run, tmp_path):
+    from rlfh.run.export import export
+
+    run, ckpt, pipe, _, _ = exported_run
+    done = export(run, "kohya", tmp_path / "kohya.safetensors")
+    base = latents(pipe)
+    pipe.load_lora_weights(str(done.path), adapter_name="kohya")
     kohya_latents = latents(pipe)
     pipe.delete_adapters("kohya")
     pipe.load_lora_weights(str(ckpt / "pytorch_lora_weights.safetensors"), adapter_name="own")
