@@ -30,6 +30,7 @@ import math
 import os
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -493,6 +494,11 @@ class RolloutLog:
             "policy_versions": [min(versions), max(versions)],
             "latent_shape": rows[0]["latent_shape"],
             "sampler": rows[0]["sampler"],
+            # [height, width, records] per image size: several with rollout.resolutions (multi-aspect)
+            "sizes": [
+                [h, w, n]
+                for (h, w), n in sorted(Counter((r["sampler"]["height"], r["sampler"]["width"]) for r in rows).items())
+            ],
             "detections": region_counts,
             "region_pairs": roles,  # records in inpainted region pairs, by region and role
             "rewards": {

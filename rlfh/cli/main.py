@@ -14,6 +14,7 @@ rlfh eval CONFIG --model M [--lora DIR]      sample a seeded prompt set, score, 
 rlfh eval-rewards CONFIG LABELS_FILE         each reward's accuracy / Pearson r against human labels
 rlfh compare RUN_A RUN_B / rlfh plot RUN     reward and loss curves from metrics.jsonl
 rlfh status RUN_DIR [--json]                 a run's state, progress, rewards and timings
+rlfh export RUN_DIR|CKPT --format F [--out]  the LoRA for diffusers / kohya (ComfyUI, A1111) / peft, + model card
 rlfh label ROLLOUT_DIR [--mode M]            label a rollout log's images in the browser
 rlfh eval-human PAIRS_DIR                    win/tie/lose rates of a human evaluation
 """
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides")
     s.set_defaults(fn=cmd_make_region_pairs)
     from rlfh.cli.eval import add_eval_commands
+    from rlfh.cli.export import add_export_commands
     from rlfh.cli.label import add_label_commands
     from rlfh.cli.rewards import add_reward_commands
     from rlfh.cli.status import add_status_commands
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_status_commands(sub)
     add_eval_commands(sub)
     add_label_commands(sub)
+    add_export_commands(sub)
     s = sub.add_parser("make-tiny-model", help="write a seeded tiny pipeline of a model family")
     s.add_argument("dir")
     s.add_argument("--family", default="sdxl", help="the model family: sdxl (default) or sd15")

@@ -216,6 +216,8 @@ class RolloutConfig:
     negative_prompt: str = ""
     height: int = 64
     width: int = 64
+    # SDXL's multi-aspect buckets, e.g. [[1024, 1024], [1152, 896], [896, 1152]] (rlfh/data/buckets.py)
+    resolutions: list[list[int]] = field(default_factory=list)  # [[h, w], ...] buckets; []: height x width
     eta: float = 0.0  # DDIM eta; 1.0 makes the sampler stochastic (DDPO)
     scheduler: Literal["default", "ddim"] = "default"  # ddim: DDIMScheduler with the model's schedule (DDPO)
     max_staleness: Literal[0, 1] = 0  # 1: sample round k+1 while the learner trains on round k (async)
@@ -244,9 +246,34 @@ class RolloutConfig:
                 p.append(f"{key}.{name}={v}: must be at most {MAX_IMAGE_SIDE} pixels (SDXL is trained at 1024)")
         if self.eta < 0:
             p.append(f"{key}.eta={self.eta}: must be >= 0")
+        p += resolution_problems(f"{key}.resolutions", self.resolutions)
         if not self.prompts and not self.prompt_file:
             p.append(f"{key}.prompts is empty and {key}.prompt_file is not set: give at least one prompt")
         return p
+
+
+# A bucket side in pixels: the VAE's 8 pixels per latent times the UNet's downsampling of the latent
+# (x4 for SDXL's UNet, x8 for SD1.5's), so that every UNet level's feature map has a whole size.
+BUCKET_MULTIPLE = 64
+
+
+def resolution_problems(key: str, resolutions: list[list[int]]) -> list[str]:
+    """``rollout.resolutions``: [h, w] pairs, each side a positive multiple of :data:`BUCKET_MULTIPLE` up to
+    ``MAX_IMAGE_SIDE``, no bucket twice."""
+    p: list[str] = []
+    for i, hw in enumerate(resolutions):
+        if len(hw) != 2:
+            p.append(f"{key}[{i}]={hw}: a bucket is [height, width]")
+            continue
+        for side, v in zip(("height", "width"), hw):
+            if v < BUCKET_MULTIPLE or v % BUCKET_MULTIPLE or v > MAX_IMAGE_SIDE:
+                p.append(
+                    f"{key}[{i}]={hw}: the {side} {v} must be a multiple of {BUCKET_MULTIPLE} (8 pixels per latent "
+                    f"x the UNet's downsampling) from {BUCKET_MULTIPLE} to {MAX_IMAGE_SIDE}"
+                )
+    seen = [tuple(hw) for hw in resolutions]
+    p += [f"{key}: the bucket {list(hw)} is given twice" for hw in sorted(set(seen)) if seen.count(hw) > 1]
+    return p
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import torch
 from families import first_of_each
 from families.ddim import scheduler_alpha_bars
 from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch, rows
+from rlfh.data.buckets import BucketBatches, merge_stats
 from rlfh.learner.engine import LearnerEngine, ddpo_train_steps
 from rlfh.losses import fairness
 from rlfh.losses.ddpo import ddpo_clipped_loss
@@ -54,16 +55,36 @@ def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
     # prompt embeddings from the rollouts when the batch brings them (no text encoder runs)
     lrn.take_conditioning(batch.conditioning, batch.prompts)
     lrn.begin_round()  # the sampling policy's weights (nft, awm) and the EMA reference, if any
-    if isinstance(batch, PairBatch):
-        metrics = train_pairs(lrn, batch, epochs)
-    elif isinstance(batch, TrajectoryBatch):
-        metrics = train_trajectories(lrn, batch, epochs)
-    elif isinstance(batch, SampleBatch):
-        metrics = train_samples(lrn, batch, epochs)
-    else:
-        raise TypeError(f"cannot train on {type(batch).__name__}")
+    # a multi-aspect round (rlfh/data/buckets.py): each bucket's batch in turn, latents never stacked across sizes
+    parts = batch.parts if isinstance(batch, BucketBatches) else [batch]
+    version = lrn.policy_version
+    results = [(len(part), train_batch(lrn, part, epochs)) for part in parts]
+    lrn.policy_version = version + int(lrn.policy_version > version)  # one policy version per round
     lrn.end_round()  # a once-per-round EMA (learner.ema.schedule=round_ramp)
-    return metrics
+    return results[0][1] if len(results) == 1 else bucket_metrics(results)
+
+
+def train_batch(lrn: LearnerEngine, batch, epochs: int) -> dict[str, float]:
+    if isinstance(batch, PairBatch):
+        return train_pairs(lrn, batch, epochs)
+    if isinstance(batch, TrajectoryBatch):
+        return train_trajectories(lrn, batch, epochs)
+    if isinstance(batch, SampleBatch):
+        return train_samples(lrn, batch, epochs)
+    raise TypeError(f"cannot train on {type(batch).__name__}")
+
+
+def bucket_metrics(results: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """A round's metrics from its buckets' (size, metrics): means weighted by size, the items summed, the
+    step counter and learning rate as the last bucket left them, skipped only if every bucket was."""
+    out = merge_stats([(n, {k: v for k, v in m.items() if not k.startswith("learner/")}) for n, m in results])
+    last = results[-1][1]
+    out.update({k: last[k] for k in ("learner/steps", "learner/lr") if k in last})
+    out["learner/items"] = float(sum(m["learner/items"] for _, m in results))
+    if all("learner/skipped" in m for _, m in results):
+        out["learner/skipped"] = 1.0
+    out["learner/buckets"] = float(len(results))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- DPO family

@@ -67,6 +67,15 @@ def train(cfg: Config) -> Path:
         feed.start()
         sources = build_sources(cfg, feed.ctx)
         skel.on_close(lambda: close_sources(sources))
+        if sources and len(cfg.rollout.resolutions) > 1:
+            from rlfh.config.schema import ConfigError
+
+            raise ConfigError(
+                [
+                    f"rollout.resolutions: {len(cfg.rollout.resolutions)} buckets with the data sources "
+                    f"{[s.name for s in sources]}, which extend one round's batch of one size; use one resolution"
+                ]
+            )
         train_rounds(cfg, skel, feed, sources, "rlfh train")
     finally:
         skel.close()
@@ -149,44 +158,58 @@ class OnlineFeed(Feed):
             self.fleet.actors[:] = [self.learner.lead]
 
     def submit(self, rnd: int):
+        """Start round ``rnd``'s sampling, one share per bucket (``rollout.resolutions``; one bucket without),
+        each at its size; returns [(bucket, jobs)] for :meth:`batch`."""
+        from dataclasses import replace
+
+        from rlfh.data.buckets import assign_buckets
         from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window
 
+        rc = self.cfg.rollout
         prompts, seeds = self.schedule.round(rnd)
         # DDPO: the round's SDE window (learner.ddpo.window; all steps without one), shared by its samples,
         # and with learner.ddpo.branch each prompt group's shared x_T
         record = ddpo_window(self.cfg, rnd) if self.record else False
-        return self.fleet.submit(
-            prompts,
-            seeds,
-            self.settings,
-            self.cfg.rollout.sample_batch_size_per_actor,
-            record,
-            ddpo_branch_seeds(self.cfg, prompts, seeds),
-        )
+        branch = ddpo_branch_seeds(self.cfg, prompts, seeds)
+        jobs = []
+        for b in assign_buckets(prompts, seeds, rc.resolutions, (rc.height, rc.width)):
+            pick = [prompts[i] for i in b.index], [seeds[i] for i in b.index]
+            settings = replace(self.settings, height=b.height, width=b.width)
+            sub = None if branch is None else [branch[i] for i in b.index]
+            jobs.append((b, self.fleet.submit(*pick, settings, rc.sample_batch_size_per_actor, record, sub)))
+        return jobs
 
     def batch(self, rnd: int, sources: list):
         """Sample (the next round starts sampling with the current weights while this one trains, with
-        ``rollout.max_staleness: 1``), score, log, build the batch."""
+        ``rollout.max_staleness: 1``), score, log, build the batch; bucket by bucket (rlfh/data/buckets.py)."""
+        from rlfh.data.buckets import concat_scored
         from rlfh.data.sources import RoundData
         from rollouts.log import make_records
 
         cfg, rc = self.cfg, self.cfg.rollout
         t0 = time.perf_counter()
-        batch = self.fleet.collect(self.jobs if self.jobs is not None else self.submit(rnd))
+        parts = [
+            (b, self.fleet.collect(jobs)) for b, jobs in (self.jobs if self.jobs is not None else self.submit(rnd))
+        ]
         self.jobs = self.submit(rnd + 1) if rc.max_staleness > 0 and rnd + 1 < cfg.num_rounds else None
-        batch.rollout_ids = [uuid.uuid4().hex for _ in range(len(batch))]
-        staleness = self.version - batch.policy_version
+        for _, part in parts:
+            part.rollout_ids = [uuid.uuid4().hex for _ in range(len(part))]
+        policy_version = min(part.policy_version for _, part in parts)
+        staleness = self.version - policy_version
         if staleness > rc.max_staleness:
             raise RuntimeError(f"round {rnd}: samples are {staleness} policy versions stale (> {rc.max_staleness})")
         t1 = time.perf_counter()
-        scored = self.scorer.score(batch.images, batch.prompts)  # every reward, and the face / hand regions
+        # every reward, and the face / hand regions
+        scored_parts = [self.scorer.score(part.images, part.prompts) for _, part in parts]
         t2 = time.perf_counter()
-        self.log.append(make_records(batch, scored, rnd, staleness))
+        for (_, part), scored in zip(parts, scored_parts):
+            self.log.append(make_records(part, scored, rnd, staleness))
         t3 = time.perf_counter()
-        train_batch, stats = self.build(batch, scored, sources)
+        scored = concat_scored(scored_parts)
+        train_batch, stats = self.build(parts, scored_parts, scored, sources)
         metrics = {
-            "rollout/samples": len(batch),
-            "rollout/sampled_policy_version": batch.policy_version,
+            "rollout/samples": sum(len(part) for _, part in parts),
+            "rollout/sampled_policy_version": policy_version,
             "rollout/staleness": staleness,
             "rollout/actor_restarts": self.fleet.restarts,
             **scored.means(),
@@ -196,31 +219,39 @@ class OnlineFeed(Feed):
             "time/log_s": t3 - t2,
             "time/pairs_s": time.perf_counter() - t3,
         }
-        return train_batch, metrics, RoundData(rnd, self.version, batch, scored)
+        samples = parts[0][1] if len(parts) == 1 else [part for _, part in parts]
+        return train_batch, metrics, RoundData(rnd, self.version, samples, scored)
 
-    def build(self, batch, scored, sources: list):
-        """Pairs (or weights, or trajectories) with region masks, and the sources' per-sample fields."""
+    def build(self, parts: list, scored_parts: list, scored, sources: list):
+        """Pairs (or weights, or trajectories) with region masks, and the sources' per-sample fields, per
+        bucket; the learner's scores normalized over the whole round (``scored``: every bucket's)."""
         from rlfh.data.batches import ScoredSamples
+        from rlfh.data.buckets import merge_stats, round_batch
         from rlfh.data.pairs import learner_batch, learner_scores
 
-        cfg, rc = self.cfg, self.cfg.rollout
-        scores, score_stats = learner_scores(scored.values(), scored.weights, batch.prompts, cfg.rewards_normalization)
-        samples = ScoredSamples(
-            batch.latents,
-            batch.prompts,
-            batch.prompts,
-            scores,
-            [scored.regions(i) for i in range(len(batch))],
-            (rc.height, rc.width),
-            batch.trajectory,
-            self.settings,
-            batch.conditioning,
-            images=batch.images,
-        )
-        for source in sources:
-            source.annotate(samples)
-        train_batch, stats = learner_batch(cfg.learner, samples, cfg.rewards_normalization)
-        return train_batch, {**stats, **score_stats}
+        cfg = self.cfg
+        prompts = [p for _, part in parts for p in part.prompts]
+        scores, score_stats = learner_scores(scored.values(), scored.weights, prompts, cfg.rewards_normalization)
+        built, start = [], 0
+        for (bucket, part), part_scored in zip(parts, scored_parts):
+            samples = ScoredSamples(
+                part.latents,
+                part.prompts,
+                part.prompts,
+                scores[start : start + len(part)],
+                [part_scored.regions(i) for i in range(len(part))],
+                (bucket.height, bucket.width),
+                part.trajectory,
+                part.settings,
+                part.conditioning,
+                images=part.images,
+            )
+            start += len(part)
+            for source in sources:
+                source.annotate(samples)
+            built.append((len(part), learner_batch(cfg.learner, samples, cfg.rewards_normalization)))
+        stats = merge_stats([(n, st) for n, (_, st) in built])
+        return round_batch([b for _, (b, _) in built]), {**stats, **score_stats}
 
     def after_train(self, rnd: int) -> dict:
         t0 = time.perf_counter()
@@ -237,7 +268,11 @@ class OnlineFeed(Feed):
         if every and rnd % every == 0:
             grid = write_grid(
                 self.run_dir / "samples" / f"round-{rnd:06d}.png",
-                data.samples.images,
+                [
+                    im
+                    for part in (data.samples if isinstance(data.samples, list) else [data.samples])
+                    for im in part.images
+                ],
                 ["-" if v is None else f"{v:.3g}" for v in data.scored.combined()],
             )
             self.skel.logger.log_image("samples", grid, step=rnd)

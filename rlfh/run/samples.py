@@ -10,12 +10,17 @@ from PIL import Image, ImageDraw
 
 
 def write_grid(
-    path: str | Path, images: np.ndarray, captions: Sequence[str], columns: int = 8, caption_height: int = 14
+    path: str | Path,
+    images: np.ndarray | Sequence[np.ndarray],
+    captions: Sequence[str],
+    columns: int = 8,
+    caption_height: int = 14,
 ) -> Path:
-    """Tile uint8 images (B, H, W, 3) in a grid, each with a one-line caption under it; returns the path."""
+    """Tile uint8 images (B, H, W, 3), or a list of (H_i, W_i, 3) (a multi-aspect round), in a grid of cells of
+    the largest size, each with a one-line caption under it; returns the path."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    b, h, w, _ = images.shape
+    b, h, w = len(images), max(im.shape[0] for im in images), max(im.shape[1] for im in images)
     cols = min(columns, b)
     rows = -(-b // cols)
     cell_h = h + caption_height
