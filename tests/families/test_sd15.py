@@ -251,6 +251,7 @@ def test_make_region_pairs_on_sd15(region_images, tiny_sd15_dir, tmp_path, capsy
         assert {inp["model_id"] for _, inp in pairs} == {tiny_sd15_dir}
 
 
+@pytest.mark.slow  # ~65 s at load 9 on 2 cores: two rounds of 4 SDRecon winners and 4 fresh losers at 10 steps
 def test_hgdpo_sdrecon_winners_on_sd15(tiny_sd15_dir, tmp_path):
     """HG-DPO's normal stage on SD1.5: the real images encoded by SD1.5's VAE (its latent scale), SDRecon
     re-noising them along SD1.5's own schedule and denoising with its policy (SDEdit, equal to
