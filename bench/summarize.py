@@ -22,9 +22,13 @@ from bench import common  # noqa: E402
 
 
 def _load_first(d: Path, names: list[str]) -> tuple[str | None, dict]:
+    """(path, contents) of the first of ``names`` in ``d``; the path relative to the repository when inside it
+    (a committed summary names its sources wherever the checkout is)."""
     for n in names:
         if (d / n).is_file():
-            return str(d / n), json.loads((d / n).read_text())
+            path = (d / n).resolve()
+            shown = path.relative_to(common.REPO) if path.is_relative_to(common.REPO) else path
+            return str(shown), json.loads(path.read_text())
     return None, {}
 
 
