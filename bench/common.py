@@ -16,6 +16,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -93,6 +94,92 @@ SDXL_TEXT2_CONFIG = dict(
 )
 
 
+# ------------------------------------------------------------------------------------ families
+@dataclass(frozen=True)
+class BenchFamily:
+    """What the benchmarks need of a model family (``--family``) beyond rlfh's own adapter (families/):
+    the model they run by default on CPU, and the denoiser's conditioning as the family's reference
+    training script builds it, for the reference loop and for random inputs (FLOP counts, breakdowns).
+
+    Attributes:
+        name: the family's key (families.FAMILIES).
+        tiny_model: the seeded tiny model of the family (CPU default).
+        reference_conditioning: ``(pipe, prompts, pixels, device) -> denoiser kwargs`` for one row per
+            prompt, computed as the family's diffusers training script computes them every step.
+        random_conditioning: ``(pipe, rows, device, dtype) -> denoiser kwargs`` of random inputs.
+    """
+
+    name: str
+    tiny_model: str
+    reference_conditioning: Callable[..., dict[str, Any]]
+    random_conditioning: Callable[..., dict[str, Any]]
+
+
+def _sdxl_reference_conditioning(pipe, prompts: list[str], pixels: int, device) -> dict[str, Any]:
+    # diffusers' examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py: both text encoders
+    # every step, and the micro-conditioning time ids of the (square, uncropped) image
+    enc, _, pooled, _ = pipe.encode_prompt(
+        prompt=prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    time_ids = pipe._get_add_time_ids(
+        (pixels, pixels),
+        (0, 0),
+        (pixels, pixels),
+        dtype=enc.dtype,
+        text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    )
+    added = {"text_embeds": pooled, "time_ids": time_ids.to(device).repeat(len(prompts), 1)}
+    return {"encoder_hidden_states": enc, "added_cond_kwargs": added}
+
+
+def _sdxl_random_conditioning(pipe, rows: int, device, dtype) -> dict[str, Any]:
+    unet = pipe.unet
+    added = {
+        "text_embeds": torch.randn(rows, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype),
+        "time_ids": torch.randn(rows, 6, device=device, dtype=dtype),
+    }
+    enc = torch.randn(rows, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    return {"encoder_hidden_states": enc, "added_cond_kwargs": added}
+
+
+def _sd15_reference_conditioning(pipe, prompts: list[str], pixels: int, device) -> dict[str, Any]:
+    # diffusers' examples/research_projects/diffusion_dpo/train_diffusion_dpo.py: the text encoder's last
+    # hidden state, every step
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return {"encoder_hidden_states": pipe.text_encoder(ids.to(device))[0]}
+
+
+def _sd15_random_conditioning(pipe, rows: int, device, dtype) -> dict[str, Any]:
+    enc = torch.randn(rows, 77, pipe.unet.config.cross_attention_dim, device=device, dtype=dtype)
+    return {"encoder_hidden_states": enc}
+
+
+# A family the CPU benchmarks measure is one entry here (SD3 and FLUX join with their transformers' inputs).
+BENCH_FAMILIES: dict[str, BenchFamily] = {
+    f.name: f
+    for f in (
+        BenchFamily("sdxl", "rlfh:tiny-sdxl", _sdxl_reference_conditioning, _sdxl_random_conditioning),
+        BenchFamily("sd15", "rlfh:tiny-sd15", _sd15_reference_conditioning, _sd15_random_conditioning),
+    )
+}
+
+
+def bench_family(name: str) -> BenchFamily:
+    """The benchmarks' entry of ``--family name``; a clear error naming the ones there are otherwise."""
+    if name not in BENCH_FAMILIES:
+        raise SystemExit(f"--family {name}: the benchmarks know {sorted(BENCH_FAMILIES)}")
+    return BENCH_FAMILIES[name]
+
+
+def repeat_rows(kwargs: dict[str, Any], n: int) -> dict[str, Any]:
+    """Denoiser kwargs with every tensor's rows repeated ``n`` times (the winners', then the losers')."""
+    return {
+        k: repeat_rows(v, n) if isinstance(v, dict) else v.repeat(n, *[1] * (v.dim() - 1)) for k, v in kwargs.items()
+    }
+
+
 # ------------------------------------------------------------------------------------ machine
 def machine(device: torch.device) -> dict[str, Any]:
     """Where and with what the numbers were measured."""
@@ -162,8 +249,12 @@ def set_threads(n: int | None, device: torch.device) -> None:
         torch.set_num_threads(n or 1)
 
 
-def result_name(kind: str, device: torch.device, model: str, default_model: str, smoke: bool) -> str:
-    """smoke_<kind> | gpu_<kind> | cpu_tiny_<kind> for the default model, else <dev>_<model slug>_<kind>."""
+def result_name(
+    kind: str, device: torch.device, model: str, default_model: str, smoke: bool, family: str = "sdxl"
+) -> str:
+    """smoke_<kind> | gpu_<kind> | cpu_tiny_<kind> for the default model, else <dev>_<model slug>_<kind>;
+    a family other than SDXL after the prefix (smoke_sd15_<kind>, cpu_tiny_sd15_<kind>, ...)."""
+    kind = kind if family == "sdxl" else f"{family}_{kind}"
     if smoke:
         return f"smoke_{kind}"
     dev = "gpu" if device.type == "cuda" else "cpu"

@@ -3,9 +3,11 @@
     python bench/learner_bench.py                       # auto: GPU -> SDXL-arch 1024 px, CPU -> tiny 64 px
     python bench/learner_bench.py --modes lora8,lora64,full --pairs 1 --size 1024
     python bench/learner_bench.py --smoke               # seconds: tiny model, lora8, 2 steps
+    python bench/learner_bench.py --family sd15         # another family: its tiny model and reference script
 
 (a) ``reference_loop``: the loss and step written inline as diffusers'
-examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py writes them (per-sample MSE,
+examples/research_projects/diffusion_dpo/train_diffusion_dpo_sdxl.py (``--family sd15``:
+train_diffusion_dpo.py, the same loss on SD1.5's one text encoder) writes them (per-sample MSE,
 w/l chunks, -logsigmoid(-beta/2 (model_diff - ref_diff)), clip, AdamW), in plain PyTorch with no
 compile, but with the reference as a SECOND frozen UNet copy (the original DiffusionDPO training
 scripts' full fine-tuning set-up; the diffusers LoRA example itself disables the adapters instead).
@@ -45,10 +47,12 @@ PROMPTS = ["a photo of a person", "a portrait of a woman", "a man waving his han
 class ReferenceLoop:
     """The reference-style Diffusion-DPO step: a second frozen UNet, loss inline, plain AdamW."""
 
-    def __init__(self, model: str, device, dtype, rank: int | None, beta: float, lr: float = 1e-5):
+    def __init__(
+        self, model: str, device, dtype, rank: int | None, beta: float, family: common.BenchFamily, lr: float = 1e-5
+    ):
         from diffusers import DDPMScheduler
 
-        self.device, self.dtype, self.beta = device, dtype, beta
+        self.device, self.dtype, self.beta, self.family = device, dtype, beta, family
         self.pipe = common.load_model(model, device, dtype)
         self.pipe.vae = None  # trains on latents, like the learner
         self.sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
@@ -74,22 +78,10 @@ class ReferenceLoop:
         noise = torch.randn(lat_w.shape, generator=self.gen).to(dev).repeat(2, 1, 1, 1)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (b,), generator=self.gen).to(dev).repeat(2)
         x_t = self.sched.add_noise(latents, noise, t)
-        h = lat_w.shape[-1] * 8
         with torch.no_grad():
-            enc, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False
+            cond = common.repeat_rows(
+                self.family.reference_conditioning(self.pipe, prompts, lat_w.shape[-1] * 8, dev), 2
             )
-            time_ids = self.pipe._get_add_time_ids(
-                (h, h),
-                (0, 0),
-                (h, h),
-                dtype=enc.dtype,
-                text_encoder_projection_dim=self.pipe.text_encoder_2.config.projection_dim,
-            )
-        cond = dict(
-            encoder_hidden_states=enc.repeat(2, 1, 1),
-            added_cond_kwargs={"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids.to(dev).repeat(2 * b, 1)},
-        )
         amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         with amp:
             pred = self.unet(x_t.to(self.dtype), t, **cond).sample
@@ -153,13 +145,8 @@ class RlfhLearner:
         self.PairBatch, self.train = PairBatch, train
         # what the rollout actors send with their samples (RolloutBatch.conditioning): the prompts
         # encoded once, in one call, as a sampler batch does; the learner then runs no text encoder
-        enc, added = families.PromptCache(self.learner.family, enabled=False).conditioning(
-            self.learner.pipe, PROMPTS, 64, 64, device
-        )
-        self.conditioning = {
-            p: (enc[i].float().cpu().numpy(), added["text_embeds"][i].float().cpu().numpy())
-            for i, p in enumerate(PROMPTS)
-        }
+        rows = families.PromptCache(self.learner.family, enabled=False).rows(self.learner.pipe, PROMPTS, device)
+        self.conditioning = {p: tuple(f[i].float().cpu().numpy() for f in rows) for i, p in enumerate(PROMPTS)}
 
     def step(self, lat_w, lat_l, prompts) -> float:
         batch = self.PairBatch(lat_w, lat_l, prompts, conditioning=self.conditioning)
@@ -189,7 +176,7 @@ def bench_mode(mode: str, args, device, dtype, peak) -> dict:
     lat_l = g.standard_normal((args.pairs, 4, h, h), dtype=np.float32)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.pairs)]
     builders = {
-        "reference_loop": lambda: ReferenceLoop(args.model, device, dtype, rank, args.beta),
+        "reference_loop": lambda: ReferenceLoop(args.model, device, dtype, rank, args.beta, args.bench_family),
         "rlfh": lambda: RlfhLearner(
             args.model, device, dtype, rank, args.beta, args.pairs, args.gradient_checkpointing
         ),
@@ -315,17 +302,12 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
     cfgu, b2, h = unet.config, 2 * pairs, size // 8
     x = torch.randn(b2, cfgu.in_channels, h, h, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (b2,), device=device)
-    enc = torch.randn(b2, 77, cfgu.cross_attention_dim, device=device, dtype=dtype)
-    added = {
-        "text_embeds": torch.randn(b2, ref.pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype),
-        "time_ids": torch.randn(b2, 6, device=device, dtype=dtype),
-    }
+    cond = ref.family.random_conditioning(ref.pipe, b2, device, dtype)
     med = lambda fn: statistics.median(common.timed(fn, device) for _ in range(n))  # noqa: E731
     out = {}
     with torch.no_grad():
-        out["ref_forward_plain_copy_s"] = med(
-            lambda: ref.ref_unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
-        )
+        out["ref_forward_plain_copy_s"] = med(lambda: ref.ref_unet(x, t, **cond))
+        enc, added = cond["encoder_hidden_states"], cond.get("added_cond_kwargs", {})
         out["ref_forward_rlfh_s"] = med(lambda: lrn.reference(x, t, enc, added))
         if lrn.ref_unet is None:
 
@@ -336,7 +318,7 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
             out["adapter_toggle_s"] = med(toggle)
 
     def plain():
-        loss = ref.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample.float().square().mean()
+        loss = ref.unet(x, t, **cond).sample.float().square().mean()
         t0 = time.perf_counter()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.params, 1.0)
@@ -346,7 +328,7 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
         return time.perf_counter() - t0
 
     def engine():
-        loss = lrn.engine(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample.float().square().mean()
+        loss = lrn.engine(x, t, **cond).sample.float().square().mean()
         t0 = time.perf_counter()
         lrn.backward(loss)  # DeepSpeed's backward and step, as rlfh takes them
         common.sync(device)
@@ -382,6 +364,12 @@ def profile_step(fn, top: int = 15) -> list[dict]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
+    ap.add_argument(
+        "--family",
+        default="sdxl",
+        help=f"the model family, one of {sorted(common.BENCH_FAMILIES)}: its tiny model by default (CPU; "
+        "GPU: SDXL's architecture for sdxl) and its reference script's conditioning; results named after it",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None, choices=list(common.DTYPES))
     ap.add_argument("--size", type=int, default=None, help="image size in px (latents are size/8)")
@@ -417,12 +405,14 @@ def main(argv=None) -> dict:
     device = common.pick_device(args.device)
     common.set_threads(args.threads, device)
     gpu = device.type == "cuda"
+    args.bench_family = family = common.bench_family(args.family)
+    tiny = family.tiny_model
     d = d_all = (
-        dict(model="rlfh:tiny-sdxl", size=64, pairs=2, modes="lora8", repeats=2, dtype="float32")
+        dict(model=tiny, size=64, pairs=2, modes="lora8", repeats=2, dtype="float32")
         if args.smoke
         else dict(model="sdxl-arch-random", size=1024, pairs=1, modes="lora8,lora64,full", repeats=5, dtype="bfloat16")
-        if gpu
-        else dict(model="rlfh:tiny-sdxl", size=64, pairs=2, modes="lora8,lora64,full", repeats=10, dtype="float32")
+        if gpu and family.name == "sdxl"
+        else dict(model=tiny, size=64, pairs=2, modes="lora8,lora64,full", repeats=10, dtype="float32")
     )
     default_model = d_all["model"]
     for k, v in d.items():
@@ -449,6 +439,7 @@ def main(argv=None) -> dict:
         "benchmark": "learner",
         **record,
         "settings": {
+            "family": family.name,
             "model": args.model,
             "dtype": args.dtype,
             "size": args.size,
@@ -480,7 +471,7 @@ def main(argv=None) -> dict:
         print(
             f"[learner] headline ({head['mode']}): ratio {result['learner_ratio']:.3f}, mfu {result['learner_mfu']:.4f}"
         )
-    name = args.out or common.result_name("learner", device, args.model, default_model, args.smoke)
+    name = args.out or common.result_name("learner", device, args.model, default_model, args.smoke, family.name)
     common.write_result(name, result, args.out_dir)
     if large is not None and not args.out:
         common.write_result(

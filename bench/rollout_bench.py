@@ -1,8 +1,10 @@
-"""Rollout throughput: rlfh's Sampler against the stock diffusers StableDiffusionXLPipeline call.
+"""Rollout throughput: rlfh's Sampler against the stock diffusers pipeline call (StableDiffusionXLPipeline, or
+the ``--family``'s own: StableDiffusionPipeline for sd15).
 
     python bench/rollout_bench.py                       # auto: GPU -> SDXL-arch 1024 px, CPU -> tiny 64 px
     python bench/rollout_bench.py --model sdxl-arch-random --batch-sizes 1,2,4,8,16 --steps 30 --no-compile
     python bench/rollout_bench.py --smoke               # seconds: tiny model, batch 1, 2 steps
+    python bench/rollout_bench.py --family sd15         # another family: its stock pipeline, its tiny model
 
 (a) ``pipe(prompt=..., negative_prompt=..., generator=[...], num_inference_steps, guidance_scale)``
 as a user calls it (default PIL output); (b) ``Sampler.sample`` on the SAME pipeline object, same
@@ -36,28 +38,25 @@ from bench import common  # noqa: E402
 PROMPTS = ["a photo of a person", "a portrait of a woman", "a man waving his hand", "two people talking"]
 
 
-def defaults(device: torch.device, smoke: bool) -> dict:
+def defaults(device: torch.device, smoke: bool, family: common.BenchFamily) -> dict:
+    tiny = family.tiny_model
     if smoke:
-        return dict(model="rlfh:tiny-sdxl", size=64, steps=2, batch_sizes=[1], repeats=1, dtype="float32")
-    if device.type == "cuda":
+        return dict(model=tiny, size=64, steps=2, batch_sizes=[1], repeats=1, dtype="float32")
+    if device.type == "cuda" and family.name == "sdxl":
         # [1, 4, 16] x 3 variants x (1 warm-up + 2) calls fits a 10-minute per-command limit
         return dict(model="sdxl-arch-random", size=1024, steps=30, batch_sizes=[1, 4, 16], repeats=2, dtype="bfloat16")
-    return dict(model="rlfh:tiny-sdxl", size=64, steps=10, batch_sizes=[1, 4, 8, 16], repeats=7, dtype="float32")
+    return dict(model=tiny, size=64, steps=10, batch_sizes=[1, 4, 8, 16], repeats=7, dtype="float32")
 
 
-def unet_flops_per_image(pipe, size: int, cfg: bool, device, dtype) -> dict[str, int]:
+def unet_flops_per_image(pipe, size: int, cfg: bool, device, dtype, family: common.BenchFamily) -> dict[str, int]:
     """FLOPs of one UNet forward for one image (2 rows with CFG) and of one VAE decode."""
     unet, h = pipe.unet, size // pipe.vae_scale_factor
     rows = 2 if cfg else 1
     x = torch.randn(rows, unet.config.in_channels, h, h, device=device, dtype=dtype)
-    enc = torch.randn(rows, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    added = {
-        "text_embeds": torch.randn(rows, pipe.text_encoder_2.config.projection_dim, device=device, dtype=dtype),
-        "time_ids": torch.randn(rows, 6, device=device, dtype=dtype),
-    }
+    cond = family.random_conditioning(pipe, rows, device, dtype)
     t = torch.tensor([500] * rows, device=device)
     with torch.no_grad():
-        f_unet = common.count_flops(lambda: unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added))
+        f_unet = common.count_flops(lambda: unet(x, t, **cond))
         z = torch.randn(1, 4, h, h, device=device, dtype=dtype)
         f_vae = common.count_flops(lambda: pipe.vae.decode(z))
     return {"unet_forward_per_image": f_unet, "vae_decode_per_image": f_vae}
@@ -133,6 +132,12 @@ def profile_sampler(sampler, prompts, seeds, settings, top: int = 15) -> list[di
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="sdxl-arch-random | rlfh:tiny-sdxl | path or hub id")
+    ap.add_argument(
+        "--family",
+        default="sdxl",
+        help=f"the model family, one of {sorted(common.BENCH_FAMILIES)}: its tiny model by default (CPU; "
+        "GPU: SDXL's architecture for sdxl), results named after it (cpu_tiny_<family>_rollout.json)",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--size", type=int, default=None, help="image height = width in px")
@@ -166,7 +171,8 @@ def main(argv=None) -> dict:
     common.quiet()
     device = common.pick_device(args.device)
     common.set_threads(args.threads, device)
-    d = defaults(device, args.smoke)
+    family = common.bench_family(args.family)
+    d = defaults(device, args.smoke, family)
     model = args.model or d["model"]
     size, steps = args.size or d["size"], args.steps or d["steps"]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else d["batch_sizes"]
@@ -305,7 +311,7 @@ def main(argv=None) -> dict:
             "unet_bytes": sum(p.numel() * p.element_size() for p in merged.pipe.unet.parameters()),
         }
 
-    flops = unet_flops_per_image(pipe, size, args.guidance > 1.0, device, dtype)
+    flops = unet_flops_per_image(pipe, size, args.guidance > 1.0, device, dtype, family)
     per_image = flops["unet_forward_per_image"] * steps + flops["vae_decode_per_image"]
     best = max(rows, key=lambda r: r["sampler_images_per_s"])
     headline_row = rows[-1]  # the largest batch: the setting rollouts run at
@@ -313,6 +319,7 @@ def main(argv=None) -> dict:
         "benchmark": "rollout",
         **record,
         "settings": {
+            "family": family.name,
             "model": model,
             "dtype": str(dtype).replace("torch.", ""),
             "size": size,
@@ -361,7 +368,7 @@ def main(argv=None) -> dict:
         f"rollout_mfu {result['rollout_mfu']:.4f}; max pixel diff stock vs sampler {diff}"
     )
     kind = "rollout_compile" if args.compile else "rollout"
-    name = args.out or common.result_name(kind, device, model, d["model"], args.smoke)
+    name = args.out or common.result_name(kind, device, model, d["model"], args.smoke, family.name)
     common.write_result(name, result, args.out_dir)
     return result
 

@@ -2,6 +2,7 @@
 
     python bench/summarize.py [--dir bench/results] [--prefix cpu_tiny_|gpu_|smoke_]
     python bench/summarize.py --cpu-sh DIR --out OUT_DIR/cpu_summary.json   # bench/cpu.sh's summary
+    python bench/summarize.py --cpu-sh DIR --family sd15 --out OUT_DIR/cpu_summary_sd15.json   # one family's
     python bench/summarize.py --gpu-sh DIR --out bench/results/gpu_summary.json   # bench/gpu.sh's summary
 
 The summary carries device, date, machine, versions, the four headlines (rollout_ratio, rollout_mfu,
@@ -21,20 +22,95 @@ from bench import common  # noqa: E402
 
 
 def _load_first(d: Path, names: list[str]) -> tuple[str | None, dict]:
+    """(path, contents) of the first of ``names`` in ``d``; the path relative to the repository when inside it
+    (a committed summary names its sources wherever the checkout is)."""
     for n in names:
         if (d / n).is_file():
-            return str(d / n), json.loads((d / n).read_text())
+            path = (d / n).resolve()
+            shown = path.relative_to(common.REPO) if path.is_relative_to(common.REPO) else path
+            return str(shown), json.loads(path.read_text())
     return None, {}
 
 
-def _stage_times(d: Path) -> dict:
+def _stage_times(d: Path, name: str = "stage_times.tsv") -> dict:
     out = {}
-    f = d / "stage_times.tsv"
+    f = d / name
     if f.is_file():
         for line in f.read_text().splitlines():
             name, secs, rc = line.split("\t")
             out[name] = {"wall_s": int(secs), "exit_code": int(rc)}
     return out
+
+
+# What bench/cpu.sh requires of each family beside SDXL (issue 23).
+FAMILY_TARGETS = {"rollout_lora_ratio": 0.97, "learner_ratio": 1.0}
+
+
+def family_summary(d: Path, family: str) -> dict | None:
+    """The headlines of one family's stages of bench/cpu.sh (rollout_<family>, learner_<family>): its
+    Sampler with the merged LoRA and cached prompts against its stock pipeline without a LoRA, and its
+    learner against the reference DPO loop of its diffusers script; None when neither ran."""
+    src = {
+        "rollout": _load_first(d, [f"cpu_tiny_{family}_rollout.json", f"smoke_{family}_rollout.json"]),
+        "learner": _load_first(d, [f"cpu_tiny_{family}_learner.json", f"smoke_{family}_learner.json"]),
+    }
+    (_, ro), (_, le) = src["rollout"], src["learner"]
+    if not (ro or le):
+        return None
+    first = ro or le
+    heads = {
+        "rollout_lora_ratio": ro.get("rollout_lora_ratio"),
+        "rollout_lora_ratio_before": ro.get("rollout_lora_ratio_before"),
+        "rollout_ratio": ro.get("rollout_ratio"),
+        "learner_ratio": le.get("learner_ratio"),
+        "learner_ratio_eager": le.get("learner_ratio_eager"),
+        "learner_compiled": le.get("learner_compiled"),
+    }
+    met = {k: heads[k] >= v if isinstance(heads[k], float) else None for k, v in FAMILY_TARGETS.items()}
+    return {
+        "family": family,
+        "device": first.get("device"),
+        "date": first.get("date"),
+        "machine": first.get("machine"),
+        "versions": first.get("versions"),
+        "smoke": any(p and "smoke_" in p for p, _ in src.values()),
+        **heads,
+        "targets": FAMILY_TARGETS,
+        "targets_met": met,
+        "meaning": {
+            "rollout_lora_ratio": "the family's stock diffusers pipeline (no LoRA) seconds / rlfh Sampler with "
+            "the merged LoRA and cached prompts seconds, batch 16, median of paired calls (>1: rlfh faster)",
+            "learner_ratio": "rlfh learner pairs/s over the reference DPO loop of the family's diffusers script, "
+            "lora8, 64 px, median of paired steps; rlfh compiled when learner_compiled (_eager: not)",
+        },
+        "settings": {k: v.get("settings") for k, (_, v) in src.items()},
+        "dates": {k: v.get("date") for k, (_, v) in src.items()},
+        "load_avg": {
+            k: [(v.get("machine") or {}).get("load_avg_1_5_15_at_start"), v.get("machine_load_avg_at_end")]
+            for k, (_, v) in src.items()
+        },
+        "stage_times": _stage_times(d, f"stage_times_{family}.tsv"),
+        "sources": {k: p for k, (p, _) in src.items()},
+        "raw": {"rollout_rows": ro.get("rows"), "learner_rows": le.get("rows")},
+    }
+
+
+def write_family_summary(d: Path, family: str, out: Path) -> dict:
+    summary = family_summary(d, family)
+    if summary is None:
+        raise SystemExit(f"no {family} results (cpu_tiny_{family}_*.json, smoke_{family}_*.json) in {d}")
+    print_family(summary)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"[summary] wrote {out}")
+    return summary
+
+
+def print_family(s: dict) -> None:
+    for k in ("rollout_lora_ratio", "learner_ratio", "learner_ratio_eager"):
+        v, name = s[k], f"{s['family']} {k}"
+        target = f" (target >= {FAMILY_TARGETS[k]})" if k in FAMILY_TARGETS else ""
+        print(f"[summary] {name:>27}: {v:.4f}{target}" if isinstance(v, float) else f"[summary] {name:>27}: {v}")
 
 
 def cpu_sh_summary(d: Path, out: Path) -> dict:
@@ -85,6 +161,7 @@ def cpu_sh_summary(d: Path, out: Path) -> dict:
             for k, (_, v) in src.items()
         },
         "stage_times": _stage_times(d),
+        "families": {f: s for f in common.BENCH_FAMILIES if f != "sdxl" and (s := family_summary(d, f))},
         "sources": {k: p for k, (p, _) in src.items()},
         "raw": {
             "rollout_rows": ro.get("rows"),
@@ -108,6 +185,8 @@ def cpu_sh_summary(d: Path, out: Path) -> dict:
     ):
         v = summary[k]
         print(f"[summary] {k:>27}: {v:.4f}" if isinstance(v, float) else f"[summary] {k:>27}: {v}")
+    for fam in summary["families"].values():
+        print_family(fam)
     for k, v in summary["stage_times"].items():
         print(f"[summary] {k:>27}: {v['wall_s']} s (exit {v['exit_code']})")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +253,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--cpu-sh", default=None, metavar="DIR", help="bench/cpu.sh's per-bench results: write --out")
     ap.add_argument("--gpu-sh", default=None, metavar="DIR", help="bench/gpu.sh's per-bench results: write --out")
     ap.add_argument("--out", default=None, help="summary path for --cpu-sh / --gpu-sh")
+    ap.add_argument("--family", default=None, help="with --cpu-sh: that family's stages only (not sdxl)")
     args = ap.parse_args(argv)
+    if args.cpu_sh and args.family and args.family != "sdxl":
+        out = Path(args.out or Path(args.cpu_sh).parent / f"cpu_summary_{args.family}.json")
+        return write_family_summary(Path(args.cpu_sh), args.family, out)
     if args.cpu_sh:
         return cpu_sh_summary(Path(args.cpu_sh), Path(args.out or Path(args.cpu_sh).parent / "cpu_summary.json"))
     if args.gpu_sh:

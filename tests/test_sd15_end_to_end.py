@@ -1,7 +1,7 @@
 """The SD1.5 family through the whole product on its tiny model: `rlfh train configs/tiny.yaml
 model.path=<tiny SD1.5>` unchanged (real Ray, real DeepSpeed over gloo) for two rounds, the LoRA it
-exports in the stock ``StableDiffusionPipeline``, `rlfh offline-dpo` from its rollout log, and a
-DPO learning test without Ray at fixed seeds.
+exports in the stock ``StableDiffusionPipeline``, resume from its checkpoint, `rlfh offline-dpo` from its
+rollout log, and a DPO learning test without Ray at fixed seeds.
 """
 
 from __future__ import annotations
@@ -17,18 +17,23 @@ pytestmark = pytest.mark.slow
 ROUNDS = 2
 
 
-@pytest.fixture(scope="module")
-def sd15_run(tiny_sd15_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("sd15") / "run"
-    rlfh(
-        "train",
+def train_args(tiny_sd15_dir, run_dir) -> list[str]:
+    # a checkpoint after every round: the resume test restarts from round 1's
+    return [
         "configs/tiny.yaml",
         f"run_dir={run_dir}",
         f"model.path={tiny_sd15_dir}",
         f"num_rounds={ROUNDS}",
+        "logging.checkpoint_every=1",
         "logging.wandb=false",
         "logging.progress=false",
-    )
+    ]
+
+
+@pytest.fixture(scope="module")
+def sd15_run(tiny_sd15_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sd15") / "run"
+    rlfh("train", *train_args(tiny_sd15_dir, run_dir))
     return run_dir
 
 
@@ -62,6 +67,33 @@ def test_the_runs_lora_loads_in_the_stock_pipeline_and_changes_its_output(sd15_r
     pipe.load_lora_weights(str(ckpt))
     moved = latents().images
     assert (moved - base).abs().max() > 1e-3
+
+
+def test_a_run_resumed_from_its_checkpoint_redoes_the_round_exactly(sd15_run, tiny_sd15_dir, tmp_path):
+    """tests/test_resume.py's check on SD1.5, at the cost of one round: the finished run's directory as a
+    run killed in its last round leaves it (round 1 logged, its checkpoint not yet written), restarted
+    with the same command, resumes from round 1's checkpoint and reproduces the uninterrupted round 1
+    exactly, its rollout log holding each round once."""
+    import shutil
+
+    from rlfh.run.metrics import read_metrics
+    from rollouts.log import RolloutLog
+
+    run_dir = tmp_path / "killed"
+    shutil.copytree(sd15_run, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "round-000002")
+    (run_dir / "checkpoints" / "latest").write_text("round-000001")
+    r = rlfh("train", *train_args(tiny_sd15_dir, run_dir))
+    assert "resuming from" in r.stdout and "round 1" in r.stdout
+
+    ref, got = read_metrics(sd15_run), read_metrics(run_dir)
+    assert [row["round"] for row in got] == list(range(ROUNDS))
+    for key in ("loss/dpo", "dpo/implicit_acc", "reward/jpeg_compressibility/mean", "policy_version"):
+        assert got[1][key] == ref[1][key], (key, got[1][key], ref[1][key])
+    recs = RolloutLog(run_dir / "rollouts").records(["rollout_id", "round"])
+    per_round = [sum(1 for x in recs if x["round"] == k) for k in range(ROUNDS)]
+    assert per_round == [len(recs) // ROUNDS] * ROUNDS and len({x["rollout_id"] for x in recs}) == len(recs)
+    assert (run_dir / "checkpoints" / "latest").read_text() == "round-000002"
 
 
 def test_offline_dpo_from_the_sd15_log(sd15_run, tiny_sd15_dir, tmp_path):

@@ -383,9 +383,18 @@ def model_family(model) -> tuple[object | None, list[str]]:
     return found, []
 
 
+# The methods a family's ``refused`` may name besides the losses (``learner.loss``), each with the setting
+# that asks for it: what :func:`methods_in_use` reports and README's families table lists.
+OPTION_METHODS = {
+    "hcp": "model.hcp.enabled=true",
+    "guidance_free": "learner.guidance_free.scale",
+    "cfg": "rollout.guidance_scale > 1",
+}
+
+
 def methods_in_use(cfg) -> dict[str, str]:
-    """The rlfh methods a config runs, by the name a family's ``refused`` uses, each with the setting
-    that asks for it."""
+    """The rlfh methods a config runs, by the name a family's ``refused`` uses (a loss name or a key of
+    :data:`OPTION_METHODS`), each with the setting that asks for it."""
     used = {cfg.learner.loss: f"learner.loss={cfg.learner.loss}"}
     if cfg.model.hcp.enabled:
         used["hcp"] = "model.hcp.enabled=true"

@@ -303,6 +303,9 @@ class DiffusersInpainter:
             prompt=list(prompts),
             image=x0,
             mask_image=pixel.to(dev),
+            # what a 9-channel UNet would read; the 4-channel one never does. Given, so that SD1.5's
+            # pipeline does not mask the latents with the pixel-sized mask (SDXL's skips latents itself)
+            masked_image_latents=x0,
             strength=float(strength),
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,

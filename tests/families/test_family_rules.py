@@ -56,3 +56,35 @@ def test_a_method_the_family_refuses_is_refused_with_its_reason(monkeypatch):
         )
     assert "model.hcp.enabled=true does not apply to the nohcp model family: this family has no UNet" in str(e.value)
     assert "learner.loss=ddpo does not apply to the nohcp model family: this family has no DDIM sampler" in str(e.value)
+
+
+def test_readme_families_table_is_generated_from_the_refusals():
+    """README's families x methods table is rlfh.config.family_methods' output: a refusal added to a family,
+    a loss added to the registry or a family implemented shows there or this test fails."""
+    from rlfh.config.family_methods import in_readme, render
+
+    table = in_readme((REPO / "README.md").read_text())
+    assert table is not None, "README.md lost its families table markers"
+    assert table == render(), "README.md's families table is stale: paste `python -m rlfh.config.family_methods`"
+
+
+def test_the_table_lists_every_method_a_config_can_ask_for_and_each_refusal_with_its_reason(monkeypatch):
+    from rlfh.config.family_methods import known_methods, render, unknown_refusals
+    from rlfh.config.rules import OPTION_METHODS, methods_in_use
+    from rlfh.losses.registry import LOSSES
+
+    # CFG-free training samples without guidance: the options in two configs
+    asked = {*methods_in_use(config("model.hcp.enabled=true", "learner.guidance_free.scale=3"))}
+    asked |= {*methods_in_use(config("rollout.guidance_scale=5"))}
+    assert asked == {"dpo", *OPTION_METHODS}
+    assert set(known_methods()) == set(LOSSES) | set(OPTION_METHODS)
+    assert unknown_refusals() == []
+
+    monkeypatch.setitem(families.FAMILIES, "nohcp", NoHcP())
+    row = {ln.split(" | ")[0]: ln for ln in render().splitlines()}
+    assert row["| `model.hcp.enabled=true` (HcP layer)"].endswith(
+        "| works | works | refused: this family has no UNet cross-attention | not yet | not yet |"
+    )
+    assert row["| `learner.loss=dpo`"].endswith("| works | works | works | not yet | not yet |")
+    monkeypatch.setattr(NoHcP, "refused", {"hpc": "a typo"})
+    assert unknown_refusals() == ["nohcp.hpc"]

@@ -16,7 +16,14 @@ from rlfh.config.schema import ModelConfig, load_config
 from rollouts.sampler import Sampler, seeded_generators
 from rollouts.types import SamplerSettings
 from tests.conftest import REPO
-from tests.rollouts.test_sampler import assert_images_match
+from tests.rollouts.test_sampler import assert_sampler_equals_stock_pipeline
+
+
+@pytest.fixture(scope="module")
+def region_images(tmp_path_factory):
+    from tests.rlfh.test_region_pairs_tiny import write_face_images
+
+    return write_face_images(tmp_path_factory.mktemp("images"))
 
 
 @pytest.fixture(scope="module")
@@ -37,27 +44,11 @@ def test_the_tiny_model_is_a_stock_sd15_pipeline(pipe, tiny_sd15_dir):
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_sampler_equals_stock_diffusers_pipeline(pipe, guidance):
-    """The same tolerances as the SDXL sampler (tests/rollouts/test_sampler.py) and for the same reason:
-    the cond / uncond combination of the guided prediction is rounded in each side's own order."""
-    prompts, seeds = ["a photo of a person", "a man waving his hand", "a photo of a person"], [3, 1, 4]
-    settings = SamplerSettings(6, guidance, "blurry", 64, 64)
-    ours = Sampler(pipe, "tiny-sd15").sample(prompts, seeds, settings)
-    kwargs = dict(
-        prompt=prompts,
-        negative_prompt=["blurry"] * 3,
-        num_inference_steps=6,
-        guidance_scale=guidance,
-        height=64,
-        width=64,
-    )
-    ref_lat = pipe(**kwargs, generator=seeded_generators(seeds), output_type="latent").images
-    ref_img = pipe(**kwargs, generator=seeded_generators(seeds), output_type="np").images
-    assert ours.latents.shape == (3, 4, 8, 8) and ours.images.shape == (3, 64, 64, 3)
-    np.testing.assert_allclose(ours.latents, ref_lat.numpy(), atol=5e-5, rtol=0)
-    assert_images_match(ours.images, ref_img)
+    """The SDXL sampler's check (tests/rollouts/test_sampler.py) against the stock StableDiffusionPipeline."""
+    ours = assert_sampler_equals_stock_pipeline(pipe, "tiny-sd15", guidance)
     # the rows the rollouts send the learner: the token embeddings only (no pooled embedding on SD1.5)
     assert {p: tuple(a.shape for a in rows) for p, rows in ours.conditioning.items()} == {
-        p: ((77, 32),) for p in prompts
+        p: ((77, 32),) for p in ours.prompts
     }
 
 
@@ -233,3 +224,43 @@ def test_eval_compares_an_sd15_model_with_an_sdxl_baseline(tiny_sd15_dir, tiny_m
     jpeg = summary["rewards"]["jpeg_compressibility"]
     assert jpeg["model"]["n_valid"] == 1 and jpeg["baseline"]["n_valid"] == 1
     assert jpeg["model"]["mean"] != jpeg["baseline"]["mean"]
+
+
+@pytest.mark.parametrize("inpainter", ["policy", "pipeline"])
+def test_make_region_pairs_on_sd15(region_images, tiny_sd15_dir, tmp_path, capsys, inpainter):
+    """`rlfh make-region-pairs` on SD1.5 (FaceScore's region pairs), inpainting by the policy (SDEdit,
+    ``Sampler.refine``) or by the inpainting pipeline diffusers' ``AutoPipelineForInpainting`` makes of the
+    SD1.5 folder (``StableDiffusionInpaintPipeline``, fed the latents with the 4-channel UNet): the tests'
+    SDXL checks, each copy bit-identical to its original outside the face mask and changed inside."""
+    from rlfh.cli.main import main
+    from rlfh.recipes.region_pairs import DiffusersInpainter
+    from tests.rlfh.test_region_pairs_tiny import assert_inpainted_only_in_the_mask, overrides, records_by_role
+
+    extra = [f"data.region_pairs.pipeline={tiny_sd15_dir}"] if inpainter == "pipeline" else []
+    run = tmp_path / "pairs"
+    assert (
+        main(["make-region-pairs", "configs/tiny.yaml", str(region_images), *overrides(tiny_sd15_dir, run, *extra)])
+        == 0
+    )
+    assert "6 of 6 images had the region" in capsys.readouterr().out
+    pairs, decode_latent = records_by_role(run / "rollouts")
+    assert len(pairs) == 6
+    assert_inpainted_only_in_the_mask(pairs, decode_latent, 0.4)  # the strength table's, as on SDXL
+    if inpainter == "pipeline":
+        assert type(DiffusersInpainter(tiny_sd15_dir, "cpu").pipe).__name__ == "StableDiffusionInpaintPipeline"
+        assert {inp["model_id"] for _, inp in pairs} == {tiny_sd15_dir}
+
+
+@pytest.mark.slow  # ~65 s at load 9 on 2 cores: two rounds of 4 SDRecon winners and 4 fresh losers at 10 steps
+def test_hgdpo_sdrecon_winners_on_sd15(tiny_sd15_dir, tmp_path):
+    """HG-DPO's normal stage on SD1.5: the real images encoded by SD1.5's VAE (its latent scale), SDRecon
+    re-noising them along SD1.5's own schedule and denoising with its policy (SDEdit, equal to
+    StableDiffusionImg2ImgPipeline: test_refine_equals_stock_img2img_and_inpainting_keeps_the_outside).
+    The SDXL check of tests/rlfh/test_hgdpo_sdrecon.py: the winners lie much nearer their real images than
+    fresh samples for the same captions, and the same (seed, round) gives the same winners."""
+    from tests.rlfh.test_hgdpo_sdrecon import real_winners_in_the_normal_stage
+    from tests.rlfh.test_hgdpo_sdrecon import test_sdrecon_winners_are_the_real_images_partly_redenoised as check
+
+    cfg, rw = real_winners_in_the_normal_stage(tiny_sd15_dir, tmp_path)
+    assert rw.source.latents.shape[1:] == (4, 8, 8)
+    check((cfg, rw))

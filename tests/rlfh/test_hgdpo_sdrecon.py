@@ -110,17 +110,21 @@ class InProcessFleet:
 @pytest.fixture(scope="module")
 def normal_stage(tiny_model_dir, tmp_path_factory):
     """RealWinners of an online run in its normal stage, on the tiny model's own sampler."""
+    return real_winners_in_the_normal_stage(tiny_model_dir, tmp_path_factory.mktemp("sdrecon"))
+
+
+def real_winners_in_the_normal_stage(model_dir, root):
+    """(config, RealWinners) of an online run in its normal stage on ``model_dir``'s own sampler (any family)."""
     from families import load_pipeline
     from rlfh.data.sources import SourceContext
     from rlfh.data.sources.hgdpo import RealWinners
     from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
 
-    root = tmp_path_factory.mktemp("sdrecon")
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
         [
-            f"model.path={tiny_model_dir}",
+            f"model.path={model_dir}",
             f"data.hgdpo.real_images={write_photos(root / 'photos')}",
             "data.hgdpo.stages=[{until_round: 1, real_winner_fraction: 0.0, sdrecon_winner_fraction: 1.0}]",
             "learner.train_batch_size=4",

@@ -14,10 +14,13 @@ FACE = "{target: 'tests.fixture_rewards:CompressibleFace', name: compressible_fa
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """Six 64x64 noise images with a flat square where the fixture reward's face box is."""
+    return write_face_images(tmp_path_factory.mktemp("images"))
+
+
+def write_face_images(root):
+    """Six 64x64 noise images with a flat square where the fixture reward's face box is, in ``root``."""
     from PIL import Image
 
-    root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
     with open(root / "metadata.jsonl", "w") as f:
         for i in range(6):

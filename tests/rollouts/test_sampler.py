@@ -15,9 +15,15 @@ def pipe(tiny_model_dir):
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
 def test_sampler_equals_stock_diffusers_pipeline(pipe, guidance):
+    assert_sampler_equals_stock_pipeline(pipe, "tiny", guidance)
+
+
+def assert_sampler_equals_stock_pipeline(pipe, model_id: str, guidance: float):
+    """Our sampler against ``pipe``'s own ``__call__`` (any family's stock pipeline): the same latents and
+    images for the same prompts, negative prompt and per-sample seeds. Returns our batch."""
     prompts, seeds = ["a photo of a person", "a man waving his hand", "a photo of a person"], [3, 1, 4]
     settings = SamplerSettings(6, guidance, "blurry", 64, 64)
-    ours = Sampler(pipe, "tiny").sample(prompts, seeds, settings)
+    ours = Sampler(pipe, model_id).sample(prompts, seeds, settings)
     kwargs = dict(
         prompt=prompts,
         negative_prompt=["blurry"] * 3,
@@ -37,6 +43,7 @@ def test_sampler_equals_stock_diffusers_pipeline(pipe, guidance):
     # OMP_NUM_THREADS=1; at guidance 1: 0 (1.4e-6 with MKL_CBWR). atol 5e-5 is 1e-5 of the latents' scale.
     np.testing.assert_allclose(ours.latents, ref_lat.numpy(), atol=5e-5, rtol=0)
     assert_images_match(ours.images, ref_img)
+    return ours
 
 
 def assert_images_match(ours: np.ndarray, ref: np.ndarray, max_share: float = 1e-3) -> None:
