@@ -275,8 +275,9 @@ def test_ddpo_branched_window_raises_reward(tiny_model_dir):
 # (0.0437 -> 0.0442, masked fraction ~0.45); lr 1e-3 and 3e-3 at 1e-5 do not learn in 12 rounds
 # (0.0435, 0.0426; unmasked at lr 1e-3: 0.0440). So this test widens delta to 1e-3, where a round's
 # 4 optimizer steps stay mostly inside: 0.0437 -> 0.1151 (masked 0.13 - 0.23); no mask at all:
-# -> 0.0126, delta 1.1e-2: -> 0.0521. The margins are about half of each gain.
-TRUST_REGION = {"dppo": (["learner.ddpo.trust_region_kl=1e-3"], 0.035), "guard": ([], 0.075)}
+# -> 0.0126, delta 1.1e-2: -> 0.0521. Over seeds 0, 1, 2 (1 OpenMP thread) dppo gains 0.0726, 0.0510,
+# 0.0293 (mean 0.0510, sd 0.0216): its margin is half the smallest (tests/learning_sweep.py dppo).
+TRUST_REGION = {"dppo": (["learner.ddpo.trust_region_kl=1e-3"], 0.014), "guard": ([], 0.075)}
 
 
 def trust_region_run(tiny_model_dir, region: str, seed: int = 0) -> tuple[float, list[float], list[float]]:
