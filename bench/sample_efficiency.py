@@ -90,6 +90,7 @@ def run(model: str, method: str, seed: int, images: int, group: int, epochs: int
             f"seed={seed}",
             f"rollout.rollouts_per_prompt={group}",
             f"rollout.prompts_per_round={len(PROMPTS)}",
+            f"rollout.sample_batch_size_per_actor={per_round}",
             "learner.train_batch_size=2",
             "learner.micro_batch_size_per_gpu=2",
             *TASK,

@@ -21,7 +21,7 @@ import time
 
 
 def runs() -> dict:
-    from tests.rlfh import test_ddpo, test_online_rl
+    from tests.rlfh import test_ddpo, test_losses_draft, test_online_rl
 
     return {
         "ddpo": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(d, None, seed=s, **kw),
@@ -33,6 +33,10 @@ def runs() -> dict:
         "guard": lambda d, s: test_ddpo.trust_region_run(d, "guard", seed=s)[0],
         "nft": lambda d, s, **kw: test_online_rl.online_learning_gain(d, "nft", seed=s, **kw),
         "awm": lambda d, s, **kw: test_online_rl.online_learning_gain(d, "awm", seed=s, **kw),
+        **{
+            f"draft_{v}": lambda d, s, v=v, **kw: test_losses_draft.draft_learning_gain(d, v, seed=s, **kw)
+            for v in ("refl", "draft_k", "alignprop", "draft_lv")
+        },
     }
 
 

@@ -117,12 +117,18 @@ def loss_rules(cfg) -> list[str]:
 
 def differentiable_reward_rules(cfg) -> list[str]:
     """learner.loss x rewards: a loss that back-propagates through the rewards takes differentiable ones only
-    (``differentiable_score`` on the reward's class, rewards/base.py), each refused by its key and name."""
+    (``differentiable_score`` on the reward's class, rewards/base.py), each refused by its key and name; its KL
+    term is its own (at the sampling steps with gradient), not learner.reference.kl_coef's."""
     if DIFFERENTIABLE_REWARDS not in loss_spec(cfg.learner.loss).needs:
         return []
     from rewards.registry import resolve
 
     p: list[str] = []
+    if cfg.learner.reference.kl_coef > 0:
+        p.append(
+            f"learner.reference.kl_coef={cfg.learner.reference.kl_coef} is the KL on forward-noised samples; "
+            f"learner.loss={cfg.learner.loss} takes its KL at its own sampling steps: set learner.draft.kl_coef"
+        )
     for i, entry in enumerate(cfg.rewards):
         try:
             factory = resolve(entry.target)

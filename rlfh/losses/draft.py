@@ -31,6 +31,9 @@ output):
                one step with gradient and its x_0 prediction scored:
                    x^b = x0_hat(x_j) = (x_j - sqrt(1 - abar_{t_j}) eps_hat_j) / sqrt(abar_{t_j}).
 
+The loss is the plain -r of the papers' objective; ImageReward's training code instead takes relu(2 - r) scaled by
+1e-3 and alternates ReFL steps with the pre-training loss, which rlfh leaves to the KL term.
+
 KL to the reference: at every step taken with gradient, KL_i = mean (eps_hat_i - eps_hat_i^ref)^2 with the
 reference's guided eps at the same x_i (no gradient); KL is their mean over those steps. For DDIM with eta > 0
 this is the exact KL of the two Gaussian steps up to the per-step weight w_t (rlfh/losses/kl.py); at eta = 0

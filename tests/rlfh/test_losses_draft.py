@@ -145,8 +145,8 @@ def test_region_objectives_weigh_rewards_and_average_where_present():
         ]
     )
     assert set(obj) == {"global", "face"}  # no hand anywhere: no hand objective
-    assert float(obj["global"]) == pytest.approx(-(0.5 * 6 + 2.0 * 18) / 3)
-    assert float(obj["face"]) == pytest.approx(-(10 + 30) / 2)  # the image without a face does not count
+    assert float(obj["global"].detach()) == pytest.approx(-(0.5 * 6 + 2.0 * 18) / 3)
+    assert float(obj["face"].detach()) == pytest.approx(-(10 + 30) / 2)  # the image without a face does not count
     assert m == {"draft/present/global": 1.0, "draft/present/face": pytest.approx(2 / 3)}
     obj["face"].backward()
     assert s2.grad.tolist() == [-0.5, 0.0, -0.5]
@@ -160,6 +160,11 @@ def test_config_refuses_a_reward_that_is_not_differentiable():
         load_config(
             REPO / "configs" / "tiny.yaml",
             ["learner.loss=draft", "rewards.0.target=facescore", "learner.draft.k_range=[3,1]"],
+        )
+    with pytest.raises(ConfigError, match=r"learner\.reference\.kl_coef=0\.1 .* set learner\.draft\.kl_coef"):
+        load_config(
+            REPO / "configs" / "tiny.yaml",
+            ["learner.loss=draft", "rewards.0.target=facescore", "learner.reference.kl_coef=0.1"],
         )
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["learner.loss=draft", "rewards.0.target=facescore"])
     assert cfg.learner.draft.variant == "draft_k"
@@ -176,7 +181,7 @@ def bright_face_at_fixed_seeds(sampler, settings) -> float:
     return float(np.mean([r.value for r in BrightFace(BOX)(b.images, b.prompts)]))
 
 
-def draft_learning_gain(tiny_model_dir, variant: str, seed: int = 0, rounds: int = 2, lr: str = "5e-2") -> float:
+def draft_learning_gain(tiny_model_dir, variant: str, seed: int = 0, rounds: int = 5, lr: str = "5e-2") -> float:
     """The rise of BrightFace at fixed seeds over ``rounds`` rounds of ``variant`` on 4 prompts (2 optimizer steps
     of 2 a round); ``seed`` moves the LoRA initialisation and the learner's x_T. The evaluation samples with the
     deterministic DDIM the learner samples with."""
@@ -210,10 +215,29 @@ def draft_learning_gain(tiny_model_dir, variant: str, seed: int = 0, rounds: int
     lc, rc = cfg.model.lora, cfg.rollout
     s.add_lora(lc.rank, lc.alpha, lc.target_modules)
     st = SamplerSettings(rc.num_inference_steps, 1.0, "", rc.height, rc.width, 0.0, "ddim")
-    before = bright_face_at_fixed_seeds(s, st)
-    for _ in range(rounds):
-        train(lrn, PromptBatch(["a", "b", "a", "b"]), epochs=1)
-    s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
-    after = bright_face_at_fixed_seeds(s, st)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on shared cores 2 threads stall whenever another process takes one (bench/common.py)
+    try:
+        before = bright_face_at_fixed_seeds(s, st)
+        for _ in range(rounds):
+            train(lrn, PromptBatch(["a", "b", "a", "b"]), epochs=1)
+        s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
+        after = bright_face_at_fixed_seeds(s, st)
+    finally:
+        torch.set_num_threads(threads)
     print(f"{variant}, seed {seed}: BrightFace at fixed seeds {before:.4f} -> {after:.4f}")
     return after - before
+
+
+# The gain over seeds 0-4 (`python -m tests.learning_sweep draft_refl`, `draft_draft_k`; 2 shared cores, 1 thread):
+# refl 0.0753, 0.0563, 0.0726, 0.0614, 0.0730 (mean 0.0677, sd 0.0085, min 0.0563); draft_k (K = 1) 0.0692, 0.0615,
+# 0.0606, 0.0682, 0.0745 (mean 0.0668, sd 0.0058, min 0.0606). Each margin is below half the smallest gain and below
+# mean - 2 sd.
+LEARNING = {"refl": 0.025, "draft_k": 0.03}
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+@pytest.mark.parametrize("variant", sorted(LEARNING))
+def test_direct_reward_rises_at_fixed_seeds(tiny_model_dir, variant):
+    assert draft_learning_gain(tiny_model_dir, variant) >= LEARNING[variant]
