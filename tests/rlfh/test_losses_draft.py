@@ -2,6 +2,7 @@
 variant, on a toy chain whose gradients are worked out by hand; the per-region objectives; the refusal of a
 reward that is not differentiable; and the reward rising on the tiny model (rlfh/learner/draft_steps.py)."""
 
+import contextlib
 import math
 
 import numpy as np
@@ -173,6 +174,17 @@ def test_config_refuses_a_reward_that_is_not_differentiable():
 BOX = (4.0, 4.0, 20.0, 20.0)  # the "face" of 32 x 32 images
 
 
+@contextlib.contextmanager
+def one_thread():
+    """On shared cores 2 torch threads stall whenever another process takes one (bench/common.py): 1 here."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def bright_face_at_fixed_seeds(sampler, settings) -> float:
     """The reward (tests/fixture_rewards.py: BrightFace) of 4 images at seeds that training never samples."""
     from tests.fixture_rewards import BrightFace
@@ -215,16 +227,12 @@ def draft_learning_gain(tiny_model_dir, variant: str, seed: int = 0, rounds: int
     lc, rc = cfg.model.lora, cfg.rollout
     s.add_lora(lc.rank, lc.alpha, lc.target_modules)
     st = SamplerSettings(rc.num_inference_steps, 1.0, "", rc.height, rc.width, 0.0, "ddim")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # on shared cores 2 threads stall whenever another process takes one (bench/common.py)
-    try:
+    with one_thread():
         before = bright_face_at_fixed_seeds(s, st)
         for _ in range(rounds):
             train(lrn, PromptBatch(["a", "b", "a", "b"]), epochs=1)
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
         after = bright_face_at_fixed_seeds(s, st)
-    finally:
-        torch.set_num_threads(threads)
     print(f"{variant}, seed {seed}: BrightFace at fixed seeds {before:.4f} -> {after:.4f}")
     return after - before
 
@@ -241,3 +249,39 @@ LEARNING = {"refl": 0.025, "draft_k": 0.03}
 @pytest.mark.parametrize("variant", sorted(LEARNING))
 def test_direct_reward_rises_at_fixed_seeds(tiny_model_dir, variant):
     assert draft_learning_gain(tiny_model_dir, variant) >= LEARNING[variant]
+
+
+@pytest.mark.slow
+def test_two_rewards_two_regions_combine_by_mpd(tiny_model_dir):
+    """A face reward and a global one, learner.regions.names [global, face]: one objective per region, MPD's
+    weights over the two per-region gradients, a KL term at the step with gradient, and the LoRA moves."""
+    from rlfh.data.batches import PromptBatch
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
+
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.loss=draft",
+            "learner.draft.variant=refl",
+            "learner.draft.kl_coef=0.5",
+            "learner.regions.names=[global,face]",
+            "rewards=[{target: 'tests.fixture_rewards:BrightFace', name: bright_face, options: {box: [4, 4, 20, 20]}},"
+            " {target: 'tests.fixture_rewards:RedImage', name: red, weight: 2.0}]",
+            "rollout.height=32",
+            "rollout.width=32",
+            "rollout.num_inference_steps=2",
+            "rollout.guidance_scale=2.0",
+        ],
+    )
+    lrn = LearnerEngine(cfg)
+    before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
+    with one_thread():
+        m = train(lrn, PromptBatch(["a", "b", "a", "b"]), epochs=1)
+    assert m["regions/face/present"] == 1.0 and m["regions/global/present"] == 1.0
+    assert m["mpd/weight/face"] > 0 and m["mpd/weight/global"] > 0  # both per-region gradients in MPD's solve
+    assert m["loss/draft/face"] == pytest.approx(-m["draft/reward/bright_face"], rel=1e-5)
+    assert m["loss/draft/global"] == pytest.approx(-2.0 * m["draft/reward/red"], rel=1e-5)
+    assert "loss/kl" in m and m["draft/first_grad_step"] == 1.0  # refl's range [0.75, 1] of 2 steps: step 1
+    assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())
