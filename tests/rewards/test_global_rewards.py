@@ -278,6 +278,21 @@ def test_aesthetic_formula(aesthetic_files, images):
     assert a.value == pytest.approx(float(x), abs=1e-5)
 
 
+def test_aesthetic_score_tensor_equals_score_and_has_gradients(aesthetic_files, images):
+    """The differentiable path (learner.loss=draft): the uint8 score on uint8-valued images, a pixel gradient."""
+    d, _ = aesthetic_files
+    reward = build_reward(
+        "aesthetic", {"mlp_weights": str(d / "sac+logos+ava1-l14-linearMSE.pth"), "clip_model": str(d / "clip")}
+    )
+    coffee = images[0][:200, :300]
+    (res,) = reward(coffee[None], ["x"])
+    x = torch.from_numpy(coffee).permute(2, 0, 1)[None].float().div(255).requires_grad_(True)
+    scores, present = reward.score_tensor(x, ["x"])
+    assert present.tolist() == [True] and abs(scores.item() - res.value) < 1e-4
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
 def test_aesthetic_errors(aesthetic_files, tmp_path):
     d, state = aesthetic_files
     with pytest.raises(RewardError, match="mlp_weights is required"):
