@@ -144,7 +144,6 @@ def test_score_tensor_trains_the_face_only(reward, astronaut):
     the uint8 reward's within the smooth resize's ~1e-3."""
     (res,) = _with(reward, [[Detection(FACE, 0.99)]], aggregation="mean")(astronaut[None], ["x"])
     _with(reward, [[Detection(FACE, 0.99)], []])
-    reward._guide = None
     image = torch.from_numpy(np.stack([astronaut, astronaut])).permute(0, 3, 1, 2).float().div(255)
     image.requires_grad_(True)
     scores, present = reward.score_tensor(image, ["x", "y"])
