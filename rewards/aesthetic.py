@@ -15,6 +15,10 @@ The CLIP encoder is OpenAI's ViT-L/14 (hub ``openai/clip-vit-large-patch14`` in 
 ``CLIPModel`` format: ``get_image_features`` is ``encode_image``). Preprocessing is OpenAI CLIP's
 ``preprocess`` (torchvision on PIL: resize shorter side to 224 bicubic, center crop with
 ``round``, CLIP mean / std), i.e. ``rewards.blip_preprocess.preprocess_pil``. The prompt is unused.
+
+:meth:`AestheticScore.score_tensor` is the same score on float images, differentiable w.r.t. the pixels (AlignProp
+trains on this reward), with the tensor preprocessing that equals the PIL one on uint8-valued images
+(``rewards.blip_preprocess.preprocess_tensor``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from torch import nn
 
 from rewards.base import Reward, RewardError, RewardResult
-from rewards.blip_preprocess import preprocess_pil
+from rewards.blip_preprocess import preprocess_pil, preprocess_tensor
 from rewards.clip_common import load_hf_model, torch_dtype
 
 CLIP_ID = "openai/clip-vit-large-patch14"
@@ -110,6 +114,7 @@ class AestheticScore(Reward):
 
     name = "aesthetic"
     region = "global"
+    differentiable_score = True
 
     def __init__(
         self,
@@ -165,3 +170,15 @@ class AestheticScore(Reward):
         if not np.all(np.isfinite(values)):
             raise RewardError(f"{self.name}: the model returned non-finite scores {values.tolist()}")
         return [RewardResult(float(v)) for v in values]
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score of float images (B, 3, H, W) in [0, 1], differentiable w.r.t. the pixels, and (B,) True."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise RewardError(f"{self.name}: images must be (B, 3, H, W), got {tuple(images.shape)}")
+        p = next(self.clip.parameters())
+        pixels = torch.stack([preprocess_tensor(im.float(), self.image_size) for im in images]).to(p.device, p.dtype)
+        feats = self.clip.get_image_features(pixel_values=pixels)
+        e = unit_or_zero(getattr(feats, "pooler_output", feats).float())
+        m = next(self.mlp.parameters())
+        scores = self.mlp(e.to(m.device)).to(images.device)
+        return scores, torch.ones(images.shape[0], dtype=torch.bool, device=images.device)

@@ -115,9 +115,19 @@ class Reward:
     # image in its own mode (RGBA, LA, P; rewards.wire.DecodedImage.source), for preprocessing
     # that, like the references, resizes in that mode before converting to RGB.
     reads_sources: bool = False
+    # True for rewards that implement score_tensor: the direct reward losses (learner.loss=draft,
+    # rlfh/losses/draft.py) back-propagate through it and refuse any reward without it
+    differentiable_score: bool = False
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
         raise NotImplementedError
+
+    def score_tensor(self, images: Any, prompts: Sequence[str]) -> tuple[Any, Any]:
+        """The reward of float images (B, 3, H, W) in [0, 1], differentiable w.r.t. the pixels, and where it
+        applies: ((B,) float32 scores, (B,) bool present). Regions are found without gradient (on the
+        detached image) and scored on crops taken by indexing, so the gradient reaches the region's pixels.
+        Only for rewards with ``differentiable_score``."""
+        raise NotImplementedError(f"{self.name}: not a differentiable reward (no score_tensor)")
 
     def close(self) -> None:
         """Release what the reward holds outside Python's memory (a detector it built: a MediaPipe

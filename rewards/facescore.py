@@ -155,6 +155,8 @@ class FaceScore(Reward):
     name = "facescore"
     region = "face"
     reads_sources = True
+    differentiable_score = True
+    _guide: "FaceScoreGuide | None" = None
 
     def __init__(
         self,
@@ -261,6 +263,14 @@ class FaceScore(Reward):
         """The tensor-native FaceScore sharing this reward's model and tokenizer."""
         return DifferentiableFaceScore(self.model, self.tokenizer, match_pil, self.prompt)
 
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """FaceScore of float images (B, 3, H, W) in [0, 1], differentiable w.r.t. the pixels
+        (:class:`FaceScoreGuide`: faces found on the detached image, crops by slicing, one smooth resize),
+        and which images have a scored face."""
+        if self._guide is None:
+            self._guide = self.guide()
+        return self._guide.scores(images)
+
     def guide(self, match_pil: bool = False) -> "FaceScoreGuide":
         """This reward as a differentiable per-image score for sampling guidance (``rollouts.guidance``)."""
         return FaceScoreGuide(self, self.differentiable(match_pil))
@@ -355,6 +365,10 @@ class FaceScoreGuide:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) float in [0, 1] -> (B,) float32 scores."""
+        return self.scores(images)[0]
+
+    def scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, H, W) float in [0, 1] -> (B,) float32 scores and (B,) bool: has a scored face."""
         u8 = (images.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         detections = self.reward.detector.detect(u8)
         h, w = images.shape[-2:]
@@ -365,8 +379,9 @@ class FaceScoreGuide:
             if d.confidence >= self.reward.threshold and crop_bounds(d.box, h, w) is not None
         ]
         out = [images.new_zeros((), dtype=torch.float32) for _ in range(images.shape[0])]
+        present = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
         if not rows:
-            return torch.stack(out)
+            return torch.stack(out), present
         p = next(self.scorer.model.parameters())
         scores = self.scorer(images.to(p.device), rows).float().to(images.device)  # (K,)
         owner = torch.tensor([int(r[0]) for r in rows])
@@ -376,7 +391,8 @@ class FaceScoreGuide:
             s, a = scores[k], areas[k]
             agg = self.reward.aggregation
             out[b] = s.mean() if agg == "mean" else s.min() if agg == "min" else (a * s).sum() / a.sum()
-        return torch.stack(out)
+            present[b] = True
+        return torch.stack(out), present
 
 
 def _crop_area(box: Sequence[float], h: int, w: int) -> float:

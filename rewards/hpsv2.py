@@ -23,6 +23,10 @@ ftfy would repair, such as mojibake or curly quotes, tokenizes differently).
 open_clip cannot be installed here (it pulls torchvision), so the checkpoint is converted to
 transformers' ``CLIPModel`` by :func:`convert_open_clip_state_dict`; ``tests/rewards`` checks the
 conversion against an independent re-implementation of open_clip's forward pass.
+
+:meth:`HPSv2.score_tensor` is the same score on float images, differentiable w.r.t. the pixels (the direct reward
+losses, learner.loss=draft): the letterbox's own ops from ToTensor on (:func:`letterbox_tensor`), the text side
+without gradient.
 """
 
 from __future__ import annotations
@@ -230,14 +234,20 @@ def letterbox(image: np.ndarray, size: int = 224, antialias: bool = True) -> tor
     if h == 0 or w == 0:
         raise RewardError(f"cannot preprocess an empty image of shape {image.shape}")
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(255)  # ToTensor
+    return letterbox_tensor(x, size, antialias)
+
+
+def letterbox_tensor(x: torch.Tensor, size: int = 224, antialias: bool = True) -> torch.Tensor:
+    """:func:`letterbox` from ToTensor's output on: float (3, H, W) in [0, 1] -> (3, size, size), differentiable."""
+    h, w = x.shape[-2:]
     scale = size / max(h, w)
     if scale != 1.0:
         nh, nw = round(h * scale), round(w * scale)  # Python round, as in ResizeMaxSize
         x = F.interpolate(x[None], size=(nh, nw), mode="bicubic", align_corners=False, antialias=antialias)[0]
     ph, pw = size - x.shape[1], size - x.shape[2]
     x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
-    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
 
@@ -293,6 +303,7 @@ class HPSv2(Reward):
 
     name = "hpsv2"
     region = "global"
+    differentiable_score = True
 
     def __init__(
         self,
@@ -352,6 +363,22 @@ class HPSv2(Reward):
             img.append(unit(getattr(out_i, "pooler_output", out_i)))
             txt.append(unit(getattr(out_t, "pooler_output", out_t)))
         return torch.cat(img).cpu(), torch.cat(txt).cpu()
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score of float images (B, 3, H, W) in [0, 1] (the letterbox's ops from ToTensor on, so equal to
+        :meth:`score` on uint8-valued images), differentiable w.r.t. the pixels, and (B,) True."""
+        if images.ndim != 4 or images.shape[1] != 3 or len(prompts) != images.shape[0]:
+            raise RewardError(
+                f"{self.name}: images must be (B, 3, H, W) with one prompt each, got {tuple(images.shape)}"
+            )
+        p = next(self.model.parameters())
+        pixels = torch.stack([letterbox_tensor(im.float(), self.image_size, self.antialias) for im in images])
+        out_i = self.model.get_image_features(pixel_values=pixels.to(p.device, p.dtype))
+        with torch.no_grad():
+            out_t = self.model.get_text_features(input_ids=self.tokenize(prompts).to(p.device))
+        img, txt = unit(getattr(out_i, "pooler_output", out_i)), unit(getattr(out_t, "pooler_output", out_t))
+        scores = (img.float() * txt.float()).sum(-1).to(images.device)
+        return scores, torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
         if len(images) == 0:

@@ -12,6 +12,10 @@ Reference: THUDM/ImageReward, ``ImageReward/ImageReward.py`` (``ImageReward.scor
    ``mean`` / ``std``, so that scores are roughly standard over its benchmark).
 
 ``info["raw"]`` keeps ``r``. The reward's region is ``global``.
+
+:meth:`ImageReward.score_tensor` is the same score on float images, differentiable w.r.t. the pixels (ReFL's
+use of it, and rlfh's direct reward losses): the resize by Pillow's own bicubic weights with straight-through
+rounding (``rewards.blip_preprocess.preprocess_tensor``), so on uint8-valued images it equals :meth:`score`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from rewards.base import Reward, RewardError, RewardResult
-from rewards.blip_preprocess import preprocess_pil, tokenize
+from rewards.blip_preprocess import preprocess_pil, preprocess_tensor, tokenize
 
 IR_MEAN = 0.16717362830052426
 IR_STD = 1.0333394966054072
@@ -49,6 +53,7 @@ class ImageReward(Reward):
     name = "imagereward"
     region = "global"
     reads_sources = True  # RGBA / LA / palette files are resized in their own mode, as the reference does
+    differentiable_score = True
 
     def __init__(
         self,
@@ -103,3 +108,16 @@ class ImageReward(Reward):
         if not np.all(np.isfinite(raw)):
             raise RewardError(f"{self.name}: the model returned non-finite scores {raw.tolist()}")
         return [RewardResult(float((r - IR_MEAN) / IR_STD), info={"raw": float(r)}) for r in raw]
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalized score of float images (B, 3, H, W) in [0, 1], differentiable w.r.t. the pixels, and
+        (B,) True: the whole image always applies."""
+        if images.ndim != 4 or images.shape[1] != 3 or len(prompts) != images.shape[0]:
+            raise RewardError(
+                f"{self.name}: images must be (B, 3, H, W) with one prompt each, got {tuple(images.shape)}"
+            )
+        p = next(self.model.parameters())
+        pixels = torch.stack([preprocess_tensor(im.float()) for im in images]).to(p.device, p.dtype)
+        ids, mask = tokenize(self.tokenizer, list(prompts))
+        raw = self.model(pixels, ids.to(p.device), mask.to(p.device)).float().to(images.device)
+        return (raw - IR_MEAN) / IR_STD, torch.ones(images.shape[0], dtype=torch.bool, device=images.device)

@@ -11,7 +11,16 @@ import math
 from pathlib import Path
 
 from rlfh.config.fields import section_problems
-from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLER_LOGPROB, SAMPLES, TRAJECTORIES, loss_spec, names_where
+from rlfh.losses.registry import (
+    DIFFERENTIABLE_REWARDS,
+    OLD_POLICY,
+    PAIRS,
+    SAMPLER_LOGPROB,
+    SAMPLES,
+    TRAJECTORIES,
+    loss_spec,
+    names_where,
+)
 
 
 def check_consistency(cfg) -> list[str]:
@@ -104,6 +113,48 @@ def loss_rules(cfg) -> list[str]:
             f"{cfg.learner.regions.names}"
         )
     return p
+
+
+def differentiable_reward_rules(cfg) -> list[str]:
+    """learner.loss x rewards: a loss that back-propagates through the rewards takes differentiable ones only
+    (``differentiable_score`` on the reward's class, rewards/base.py), each refused by its key and name; its KL
+    term is its own (at the sampling steps with gradient), not learner.reference.kl_coef's."""
+    if DIFFERENTIABLE_REWARDS not in loss_spec(cfg.learner.loss).needs:
+        return []
+    from rewards.registry import resolve
+
+    p: list[str] = []
+    if cfg.learner.reference.kl_coef > 0:
+        p.append(
+            f"learner.reference.kl_coef={cfg.learner.reference.kl_coef} is the KL on forward-noised samples; "
+            f"learner.loss={cfg.learner.loss} takes its KL at its own sampling steps: set learner.draft.kl_coef"
+        )
+    for i, entry in enumerate(cfg.rewards):
+        try:
+            factory = resolve(entry.target)
+        except Exception:  # an unresolvable target is the entry's own problem (RewardEntry.problems)
+            continue
+        if not getattr(factory, "differentiable_score", False):
+            p.append(
+                f"rewards[{i}].target={entry.target!r}: learner.loss={cfg.learner.loss} back-propagates through "
+                f"the rewards, and {entry.name or entry.target} is not differentiable (differentiable: "
+                f"{differentiable_builtins()})"
+            )
+    return p
+
+
+def differentiable_builtins() -> list[str]:
+    """The registry's rewards with ``differentiable_score``, for messages (importing their modules)."""
+    from rewards.registry import BUILTIN, resolve
+
+    names = []
+    for name in BUILTIN:
+        try:
+            if getattr(resolve(name), "differentiable_score", False):
+                names.append(name)
+        except Exception:  # a reward whose optional dependency is missing is not offered
+            continue
+    return names
 
 
 def loss_option_rules(cfg) -> list[str]:
@@ -421,6 +472,7 @@ CROSS_SECTION_RULES = (
     batch_rules,
     colocation_rules,
     loss_rules,
+    differentiable_reward_rules,
     loss_option_rules,
     reference_rules,
     zero3_rules,

@@ -114,6 +114,18 @@ class TrajectoryBatch:
         return len(self.prompts)
 
 
+@dataclass
+class PromptBatch:
+    """The prompts of a round's scored samples, which a direct reward loss (learner.loss=draft) samples again
+    itself from the current weights with gradient (its own x_T from the learner's generator)."""
+
+    prompts: list[str]
+    conditioning: Conditioning | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
 def rows(a: np.ndarray, idx: list[int], device) -> torch.Tensor:
     """Rows ``idx`` of a batch array as a float32 tensor on ``device`` (a copy: Ray hands out read-only arrays)."""
     return torch.from_numpy(np.array(a[idx], dtype=np.float32)).to(device)

@@ -434,3 +434,11 @@ def trajectory_batch(learner_cfg, rnd: ScoredRound):
         "ddpo/window_start": float(start),
         "ddpo/advantage_abs_mean": float(np.abs(adv).mean()) if keep else 0.0,
     }
+
+
+def prompt_batch(learner_cfg, rnd: ScoredRound):
+    """Direct reward fine-tuning (learner.loss=draft): the prompts of the round's samples, one row per sample
+    (a prompt group of G samples gives G rows: as many images as the round sampled, each from fresh x_T)."""
+    from rlfh.data.batches import PromptBatch
+
+    return PromptBatch(list(rnd.prompts), rnd.conditioning), {"samples/kept": float(len(rnd.prompts)), **rnd.unscored}

@@ -33,7 +33,7 @@ from families import Conditioning
 from rlfh.learner.checkpoint import CheckpointIO
 from rlfh.learner.optimization import Optimization, engine_config
 from rlfh.learner.policy import PolicyWeights
-from rlfh.losses.registry import OLD_POLICY, SAMPLER_LOGPROB, TEXT_ENCODERS, TRAJECTORIES, loss_spec
+from rlfh.losses.registry import OLD_POLICY, SAMPLER_LOGPROB, TEXT_ENCODERS, TRAJECTORIES, VAE_DECODER, loss_spec
 
 
 class NonFiniteError(RuntimeError):
@@ -97,7 +97,7 @@ class LearnerEngine:
         lc = cfg.learner
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.rank, self.world_size = join_learner_group(cfg.learner_world_size)
-        self._load_pipeline(cfg, keep_vae)
+        self._load_pipeline(cfg, keep_vae or VAE_DECODER in loss_spec(lc.loss).needs)
         self.keep_text_encoders = keep_vae or needs_text_encoders(cfg)
         # the batch's prompt embeddings (take_conditioning), and prompts encoded here; one round's worth
         self.prompts = PromptCache(self.family)

@@ -1,4 +1,4 @@
-"""One round of training, written out: preference pairs, weighted samples, or DDPO trajectories.
+"""One round of training, written out: preference pairs, weighted samples, DDPO trajectories, or prompts (DRaFT).
 
 Each ``train_*`` function is an ordinary loop a reader follows top to bottom:
 
@@ -35,18 +35,20 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from families import first_of_each
+from families import Conditioning, first_of_each
 from families.ddim import scheduler_alpha_bars
-from rlfh.data.batches import PairBatch, SampleBatch, TrajectoryBatch, rows
+from rlfh.data.batches import PairBatch, PromptBatch, SampleBatch, TrajectoryBatch, rows
 from rlfh.data.buckets import BucketBatches, merge_stats
+from rlfh.learner.draft_steps import decode, differentiable_rewards, sampling_step, score
 from rlfh.learner.engine import LearnerEngine, ddpo_train_steps
 from rlfh.losses import fairness
 from rlfh.losses.ddpo import ddpo_clipped_loss
+from rlfh.losses.draft import region_objectives, scored_latents
 from rlfh.losses.guidance import guidance_loss, winner_noise
 from rlfh.losses.guidance_free import guidance_free_loss, guided_teacher
 from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, transition_kl_weight
 from rlfh.losses.objectives import advantage_objectives, pairwise_objectives, weighted_objectives
-from rlfh.losses.registry import OLD_POLICY, PAIRS, SAMPLES, TRAJECTORIES, loss_spec
+from rlfh.losses.registry import OLD_POLICY, PAIRS, PROMPTS, SAMPLES, TRAJECTORIES, loss_spec
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
 
 
@@ -71,6 +73,8 @@ def train_batch(lrn: LearnerEngine, batch, epochs: int) -> dict[str, float]:
         return train_trajectories(lrn, batch, epochs)
     if isinstance(batch, SampleBatch):
         return train_samples(lrn, batch, epochs)
+    if isinstance(batch, PromptBatch):
+        return train_prompts(lrn, batch, epochs)
     raise TypeError(f"cannot train on {type(batch).__name__}")
 
 
@@ -363,6 +367,51 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
         }
     )
     return loss, m
+
+
+# ---------------------------------------------------------------------------------------- DRaFT, AlignProp, ReFL
+def train_prompts(lrn: LearnerEngine, batch: PromptBatch, epochs: int = 1) -> dict[str, float]:
+    """DRaFT-K / DRaFT-LV / AlignProp / ReFL on a round's prompts (``learner.draft.variant``): the learner
+    samples each prompt again from the current weights with gradient, decodes, scores with the differentiable
+    rewards per region and back-propagates (rlfh/losses/draft.py; the parts: rlfh/learner/draft_steps.py)."""
+    lc, rc = lrn.cfg.learner, lrn.cfg.rollout
+    check_batch(lc.loss, PROMPTS)
+    dc = lc.draft
+    rewards = differentiable_rewards(lrn)
+    scheduler = lrn.family.stochastic_scheduler(lrn.pipe.scheduler.config)
+    scheduler.set_timesteps(rc.num_inference_steps, device=lrn.device)
+    timesteps = scheduler.timesteps
+    n = len(timesteps)
+    abar_last = float(scheduler.alphas_cumprod[int(timesteps[-1])])
+    negative = rc.negative_prompt if rc.guidance_scale > 1.0 else None
+    copies = dc.lv_n if dc.variant == "draft_lv" else 1
+    history = []
+    for step in optimizer_steps(lrn, len(batch), epochs):
+        for idx, _ in micro_batches(lrn, step):
+            prompts = [batch.prompts[i] for i in idx]
+            # draft_lv's last step runs on m B rows (copy j of sample b at row j B + b): conditioning to match
+            conds = {
+                len(prompts) * c: Conditioning(*lrn.condition(prompts * c, rc.height, rc.width, negative))
+                for c in {1, copies}
+            }
+            step_fn = sampling_step(lrn, scheduler, timesteps, conds, rc.guidance_scale, dc.kl_coef > 0)
+            latent_hw = (rc.height // lrn.vae_scale, rc.width // lrn.vae_scale)
+            channels = lrn.unet.config.in_channels
+            x_T = torch.randn((len(prompts), channels, *latent_hw), generator=lrn.generator)
+            x_T = (x_T * scheduler.init_noise_sigma).to(lrn.device)
+            x, kl, metrics = scored_latents(dc, x_T, n, step_fn, abar_last, lrn.generator)
+            images = decode(lrn, x, dc.checkpoint)
+            verdicts = score(rewards, images, prompts * copies, list(lc.regions.names), metrics)
+            objectives, present = region_objectives(verdicts)
+            metrics.update(present)
+            extra = None
+            if kl is not None:
+                extra = dc.kl_coef * kl
+                metrics["loss/kl"] = float(kl.detach())
+            for region, term in objectives.items():
+                metrics[f"loss/draft/{region}"] = float(term.detach())
+            history.append(update(lrn, objectives, metrics, x, extra))
+    return summary(lrn, history, len(batch))
 
 
 # ---------------------------------------------------------------------------------------- the shared loop parts

@@ -19,6 +19,7 @@ from typing import Callable
 from rlfh.losses.awm import AWMConfig
 from rlfh.losses.ddpo import DDPOConfig
 from rlfh.losses.dpo import DPOConfig
+from rlfh.losses.draft import DraftConfig
 from rlfh.losses.filtered import FilteredConfig
 from rlfh.losses.nft import NFTConfig
 from rlfh.losses.rwr import RWRConfig
@@ -27,12 +28,15 @@ from rlfh.losses.rwr import RWRConfig
 PAIRS = "pairs"  # (winner, loser) latents of one prompt: rlfh.data.batches.PairBatch
 SAMPLES = "weighted samples"  # latents with a per-sample weight or signal: rlfh.data.batches.SampleBatch
 TRAJECTORIES = "trajectories"  # recorded sampler steps with log-probs: rlfh.data.batches.TrajectoryBatch
+PROMPTS = "prompts"  # prompts the learner samples itself, with gradient: rlfh.data.batches.PromptBatch
 
 # What a family needs beyond the policy and its batch.
 REFERENCE = "reference"  # the frozen reference's prediction on every item (DPO's implicit reward)
 OLD_POLICY = "old policy"  # the prediction of the weights that sampled the round (snapshotted at its start)
 SAMPLER_LOGPROB = "sampler log-probs"  # a stochastic DDIM sampler that records each step's log-prob
 TEXT_ENCODERS = "text encoders"  # the learner encodes prompts itself (the negative prompt of guided eps)
+VAE_DECODER = "VAE decoder"  # the learner decodes its own samples (a reward back-propagated through the decoder)
+DIFFERENTIABLE_REWARDS = "differentiable rewards"  # every `rewards:` entry has score_tensor (rewards/base.py)
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class LossSpec:
         section: ``learner.<section>``, the config section of the family's own knobs (variants share one).
         config: that section's frozen dataclass, defined in the loss's file; its ``problems(key)`` checks
             its own fields (rlfh/config/fields.py).
-        batch: what it trains on: :data:`PAIRS`, :data:`SAMPLES` or :data:`TRAJECTORIES`.
+        batch: what it trains on: :data:`PAIRS`, :data:`SAMPLES`, :data:`TRAJECTORIES` or :data:`PROMPTS`.
         on_policy: compares with the policy that sampled the round, so it trains neither from a logged
             rollout log nor on samples one round stale.
         needs: what the learner keeps or the sampler records for it (:data:`REFERENCE`, ...).
@@ -166,6 +170,16 @@ LOSSES: dict[str, LossSpec] = {
             frozenset({OLD_POLICY}),
             "rlfh.data.pairs:advantage_batch",
             "rlfh.losses.objectives:awm_objectives",
+        ),
+        LossSpec(
+            "draft",
+            "draft",
+            DraftConfig,
+            PROMPTS,
+            False,  # it samples from the current weights itself: the rollouts give it prompts only
+            frozenset({REFERENCE, TEXT_ENCODERS, VAE_DECODER, DIFFERENTIABLE_REWARDS}),
+            "rlfh.data.pairs:prompt_batch",
+            "rlfh.losses.draft:region_objectives",
         ),
     ]
 }

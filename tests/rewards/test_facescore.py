@@ -138,6 +138,23 @@ def test_differentiable_matches_and_has_gradients(reward, astronaut):
         reward.differentiable()(image, [[0, 600.0, 600.0, 700.0, 700.0]])
 
 
+def test_score_tensor_trains_the_face_only(reward, astronaut):
+    """The direct reward losses' entry (learner.loss=draft): faces found on the detached image, the crop's pixels
+    alone get gradient, an image without a face is flagged absent (its score a constant 0), and the score is
+    the uint8 reward's within the smooth resize's ~1e-3."""
+    (res,) = _with(reward, [[Detection(FACE, 0.99)]], aggregation="mean")(astronaut[None], ["x"])
+    _with(reward, [[Detection(FACE, 0.99)], []])
+    image = torch.from_numpy(np.stack([astronaut, astronaut])).permute(0, 3, 1, 2).float().div(255)
+    image.requires_grad_(True)
+    scores, present = reward.score_tensor(image, ["x", "y"])
+    assert present.tolist() == [True, False] and scores[1].item() == 0.0
+    assert abs(scores[0].item() - res.value) < 5e-3
+    scores.sum().backward()
+    y0, y1, x0, x1 = crop_bounds(FACE, 512, 512)
+    inside = image.grad[0, :, y0:y1, x0:x1].abs().sum()
+    assert inside > 0 and image.grad.abs().sum() == pytest.approx(float(inside)) and image.grad[1].abs().sum() == 0
+
+
 def test_registry_and_options(fs_dir, astronaut):
     r = build_reward(
         "facescore",

@@ -162,6 +162,18 @@ def hps(hps_dir):
     return build_reward("hpsv2", {"checkpoint": str(hps_dir), "vision_heads": 2, "text_heads": 2, "batch_size": 2})
 
 
+def test_hps_score_tensor_equals_score_and_has_gradients(hps, images):
+    """The differentiable path (learner.loss=draft): the letterbox's own ops from ToTensor on, so the uint8 score
+    on uint8-valued images, with a pixel gradient."""
+    coffee = images[0][:200, :300]
+    (res,) = hps(coffee[None], ["a cup of coffee"])
+    x = torch.from_numpy(coffee).permute(2, 0, 1)[None].float().div(255).requires_grad_(True)
+    scores, present = hps.score_tensor(x, ["a cup of coffee"])
+    assert present.tolist() == [True] and abs(scores.item() - res.value) < 1e-5
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
 def test_hps_letterbox(images):
     coffee, _ = images  # 400 x 600 -> 149 x 224, padded 37 rows on top and 38 below
     x = letterbox(coffee, 224)
@@ -276,6 +288,21 @@ def test_aesthetic_formula(aesthetic_files, images):
     for idx in (0, 2, 4, 6, 7):  # affine chain, dropouts off
         x = x @ state[f"layers.{idx}.weight"].double().T + state[f"layers.{idx}.bias"].double()
     assert a.value == pytest.approx(float(x), abs=1e-5)
+
+
+def test_aesthetic_score_tensor_equals_score_and_has_gradients(aesthetic_files, images):
+    """The differentiable path (learner.loss=draft): the uint8 score on uint8-valued images, a pixel gradient."""
+    d, _ = aesthetic_files
+    reward = build_reward(
+        "aesthetic", {"mlp_weights": str(d / "sac+logos+ava1-l14-linearMSE.pth"), "clip_model": str(d / "clip")}
+    )
+    coffee = images[0][:200, :300]
+    (res,) = reward(coffee[None], ["x"])
+    x = torch.from_numpy(coffee).permute(2, 0, 1)[None].float().div(255).requires_grad_(True)
+    scores, present = reward.score_tensor(x, ["x"])
+    assert present.tolist() == [True] and abs(scores.item() - res.value) < 1e-4
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
 def test_aesthetic_errors(aesthetic_files, tmp_path):

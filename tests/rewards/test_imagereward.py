@@ -40,3 +40,18 @@ def test_bad_options(ir_dir):
         ImageReward(str(ir_dir), batch_size=0)
     with pytest.raises(RewardError, match="dtype"):
         ImageReward(str(ir_dir), dtype="float64")
+
+
+def test_score_tensor_equals_score_and_has_gradients(reward):
+    """The differentiable path (learner.loss=draft): equal to the uint8 reward on uint8-valued images (the same
+    Pillow resize weights, straight-through rounding), with a gradient on the pixels."""
+    import skimage.data
+    import torch
+
+    img = skimage.data.coffee()[:200, :300]
+    (res,) = reward(img[None], ["a cup of coffee"])
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255).requires_grad_(True)
+    scores, present = reward.score_tensor(x, ["a cup of coffee"])
+    assert present.tolist() == [True] and abs(scores.item() - res.value) < 1e-4
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
