@@ -216,6 +216,7 @@ class OnlineFeed(Feed):
             self.settings,
             batch.conditioning,
             images=batch.images,
+            values=scored.values(),
         )
         for source in sources:
             source.annotate(samples)
@@ -231,7 +232,7 @@ class OnlineFeed(Feed):
         """Guards (held-out reward, reference drift, collapse) and the sample grid."""
         from rlfh.run.samples import write_grid
 
-        stop = self.guards.check(rnd, metrics)
+        stop = self.guards.check(rnd, metrics, data.scored)
         metrics["guards/stopped"] = float(stop is not None)
         every = self.cfg.logging.sample_grid_every
         if every and rnd % every == 0:
