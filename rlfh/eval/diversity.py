@@ -82,30 +82,6 @@ def _small(image: np.ndarray, side: int) -> np.ndarray:
     return np.asarray(im.resize((side, side), Image.BOX), dtype=np.float64) / 255.0
 
 
-def pixel_embeddings(images, side: int = DIVERSITY_SIDE) -> np.ndarray:
-    """Each image box-downsampled to ``side`` x ``side`` RGB in [0, 1], flattened: (N, 3 side^2) float64, the view
-    :func:`image_diversity` compares (GARDO's diversity-aware advantage embeds images without faces with it)."""
-    return np.stack([_small(im, side).ravel() for im in images]) if len(images) else np.zeros((0, 3 * side * side))
-
-
-def per_image_embeddings(embedded: dict[str, Any], n_images: int) -> np.ndarray | None:
-    """One embedding per image from what ``RewardSet.face_embeddings`` returned: the mean of the unit embeddings
-    of its faces, a NaN row for an image without a face; None when nothing was embedded."""
-    emb = embedded.get("embeddings")
-    if emb is None:
-        return None
-    e = np.asarray(emb, dtype=np.float64)
-    owners = np.asarray(embedded.get("owners", []), dtype=np.int64)
-    if e.shape[0] != len(owners):
-        raise ValueError(f"{e.shape[0]} face embeddings for {len(owners)} owners")
-    out = np.full((n_images, e.shape[1] if e.ndim == 2 else 0), np.nan)
-    norms = np.linalg.norm(e, axis=1, keepdims=True)
-    u = np.where(norms > 0, e / np.where(norms > 0, norms, 1.0), np.nan)
-    for i in set(owners.tolist()):
-        out[i] = u[owners == i].mean(axis=0)
-    return out
-
-
 def image_diversity(
     images: np.ndarray | Sequence[np.ndarray], prompts: Sequence[Hashable], side: int = DIVERSITY_SIDE
 ) -> dict[str, Any]:

@@ -68,8 +68,11 @@ __all__ = [
     "GardoConfig",
     "ReferenceRefresh",
     "diversity_factors",
+    "face_boxes",
     "gated_kl",
     "kl_gate",
+    "per_image_embeddings",
+    "pixel_embeddings",
     "reward_uncertainty",
     "shaped_advantages",
     "shaped_weights",
@@ -189,6 +192,44 @@ def shaped_weights(weights: np.ndarray, scores: Sequence[Optional[float]], group
         if _usable(s) and float(s) > sums[g][0] / sums[g][1]:
             w[i] *= factors[i]
     return w
+
+
+def pixel_embeddings(images, side: int = 64) -> np.ndarray:
+    """Each image box-downsampled to ``side`` x ``side`` RGB in [0, 1], flattened: (N, 3 side^2) float64, the view
+    the image-diversity metric compares (rlfh/eval/diversity.py), for images without faces."""
+    from PIL import Image
+
+    def small(image) -> np.ndarray:
+        im = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((side, side), Image.BOX)
+        return np.asarray(im, dtype=np.float64).ravel() / 255.0
+
+    return np.stack([small(im) for im in images]) if len(images) else np.zeros((0, 3 * side * side))
+
+
+def per_image_embeddings(embedded: dict, n_images: int) -> np.ndarray | None:
+    """One embedding per image from what ``RewardSet.face_embeddings`` returned: the mean of the unit embeddings
+    of its faces, a NaN row for an image without a face; None when nothing was embedded."""
+    emb = embedded.get("embeddings")
+    if emb is None:
+        return None
+    e = np.asarray(emb, dtype=np.float64)
+    owners = np.asarray(embedded.get("owners", []), dtype=np.int64)
+    if e.shape[0] != len(owners):
+        raise ValueError(f"{e.shape[0]} face embeddings for {len(owners)} owners")
+    out = np.full((n_images, e.shape[1] if e.ndim == 2 else 0), np.nan)
+    norms = np.linalg.norm(e, axis=1, keepdims=True)
+    u = np.where(norms > 0, e / np.where(norms > 0, norms, 1.0), np.nan)
+    for i in set(owners.tolist()):
+        out[i] = u[owners == i].mean(axis=0)
+    return out
+
+
+def face_boxes(regions: Sequence[dict]) -> list[list] | None:
+    """Per image, its face detections (``ScoredSamples.regions``), or None when no reward looked for faces (the
+    embedding reward's own detector then runs)."""
+    if not any("face" in r for r in regions):
+        return None
+    return [list(r.get("face", [])) for r in regions]
 
 
 class ReferenceRefresh:

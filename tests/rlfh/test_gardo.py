@@ -13,12 +13,12 @@ import torch
 from rlfh.config.schema import ConfigError, load_config
 from rlfh.data.batches import ScoredSamples
 from rlfh.data.pairs import learner_batch
-from rlfh.eval.diversity import per_image_embeddings
 from rlfh.losses.gardo import (
     ReferenceRefresh,
     diversity_factors,
     gated_kl,
     kl_gate,
+    per_image_embeddings,
     reward_uncertainty,
     shaped_advantages,
     shaped_weights,

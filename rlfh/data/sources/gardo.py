@@ -36,8 +36,7 @@ class Gardo(DataSource):
             )
 
     def annotate(self, samples) -> None:
-        from rlfh.eval.diversity import face_lists, per_image_embeddings, pixel_embeddings
-        from rlfh.losses.gardo import kl_gate, reward_uncertainty
+        from rlfh.losses.gardo import face_boxes, kl_gate, per_image_embeddings, pixel_embeddings, reward_uncertainty
 
         g = self.g
         if g.kl_gate_fraction is not None:
@@ -50,5 +49,5 @@ class Gardo(DataSource):
         if g.diversity == "pixels":
             samples.embeddings = pixel_embeddings(samples.images)
         elif g.diversity == "identity":
-            embedded = self.scorer.face_embeddings(samples.images, face_lists(samples.regions))
+            embedded = self.scorer.face_embeddings(samples.images, face_boxes(samples.regions))
             samples.embeddings = per_image_embeddings(embedded, len(samples))  # None: factors 1, nothing shaped
