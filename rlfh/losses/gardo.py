@@ -3,7 +3,7 @@
 Paper: He et al., "GARDO: Reinforcing Diffusion Models without Reward Hacking" (Gated and Adaptive
 Regularization with Diversity-aware Optimization), arXiv 2512.24138; reference code tinnerhrhe/GARDO
 (scripts/train_sd3_grpo_gardo.py, flow_grpo/stat_tracking.py), built on Flow-GRPO (yifan123/flow_grpo).
-Its three parts, as rlfh reads them (derivations: docs/online_rl.md, section 7):
+Its three parts, as rlfh reads them (derivations: docs/online_rl.md, section 8):
 
 1. Gated KL. The KL to the reference is applied only to the samples whose reward is least trustworthy.
    Uncertainty is the disagreement of the trained score with auxiliary rewards the run also computes
@@ -257,7 +257,7 @@ class ReferenceRefresh:
 @dataclass(frozen=True)
 class GardoConfig:
     """``learner.gardo``: GARDO's gated KL, adaptive reference and diversity-aware advantage (rlfh/losses/gardo.py;
-    docs/online_rl.md, section 7). Everything is off by default.
+    docs/online_rl.md, section 8). Everything is off by default.
 
     Attributes:
         kl_gate_fraction: the share f of the round's samples, those whose trained score is most over-rated

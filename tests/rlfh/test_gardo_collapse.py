@@ -28,10 +28,19 @@ def one_image_reward(latents: np.ndarray, target: np.ndarray) -> list[float]:
     return (-((latents - target[None]) ** 2).mean(axis=(1, 2, 3))).tolist()
 
 
+def latent_spread(latents: np.ndarray) -> float:
+    """Mean over prompts of the RMS distance between the final latents of two seeds of one prompt."""
+    out = []
+    for group in (latents[:4], latents[4:]):
+        out += [float(np.sqrt(((group[i] - group[j]) ** 2).mean())) for i in range(4) for j in range(i + 1, 4)]
+    return float(np.mean(out))
+
+
 def evaluate(s, st, target) -> tuple[float, float]:
-    """(mean reward, image diversity) of the policy at fixed seeds, 4 per prompt."""
+    """(mean reward, latent spread) of the policy at fixed seeds, 4 per prompt."""
     b = s.sample(PROMPTS, EVAL_SEEDS, st)
-    return float(np.mean(one_image_reward(b.latents, target))), image_diversity(b.images, PROMPTS)["value"]
+    print(f"image diversity {image_diversity(b.images, PROMPTS)['value']:.4f}")
+    return float(np.mean(one_image_reward(b.latents, target))), latent_spread(b.latents)
 
 
 def collapse_run(
@@ -43,6 +52,7 @@ def collapse_run(
     epochs: int = 2,
     loss: str = "nft",
     extra: tuple = (),
+    embed: str = "latents",
 ):
     """(reward gain, diversity at the end, diversity at the start) over ``rounds`` online rounds of ``loss``."""
     overrides = [f"learner.loss={loss}", "rollout.num_inference_steps=4", f"learner.lr={lr}", f"seed={seed}"]
@@ -56,16 +66,25 @@ def collapse_run(
     s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
     rc = cfg.rollout
     st = SamplerSettings(rc.num_inference_steps, 1.0, "", rc.height, rc.width)
-    target = s.sample(["a"], [7], st).latents[0]  # one of the base model's own images
+    target, other = s.sample(["a", "a"], [7, 8], st).latents  # two of the base model's own images
     source = Gardo(cfg, SourceContext(tiny_model_dir)) if mitigate else None
     r0, d0 = evaluate(s, st, target)
     for rnd in range(rounds):
         b = s.sample(PROMPTS, [10_000 * seed + rnd * 8 + i for i in range(8)], st)
         samples = ScoredSamples(
-            b.latents, PROMPTS, PROMPTS, one_image_reward(b.latents, target), [{}] * 8, (64, 64), images=b.images
+            b.latents,
+            PROMPTS,
+            PROMPTS,
+            one_image_reward(b.latents, target),
+            [{}] * 8,
+            (64, 64),
+            images=b.images,
+            values={"other": one_image_reward(b.latents, other)},
         )
         if source is not None:
             source.annotate(samples)
+            if embed == "latents":
+                samples.embeddings = b.latents.reshape(len(b.latents), -1).astype(np.float64)
         batch, _ = learner_batch(cfg.learner, samples)
         train(lrn, batch, epochs=epochs)
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
