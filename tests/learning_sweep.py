@@ -21,7 +21,7 @@ import time
 
 
 def runs() -> dict:
-    from tests.rlfh import test_ddpo, test_online_rl
+    from tests.rlfh import gardo_collapse, test_ddpo, test_online_rl
 
     return {
         "ddpo": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(d, None, seed=s, **kw),
@@ -33,6 +33,7 @@ def runs() -> dict:
         "guard": lambda d, s: test_ddpo.trust_region_run(d, "guard", seed=s)[0],
         "nft": lambda d, s, **kw: test_online_rl.online_learning_gain(d, "nft", seed=s, **kw),
         "awm": lambda d, s, **kw: test_online_rl.online_learning_gain(d, "awm", seed=s, **kw),
+        "gardo_spread": lambda d, s, **kw: gardo_collapse.spread_kept(d, seed=s, **kw)[0],
     }
 
 

@@ -115,6 +115,46 @@ def test_the_batches_carry_the_shaped_advantages_and_the_gate():
     assert batch.kl_gate.tolist() == [True, False, True, False]
 
 
+def test_the_source_gates_and_embeds_faces_per_image():
+    """rlfh/data/sources/gardo.py online: the gate from the round's reward values, identity embeddings from the
+    scorer's face embeddings of the detected faces (one per image, NaN without a face)."""
+    from rewards.base import Detection
+    from rlfh.data.sources import SourceContext, build_sources
+
+    class Scorer:
+        def face_embeddings(self, images, faces):
+            self.faces = faces
+            return {"embeddings": np.array([[3.0, 0.0], [0.0, 1.0]]), "owners": [0, 2]}
+
+    cfg = tiny(
+        "learner.loss=nft",
+        "learner.reference.kl_coef=0.1",
+        "learner.gardo.kl_gate_fraction=0.25",
+        "learner.gardo.uncertainty_rewards=[aux]",
+        "learner.gardo.diversity=identity",
+        "rewards=[jpeg_compressibility, {target: jpeg_compressibility, name: aux, weight: 0}]",
+    )
+    scorer = Scorer()
+    (source,) = build_sources(cfg, SourceContext(REPO, scorer=scorer))
+    face = Detection((0.0, 0.0, 8.0, 8.0), 0.9, "face")
+    s = ScoredSamples(
+        np.zeros((4, 4, 8, 8), np.float32),
+        ["a"] * 4,
+        ["a"] * 4,
+        [4.0, 3.0, 2.0, 1.0],
+        [{"face": [face]}, {"face": []}, {"face": [face]}, {}],
+        (64, 64),
+        images=np.zeros((4, 64, 64, 3), np.uint8),
+        values={"aux": [1.0, 2.0, 3.0, 4.0], "jpeg_compressibility": [4.0, 3.0, 2.0, 1.0]},
+    )
+    source.annotate(s)
+    # u = w_score - w_aux = (1, 1/3, -1/3, -1) ... ceil(0.25 * 4) = 1 gated: the most over-rated, sample 0
+    assert s.kl_gate.tolist() == [True, False, False, False]
+    assert scorer.faces == [[face], [], [face], []]
+    assert s.embeddings[0] == pytest.approx([1.0, 0.0]) and s.embeddings[2] == pytest.approx([0.0, 1.0])
+    assert np.isnan(s.embeddings[1]).all() and np.isnan(s.embeddings[3]).all()
+
+
 def test_reference_refresh_rule():
     r = ReferenceRefresh(refresh_kl=0.1, refresh_rounds=3)
     r.observe(0.05)
