@@ -391,13 +391,16 @@ def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float], weights=No
     """``learner.reference.kl_coef`` * mean w (eps_theta - eps_ref)^2 (rlfh/losses/kl.py), or None when off: unit weight
     on forward-noised samples, the per-sample ``weights`` (B,) w_t of a DDPO step (the exact transition KL). With
     GARDO's ``gate`` (B,) bool the mean runs over the gated rows only (rlfh/losses/gardo.py: gated_kl).
-    ``gardo/kl``: the plain mean KL of the rows the term covers, what ``learner.gardo.refresh_kl`` compares."""
+    With GARDO on, ``gardo/kl``: the plain mean KL of the rows the term covers, what ``learner.gardo.refresh_kl``
+    compares."""
     coef = lrn.cfg.learner.reference.kl_coef
     if coef <= 0 or ref is None:
         return None
     per_sample = per_sample_eps_kl(pred, ref, weights)
     term = coef * per_sample.mean() if gate is None else gated_kl(per_sample, gate, coef)
     metrics["loss/kl"] = float(term.detach())
+    if gate is None and lrn.refresh is None:  # GARDO off: the term as it always was
+        return term
     covered = per_sample.detach() if gate is None else per_sample.detach()[gate.to(per_sample.device)]
     if covered.numel():
         metrics["gardo/kl"] = float(covered.mean())

@@ -190,9 +190,12 @@ def test_reference_becomes_the_policy_after_a_round_over_the_kl(tiny_model_dir):
     )
     lrn = LearnerEngine(cfg)
     lat, prompts, rewards = samples()
-    batch, _ = learner_batch(cfg.learner, ScoredSamples(lat, prompts, prompts, rewards, [{}] * 8, (64, 64)))
+    scored = ScoredSamples(lat, prompts, prompts, rewards, [{}] * 8, (64, 64))
+    scored.kl_gate = np.array([True, False] * 4)  # the learner takes the KL on the gated rows only
+    batch, _ = learner_batch(cfg.learner, scored)
     m = train(lrn, batch)
     assert m["gardo/kl"] >= 0 and m["gardo/refresh_due"] == 1.0 and m["gardo/reference_refreshes"] == 0.0
+    assert m["gardo/kl_gated_share"] == pytest.approx(0.5)
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500])
     enc, added = lrn.condition(["a"], 64, 64)
