@@ -1,8 +1,9 @@
 """GARDO on a tiny task built to collapse (tests/rlfh/test_gardo_collapse.py; ``python -m tests.learning_sweep
-gardo_spread``): the reward is maximized by one image (the negative mean squared distance of the final latents
-to one fixed latent of the base model), so the policy that maximizes it samples that image for every seed. :func:`spread_kept` runs the same online
-rounds with and without GARDO (its gated KL to the base model, the gate from a second reward that prefers another
-image, and the diversity-aware advantage) and returns how much further apart the seeds of a prompt stay with it.
+gardo_spread``): the reward is maximized by one image (the negative mean squared distance of the final latents to
+one fixed latent of the base model), so the policy that maximizes it samples that image for every seed.
+:func:`spread_kept` runs the same online rounds with and without GARDO (its gated KL to the base model, the gate
+from a second reward that prefers another image, and the diversity-aware advantage) and returns how much less the
+spread of a prompt's seeds drifts with it.
 
 Diversity is the RMS distance between the final latents of two seeds of a prompt (:func:`latent_spread`): the tiny
 model's decoded 64 x 64 images differ too little for ``collapse/image_diversity`` to move beyond its fourth decimal
