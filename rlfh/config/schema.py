@@ -452,7 +452,6 @@ class LearnerCore:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     guidance_free: GuidanceFreeConfig = field(default_factory=GuidanceFreeConfig)
-    gardo: GardoConfig = field(default_factory=GardoConfig)  # gated KL, adaptive reference, diversity-aware advantage
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def problems(self, key: str) -> list[str]:
@@ -921,6 +920,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reward_server: ServerConfig = field(default_factory=ServerConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)  # reward-hacking guards: held-out reward, reference MSE
+    gardo: GardoConfig = field(default_factory=GardoConfig)  # hacking prevented in the objective (rlfh/losses/gardo.py)
     reward_training: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)  # rlfh train-reward
 
     @property

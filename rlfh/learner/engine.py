@@ -111,9 +111,8 @@ class LearnerEngine:
         self.global_step = 0  # optimizer steps
         self.policy_version = 0  # rounds trained: what the rollout actors' samples are tagged with
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
-        g = (
-            lc.gardo
-        )  # GARDO's adaptive reference: the policy becomes the reference when the rule says (rlfh/losses/gardo.py)
+        # GARDO's adaptive reference: the policy becomes the reference when the rule says (rlfh/losses/gardo.py)
+        g = cfg.gardo
         self.refresh = ReferenceRefresh(g.refresh_kl, g.refresh_rounds) if g.refreshes else None
 
     def _load_pipeline(self, cfg, keep_vae: bool) -> None:
@@ -158,7 +157,7 @@ class LearnerEngine:
             self.optimization,
             self.rank,
             self.world_size,
-            lc.reference.model == "ema" or lc.gardo.refreshes,
+            lc.reference.model == "ema" or cfg.gardo.refreshes,
             self.device,
         )
 

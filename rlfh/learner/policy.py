@@ -202,7 +202,7 @@ class PolicyWeights:
         ]
 
     def reference_from_policy(self) -> None:
-        """Take the current trained weights as the reference (GARDO's adaptive reference, ``learner.gardo``)."""
+        """Take the current trained weights as the reference (GARDO's adaptive reference, ``gardo``)."""
         self.reference_weights = [p.detach().clone() for p in self.trainable]
 
     def step_ema(self) -> None:

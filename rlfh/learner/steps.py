@@ -391,7 +391,7 @@ def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float], weights=No
     """``learner.reference.kl_coef`` * mean w (eps_theta - eps_ref)^2 (rlfh/losses/kl.py), or None when off: unit weight
     on forward-noised samples, the per-sample ``weights`` (B,) w_t of a DDPO step (the exact transition KL). With
     GARDO's ``gate`` (B,) bool the mean runs over the gated rows only (rlfh/losses/gardo.py: gated_kl).
-    With GARDO on, ``gardo/kl``: the plain mean KL of the rows the term covers, what ``learner.gardo.refresh_kl``
+    With GARDO on, ``gardo/kl``: the plain mean KL of the rows the term covers, what ``gardo.refresh_kl``
     compares."""
     coef = lrn.cfg.learner.reference.kl_coef
     if coef <= 0 or ref is None:

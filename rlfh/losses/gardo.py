@@ -7,7 +7,7 @@ Its three parts, as rlfh reads them (derivations: docs/online_rl.md, section 8):
 
 1. Gated KL. The KL to the reference is applied only to the samples whose reward is least trustworthy.
    Uncertainty is the disagreement of the trained score with auxiliary rewards the run also computes
-   (``learner.gardo.uncertainty_rewards``, logged with weight 0 as GARDO logs aesthetic and ImageReward
+   (``gardo.uncertainty_rewards``, logged with weight 0 as GARDO logs aesthetic and ImageReward
    beside its trained reward). With the win rate of sample b under a reward r over the round's n usable
    samples (ties count half),
 
@@ -16,7 +16,7 @@ Its three parts, as rlfh reads them (derivations: docs/online_rl.md, section 8):
 
    u_b > 0: the trained score ranks b higher than the other rewards do, the signature of a sample that
    wins by exploiting the trained reward. The gate takes the ceil(f n) samples of largest u_b > 0,
-   f = ``learner.gardo.kl_gate_fraction`` (:func:`kl_gate`), and the KL term becomes the mean over the
+   f = ``gardo.kl_gate_fraction`` (:func:`kl_gate`), and the KL term becomes the mean over the
    gated samples of a micro-batch (0 when none is gated; :func:`gated_kl`), as the reference averages its
    KL over the gated samples only. The reference code ranks with rank 1 for the best sample and takes
    rank_trained - mean rank_aux; we write it in win rates, which number the best sample highest, so the
@@ -25,7 +25,7 @@ Its three parts, as rlfh reads them (derivations: docs/online_rl.md, section 8):
    [0.02, 0.2] from the uncertainty's history; here f is a fixed knob.
 
 2. Adaptive reference. The reference is replaced by the current policy when the round's mean KL to it
-   exceeds ``learner.gardo.refresh_kl`` or ``learner.gardo.refresh_rounds`` rounds have passed since the
+   exceeds ``gardo.refresh_kl`` or ``gardo.refresh_rounds`` rounds have passed since the
    last replacement (the reference's ``kl_thres`` and ``reset_freq``): the KL then keeps the policy near a
    recent, already improved policy instead of the base model (:class:`ReferenceRefresh`).
 
@@ -37,7 +37,7 @@ Its three parts, as rlfh reads them (derivations: docs/online_rl.md, section 8):
    so a sample above its group's mean is amplified when it is unlike the others and damped when it is a
    near copy of one; below-mean samples keep their (negative) advantage, which keeps the optimization
    stable (the paper's point: shaping multiplies the positive advantages, never creates signal). GARDO
-   embeds with DINOv3; rlfh embeds face identity (``learner.gardo.diversity: identity``: the embeddings of
+   embeds with DINOv3; rlfh embeds face identity (``gardo.diversity: identity``: the embeddings of
    the collapse metric, rlfh/eval/diversity.py, one per image as the mean of its faces' unit embeddings),
    which penalizes the same face across seeds of a prompt, or the image's pixels box-downsampled to
    64 x 64 (``pixels``: the image-diversity metric's view, for images without faces and for the tiny test
@@ -106,7 +106,7 @@ def reward_uncertainty(score: Sequence[Optional[float]], values: dict[str, Seque
         ValueError: with no auxiliary reward, or lists of different lengths.
     """
     if not values:
-        raise ValueError("the uncertainty needs at least one auxiliary reward (learner.gardo.uncertainty_rewards)")
+        raise ValueError("the uncertainty needs at least one auxiliary reward (gardo.uncertainty_rewards)")
     n = len(score)
     if any(len(v) != n for v in values.values()):
         raise ValueError(f"{n} scores for auxiliary rewards of lengths { {k: len(v) for k, v in values.items()} }")
@@ -256,7 +256,7 @@ class ReferenceRefresh:
 
 @dataclass(frozen=True)
 class GardoConfig:
-    """``learner.gardo``: GARDO's gated KL, adaptive reference and diversity-aware advantage (rlfh/losses/gardo.py;
+    """``gardo``: GARDO's gated KL, adaptive reference and diversity-aware advantage (rlfh/losses/gardo.py;
     docs/online_rl.md, section 8). Everything is off by default.
 
     Attributes:

@@ -8,7 +8,7 @@ spread of a prompt's seeds drifts with it.
 Diversity is the RMS distance between the final latents of two seeds of a prompt (:func:`latent_spread`): the tiny
 model's decoded 64 x 64 images differ too little for ``collapse/image_diversity`` to move beyond its fourth decimal
 (it is printed), and for the same reason the diversity-aware advantage embeds the final latents here, the
-documented proxy of this harness; runs embed face identity (``learner.gardo.diversity: identity``) or pixels.
+documented proxy of this harness; runs embed face identity (``gardo.diversity: identity``) or pixels.
 
 How far the spread moves from where the base model had it is the collapse measure (:func:`spread_kept`): a
 collapsing policy pulls the seeds together, a diverging one (reward falling) pushes them apart, and GARDO should
@@ -68,9 +68,9 @@ def evaluate(s, st, target) -> tuple[float, float]:
 # GARDO here: the KL to the base model (coef ``kl``) on the half of each round the trained reward over-rates
 # against "other" (the distance to a second base image, weight 0), and the diversity-aware advantage.
 MITIGATION = (
-    "learner.gardo.diversity=pixels",
-    "learner.gardo.kl_gate_fraction=0.5",
-    "learner.gardo.uncertainty_rewards=[other]",
+    "gardo.diversity=pixels",
+    "gardo.kl_gate_fraction=0.5",
+    "gardo.uncertainty_rewards=[other]",
     "rewards=[jpeg_compressibility, {target: jpeg_compressibility, name: other, weight: 0}]",
 )
 

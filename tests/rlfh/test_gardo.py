@@ -95,7 +95,7 @@ def tiny(*overrides):
 def test_the_batches_carry_the_shaped_advantages_and_the_gate():
     """advantage_batch (nft, awm) and trajectory-free weighted batches: per-prompt z-scores (+-1 for a pair), the
     positive one times its diversity factor; the gate goes with the kept rows."""
-    cfg = tiny("learner.loss=awm", "learner.gardo.diversity=pixels")
+    cfg = tiny("learner.loss=awm", "gardo.diversity=pixels")
     lat = np.zeros((6, 4, 8, 8), np.float32)
     prompts = ["a", "a", "a", "b", "b", "b"]
     scores = [0.0, 1.0, 2.0, 0.0, 3.0, None]
@@ -108,7 +108,7 @@ def test_the_batches_carry_the_shaped_advantages_and_the_gate():
     # a: d = [1, 0, 0], mean 1/3 -> factors [3, 0, 0]: A = [-z, 0, z * 0]; b: [-1, 1 * 1]
     assert batch.advantages == pytest.approx([-z, 0.0, 0.0, -1.0, 1.0], abs=1e-5)
     assert batch.kl_gate.tolist() == [True, False, False, True, False]  # sample 5 (no score) left out
-    rwr = tiny("learner.loss=rwr", "learner.rwr.beta=0", "learner.gardo.diversity=pixels")
+    rwr = tiny("learner.loss=rwr", "learner.rwr.beta=0", "gardo.diversity=pixels")
     batch, _ = learner_batch(rwr.learner, s)
     # beta 0: unit weights; a's above-mean sample 2 gets factor 0 (dropped), b's sample 4 factor 1
     assert batch.weights.tolist() == [1.0, 1.0, 1.0, 1.0] and batch.prompts == ["a", "a", "b", "b"]
@@ -129,9 +129,9 @@ def test_the_source_gates_and_embeds_faces_per_image():
     cfg = tiny(
         "learner.loss=nft",
         "learner.reference.kl_coef=0.1",
-        "learner.gardo.kl_gate_fraction=0.25",
-        "learner.gardo.uncertainty_rewards=[aux]",
-        "learner.gardo.diversity=identity",
+        "gardo.kl_gate_fraction=0.25",
+        "gardo.uncertainty_rewards=[aux]",
+        "gardo.diversity=identity",
         "rewards=[jpeg_compressibility, {target: jpeg_compressibility, name: aux, weight: 0}]",
     )
     scorer = Scorer()
@@ -186,7 +186,7 @@ def test_reference_becomes_the_policy_after_a_round_over_the_kl(tiny_model_dir):
         "learner.loss=awm",
         "learner.lr=1e-2",
         "learner.reference.kl_coef=0.1",
-        "learner.gardo.refresh_kl=1e-12",
+        "gardo.refresh_kl=1e-12",
     )
     lrn = LearnerEngine(cfg)
     lat, prompts, rewards = samples()
@@ -229,19 +229,19 @@ def test_region_gap_stops_on_the_region_that_fails_to_generalize():
 @pytest.mark.parametrize(
     "overrides, key",
     [
-        (["learner.gardo.kl_gate_fraction=1.5"], "learner.gardo.kl_gate_fraction=1.5"),
-        (["learner.loss=nft", "learner.gardo.kl_gate_fraction=0.5"], "learner.gardo.uncertainty_rewards"),
-        (["learner.loss=nft", "learner.gardo.refresh_rounds=0"], "learner.gardo.refresh_rounds=0"),
-        (["learner.loss=nft", "learner.gardo.refresh_kl=1e-4"], "learner.reference.kl_coef > 0"),
-        (["learner.gardo.diversity=identity"], "learner.loss=dpo trains on pairs"),
+        (["gardo.kl_gate_fraction=1.5"], "gardo.kl_gate_fraction=1.5"),
+        (["learner.loss=nft", "gardo.kl_gate_fraction=0.5"], "gardo.uncertainty_rewards"),
+        (["learner.loss=nft", "gardo.refresh_rounds=0"], "gardo.refresh_rounds=0"),
+        (["learner.loss=nft", "gardo.refresh_kl=1e-4"], "learner.reference.kl_coef > 0"),
+        (["gardo.diversity=identity"], "learner.loss=dpo trains on pairs"),
         (
             [
                 "learner.loss=nft",
                 "learner.reference.kl_coef=0.1",
-                "learner.gardo.kl_gate_fraction=0.2",
-                "learner.gardo.uncertainty_rewards=[aesthetic]",
+                "gardo.kl_gate_fraction=0.2",
+                "gardo.uncertainty_rewards=[aesthetic]",
             ],
-            "learner.gardo.uncertainty_rewards ['aesthetic'] are not in rewards",
+            "gardo.uncertainty_rewards ['aesthetic'] are not in rewards",
         ),
         (["guards.max_region_reward_gap={face: -1}"], "guards.max_region_reward_gap.face=-1"),
     ],
@@ -258,10 +258,10 @@ def test_a_valid_gardo_config_loads():
         "rollout.scheduler=ddim",
         "rollout.eta=1.0",
         "learner.reference.kl_coef=0.04",
-        "learner.gardo.kl_gate_fraction=0.1",
-        "learner.gardo.uncertainty_rewards=[jpeg_compressibility]",
-        "learner.gardo.refresh_kl=3e-4",
-        "learner.gardo.refresh_rounds=15",
-        "learner.gardo.diversity=identity",
+        "gardo.kl_gate_fraction=0.1",
+        "gardo.uncertainty_rewards=[jpeg_compressibility]",
+        "gardo.refresh_kl=3e-4",
+        "gardo.refresh_rounds=15",
+        "gardo.diversity=identity",
     )
-    assert cfg.learner.gardo.enabled and cfg.learner.gardo.refreshes
+    assert cfg.gardo.enabled and cfg.gardo.refreshes

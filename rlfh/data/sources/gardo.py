@@ -1,7 +1,7 @@
-"""GARDO's per-sample fields as a per-round data source (``learner.gardo``; the formulas: rlfh/losses/gardo.py).
+"""GARDO's per-sample fields as a per-round data source (``gardo``; the formulas: rlfh/losses/gardo.py).
 
 Each online round's scored samples get ``ScoredSamples.kl_gate``, the samples whose trained score the
-``learner.gardo.uncertainty_rewards`` disagree with most (they get the KL term), and
+``gardo.uncertainty_rewards`` disagree with most (they get the KL term), and
 ``ScoredSamples.embeddings``, what the diversity-aware advantage compares within a prompt group: face identity
 embeddings by the training reward that serves them (``diversity: identity``; the collapse metric's, one per image,
 a NaN row for an image without a face) or the images' 64 x 64 pixels (``diversity: pixels``). The batch builders
@@ -19,7 +19,7 @@ class Gardo(DataSource):
 
     @staticmethod
     def section(cfg):
-        return cfg.learner.gardo
+        return cfg.gardo
 
     @classmethod
     def wanted(cls, cfg, ctx: SourceContext) -> bool:
@@ -31,7 +31,7 @@ class Gardo(DataSource):
         self.needs_images = self.g.diversity != "off"
         if self.g.diversity == "identity" and self.scorer is None:
             raise ValueError(
-                "learner.gardo.diversity=identity embeds faces with the training rewards' scorer, which only the "
+                "gardo.diversity=identity embeds faces with the training rewards' scorer, which only the "
                 "online loop has; use diversity=pixels or off"
             )
 
@@ -41,9 +41,7 @@ class Gardo(DataSource):
         g = self.g
         if g.kl_gate_fraction is not None:
             if samples.values is None:
-                raise ValueError(
-                    "learner.gardo.kl_gate_fraction needs every reward's value per sample (ScoredSamples.values)"
-                )
+                raise ValueError("gardo.kl_gate_fraction needs every reward's value per sample (ScoredSamples.values)")
             aux = {n: samples.values[n] for n in g.uncertainty_rewards}
             samples.kl_gate = kl_gate(reward_uncertainty(samples.scores, aux), g.kl_gate_fraction)
         if g.diversity == "pixels":
