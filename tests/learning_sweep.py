@@ -25,7 +25,7 @@ def runs() -> dict:
     from pathlib import Path
 
     from tests import test_online_rl_end_to_end as e2e
-    from tests.rlfh import test_ddpo, test_losses_draft, test_online_rl
+    from tests.rlfh import gardo_collapse, test_ddpo, test_losses_draft, test_online_rl
 
     def cli(loss):  # the whole product: `rlfh train` with Ray and DeepSpeed, then fresh samples at fixed seeds
         return lambda d, s, rounds=e2e.LEARNING.get(loss, (10,))[0]: e2e.e2e_gain(
@@ -48,6 +48,7 @@ def runs() -> dict:
             f"draft_{v}": lambda d, s, v=v, **kw: test_losses_draft.draft_learning_gain(d, v, seed=s, **kw)
             for v in ("refl", "draft_k", "alignprop", "draft_lv")
         },
+        "gardo_spread": lambda d, s, **kw: gardo_collapse.spread_kept(d, seed=s, **kw)[0],
     }
 
 

@@ -467,6 +467,39 @@ def family_rules(cfg) -> list[str]:
     return p
 
 
+def gardo_rules(cfg) -> list[str]:
+    """gardo x learner.loss / learner.reference / rewards: what GARDO's parts act on must be there."""
+    g, lc = cfg.gardo, cfg.learner
+    p: list[str] = []
+    if g.enabled and loss_spec(lc.loss).batch == PAIRS:
+        p.append(
+            f"gardo acts on per-sample advantages, weights and KL terms: learner.loss={lc.loss} trains on "
+            f"pairs; use one of {names_where(lambda s: s.batch != PAIRS)}"
+        )
+    if (g.kl_gate_fraction is not None or g.refreshes) and lc.reference.kl_coef <= 0:
+        p.append(
+            "gardo.kl_gate_fraction / refresh_kl / refresh_rounds act on the KL to the reference: "
+            "set learner.reference.kl_coef > 0"
+        )
+    if g.refreshes and lc.reference.model == "ema":
+        p.append(
+            "gardo.refresh_kl / refresh_rounds replace the reference by the policy; "
+            "learner.reference.model=ema takes it from the EMA: use one of them"
+        )
+    if g.refreshes and lc.engine.zero_stage == 3:
+        p.append(
+            "gardo.refresh_kl / refresh_rounds copy the policy's weights whole: needs learner.engine.zero_stage <= 2"
+        )
+    names = {e.name or e.target for e in cfg.rewards}
+    unknown = [n for n in g.uncertainty_rewards if n not in names]
+    if unknown:
+        p.append(
+            f"gardo.uncertainty_rewards {unknown} are not in rewards: {sorted(names)} (add them with "
+            f"weight 0 to score them without training on them)"
+        )
+    return p
+
+
 CROSS_SECTION_RULES = (
     family_rules,
     batch_rules,
@@ -482,4 +515,5 @@ CROSS_SECTION_RULES = (
     finetune_rules,
     reward_name_rules,
     score_guidance_rules,
+    gardo_rules,
 )

@@ -28,6 +28,7 @@ import yaml
 
 from rewards.wire import ServerConfig
 from rlfh.config.fields import at_least, fraction, knob, non_negative, positive
+from rlfh.losses.gardo import GardoConfig
 from rlfh.losses.registry import LOSS_NAMES, loss_sections
 
 # Larger than any SDXL bucket (1024-2048) with room to spare; 100000 x 100000 would try to allocate
@@ -823,6 +824,9 @@ class GuardsConfig:
     Attributes:
         max_face_identity_sim: stop when the held-out faces' mean pairwise embedding cosine
             (collapse/face_identity_sim) exceeds this.
+        max_region_reward_gap: {region: gap}: stop when a region's training reward exceeds its held-out reward
+            by more than the gap (``heldout/reward_gap/<region>``: the combined reward of that region's rewards,
+            face / hand / global, on this round's samples minus on the held-out ones).
     """
 
     every: int = 0  # rounds between held-out evaluations; 0 = off
@@ -832,9 +836,14 @@ class GuardsConfig:
     max_heldout_drop: Optional[float] = None  # stop when the held-out combined reward falls this far below its first
     max_reference_mse: Optional[float] = None  # stop when mean (eps_theta - eps_ref)^2 on training pairs exceeds this
     max_face_identity_sim: Optional[float] = None
+    max_region_reward_gap: dict[str, float] = field(default_factory=dict)
 
     def problems(self, key: str) -> list[str]:
         p: list[str] = []
+        for region, gap in self.max_region_reward_gap.items():
+            p += positive(f"{key}.max_region_reward_gap.{region}", gap)
+        if self.max_region_reward_gap and not self.every:
+            p.append(f"{key}.max_region_reward_gap needs {key}.every > 0 (held-out evaluations to compare with)")
         if self.every < 0 or self.seeds_per_prompt < 1:
             p.append(f"{key}.every={self.every} must be >= 0 and {key}.seeds_per_prompt={self.seeds_per_prompt} >= 1")
         if self.every and not self.heldout_prompts:
@@ -938,6 +947,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reward_server: ServerConfig = field(default_factory=ServerConfig)
     guards: GuardsConfig = field(default_factory=GuardsConfig)  # reward-hacking guards: held-out reward, reference MSE
+    gardo: GardoConfig = field(default_factory=GardoConfig)  # hacking prevented in the objective (rlfh/losses/gardo.py)
     reward_training: RewardTrainingConfig = field(default_factory=RewardTrainingConfig)  # rlfh train-reward
 
     @property

@@ -43,6 +43,9 @@ class ScoredSamples:
     images: Optional[np.ndarray] = None
     priors: Optional[np.ndarray] = None
     ids: Optional[Sequence[str]] = None  # rollout ids (offline, from the log): people's labels name them
+    values: Optional[dict] = None  # {reward: value per sample} as scored (online), for GARDO's uncertainty
+    kl_gate: Optional[np.ndarray] = None  # (N,) bool: the samples that get the KL term (gardo); None: all
+    embeddings: Optional[np.ndarray] = None  # (N, D), a NaN row without one: GARDO's diversity-aware advantage
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -89,6 +92,7 @@ class SampleBatch:
     conditioning: Conditioning | None = None
     priors: np.ndarray | None = None
     advantages: np.ndarray | None = None
+    kl_gate: np.ndarray | None = None  # (N,) bool: the rows that get the KL term (gardo); None: every row
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -109,6 +113,7 @@ class TrajectoryBatch:
     settings: object  # rollouts.types.SamplerSettings
     window_start: int = 0  # j: the denoising step (0 = first) the recorded window starts at
     conditioning: Conditioning | None = None
+    kl_gate: np.ndarray | None = None  # (N,) bool: the rows that get the KL term (gardo); None: every row
 
     def __len__(self) -> int:
         return len(self.prompts)

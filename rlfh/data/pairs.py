@@ -259,6 +259,21 @@ class ScoredRound:
     trajectory: dict | None  # the sampler's recorded steps (trajectory families)
     settings: object  # the round's sampler settings (trajectory families)
     unscored: dict[str, float]  # {"samples/unscored": count}, merged into every builder's stats
+    kl_gate: np.ndarray | None = None  # (N,) bool, GARDO's gated KL (rlfh/losses/gardo.py); None: every sample
+    embeddings: np.ndarray | None = None  # (N, D), GARDO's diversity-aware advantage; None: off
+
+    def gate_rows(self, idx) -> np.ndarray | None:
+        return None if self.kl_gate is None else np.asarray(self.kl_gate, bool)[idx]
+
+    def diversity(self, idx) -> np.ndarray | None:
+        """GARDO's diversity factors of rows ``idx`` within their prompt groups
+        (``rlfh.losses.gardo.diversity_factors``), or None when off."""
+        from rlfh.losses.gardo import diversity_factors
+
+        if self.embeddings is None:
+            return None
+        idx = list(idx)
+        return diversity_factors(self.embeddings[idx], [self.groups[i] for i in idx])
 
     def keep(self) -> list[int]:
         """The samples with a usable score."""
@@ -300,6 +315,8 @@ def learner_batch(learner_cfg, samples, normalization: str = "weighted_sum"):
         samples.trajectory,
         samples.settings,
         unscored,
+        samples.kl_gate,
+        samples.embeddings,
     )
     return spec.builder()(learner_cfg, rnd)
 
@@ -328,9 +345,14 @@ def pair_batch(learner_cfg, rnd: ScoredRound):
 
 
 def weighted_batch(rnd: ScoredRound, weights: np.ndarray):
-    """The samples with a positive weight, with their weights (RWR, filtered)."""
+    """The samples with a positive weight, with their weights (RWR, filtered); with GARDO's diversity-aware
+    shaping the weights of the samples above their group's mean score times their diversity factor."""
     from rlfh.data.batches import SampleBatch
+    from rlfh.losses.gardo import shaped_weights
 
+    factors = rnd.diversity(range(len(rnd.scores)))
+    if factors is not None:
+        weights = shaped_weights(weights, rnd.scores, rnd.groups, factors)
     keep = np.nonzero(weights > 0)[0]
     batch = SampleBatch(
         rnd.latents[keep],
@@ -339,6 +361,7 @@ def weighted_batch(rnd: ScoredRound, weights: np.ndarray):
         {r: m[keep] for r, m in rnd.masks.items()},
         rnd.conditioning,
         rnd.prior_rows(keep),
+        kl_gate=rnd.gate_rows(keep),
     )
     return batch, {
         "samples/kept": float(len(keep)),
@@ -370,14 +393,18 @@ def round_advantages(rnd: ScoredRound, keep: Sequence[int]):
     import torch
 
     from rlfh.losses.advantages import ADV_CLIP, per_prompt_advantages
+    from rlfh.losses.gardo import shaped_advantages
 
     if not len(keep):
         return torch.zeros(0, dtype=torch.float64)
     if rnd.normalization == "gdpo":
-        return torch.tensor([rnd.scores[i] for i in keep], dtype=torch.float64).clamp(-ADV_CLIP, ADV_CLIP)
-    return per_prompt_advantages(
-        torch.tensor([rnd.scores[i] for i in keep], dtype=torch.float64), [rnd.groups[i] for i in keep]
-    )
+        adv = torch.tensor([rnd.scores[i] for i in keep], dtype=torch.float64).clamp(-ADV_CLIP, ADV_CLIP)
+    else:
+        adv = per_prompt_advantages(
+            torch.tensor([rnd.scores[i] for i in keep], dtype=torch.float64), [rnd.groups[i] for i in keep]
+        )
+    factors = rnd.diversity(keep)  # GARDO's diversity-aware advantage (rlfh/losses/gardo.py), when on
+    return adv if factors is None else torch.from_numpy(shaped_advantages(adv.numpy(), factors, ADV_CLIP))
 
 
 def advantage_batch(learner_cfg, rnd: ScoredRound):
@@ -396,6 +423,7 @@ def advantage_batch(learner_cfg, rnd: ScoredRound):
         rnd.conditioning,
         rnd.prior_rows(keep),
         adv.float().numpy(),
+        rnd.gate_rows(keep),
     )
     return batch, {
         "samples/kept": float(len(keep)),
@@ -427,6 +455,7 @@ def trajectory_batch(learner_cfg, rnd: ScoredRound):
         rnd.settings,
         start,
         rnd.conditioning,
+        rnd.gate_rows(keep),
     )
     return batch, {
         "samples/kept": float(len(keep)),

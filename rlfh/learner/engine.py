@@ -33,6 +33,7 @@ from families import Conditioning
 from rlfh.learner.checkpoint import CheckpointIO
 from rlfh.learner.optimization import Optimization, engine_config
 from rlfh.learner.policy import PolicyWeights
+from rlfh.losses.gardo import ReferenceRefresh
 from rlfh.losses.registry import OLD_POLICY, SAMPLER_LOGPROB, TEXT_ENCODERS, TRAJECTORIES, VAE_DECODER, loss_spec
 
 
@@ -110,6 +111,9 @@ class LearnerEngine:
         self.global_step = 0  # optimizer steps
         self.policy_version = 0  # rounds trained: what the rollout actors' samples are tagged with
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
+        # GARDO's adaptive reference: the policy becomes the reference when the rule says (rlfh/losses/gardo.py)
+        g = cfg.gardo
+        self.refresh = ReferenceRefresh(g.refresh_kl, g.refresh_rounds) if g.refreshes else None
 
     def _load_pipeline(self, cfg, keep_vae: bool) -> None:
         """The family's pipeline (text encoders frozen), noise schedule and, for a log-prob loss, sampler."""
@@ -153,7 +157,7 @@ class LearnerEngine:
             self.optimization,
             self.rank,
             self.world_size,
-            lc.reference.model == "ema",
+            lc.reference.model == "ema" or cfg.gardo.refreshes,
             self.device,
         )
 
@@ -319,6 +323,8 @@ class LearnerEngine:
             self.reference_weights is None or self.policy_version % lc.reference.refresh_rounds == 0
         ):
             self.weights.refresh_reference()
+        if self.refresh is not None and self.refresh.take():
+            self.weights.reference_from_policy()
 
     # ------------------------------------------------------------------ updates
     def backward(self, loss: torch.Tensor) -> None:
@@ -343,9 +349,14 @@ class LearnerEngine:
         if self.cfg.learner.ema.schedule == "step":
             self.weights.step_ema()
 
-    def end_round(self) -> None:
+    def end_round(self, metrics: dict | None = None) -> None:
         """After a round's training: with ``learner.ema.schedule=round_ramp`` the EMA moves once, by the ramp's
-        decay at the current optimizer step (DiffusionNFT's once-per-epoch update of its sampling policy)."""
+        decay at the current optimizer step (DiffusionNFT's once-per-epoch update of its sampling policy); GARDO's
+        refresh rule reads the round's mean KL (``gardo/kl`` of ``metrics``) and adds its count to them."""
+        if self.refresh is not None and metrics is not None:
+            self.refresh.observe(metrics.get("gardo/kl"))
+            metrics["gardo/reference_refreshes"] = float(self.refresh.count)
+            metrics["gardo/refresh_due"] = float(self.refresh.pending)
         ema = self.cfg.learner.ema
         if ema.schedule == "round_ramp":
             with self.gathered(self.weights.trainable):

@@ -201,6 +201,10 @@ class PolicyWeights:
             p.detach().clone().to(q.dtype) for p, q in zip(self.ema.shadow_params, self.trainable)
         ]
 
+    def reference_from_policy(self) -> None:
+        """Take the current trained weights as the reference (GARDO's adaptive reference, ``gardo``)."""
+        self.reference_weights = [p.detach().clone() for p in self.trainable]
+
     def step_ema(self) -> None:
         if self.ema is not None:
             self.ema.step(self.trainable)

@@ -44,9 +44,10 @@ from rlfh.learner.engine import LearnerEngine, ddpo_train_steps
 from rlfh.losses import fairness
 from rlfh.losses.ddpo import ddpo_clipped_loss
 from rlfh.losses.draft import region_objectives, scored_latents
+from rlfh.losses.gardo import gated_kl
 from rlfh.losses.guidance import guidance_loss, winner_noise
 from rlfh.losses.guidance_free import guidance_free_loss, guided_teacher
-from rlfh.losses.kl import ddim_transition_coefficients, eps_kl, transition_kl_weight
+from rlfh.losses.kl import ddim_transition_coefficients, per_sample_eps_kl, transition_kl_weight
 from rlfh.losses.objectives import advantage_objectives, pairwise_objectives, weighted_objectives
 from rlfh.losses.registry import OLD_POLICY, PAIRS, PROMPTS, SAMPLES, TRAJECTORIES, loss_spec
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
@@ -62,8 +63,9 @@ def train(lrn: LearnerEngine, batch, epochs: int = 1) -> dict[str, float]:
     version = lrn.policy_version
     results = [(len(part), train_batch(lrn, part, epochs)) for part in parts]
     lrn.policy_version = version + int(lrn.policy_version > version)  # one policy version per round
-    lrn.end_round()  # a once-per-round EMA (learner.ema.schedule=round_ramp)
-    return results[0][1] if len(results) == 1 else bucket_metrics(results)
+    metrics = results[0][1] if len(results) == 1 else bucket_metrics(results)
+    lrn.end_round(metrics)  # a once-per-round EMA (learner.ema.schedule=round_ramp); GARDO's reference refresh
+    return metrics
 
 
 def train_batch(lrn: LearnerEngine, batch, epochs: int) -> dict[str, float]:
@@ -200,8 +202,9 @@ def train_samples(lrn: LearnerEngine, samples: SampleBatch, epochs: int = 1) -> 
                 )
             needs_ref = lc.reference.kl_coef > 0 or lc.guidance_free.scale is not None
             ref = lrn.reference(x_t, t, enc, added) if needs_ref else None
+            gate = None if samples.kl_gate is None else torch.from_numpy(np.asarray(samples.kl_gate[idx], bool))
             extra = plus(
-                regularizers(lrn, pred, ref, x_t, t, h, w, metrics),
+                regularizers(lrn, pred, ref, x_t, t, h, w, metrics, gate),
                 hcp_term(lrn, t, [samples.prompts[i] for i in idx], (samples.priors,), idx, metrics),
             )
             history.append(update(lrn, objectives, metrics, pred, extra))
@@ -255,6 +258,7 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
             lat = rows(tb.latents, idx, lrn.device)  # (B, W+1, 4, h, w), W = T without a window
             old = rows(tb.log_probs, idx, lrn.device)  # (B, W)
             adv = rows(tb.advantages, idx, lrn.device)  # (B,)
+            gate = None if tb.kl_gate is None else torch.from_numpy(np.asarray(tb.kl_gate[idx], bool))
             per_step = []
             # learner.ddpo.branch: a prompt group's branches share x_j, the window's first input, so the
             # trained UNet runs once per distinct (prompt, x_j) there and its eps is copied per sample
@@ -278,7 +282,8 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
                 if first:
                     m["ddpo/recorded_logprob_max_diff"] = float((out.log_prob.detach() - old[:, j]).abs().max())
                 ref = reference_eps(lrn, lat[:, j], t, enc, added, s)
-                kl = None if ref is None else kl_term(lrn, eps, ref, m, transition_weight(lrn, t, s.eta, len(idx)))
+                w_t = None if ref is None else transition_weight(lrn, t, s.eta, len(idx))
+                kl = None if ref is None else kl_term(lrn, eps, ref, m, w_t, gate)
                 lrn.backward(loss.loss if kl is None else loss.loss + kl)
                 per_step.append(m)
             keys = {key for m in per_step for key in m}  # per-step drift keys differ between steps
@@ -453,14 +458,25 @@ def masks_at(masks: dict[str, np.ndarray], idx: list[int], device) -> dict[str, 
     return {r: rows(m, idx, device) for r, m in masks.items()}
 
 
-def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float], weights=None):
+def kl_term(lrn: LearnerEngine, pred, ref, metrics: dict[str, float], weights=None, gate=None):
     """``learner.reference.kl_coef`` * mean w (eps_theta - eps_ref)^2 (rlfh/losses/kl.py), or None when off: unit weight
-    on forward-noised samples, the per-sample ``weights`` (B,) w_t of a DDPO step (the exact transition KL)."""
+    on forward-noised samples, the per-sample ``weights`` (B,) w_t of a DDPO step (the exact transition KL). With
+    GARDO's ``gate`` (B,) bool the mean runs over the gated rows only (rlfh/losses/gardo.py: gated_kl).
+    With GARDO on, ``gardo/kl``: the plain mean KL of the rows the term covers, what ``gardo.refresh_kl``
+    compares."""
     coef = lrn.cfg.learner.reference.kl_coef
     if coef <= 0 or ref is None:
         return None
-    term = eps_kl(pred, ref, coef, weights)
+    per_sample = per_sample_eps_kl(pred, ref, weights)
+    term = coef * per_sample.mean() if gate is None else gated_kl(per_sample, gate, coef)
     metrics["loss/kl"] = float(term.detach())
+    if gate is None and lrn.refresh is None:  # GARDO off: the term as it always was
+        return term
+    covered = per_sample.detach() if gate is None else per_sample.detach()[gate.to(per_sample.device)]
+    if covered.numel():
+        metrics["gardo/kl"] = float(covered.mean())
+    if gate is not None:
+        metrics["gardo/kl_gated_share"] = float(gate.float().mean())
     return term
 
 
@@ -517,12 +533,13 @@ def guidance_term(
     return term
 
 
-def regularizers(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int, metrics: dict[str, float]):
-    """The whole-image terms added after the fairness rule: KL to the reference, guidance-free distillation."""
+def regularizers(lrn: LearnerEngine, pred, ref, x_t, t, height: int, width: int, metrics: dict[str, float], gate=None):
+    """The whole-image terms added after the fairness rule: KL to the reference (on the ``gate``'s rows only when
+    GARDO gates it), guidance-free distillation."""
     terms = [
         term
         for term in (
-            kl_term(lrn, pred, ref, metrics),
+            kl_term(lrn, pred, ref, metrics, gate=gate),
             guidance_free_term(lrn, pred, ref, x_t, t, height, width, metrics),
         )
         if term is not None

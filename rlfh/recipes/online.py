@@ -245,6 +245,7 @@ class OnlineFeed(Feed):
                 part.settings,
                 part.conditioning,
                 images=part.images,
+                values=part_scored.values(),
             )
             start += len(part)
             for source in sources:
@@ -262,7 +263,7 @@ class OnlineFeed(Feed):
         """Guards (held-out reward, reference drift, collapse) and the sample grid."""
         from rlfh.run.samples import write_grid
 
-        stop = self.guards.check(rnd, metrics)
+        stop = self.guards.check(rnd, metrics, data.scored)
         metrics["guards/stopped"] = float(stop is not None)
         every = self.cfg.logging.sample_grid_every
         if every and rnd % every == 0:

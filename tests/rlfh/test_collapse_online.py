@@ -51,3 +51,5 @@ def test_gdpo_round_logs_no_spread_and_guards_stop_on_one_face(tiny_model_dir, t
     assert 0.0 < row["collapse/image_diversity"] < 1.0
     assert np.isfinite(row["heldout/reward_gap"])
     assert row["heldout/reward_gap"] == pytest.approx(row["reward/combined/mean"] - row["heldout/combined/mean"])
+    # per region: jpeg_compressibility is global, compressible_face the face's (facescore, weight 0, is not trained)
+    assert np.isfinite(row["heldout/reward_gap/global"]) and np.isfinite(row["heldout/reward_gap/face"])

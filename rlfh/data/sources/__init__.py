@@ -17,6 +17,7 @@ before HG-DPO mixes real winners in).
 from __future__ import annotations
 
 from rlfh.data.sources.base import DataSource, RoundData, SourceContext
+from rlfh.data.sources.gardo import Gardo
 from rlfh.data.sources.hcp_priors import HcpPriors
 from rlfh.data.sources.hgdpo import RealWinners
 from rlfh.data.sources.human_labels import HumanLabels
@@ -30,6 +31,7 @@ SOURCES: dict[str, type[DataSource]] = {
     RealWinners.name: RealWinners,
     InpaintedRegions.name: InpaintedRegions,
     LabeledPairs.name: LabeledPairs,  # after HG-DPO: people's winners stay theirs
+    Gardo.name: Gardo,
 }
 
 __all__ = ["SOURCES", "DataSource", "RoundData", "SourceContext", "build_sources", "close_sources"]
