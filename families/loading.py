@@ -56,13 +56,19 @@ class DiffusersFamily(ModelFamily):
         """Refuse a pipeline whose modules do not fit together the way this family calls them."""
 
     # ------------------------------------------------------------------ export
-    def save_lora(self, directory: str | Path, peft_state: dict[str, Tensor], adapter: dict) -> None:
+    def lora_file_state(self, peft_state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The LoRA's keys as the pipeline's LoRA training script saves them: diffusers' names for a UNet
+        (``convert_state_dict_to_diffusers``, as train_dreambooth_lora_sdxl.py); a transformer's peft keys
+        as they are (train_dreambooth_lora_sd3.py, _flux.py)."""
         from diffusers.utils import convert_state_dict_to_diffusers
 
+        return convert_state_dict_to_diffusers(peft_state) if self.denoiser == "unet" else peft_state
+
+    def save_lora(self, directory: str | Path, peft_state: dict[str, Tensor], adapter: dict) -> None:
         self.pipeline_type().save_lora_weights(
             directory,
             **{
-                f"{self.denoiser}_lora_layers": convert_state_dict_to_diffusers(peft_state),
+                f"{self.denoiser}_lora_layers": self.lora_file_state(peft_state),
                 f"{self.denoiser}_lora_adapter_metadata": adapter,
             },
         )
