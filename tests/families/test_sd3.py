@@ -173,3 +173,35 @@ def test_the_lora_rlfh_writes_loads_in_the_stock_pipeline(tiny_sd3_dir, tmp_path
     merged = ours.sample(prompts, seeds, SamplerSettings(4, 1.0, "", 64, 64)).latents
     assert np.abs(loaded.numpy() - base.numpy()).max() > 1e-2
     np.testing.assert_allclose(merged, loaded.numpy(), atol=1e-4, rtol=0)
+
+
+def test_refine_equals_stock_img2img_and_inpainting_keeps_the_outside(pipe):
+    """SDEdit on the flow schedule (Sampler.refine: HG-DPO's SDRecon, region pairs; x0 re-noised with the
+    scheduler's ``scale_noise``) against diffusers' StableDiffusion3Img2ImgPipeline fed the latents, and
+    masked SDEdit leaving the latents outside the mask as they were."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    prompts, seeds = ["a photo of a person", "a man waving his hand"], [3, 1]
+    settings = SamplerSettings(4, 3.0, "blurry", 64, 64)
+    sampler = Sampler(pipe, "tiny-sd3")
+    x0 = sampler.sample(prompts, [7, 8], settings).latents
+    ours = sampler.refine(x0, prompts, seeds, settings, strength=0.5)
+    img2img = StableDiffusion3Img2ImgPipeline.from_pipe(pipe)
+    ref = img2img(
+        prompt=prompts,
+        negative_prompt=["blurry"] * 2,
+        image=torch.from_numpy(x0),  # a latent-channel `image` is taken as latents as they are
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=3.0,
+        generator=seeded_generators(seeds),
+        output_type="latent",
+    ).images
+    np.testing.assert_allclose(ours.latents, ref.numpy(), atol=5e-5, rtol=0)
+    assert not np.allclose(ours.latents, x0, atol=1e-3)
+    masks = np.zeros((2, 1, 8, 8), np.float32)
+    masks[:, :, 2:5, 3:7] = 1.0
+    out = sampler.refine(x0, prompts, seeds, settings, strength=0.5, masks=masks)
+    outside = np.broadcast_to(masks == 0, x0.shape)
+    np.testing.assert_array_equal(outside * out.latents, outside * x0)
+    assert np.abs(out.latents[~outside] - x0[~outside]).mean() > 1e-3
