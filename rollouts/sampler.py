@@ -67,7 +67,7 @@ class MergedLora:
             self.modules[name] = m
             self.base[name] = m.weight.detach().clone()
         if not self.modules:
-            raise ValueError(f"no UNet module matches the LoRA target_modules {list(target_modules)}")
+            raise ValueError(f"no denoiser module matches the LoRA target_modules {list(target_modules)}")
         self.keys = {f"{n}.lora_{ab}.weight" for n in self.modules for ab in "AB"}
 
     @property

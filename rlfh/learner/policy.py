@@ -89,7 +89,7 @@ class PolicyWeights:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError(
-                "no trainable parameters: check model.lora.target_modules against the UNet's module names"
+                "no trainable parameters: check model.lora.target_modules against the denoiser's module names"
             )
         self.denoiser = model
         self.trainable = params  # fixed from here on; walking the UNet's parameters costs ms per call
