@@ -155,7 +155,7 @@ class RlfhLearner:
     def modules(self):
         opt = self.learner.optimizer
         inner = getattr(opt, "optimizer", opt)  # DeepSpeed wraps the torch optimizer
-        return [m for m in (self.learner.unet, self.learner.ref_unet, inner) if m is not None]
+        return [m for m in (self.learner.denoiser, self.learner.ref_denoiser, inner) if m is not None]
 
 
 def resident(device) -> int:
@@ -309,7 +309,7 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
         out["ref_forward_plain_copy_s"] = med(lambda: ref.ref_unet(x, t, **cond))
         enc, added = cond["encoder_hidden_states"], cond.get("added_cond_kwargs", {})
         out["ref_forward_rlfh_s"] = med(lambda: lrn.reference(x, t, enc, added))
-        if lrn.ref_unet is None:
+        if lrn.ref_denoiser is None:
 
             def toggle():
                 with lrn.adapters_off():

@@ -65,7 +65,7 @@ def make_batch(lrn, n: int, seed: int = 0):
         traj = {
             "latents": rng.standard_normal((m, t + 1, 4, 8, 8)).astype(np.float32),
             "log_probs": rng.standard_normal((m, t)).astype(np.float32),
-            "timesteps": lrn.ddim.timesteps.cpu().numpy().astype(np.int64),
+            "timesteps": lrn.stochastic.timesteps.cpu().numpy().astype(np.int64),
         }  # the sampler's real steps
     batch, _ = learner_batch(lc, ScoredSamples(latents, prompts, prompts, scores, regions, (64, 64), traj, settings))
     return batch

@@ -294,8 +294,8 @@ def main(argv=None) -> dict:
     if args.lora_rank:  # merged vs unmerged: the same policy up to rounding?
         adapters(True)
         x = torch.randn(2, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
-        e_u, e_m = unmerged.unet_output(x, 500, pr[0]), merged.unet_output(x, 500, pr[0])
-        e_0 = (adapters(False), sampler.unet_output(x, 500, pr[0]))[1]
+        e_u, e_m = unmerged.denoiser_output(x, 500, pr[0]), merged.denoiser_output(x, 500, pr[0])
+        e_0 = (adapters(False), sampler.denoiser_output(x, 500, pr[0]))[1]
         adapters(True)
         out_u, out_m = unmerged.sample(pr, sd, settings), merged.sample(pr, sd, settings)
         adapters(False)

@@ -27,6 +27,7 @@ from families.base import (
     first_of_each,
     with_negative,
 )
+from families.sd3 import SD3
 from families.sd15 import SD15
 from families.sdxl import DTYPES, SDXL
 from families.tiny import TINY_ID, TINY_PREFIX, make_tiny_model, resolve_model_path
@@ -54,10 +55,11 @@ __all__ = [
 FAMILIES: dict[str, ModelFamily] = {
     "sdxl": SDXL(),
     "sd15": SD15(),
+    "sd3": SD3(),
 }
 
 # Pipelines of the families rlfh is designed for but has no adapter for yet.
-NOT_YET = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+NOT_YET = {"FluxPipeline": "flux"}
 
 # A key only each family's original single-file checkpoints have.
 SINGLE_FILE_KEYS = {

@@ -78,11 +78,21 @@ class NoiseSchedule(Protocol):
     num_train_timesteps: int
     prediction_type: str
 
+    def draw_timesteps(self, count: int, generator: torch.Generator) -> Tensor:
+        """``count`` training timesteps t, the denoiser's own timestep input (a DDPM step index, or a
+        flow model's 1000 sigma)."""
+        ...
+
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor: ...
 
     def target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor: ...
 
     def x0_scale(self, t: Tensor, device: torch.device) -> Tensor: ...
+
+    def flow_time(self, t: Tensor, device: torch.device) -> Tensor:
+        """sigma_t per sample (B,), float32: the noise share of x_t on the flow-matching path
+        x_t / (a + b) = (1 - sigma) x0 + sigma eps (AWM's generalised Huber)."""
+        ...
 
 
 class StepOutput(NamedTuple):
@@ -116,6 +126,7 @@ class ModelFamily(abc.ABC):
         refused: the rlfh methods that do not apply to this family, each with the reason
             (``{"hcp": "HcP keys on UNet cross-attention"}``); a config asking for one is refused
             before a run starts (rlfh/config/rules.py: ``family_rules``).
+        tiny_pretrain_steps: how long ``rlfh:tiny-<name>`` is trained on its synthetic latents.
     """
 
     name: ClassVar[str]
@@ -125,6 +136,22 @@ class ModelFamily(abc.ABC):
     lora_targets: ClassVar[tuple[str, ...]]
     latent_factor: ClassVar[int] = 8
     refused: ClassVar[dict[str, str]] = {}
+    tiny_pretrain_steps: ClassVar[int] = 300  # the tiny model's training steps (families/tiny.py)
+
+    def decoder_input(self, vae: Any, latents: Tensor) -> Tensor:
+        """The VAE decoder's input for denoiser-space latents: z / scaling_factor, plus the VAE's
+        ``shift_factor`` where it has one (SD3, FLUX), as the pipelines decode."""
+        z = latents / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        return z if shift is None else z + shift
+
+    def model(self, pipe: Any) -> Any:
+        """The pipeline's denoiser (``pipe.unet``, ``pipe.transformer``)."""
+        return getattr(pipe, self.denoiser)
+
+    def latent_channels(self, pipe: Any) -> int:
+        """The channels of the latents the pipeline's ``prepare_latents`` draws."""
+        return self.model(pipe).config.in_channels
 
     # ------------------------------------------------------------------ loading
     @abc.abstractmethod
@@ -163,14 +190,24 @@ class ModelFamily(abc.ABC):
     ) -> Tensor:
         """The prediction under classifier-free guidance w as one batch of 2B (w > 1; ``cond`` then
         stacks unconditional rows first): pred = pred_u + w (pred_c - pred_u). ``scheduler`` scales
-        the input as the sampler's scheduler does (``scale_model_input``)."""
+        the input as the sampler's scheduler does (:meth:`model_input`)."""
         guided = guidance_scale > 1.0
-        x_in = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t)
+        x_in = self.model_input(scheduler, torch.cat([x, x]) if guided else x, t)
         out = self.predict(model, x_in, t, cond)
         if guided:
             out_u, out_c = out.chunk(2)
             out = out_u + guidance_scale * (out_c - out_u)
         return out
+
+    def model_input(self, scheduler: Any, x: Tensor, t: Any) -> Tensor:
+        """The denoiser's input at the sampler's x_t (``scale_model_input`` of a UNet's scheduler: x
+        itself for DDIM, x / sqrt(sigma^2 + 1) for Euler)."""
+        return scheduler.scale_model_input(x, t)
+
+    def renoise(self, scheduler: Any, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x0 noised to the sampler scheduler's timesteps t (B,) (SDEdit's start, inpainting's known
+        region): ``add_noise`` of a DDPM-family scheduler."""
+        return scheduler.add_noise(x0, noise, t)
 
     # ------------------------------------------------------------------ training
     @abc.abstractmethod
@@ -182,6 +219,45 @@ class ModelFamily(abc.ABC):
     def stochastic_scheduler(self, scheduler_config: Any) -> Any:
         """A scheduler whose steps are Gaussian with a log-prob (DDIM with eta for UNets; the
         Flow-GRPO SDE step for flow models), with the model's noise schedule."""
+
+    def sampler_scheduler(self, scheduler: Any, setting: str) -> Any:
+        """The scheduler the rollout sampler runs for ``rollout.scheduler`` = ``setting`` (``default``:
+        the pipeline's own; ``ddim``: :meth:`stochastic_scheduler`)."""
+        if setting == "ddim":
+            return self.stochastic_scheduler(scheduler.config)
+        if setting != "default":
+            raise ValueError(f"unknown scheduler {setting!r}; use 'default' or 'ddim'")
+        return scheduler
+
+    def logprob_sampler_problems(self, setting: str, eta: float, loss: str) -> list[str]:
+        """Why ``rollout.scheduler`` = ``setting`` and ``rollout.eta`` = ``eta`` cannot record the step
+        log-probs ``learner.loss`` = ``loss`` trains on (empty: they can)."""
+        if setting != "ddim" or eta <= 0:
+            return [
+                f"learner.loss={loss} needs a stochastic DDIM sampler with log-probs: set rollout.scheduler=ddim "
+                f"and rollout.eta > 0 (1.0 in DDPO); got scheduler={setting}, eta={eta}"
+            ]
+        return []
+
+    def check_recordable(self, scheduler: Any, eta: float) -> None:
+        """Refuse to record log-probs with a sampler scheduler whose steps have none."""
+        if not (eta > 0 and type(scheduler).__name__ == "DDIMScheduler"):
+            raise ValueError("recording log-probs needs the DDIM scheduler with eta > 0 (rollout.scheduler=ddim)")
+
+    def deterministic_step(self, scheduler: Any, model_output: Tensor, t: Any, sample: Tensor) -> Tensor:
+        """The noise-free step of :meth:`stochastic_scheduler` (outside a DDPO SDE window): DDIM with eta = 0."""
+        return scheduler.step(model_output, t, sample, eta=0.0, return_dict=False)[0]
+
+    def step_kwargs(self, pipe: Any, generators: Any, eta: float) -> dict[str, Any]:
+        """The extra keyword arguments of the sampler scheduler's ``step`` (eta and the generators), as the
+        pipeline passes them."""
+        return pipe.prepare_extra_step_kwargs(generators, eta)
+
+    @abc.abstractmethod
+    def step_coefficients(self, scheduler: Any, t: Any, eta: float) -> tuple[Tensor, Tensor]:
+        """(k_t, s_t) of the stochastic step from timestep t, float64 scalars: the step's mean moves by
+        k_t per unit of the prediction (d mu / d pred) and its standard deviation is s_t. Two policies'
+        steps from one x_t then differ by KL = k_t^2 / (2 s_t^2) mean (pred - pred')^2 per element."""
 
     @abc.abstractmethod
     def step_with_logprob(

@@ -46,6 +46,7 @@ from families.schedule import per_sample
 
 __all__ = [
     "ddim_scheduler",
+    "ddim_transition_coefficients",
     "ddim_step_with_logprob",
     "scheduler_alpha_bars",
     "scheduler_step_with_logprob",
@@ -173,6 +174,23 @@ def ddim_step_with_logprob(
     )  # (B, C, H, W)
     log_prob = log_prob.mean(dim=tuple(range(1, ndim)))  # (B,)
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std_dev=std_dev)
+
+
+def ddim_transition_coefficients(alpha_bar, alpha_bar_prev, eta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """(sqrt(a' / a), k_t, sigma_t) of mu = sqrt(a' / a) x_t + k_t eps_hat and the step's std, float64.
+
+    Raises:
+        ValueError: unless 0 < a < a' <= 1 and eta >= 0 is finite.
+    """
+    a = torch.as_tensor(alpha_bar, dtype=torch.float64)
+    ap = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
+    if not (eta >= 0 and math.isfinite(eta)):
+        raise ValueError(f"eta must be finite and >= 0, got {eta}")
+    if bool(((a <= 0) | (a >= ap) | (ap > 1)).any()):
+        raise ValueError(f"need 0 < abar_t < abar_prev <= 1 (a denoising step), got {a.tolist()} -> {ap.tolist()}")
+    sigma2 = eta**2 * (1 - ap) / (1 - a) * (1 - a / ap)
+    k = (1 - ap - sigma2).clamp(min=0).sqrt() - (ap * (1 - a) / a).sqrt()
+    return (ap / a).sqrt(), k, sigma2.sqrt()
 
 
 def step_alpha_bars(

@@ -59,6 +59,10 @@ class DDPMSchedule:
         abar = self.alphas_cumprod.to(dtype=like.dtype)[t.to(like.device)]
         return per_sample(abar**0.5, like.ndim), per_sample((1 - abar) ** 0.5, like.ndim)
 
+    def draw_timesteps(self, count: int, generator: torch.Generator) -> Tensor:
+        """t ~ U{0..T-1}, (count,) long."""
+        return torch.randint(0, self.num_train_timesteps, (count,), generator=generator)
+
     def add_noise(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps."""
         a, s = self.coefficients(t, x0)
@@ -83,3 +87,10 @@ class DDPMSchedule:
         if self.prediction_type == "epsilon":
             k = k / abar.sqrt()
         return k.float()
+
+    def flow_time(self, t: Tensor, device: torch.device) -> Tensor:
+        """sigma_t = b / (a + b), a = sqrt(abar_t), b = sqrt(1 - abar_t), float32 (B,): x_t / (a + b) =
+        (1 - sigma_t) x0 + sigma_t eps is the flow-matching path."""
+        abar = self.alpha_bar(t, device).double()
+        a, b = abar.sqrt(), (1 - abar).sqrt()
+        return (b / (a + b)).float()

@@ -30,7 +30,7 @@ class SD15(UNetFamily):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")
 
     # ------------------------------------------------------------------ loading
-    def load_kwargs(self) -> dict[str, Any]:
+    def load_kwargs(self, path: str) -> dict[str, Any]:
         # rlfh never runs the safety checker (its sampler decodes the latents itself): not loaded
         return {"safety_checker": None, "requires_safety_checker": False}
 

@@ -67,8 +67,9 @@ def write_tiny_clip_tokenizer(directory: Path, model_max_length: int = 77) -> in
     return len(vocab)
 
 
-def tiny_vae(scaling_factor: float):
-    """The tiny models' VAE (64 px images, 8 x 8 latents of 4 channels), with the family's latent scale."""
+def tiny_vae(scaling_factor: float, **family: Any):
+    """The tiny models' VAE (64 px images, 8 x 8 latents of 4 channels), with the family's latent scale and
+    its other latent keys (SD3's ``shift_factor``) in ``family``."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -81,6 +82,7 @@ def tiny_vae(scaling_factor: float):
         norm_num_groups=8,
         sample_size=64,
         scaling_factor=scaling_factor,
+        **family,
     )
 
 
@@ -141,7 +143,7 @@ def pretrain_tiny(
     for _ in range(steps):
         x0 = synthetic_latents(batch_size, size, g)
         idx = torch.randint(0, len(TINY_PROMPTS), (batch_size,), generator=g)
-        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,), generator=g)
+        t = schedule.draw_timesteps(batch_size, g)
         eps = torch.randn(x0.shape, generator=g)
         rows = Conditioning(cond.embeds[idx], {k: v[idx] for k, v in cond.added.items()})
         pred = family.predict(model, schedule.add_noise(x0, eps, t), t, rows)
@@ -153,10 +155,12 @@ def pretrain_tiny(
     return float(loss.detach())
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0, pretrain_steps: int = 300, family: str = "sdxl") -> Path:
+def make_tiny_model(
+    directory: str | Path, seed: int = 0, pretrain_steps: int | None = None, family: str = "sdxl"
+) -> Path:
     """Write a seeded tiny pipeline of ``family`` (:meth:`ModelFamily.tiny_pipeline`) in the diffusers
     folder format, its denoiser trained for ``pretrain_steps`` steps on :func:`synthetic_latents`
-    (0 keeps the random weights)."""
+    (0 keeps the random weights; None: the family's ``tiny_pretrain_steps``)."""
     from families import get_family
 
     adapter = get_family(family)
@@ -165,6 +169,8 @@ def make_tiny_model(directory: str | Path, seed: int = 0, pretrain_steps: int = 
     write_tiny_clip_tokenizer(tok_dir)
     torch.manual_seed(seed)
     pipe = adapter.tiny_pipeline(tok_dir)
+    if pretrain_steps is None:
+        pretrain_steps = adapter.tiny_pretrain_steps
     if pretrain_steps > 0:
         pretrain_tiny(adapter, pipe, pretrain_steps, seed)
     pipe.save_pretrained(directory)

@@ -105,8 +105,8 @@ class RolloutActor:
             self.sampler.load_full((ray.get(ref) for ref in buckets), policy_version)
         return policy_version
 
-    def unet_output(self, x, t: int, prompt: str):
-        return self.sampler.unet_output(x, t, prompt)
+    def denoiser_output(self, x, t: int, prompt: str):
+        return self.sampler.denoiser_output(x, t, prompt)
 
     def policy_version(self) -> int:
         return self.sampler.policy_version

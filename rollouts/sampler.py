@@ -49,7 +49,7 @@ class MergedLora:
     weight rounds ``s B A`` to bf16's 8 bits relative to ``W``, which the rollout bench measures.
     """
 
-    def __init__(self, unet, rank: int, alpha: float, target_modules: Sequence[str]):
+    def __init__(self, model, rank: int, alpha: float, target_modules: Sequence[str]):
         from peft import LoraConfig
         from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -57,7 +57,7 @@ class MergedLora:
         self.scale = alpha / rank  # peft's scaling without rslora
         self.modules: dict[str, torch.nn.Module] = {}
         self.base: dict[str, torch.Tensor] = {}
-        for name, m in unet.named_modules():
+        for name, m in model.named_modules():
             if not name or not check_target_module_exists(config, name):
                 continue
             if not (isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)):
@@ -67,7 +67,7 @@ class MergedLora:
             self.modules[name] = m
             self.base[name] = m.weight.detach().clone()
         if not self.modules:
-            raise ValueError(f"no UNet module matches the LoRA target_modules {list(target_modules)}")
+            raise ValueError(f"no denoiser module matches the LoRA target_modules {list(target_modules)}")
         self.keys = {f"{n}.lora_{ab}.weight" for n in self.modules for ab in "AB"}
 
     @property
@@ -116,10 +116,7 @@ class Sampler:
         self, pipe, model_id: str = "", scheduler: str = "default", compile: bool = False, cache_prompts: bool = True
     ):
         self.family = family_of(pipe)
-        if scheduler == "ddim":
-            pipe.scheduler = self.family.stochastic_scheduler(pipe.scheduler.config)
-        elif scheduler != "default":
-            raise ValueError(f"unknown scheduler {scheduler!r}; use 'default' or 'ddim'")
+        pipe.scheduler = self.family.sampler_scheduler(pipe.scheduler, scheduler)
         self.pipe = pipe
         self.model_id = model_id
         self.policy_version = 0
@@ -132,17 +129,24 @@ class Sampler:
             self.compile()
 
     @property
-    def device(self) -> torch.device:
-        return self.pipe.unet.device
+    def denoiser(self):
+        """The pipeline's denoiser (the family's: UNet or transformer)."""
+        return self.family.model(self.pipe)
 
-    def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str], merge: bool = True) -> None:
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    def add_lora(self, rank: int, alpha: float, target_modules: Sequence[str] | None, merge: bool = True) -> None:
         """Prepare the UNet for the learner's LoRA: merged into the weights (default; :class:`MergedLora`)
         or as an unmerged peft adapter (``merge=False``; one builder with the learner: ``families.add_lora``).
-        Either way the policy is the base model until the first :meth:`load_lora`."""
+        Either way the policy is the base model until the first :meth:`load_lora`. ``target_modules`` None:
+        the family's (``model.lora.target_modules`` unset)."""
+        target_modules = list(target_modules or self.family.lora_targets)
         if merge:
-            self.lora = MergedLora(self.pipe.unet, rank, alpha, target_modules)
+            self.lora = MergedLora(self.denoiser, rank, alpha, target_modules)
             return
-        add_lora(self.pipe.unet, rank, alpha, target_modules)
+        add_lora(self.denoiser, rank, alpha, target_modules)
 
     def load_lora(self, state_dict: dict[str, torch.Tensor], policy_version: int) -> None:
         """Take the learner's LoRA weights (peft state dict, no adapter name): merged into the UNet's
@@ -153,7 +157,7 @@ class Sampler:
             return
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.pipe.unet, state_dict)
+        result = set_peft_model_state_dict(self.denoiser, state_dict)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RuntimeError(f"LoRA weights do not match the rollout UNet: unexpected keys {unexpected[:5]}")
@@ -170,7 +174,7 @@ class Sampler:
         Images equal eager ones within 1 uint8 level (tests/rollouts/test_sampler_fast.py).
         """
         mode = "reduce-overhead" if self.device.type == "cuda" else None
-        self.pipe.unet.compile(mode=mode, dynamic=False)
+        self.denoiser.compile(mode=mode, dynamic=False)
         self.pipe.vae.decoder.compile(mode=mode, dynamic=False)
 
     def prompt_embeddings(self, prompts: Sequence[str]) -> tuple[torch.Tensor, ...]:
@@ -213,7 +217,7 @@ class Sampler:
                 "this sampler merges a LoRA into kept base weights; full weights would be overwritten "
                 "at the next LoRA load (build it without add_lora for full fine-tuning)"
             )
-        own = self.pipe.unet.state_dict()
+        own = self.denoiser.state_dict()
         self.policy_version = -1
         seen: set[str] = set()
         for bucket in buckets:
@@ -233,13 +237,13 @@ class Sampler:
         self.policy_version = policy_version
 
     @torch.no_grad()
-    def unet_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
+    def denoiser_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
         """The policy's (unguided) eps prediction for one input, as the learner computes it (the prompt
         encoded afresh for every row, not from the cache)."""
         pipe, dev, f = self.pipe, self.device, self.family
         rows = f.encode_prompts(pipe, [prompt] * x.shape[0], dev)
         cond = f.conditioning(rows, x.shape[-2] * f.latent_factor, x.shape[-1] * f.latent_factor)
-        return f.predict(pipe.unet, x.to(dev, pipe.unet.dtype), t, cond).float().cpu()
+        return f.predict(self.denoiser, x.to(dev, self.denoiser.dtype), t, cond).float().cpu()
 
     @torch.no_grad()
     def sample(
@@ -292,10 +296,12 @@ class Sampler:
         scheduler.set_timesteps(settings.num_inference_steps, device=dev)
         # (B, 4, h, w), already scaled by init_noise_sigma; drawn even when branching, so that each
         # generator stands where the unbranched sampler's does when the window draws its noise
-        x = pipe.prepare_latents(b, pipe.unet.config.in_channels, settings.height, settings.width, pos.dtype, dev, gens)
-        step_kwargs = pipe.prepare_extra_step_kwargs(gens, settings.eta)
-        if record and not (settings.eta > 0 and type(scheduler).__name__ == "DDIMScheduler"):
-            raise ValueError("recording log-probs needs the DDIM scheduler with eta > 0 (rollout.scheduler=ddim)")
+        x = pipe.prepare_latents(
+            b, self.family.latent_channels(pipe), settings.height, settings.width, pos.dtype, dev, gens
+        )
+        step_kwargs = self.family.step_kwargs(pipe, gens, settings.eta)
+        if record:
+            self.family.check_recordable(scheduler, settings.eta)
         n_steps = len(scheduler.timesteps)
         window = record if isinstance(record, SDEWindow) else SDEWindow(0, n_steps)
         if record:
@@ -308,7 +314,7 @@ class Sampler:
             rows = torch.tensor(group, device=dev)
             x = pipe.prepare_latents(
                 len(heads),
-                pipe.unet.config.in_channels,
+                self.family.latent_channels(pipe),
                 settings.height,
                 settings.width,
                 pos.dtype,
@@ -319,11 +325,13 @@ class Sampler:
         xs, log_probs = [], []
         for i, t in enumerate(scheduler.timesteps):
             if rows is not None and i <= window.start:  # the shared prefix, and eps at x_j, the window's first input
-                eps = self.family.guided_prediction(pipe.unet, scheduler, x, t, prefix_cond, settings.guidance_scale)
+                eps = self.family.guided_prediction(
+                    self.denoiser, scheduler, x, t, prefix_cond, settings.guidance_scale
+                )
                 if i == window.start:
                     x, eps = x[rows], eps[rows]  # the branches: a copy of the group's x_j (and eps) per sample
             else:
-                eps = self.family.guided_prediction(pipe.unet, scheduler, x, t, cond, settings.guidance_scale)
+                eps = self.family.guided_prediction(self.denoiser, scheduler, x, t, cond, settings.guidance_scale)
             if guidance is not None:
                 eps = self.score_guided(guidance, x, t, eps)
             if record and window.start <= i < window.start + window.size:
@@ -336,8 +344,8 @@ class Sampler:
                 xs.append(x)
                 log_probs.append(out.log_prob)
             elif record:
-                # outside the SDE window: deterministic DDIM (eta = 0), not a policy action, not recorded
-                x = scheduler.step(eps, t, x, eta=0.0, return_dict=False)[0]
+                # outside the SDE window: the deterministic step (DDIM eta = 0), not a policy action, not recorded
+                x = self.family.deterministic_step(scheduler, eps, t, x)
             else:
                 x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
         trajectory = None
@@ -345,10 +353,8 @@ class Sampler:
             trajectory = {
                 "latents": torch.stack(xs, 1).float().cpu().numpy(),  # (B, W+1, 4, h, w)
                 "log_probs": torch.stack(log_probs, 1).float().cpu().numpy(),  # (B, W)
-                "timesteps": scheduler.timesteps[window.start : window.start + window.size]
-                .cpu()
-                .numpy()
-                .astype(np.int64),  # (W,)
+                # (W,): int64 steps (DDPM), float32 1000 sigma (flow)
+                "timesteps": scheduler.timesteps[window.start : window.start + window.size].cpu().numpy(),
                 "window_start": np.int64(window.start),
             }
         return self.rollout_batch(x, prompts, seeds, settings, conditioning, trajectory)
@@ -372,7 +378,7 @@ class Sampler:
         dtype = torch.float32 if vae.dtype == torch.float16 and vae.config.force_upcast else vae.dtype
         if dtype != vae.dtype:
             raise ValueError("score guidance through an fp16 VAE that needs upcasting: load the VAE in float32")
-        img = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        img = vae.decode(self.family.decoder_input(vae, latents.to(dtype)), return_dict=False)[0]
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
@@ -390,7 +396,8 @@ class Sampler:
 
         ``strength`` s in (0, 1] picks where the schedule starts, as diffusers' img2img pipelines do:
         of ``settings.num_inference_steps`` = n steps, the last int(n s) run, from
-        x_t0 = sqrt(abar_t0) x_0 + sqrt(1 - abar_t0) eps (``scheduler.add_noise``, eps from ``seeds``).
+        x_t0 = sqrt(abar_t0) x_0 + sqrt(1 - abar_t0) eps (the family's ``renoise``: (1 - sigma) x_0 + sigma eps
+        on a flow model; eps from ``seeds``).
         With ``masks`` (B, 1, h, w) in [0, 1] at latent resolution, after every step the latents
         outside the mask are replaced by x_0 noised to the next step's t, and by x_0 itself after the
         last, as diffusers' SDXL inpainting pipeline does for a 4-channel UNet: the result equals
@@ -437,16 +444,16 @@ class Sampler:
             raise ValueError(
                 f"masks must be (B, 1, h, w) = ({x0.shape[0]}, 1, {x0.shape[-2]}, {x0.shape[-1]}), got {tuple(m.shape)}"
             )
-        x = scheduler.add_noise(x0, noise, timesteps[:1].repeat(x0.shape[0]))
-        step_kwargs = pipe.prepare_extra_step_kwargs(gens, settings.eta)
+        x = self.family.renoise(scheduler, x0, noise, timesteps[:1].repeat(x0.shape[0]))
+        step_kwargs = self.family.step_kwargs(pipe, gens, settings.eta)
         for i, t in enumerate(timesteps):
-            eps = self.family.guided_prediction(pipe.unet, scheduler, x, t, cond, settings.guidance_scale)
+            eps = self.family.guided_prediction(self.denoiser, scheduler, x, t, cond, settings.guidance_scale)
             x = scheduler.step(eps, t, x, **step_kwargs, return_dict=False)[0]
             if m is not None:
                 known = (
                     x0
                     if i == len(timesteps) - 1
-                    else scheduler.add_noise(x0, noise, timesteps[i + 1 : i + 2].repeat(x0.shape[0]))
+                    else self.family.renoise(scheduler, x0, noise, timesteps[i + 1 : i + 2].repeat(x0.shape[0]))
                 )
                 x = (1 - m) * known + m * x
         return self.rollout_batch(x, prompts, seeds, settings, conditioning)
@@ -476,7 +483,7 @@ class Sampler:
         dtype = torch.float32 if orig == torch.float16 and vae.config.force_upcast else orig
         if dtype != orig:
             vae.to(dtype)
-        img = vae.decode(latents.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        img = vae.decode(self.family.decoder_input(vae, latents.to(dtype)), return_dict=False)[0]
         if dtype != orig:
             vae.to(orig)
         img = (img / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()

@@ -32,6 +32,14 @@ def tiny_sd15_dir() -> str:
     return resolve_model_path("rlfh:tiny-sd15")
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_dir() -> str:
+    """The seeded tiny SD3 model, built once per cache directory (`model.path: rlfh:tiny-sd3`)."""
+    from families import resolve_model_path
+
+    return resolve_model_path("rlfh:tiny-sd3")
+
+
 @pytest.fixture()
 def tiny_cfg(tiny_model_dir, tmp_path):
     """configs/tiny.yaml shrunk for tests, with run_dir in tmp_path; extra overrides as arguments."""

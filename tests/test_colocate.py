@@ -26,7 +26,7 @@ def test_colocated_actor_samples_with_the_learners_unet(ray_local, tiny_cfg):
     separate = RolloutActor.options(num_cpus=0.5).remote(cfg.model, cfg.model.lora, merge_lora=False)
     try:
         actor = group.lead
-        assert ray.get(actor.shares_unet.remote())  # one UNet in the process, not a copy
+        assert ray.get(actor.shares_denoiser.remote())  # one UNet in the process, not a copy
         fleet, ref_fleet = RolloutFleet([actor], 0), RolloutFleet([separate], 0)
         prompts, seeds = ["a photo of a person"] * 4, [1, 2, 3, 4]
         fleet.sync(None, 0, True)

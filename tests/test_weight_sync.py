@@ -44,8 +44,8 @@ def test_synced_rollout_actor_matches_learner_exactly(ray_local, tiny_model_dir,
         lat = np.random.default_rng(0).standard_normal((2, 2, 4, 8, 8)).astype(np.float32)
         ray.get(learner.train.remote(PairBatch(lat[0], lat[1], ["a", "b"]), 2))
         x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-        stale = ray.get(actor.unet_output.remote(x, 500, "a photo of a person"))
-        want = ray.get(learner.unet_output.remote(x, 500, "a photo of a person"))
+        stale = ray.get(actor.denoiser_output.remote(x, 500, "a photo of a person"))
+        want = ray.get(learner.denoiser_output.remote(x, 500, "a photo of a person"))
         tol = MERGE_EPS_TOL if lora else 0.0
         # training moved the learner away from the actor, by far more than the merge's rounding
         assert (stale - want).abs().max() > 20 * tol
@@ -53,7 +53,7 @@ def test_synced_rollout_actor_matches_learner_exactly(ray_local, tiny_model_dir,
         buckets = ray.get(learner.weight_buckets.remote(512 * 2**20 if lora else 64 * 1024))
         assert len(buckets) == 1 if lora else len(buckets) > 10
         ray.get(actor.load_weights.remote(buckets, 1, lora))
-        got = ray.get(actor.unet_output.remote(x, 500, "a photo of a person"))
+        got = ray.get(actor.denoiser_output.remote(x, 500, "a photo of a person"))
         assert (got - want).abs().max().item() <= tol
         assert ray.get(actor.policy_version.remote()) == 1
     finally:

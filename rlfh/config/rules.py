@@ -94,11 +94,12 @@ def loss_rules(cfg) -> list[str]:
     """learner.loss x rollout / rollouts / learner.regions: what the family needs (rlfh/losses/registry.py)."""
     spec, r, name = loss_spec(cfg.learner.loss), cfg.rollout, cfg.learner.loss
     p: list[str] = []
-    if SAMPLER_LOGPROB in spec.needs and (r.scheduler != "ddim" or r.eta <= 0):
-        p.append(
-            f"learner.loss={name} needs a stochastic DDIM sampler with log-probs: set rollout.scheduler=ddim and "
-            f"rollout.eta > 0 (1.0 in DDPO); got scheduler={r.scheduler}, eta={r.eta}"
-        )
+    if SAMPLER_LOGPROB in spec.needs:
+        family, _ = model_family(cfg.model)  # its own problems are family_rules'
+        if family is not None:
+            p += family.logprob_sampler_problems(r.scheduler, r.eta, name)
+        elif r.eta <= 0:  # a hub id: the family is known once loaded, where the sampler checks its scheduler
+            p.append(f"learner.loss={name} needs a stochastic sampler: set rollout.eta > 0 (1.0 in DDPO)")
     if spec.on_policy:  # it compares with the policy that sampled the round: the weights at the round's start
         if cfg.rollouts is not None:
             p.append(f"learner.loss={name} is on-policy: it cannot train from a logged rollout log (rollouts=...)")
@@ -451,6 +452,10 @@ def methods_in_use(cfg) -> dict[str, str]:
         used["hcp"] = "model.hcp.enabled=true"
     if cfg.learner.guidance_free.scale is not None:
         used["guidance_free"] = f"learner.guidance_free.scale={cfg.learner.guidance_free.scale}"
+    if cfg.learner.dpo.guidance.coef > 0:
+        used["guidance"] = f"learner.dpo.guidance.coef={cfg.learner.dpo.guidance.coef}"
+    if cfg.rollout.score_guidance.enabled:
+        used["score_guidance"] = "rollout.score_guidance.enabled=true"
     if cfg.rollout.guidance_scale > 1:
         used["cfg"] = f"rollout.guidance_scale={cfg.rollout.guidance_scale}"
     return used

@@ -54,7 +54,8 @@ class LoraConfig:
     enabled: bool = True  # train a LoRA adapter (false: full UNet fine-tuning)
     rank: int = 8  # LoRA rank
     alpha: float = 8.0  # LoRA alpha (scale = alpha / rank)
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # adapted modules
+    # SD1.5, SDXL: to_q, to_k, to_v, to_out.0; SD3: also the text stream's add_q/k/v_proj and to_add_out
+    target_modules: Optional[list[str]] = None  # adapted modules; null: the family's (diffusers' LoRA scripts')
 
     def problems(self, key: str) -> list[str]:
         alpha = [] if self.alpha > 0 else [f"{key}.alpha={self.alpha}: must be > 0"]
@@ -151,7 +152,7 @@ class ModelConfig:
     """``model``: the pipeline's weights and the trained parts added to it."""
 
     path: str = "rlfh:tiny-sdxl"  # local diffusers folder, hub id, single .safetensors file, or rlfh:tiny-<family>
-    family: Optional[str] = None  # sdxl or sd15; null: read from model.path (model_index.json's _class_name)
+    family: Optional[str] = None  # sdxl, sd15 or sd3; null: read from model.path (model_index.json's _class_name)
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. "fp16" for the published SDXL fp16 files
     vae_path: Optional[str] = None  # e.g. madebyollin/sdxl-vae-fp16-fix

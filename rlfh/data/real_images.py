@@ -4,6 +4,7 @@ Real images are encoded once to UNet-space latents with the pipeline's VAE, as d
 img2img ``_encode_vae_image`` does (the inverse of the decode in ``rollouts/sampler.py``):
 
     z = (E(x) - latents_mean) * scaling_factor / latents_std   if the VAE config has both
+    z = (E(x) - shift_factor) * scaling_factor                 with a shift factor (SD3, FLUX)
     z = E(x) * scaling_factor                                  otherwise (SDXL)
     x = image resized to cover (H, W), center-cropped, scaled to [-1, 1], (B, 3, H, W)
     z (B, 4, H/8, W/8) float32; fp16 VAEs with ``force_upcast`` encode in float32.
@@ -267,6 +268,9 @@ class RealImageSource:
             mean = torch.tensor(mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
             std = torch.tensor(std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
             return ((z - mean) * cfg.scaling_factor / std).cpu()
+        shift = getattr(cfg, "shift_factor", None)
+        if shift is not None:  # SD3, FLUX: their img2img pipelines' (E(x) - shift_factor) * scaling_factor
+            return ((z - shift) * cfg.scaling_factor).cpu()
         return (z * cfg.scaling_factor).cpu()
 
     def encode(self, vae) -> np.ndarray:

@@ -67,8 +67,8 @@ class LearnerRank:
             del bucket  # one bucket in this process's memory at a time
         return refs
 
-    def unet_output(self, x, t: int, prompt: str):
-        return self.learner.unet_output(x, t, prompt)
+    def denoiser_output(self, x, t: int, prompt: str):
+        return self.learner.denoiser_output(x, t, prompt)
 
     def policy_version(self) -> int:
         return self.learner.policy_version
@@ -88,7 +88,7 @@ class LearnerRank:
         import hashlib
 
         h = hashlib.sha256()
-        for p in self.learner.unet.parameters():
+        for p in self.learner.denoiser.parameters():
             if p.requires_grad:
                 h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
@@ -118,9 +118,9 @@ class LearnerRank:
         self.sampler.policy_version = policy_version
         return policy_version
 
-    def shares_unet(self) -> bool:
-        """Whether sampler and learner hold one UNet (the point of colocated mode)."""
-        return self.sampler.pipe.unet is self.learner.unet
+    def shares_denoiser(self) -> bool:
+        """Whether sampler and learner hold one denoiser (the point of colocated mode)."""
+        return self.sampler.denoiser is self.learner.denoiser
 
     def shutdown(self) -> None:
         """Nothing to release in-process (the group's interface, for offline DPO on one rank)."""

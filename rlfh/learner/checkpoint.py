@@ -3,7 +3,7 @@ the EMA and the EMA reference, and the trainer state. Every rank calls these.
 
 A checkpoint folder holds:
 
-    pytorch_lora_weights.safetensors   the LoRA, diffusers' format (or unet/ for full fine-tuning)
+    pytorch_lora_weights.safetensors   the LoRA, diffusers' format (or unet/, transformer/ for full fine-tuning)
     hcp.safetensors                    the HcP layer's phi (model.hcp), beside the LoRA
     deepspeed/                         engine, optimizer and ZeRO partitions (each rank its own)
     ema.safetensors                    the EMA's shadow weights (learner.ema.decay)
@@ -87,7 +87,7 @@ class CheckpointIO:
         """The LoRA for the stock pipeline's ``load_lora_weights`` (and HcP's phi beside it), or the
         whole denoiser folder; gathered under ZeRO-3 (every rank enters)."""
         w = self.weights
-        with self.optimization.gathered(w.trainable if w.lora else list(w.unet.parameters())):
+        with self.optimization.gathered(w.trainable if w.lora else list(w.denoiser.parameters())):
             if lead and w.lora:
                 self.family.save_lora(tmp, w.lora_state_dict(), w.lora_adapter)
                 if w.hcp is not None:
@@ -97,7 +97,7 @@ class CheckpointIO:
 
                     save_file(w.hcp.state_dict(), tmp / HCP_FILE)
             elif lead:
-                w.unet.save_pretrained(tmp / "unet")
+                w.denoiser.save_pretrained(tmp / self.family.denoiser)  # unet/ or transformer/, as the pipeline
 
     def write_ema(self, tmp: Path) -> None:
         from safetensors.torch import save_file

@@ -56,7 +56,7 @@ class Handover:
 
     def __init__(self, learner, offload_optimizer: bool | None = None):
         self.learner = learner
-        self.offload_optimizer = learner.ref_unet is not None if offload_optimizer is None else offload_optimizer
+        self.offload_optimizer = learner.ref_denoiser is not None if offload_optimizer is None else offload_optimizer
         self.phase = "training"
         self.device = learner.device
         if self.device.type == "cuda":
@@ -82,10 +82,10 @@ class Handover:
     def to_sampling(self) -> None:
         if self.phase == "sampling":
             return
-        self.learner.unet.eval()
+        self.learner.denoiser.eval()
         self._optimizer_states(offload=True)
-        if self.learner.ref_unet is not None:
-            self.learner.ref_unet.to("cpu")
+        if self.learner.ref_denoiser is not None:
+            self.learner.ref_denoiser.to("cpu")
         self._empty_cache()
         self.learner.vae.to(self.device)
         self.phase = "sampling"
@@ -95,8 +95,8 @@ class Handover:
             return
         self.learner.vae.to("cpu")
         self._empty_cache()
-        if self.learner.ref_unet is not None:
-            self.learner.ref_unet.to(self.device)
+        if self.learner.ref_denoiser is not None:
+            self.learner.ref_denoiser.to(self.device)
         self._optimizer_states(offload=False)
-        self.learner.unet.train()
+        self.learner.denoiser.train()
         self.phase = "training"

@@ -33,13 +33,13 @@ def sampling_step(lrn: LearnerEngine, scheduler, timesteps, conds: dict, guidanc
     def step(x: torch.Tensor, i: int) -> Step:
         t = timesteps[i]
         cond = conds[x.shape[0]]
-        eps = family.guided_prediction(lrn.unet, scheduler, x.to(lrn.dtype), t, cond, guidance_scale).float()
+        eps = family.guided_prediction(lrn.denoiser, scheduler, x.to(lrn.dtype), t, cond, guidance_scale).float()
         out = scheduler.step(eps, t, x.float(), eta=0.0, return_dict=True)
         term = None
         if kl and torch.is_grad_enabled():
             with torch.no_grad():
                 ref = family.guided_prediction(
-                    lrn.reference_unet(), scheduler, x.to(lrn.dtype), t, cond, guidance_scale
+                    lrn.reference_denoiser(), scheduler, x.to(lrn.dtype), t, cond, guidance_scale
                 )
             term = (eps - ref.float()).pow(2).mean()
         return Step(out.prev_sample, out.pred_original_sample, term)

@@ -107,7 +107,7 @@ class LearnerEngine:
         # Per-region gradients (MPD, MGDA) take torch.autograd.grad, which the engine's forward refuses;
         # the wrapped module keeps ZeRO <= 2's gradient hooks on the parameters.
         per_region = fairness.needs_region_gradients(lc.regions.fairness.rule, len(lc.regions.names))
-        self.policy_model = self.unet if per_region else self.engine
+        self.policy_model = self.denoiser if per_region else self.engine
         self.global_step = 0  # optimizer steps
         self.policy_version = 0  # rounds trained: what the rollout actors' samples are tagged with
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -127,26 +127,27 @@ class LearnerEngine:
         self.pipe = pipe
         self.vae_scale = family.latent_factor
         self.schedule = family.noise_schedule(pipe.scheduler.config)
-        self.ddim = None
+        self.stochastic = None
         if SAMPLER_LOGPROB in loss_spec(cfg.learner.loss).needs:
-            self.ddim = family.stochastic_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
-            self.ddim.set_timesteps(cfg.rollout.num_inference_steps, device=self.device)
+            self.stochastic = family.stochastic_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
+            self.stochastic.set_timesteps(cfg.rollout.num_inference_steps, device=self.device)
         for name in family.text_encoders:
-            getattr(pipe, name).requires_grad_(False)
+            if getattr(pipe, name, None) is not None:  # an optional encoder may be absent (SD3 without T5)
+                getattr(pipe, name).requires_grad_(False)
 
     def _build_parts(self) -> None:
         """The policy's weights, their DeepSpeed optimization, and the checkpoint I/O over both."""
         cfg, lc, family, pipe = self.cfg, self.cfg.learner, self.family, self.pipe
         self.weights = PolicyWeights(
-            getattr(pipe, family.denoiser),
-            cfg.model.lora,
+            family.model(pipe),
+            lora_of(cfg.model.lora, family),
             cfg.model.hcp,
             pipe.tokenizer,
             cfg.seed,
             lc.engine.gradient_checkpointing,
         )
         self.optimization = Optimization(
-            self.weights.unet, self.weights.trainable, lc, deepspeed_config(cfg), self.world_size, self.device
+            self.weights.denoiser, self.weights.trainable, lc, deepspeed_config(cfg), self.world_size, self.device
         )
         # round_ramp never steps the EMA per optimizer step: its ceiling is only the recorded nominal decay
         ema_decay = lc.ema.decay if lc.ema.schedule == "step" else lc.ema.ramp_max
@@ -162,8 +163,8 @@ class LearnerEngine:
         )
 
     # ------------------------------------------------------------------ the parts' state, by its old names
-    unet = property(lambda self: self.weights.unet)
-    ref_unet = property(lambda self: self.weights.ref_unet)
+    denoiser = property(lambda self: self.weights.denoiser)
+    ref_denoiser = property(lambda self: self.weights.ref_denoiser)
     hcp = property(lambda self: self.weights.hcp)
     ema = property(lambda self: self.weights.ema)
     lora_layers = property(lambda self: self.weights.lora_layers)
@@ -235,8 +236,9 @@ class LearnerEngine:
 
     # ------------------------------------------------------------------ the noise schedule
     def draw_noise(self, count: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """t ~ U{0..T-1} and eps ~ N(0, I) for ``count`` items, from the engine's generator."""
-        t = torch.randint(0, self.schedule.num_train_timesteps, (count,), generator=self.generator)
+        """t (the schedule's training timesteps: U{0..T-1} for DDPM) and eps ~ N(0, I) for ``count`` items,
+        from the engine's generator."""
+        t = self.schedule.draw_timesteps(count, self.generator)
         return t, torch.randn((count, *shape), generator=self.generator)
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor):
@@ -260,12 +262,10 @@ class LearnerEngine:
 
     def ghuber(self, t: torch.Tensor):
         """AWM's generalised-Huber inputs at timesteps t (:class:`rlfh.losses.awm.GHuber`): q, k_t and the flow
-        time sigma_t = b / (a + b) of x_t / (a + b), a = sqrt(abar_t), b = sqrt(1 - abar_t)."""
+        time sigma_t (DDPM: b / (a + b) of x_t / (a + b), a = sqrt(abar_t), b = sqrt(1 - abar_t))."""
         from rlfh.losses.awm import GHuber
 
-        abar = self.schedule.alpha_bar(t, self.device).double()
-        a, b = abar.sqrt(), (1 - abar).sqrt()
-        return GHuber(self.cfg.learner.awm.ghuber_power, self.x0_scale(t), (b / (a + b)).float())
+        return GHuber(self.cfg.learner.awm.ghuber_power, self.x0_scale(t), self.schedule.flow_time(t, self.device))
 
     # ------------------------------------------------------------------ model calls
     def policy(self, x_t, t, enc, added) -> torch.Tensor:
@@ -274,12 +274,12 @@ class LearnerEngine:
 
     @torch.no_grad()
     def reference(self, x_t, t, enc, added) -> torch.Tensor:
-        """The reference's prediction (:meth:`reference_unet`)."""
-        return self.family.predict(self.reference_unet(), x_t, t, Conditioning(enc, added))
+        """The reference's prediction (:meth:`reference_denoiser`)."""
+        return self.family.predict(self.reference_denoiser(), x_t, t, Conditioning(enc, added))
 
-    def reference_unet(self):
-        """The reference as a UNet-like callable (:meth:`rlfh.learner.policy.PolicyWeights.reference_unet`)."""
-        return self.weights.reference_unet()
+    def reference_denoiser(self):
+        """The reference as a UNet-like callable (:meth:`rlfh.learner.policy.PolicyWeights.reference_denoiser`)."""
+        return self.weights.reference_denoiser()
 
     def adapters_off(self):
         """The UNet without its LoRA adapter (:meth:`rlfh.learner.policy.PolicyWeights.adapters_off`)."""
@@ -290,20 +290,22 @@ class LearnerEngine:
         """The UNet's prediction with its trainable weights replaced by ``weights`` (same order) for this
         call only. ``torch.func.functional_call`` leaves the parameters untouched, so a policy forward
         already taken keeps its autograd graph (an in-place swap would invalidate it)."""
-        return self.family.predict(self.unet_with(weights), x_t, t, Conditioning(enc, added))
+        return self.family.predict(self.denoiser_with(weights), x_t, t, Conditioning(enc, added))
 
-    def unet_with(self, weights: list[torch.Tensor]):
+    def denoiser_with(self, weights: list[torch.Tensor]):
         """The UNet as a callable whose trainable weights are ``weights`` (for guided predictions and the like)."""
-        return self.weights.unet_with(weights)
+        return self.weights.denoiser_with(weights)
 
     def guided(self, model, x, t: int, cond, guidance_scale: float) -> torch.Tensor:
         """``model``'s prediction on x (in the UNet's dtype) under guidance, with the rollout sampler's
         scheduler (:meth:`families.base.ModelFamily.guided_prediction`; DDPO's recorded steps)."""
-        return self.family.guided_prediction(model, self.ddim, x.to(self.dtype), t, Conditioning(*cond), guidance_scale)
+        return self.family.guided_prediction(
+            model, self.stochastic, x.to(self.dtype), t, Conditioning(*cond), guidance_scale
+        )
 
     def step_logprob(self, prediction, t: int, x, x_next, eta: float):
         """The sampler's step from x with ``prediction`` scored at the recorded x_next (DDPO)."""
-        return self.family.step_with_logprob(self.ddim, prediction.float(), t, x, eta=eta, prev_sample=x_next)
+        return self.family.step_with_logprob(self.stochastic, prediction.float(), t, x, eta=eta, prev_sample=x_next)
 
     def old_policy(self, x_t, t, enc, added) -> torch.Tensor:
         """The prediction of the policy that sampled the round (nft, awm): the weights at its start."""
@@ -387,22 +389,22 @@ class LearnerEngine:
         for full fine-tuning (``rlfh.learner.weight_sync``). Under ZeRO-3 every rank must iterate it."""
         from rlfh.learner.weight_sync import iter_state_buckets
 
-        if self.ref_unet is None:
+        if self.ref_denoiser is None:
             with self.gathered(self.trainable_parameters()):
                 state = self.lora_state_dict(self.sampling_weights())
             return iter_state_buckets(state, bucket_bytes)
-        return iter_state_buckets(self.unet.state_dict(keep_vars=True), bucket_bytes, self.gathered)
+        return iter_state_buckets(self.denoiser.state_dict(keep_vars=True), bucket_bytes, self.gathered)
 
     @torch.no_grad()
-    def unet_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
+    def denoiser_output(self, x: torch.Tensor, t: int, prompt: str) -> torch.Tensor:
         """The policy's eps prediction for one input (sync checks: the rollout actor must agree exactly, so
-        the prompt is encoded as ``Sampler.unet_output`` encodes it while the encoders are here)."""
+        the prompt is encoded as ``Sampler.denoiser_output`` encodes it while the encoders are here)."""
         f, h, w = self.family, x.shape[-2] * self.vae_scale, x.shape[-1] * self.vae_scale
         if self.has_text_encoders:
             cond = f.conditioning(f.encode_prompts(self.pipe, [prompt] * x.shape[0], self.device), h, w).to(self.dtype)
         else:
             cond = self.condition([prompt] * x.shape[0], h, w)
-        return f.predict(self.unet, x.to(self.device, self.dtype), t, cond).float().cpu()
+        return f.predict(self.denoiser, x.to(self.device, self.dtype), t, cond).float().cpu()
 
     # ------------------------------------------------------------------ checkpoints (every rank calls these)
     def save_checkpoint(self, directory: str | Path, extra_state: dict | None = None) -> Path:
@@ -429,3 +431,10 @@ class LearnerEngine:
         self.policy_version = state["policy_version"]
         self.generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
         return state
+
+
+def lora_of(lora, family):
+    """``model.lora`` with its target modules resolved: the family's (diffusers' own) where unset."""
+    import dataclasses
+
+    return dataclasses.replace(lora, target_modules=list(lora.target_modules or family.lora_targets))

@@ -93,9 +93,9 @@ class LearnerGroup:
     def policy_version(self) -> int:
         return ray.get(self.lead.policy_version.remote())
 
-    def unet_output(self, x, t: int, prompt: str):
+    def denoiser_output(self, x, t: int, prompt: str):
         # under ZeRO-3 a forward gathers parameters from every rank
-        return get_all([a.unet_output.remote(x, t, prompt) for a in self.ranks], "unet_output")[0]
+        return get_all([a.denoiser_output.remote(x, t, prompt) for a in self.ranks], "denoiser_output")[0]
 
     def save_checkpoint(self, path: str, extra_state: dict) -> str:
         return get_all([a.save_checkpoint.remote(path, extra_state) for a in self.ranks], "save_checkpoint")[0]

@@ -281,10 +281,13 @@ def load_hcp_into(pipe, directory, hc) -> HcP | None:
     path = path / HCP_FILE if path.is_dir() else path.with_name(HCP_FILE)
     if not path.is_file():
         return None
-    hcp = HcP(pipe.unet, hc, pipe.tokenizer)
+    from families import family_of
+
+    unet = family_of(pipe).model(pipe)  # HcP is refused for families without cross-attention UNets
+    hcp = HcP(unet, hc, pipe.tokenizer)
     state = load_file(str(path))
     hcp.load_state_dict(state)
-    dtype = pipe.unet.dtype
+    dtype = unet.dtype
     for proc in hcp.processors.values():
         proc.to(dtype)
     return hcp

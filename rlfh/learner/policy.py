@@ -22,20 +22,20 @@ import copy
 import torch
 
 
-class UNetWithWeights:
-    """Calls ``unet`` with some of its parameters replaced (``torch.func.functional_call``): the
+class DenoiserWithWeights:
+    """Calls ``model`` with some of its parameters replaced (``torch.func.functional_call``): the
     module's own parameters are never written, so autograd graphs through them stay valid."""
 
-    def __init__(self, unet, weights: dict[str, torch.Tensor]):
-        self.unet, self.weights = unet, weights
+    def __init__(self, model, weights: dict[str, torch.Tensor]):
+        self.denoiser, self.weights = model, weights
 
     def __call__(self, *args, **kwargs):
         from torch.func import functional_call
 
-        return functional_call(self.unet, self.weights, args, kwargs)
+        return functional_call(self.denoiser, self.weights, args, kwargs)
 
 
-class UNetWithoutAdapter:
+class WithoutAdapter:
     """Calls the LoRA UNet with its adapter off (:meth:`PolicyWeights.adapters_off`)."""
 
     def __init__(self, weights: "PolicyWeights"):
@@ -43,14 +43,14 @@ class UNetWithoutAdapter:
 
     def __call__(self, *args, **kwargs):
         with self.weights.adapters_off():
-            return self.weights.unet(*args, **kwargs)
+            return self.weights.denoiser(*args, **kwargs)
 
 
 class PolicyWeights:
     """The trainable denoiser and its reference.
 
     Args:
-        unet: the pipeline's denoiser (frozen here, then adapted).
+        model: the pipeline's denoiser (frozen here, then adapted).
         lora: ``model.lora`` (enabled, rank, alpha, target_modules).
         hcp: ``model.hcp`` (the HcP layer; needs the LoRA).
         tokenizer: the pipeline's first tokenizer (HcP finds the human words with it).
@@ -58,16 +58,16 @@ class PolicyWeights:
         gradient_checkpointing: ``learner.engine.gradient_checkpointing``.
     """
 
-    def __init__(self, unet, lora, hcp, tokenizer, seed: int, gradient_checkpointing: bool):
+    def __init__(self, model, lora, hcp, tokenizer, seed: int, gradient_checkpointing: bool):
         from families import add_lora
 
-        unet.requires_grad_(False)
-        self.ref_unet = None
+        model.requires_grad_(False)
+        self.ref_denoiser = None
         self.lora_adapter: dict | None = None  # the LoRA file's adapter metadata (rank, alpha, targets)
         self.hcp = None
         if lora.enabled:
             torch.manual_seed(seed)  # LoRA A matrices come from the global RNG: make runs repeatable
-            add_lora(unet, lora.rank, lora.alpha, lora.target_modules)
+            add_lora(model, lora.rank, lora.alpha, lora.target_modules)
             self.lora_adapter = {
                 "r": lora.rank,
                 "lora_alpha": lora.alpha,
@@ -76,25 +76,25 @@ class PolicyWeights:
             if hcp.enabled:  # after the LoRA, so that phi gets no adapter; its init draws from the same seeded RNG
                 from rlfh.learner.hcp import HcP
 
-                self.hcp = HcP(unet, hcp, tokenizer)
+                self.hcp = HcP(model, hcp, tokenizer)
         else:
             # full fine-tuning: the reference is a frozen copy (LoRA avoids this second UNet)
-            self.ref_unet = copy.deepcopy(unet).eval()
-            unet.requires_grad_(True)
-        for p in unet.parameters():
+            self.ref_denoiser = copy.deepcopy(model).eval()
+            model.requires_grad_(True)
+        for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()  # trainable weights in fp32; DeepSpeed bf16 keeps its own copy
         if gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        params = [p for p in unet.parameters() if p.requires_grad]
+            model.enable_gradient_checkpointing()
+        params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise RuntimeError(
-                "no trainable parameters: check model.lora.target_modules against the UNet's module names"
+                "no trainable parameters: check model.lora.target_modules against the denoiser's module names"
             )
-        self.unet = unet
+        self.denoiser = model
         self.trainable = params  # fixed from here on; walking the UNet's parameters costs ms per call
         self.num_trainable = sum(p.numel() for p in params)
-        self.trainable_names = [n for n, p in unet.named_parameters() if p.requires_grad]
+        self.trainable_names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.ema = None
         # Kept copies of the trainable weights the UNet can predict with (predict_with): the policy that
         # sampled the round (nft, awm) and the EMA reference (learner.reference.model=ema); see keep_sampled.
@@ -104,12 +104,12 @@ class PolicyWeights:
 
     @property
     def lora(self) -> bool:
-        return self.ref_unet is None
+        return self.ref_denoiser is None
 
     def wrapped(self, module, ema_decay: float | None, compile: bool) -> None:
         """After the optimizer wrapped the denoiser: the module to call (``module``), its EMA
         (``learner.ema.decay``), the LoRA layers the reference switches off, ``learner.engine.compile``."""
-        self.unet = module
+        self.denoiser = module
         if ema_decay is not None:
             from diffusers.training_utils import EMAModel
 
@@ -135,7 +135,7 @@ class PolicyWeights:
     def adapters_off(self):
         """The UNet without its LoRA adapter (and without the HcP layer's residual: the base model has
         neither): the flag peft's LoRA forward reads (``layer.disable_adapters``), set on the collected
-        LoRA layers only. Same forward as ``unet.disable_adapters()``, which also walks every module and
+        LoRA layers only. Same forward as ``model.disable_adapters()``, which also walks every module and
         flips requires_grad."""
         if self.hcp is not None:
             self.hcp.set_active(False)
@@ -151,11 +151,11 @@ class PolicyWeights:
     @contextlib.contextmanager
     def lora_off(self):
         if self.lora_layers is None:
-            self.unet.disable_adapters()
+            self.denoiser.disable_adapters()
             try:
                 yield
             finally:
-                self.unet.enable_adapters()
+                self.denoiser.enable_adapters()
             return
         for m in self.lora_layers:
             m._disable_adapters = True
@@ -165,20 +165,20 @@ class PolicyWeights:
             for m in self.lora_layers:
                 m._disable_adapters = False
 
-    def reference_unet(self):
+    def reference_denoiser(self):
         """The reference as a UNet-like callable (call it without gradients): the frozen copy, or the
         UNet with its adapter off; with ``learner.reference.model=ema`` the UNet with the EMA weights of
         :meth:`refresh_reference`."""
         if self.reference_weights is not None:
-            return self.unet_with(self.reference_weights)
-        if self.ref_unet is not None:
-            return self.ref_unet
-        return UNetWithoutAdapter(self)
+            return self.denoiser_with(self.reference_weights)
+        if self.ref_denoiser is not None:
+            return self.ref_denoiser
+        return WithoutAdapter(self)
 
-    def unet_with(self, weights: list[torch.Tensor]) -> UNetWithWeights:
+    def denoiser_with(self, weights: list[torch.Tensor]) -> DenoiserWithWeights:
         """The UNet as a callable whose trainable weights are ``weights`` (same order as the trainable
         parameters) for each call only: a policy forward already taken keeps its autograd graph."""
-        return UNetWithWeights(self.unet, dict(zip(self.trainable_names, weights)))
+        return DenoiserWithWeights(self.denoiser, dict(zip(self.trainable_names, weights)))
 
     # ------------------------------------------------------------------ kept copies
     def sampling_weights(self, from_ema: bool) -> list[torch.Tensor] | None:
@@ -230,6 +230,6 @@ class PolicyWeights:
             raise RuntimeError("full-UNet training has no LoRA state; sync full weights instead")
         state = None
         if weights is not None:
-            state = dict(self.unet.state_dict())
+            state = dict(self.denoiser.state_dict())
             state.update(zip(self.trainable_names, weights))
-        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.unet, state).items()}
+        return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.denoiser, state).items()}

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from families import Conditioning, first_of_each
-from families.ddim import scheduler_alpha_bars
 from rlfh.data.batches import PairBatch, PromptBatch, SampleBatch, TrajectoryBatch, rows
 from rlfh.data.buckets import BucketBatches, merge_stats
 from rlfh.learner.draft_steps import decode, differentiable_rewards, sampling_step, score
@@ -47,7 +46,7 @@ from rlfh.losses.draft import region_objectives, scored_latents
 from rlfh.losses.gardo import gated_kl
 from rlfh.losses.guidance import guidance_loss, winner_noise
 from rlfh.losses.guidance_free import guidance_free_loss, guided_teacher
-from rlfh.losses.kl import ddim_transition_coefficients, per_sample_eps_kl, transition_kl_weight
+from rlfh.losses.kl import per_sample_eps_kl
 from rlfh.losses.objectives import advantage_objectives, pairwise_objectives, weighted_objectives
 from rlfh.losses.registry import OLD_POLICY, PAIRS, PROMPTS, SAMPLES, TRAJECTORIES, loss_spec
 from rlfh.losses.trust_region import dppo_loss, gaussian_mean_kl, guard_loss
@@ -265,7 +264,7 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
             # (the gradient sums over the copies, as over the samples)
             shared = distinct_rows([tb.prompts[i] for i in idx], lat[:, 0]) if lc.ddpo.branch and 0 in order else None
             for j in order:
-                t = int(tb.timesteps[j])
+                t = tb.timesteps[j].item()  # an int step (DDPM) or a float 1000 sigma (flow)
                 if j == 0 and shared is not None:
                     heads, copies = shared
                     cond1 = lrn.condition(
@@ -308,25 +307,24 @@ def reference_eps(lrn: LearnerEngine, x, t: int, enc, added, s):
     if lrn.cfg.learner.reference.kl_coef <= 0:
         return None
     with torch.no_grad():
-        return lrn.guided(lrn.reference_unet(), x, t, (enc, added), s.guidance_scale)
+        return lrn.guided(lrn.reference_denoiser(), x, t, (enc, added), s.guidance_scale)
 
 
-def transition_weight(lrn: LearnerEngine, t: int, eta: float, n: int) -> torch.Tensor:
-    """w_t = k_t^2 / (2 sigma_t^2) of the DDIM-eta step from timestep t (rlfh/losses/kl.py), (n,) on the device:
-    KL(pi_theta || pi_ref) of the step per unit mean squared gap of the guided predictions (eps, or v)."""
-    a, a_prev = scheduler_alpha_bars(lrn.ddim, t)
-    w = transition_kl_weight(a.double().cpu(), a_prev.double().cpu(), eta, lrn.ddim.config.prediction_type)
-    return w.float().expand(n).to(lrn.device)
+def transition_weight(lrn: LearnerEngine, t, eta: float, n: int) -> torch.Tensor:
+    """w_t = k_t^2 / (2 s_t^2) of the sampler's stochastic step from timestep t (rlfh/losses/kl.py; the family's
+    :meth:`families.base.ModelFamily.step_coefficients`), (n,) on the device: KL(pi_theta || pi_ref) of the
+    step per unit mean squared gap of the guided predictions (eps, v or velocity)."""
+    if not eta > 0:
+        raise ValueError(f"eta must be > 0 for the transition to have a density, got {eta}")
+    k, s = lrn.family.step_coefficients(lrn.stochastic, t, eta)
+    return (k**2 / (2 * s**2)).float().expand(n).to(lrn.device)
 
 
-def mean_jacobian(lrn: LearnerEngine, t: int, eta: float) -> torch.Tensor:
-    """d mu_t / d (prediction) of the DDIM-eta step from timestep t, a float32 scalar on the device: k_t of
-    mu_t = sqrt(abar_t' / abar_t) x_t + k_t eps_hat (rlfh/losses/kl.py), times sqrt(abar_t) for v-prediction
-    (eps_hat = sqrt(abar_t) v_hat + sqrt(1 - abar_t) x_t). GRPO-Guard's per-step weight is its inverse."""
-    a, a_prev = scheduler_alpha_bars(lrn.ddim, t)
-    _, k, _ = ddim_transition_coefficients(a.double().cpu(), a_prev.double().cpu(), eta)
-    if lrn.ddim.config.prediction_type == "v_prediction":
-        k = k * a.double().cpu().sqrt()
+def mean_jacobian(lrn: LearnerEngine, t, eta: float) -> torch.Tensor:
+    """d mu_t / d (prediction) of the sampler's stochastic step from timestep t, a float32 scalar on the device
+    (k_t of :meth:`families.base.ModelFamily.step_coefficients`; DDIM: mu_t = sqrt(abar_t' / abar_t) x_t +
+    k_t eps_hat, rlfh/losses/kl.py). GRPO-Guard's per-step weight is its inverse."""
+    k, _ = lrn.family.step_coefficients(lrn.stochastic, t, eta)
     return k.float().to(lrn.device)
 
 
@@ -352,7 +350,7 @@ def trust_region_loss(lrn: LearnerEngine, out, old_log_prob, adv, x, x_next, t: 
         )
         return loss, m
     with torch.no_grad():
-        eps_old = lrn.guided(lrn.unet_with(lrn.old_weights), x, t, (enc, added), s.guidance_scale)
+        eps_old = lrn.guided(lrn.denoiser_with(lrn.old_weights), x, t, (enc, added), s.guidance_scale)
         mean_old = lrn.step_logprob(eps_old, t, x, x_next, s.eta).mean
     kl = gaussian_mean_kl(out.mean, mean_old, out.std_dev)  # (B,), with the gradient (guard uses it)
     if lc.ddpo.trust_region == "dppo":
@@ -401,7 +399,7 @@ def train_prompts(lrn: LearnerEngine, batch: PromptBatch, epochs: int = 1) -> di
             }
             step_fn = sampling_step(lrn, scheduler, timesteps, conds, rc.guidance_scale, dc.kl_coef > 0)
             latent_hw = (rc.height // lrn.vae_scale, rc.width // lrn.vae_scale)
-            channels = lrn.unet.config.in_channels
+            channels = lrn.denoiser.config.in_channels
             x_T = torch.randn((len(prompts), channels, *latent_hw), generator=lrn.generator)
             x_T = (x_T * scheduler.init_noise_sigma).to(lrn.device)
             x, kl, metrics = scored_latents(dc, x_T, n, step_fn, abar_last, lrn.generator)
@@ -436,7 +434,7 @@ def optimizer_steps(lrn: LearnerEngine, n: int, epochs: int) -> Iterator[list[in
     n_use = (n // bs) * bs
     if n_use == 0:
         return
-    if not lrn.unet.training:  # Module.train walks every submodule: ~10 ms a step on a UNet
+    if not lrn.denoiser.training:  # Module.train walks every submodule: ~10 ms a step on a UNet
         lrn.engine.train()
     for _ in range(epochs):
         order = torch.randperm(n, generator=lrn.generator)[:n_use].tolist()

@@ -5,7 +5,8 @@ Paper: Black et al., "Training Diffusion Models with Reinforcement Learning", ar
 al., arXiv 1707.06347).
 
 Each denoising step of a stochastic DDIM sampler (eta = 1) is a Gaussian policy
-pi(x_{t-1} | x_t, c); its log-prob comes from families/ddim.py. With the log-prob recorded
+pi(x_{t-1} | x_t, c); its log-prob comes from families/ddim.py (on flow-matching models, the
+Flow-GRPO SDE step of families/flow.py: Liu et al., arXiv 2505.05470). With the log-prob recorded
 at sampling time (old policy) and the one recomputed now on the same (x_t, x_{t-1}, t, c):
 
     rho_t = exp(logp_theta(x_{t-1} | x_t) - logp_old(x_{t-1} | x_t))

@@ -17,9 +17,10 @@ The per-sample errors come from rlfh/losses/region_mse.py (``per_sample_mse`` fo
 rlfh/losses/dpo_variants.py.
 
 Code name -> paper symbol: ``mse_theta_*`` uses eps_theta(x_t^*, t), ``mse_ref_*`` eps_ref, the
-target is eps (or the v-target for v-prediction models), ``beta`` = beta_DPO (5000 for SDXL; the
-paper's T * omega(lambda_t) is folded into it). The reference model for LoRA training is the same
-UNet with adapters disabled.
+target is eps (or the v-target for v-prediction models, the velocity eps - x0 for flow-matching
+models: the flow DPO of Flow-Factory and VideoDPO; the learner takes it from the family's noise
+schedule), ``beta`` = beta_DPO (5000 for SDXL; the paper's T * omega(lambda_t) is folded into it).
+The reference model for LoRA training is the same denoiser with adapters disabled.
 
 Shapes: every MSE input (B,), B = number of pairs.
 """

@@ -53,29 +53,14 @@ import math
 import torch
 from torch import Tensor
 
+from families.ddim import ddim_transition_coefficients  # the step's own coefficients, shared with the sampler side
+
 __all__ = ["ddim_transition_coefficients", "eps_kl", "per_sample_eps_kl", "transition_kl_weight"]
 
 
 def upcast(x: Tensor) -> Tensor:
     """Half/bfloat16 -> float32 (squares of small gaps lose nothing); float32/float64 unchanged."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def ddim_transition_coefficients(alpha_bar, alpha_bar_prev, eta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
-    """(sqrt(a' / a), k_t, sigma_t) of mu = sqrt(a' / a) x_t + k_t eps_hat and the step's std, float64.
-
-    Raises:
-        ValueError: unless 0 < a < a' <= 1 and eta >= 0 is finite.
-    """
-    a = torch.as_tensor(alpha_bar, dtype=torch.float64)
-    ap = torch.as_tensor(alpha_bar_prev, dtype=torch.float64)
-    if not (eta >= 0 and math.isfinite(eta)):
-        raise ValueError(f"eta must be finite and >= 0, got {eta}")
-    if bool(((a <= 0) | (a >= ap) | (ap > 1)).any()):
-        raise ValueError(f"need 0 < abar_t < abar_prev <= 1 (a denoising step), got {a.tolist()} -> {ap.tolist()}")
-    sigma2 = eta**2 * (1 - ap) / (1 - a) * (1 - a / ap)
-    k = (1 - ap - sigma2).clamp(min=0).sqrt() - (ap * (1 - a) / a).sqrt()
-    return (ap / a).sqrt(), k, sigma2.sqrt()
 
 
 def transition_kl_weight(alpha_bar, alpha_bar_prev, eta: float = 1.0, prediction_type: str = "epsilon") -> Tensor:

@@ -36,12 +36,12 @@ def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage, lora):
         handover.to_training()
         train(handed, batch(rnd), 1)
         handover.to_sampling()  # optimizer states out (ZeRO: DeepSpeed offload_states), VAE in
-        assert not handed.unet.training and handover.phase == "sampling"
+        assert not handed.denoiser.training and handover.phase == "sampling"
         handover.to_sampling()  # idempotent
     handover.to_training()
     train(plain, batch(2), 1)
     train(handed, batch(2), 1)  # Adam moments came back intact: same update as never moved
-    a, b = ([p for p in lrn.unet.parameters() if p.requires_grad] for lrn in (plain, handed))
+    a, b = ([p for p in lrn.denoiser.parameters() if p.requires_grad] for lrn in (plain, handed))
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 

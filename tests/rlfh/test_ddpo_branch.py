@@ -31,7 +31,7 @@ class UNetRows:
     """Counts the rows of every UNet forward (CFG doubles them)."""
 
     def __init__(self, unet):
-        self.unet, self.rows = unet, []
+        self.denoiser, self.rows = unet, []
         self.forward = unet.forward
 
     def __enter__(self):
@@ -39,11 +39,11 @@ class UNetRows:
             self.rows.append(x.shape[0])
             return self.forward(x, *a, **k)
 
-        self.unet.forward = counted
+        self.denoiser.forward = counted
         return self
 
     def __exit__(self, *exc):
-        self.unet.forward = self.forward
+        self.denoiser.forward = self.forward
 
 
 def test_branch_seeds_are_each_groups_first_seed_and_need_a_window(tiny_model_dir):
@@ -207,7 +207,7 @@ def test_learner_runs_a_groups_shared_x_j_once_with_the_same_update(tiny_model_d
             ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64), b.trajectory, st),
         )
         lrn = LearnerEngine(cfg)
-        with UNetRows(lrn.unet) as counted:
+        with UNetRows(lrn.denoiser) as counted:
             m = train(lrn, batch, epochs=1)
         assert m["ddpo/recorded_logprob_max_diff"] < 1e-5
         updated.append(lrn.lora_state_dict())

@@ -96,7 +96,7 @@ def probe_loss(lrn, batch) -> float:
         for t_val in (100, 400, 700):
             eps = torch.randn(x0.shape, generator=g)
             x_t, t, target = lrn.noised(x0, torch.full((len(x0),), t_val), eps)
-            pred = lrn.unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+            pred = lrn.denoiser(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
             out.append(float((pred - target).pow(2).mean()))
     return float(np.mean(out))
 

@@ -30,7 +30,7 @@ def guided_gap(lrn, x, t, prompts) -> float:
         neg_enc, neg_added = lrn.condition([""] * len(prompts), 64, 64)
         teacher = guided_teacher(lrn.reference(x, t, enc, added), lrn.reference(x, t, neg_enc, neg_added), 5.0)
         return float(
-            (lrn.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample - teacher).pow(2).mean()
+            (lrn.denoiser(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample - teacher).pow(2).mean()
         )
 
 

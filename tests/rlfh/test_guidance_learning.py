@@ -48,7 +48,7 @@ def x0_distance(lrn, pairs: PairBatch, seed: int) -> float:
         for t_val in (50, 200, 500):  # where the loss's SNR weight abar / (1 - abar) is not negligible
             t = torch.full((4,), t_val)
             x_t, t, _ = lrn.noised(l, t, torch.randn(l.shape, generator=g))
-            eps = lrn.unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+            eps = lrn.denoiser(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
             a = lrn.alpha_bar(t).view(-1, 1, 1, 1)
             x0_hat = (x_t - (1 - a).sqrt() * eps) / a.sqrt()
             out.append(float((x0_hat - w)[m].pow(2).mean()))

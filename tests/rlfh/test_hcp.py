@@ -58,7 +58,7 @@ def alignment(lrn, seed=123):
     t = torch.tensor([100, 300, 600, 900])
     enc, added = lrn.condition([PROMPTS[i % 2] for i in range(4)], 64, 64)
     with torch.enable_grad():
-        lrn.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
+        lrn.denoiser(x, t, encoder_hidden_states=enc, added_cond_kwargs=added)
     metrics = {}
     lrn.hcp.term(t, [PROMPTS[i % 2] for i in range(4)], torch.from_numpy(prior(4)), metrics)
     return metrics["loss/hcp"]  # without the coefficient
@@ -88,10 +88,10 @@ def test_hcp_layer_leaves_the_unet_output_unchanged_and_records_m_h(tiny_model_d
 def test_m_h_is_softmax_of_q_against_phi_of_the_text(tiny_model_dir):
     lrn = make(tiny_model_dir, *HCP)
     name, proc = next(iter(lrn.hcp.processors.items()))
-    attn = lrn.unet.get_submodule(name)
+    attn = lrn.denoiser.get_submodule(name)
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 16, attn.to_q.in_features, generator=g)
-    c = torch.randn(2, 77, lrn.unet.config.cross_attention_dim, generator=g)
+    c = torch.randn(2, 77, lrn.denoiser.config.cross_attention_dim, generator=g)
     got = proc.human_attention(attn, z, c)
     q, k = attn.to_q(z), proc.phi(c)
     heads, d = attn.heads, q.shape[-1] // attn.heads
@@ -166,9 +166,9 @@ def test_hcp_weights_checkpoint_resume_and_the_sampler_loads_the_lora(tiny_model
     sampler.add_lora(lrn.cfg.model.lora.rank, lrn.cfg.model.lora.alpha, lrn.cfg.model.lora.target_modules)
     sampler.load_lora(lrn.lora_state_dict(), 1)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    want = lrn.unet_output(x, 500, PROMPTS[1])
-    base = Sampler(load_pipeline(lrn.cfg.model, "cpu")).unet_output(x, 500, PROMPTS[1])
-    got = sampler.unet_output(x, 500, PROMPTS[1])
+    want = lrn.denoiser_output(x, 500, PROMPTS[1])
+    base = Sampler(load_pipeline(lrn.cfg.model, "cpu")).denoiser_output(x, 500, PROMPTS[1])
+    got = sampler.denoiser_output(x, 500, PROMPTS[1])
     assert (want - base).abs().max() > 1e-4  # the LoRA moved
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     # and diffusers loads the exported LoRA file with no HcP key in it
@@ -265,7 +265,7 @@ def test_residual_layer_changes_generation_after_training(tiny_model_dir, tmp_pa
     assert np.array_equal(Sampler(fresh).sample(PROMPTS, [0, 1], settings).images, before)
 
     train(lrn, posed_pairs(), epochs=3)
-    assert any(float(p.detach().abs().max()) > 0 for n, p in lrn.unet.named_parameters() if ".processor.proj." in n)
+    assert any(float(p.detach().abs().max()) > 0 for n, p in lrn.denoiser.named_parameters() if ".processor.proj." in n)
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([300, 700])
     enc, added = lrn.condition(PROMPTS, 64, 64)
     with torch.no_grad():

@@ -167,7 +167,7 @@ def dpo_margins(lrn, pairs, seed=7):
         for t_val in (200, 500, 800):
             t = torch.full((2 * len(w),), t_val)
             x_t, t, target = lrn.noised(torch.cat([w, l]), t, torch.randn(w.shape, generator=g).repeat(2, 1, 1, 1))
-            pred = lrn.unet(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+            pred = lrn.denoiser(x_t, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
             ref = lrn.reference(x_t, t, enc, added)
             e_p, e_r = per_sample_mse(pred, target), per_sample_mse(ref, target)
             b = len(w)

@@ -44,7 +44,7 @@ def test_first_step_is_log2_because_lora_starts_at_the_reference(tiny_model_dir)
 
 
 def test_reference_is_the_unet_with_adapters_disabled(learner):
-    unet = learner.unet
+    unet = learner.denoiser
     x = torch.randn(1, 4, 8, 8)
     t = torch.tensor([500])
     enc, added = learner.condition(["a photo"], 64, 64)
@@ -61,15 +61,15 @@ def test_reference_is_the_unet_with_adapters_disabled(learner):
 
 
 def test_training_updates_only_lora_and_counts_steps(learner):
-    frozen = {n: p.detach().clone() for n, p in learner.unet.named_parameters() if not p.requires_grad}
-    lora = {n: p.detach().clone() for n, p in learner.unet.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in learner.denoiser.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in learner.denoiser.named_parameters() if p.requires_grad}
     assert lora and all("lora" in n for n in lora)
     step0, v0 = learner.global_step, learner.policy_version
     m = train(learner, pairs(4), epochs=1)
     assert learner.global_step == step0 + 2 and learner.policy_version == v0 + 1  # 4 pairs / batch 2
     assert m["learner/steps"] == learner.global_step and np.isfinite(m["loss/dpo"])
-    assert all(torch.equal(p, frozen[n]) for n, p in learner.unet.named_parameters() if n in frozen)
-    assert any(not torch.equal(p, lora[n]) for n, p in learner.unet.named_parameters() if n in lora)
+    assert all(torch.equal(p, frozen[n]) for n, p in learner.denoiser.named_parameters() if n in frozen)
+    assert any(not torch.equal(p, lora[n]) for n, p in learner.denoiser.named_parameters() if n in lora)
 
 
 def test_remainder_smaller_than_a_batch_is_not_trained(learner):

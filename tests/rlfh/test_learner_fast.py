@@ -109,14 +109,14 @@ def test_reference_flag_equals_disable_adapters_and_leaves_training_state(tiny_m
     enc, added = lrn.condition(PROMPTS[:2], 64, 64)
     with torch.no_grad():
         ref = lrn.reference(x, t, enc, added)
-        lrn.unet.disable_adapters()
-        base = lrn.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
-        lrn.unet.enable_adapters()
-        policy = lrn.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        lrn.denoiser.disable_adapters()
+        base = lrn.denoiser(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        lrn.denoiser.enable_adapters()
+        policy = lrn.denoiser(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
         again = lrn.policy(x, t, enc, added)
     assert torch.equal(ref, base) and not torch.equal(policy, base) and torch.equal(again, policy)
     assert all(p.requires_grad for p in lrn.trainable_parameters())
-    assert lrn.trainable_parameters() == [p for p in lrn.unet.parameters() if p.requires_grad]
+    assert lrn.trainable_parameters() == [p for p in lrn.denoiser.parameters() if p.requires_grad]
 
 
 def test_skipping_the_one_rank_allreduce_changes_nothing(tiny_model_dir):

@@ -25,20 +25,20 @@ def test_full_unet_trains_and_exports_in_diffusers_format(tiny_model_dir, tmp_pa
     from diffusers import UNet2DConditionModel
 
     lrn = make(tiny_model_dir, "model.lora.enabled=false", "learner.lr=1e-4")
-    assert lrn.ref_unet is not None and lrn.num_trainable > 1_000_000  # every UNet weight trains
-    before = lrn.unet.conv_in.weight.detach().clone()
+    assert lrn.ref_denoiser is not None and lrn.num_trainable > 1_000_000  # every UNet weight trains
+    before = lrn.denoiser.conv_in.weight.detach().clone()
     train(lrn, pairs(), epochs=1)
-    assert not torch.equal(before, lrn.unet.conv_in.weight)
-    assert torch.equal(before, lrn.ref_unet.conv_in.weight)  # the reference stays frozen
+    assert not torch.equal(before, lrn.denoiser.conv_in.weight)
+    assert torch.equal(before, lrn.ref_denoiser.conv_in.weight)  # the reference stays frozen
     ckpt = lrn.save_checkpoint(tmp_path / "round-000001", {"round": 1})
     exported = UNet2DConditionModel.from_pretrained(ckpt / "unet")
-    for (n, a), (_, b) in zip(exported.state_dict().items(), lrn.unet.state_dict().items()):
+    for (n, a), (_, b) in zip(exported.state_dict().items(), lrn.denoiser.state_dict().items()):
         assert torch.equal(a, b.to(a.dtype)), n
 
 
 def test_ema_tracks_and_round_trips(tiny_model_dir, tmp_path):
     lrn = make(tiny_model_dir, "learner.ema.decay=0.5")
-    params = [p for p in lrn.unet.parameters() if p.requires_grad]
+    params = [p for p in lrn.denoiser.parameters() if p.requires_grad]
     train(lrn, pairs(), epochs=2)  # 2 optimizer steps
     assert lrn.ema.optimization_step == 2
     shadow = [s.clone() for s in lrn.ema.shadow_params]

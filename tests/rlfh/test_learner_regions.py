@@ -32,7 +32,7 @@ def mpd_learner(tiny_model_dir):
 
 def test_engine_gradient_is_the_mpd_combination(mpd_learner):
     lrn = mpd_learner
-    params = [p for p in lrn.unet.parameters() if p.requires_grad]
+    params = [p for p in lrn.denoiser.parameters() if p.requires_grad]
     g = torch.Generator().manual_seed(0)
     dirs = [[torch.randn(p.shape, generator=g) for p in params] for _ in range(2)]
     objectives = {n: sum((p * d).sum() for p, d in zip(params, dd)) ** 2 for n, dd in zip(["global", "face"], dirs)}

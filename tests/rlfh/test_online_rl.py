@@ -60,7 +60,7 @@ def test_batch_signal_and_first_step_against_the_sampling_policy(tiny_model_dir,
     assert lrn.old_weights is not None
     lrn2 = LearnerEngine(cfg)  # same seed: the same initial adapter
     torch.testing.assert_close(
-        lrn.old_policy(x, t, enc, added), lrn2.unet(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
+        lrn.old_policy(x, t, enc, added), lrn2.denoiser(x, t, encoder_hidden_states=enc, added_cond_kwargs=added).sample
     )
     if loss == "awm":
         assert m["awm/ratio"] == pytest.approx(1.0, abs=0.05)  # the first steps start at ratio 1
@@ -239,7 +239,8 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
     x, e = torch.randn(2, 4, 8, 8, dtype=torch.float64), torch.randn(2, 4, 8, 8, dtype=torch.float64)
     for t in batch.timesteps:  # mu(eps + 1) - mu(eps) = k_t, the mean being affine in eps_hat
         mu0, mu1 = (
-            scheduler_step_with_logprob(lrn.ddim, e + d, int(t), x, eta=1.0, prev_sample=x).mean for d in (0.0, 1.0)
+            scheduler_step_with_logprob(lrn.stochastic, e + d, int(t), x, eta=1.0, prev_sample=x).mean
+            for d in (0.0, 1.0)
         )
         torch.testing.assert_close(
             (mu1 - mu0).float(), mean_jacobian(lrn, int(t), 1.0).cpu().expand(2, 4, 8, 8), rtol=1e-5, atol=1e-6
@@ -289,17 +290,17 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     x = torch.from_numpy(batch.latents[:2, 1]).to(lrn.dtype)
     t = int(batch.timesteps[1])
     with torch.no_grad():
-        eps = lrn.family.guided_prediction(lrn.unet, lrn.ddim, x, t, Conditioning(enc, added), 3.0)
+        eps = lrn.family.guided_prediction(lrn.denoiser, lrn.stochastic, x, t, Conditioning(enc, added), 3.0)
         with lrn.adapters_off():
-            base = lrn.family.guided_prediction(lrn.unet, lrn.ddim, x, t, Conditioning(enc, added), 3.0)
+            base = lrn.family.guided_prediction(lrn.denoiser, lrn.stochastic, x, t, Conditioning(enc, added), 3.0)
     m = {}
     term = kl_term(lrn, eps, reference_eps(lrn, x, t, enc, added, st), m, transition_weight(lrn, t, st.eta, 2))
-    ac = lrn.ddim.alphas_cumprod.double()
+    ac = lrn.stochastic.alphas_cumprod.double()
     a, a_prev = ac[t], ac[t - 1000 // 4]  # 4 steps of 1000: t = 501 -> 251
     sigma2 = (1 - a_prev) / (1 - a) * (1 - a / a_prev)  # eta = 1
     zero = torch.zeros_like(x, dtype=torch.float32)
-    mu = lrn.ddim.step(eps.float(), t, x.float(), eta=1.0, variance_noise=zero).prev_sample.double()
-    mu_ref = lrn.ddim.step(base.float(), t, x.float(), eta=1.0, variance_noise=zero).prev_sample.double()
+    mu = lrn.stochastic.step(eps.float(), t, x.float(), eta=1.0, variance_noise=zero).prev_sample.double()
+    mu_ref = lrn.stochastic.step(base.float(), t, x.float(), eta=1.0, variance_noise=zero).prev_sample.double()
     gaussian_kl = ((mu - mu_ref) ** 2).flatten(1).mean(1) / (2 * sigma2)  # per latent element, as the log-probs
     torch.testing.assert_close(term.double(), 10 * gaussian_kl.mean(), rtol=1e-4, atol=0)
     assert float(term) > 0 and m["loss/kl"] == pytest.approx(float(term))

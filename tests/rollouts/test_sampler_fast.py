@@ -44,8 +44,8 @@ def test_merged_lora_matches_the_unmerged_peft_adapter(pipe):
     merged.load_lora(sd, 1)
     unmerged.load_lora(sd, 1)
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    got, want = merged.unet_output(x, 500, PROMPTS[0]), unmerged.unet_output(x, 500, PROMPTS[0])
-    base = Sampler(pipe).unet_output(x, 500, PROMPTS[0])
+    got, want = merged.denoiser_output(x, 500, PROMPTS[0]), unmerged.denoiser_output(x, 500, PROMPTS[0])
+    base = Sampler(pipe).denoiser_output(x, 500, PROMPTS[0])
     assert (want - base).abs().max() > 100 * MERGE_EPS_TOL  # the LoRA matters far above the tolerance
     assert (got - want).abs().max() <= MERGE_EPS_TOL
     settings = SamplerSettings(6, 5.0, "blurry", 64, 64)
