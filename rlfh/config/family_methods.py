@@ -21,6 +21,7 @@ OPTION_LABELS = {
     "hcp": "HcP layer",
     "guidance_free": "CFG-free training",
     "cfg": "classifier-free guidance",
+    "score_guidance": "FaceScore's sampling guidance in `rlfh eval`",
 }
 
 

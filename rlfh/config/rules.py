@@ -441,6 +441,7 @@ OPTION_METHODS = {
     "hcp": "model.hcp.enabled=true",
     "guidance_free": "learner.guidance_free.scale",
     "cfg": "rollout.guidance_scale > 1",
+    "score_guidance": "rollout.score_guidance.mu > 0",
 }
 
 

@@ -3,6 +3,7 @@ implement, a model.family that disagrees with model.path, and a method a family 
 before anything starts, each with its reason. No model is loaded: `rlfh:tiny-<family>` names its family."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -76,15 +77,20 @@ def test_the_table_lists_every_method_a_config_can_ask_for_and_each_refusal_with
     # CFG-free training samples without guidance: the options in two configs
     asked = {*methods_in_use(config("model.hcp.enabled=true", "learner.guidance_free.scale=3"))}
     asked |= {*methods_in_use(config("rollout.guidance_scale=5"))}
+    # score guidance needs a FaceScore reward to validate; the rules read only its switch
+    cfg = config()
+    guided = replace(cfg, rollout=replace(cfg.rollout, score_guidance=replace(cfg.rollout.score_guidance, mu=1.0)))
+    asked |= {*methods_in_use(guided)}
     assert asked == {"dpo", *OPTION_METHODS}
     assert set(known_methods()) == set(LOSSES) | set(OPTION_METHODS)
     assert unknown_refusals() == []
 
     monkeypatch.setitem(families.FAMILIES, "nohcp", NoHcP())
     row = {ln.split(" | ")[0]: ln for ln in render().splitlines()}
+    # columns: the implemented families in registry order (sdxl, sd15, sd3, then the test's), then flux
     assert row["| `model.hcp.enabled=true` (HcP layer)"].endswith(
-        "| works | works | refused: this family has no UNet cross-attention | not yet | not yet |"
+        "| refused: this family has no UNet cross-attention | not yet |"
     )
-    assert row["| `learner.loss=dpo`"].endswith("| works | works | works | not yet | not yet |")
+    assert row["| `learner.loss=dpo`"].endswith("| works | works | works | works | not yet |")
     monkeypatch.setattr(NoHcP, "refused", {"hpc": "a typo"})
     assert unknown_refusals() == ["nohcp.hpc"]
