@@ -112,12 +112,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.split("[")[0].startswith(NUMERICS_TESTS):
             item.add_marker(pytest.mark.numerics)
-    # Files with slow tests first, each file's tests together and in order: under `-n 2` (pytest-xdist,
-    # --dist loadfile keeps a file's module fixtures in one worker) the long files start at once and
-    # the many short ones fill in at the end, instead of one worker idling while the other runs the
-    # last long file alone.
+    # Under `-n 2` (pytest-xdist; --dist loadfile keeps a file's module fixtures in one worker) the longest
+    # files start first, then the other files with slow tests, then the many short files fill in at the end,
+    # so that no worker idles while the other runs a long file alone. Each file's tests stay together and in
+    # order. LONGEST: the files over about 4 minutes in the last two-worker run (docs/testing.md).
     slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
     first = {}
     for i, item in enumerate(items):
         first.setdefault(item.nodeid.split("::")[0], i)
-    items.sort(key=lambda item: (item.nodeid.split("::")[0] not in slow_files, first[item.nodeid.split("::")[0]]))
+
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        longest = LONGEST.index(path) if path in LONGEST else len(LONGEST)
+        return longest, path not in slow_files, first[path]
+
+    items.sort(key=rank)
+
+
+LONGEST = (
+    "tests/test_end_to_end.py",
+    "tests/test_online_rl_end_to_end.py",
+    "tests/test_doc_commands.py",
+    "tests/test_resume.py",
+    "tests/test_fault_tolerance.py",
+    "tests/reliability/test_chaos.py",
+    "tests/test_data_parallel.py",
+    "tests/test_learner_recovery.py",
+)
