@@ -255,11 +255,13 @@ def ddpo_learning_gain(
     return ddpo_learning_run(tiny_model_dir, window, branch, groups, rounds, seed)[0]
 
 
+@pytest.mark.slow  # a learning run: 28 s beside another worker
 @pytest.mark.parametrize("window", [None, 2])
 def test_ddpo_raises_reward(tiny_model_dir, window):
     assert ddpo_learning_gain(tiny_model_dir, window) >= DDPO_LEARNING_MARGIN
 
 
+@pytest.mark.slow  # a learning run: 30 s beside another worker
 def test_ddpo_branched_window_raises_reward(tiny_model_dir):
     assert ddpo_learning_gain(tiny_model_dir, 2, branch=True, groups=4, rounds=8) >= DDPO_BRANCH_LEARNING_MARGIN
 

@@ -63,6 +63,7 @@ def test_offload_config(tiny_model_dir):
         load_config(REPO / "configs" / "tiny.yaml", ["learner.engine.offload_optimizer=true"])
 
 
+@pytest.mark.slow  # builds DeepSpeed's CPU Adam op on first use: 96 s beside another worker
 def test_zero_offload_trains(tiny_model_dir):
     """ZeRO-2 with the optimizer offloaded to CPU (DeepSpeedCPUAdam; its C++ op builds on first use)."""
     lrn = make(tiny_model_dir, "learner.engine.zero_stage=2", "learner.engine.offload_optimizer=true")
