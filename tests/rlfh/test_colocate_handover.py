@@ -15,6 +15,7 @@ def batch(seed):
     return PairBatch(lat[0], lat[1], ["a photo of a person"] * 4)
 
 
+@pytest.mark.slow  # 40-90 s beside another worker (the fast lane stays short)
 @pytest.mark.parametrize("stage,lora", [(0, True), (2, True), (2, False)], ids=["zero0", "zero2", "zero2-full"])
 def test_handover_between_rounds_changes_nothing(tiny_model_dir, stage, lora):
     from rlfh.config.schema import load_config

@@ -34,6 +34,7 @@ def guided_gap(lrn, x, t, prompts) -> float:
         )
 
 
+@pytest.mark.slow  # 40-90 s beside another worker (the fast lane stays short)
 def test_guidance_free_training_moves_the_policy_toward_the_guided_reference(tiny_model_dir):
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *CFG])
     lrn = LearnerEngine(cfg)

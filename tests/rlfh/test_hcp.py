@@ -207,6 +207,7 @@ def test_hcp_config_rules(tiny_cfg):
         train_online(tiny_cfg("model.hcp.enabled=true"))
 
 
+@pytest.mark.slow  # 40-90 s beside another worker (the fast lane stays short)
 def test_hcp_under_mpd_regions_and_gradient_checkpointing(tiny_model_dir):
     """Per-region gradients (MPD solves over them; phi has none there) and recomputed checkpointed blocks
     (which run the processor again in backward) leave the HcP term working."""

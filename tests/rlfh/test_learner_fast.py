@@ -54,6 +54,7 @@ def weights(lrn):
     return [p.detach().clone() for p in lrn.trainable_parameters()]
 
 
+@pytest.mark.slow  # 40-90 s beside another worker (the fast lane stays short)
 def test_conditioning_from_the_batch_equals_the_encoded_one_and_drops_the_encoders(tiny_model_dir):
     lrn = make(tiny_model_dir)
     table = conditioning_table(lrn.pipe, PROMPTS)

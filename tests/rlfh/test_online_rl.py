@@ -191,6 +191,7 @@ def test_online_rounds_raise_reward(tiny_model_dir, loss):
     assert online_learning_gain(tiny_model_dir, loss) >= LEARNING[loss][2]
 
 
+@pytest.mark.slow  # 40-90 s beside another worker (the fast lane stays short)
 @pytest.mark.parametrize("region", ["dppo", "guard"])
 def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, region):
     """learner.ddpo.trust_region=dppo/guard in train_trajectories: the sampling policy's step means are
@@ -247,6 +248,7 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
         )
 
 
+@pytest.mark.slow  # 40-90 s beside another worker (the fast lane stays short)
 def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     """learner.reference.kl_coef with ddpo: kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)) of the DDIM-eta steps
     from
@@ -306,6 +308,7 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     assert float(term) > 0 and m["loss/kl"] == pytest.approx(float(term))
 
 
+@pytest.mark.slow  # 40-90 s beside another worker (the fast lane stays short)
 @pytest.mark.parametrize("loss", ["nft", "awm"])
 def test_checkpoint_resume_is_exact_with_ema_reference_and_sampler(tiny_model_dir, tmp_path, loss):
     """Saved and loaded mid-run (learner.reference.model=ema refreshed every 3 rounds, the EMA as the sampling
