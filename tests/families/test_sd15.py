@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from families import PromptCache, add_lora, family_of, load_pipeline
+from families import PromptCache, family_of, load_pipeline
 from families.sd15 import SD15
 from rlfh.config.schema import ModelConfig, load_config
 from rollouts.sampler import Sampler, seeded_generators
 from rollouts.types import SamplerSettings
 from tests.conftest import REPO
+from tests.families.lora_check import assert_lora_loads_in_stock_pipeline
 from tests.rollouts.test_sampler import assert_sampler_equals_stock_pipeline
 
 
@@ -94,32 +95,8 @@ def test_the_lora_rlfh_writes_loads_in_the_stock_pipeline(tiny_sd15_dir, tmp_pat
     """A LoRA of the default targets written by the family loads with ``load_lora_weights`` at its alpha:
     the stock pipeline's latents then equal our sampler's with the same LoRA merged, and differ from the
     base's."""
-    from peft import get_peft_model_state_dict
-
-    family, targets = SD15(), list(SD15.lora_targets)
-    trained = load_pipeline(ModelConfig(path=tiny_sd15_dir))
-    torch.manual_seed(0)
-    add_lora(trained.unet, rank=4, alpha=2.0, target_modules=targets)
-    with torch.no_grad():
-        for name, p in trained.unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    state = get_peft_model_state_dict(trained.unet)
-    family.save_lora(tmp_path, state, {"r": 4, "lora_alpha": 2.0, "target_modules": sorted(targets)})
-
-    prompts, seeds = ["a photo of a person", "two people talking"], [5, 6]
-    settings = SamplerSettings(4, 1.0, "", 64, 64)
     stock = load_pipeline(ModelConfig(path=tiny_sd15_dir))
-    kwargs = dict(prompt=prompts, num_inference_steps=4, guidance_scale=1.0, height=64, width=64, output_type="latent")
-    base = stock(**kwargs, generator=seeded_generators(seeds)).images
-    stock.load_lora_weights(str(tmp_path))
-    loaded = stock(**kwargs, generator=seeded_generators(seeds)).images
-    ours = Sampler(load_pipeline(ModelConfig(path=tiny_sd15_dir)))
-    ours.add_lora(4, 2.0, targets)
-    ours.load_lora(state, policy_version=1)
-    merged = ours.sample(prompts, seeds, settings).latents
-    assert np.abs(loaded.numpy() - base.numpy()).max() > 1e-2
-    np.testing.assert_allclose(merged, loaded.numpy(), atol=1e-4, rtol=0)
+    assert_lora_loads_in_stock_pipeline(SD15(), tiny_sd15_dir, stock, tmp_path, lora_b_std=0.05)
 
 
 def test_make_tiny_model_writes_the_family_asked_for(tmp_path, capsys):

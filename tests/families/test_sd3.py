@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from families import add_lora, family_of, load_pipeline
+from families import family_of, load_pipeline
 from families.sd3 import SD3
 from rlfh.config.schema import ConfigError, ModelConfig, load_config
 from rollouts.sampler import Sampler, seeded_generators
 from rollouts.types import SamplerSettings
 from tests.conftest import REPO
+from tests.families.lora_check import assert_lora_loads_in_stock_pipeline
 from tests.rollouts.test_sampler import assert_images_match
 
 FLOW_DDPO = [
@@ -147,32 +148,8 @@ def test_the_lora_rlfh_writes_loads_in_the_stock_pipeline(tiny_sd3_dir, tmp_path
     """A LoRA of diffusers' SD3 targets written by the family loads with ``load_lora_weights`` at its
     alpha: the stock pipeline's latents then equal our sampler's with the same LoRA merged, and differ
     from the base's."""
-    from peft import get_peft_model_state_dict
-
-    family, targets = SD3(), list(SD3.lora_targets)
-    trained = load_pipeline(ModelConfig(path=tiny_sd3_dir))
-    torch.manual_seed(0)
-    add_lora(trained.transformer, rank=4, alpha=2.0, target_modules=targets)
-    with torch.no_grad():
-        for name, p in trained.transformer.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    state = get_peft_model_state_dict(trained.transformer)
+    state = assert_lora_loads_in_stock_pipeline(SD3(), tiny_sd3_dir, stock_pipeline(tiny_sd3_dir), tmp_path, 0.2)
     assert any(".add_q_proj." in k for k in state) and any(".to_add_out." in k for k in state)
-    family.save_lora(tmp_path, state, {"r": 4, "lora_alpha": 2.0, "target_modules": sorted(targets)})
-
-    prompts, seeds = ["a photo of a person", "two people talking"], [5, 6]
-    stock = stock_pipeline(tiny_sd3_dir)
-    kwargs = dict(prompt=prompts, num_inference_steps=4, guidance_scale=1.0, height=64, width=64, output_type="latent")
-    base = stock(**kwargs, generator=seeded_generators(seeds)).images
-    stock.load_lora_weights(str(tmp_path))
-    loaded = stock(**kwargs, generator=seeded_generators(seeds)).images
-    ours = Sampler(load_pipeline(ModelConfig(path=tiny_sd3_dir)))
-    ours.add_lora(4, 2.0, targets)
-    ours.load_lora(state, policy_version=1)
-    merged = ours.sample(prompts, seeds, SamplerSettings(4, 1.0, "", 64, 64)).latents
-    assert np.abs(loaded.numpy() - base.numpy()).max() > 1e-2
-    np.testing.assert_allclose(merged, loaded.numpy(), atol=1e-4, rtol=0)
 
 
 def test_refine_equals_stock_img2img_and_inpainting_keeps_the_outside(pipe):
