@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from families import load_pipeline
 from rlfh.data.batches import ScoredSamples
 from rlfh.data.pairs import learner_batch
 from rlfh.data.sources import SourceContext
@@ -37,8 +36,8 @@ from rlfh.data.sources.gardo import Gardo
 from rlfh.eval.diversity import image_diversity
 from rlfh.learner.engine import LearnerEngine
 from rlfh.learner.steps import train
-from rollouts.sampler import Sampler
 from rollouts.types import SamplerSettings
+from tests.rlfh.learner_sampler import policy_sampler
 from tests.rlfh.test_online_rl import config
 
 PROMPTS = ["a"] * 4 + ["b"] * 4
@@ -90,10 +89,7 @@ def collapse_run(
     mitigation = [*MITIGATION, f"learner.reference.kl_coef={kl}"] if mitigate else []
     cfg = config(tiny_model_dir, *overrides, *mitigation)
     lrn = LearnerEngine(cfg)
-    s = Sampler(load_pipeline(cfg.model))
-    lc = cfg.model.lora
-    s.add_lora(lc.rank, lc.alpha, lc.target_modules)
-    s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
+    s = policy_sampler(cfg, lrn)
     rc = cfg.rollout
     st = SamplerSettings(rc.num_inference_steps, 1.0, "", rc.height, rc.width)
     target, other = s.sample(["a", "a"], [7, 8], st).latents  # two of the base model's own images

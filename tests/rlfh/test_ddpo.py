@@ -15,6 +15,7 @@ from rlfh.learner.steps import train
 from rollouts.sampler import Sampler
 from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow
 from tests.conftest import REPO
+from tests.rlfh.learner_sampler import policy_sampler
 
 DDPO = [
     "learner.loss=ddpo",
@@ -140,10 +141,7 @@ def test_learner_recomputes_recorded_logprobs_then_learns(cfg, tiny_model_dir, w
             REPO / "configs" / "tiny.yaml", [f"model.path={tiny_model_dir}", *DDPO, f"learner.ddpo.window={window}"]
         )
     lrn = LearnerEngine(cfg)
-    s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
-    lc = cfg.model.lora
-    s.add_lora(lc.rank, lc.alpha, lc.target_modules)
-    s.load_lora(lrn.lora_state_dict(), lrn.policy_version)  # the learner's (seeded) adapter, as after a sync
+    s = policy_sampler(cfg, lrn, scheduler="ddim")  # the learner's (seeded) adapter, as after a sync
     st = settings_of(cfg)
     prompts = ["p", "p", "q", "q"]
     b = s.sample(prompts, [0, 1, 2, 3], st, record=ddpo_window(cfg, 1))
@@ -222,10 +220,7 @@ def ddpo_learning_run(
         ],
     )
     lrn = LearnerEngine(cfg)
-    s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
-    lc = cfg.model.lora
-    s.add_lora(lc.rank, lc.alpha, lc.target_modules)
-    s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
+    s = policy_sampler(cfg, lrn, scheduler="ddim")
     st = settings_of(cfg)
     before = deterministic_reward(s, st)
     prompts = [p for p in "abcd"[:groups] for _ in range(4)]

@@ -15,6 +15,7 @@ from rlfh.learner.steps import train
 from rollouts.sampler import Sampler
 from rollouts.types import SamplerSettings
 from tests.conftest import REPO
+from tests.rlfh.learner_sampler import policy_sampler
 
 
 def config(tiny_model_dir, *overrides):
@@ -166,10 +167,7 @@ def online_learning_gain(
         tiny_model_dir, f"learner.loss={loss}", "rollout.num_inference_steps=4", f"learner.lr={lr}", f"seed={seed}"
     )
     lrn = LearnerEngine(cfg)
-    s = Sampler(load_pipeline(cfg.model))
-    lc = cfg.model.lora
-    s.add_lora(lc.rank, lc.alpha, lc.target_modules)
-    s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
+    s = policy_sampler(cfg, lrn)
     rc = cfg.rollout
     st = SamplerSettings(rc.num_inference_steps, 1.0, "", rc.height, rc.width)
     before = fixed_seed_reward(s, st)
@@ -219,10 +217,7 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
         ],
     )
     lrn = LearnerEngine(cfg)
-    s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
-    lc = cfg.model.lora
-    s.add_lora(lc.rank, lc.alpha, lc.target_modules)
-    s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
+    s = policy_sampler(cfg, lrn, scheduler="ddim")
     rc = cfg.rollout
     st = SamplerSettings(rc.num_inference_steps, rc.guidance_scale, "", rc.height, rc.width, rc.eta, rc.scheduler)
     prompts = ["p", "p", "q", "q"]
