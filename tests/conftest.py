@@ -14,6 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP thread per test process (read when torch is first imported; subprocesses and Ray workers inherit
+# it). The tiny models' kernels are too small to gain from a second thread, and under `-n 2` two workers with
+# two threads each on two cores stall in OpenMP's barriers: a DDPO learning test took 79 s alone with two
+# threads, 33 s with one, and 213 s beside the other worker (docs/testing.md). tests/numerics.sh still runs
+# the float-sensitive tests with OMP_NUM_THREADS=2.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
