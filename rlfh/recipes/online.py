@@ -66,16 +66,7 @@ def train(cfg: Config) -> Path:
         check_cluster_fits(cfg)  # refuse what Ray could never place, before any actor waits for it
         feed.start()
         sources = build_sources(cfg, feed.ctx)
-        skel.on_close(lambda: close_sources(sources))
-        if sources and len(cfg.rollout.resolutions) > 1:
-            from rlfh.config.schema import ConfigError
-
-            raise ConfigError(
-                [
-                    f"rollout.resolutions: {len(cfg.rollout.resolutions)} buckets with the data sources "
-                    f"{[s.name for s in sources]}, which extend one round's batch of one size; use one resolution"
-                ]
-            )
+        skel.on_close(lambda: close_sources(sources))  # with buckets: per-bucket ones only (bucket_source_rules)
         train_rounds(cfg, skel, feed, sources, "rlfh train")
     finally:
         skel.close()

@@ -44,6 +44,11 @@ class DataSource:
     """The interface of a per-round data source (module docstring); the defaults do nothing."""
 
     name = ""
+    # the config key that turns the source on, named when a run refuses it
+    switch = ""
+    # True: annotate() only, which sees one bucket's samples at a time, so the source runs with rollout.resolutions
+    # (the builder calls it per bucket); False: extend() takes a round's batch of one size
+    per_bucket = False
     needs_images = False  # annotate() reads ScoredSamples.images (offline: decoded from the rollout log)
     needs_settings = False  # reads SourceContext.settings (offline: the rollout log's, which must be one)
 

@@ -17,6 +17,8 @@ from rlfh.data.sources.base import DataSource, SourceContext
 
 class Gardo(DataSource):
     name = "gardo"
+    switch = "gardo"
+    per_bucket = True  # per-sample fields; the gate and its adaptive fraction act per bucket
     needs_images = False  # set per run: the diversity embeddings read the images
 
     @staticmethod
