@@ -132,6 +132,13 @@ def test_the_source_gates_by_the_trained_score_under_augmentation():
     assert s.kl_gate.tolist() == [True, False, False, False]
     assert np.array_equal(scorer.images, images[:, :, ::-1])
     assert source.extend("batch", None) == ("batch", {"gardo/kl_gate_fraction": 0.25})
+    # the adaptive gate goes into the checkpoint (rlfh/recipes/rounds.py: source_states) and comes back
+    source.gate.fraction, source.gate.history = 0.3, [0.1, 0.2]
+    (resumed,) = build_sources(cfg, SourceContext(REPO, scorer=scorer))
+    resumed.load_state(source.state())
+    assert (resumed.gate.fraction, resumed.gate.history) == (0.3, [0.1, 0.2])
+    resumed.load_state({})
+    assert (resumed.gate.fraction, resumed.gate.history) == (0.25, [])
     with pytest.raises(ValueError, match="gardo.uncertainty_augmentations .* online"):
         build_sources(cfg, SourceContext(REPO))
 

@@ -75,5 +75,12 @@ class DataSource:
         """The round's batch with this source's data; returns (batch, stats)."""
         return batch, {}
 
+    def state(self) -> dict:
+        """What the source carries from round to round, JSON-able, kept in the checkpoint ({}: nothing)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state`'s output; ``{}``: from the start (a run resumed before any checkpoint)."""
+
     def close(self) -> None:
         """Release what the source holds."""

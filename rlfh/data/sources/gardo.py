@@ -78,6 +78,15 @@ class Gardo(DataSource):
             embedded = self.scorer.face_embeddings(samples.images, face_boxes(samples.regions))
             samples.embeddings = per_image_embeddings(embedded, len(samples))  # None: factors 1, nothing shaped
 
+    def state(self) -> dict:
+        return {} if self.gate is None else {"fraction": self.gate.fraction, "history": list(self.gate.history)}
+
+    def load_state(self, state: dict) -> None:
+        """The adaptive gate where the checkpoint left it (a resumed run gates as the uninterrupted one)."""
+        if self.gate is not None:
+            self.gate.fraction = float(state.get("fraction", self.g.kl_gate_fraction))
+            self.gate.history = [float(m) for m in state.get("history", [])]
+
     def extend(self, batch, rnd):
         """The batch as it is; the adaptive gate's fraction (``gardo/kl_gate_fraction``) among the round's metrics."""
         return batch, ({} if self.gate is None else {"gardo/kl_gate_fraction": self.gate.fraction})
