@@ -289,3 +289,35 @@ def test_two_rewards_two_regions_combine_by_mpd(tiny_model_dir):
     assert m["loss/draft/global"] == pytest.approx(-2.0 * m["draft/reward/red"], rel=1e-5)
     assert "loss/kl" in m and m["draft/first_grad_step"] == 1.0  # refl's range [0.75, 1] of 2 steps: step 1
     assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())
+
+
+@pytest.mark.slow
+def test_pickscore_trains_through_its_differentiable_path(tiny_model_dir, tmp_path):
+    """learner.loss=draft with PickScore (tiny random weights in the published layout): its score_tensor is the
+    objective (the loss is minus the reward's mean) and the LoRA moves."""
+    from rlfh.data.batches import PromptBatch
+    from rlfh.learner.engine import LearnerEngine
+    from rlfh.learner.steps import train
+    from tests.rewards.tiny_clip import save_pickscore_dir
+
+    pick = save_pickscore_dir(tmp_path / "pickscore", seed=1)
+    cfg = load_config(
+        REPO / "configs" / "tiny.yaml",
+        [
+            f"model.path={tiny_model_dir}",
+            "learner.loss=draft",
+            f"rewards=[{{target: pickscore, options: {{model: '{pick}', processor: '{pick}'}}}}]",
+            "rollout.height=32",
+            "rollout.width=32",
+            "rollout.num_inference_steps=2",
+            "rollout.guidance_scale=1.0",
+        ],
+    )
+    lrn = LearnerEngine(cfg)
+    before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
+    with one_thread():
+        m = train(lrn, PromptBatch(["a", "b"]), epochs=1)
+    assert np.isfinite(m["draft/reward/pickscore"]) and m["loss/draft/global"] == pytest.approx(
+        -m["draft/reward/pickscore"], rel=1e-5
+    )
+    assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())
