@@ -506,26 +506,6 @@ def gardo_rules(cfg) -> list[str]:
     return p
 
 
-def bucket_source_rules(cfg) -> list[str]:
-    """rollout.resolutions x the per-round data sources: only those that annotate each bucket's samples
-    (``DataSource.per_bucket``) run with several buckets; the others extend a round's batch of one size
-    (HG-DPO's real winners prepared at one size, region pairs inpainted at the round's size, people's labels)."""
-    n = len(cfg.rollout.resolutions)
-    if n < 2:
-        return []
-    from pathlib import Path
-
-    from rlfh.data.sources import SOURCES, SourceContext
-
-    online = SourceContext(Path(cfg.run_dir), scorer=True)  # what `rlfh train` builds them with
-    return [
-        f"rollout.resolutions: {n} buckets with {cls.switch} (the {cls.name} data source), which extends a round's "
-        f"batch of one size: use one resolution, or drop {cls.switch}"
-        for cls in SOURCES.values()
-        if not cls.per_bucket and cls.wanted(cfg, online)
-    ]
-
-
 CROSS_SECTION_RULES = (
     family_rules,
     batch_rules,
@@ -542,5 +522,4 @@ CROSS_SECTION_RULES = (
     reward_name_rules,
     score_guidance_rules,
     gardo_rules,
-    bucket_source_rules,
 )

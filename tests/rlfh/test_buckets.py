@@ -31,12 +31,14 @@ def test_resolutions_are_validated_naming_the_key():
         load_config(None, ["rollout.resolutions=[[8192, 64]]"])
 
 
-def test_data_sources_that_extend_a_round_of_one_size_are_refused_with_buckets_naming_their_keys():
-    """Only the sources that annotate each bucket's samples (GARDO, HcP's priors) run with several buckets; the
-    ones that extend a round's batch of one size are refused when the config is read, naming both keys."""
+def test_data_sources_that_extend_a_round_of_one_size_are_refused_with_buckets_naming_their_keys(tmp_path):
+    """Only the sources that annotate each bucket's samples (GARDO, HcP's priors) run with several buckets; `rlfh
+    train` refuses the ones that extend a round's batch of one size before anything starts, naming both keys."""
     from rlfh.config.schema import ConfigError, load_config
+    from rlfh.data.sources import bucket_problems
+    from rlfh.recipes.online import train
 
-    two = f"rollout.resolutions={BUCKETS}"
+    two = [f"rollout.resolutions={BUCKETS}", f"run_dir={tmp_path / 'run'}"]
     for key, overrides in (
         ("data.hgdpo.real_images", ["data.hgdpo.real_images=/photos"]),
         (
@@ -46,14 +48,16 @@ def test_data_sources_that_extend_a_round_of_one_size_are_refused_with_buckets_n
         ("data.human_labels.log", ["data.human_labels.log=/labels"]),
     ):
         with pytest.raises(ConfigError) as e:
-            load_config(REPO / "configs" / "tiny.yaml", [two, *overrides])
+            train(load_config(REPO / "configs" / "tiny.yaml", [*two, *overrides]))
         assert f"rollout.resolutions: 2 buckets with {key} (the " in str(e.value), str(e.value)
-        load_config(REPO / "configs" / "tiny.yaml", ["rollout.resolutions=[[64, 128]]", *overrides])  # one: fine
+        one = load_config(REPO / "configs" / "tiny.yaml", ["rollout.resolutions=[[64, 128]]", *overrides])
+        assert bucket_problems(one) == []  # one bucket is one size
+    assert not (tmp_path / "run").exists()  # refused before the run started
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
-        [two, "learner.loss=nft", "learner.reference.kl_coef=0.1", "gardo.diversity=pixels", "model.hcp.enabled=true"],
+        [*two, "learner.loss=nft", "learner.reference.kl_coef=0.1", "gardo.diversity=pixels", "model.hcp.enabled=true"],
     )
-    assert cfg.gardo.enabled and cfg.model.hcp.enabled
+    assert bucket_problems(cfg) == []
 
 
 def test_a_prompt_group_is_at_one_bucket_chosen_from_prompt_and_seed():
