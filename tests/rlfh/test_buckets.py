@@ -197,6 +197,7 @@ def test_per_bucket_sources_annotate_each_buckets_samples_at_its_size(bucketed_r
     assert [p.priors_w.shape[-2:] for p in batch.parts] == [(8, 8), (8, 16)]
 
 
+@pytest.mark.slow  # two pipeline loads and samplings: 9 s on a quiet machine, 39 s beside other workers
 def test_eval_samples_every_bucket_at_its_size(tiny_model_dir, tmp_path):
     """`rlfh eval` with rollout.resolutions: one evaluation per bucket, at its size, in out/<h>x<w>."""
     import json
