@@ -219,6 +219,20 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.floor(x + 0.5).clamp(0.0, 255.0) - x).detach()
 
 
+def pil_bicubic_tensor(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pillow's uint8 bicubic resize of a (C, H, W) float tensor on the 0..255 scale -> (C, height, width).
+
+    Forward: the input rounded to uint8, then Pillow's two fixed-point passes (horizontal first, each only where
+    the size changes), bit for bit; backward: straight-through rounding and the passes' real-valued weights.
+    """
+    x = _round_ste(x)  # the PIL path sees a uint8 image
+    if width != x.shape[-1]:
+        x = _pil_resize_pass(x, -1, width)
+    if height != x.shape[-2]:
+        x = _pil_resize_pass(x, -2, height)
+    return x
+
+
 def preprocess_tensor(image: torch.Tensor, size: int = IMAGE_SIZE, match_pil: bool = True) -> torch.Tensor:
     """Differentiable CLIP preprocessing of one float image (3, H, W) in [0, 1] -> (3, size, size).
 
@@ -233,11 +247,7 @@ def preprocess_tensor(image: torch.Tensor, size: int = IMAGE_SIZE, match_pil: bo
     oh, ow = resized_size(h, w, size)
     x = image * 255.0  # (3, H, W) on the uint8 scale
     if match_pil:
-        x = _round_ste(x)  # the PIL path sees a uint8 image
-        if ow != w:
-            x = _pil_resize_pass(x, -1, ow)  # horizontal first, as Pillow
-        if oh != h:
-            x = _pil_resize_pass(x, -2, oh)
+        x = pil_bicubic_tensor(x, oh, ow)
     elif (oh, ow) != (h, w):
         x = F.interpolate(x[None], size=(oh, ow), mode="bicubic", align_corners=False, antialias=True)[0].clamp(
             0.0, 255.0

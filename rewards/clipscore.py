@@ -17,7 +17,8 @@ place (``openai/clip-vit-large-patch14``'s layout: ``config.json``, ``model.safe
 :class:`rewards.pickscore.PickScore`'s loader: the PIL image processor (shorter side to 224,
 bicubic, center crop, CLIP mean / std; no torchvision) and a tokenizer checked to be CLIP's BPE, so a
 degenerate offline tokenizer fails loudly instead of scoring every prompt alike. Prompts are
-truncated to 77 tokens. ``info["cosine"]`` keeps the cosine.
+truncated to 77 tokens. ``info["cosine"]`` keeps the cosine. :meth:`CLIPScore.score_tensor` is the same score on
+float images, differentiable w.r.t. the pixels (PickScore's torch preprocessing, ``rewards/pickscore.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+import torch
 
 from rewards.base import RewardError, RewardResult
 from rewards.pickscore import PickScore
@@ -69,11 +71,19 @@ class CLIPScore(PickScore):
         super().__init__(model, processor or model, batch_size, device, dtype, revision, cache_dir)
         self.w, self.prefix = float(w), str(prefix)
 
+    def texts(self, prompts: Sequence[str]) -> list[str]:
+        return [f"{self.prefix} {p}" if self.prefix else p for p in prompts]
+
+    def score_tensor(self, images, prompts: Sequence[str]):
+        """:meth:`score` of float images (B, 3, H, W) in [0, 1], differentiable w.r.t. the pixels (zero gradient
+        where the cosine is negative, as ``max(cos, 0)`` has), and (B,) True."""
+        scores = self.w * self.cosine_tensor(images, self.texts(prompts)).clamp(min=0.0)
+        return scores, torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
+
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
         if len(images) == 0:
             return []
-        texts = [f"{self.prefix} {p}" if self.prefix else p for p in prompts]
-        img, txt = self.embeddings(images, texts)
+        img, txt = self.embeddings(images, self.texts(prompts))
         cos = (img * txt).sum(-1).double().numpy()
         if not np.all(np.isfinite(cos)):
             raise RewardError(f"{self.name}: the model returned non-finite cosines {cos.tolist()}")

@@ -16,6 +16,13 @@ end-of-text token under a causal mask, so padding does not change a prompt's emb
 
 The reference scores several images against ONE prompt; the reward contract gives each image its
 own prompt, so this takes the diagonal of that computation. ``info["cosine"]`` keeps the cosine.
+
+:meth:`PickScore.score_tensor` is the same score on float images, differentiable w.r.t. the pixels (the direct
+reward losses, learner.loss=draft): :func:`processor_tensor` runs the processor's steps in torch, Pillow's
+fixed-point bicubic in the forward pass (``rewards.blip_preprocess.pil_bicubic_tensor``, bit for bit on
+uint8-valued images, a smooth gradient), the floor-centred crop, ``rescale_factor`` and mean / std, so on
+uint8-valued images it equals :meth:`PickScore.score` up to float summation order (below 1e-4 on the tiny
+weights, ``tests/rewards/test_global_rewards.py``). The text side runs without gradient.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import numpy as np
 import torch
 
 from rewards.base import Reward, RewardError, RewardResult
+from rewards.blip_preprocess import pil_bicubic_tensor, resized_size
 from rewards.clip_common import CONTEXT_LENGTH, check_clip_tokenizer, load_hf_model, torch_dtype, unit
 
 MODEL_ID = "yuvalkirstain/PickScore_v1"
@@ -62,6 +70,40 @@ def load_processor(source: str, revision: str | None = None, cache_dir: str | No
     return image_processor, tokenizer
 
 
+def processor_tensor(image: torch.Tensor, processor) -> torch.Tensor:
+    """``CLIPImageProcessorPil`` of one float image (3, H, W) in [0, 1], differentiable: -> (3, crop_h, crop_w).
+
+    Raises:
+        RewardError: a processor setting the torch path does not reproduce (a resample other than bicubic, a
+            size without ``shortest_edge`` or ``height``/``width``, a crop larger than the resized image).
+    """
+    x = image * 255.0  # the processor's PIL resize sees the uint8 image
+    if processor.do_resize:
+        if int(processor.resample) != 3:
+            raise RewardError(f"processor resample={processor.resample!r}: the differentiable path is bicubic (3)")
+        size = processor.size
+        if size.shortest_edge and not size.longest_edge:
+            oh, ow = resized_size(*x.shape[-2:], size.shortest_edge)
+        elif size.height and size.width:
+            oh, ow = size.height, size.width
+        else:
+            raise RewardError(f"processor size={dict(size)}: the differentiable path takes shortest_edge or height")
+        x = pil_bicubic_tensor(x, oh, ow)
+    if processor.do_center_crop:
+        ch, cw = processor.crop_size.height, processor.crop_size.width
+        h, w = x.shape[-2:]
+        if ch > h or cw > w:
+            raise RewardError(f"processor crop_size {ch}x{cw} is larger than the resized image {h}x{w}")
+        top, left = (h - ch) // 2, (w - cw) // 2  # transformers' center_crop: floor, not torchvision's round
+        x = x[:, top : top + ch, left : left + cw]
+    x = x * processor.rescale_factor if processor.do_rescale else x
+    if processor.do_normalize:
+        mean = torch.tensor(processor.image_mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(processor.image_std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
 class PickScore(Reward):
     """PickScore v1 on uint8 images and their prompts.
 
@@ -81,6 +123,7 @@ class PickScore(Reward):
     name = "pickscore"
     region = "global"
     title = "PickScore"  # in error messages (CLIPScore shares this loader)
+    differentiable_score = True
 
     def __init__(
         self,
@@ -141,6 +184,30 @@ class PickScore(Reward):
                 )
             )
         return torch.cat(img).cpu(), torch.cat(txt).cpu()
+
+    def cosine_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """Cosines (B,) of float images (B, 3, H, W) in [0, 1] with their prompts, differentiable w.r.t. the
+        pixels (the text side without gradient)."""
+        if images.ndim != 4 or images.shape[1] != 3 or len(prompts) != images.shape[0]:
+            raise RewardError(
+                f"{self.name}: images must be (B, 3, H, W) with one prompt each, got {tuple(images.shape)}"
+            )
+        p = next(self.model.parameters())
+        pixels = torch.stack([processor_tensor(im.float(), self.image_processor) for im in images])
+        img = unit(_pooled(self.model.get_image_features(pixel_values=pixels.to(p.device, p.dtype))))
+        with torch.no_grad():
+            enc = self.tokenizer(
+                list(prompts), padding=True, truncation=True, max_length=CONTEXT_LENGTH, return_tensors="pt"
+            )
+            ids, mask = enc.input_ids.to(p.device), enc.attention_mask.to(p.device)
+            txt = unit(_pooled(self.model.get_text_features(input_ids=ids, attention_mask=mask)))
+        return (img * txt).sum(-1).to(images.device)
+
+    def score_tensor(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`score` of float images (B, 3, H, W) in [0, 1], differentiable w.r.t. the pixels, and (B,) True."""
+        scale = self.model.logit_scale.detach().float().exp()
+        scores = scale.to(images.device) * self.cosine_tensor(images, prompts)
+        return scores, torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
 
     def score(self, images: np.ndarray, prompts: Sequence[str]) -> list[RewardResult]:
         if len(images) == 0:

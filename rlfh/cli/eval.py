@@ -97,42 +97,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from rewards.base import RewardError
     from rlfh.config.schema import ConfigError, load_config
-    from rlfh.eval.evaluate import ModelSpec, evaluate, format_summary
+    from rlfh.eval.evaluate import ModelSpec, bucket_runs, evaluate, format_summary
 
     try:
         cfg = load_config(args.config, args.overrides)
         table, seeds, train_prompts = _eval_inputs(args, cfg)
         baseline = _baseline(args)
-        out = Path(args.out) if args.out else Path(cfg.run_dir) / "eval"
+        runs = bucket_runs(cfg, Path(args.out) if args.out else Path(cfg.run_dir) / "eval")
         device = args.device
         if device is None:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        summary = evaluate(
-            cfg,
-            ModelSpec(args.model, args.lora),
-            table.prompts,
-            seeds,
-            out,
-            baseline=baseline,
-            prompt_set=args.prompts,
-            batch_size=args.batch_size,
-            device=device,
-            progress=not args.no_progress,
-            report=not args.no_report,
-            train_prompts=train_prompts,
-            styles=table.styles,
-        )
-        if args.human_pairs:
-            from rlfh.labeling.human_eval import write_human_pairs
+        done = []
+        for cfg_at, out in runs:  # rollout.resolutions: every bucket the run trained on, at its size
+            summary = evaluate(
+                cfg_at,
+                ModelSpec(args.model, args.lora),
+                table.prompts,
+                seeds,
+                out,
+                baseline=baseline,
+                prompt_set=args.prompts,
+                batch_size=args.batch_size,
+                device=device,
+                progress=not args.no_progress,
+                report=not args.no_report,
+                train_prompts=train_prompts,
+                styles=table.styles,
+            )
+            done.append((cfg_at.rollout, out, summary))
+            if args.human_pairs:
+                from rlfh.labeling.human_eval import write_human_pairs
 
-            write_human_pairs(out, args.human_pairs)
-            print(f"[rlfh] blind pairs for people: rlfh label {args.human_pairs} --mode win-tie-lose")
+                pairs = Path(args.human_pairs)
+                if len(runs) > 1:  # one file per bucket, beside the one asked for
+                    pairs = pairs.with_name(f"{pairs.stem}-{out.name}{pairs.suffix}")
+                write_human_pairs(out, str(pairs))
+                print(f"[rlfh] blind pairs for people: rlfh label {pairs} --mode win-tie-lose")
     except (ConfigError, RewardError, FileNotFoundError, ValueError) as e:
         return _fail(e)
-    print(format_summary(summary))
-    print(f"[rlfh] evaluation written to {out}/eval.json" + ("" if args.no_report else f" and {out}/index.html"))
+    for rc, out, summary in done:
+        if len(done) > 1:
+            print(f"== bucket {rc.height}x{rc.width} ==")
+        print(format_summary(summary))
+        print(f"[rlfh] evaluation written to {out}/eval.json" + ("" if args.no_report else f" and {out}/index.html"))
     return 0
 
 

@@ -472,6 +472,23 @@ def evaluate(
     return summary
 
 
+def bucket_runs(cfg, out: str | Path) -> list[tuple[Any, Path]]:
+    """The evaluations ``rlfh eval`` runs: with ``rollout.resolutions`` one per bucket, each sampling every prompt
+    and seed at the bucket's size (as the run trained on it; SDXL's time ids carry the size) into ``out/<h>x<w>``;
+    one bucket, or none, is one evaluation into ``out`` at that size (``rollout.height`` x ``rollout.width``
+    without buckets). Returns [(the config at that size, its output folder)]."""
+    rc, out = cfg.rollout, Path(out)
+    if not rc.resolutions:
+        return [(cfg, out)]
+
+    def at(h: int, w: int):
+        return dataclasses.replace(cfg, rollout=dataclasses.replace(rc, height=int(h), width=int(w), resolutions=[]))
+
+    if len(rc.resolutions) == 1:
+        return [(at(*rc.resolutions[0]), out)]
+    return [(at(h, w), out / f"{h}x{w}") for h, w in rc.resolutions]
+
+
 def _check_request(cfg, model, baseline, prompts, seeds, styles) -> None:
     if not prompts or not seeds:
         raise ValueError(f"nothing to evaluate: {len(prompts)} prompts x {len(seeds)} seeds")

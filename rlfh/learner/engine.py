@@ -419,17 +419,20 @@ class LearnerEngine:
             "policy_version": self.policy_version,
             "generator_state": self.generator.get_state().tolist(),
             "learner_ranks": self.world_size,
+            **({"gardo_refresh": self.refresh.state()} if self.refresh is not None else {}),
             **(extra_state or {}),
         }
         return self.checkpoints.save(directory, state)
 
     def load_checkpoint(self, directory: str | Path) -> dict:
-        """Restore engine, optimizer, step counters, RNG, the EMA and the EMA reference of the last refresh
-        from :meth:`save_checkpoint` output."""
+        """Restore engine, optimizer, step counters, RNG, the EMA and the EMA reference of the last refresh, GARDO's
+        refresh counters, from :meth:`save_checkpoint` output."""
         state = self.checkpoints.load(directory)
         self.global_step = state["global_step"]
         self.policy_version = state["policy_version"]
         self.generator.set_state(torch.tensor(state["generator_state"], dtype=torch.uint8))
+        if self.refresh is not None and "gardo_refresh" in state:  # GARDO's refresh rule counts on where it was
+            self.refresh.load(state["gardo_refresh"])
         return state
 
 

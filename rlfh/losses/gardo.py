@@ -21,8 +21,24 @@ Its three parts, as rlfh reads them (derivations: docs/online_rl.md, section 9):
    KL over the gated samples only. The reference code ranks with rank 1 for the best sample and takes
    rank_trained - mean rank_aux; we write it in win rates, which number the best sample highest, so the
    gated samples are the ones the trained reward over-rates, the reading the paper's text gives (samples
-   of high proxy reward that the other models do not confirm). The reference also adapts f per round in
-   [0.02, 0.2] from the uncertainty's history; here f is a fixed knob.
+   of high proxy reward that the other models do not confirm).
+
+   Uncertainty under augmentation (``gardo.uncertainty_augmentations``). Beside other rewards, the same
+   trained score on deterministic augmented copies of the images (:func:`augment`) is a view k of its own: the
+   trained score of sample b's copy, ranked over the round's copies. A reward that is right about an image
+   ranks its mirror image, a slightly tighter crop or a JPEG re-encoding of it about where it ranks the
+   image; a sample that wins by a pixel pattern the reward over-reads (the adversarial kind of reward hacking)
+   loses its rank under the copy, u_b > 0, and gets the KL. Our reading: the views are ``hflip`` (mirrored
+   left-right), ``crop`` (the central 7/8 of each side, resized back with Pillow's bicubic) and ``jpeg`` (a
+   JPEG round trip at quality 90), each a deterministic function of the image so that a round's gate is
+   reproducible; an augmented view enters u_b exactly as an auxiliary reward does (the mean over views k).
+
+   Adaptive gate fraction (``gardo.kl_gate_range: [f_min, f_max]``; the reference's RiskCompensator,
+   tinnerhrhe/GARDO scripts/train_sd3_grpo_gardo.py): with m_r the mean of the round's u_b >= 0 and H the
+   m of the last 20 rounds, f <- f (1 + 0.1) when m_r > max H, f (1 - 0.1) when m_r < min H, clipped to
+   [f_min, f_max] (the reference's [0.02, 0.2] from f = 0.1), before the round's gate is taken
+   (:class:`AdaptiveGate`): the gate widens while the trained reward's disagreement with the others keeps
+   reaching new highs and narrows while it keeps falling. Without the range f is the fixed knob.
 
 2. Adaptive reference. The reference is replaced by the current policy when the round's mean KL to it
    exceeds ``gardo.refresh_kl`` or ``gardo.refresh_rounds`` rounds have passed since the
@@ -64,9 +80,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+AUGMENTATIONS = ("hflip", "crop", "jpeg")  # uncertainty under augmentation: deterministic copies (module docstring)
+GATE_RATE, GATE_WINDOW = 0.1, 20  # the reference's RiskCompensator: alpha and the history's length
+
 __all__ = [
+    "AUGMENTATIONS",
+    "AdaptiveGate",
     "GardoConfig",
     "ReferenceRefresh",
+    "augment",
     "diversity_factors",
     "face_boxes",
     "gated_kl",
@@ -134,6 +156,66 @@ def kl_gate(uncertainty: np.ndarray, fraction: float) -> np.ndarray:
     order = finite[np.argsort(-u[finite], kind="stable")][:k]
     gate[order[u[order] > 0]] = True
     return gate
+
+
+class AdaptiveGate:
+    """The gate fraction f moved once per :meth:`update` by the reference's rule (module docstring, part 1).
+
+    Example: f = 0.1 in [0.02, 0.2]; rounds with mean u >= 0 of 0.2, 0.3, 0.25, 0.1 give f = 0.1 (first round),
+    0.11 (a new high), 0.11 (inside the history), 0.099 (a new low).
+    """
+
+    def __init__(self, fraction: float, low: float, high: float):
+        if not 0 < low <= fraction <= high <= 1:
+            raise ValueError(f"the gate needs 0 < low <= fraction <= high <= 1, got {low}, {fraction}, {high}")
+        self.fraction, self.low, self.high = float(fraction), float(low), float(high)
+        self.history: list[float] = []
+
+    def update(self, uncertainty: np.ndarray) -> float:
+        """The fraction for this round's gate from its uncertainties (N,) (NaN: not usable); unchanged when no
+        sample has a finite u >= 0."""
+        u = np.asarray(uncertainty, dtype=np.float64)
+        u = u[np.isfinite(u) & (u >= 0)]
+        if not len(u):
+            return self.fraction
+        m = float(u.mean())
+        if self.history and m > max(self.history):
+            self.fraction *= 1 + GATE_RATE
+        elif self.history and m < min(self.history):
+            self.fraction *= 1 - GATE_RATE
+        self.fraction = float(np.clip(self.fraction, self.low, self.high))
+        self.history = (self.history + [m])[-GATE_WINDOW:]
+        return self.fraction
+
+
+def augment(images: np.ndarray, name: str) -> np.ndarray:
+    """A deterministic augmented copy of uint8 images (N, H, W, 3), the same shape (module docstring, part 1):
+    ``hflip`` mirrored left-right, ``crop`` the central 7/8 of each side resized back (Pillow bicubic), ``jpeg``
+    a JPEG round trip at quality 90 (Pillow's encoder, 4:2:0)."""
+    import io
+
+    from PIL import Image
+
+    x = np.asarray(images, dtype=np.uint8)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3) uint8, got shape {x.shape}")
+    if name == "hflip":
+        return np.ascontiguousarray(x[:, :, ::-1])
+    if name not in ("crop", "jpeg"):
+        raise ValueError(f"unknown augmentation {name!r}; use one of {list(AUGMENTATIONS)}")
+    h, w = x.shape[1:3]
+    out = np.empty_like(x)
+    for i, im in enumerate(x):
+        pil = Image.fromarray(im)
+        if name == "crop":
+            dh, dw = h // 16, w // 16  # 1/16 off each side: the central 7/8
+            pil = pil.crop((dw, dh, w - dw, h - dh)).resize((w, h), Image.BICUBIC)
+        else:
+            buf = io.BytesIO()
+            pil.save(buf, format="JPEG", quality=90)
+            pil = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+        out[i] = np.asarray(pil)
+    return out
 
 
 def gated_kl(per_sample: Tensor, gate: Tensor, coef: float) -> Tensor:
@@ -253,6 +335,13 @@ class ReferenceRefresh:
         self.pending, self.since, self.count = False, 0, self.count + 1
         return True
 
+    def state(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run refreshes at the same rounds."""
+        return {"since": self.since, "pending": self.pending, "count": self.count}
+
+    def load(self, state: dict) -> None:
+        self.since, self.pending, self.count = int(state["since"]), bool(state["pending"]), int(state["count"])
+
 
 @dataclass(frozen=True)
 class GardoConfig:
@@ -265,6 +354,10 @@ class GardoConfig:
             null: every sample, the plain KL.
         uncertainty_rewards: names of rewards in ``rewards:`` (weight 0 to log them without training on them)
             whose ranks are compared with the trained score's.
+        uncertainty_augmentations: deterministic copies of the images (hflip, crop, jpeg) whose trained score's
+            ranks are compared with the trained score's, beside or instead of ``uncertainty_rewards``.
+        kl_gate_range: [f_min, f_max]: the reference's adaptive gate moves the fraction within it from
+            ``kl_gate_fraction`` (the reference: [0.02, 0.2] from 0.1); null: the fraction stays fixed.
         refresh_kl: replace the reference by the current policy after a round whose mean KL to it (the
             ``gardo/kl`` metric: mean (eps_theta - eps_ref)^2, ddpo: the steps' exact KL) exceeds this.
         refresh_rounds: ... or this many rounds after the last replacement (the reference's reset_freq, 15).
@@ -274,6 +367,8 @@ class GardoConfig:
 
     kl_gate_fraction: Optional[float] = None
     uncertainty_rewards: list[str] = field(default_factory=list)
+    uncertainty_augmentations: list[str] = field(default_factory=list)
+    kl_gate_range: Optional[list[float]] = None
     refresh_kl: Optional[float] = None
     refresh_rounds: Optional[int] = None
     diversity: Literal["off", "identity", "pixels"] = "off"
@@ -290,13 +385,21 @@ class GardoConfig:
         p: list[str] = []
         if self.kl_gate_fraction is not None and not 0 < self.kl_gate_fraction <= 1:
             p.append(f"{key}.kl_gate_fraction={self.kl_gate_fraction}: must be in (0, 1] or null (every sample)")
-        if self.kl_gate_fraction is not None and not self.uncertainty_rewards:
+        if self.kl_gate_fraction is not None and not (self.uncertainty_rewards or self.uncertainty_augmentations):
             p.append(
                 f"{key}.kl_gate_fraction needs {key}.uncertainty_rewards: the rewards whose ranks the trained "
-                f"score is compared with (e.g. [aesthetic] with weight 0 in rewards:)"
+                f"score is compared with (e.g. [aesthetic] with weight 0 in rewards:), or "
+                f"{key}.uncertainty_augmentations (e.g. [hflip, jpeg])"
             )
-        if self.uncertainty_rewards and self.kl_gate_fraction is None:
-            p.append(f"{key}.uncertainty_rewards is read by {key}.kl_gate_fraction only: set it or drop them")
+        for name in ("uncertainty_rewards", "uncertainty_augmentations", "kl_gate_range"):
+            if getattr(self, name) and self.kl_gate_fraction is None:
+                p.append(f"{key}.{name} is read by {key}.kl_gate_fraction only: set it or drop it")
+        bad = [a for a in self.uncertainty_augmentations if a not in AUGMENTATIONS]
+        if bad:
+            p.append(f"{key}.uncertainty_augmentations {bad}: unknown; use some of {list(AUGMENTATIONS)}")
+        r, f = self.kl_gate_range, self.kl_gate_fraction
+        if r is not None and f is not None and (len(r) != 2 or not 0 < r[0] <= f <= r[1] <= 1):
+            p.append(f"{key}.kl_gate_range={r}: [f_min, f_max] with 0 < f_min <= kl_gate_fraction={f} <= f_max <= 1")
         if self.refresh_kl is not None and not 0 < self.refresh_kl < math.inf:
             p.append(f"{key}.refresh_kl={self.refresh_kl}: must be finite and > 0, or null")
         if self.refresh_rounds is not None and self.refresh_rounds < 1:

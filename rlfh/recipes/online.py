@@ -45,19 +45,20 @@ from rlfh.recipes.rounds import Feed, train_rounds
 
 def train(cfg: Config) -> Path:
     """Run online training; returns the run directory."""
-    from rlfh.data.sources import build_sources, close_sources
+    from rlfh.config.schema import ConfigError
+    from rlfh.data.sources import bucket_problems, build_sources, close_sources
     from rlfh.run.skeleton import RunSkeleton
 
     hc = cfg.model.hcp
     if hc.enabled and hc.mode == "residual" and not cfg.resources.colocate:
-        from rlfh.config.schema import ConfigError
-
         raise ConfigError(
             [
                 "model.hcp.mode=residual changes the UNet's output, and the rollout actors load only the LoRA: "
                 "use resources.colocate (the learner's UNet samples), model.hcp.mode=observe, or offline training"
             ]
         )
+    if bucket_problems(cfg):  # before anything starts
+        raise ConfigError(bucket_problems(cfg))
     skel = RunSkeleton(cfg)
     started_ray = setup_ray(cfg)
     feed = OnlineFeed(cfg, skel)
@@ -66,16 +67,7 @@ def train(cfg: Config) -> Path:
         check_cluster_fits(cfg)  # refuse what Ray could never place, before any actor waits for it
         feed.start()
         sources = build_sources(cfg, feed.ctx)
-        skel.on_close(lambda: close_sources(sources))
-        if sources and len(cfg.rollout.resolutions) > 1:
-            from rlfh.config.schema import ConfigError
-
-            raise ConfigError(
-                [
-                    f"rollout.resolutions: {len(cfg.rollout.resolutions)} buckets with the data sources "
-                    f"{[s.name for s in sources]}, which extend one round's batch of one size; use one resolution"
-                ]
-            )
+        skel.on_close(lambda: close_sources(sources))  # with buckets: per-bucket ones only (bucket_problems)
         train_rounds(cfg, skel, feed, sources, "rlfh train")
     finally:
         skel.close()

@@ -57,6 +57,7 @@ def train_rounds(cfg, skel, feed: Feed, sources: list, desc: str) -> None:
     from tqdm import tqdm
 
     start = skel.resume(feed.learner, feed.log)
+    restore_sources(sources, skel.sources_state)
     feed.begin(start)
     logger = skel.open_metrics()
     bar = tqdm(total=cfg.num_rounds, initial=start, desc=desc, unit="round", disable=not cfg.logging.progress)
@@ -68,6 +69,7 @@ def train_rounds(cfg, skel, feed: Feed, sources: list, desc: str) -> None:
             metrics, stop = one_round(cfg, skel, feed, sources, rnd)
         except Exception as e:
             rnd = recovery.recover(e, rnd, skel, feed)  # re-raises what is not a learner's death
+            restore_sources(sources, skel.sources_state)
             bar.n = rnd
             bar.refresh()
             continue
@@ -109,12 +111,23 @@ def one_round(cfg, skel, feed: Feed, sources: list, rnd: int) -> tuple[dict, str
     }
     t4 = time.perf_counter()
     if skel.due(rnd):
-        skel.checkpoint(feed.learner, rnd + 1)
+        skel.checkpoint(feed.learner, rnd + 1, source_states(sources))
         metrics["time/checkpoint_s"] = time.perf_counter() - t4
     stop = feed.finish(rnd, metrics, data)
     if stop is not None and "time/checkpoint_s" not in metrics:
-        skel.checkpoint(feed.learner, rnd + 1)
+        skel.checkpoint(feed.learner, rnd + 1, source_states(sources))
     return metrics, stop
+
+
+def source_states(sources: list) -> dict:
+    """The data sources' states that a checkpoint keeps ({name: state}; the stateless ones left out)."""
+    return {s.name: st for s in sources if (st := s.state())}
+
+
+def restore_sources(sources: list, states: dict) -> None:
+    """Every source where the loaded checkpoint left it (from the start without one)."""
+    for s in sources:
+        s.load_state(states.get(s.name, {}))
 
 
 class Recovery:

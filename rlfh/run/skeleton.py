@@ -37,6 +37,7 @@ class RunSkeleton:
         self.path = Path(cfg.run_dir).resolve()
         self.logger = None
         self.latest = None  # the checkpoint this process last saved or resumed from: what a restart reloads
+        self.sources_state: dict = {}  # the data sources' states of the checkpoint loaded last ({}: none)
         self.closers: list[Callable[[], None]] = []
         if save:
             self.save_config()
@@ -93,6 +94,7 @@ class RunSkeleton:
     def load(self, learner, log=None) -> tuple[int, int, int]:
         """:attr:`latest` into ``learner``, later rounds rolled back; (round, policy version, rollouts moved)."""
         state = learner.load_checkpoint(str(self.latest))
+        self.sources_state = state.get("sources", {})
         return state["round"], state["policy_version"], self.rollback(state["round"], log)
 
     def rollback(self, start: int, log=None) -> int:
@@ -110,12 +112,13 @@ class RunSkeleton:
         """Whether round ``rnd`` ends with a checkpoint (every ``logging.checkpoint_every``, and the last)."""
         return (rnd + 1) % self.cfg.logging.checkpoint_every == 0 or rnd + 1 == self.cfg.num_rounds
 
-    def checkpoint(self, learner, rounds_done: int) -> None:
-        """``RUN_DIR/checkpoints/round-N`` (complete before ``latest`` names it)."""
+    def checkpoint(self, learner, rounds_done: int, sources: dict | None = None) -> None:
+        """``RUN_DIR/checkpoints/round-N`` (complete before ``latest`` names it); ``sources``: the data sources'
+        states ({name: state}), restored into :attr:`sources_state` on resume."""
         from rlfh.run.checkpoints import checkpoint_dir, mark_latest
 
         path = checkpoint_dir(self.path, rounds_done)
-        learner.save_checkpoint(str(path), {"round": rounds_done})
+        learner.save_checkpoint(str(path), {"round": rounds_done, **({"sources": sources} if sources else {})})
         mark_latest(self.path, path)
         self.latest = path
 

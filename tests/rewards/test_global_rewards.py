@@ -116,6 +116,31 @@ def test_pickscore_formula_and_dependence(pickscore, images):
     assert a.info["cosine"] == pytest.approx(a.value / float(m.logit_scale.exp()), abs=1e-9)
 
 
+def test_pickscore_score_tensor_equals_score_and_has_gradients(pickscore, pick_dir, images):
+    """The differentiable path (learner.loss=draft): the processor's steps in torch equal the PIL processor's on
+    uint8-valued images (200 x 303 -> 224 x 339: an odd crop margin, where the floor-centred crop differs from
+    torchvision's rounding), so the score equals score() within 1e-4 (float summation order), with a pixel
+    gradient; CLIPScore, on the same loader, likewise."""
+    from rewards.clipscore import CLIPScore
+
+    batch = np.stack([images[0][:200, :303], images[1][:200, :303]])
+    prompts = PROMPTS[:2]
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().div(255).requires_grad_(True)
+    want = pickscore.image_processor(images=list(batch), return_tensors="pt").pixel_values
+    from rewards.pickscore import processor_tensor
+
+    got = torch.stack([processor_tensor(im, pickscore.image_processor) for im in x.detach()])
+    assert torch.allclose(got, want, atol=1e-5)
+    scores, present = pickscore.score_tensor(x, prompts)
+    ref = [r.value for r in pickscore(batch, prompts)]
+    assert present.tolist() == [True, True] and torch.allclose(scores.double(), torch.tensor(ref).double(), atol=1e-4)
+    scores.sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad.flatten(1).abs().sum(1) > 0).all()
+    clip = CLIPScore(model=str(pick_dir), w=100.0, prefix="A photo depicts")
+    cs, _ = clip.score_tensor(x.detach(), prompts)
+    assert torch.allclose(cs.double(), torch.tensor([r.value for r in clip(batch, prompts)]).double(), atol=1e-4)
+
+
 def test_pickscore_missing_files(pick_dir, tmp_path):
     no_tok = tmp_path / "no_tokenizer"
     shutil.copytree(pick_dir, no_tok)

@@ -14,7 +14,9 @@ from rlfh.config.schema import ConfigError, load_config
 from rlfh.data.batches import ScoredSamples
 from rlfh.data.pairs import learner_batch
 from rlfh.losses.gardo import (
+    AdaptiveGate,
     ReferenceRefresh,
+    augment,
     diversity_factors,
     gated_kl,
     kl_gate,
@@ -62,6 +64,126 @@ def test_gated_kl_is_the_mean_over_the_gated_rows_and_its_gradient_reaches_them_
     assert kl.grad.tolist() == [0.25, 0.0, 0.25, 0.0]
     none = gated_kl(kl, torch.zeros(4, dtype=torch.bool), coef=0.5)
     assert float(none) == 0.0 and none.requires_grad
+
+
+def test_adaptive_gate_moves_the_fraction_on_new_highs_and_lows_of_the_uncertainty():
+    """The reference's RiskCompensator: the mean of the round's u >= 0 against the last 20 rounds' means."""
+    gate = AdaptiveGate(0.1, 0.02, 0.2)
+    means = []
+    for m in (0.2, 0.3, 0.25, 0.1):  # u >= 0 with mean m, plus negative and NaN entries that do not count
+        means.append(gate.update(np.array([m - 0.05, m + 0.05, -0.4, np.nan])))
+    assert means == pytest.approx([0.1, 0.11, 0.11, 0.099])  # first round, a new high, inside, a new low
+    assert gate.update(np.array([-0.1, np.nan])) == pytest.approx(0.099)  # nothing >= 0: unchanged
+    for _ in range(30):  # keeps rising: clipped at the top of the range
+        gate.update(np.array([10.0 + len(gate.history) + _]))
+    assert gate.fraction == 0.2 and len(gate.history) == 20
+    with pytest.raises(ValueError):
+        AdaptiveGate(0.3, 0.02, 0.2)
+
+
+def test_augmentations_are_deterministic_copies_of_the_same_shape():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
+    assert np.array_equal(augment(x, "hflip"), x[:, :, ::-1])
+    for name in ("crop", "jpeg"):
+        a = augment(x, name)
+        assert a.shape == x.shape and a.dtype == np.uint8 and np.array_equal(a, augment(x, name))
+        assert not np.array_equal(a, x)
+    flat = np.full((1, 32, 48, 3), 100, np.uint8)  # a flat image is its own crop
+    assert np.array_equal(augment(flat, "crop"), flat)
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        augment(x, "rotate")
+
+
+def test_the_source_gates_by_the_trained_score_under_augmentation():
+    """gardo.uncertainty_augmentations: the run's scorer scores the mirrored images; a reward that reads only the
+    left half ranks sample 0 first, and its mirror (the right half) last: the most over-rated sample is gated."""
+    from rlfh.data.sources import SourceContext, build_sources
+
+    class LeftHalf:  # the trained reward, as the scorer's ScoredBatch gives it
+        def score(self, images, prompts):
+            self.images = images
+            left = [float(im[:, : im.shape[1] // 2].mean()) for im in images]
+            return type("Scored", (), {"values": lambda _: {"left": left}, "weights": {"left": 1.0}})()
+
+    cfg = tiny(
+        "learner.loss=nft",
+        "learner.reference.kl_coef=0.1",
+        "gardo.kl_gate_fraction=0.25",
+        "gardo.uncertainty_augmentations=[hflip]",
+        "gardo.kl_gate_range=[0.02,0.5]",
+    )
+    scorer = LeftHalf()
+    (source,) = build_sources(cfg, SourceContext(REPO, scorer=scorer))
+    left, right = [40, 30, 20, 10], [0, 25, 35, 15]
+    images = np.stack([np.concatenate([np.full((8, 4, 3), a), np.full((8, 4, 3), b)], 1) for a, b in zip(left, right)])
+    s = ScoredSamples(
+        np.zeros((4, 4, 8, 8), np.float32),
+        ["a"] * 4,
+        ["a"] * 4,
+        [float(v) for v in left],
+        [{}] * 4,
+        (8, 8),
+        images=images.astype(np.uint8),
+        values={"left": [float(v) for v in left]},
+    )
+    source.annotate(s)
+    # w_score = [1, 2/3, 1/3, 0], w_hflip (right halves) = [0, 2/3, 1, 1/3]: u = [1, 0, -2/3, -1/3]; ceil(1) gated
+    assert s.kl_gate.tolist() == [True, False, False, False]
+    assert np.array_equal(scorer.images, images[:, :, ::-1])
+    assert source.extend("batch", None) == ("batch", {"gardo/kl_gate_fraction": 0.25})
+    # the adaptive gate goes into the checkpoint (rlfh/recipes/rounds.py: source_states) and comes back
+    source.gate.fraction, source.gate.history = 0.3, [0.1, 0.2]
+    (resumed,) = build_sources(cfg, SourceContext(REPO, scorer=scorer))
+    resumed.load_state(source.state())
+    assert (resumed.gate.fraction, resumed.gate.history) == (0.3, [0.1, 0.2])
+    resumed.load_state({})
+    assert (resumed.gate.fraction, resumed.gate.history) == (0.25, [])
+    with pytest.raises(ValueError, match="gardo.uncertainty_augmentations .* online"):
+        build_sources(cfg, SourceContext(REPO))
+
+
+def test_ddpo_carries_the_gate_and_its_exact_step_kl_covers_the_gated_rows_only():
+    """DDPO with the gated KL on worked numbers: the trajectory batch keeps the gate with its rows, and the step KL
+    kl_coef * mean_{b in G} w_t mean (eps_theta - eps_ref)^2 (rlfh/learner/steps.py: kl_term, as train_trajectories
+    calls it) has value and gradient from the gated rows only."""
+    from types import SimpleNamespace
+
+    from rlfh.learner.steps import kl_term
+
+    cfg = tiny("learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0", "rollout.num_inference_steps=2")
+    n = 5
+    trajectory = {
+        "latents": np.zeros((n, 3, 4, 2, 2), np.float32),
+        "log_probs": np.zeros((n, 2), np.float32),
+        "timesteps": np.array([501, 1]),
+    }
+    s = ScoredSamples(
+        np.zeros((n, 4, 2, 2), np.float32),
+        ["a"] * 3 + ["b"] * 2,
+        ["a"] * 3 + ["b"] * 2,
+        [0.0, 1.0, 2.0, 0.0, None],
+        [{}] * n,
+        (16, 16),
+        trajectory,
+    )
+    s.kl_gate = np.array([True, False, False, True, True])
+    batch, _ = learner_batch(cfg.learner, s)
+    assert batch.kl_gate.tolist() == [True, False, False, True]  # sample 4 (no score) left out with its gate
+    lrn = SimpleNamespace(
+        cfg=SimpleNamespace(learner=SimpleNamespace(reference=SimpleNamespace(kl_coef=0.5))), refresh=None
+    )
+    gap = torch.tensor([1.0, 2.0, 3.0, 4.0])  # eps_theta - eps_ref, the same in every latent element
+    pred = (gap.view(4, 1, 1, 1) * torch.ones(4, 4, 2, 2)).requires_grad_(True)
+    w_t = torch.full((4,), 2.0)  # the step's k^2 / (2 sigma^2)
+    m = {}
+    term = kl_term(lrn, pred, torch.zeros(4, 4, 2, 2), m, w_t, torch.from_numpy(batch.kl_gate))
+    # per-sample w gap^2 = [2, 8, 18, 32]; gated rows 0, 3: 0.5 * (2 + 32) / 2
+    assert float(term) == pytest.approx(8.5) and m["gardo/kl"] == pytest.approx(17.0)
+    assert m["gardo/kl_gated_share"] == 0.5
+    term.backward()
+    # d/d pred = 0.5 * (1/2) * 2 * 2 gap / 16 per element: 0.0625 gap on rows 0 and 3, nothing elsewhere
+    assert pred.grad[:, 0, 0, 0].tolist() == pytest.approx([0.0625, 0.0, 0.0, 0.25])
 
 
 def test_diversity_factor_rewards_the_sample_unlike_its_group():
@@ -172,8 +294,32 @@ def test_reference_refresh_rule():
     assert not never.take()
 
 
+def refresh_rounds(rule: ReferenceRefresh, kls: list, start: int = 0) -> list[int]:
+    """The rounds (from ``start``) at whose beginning ``rule`` refreshes, observing ``kls`` after each."""
+    out = []
+    for rnd, kl in enumerate(kls, start):
+        if rule.take():
+            out.append(rnd)
+        rule.observe(kl)
+    return out
+
+
+def test_a_resumed_refresh_rule_refreshes_at_the_same_rounds():
+    """The counters go into the checkpoint (LearnerEngine.save_checkpoint: gardo_refresh): a run stopped after
+    round 4, with a refresh due, and resumed from its state refreshes where the uninterrupted one does; a rule
+    started afresh would count again from 0."""
+    kls = [0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0]
+    whole = refresh_rounds(ReferenceRefresh(0.1, 3), kls)
+    first = ReferenceRefresh(0.1, 3)
+    head = refresh_rounds(first, kls[:5])
+    resumed = ReferenceRefresh(0.1, 3)
+    resumed.load(first.state())
+    assert whole == [3, 6] and head + refresh_rounds(resumed, kls[5:], 5) == whole and resumed.count == 2
+    assert head + refresh_rounds(ReferenceRefresh(0.1, 3), kls[5:], 5) != whole
+
+
 @pytest.mark.slow  # a LearnerEngine and one round: about a minute on 2 busy cores
-def test_reference_becomes_the_policy_after_a_round_over_the_kl(tiny_model_dir):
+def test_reference_becomes_the_policy_after_a_round_over_the_kl(tiny_model_dir, tmp_path):
     """The learner's refresh: after a round whose gardo/kl exceeds refresh_kl the next round's reference
     predicts as the policy does (and before it, as the base model)."""
     from rlfh.learner.engine import LearnerEngine
@@ -205,6 +351,10 @@ def test_reference_becomes_the_policy_after_a_round_over_the_kl(tiny_model_dir):
         lrn.begin_round()
         assert torch.allclose(lrn.reference(x, t, enc, added), policy, atol=1e-6)
     assert lrn.refresh.count == 1
+    ckpt = lrn.save_checkpoint(tmp_path / "ckpt")
+    resumed = LearnerEngine(cfg)
+    resumed.load_checkpoint(ckpt)
+    assert resumed.refresh.state() == lrn.refresh.state() == {"since": 0, "pending": False, "count": 1}
 
 
 def test_region_gap_stops_on_the_region_that_fails_to_generalize():
@@ -244,6 +394,26 @@ def test_region_gap_stops_on_the_region_that_fails_to_generalize():
             "gardo.uncertainty_rewards ['aesthetic'] are not in rewards",
         ),
         (["guards.max_region_reward_gap={face: -1}"], "guards.max_region_reward_gap.face=-1"),
+        (
+            [
+                "learner.loss=nft",
+                "learner.reference.kl_coef=0.1",
+                "gardo.kl_gate_fraction=0.2",
+                "gardo.uncertainty_augmentations=[rotate]",
+            ],
+            "gardo.uncertainty_augmentations ['rotate']: unknown",
+        ),
+        (
+            [
+                "learner.loss=nft",
+                "learner.reference.kl_coef=0.1",
+                "gardo.kl_gate_fraction=0.2",
+                "gardo.uncertainty_augmentations=[hflip]",
+                "gardo.kl_gate_range=[0.3,0.5]",
+            ],
+            "gardo.kl_gate_range=[0.3, 0.5]",
+        ),
+        (["learner.loss=nft", "gardo.uncertainty_augmentations=[hflip]"], "gardo.uncertainty_augmentations is read"),
     ],
 )
 def test_config_errors_name_the_key(overrides, key):

@@ -247,6 +247,31 @@ def test_hcp_on_weighted_samples(tiny_model_dir):
     assert lrn2.hcp.take_maps() == []
 
 
+@pytest.mark.slow
+def test_hcp_trains_on_every_bucket_at_its_size(tiny_model_dir):
+    """rollout.resolutions with HcP: each bucket's batch carries priors at its latent size and the alignment term
+    is taken on each (the layer's maps and pooled priors are per batch, of whatever size)."""
+    from rlfh.data.batches import SampleBatch
+    from rlfh.data.buckets import BucketBatches
+
+    lrn = make(tiny_model_dir, *HCP, "learner.loss=rwr", "rollout.resolutions=[[64, 64], [64, 128]]")
+    parts = []
+    for h, w in ((64, 64), (64, 128)):
+        lat = np.random.default_rng(w).standard_normal((2, 4, h // 8, w // 8)).astype(np.float32)
+        posed = np.repeat(pose_heatmap(FIGURE, (h, w), 0.08)[None], 2, axis=0)  # (2, 1, h/8, w/8)
+        parts.append(SampleBatch(lat, PROMPTS, np.full(2, 0.5, np.float32), priors=posed))
+    seen = []
+    term = lrn.hcp.term
+
+    def spy(t, prompts, priors, metrics):
+        seen.append(tuple(priors.shape[-2:]))
+        return term(t, prompts, priors, metrics)
+
+    lrn.hcp.term = spy
+    metrics = train(lrn, BucketBatches(parts), epochs=1)
+    assert set(seen) == {(8, 8), (8, 16)} and metrics["loss/hcp"] > 0 and metrics["learner/buckets"] == 2
+
+
 def test_residual_layer_changes_generation_after_training(tiny_model_dir, tmp_path):
     """The paper's reading (model.hcp.mode=residual, default): a fresh layer on a pipeline samples exactly as the
     pipeline without it; after training, the checkpoint's LoRA with its layer (load_hcp_into, as rlfh eval

@@ -82,6 +82,40 @@ def test_checkpoints_resume_and_roll_back_later_rounds(tmp_path):
     ]  # every 2 rounds, and the last
 
 
+def test_data_source_states_go_into_the_checkpoint_and_come_back_on_resume(tmp_path):
+    """rlfh/recipes/rounds.py: source_states into skel.checkpoint, restore_sources from skel.sources_state."""
+    from rlfh.recipes.rounds import restore_sources, source_states
+
+    class Counter:
+        name = "counter"
+
+        def __init__(self):
+            self.n = 0
+
+        def state(self):
+            return {"n": self.n}
+
+        def load_state(self, state):
+            self.n = state.get("n", 0)
+
+    class Stateless(Counter):
+        name = "stateless"
+
+        def state(self):
+            return {}
+
+    skel, learner, source = RunSkeleton(cfg(tmp_path)), FakeLearner(), Counter()
+    skel.resume(learner)
+    source.n = 7
+    skel.checkpoint(learner, 2, source_states([source, Stateless()]))
+    again, fresh = RunSkeleton(cfg(tmp_path)), Counter()
+    assert again.resume(FakeLearner()) == 2 and again.sources_state == {"counter": {"n": 7}}
+    restore_sources([fresh], again.sources_state)
+    assert fresh.n == 7
+    restore_sources([fresh], {})  # replayed from round 0: from the start
+    assert fresh.n == 0
+
+
 def test_restore_without_resume_never_takes_an_earlier_runs_checkpoint(tmp_path):
     old = RunSkeleton(cfg(tmp_path))
     old.open_metrics()

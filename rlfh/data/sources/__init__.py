@@ -16,6 +16,8 @@ before HG-DPO mixes real winners in).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from rlfh.data.sources.base import DataSource, RoundData, SourceContext
 from rlfh.data.sources.gardo import Gardo
 from rlfh.data.sources.hcp_priors import HcpPriors
@@ -34,7 +36,7 @@ SOURCES: dict[str, type[DataSource]] = {
     Gardo.name: Gardo,
 }
 
-__all__ = ["SOURCES", "DataSource", "RoundData", "SourceContext", "build_sources", "close_sources"]
+__all__ = ["SOURCES", "DataSource", "RoundData", "SourceContext", "bucket_problems", "build_sources", "close_sources"]
 
 
 def build_sources(cfg, ctx: SourceContext) -> list[DataSource]:
@@ -48,6 +50,22 @@ def build_sources(cfg, ctx: SourceContext) -> list[DataSource]:
         close_sources(built)
         raise
     return built
+
+
+def bucket_problems(cfg) -> list[str]:
+    """rollout.resolutions x the sources `rlfh train` would build: only those that annotate each bucket's samples
+    (``DataSource.per_bucket``) run with several buckets; the others extend a round's batch of one size (HG-DPO's
+    real winners prepared at one size, region pairs inpainted at the round's size, people's labels)."""
+    n = len(cfg.rollout.resolutions)
+    if n < 2:
+        return []
+    online = SourceContext(Path(cfg.run_dir), scorer=True)  # what `rlfh train` builds them with
+    return [
+        f"rollout.resolutions: {n} buckets with {cls.switch} (the {cls.name} data source), which extends a round's "
+        f"batch of one size: use one resolution, or drop {cls.switch}"
+        for cls in SOURCES.values()
+        if not cls.per_bucket and cls.wanted(cfg, online)
+    ]
 
 
 def close_sources(sources: list[DataSource]) -> None:

@@ -44,6 +44,11 @@ class DataSource:
     """The interface of a per-round data source (module docstring); the defaults do nothing."""
 
     name = ""
+    # the config key that turns the source on, named when a run refuses it
+    switch = ""
+    # True: annotate() only, which sees one bucket's samples at a time, so the source runs with rollout.resolutions
+    # (the builder calls it per bucket); False: extend() takes a round's batch of one size
+    per_bucket = False
     needs_images = False  # annotate() reads ScoredSamples.images (offline: decoded from the rollout log)
     needs_settings = False  # reads SourceContext.settings (offline: the rollout log's, which must be one)
 
@@ -69,6 +74,13 @@ class DataSource:
     def extend(self, batch, rnd: RoundData):
         """The round's batch with this source's data; returns (batch, stats)."""
         return batch, {}
+
+    def state(self) -> dict:
+        """What the source carries from round to round, JSON-able, kept in the checkpoint ({}: nothing)."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from :meth:`state`'s output; ``{}``: from the start (a run resumed before any checkpoint)."""
 
     def close(self) -> None:
         """Release what the source holds."""

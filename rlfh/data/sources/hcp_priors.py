@@ -16,6 +16,8 @@ from rlfh.data.sources.base import DataSource, SourceContext
 
 class HcpPriors(DataSource):
     name = "hcp_priors"
+    switch = "model.hcp.enabled"
+    per_bucket = True  # each bucket's priors at its own latent size (image_hw)
 
     @staticmethod
     def section(cfg):

@@ -47,6 +47,7 @@ class RealWinners(DataSource):
     """
 
     name = "hgdpo"
+    switch = "data.hgdpo.real_images"
     needs_settings = True
     section = staticmethod(hgdpo_section)
 

@@ -15,6 +15,7 @@ from rlfh.data.sources.base import DataSource, SourceContext
 
 class HumanLabels(DataSource):
     name = "human_labels"
+    switch = "labels=human"
 
     @staticmethod
     def section(cfg):

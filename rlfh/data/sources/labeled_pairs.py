@@ -17,6 +17,7 @@ from rlfh.data.sources.base import DataSource, RoundData, SourceContext
 
 class LabeledPairs(DataSource):
     name = "labeled_pairs"
+    switch = "data.human_labels.log"
 
     @staticmethod
     def section(cfg):

@@ -19,6 +19,7 @@ from rlfh.data.sources.base import DataSource, RoundData, SourceContext
 
 class InpaintedRegions(DataSource):
     name = "region_pairs"
+    switch = "data.region_pairs.region"
     needs_settings = True
 
     @classmethod
