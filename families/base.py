@@ -126,6 +126,9 @@ class ModelFamily(abc.ABC):
         refused: the rlfh methods that do not apply to this family, each with the reason
             (``{"hcp": "HcP keys on UNet cross-attention"}``); a config asking for one is refused
             before a run starts (rlfh/config/rules.py: ``family_rules``).
+        notes: the methods that run on this family but mean something else there, each with how
+            (FLUX: ``rollout.guidance_scale`` is the distilled guidance embedding, not CFG); README's
+            families table shows them.
         tiny_pretrain_steps: how long ``rlfh:tiny-<name>`` is trained on its synthetic latents.
     """
 
@@ -136,6 +139,7 @@ class ModelFamily(abc.ABC):
     lora_targets: ClassVar[tuple[str, ...]]
     latent_factor: ClassVar[int] = 8
     refused: ClassVar[dict[str, str]] = {}
+    notes: ClassVar[dict[str, str]] = {}
     tiny_pretrain_steps: ClassVar[int] = 300  # the tiny model's training steps (families/tiny.py)
 
     def decoder_input(self, vae: Any, latents: Tensor) -> Tensor:
@@ -152,6 +156,18 @@ class ModelFamily(abc.ABC):
     def latent_channels(self, pipe: Any) -> int:
         """The channels of the latents the pipeline's ``prepare_latents`` draws."""
         return self.model(pipe).config.in_channels
+
+    def initial_latents(
+        self, pipe: Any, batch: int, height: int, width: int, dtype: torch.dtype, device: Any, generators: Any
+    ) -> Tensor:
+        """x_T (batch, C, h, w) as the pipeline's ``prepare_latents`` draws it with ``generators`` (one per
+        row), scaled by the scheduler's ``init_noise_sigma``."""
+        return pipe.prepare_latents(batch, self.latent_channels(pipe), height, width, dtype, device, generators)
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, height: int, width: int, device: Any) -> None:
+        """Set the sampler scheduler's ``num_steps`` timesteps for images of (height, width) pixels, as the
+        pipeline's ``__call__`` sets them (FLUX shifts its sigmas by the image's token count)."""
+        scheduler.set_timesteps(num_steps, device=device)
 
     # ------------------------------------------------------------------ loading
     @abc.abstractmethod
@@ -172,6 +188,12 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def conditioning(self, rows: PromptRows, height: int, width: int) -> Conditioning:
         """The denoiser's conditioning for images of (height, width) pixels from per-prompt rows."""
+
+    def with_guidance_input(self, pipe: Any, cond: Conditioning, guidance_scale: float) -> Conditioning:
+        """``cond`` with ``guidance_scale`` as the denoiser's own guidance input where it has one (FLUX.1-dev's
+        distilled guidance embedding), so the learner predicts at the scale the rollouts sample with; a model
+        guided by classifier-free guidance alone has none (``cond`` unchanged)."""
+        return cond
 
     def has_text_encoders(self, pipe: Any) -> bool:
         return getattr(pipe, self.text_encoders[0], None) is not None
