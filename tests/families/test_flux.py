@@ -1,5 +1,6 @@
 """The FLUX.1 family on its tiny model: the tiny model's wiring, the dynamic timestep shift, the rollout
-sampler against the stock ``FluxPipeline`` (packed latents, guidance embedding), the learner's guidance
+sampler against the stock ``FluxPipeline`` (packed latents, guidance embedding) and SDEdit against its
+img2img pipeline, the learner's guidance
 input and its DPO step, DDPO on the Flow-GRPO SDE sampler with only ``rollout.eta`` set, the config rules,
 and the LoRA rlfh writes loading with the stock ``load_lora_weights``."""
 
@@ -186,3 +187,30 @@ def test_make_tiny_model_writes_a_flux_pipeline(tmp_path):
 
     assert main(["make-tiny-model", str(tmp_path / "m"), "--family", "flux", "--pretrain-steps", "0"]) == 0
     assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+
+
+def test_refine_equals_stock_img2img(pipe):
+    """SDEdit on FLUX's shifted schedule (Sampler.refine: HG-DPO's SDRecon, region pairs) against diffusers'
+    FluxImg2ImgPipeline fed the latents: the same refined latents within 5e-5."""
+    from diffusers import FluxImg2ImgPipeline
+
+    prompts, seeds = PROMPTS[:2], SEEDS[:2]
+    settings = SamplerSettings(4, 3.5, "", 64, 64)
+    sampler = Sampler(pipe, "tiny-flux")
+    x0 = sampler.sample(prompts, [7, 8], settings).latents
+    ours = sampler.refine(x0, prompts, seeds, settings, strength=0.5)
+    img2img = FluxImg2ImgPipeline.from_pipe(pipe)
+    ref = img2img(
+        prompt=prompts,
+        image=torch.from_numpy(x0),  # a latent-channel `image` is taken as latents as they are
+        strength=0.5,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        height=64,
+        width=64,
+        max_sequence_length=Flux().sequence_length(pipe),
+        generator=seeded_generators(seeds),
+        output_type="latent",
+    ).images
+    np.testing.assert_allclose(ours.latents, img2img._unpack_latents(ref, 64, 64, 8).numpy(), atol=5e-5, rtol=0)
+    assert not np.allclose(ours.latents, x0, atol=1e-3)
