@@ -148,8 +148,11 @@ def test_dpo_trains_on_the_velocity_error_at_the_rollouts_guidance(tiny_flux_dir
 
 def test_ddpo_on_flux_the_learner_recomputes_the_sde_samplers_logprobs(tiny_flux_dir):
     """The Flow-GRPO SDE sampler with only rollout.eta=1.0 set, at guidance 3.5 (negative rows built by the
-    learner and dropped by the family): before any update the learner's recomputed per-step log-probs equal
-    the recorded ones on the shifted timesteps, and a clipped-ratio step trains."""
+    learner and dropped by the family), in a 64 x 128 bucket of a 64 x 64 config (its own shift): before any
+    update the learner's recomputed per-step log-probs equal the recorded ones on the bucket's timesteps, and
+    a clipped-ratio step trains."""
+    from dataclasses import replace
+
     from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import ddpo_window, learner_batch
     from rlfh.learner.engine import LearnerEngine
@@ -161,15 +164,18 @@ def test_ddpo_on_flux_the_learner_recomputes_the_sde_samplers_logprobs(tiny_flux
     s = Sampler(load_pipeline(cfg.model), scheduler=cfg.rollout.scheduler)
     s.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
     s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
-    st, prompts = settings_of(cfg), ["p", "p", "q", "q"]
+    st, prompts = replace(settings_of(cfg), width=128), ["p", "p", "q", "q"]
     b = s.sample(prompts, [0, 1, 2, 3], st, record=ddpo_window(cfg, 1))
-    assert b.trajectory["log_probs"].shape == (4, 4)
-    np.testing.assert_allclose(b.trajectory["timesteps"], lrn.stochastic.timesteps.numpy(), rtol=0, atol=0)
-    samples = ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 64), b.trajectory, st)
+    assert b.trajectory["log_probs"].shape == (4, 4) and b.latents.shape == (4, 4, 8, 16)
+    shifted_for_64 = lrn.stochastic.timesteps.numpy().copy()
+    samples = ScoredSamples(b.latents, prompts, prompts, [1.0, 0.0, 0.5, 2.0], [{}] * 4, (64, 128), b.trajectory, st)
     batch, _ = learner_batch(cfg.learner, samples)
     before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
     m = train(lrn, batch, epochs=1)
     assert m["ddpo/recorded_logprob_max_diff"] < 1e-5 and np.isfinite(m["loss/ddpo"])
+    np.testing.assert_array_equal(b.trajectory["timesteps"], lrn.stochastic.timesteps.numpy())
+    # 32 tokens shift more than 16, by more than the 1e-3 the learner finds a recorded timestep within
+    assert np.abs(b.trajectory["timesteps"][1:] - shifted_for_64[1:]).min() > 0.1
     assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())
 
 
