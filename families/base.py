@@ -15,11 +15,13 @@ A family's text conditioning has two parts. The per-prompt part (:data:`PromptRo
 encoders' outputs, one row per prompt, e.g. SDXL's token embeddings and pooled embedding) is what
 :class:`PromptCache` keeps, what the rollout actors send the learner with a batch, and what a
 learner without text encoders trains from. :meth:`ModelFamily.conditioning` adds what depends on the
-batch only (SDXL's micro-conditioning time ids, FLUX's position ids and guidance) and returns a
-:class:`Conditioning`, the denoiser's inputs besides x_t and t.
+batch only (SDXL's micro-conditioning time ids) and returns a :class:`Conditioning`, the denoiser's
+inputs besides x_t and t (FLUX's position ids follow from x_t's and the tokens' shapes: its ``predict``
+builds them).
 
 Classifier-free guidance stacks (unconditional, conditional) rows in one batch of 2B, as diffusers
-does (:func:`with_negative`, :meth:`ModelFamily.guided_prediction`).
+does (:func:`with_negative`, :meth:`ModelFamily.guided_prediction`); a guidance-distilled model (FLUX.1-dev)
+takes the scale as an input instead (:meth:`ModelFamily.with_guidance_input`).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class Conditioning(NamedTuple):
         embeds: the token embeddings the denoiser attends to, (rows, L, D).
         added: the family's other per-batch inputs, by the name its denoiser takes them under
             (SDXL: ``text_embeds`` (rows, 1280) and ``time_ids`` (rows, 6), the UNet's
-            ``added_cond_kwargs``; SD3: ``pooled_projections``; FLUX: ``pooled_projections``,
-            ``txt_ids``, ``img_ids``, ``guidance``).
+            ``added_cond_kwargs``; SD3: ``pooled_projections``; FLUX: ``pooled_projections`` and, for the
+            learner of a guidance-distilled model, ``guidance`` (rows,)).
     """
 
     embeds: Tensor
