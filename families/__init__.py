@@ -27,6 +27,7 @@ from families.base import (
     first_of_each,
     with_negative,
 )
+from families.flux import Flux
 from families.sd3 import SD3
 from families.sd15 import SD15
 from families.sdxl import DTYPES, SDXL
@@ -56,10 +57,11 @@ FAMILIES: dict[str, ModelFamily] = {
     "sdxl": SDXL(),
     "sd15": SD15(),
     "sd3": SD3(),
+    "flux": Flux(),
 }
 
 # Pipelines of the families rlfh is designed for but has no adapter for yet.
-NOT_YET = {"FluxPipeline": "flux"}
+NOT_YET: dict[str, str] = {}
 
 # A key only each family's original single-file checkpoints have.
 SINGLE_FILE_KEYS = {

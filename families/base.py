@@ -15,11 +15,13 @@ A family's text conditioning has two parts. The per-prompt part (:data:`PromptRo
 encoders' outputs, one row per prompt, e.g. SDXL's token embeddings and pooled embedding) is what
 :class:`PromptCache` keeps, what the rollout actors send the learner with a batch, and what a
 learner without text encoders trains from. :meth:`ModelFamily.conditioning` adds what depends on the
-batch only (SDXL's micro-conditioning time ids, FLUX's position ids and guidance) and returns a
-:class:`Conditioning`, the denoiser's inputs besides x_t and t.
+batch only (SDXL's micro-conditioning time ids) and returns a :class:`Conditioning`, the denoiser's
+inputs besides x_t and t (FLUX's position ids follow from x_t's and the tokens' shapes: its ``predict``
+builds them).
 
 Classifier-free guidance stacks (unconditional, conditional) rows in one batch of 2B, as diffusers
-does (:func:`with_negative`, :meth:`ModelFamily.guided_prediction`).
+does (:func:`with_negative`, :meth:`ModelFamily.guided_prediction`); a guidance-distilled model (FLUX.1-dev)
+takes the scale as an input instead (:meth:`ModelFamily.with_guidance_input`).
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ class Conditioning(NamedTuple):
         embeds: the token embeddings the denoiser attends to, (rows, L, D).
         added: the family's other per-batch inputs, by the name its denoiser takes them under
             (SDXL: ``text_embeds`` (rows, 1280) and ``time_ids`` (rows, 6), the UNet's
-            ``added_cond_kwargs``; SD3: ``pooled_projections``; FLUX: ``pooled_projections``,
-            ``txt_ids``, ``img_ids``, ``guidance``).
+            ``added_cond_kwargs``; SD3: ``pooled_projections``; FLUX: ``pooled_projections`` and, for the
+            learner of a guidance-distilled model, ``guidance`` (rows,)).
     """
 
     embeds: Tensor
@@ -126,6 +128,9 @@ class ModelFamily(abc.ABC):
         refused: the rlfh methods that do not apply to this family, each with the reason
             (``{"hcp": "HcP keys on UNet cross-attention"}``); a config asking for one is refused
             before a run starts (rlfh/config/rules.py: ``family_rules``).
+        notes: the methods that run on this family but mean something else there, each with how
+            (FLUX: ``rollout.guidance_scale`` is the distilled guidance embedding, not CFG); README's
+            families table shows them.
         tiny_pretrain_steps: how long ``rlfh:tiny-<name>`` is trained on its synthetic latents.
     """
 
@@ -136,6 +141,7 @@ class ModelFamily(abc.ABC):
     lora_targets: ClassVar[tuple[str, ...]]
     latent_factor: ClassVar[int] = 8
     refused: ClassVar[dict[str, str]] = {}
+    notes: ClassVar[dict[str, str]] = {}
     tiny_pretrain_steps: ClassVar[int] = 300  # the tiny model's training steps (families/tiny.py)
 
     def decoder_input(self, vae: Any, latents: Tensor) -> Tensor:
@@ -152,6 +158,18 @@ class ModelFamily(abc.ABC):
     def latent_channels(self, pipe: Any) -> int:
         """The channels of the latents the pipeline's ``prepare_latents`` draws."""
         return self.model(pipe).config.in_channels
+
+    def initial_latents(
+        self, pipe: Any, batch: int, height: int, width: int, dtype: torch.dtype, device: Any, generators: Any
+    ) -> Tensor:
+        """x_T (batch, C, h, w) as the pipeline's ``prepare_latents`` draws it with ``generators`` (one per
+        row), scaled by the scheduler's ``init_noise_sigma``."""
+        return pipe.prepare_latents(batch, self.latent_channels(pipe), height, width, dtype, device, generators)
+
+    def set_timesteps(self, scheduler: Any, num_steps: int, height: int, width: int, device: Any) -> None:
+        """Set the sampler scheduler's ``num_steps`` timesteps for images of (height, width) pixels, as the
+        pipeline's ``__call__`` sets them (FLUX shifts its sigmas by the image's token count)."""
+        scheduler.set_timesteps(num_steps, device=device)
 
     # ------------------------------------------------------------------ loading
     @abc.abstractmethod
@@ -172,6 +190,12 @@ class ModelFamily(abc.ABC):
     @abc.abstractmethod
     def conditioning(self, rows: PromptRows, height: int, width: int) -> Conditioning:
         """The denoiser's conditioning for images of (height, width) pixels from per-prompt rows."""
+
+    def with_guidance_input(self, pipe: Any, cond: Conditioning, guidance_scale: float) -> Conditioning:
+        """``cond`` with ``guidance_scale`` as the denoiser's own guidance input where it has one (FLUX.1-dev's
+        distilled guidance embedding), so the learner predicts at the scale the rollouts sample with; a model
+        guided by classifier-free guidance alone has none (``cond`` unchanged)."""
+        return cond
 
     def has_text_encoders(self, pipe: Any) -> bool:
         return getattr(pipe, self.text_encoders[0], None) is not None

@@ -106,6 +106,39 @@ def tiny_clip_config(vocab_size: int, **family: Any):
     )
 
 
+def tiny_t5_tokenizer(model_max_length: int):
+    """A real T5 tokenizer (a Unigram model, as T5's SentencePiece vocabulary) over printable ASCII: every
+    character alone and after the word-start marker is a piece, so any prompt tokenizes and words split into
+    characters. Built in memory (no vocabulary file to download); saved and loaded like a published one."""
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(33, 127)]
+    # ids 0, 1, 2 are T5's pad, eos and unk; longer pieces score higher, as a trained vocabulary ranks them
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_t5_encoder(vocab_size: int):
+    """The tiny models' T5 encoder (2 layers of width 32, T5 v1.1's gated-GELU feed-forward)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+
+
 TINY_PROMPTS = ["a photo of a person", "a portrait of a woman", "a man waving his hand", "two people talking"]
 
 
@@ -133,7 +166,7 @@ def pretrain_tiny(
     g = torch.Generator().manual_seed(seed)
     schedule = family.noise_schedule(pipe.scheduler.config)
     model = getattr(pipe, family.denoiser)
-    size = model.config.sample_size
+    size = pipe.vae.config.sample_size // family.latent_factor  # the latents of the tiny VAE's 64 px images
     cond = family.conditioning(
         family.encode_prompts(pipe, TINY_PROMPTS, "cpu"), size * family.latent_factor, size * family.latent_factor
     )

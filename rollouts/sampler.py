@@ -293,12 +293,10 @@ class Sampler:
         pos = cond.embeds
 
         scheduler = pipe.scheduler
-        scheduler.set_timesteps(settings.num_inference_steps, device=dev)
+        self.family.set_timesteps(scheduler, settings.num_inference_steps, settings.height, settings.width, dev)
         # (B, 4, h, w), already scaled by init_noise_sigma; drawn even when branching, so that each
         # generator stands where the unbranched sampler's does when the window draws its noise
-        x = pipe.prepare_latents(
-            b, self.family.latent_channels(pipe), settings.height, settings.width, pos.dtype, dev, gens
-        )
+        x = self.family.initial_latents(pipe, b, settings.height, settings.width, pos.dtype, dev, gens)
         step_kwargs = self.family.step_kwargs(pipe, gens, settings.eta)
         if record:
             self.family.check_recordable(scheduler, settings.eta)
@@ -312,9 +310,9 @@ class Sampler:
             firsts, group = first_of_each(keys)
             heads = [keys[i] for i in firsts]  # the distinct (prompt, branch seed), in order of appearance
             rows = torch.tensor(group, device=dev)
-            x = pipe.prepare_latents(
+            x = self.family.initial_latents(
+                pipe,
                 len(heads),
-                self.family.latent_channels(pipe),
                 settings.height,
                 settings.width,
                 pos.dtype,
@@ -429,7 +427,7 @@ class Sampler:
         )
         pos = cond.embeds
         scheduler = pipe.scheduler
-        scheduler.set_timesteps(n, device=dev)
+        self.family.set_timesteps(scheduler, n, settings.height, settings.width, dev)
         start = (n - n_run) * scheduler.order
         timesteps = scheduler.timesteps[start:]
         if hasattr(scheduler, "set_begin_index"):

@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny models (SDXL, SD1.5) and small configs built on them."""
+"""Shared fixtures: the tiny models (SDXL, SD1.5, SD3, FLUX.1) and small configs built on them."""
 
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ def tiny_sd3_dir() -> str:
     from families import resolve_model_path
 
     return resolve_model_path("rlfh:tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir() -> str:
+    """The seeded tiny FLUX.1 model, built once per cache directory (`model.path: rlfh:tiny-flux`)."""
+    from families import resolve_model_path
+
+    return resolve_model_path("rlfh:tiny-flux")
 
 
 @pytest.fixture()

@@ -4,7 +4,7 @@ rlfh train CONFIG [key=value ...]            online preference training (Ray)
 rlfh offline-dpo CONFIG rollouts=DIR [...]   DPO from a logged rollout log
 rlfh train-reward CONFIG pairs=DIR init=DIR  fine-tune a FaceScore-style region scorer on logged pairs
 rlfh finetune CONFIG data=DIR [...]          FairHuman's supervised fine-tuning on real images
-rlfh make-tiny-model DIR [--family F]        write a seeded tiny model of a family (sdxl, sd15, sd3)
+rlfh make-tiny-model DIR [--family F]        write a seeded tiny model of a family (sdxl, sd15, sd3, flux)
 rlfh make-region-pairs CONFIG IMAGE_DIR [...] inpainted face / hand pairs of a folder, as a rollout log
 rlfh rollouts inspect DIR                    verify and summarise a rollout log
 rlfh config CONFIG [key=value ...]           print the effective config (validated)
@@ -190,14 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_commands(sub)
     s = sub.add_parser("make-tiny-model", help="write a seeded tiny pipeline of a model family")
     s.add_argument("dir")
-    s.add_argument("--family", default="sdxl", help="the model family: sdxl (default), sd15 or sd3")
+    s.add_argument("--family", default="sdxl", help="the model family: sdxl (default), sd15, sd3 or flux")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--pretrain-steps",
         type=int,
         default=None,
-        help="denoiser steps on synthetic latents (default: what rlfh:tiny-<family> is, 300; sd3: 100; 0: random "
-        "weights)",
+        help="denoiser steps on synthetic latents (default: what rlfh:tiny-<family> is, 300; sd3 and flux: 100; "
+        "0: random weights)",
     )
     s.set_defaults(fn=cmd_make_tiny)
     r = sub.add_parser("rollouts", help="rollout log tools")

@@ -6,7 +6,8 @@ loss registry, so it cannot drift from what a config is refused for.
 Rows: every ``learner.loss`` of :data:`rlfh.losses.registry.LOSSES` and every other method a family
 may refuse (:data:`rlfh.config.rules.OPTION_METHODS`). Columns: every family rlfh implements
 (:data:`families.FAMILIES`), then the pipelines planned but not implemented (:data:`families.NOT_YET`).
-A cell says ``works``, or ``refused:`` with the family's reason, or ``not yet`` (every config on the
+A cell says ``works`` (``works:`` with how, where the family's ``notes`` say it runs differently), or ``refused:``
+with the family's reason, or ``not yet`` (every config on the
 family is refused). A test checks that README.md holds this output.
 """
 
@@ -41,8 +42,11 @@ def unknown_refusals() -> list[str]:
     return [f"{f.name}.{m}" for f in FAMILIES.values() for m in f.refused if m not in methods]
 
 
-def cell(reason: str | None) -> str:
-    return "works" if reason is None else f"refused: {reason}".replace("|", "\\|")
+def cell(family, method: str) -> str:
+    """``works``, ``works:`` with how where the family runs the method differently, or ``refused:`` with why."""
+    reason, note = family.refused.get(method), family.notes.get(method)
+    text = f"refused: {reason}" if reason is not None else "works" if note is None else f"works: {note}"
+    return text.replace("|", "\\|")
 
 
 def render() -> str:
@@ -54,7 +58,7 @@ def render() -> str:
     lines = [BEGIN, "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for method, setting in known_methods().items():
         label = f"`{setting}`" + (f" ({OPTION_LABELS[method]})" if method in OPTION_LABELS else "")
-        cells = [cell(f.refused.get(method)) for f in FAMILIES.values()] + ["not yet"] * len(NOT_YET)
+        cells = [cell(f, method) for f in FAMILIES.values()] + ["not yet"] * len(NOT_YET)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines.append(END)
     return "\n".join(lines) + "\n"

@@ -152,7 +152,7 @@ class ModelConfig:
     """``model``: the pipeline's weights and the trained parts added to it."""
 
     path: str = "rlfh:tiny-sdxl"  # local diffusers folder, hub id, single .safetensors file, or rlfh:tiny-<family>
-    family: Optional[str] = None  # sdxl, sd15 or sd3; null: read from model.path (model_index.json's _class_name)
+    family: Optional[str] = None  # sdxl, sd15, sd3 or flux; null: read from model.path (model_index.json's _class_name)
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. "fp16" for the published SDXL fp16 files
     vae_path: Optional[str] = None  # e.g. madebyollin/sdxl-vae-fp16-fix

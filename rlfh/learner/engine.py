@@ -130,7 +130,8 @@ class LearnerEngine:
         self.stochastic = None
         if SAMPLER_LOGPROB in loss_spec(cfg.learner.loss).needs:
             self.stochastic = family.stochastic_scheduler(pipe.scheduler.config)  # what the rollout actors sample with
-            self.stochastic.set_timesteps(cfg.rollout.num_inference_steps, device=self.device)
+            r = cfg.rollout
+            family.set_timesteps(self.stochastic, r.num_inference_steps, r.height, r.width, self.device)
         for name in family.text_encoders:
             if getattr(pipe, name, None) is not None:  # an optional encoder may be absent (SD3 without T5)
                 getattr(pipe, name).requires_grad_(False)
@@ -232,7 +233,8 @@ class LearnerEngine:
                 f"but has none for {sorted(missing)[:3]}: pass the batch's conditioning"
             )
         cond = self.prompts.conditioning(self.pipe, prompts, height, width, self.device, negative_prompt)
-        return cond.to(self.dtype)
+        # a guidance-distilled model (FLUX.1-dev) predicts at the scale the rollouts sample with
+        return self.family.with_guidance_input(self.pipe, cond, self.cfg.rollout.guidance_scale).to(self.dtype)
 
     # ------------------------------------------------------------------ the noise schedule
     def draw_noise(self, count: int, shape: tuple) -> tuple[torch.Tensor, torch.Tensor]:

@@ -246,6 +246,8 @@ def train_trajectories(lrn: LearnerEngine, tb: TrajectoryBatch, epochs: int = 1)
         )
     k = ddpo_train_steps(lrn.cfg)
     s = tb.settings
+    # the sampler's timesteps at the batch's size (a bucket's; FLUX shifts them by the image's token count)
+    lrn.family.set_timesteps(lrn.stochastic, s.num_inference_steps, s.height, s.width, lrn.device)
     history = []
     first = True  # before any update of this round the policy is the sampler's: the ratio must be 1
     for step in optimizer_steps(lrn, len(tb), epochs):

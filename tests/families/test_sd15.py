@@ -99,13 +99,15 @@ def test_the_lora_rlfh_writes_loads_in_the_stock_pipeline(tiny_sd15_dir, tmp_pat
     assert_lora_loads_in_stock_pipeline(SD15(), tiny_sd15_dir, stock, tmp_path, lora_b_std=0.05)
 
 
-def test_make_tiny_model_writes_the_family_asked_for(tmp_path, capsys):
+def test_make_tiny_model_writes_the_family_asked_for(tmp_path, capsys, monkeypatch):
+    import families
     from rlfh.cli.main import main
 
+    monkeypatch.setattr(families, "NOT_YET", {"QwenImagePipeline": "qwen_image"})
     assert main(["make-tiny-model", str(tmp_path / "m"), "--family", "sd15", "--pretrain-steps", "0"]) == 0
     assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
-    assert main(["make-tiny-model", str(tmp_path / "f"), "--family", "flux"]) == 2
-    assert "model family 'flux' is not implemented yet" in capsys.readouterr().err
+    assert main(["make-tiny-model", str(tmp_path / "f"), "--family", "qwen_image"]) == 2
+    assert "model family 'qwen_image' is not implemented yet" in capsys.readouterr().err
 
 
 def test_the_hcp_layer_hooks_sd15s_cross_attention_and_trains(tiny_sd15_dir):
