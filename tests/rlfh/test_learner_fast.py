@@ -156,5 +156,9 @@ def test_compiled_unet_trains_like_eager(tiny_model_dir):
     eager, comp = make(tiny_model_dir), make(tiny_model_dir, "learner.engine.compile=true")
     m_e, m_c = train(eager, pairs(2), epochs=2), train(comp, pairs(2), epochs=2)
     assert m_c["loss/dpo"] == pytest.approx(m_e["loss/dpo"], rel=1e-4)
-    for a, b in zip(weights(comp), weights(eager)):
-        assert (a - b).abs().max() <= 1e-5
+    # Adam's steps move a weight by lr * m / (sqrt(v) + eps): where a gradient is near eps (1e-8) in size, its
+    # rounding moves that weight by a visible fraction of lr (1e-3). Measured (AMD EPYC): max 1.77e-5 with 1
+    # OpenMP thread, 2.1e-4 of the elements over 1e-6; under 1e-5 with 2 threads. So: a tenth of one step at
+    # most, and such elements rare.
+    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(weights(comp), weights(eager))])
+    assert diff.max() <= 1e-4 and (diff > 1e-6).float().mean() <= 1e-3
