@@ -444,13 +444,15 @@ def draft_family_problems(cfg) -> list[str]:
     family, _ = model_family(cfg.model)
     reason = getattr(family, "last_step_untrainable", None)
     d, n = cfg.learner.draft, cfg.rollout.num_inference_steps
+    if reason is None or n < 1 or len(d.k_range) != 2 or len(d.refl_range) != 2:
+        return []  # a malformed range is the section's own problem (DraftConfig.problems)
     last_only = {
         "draft_k": d.k == 1,
-        "alignprop": d.k_range[-1] == 1,
+        "alignprop": d.k_range[1] == 1,
         "draft_lv": True,
         "refl": refl_steps(d.refl_range, n)[0] == n - 1,
     }[d.variant]
-    if reason is None or not last_only:
+    if not last_only:
         return []
     return [
         f"learner.draft.variant={d.variant} trains the last sampling step alone on the {family.name} family: {reason}"
