@@ -102,13 +102,7 @@ ONE_STEP = {  # loss: (overrides, the batch builder, the loss metric)
 }
 
 
-# awm 19 s, the trust regions 20 - 37 s (an SDE round sampled first) on 2 loaded cores: slow; rwr, ipo 3 - 8 s
-SLOW_ONE_STEP = {"awm", "ddpo_dppo", "ddpo_guard"}
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_ONE_STEP else n for n in sorted(ONE_STEP)]
-)
+@pytest.mark.parametrize("name", sorted(ONE_STEP))
 def test_one_step_of_each_loss_trains_on_sd3(tiny_sd3_dir, name):
     """AWM and RWR on scored samples, IPO on pairs (the velocity errors), the DDPO trust regions on the SDE
     sampler's recorded steps: one optimizer step, a finite loss, and the LoRA moves."""
@@ -183,7 +177,6 @@ def test_dpo_scores_the_loser_against_its_own_velocity_target():
     assert shared["dpo/mse_theta_l"] == pytest.approx(float((pl - tw).pow(2).mean()), rel=1e-5)
 
 
-@pytest.mark.slow  # 40 s on 2 loaded cores (the learner samples 3 steps with gradient, decodes, scores)
 def test_draft_on_sd3_trains_through_the_euler_steps_and_refuses_the_last_step_alone(tiny_sd3_dir):
     """One DRaFT-K (K = 2) round on SD3: two steps with gradient, the decoded reward scored, the LoRA moved; a
     variant whose only step with gradient is the last (sigma ~ 0.003) is refused naming the reason."""

@@ -22,7 +22,6 @@ def face_images(tmp_path_factory):
     return write_face_images(tmp_path_factory.mktemp("images"))
 
 
-@pytest.mark.slow  # 23 s on 2 loaded cores (two SD3 pipelines, 12 images, the LoRA built)
 def test_eval_compares_an_sd3_lora_with_the_base_model(tiny_sd3_dir, tmp_path):
     """`rlfh eval` on SD3: both sides sampled by the SD3 pipeline at the same seeds, the LoRA changing the
     images but not beyond recognition, every sample scored."""

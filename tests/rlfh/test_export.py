@@ -258,7 +258,6 @@ def sd3_latents(pipe) -> torch.Tensor:
     return pipe("a photo of a person", generator=g, **kw).images
 
 
-@pytest.mark.slow  # the LoRA check's three tiny-SD3 samplings and three more: ~15 s on 2 loaded cores
 def test_sd3_diffusers_and_peft_exports_load_and_move_the_stock_pipeline(sd3_run, tmp_path):
     """The diffusers file loads with ``StableDiffusion3Pipeline.load_lora_weights`` and the peft folder with
     ``PeftModel.from_pretrained(pipe.transformer, DIR)``; each gives the checkpoint's own output, not the base's;
