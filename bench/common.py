@@ -107,12 +107,65 @@ class BenchFamily:
         reference_conditioning: ``(pipe, prompts, pixels, device) -> denoiser kwargs`` for one row per
             prompt, computed as the family's diffusers training script computes them every step.
         random_conditioning: ``(pipe, rows, device, dtype) -> denoiser kwargs`` of random inputs.
+        reference_noising: ``scheduler config -> ((latents, noise, generator) -> (x_t, t, target))``, the
+            reference script's forward process and training target.
+        sample_arg: the denoiser's keyword for the latents.
     """
 
     name: str
     tiny_model: str
     reference_conditioning: Callable[..., dict[str, Any]]
     random_conditioning: Callable[..., dict[str, Any]]
+    reference_noising: Callable[[Any], Callable]
+    sample_arg: str = "sample"  # the denoiser's latent argument (a UNet's sample, a transformer's hidden_states)
+
+    def denoiser(self, pipe) -> Any:
+        """The pipeline's denoiser (``pipe.unet``, ``pipe.transformer``), as rlfh's family names it."""
+        from families import get_family
+
+        return getattr(pipe, get_family(self.name).denoiser)
+
+    def lora_targets(self) -> list[str]:
+        """The modules the family's diffusers LoRA script adapts (rlfh's default ``model.lora.target_modules``)."""
+        from families import get_family
+
+        return list(get_family(self.name).lora_targets)
+
+    def call(self, module, x: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """The denoiser's output at (x, t) with the conditioning kwargs ``cond``."""
+        return module(**{self.sample_arg: x}, timestep=t, **cond, return_dict=False)[0]
+
+
+def _ddpm_noising(scheduler_config) -> Callable:
+    """The UNet scripts' forward process (train_diffusion_dpo*.py): t ~ U{0..T-1}, DDPMScheduler.add_noise, target
+    eps; returns ``(latents, noise, generator) -> (x_t, t, target)``."""
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(scheduler_config)
+
+    def noising(latents, noise, gen):
+        b = latents.shape[0] // 2
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen).to(latents.device).repeat(2)
+        return sched.add_noise(latents, noise, t), t, noise
+
+    return noising
+
+
+def _flow_noising(scheduler_config) -> Callable:
+    """diffusers' train_dreambooth_lora_sd3.py forward process: a training sigma of the shifted schedule
+    (uniform over its N, weighting_scheme "none"), x_t = (1 - sigma) x0 + sigma eps, timestep N sigma, target
+    the velocity eps - x0; the same ``(latents, noise, generator) -> (x_t, t, target)``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+
+    def noising(latents, noise, gen):
+        b = latents.shape[0] // 2
+        i = torch.randint(0, len(sched.timesteps), (b,), generator=gen).repeat(2)
+        sigma = sched.sigmas[i].to(latents.device, latents.dtype).view(-1, 1, 1, 1)
+        return (1 - sigma) * latents + sigma * noise, sched.timesteps[i].to(latents.device), noise - latents
+
+    return noising
 
 
 def _sdxl_reference_conditioning(pipe, prompts: list[str], pixels: int, device) -> dict[str, Any]:
@@ -156,12 +209,38 @@ def _sd15_random_conditioning(pipe, rows: int, device, dtype) -> dict[str, Any]:
     return {"encoder_hidden_states": enc}
 
 
-# A family the CPU benchmarks measure is one entry here (SD3 and FLUX join with their transformers' inputs).
+def _sd3_reference_conditioning(pipe, prompts: list[str], pixels: int, device) -> dict[str, Any]:
+    # diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py: encode_prompt (the CLIP pair and T5, or zeros
+    # without it) and the pooled projections, every step for per-image captions
+    enc, _, pooled, _ = pipe.encode_prompt(
+        prompts, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    return {"encoder_hidden_states": enc, "pooled_projections": pooled}
+
+
+def _sd3_random_conditioning(pipe, rows: int, device, dtype) -> dict[str, Any]:
+    cfg = pipe.transformer.config
+    tokens = 77 + 256  # the CLIP tokens and the pipeline's default T5 length
+    return {
+        "encoder_hidden_states": torch.randn(rows, tokens, cfg.joint_attention_dim, device=device, dtype=dtype),
+        "pooled_projections": torch.randn(rows, cfg.pooled_projection_dim, device=device, dtype=dtype),
+    }
+
+
+# A family the CPU benchmarks measure is one entry here (FLUX joins with its transformer's inputs).
 BENCH_FAMILIES: dict[str, BenchFamily] = {
     f.name: f
     for f in (
-        BenchFamily("sdxl", "rlfh:tiny-sdxl", _sdxl_reference_conditioning, _sdxl_random_conditioning),
-        BenchFamily("sd15", "rlfh:tiny-sd15", _sd15_reference_conditioning, _sd15_random_conditioning),
+        BenchFamily("sdxl", "rlfh:tiny-sdxl", _sdxl_reference_conditioning, _sdxl_random_conditioning, _ddpm_noising),
+        BenchFamily("sd15", "rlfh:tiny-sd15", _sd15_reference_conditioning, _sd15_random_conditioning, _ddpm_noising),
+        BenchFamily(
+            "sd3",
+            "rlfh:tiny-sd3",
+            _sd3_reference_conditioning,
+            _sd3_random_conditioning,
+            _flow_noising,
+            sample_arg="hidden_states",
+        ),
     )
 }
 
@@ -472,6 +551,85 @@ def build_sdxl_arch_random(device: torch.device, dtype: torch.dtype, seed: int =
     return pipe.to(device=device, dtype=dtype)
 
 
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json: the MMDiT-X, 24 blocks of 24 heads x 64, dual
+# (self + joint) attention in blocks 0-12, RMS-normed q/k, 16 latent channels
+SD35M_TRANSFORMER_CONFIG = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+# its vae/config.json: SDXL's VAE layout with 16 latent channels, no quant convs, SD3's scale and shift
+SD3_VAE_CONFIG = dict(
+    SDXL_VAE_CONFIG,
+    latent_channels=16,
+    force_upcast=True,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+)
+
+
+def build_sd35m_arch_random(device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """SD3.5 medium's architecture with seeded random weights, as a StableDiffusion3Pipeline: the MMDiT-X, its VAE,
+    CLIP-L and CLIP-G with projections (SDXL's two text towers' configs). Without T5 (``text_encoder_3=None``, as
+    diffusers allows: its 256 token rows are zeros): no T5 tokenizer can be built offline. The transformer still
+    attends over the 77 + 256 token rows, so its FLOPs are the real model's; the T5 encoder's own cost (once per
+    prompt in rlfh's cached sampler, every call in the stock pipeline) is left out of both sides."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from families.tiny import write_tiny_clip_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        n_tok = write_tiny_clip_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    ids = dict(bos_token_id=n_tok - 2, eos_token_id=n_tok - 1, pad_token_id=n_tok - 1)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**SD35M_TRANSFORMER_CONFIG)
+        vae = AutoencoderKL(**SD3_VAE_CONFIG)
+        te1 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_CONFIG, **ids))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT2_CONFIG, **ids))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),  # the published config
+        vae=vae,
+        text_encoder=te1,
+        tokenizer=tokenizer,
+        text_encoder_2=te2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+# the random-weight models of the published architectures: name -> (builder, latent channels)
+ARCH_RANDOM = {
+    "sdxl-arch-random": (build_sdxl_arch_random, SDXL_UNET_CONFIG["in_channels"]),
+    "sd35m-arch-random": (build_sd35m_arch_random, SD35M_TRANSFORMER_CONFIG["in_channels"]),
+}
+
+
 def check_sdxl_arch() -> dict[str, Any]:
     """Parameter counts of the SDXL-arch modules, built on the meta device (no memory, no init)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -490,10 +648,22 @@ def check_sdxl_arch() -> dict[str, Any]:
     return counts
 
 
+def latent_channels(name: str) -> int:
+    """The latent channels of model ``name`` (an ``*-arch-random`` name, or what families.load_pipeline loads)."""
+    if name in ARCH_RANDOM:
+        return ARCH_RANDOM[name][1]
+    from families import detect_family, resolve_model_path
+
+    path = resolve_model_path(name)
+    family = detect_family(path)
+    return json.loads((Path(path) / family.denoiser / "config.json").read_text())["in_channels"]
+
+
 def load_model(name: str, device: torch.device, dtype: torch.dtype):
-    """``sdxl-arch-random`` | ``rlfh:tiny-sdxl`` | a path or hub id (through families.load_pipeline)."""
-    if name == "sdxl-arch-random":
-        return build_sdxl_arch_random(device, dtype)
+    """``sdxl-arch-random`` | ``sd35m-arch-random`` | ``rlfh:tiny-sdxl`` | a path or hub id (through
+    families.load_pipeline)."""
+    if name in ARCH_RANDOM:
+        return ARCH_RANDOM[name][0](device, dtype)
     from families import load_pipeline
     from rlfh.config.schema import ModelConfig
 

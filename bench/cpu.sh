@@ -25,7 +25,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [[ -x "$PY" ]] || PY=python
 # The families beside SDXL whose sampler and learner are measured (bench/common.py: BENCH_FAMILIES)
-FAMILIES=(sd15)
+FAMILIES=(sd15 sd3)
 SMOKE="" OUT_DIR="" FAMILY=""
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -5,6 +5,10 @@
 # the raw rows).
 #
 #   bash bench/gpu.sh [OUT_DIR]       # default OUT_DIR bench/results
+#   bash bench/gpu.sh --family sd3 [OUT_DIR]   # SD3.5 medium's architecture instead (random weights of its
+#                                     # published config: MMDiT-X 24 blocks, 16-channel VAE, CLIP-L/G; no T5,
+#                                     # see bench/common.py: build_sd35m_arch_random): OUT_DIR/gpu_sd3_*.json and
+#                                     # gpu_sd3_summary.json, the same stages and budget as SDXL's beside it
 #   bash bench/gpu.sh --dry-run       # print the install and bench commands, run nothing (any machine)
 #   bash bench/gpu.sh --cpu-check [OUT_DIR]   # the same stages with the tiny model on CPU (plumbing only,
 #                                     # ~1 min; default OUT_DIR a temp dir; no install, no compile)
@@ -28,37 +32,46 @@
 set -euo pipefail
 CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
-DRY="" CPU_CHECK="" OUT_DIR=""
+DRY="" CPU_CHECK="" OUT_DIR="" FAMILY=sdxl
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --cpu-check) CPU_CHECK=1 ;;
-    -h|--help) sed -n 2,27p "$0"; exit 0 ;;
+    --family) [[ $# -ge 2 ]] || { echo "--family needs a value: sdxl sd3" >&2; exit 2; }
+      FAMILY="$2"; shift ;;
+    -h|--help) sed -n 2,31p "$0"; exit 0 ;;
     -*) echo "unknown option $1" >&2; exit 2 ;;
     *) OUT_DIR="$1"; [[ "$OUT_DIR" == /* ]] || OUT_DIR="$CALLER_DIR/$OUT_DIR" ;;
   esac
   shift
 done
 if [[ -n "$CPU_CHECK" ]]; then OUT_DIR=${OUT_DIR:-$(mktemp -d -t rlfh-gpu-check-XXXX)}; else OUT_DIR=${OUT_DIR:-bench/results}; fi
+# per family: the published architecture with random weights, the results' prefix, the tiny model of --cpu-check
+case "$FAMILY" in
+  sdxl) MODEL=sdxl-arch-random PREFIX=gpu_ TINY=rlfh:tiny-sdxl ;;
+  sd3) MODEL=sd35m-arch-random PREFIX=gpu_sd3_ TINY=rlfh:tiny-sd3 ;;
+  *) echo "--family $FAMILY: gpu.sh measures sdxl sd3" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3}
 [[ -n "$CPU_CHECK" && -z "${PYTHON:-}" && -x .venv/bin/python ]] && PY=.venv/bin/python
-ROLLOUT=("$PY" bench/rollout_bench.py --model sdxl-arch-random --dtype bfloat16 --size 1024 --steps 20
-         --batch-sizes 1,4 --repeats 2 --lora-rank 8 --no-compile --out gpu_rollout --out-dir "$OUT_DIR")
-COMPILE=("$PY" bench/rollout_bench.py --model sdxl-arch-random --dtype bfloat16 --size 1024 --steps 20
-         --batch-sizes 4 --repeats 1 --lora-rank 8 --compile --out gpu_rollout_compile --out-dir "$OUT_DIR")
-LEARNER=("$PY" bench/learner_bench.py --model sdxl-arch-random --dtype bfloat16 --size 1024 --pairs 1
-         --modes lora8,full --repeats 3 --large-size 0 --out gpu_learner --out-dir "$OUT_DIR")
+ROLLOUT=("$PY" bench/rollout_bench.py --family "$FAMILY" --model "$MODEL" --dtype bfloat16 --size 1024 --steps 20
+         --batch-sizes 1,4 --repeats 2 --lora-rank 8 --no-compile --out "${PREFIX}rollout" --out-dir "$OUT_DIR")
+COMPILE=("$PY" bench/rollout_bench.py --family "$FAMILY" --model "$MODEL" --dtype bfloat16 --size 1024 --steps 20
+         --batch-sizes 4 --repeats 1 --lora-rank 8 --compile --out "${PREFIX}rollout_compile" --out-dir "$OUT_DIR")
+LEARNER=("$PY" bench/learner_bench.py --family "$FAMILY" --model "$MODEL" --dtype bfloat16 --size 1024 --pairs 1
+         --modes lora8,full --repeats 3 --large-size 0 --out "${PREFIX}learner" --out-dir "$OUT_DIR")
 TOTAL_S=${GPU_SH_TOTAL_S:-470}  # the whole script's budget (8 min less a margin)
 if [[ -n "$CPU_CHECK" ]]; then  # later options win: tiny model, CPU, no compile
-  CPU_ARGS=(--model rlfh:tiny-sdxl --dtype float32 --size 64 --device cpu)
+  CPU_ARGS=(--model "$TINY" --dtype float32 --size 64 --device cpu)
   ROLLOUT+=("${CPU_ARGS[@]}" --steps 2); COMPILE+=("${CPU_ARGS[@]}" --steps 2 --no-compile)
   LEARNER+=("${CPU_ARGS[@]}" --modes lora8 --repeats 2)
 fi
-SUMMARY=("$PY" bench/summarize.py --gpu-sh "$OUT_DIR" --out "$OUT_DIR/gpu_summary.json")
+SUMMARY=("$PY" bench/summarize.py --gpu-sh "$OUT_DIR" --family "$FAMILY" --out "$OUT_DIR/${PREFIX}summary.json")
+TIMES="$OUT_DIR/${PREFIX#gpu_}stage_times.tsv"  # stage_times.tsv (SDXL), sd3_stage_times.tsv
 INSTALL=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/rlfh-site)
 
 if [[ -n "$DRY" ]]; then
-  echo "[gpu.sh] dry run: out=$OUT_DIR"
+  echo "[gpu.sh] dry run: family=$FAMILY out=$OUT_DIR"
   echo "  ${INSTALL[*]} .whl/*.whl   # only if diffusers/deepspeed/pydantic do not import"
   echo "  export PYTHONPATH=/tmp/rlfh-site:$PWD"
   echo "  timeout 150 ${ROLLOUT[*]}"
@@ -71,7 +84,7 @@ if [[ -n "$DRY" ]]; then
 fi
 
 mkdir -p "$OUT_DIR"
-: > "$OUT_DIR/stage_times.tsv"
+: > "$TIMES"
 t0=$SECONDS
 if [[ -n "$CPU_CHECK" ]]; then :
 elif ! "$PY" -c "import diffusers, deepspeed, pydantic" 2>/dev/null; then
@@ -79,7 +92,7 @@ elif ! "$PY" -c "import diffusers, deepspeed, pydantic" 2>/dev/null; then
   "${INSTALL[@]}" .whl/*.whl
 fi
 export PYTHONPATH="/tmp/rlfh-site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-echo -e "install\t$((SECONDS - t0))\t0" >> "$OUT_DIR/stage_times.tsv"
+echo -e "install\t$((SECONDS - t0))\t0" >> "$TIMES"
 [[ -n "$CPU_CHECK" ]] || "$PY" -c "import torch; assert torch.cuda.is_available(), 'no GPU'; print('[gpu.sh]', torch.cuda.get_device_name(0), torch.__version__)"
 
 stage() {  # stage NAME SECONDS CMD...: run under a timeout, log to OUT_DIR/log_NAME.txt, record wall time
@@ -87,18 +100,18 @@ stage() {  # stage NAME SECONDS CMD...: run under a timeout, log to OUT_DIR/log_
   local s=$SECONDS
   echo "[gpu.sh] == $name (limit $limit s): $*"
   set +e
-  timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/log_$name.txt"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT_DIR/log_${PREFIX#gpu_}$name.txt"
   local rc=${PIPESTATUS[0]}
   set -e
-  echo -e "$name\t$((SECONDS - s))\t$rc" >> "$OUT_DIR/stage_times.tsv"
+  echo -e "$name\t$((SECONDS - s))\t$rc" >> "$TIMES"
   echo "[gpu.sh] == $name: $((SECONDS - s)) s (exit $rc)"
 }
 stage rollout 150 "${ROLLOUT[@]}"
 stage learner 150 "${LEARNER[@]}"
 REST=$((TOTAL_S - SECONDS))
 if (( REST >= 90 )); then stage compile "$REST" "${COMPILE[@]}"
-else echo "[gpu.sh] compile skipped: $REST s left of $TOTAL_S"; echo -e "compile\t0\t-1" >> "$OUT_DIR/stage_times.tsv"; fi
+else echo "[gpu.sh] compile skipped: $REST s left of $TOTAL_S"; echo -e "compile\t0\t-1" >> "$TIMES"; fi
 "${SUMMARY[@]}"
-echo "[gpu.sh] done in $SECONDS s: $OUT_DIR/gpu_summary.json (copy OUT_DIR's gpu_*.json into bench/results/)"
-FAILED=$(awk -F'\t' '$3 != 0 {print $1}' "$OUT_DIR/stage_times.tsv" | tr '\n' ' ')
+echo "[gpu.sh] done in $SECONDS s: $OUT_DIR/${PREFIX}summary.json (copy OUT_DIR's ${PREFIX}*.json into bench/results/)"
+FAILED=$(awk -F'\t' '$3 != 0 {print $1}' "$TIMES" | tr '\n' ' ')
 if [[ -n "$FAILED" ]]; then echo "[gpu.sh] FAILED or skipped stages: $FAILED(logs: $OUT_DIR/log_<stage>.txt)" >&2; exit 1; fi

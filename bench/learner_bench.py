@@ -40,7 +40,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # rlfh's default model.lora.target_modules
 PROMPTS = ["a photo of a person", "a portrait of a woman", "a man waving his hand", "two people talking"]
 
 
@@ -50,19 +49,18 @@ class ReferenceLoop:
     def __init__(
         self, model: str, device, dtype, rank: int | None, beta: float, family: common.BenchFamily, lr: float = 1e-5
     ):
-        from diffusers import DDPMScheduler
-
         self.device, self.dtype, self.beta, self.family = device, dtype, beta, family
         self.pipe = common.load_model(model, device, dtype)
         self.pipe.vae = None  # trains on latents, like the learner
-        self.sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        unet = self.pipe.unet
+        self.noising = family.reference_noising(self.pipe.scheduler.config)
+        unet = family.denoiser(self.pipe)  # the UNet, or SD3's transformer
         unet.requires_grad_(False)
-        self.ref_unet = copy.deepcopy(unet).eval()  # the second UNet this loop is about
+        self.ref_unet = copy.deepcopy(unet).eval()  # the second denoiser this loop is about
         if rank:
             from peft import LoraConfig
 
-            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TARGETS))
+            targets = family.lora_targets()
+            unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets))
         else:
             unet.requires_grad_(True)
         self.params = [p for p in unet.parameters() if p.requires_grad]
@@ -73,23 +71,22 @@ class ReferenceLoop:
         self.gen = torch.Generator().manual_seed(1)
 
     def step(self, lat_w: np.ndarray, lat_l: np.ndarray, prompts: list[str]) -> float:
-        dev, b = self.device, len(prompts)
+        dev = self.device
         latents = torch.cat([torch.from_numpy(lat_w), torch.from_numpy(lat_l)]).to(dev)  # (2B, 4, h, w)
         noise = torch.randn(lat_w.shape, generator=self.gen).to(dev).repeat(2, 1, 1, 1)
-        t = torch.randint(0, self.sched.config.num_train_timesteps, (b,), generator=self.gen).to(dev).repeat(2)
-        x_t = self.sched.add_noise(latents, noise, t)
+        x_t, t, target = self.noising(latents, noise, self.gen)  # eps for the UNets, eps - x0 for SD3
         with torch.no_grad():
             cond = common.repeat_rows(
                 self.family.reference_conditioning(self.pipe, prompts, lat_w.shape[-1] * 8, dev), 2
             )
         amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16)
         with amp:
-            pred = self.unet(x_t.to(self.dtype), t, **cond).sample
-        model_losses = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
+            pred = self.family.call(self.unet, x_t.to(self.dtype), t, cond)
+        model_losses = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
         lw, ll = model_losses.chunk(2)
         with torch.no_grad(), amp:
-            ref = self.ref_unet(x_t.to(self.dtype), t, **cond).sample
-            ref_losses = F.mse_loss(ref.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
+            ref = self.family.call(self.ref_unet, x_t.to(self.dtype), t, cond)
+            ref_losses = F.mse_loss(ref.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
         rw, rl = ref_losses.chunk(2)
         loss = -F.logsigmoid(-0.5 * self.beta * ((lw - ll) - (rw - rl))).mean()
         loss.backward()
@@ -122,11 +119,11 @@ class RlfhLearner:
         from rlfh.learner.engine import LearnerEngine
         from rlfh.learner.steps import train
 
-        if model == "sdxl-arch-random":
+        if model in common.ARCH_RANDOM:
             # LearnerEngine loads through families.load_pipeline(cfg.model); build in memory instead of
             # writing ~10 GB of random weights to disk and reading them back. Nothing else changes.
-            families.load_pipeline = lambda model_cfg, dev: common.build_sdxl_arch_random(
-                torch.device(dev), common.DTYPES[model_cfg.dtype]
+            families.load_pipeline = lambda model_cfg, dev: common.load_model(
+                model, torch.device(dev), common.DTYPES[model_cfg.dtype]
             )
         name = {v: k for k, v in common.DTYPES.items()}[dtype]
         ov = [
@@ -170,10 +167,10 @@ def free(device):
 
 def bench_mode(mode: str, args, device, dtype, peak) -> dict:
     rank = int(mode[4:]) if mode.startswith("lora") else None
-    h = args.size // 8
+    h, c = args.size // 8, args.latent_channels
     g = np.random.default_rng(0)
-    lat_w = g.standard_normal((args.pairs, 4, h, h), dtype=np.float32)
-    lat_l = g.standard_normal((args.pairs, 4, h, h), dtype=np.float32)
+    lat_w = g.standard_normal((args.pairs, c, h, h), dtype=np.float32)
+    lat_l = g.standard_normal((args.pairs, c, h, h), dtype=np.float32)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.pairs)]
     builders = {
         "reference_loop": lambda: ReferenceLoop(args.model, device, dtype, rank, args.beta, args.bench_family),
@@ -298,16 +295,18 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
     adapters disabled, plus the toggle itself) and backward + optimizer step (plain vs DeepSpeed engine)."""
     import statistics
 
-    unet, lrn = ref.unet, rl.learner
+    unet, lrn, fam = ref.unet, rl.learner, ref.family
     cfgu, b2, h = unet.config, 2 * pairs, size // 8
     x = torch.randn(b2, cfgu.in_channels, h, h, device=device, dtype=dtype)
     t = torch.randint(0, 1000, (b2,), device=device)
-    cond = ref.family.random_conditioning(ref.pipe, b2, device, dtype)
+    cond = fam.random_conditioning(ref.pipe, b2, device, dtype)
     med = lambda fn: statistics.median(common.timed(fn, device) for _ in range(n))  # noqa: E731
     out = {}
     with torch.no_grad():
-        out["ref_forward_plain_copy_s"] = med(lambda: ref.ref_unet(x, t, **cond))
-        enc, added = cond["encoder_hidden_states"], cond.get("added_cond_kwargs", {})
+        out["ref_forward_plain_copy_s"] = med(lambda: fam.call(ref.ref_unet, x, t, cond))
+        # rlfh's added conditioning: SDXL's added_cond_kwargs, SD3's pooled projections, SD1.5's none
+        enc = cond["encoder_hidden_states"]
+        added = cond.get("added_cond_kwargs", {k: v for k, v in cond.items() if k != "encoder_hidden_states"})
         out["ref_forward_rlfh_s"] = med(lambda: lrn.reference(x, t, enc, added))
         if lrn.ref_denoiser is None:
 
@@ -318,7 +317,7 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
             out["adapter_toggle_s"] = med(toggle)
 
     def plain():
-        loss = ref.unet(x, t, **cond).sample.float().square().mean()
+        loss = fam.call(ref.unet, x, t, cond).float().square().mean()
         t0 = time.perf_counter()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ref.params, 1.0)
@@ -328,7 +327,7 @@ def breakdown(ref: ReferenceLoop, rl: RlfhLearner, pairs: int, size: int, device
         return time.perf_counter() - t0
 
     def engine():
-        loss = lrn.engine(x, t, **cond).sample.float().square().mean()
+        loss = fam.call(lrn.engine, x, t, cond).float().square().mean()
         t0 = time.perf_counter()
         lrn.backward(loss)  # DeepSpeed's backward and step, as rlfh takes them
         common.sync(device)
@@ -419,6 +418,7 @@ def main(argv=None) -> dict:
         if getattr(args, k) is None:
             setattr(args, k, v)
     dtype = common.DTYPES[args.dtype]
+    args.latent_channels = common.latent_channels(args.model)
     record = common.machine(device)
     print(f"[learner] {record['device']}; model {args.model}, {args.size} px, {args.pairs} pair(s)/step, {dtype}")
     peak = common.matmul_peak(device, seconds=1.0 if args.smoke else 3.0)

@@ -1,5 +1,5 @@
 """Rollout throughput: rlfh's Sampler against the stock diffusers pipeline call (StableDiffusionXLPipeline, or
-the ``--family``'s own: StableDiffusionPipeline for sd15).
+the ``--family``'s own: StableDiffusionPipeline for sd15, StableDiffusion3Pipeline for sd3).
 
     python bench/rollout_bench.py                       # auto: GPU -> SDXL-arch 1024 px, CPU -> tiny 64 px
     python bench/rollout_bench.py --model sdxl-arch-random --batch-sizes 1,2,4,8,16 --steps 30 --no-compile
@@ -50,14 +50,14 @@ def defaults(device: torch.device, smoke: bool, family: common.BenchFamily) -> d
 
 def unet_flops_per_image(pipe, size: int, cfg: bool, device, dtype, family: common.BenchFamily) -> dict[str, int]:
     """FLOPs of one UNet forward for one image (2 rows with CFG) and of one VAE decode."""
-    unet, h = pipe.unet, size // pipe.vae_scale_factor
+    unet, h = family.denoiser(pipe), size // pipe.vae_scale_factor
     rows = 2 if cfg else 1
     x = torch.randn(rows, unet.config.in_channels, h, h, device=device, dtype=dtype)
     cond = family.random_conditioning(pipe, rows, device, dtype)
     t = torch.tensor([500] * rows, device=device)
     with torch.no_grad():
-        f_unet = common.count_flops(lambda: unet(x, t, **cond))
-        z = torch.randn(1, 4, h, h, device=device, dtype=dtype)
+        f_unet = common.count_flops(lambda: family.call(unet, x, t, cond))
+        z = torch.randn(1, pipe.vae.config.latent_channels, h, h, device=device, dtype=dtype)
         f_vae = common.count_flops(lambda: pipe.vae.decode(z))
     return {"unet_forward_per_image": f_unet, "vae_decode_per_image": f_vae}
 
@@ -71,7 +71,7 @@ def compile_phase(sampler, settings, row: dict, device, repeats: int) -> dict:
     bs = row["batch_size"]
     prompts, seeds = [PROMPTS[i % len(PROMPTS)] for i in range(bs)], list(range(1000, 1000 + bs))
     eager = sampler.sample(prompts, seeds, settings)
-    sampler.pipe.unet.to(memory_format=torch.channels_last)
+    sampler.family.model(sampler.pipe).to(memory_format=torch.channels_last)
     sampler.compile()
     first = common.timed(lambda: sampler.sample(prompts, seeds, settings), device)
     ts = [common.timed(lambda: sampler.sample(prompts, seeds, settings), device) for _ in range(max(repeats, 2))]
@@ -131,7 +131,9 @@ def profile_sampler(sampler, prompts, seeds, settings, top: int = 15) -> list[di
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="sdxl-arch-random | rlfh:tiny-sdxl | path or hub id")
+    ap.add_argument(
+        "--model", default=None, help="sdxl-arch-random | sd35m-arch-random | rlfh:tiny-sdxl | path or hub id"
+    )
     ap.add_argument(
         "--family",
         default="sdxl",
@@ -191,14 +193,16 @@ def main(argv=None) -> dict:
     pipe = pipes[0]
     sampler = Sampler(pipe, model_id=model)
     settings = SamplerSettings(steps, args.guidance, "", size, size)
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    targets = family.lora_targets()  # the UNets' to_q/k/v/out.0; SD3's joint-attention projections
+    denoiser = family.denoiser(pipe)
+    den_name = sampler.family.denoiser
     merged = unmerged = None
     if args.lora_rank:
         import copy
 
         # (d) the rollout actors' sampler: the LoRA merged into a UNet of its own, the rest shared
         pipe_m = type(pipe)(
-            **{**pipe.components, "unet": copy.deepcopy(pipe.unet), "scheduler": copy.deepcopy(pipe.scheduler)}
+            **{**pipe.components, den_name: copy.deepcopy(denoiser), "scheduler": copy.deepcopy(pipe.scheduler)}
         )
         pipe_m.set_progress_bar_config(disable=True)
         merged = Sampler(pipe_m, model_id=model)
@@ -212,7 +216,7 @@ def main(argv=None) -> dict:
 
     def adapters(on: bool):
         if args.lora_rank:
-            (pipe.unet.enable_adapters if on else pipe.unet.disable_adapters)()
+            (denoiser.enable_adapters if on else denoiser.disable_adapters)()
 
     peak = common.matmul_peak(device, seconds=1.0 if args.smoke else 3.0)
 
@@ -293,7 +297,8 @@ def main(argv=None) -> dict:
     merge_check = None
     if args.lora_rank:  # merged vs unmerged: the same policy up to rounding?
         adapters(True)
-        x = torch.randn(2, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
+        c = denoiser.config.in_channels
+        x = torch.randn(2, c, size // 8, size // 8, generator=torch.Generator().manual_seed(0))
         e_u, e_m = unmerged.denoiser_output(x, 500, pr[0]), merged.denoiser_output(x, 500, pr[0])
         e_0 = (adapters(False), sampler.denoiser_output(x, 500, pr[0]))[1]
         adapters(True)
@@ -308,7 +313,7 @@ def main(argv=None) -> dict:
             "images_differing_values": int((out_u.images != out_m.images).sum()),
             "images_values": int(out_u.images.size),
             "base_copy_bytes": merged.lora.base_bytes,
-            "unet_bytes": sum(p.numel() * p.element_size() for p in merged.pipe.unet.parameters()),
+            "unet_bytes": sum(p.numel() * p.element_size() for p in family.denoiser(merged.pipe).parameters()),
         }
 
     flops = unet_flops_per_image(pipe, size, args.guidance > 1.0, device, dtype, family)

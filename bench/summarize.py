@@ -195,16 +195,18 @@ def cpu_sh_summary(d: Path, out: Path) -> dict:
     return summary
 
 
-def gpu_sh_summary(d: Path, out: Path) -> dict:
-    """bench/gpu.sh's summary: device, GPU name, date, rollout/learner ratios and MFU, and the raw rows."""
-    ro = _load_first(d, ["gpu_rollout.json"])[1]
-    co = _load_first(d, ["gpu_rollout_compile.json"])[1]
-    le = _load_first(d, ["gpu_learner.json"])[1]
+def gpu_sh_summary(d: Path, out: Path, family: str = "sdxl") -> dict:
+    """bench/gpu.sh's summary: device, GPU name, date, rollout/learner ratios and MFU, and the raw rows; of
+    ``family``'s files (gpu_*.json for SDXL, gpu_<family>_*.json beside it)."""
+    prefix = "gpu_" if family == "sdxl" else f"gpu_{family}_"
+    names = [f"{prefix}{k}.json" for k in ("rollout", "rollout_compile", "learner")]
+    ro, co, le = (_load_first(d, [n])[1] for n in names)
     first = ro or le or co
     if not first:
         raise SystemExit(f"no gpu_*.json results in {d}")
     summary = {
         "benchmark": "gpu.sh",
+        "family": family,
         "device": first.get("device"),
         "gpu": (first.get("gpu") or {}).get("name"),
         "gpu_detail": first.get("gpu"),
@@ -228,15 +230,13 @@ def gpu_sh_summary(d: Path, out: Path) -> dict:
             "*_mfu": "FlopCounterMode FLOPs/s over the measured bf16 matmul peak",
         },
         "settings": {"rollout": ro.get("settings"), "compile": co.get("settings"), "learner": le.get("settings")},
-        "stage_times": _stage_times(d),
+        "stage_times": _stage_times(d, f"{prefix[len('gpu_') :]}stage_times.tsv"),
         "raw": {
             "rollout_rows": ro.get("rows"),
             "learner_rows": le.get("rows"),
             "matmul_peak": (ro or le).get("matmul_peak"),
         },
-        "sources": [
-            n for n in ("gpu_rollout.json", "gpu_rollout_compile.json", "gpu_learner.json") if (d / n).is_file()
-        ],
+        "sources": [n for n in names if (d / n).is_file()],
     }
     for k in ("gpu", "rollout_ratio", "rollout_lora_ratio", "rollout_mfu", "learner_ratio", "learner_mfu"):
         print(f"[summary] {k:>20}: {summary[k]}")
@@ -253,7 +253,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--cpu-sh", default=None, metavar="DIR", help="bench/cpu.sh's per-bench results: write --out")
     ap.add_argument("--gpu-sh", default=None, metavar="DIR", help="bench/gpu.sh's per-bench results: write --out")
     ap.add_argument("--out", default=None, help="summary path for --cpu-sh / --gpu-sh")
-    ap.add_argument("--family", default=None, help="with --cpu-sh: that family's stages only (not sdxl)")
+    ap.add_argument(
+        "--family", default=None, help="with --cpu-sh: that family's stages only (not sdxl); with --gpu-sh: its files"
+    )
     args = ap.parse_args(argv)
     if args.cpu_sh and args.family and args.family != "sdxl":
         out = Path(args.out or Path(args.cpu_sh).parent / f"cpu_summary_{args.family}.json")
@@ -261,7 +263,9 @@ def main(argv=None) -> dict:
     if args.cpu_sh:
         return cpu_sh_summary(Path(args.cpu_sh), Path(args.out or Path(args.cpu_sh).parent / "cpu_summary.json"))
     if args.gpu_sh:
-        return gpu_sh_summary(Path(args.gpu_sh), Path(args.out or common.RESULTS / "gpu_summary.json"))
+        fam = args.family or "sdxl"
+        default = "gpu_summary.json" if fam == "sdxl" else f"gpu_{fam}_summary.json"
+        return gpu_sh_summary(Path(args.gpu_sh), Path(args.out or common.RESULTS / default), fam)
     d = Path(args.dir)
     prefix = args.prefix or ("gpu_" if (d / "gpu_rollout.json").is_file() else "cpu_tiny_")
     parts = {

@@ -132,6 +132,9 @@ class ModelFamily(abc.ABC):
             (FLUX: ``rollout.guidance_scale`` is the distilled guidance embedding, not CFG); README's
             families table shows them.
         tiny_pretrain_steps: how long ``rlfh:tiny-<name>`` is trained on its synthetic latents.
+        last_step_untrainable: why reward back-propagation through the last sampling step alone trains
+            nothing on this family (None where it does); a ``learner.loss=draft`` config whose steps with
+            gradient are the last one only is refused with it.
     """
 
     name: ClassVar[str]
@@ -143,6 +146,7 @@ class ModelFamily(abc.ABC):
     refused: ClassVar[dict[str, str]] = {}
     notes: ClassVar[dict[str, str]] = {}
     tiny_pretrain_steps: ClassVar[int] = 300  # the tiny model's training steps (families/tiny.py)
+    last_step_untrainable: ClassVar[str | None] = None
 
     def decoder_input(self, vae: Any, latents: Tensor) -> Tensor:
         """The VAE decoder's input for denoiser-space latents: z / scaling_factor, plus the VAE's
@@ -271,6 +275,12 @@ class ModelFamily(abc.ABC):
     def deterministic_step(self, scheduler: Any, model_output: Tensor, t: Any, sample: Tensor) -> Tensor:
         """The noise-free step of :meth:`stochastic_scheduler` (outside a DDPO SDE window): DDIM with eta = 0."""
         return scheduler.step(model_output, t, sample, eta=0.0, return_dict=False)[0]
+
+    def step_and_x0(self, scheduler: Any, model_output: Tensor, t: Any, sample: Tensor) -> tuple[Tensor, Tensor]:
+        """(the noise-free step's x_{t'}, the x_0 prediction at x_t), differentiable in ``model_output``:
+        DDIM with eta = 0 and its ``pred_original_sample`` (reward back-propagation, rlfh/losses/draft.py)."""
+        out = scheduler.step(model_output, t, sample, eta=0.0, return_dict=True)
+        return out.prev_sample, out.pred_original_sample
 
     def step_kwargs(self, pipe: Any, generators: Any, eta: float) -> dict[str, Any]:
         """The extra keyword arguments of the sampler scheduler's ``step`` (eta and the generators), as the

@@ -218,6 +218,12 @@ class FlowFamily(DiffusersFamily):
     DDIM and is refused)."""
 
     denoiser = "transformer"
+    last_step_untrainable = (
+        "the flow scheduler's last step starts at its smallest sigma (1/N shifted: 0.003 on SD3) and ends at 0, so "
+        "its Jacobian sigma' - sigma (and ReFL's -sigma) is ~0 and the reward's gradient vanishes there; "
+        "back-propagate through two or more steps (learner.draft.k >= 2, k_range up to >= 2) or a ReFL "
+        "range ending before the last step"
+    )
 
     def noise_schedule(self, scheduler_config: Any) -> FlowSchedule:
         return FlowSchedule.from_config(scheduler_config)
@@ -271,6 +277,14 @@ class FlowFamily(DiffusersFamily):
         sigma, sigma_next = scheduler_sigmas(scheduler, t, sample.shape[0])
         dt = per_sample((sigma_next - sigma).to(sample.device), sample.ndim)
         return (sample.float() + dt * model_output).to(model_output.dtype)
+
+    def step_and_x0(self, scheduler: Any, model_output: Tensor, t: Any, sample: Tensor) -> tuple[Tensor, Tensor]:
+        """The Euler step x_t + (sigma' - sigma) v_hat and x0_hat = x_t - sigma v_hat (x_t = (1 - sigma) x0 +
+        sigma eps and v = eps - x0 give x0 = x_t - sigma v), float32, differentiable in v_hat."""
+        sigma, sigma_next = scheduler_sigmas(scheduler, t, sample.shape[0])
+        sig, sig_next = (per_sample(s.to(sample.device), sample.ndim) for s in (sigma, sigma_next))
+        x, v = sample.float(), model_output.float()
+        return x + (sig_next - sig) * v, x - sig * v
 
     def step_coefficients(self, scheduler: Any, t: Any, eta: float) -> tuple[Tensor, Tensor]:
         sigma, sigma_next = scheduler_sigmas(scheduler, t, 1)

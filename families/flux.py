@@ -78,8 +78,6 @@ class Flux(FlowFamily):
         "score_guidance": f"FaceScore's sampling guidance (rollout.score_guidance): {EPS_ONLY}",
         "guidance": f"the guidance loss's winner-noise target: {EPS_ONLY}",
         "guidance_free": f"CFG-free training distils the reference's classifier-free guidance: {NO_CFG}",
-        "draft": "reward backpropagation samples with DDIM on the DDPM schedule (rlfh/learner/steps.py: "
-        "train_prompts); its flow-matching sampler is not written yet",
     }
     notes = {
         "cfg": "the scale is FLUX.1-dev's guidance embedding (no CFG batch, the negative prompt unused), as "

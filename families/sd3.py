@@ -52,8 +52,6 @@ class SD3(FlowFamily):
         "hcp": NO_CROSS_ATTENTION,
         "score_guidance": f"FaceScore's sampling guidance (rollout.score_guidance): {EPS_ONLY}",
         "guidance": f"the guidance loss's winner-noise target: {EPS_ONLY}",
-        "draft": "reward backpropagation samples with DDIM on the DDPM schedule (rlfh/learner/steps.py: "
-        "train_prompts); its flow-matching sampler is not written yet",
     }
     # Its 333 text tokens (77 CLIP + 256 T5 zeros) make a step ~6x the 16 image tokens' cost on CPU: fewer
     # steps than the UNets' 300 (batch 32) still give samples that respond to a policy update.

@@ -9,6 +9,7 @@ further out than any seen.
 
     python -m tests.learning_sweep ddpo_window --seeds 0 1 2 3 4
     ATEN_CPU_CAPABILITY=default python -m tests.learning_sweep nft --seeds 0 1 2
+    python -m tests.learning_sweep dpo --model rlfh:tiny-sd3 --seeds 0 1 2
     python -m tests.learning_sweep --list
 """
 
@@ -25,6 +26,8 @@ def runs() -> dict:
     from pathlib import Path
 
     from tests import test_online_rl_end_to_end as e2e
+    from tests import test_sd15_end_to_end as sd15
+    from tests.families import test_sd3_learning as flow_draft
     from tests.rlfh import gardo_collapse, test_ddpo, test_losses_draft, test_online_rl
 
     def cli(loss):  # the whole product: `rlfh train` with Ray and DeepSpeed, then fresh samples at fixed seeds
@@ -32,8 +35,15 @@ def runs() -> dict:
             d, Path(tempfile.mkdtemp()) / "run", loss, int(rounds), seed=s
         )
 
+    def dpo(d, s, rounds=sd15.DPO_ROUNDS, **kw):  # kw: config keys, learner__lr="1e-3" for learner.lr
+        before, after = sd15.dpo_gain(d, s, int(rounds), *(f"{k.replace('__', '.')}={v}" for k, v in kw.items()))
+        return after - before
+
     return {
+        "dpo": dpo,
         "ddpo": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(d, None, seed=s, **kw),
+        # a flow model's DDPO/GRPO: the family's own sampler made stochastic (the Flow-GRPO SDE step)
+        "ddpo_flow": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(d, None, seed=s, scheduler="default", **kw),
         "ddpo_window": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(d, 2, seed=s, **kw),
         "ddpo_branch": lambda d, s, **kw: test_ddpo.ddpo_learning_gain(
             d, 2, branch=True, groups=4, seed=s, **{"rounds": 8, **kw}
@@ -48,6 +58,13 @@ def runs() -> dict:
             f"draft_{v}": lambda d, s, v=v, **kw: test_losses_draft.draft_learning_gain(d, v, seed=s, **kw)
             for v in ("refl", "draft_k", "alignprop", "draft_lv")
         },
+        # on a flow model: its Euler sampler, and gradient through more than the last (sigma ~ 0) step
+        **{
+            f"flow_draft_{v}": lambda d, s, v=v, **kw: test_losses_draft.draft_learning_gain(
+                d, v, seed=s, scheduler="default", overrides=flow_draft.FLOW_DRAFT[v], **kw
+            )
+            for v in ("refl", "draft_k")
+        },
         "gardo_spread": lambda d, s, **kw: gardo_collapse.spread_kept(d, seed=s, **kw)[0],
     }
 
@@ -58,6 +75,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--set", nargs="*", default=[], help="keyword=value arguments of the run (e.g. lr=5e-3 epochs=2)")
+    ap.add_argument("--model", default="rlfh:tiny-sdxl", help="the tiny model trained (rlfh:tiny-sd3, ...)")
     args = ap.parse_args()
     table = runs()
     if args.list or args.name not in table:
@@ -65,7 +83,7 @@ def main() -> None:
         return
     from families import resolve_model_path
 
-    model = resolve_model_path("rlfh:tiny-sdxl")
+    model = resolve_model_path(args.model)
     numerics = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS") if k in os.environ}
     kwargs = {k: (int(v) if v.isdigit() else v) for k, v in (a.split("=", 1) for a in args.set)}
     gains = []
@@ -75,7 +93,7 @@ def main() -> None:
         print(f"[sweep] {args.name} seed {seed}: gain {gains[-1]:+.4f} ({time.time() - t0:.0f} s)", flush=True)
     sd = statistics.stdev(gains) if len(gains) > 1 else float("nan")
     print(
-        f"[sweep] {args.name} {numerics or 'default numerics'}: gains {[round(g, 4) for g in gains]}, "
+        f"[sweep] {args.name} on {args.model} {numerics or 'default numerics'}: gains {[round(g, 4) for g in gains]}, "
         f"mean {statistics.mean(gains):+.4f}, sd {sd:.4f}, min {min(gains):+.4f}"
     )
 

@@ -126,24 +126,23 @@ DPO_ROUNDS = 6
 DPO_MARGIN = 0.16
 
 
-def dpo_gain(tiny_sd15_dir: str, seed: int) -> tuple[float, float]:
-    from families import load_pipeline
+def dpo_gain(model_dir: str, seed: int, rounds: int = DPO_ROUNDS, *overrides: str) -> tuple[float, float]:
+    """The reward at fixed seeds before and after ``rounds`` online DPO rounds on ``model_dir`` (any family)."""
     from rlfh.config.schema import load_config
     from rlfh.data.batches import ScoredSamples
     from rlfh.data.pairs import learner_batch
     from rlfh.learner.engine import LearnerEngine
     from rlfh.learner.steps import train
-    from rollouts.sampler import Sampler
     from rollouts.types import SamplerSettings
     from tests.conftest import REPO
+    from tests.rlfh.learner_sampler import policy_sampler
 
     cfg = load_config(
-        REPO / "configs" / "tiny.yaml", [f"model.path={tiny_sd15_dir}", f"seed={seed}", "rollout.num_inference_steps=4"]
+        REPO / "configs" / "tiny.yaml",
+        [f"model.path={model_dir}", f"seed={seed}", "rollout.num_inference_steps=4", *overrides],
     )
     lrn = LearnerEngine(cfg)
-    s = Sampler(load_pipeline(cfg.model))
-    s.add_lora(cfg.model.lora.rank, cfg.model.lora.alpha, cfg.model.lora.target_modules)
-    s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
+    s = policy_sampler(cfg, lrn)
     st = SamplerSettings(4, 1.0, "", 64, 64)
     prompts = [p for p in cfg.rollout.prompts for _ in range(4)]
 
@@ -151,14 +150,14 @@ def dpo_gain(tiny_sd15_dir: str, seed: int) -> tuple[float, float]:
         return float(s.sample(prompts, list(range(900_000, 900_016)), st).latents[:, 0].mean())
 
     before = reward_at_fixed_seeds()
-    for rnd in range(DPO_ROUNDS):
+    for rnd in range(rounds):
         b = s.sample(prompts, [seed * 1000 + rnd * 16 + i for i in range(16)], st)
         scores = b.latents[:, 0].mean(axis=(1, 2)).tolist()
         samples = ScoredSamples(b.latents, prompts, prompts, scores, [{}] * 16, (64, 64), conditioning=b.conditioning)
         batch, _ = learner_batch(cfg.learner, samples)
         train(lrn, batch, epochs=cfg.learner.epochs_per_round)
         s.load_lora(lrn.lora_state_dict(), lrn.policy_version)
-    assert not lrn.has_text_encoders  # trained from the rollouts' SD1.5 prompt rows
+    assert not lrn.has_text_encoders  # trained from the rollouts' prompt rows
     return before, reward_at_fixed_seeds()
 
 

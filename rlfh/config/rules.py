@@ -130,6 +130,7 @@ def differentiable_reward_rules(cfg) -> list[str]:
             f"learner.reference.kl_coef={cfg.learner.reference.kl_coef} is the KL on forward-noised samples; "
             f"learner.loss={cfg.learner.loss} takes its KL at its own sampling steps: set learner.draft.kl_coef"
         )
+    p += draft_family_problems(cfg)
     for i, entry in enumerate(cfg.rewards):
         try:
             factory = resolve(entry.target)
@@ -433,6 +434,29 @@ def model_family(model) -> tuple[object | None, list[str]]:
             f"{found.name!r}); drop model.family or make it {found.name}"
         ]
     return found, []
+
+
+def draft_family_problems(cfg) -> list[str]:
+    """learner.draft x model: a variant whose only step with gradient is the sampler's last, on a family where
+    that step carries no gradient (``ModelFamily.last_step_untrainable``: the flow models)."""
+    from rlfh.losses.draft import refl_steps
+
+    family, _ = model_family(cfg.model)
+    reason = getattr(family, "last_step_untrainable", None)
+    d, n = cfg.learner.draft, cfg.rollout.num_inference_steps
+    if reason is None or n < 1 or len(d.k_range) != 2 or len(d.refl_range) != 2:
+        return []  # a malformed range is the section's own problem (DraftConfig.problems)
+    last_only = {
+        "draft_k": d.k == 1,
+        "alignprop": d.k_range[1] == 1,
+        "draft_lv": True,
+        "refl": refl_steps(d.refl_range, n)[0] == n - 1,
+    }[d.variant]
+    if not last_only:
+        return []
+    return [
+        f"learner.draft.variant={d.variant} trains the last sampling step alone on the {family.name} family: {reason}"
+    ]
 
 
 # The methods a family's ``refused`` may name besides the losses (``learner.loss``), each with the setting

@@ -4,14 +4,17 @@
     for each optimizer step (epochs x shuffled prompts, as every loop of rlfh/learner/steps.py):
         for each micro-batch of this rank's prompts:
             x_T ~ N(0, I) from the engine's generator
-            sample with the trained UNet (deterministic DDIM, the rollout's steps, guidance and size),
+            sample with the trained denoiser (deterministic DDIM, or the flow models' Euler steps; the
+                rollout's steps, guidance and size),
                 the variant's steps with gradient, the others without (rlfh/losses/draft.py)
             decode with the VAE (checkpointed), score with every differentiable reward
             L_g per region, combined by the fairness rule, + kl_coef * KL; back-propagate
 
 The learner samples itself because the gradient runs through its own sampling steps: the rollouts' samples
 give the round's prompts (and the reward metrics of the round) only. The sampler here is DDIM with eta = 0
-over the model's noise schedule (``ModelFamily.stochastic_scheduler``), whatever ``rollout.scheduler`` is.
+over the model's noise schedule (``ModelFamily.stochastic_scheduler``), whatever ``rollout.scheduler`` is;
+on a flow model (SD3) the probability-flow ODE's Euler steps of its own flow-matching scheduler, the
+x_0 prediction x0_hat = x_t - sigma v_hat (``ModelFamily.step_and_x0``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def sampling_step(lrn: LearnerEngine, scheduler, timesteps, conds: dict, guidanc
         t = timesteps[i]
         cond = conds[x.shape[0]]
         eps = family.guided_prediction(lrn.denoiser, scheduler, x.to(lrn.dtype), t, cond, guidance_scale).float()
-        out = scheduler.step(eps, t, x.float(), eta=0.0, return_dict=True)
+        x_next, x0 = family.step_and_x0(scheduler, eps, t, x.float())
         term = None
         if kl and torch.is_grad_enabled():
             with torch.no_grad():
@@ -42,20 +45,20 @@ def sampling_step(lrn: LearnerEngine, scheduler, timesteps, conds: dict, guidanc
                     lrn.reference_denoiser(), scheduler, x.to(lrn.dtype), t, cond, guidance_scale
                 )
             term = (eps - ref.float()).pow(2).mean()
-        return Step(out.prev_sample, out.pred_original_sample, term)
+        return Step(x_next, x0, term)
 
     return step
 
 
 def decode(lrn: LearnerEngine, x: torch.Tensor, checkpoint: bool) -> torch.Tensor:
-    """UNet-space latents (B, 4, h, w) -> images (B, 3, H, W) float32 in [0, 1], differentiable; the decoder
+    """Denoiser-space latents (B, C, h, w) -> images (B, 3, H, W) float32 in [0, 1], differentiable; the decoder
     under activation checkpointing when asked (its activations at full resolution dominate the memory)."""
     vae = lrn.vae
     if vae is None:
         raise RuntimeError("learner.loss=draft decodes its samples: the learner must keep the VAE")
 
     def run(z: torch.Tensor) -> torch.Tensor:
-        img = vae.decode(z.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+        img = vae.decode(lrn.family.decoder_input(vae, z.to(vae.dtype)), return_dict=False)[0]
         return (img.float() / 2 + 0.5).clamp(0, 1)
 
     if checkpoint and x.requires_grad:

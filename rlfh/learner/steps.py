@@ -126,6 +126,7 @@ def train_pairs(lrn: LearnerEngine, pairs: PairBatch, epochs: int = 1) -> dict[s
                 masks_l,
                 list(lc.regions.names),
                 lc.regions.scale,
+                target_l=target[b:],  # the loser's own: a velocity target holds its x0
             )
             extra = regularizers(lrn, pred, ref, x_t, t, h, w, metrics)
             extra = plus(extra, hcp_term(lrn, t, prompts + prompts, (pairs.priors_w, pairs.priors_l), idx, metrics))
@@ -384,10 +385,14 @@ def train_prompts(lrn: LearnerEngine, batch: PromptBatch, epochs: int = 1) -> di
     dc = lc.draft
     rewards = differentiable_rewards(lrn)
     scheduler = lrn.family.stochastic_scheduler(lrn.pipe.scheduler.config)
-    scheduler.set_timesteps(rc.num_inference_steps, device=lrn.device)
+    lrn.family.set_timesteps(scheduler, rc.num_inference_steps, rc.height, rc.width, lrn.device)
     timesteps = scheduler.timesteps
     n = len(timesteps)
-    abar_last = float(scheduler.alphas_cumprod[int(timesteps[-1])])
+    t_last = timesteps[-1]  # draft_lv re-noises x_0 to the last step's start with the training forward process
+
+    def renoise_last(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        return lrn.schedule.add_noise(x0, eps, t_last)
+
     negative = rc.negative_prompt if rc.guidance_scale > 1.0 else None
     copies = dc.lv_n if dc.variant == "draft_lv" else 1
     history = []
@@ -401,10 +406,11 @@ def train_prompts(lrn: LearnerEngine, batch: PromptBatch, epochs: int = 1) -> di
             }
             step_fn = sampling_step(lrn, scheduler, timesteps, conds, rc.guidance_scale, dc.kl_coef > 0)
             latent_hw = (rc.height // lrn.vae_scale, rc.width // lrn.vae_scale)
-            channels = lrn.denoiser.config.in_channels
+            channels = lrn.family.latent_channels(lrn.pipe)
             x_T = torch.randn((len(prompts), channels, *latent_hw), generator=lrn.generator)
-            x_T = (x_T * scheduler.init_noise_sigma).to(lrn.device)
-            x, kl, metrics = scored_latents(dc, x_T, n, step_fn, abar_last, lrn.generator)
+            # a flow scheduler has no init_noise_sigma: its chain starts at sigma = 1, x_1 = eps
+            x_T = (x_T * getattr(scheduler, "init_noise_sigma", 1.0)).to(lrn.device)
+            x, kl, metrics = scored_latents(dc, x_T, n, step_fn, renoise_last, lrn.generator)
             images = decode(lrn, x, dc.checkpoint)
             verdicts = score(rewards, images, prompts * copies, list(lc.regions.names), metrics)
             objectives, present = region_objectives(verdicts)

@@ -25,11 +25,16 @@ output):
                (randomized truncation), capped at n.
     draft_lv   x_n sampled without gradient; then, for j = 1..m (m = ``lv_n``):
                    x_{n-1}^(j) = sqrt(abar_{t_{n-1}}) x_n + sqrt(1 - abar_{t_{n-1}}) eps^(j),  eps^(j) ~ N(0, I)
+               (a flow model's forward process: x_{n-1}^(j) = (1 - sigma_{n-1}) x_n + sigma_{n-1} eps^(j))
                and the last step is taken from each with gradient; the rewards are averaged over the m
                (K = 1 with m re-noised copies: a lower-variance estimate of the last step's gradient).
     refl       j ~ U{floor(lo n) .. ceil(hi n) - 1} (``refl_range`` = [lo, hi]); x_j reached without gradient;
                one step with gradient and its x_0 prediction scored:
                    x^b = x0_hat(x_j) = (x_j - sqrt(1 - abar_{t_j}) eps_hat_j) / sqrt(abar_{t_j}).
+
+On a flow-matching model (SD3: velocity v_hat, x_t = (1 - sigma) x_0 + sigma eps, v = eps - x_0) the steps
+are the probability-flow ODE's Euler steps x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v_hat_i and ReFL's
+prediction is x0_hat(x_j) = x_j - sigma_j v_hat_j (docs/online_rl.md, reward back-propagation).
 
 The loss is the plain -r of the papers' objective; ImageReward's training code instead takes relu(2 - r) scaled by
 1e-3 and alternates ReFL steps with the pre-training loss, which rlfh leaves to the KL term.
@@ -160,10 +165,20 @@ def renoise(x0: Tensor, abar: float, noise: Tensor) -> Tensor:
 
 
 def scored_latents(
-    cfg: DraftConfig, x_T: Tensor, n: int, step: StepFn, abar_last: float, generator: torch.Generator
+    cfg: DraftConfig,
+    x_T: Tensor,
+    n: int,
+    step: StepFn,
+    renoise_last: float | Callable[[Tensor, Tensor], Tensor],
+    generator: torch.Generator,
 ) -> tuple[Tensor, Tensor | None, dict[str, float]]:
     """The latents the variant scores (B, or m B for draft_lv: copy j of sample b at row j B + b), the mean
-    KL of its steps with gradient (None without) and the step indices drawn (metrics)."""
+    KL of its steps with gradient (None without) and the step indices drawn (metrics). ``renoise_last``:
+    draft_lv's x_{n-1}^(j) from (x_n, eps^(j)), the model's forward process at t_{n-1}; a number is abar_{t_{n-1}}
+    of the DDPM form (:func:`renoise`)."""
+    if not callable(renoise_last):
+        abar = float(renoise_last)
+        renoise_last = lambda x0, noise: renoise(x0, abar, noise)  # noqa: E731
     start = first_grad_step(cfg, n, generator)
     if cfg.variant == "refl":
         out, kls = sample_chain(x_T, n, start, step, cfg.checkpoint, stop=start + 1)
@@ -171,7 +186,7 @@ def scored_latents(
     elif cfg.variant == "draft_lv":
         out, _ = sample_chain(x_T, n, n, step, cfg.checkpoint)
         noise = torch.randn((cfg.lv_n, *x_T.shape), generator=generator).to(x_T.device, x_T.dtype)
-        x_prev = renoise(out.x_next, abar_last, noise).flatten(0, 1)
+        x_prev = renoise_last(out.x_next.detach().expand_as(noise), noise).flatten(0, 1)
         last = run_step(step, x_prev, n - 1, cfg.checkpoint)
         x, kls = last.x_next, [] if last.kl is None else [last.kl]
     else:

@@ -82,9 +82,12 @@ def pairwise_objectives(
     masks_l: dict[str, Tensor],
     regions: list[str],
     scale: float,
+    target_l: Tensor | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """The DPO-family loss of each region present in the micro-batch, and its metrics: the sigmoid loss,
-    or the spec's ``variant`` (rlfh/losses/dpo_variants.py)."""
+    or the spec's ``variant`` (rlfh/losses/dpo_variants.py). ``target`` is the winner's training target and
+    ``target_l`` the loser's; None: the winner's, which is the loser's too for eps-prediction (both are the
+    shared eps), not for v-prediction or a flow model's velocity eps - x0 (it holds each one's x0)."""
     spec = loss_spec(loss)
     if spec.batch != PAIRS:
         raise ValueError(f"pairwise objectives are for losses that train on {PAIRS}, not {loss!r}")
@@ -95,9 +98,15 @@ def pairwise_objectives(
         valid = has_region(masks_w, region, b, pred_w.device) | has_region(masks_l, region, b, pred_w.device)
         if not bool(valid.any()):
             continue
+        tl = target if target_l is None else target_l
         m = [
-            region_errors(p, target, region, mk, scale)[valid]
-            for p, mk in ((pred_w, masks_w), (pred_l, masks_l), (ref_w, masks_w), (ref_l, masks_l))
+            region_errors(p, tg, region, mk, scale)[valid]
+            for p, tg, mk in (
+                (pred_w, target, masks_w),
+                (pred_l, tl, masks_l),
+                (ref_w, target, masks_w),
+                (ref_l, tl, masks_l),
+            )
         ]
         out = dpo_loss_from_mse(m[0], m[1], m[2], m[3], beta)  # diagnostics (and the sigmoid loss)
         if spec.variant is None:

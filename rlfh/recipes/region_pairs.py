@@ -277,6 +277,18 @@ class DiffusersInpainter:
         import torch
         from diffusers import AutoPipelineForInpainting
 
+        from families import detect_family
+
+        family = detect_family(path)
+        if family.denoiser != "unet":
+            # SD3's inpainting pipeline VAE-encodes any image that is not 16-channel latents and shifts and
+            # scales its masked-image latents: the run's latents cannot be handed to it as they are
+            raise ValueError(
+                f"data.region_pairs.pipeline={path}: a {family.name} ({family.pipeline_class}) inpainting "
+                f"pipeline is not supported here (this inpainter hands a UNet pipeline the run's latents as "
+                f"they are); leave data.region_pairs.pipeline unset: the policy itself inpaints on the "
+                f"{family.name} flow schedule (masked SDEdit, Sampler.refine)"
+            )
         self.pipe = AutoPipelineForInpainting.from_pretrained(path, dtype=torch.float32).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         if self.pipe.unet.config.in_channels != 4:

@@ -103,8 +103,8 @@ def test_sampler_equals_stock_diffusers_pipeline(pipe, tiny_flux_dir):
 
 
 def test_config_rules_of_the_flux_family():
-    """ddpo needs only rollout.eta > 0; the UNets' DDIM scheduler, the eps-only methods, HcP and CFG-free
-    training are refused naming the key and the reason."""
+    """ddpo needs only rollout.eta > 0; the UNets' DDIM scheduler, the eps-only methods, HcP, CFG-free
+    training and reward backpropagation through the last step alone are refused naming the key and the reason."""
     assert config("model.path=rlfh:tiny-flux", *FLOW_DDPO, "rollout.guidance_scale=3.5").rollout.scheduler == "default"
     refused = {
         "rollout.scheduler=ddim": "rollout.scheduler=ddim does not apply to the flux model family",
@@ -112,7 +112,9 @@ def test_config_rules_of_the_flux_family():
         "learner.dpo.guidance.coef=1.0": "learner.dpo.guidance.coef=1.0 does not apply to the flux model family",
         "learner.guidance_free.scale=3": "learner.guidance_free.scale=3.0 does not apply to the flux model family: "
         "CFG-free training distils",
-        "learner.loss=draft": "learner.loss=draft does not apply to the flux model family",
+        # reward backpropagation works on FLUX (tests/families/test_sd3_learning.py), but not through the last
+        # sampling step alone (draft_k's default K = 1), whose sigma carries no gradient
+        "learner.loss=draft": "learner.draft.variant=draft_k trains the last sampling step alone on the flux family",
     }
     for override, message in refused.items():
         with pytest.raises(ConfigError, match=message):

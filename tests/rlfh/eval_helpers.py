@@ -58,25 +58,26 @@ class BrightestBox(Reward):
 
 
 def make_lora(model_dir: str, out_dir: Path, scale: float = 0.5, seed: int = 0) -> Path:
-    """A perturbed LoRA on the tiny UNet, saved in the diffusers format (no training needed)."""
+    """A perturbed LoRA on the tiny model's denoiser (any family: its LoRA targets, written by the family's
+    ``save_lora`` as the stock pipeline's ``load_lora_weights`` reads it; no training needed)."""
     import torch
-    from diffusers import StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    pipe.unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    )
+    from families import add_lora, family_of, load_pipeline
+    from rlfh.config.schema import ModelConfig
+
+    pipe = load_pipeline(ModelConfig(path=model_dir))
+    family = family_of(pipe)
+    denoiser = family.model(pipe)
+    add_lora(denoiser, 4, 4.0, family.lora_targets)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in pipe.unet.named_parameters():
+        for name, p in denoiser.named_parameters():
             if "lora_B" in name:  # lora_B starts at zero: perturbing it makes the adapter act
                 p.copy_(torch.randn(p.shape, generator=g) * scale)
     out_dir.mkdir(parents=True, exist_ok=True)
-    StableDiffusionXLPipeline.save_lora_weights(
-        out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    )
+    adapter = {"r": 4, "lora_alpha": 4.0, "target_modules": sorted(family.lora_targets)}
+    family.save_lora(out_dir, get_peft_model_state_dict(denoiser), adapter)
     return out_dir
 
 

@@ -163,7 +163,7 @@ def test_learner_recomputes_recorded_logprobs_then_learns(cfg, tiny_model_dir, w
 
 def deterministic_reward(s, st):
     """Mean of latent channel 0 of eta = 0 samples at fixed seeds: the policy's own change only."""
-    ev = SamplerSettings(st.num_inference_steps, st.guidance_scale, "", st.height, st.width, 0.0, "ddim")
+    ev = SamplerSettings(st.num_inference_steps, st.guidance_scale, "", st.height, st.width, 0.0, st.scheduler)
     return float(s.sample(["a", "b"] * 4, list(range(1000, 1008)), ev).latents[:, 0].mean())
 
 
@@ -195,17 +195,19 @@ def ddpo_learning_run(
     rounds: int = 12,
     seed: int = 0,
     overrides: tuple[str, ...] = ("learner.ddpo.clip_range=0.2",),
+    scheduler: str = "ddim",
 ) -> tuple[float, list[dict]]:
     """The rise of ``deterministic_reward`` over ``rounds`` online DDPO rounds of ``groups`` prompts x 4 samples,
     and each round's training metrics. ``seed`` moves the LoRA initialisation, the learner's noise and every
-    round's sampling seeds (the evaluation seeds stay fixed), as another machine's rounding would move them."""
+    round's sampling seeds (the evaluation seeds stay fixed), as another machine's rounding would move them.
+    ``scheduler``: ``rollout.scheduler`` (``default`` on a flow model: its SDE step with ``rollout.eta=1.0``)."""
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
         [
             f"model.path={tiny_model_dir}",
             f"seed={seed}",
             "learner.loss=ddpo",
-            "rollout.scheduler=ddim",
+            f"rollout.scheduler={scheduler}",
             "rollout.eta=1.0",
             "rollout.num_inference_steps=4",
             "rollout.guidance_scale=1.0",
@@ -220,7 +222,7 @@ def ddpo_learning_run(
         ],
     )
     lrn = LearnerEngine(cfg)
-    s = policy_sampler(cfg, lrn, scheduler="ddim")
+    s = policy_sampler(cfg, lrn, scheduler=scheduler)
     st = settings_of(cfg)
     before = deterministic_reward(s, st)
     prompts = [p for p in "abcd"[:groups] for _ in range(4)]
@@ -245,9 +247,20 @@ def ddpo_learning_run(
 
 
 def ddpo_learning_gain(
-    tiny_model_dir, window=None, branch: bool = False, groups: int = 2, rounds: int = 12, seed: int = 0
+    tiny_model_dir,
+    window=None,
+    branch: bool = False,
+    groups: int = 2,
+    rounds: int = 12,
+    seed: int = 0,
+    scheduler: str = "ddim",
+    **overrides,
 ) -> float:
-    return ddpo_learning_run(tiny_model_dir, window, branch, groups, rounds, seed)[0]
+    """:func:`ddpo_learning_run`'s gain; ``overrides`` as config keys (``learner__lr="1e-2"``: learner.lr)."""
+    extra = tuple(f"{k.replace('__', '.')}={v}" for k, v in overrides.items())
+    return ddpo_learning_run(
+        tiny_model_dir, window, branch, groups, rounds, seed, ("learner.ddpo.clip_range=0.2", *extra), scheduler
+    )[0]
 
 
 @pytest.mark.slow  # a learning run: 28 s beside another worker

@@ -217,3 +217,96 @@ def test_errors_name_the_path(exported_run, tmp_path, capsys):
 
     assert main(["export", str(tmp_path), "--format", "kohya"]) == 2
     assert "not an rlfh checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- SD3: the transformer's LoRA
+
+
+@pytest.fixture(scope="module")
+def sd3_run(tiny_sd3_dir, tmp_path_factory):
+    """An SD3 run directory whose one checkpoint holds a LoRA of diffusers' SD3 targets written by the family
+    (tests/families/lora_check.py: it loads with the stock ``load_lora_weights`` and moves its output), and
+    that stock pipeline's latents with it."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from families.sd3 import SD3
+    from rlfh.config.schema import load_config, save_config
+    from rlfh.run.checkpoints import checkpoint_dir, mark_latest, write_file_manifest
+    from tests.conftest import REPO
+    from tests.families.lora_check import assert_lora_loads_in_stock_pipeline
+
+    run = tmp_path_factory.mktemp("export-sd3") / "run"
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.path=rlfh:tiny-sd3", f"run_dir={run}"])
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    ckpt = checkpoint_dir(run, 1)
+    ckpt.mkdir(parents=True)
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    stock.set_progress_bar_config(disable=True)
+    assert_lora_loads_in_stock_pipeline(SD3(), tiny_sd3_dir, stock, ckpt, lora_b_std=0.2)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"round": 1, "policy_version": 1}))
+    write_file_manifest(ckpt)
+    mark_latest(run, ckpt)
+    with_lora = sd3_latents(stock)
+    stock.delete_adapters(stock.get_active_adapters())
+    return run, ckpt, stock, with_lora
+
+
+def sd3_latents(pipe) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    kw = dict(num_inference_steps=2, height=64, width=64, guidance_scale=1.0, output_type="latent")
+    return pipe("a photo of a person", generator=g, **kw).images
+
+
+def test_sd3_diffusers_and_peft_exports_load_and_move_the_stock_pipeline(sd3_run, tmp_path):
+    """The diffusers file loads with ``StableDiffusion3Pipeline.load_lora_weights`` and the peft folder with
+    ``PeftModel.from_pretrained(pipe.transformer, DIR)``; each gives the checkpoint's own output, not the base's;
+    the card names the family and the denoiser."""
+    from peft import PeftModel
+
+    from rlfh.run.export import export
+
+    run, _, stock, with_lora = sd3_run
+    base = sd3_latents(stock)
+    assert (with_lora - base).abs().max() > 1e-2
+    done = export(run, "diffusers", tmp_path / "sd3.safetensors")
+    stock.load_lora_weights(str(done.path), adapter_name="exported")
+    torch.testing.assert_close(sd3_latents(stock), with_lora, rtol=0, atol=1e-5)
+    stock.delete_adapters("exported")
+    card = done.card.read_text()
+    assert "model family: sd3" in card and "LoRA of the transformer" in card and "sd3]" in card
+
+    peft_dir = export(run, "peft", tmp_path / "peft").path
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 2.0 and "attn.add_q_proj" in config["target_modules"]
+    assert "PeftModel.from_pretrained(pipe.transformer" in (peft_dir / "README.md").read_text()
+    model = PeftModel.from_pretrained(copy.deepcopy(stock.transformer), str(peft_dir))
+    clean, stock.transformer = stock.transformer, model.base_model.model  # the adapted modules, in place
+    try:
+        torch.testing.assert_close(sd3_latents(stock), with_lora, rtol=0, atol=1e-5)
+    finally:
+        stock.transformer = clean
+
+
+def test_sd3_kohya_export_is_refused_with_the_reason(tmp_path):
+    """A checkpoint holding a transformer LoRA as the SD3 family writes it (no model needed to write one)."""
+    from families.sd3 import SD3
+    from rlfh.config.schema import load_config, save_config
+    from rlfh.run.checkpoints import checkpoint_dir, write_file_manifest
+    from rlfh.run.export import ExportError, export
+    from tests.conftest import REPO
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(load_config(REPO / "configs" / "tiny.yaml", ["model.path=rlfh:tiny-sd3"]), run / "config.yaml")
+    ckpt = checkpoint_dir(run, 1)
+    ckpt.mkdir(parents=True)
+    module = "transformer_blocks.0.attn.to_q"
+    state = {f"{module}.lora_A.weight": torch.ones(4, 8), f"{module}.lora_B.weight": torch.ones(8, 4)}
+    SD3().save_lora(ckpt, state, {"r": 4, "lora_alpha": 2.0, "target_modules": ["attn.to_q"]})
+    (ckpt / "trainer_state.json").write_text(json.dumps({"round": 1}))
+    write_file_manifest(ckpt)
+    with pytest.raises(ExportError, match="kohya is not written for a LoRA of the sd3 transformer") as e:
+        export(ckpt, "kohya", tmp_path / "k" / "sd3.safetensors")
+    assert "converts no kohya keys" in str(e.value) and str(ckpt) in str(e.value)
+    assert not (tmp_path / "k").exists()  # nothing written

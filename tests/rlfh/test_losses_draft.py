@@ -195,10 +195,18 @@ def bright_face_at_fixed_seeds(sampler, settings) -> float:
     return float(np.mean([r.value for r in BrightFace(BOX)(b.images, b.prompts)]))
 
 
-def draft_learning_gain(tiny_model_dir, variant: str, seed: int = 0, rounds: int = 5, lr: str = "5e-2") -> float:
+def draft_learning_gain(
+    tiny_model_dir,
+    variant: str,
+    seed: int = 0,
+    rounds: int = 5,
+    lr: str = "5e-2",
+    scheduler: str = "ddim",
+    overrides: tuple[str, ...] = (),
+) -> float:
     """The rise of BrightFace at fixed seeds over ``rounds`` rounds of ``variant`` on 4 prompts (2 optimizer steps
     of 2 a round); ``seed`` moves the LoRA initialisation and the learner's x_T. The evaluation samples with the
-    deterministic DDIM the learner samples with."""
+    deterministic DDIM the learner samples with (``scheduler=default`` on a flow model: its Euler steps)."""
     from families import load_pipeline
     from rlfh.data.batches import PromptBatch
     from rlfh.learner.engine import LearnerEngine
@@ -222,13 +230,14 @@ def draft_learning_gain(tiny_model_dir, variant: str, seed: int = 0, rounds: int
             "rollout.guidance_scale=1.0",
             f"learner.lr={lr}",
             f"seed={seed}",
+            *overrides,
         ],
     )
     lrn = LearnerEngine(cfg)
-    s = Sampler(load_pipeline(cfg.model), scheduler="ddim")
+    s = Sampler(load_pipeline(cfg.model), scheduler=scheduler)
     lc, rc = cfg.model.lora, cfg.rollout
     s.add_lora(lc.rank, lc.alpha, lc.target_modules)
-    st = SamplerSettings(rc.num_inference_steps, 1.0, "", rc.height, rc.width, 0.0, "ddim")
+    st = SamplerSettings(rc.num_inference_steps, 1.0, "", rc.height, rc.width, 0.0, scheduler)
     with one_thread():
         before = bright_face_at_fixed_seeds(s, st)
         for _ in range(rounds):
