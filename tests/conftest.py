@@ -152,4 +152,6 @@ LONGEST = (
     "tests/reliability/test_chaos.py",
     "tests/test_data_parallel.py",
     "tests/test_learner_recovery.py",
+    "tests/test_sd3_end_to_end.py",
+    "tests/test_flux_end_to_end.py",
 )
