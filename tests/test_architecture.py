@@ -307,6 +307,20 @@ def test_loops_reach_the_data_sources_only_through_their_registry():
     assert not bad, bad
 
 
+MAX_LEARNER_FILE_LINES = 400
+
+
+def test_no_learner_file_is_a_catch_all():
+    """rlfh/learner/ is split by concern (policy weights, optimization, checkpoint I/O, one file per step loop): a
+    file over 400 lines is where the next feature's branches would pile up again."""
+    long = {
+        p.name: n
+        for p in sorted((REPO / "rlfh" / "learner").glob("*.py"))
+        if (n := len(p.read_text().splitlines())) > MAX_LEARNER_FILE_LINES
+    }
+    assert not long, f"over {MAX_LEARNER_FILE_LINES} lines: {long}"
+
+
 MAX_FUNCTION_LINES = 60
 LONG_MARKER = "# long:"
 

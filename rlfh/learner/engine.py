@@ -23,7 +23,6 @@ set up by :mod:`rlfh.learner.group`) every rank builds one engine; DeepSpeed ave
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -31,52 +30,11 @@ import torch
 
 from families import Conditioning
 from rlfh.learner.checkpoint import CheckpointIO
-from rlfh.learner.optimization import Optimization, engine_config
-from rlfh.learner.policy import PolicyWeights
+from rlfh.learner.optimization import NONFINITE_CAUSES, NonFiniteError, Optimization
+from rlfh.learner.policy import PolicyWeights, lora_of
+from rlfh.learner.run_config import deepspeed_config, needs_text_encoders
 from rlfh.losses.gardo import ReferenceRefresh
-from rlfh.losses.registry import OLD_POLICY, SAMPLER_LOGPROB, TEXT_ENCODERS, TRAJECTORIES, VAE_DECODER, loss_spec
-
-
-class NonFiniteError(RuntimeError):
-    """A NaN or inf loss or weight: training stops before it reaches the weights or a checkpoint."""
-
-
-NONFINITE_CAUSES = (
-    "a NaN/inf hyperparameter (learner.dpo.beta, learner.lr, ...), non-finite rewards or latents in "
-    "the batch, or a diverging run (lower learner.lr, set learner.max_grad_norm)"
-)
-
-
-def ddpo_train_steps(cfg) -> int:
-    """Denoising steps of each trajectory trained per epoch: DDPO's timestep fraction of the recorded
-    steps, which are the SDE window's ``learner.ddpo.window`` with one, all T without."""
-    recorded = cfg.learner.ddpo.window or cfg.rollout.num_inference_steps
-    return max(1, math.ceil(cfg.learner.ddpo.timestep_fraction * recorded))
-
-
-def needs_text_encoders(cfg) -> bool:
-    """Whether the learner must keep its text encoders when batches bring the rollouts' conditioning:
-    colocated sampling encodes with this pipeline, HG-DPO trains on real images' captions and
-    ``data.human_labels`` on a labeled log's prompts that no rollout conditioned on, DDPO's guided eps
-    needs the negative prompt (the rollouts send positive embeddings only), and so does CFG
-    distillation's teacher. Offline DPO keeps them because its batches (from the rollout log) carry none."""
-    return bool(
-        cfg.resources.colocate
-        or cfg.data.hgdpo.real_images
-        or cfg.data.human_labels.log  # its pairs' prompts: no rollout of the round conditioned on them
-        or TEXT_ENCODERS in loss_spec(cfg.learner.loss).needs
-        or cfg.learner.guidance_free.scale is not None
-    )
-
-
-def deepspeed_config(cfg) -> dict:
-    """DeepSpeed's config for ``cfg`` (:func:`rlfh.learner.optimization.engine_config`)."""
-    lc = cfg.learner
-    # DDPO accumulates over the trained timesteps of each micro-batch too (one backward per step)
-    per_item = ddpo_train_steps(cfg) if loss_spec(lc.loss).batch == TRAJECTORIES else 1
-    return engine_config(
-        lc, cfg.gradient_accumulation_steps * per_item, cfg.learner_world_size, bf16=cfg.model.dtype == "bfloat16"
-    )
+from rlfh.losses.registry import OLD_POLICY, SAMPLER_LOGPROB, VAE_DECODER, loss_spec
 
 
 class LearnerEngine:
@@ -436,10 +394,3 @@ class LearnerEngine:
         if self.refresh is not None and "gardo_refresh" in state:  # GARDO's refresh rule counts on where it was
             self.refresh.load(state["gardo_refresh"])
         return state
-
-
-def lora_of(lora, family):
-    """``model.lora`` with its target modules resolved: the family's (diffusers' own) where unset."""
-    import dataclasses
-
-    return dataclasses.replace(lora, target_modules=list(lora.target_modules or family.lora_targets))

@@ -6,7 +6,7 @@ bundle per rank) so they land on as few nodes as possible; rank 0 names the rend
 rank joins one torch.distributed group (nccl on GPUs, gloo on CPU) for one DeepSpeed engine.
 
 Every rank receives the same batch (one object in the store) and trains on its share of each
-optimizer step (``rlfh.learner.steps.optimizer_steps``); metrics are averaged over the ranks. Checkpoints, weight
+optimizer step (``rlfh.learner.loop.optimizer_steps``); metrics are averaged over the ranks. Checkpoints, weight
 buckets and ZeRO-3 gathers are collective, so every call here goes to all ranks.
 """
 

@@ -146,3 +146,13 @@ class Optimization:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf loss or weight: training stops before it reaches the weights or a checkpoint."""
+
+
+NONFINITE_CAUSES = (
+    "a NaN/inf hyperparameter (learner.dpo.beta, learner.lr, ...), non-finite rewards or latents in "
+    "the batch, or a diverging run (lower learner.lr, set learner.max_grad_norm)"
+)

@@ -233,3 +233,10 @@ class PolicyWeights:
             state = dict(self.denoiser.state_dict())
             state.update(zip(self.trainable_names, weights))
         return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(self.denoiser, state).items()}
+
+
+def lora_of(lora, family):
+    """``model.lora`` with its target modules resolved: the family's (diffusers' own) where unset."""
+    import dataclasses
+
+    return dataclasses.replace(lora, target_modules=list(lora.target_modules or family.lora_targets))

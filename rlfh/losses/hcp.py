@@ -20,7 +20,7 @@ Notation (code name: paper symbol):
     B' = {b : P_b has a pose (max > 0) and t_b in [t_lo, t_hi]}    (the step-wise constraint)
     w_f = ``model.hcp.scale_weights[f]``                            (the scale-aware constraint)
 
-The term added to the learner's loss is ``model.hcp.coef`` * L_hca (rlfh/learner/steps.py).
+The term added to the learner's loss is ``model.hcp.coef`` * L_hca (rlfh/learner/loop.py: hcp_term).
 
 What comes from the paper: M_h = softmax(Q K_h^T / sqrt(d)) with K_h = phi(C_h), phi an MLP on
 human-centric text embeddings; a human-centric alignment loss between that map and a human-centric

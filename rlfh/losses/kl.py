@@ -35,7 +35,7 @@ reference implementations' eps/velocity-space KL, the learner's term uses unit w
 
 which is E_t[ KL_t / w_t ]: the same zero and the same direction, a per-t reweighting of the path KL.
 ``weights`` (B,) passes w_t for the exact per-step KL: the learner does so for ``ddpo``, whose trained
-steps are the sampler's own DDIM steps (rlfh/learner/steps.py: transition_weight), so that its term is
+steps are the sampler's own DDIM steps (rlfh/learner/ddpo_steps.py: transition_weight), so that its term is
 kl_coef * KL(pi_theta(. | x_j) || pi_ref(. | x_j)) of each trained step.
 
 Notation (code name -> symbol):

@@ -147,7 +147,7 @@ LOSSES: dict[str, LossSpec] = {
             True,
             frozenset({SAMPLER_LOGPROB, TEXT_ENCODERS}),
             "rlfh.data.pairs:trajectory_batch",
-            "rlfh.learner.steps:trust_region_loss",
+            "rlfh.learner.ddpo_steps:trust_region_loss",
             regions=False,
         ),
         LossSpec(

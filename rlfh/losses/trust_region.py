@@ -60,7 +60,7 @@ so the same weight here is
     lambda_t = 1 / |k_t|  (1 / (|k_t| sqrt(abar_t)) for v-prediction),   L = mean lambda_t max(...)
 
 and at theta = old each step's gradient is -A mean(z d eps_theta) up to sign, of one scale at every
-step (``step_weight``; rlfh/learner/steps.py: mean_jacobian). lambda spans 0.55 -> 48 over a 4-step
+step (``step_weight``; rlfh/learner/ddpo_steps.py: mean_jacobian). lambda spans 0.55 -> 48 over a 4-step
 SDXL schedule: the last step (sigma_t = 0.02) barely depends on eps_hat. On the tiny model's 12 rounds
 of tests/rlfh/test_ddpo.py at eps = 1e-4 the reward rose 0.044 -> 0.200 with it and 0.044 -> 0.089
 without.

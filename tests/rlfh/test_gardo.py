@@ -145,11 +145,11 @@ def test_the_source_gates_by_the_trained_score_under_augmentation():
 
 def test_ddpo_carries_the_gate_and_its_exact_step_kl_covers_the_gated_rows_only():
     """DDPO with the gated KL on worked numbers: the trajectory batch keeps the gate with its rows, and the step KL
-    kl_coef * mean_{b in G} w_t mean (eps_theta - eps_ref)^2 (rlfh/learner/steps.py: kl_term, as train_trajectories
+    kl_coef * mean_{b in G} w_t mean (eps_theta - eps_ref)^2 (rlfh/learner/loop.py: kl_term, as train_trajectories
     calls it) has value and gradient from the gated rows only."""
     from types import SimpleNamespace
 
-    from rlfh.learner.steps import kl_term
+    from rlfh.learner.loop import kl_term
 
     cfg = tiny("learner.loss=ddpo", "rollout.scheduler=ddim", "rollout.eta=1.0", "rollout.num_inference_steps=2")
     n = 5

@@ -91,7 +91,7 @@ def test_conditioning_from_the_batch_equals_the_encoded_one_and_drops_the_encode
 
 
 def test_encoders_stay_where_the_run_still_encodes(tiny_model_dir):
-    from rlfh.learner.engine import needs_text_encoders
+    from rlfh.learner.run_config import needs_text_encoders
 
     lrn = make(tiny_model_dir, "resources.colocate=true")
     assert needs_text_encoders(lrn.cfg)

@@ -199,7 +199,7 @@ def test_ddpo_trust_regions_start_at_the_sampler_and_train(tiny_model_dir, regio
     masked / clipped. guard weights each step by 1 / |d mu / d eps_hat|, the DDIM step's own Jacobian."""
     from families.ddim import scheduler_step_with_logprob
     from rlfh.data.pairs import ddpo_window
-    from rlfh.learner.steps import mean_jacobian
+    from rlfh.learner.ddpo_steps import mean_jacobian
 
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",
@@ -252,7 +252,8 @@ def test_ddpo_kl_term_is_zero_at_the_reference_and_grows(tiny_model_dir):
     step (zero noise) with the policy's and the base UNet's guided eps, the shared sigma^2 from the schedule."""
     from families import Conditioning
     from rlfh.data.pairs import ddpo_window
-    from rlfh.learner.steps import kl_term, reference_eps, transition_weight
+    from rlfh.learner.ddpo_steps import reference_eps, transition_weight
+    from rlfh.learner.loop import kl_term
 
     cfg = load_config(
         REPO / "configs" / "tiny.yaml",

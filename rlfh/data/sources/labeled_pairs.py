@@ -5,7 +5,7 @@ The pairs are built once: the logged latents, the prompts, and the region masks 
 carry (``learner.regions.names``, the guidance region) from the logged boxes. Each round takes all of
 them, or a draw of ``pairs_per_round`` seeded by (seed, round), so a resumed run mixes the same ones.
 Their prompts are encoded by the learner (no rollout conditioned on them): the learner keeps its text
-encoders (rlfh.learner.engine.needs_text_encoders).
+encoders (rlfh.learner.run_config.needs_text_encoders).
 """
 
 from __future__ import annotations
