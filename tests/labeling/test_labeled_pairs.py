@@ -47,7 +47,7 @@ def round_pairs(n: int, side: int = 8):
 def test_labeled_pairs_join_each_round(labeled_log, tiny_model_dir, tmp_path):
     from rlfh.data.sources import SourceContext, build_sources
     from rlfh.data.sources.base import RoundData
-    from rlfh.learner.engine import needs_text_encoders
+    from rlfh.learner.run_config import needs_text_encoders
 
     log, want = labeled_log
     cfg = make_cfg(tiny_model_dir, tmp_path, f"data.human_labels.log={log}")

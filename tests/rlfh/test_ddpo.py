@@ -10,7 +10,8 @@ from families import load_pipeline
 from rlfh.config.schema import load_config
 from rlfh.data.batches import ScoredSamples, TrajectoryBatch
 from rlfh.data.pairs import ddpo_branch_seeds, ddpo_window, learner_batch
-from rlfh.learner.engine import LearnerEngine, deepspeed_config
+from rlfh.learner.engine import LearnerEngine
+from rlfh.learner.run_config import deepspeed_config
 from rlfh.learner.steps import train
 from rollouts.sampler import Sampler
 from rollouts.types import RolloutBatch, SamplerSettings, SDEWindow

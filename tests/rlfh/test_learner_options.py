@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from rlfh.data.batches import PairBatch
-from rlfh.learner.engine import LearnerEngine, deepspeed_config
+from rlfh.learner.engine import LearnerEngine
+from rlfh.learner.run_config import deepspeed_config
 from rlfh.learner.steps import train
 from tests.conftest import REPO
 
