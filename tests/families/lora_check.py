@@ -42,3 +42,23 @@ def assert_lora_loads_in_stock_pipeline(family, model_dir: str, stock, out_dir, 
     assert np.abs(loaded.numpy() - base.numpy()).max() > 1e-2
     np.testing.assert_allclose(merged, loaded.numpy(), atol=1e-4, rtol=0)
     return state
+
+
+def assert_a_dpo_step_moves_the_lora(cfg, lrn) -> None:
+    """One DPO step on two pairs of random 64 px latents: a finite loss, and the LoRA moved."""
+    import numpy as np
+    import torch
+
+    from rlfh.data.batches import ScoredSamples
+    from rlfh.data.pairs import learner_batch
+    from rlfh.learner.steps import train
+
+    lat = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32)
+    prompts = ["a", "a", "b", "b"]
+    batch, _ = learner_batch(
+        cfg.learner, ScoredSamples(lat, prompts, prompts, [1.0, 0.0, 0.0, 1.0], [{}] * 4, (64, 64))
+    )
+    before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
+    m = train(lrn, batch, epochs=1)
+    assert np.isfinite(m["loss/dpo"])
+    assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())

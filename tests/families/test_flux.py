@@ -126,10 +126,7 @@ def test_config_rules_of_the_flux_family():
 def test_dpo_trains_on_the_velocity_error_at_the_rollouts_guidance(tiny_flux_dir):
     """The learner's conditioning carries rollout.guidance_scale as the guidance input, its target is the
     velocity eps - x0, and a DPO step moves the LoRA."""
-    from rlfh.data.batches import ScoredSamples
-    from rlfh.data.pairs import learner_batch
     from rlfh.learner.engine import LearnerEngine
-    from rlfh.learner.steps import train
 
     cfg = config(f"model.path={tiny_flux_dir}", "learner.loss=dpo", "rollout.guidance_scale=3.5")
     lrn = LearnerEngine(cfg)
@@ -137,15 +134,9 @@ def test_dpo_trains_on_the_velocity_error_at_the_rollouts_guidance(tiny_flux_dir
     assert torch.equal(added["guidance"], torch.full((2,), 3.5))
     x0, eps, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([250.0, 900.0])
     assert torch.equal(lrn.noised(x0, t, eps)[2], eps - x0)
-    lat = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32)
-    prompts = ["a", "a", "b", "b"]
-    batch, _ = learner_batch(
-        cfg.learner, ScoredSamples(lat, prompts, prompts, [1.0, 0.0, 0.0, 1.0], [{}] * 4, (64, 64))
-    )
-    before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
-    m = train(lrn, batch, epochs=1)
-    assert np.isfinite(m["loss/dpo"])
-    assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())
+    from tests.families.lora_check import assert_a_dpo_step_moves_the_lora
+
+    assert_a_dpo_step_moves_the_lora(cfg, lrn)
 
 
 def test_ddpo_on_flux_the_learner_recomputes_the_sde_samplers_logprobs(tiny_flux_dir):

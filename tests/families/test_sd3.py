@@ -93,10 +93,7 @@ def test_config_rules_of_the_flow_family():
 def test_dpo_trains_on_the_velocity_error(tiny_sd3_dir):
     """The learner's target is the velocity eps - x0 at x_t = (1 - sigma) x0 + sigma eps, the DPO loss reads
     it through the schedule (rlfh/losses/dpo.py is family-agnostic), and a step moves the LoRA."""
-    from rlfh.data.batches import ScoredSamples
-    from rlfh.data.pairs import learner_batch
     from rlfh.learner.engine import LearnerEngine
-    from rlfh.learner.steps import train
 
     cfg = config(f"model.path={tiny_sd3_dir}", "learner.loss=dpo")
     lrn = LearnerEngine(cfg)
@@ -107,15 +104,9 @@ def test_dpo_trains_on_the_velocity_error(tiny_sd3_dir):
     s = (t / 1000).view(-1, 1, 1, 1)
     torch.testing.assert_close(x_t, (1 - s) * x0 + s * eps, rtol=0, atol=1e-6)
     assert torch.equal(target, eps - x0)
-    lat = np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32)
-    prompts = ["a", "a", "b", "b"]
-    batch, _ = learner_batch(
-        cfg.learner, ScoredSamples(lat, prompts, prompts, [1.0, 0.0, 0.0, 1.0], [{}] * 4, (64, 64))
-    )
-    before = {k: v.clone() for k, v in lrn.lora_state_dict().items()}
-    m = train(lrn, batch, epochs=1)
-    assert np.isfinite(m["loss/dpo"])
-    assert any(not torch.equal(before[k], v) for k, v in lrn.lora_state_dict().items())
+    from tests.families.lora_check import assert_a_dpo_step_moves_the_lora
+
+    assert_a_dpo_step_moves_the_lora(cfg, lrn)
 
 
 def test_ddpo_on_sd3_the_learner_recomputes_the_sde_samplers_logprobs(tiny_sd3_dir):
